@@ -1,0 +1,556 @@
+/*
+** HTTP through libcurl: the fetch_length kernel and luapool.http.get.
+**
+** Each OS thread owns one CURL easy handle, reused request after request:
+** libcurl keeps its connection cache, DNS cache and TLS sessions in the
+** easy handle, so reuse is what gives keep-alive.  Handles are never shared
+** between threads, so no locking is needed around them.
+**
+** Defaults (both entry points):
+**   - connect timeout 30 s; no limit on the whole transfer unless the
+**     caller gives one (a large download on a slow link is legitimate);
+**   - a transfer that moves less than 1 byte/s for 60 s is aborted, so a
+**     stalled server cannot hold a worker forever;
+**   - redirects followed, at most 30; only http and https, also for
+**     redirect targets (a task URL must not read local files via file://);
+**   - Accept-Encoding: every encoding libcurl supports, decoded, so lengths
+**     are of the decoded body (like Python requests' len(r.content));
+**   - User-Agent: luapool/0.1.
+*/
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "kernels/kernel.h"
+#include "kernels/kernels_internal.h"
+
+#define USER_AGENT "luapool/0.1"
+#define MAX_REDIRS 30L
+#define DEFAULT_CONNECT_TIMEOUT_MS 30000L
+#define LOW_SPEED_TIME_S 60L
+/* libcurl stores timeouts as unsigned int milliseconds: clamp below that. */
+#define MAX_TIMEOUT_MS ((double)INT_MAX)
+
+/* {====== per-thread easy handles */
+
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+/* Written only inside init_once; pthread_once orders it before any reader
+** that returned from pthread_once. */
+static int init_status = -1;
+static pthread_key_t handle_key;
+static _Thread_local CURL *thread_curl;
+
+/* pthread key destructor: a worker thread that exits frees its handle. */
+static void free_handle(void *h) { curl_easy_cleanup(h); }
+
+static void global_init(void) {
+  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return;
+  if (pthread_key_create(&handle_key, free_handle) != 0) {
+    curl_global_cleanup();
+    return;
+  }
+  init_status = 0;
+}
+
+int luapool__http_global_init(void) {
+  pthread_once(&init_once, global_init);
+  return init_status;
+}
+
+void luapool__http_thread_cleanup(void) {
+  if (thread_curl == NULL) return;
+  /* Clear the key first so the thread-exit destructor cannot free it a
+  ** second time. */
+  pthread_setspecific(handle_key, NULL);
+  curl_easy_cleanup(thread_curl);
+  thread_curl = NULL;
+}
+
+/* The calling thread's handle with every option at its default, or NULL
+** (libcurl could not be initialised, or out of memory).  Each request ends
+** with release_handle; the reset here is for a request that was cut short
+** by a Lua error before it could release. */
+static CURL *thread_handle(void) {
+  CURL *h;
+  if (thread_curl != NULL) {
+    /* Options only: live connections and caches survive a reset. */
+    curl_easy_reset(thread_curl);
+    return thread_curl;
+  }
+  /* Normally done by main before threads start; harmless if repeated. */
+  if (luapool__http_global_init() != 0) return NULL;
+  h = curl_easy_init();
+  if (h == NULL) return NULL;
+  if (pthread_setspecific(handle_key, h) != 0) {
+    curl_easy_cleanup(h);
+    return NULL;
+  }
+  thread_curl = h;
+  return h;
+}
+
+/* Ends a request: drops every option, in particular the pointers into the
+** caller's stack frame and buffers (error buffer, write targets, header
+** list), so the idle handle points at nothing that dies.  Connections and
+** caches survive a reset. */
+static void release_handle(CURL *h) { curl_easy_reset(h); }
+
+/* }====== */
+
+/* {====== request setup shared by both entry points */
+
+typedef struct req_opts {
+  long timeout_ms;         /* whole transfer; 0: none */
+  long connect_timeout_ms; /* 0: libcurl's default would apply; never 0 */
+  int follow;
+  struct curl_slist *headers;
+  const atomic_int *interrupt; /* NULL: not interruptible */
+} req_opts;
+
+/* XFERINFOFUNCTION: non-zero aborts the transfer with
+** CURLE_ABORTED_BY_CALLBACK.  libcurl calls it at least about once a second
+** even while idle, which bounds how long an interrupt waits. */
+static int xfer_check(void *p, curl_off_t dltotal, curl_off_t dlnow,
+                      curl_off_t ultotal, curl_off_t ulnow) {
+  const atomic_int *flag = p;
+  (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+  return atomic_load(flag) != 0;
+}
+
+#define SETOPT(h, opt, val)                                                    \
+  do {                                                                         \
+    CURLcode rc_ = curl_easy_setopt((h), (opt), (val));                        \
+    if (rc_ != CURLE_OK) return rc_;                                           \
+  } while (0)
+
+static CURLcode setup(CURL *h, const char *url, const req_opts *o,
+                      char *errbuf, curl_write_callback body_fn,
+                      void *body_data) {
+  SETOPT(h, CURLOPT_URL, url);
+  SETOPT(h, CURLOPT_ERRORBUFFER, errbuf);
+  /* Signals (SIGALRM for DNS timeouts) are not thread-safe. */
+  SETOPT(h, CURLOPT_NOSIGNAL, 1L);
+  SETOPT(h, CURLOPT_HTTPGET, 1L);
+#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85: the _STR forms */
+  SETOPT(h, CURLOPT_PROTOCOLS_STR, "http,https");
+  SETOPT(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+#else
+  SETOPT(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+  SETOPT(h, CURLOPT_REDIR_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+  SETOPT(h, CURLOPT_FOLLOWLOCATION, o->follow ? 1L : 0L);
+  SETOPT(h, CURLOPT_MAXREDIRS, MAX_REDIRS);
+  SETOPT(h, CURLOPT_ACCEPT_ENCODING, ""); /* all built-in encodings */
+  SETOPT(h, CURLOPT_USERAGENT, USER_AGENT);
+  SETOPT(h, CURLOPT_CONNECTTIMEOUT_MS, o->connect_timeout_ms);
+  SETOPT(h, CURLOPT_TIMEOUT_MS, o->timeout_ms);
+  SETOPT(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  SETOPT(h, CURLOPT_LOW_SPEED_TIME, LOW_SPEED_TIME_S);
+  SETOPT(h, CURLOPT_WRITEFUNCTION, body_fn);
+  SETOPT(h, CURLOPT_WRITEDATA, body_data);
+  if (o->headers != NULL) SETOPT(h, CURLOPT_HTTPHEADER, o->headers);
+  if (o->interrupt != NULL) {
+    SETOPT(h, CURLOPT_XFERINFOFUNCTION, xfer_check);
+    /* libcurl only reads this pointer; the cast drops const for its API. */
+    SETOPT(h, CURLOPT_XFERINFODATA, (void *)(uintptr_t)o->interrupt);
+    SETOPT(h, CURLOPT_NOPROGRESS, 0L);
+  }
+  return CURLE_OK;
+}
+
+/* Seconds to libcurl milliseconds, rounding up so that a tiny positive
+** timeout never becomes 0 (which means "no timeout" to libcurl). */
+static long seconds_to_ms(double s) {
+  double ms = ceil(s * 1000.0);
+  if (ms > MAX_TIMEOUT_MS) ms = MAX_TIMEOUT_MS;
+  if (ms < 1) ms = 1;
+  return (long)ms;
+}
+
+/* "REASON" or "REASON (DETAIL)" for a failed transfer. */
+static const char *reason_detail(const char *errbuf) {
+  return errbuf[0] != '\0' ? errbuf : NULL;
+}
+
+/* }====== */
+
+/* {====== fetch_length kernel */
+
+/* Counts body bytes without keeping them. */
+static size_t count_body(char *ptr, size_t size, size_t nmemb, void *p) {
+  uint64_t *count = p;
+  (void)ptr;
+  *count += (uint64_t)size * nmemb;
+  return size * nmemb;
+}
+
+int luapool__fetch_length_run(lp_kcall *c) {
+  static const char kname[] = "fetch_length";
+  const lp_value *a1 = c->nargs >= 1 ? &c->args[0] : NULL;
+  const lp_value *a2 = c->nargs >= 2 ? &c->args[1] : NULL;
+  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, c->interrupt};
+  char errbuf[CURL_ERROR_SIZE];
+  char *url;
+  uint64_t count = 0;
+  long status = 0;
+  CURLcode rc;
+  CURL *h;
+
+  if (a1 == NULL || a1->type != LP_STR)
+    return luapool__kargerr(c, kname, 1, "string");
+  if (memchr(a1->u.s.p, '\0', a1->u.s.len) != NULL)
+    return luapool__kargmsg(c, kname, 1, "URL contains a zero byte");
+  if (a2 != NULL && a2->type != LP_NIL) {
+    double t;
+    char got[64];
+    switch (a2->type) {
+    case LP_INT:
+      t = (double)a2->u.i;
+      break;
+    case LP_NUM:
+      t = a2->u.n;
+      break;
+    case LP_INT128:
+      t = (double)a2->u.big;
+      break;
+    default:
+      return luapool__kargerr(c, kname, 2, "number");
+    }
+    if (!(t > 0)) /* also rejects NaN */
+      return luapool__kargmsg(c, kname, 2, "positive number expected, got %s",
+                              luapool__knumfmt(a2, got, sizeof got));
+    o.timeout_ms = seconds_to_ms(t);
+  }
+
+  /* LP_STR bytes are not guaranteed to be NUL-terminated (they may point
+  ** into a message buffer); libcurl wants a C string. */
+  url = malloc(a1->u.s.len + 1);
+  if (url == NULL)
+    return luapool__kerr(c, "fetch_length: %.*s: not enough memory",
+                         (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len),
+                         a1->u.s.p);
+  memcpy(url, a1->u.s.p, a1->u.s.len);
+  url[a1->u.s.len] = '\0';
+
+  h = thread_handle();
+  if (h == NULL) {
+    luapool__kerr(c, "fetch_length: %s: cannot initialise libcurl", url);
+    free(url);
+    return -1;
+  }
+  errbuf[0] = '\0';
+  rc = setup(h, url, &o, errbuf, count_body, &count);
+  if (rc == CURLE_OK) rc = curl_easy_perform(h);
+  if (rc == CURLE_OK)
+    rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+  release_handle(h);
+
+  if (rc != CURLE_OK) {
+    const char *detail = reason_detail(errbuf);
+    if (rc == CURLE_ABORTED_BY_CALLBACK && o.interrupt != NULL)
+      luapool__kerr(c, "fetch_length: %s: interrupted", url);
+    else if (detail != NULL)
+      luapool__kerr(c, "fetch_length: %s: %s (%s)", url,
+                    curl_easy_strerror(rc), detail);
+    else
+      luapool__kerr(c, "fetch_length: %s: %s", url, curl_easy_strerror(rc));
+    free(url);
+    return -1;
+  }
+  free(url);
+
+  c->out[0].type = LP_INT;
+  c->out[0].u.i = count > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER
+                                                   : (lua_Integer)count;
+  c->out[1].type = LP_INT;
+  c->out[1].u.i = status;
+  c->nout = 2;
+  return 0;
+}
+
+/* }====== */
+
+/* {====== luapool.http.get */
+
+/* C memory of one http.get call, owned by a userdata on the Lua stack so
+** that a Lua error at any point (bad option, memory error while building
+** the result) cannot leak it: __gc frees whatever is left. */
+typedef struct get_box {
+  char *body;
+  size_t len, cap;
+  char *hdr; /* raw header lines of the last response */
+  size_t hlen, hcap;
+  struct curl_slist *headers; /* request headers */
+  char *eff;                  /* effective URL, copied out of the handle */
+  int oom;                    /* a callback failed to grow a buffer */
+} get_box;
+
+#define GET_BOX_MT "luapool.http.getbuffer"
+
+static void box_free(get_box *b) {
+  free(b->body);
+  free(b->hdr);
+  curl_slist_free_all(b->headers);
+  free(b->eff);
+  b->body = b->hdr = b->eff = NULL;
+  b->headers = NULL;
+  b->len = b->cap = b->hlen = b->hcap = 0;
+}
+
+static int box_gc(lua_State *L) {
+  box_free(luaL_checkudata(L, 1, GET_BOX_MT));
+  return 0;
+}
+
+/* Appends n bytes to a growable buffer; 0 on success, -1 out of memory. */
+static int buf_append(char **buf, size_t *len, size_t *cap, const char *p,
+                      size_t n) {
+  if (n > SIZE_MAX - *len) return -1;
+  if (*len + n > *cap) {
+    size_t ncap = *cap ? *cap : 16384;
+    char *nb;
+    while (ncap < *len + n) {
+      if (ncap > SIZE_MAX / 2) {
+        ncap = *len + n;
+        break;
+      }
+      ncap *= 2;
+    }
+    nb = realloc(*buf, ncap);
+    if (nb == NULL) return -1;
+    *buf = nb;
+    *cap = ncap;
+  }
+  memcpy(*buf + *len, p, n);
+  *len += n;
+  return 0;
+}
+
+static size_t box_body(char *ptr, size_t size, size_t nmemb, void *p) {
+  get_box *b = p;
+  size_t n = size * nmemb;
+  if (buf_append(&b->body, &b->len, &b->cap, ptr, n) != 0) {
+    b->oom = 1;
+    return 0; /* makes libcurl stop with CURLE_WRITE_ERROR */
+  }
+  return n;
+}
+
+/* libcurl hands over one complete header line per call, the status line of
+** every response included: a new status line (after a redirect or a
+** "100 Continue") starts the set over, so only the last response's headers
+** are kept. */
+static size_t box_header(char *ptr, size_t size, size_t nmemb, void *p) {
+  get_box *b = p;
+  size_t n = size * nmemb;
+  if (n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) b->hlen = 0;
+  if (buf_append(&b->hdr, &b->hlen, &b->hcap, ptr, n) != 0) {
+    b->oom = 1;
+    return 0;
+  }
+  return n;
+}
+
+/* opts[field] as milliseconds, or dflt when absent. */
+static long opt_seconds(lua_State *L, const char *field, long dflt) {
+  long ms = dflt;
+  int t = lua_getfield(L, 2, field);
+  if (t != LUA_TNIL) {
+    int isnum;
+    lua_Number s = lua_tonumberx(L, -1, &isnum);
+    if (t != LUA_TNUMBER || !isnum || !(s > 0)) {
+      const char *msg =
+          lua_pushfstring(L, "opts.%s: positive number expected", field);
+      luaL_argerror(L, 2, msg);
+    }
+    ms = seconds_to_ms(s);
+  }
+  lua_pop(L, 1);
+  return ms;
+}
+
+/* Header text must not smuggle extra lines into the request. */
+static int bad_header_text(const char *s, size_t len) {
+  return memchr(s, '\r', len) != NULL || memchr(s, '\n', len) != NULL ||
+         memchr(s, '\0', len) != NULL;
+}
+
+static void add_header(lua_State *L, get_box *b, const char *line) {
+  struct curl_slist *l = curl_slist_append(b->headers, line);
+  /* On failure the old list is untouched and still owned by the box. */
+  if (l == NULL) luaL_error(L, "not enough memory");
+  b->headers = l;
+}
+
+/* opts.headers: {["Name"] = "value", ...} and/or {"Name: value", ...}. */
+static void opt_headers(lua_State *L, get_box *b) {
+  int t = lua_getfield(L, 2, "headers");
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
+  }
+  if (t != LUA_TTABLE) luaL_argerror(L, 2, "opts.headers: table expected");
+  lua_pushnil(L);
+  while (lua_next(L, -2) != 0) {
+    size_t vlen;
+    const char *v;
+    /* Type checks before lua_tolstring: converting a number in place is
+    ** only safe for the value, never for the key lua_next needs. */
+    if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+      luaL_argerror(L, 2, "opts.headers: values must be strings");
+    v = lua_tolstring(L, -1, &vlen);
+    if (bad_header_text(v, vlen))
+      luaL_argerror(L, 2, "opts.headers: line break or zero in a header");
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      size_t klen;
+      const char *k = lua_tolstring(L, -2, &klen);
+      if (klen == 0 || bad_header_text(k, klen) || memchr(k, ':', klen))
+        luaL_argerror(L, 2, "opts.headers: invalid header name");
+      add_header(L, b, lua_pushfstring(L, "%s: %s", k, v));
+      lua_pop(L, 1);
+    } else if (lua_isinteger(L, -2)) {
+      if (memchr(v, ':', vlen) == NULL)
+        luaL_argerror(L, 2, "opts.headers: 'Name: value' string expected");
+      add_header(L, b, v);
+    } else {
+      luaL_argerror(L, 2, "opts.headers: invalid key");
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+static int ascii_lower(int ch) {
+  return ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch;
+}
+
+/* Pushes a table of the kept header lines: lowercased name -> value, the
+** last occurrence of a name winning. */
+static void push_headers(lua_State *L, get_box *b) {
+  size_t i = 0;
+  lua_newtable(L);
+  while (i < b->hlen) {
+    char *line = b->hdr + i;
+    char *nl = memchr(line, '\n', b->hlen - i);
+    size_t n = nl ? (size_t)(nl - line) : b->hlen - i;
+    char *colon = memchr(line, ':', n);
+    i += n + (nl != NULL);
+    /* Skips the status line, the blank end line and folded continuations
+    ** (obsolete in HTTP/1.1). */
+    if (colon == NULL || colon == line || line[0] == ' ' || line[0] == '\t')
+      continue;
+    {
+      char *v = colon + 1, *e = line + n;
+      for (char *q = line; q < colon; q++) *q = (char)ascii_lower(*q);
+      while (v < e && (*v == ' ' || *v == '\t')) v++;
+      while (e > v && (e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t')) e--;
+      lua_pushlstring(L, line, (size_t)(colon - line));
+      lua_pushlstring(L, v, (size_t)(e - v));
+      lua_rawset(L, -3);
+    }
+  }
+}
+
+int luapool__http_get(lua_State *L) {
+  size_t ulen;
+  const char *url = luaL_checklstring(L, 1, &ulen);
+  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, NULL};
+  char errbuf[CURL_ERROR_SIZE];
+  long status = 0;
+  curl_off_t total_us = 0;
+  char *eff = NULL; /* owned by the handle */
+  get_box *b;
+  CURLcode rc;
+  CURL *h;
+
+  luaL_argcheck(L, strlen(url) == ulen, 1, "URL contains a zero byte");
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 2);
+
+  b = lua_newuserdatauv(L, sizeof *b, 0);
+  memset(b, 0, sizeof *b);
+  if (luaL_newmetatable(L, GET_BOX_MT)) {
+    lua_pushcfunction(L, box_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+
+  if (lua_istable(L, 2)) {
+    o.timeout_ms = opt_seconds(L, "timeout", 0);
+    o.connect_timeout_ms =
+        opt_seconds(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS);
+    if (lua_getfield(L, 2, "follow") != LUA_TNIL) {
+      if (!lua_isboolean(L, -1))
+        luaL_argerror(L, 2, "opts.follow: boolean expected");
+      o.follow = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
+    opt_headers(L, b);
+    o.headers = b->headers;
+  }
+
+  h = thread_handle();
+  if (h == NULL) {
+    box_free(b);
+    luaL_pushfail(L);
+    lua_pushfstring(L, "GET %s: cannot initialise libcurl", url);
+    return 2;
+  }
+  errbuf[0] = '\0';
+  rc = setup(h, url, &o, errbuf, box_body, b);
+  if (rc == CURLE_OK) rc = curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, box_header);
+  if (rc == CURLE_OK) rc = curl_easy_setopt(h, CURLOPT_HEADERDATA, b);
+  if (rc == CURLE_OK) rc = curl_easy_perform(h);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_EFFECTIVE_URL, &eff);
+  if (rc == CURLE_OK)
+    rc = curl_easy_getinfo(h, CURLINFO_TOTAL_TIME_T, &total_us);
+  /* eff lives in the handle: copy it before the reset (NULL copy: use the
+  ** requested URL). */
+  if (rc == CURLE_OK && eff != NULL && (b->eff = strdup(eff)) == NULL) {
+    b->oom = 1;
+    rc = CURLE_OUT_OF_MEMORY;
+  }
+  release_handle(h);
+
+  if (rc != CURLE_OK) {
+    const char *detail = reason_detail(errbuf);
+    int oom = b->oom;
+    box_free(b); /* before anything that could raise */
+    luaL_pushfail(L);
+    if (oom)
+      lua_pushfstring(L, "GET %s: not enough memory", url);
+    else if (detail != NULL)
+      lua_pushfstring(L, "GET %s: %s (%s)", url, curl_easy_strerror(rc),
+                      detail);
+    else
+      lua_pushfstring(L, "GET %s: %s", url, curl_easy_strerror(rc));
+    return 2;
+  }
+
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, status);
+  lua_setfield(L, -2, "status");
+  lua_pushlstring(L, b->body ? b->body : "", b->len);
+  lua_setfield(L, -2, "body");
+  free(b->body); /* the Lua copy exists: release the big buffer early */
+  b->body = NULL;
+  b->len = b->cap = 0;
+  push_headers(L, b);
+  lua_setfield(L, -2, "headers");
+  lua_pushstring(L, b->eff ? b->eff : url);
+  lua_setfield(L, -2, "url");
+  lua_pushnumber(L, (lua_Number)total_us / 1e6);
+  lua_setfield(L, -2, "time");
+  box_free(b);
+  return 1;
+}
+
+/* }====== */

@@ -1,0 +1,298 @@
+/*
+** luaopen_luapool: the module table, every type's registration, the worker
+** API (current_worker, now, sleep, cpu_count) and error objects.
+*/
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "luapool.h"
+
+static const char *const WORKER_KEY = "luapool.worker";
+
+/* {======================================================
+** Time and machine
+** ======================================================= */
+
+double luapool__now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int luapool__cpu_count(void) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}
+
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, luapool__now());
+  return 1;
+}
+
+static int l_sleep(lua_State *L) {
+  lua_Number s = luaL_checknumber(L, 1);
+  luaL_argcheck(L, s >= 0 && s == s, 1, "non-negative number expected");
+  if (s > 1e9) s = 1e9;
+  struct timespec ts = {(time_t)s, (long)((s - (lua_Number)(time_t)s) * 1e9)};
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+  }
+  return 0;
+}
+
+static int l_cpu_count(lua_State *L) {
+  lua_pushinteger(L, luapool__cpu_count());
+  return 1;
+}
+
+static int l_current_worker(lua_State *L) {
+  lua_createtable(L, 0, 4);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, WORKER_KEY) == LUA_TTABLE) {
+    lua_getfield(L, -1, "name");
+    lua_setfield(L, -3, "name");
+    lua_getfield(L, -1, "index");
+    lua_setfield(L, -3, "index");
+    lua_getfield(L, -1, "kind");
+    lua_setfield(L, -3, "kind");
+    lua_pop(L, 1);
+  } else {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "main");
+    lua_setfield(L, -2, "name");
+    lua_pushinteger(L, 0);
+    lua_setfield(L, -2, "index");
+    lua_pushliteral(L, "main");
+    lua_setfield(L, -2, "kind");
+  }
+  lua_pushinteger(L, (lua_Integer)getpid());
+  lua_setfield(L, -2, "pid");
+  return 1;
+}
+
+/* }====================================================== */
+
+/* {======================================================
+** Error objects
+** ======================================================= */
+
+void luapool__push_error(lua_State *L, lp_ekind kind, const char *message,
+                         const char *traceback, const char *worker,
+                         int value_idx) {
+  if (value_idx) value_idx = lua_absindex(L, value_idx);
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, luapool__ekind_name(kind));
+  lua_setfield(L, -2, "kind");
+  lua_pushstring(L, message);
+  lua_setfield(L, -2, "message");
+  if (traceback && *traceback) {
+    lua_pushstring(L, traceback);
+    lua_setfield(L, -2, "traceback");
+  }
+  if (worker && *worker) {
+    lua_pushstring(L, worker);
+    lua_setfield(L, -2, "worker");
+  }
+  if (value_idx) {
+    lua_pushvalue(L, value_idx);
+    lua_setfield(L, -2, "value");
+  }
+  luaL_setmetatable(L, LUAPOOL_ERROR_MT);
+}
+
+/* "task failed in worker io-2: job.lua:7: boom" and the worker's traceback;
+** other kinds read "kind: message". */
+static int error_tostring(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_getfield(L, 1, "kind");
+  lua_getfield(L, 1, "message");
+  lua_getfield(L, 1, "worker");
+  lua_getfield(L, 1, "traceback");
+  const char *kind = luaL_optstring(L, 2, "error");
+  const char *msg = luaL_optstring(L, 3, "?");
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  if (strcmp(kind, "task") == 0) {
+    lua_pushfstring(L, "task failed in worker %s: %s", luaL_optstring(L, 4, "?"), msg);
+  } else {
+    lua_pushfstring(L, "%s: %s", kind, msg);
+  }
+  luaL_addvalue(&b);
+  if (lua_isstring(L, 5)) {
+    luaL_addstring(&b, "\nworker ");
+    lua_pushvalue(L, 5);
+    luaL_addvalue(&b);
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
+static void error_open(lua_State *L) {
+  if (luaL_newmetatable(L, LUAPOOL_ERROR_MT)) {
+    lua_pushcfunction(L, error_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+}
+
+/* }====================================================== */
+
+/* {======================================================
+** Worker states
+** ======================================================= */
+
+/* print that writes each line with one fwrite, so lines printed by tasks
+** running at once never interleave mid-line. */
+static int l_print(lua_State *L) {
+  int n = lua_gettop(L);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (int i = 1; i <= n; i++) {
+    luaL_tolstring(L, i, NULL);
+    luaL_addvalue(&b);
+    if (i < n) luaL_addchar(&b, '\t');
+  }
+  luaL_addchar(&b, '\n');
+  luaL_pushresult(&b);
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  fwrite(s, 1, len, stdout);
+  fflush(stdout);
+  return 0;
+}
+
+/* Count hook: stops a task whose worker was told to stop.  It fires again
+** every few thousand instructions while the flag is set, so a pcall inside
+** the task cannot swallow the stop for good. */
+static void interrupt_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  atomic_int *flag = *(atomic_int **)lua_getextraspace(L);
+  if (flag && atomic_load_explicit(flag, memory_order_relaxed))
+    luaL_error(L, "interrupted: the pool was closed");
+}
+
+void luapool__open_worker_state(lua_State *L, const char *kind,
+                                const char *name, int index) {
+  luaL_requiref(L, "luapool", luaopen_luapool, 1);
+  lua_getfield(L, -1, "threadpool");
+  lua_setglobal(L, "threadpool");
+  lua_getfield(L, -1, "processpool");
+  lua_setglobal(L, "processpool");
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_print);
+  lua_setglobal(L, "print");
+  if (kind == NULL) return; /* the host's main state */
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, kind);
+  lua_setfield(L, -2, "kind");
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "name");
+  lua_pushinteger(L, index);
+  lua_setfield(L, -2, "index");
+  lua_setfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
+}
+
+static int init_worker_state(lua_State *L) {
+  lp_wstate *ws = lua_touserdata(L, 1);
+  luaL_openlibs(L);
+  lua_getglobal(L, "package");
+  lua_pushstring(L, ws->path);
+  lua_setfield(L, -2, "path");
+  lua_pushstring(L, ws->cpath);
+  lua_setfield(L, -2, "cpath");
+  lua_pop(L, 1);
+  luapool__open_worker_state(L, ws->kind, ws->name, ws->index);
+  return 0;
+}
+
+int luapool__worker_state_init(lua_State *L, lp_wstate *ws) {
+  *(atomic_int **)lua_getextraspace(L) = ws->interrupt;
+  lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
+  lua_pushcfunction(L, init_worker_state);
+  lua_pushlightuserdata(L, ws);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) return -1;
+  return 0;
+}
+
+void luapool__wstate_close(lp_wstate *ws) {
+  if (ws->L) lua_close(ws->L);
+  ws->L = NULL;
+}
+
+/* }====================================================== */
+
+/* {======================================================
+** Module
+** ======================================================= */
+
+static int threadpool_new(lua_State *L) {
+  return luapool__pool_new(L, &luapool__thread_backend);
+}
+
+static int processpool_new(lua_State *L) {
+  return luapool__pool_new(L, &luapool__process_backend);
+}
+
+static const luaL_Reg module_funcs[] = {{"now", l_now},
+                                        {"sleep", l_sleep},
+                                        {"cpu_count", l_cpu_count},
+                                        {"current_worker", l_current_worker},
+                                        {NULL, NULL}};
+
+static pthread_once_t global_once = PTHREAD_ONCE_INIT;
+static int global_ok;
+
+/* Once per process, before any pool thread exists. */
+static void global_init(void) { global_ok = luapool__http_global_init() == 0; }
+
+int luaopen_luapool(lua_State *L) {
+  pthread_once(&global_once, global_init);
+  if (!global_ok) return luaL_error(L, "luapool: libcurl initialisation failed");
+  luapool__future_open(L);
+  luapool__pool_open(L);
+  error_open(L);
+  luaL_newlib(L, module_funcs);
+  lua_pushliteral(L, LUAPOOL_VERSION);
+  lua_setfield(L, -2, "version");
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, threadpool_new);
+  lua_setfield(L, -2, "new");
+  lua_setfield(L, -2, "threadpool");
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, processpool_new);
+  lua_setfield(L, -2, "new");
+  lua_setfield(L, -2, "processpool");
+  lua_newtable(L);
+  for (int i = 0; luapool__kernels[i].name; i++) {
+    lua_pushcfunction(L, luapool__kernels[i].lua_fn);
+    lua_setfield(L, -2, luapool__kernels[i].name);
+  }
+  lua_setfield(L, -2, "kernels");
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, luapool__http_get);
+  lua_setfield(L, -2, "get");
+  lua_setfield(L, -2, "http");
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, luapool__codec_encode);
+  lua_setfield(L, -2, "encode");
+  lua_pushcfunction(L, luapool__codec_decode);
+  lua_setfield(L, -2, "decode");
+  lua_setfield(L, -2, "codec");
+  luapool__int128_open(L);
+  lua_setfield(L, -2, "int128");
+  return 1;
+}
+
+/* }====================================================== */

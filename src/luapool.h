@@ -1,0 +1,253 @@
+/*
+** luapool internal interfaces: buffer, codec, future, pool, worker.
+**
+** Ownership in one paragraph: a task message (the encoded function and its
+** arguments) and its reply (the encoded results or error) are plain bytes
+** owned by the future that carries them, so any backend - a thread with its
+** own lua_State, a process behind a socket - moves them without knowing what
+** they hold.  Only the owner's Lua state ever decodes a reply.
+*/
+#ifndef LUAPOOL_H
+#define LUAPOOL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <lua.h>
+
+#include "kernels/kernel.h"
+
+#define LUAPOOL_VERSION "0.1.0"
+
+#define LUAPOOL_POOL_MT "luapool.pool"
+#define LUAPOOL_FUTURE_MT "luapool.future"
+#define LUAPOOL_ERROR_MT "luapool.error"
+
+/* {====== growable byte buffer */
+typedef struct lp_buf {
+  char *p;
+  size_t len, cap;
+} lp_buf;
+
+int luapool__buf_reserve(lp_buf *b, size_t extra); /* 0, or -1: no memory */
+int luapool__buf_add(lp_buf *b, const void *p, size_t n);
+void luapool__buf_free(lp_buf *b);
+/* Hands the bytes to the caller (who frees them) and empties b. */
+char *luapool__buf_take(lp_buf *b, size_t *len);
+/* }====== */
+
+/* {====== codec (codec.c) */
+/* Deepest nesting of tables/functions a message may have, both ways. */
+#define LUAPOOL_MAXDEPTH 200
+
+/* Encodes values [first, first+n) of L's stack, appending to b.  Returns 0,
+** or -1 with a message in err that names the culprit's path, starting with
+** the root name (e.g. "argument #2"), numbered from root_base.  A memory
+** error may still be raised by Lua itself; b stays owned by the caller, who
+** must free it then (keep it in a luapool__encoder). */
+typedef struct lp_encode_ctx {
+  const char *root;  /* "argument", "result", "error value" */
+  int root_base;     /* number of the first encoded value */
+  char err[512];
+} lp_encode_ctx;
+
+/* The state's scratch buffer, emptied: it lives in a userdata of the state,
+** so a Lua error raised while it holds bytes cannot leak them. */
+lp_buf *luapool__scratch(lua_State *L);
+int luapool__encode(lua_State *L, lp_buf *b, int first, int n,
+                    lp_encode_ctx *ctx);
+/* Appends raw scalars (for message headers, replies built in C). */
+int luapool__put_u8(lp_buf *b, unsigned v);
+int luapool__put_u32(lp_buf *b, uint32_t v);
+int luapool__put_string(lp_buf *b, const char *s, size_t len);
+int luapool__put_value(lp_buf *b, const lp_value *v); /* a kernel scalar */
+
+/* Reader over untrusted bytes: every read is bounds-checked. */
+typedef struct lp_reader {
+  const char *p, *end;
+} lp_reader;
+
+int luapool__get_u8(lp_reader *r, unsigned *v);
+int luapool__get_u32(lp_reader *r, uint32_t *v);
+int luapool__get_string(lp_reader *r, const char **s, size_t *len);
+/* A scalar value as a kernel sees it; 1 ok, 0 the value is not a scalar
+** (reader unchanged), -1 malformed. */
+int luapool__get_scalar(lp_reader *r, lp_value *v);
+/* Is the next value a kernel?  Returns its index and consumes it, or -1. */
+int luapool__peek_kernel(lp_reader *r);
+/* Decodes n values onto L's stack (raises on malformed input). */
+void luapool__decode(lua_State *L, lp_reader *r, int n);
+/* luapool.codec.encode/decode: for tests, fuzzing and benchmarks. */
+int luapool__codec_encode(lua_State *L);
+int luapool__codec_decode(lua_State *L);
+/* }====== */
+
+/* {====== futures (future.c) */
+typedef enum {
+  LP_PENDING,
+  LP_RUNNING,
+  LP_FINISHED, /* has a reply (values and/or task errors) */
+  LP_FAILED,   /* failed outside the task: crashed, broken, transfer... */
+  LP_CANCELLED
+} lp_fstate;
+
+/* Error kinds (the `kind` field of error objects). */
+typedef enum {
+  LP_EK_TASK,
+  LP_EK_TIMEOUT,
+  LP_EK_CANCELLED,
+  LP_EK_CRASHED,
+  LP_EK_BROKEN,
+  LP_EK_TRANSFER,
+  LP_EK_INTERRUPTED
+} lp_ekind;
+
+typedef struct lp_future {
+  atomic_int refs;
+  struct lp_future *next; /* pool queue link (mutex: the pool's) */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  lp_fstate state;  /* mutex: mu */
+  int nwaiters;     /* threads blocked in luapool__future_wait */
+  /* The task: message bytes, freed once the task has run. */
+  char *msg;
+  size_t msglen;
+  int ncalls;       /* calls batched in msg (map chunks) */
+  /* The outcome. */
+  char *reply;      /* LP_FINISHED: encoded reply */
+  size_t replylen;
+  lp_ekind ekind;   /* LP_FAILED */
+  char *emsg;       /* LP_FAILED: message (malloc) */
+  char worker[64];  /* worker that ran or failed it */
+} lp_future;
+
+lp_future *luapool__future_new(char *msg, size_t len, int ncalls);
+void luapool__future_ref(lp_future *f);
+void luapool__future_unref(lp_future *f);
+/* PENDING -> RUNNING; 0 if it was cancelled meanwhile. */
+int luapool__future_start(lp_future *f, const char *worker);
+void luapool__future_finish(lp_future *f, char *reply, size_t len);
+void luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int luapool__future_cancel(lp_future *f); /* 1 if it is now cancelled */
+/* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out. */
+int luapool__future_wait(lp_future *f, double timeout);
+lp_fstate luapool__future_state(lp_future *f);
+
+/* Lua side. */
+/* Pushes a userdata for f (which may be NULL, filled later by _set: the
+** userdata is created before the C future so that its allocation, which
+** may raise, happens while nothing needs freeing). */
+void luapool__future_push(lua_State *L, lp_future *f, int pool_idx);
+void luapool__future_set(lua_State *L, int idx, lp_future *f);
+lp_future *luapool__check_future(lua_State *L, int idx);
+/* Pushes the values (at most maxvals, -1: all) of the next call of a done
+** future's reply and returns their count; on an error outcome pushes the
+** error object and returns -1.  r walks the reply call by call (set r->p
+** to NULL before the first call); NULL means the first call. */
+int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *r,
+                            int maxvals);
+void luapool__future_open(lua_State *L);
+/* }====== */
+
+/* {====== errors (luapool.c) */
+/* Pushes an error object {kind, message, traceback, worker, value}; value
+** at value_idx (0: none). */
+void luapool__push_error(lua_State *L, lp_ekind kind, const char *message,
+                         const char *traceback, const char *worker,
+                         int value_idx);
+const char *luapool__ekind_name(lp_ekind k);
+/* }====== */
+
+/* {====== worker side: running a task message (worker.c) */
+typedef struct lp_wstate {
+  lua_State *L;            /* created on the first Lua task */
+  const char *kind;        /* "thread" or "process" */
+  char name[64];
+  int index;
+  atomic_int *interrupt;   /* set by the owner to stop the running task */
+  /* For the Lua state: copied from the creating state. */
+  const char *path, *cpath;
+} lp_wstate;
+
+/* Task message kinds (worker.c describes the format). */
+enum { LP_MSG_SINGLE = 1, LP_MSG_BATCH = 2 };
+
+/* Creates what a worker's Lua state needs (luapool.c). */
+int luapool__worker_state_init(lua_State *L, lp_wstate *ws);
+
+/* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
+** out of memory (the caller fails the future). */
+int luapool__run_message(lp_wstate *ws, const char *msg, size_t len,
+                         lp_buf *out);
+void luapool__wstate_close(lp_wstate *ws);
+/* Reply status byte per call. */
+enum { LP_REPLY_OK = 0, LP_REPLY_ERROR = 1, LP_REPLY_TRANSFER = 2 };
+/* }====== */
+
+/* {====== pools (executor.c, threadpool.c, processpool.c) */
+typedef struct lp_pool lp_pool;
+typedef struct lp_worker lp_worker;
+
+typedef struct lp_backend {
+  const char *kind; /* "threadpool" / "processpool" */
+  size_t worker_size;
+  /* Called on the worker's own thread. */
+  int (*worker_start)(lp_worker *w);
+  void (*run)(lp_worker *w, lp_future *f);
+  void (*worker_stop)(lp_worker *w);
+  /* Called from the owner (with no pool lock) to stop a running task now. */
+  void (*interrupt)(lp_worker *w);
+} lp_backend;
+
+struct lp_worker {
+  lp_pool *pool;
+  int index; /* 1-based */
+  pthread_t thread;
+  atomic_int interrupt;
+  char name[64];
+};
+
+struct lp_pool {
+  const lp_backend *be;
+  atomic_int refs;       /* the Lua userdata + every worker thread */
+  pthread_mutex_t mu;    /* guards everything below */
+  pthread_cond_t cv;     /* workers wait here for tasks */
+  lp_future *head, *tail;
+  size_t npending;
+  int max_workers, nworkers, idle;
+  int closing;           /* no more submits; workers leave when idle */
+  lp_worker **workers;   /* [max_workers] */
+  char name[48];
+  char *path, *cpath;    /* package.path/cpath for worker Lua states */
+  char *exe;             /* processpool: the binary run in worker mode */
+};
+
+/* Owner-side pool API (executor.c). */
+lp_pool *luapool__check_pool(lua_State *L, int idx);
+int luapool__pool_new(lua_State *L, const lp_backend *be);
+void luapool__pool_open(lua_State *L);
+extern const lp_backend luapool__thread_backend;
+extern const lp_backend luapool__process_backend;
+
+/* Process worker entry point (processpool.c): serve tasks on fd. */
+int luapool__process_worker_main(int fd, const char *name, int index);
+/* Path of an executable that can run `--worker` (processpool.c). */
+const char *luapool__worker_exe(void);
+extern char *luapool__host_exe; /* set by the host binary (main.c) */
+/* }====== */
+
+/* {====== module (luapool.c) */
+int luaopen_luapool(lua_State *L);
+/* Opens luapool into L as a global (with threadpool, processpool and a
+** line-atomic print) and records which worker L is; kind NULL: the host. */
+void luapool__open_worker_state(lua_State *L, const char *kind,
+                                const char *name, int index);
+double luapool__now(void);
+int luapool__cpu_count(void);
+/* }====== */
+
+#endif

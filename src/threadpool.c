@@ -1,0 +1,54 @@
+/*
+** Thread backend: each worker is a pthread that owns one lua_State, created
+** on its first Lua task and kept for all later ones.  Kernel calls with
+** scalar arguments never create the state at all (worker.c).  Nothing but
+** this thread ever touches its state.
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lua.h>
+
+#include "luapool.h"
+
+typedef struct tworker {
+  lp_worker w; /* must be first: the executor sees an lp_worker */
+  lp_wstate ws;
+  lp_buf out;
+} tworker;
+
+static int thread_start(lp_worker *w) {
+  tworker *t = (tworker *)w;
+  t->ws.kind = "thread";
+  snprintf(t->ws.name, sizeof t->ws.name, "%s", w->name);
+  t->ws.index = w->index;
+  t->ws.interrupt = &w->interrupt;
+  t->ws.path = w->pool->path;
+  t->ws.cpath = w->pool->cpath;
+  return 0;
+}
+
+static void thread_run(lp_worker *w, lp_future *f) {
+  tworker *t = (tworker *)w;
+  t->out.len = 0;
+  if (luapool__run_message(&t->ws, f->msg, f->msglen, &t->out) != 0) {
+    luapool__future_fail(f, LP_EK_TRANSFER,
+                         "worker %s ran out of memory building the reply",
+                         w->name);
+    return;
+  }
+  size_t len;
+  char *reply = luapool__buf_take(&t->out, &len);
+  luapool__future_finish(f, reply, len);
+}
+
+static void thread_stop(lp_worker *w) {
+  tworker *t = (tworker *)w;
+  luapool__wstate_close(&t->ws);
+  luapool__buf_free(&t->out);
+  luapool__http_thread_cleanup();
+}
+
+const lp_backend luapool__thread_backend = {
+    "threadpool", sizeof(tworker), thread_start, thread_run, thread_stop, NULL};

@@ -1,0 +1,279 @@
+/*
+** The worker side of a task, shared by thread and process workers: decode a
+** task message, run each call, encode the reply.
+**
+** Task message:  u8 kind, then
+**   LP_MSG_SINGLE: u32 n, values fn, arg1..   (one reference space: sharing
+**               between the function's upvalues and the arguments survives)
+**   LP_MSG_BATCH:  u32 ncalls, fn, then per call: u32 nargs, args
+**               (each call its own reference space; fn decoded once)
+** Reply: per call, u8 status, then
+**   OK:       u32 n, values
+**   ERROR:    u32 1, error value (nil when it could not travel),
+**             message string, traceback string
+**   TRANSFER: message string (a result that could not be encoded)
+**
+** A call whose function is a native kernel and whose arguments are all
+** scalars runs straight from the bytes: no Lua state is created for it.
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "luapool.h"
+
+/* {======================================================
+** Native kernel calls
+** ======================================================= */
+
+/* Reads nargs scalars; 1 ok, 0 some argument is not a scalar, -1 malformed. */
+static int read_kargs(lp_reader *r, uint32_t nargs, lp_value *args) {
+  for (uint32_t i = 0; i < nargs; i++) {
+    int s = luapool__get_scalar(r, &args[i]);
+    if (s != 1) return s;
+  }
+  return 1;
+}
+
+static int put_kernel_reply(lp_buf *out, lp_kcall *c, int ok) {
+  if (ok) {
+    if (luapool__put_u8(out, LP_REPLY_OK) ||
+        luapool__put_u32(out, (uint32_t)c->nout))
+      return -1;
+    for (int i = 0; i < c->nout; i++)
+      if (luapool__put_value(out, &c->out[i])) return -1;
+    return 0;
+  }
+  size_t len = strlen(c->err);
+  return (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_u32(out, 1) ||
+          luapool__put_string(out, c->err, len) ||
+          luapool__put_string(out, c->err, len) ||
+          luapool__put_string(out, "", 0))
+             ? -1 : 0;
+}
+
+/* Tries to run one kernel call natively.  1 done (reply appended), 0 the
+** arguments need Lua (reader restored), -1 out of memory / malformed. */
+static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs,
+                           lp_buf *out) {
+  lp_value args[LP_KERNEL_MAXARGS];
+  lp_reader save = *r;
+  if (nargs > LP_KERNEL_MAXARGS) return 0;
+  int s = read_kargs(r, nargs, args);
+  if (s <= 0) {
+    *r = save;
+    return s;
+  }
+  lp_kcall c;
+  memset(&c, 0, sizeof c);
+  c.args = args;
+  c.nargs = (int)nargs;
+  c.interrupt = ws->interrupt;
+  int ok = luapool__kernels[k].run(&c) == 0;
+  return put_kernel_reply(out, &c, ok) ? -1 : 1;
+}
+
+/* }====================================================== */
+
+/* {======================================================
+** Lua calls
+** ======================================================= */
+
+static const char *const TB_KEY = "luapool.traceback";
+
+/* Message handler: keeps the error value, files the traceback aside. */
+static int msgh(lua_State *L) {
+  luaL_traceback(L, L, NULL, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, TB_KEY);
+  return 1;
+}
+
+typedef struct run_ctx {
+  lp_wstate *ws;
+  lp_reader *r;
+  lp_buf *out;
+  int kind;
+  int kernel;      /* >= 0: batch of this kernel resumed after native calls */
+  uint32_t ncalls;
+  uint32_t done;   /* calls replied so far */
+  size_t mark;     /* out->len where the reply of call `done` starts */
+} run_ctx;
+
+/* Appends the reply of the call whose outcome is on the stack. */
+static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
+  lp_buf *out = rc->out;
+  size_t mark = out->len;
+  if (ok) {
+    int n = lua_gettop(L) - base;
+    lp_encode_ctx ctx = {"result", 1, {0}};
+    if (luapool__put_u8(out, LP_REPLY_OK) || luapool__put_u32(out, (uint32_t)n))
+      luaL_error(L, "not enough memory");
+    if (luapool__encode(L, out, base + 1, n, &ctx) != 0) {
+      out->len = mark;
+      if (luapool__put_u8(out, LP_REPLY_TRANSFER) ||
+          luapool__put_string(out, ctx.err, strlen(ctx.err)))
+        luaL_error(L, "not enough memory");
+    }
+    lua_settop(L, base);
+    return;
+  }
+  /* error value at base+1 */
+  size_t ml, tl = 0;
+  const char *m = luaL_tolstring(L, base + 1, &ml); /* base+2 */
+  lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);         /* base+3 */
+  const char *tb = lua_tolstring(L, -1, &tl);
+  if (tb == NULL) tb = "", tl = 0;
+  lp_encode_ctx ctx = {"error value", 1, {0}};
+  if (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_u32(out, 1))
+    luaL_error(L, "not enough memory");
+  size_t vmark = out->len;
+  if (luapool__encode(L, out, base + 1, 1, &ctx) != 0) {
+    out->len = vmark; /* the value cannot travel: its text still does */
+    lua_pushnil(L);
+    if (luapool__encode(L, out, lua_gettop(L), 1, &ctx) != 0)
+      luaL_error(L, "not enough memory");
+  }
+  if (luapool__put_string(out, m, ml) || luapool__put_string(out, tb, tl))
+    luaL_error(L, "not enough memory");
+  lua_pushnil(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, TB_KEY);
+  lua_settop(L, base);
+}
+
+/* Calls the function at base+1 with the values above it. */
+static void call_one(lua_State *L, run_ctx *rc, int base) {
+  int nargs = lua_gettop(L) - base - 1;
+  rc->mark = rc->out->len;
+  lua_pushcfunction(L, msgh);
+  lua_insert(L, base + 1);
+  int st = lua_pcall(L, nargs, LUA_MULTRET, base + 1);
+  lua_remove(L, base + 1);
+  reply_call(L, rc, st == LUA_OK, base);
+  rc->done++;
+}
+
+/* Protected body: decodes and runs the calls of the message not yet done. */
+static int run_calls(lua_State *L) {
+  run_ctx *rc = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  uint32_t n;
+  if (rc->kind == LP_MSG_SINGLE) {
+    if (luapool__get_u32(rc->r, &n) || n < 1 || n > (size_t)(rc->r->end - rc->r->p))
+      return luaL_error(L, "malformed message: bad value count");
+    luapool__decode(L, rc->r, (int)n);
+    call_one(L, rc, 0);
+    return 0;
+  }
+  if (rc->kernel >= 0)
+    lua_pushcfunction(L, luapool__kernels[rc->kernel].lua_fn);
+  else
+    luapool__decode(L, rc->r, 1); /* fn at 1 */
+  while (rc->done < rc->ncalls) {
+    if (luapool__get_u32(rc->r, &n) || n > (size_t)(rc->r->end - rc->r->p))
+      return luaL_error(L, "malformed message: bad argument count");
+    lua_pushvalue(L, 1);
+    luapool__decode(L, rc->r, (int)n);
+    call_one(L, rc, 1);
+  }
+  return 0;
+}
+
+/* }====================================================== */
+
+static lua_State *ensure_state(lp_wstate *ws) {
+  if (ws->L) return ws->L;
+  lua_State *L = luaL_newstate();
+  if (L == NULL) return NULL;
+  if (luapool__worker_state_init(L, ws) != 0) {
+    lua_close(L);
+    return NULL;
+  }
+  ws->L = L;
+  return L;
+}
+
+/* Appends an ERROR reply with a message made here (not by the task). */
+static int put_error_text(lp_buf *out, const char *m) {
+  size_t l = strlen(m);
+  return (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_u32(out, 1) ||
+          luapool__put_string(out, m, l) || luapool__put_string(out, m, l) ||
+          luapool__put_string(out, "", 0))
+             ? -1 : 0;
+}
+
+/* Native path: runs kernel calls from the bytes while their arguments are
+** scalars.  Returns -1 on no memory, else leaves rc->done at the first call
+** that needs Lua (== ncalls when all ran). */
+static int run_native(run_ctx *rc, int k) {
+  while (rc->done < rc->ncalls) {
+    lp_reader call_r = *rc->r;
+    uint32_t nargs;
+    if (rc->kind == LP_MSG_SINGLE) {
+      if (luapool__get_u32(rc->r, &nargs) || nargs < 1) break;
+      nargs--;
+      if (luapool__peek_kernel(rc->r) < 0) break;
+    } else if (luapool__get_u32(rc->r, &nargs)) {
+      break;
+    }
+    int s = run_kernel_call(rc->ws, k, rc->r, nargs, rc->out);
+    if (s < 0) return -1;
+    if (s == 0) {
+      *rc->r = call_r;
+      break;
+    }
+    rc->done++;
+  }
+  return 0;
+}
+
+int luapool__run_message(lp_wstate *ws, const char *msg, size_t len,
+                         lp_buf *out) {
+  lp_reader r = {msg, msg + len};
+  unsigned kind;
+  run_ctx rc = {ws, &r, out, 0, -1, 1, 0, 0};
+  if (luapool__get_u8(&r, &kind) || (kind != LP_MSG_SINGLE && kind != LP_MSG_BATCH))
+    return put_error_text(out, "malformed message: bad kind");
+  rc.kind = (int)kind;
+  if (kind == LP_MSG_BATCH) {
+    if (luapool__get_u32(&r, &rc.ncalls) || rc.ncalls > len)
+      return put_error_text(out, "malformed message: bad call count");
+    rc.kernel = luapool__peek_kernel(&r);
+    if (rc.kernel >= 0 && run_native(&rc, rc.kernel)) return -1;
+  } else {
+    lp_reader peek = r;
+    uint32_t n;
+    if (luapool__get_u32(&peek, &n) == 0 && n >= 1) {
+      int k = luapool__peek_kernel(&peek);
+      if (k >= 0 && run_native(&rc, k)) return -1;
+    }
+  }
+  if (rc.done == rc.ncalls) return 0;
+  /* Lua path, for the calls not done natively. */
+  lua_State *L = ensure_state(ws);
+  if (L == NULL) {
+    for (; rc.done < rc.ncalls; rc.done++)
+      if (put_error_text(out, "cannot create a Lua state: not enough memory"))
+        return -1;
+    return 0;
+  }
+  lua_settop(L, 0);
+  rc.mark = out->len;
+  lua_pushcfunction(L, run_calls);
+  lua_pushlightuserdata(L, &rc);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    /* A failure outside any task (malformed bytes, no memory): every call
+    ** not yet replied to gets this error, so none is lost. */
+    char buf[512];
+    const char *m = lua_tostring(L, -1);
+    snprintf(buf, sizeof buf, "%s", m ? m : "error in worker");
+    out->len = rc.mark; /* drop a reply cut short */
+    for (; rc.done < rc.ncalls; rc.done++)
+      if (put_error_text(out, buf)) return -1;
+  }
+  lua_settop(L, 0);
+  return 0;
+}

@@ -229,6 +229,11 @@ int luapool__fetch_length_run(lp_kcall *c) {
     o.timeout_ms = seconds_to_ms(t);
   }
 
+  if (o.interrupt != NULL && atomic_load(o.interrupt) != 0)
+    return luapool__kerr(c, "fetch_length: %.*s: interrupted",
+                         (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len),
+                         a1->u.s.p);
+
   /* LP_STR bytes are not guaranteed to be NUL-terminated (they may point
   ** into a message buffer); libcurl wants a C string. */
   url = malloc(a1->u.s.len + 1);
@@ -267,9 +272,11 @@ int luapool__fetch_length_run(lp_kcall *c) {
   free(url);
 
   c->out[0].type = LP_INT;
+  c->out[0].tname = "number";
   c->out[0].u.i = count > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER
                                                    : (lua_Integer)count;
   c->out[1].type = LP_INT;
+  c->out[1].tname = "number";
   c->out[1].u.i = status;
   c->nout = 2;
   return 0;

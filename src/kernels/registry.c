@@ -76,8 +76,9 @@ int luapool__kernel_call_lua(lua_State *L, const lp_kernel *k) {
     lua_pushfstring(L, "too many arguments to '%s'", k->name);
     return lua_error(L);
   }
-  /* Room for one __name string per argument plus the results. */
-  luaL_checkstack(L, LP_KERNEL_MAXARGS + LP_KERNEL_MAXOUT, "kernel call");
+  /* Room for one __name string per argument, the results, and the few
+  ** temporaries of luaL_testudata/luaL_getmetafield. */
+  luaL_checkstack(L, LP_KERNEL_MAXARGS + LP_KERNEL_MAXOUT + 4, "kernel call");
 
   for (int i = 0; i < nargs; i++) {
     int idx = i + 1;

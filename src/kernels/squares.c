@@ -28,8 +28,8 @@ typedef unsigned __int128 lp_uint128;
 ** Largest n accepted.  S(n) = sum_{0<=i<n} i^2 = (n-1)n(2n-1)/6 grows like
 ** n^3/3, so the bound is near cbrt(3 * 2^127) ~ 7.99e12; the exact value,
 ** found by bisection on S(n) <= 2^127-1 with Python integers, is:
-**   S(7991780883561) = 170141183460469114034124617709622624460 <= 2^127-1
-**   S(7991780883562) = 170141183460469241732346163212434734381 >  2^127-1
+**   S(7991780883561) = 170141183460461313492259401898909956060 <= 2^127-1
+**   S(7991780883562) = 170141183460525182053950252936749996781 >  2^127-1
 ** (2^127-1 = 170141183460469231731687303715884105727; the test suite
 ** checks both sides.)
 */
@@ -346,9 +346,13 @@ static int get_operand(lua_State *L, int idx, lp_int128 *iv,
     return OPND_FLOAT;
   case LUA_TSTRING: {
     int kind = OPND_BAD;
-    /* lua_stringtonumber pushes the number on success. */
-    if (lua_stringtonumber(L, lua_tostring(L, idx)) != 0) {
-      kind = get_operand(L, -1, iv, fv);
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    /* lua_stringtonumber pushes the number on success and returns the
+    ** size it consumed: anything short of len + 1 means an embedded zero. */
+    size_t used = lua_stringtonumber(L, s);
+    if (used != 0) {
+      if (used == len + 1) kind = get_operand(L, -1, iv, fv);
       lua_pop(L, 1);
     }
     return kind;

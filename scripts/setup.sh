@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Debian packages luapool needs, configures and builds it in
+# build/, then runs the offline demo of both reference jobs.
+#   scripts/setup.sh            install, build, demo
+#   scripts/setup.sh --no-demo  install and build only (CI)
+# Extra CMake arguments come from $CMAKE_ARGS (CI sets -DLUAPOOL_WERROR=ON).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(build-essential cmake pkg-config liblua5.4-dev lua5.4
+          libcurl4-openssl-dev ca-certificates lua-busted
+          nginx libnginx-mod-http-echo)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# shellcheck disable=SC2086
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo ${CMAKE_ARGS:-}
+cmake --build build -j"$(nproc)"
+
+if [[ ${1:-} != --no-demo ]]; then
+  build/luapool scripts/demo.lua
+fi

@@ -1,0 +1,69 @@
+-- Shared by the specs: the binary under test, running it, the fixture.
+local M = {}
+
+M.bin = os.getenv("LUAPOOL_BIN") or "build/luapool"
+M.source_dir = os.getenv("LUAPOOL_SOURCE_DIR") or "."
+
+local function shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+M.shell_quote = shell_quote
+
+-- Reads a whole file, or nil.
+function M.slurp(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Runs the luapool binary with the given arguments (a list), stdin from
+-- `input` when given.  Returns stdout, stderr, exit status.
+function M.run(args, input)
+  local out, err = os.tmpname(), os.tmpname()
+  local cmd = { shell_quote(M.bin) }
+  for _, a in ipairs(args) do cmd[#cmd + 1] = shell_quote(a) end
+  local inpath
+  if input then
+    inpath = os.tmpname()
+    local f = assert(io.open(inpath, "wb"))
+    f:write(input)
+    f:close()
+  end
+  local line = table.concat(cmd, " ") .. " >" .. out .. " 2>" .. err ..
+    (inpath and (" <" .. inpath) or " </dev/null")
+  local ok, how, code = os.execute(line)
+  local so, se = M.slurp(out), M.slurp(err)
+  os.remove(out); os.remove(err)
+  if inpath then os.remove(inpath) end
+  if how == "signal" then code = 128 + code end
+  return so, se, ok and 0 or code
+end
+
+-- Writes text to a fresh temporary file and returns its path.
+function M.tempfile(text)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+-- Starts the nginx fixture; a spec that needs it and cannot start it fails.
+function M.fixture()
+  local fixture = require "luapool.fixture"
+  local srv, err = fixture.start()
+  assert(srv, err)
+  return srv
+end
+
+-- Is process pid alive (and not a zombie)?
+function M.alive(pid)
+  local stat = M.slurp("/proc/" .. pid .. "/stat")
+  if not stat then return false end
+  local state = stat:match("^%d+ %b() (%a)")
+  return state ~= "Z" and state ~= "X"
+end
+
+return M

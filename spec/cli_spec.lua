@@ -1,0 +1,109 @@
+-- The luapool host: a lua(1)-like command line.
+local h = require "helper"
+
+describe("luapool host", function()
+  it("runs a script with arg and ... set as lua sets them", function()
+    local script = h.tempfile("print(select('#', ...), #arg, ...)\n" ..
+      "print(arg[0] == SCRIPT, arg[1], arg[2], arg[-1] == BIN)\n")
+    local out, err, code = h.run({ "-e", ("SCRIPT, BIN = %q, %q"):format(script, h.bin), script, "x", "y" })
+    os.remove(script)
+    assert.are.equal(0, code)
+    assert.are.equal("", err)
+    assert.are.equal("2\t2\tx\ty\ntrue\tx\ty\tfalse\n", out)
+  end)
+
+  it("has threadpool, processpool and luapool as globals", function()
+    local out, _, code = h.run({ "-e",
+      "print(type(threadpool.new), type(processpool.new), luapool.version, " ..
+      "require('luapool') == luapool)" })
+    assert.are.equal(0, code)
+    assert.are.equal("function\tfunction\t0.1.0\ttrue\n", out)
+  end)
+
+  it("runs -e chunks and -l modules in order", function()
+    local out, _, code = h.run({ "-e", "x = 1", "-l", "fx=luapool.fixture",
+      "-e", "print(x, type(fx.start))" })
+    assert.are.equal(0, code)
+    assert.are.equal("1\tfunction\n", out)
+  end)
+
+  it("runs stdin with -", function()
+    local out, _, code = h.run({ "-", "a" }, "print('from stdin', ...)\n")
+    assert.are.equal(0, code)
+    assert.are.equal("from stdin\ta\n", out)
+  end)
+
+  it("prints its version and help", function()
+    local out, _, code = h.run({ "-v" })
+    assert.are.equal(0, code)
+    assert.matches("^luapool 0%.1%.0 %(Lua 5%.4%.%d+%)\n$", out)
+    out, _, code = h.run({ "--help" })
+    assert.are.equal(0, code)
+    assert.matches("^usage: luapool %[options%] %[script %[args%]%]\n", out)
+  end)
+
+  it("reports a script error with position and traceback, exit 1", function()
+    local script = h.tempfile("local t = nil\nlocal function f() return t.x end\nf()\n")
+    local out, err, code = h.run({ script })
+    os.remove(script)
+    assert.are.equal(1, code)
+    assert.are.equal("", out)
+    local first = err:match("^[^\n]*")
+    assert.are.equal("luapool: " .. script .. ":2: attempt to index a nil value (upvalue 't')", first)
+    assert.matches("\nstack traceback:\n", err)
+  end)
+
+  it("reports a missing script, exit 1", function()
+    local out, err, code = h.run({ "/nonexistent/job.lua" })
+    assert.are.equal(1, code)
+    assert.are.equal("", out)
+    assert.are.equal("luapool: cannot open /nonexistent/job.lua: No such file or directory\n", err)
+  end)
+
+  it("refuses unknown options and -e without argument, exit 1", function()
+    local _, err, code = h.run({ "-x" })
+    assert.are.equal(1, code)
+    assert.matches("^luapool: unrecognized option '%-x'\nusage: ", err)
+    _, err, code = h.run({ "-e" })
+    assert.are.equal(1, code)
+    assert.matches("^luapool: '%-e' needs argument\n", err)
+  end)
+
+  it("prints an uncaught task error object through its __tostring", function()
+    local _, err, code = h.run({ "-e", [[
+      local p <close> = threadpool.new{name = "job"}
+      p:submit(function() error("boom") end):result()]] })
+    assert.are.equal(1, code)
+    assert.matches("^luapool: task failed in worker job%-1: %(command line%):2: boom\n" ..
+      "worker stack traceback:\n", err)
+  end)
+
+  it("describes a non-string error without __tostring", function()
+    local _, err, code = h.run({ "-e", "error({})" })
+    assert.are.equal(1, code)
+    assert.matches("^luapool: %(error object is a table value%)\n", err)
+  end)
+
+  it("finds the project's lua/ modules from any directory", function()
+    local out, _, code = h.run({ "-e",
+      "local fx = require 'luapool.fixture' print(type(fx.available))" })
+    assert.are.equal(0, code)
+    assert.are.equal("function\n", out)
+  end)
+
+  it("leaves no worker process behind when the script ends with an open pool", function()
+    local out, _, code = h.run({ "-e", [[
+      local p = processpool.new{max_workers = 2}
+      local pids = {}
+      for i = 1, 4 do pids[i] = p:submit(function() return luapool.current_worker().pid end) end
+      for i = 1, 4 do io.write(pids[i]:result(), " ") end
+      p:submit(luapool.sleep, 30) -- still running at exit: stopped, not waited for]] })
+    assert.are.equal(0, code)
+    local n = 0
+    for pid in out:gmatch("%d+") do
+      n = n + 1
+      assert.is_false(h.alive(pid), "worker " .. pid .. " outlived luapool")
+    end
+    assert.are.equal(4, n)
+  end)
+end)

@@ -1,0 +1,135 @@
+-- Native kernels: sum_squares (exact) and HTTP through libcurl, called
+-- directly and as task functions on both pools, against the nginx fixture.
+local luapool = require "luapool"
+local h = require "helper"
+local K = luapool.kernels
+
+local REFERENCE = {
+  { 10000000, "333333283333335000000" },
+  { 12000000, "575999928000002000000" },
+  { 11000000, "443666606166668500000" },
+  { 9000000, "242999959500001500000" },
+  { 13000000, "732333248833335500000" },
+}
+
+describe("sum_squares", function()
+  it("is exact for small n", function()
+    local expect = { [0] = "0", [1] = "0", [2] = "1", [3] = "5", [10] = "285", [100] = "328350" }
+    for n, s in pairs(expect) do assert.are.equal(s, tostring(K.sum_squares(n))) end
+  end)
+
+  it("is exact past 2^63 for the reference numbers, as Python prints them", function()
+    for _, r in ipairs(REFERENCE) do assert.are.equal(r[2], tostring(K.sum_squares(r[1]))) end
+  end)
+
+  it("returns a luapool.int128 that travels back from workers of both pools", function()
+    for _, new in ipairs { luapool.threadpool.new, luapool.processpool.new } do
+      local pool <close> = new { max_workers = 2 }
+      local ns = {}
+      for i, r in ipairs(REFERENCE) do ns[i] = r[1] end
+      local results = pool:map(K.sum_squares, ns)
+      for i, r in ipairs(REFERENCE) do
+        assert.are.equal(r[2], tostring(results[i]))
+        assert.are.equal(luapool.int128(r[2]), results[i])
+      end
+      assert.are.equal("285", tostring(pool:submit(K.sum_squares, 10):result()))
+    end
+  end)
+
+  it("refuses bad arguments with lua-style messages, directly and in workers", function()
+    local cases = {
+      { { "10" }, "bad argument #1 to 'sum_squares' (number expected, got string)" },
+      { { -5 }, "bad argument #1 to 'sum_squares' (non-negative integer expected, got -5)" },
+      { { 1.5 }, "bad argument #1 to 'sum_squares' (number has no integer representation)" },
+      { { 8000000000000 }, "bad argument #1 to 'sum_squares' (n too large: the sum would exceed 2^127-1)" },
+      { {}, "bad argument #1 to 'sum_squares' (number expected, got no value)" },
+      { { {} }, "bad argument #1 to 'sum_squares' (number expected, got table)" },
+    }
+    local pool <close> = luapool.processpool.new { max_workers = 1 }
+    for _, c in ipairs(cases) do
+      local ok, err = pcall(K.sum_squares, table.unpack(c[1]))
+      assert.is_false(ok)
+      assert.are.equal(c[2], err)
+      local e = pool:submit(K.sum_squares, table.unpack(c[1])):exception()
+      assert.are.equal("task", e.kind)
+      assert.are.equal(c[2], e.message)
+    end
+  end)
+end)
+
+describe("fetch_length and http.get", function()
+  local srv
+  setup(function() srv = h.fixture() end)
+  teardown(function() if srv then srv:stop() end end)
+
+  it("returns the body length and status", function()
+    assert.are.same({ 1000, 200 }, { K.fetch_length(srv:url("/bytes?n=1000")) })
+    assert.are.same({ 0, 200 }, { K.fetch_length(srv:url("/bytes?n=0")) })
+    assert.are.same({ 10, 200 }, { K.fetch_length(srv:url("/redirect")) })
+  end)
+
+  it("gives a 404 page its length, not an error", function()
+    local len, status = K.fetch_length(srv:url("/status/404"))
+    assert.are.equal(404, status)
+    assert.is_true(len > 0)
+  end)
+
+  it("fails with the URL and curl's reason on transport failures", function()
+    local refused = "http://127.0.0.1:1/"
+    local ok, err = pcall(K.fetch_length, refused)
+    assert.is_false(ok)
+    assert.matches("^fetch_length: http://127%.0%.0%.1:1/: Couldn't connect to server %(", err)
+    local drop = srv:url("/drop")
+    ok, err = pcall(K.fetch_length, drop)
+    assert.is_false(ok)
+    assert.are.equal("fetch_length: " .. drop .. ": Server returned nothing (no headers, no data) (Empty reply from server)", err)
+    local slow = srv:url("/sleep?s=3")
+    ok, err = pcall(K.fetch_length, slow, 0.2)
+    assert.is_false(ok)
+    assert.matches("^fetch_length: " .. slow:gsub("%p", "%%%0") .. ": Timeout was reached %(", err)
+  end)
+
+  it("runs as a task on both pools, failures as task errors", function()
+    for _, new in ipairs { luapool.threadpool.new, luapool.processpool.new } do
+      local pool <close> = new { max_workers = 4, name = "net" }
+      local urls = {}
+      for i = 1, 12 do urls[i] = srv:url("/bytes?n=" .. i * 100) end
+      local lens = pool:map(K.fetch_length, urls)
+      for i = 1, 12 do assert.are.equal(i * 100, lens[i]) end
+      local f = pool:submit(K.fetch_length, "http://127.0.0.1:1/")
+      local e = f:exception()
+      assert.are.equal("task", e.kind)
+      assert.matches("^net%-%d$", e.worker)
+      assert.matches("^fetch_length: http://127%.0%.0%.1:1/: Couldn't connect to server", e.message)
+      assert.has_error(function() f:result() end)
+    end
+  end)
+
+  it("fetches concurrently: 20 fetches of 0.3 s on 20 threads overlap", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 20 }
+    local fs = {}
+    for i = 1, 20 do fs[i] = pool:submit(K.fetch_length, srv:url("/sleep?s=0.3&i=" .. i)) end
+    -- bounded wait: sequential would need 6 s; this only proves nothing hangs
+    for i = 1, 20 do assert.are.equal(3, (fs[i]:result(5))) end
+  end)
+
+  it("http.get returns status, body, headers, url and time", function()
+    local r = assert(luapool.http.get(srv:url("/bytes?n=5")))
+    assert.are.equal(200, r.status)
+    assert.are.equal("xxxxx", r.body)
+    assert.are.equal("string", type(r.headers["content-type"]))
+    assert.are.equal(srv:url("/bytes?n=5"), r.url)
+    assert.is_true(r.time >= 0)
+    local nothing, msg = luapool.http.get("http://127.0.0.1:1/")
+    assert.is_nil(nothing)
+    assert.matches("^GET http://127%.0%.0%.1:1/: Couldn't connect to server", msg)
+    assert.has_error(function() luapool.http.get(srv:url("/"), { timeout = -1 }) end,
+      "bad argument #2 to 'get' (opts.timeout: positive number expected)")
+  end)
+
+  it("http.get works inside a task", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local body = pool:submit(function(u) return luapool.http.get(u).body end, srv:url("/")):result()
+    assert.are.equal("luapool fixture\n", body)
+  end)
+end)

@@ -5,7 +5,7 @@
 ** reference ids in the order they are first met, so shared references and
 ** cycles arrive as they left.  Lua functions travel as bytecode (with debug
 ** info, so tracebacks keep file:line) plus their upvalues copied by value;
-** the `_ENV` upvalue that is the sender's globals becomes the receiver's.
+** the `_ENV` upvalue becomes the receiver's globals.
 ** C functions travel by name; only the standard library's and luapool's are
 ** known.  The decoder trusts no byte: every length is checked against what
 ** is left, every tag and reference id is validated.  (Bytecode itself is
@@ -504,15 +504,12 @@ static int enc_function(luapool_encoder *e, int idx) {
   for (int i = 1; i <= nups; i++) {
     const char *name = lua_getupvalue(L, idx, i);
     int top = lua_gettop(L);
+    /* _ENV always becomes the receiver's globals, whatever table it is
+    ** here (the script's globals, or a sandbox such as busted's). */
     if (strcmp(name, "_ENV") == 0) {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-      int isglobals = lua_rawequal(L, -1, -2);
       lua_pop(L, 1);
-      if (isglobals) {
-        lua_pop(L, 1);
-        if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
-        continue;
-      }
+      if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
+      continue;
     }
     if (enc_enter(e, SEG_UPVAL, idx, 0, name) || enc_value(e, top)) return -1;
     e->depth--;

@@ -39,6 +39,36 @@ static lp_future *queue_pop(lp_pool *p) {
   return f;
 }
 
+void luapool__pool_break(lp_pool *p, const char *why) {
+  pthread_mutex_lock(&p->mu);
+  if (p->broken == NULL) p->broken = strdup(why); /* NULL: "no memory" below */
+  lp_future *q = p->head;
+  p->head = p->tail = NULL;
+  p->npending = 0;
+  pthread_mutex_unlock(&p->mu);
+  while (q) {
+    lp_future *next = q->next;
+    luapool__future_fail(q, LP_EK_BROKEN, "%s", why);
+    luapool__future_unref(q);
+    q = next;
+  }
+}
+
+int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz) {
+  lp_reader r = {reply, reply + len};
+  unsigned st;
+  const char *m = "malformed reply";
+  size_t ml = strlen(m);
+  if (luapool__get_u8(&r, &st) == 0 && st == LP_REPLY_OK) return 0;
+  if (st == LP_REPLY_ERROR || st == LP_REPLY_TRANSFER) {
+    const char *t;
+    size_t tl;
+    if (luapool__get_string(&r, &t, &tl) == 0) m = t, ml = tl;
+  }
+  snprintf(msg, sz, "%.*s", (int)ml, m);
+  return -1;
+}
+
 static void *worker_main(void *arg) {
   lp_worker *w = arg;
   lp_pool *p = w->pool;
@@ -55,6 +85,8 @@ static void *worker_main(void *arg) {
     if (f == NULL) break; /* closing, and nothing left to run */
     if (luapool__future_start(f, w->name)) p->be->run(w, f);
     luapool__future_unref(f);
+    /* p->broken is written once, under the lock, before the queue is
+    ** failed; a task popped before that still runs, which is harmless. */
   }
   p->be->worker_stop(w);
   return NULL;
@@ -91,6 +123,11 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
     pthread_mutex_unlock(&p->mu);
     snprintf(err, errsz, "cannot submit after shutdown");
     return -1;
+  }
+  if (p->broken) { /* the future fails at once, like those queued before */
+    luapool__future_fail(f, LP_EK_BROKEN, "%s", p->broken);
+    pthread_mutex_unlock(&p->mu);
+    return 0;
   }
   if (p->idle <= (int)p->npending && p->nworkers < p->max_workers &&
       start_worker(p, err, errsz) != 0 && p->nworkers == 0) {
@@ -152,6 +189,8 @@ static void pool_free(lp_pool *p) {
   free(p->workers);
   free(p->path);
   free(p->cpath);
+  free(p->init_msg);
+  free(p->broken);
   free(p);
 }
 
@@ -183,15 +222,17 @@ static int default_workers(const lp_backend *be) {
   return n;
 }
 
-static char *dup_package_field(lua_State *L, const char *field) {
-  char *r = NULL;
-  if (lua_getglobal(L, "package") == LUA_TTABLE &&
-      lua_getfield(L, -1, field) == LUA_TSTRING)
-    r = strdup(lua_tostring(L, -1));
-  else
-    r = strdup("");
-  lua_settop(L, lua_gettop(L) - (lua_istable(L, -1) ? 1 : 2));
-  return r;
+/* Pushes package[field] when it is a string, else "". */
+static const char *push_package_field(lua_State *L, const char *field) {
+  int top = lua_gettop(L);
+  if (lua_getglobal(L, "package") != LUA_TTABLE ||
+      lua_getfield(L, -1, field) != LUA_TSTRING) {
+    lua_settop(L, top);
+    lua_pushliteral(L, "");
+  } else {
+    lua_remove(L, -2);
+  }
+  return lua_tostring(L, -1);
 }
 
 int luapool__pool_new(lua_State *L, const lp_backend *be) {
@@ -219,6 +260,14 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
                                "of at most %d bytes expected)",
                             (int)sizeof name - 9);
         snprintf(name, sizeof name, "%s", s);
+      } else if (k && strcmp(k, "initializer") == 0) {
+        if (lua_type(L, -1) != LUA_TFUNCTION)
+          return luaL_error(L, "bad option 'initializer' to 'new' (function "
+                               "expected, got %s)", luaL_typename(L, -1));
+      } else if (k && strcmp(k, "initargs") == 0) {
+        if (!lua_istable(L, -1))
+          return luaL_error(L, "bad option 'initargs' to 'new' (table "
+                               "expected, got %s)", luaL_typename(L, -1));
       } else {
         lua_pop(L, 1);
         return luaL_error(L, "unknown option '%s' to 'new'",
@@ -227,14 +276,55 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
       lua_pop(L, 1);
     }
   }
+  /* The initializer travels as one task message, encoded once now so that
+  ** what cannot travel is refused here, not in a worker. */
+  lp_buf *ib = NULL;
+  if (!lua_isnoneornil(L, 1)) {
+    lua_settop(L, 1);
+    if (lua_getfield(L, 1, "initializer") != LUA_TNIL) { /* 2 */
+      int nargs = 0;
+      if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) { /* 3 */
+        nargs = (int)lua_rawlen(L, 3);
+        luaL_checkstack(L, nargs, "too many initargs");
+        for (int i = 1; i <= nargs; i++) lua_rawgeti(L, 3, i);
+      }
+      lua_remove(L, 3);
+      ib = luapool__scratch(L);
+      lp_encode_ctx ctx = {"initializer argument", 1, {0}};
+      if (luapool__put_u8(ib, LP_MSG_SINGLE) ||
+          luapool__put_u32(ib, (uint32_t)nargs + 1))
+        return luaL_error(L, "cannot create a pool: not enough memory");
+      if (luapool__encode(L, ib, 2, nargs + 1, &ctx) != 0) {
+        ib->len = 0;
+        return luaL_error(L, "%s", ctx.err);
+      }
+    }
+    lua_settop(L, 1);
+  } else if (lua_isnil(L, 1)) {
+    lua_settop(L, 0);
+  }
+  const char *lpath = push_package_field(L, "path");
+  const char *lcpath = push_package_field(L, "cpath");
   lpool *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->p = NULL;
   luaL_setmetatable(L, LUAPOOL_POOL_MT);
-  /* Everything below is plain C until the pool is complete: no raise. */
-  char *path = dup_package_field(L, "path");
-  char *cpath = dup_package_field(L, "cpath");
-  lp_pool *p = calloc(1, sizeof *p);
-  lp_worker **workers = calloc((size_t)max_workers, sizeof *workers);
+  /* Everything below is plain C until the pool is complete: no raise.
+  ** (ib is the state's scratch buffer: the userdata above does not touch
+  ** it.) */
+  char *init_msg = NULL, *path = NULL, *cpath = NULL;
+  size_t init_len = 0;
+  lp_pool *p = NULL;
+  lp_worker **workers = NULL;
+  if (ib && (init_msg = malloc(ib->len)) != NULL) {
+    memcpy(init_msg, ib->p, ib->len);
+    init_len = ib->len;
+  }
+  if (ib) ib->len = 0;
+  if (ib && init_msg == NULL) goto nomem;
+  path = strdup(lpath);
+  cpath = strdup(lcpath);
+  p = calloc(1, sizeof *p);
+  workers = calloc((size_t)max_workers, sizeof *workers);
   if (p == NULL || workers == NULL || path == NULL || cpath == NULL)
     goto nomem;
   if (pthread_mutex_init(&p->mu, NULL) != 0) goto nomem;
@@ -247,10 +337,13 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   p->workers = workers;
   p->path = path;
   p->cpath = cpath;
+  p->init_msg = init_msg;
+  p->init_len = init_len;
   snprintf(p->name, sizeof p->name, "%s", name);
   u->p = p;
   return 1;
 nomem:
+  free(init_msg);
   free(path);
   free(cpath);
   free(workers);

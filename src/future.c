@@ -240,6 +240,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
   if (rd == NULL || rd->p == NULL) *r = (lp_reader){f->reply, f->reply + f->replylen};
   unsigned st;
   uint32_t n;
+  luaL_checkstack(L, 8, "reading a result");
   if (luapool__get_u8(r, &st)) luaL_error(L, "malformed reply");
   if (st == LP_REPLY_TRANSFER) {
     const char *m;
@@ -251,30 +252,26 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
     lua_remove(L, -2);
     return -1;
   }
-  if (luapool__get_u32(r, &n) || n > f->replylen) luaL_error(L, "malformed reply");
   if (st == LP_REPLY_OK) {
-    if (maxvals >= 0 && (int)n > maxvals) {
-      int top = lua_gettop(L);
-      luapool__decode(L, r, (int)n);
-      lua_settop(L, top + maxvals);
-      return maxvals;
-    }
+    if (luapool__get_u32(r, &n) || n > f->replylen) luaL_error(L, "malformed reply");
+    int top = lua_gettop(L);
     luapool__decode(L, r, (int)n);
-    return (int)n;
+    if (maxvals >= 0 && (int)n > maxvals) lua_settop(L, top + maxvals);
+    return lua_gettop(L) - top;
   }
-  /* task error: the value, then message and traceback strings */
-  luapool__decode(L, r, (int)n);
-  int v = lua_gettop(L);
+  /* task error: message and traceback, then the error value */
   const char *m, *tb;
   size_t ml, tl;
-  if (luapool__get_string(r, &m, &ml) || luapool__get_string(r, &tb, &tl))
+  if (st != LP_REPLY_ERROR || luapool__get_string(r, &m, &ml) ||
+      luapool__get_string(r, &tb, &tl))
     luaL_error(L, "malformed reply");
   lua_pushlstring(L, m, ml);
   lua_pushlstring(L, tb, tl);
-  luapool__push_error(L, LP_EK_TASK, lua_tostring(L, -2), lua_tostring(L, -1),
-                      f->worker, v);
-  lua_replace(L, v);
-  lua_settop(L, v);
+  luapool__decode(L, r, 1);
+  luapool__push_error(L, LP_EK_TASK, lua_tostring(L, -3), lua_tostring(L, -2),
+                      f->worker, -1);
+  lua_replace(L, -4);
+  lua_settop(L, lua_gettop(L) - 2);
   return -1;
 }
 

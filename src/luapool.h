@@ -223,8 +223,17 @@ struct lp_pool {
   lp_worker **workers;   /* [max_workers] */
   char name[48];
   char *path, *cpath;    /* package.path/cpath for worker Lua states */
-  char *exe;             /* processpool: the binary run in worker mode */
+  char *init_msg;        /* initializer + initargs as a task message */
+  size_t init_len;
+  char *broken;          /* set once an initializer failed: why */
 };
+
+/* Marks the pool broken (first reason wins) and fails every queued future
+** with kind "broken".  Called by a backend, with no pool lock held. */
+void luapool__pool_break(lp_pool *p, const char *why);
+/* Runs the pool's initializer reply check: 0 when reply (of the init
+** message) succeeded, else -1 with the error text in msg. */
+int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz);
 
 /* Owner-side pool API (executor.c). */
 lp_pool *luapool__check_pool(lua_State *L, int idx);

@@ -104,6 +104,7 @@ typedef struct pworker {
   lp_worker w; /* must be first */
   atomic_int pid;
   int fd;
+  int need_init; /* the pool's initializer has not run in this process */
 } pworker;
 
 const char *luapool__worker_exe(void) {
@@ -208,6 +209,7 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
   }
   pw->fd = sv[0];
   atomic_store(&pw->pid, pid);
+  pw->need_init = p->init_msg != NULL;
   /* INIT: the owner's package.path and cpath, so require works alike. */
   lp_buf b = {0};
   int bad = luapool__put_string(&b, p->path, strlen(p->path)) ||
@@ -241,7 +243,26 @@ static void proc_run(lp_worker *w, lp_future *f) {
   unsigned type = 0;
   char *reply = NULL;
   size_t len = 0;
-  int r = write_frame(pw->fd, FR_CALL, f->msg, f->msglen);
+  int r = 0;
+  if (pw->need_init) { /* the initializer, once per started process */
+    pw->need_init = 0;
+    r = write_frame(pw->fd, FR_CALL, w->pool->init_msg, w->pool->init_len);
+    if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
+    if (r == 0) {
+      char why[768], msg[600];
+      int failed = type != FR_REPLY || luapool__reply_failed(reply, len, msg, sizeof msg);
+      free(reply);
+      reply = NULL;
+      if (failed) {
+        snprintf(why, sizeof why, "the initializer failed in worker %s: %s",
+                 w->name, type != FR_REPLY ? "bad reply" : msg);
+        luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
+        luapool__pool_break(w->pool, why);
+        return;
+      }
+    }
+  }
+  if (r == 0) r = write_frame(pw->fd, FR_CALL, f->msg, f->msglen);
   if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
   if (r == 0 && type == FR_REPLY) {
     luapool__future_finish(f, reply, len);

@@ -16,6 +16,7 @@ typedef struct tworker {
   lp_worker w; /* must be first: the executor sees an lp_worker */
   lp_wstate ws;
   lp_buf out;
+  int initialized;
 } tworker;
 
 static int thread_start(lp_worker *w) {
@@ -29,8 +30,27 @@ static int thread_start(lp_worker *w) {
   return 0;
 }
 
+/* Runs the pool's initializer once, before the worker's first task.
+** Returns 0, or -1 after breaking the pool and failing f. */
+static int thread_init(tworker *t, lp_future *f) {
+  lp_pool *p = t->w.pool;
+  t->initialized = 1;
+  if (p->init_msg == NULL) return 0;
+  char why[768], err[600];
+  t->out.len = 0;
+  if (luapool__run_message(&t->ws, p->init_msg, p->init_len, &t->out) != 0)
+    snprintf(err, sizeof err, "not enough memory");
+  else if (luapool__reply_failed(t->out.p, t->out.len, err, sizeof err) == 0)
+    return 0;
+  snprintf(why, sizeof why, "the initializer failed in worker %s: %s", t->w.name, err);
+  luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
+  luapool__pool_break(p, why);
+  return -1;
+}
+
 static void thread_run(lp_worker *w, lp_future *f) {
   tworker *t = (tworker *)w;
+  if (!t->initialized && thread_init(t, f) != 0) return;
   t->out.len = 0;
   if (luapool__run_message(&t->ws, f->msg, f->msglen, &t->out) != 0) {
     luapool__future_fail(f, LP_EK_TRANSFER,

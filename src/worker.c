@@ -9,8 +9,8 @@
 **               (each call its own reference space; fn decoded once)
 ** Reply: per call, u8 status, then
 **   OK:       u32 n, values
-**   ERROR:    u32 1, error value (nil when it could not travel),
-**             message string, traceback string
+**   ERROR:    message string, traceback string, then the error value
+**             (nil when it could not travel): C reads the text without Lua
 **   TRANSFER: message string (a result that could not be encoded)
 **
 ** A call whose function is a native kernel and whose arguments are all
@@ -30,6 +30,14 @@
 ** Native kernel calls
 ** ======================================================= */
 
+/* Appends an ERROR reply whose value is the message itself. */
+static int put_error_text(lp_buf *out, const char *m) {
+  size_t l = strlen(m);
+  return (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, l) ||
+          luapool__put_string(out, "", 0) || luapool__put_string(out, m, l))
+             ? -1 : 0;
+}
+
 /* Reads nargs scalars; 1 ok, 0 some argument is not a scalar, -1 malformed. */
 static int read_kargs(lp_reader *r, uint32_t nargs, lp_value *args) {
   for (uint32_t i = 0; i < nargs; i++) {
@@ -48,12 +56,7 @@ static int put_kernel_reply(lp_buf *out, lp_kcall *c, int ok) {
       if (luapool__put_value(out, &c->out[i])) return -1;
     return 0;
   }
-  size_t len = strlen(c->err);
-  return (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_u32(out, 1) ||
-          luapool__put_string(out, c->err, len) ||
-          luapool__put_string(out, c->err, len) ||
-          luapool__put_string(out, "", 0))
-             ? -1 : 0;
+  return put_error_text(out, c->err);
 }
 
 /* Tries to run one kernel call natively.  1 done (reply appended), 0 the
@@ -128,7 +131,8 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   const char *tb = lua_tolstring(L, -1, &tl);
   if (tb == NULL) tb = "", tl = 0;
   lp_encode_ctx ctx = {"error value", 1, {0}};
-  if (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_u32(out, 1))
+  if (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, ml) ||
+      luapool__put_string(out, tb, tl))
     luaL_error(L, "not enough memory");
   size_t vmark = out->len;
   if (luapool__encode(L, out, base + 1, 1, &ctx) != 0) {
@@ -137,8 +141,6 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
     if (luapool__encode(L, out, lua_gettop(L), 1, &ctx) != 0)
       luaL_error(L, "not enough memory");
   }
-  if (luapool__put_string(out, m, ml) || luapool__put_string(out, tb, tl))
-    luaL_error(L, "not enough memory");
   lua_pushnil(L);
   lua_setfield(L, LUA_REGISTRYINDEX, TB_KEY);
   lua_settop(L, base);
@@ -194,15 +196,6 @@ static lua_State *ensure_state(lp_wstate *ws) {
   }
   ws->L = L;
   return L;
-}
-
-/* Appends an ERROR reply with a message made here (not by the task). */
-static int put_error_text(lp_buf *out, const char *m) {
-  size_t l = strlen(m);
-  return (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_u32(out, 1) ||
-          luapool__put_string(out, m, l) || luapool__put_string(out, m, l) ||
-          luapool__put_string(out, "", 0))
-             ? -1 : 0;
 }
 
 /* Native path: runs kernel calls from the bytes while their arguments are

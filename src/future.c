@@ -260,8 +260,8 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
     return lua_gettop(L) - top;
   }
   /* task error: message and traceback, then the error value */
-  const char *m, *tb;
-  size_t ml, tl;
+  const char *m = NULL, *tb = NULL;
+  size_t ml = 0, tl = 0;
   if (st != LP_REPLY_ERROR || luapool__get_string(r, &m, &ml) ||
       luapool__get_string(r, &tb, &tl))
     luaL_error(L, "malformed reply");

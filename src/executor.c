@@ -356,29 +356,13 @@ static void check_fn(lua_State *L, int idx) {
     luaL_typeerror(L, idx, "function or kernel");
 }
 
-/* Takes the bytes of b into a malloc'd block the future will own.  Small
-** messages are copied so the scratch buffer keeps its capacity. */
-static char *take_message(lp_buf *b, size_t *len) {
-  if (b->len > 65536) return luapool__buf_take(b, len);
-  char *m = malloc(b->len);
-  if (m) memcpy(m, b->p, b->len);
-  *len = b->len;
-  b->len = 0;
-  return m;
-}
-
 /* Queues a message as a new future and pushes its userdata.  Raises on
 ** failure (the message is freed first). */
 static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx,
                                  lp_buf *b, int ncalls) {
   luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
-  size_t len;
-  char *msg = take_message(b, &len);
-  lp_future *f = msg ? luapool__future_new(msg, len, ncalls) : NULL;
-  if (f == NULL) {
-    free(msg);
-    luaL_error(L, "cannot submit: not enough memory");
-  }
+  lp_future *f = luapool__future_new(b, ncalls);
+  if (f == NULL) luaL_error(L, "cannot submit: not enough memory");
   char err[160];
   if (pool_enqueue(p, f, err, sizeof err) != 0) {
     luapool__future_unref(f);
@@ -567,20 +551,18 @@ static int pool_tostring(lua_State *L) {
   return 1;
 }
 
-static int pool_index(lua_State *L) {
+/* Fallback __index of the methods table: the pool's read-only fields. */
+static int pool_field(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
   const char *k = luaL_checkstring(L, 2);
-  if (strcmp(k, "max_workers") == 0) {
+  if (strcmp(k, "max_workers") == 0)
     lua_pushinteger(L, p->max_workers);
-  } else if (strcmp(k, "name") == 0) {
+  else if (strcmp(k, "name") == 0)
     lua_pushstring(L, p->name);
-  } else if (strcmp(k, "kind") == 0) {
+  else if (strcmp(k, "kind") == 0)
     lua_pushstring(L, p->be->kind);
-  } else {
-    lua_getmetatable(L, 1);
-    lua_getfield(L, -1, "methods");
-    lua_getfield(L, -1, k);
-  }
+  else
+    lua_pushnil(L);
   return 1;
 }
 
@@ -592,9 +574,12 @@ static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
 
 void luapool__pool_open(lua_State *L) {
   if (luaL_newmetatable(L, LUAPOOL_POOL_MT)) {
+    /* methods are found in the table itself; fields fall through */
     luaL_newlib(L, pool_methods);
-    lua_setfield(L, -2, "methods");
-    lua_pushcfunction(L, pool_index);
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, pool_field);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, -2);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, pool_gc);
     lua_setfield(L, -2, "__gc");

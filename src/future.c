@@ -27,9 +27,27 @@
 ** C side
 ** ======================================================= */
 
-lp_future *luapool__future_new(char *msg, size_t len, int ncalls) {
-  lp_future *f = calloc(1, sizeof *f);
+static void drop_msg(lp_future *f) {
+  if (f->msg != f->inline_msg) free(f->msg);
+  f->msg = NULL;
+}
+
+/* Messages up to this size live in the future's own allocation: one malloc
+** per task, freed by the thread that drops the last reference. */
+#define INLINE_MSG_MAX 4096
+
+lp_future *luapool__future_new(lp_buf *b, int ncalls) {
+  size_t inl = b->len <= INLINE_MSG_MAX ? b->len : 0;
+  lp_future *f = calloc(1, sizeof *f + inl);
   if (f == NULL) return NULL;
+  if (inl) {
+    memcpy(f->inline_msg, b->p, inl);
+    f->msg = f->inline_msg;
+    f->msglen = inl;
+    b->len = 0; /* the scratch buffer keeps its capacity */
+  } else {
+    f->msg = luapool__buf_take(b, &f->msglen);
+  }
   pthread_condattr_t ca;
   if (pthread_condattr_init(&ca) != 0) goto fail_free;
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -45,11 +63,10 @@ lp_future *luapool__future_new(char *msg, size_t len, int ncalls) {
   pthread_condattr_destroy(&ca);
   atomic_init(&f->refs, 1);
   f->state = LP_PENDING;
-  f->msg = msg;
-  f->msglen = len;
   f->ncalls = ncalls;
   return f;
 fail_free:
+  drop_msg(f);
   free(f);
   return NULL;
 }
@@ -62,16 +79,18 @@ void luapool__future_unref(lp_future *f) {
   if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
   pthread_mutex_destroy(&f->mu);
   pthread_cond_destroy(&f->cv);
-  free(f->msg);
-  free(f->reply);
+  drop_msg(f);
+  if (f->reply != f->inline_reply) free(f->reply);
   free(f->emsg);
   free(f);
 }
 
 /* mutex must be locked: wakes whoever waits for the outcome. */
 static void settle(lp_future *f) {
-  free(f->msg); /* the task will not run (again): drop its bytes now */
-  f->msg = NULL;
+  /* The task will not run (again): a large message is dropped now rather
+  ** than when the script lets go of the future.  Safe because settle runs
+  ** on the thread that ran the task, or for a task that never started. */
+  if (f->msg != f->inline_msg) drop_msg(f);
   if (f->nwaiters > 0) pthread_cond_broadcast(&f->cv);
 }
 
@@ -86,17 +105,33 @@ int luapool__future_start(lp_future *f, const char *worker) {
   return ok;
 }
 
-void luapool__future_finish(lp_future *f, char *reply, size_t len) {
+void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
+  char *own = copy ? NULL : reply; /* freed here unless f keeps it */
+  if (copy) {
+    if (len <= sizeof f->inline_reply) {
+      own = NULL;
+    } else if ((own = malloc(len)) == NULL) {
+      luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply (%zu bytes)", len);
+      return;
+    } else {
+      memcpy(own, reply, len);
+    }
+  }
   pthread_mutex_lock(&f->mu);
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
     f->state = LP_FINISHED;
-    f->reply = reply;
+    if (own == NULL) {
+      memcpy(f->inline_reply, reply, len);
+      f->reply = f->inline_reply;
+    } else {
+      f->reply = own;
+      own = NULL;
+    }
     f->replylen = len;
-    reply = NULL;
     settle(f);
   }
   pthread_mutex_unlock(&f->mu);
-  free(reply); /* it lost a race: already failed elsewhere */
+  free(own); /* it lost a race: already failed elsewhere */
 }
 
 void luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {

@@ -117,19 +117,24 @@ typedef struct lp_future {
   size_t msglen;
   int ncalls;       /* calls batched in msg (map chunks) */
   /* The outcome. */
-  char *reply;      /* LP_FINISHED: encoded reply */
+  char *reply;      /* LP_FINISHED: encoded reply (in inline_reply if small) */
   size_t replylen;
+  char inline_reply[48];
   lp_ekind ekind;   /* LP_FAILED */
   char *emsg;       /* LP_FAILED: message (malloc) */
   char worker[64];  /* worker that ran or failed it */
+  char inline_msg[]; /* small messages live here */
 } lp_future;
 
-lp_future *luapool__future_new(char *msg, size_t len, int ncalls);
+/* A pending future holding the task message in b (b is emptied). */
+lp_future *luapool__future_new(lp_buf *b, int ncalls);
 void luapool__future_ref(lp_future *f);
 void luapool__future_unref(lp_future *f);
 /* PENDING -> RUNNING; 0 if it was cancelled meanwhile. */
 int luapool__future_start(lp_future *f, const char *worker);
-void luapool__future_finish(lp_future *f, char *reply, size_t len);
+/* Finishes f with a reply: takes `reply` (malloc'd) when copy is 0, else
+** copies the bytes (into the future itself when they are few). */
+void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
 void luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 int luapool__future_cancel(lp_future *f); /* 1 if it is now cancelled */

@@ -265,7 +265,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
   if (r == 0) r = write_frame(pw->fd, FR_CALL, f->msg, f->msglen);
   if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
   if (r == 0 && type == FR_REPLY) {
-    luapool__future_finish(f, reply, len);
+    luapool__future_finish(f, reply, len, 0);
     return;
   }
   free(reply);

@@ -58,9 +58,15 @@ static void thread_run(lp_worker *w, lp_future *f) {
                          w->name);
     return;
   }
-  size_t len;
-  char *reply = luapool__buf_take(&t->out, &len);
-  luapool__future_finish(f, reply, len);
+  /* A small reply is copied so the buffer keeps its capacity for the next
+  ** task; a large one is handed over, so no worker holds on to its size. */
+  if (t->out.len <= 65536) {
+    luapool__future_finish(f, t->out.p, t->out.len, 1);
+  } else {
+    size_t len;
+    char *reply = luapool__buf_take(&t->out, &len);
+    luapool__future_finish(f, reply, len, 0);
+  }
 }
 
 static void thread_stop(lp_worker *w) {

@@ -1,0 +1,721 @@
+-- The value codec: luapool.codec.encode/decode in the same state, and the
+-- same values carried through real workers of both pools.
+-- luacheck: globals LUAPOOL_CODEC_SPEC_GLOBAL
+local luapool = require "luapool"
+local helper = require "helper"
+
+local codec = luapool.codec
+local SRC = debug.getinfo(1, "S").short_src
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+-- The error of f(...), which must fail, without the "FILE:LINE: " position
+-- that luaL_error adds when the caller is a function of this file.
+local function error_of(f, ...)
+  local ok, err = pcall(f, ...)
+  assert.is_false(ok, "expected an error")
+  assert.are.equal("string", type(err))
+  local prefix = SRC .. ":"
+  if err:sub(1, #prefix) == prefix then err = err:gsub("^[^:]*:%d+: ", "", 1) end
+  return err
+end
+
+-- Where a function was defined, as the refusal messages name it.
+local function where(fn)
+  local info = debug.getinfo(fn, "S")
+  return ("<%s:%d>"):format(info.short_src, info.linedefined)
+end
+
+-- A chain of n tables, each the field x of the previous one.
+local function nest(n)
+  local root = {}
+  local cur = root
+  for _ = 2, n do
+    cur.x = {}
+    cur = cur.x
+  end
+  return root
+end
+
+local function depth_of(t)
+  local d = 0
+  while t ~= nil do
+    d = d + 1
+    t = t.x
+  end
+  return d
+end
+
+-- Crafted bytes: one value, a chain of n nested tables (each with one array
+-- item, the next table; the last one empty).
+local function crafted_nest(n)
+  local s = "\8" .. string.pack("<I4I4", 0, 0) .. "\0"
+  for _ = 2, n do s = "\8" .. string.pack("<I4I4", 1, 0) .. s .. "\0" end
+  return "\1\0\0\0" .. s
+end
+
+-- Runs a Lua script in a separate luapool process (a crash there fails the
+-- test instead of the whole spec run).
+local function run_script(src)
+  local path = helper.tempfile(src)
+  local out, err, status = helper.run({ path })
+  os.remove(path)
+  return out, err, status
+end
+
+local function float_bits(x) return string.pack("<d", x) end
+
+local all_bytes = {}
+for i = 0, 255 do all_bytes[#all_bytes + 1] = string.char(i) end
+all_bytes = table.concat(all_bytes)
+
+-- Every carrier offers run(fn, ...): fn called on carried copies of fn and
+-- its arguments, its results carried back.
+local carriers = {
+  {
+    name = "codec.encode/decode in the same state",
+    kind = "codec",
+    open = function()
+      return function(fn, ...)
+        local v = pack(codec.decode(codec.encode(fn, ...)))
+        return codec.decode(codec.encode(v[1](table.unpack(v, 2, v.n))))
+      end
+    end,
+  },
+  {
+    name = "a threadpool worker",
+    kind = "threadpool",
+    open = function(pool)
+      return function(fn, ...) return pool:submit(fn, ...):result(60) end
+    end,
+  },
+  {
+    name = "a processpool worker",
+    kind = "processpool",
+    open = function(pool)
+      return function(fn, ...) return pool:submit(fn, ...):result(60) end
+    end,
+  },
+}
+
+for _, carrier in ipairs(carriers) do
+  describe("values through " .. carrier.name, function()
+    local pool, run
+    local function send(...) return run(function(...) return ... end, ...) end
+
+    lazy_setup(function()
+      if carrier.kind ~= "codec" then
+        pool = luapool[carrier.kind].new { max_workers = 2 }
+      end
+      run = carrier.open(pool)
+    end)
+
+    lazy_teardown(function()
+      if pool then pool:shutdown() end
+    end)
+
+    describe("scalars", function()
+      it("keeps nil and booleans, trailing nils included", function()
+        local v = pack(send(nil, true, false, nil, nil))
+        assert.are.equal(5, v.n)
+        assert.is_nil(v[1])
+        assert.is_true(v[2])
+        assert.is_false(v[3])
+        assert.is_nil(v[4])
+        assert.is_nil(v[5])
+        assert.are.equal(0, select("#", send()))
+      end)
+
+      it("keeps the integer and float subtypes", function()
+        local a, b = send(3, 3.0)
+        assert.are.equal("integer", math.type(a))
+        assert.are.equal("float", math.type(b))
+        assert.are.equal(3, a)
+        assert.are.equal(3.0, b)
+        local ta, tb = run(function(x, y) return math.type(x), math.type(y) end, 3, 3.0)
+        assert.are.equal("integer", ta)
+        assert.are.equal("float", tb)
+      end)
+
+      it("keeps math.maxinteger, math.mininteger and 2^53 + 1 exactly", function()
+        local big, small, odd = send(math.maxinteger, math.mininteger, (1 << 53) + 1)
+        assert.are.equal(math.maxinteger, big)
+        assert.are.equal(math.mininteger, small)
+        assert.are.equal(9007199254740993, odd)
+        assert.are.equal("integer", math.type(big))
+        assert.are.equal("integer", math.type(small))
+        assert.is_true(run(function(x, y) return x == math.maxinteger and y == math.mininteger end,
+          math.maxinteger, math.mininteger))
+      end)
+
+      it("keeps NaN, infinities, -0.0 and denormals", function()
+        local nan, inf, ninf, nzero, tiny, tenth = send(0 / 0, math.huge, -math.huge, -0.0, 5e-324, 0.1)
+        assert.is_true(nan ~= nan)
+        assert.are.equal("float", math.type(nan))
+        assert.are.equal(math.huge, inf)
+        assert.are.equal(-math.huge, ninf)
+        assert.are.equal(-math.huge, 1 / nzero)
+        assert.are.equal("float", math.type(nzero))
+        assert.are.equal(float_bits(5e-324), float_bits(tiny))
+        assert.are.equal(float_bits(0.1), float_bits(tenth))
+        local is_nan, inv = run(function(x, z) return x ~= x, 1 / z end, 0 / 0, -0.0)
+        assert.is_true(is_nan)
+        assert.are.equal(-math.huge, inv)
+      end)
+
+      it("keeps strings binary-safe: all 256 byte values, zeros, empty", function()
+        local s, z, e = send(all_bytes, "a\0b\0\0", "")
+        assert.are.equal(all_bytes, s)
+        assert.are.equal("a\0b\0\0", z)
+        assert.are.equal("", e)
+        local n, b0, b255 = run(function(x) return #x, x:byte(1), x:byte(256) end, all_bytes)
+        assert.are.equal(256, n)
+        assert.are.equal(0, b0)
+        assert.are.equal(255, b255)
+      end)
+
+      it("keeps strings at the length boundaries 255, 256, 65535, 65536, 65537", function()
+        for _, len in ipairs { 254, 255, 256, 257, 65535, 65536, 65537 } do
+          local s = string.rep("\0\255x", len // 3 + 1):sub(1, len)
+          local back = send(s)
+          assert.are.equal(len, #back)
+          assert.are.equal(s, back)
+          assert.are.equal(len, run(function(x) return #x end, s))
+        end
+      end)
+
+      it("keeps luapool.int128 values, extremes included", function()
+        local max = "170141183460469231731687303715884105727"
+        local min = "-170141183460469231731687303715884105728"
+        local a, b, c = send(luapool.int128(max), luapool.int128(min), luapool.int128(0))
+        assert.are.equal(max, tostring(a))
+        assert.are.equal(min, tostring(b))
+        assert.are.equal("0", tostring(c))
+        assert.are.equal("userdata", type(a))
+        assert.are.equal("123456789012345678901234567891",
+          run(function(v) return tostring(v + 1) end, luapool.int128("123456789012345678901234567890")))
+        local doubled = run(function(v) return v * 2 end, luapool.int128("123456789012345678901234567890"))
+        assert.are.equal("246913578024691357802469135780", tostring(doubled))
+      end)
+    end)
+
+    describe("tables", function()
+      it("keeps nested tables and mixed array/hash parts", function()
+        local t = { 1, "two", 3.5, { "inner", { deep = true } }, x = "y", n = { m = { 42 } }, [10] = 10 }
+        assert.are.same(t, send(t))
+        assert.are.equal(42, run(function(v) return v.n.m[1] end, t))
+      end)
+
+      it("keeps holes", function()
+        local t = send({ 1, nil, 3, nil, 5, [8] = 8 })
+        assert.are.equal(1, t[1])
+        assert.is_nil(t[2])
+        assert.are.equal(3, t[3])
+        assert.is_nil(t[4])
+        assert.are.equal(5, t[5])
+        assert.is_nil(t[6])
+        assert.is_nil(t[7])
+        assert.are.equal(8, t[8])
+      end)
+
+      it("sends a table shared between places as one table", function()
+        local shared = { v = 1 }
+        local t = { shared, shared, k = shared }
+        local r = send(t)
+        assert.is_true(rawequal(r[1], r[2]))
+        assert.is_true(rawequal(r[1], r.k))
+        assert.are.equal(1, r[1].v)
+        if carrier.kind ~= "codec" then assert.is_false(rawequal(r[1], shared)) end
+        assert.is_true(run(function(x) return rawequal(x[1], x[2]) and rawequal(x[1], x.k) end, t))
+        -- shared between two arguments of one call, and two results
+        local a, b = send(shared, shared)
+        assert.is_true(rawequal(a, b))
+        assert.is_true(run(function(x, y) return rawequal(x, y) end, shared, shared))
+      end)
+
+      it("keeps cycles", function()
+        local t = { name = "t" }
+        t.self = t
+        local a, b = { name = "a" }, { name = "b" }
+        a.other, b.other = b, a
+        local r, ra = send(t, a)
+        assert.is_true(rawequal(r.self, r))
+        assert.are.equal("t", r.name)
+        assert.is_true(rawequal(ra.other.other, ra))
+        assert.are.equal("b", ra.other.name)
+        assert.is_true(run(function(x) return rawequal(x.self, x) end, t))
+      end)
+
+      it("copies metatables, with their metamethods", function()
+        local class = { __index = { greet = function(self) return "hi " .. self.who end } }
+        local obj = setmetatable({ who = "bob" }, class)
+        local other = setmetatable({ who = "ann" }, class)
+        local r, r2 = send(obj, other)
+        assert.are.equal("hi bob", (r:greet()))
+        assert.is_true(rawequal(getmetatable(r), getmetatable(r2)))
+        assert.are.equal("hi ann", run(function(o) return o:greet() end, other))
+        local fallback = setmetatable({}, { __index = function(_, k) return k .. "!" end })
+        assert.are.equal("foo!", send(fallback).foo)
+        local self_mt = {}
+        setmetatable(self_mt, self_mt)
+        local rs = send(self_mt)
+        assert.is_true(rawequal(getmetatable(rs), rs))
+      end)
+
+      it("keeps float, boolean, integer-extreme and table keys", function()
+        local key = { name = "key" }
+        local t = {
+          [2.5] = "two and a half", [-0.5] = "minus half",
+          [true] = "yes", [false] = "no",
+          [math.maxinteger] = "max", [math.mininteger] = "min",
+          [key] = key,
+        }
+        local r = send(t)
+        assert.are.equal("two and a half", r[2.5])
+        assert.are.equal("minus half", r[-0.5])
+        assert.are.equal("yes", r[true])
+        assert.are.equal("no", r[false])
+        assert.are.equal("max", r[math.maxinteger])
+        assert.are.equal("min", r[math.mininteger])
+        local tk, tv
+        for k, v in pairs(r) do
+          if type(k) == "table" then tk, tv = k, v end
+        end
+        assert.are.equal("key", tk.name)
+        assert.is_true(rawequal(tk, tv))
+        assert.are.equal("yes/no/two and a half",
+          run(function(x) return x[true] .. "/" .. x[false] .. "/" .. x[2.5] end, t))
+      end)
+    end)
+
+    describe("functions", function()
+      it("carries closures with their captured locals and tables", function()
+        local a, b = 40, "x"
+        local cfg = { n = 5, list = { 1, 2, 3 } }
+        local r1, r2, r3 = run(function() return a + 2, b, cfg.n * #cfg.list end)
+        assert.are.equal(42, r1)
+        assert.are.equal("x", r2)
+        assert.are.equal(15, r3)
+      end)
+
+      it("carries standard C functions captured as upvalues", function()
+        local fmt, pr, ins = string.format, print, table.insert
+        local s, same_print, t = run(function()
+          local l = {}
+          ins(l, "a")
+          ins(l, "b")
+          return fmt("%03d|%s", 7, "x"), pr == print, table.concat(l)
+        end)
+        assert.are.equal("007|x", s)
+        assert.is_true(same_print)
+        assert.are.equal("ab", t)
+        local back = send(string.format)
+        assert.is_true(rawequal(string.format, back))
+      end)
+
+      it("carries recursive local functions", function()
+        local function fact(n)
+          if n <= 1 then return 1 end
+          return n * fact(n - 1)
+        end
+        assert.are.equal(2432902008176640000, run(fact, 20))
+        assert.are.equal(3628800, run(function(f) return f(10) end, fact))
+      end)
+
+      it("carries nested functions and functions as arguments", function()
+        local function make_adder(k) return function(x) return x + k end end
+        assert.are.equal(42, run(function(n) return make_adder(n)(1) end, 41))
+        assert.are.equal(15, run(function(f, x) return f(x) end, function(x) return x * 3 end, 5))
+        local ops = { double = function(x) return 2 * x end, square = function(x) return x * x end }
+        assert.are.equal(2 * 7 + 49, run(function(o, x) return o.double(x) + o.square(x) end, ops, 7))
+      end)
+
+      it("brings back a function made by the task", function()
+        local g = run(function()
+          local k = 7
+          return function(x) return x + k end
+        end)
+        assert.are.equal("function", type(g))
+        assert.are.equal(8, (g(1)))
+      end)
+
+      it("preserves every returned value, nils included", function()
+        local v = pack(run(function() return 1, nil, "three", nil end))
+        assert.are.equal(4, v.n)
+        assert.are.equal(1, v[1])
+        assert.is_nil(v[2])
+        assert.are.equal("three", v[3])
+        assert.is_nil(v[4])
+      end)
+
+      it("does not write upvalues back to the sender", function()
+        local counter = 0
+        local state = { n = 0 }
+        local r1, r2 = run(function()
+          counter = counter + 1
+          state.n = 5
+          return counter, state.n
+        end)
+        assert.are.equal(1, r1)
+        assert.are.equal(5, r2)
+        assert.are.equal(0, counter)
+        assert.are.equal(0, state.n)
+      end)
+
+      it("gives _ENV the receiver's globals", function()
+        _G.LUAPOOL_CODEC_SPEC_GLOBAL = "main"
+        local seen, has_string, fmt = run(function()
+          return LUAPOOL_CODEC_SPEC_GLOBAL, type(string), string.format("%d", 5)
+        end)
+        _G.LUAPOOL_CODEC_SPEC_GLOBAL = nil
+        if carrier.kind == "codec" then
+          assert.are.equal("main", seen)
+        else
+          assert.is_nil(seen)
+        end
+        assert.are.equal("table", has_string)
+        assert.are.equal("5", fmt)
+      end)
+
+      it("carries kernels", function()
+        assert.are.equal("328350", tostring(run(luapool.kernels.sum_squares, 100)))
+        assert.are.equal("285", run(function(k) return tostring(k(10)) end, luapool.kernels.sum_squares))
+        assert.is_true(rawequal(luapool.kernels.sum_squares, send(luapool.kernels.sum_squares)))
+      end)
+
+      it("runs the same function 1000 times", function()
+        local base = 3
+        local function f(x) return x * 2 + base end
+        local total = 0
+        if pool then
+          local fs = {}
+          for i = 1, 1000 do fs[i] = pool:submit(f, i) end
+          for i = 1, 1000 do total = total + fs[i]:result(60) end
+        else
+          for i = 1, 1000 do total = total + run(f, i) end
+        end
+        assert.are.equal(1000 * 1001 + 3000, total)
+      end)
+
+      it("gives each decoded copy its own upvalues", function()
+        local n = 1
+        local function get() return n end
+        local function set(v) n = v end
+        local g1 = send(get)
+        set(2)
+        local g2 = send(get)
+        assert.are.equal(2, (g2()))
+        assert.are.equal(1, (g1()))
+        assert.is_false(rawequal(g1, g2))
+      end)
+    end)
+  end)
+end
+
+describe("functions made by different worker processes", function()
+  it("stay distinct when they come back", function()
+    local pool <close> = luapool.processpool.new { max_workers = 2 }
+    local fa = pool:submit(function()
+      luapool.sleep(0.3)
+      return function() return "A" end, luapool.current_worker().pid
+    end)
+    local fb = pool:submit(function()
+      luapool.sleep(0.3)
+      return function() return "B" end, luapool.current_worker().pid
+    end)
+    local a, pa = fa:result(60)
+    local b, pb = fb:result(60)
+    assert.are_not.equal(pa, pb) -- two processes made them
+    assert.are.equal("A", (a()))
+    assert.are.equal("B", (b()))
+  end)
+end)
+
+describe("big strings", function()
+  local big
+  lazy_setup(function() big = string.rep("ab\0c", 25 * 1024 * 1024) end) -- 100 MiB
+  lazy_teardown(function()
+    big = nil
+    collectgarbage()
+  end)
+  for _, kind in ipairs { "threadpool", "processpool" } do
+    it("carries a 100 MiB string through a " .. kind, function()
+      local pool <close> = luapool[kind].new { max_workers = 1 }
+      local n, head, tail = pool:submit(function(s) return #s, s:sub(1, 5), s:sub(-3) end, big):result(120)
+      assert.are.equal(104857600, n)
+      assert.are.equal("ab\0ca", head)
+      assert.are.equal("b\0c", tail)
+      local back = pool:submit(function(s) return s end, big):result(120)
+      assert.are.equal(#big, #back)
+      assert.is_true(back == big)
+    end)
+  end
+  it("round trips a 100 MiB string through codec", function()
+    assert.is_true(codec.decode(codec.encode(big)) == big)
+  end)
+end)
+
+describe("refusals", function()
+  local threads, procs
+  lazy_setup(function()
+    threads = luapool.threadpool.new { max_workers = 1 }
+    procs = luapool.processpool.new { max_workers = 1 }
+  end)
+  lazy_teardown(function()
+    threads:shutdown()
+    procs:shutdown()
+  end)
+
+  local co = coroutine.create(function() end)
+  local sock = io.stdout
+  local function uses_sock() return sock end
+  local function echo(...) return ... end
+
+  it("refuses an unsendable upvalue, naming it and its function", function()
+    local expect = "cannot send argument #1: upvalue 'sock' of function " .. where(uses_sock) .. " is a userdata"
+    assert.are.equal(expect, error_of(codec.encode, uses_sock))
+    for _, pool in ipairs { threads, procs } do
+      assert.are.equal(expect, error_of(function() return pool:submit(uses_sock) end))
+      assert.are.equal(
+        "cannot send argument #2: upvalue 'sock' of function " .. where(uses_sock) .. " is a userdata",
+        error_of(function() return pool:submit(echo, uses_sock) end))
+      assert.are.equal(expect, error_of(function() return pool:map(uses_sock, { 1 }) end))
+    end
+  end)
+
+  it("refuses coroutines, light userdata and unknown C functions", function()
+    local light = debug.upvalueid(uses_sock, 1)
+    assert.are.equal("userdata", type(light))
+    local iter = ("x"):gmatch(".")
+    assert.are.equal("cannot send argument #1: a coroutine", error_of(codec.encode, co))
+    assert.are.equal("cannot send argument #2: a coroutine", error_of(codec.encode, 1, co))
+    assert.are.equal("cannot send argument #1: a light userdata", error_of(codec.encode, light))
+    assert.are.equal("cannot send argument #1: a userdata", error_of(codec.encode, io.stdout))
+    assert.are.equal(
+      "cannot send argument #1: a C function that is neither in the standard library nor in luapool",
+      error_of(codec.encode, iter))
+    for _, pool in ipairs { threads, procs } do
+      assert.are.equal("cannot send argument #2: a coroutine",
+        error_of(function() return pool:submit(echo, co) end))
+      assert.are.equal("cannot send argument #3: a light userdata",
+        error_of(function() return pool:submit(echo, 1, light) end))
+      assert.are.equal(
+        "cannot send argument #1: a C function that is neither in the standard library nor in luapool",
+        error_of(function() return pool:submit(iter) end))
+      assert.are.equal(
+        "cannot send argument #2: field 'it' is a C function that is neither in the standard library nor in luapool",
+        error_of(function() return pool:submit(echo, { it = iter }) end))
+    end
+  end)
+
+  it("names the path from the value to the culprit, inner to outer", function()
+    assert.are.equal("cannot send argument #2: field 'b' of field 'a' is a coroutine",
+      error_of(codec.encode, 1, { a = { b = co } }))
+    assert.are.equal("cannot send argument #1: index 3 is a coroutine",
+      error_of(codec.encode, { 1, 2, co }))
+    assert.are.equal("cannot send argument #1: index 2 of field 'list' is a coroutine",
+      error_of(codec.encode, { list = { 1, co } }))
+    assert.are.equal("cannot send argument #1: field '__index' of metatable is a userdata",
+      error_of(codec.encode, setmetatable({}, { __index = io.stdout })))
+    assert.are.equal("cannot send argument #1: field 'm' of metatable of index 1 is a coroutine",
+      error_of(codec.encode, { setmetatable({}, { m = co }) }))
+    assert.are.equal("cannot send argument #1: value at a boolean key is a coroutine",
+      error_of(codec.encode, { [true] = co }))
+    assert.are.equal("cannot send argument #1: value at a number key is a coroutine",
+      error_of(codec.encode, { [2.5] = co }))
+    assert.are.equal("cannot send argument #1: a key of field 'a' is a userdata",
+      error_of(codec.encode, { a = { [io.stdout] = 1 } }))
+    assert.are.equal("cannot send argument #1: upvalue 'sock' of function " .. where(uses_sock) ..
+      " of field 'cb' of field 'a' is a userdata",
+      error_of(codec.encode, { a = { cb = uses_sock } }))
+  end)
+
+  it("numbers map items and names them", function()
+    for _, pool in ipairs { threads, procs } do
+      assert.are.equal("cannot send item #3: a coroutine",
+        error_of(function() return pool:map(echo, { 1, 2, co }) end))
+      assert.are.equal("cannot send item #2: field 'x' is a coroutine",
+        error_of(function() return pool:map(echo, { 1, { x = co } }) end))
+    end
+  end)
+
+  it("names the right item when a starmap argument cannot travel", function()
+    for _, pool in ipairs { threads, procs } do
+      local msg = error_of(function() return pool:starmap(echo, { { 1 }, { 2, co }, { 3 } }) end)
+      -- the culprit is the second argument of item #2
+      assert.matches("^cannot send item #2[^%d]", msg)
+      assert.matches("a coroutine$", msg)
+    end
+  end)
+
+  it("accepts 150 and 200 levels of nesting and refuses 201", function()
+    for _, n in ipairs { 150, 200 } do
+      assert.are.equal(n, depth_of(codec.decode(codec.encode(nest(n)))))
+      assert.are.equal(n, threads:submit(depth_of, nest(n)):result(60))
+      assert.are.equal(n, procs:submit(depth_of, nest(n)):result(60))
+    end
+    assert.are.equal("cannot send argument #1: nesting deeper than 200 levels",
+      error_of(codec.encode, nest(201)))
+    assert.are.equal("cannot send argument #2: nesting deeper than 200 levels",
+      error_of(function() return threads:submit(depth_of, nest(201)) end))
+    assert.are.equal("cannot send argument #2: nesting deeper than 200 levels",
+      error_of(function() return procs:submit(depth_of, nest(201)) end))
+    assert.are.equal("cannot send argument #1: nesting deeper than 200 levels",
+      error_of(codec.encode, nest(5000)))
+  end)
+
+  it("refuses a result that cannot travel back, as a transfer error", function()
+    for _, pool in ipairs { threads, procs } do
+      local f = pool:submit(function() return 1, coroutine.create(print) end)
+      local ok, e = pcall(f.result, f, 60)
+      assert.is_false(ok)
+      assert.are.equal("transfer", e.kind)
+      assert.are.equal("cannot send result #2: a coroutine", e.message)
+      assert.are.equal("transfer: cannot send result #2: a coroutine", tostring(e))
+    end
+  end)
+end)
+
+describe("decoding", function()
+  it("decodes crafted nesting up to 200 levels and refuses deeper", function()
+    assert.are.equal(200, (function(t)
+      local d = 0
+      while t do
+        d = d + 1
+        t = t[1]
+      end
+      return d
+    end)(codec.decode(crafted_nest(200))))
+    assert.are.equal("malformed message: nesting too deep", error_of(codec.decode, crafted_nest(201)))
+    -- very deep: a clean error, no C stack overflow
+    local deep = "\1\0\0\0" .. string.rep("\8\1\0\0\0\0\0\0\0", 100000)
+    assert.are.equal("malformed message: nesting too deep", error_of(codec.decode, deep))
+  end)
+
+  it("explains malformed messages", function()
+    assert.are.equal("malformed message: truncated", error_of(codec.decode, ""))
+    assert.are.equal("malformed message: truncated", error_of(codec.decode, "\1\0\0\0"))
+    assert.are.equal("malformed message: trailing bytes", error_of(codec.decode, codec.encode(1) .. "x"))
+    assert.are.equal("malformed message: unknown tag", error_of(codec.decode, "\1\0\0\0\99"))
+    assert.are.equal("malformed message: bad reference", error_of(codec.decode, "\1\0\0\0\9\0\0\0\0"))
+    assert.are.equal("malformed message: too many values", error_of(codec.decode, "\255\255\255\255"))
+    assert.are.equal("malformed message: truncated string", error_of(codec.decode, "\1\0\0\0\6\255\255\255\255"))
+    assert.are.equal("malformed message: function is not Lua bytecode",
+      error_of(codec.decode, "\1\0\0\0\10" .. string.pack("<I8I4", 987654321, 8) .. "garbage!\0"))
+    assert.matches("^malformed message: ",
+      error_of(codec.decode, "\1\0\0\0\10" .. string.pack("<I8I4", 987654322, 12) .. "\27Luagarbage!\0"))
+  end)
+
+  it("names an unknown C function exactly", function()
+    -- (%q shows the bytes a message may carry beyond the name)
+    local b = codec.encode(print, 1):gsub("print", "prinz")
+    assert.are.equal(("%q"):format("cannot receive C function 'prinz': not found here"),
+      ("%q"):format(error_of(codec.decode, b)))
+    b = codec.encode(string.format, 1):gsub("string%.format", "string.formaz")
+    assert.are.equal(("%q"):format("cannot receive C function 'string.formaz': not found here"),
+      ("%q"):format(error_of(codec.decode, b)))
+  end)
+
+  -- The fuzzing runs in a separate process: a crash there is reported as a
+  -- failure with its exit status instead of killing this spec run.
+  local fuzz_prelude = [[
+local luapool = require "luapool"
+local codec = luapool.codec
+local problems, cases = {}, 0
+local function try(s)
+  cases = cases + 1
+  local ok, e = pcall(codec.decode, s)
+  if not ok then
+    if type(e) ~= "string" then
+      problems[#problems + 1] = "non-string error: " .. tostring(e)
+    elseif not (e:find("^malformed message") or e:find("^cannot receive C function '")) then
+      problems[#problems + 1] = e
+    end
+  end
+end
+local function report()
+  for i = 1, math.min(#problems, 20) do print("problem: " .. problems[i]) end
+  print("cases " .. cases .. ", problems " .. #problems)
+end
+local up = { 1, 2 }
+local function f(x) local t = { x, "konst", 1.5 } return up[x], string.format("%d", x), t end
+]]
+
+  it("never crashes on truncated or mutated messages", function()
+    local out, err, status = run_script(fuzz_prelude .. [[
+local shared = { k = "v" }
+local value = { 1, 2.5, "str", true, false, { nested = { deep = {} } }, s1 = shared, s2 = shared,
+  [2.5] = "fk", [true] = "bk", big = luapool.int128(12345), f = f,
+  k = luapool.kernels.sum_squares, p = print, long = string.rep("x", 300) }
+value.self = value
+setmetatable(value, { __index = { z = 1 } })
+local good = codec.encode(value, nil, 42, -0.0, "tail")
+for i = 0, #good - 1 do try(good:sub(1, i)) end
+for i = 1, #good do
+  for _, v in ipairs { 0, 1, 0x7f, 0x80, 0xff } do
+    try(good:sub(1, i - 1) .. string.char(v) .. good:sub(i + 1))
+  end
+end
+math.randomseed(12345)
+for _ = 1, 2000 do
+  local t = {}
+  for j = 1, math.random(0, 64) do t[j] = string.char(math.random(0, 255)) end
+  try(table.concat(t))
+  local s = good
+  for _ = 1, math.random(1, 4) do
+    local p = math.random(1, #s)
+    s = s:sub(1, p - 1) .. string.char(math.random(0, 255)) .. s:sub(p + 1)
+  end
+  try(s)
+end
+report()
+]])
+    assert.are.equal("", err)
+    assert.are.equal(0, status)
+    assert.matches("^cases %d+, problems 0\n$", out)
+  end)
+
+  it("never crashes on mutated function bytecode", function()
+    -- Each case gets a fresh function id, so the bytecode is really loaded
+    -- (a known id would be served from the decoder's function cache).
+    local out, err, status = run_script(fuzz_prelude .. [[
+local good = codec.encode(f)
+local n = 0
+for p = 18, #good do
+  for v = 0, 255, 3 do
+    n = n + 1
+    local s = good:sub(1, 5) .. string.pack("<i8", 1000000 + n) .. good:sub(14)
+    try(s:sub(1, p - 1) .. string.char(v) .. s:sub(p + 1))
+  end
+end
+report()
+]])
+    assert.are.equal("", err)
+    assert.are.equal(0, status)
+    assert.matches("^cases %d+, problems 0\n$", out)
+  end)
+
+  it("refuses bytecode whose closure upvalue count was altered, without crashing", function()
+    -- byte 49: 4 (count) + 1 (tag) + 8 (fid) + 4 (length) + 31 (bytecode
+    -- header) + 1: the number of upvalues of the main closure
+    local out, err, status = run_script(fuzz_prelude .. [[
+local good = codec.encode(f)
+for _, v in ipairs { 0, 1, 3, 255 } do
+  local s = good:sub(1, 5) .. string.pack("<i8", 2000000 + v) .. good:sub(14)
+  local ok, e = pcall(codec.decode, s:sub(1, 48) .. string.char(v) .. s:sub(50))
+  print(v, ok and "decoded" or tostring(e):match("^malformed message") or e)
+end
+]])
+    assert.are.equal("", err)
+    assert.are.equal(0, status)
+    -- f has 2 upvalues: a closure with fewer cannot take them (an error);
+    -- with more, decoding may either fail or succeed
+    assert.matches("^0\tmalformed message\n1\tmalformed message\n" ..
+      "3\t[%a ]+\n255\t[%a ]+\n$", out)
+    for line in out:gmatch("[^\n]+") do
+      assert.matches("^%d+\t(.*)$", line)
+      local what = line:match("^%d+\t(.*)$")
+      assert.is_true(what == "decoded" or what == "malformed message", line)
+    end
+  end)
+end)

@@ -7,7 +7,7 @@
 ** info, so tracebacks keep file:line) plus their upvalues copied by value;
 ** the `_ENV` upvalue becomes the receiver's globals.
 ** C functions travel by name; only the standard library's and luapool's are
-** known.  The decoder trusts no byte: every length is checked against what
+** known, and library tables and functions travel by name too.  The decoder trusts no byte: every length is checked against what
 ** is left, every tag and reference id is validated.  (Bytecode itself is
 ** checked only as far as Lua's own loader does: messages come only from this
 ** pool's own processes and threads, never from the network.)
@@ -33,7 +33,7 @@ enum {
   T_TABLE,  /* u32 narr, u32 nhash, narr values, nhash pairs, metatable */
   T_REF,    /* u32 id of a table or function already in the message */
   T_LFUNC,  /* u64 fid, u32 len, bytecode, u8 nups, upvalues */
-  T_CFUNC,  /* name */
+  T_NAMED,  /* name: a library table or function, see push_names */
   T_KERNEL, /* u8 index into luapool__kernels */
   T_INT128, /* 16 bytes */
   T_ENV,    /* (as an upvalue only) the receiver's globals */
@@ -203,48 +203,84 @@ static void registry_table(lua_State *L, const char *key, const char *mode) {
   lua_setfield(L, LUA_REGISTRYINDEX, key);
 }
 
-/* The C functions that travel by name: every function of the standard
-** libraries and of luapool, as found in package.loaded. */
-static void add_cfuncs(lua_State *L, int names, const char *prefix) {
-  /* table to scan at -1 */
+static int enc_nomem(luapool_encoder *e);
+
+/* Values that travel by name: the standard library tables and luapool's
+** (with its sub-tables), and every function in them, Lua or C.  The
+** receiver looks the name up in its own package.loaded, so a task that
+** captured `local luapool = require "luapool"` or `string.format` gets the
+** worker's own. */
+static void add_named(lua_State *L, int names, const char *prefix, int depth) {
+  /* table to scan at -1; its own name is prefix */
+  lua_pushvalue(L, -1);
+  lua_pushstring(L, prefix);
+  lua_rawset(L, names);
   lua_pushnil(L);
   while (lua_next(L, -2)) {
     if (lua_type(L, -2) == LUA_TSTRING) {
       const char *k = lua_tostring(L, -2);
-      if (lua_iscfunction(L, -1)) {
+      char sub[96];
+      if (strcmp(prefix, "_G") == 0)
+        snprintf(sub, sizeof sub, "%s", k);
+      else
+        snprintf(sub, sizeof sub, "%s.%s", prefix, k);
+      if (lua_type(L, -1) == LUA_TFUNCTION) {
         lua_pushvalue(L, -1);
-        if (*prefix)
-          lua_pushfstring(L, "%s.%s", prefix, k);
-        else
-          lua_pushstring(L, k);
-        lua_rawset(L, names);
-      } else if (lua_istable(L, -1) && strcmp(prefix, "luapool") == 0) {
-        char sub[64];
-        snprintf(sub, sizeof sub, "luapool.%s", k);
-        add_cfuncs(L, names, sub);
+        lua_rawget(L, names);
+        int known = !lua_isnil(L, -1); /* first name found wins */
+        lua_pop(L, 1);
+        if (!known) {
+          lua_pushvalue(L, -1);
+          lua_pushstring(L, sub);
+          lua_rawset(L, names);
+        }
+      } else if (depth > 0 && lua_istable(L, -1)) {
+        add_named(L, names, sub, depth - 1);
       }
     }
     lua_pop(L, 1);
   }
 }
 
-static void push_cfnames(lua_State *L) {
-  static const char *const libs[] = {"_G",     "string", "table",  "math",
-                                     "io",     "os",     "utf8",   "coroutine",
-                                     "debug",  "package", "luapool", NULL};
+static void push_names(lua_State *L) {
+  static const char *const libs[] = {"luapool", "string", "table",   "math",
+                                     "io",      "os",     "utf8",    "coroutine",
+                                     "debug",   "package", "_G",     NULL};
   if (lua_getfield(L, LUA_REGISTRYINDEX, CFNAMES_KEY) == LUA_TTABLE) return;
   lua_pop(L, 1);
   lua_newtable(L);
   int names = lua_gettop(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   for (int i = 0; libs[i]; i++) {
-    if (lua_getfield(L, -1, libs[i]) == LUA_TTABLE)
-      add_cfuncs(L, names, strcmp(libs[i], "_G") == 0 ? "" : libs[i]);
+    if (lua_getfield(L, -1, libs[i]) == LUA_TTABLE) {
+      lua_pushvalue(L, -1);
+      lua_rawget(L, names);
+      int known = !lua_isnil(L, -1);
+      lua_pop(L, 1);
+      if (!known) add_named(L, names, libs[i], strcmp(libs[i], "luapool") == 0);
+    }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
   lua_pushvalue(L, names);
   lua_setfield(L, LUA_REGISTRYINDEX, CFNAMES_KEY);
+}
+
+/* Writes a reference by name when the value at idx has one: 1 written,
+** 0 not a named value, -1 no memory. */
+static int enc_named(luapool_encoder *e, int idx) {
+  lua_State *L = e->L;
+  push_names(L);
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) != LUA_TSTRING) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  size_t len;
+  const char *name = lua_tolstring(L, -1, &len);
+  int r = luapool__put_u8(e->bp, T_NAMED) || luapool__put_string(e->bp, name, len);
+  lua_pop(L, 2);
+  return r ? enc_nomem(e) : 1;
 }
 
 static const char *describe(lua_State *L, int idx) {
@@ -360,7 +396,9 @@ static int enc_enter(luapool_encoder *e, int kind, int idx, lua_Integer i,
 
 static int enc_table(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  int r = enc_seen(e, idx);
+  int r = enc_named(e, idx);
+  if (r != 0) return r < 0 ? -1 : 0;
+  r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
   if (!lua_checkstack(L, 6)) return enc_nomem(e);
   lua_Unsigned narr = lua_rawlen(L, idx);
@@ -465,19 +503,10 @@ static int enc_function(luapool_encoder *e, int idx) {
         return enc_nomem(e);
       return 0;
     }
-    push_cfnames(L);
-    lua_pushvalue(L, idx);
-    if (lua_rawget(L, -2) != LUA_TSTRING) {
-      lua_pop(L, 2);
-      return enc_error(e, describe(L, idx));
-    }
-    size_t len;
-    const char *name = lua_tolstring(L, -1, &len);
-    int r = luapool__put_u8(e->bp, T_CFUNC) ||
-            luapool__put_string(e->bp, name, len);
-    lua_pop(L, 2);
-    return r ? enc_nomem(e) : 0;
   }
+  int n = enc_named(e, idx);
+  if (n != 0) return n < 0 ? -1 : 0;
+  if (lua_iscfunction(L, idx)) return enc_error(e, describe(L, idx));
   int r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
   if (!lua_checkstack(L, 6)) return enc_nomem(e);
@@ -819,39 +848,41 @@ static void dec_function(dec *d) {
   d->depth--;
 }
 
-static void dec_cfunction(dec *d) {
+/* A value sent by name: package.loaded[first part] (or, for a name with
+** no dot that is not a library, a global such as print), then fields. */
+static void dec_named(dec *d) {
   lua_State *L = d->L;
   const char *name;
   size_t len;
   if (luapool__get_string(d->r, &name, &len)) malformed(d, "truncated name");
   char buf[128];
-  if (len == 0 || len >= sizeof buf || memchr(name, 0, len))
-    malformed(d, "bad C function name");
+  if (len == 0 || len >= sizeof buf || memchr(name, 0, len)) malformed(d, "bad name");
   memcpy(buf, name, len);
   buf[len] = 0;
+  int top = lua_gettop(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-  char *dot = strchr(buf, '.');
-  if (dot == NULL) {
-    lua_getfield(L, -1, "_G");
-    lua_getfield(L, -1, buf);
-  } else {
-    char *part = buf, *next;
-    *dot = 0;
-    lua_getfield(L, -1, part);
-    for (part = dot + 1; part; part = next) {
-      next = strchr(part, '.');
-      if (next) *next++ = 0;
-      if (!lua_istable(L, -1)) break;
+  char *part = buf, *dot = strchr(part, '.');
+  if (dot) *dot = 0;
+  if (lua_getfield(L, -1, part) == LUA_TNIL && dot == NULL) {
+    lua_pop(L, 1);
+    if (lua_getfield(L, -1, "_G") == LUA_TTABLE)
       lua_getfield(L, -1, part);
-      lua_remove(L, -2);
-    }
-    lua_pushnil(L); /* balance the _G branch */
-    lua_insert(L, -2);
+    else
+      lua_pushnil(L);
   }
-  if (!lua_iscfunction(L, -1))
-    luaL_error(L, "cannot receive C function '%s': not found here", name);
-  lua_replace(L, -3);
-  lua_pop(L, 1);
+  while (dot) {
+    part = dot + 1;
+    dot = strchr(part, '.');
+    if (dot) *dot = 0;
+    if (lua_istable(L, -1))
+      lua_getfield(L, -1, part);
+    else
+      lua_pushnil(L);
+  }
+  if (lua_isnil(L, -1))
+    luaL_error(L, "cannot receive '%s': not found here", lua_pushlstring(L, name, len));
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
 }
 
 static void dec_value(dec *d) {
@@ -892,7 +923,7 @@ static void dec_value(dec *d) {
       break;
     }
     case T_LFUNC: dec_function(d); break;
-    case T_CFUNC: dec_cfunction(d); break;
+    case T_NAMED: dec_named(d); break;
     case T_KERNEL: {
       unsigned k;
       if (luapool__get_u8(d->r, &k)) malformed(d, "truncated kernel");

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -48,18 +49,47 @@ void luapool__pool_break(lp_pool *p, const char *why) {
   pthread_mutex_unlock(&p->mu);
   while (q) {
     lp_future *next = q->next;
-    luapool__future_fail(q, LP_EK_BROKEN, "%s", why);
+    if (luapool__future_fail(q, LP_EK_BROKEN, "%s", why)) {
+      atomic_fetch_sub(&p->c_pending, (size_t)q->ncalls);
+      atomic_fetch_add(&p->c_failed, (size_t)q->ncalls);
+    }
     luapool__future_unref(q);
     q = next;
   }
 }
 
+void luapool__pool_cancelled(lp_pool *p, lp_future *f) {
+  atomic_fetch_sub(&p->c_pending, (size_t)f->ncalls);
+  atomic_fetch_add(&p->c_cancelled, (size_t)f->ncalls);
+}
+
+/* Counts the outcome of a future that has run. */
+static void count_outcome(lp_pool *p, lp_future *f) {
+  size_t n = (size_t)f->ncalls, bad = n;
+  if (luapool__future_state(f) == LP_FINISHED) {
+    bad = luapool__future_nerr(f);
+    if (bad > n) bad = n;
+  }
+  atomic_fetch_sub(&p->c_running, n);
+  atomic_fetch_add(&p->c_done, n - bad);
+  atomic_fetch_add(&p->c_failed, bad);
+}
+
+void luapool__pool_notify(lp_pool *p, lp_future *f) {
+  luapool__future_ref(f);
+  pthread_mutex_lock(&p->cbmu);
+  f->cbnext = p->cbhead;
+  p->cbhead = f;
+  atomic_store(&p->ncb, 1);
+  pthread_mutex_unlock(&p->cbmu);
+}
+
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz) {
-  lp_reader r = {reply, reply + len};
-  unsigned st;
+  lp_reader r = {reply + 4, reply + len}; /* past the error count */
+  unsigned st = LP_REPLY_ERROR;
   const char *m = "malformed reply";
   size_t ml = strlen(m);
-  if (luapool__get_u8(&r, &st) == 0 && st == LP_REPLY_OK) return 0;
+  if (len >= 4 && luapool__get_u8(&r, &st) == 0 && st == LP_REPLY_OK) return 0;
   if (st == LP_REPLY_ERROR || st == LP_REPLY_TRANSFER) {
     const char *t;
     size_t tl;
@@ -83,7 +113,13 @@ static void *worker_main(void *arg) {
     lp_future *f = queue_pop(p);
     pthread_mutex_unlock(&p->mu);
     if (f == NULL) break; /* closing, and nothing left to run */
-    if (luapool__future_start(f, w->name)) p->be->run(w, f);
+    if (luapool__future_start(f, w->name)) {
+      /* (a future cancelled or failed while queued was counted then) */
+      atomic_fetch_sub(&p->c_pending, (size_t)f->ncalls);
+      atomic_fetch_add(&p->c_running, (size_t)f->ncalls);
+      p->be->run(w, f);
+      count_outcome(p, f);
+    }
     luapool__future_unref(f);
     /* p->broken is written once, under the lock, before the queue is
     ** failed; a task popped before that still runs, which is harmless. */
@@ -126,6 +162,7 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
   }
   if (p->broken) { /* the future fails at once, like those queued before */
     luapool__future_fail(f, LP_EK_BROKEN, "%s", p->broken);
+    atomic_fetch_add(&p->c_failed, (size_t)f->ncalls);
     pthread_mutex_unlock(&p->mu);
     return 0;
   }
@@ -141,6 +178,7 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
     p->head = f;
   p->tail = f;
   p->npending++;
+  atomic_fetch_add(&p->c_pending, (size_t)f->ncalls);
   if (p->idle > 0) pthread_cond_signal(&p->cv);
   pthread_mutex_unlock(&p->mu);
   return 0;
@@ -162,7 +200,7 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
   pthread_mutex_unlock(&p->mu);
   while (cancelled) {
     lp_future *next = cancelled->next;
-    luapool__future_cancel(cancelled);
+    if (luapool__future_cancel(cancelled)) luapool__pool_cancelled(p, cancelled);
     luapool__future_unref(cancelled);
     cancelled = next;
   }
@@ -184,6 +222,12 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
 }
 
 static void pool_free(lp_pool *p) {
+  /* callbacks still owed (the pool was collected): dropped with it */
+  for (lp_future *f = p->cbhead, *next; f; f = next) {
+    next = f->cbnext;
+    luapool__future_unref(f);
+  }
+  pthread_mutex_destroy(&p->cbmu);
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->cv);
   free(p->workers);
@@ -208,6 +252,54 @@ typedef struct lpool {
 
 static lpool *to_lpool(lua_State *L, int idx) {
   return luaL_checkudata(L, idx, LUAPOOL_POOL_MT);
+}
+
+lp_pool *luapool__to_pool(lua_State *L, int idx) {
+  lpool *u = luaL_testudata(L, idx, LUAPOOL_POOL_MT);
+  return u ? u->p : NULL;
+}
+
+void luapool__pool_watch(lua_State *L, int pool_idx, int fidx) {
+  lp_future *f = luapool__check_future(L, fidx);
+  fidx = lua_absindex(L, fidx);
+  lua_getiuservalue(L, pool_idx, 1);
+  lua_pushlightuserdata(L, f);
+  lua_pushvalue(L, fidx);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+void luapool__pool_poll(lua_State *L, int pool_idx) {
+  lp_pool *p = luapool__to_pool(L, pool_idx);
+  if (p == NULL || atomic_load_explicit(&p->ncb, memory_order_acquire) == 0) return;
+  pool_idx = lua_absindex(L, pool_idx);
+  pthread_mutex_lock(&p->cbmu);
+  lp_future *list = p->cbhead, *rev = NULL;
+  p->cbhead = NULL;
+  atomic_store(&p->ncb, 0);
+  pthread_mutex_unlock(&p->cbmu);
+  while (list) { /* oldest first */
+    lp_future *next = list->cbnext;
+    list->cbnext = rev;
+    rev = list;
+    list = next;
+  }
+  lua_getiuservalue(L, pool_idx, 1); /* lightuserdata(f) -> future */
+  int watch = lua_gettop(L);
+  while (rev) {
+    lp_future *f = rev;
+    rev = f->cbnext;
+    lua_pushlightuserdata(L, f);
+    if (lua_rawget(L, watch) == LUA_TUSERDATA) {
+      lua_pushlightuserdata(L, f);
+      lua_pushnil(L);
+      lua_rawset(L, watch);
+      luapool__future_run_callbacks(L, -1);
+    }
+    lua_pop(L, 1);
+    luapool__future_unref(f);
+  }
+  lua_pop(L, 1);
 }
 
 lp_pool *luapool__check_pool(lua_State *L, int idx) {
@@ -305,9 +397,11 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   }
   const char *lpath = push_package_field(L, "path");
   const char *lcpath = push_package_field(L, "cpath");
-  lpool *u = lua_newuserdatauv(L, sizeof *u, 0);
+  lpool *u = lua_newuserdatauv(L, sizeof *u, 1);
   u->p = NULL;
   luaL_setmetatable(L, LUAPOOL_POOL_MT);
+  lua_newtable(L); /* futures whose done callbacks are still owed */
+  lua_setiuservalue(L, -2, 1);
   /* Everything below is plain C until the pool is complete: no raise.
   ** (ib is the state's scratch buffer: the userdata above does not touch
   ** it.) */
@@ -329,6 +423,11 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
     goto nomem;
   if (pthread_mutex_init(&p->mu, NULL) != 0) goto nomem;
   if (pthread_cond_init(&p->cv, NULL) != 0) {
+    pthread_mutex_destroy(&p->mu);
+    goto nomem;
+  }
+  if (pthread_mutex_init(&p->cbmu, NULL) != 0) {
+    pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);
     goto nomem;
   }
@@ -375,6 +474,7 @@ static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx,
 static int pool_submit(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
   check_fn(L, 2);
+  luapool__pool_poll(L, 1);
   if (p->closing) return luaL_error(L, "cannot submit after shutdown");
   int n = lua_gettop(L) - 1;
   lp_buf *b = luapool__scratch(L);
@@ -389,116 +489,171 @@ static int pool_submit(lua_State *L) {
   return 1;
 }
 
-static int opt_int_field(lua_State *L, int t, const char *k, int def, int min,
-                         const char *fname) {
-  int r = def;
-  if (lua_getfield(L, t, k) != LUA_TNIL) {
-    if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < min ||
-        lua_tointeger(L, -1) > 1 << 24)
-      luaL_error(L, "bad option '%s' to '%s' (integer >= %d expected)", k,
-                 fname, min);
-    r = (int)lua_tointeger(L, -1);
-  }
-  lua_pop(L, 1);
-  return r;
-}
+/* {======================================================
+** Primitives of the Lua layer (lua/luapool/executor.lua): map, starmap,
+** imap, as_completed and wait are written there on top of these.
+** ======================================================= */
 
-/* Chunk size when the caller gives none.  A process round trip costs tens
-** of microseconds, so process pools batch enough calls to amortize it while
-** keeping ~4 chunks per worker for balance; thread pools hand out single
-** calls, which keeps latency-bound jobs (fetches) evenly spread. */
-static int auto_chunksize(lp_pool *p, lua_Integer n) {
-  if (p->be != &luapool__process_backend) return 1;
-  lua_Integer per = n / ((lua_Integer)p->max_workers * 4);
-  if (per < 1) return 1;
-  return per > 1024 ? 1024 : (int)per;
-}
-
-/* map and starmap: items at 3, options at 4. */
-static int pool_map_impl(lua_State *L, int star, const char *fname) {
+/* submit_chunk(pool, fn, items, lo, hi, star) -> future, or nil + message
+** when a value cannot travel or the pool takes no more work (the caller
+** raises at its caller's level).  One task message runs fn on items[lo..hi]
+** (each an argument list when star). */
+static int prim_submit_chunk(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
-  check_fn(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
-  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
-  lua_settop(L, 4);
-  lua_Integer n = (lua_Integer)lua_rawlen(L, 3);
-  int chunk = lua_isnil(L, 4)
-                  ? auto_chunksize(p, n)
-                  : opt_int_field(L, 4, "chunksize", auto_chunksize(p, n), 1, fname);
-  if (p->closing) return luaL_error(L, "cannot submit after shutdown");
-  lua_Integer nchunks = (n + chunk - 1) / chunk;
-  lua_createtable(L, (int)(nchunks > 1 << 20 ? 1 << 20 : nchunks), 0); /* 5 */
+  lua_Integer lo = luaL_checkinteger(L, 4), hi = luaL_checkinteger(L, 5);
+  int star = lua_toboolean(L, 6);
+  lua_settop(L, 6);
+  luaL_argcheck(L, lo >= 1 && hi >= lo && hi - lo < INT32_MAX, 4, "bad chunk");
+  luapool__pool_poll(L, 1);
+  if (p->closing) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "cannot submit after shutdown");
+    return 2;
+  }
+  lp_buf *b = luapool__scratch(L);
   lp_encode_ctx ctx = {"argument", 1, {0}};
-  for (lua_Integer c = 0; c < nchunks; c++) {
-    lua_Integer lo = c * chunk + 1, hi = lo + chunk - 1;
-    if (hi > n) hi = n;
-    lp_buf *b = luapool__scratch(L);
-    if (luapool__put_u8(b, LP_MSG_BATCH) || luapool__put_u32(b, (uint32_t)(hi - lo + 1)))
+  if (luapool__put_u8(b, LP_MSG_BATCH) || luapool__put_u32(b, (uint32_t)(hi - lo + 1)))
+    return luaL_error(L, "cannot submit: not enough memory");
+  if (luapool__encode(L, b, 2, 1, &ctx) != 0) goto refuse;
+  for (lua_Integer i = lo; i <= hi; i++) {
+    lua_rawgeti(L, 3, i); /* 7 */
+    int nargs = 1, first = 7;
+    if (star) {
+      if (!lua_istable(L, 7)) {
+        snprintf(ctx.err, sizeof ctx.err,
+                 "bad item #%lld (table of arguments expected, got %s)",
+                 (long long)i, luaL_typename(L, 7));
+        goto refuse;
+      }
+      nargs = (int)lua_rawlen(L, 7);
+      luaL_checkstack(L, nargs, "too many arguments");
+      for (int a = 1; a <= nargs; a++) lua_rawgeti(L, 7, a);
+      first = 8;
+    }
+    ctx.root = "item";
+    ctx.root_base = (int)i;
+    if (luapool__put_u32(b, (uint32_t)nargs))
       return luaL_error(L, "cannot submit: not enough memory");
-    ctx.root = "argument";
-    ctx.root_base = 1;
-    if (luapool__encode(L, b, 2, 1, &ctx) != 0) goto refuse;
-    for (lua_Integer i = lo; i <= hi; i++) {
-      lua_rawgeti(L, 3, i);
-      int top = lua_gettop(L), nargs = 1;
-      if (star) {
-        if (!lua_istable(L, top)) {
-          b->len = 0;
-          return luaL_error(L, "bad item #%I to '%s' (table of arguments "
-                               "expected, got %s)",
-                            (LUAI_UACINT)i, fname, luaL_typename(L, top));
-        }
-        nargs = (int)lua_rawlen(L, top);
-        luaL_checkstack(L, nargs, "too many arguments");
-        for (int a = 1; a <= nargs; a++) lua_rawgeti(L, top, a);
-      }
-      ctx.root = "item";
-      ctx.root_base = (int)i;
-      if (luapool__put_u32(b, (uint32_t)nargs))
-        return luaL_error(L, "cannot submit: not enough memory");
-      int r = luapool__encode(L, b, star ? top + 1 : top, nargs, &ctx);
-      lua_settop(L, 5);
-      if (r != 0) goto refuse;
-    }
-    submit_message(L, p, 1, b, (int)(hi - lo + 1));
-    lua_rawseti(L, 5, c + 1);
+    int r = luapool__encode(L, b, first, nargs, &ctx);
+    lua_settop(L, 6);
+    if (r != 0) goto refuse;
   }
-  /* Collect in input order; the first error cancels what has not started. */
-  lua_createtable(L, (int)(n > 1 << 24 ? 1 << 24 : n), 0); /* 6 */
-  lua_Integer idx = 0;
-  for (lua_Integer c = 1; c <= nchunks; c++) {
-    lua_rawgeti(L, 5, c);
-    lp_future *f = luapool__check_future(L, -1);
-    luapool__future_wait(f, -1);
-    lp_reader r = {NULL, NULL};
-    for (int k = 0; k < f->ncalls; k++) {
-      if (luapool__future_outcome(L, f, &r, 1) < 0) {
-        for (lua_Integer d = c + 1; d <= nchunks; d++) {
-          lua_rawgeti(L, 5, d);
-          luapool__future_cancel(luapool__check_future(L, -1));
-          lua_pop(L, 1);
-        }
-        return lua_error(L);
-      }
-      idx++;
-      if (lua_gettop(L) == 7) lua_pushnil(L); /* no value returned */
-      lua_rawseti(L, 6, idx);
-    }
-    lua_pop(L, 1);
-  }
+  submit_message(L, p, 1, b, (int)(hi - lo + 1));
   return 1;
 refuse:
-  luapool__scratch(L);
-  for (lua_Integer d = 1; d <= (lua_Integer)lua_rawlen(L, 5); d++) {
-    lua_rawgeti(L, 5, d);
-    luapool__future_cancel(luapool__check_future(L, -1));
-    lua_pop(L, 1);
-  }
-  return luaL_error(L, "%s", ctx.err);
+  luapool__scratch(L); /* empties it */
+  lua_pushnil(L);
+  lua_pushstring(L, ctx.err);
+  return 2;
 }
 
-static int pool_map(lua_State *L) { return pool_map_impl(L, 0, "map"); }
-static int pool_starmap(lua_State *L) { return pool_map_impl(L, 1, "starmap"); }
+/* chunk_into(future, out, offset [, timeout]) -> true when every call's
+** first value is stored at out[offset + k]; false + the error object of
+** the first call that failed (the values before it are stored); nil when
+** the timeout expired first. */
+static int prim_chunk_into(lua_State *L) {
+  lp_future *f = luapool__check_future(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer offset = luaL_checkinteger(L, 3);
+  double timeout = lua_isnoneornil(L, 4) ? -1 : luaL_checknumber(L, 4);
+  lua_settop(L, 3);
+  lua_getiuservalue(L, 1, 1);
+  luapool__pool_poll(L, 4);
+  if (!luapool__future_wait(f, timeout < 0 ? -1 : timeout)) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lp_reader r = {NULL, NULL};
+  for (int k = 0; k < f->ncalls; k++) {
+    int top = lua_gettop(L);
+    if (luapool__future_outcome(L, f, &r, 1) < 0) {
+      lua_pushboolean(L, 0);
+      lua_insert(L, -2);
+      return 2;
+    }
+    if (lua_gettop(L) == top) lua_pushnil(L);
+    lua_rawseti(L, 2, offset + k);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* cancel(future) -> true when it was still queued and is now cancelled */
+static int prim_cancel(lua_State *L) {
+  lp_future *f = luapool__check_future(L, 1);
+  int moved = luapool__future_cancel(f);
+  if (moved) {
+    lua_getiuservalue(L, 1, 1);
+    lp_pool *p = luapool__to_pool(L, -1);
+    if (p) luapool__pool_cancelled(p, f);
+  }
+  lua_pushboolean(L, moved);
+  return 1;
+}
+
+/* error(kind, message) -> an error object */
+static int prim_error(lua_State *L) {
+  static const char *const kinds[] = {"task",   "timeout",  "cancelled",
+                                      "crashed", "broken", "transfer",
+                                      "interrupted", NULL};
+  int k = luaL_checkoption(L, 1, NULL, kinds);
+  luapool__push_error(L, (lp_ekind)k, luaL_checkstring(L, 2), NULL, NULL, 0);
+  return 1;
+}
+
+static int prim_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
+static int prim_is_future(lua_State *L) {
+  lua_pushboolean(L, luaL_testudata(L, 1, LUAPOOL_FUTURE_MT) != NULL);
+  return 1;
+}
+
+static int prim_chunk_size(lua_State *L) {
+  lua_pushinteger(L, luapool__check_future(L, 1)->ncalls);
+  return 1;
+}
+
+static const luaL_Reg prims[] = {{"submit_chunk", prim_submit_chunk},
+                                 {"chunk_into", prim_chunk_into},
+                                 {"chunk_size", prim_chunk_size},
+                                 {"cancel", prim_cancel},
+                                 {"error", prim_error},
+                                 {"isatty", prim_isatty},
+                                 {"is_future", prim_is_future},
+                                 {"cq", luapool__cq_new},
+                                 {NULL, NULL}};
+
+void luapool__push_prims(lua_State *L) { luaL_newlib(L, prims); }
+
+/* }====================================================== */
+
+static int pool_stats(lua_State *L) {
+  lp_pool *p = luapool__check_pool(L, 1);
+  luapool__pool_poll(L, 1);
+  pthread_mutex_lock(&p->mu);
+  int workers = p->nworkers, idle = p->idle;
+  pthread_mutex_unlock(&p->mu);
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, workers);
+  lua_setfield(L, -2, "workers");
+  lua_pushinteger(L, idle);
+  lua_setfield(L, -2, "idle");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&p->c_pending));
+  lua_setfield(L, -2, "pending");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&p->c_running));
+  lua_setfield(L, -2, "running");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&p->c_done));
+  lua_setfield(L, -2, "done");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&p->c_failed));
+  lua_setfield(L, -2, "failed");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&p->c_cancelled));
+  lua_setfield(L, -2, "cancelled");
+  return 1;
+}
 
 static int pool_shutdown(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
@@ -518,6 +673,7 @@ static int pool_shutdown(lua_State *L) {
     }
   }
   pool_stop(p, wait, cancel, 0);
+  luapool__pool_poll(L, 1);
   return 0;
 }
 
@@ -525,7 +681,10 @@ static int pool_shutdown(lua_State *L) {
 ** queued tasks are cancelled first (the script is failing anyway). */
 static int pool_close(lua_State *L) {
   lpool *u = to_lpool(L, 1);
-  if (u->p) pool_stop(u->p, 1, !lua_isnoneornil(L, 2), 0);
+  if (u->p) {
+    pool_stop(u->p, 1, !lua_isnoneornil(L, 2), 0);
+    luapool__pool_poll(L, 1);
+  }
   return 0;
 }
 
@@ -551,11 +710,17 @@ static int pool_tostring(lua_State *L) {
   return 1;
 }
 
-/* Fallback __index of the methods table: the pool's read-only fields. */
-static int pool_field(lua_State *L) {
+/* __index: a method (one raw lookup in the methods table, the upvalue),
+** else one of the pool's read-only fields. */
+static int pool_index(lua_State *L) {
+  lua_settop(L, 2);
+  lua_pushvalue(L, 2);
+  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
   lp_pool *p = luapool__check_pool(L, 1);
-  const char *k = luaL_checkstring(L, 2);
-  if (strcmp(k, "max_workers") == 0)
+  const char *k = lua_tostring(L, 2);
+  if (k == NULL)
+    lua_pushnil(L);
+  else if (strcmp(k, "max_workers") == 0)
     lua_pushinteger(L, p->max_workers);
   else if (strcmp(k, "name") == 0)
     lua_pushstring(L, p->name);
@@ -566,20 +731,18 @@ static int pool_field(lua_State *L) {
   return 1;
 }
 
+/* map, starmap and imap are added by the Lua layer. */
 static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
-                                        {"map", pool_map},
-                                        {"starmap", pool_starmap},
                                         {"shutdown", pool_shutdown},
+                                        {"stats", pool_stats},
                                         {NULL, NULL}};
 
 void luapool__pool_open(lua_State *L) {
   if (luaL_newmetatable(L, LUAPOOL_POOL_MT)) {
-    /* methods are found in the table itself; fields fall through */
     luaL_newlib(L, pool_methods);
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, pool_field);
-    lua_setfield(L, -2, "__index");
-    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "methods"); /* for the Lua layer to extend */
+    lua_pushcclosure(L, pool_index, 1);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, pool_gc);
     lua_setfield(L, -2, "__gc");

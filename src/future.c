@@ -27,6 +27,9 @@
 ** C side
 ** ======================================================= */
 
+static int init_cond(pthread_cond_t *cv);
+static int is_done(lp_fstate s);
+
 static void drop_msg(lp_future *f) {
   if (f->msg != f->inline_msg) free(f->msg);
   f->msg = NULL;
@@ -48,19 +51,11 @@ lp_future *luapool__future_new(lp_buf *b, int ncalls) {
   } else {
     f->msg = luapool__buf_take(b, &f->msglen);
   }
-  pthread_condattr_t ca;
-  if (pthread_condattr_init(&ca) != 0) goto fail_free;
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  if (pthread_mutex_init(&f->mu, NULL) != 0) {
-    pthread_condattr_destroy(&ca);
-    goto fail_free;
-  }
-  if (pthread_cond_init(&f->cv, &ca) != 0) {
-    pthread_condattr_destroy(&ca);
+  if (pthread_mutex_init(&f->mu, NULL) != 0) goto fail_free;
+  if (init_cond(&f->cv) != 0) {
     pthread_mutex_destroy(&f->mu);
     goto fail_free;
   }
-  pthread_condattr_destroy(&ca);
   atomic_init(&f->refs, 1);
   f->state = LP_PENDING;
   f->ncalls = ncalls;
@@ -85,8 +80,46 @@ void luapool__future_unref(lp_future *f) {
   free(f);
 }
 
+struct lp_wnode {
+  lp_future *f;       /* holds a reference */
+  lp_cq *q;
+  int id;             /* the Lua-side slot of the future in its queue */
+  int fired;          /* mutex: f->mu */
+  lp_wnode *fnext;    /* in f->wnodes (mutex: f->mu) */
+  lp_wnode *qnext;    /* in q's fired list (mutex: q->mu) */
+  lp_wnode *anext;    /* in q's list of all nodes (owner only) */
+};
+
+struct lp_cq {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  lp_wnode *head, *tail; /* fired, not yet popped (mutex: mu) */
+  lp_wnode *all;         /* every node, for release (owner only) */
+  int waiting;           /* registered, not yet popped (owner only) */
+};
+
+static void fire(lp_wnode *n) {
+  lp_cq *q = n->q;
+  n->fired = 1;
+  pthread_mutex_lock(&q->mu);
+  n->qnext = NULL;
+  if (q->tail)
+    q->tail->qnext = n;
+  else
+    q->head = n;
+  q->tail = n;
+  pthread_cond_signal(&q->cv);
+  pthread_mutex_unlock(&q->mu);
+}
+
 /* mutex must be locked: wakes whoever waits for the outcome. */
 static void settle(lp_future *f) {
+  for (lp_wnode *n = f->wnodes, *next; n; n = next) {
+    next = n->fnext;
+    fire(n);
+  }
+  f->wnodes = NULL;
+  if (f->notify) luapool__pool_notify(f->notify, f);
   /* The task will not run (again): a large message is dropped now rather
   ** than when the script lets go of the future.  Safe because settle runs
   ** on the thread that ran the task, or for a task that never started. */
@@ -134,34 +167,44 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
   free(own); /* it lost a race: already failed elsewhere */
 }
 
-void luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
+int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
   char buf[1024];
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(buf, sizeof buf, fmt, ap);
   va_end(ap);
   char *m = strdup(buf); /* NULL on no memory: the kind still tells */
+  int moved = 0;
   pthread_mutex_lock(&f->mu);
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
     f->state = LP_FAILED;
     f->ekind = k;
     f->emsg = m;
     m = NULL;
+    moved = 1;
     settle(f);
   }
   pthread_mutex_unlock(&f->mu);
   free(m);
+  return moved;
+}
+
+uint32_t luapool__future_nerr(lp_future *f) {
+  uint32_t n = 0;
+  if (f->state == LP_FINISHED && f->replylen >= 4) memcpy(&n, f->reply, 4);
+  return n;
 }
 
 int luapool__future_cancel(lp_future *f) {
+  int moved = 0;
   pthread_mutex_lock(&f->mu);
   if (f->state == LP_PENDING) {
     f->state = LP_CANCELLED;
+    moved = 1;
     settle(f);
   }
-  int r = f->state == LP_CANCELLED;
   pthread_mutex_unlock(&f->mu);
-  return r;
+  return moved;
 }
 
 lp_fstate luapool__future_state(lp_future *f) {
@@ -173,19 +216,22 @@ lp_fstate luapool__future_state(lp_future *f) {
 
 static int is_done(lp_fstate s) { return s >= LP_FINISHED; }
 
+/* The CLOCK_MONOTONIC time `timeout` seconds from now. */
+static void deadline_in(struct timespec *dl, double timeout) {
+  clock_gettime(CLOCK_MONOTONIC, dl);
+  double whole = floor(timeout);
+  if (whole > 1e9) whole = 1e9; /* ~31 years: forever, without overflow */
+  dl->tv_sec += (time_t)whole;
+  dl->tv_nsec += (long)((timeout - whole) * 1e9);
+  if (dl->tv_nsec >= 1000000000L) {
+    dl->tv_sec++;
+    dl->tv_nsec -= 1000000000L;
+  }
+}
+
 int luapool__future_wait(lp_future *f, double timeout) {
   struct timespec dl;
-  if (timeout >= 0) {
-    clock_gettime(CLOCK_MONOTONIC, &dl);
-    double whole = floor(timeout);
-    if (whole > 1e9) whole = 1e9; /* ~31 years: forever, without overflow */
-    dl.tv_sec += (time_t)whole;
-    dl.tv_nsec += (long)((timeout - floor(timeout)) * 1e9);
-    if (dl.tv_nsec >= 1000000000L) {
-      dl.tv_sec++;
-      dl.tv_nsec -= 1000000000L;
-    }
-  }
+  if (timeout >= 0) deadline_in(&dl, timeout);
   pthread_mutex_lock(&f->mu);
   f->nwaiters++;
   int r = 0;
@@ -221,7 +267,7 @@ lp_future *luapool__check_future(lua_State *L, int idx) {
 
 void luapool__future_push(lua_State *L, lp_future *f, int pool_idx) {
   pool_idx = lua_absindex(L, pool_idx);
-  lfuture *u = lua_newuserdatauv(L, sizeof *u, 1);
+  lfuture *u = lua_newuserdatauv(L, sizeof *u, 2); /* pool, callbacks */
   u->f = f;
   luaL_setmetatable(L, LUAPOOL_FUTURE_MT);
   lua_pushvalue(L, pool_idx);
@@ -272,7 +318,9 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
     return -1;
   }
   lp_reader first, *r = rd ? rd : &first;
-  if (rd == NULL || rd->p == NULL) *r = (lp_reader){f->reply, f->reply + f->replylen};
+  if (rd == NULL || rd->p == NULL) /* past the reply's error count */
+    *r = (lp_reader){f->reply + 4, f->reply + f->replylen};
+  if (r->p > r->end) luaL_error(L, "malformed reply");
   unsigned st;
   uint32_t n;
   luaL_checkstack(L, 8, "reading a result");
@@ -322,9 +370,20 @@ static lp_future *wait_done(lua_State *L, double *timeout) {
   return f;
 }
 
+/* Every future method first runs the done callbacks the owner owes. */
+static lp_future *poll_future(lua_State *L) {
+  lp_future *f = luapool__check_future(L, 1);
+  lua_getiuservalue(L, 1, 1);
+  luapool__pool_poll(L, -1);
+  lua_pop(L, 1);
+  return f;
+}
+
 static int future_result(lua_State *L) {
   double timeout;
+  poll_future(L);
   lp_future *f = wait_done(L, &timeout);
+  poll_future(L); /* callbacks of what finished while we waited */
   int top = lua_gettop(L);
   int n = luapool__future_outcome(L, f, NULL, -1);
   if (n < 0) return lua_error(L);
@@ -333,7 +392,9 @@ static int future_result(lua_State *L) {
 
 static int future_exception(lua_State *L) {
   double timeout;
+  poll_future(L);
   lp_future *f = wait_done(L, &timeout);
+  poll_future(L);
   int n = luapool__future_outcome(L, f, NULL, 0);
   if (n < 0) return 1;
   lua_pushnil(L);
@@ -341,27 +402,102 @@ static int future_exception(lua_State *L) {
 }
 
 static int future_done(lua_State *L) {
-  lp_future *f = luapool__check_future(L, 1);
+  lp_future *f = poll_future(L);
   lua_pushboolean(L, is_done(luapool__future_state(f)));
   return 1;
 }
 
 static int future_running(lua_State *L) {
-  lp_future *f = luapool__check_future(L, 1);
+  lp_future *f = poll_future(L);
   lua_pushboolean(L, luapool__future_state(f) == LP_RUNNING);
   return 1;
 }
 
 static int future_cancelled(lua_State *L) {
-  lp_future *f = luapool__check_future(L, 1);
+  lp_future *f = poll_future(L);
   lua_pushboolean(L, luapool__future_state(f) == LP_CANCELLED);
   return 1;
 }
 
 static int future_cancel(lua_State *L) {
-  lp_future *f = luapool__check_future(L, 1);
-  lua_pushboolean(L, luapool__future_cancel(f));
+  lp_future *f = poll_future(L);
+  if (luapool__future_cancel(f)) {
+    lua_getiuservalue(L, 1, 1);
+    lp_pool *p = luapool__to_pool(L, -1);
+    if (p) luapool__pool_cancelled(p, f);
+    luapool__pool_poll(L, -1); /* its callbacks run now */
+    lua_pop(L, 1);
+  }
+  lua_pushboolean(L, luapool__future_state(f) == LP_CANCELLED);
   return 1;
+}
+
+/* Calls cb (at idx) with the future at fidx; an error is reported on
+** stderr with its traceback and goes no further. */
+static int cb_msgh(lua_State *L) {
+  const char *m = lua_tostring(L, 1);
+  if (m == NULL) m = luaL_tolstring(L, 1, NULL);
+  luaL_traceback(L, L, m, 1);
+  return 1;
+}
+
+void luapool__run_callback(lua_State *L, int cb, int fidx) {
+  cb = lua_absindex(L, cb);
+  fidx = lua_absindex(L, fidx);
+  lua_pushcfunction(L, cb_msgh);
+  lua_pushvalue(L, cb);
+  lua_pushvalue(L, fidx);
+  if (lua_pcall(L, 1, 0, -3) != LUA_OK) {
+    fprintf(stderr, "luapool: error in a done callback: %s\n", lua_tostring(L, -1));
+    fflush(stderr);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+/* Runs the callbacks list (uservalue 2) of the future at fidx and clears it. */
+void luapool__future_run_callbacks(lua_State *L, int fidx) {
+  fidx = lua_absindex(L, fidx);
+  if (lua_getiuservalue(L, fidx, 2) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushnil(L);
+  lua_setiuservalue(L, fidx, 2); /* exactly once, even if one re-adds */
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    luapool__run_callback(L, -1, fidx);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+static int future_add_done_callback(lua_State *L) {
+  lp_future *f = poll_future(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  lua_getiuservalue(L, 1, 1); /* 3: the pool */
+  lp_pool *p = luapool__to_pool(L, 3);
+  /* Lua work first (it may raise), then the decision under the lock. */
+  if (lua_getiuservalue(L, 1, 2) != LUA_TTABLE) { /* 4: callbacks */
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, 1, 2);
+  }
+  if (p) luapool__pool_watch(L, 3, 1);
+  pthread_mutex_lock(&f->mu);
+  int done = is_done(f->state);
+  if (!done && p) f->notify = p;
+  pthread_mutex_unlock(&f->mu);
+  if (done || p == NULL) {
+    luapool__run_callback(L, 2, 1);
+  } else {
+    lua_pushvalue(L, 2);
+    lua_rawseti(L, 4, (lua_Integer)lua_rawlen(L, 4) + 1);
+  }
+  return 0;
 }
 
 static int future_tostring(lua_State *L) {
@@ -377,7 +513,189 @@ static const luaL_Reg future_methods[] = {
     {"result", future_result},       {"exception", future_exception},
     {"done", future_done},           {"running", future_running},
     {"cancelled", future_cancelled}, {"cancel", future_cancel},
+    {"add_done_callback", future_add_done_callback},
     {NULL, NULL}};
+
+/* {======================================================
+** Completion queue (luapool.cq): add futures, pop them as they finish
+** ======================================================= */
+
+#define LUAPOOL_CQ_MT "luapool.cq"
+
+typedef struct lcq {
+  lp_cq *q; /* NULL once closed */
+  int nextid;
+} lcq;
+
+static int init_cond(pthread_cond_t *cv) {
+  pthread_condattr_t ca; /* waits measure time on the monotonic clock */
+  if (pthread_condattr_init(&ca) != 0) return -1;
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  int r = pthread_cond_init(cv, &ca);
+  pthread_condattr_destroy(&ca);
+  return r;
+}
+
+/* Detaches every node from its future, then frees the queue. */
+static void cq_release(lp_cq *q) {
+  for (lp_wnode *n = q->all; n; n = n->anext) {
+    pthread_mutex_lock(&n->f->mu);
+    if (!n->fired) {
+      lp_wnode **pp = &n->f->wnodes;
+      while (*pp && *pp != n) pp = &(*pp)->fnext;
+      if (*pp) *pp = n->fnext;
+    }
+    pthread_mutex_unlock(&n->f->mu);
+  }
+  for (lp_wnode *n = q->all, *next; n; n = next) {
+    next = n->anext;
+    luapool__future_unref(n->f);
+    free(n);
+  }
+  pthread_mutex_destroy(&q->mu);
+  pthread_cond_destroy(&q->cv);
+  free(q);
+}
+
+static lcq *check_cq(lua_State *L) {
+  lcq *u = luaL_checkudata(L, 1, LUAPOOL_CQ_MT);
+  if (u->q == NULL) luaL_error(L, "attempt to use a closed completion queue");
+  return u;
+}
+
+int luapool__cq_new(lua_State *L) {
+  lcq *u = lua_newuserdatauv(L, sizeof *u, 1);
+  u->q = NULL;
+  u->nextid = 0;
+  luaL_setmetatable(L, LUAPOOL_CQ_MT);
+  lua_newtable(L); /* id -> future, future -> id */
+  lua_setiuservalue(L, -2, 1);
+  lp_cq *q = calloc(1, sizeof *q);
+  if (q == NULL) return luaL_error(L, "not enough memory");
+  if (pthread_mutex_init(&q->mu, NULL) != 0) {
+    free(q);
+    return luaL_error(L, "not enough memory");
+  }
+  if (init_cond(&q->cv) != 0) {
+    pthread_mutex_destroy(&q->mu);
+    free(q);
+    return luaL_error(L, "not enough memory");
+  }
+  u->q = q;
+  return 1;
+}
+
+/* q:add(future) -> true, or false when it was added before */
+static int cq_add(lua_State *L) {
+  lcq *u = check_cq(L);
+  lp_future *f = luapool__check_future(L, 2);
+  lua_settop(L, 2);
+  lua_getiuservalue(L, 1, 1); /* 3 */
+  lua_pushvalue(L, 2);
+  if (lua_rawget(L, 3) != LUA_TNIL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pop(L, 1);
+  int id = ++u->nextid;
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, 3, id);
+  lua_pushvalue(L, 2);
+  lua_pushinteger(L, id);
+  lua_rawset(L, 3);
+  lp_wnode *n = calloc(1, sizeof *n);
+  if (n == NULL) return luaL_error(L, "not enough memory");
+  luapool__future_ref(f);
+  n->f = f;
+  n->q = u->q;
+  n->id = id;
+  n->anext = u->q->all;
+  u->q->all = n;
+  u->q->waiting++;
+  pthread_mutex_lock(&f->mu);
+  if (is_done(f->state)) {
+    fire(n);
+  } else {
+    n->fnext = f->wnodes;
+    f->wnodes = n;
+  }
+  pthread_mutex_unlock(&f->mu);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* q:pop([timeout]) -> the next future to finish; nil on timeout; false
+** when every future added has been popped. */
+static int cq_pop(lua_State *L) {
+  lcq *u = check_cq(L);
+  double timeout = opt_timeout(L, 2);
+  lp_cq *q = u->q;
+  if (q->waiting == 0) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  struct timespec dl;
+  if (timeout >= 0) deadline_in(&dl, timeout);
+  pthread_mutex_lock(&q->mu);
+  int r = 0;
+  while (q->head == NULL && r != ETIMEDOUT) {
+    if (timeout >= 0)
+      r = pthread_cond_timedwait(&q->cv, &q->mu, &dl);
+    else
+      pthread_cond_wait(&q->cv, &q->mu);
+  }
+  lp_wnode *n = q->head;
+  if (n) {
+    q->head = n->qnext;
+    if (q->head == NULL) q->tail = NULL;
+  }
+  pthread_mutex_unlock(&q->mu);
+  if (n == NULL) {
+    lua_pushnil(L);
+    return 1;
+  }
+  q->waiting--;
+  lua_getiuservalue(L, 1, 1);
+  lua_rawgeti(L, -1, n->id);
+  lua_getiuservalue(L, -1, 1); /* the future's pool: its callbacks are due */
+  luapool__pool_poll(L, -1);
+  lua_pop(L, 1);
+  return 1;
+}
+
+static int cq_pending(lua_State *L) {
+  lua_pushinteger(L, check_cq(L)->q->waiting);
+  return 1;
+}
+
+static int cq_close(lua_State *L) {
+  lcq *u = luaL_checkudata(L, 1, LUAPOOL_CQ_MT);
+  if (u->q) {
+    cq_release(u->q);
+    u->q = NULL;
+  }
+  return 0;
+}
+
+static const luaL_Reg cq_methods[] = {{"add", cq_add},
+                                      {"pop", cq_pop},
+                                      {"pending", cq_pending},
+                                      {"close", cq_close},
+                                      {NULL, NULL}};
+
+void luapool__cq_open(lua_State *L) {
+  if (luaL_newmetatable(L, LUAPOOL_CQ_MT)) {
+    luaL_newlib(L, cq_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, cq_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, cq_close);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+}
+
+/* }====================================================== */
 
 void luapool__future_open(lua_State *L) {
   if (luaL_newmetatable(L, LUAPOOL_FUTURE_MT)) {

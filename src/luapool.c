@@ -15,6 +15,8 @@
 #include <lualib.h>
 
 #include "luapool.h"
+#include "lua_executor.h"
+#include "lua_progress.h"
 
 static const char *const WORKER_KEY = "luapool.worker";
 
@@ -251,6 +253,33 @@ static const luaL_Reg module_funcs[] = {{"now", l_now},
                                         {"current_worker", l_current_worker},
                                         {NULL, NULL}};
 
+/* Runs the compiled-in Lua layer: progress first (as luapool.progress),
+** then the executor, which adds map, starmap, imap, as_completed and wait.
+** Module table at -1. */
+static void open_lua_layer(lua_State *L) {
+  int mod = lua_gettop(L);
+  luapool__push_prims(L); /* mod+1 */
+  if (luaL_loadbuffer(L, lua_progress, sizeof lua_progress, "=[luapool] progress.lua"))
+    lua_error(L);
+  lua_pushvalue(L, mod);
+  lua_pushvalue(L, mod + 1);
+  lua_call(L, 2, 1); /* mod+2: progress */
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushvalue(L, mod + 2);
+  lua_setfield(L, -2, "luapool.progress");
+  lua_pop(L, 1);
+  if (luaL_loadbuffer(L, lua_executor, sizeof lua_executor, "=[luapool] executor.lua"))
+    lua_error(L);
+  lua_pushvalue(L, mod);
+  luaL_getmetatable(L, LUAPOOL_POOL_MT);
+  lua_getfield(L, -1, "methods");
+  lua_remove(L, -2);
+  lua_pushvalue(L, mod + 1);
+  lua_pushvalue(L, mod + 2);
+  lua_call(L, 4, 0);
+  lua_settop(L, mod);
+}
+
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static int global_ok;
 
@@ -261,6 +290,7 @@ int luaopen_luapool(lua_State *L) {
   pthread_once(&global_once, global_init);
   if (!global_ok) return luaL_error(L, "luapool: libcurl initialisation failed");
   luapool__future_open(L);
+  luapool__cq_open(L);
   luapool__pool_open(L);
   error_open(L);
   luaL_newlib(L, module_funcs);
@@ -292,6 +322,7 @@ int luaopen_luapool(lua_State *L) {
   lua_setfield(L, -2, "codec");
   luapool__int128_open(L);
   lua_setfield(L, -2, "int128");
+  open_lua_layer(L);
   return 1;
 }
 

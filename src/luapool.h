@@ -105,9 +105,13 @@ typedef enum {
   LP_EK_INTERRUPTED
 } lp_ekind;
 
+typedef struct lp_wnode lp_wnode;
+struct lp_pool;
+
 typedef struct lp_future {
   atomic_int refs;
-  struct lp_future *next; /* pool queue link (mutex: the pool's) */
+  struct lp_future *next;   /* pool queue link (mutex: the pool's) */
+  struct lp_future *cbnext; /* pool callback queue link (mutex: p->cbmu) */
   pthread_mutex_t mu;
   pthread_cond_t cv;
   lp_fstate state;  /* mutex: mu */
@@ -123,6 +127,8 @@ typedef struct lp_future {
   lp_ekind ekind;   /* LP_FAILED */
   char *emsg;       /* LP_FAILED: message (malloc) */
   char worker[64];  /* worker that ran or failed it */
+  lp_wnode *wnodes; /* completion queues waiting for it (mutex: mu) */
+  struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
   char inline_msg[]; /* small messages live here */
 } lp_future;
 
@@ -135,9 +141,19 @@ int luapool__future_start(lp_future *f, const char *worker);
 /* Finishes f with a reply: takes `reply` (malloc'd) when copy is 0, else
 ** copies the bytes (into the future itself when they are few). */
 void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
-void luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
+int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-int luapool__future_cancel(lp_future *f); /* 1 if it is now cancelled */
+/* Calls whose reply is an error (the reply's header count). */
+uint32_t luapool__future_nerr(lp_future *f);
+
+/* Completion queue: futures come out in the order they finish (future.c).
+** luapool.as_completed, wait and unordered imap are built on it. */
+typedef struct lp_cq lp_cq;
+void luapool__cq_open(lua_State *L);
+int luapool__cq_new(lua_State *L); /* Lua: prims.cq() */
+/* Both return 1 when this call made the transition (from PENDING, or for
+** fail also RUNNING), 0 when the future had already left that state. */
+int luapool__future_cancel(lp_future *f);
 /* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out. */
 int luapool__future_wait(lp_future *f, double timeout);
 lp_fstate luapool__future_state(lp_future *f);
@@ -228,6 +244,13 @@ struct lp_pool {
   lp_worker **workers;   /* [max_workers] */
   char name[48];
   char *path, *cpath;    /* package.path/cpath for worker Lua states */
+  /* Calls (a map chunk counts its items) by where they are; atomics, as
+  ** workers update them outside the lock. */
+  atomic_size_t c_pending, c_running, c_done, c_failed, c_cancelled;
+  /* Finished futures whose done callbacks the owner has yet to run. */
+  pthread_mutex_t cbmu;
+  lp_future *cbhead;       /* mutex: cbmu; each holds a reference */
+  atomic_int ncb;          /* non-zero when cbhead may be non-empty */
   char *init_msg;        /* initializer + initargs as a task message */
   size_t init_len;
   char *broken;          /* set once an initializer failed: why */
@@ -240,10 +263,26 @@ void luapool__pool_break(lp_pool *p, const char *why);
 ** message) succeeded, else -1 with the error text in msg. */
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz);
 
+/* Called by a settling future that has done callbacks, under f->mu. */
+void luapool__pool_notify(struct lp_pool *p, lp_future *f);
+/* Runs the done callbacks of pool p's finished futures (owner only). */
+void luapool__pool_poll(lua_State *L, int pool_idx);
+/* Remembers the future at fidx in the pool at pool_idx until its
+** callbacks have run (so the userdata outlives the script's last use). */
+void luapool__pool_watch(lua_State *L, int pool_idx, int fidx);
+/* Callbacks of the future userdata at fidx (future.c). */
+void luapool__future_run_callbacks(lua_State *L, int fidx);
+void luapool__run_callback(lua_State *L, int cb, int fidx);
+
 /* Owner-side pool API (executor.c). */
 lp_pool *luapool__check_pool(lua_State *L, int idx);
+lp_pool *luapool__to_pool(lua_State *L, int idx); /* NULL when closed */
+/* A queued future was cancelled by the owner: move its calls' count. */
+void luapool__pool_cancelled(lp_pool *p, lp_future *f);
 int luapool__pool_new(lua_State *L, const lp_backend *be);
 void luapool__pool_open(lua_State *L);
+/* Pushes the table of primitives the Lua layer is built on. */
+void luapool__push_prims(lua_State *L);
 extern const lp_backend luapool__thread_backend;
 extern const lp_backend luapool__process_backend;
 

@@ -7,7 +7,8 @@
 **               between the function's upvalues and the arguments survives)
 **   LP_MSG_BATCH:  u32 ncalls, fn, then per call: u32 nargs, args
 **               (each call its own reference space; fn decoded once)
-** Reply: per call, u8 status, then
+** Reply: u32 count of calls that failed (so C can count without Lua), then
+** per call, u8 status, then
 **   OK:       u32 n, values
 **   ERROR:    message string, traceback string, then the error value
 **             (nil when it could not travel): C reads the text without Lua
@@ -62,7 +63,7 @@ static int put_kernel_reply(lp_buf *out, lp_kcall *c, int ok) {
 /* Tries to run one kernel call natively.  1 done (reply appended), 0 the
 ** arguments need Lua (reader restored), -1 out of memory / malformed. */
 static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs,
-                           lp_buf *out) {
+                           lp_buf *out, uint32_t *nerr) {
   lp_value args[LP_KERNEL_MAXARGS];
   lp_reader save = *r;
   if (nargs > LP_KERNEL_MAXARGS) return 0;
@@ -77,6 +78,7 @@ static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs,
   c.nargs = (int)nargs;
   c.interrupt = ws->interrupt;
   int ok = luapool__kernels[k].run(&c) == 0;
+  if (!ok) (*nerr)++;
   return put_kernel_reply(out, &c, ok) ? -1 : 1;
 }
 
@@ -103,7 +105,9 @@ typedef struct run_ctx {
   int kernel;      /* >= 0: batch of this kernel resumed after native calls */
   uint32_t ncalls;
   uint32_t done;   /* calls replied so far */
+  uint32_t nerr;   /* of which failed */
   size_t mark;     /* out->len where the reply of call `done` starts */
+  uint32_t nerr_mark; /* nerr at that point */
 } run_ctx;
 
 /* Appends the reply of the call whose outcome is on the stack. */
@@ -117,6 +121,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
       luaL_error(L, "not enough memory");
     if (luapool__encode(L, out, base + 1, n, &ctx) != 0) {
       out->len = mark;
+      rc->nerr++;
       if (luapool__put_u8(out, LP_REPLY_TRANSFER) ||
           luapool__put_string(out, ctx.err, strlen(ctx.err)))
         luaL_error(L, "not enough memory");
@@ -125,6 +130,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
     return;
   }
   /* error value at base+1 */
+  rc->nerr++;
   size_t ml, tl = 0;
   const char *m = luaL_tolstring(L, base + 1, &ml); /* base+2 */
   lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);         /* base+3 */
@@ -150,6 +156,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
 static void call_one(lua_State *L, run_ctx *rc, int base) {
   int nargs = lua_gettop(L) - base - 1;
   rc->mark = rc->out->len;
+  rc->nerr_mark = rc->nerr;
   lua_pushcfunction(L, msgh);
   lua_insert(L, base + 1);
   int st = lua_pcall(L, nargs, LUA_MULTRET, base + 1);
@@ -212,7 +219,7 @@ static int run_native(run_ctx *rc, int k) {
     } else if (luapool__get_u32(rc->r, &nargs)) {
       break;
     }
-    int s = run_kernel_call(rc->ws, k, rc->r, nargs, rc->out);
+    int s = run_kernel_call(rc->ws, k, rc->r, nargs, rc->out, &rc->nerr);
     if (s < 0) return -1;
     if (s == 0) {
       *rc->r = call_r;
@@ -223,50 +230,68 @@ static int run_native(run_ctx *rc, int k) {
   return 0;
 }
 
-int luapool__run_message(lp_wstate *ws, const char *msg, size_t len,
-                         lp_buf *out) {
+/* Runs the calls of msg, filling in rc (the reply goes to rc->out). */
+static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
+  lp_wstate *ws = rc->ws;
+  lp_buf *out = rc->out;
   lp_reader r = {msg, msg + len};
   unsigned kind;
-  run_ctx rc = {ws, &r, out, 0, -1, 1, 0, 0};
-  if (luapool__get_u8(&r, &kind) || (kind != LP_MSG_SINGLE && kind != LP_MSG_BATCH))
+  rc->r = &r;
+  if (luapool__get_u8(&r, &kind) || (kind != LP_MSG_SINGLE && kind != LP_MSG_BATCH)) {
+    rc->nerr++;
     return put_error_text(out, "malformed message: bad kind");
-  rc.kind = (int)kind;
+  }
+  rc->kind = (int)kind;
   if (kind == LP_MSG_BATCH) {
-    if (luapool__get_u32(&r, &rc.ncalls) || rc.ncalls > len)
+    if (luapool__get_u32(&r, &rc->ncalls) || rc->ncalls > len) {
+      rc->nerr++;
       return put_error_text(out, "malformed message: bad call count");
-    rc.kernel = luapool__peek_kernel(&r);
-    if (rc.kernel >= 0 && run_native(&rc, rc.kernel)) return -1;
+    }
+    rc->kernel = luapool__peek_kernel(&r);
+    if (rc->kernel >= 0 && run_native(rc, rc->kernel)) return -1;
   } else {
     lp_reader peek = r;
     uint32_t n;
     if (luapool__get_u32(&peek, &n) == 0 && n >= 1) {
       int k = luapool__peek_kernel(&peek);
-      if (k >= 0 && run_native(&rc, k)) return -1;
+      if (k >= 0 && run_native(rc, k)) return -1;
     }
   }
-  if (rc.done == rc.ncalls) return 0;
+  if (rc->done == rc->ncalls) return 0;
   /* Lua path, for the calls not done natively. */
   lua_State *L = ensure_state(ws);
   if (L == NULL) {
-    for (; rc.done < rc.ncalls; rc.done++)
+    for (; rc->done < rc->ncalls; rc->done++, rc->nerr++)
       if (put_error_text(out, "cannot create a Lua state: not enough memory"))
         return -1;
     return 0;
   }
   lua_settop(L, 0);
-  rc.mark = out->len;
+  rc->mark = out->len;
+  rc->nerr_mark = rc->nerr;
   lua_pushcfunction(L, run_calls);
-  lua_pushlightuserdata(L, &rc);
+  lua_pushlightuserdata(L, rc);
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
     /* A failure outside any task (malformed bytes, no memory): every call
     ** not yet replied to gets this error, so none is lost. */
     char buf[512];
     const char *m = lua_tostring(L, -1);
     snprintf(buf, sizeof buf, "%s", m ? m : "error in worker");
-    out->len = rc.mark; /* drop a reply cut short */
-    for (; rc.done < rc.ncalls; rc.done++)
+    out->len = rc->mark; /* drop a reply cut short */
+    rc->nerr = rc->nerr_mark;
+    for (; rc->done < rc->ncalls; rc->done++, rc->nerr++)
       if (put_error_text(out, buf)) return -1;
   }
   lua_settop(L, 0);
   return 0;
+}
+
+int luapool__run_message(lp_wstate *ws, const char *msg, size_t len,
+                         lp_buf *out) {
+  size_t head = out->len;
+  if (luapool__put_u32(out, 0)) return -1;
+  run_ctx rc = {ws, NULL, out, 0, -1, 1, 0, 0, 0, 0};
+  int r = run_calls_of(&rc, msg, len);
+  memcpy(out->p + head, &rc.nerr, 4);
+  return r;
 }

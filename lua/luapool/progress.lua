@@ -1,0 +1,95 @@
+-- Progress reporting for long jobs, on stderr and never on stdout.
+--
+-- On a terminal the line is redrawn in place (at most ten times a second);
+-- elsewhere (a pipe, a log file) a plain line is written every few seconds
+-- and once at the end, so logs stay readable.
+--
+--   local bar = progress.new { label = "map", total = 1000 }
+--   bar:update(done)   -- items done so far
+--   bar:finish()       -- final line; idempotent
+--
+-- Settings, for tests and special outputs: output (function receiving the
+-- text), tty (boolean: redraw in place or not), interval (seconds between
+-- plain lines), now (clock function).
+--
+-- Compiled into luapool; also available as require "luapool.progress".
+local luapool, prim = ...
+
+local M = {}
+
+local function clock(s)
+  s = math.floor(s + 0.5)
+  local h, m = s // 3600, s // 60 % 60
+  if h > 0 then return ("%d:%02d:%02d"):format(h, m, s % 60) end
+  return ("%d:%02d"):format(m, s % 60)
+end
+
+-- The text of one report (no line ending).
+function M.render(label, done, total, elapsed, width)
+  local rate = elapsed > 0 and done / elapsed or 0
+  local parts = { label .. ":" }
+  if total then
+    local frac = total > 0 and done / total or 1
+    if width then
+      local filled = math.floor(frac * width + 0.5)
+      parts[#parts + 1] = "[" .. ("#"):rep(filled) .. ("-"):rep(width - filled) .. "]"
+    end
+    parts[#parts + 1] = ("%d/%d"):format(done, total)
+    parts[#parts + 1] = ("%5.1f%%"):format(frac * 100)
+  else
+    parts[#parts + 1] = ("%d done"):format(done)
+  end
+  parts[#parts + 1] = ("%.1f/s"):format(rate)
+  parts[#parts + 1] = "elapsed " .. clock(elapsed)
+  if total and rate > 0 and done < total then
+    parts[#parts + 1] = "ETA " .. clock((total - done) / rate)
+  end
+  return table.concat(parts, "  ")
+end
+
+local Bar = {}
+Bar.__index = Bar
+
+function M.new(settings)
+  local s = settings or {}
+  local tty = s.tty
+  if tty == nil then tty = prim.isatty(2) end
+  local now = s.now or luapool.now
+  local self = setmetatable({
+    label = s.label or "progress", total = s.total, tty = tty, now = now,
+    output = s.output or function(text) io.stderr:write(text) io.stderr:flush() end,
+    interval = s.interval or (tty and 0.1 or 5), start = now(), last = nil,
+    done = 0, finished = false, width = 0,
+  }, Bar)
+  return self
+end
+
+function Bar:emit(final)
+  local elapsed = self.now() - self.start
+  local text = M.render(self.label, self.done, self.total, elapsed, self.tty and 30 or nil)
+  if self.tty then
+    -- pad over a longer previous line, then return to the line's start
+    local pad = self.width > #text and (" "):rep(self.width - #text) or ""
+    self.width = #text
+    self.output("\r" .. text .. pad .. (final and "\n" or ""))
+  else
+    self.output(text .. "\n")
+  end
+  self.last = self.now()
+end
+
+function Bar:update(done)
+  if self.finished then return end
+  self.done = done
+  local t = self.now()
+  if self.last == nil and not self.tty then self.last = t end -- plain: first line later
+  if self.last == nil or t - self.last >= self.interval then self:emit(false) end
+end
+
+function Bar:finish()
+  if self.finished then return end
+  self.finished = true
+  self:emit(true)
+end
+
+return M

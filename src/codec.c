@@ -13,6 +13,10 @@
 ** pool's own processes and threads, never from the network.)
 */
 #include <math.h>
+#include <pthread.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,7 +36,7 @@ enum {
   T_LSTR,   /* u64 length */
   T_TABLE,  /* u32 narr, u32 nhash, narr values, nhash pairs, metatable */
   T_REF,    /* u32 id of a table or function already in the message */
-  T_LFUNC,  /* u64 fid, u32 len, bytecode, u8 nups, upvalues */
+  T_LFUNC,  /* u64 fid, u64 checksum, u32 len, bytecode, u8 nups, upvalues */
   T_NAMED,  /* name: a library table or function, see push_names */
   T_KERNEL, /* u8 index into luapool__kernels */
   T_INT128, /* 16 bytes */
@@ -156,7 +160,27 @@ static const char *const DUMPS_KEY = "luapool.dumps";
 static const char *const CFNAMES_KEY = "luapool.cfnames";
 static const char *const FCACHE_KEY = "luapool.fcache";
 
-static atomic_uint_fast64_t next_fid = 1;
+/* Function ids: a random base per process plus a counter, so ids from
+** different worker processes never collide in a receiver's cache. */
+static atomic_uint_fast64_t next_fid;
+static pthread_once_t fid_once = PTHREAD_ONCE_INIT;
+
+static void fid_init(void) {
+  uint64_t base;
+  if (getrandom(&base, sizeof base, 0) != (ssize_t)sizeof base)
+    base = ((uint64_t)getpid() << 40) ^ (uint64_t)time(NULL);
+  atomic_store(&next_fid, base | 1);
+}
+
+/* FNV-1a, 64 bits: enough to catch corrupted bytecode. */
+static uint64_t checksum(const char *p, size_t n) {
+  uint64_t h = 14695981039346656037ull;
+  for (size_t i = 0; i < n; i++) {
+    h ^= (unsigned char)p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
 
 static int encoder_gc(lua_State *L) {
   luapool_encoder *e = lua_touserdata(L, 1);
@@ -321,17 +345,19 @@ static void seg_text(luapool_encoder *e, const seg *s, luaL_Buffer *b) {
   luaL_addvalue(b);
 }
 
+#define SUFFIX(e) ((e)->ctx->suffix ? (e)->ctx->suffix : "")
+
 /* Writes "cannot send ROOT #N: PATH is WHAT" into ctx->err. */
 static int enc_error(luapool_encoder *e, const char *what) {
   lua_State *L = e->L;
   luaL_Buffer b;
   if (!lua_checkstack(L, 8)) {
-    snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d: %s",
-             e->ctx->root, e->root, what);
+    snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: %s",
+             e->ctx->root, e->root, SUFFIX(e), what);
     return -1;
   }
   luaL_buffinit(L, &b);
-  lua_pushfstring(L, "cannot send %s #%d: ", e->ctx->root, e->root);
+  lua_pushfstring(L, "cannot send %s #%d%s: ", e->ctx->root, e->root, SUFFIX(e));
   luaL_addvalue(&b);
   if (e->depth == 0 || what[0] == 'n') {
     luaL_addstring(&b, what);
@@ -350,8 +376,8 @@ static int enc_error(luapool_encoder *e, const char *what) {
 }
 
 static int enc_nomem(luapool_encoder *e) {
-  snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d: not enough memory",
-           e->ctx->root, e->root);
+  snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: not enough memory",
+           e->ctx->root, e->root, SUFFIX(e));
   return -1;
 }
 
@@ -383,7 +409,7 @@ static int enc_seen(luapool_encoder *e, int idx) {
 
 static int enc_enter(luapool_encoder *e, int kind, int idx, lua_Integer i,
                      const char *name) {
-  if (e->depth >= LUAPOOL_MAXDEPTH) {
+  if (e->depth + 1 >= LUAPOOL_MAXDEPTH) { /* the root is level 1 */
     char msg[64];
     snprintf(msg, sizeof msg, "nesting deeper than %d levels",
              LUAPOOL_MAXDEPTH);
@@ -460,7 +486,7 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
   return luapool__buf_add(ud, p, sz);
 }
 
-/* Pushes the cached "fid .. bytecode" string of the Lua function at idx,
+/* Pushes the cached "fid .. checksum .. bytecode" string of the Lua function at idx,
 ** dumping it the first time it is sent. */
 static int push_dump(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
@@ -472,8 +498,9 @@ static int push_dump(luapool_encoder *e, int idx) {
   }
   lua_pop(L, 1);
   lp_buf d = {0};
+  pthread_once(&fid_once, fid_init);
   uint64_t fid = atomic_fetch_add(&next_fid, 1);
-  if (put_u64(&d, fid)) return enc_nomem(e);
+  if (put_u64(&d, fid) || put_u64(&d, 0)) return enc_nomem(e);
   lua_pushvalue(L, idx);
   int st = lua_dump(L, dump_writer, &d, 0);
   lua_pop(L, 1);
@@ -481,6 +508,8 @@ static int push_dump(luapool_encoder *e, int idx) {
     luapool__buf_free(&d);
     return enc_nomem(e);
   }
+  uint64_t sum = checksum(d.p + 16, d.len - 16);
+  memcpy(d.p + 8, &sum, 8);
   /* lua_pushlstring may raise on memory: free d first by copying through
   ** a protected-enough path (the string is built before d is freed, so on a
   ** raise d leaks; keep that window to the one allocation). */
@@ -513,13 +542,13 @@ static int enc_function(luapool_encoder *e, int idx) {
   if (push_dump(e, idx)) return -1;
   size_t dlen;
   const char *d = lua_tolstring(L, -1, &dlen);
-  if (dlen - 8 > UINT32_MAX) {
+  if (dlen - 16 > UINT32_MAX) {
     lua_pop(L, 1);
     return enc_error(e, "a function too large to send");
   }
-  if (luapool__put_u8(e->bp, T_LFUNC) || luapool__buf_add(e->bp, d, 8) ||
-      luapool__put_u32(e->bp, (uint32_t)(dlen - 8)) ||
-      luapool__buf_add(e->bp, d + 8, dlen - 8)) {
+  if (luapool__put_u8(e->bp, T_LFUNC) || luapool__buf_add(e->bp, d, 16) ||
+      luapool__put_u32(e->bp, (uint32_t)(dlen - 16)) ||
+      luapool__buf_add(e->bp, d + 16, dlen - 16)) {
     lua_pop(L, 1);
     return enc_nomem(e);
   }
@@ -720,6 +749,7 @@ typedef struct dec {
   int refs;       /* stack slot of the id -> object table (nil until needed) */
   uint32_t nrefs;
   int depth;
+  int fcache;     /* reuse functions loaded by earlier messages (workers) */
 } dec;
 
 __attribute__((noreturn)) static void malformed(dec *d, const char *what) {
@@ -793,45 +823,58 @@ static const char *load_reader(lua_State *L, void *ud, size_t *sz) {
 }
 
 /* Worker-side cache of loaded functions by fid, so a function sent for
-** every task is loaded once.  Bounded: cleared when it grows past
+** every task is loaded once (task messages only: a result or
+** codec.decode always gets a fresh closure).  Bounded: cleared when it grows past
 ** FCACHE_MAX, so a script that sends a fresh closure per task cannot make a
 ** worker grow without limit. */
 #define FCACHE_MAX 512
 
+static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum) {
+  lua_State *L = d->L;
+  load_state ls = {code, len};
+  if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0)
+    malformed(d, "function is not Lua bytecode");
+  if (checksum(code, len) != sum) malformed(d, "function bytecode checksum mismatch");
+  if (lua_load(L, load_reader, &ls, "=(bytecode)", "b") != LUA_OK)
+    luaL_error(L, "malformed message: %s", lua_tostring(L, -1));
+}
+
 static void dec_function(dec *d) {
   lua_State *L = d->L;
-  uint64_t fid;
+  uint64_t fid, sum;
   uint32_t len;
-  if (get_bytes(d->r, &fid, 8) || luapool__get_u32(d->r, &len) ||
-      (size_t)(d->r->end - d->r->p) < len)
+  if (get_bytes(d->r, &fid, 8) || get_bytes(d->r, &sum, 8) ||
+      luapool__get_u32(d->r, &len) || (size_t)(d->r->end - d->r->p) < len)
     malformed(d, "truncated function");
   const char *code = d->r->p;
   d->r->p += len;
   dec_enter(d);
-  registry_table(L, FCACHE_KEY, NULL);
-  if (lua_rawgeti(L, -1, (lua_Integer)fid) != LUA_TFUNCTION) {
-    lua_pop(L, 1);
-    load_state ls = {code, len};
-    if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0)
-      malformed(d, "function is not Lua bytecode");
-    if (lua_load(L, load_reader, &ls, "=(bytecode)", "b") != LUA_OK)
-      luaL_error(L, "malformed message: %s", lua_tostring(L, -1));
-    lua_rawgeti(L, -2, 0);
-    lua_Integer n = lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    if (n >= FCACHE_MAX) { /* start afresh */
-      lua_newtable(L);
+  if (!d->fcache) {
+    load_function(d, code, len, sum);
+    lua_pushnil(L); /* in place of the cache table */
+  } else {
+    registry_table(L, FCACHE_KEY, NULL);
+    if (lua_rawgeti(L, -1, (lua_Integer)fid) != LUA_TFUNCTION) {
+      lua_pop(L, 1);
+      load_function(d, code, len, sum);
+      lua_rawgeti(L, -2, 0);
+      lua_Integer n = lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      if (n >= FCACHE_MAX) { /* start afresh */
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+        lua_replace(L, -3);
+        n = 0;
+      }
       lua_pushvalue(L, -1);
-      lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
-      lua_replace(L, -3);
-      n = 0;
+      lua_rawseti(L, -3, (lua_Integer)fid);
+      lua_pushinteger(L, n + 1);
+      lua_rawseti(L, -3, 0);
     }
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, -3, (lua_Integer)fid);
-    lua_pushinteger(L, n + 1);
-    lua_rawseti(L, -3, 0);
+    lua_insert(L, -2);
   }
-  lua_remove(L, -2);
+  lua_pop(L, 1); /* the cache table */
   int f = lua_gettop(L);
   dec_register(d);
   unsigned nups;
@@ -942,13 +985,17 @@ static void dec_value(dec *d) {
   }
 }
 
-void luapool__decode(lua_State *L, lp_reader *r, int n) {
+static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   luaL_checkstack(L, n + 8, "decoding a message");
   lua_pushnil(L); /* the refs slot, removed at the end */
-  dec d = {L, r, lua_gettop(L), 0, 0};
+  dec d = {L, r, lua_gettop(L), 0, 0, fcache};
   for (int i = 0; i < n; i++) dec_value(&d);
   lua_remove(L, d.refs);
 }
+
+void luapool__decode(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 0); }
+
+void luapool__decode_task(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 1); }
 
 /* }====================================================== */
 
@@ -959,7 +1006,7 @@ void luapool__decode(lua_State *L, lp_reader *r, int n) {
 int luapool__codec_encode(lua_State *L) {
   int n = lua_gettop(L);
   lp_buf *b = luapool__scratch(L);
-  lp_encode_ctx ctx = {"argument", 1, {0}};
+  lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
   if (luapool__put_u32(b, (uint32_t)n)) return luaL_error(L, "not enough memory");
   if (luapool__encode(L, b, 1, n, &ctx) != 0) {
     b->len = 0;

@@ -382,7 +382,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
       }
       lua_remove(L, 3);
       ib = luapool__scratch(L);
-      lp_encode_ctx ctx = {"initializer argument", 1, {0}};
+      lp_encode_ctx ctx = {"initializer argument", 1, {0}, NULL};
       if (luapool__put_u8(ib, LP_MSG_SINGLE) ||
           luapool__put_u32(ib, (uint32_t)nargs + 1))
         return luaL_error(L, "cannot create a pool: not enough memory");
@@ -478,7 +478,7 @@ static int pool_submit(lua_State *L) {
   if (p->closing) return luaL_error(L, "cannot submit after shutdown");
   int n = lua_gettop(L) - 1;
   lp_buf *b = luapool__scratch(L);
-  lp_encode_ctx ctx = {"argument", 1, {0}};
+  lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
   if (luapool__put_u8(b, LP_MSG_SINGLE) || luapool__put_u32(b, (uint32_t)n))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, n, &ctx) != 0) {
@@ -512,7 +512,7 @@ static int prim_submit_chunk(lua_State *L) {
     return 2;
   }
   lp_buf *b = luapool__scratch(L);
-  lp_encode_ctx ctx = {"argument", 1, {0}};
+  lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
   if (luapool__put_u8(b, LP_MSG_BATCH) || luapool__put_u32(b, (uint32_t)(hi - lo + 1)))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, 1, &ctx) != 0) goto refuse;
@@ -531,11 +531,20 @@ static int prim_submit_chunk(lua_State *L) {
       for (int a = 1; a <= nargs; a++) lua_rawgeti(L, 7, a);
       first = 8;
     }
-    ctx.root = "item";
-    ctx.root_base = (int)i;
+    char of_item[40];
+    if (star) { /* starmap: "argument #2 of item #7" */
+      snprintf(of_item, sizeof of_item, " of item #%lld", (long long)i);
+      ctx.root = "argument";
+      ctx.root_base = 1;
+      ctx.suffix = of_item;
+    } else {
+      ctx.root = "item";
+      ctx.root_base = (int)i;
+    }
     if (luapool__put_u32(b, (uint32_t)nargs))
       return luaL_error(L, "cannot submit: not enough memory");
     int r = luapool__encode(L, b, first, nargs, &ctx);
+    ctx.suffix = NULL;
     lua_settop(L, 6);
     if (r != 0) goto refuse;
   }

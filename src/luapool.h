@@ -52,6 +52,7 @@ typedef struct lp_encode_ctx {
   const char *root;  /* "argument", "result", "error value" */
   int root_base;     /* number of the first encoded value */
   char err[512];
+  const char *suffix; /* after the number ("of item #3"); NULL: none */
 } lp_encode_ctx;
 
 /* The state's scratch buffer, emptied: it lives in a userdata of the state,
@@ -80,6 +81,9 @@ int luapool__get_scalar(lp_reader *r, lp_value *v);
 int luapool__peek_kernel(lp_reader *r);
 /* Decodes n values onto L's stack (raises on malformed input). */
 void luapool__decode(lua_State *L, lp_reader *r, int n);
+/* The same for a task message in a worker: a function sent before (same
+** id) is the closure loaded then, with this message's upvalues. */
+void luapool__decode_task(lua_State *L, lp_reader *r, int n);
 /* luapool.codec.encode/decode: for tests, fuzzing and benchmarks. */
 int luapool__codec_encode(lua_State *L);
 int luapool__codec_decode(lua_State *L);

@@ -116,7 +116,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   size_t mark = out->len;
   if (ok) {
     int n = lua_gettop(L) - base;
-    lp_encode_ctx ctx = {"result", 1, {0}};
+    lp_encode_ctx ctx = {"result", 1, {0}, NULL};
     if (luapool__put_u8(out, LP_REPLY_OK) || luapool__put_u32(out, (uint32_t)n))
       luaL_error(L, "not enough memory");
     if (luapool__encode(L, out, base + 1, n, &ctx) != 0) {
@@ -136,7 +136,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);         /* base+3 */
   const char *tb = lua_tolstring(L, -1, &tl);
   if (tb == NULL) tb = "", tl = 0;
-  lp_encode_ctx ctx = {"error value", 1, {0}};
+  lp_encode_ctx ctx = {"error value", 1, {0}, NULL};
   if (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, ml) ||
       luapool__put_string(out, tb, tl))
     luaL_error(L, "not enough memory");
@@ -173,19 +173,19 @@ static int run_calls(lua_State *L) {
   if (rc->kind == LP_MSG_SINGLE) {
     if (luapool__get_u32(rc->r, &n) || n < 1 || n > (size_t)(rc->r->end - rc->r->p))
       return luaL_error(L, "malformed message: bad value count");
-    luapool__decode(L, rc->r, (int)n);
+    luapool__decode_task(L, rc->r, (int)n);
     call_one(L, rc, 0);
     return 0;
   }
   if (rc->kernel >= 0)
     lua_pushcfunction(L, luapool__kernels[rc->kernel].lua_fn);
   else
-    luapool__decode(L, rc->r, 1); /* fn at 1 */
+    luapool__decode_task(L, rc->r, 1); /* fn at 1 */
   while (rc->done < rc->ncalls) {
     if (luapool__get_u32(rc->r, &n) || n > (size_t)(rc->r->end - rc->r->p))
       return luaL_error(L, "malformed message: bad argument count");
     lua_pushvalue(L, 1);
-    luapool__decode(L, rc->r, (int)n);
+    luapool__decode_task(L, rc->r, (int)n);
     call_one(L, rc, 1);
   }
   return 0;

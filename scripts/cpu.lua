@@ -1,19 +1,20 @@
 -- The CPU-bound reference job: sum of squares of 0..n-1 for each number,
 -- on a processpool, printed exactly and in input order.
 --
--- usage: luapool scripts/cpu.lua [--workers N] [--sequential] [N...]
+-- usage: luapool scripts/cpu.lua [--workers N] [--sequential] [--progress] [N...]
 --   --workers N    processpool size (default: the number of CPUs)
 --   --sequential   compute one after the other in the main thread instead
+--   --progress     a progress bar on stderr as results come in
 
 local DEFAULT_NUMBERS = { 10000000, 12000000, 11000000, 9000000, 13000000 }
 
 local function usage(msg)
   io.stderr:write("cpu.lua: ", msg, "\n",
-    "usage: luapool scripts/cpu.lua [--workers N] [--sequential] [N...]\n")
+    "usage: luapool scripts/cpu.lua [--workers N] [--sequential] [--progress] [N...]\n")
   os.exit(2)
 end
 
-local workers, sequential, numbers = luapool.cpu_count(), false, {}
+local workers, sequential, show_progress, numbers = luapool.cpu_count(), false, false, {}
 local args = { ... }
 local i = 1
 while i <= #args do
@@ -24,6 +25,8 @@ while i <= #args do
     i = i + 1
   elseif a == "--sequential" then
     sequential = true
+  elseif a == "--progress" then
+    show_progress = true
   else
     local n = math.tointeger(tonumber(a))
     if not n or n < 0 then usage("not a non-negative integer: " .. a) end
@@ -42,7 +45,7 @@ if sequential then
 else
   label = "processpool"
   local pool <close> = processpool.new { max_workers = workers, name = "cpu" }
-  results = pool:map(sum_squares, numbers)
+  results = pool:map(sum_squares, numbers, { chunksize = 1, progress = show_progress })
 end
 print(("%s execution time: %.4f seconds"):format(label, luapool.now() - start))
 for k, n in ipairs(numbers) do

@@ -1,11 +1,13 @@
 -- The I/O-bound reference job: fetch pages on a threadpool and print each
 -- body's length, in input order.
 --
--- usage: luapool scripts/io.lua [--workers N] [--urls FILE] [--sequential] [URL...]
+-- usage: luapool scripts/io.lua [--workers N] [--urls FILE] [--sequential]
+--                                [--progress] [URL...]
 --   --workers N    threadpool size (default 5)
 --   --urls FILE    read URLs from FILE, one per line (blank lines and #
 --                  comments skipped), before any given on the command line
 --   --sequential   fetch one after the other in the main thread instead
+--   --progress     a progress bar on stderr as fetches complete
 -- Exit status: 0 when every URL was fetched, 1 when any failed.
 
 local DEFAULT_URLS = {
@@ -18,11 +20,11 @@ local DEFAULT_URLS = {
 
 local function usage(msg)
   io.stderr:write("io.lua: ", msg, "\n",
-    "usage: luapool scripts/io.lua [--workers N] [--urls FILE] [--sequential] [URL...]\n")
+    "usage: luapool scripts/io.lua [--workers N] [--urls FILE] [--sequential] [--progress] [URL...]\n")
   os.exit(2)
 end
 
-local workers, sequential, urls = 5, false, {}
+local workers, sequential, show_progress, urls = 5, false, false, {}
 local args = { ... }
 local i = 1
 while i <= #args do
@@ -43,6 +45,8 @@ while i <= #args do
     i = i + 1
   elseif a == "--sequential" then
     sequential = true
+  elseif a == "--progress" then
+    show_progress = true
   elseif a:sub(1, 2) == "--" then
     usage("unknown option " .. a)
   else
@@ -68,6 +72,7 @@ local function reason(err, url)
 end
 
 local results = {} -- [i] = {ok, length or reason}
+local bar = show_progress and require("luapool.progress").new { label = "fetch", total = #urls }
 local start = luapool.now()
 local label
 if sequential then
@@ -75,17 +80,26 @@ if sequential then
   for k, url in ipairs(urls) do
     local ok, len = pcall(fetch_url, url)
     results[k] = { ok, ok and len or reason(len, url) }
+    if bar then bar:update(k) end
   end
 else
   label = "threadpool"
   local pool <close> = threadpool.new { max_workers = workers, name = "io" }
-  local futures = {}
-  for k, url in ipairs(urls) do futures[k] = pool:submit(fetch_url, url) end
-  for k, f in ipairs(futures) do
+  local futures, index = {}, {}
+  for k, url in ipairs(urls) do
+    futures[k] = pool:submit(fetch_url, url)
+    index[futures[k]] = k
+  end
+  local finished = 0
+  for f in luapool.as_completed(futures) do
+    local k = index[f]
     local ok, len = pcall(f.result, f)
     results[k] = { ok, ok and len or reason(len, urls[k]) }
+    finished = finished + 1
+    if bar then bar:update(finished) end
   end
 end
+if bar then bar:finish() end
 print(("%s execution time: %.4f seconds"):format(label, luapool.now() - start))
 
 local failed = 0

@@ -16,6 +16,13 @@ describe("scripts/cpu.lua", function()
       "Calculation for 13000000: 732333248833335500000", "" }, "\n"))
   end)
 
+  it("draws progress on stderr with --progress, stdout unchanged", function()
+    local out, err, code = h.run({ script("cpu.lua"), "--progress", "10", "20" })
+    assert.are.equal(0, code)
+    assert.matches("\nCalculation for 10: 285\nCalculation for 20: 2470\n$", out)
+    assert.matches("^map: 2/2  100%.0%%  ", err)
+  end)
+
   it("takes numbers and --workers, and refuses bad ones", function()
     local out, _, code = h.run({ script("cpu.lua"), "--workers", "3", "10", "0" })
     assert.are.equal(0, code)
@@ -65,6 +72,13 @@ describe("scripts/io.lua", function()
     assert.matches("\nhttp://127%.0%.0%.1:1/: error: Couldn't connect to server %(", out)
     assert.matches("\n" .. urls[3]:gsub("%p", "%%%0") ..
       ": error: Server returned nothing %(no headers, no data%) %(Empty reply from server%)\n", out)
+  end)
+
+  it("draws progress on stderr with --progress", function()
+    local out, err, code = h.run({ script("io.lua"), "--progress", srv:url("/bytes?n=3"), srv:url("/bytes?n=4") })
+    assert.are.equal(0, code)
+    assert.matches("\n" .. srv:url("/bytes?n=4"):gsub("%p", "%%%0") .. ": 4\n$", out)
+    assert.matches("^fetch: 2/2  100%.0%%  ", err)
   end)
 
   it("runs sequentially in the main thread with --sequential", function()

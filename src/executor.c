@@ -49,30 +49,10 @@ void luapool__pool_break(lp_pool *p, const char *why) {
   pthread_mutex_unlock(&p->mu);
   while (q) {
     lp_future *next = q->next;
-    if (luapool__future_fail(q, LP_EK_BROKEN, "%s", why)) {
-      atomic_fetch_sub(&p->c_pending, (size_t)q->ncalls);
-      atomic_fetch_add(&p->c_failed, (size_t)q->ncalls);
-    }
+    luapool__future_fail(q, LP_EK_BROKEN, "%s", why);
     luapool__future_unref(q);
     q = next;
   }
-}
-
-void luapool__pool_cancelled(lp_pool *p, lp_future *f) {
-  atomic_fetch_sub(&p->c_pending, (size_t)f->ncalls);
-  atomic_fetch_add(&p->c_cancelled, (size_t)f->ncalls);
-}
-
-/* Counts the outcome of a future that has run. */
-static void count_outcome(lp_pool *p, lp_future *f) {
-  size_t n = (size_t)f->ncalls, bad = n;
-  if (luapool__future_state(f) == LP_FINISHED) {
-    bad = luapool__future_nerr(f);
-    if (bad > n) bad = n;
-  }
-  atomic_fetch_sub(&p->c_running, n);
-  atomic_fetch_add(&p->c_done, n - bad);
-  atomic_fetch_add(&p->c_failed, bad);
 }
 
 void luapool__pool_notify(lp_pool *p, lp_future *f) {
@@ -113,13 +93,7 @@ static void *worker_main(void *arg) {
     lp_future *f = queue_pop(p);
     pthread_mutex_unlock(&p->mu);
     if (f == NULL) break; /* closing, and nothing left to run */
-    if (luapool__future_start(f, w->name)) {
-      /* (a future cancelled or failed while queued was counted then) */
-      atomic_fetch_sub(&p->c_pending, (size_t)f->ncalls);
-      atomic_fetch_add(&p->c_running, (size_t)f->ncalls);
-      p->be->run(w, f);
-      count_outcome(p, f);
-    }
+    if (luapool__future_start(f, w->name)) p->be->run(w, f);
     luapool__future_unref(f);
     /* p->broken is written once, under the lock, before the queue is
     ** failed; a task popped before that still runs, which is harmless. */
@@ -161,8 +135,9 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
     return -1;
   }
   if (p->broken) { /* the future fails at once, like those queued before */
+    f->pool = p;
+    atomic_fetch_add(&p->c_pending, (size_t)f->ncalls);
     luapool__future_fail(f, LP_EK_BROKEN, "%s", p->broken);
-    atomic_fetch_add(&p->c_failed, (size_t)f->ncalls);
     pthread_mutex_unlock(&p->mu);
     return 0;
   }
@@ -171,6 +146,8 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
     pthread_mutex_unlock(&p->mu);
     return -1; /* with no worker at all the task would wait forever */
   }
+  f->pool = p; /* from here on its transitions move the pool's counters */
+  atomic_fetch_add(&p->c_pending, (size_t)f->ncalls);
   luapool__future_ref(f);
   if (p->tail)
     p->tail->next = f;
@@ -178,7 +155,6 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
     p->head = f;
   p->tail = f;
   p->npending++;
-  atomic_fetch_add(&p->c_pending, (size_t)f->ncalls);
   if (p->idle > 0) pthread_cond_signal(&p->cv);
   pthread_mutex_unlock(&p->mu);
   return 0;
@@ -200,7 +176,7 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
   pthread_mutex_unlock(&p->mu);
   while (cancelled) {
     lp_future *next = cancelled->next;
-    if (luapool__future_cancel(cancelled)) luapool__pool_cancelled(p, cancelled);
+    luapool__future_cancel(cancelled);
     luapool__future_unref(cancelled);
     cancelled = next;
   }
@@ -591,13 +567,7 @@ static int prim_chunk_into(lua_State *L) {
 /* cancel(future) -> true when it was still queued and is now cancelled */
 static int prim_cancel(lua_State *L) {
   lp_future *f = luapool__check_future(L, 1);
-  int moved = luapool__future_cancel(f);
-  if (moved) {
-    lua_getiuservalue(L, 1, 1);
-    lp_pool *p = luapool__to_pool(L, -1);
-    if (p) luapool__pool_cancelled(p, f);
-  }
-  lua_pushboolean(L, moved);
+  lua_pushboolean(L, luapool__future_cancel(f));
   return 1;
 }
 

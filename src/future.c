@@ -112,8 +112,30 @@ static void fire(lp_wnode *n) {
   pthread_mutex_unlock(&q->mu);
 }
 
+/* Moves the pool's call counters for a transition of f (mutex locked), so
+** stats() agrees with the futures' states at every moment. */
+static void count(lp_future *f, lp_fstate from, lp_fstate to) {
+  lp_pool *p = f->pool;
+  if (p == NULL) return;
+  size_t n = (size_t)f->ncalls;
+  atomic_fetch_sub(from == LP_PENDING ? &p->c_pending : &p->c_running, n);
+  if (to == LP_RUNNING) {
+    atomic_fetch_add(&p->c_running, n);
+  } else if (to == LP_CANCELLED) {
+    atomic_fetch_add(&p->c_cancelled, n);
+  } else if (to == LP_FAILED) {
+    atomic_fetch_add(&p->c_failed, n);
+  } else {
+    size_t bad = luapool__future_nerr(f);
+    if (bad > n) bad = n;
+    atomic_fetch_add(&p->c_done, n - bad);
+    atomic_fetch_add(&p->c_failed, bad);
+  }
+}
+
 /* mutex must be locked: wakes whoever waits for the outcome. */
-static void settle(lp_future *f) {
+static void settle(lp_future *f, lp_fstate from) {
+  count(f, from, f->state);
   for (lp_wnode *n = f->wnodes, *next; n; n = next) {
     next = n->fnext;
     fire(n);
@@ -132,6 +154,7 @@ int luapool__future_start(lp_future *f, const char *worker) {
   int ok = f->state == LP_PENDING;
   if (ok) {
     f->state = LP_RUNNING;
+    count(f, LP_PENDING, LP_RUNNING);
     snprintf(f->worker, sizeof f->worker, "%s", worker);
   }
   pthread_mutex_unlock(&f->mu);
@@ -152,6 +175,7 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
   }
   pthread_mutex_lock(&f->mu);
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
+    lp_fstate from = f->state;
     f->state = LP_FINISHED;
     if (own == NULL) {
       memcpy(f->inline_reply, reply, len);
@@ -161,7 +185,7 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
       own = NULL;
     }
     f->replylen = len;
-    settle(f);
+    settle(f, from);
   }
   pthread_mutex_unlock(&f->mu);
   free(own); /* it lost a race: already failed elsewhere */
@@ -177,12 +201,13 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
   int moved = 0;
   pthread_mutex_lock(&f->mu);
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
+    lp_fstate from = f->state;
     f->state = LP_FAILED;
     f->ekind = k;
     f->emsg = m;
     m = NULL;
     moved = 1;
-    settle(f);
+    settle(f, from);
   }
   pthread_mutex_unlock(&f->mu);
   free(m);
@@ -190,7 +215,7 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
 }
 
 uint32_t luapool__future_nerr(lp_future *f) {
-  uint32_t n = 0;
+  uint32_t n = 0; /* (state read under mu, or after it was seen done) */
   if (f->state == LP_FINISHED && f->replylen >= 4) memcpy(&n, f->reply, 4);
   return n;
 }
@@ -201,7 +226,7 @@ int luapool__future_cancel(lp_future *f) {
   if (f->state == LP_PENDING) {
     f->state = LP_CANCELLED;
     moved = 1;
-    settle(f);
+    settle(f, LP_PENDING);
   }
   pthread_mutex_unlock(&f->mu);
   return moved;
@@ -423,8 +448,6 @@ static int future_cancel(lua_State *L) {
   lp_future *f = poll_future(L);
   if (luapool__future_cancel(f)) {
     lua_getiuservalue(L, 1, 1);
-    lp_pool *p = luapool__to_pool(L, -1);
-    if (p) luapool__pool_cancelled(p, f);
     luapool__pool_poll(L, -1); /* its callbacks run now */
     lua_pop(L, 1);
   }

@@ -133,6 +133,7 @@ typedef struct lp_future {
   char worker[64];  /* worker that ran or failed it */
   lp_wnode *wnodes; /* completion queues waiting for it (mutex: mu) */
   struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
+  struct lp_pool *pool;   /* whose call counters its transitions move */
   char inline_msg[]; /* small messages live here */
 } lp_future;
 
@@ -281,8 +282,6 @@ void luapool__run_callback(lua_State *L, int cb, int fidx);
 /* Owner-side pool API (executor.c). */
 lp_pool *luapool__check_pool(lua_State *L, int idx);
 lp_pool *luapool__to_pool(lua_State *L, int idx); /* NULL when closed */
-/* A queued future was cancelled by the owner: move its calls' count. */
-void luapool__pool_cancelled(lp_pool *p, lp_future *f);
 int luapool__pool_new(lua_State *L, const lp_backend *be);
 void luapool__pool_open(lua_State *L);
 /* Pushes the table of primitives the Lua layer is built on. */

@@ -27,7 +27,7 @@ end
 -- The text of one report (no line ending).
 function M.render(label, done, total, elapsed, width)
   local rate = elapsed > 0 and done / elapsed or 0
-  local parts = { label .. ":" }
+  local parts = {}
   if total then
     local frac = total > 0 and done / total or 1
     if width then
@@ -35,7 +35,7 @@ function M.render(label, done, total, elapsed, width)
       parts[#parts + 1] = "[" .. ("#"):rep(filled) .. ("-"):rep(width - filled) .. "]"
     end
     parts[#parts + 1] = ("%d/%d"):format(done, total)
-    parts[#parts + 1] = ("%5.1f%%"):format(frac * 100)
+    parts[#parts + 1] = ("%.1f%%"):format(frac * 100)
   else
     parts[#parts + 1] = ("%d done"):format(done)
   end
@@ -44,7 +44,7 @@ function M.render(label, done, total, elapsed, width)
   if total and rate > 0 and done < total then
     parts[#parts + 1] = "ETA " .. clock((total - done) / rate)
   end
-  return table.concat(parts, "  ")
+  return label .. ": " .. table.concat(parts, "  ")
 end
 
 local Bar = {}
@@ -82,7 +82,7 @@ function Bar:update(done)
   if self.finished then return end
   self.done = done
   local t = self.now()
-  if self.last == nil and not self.tty then self.last = t end -- plain: first line later
+  if self.last == nil and not self.tty then self.last = self.start end -- plain: a line per interval
   if self.last == nil or t - self.last >= self.interval then self:emit(false) end
 end
 

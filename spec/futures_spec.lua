@@ -1,0 +1,409 @@
+-- The futures model on both pools: as_completed, wait, cancel, callbacks,
+-- map options, lazy imap, shutdown paths, stats, progress.
+local luapool = require "luapool"
+local h = require "helper"
+
+local function sleeper(s, v)
+  return function() luapool.sleep(s) return v end
+end
+
+local function rss_kb()
+  return tonumber(h.slurp("/proc/self/status"):match("VmRSS:%s*(%d+)"))
+end
+
+for _, kind in ipairs { "threadpool", "processpool" } do
+  local new = luapool[kind].new
+  describe(kind, function()
+    describe("as_completed", function()
+      it("yields futures in completion order", function()
+        local pool <close> = new { max_workers = 4 }
+        local fs = {}
+        for i, s in ipairs { 0.3, 0.05, 0.2, 0.1 } do fs[i] = pool:submit(sleeper(s, i)) end
+        local order = {}
+        for f in luapool.as_completed(fs) do order[#order + 1] = f:result() end
+        assert.are.same({ 2, 4, 3, 1 }, order)
+      end)
+
+      it("raises a timeout error saying how many were unfinished", function()
+        local pool <close> = new { max_workers = 2 }
+        local fs = { pool:submit(sleeper(0, 1)), pool:submit(sleeper(1, 2)), pool:submit(sleeper(1, 3)) }
+        local seen = 0
+        local ok, err = pcall(function()
+          for _ in luapool.as_completed(fs, 0.3) do seen = seen + 1 end
+        end)
+        assert.is_false(ok)
+        assert.are.equal("timeout", err.kind)
+        assert.are.equal("2 (of 3) futures unfinished after 0.3 seconds", err.message)
+        assert.are.equal(1, seen)
+        for _, f in ipairs(fs) do f:cancel() end
+      end)
+
+      it("yields each future once even when listed twice, and finished ones at once", function()
+        local pool <close> = new { max_workers = 1 }
+        local f = pool:submit(sleeper(0, "x"))
+        f:result()
+        local n = 0
+        for g in luapool.as_completed { f, f } do
+          n = n + 1
+          assert.are.equal(f, g)
+        end
+        assert.are.equal(1, n)
+      end)
+
+      it("refuses what is not a list of futures", function()
+        assert.has_error(function() luapool.as_completed(5) end,
+          "bad argument #1 to 'as_completed' (table of futures expected, got number)")
+        assert.has_error(function() luapool.as_completed({ 1 }) end,
+          "bad argument #1 to 'as_completed' (future expected at index 1, got number)")
+        assert.has_error(function() luapool.as_completed({}, -1) end,
+          "bad argument #2 to 'as_completed' (non-negative number expected, got -1)")
+      end)
+    end)
+
+    describe("wait", function()
+      it("waits for all by default and returns done and not_done in input order", function()
+        local pool <close> = new { max_workers = 3 }
+        local fs = { pool:submit(sleeper(0.1, 1)), pool:submit(sleeper(0, 2)), pool:submit(sleeper(0.05, 3)) }
+        local done, not_done = luapool.wait(fs)
+        assert.are.same(fs, done)
+        assert.are.same({}, not_done)
+      end)
+
+      it("returns at the first completion with FIRST_COMPLETED", function()
+        local pool <close> = new { max_workers = 2 }
+        local slow, fast = pool:submit(sleeper(2, 1)), pool:submit(sleeper(0.05, 2))
+        local done, not_done = luapool.wait({ slow, fast }, { return_when = "FIRST_COMPLETED" })
+        assert.are.same({ fast }, done)
+        assert.are.same({ slow }, not_done)
+        slow:cancel()
+      end)
+
+      it("returns at the first failure with FIRST_EXCEPTION, or when all are done", function()
+        local pool <close> = new { max_workers = 3 }
+        local slow = pool:submit(sleeper(2, 1))
+        local bad = pool:submit(function() luapool.sleep(0.05) error("bad") end)
+        local ok = pool:submit(sleeper(0, 3))
+        local done, not_done = luapool.wait({ slow, bad, ok }, { return_when = "FIRST_EXCEPTION" })
+        assert.are.same({ bad, ok }, done)
+        assert.are.same({ slow }, not_done)
+        local all = luapool.wait({ ok }, { return_when = "FIRST_EXCEPTION" })
+        assert.are.same({ ok }, all)
+      end)
+
+      it("stops at the timeout", function()
+        local pool <close> = new { max_workers = 1 }
+        local f = pool:submit(sleeper(1, 1))
+        local done, not_done = luapool.wait({ f }, { timeout = 0.1 })
+        assert.are.same({}, done)
+        assert.are.same({ f }, not_done)
+      end)
+
+      it("refuses a bad return_when or option", function()
+        assert.has_error(function() luapool.wait({}, { return_when = "SOON" }) end,
+          "bad option 'return_when' to 'wait' (ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION expected, got SOON)")
+        assert.has_error(function() luapool.wait({}, { timout = 1 }) end, "unknown option 'timout' to 'wait'")
+      end)
+    end)
+
+    describe("cancel", function()
+      it("ends a future in exactly one state when racing with its start", function()
+        local pool <close> = new { max_workers = 2 }
+        local counts = { cancelled = 0, ran = 0 }
+        for _ = 1, 200 do
+          local f = pool:submit(sleeper(0, "ran"))
+          local won = f:cancel()
+          if won then
+            assert.is_true(f:cancelled())
+            assert.are.equal("cancelled", f:exception().kind)
+            counts.cancelled = counts.cancelled + 1
+          else
+            assert.are.equal("ran", f:result())
+            assert.is_false(f:cancelled())
+            counts.ran = counts.ran + 1
+          end
+          assert.is_true(f:done())
+        end
+        assert.are.equal(200, counts.cancelled + counts.ran)
+      end)
+
+      it("is false for a running future, true only while pending", function()
+        local pool <close> = new { max_workers = 1 }
+        local running = pool:submit(sleeper(0.3, 1))
+        local queued = pool:submit(sleeper(0, 2))
+        luapool.sleep(0.1)
+        assert.is_true(running:running())
+        assert.is_false(running:cancel())
+        assert.is_true(queued:cancel())
+        assert.are.equal(1, running:result())
+      end)
+    end)
+
+    describe("done callbacks", function()
+      it("run exactly once, on the owner, including when added after completion", function()
+        local pool <close> = new { max_workers = 2 }
+        local calls = {}
+        local f = pool:submit(sleeper(0.1, 7))
+        f:add_done_callback(function(g)
+          assert.are.equal(f, g)
+          calls[#calls + 1] = "first:" .. luapool.current_worker().kind
+        end)
+        f:add_done_callback(function() calls[#calls + 1] = "second" end)
+        assert.are.equal(7, f:result())
+        f:add_done_callback(function() calls[#calls + 1] = "late" end)
+        f:result()
+        luapool.wait { f }
+        assert.are.same({ "first:main", "second", "late" }, calls)
+      end)
+
+      it("fire for cancelled futures and for futures no one waits on", function()
+        local pool <close> = new { max_workers = 1 }
+        local busy = pool:submit(sleeper(0.2, 0))
+        local queued = pool:submit(sleeper(0, 1))
+        local fired = {}
+        queued:add_done_callback(function(f) fired[#fired + 1] = f:cancelled() end)
+        local other = pool:submit(sleeper(0, 2))
+        other:add_done_callback(function() fired[#fired + 1] = "other" end)
+        queued:cancel()
+        assert.are.same({ true }, fired)
+        busy:result()
+        pool:shutdown()
+        assert.are.same({ true, "other" }, fired)
+      end)
+
+      it("report a raising callback on stderr with its traceback and run the others", function()
+        local out, err, code = h.run({ "-e", ([[
+          local pool <close> = %s.new{max_workers = 1}
+          local f = pool:submit(function() return 1 end)
+          f:add_done_callback(function() error("cb boom") end)
+          f:add_done_callback(function() print("second ran") end)
+          f:result()]]):format(kind) })
+        assert.are.equal(0, code)
+        assert.are.equal("second ran\n", out)
+        assert.matches("^luapool: error in a done callback: %(command line%):3: cb boom\nstack traceback:\n", err)
+      end)
+
+      it("may shut the pool down from a callback without deadlock", function()
+        local pool = new { max_workers = 2 }
+        local f = pool:submit(sleeper(0.05, 1))
+        local g = pool:submit(sleeper(0.3, 2))
+        f:add_done_callback(function() pool:shutdown { wait = true } end)
+        assert.are.equal(1, f:result())
+        assert.is_true(g:done())
+        assert.has_error(function() pool:submit(print) end)
+      end)
+
+      it("can wait on other futures from inside a callback", function()
+        local pool <close> = new { max_workers = 2 }
+        local others = {}
+        for i = 1, 20 do others[i] = pool:submit(sleeper(0.01, i)) end
+        local sum = 0
+        local f = pool:submit(sleeper(0, 0))
+        f:add_done_callback(function()
+          for _, o in ipairs(others) do sum = sum + o:result() end
+        end)
+        f:result()
+        assert.are.equal(210, sum)
+      end)
+    end)
+
+    describe("map options", function()
+      it("raises the first task error and cancels what has not started", function()
+        local pool <close> = new { max_workers = 1 }
+        local started = {}
+        local ok, err = pcall(pool.map, pool, function(x)
+          if x == 2 then error("item two") end
+          luapool.sleep(0.05)
+          return x
+        end, { 1, 2, 3, 4, 5, 6 }, { chunksize = 1 })
+        assert.is_false(ok)
+        assert.are.equal("task", err.kind)
+        assert.matches("item two$", err.message)
+        local s = pool:stats()
+        assert.is_true(s.cancelled >= 1, "nothing was cancelled")
+        assert.are.equal(6, s.done + s.failed + s.cancelled + s.running + s.pending)
+        _ = started
+      end)
+
+      it("raises kind timeout on its timeout and cancels the rest", function()
+        local pool <close> = new { max_workers = 1 }
+        local ok, err = pcall(pool.map, pool, function(s) luapool.sleep(s) return s end,
+          { 0, 0.5, 0.5, 0.5 }, { timeout = 0.2, chunksize = 1 })
+        assert.is_false(ok)
+        assert.are.equal("timeout", err.kind)
+        assert.are.equal("map: 3 of 4 results not ready after 0.2 seconds", err.message)
+      end)
+
+      it("refuses unknown options and bad chunksizes", function()
+        local pool <close> = new { max_workers = 1 }
+        assert.has_error(function() pool:map(print, {}, { chunk = 2 }) end, "unknown option 'chunk' to 'map'")
+        assert.has_error(function() pool:map(print, {}, { chunksize = 0 }) end,
+          "bad option 'chunksize' to 'map' (positive integer expected, got 0)")
+      end)
+    end)
+
+    describe("imap", function()
+      it("yields index, result in input order, or in completion order", function()
+        local pool <close> = new { max_workers = 4 }
+        local delays = { 0.2, 0.05, 0.15, 0.01 }
+        local seen = {}
+        for i, r in pool:imap(function(s) luapool.sleep(s) return s * 100 end, delays) do
+          seen[#seen + 1] = i .. "=" .. math.floor(r + 0.5)
+        end
+        assert.are.same({ "1=20", "2=5", "3=15", "4=1" }, seen)
+        local order = {}
+        for i in pool:imap(function(s) luapool.sleep(s) return s end, delays, { ordered = false }) do
+          order[#order + 1] = i
+        end
+        assert.are.same({ 4, 2, 3, 1 }, order)
+      end)
+
+      it("takes an infinite iterator and stops at a break, cancelling the rest", function()
+        local pool <close> = new { max_workers = 2 }
+        local n = 0
+        local function naturals() n = n + 1 return n end
+        local last
+        for i, r in pool:imap(function(x) return x * 2 end, naturals, { buffersize = 8 }) do
+          assert.are.equal(i * 2, r)
+          last = i
+          if i == 50 then break end
+        end
+        assert.are.equal(50, last)
+        assert.is_true(n <= 50 + 8 + 1, "read " .. n .. " items for 50")
+        pool:shutdown()
+        local s = pool:stats()
+        assert.are.equal(0, s.pending)
+      end)
+
+      it("cancels what is pending when the loop body raises", function()
+        local pool <close> = new { max_workers = 1 }
+        local ok = pcall(function()
+          for i in pool:imap(function(x) luapool.sleep(0.02) return x end, { 1, 2, 3, 4, 5, 6, 7, 8 },
+            { buffersize = 4 }) do
+            if i == 2 then error("stop") end
+          end
+        end)
+        assert.is_false(ok)
+        pool:shutdown()
+        local s = pool:stats()
+        assert.is_true(s.cancelled >= 1)
+        assert.is_true(s.done <= 6)
+      end)
+
+      it("raises a task's error at its item", function()
+        local pool <close> = new { max_workers = 2 }
+        local got = {}
+        local ok, err = pcall(function()
+          for i, r in pool:imap(function(x) if x == 3 then error("three") end return x end, { 1, 2, 3, 4 }) do
+            got[i] = r
+          end
+        end)
+        assert.is_false(ok)
+        assert.matches("three$", err.message)
+        assert.are.same({ 1, 2 }, got)
+      end)
+
+      it("keeps memory flat over a million items", function()
+        local pool <close> = new { max_workers = 2 }
+        collectgarbage()
+        local before = rss_kb()
+        local i, sum = 0, 0
+        local function items()
+          i = i + 1
+          if i <= 1000000 then return i end
+        end
+        for _, r in pool:imap(function(x) return x % 7 end, items, { chunksize = 200 }) do sum = sum + r end
+        collectgarbage()
+        local grown = rss_kb() - before
+        assert.are.equal(2999998, sum) -- 142857 cycles of 0..6, then 1000000 % 7 = 1
+        assert.is_true(grown < 20 * 1024, ("RSS grew by %d kB"):format(grown))
+      end)
+    end)
+
+    describe("shutdown", function()
+      it("with wait=false returns at once; the work still finishes", function()
+        local pool = new { max_workers = 1 }
+        local f = pool:submit(sleeper(0.2, "late"))
+        local t0 = luapool.now()
+        pool:shutdown { wait = false }
+        assert.is_true(luapool.now() - t0 < 0.15)
+        assert.are.equal("late", f:result(5))
+        pool:shutdown()
+        pool:shutdown()
+      end)
+
+      it("with tasks running and cancel_futures cancels only the queued", function()
+        local pool = new { max_workers = 1 }
+        local running = pool:submit(sleeper(0.2, 1))
+        luapool.sleep(0.05)
+        local queued = pool:submit(sleeper(0, 2))
+        pool:shutdown { cancel_futures = true }
+        assert.are.equal(1, running:result())
+        assert.is_true(queued:cancelled())
+      end)
+    end)
+
+    it("counts calls in stats", function()
+      local pool <close> = new { max_workers = 2 }
+      pool:map(function(x) if x % 5 == 0 then error("five") end return x end, { 1, 2, 3, 4 })
+      local ok = pcall(pool.map, pool, function(x) if x == 5 then error("five") end return x end, { 5 })
+      assert.is_false(ok)
+      local s = pool:stats()
+      assert.are.same({ done = 4, failed = 1, pending = 0, running = 0, cancelled = 0 },
+        { done = s.done, failed = s.failed, pending = s.pending, running = s.running, cancelled = s.cancelled })
+      assert.is_true(s.workers >= 1 and s.workers <= 2)
+    end)
+  end)
+end
+
+describe("progress", function()
+  local progress = require "luapool.progress"
+
+  it("renders done/total, percentage, rate, elapsed and ETA", function()
+    assert.are.equal("map: 50/200  25.0%  10.0/s  elapsed 0:05  ETA 0:15",
+      progress.render("map", 50, 200, 5, nil))
+    assert.are.equal("map: [##########----------]  100/200  50.0%  20.0/s  elapsed 0:05  ETA 0:05",
+      progress.render("map", 100, 200, 5, 20))
+    assert.are.equal("imap: 36100 done  10.0/s  elapsed 1:00:10", progress.render("imap", 36100, nil, 3610, nil))
+  end)
+
+  it("redraws in place on a terminal and ends with a newline", function()
+    local t, text = 0, {}
+    local bar = progress.new { label = "job", total = 4, tty = true, interval = 0,
+      now = function() return t end, output = function(s) text[#text + 1] = s end }
+    for i = 1, 4 do
+      t = t + 1
+      bar:update(i)
+    end
+    bar:finish()
+    local all = table.concat(text)
+    assert.matches("^\rjob: %[", all)
+    assert.matches("\rjob: %[##############################%]  4/4  100%.0%%  1%.0/s  elapsed 0:04\n$", all)
+    assert.is_nil(all:sub(1, -2):find("\n"))
+  end)
+
+  it("writes plain lines at an interval when not a terminal", function()
+    local t, lines = 0, {}
+    local bar = progress.new { label = "job", total = 100, tty = false, interval = 5,
+      now = function() return t end, output = function(s) lines[#lines + 1] = s end }
+    for i = 1, 100 do
+      t = i / 10
+      bar:update(i)
+    end
+    bar:finish()
+    assert.are.same({
+      "job: 50/100  50.0%  10.0/s  elapsed 0:05  ETA 0:05\n",
+      "job: 100/100  100.0%  10.0/s  elapsed 0:10\n",
+      "job: 100/100  100.0%  10.0/s  elapsed 0:10\n",
+    }, lines)
+  end)
+
+  it("is drawn by map on stderr only, never stdout", function()
+    local out, err, code = h.run({ "-e", [[
+      local pool <close> = threadpool.new{max_workers = 2}
+      local r = pool:map(function(x) return x end, {1, 2, 3}, {progress = true})
+      print(#r)]] })
+    assert.are.equal(0, code)
+    assert.are.equal("3\n", out)
+    assert.matches("^map: 3/3  100%.0%%  [%d.]+/s  elapsed 0:00\n$", err)
+  end)
+end)

@@ -93,12 +93,58 @@ static void *worker_main(void *arg) {
     lp_future *f = queue_pop(p);
     pthread_mutex_unlock(&p->mu);
     if (f == NULL) break; /* closing, and nothing left to run */
-    if (luapool__future_start(f, w->name)) p->be->run(w, f);
+    if (luapool__future_start(f, w->name)) {
+      /* A new number for this task: a stop aimed at an earlier one (a
+      ** deadline that fired late) no longer matches. */
+      uint64_t seq = atomic_load(&w->intr.seq) + 1;
+      atomic_store(&w->intr.seq, seq);
+      if (f->timeout > 0) {
+        pthread_mutex_lock(&p->mu);
+        w->deadline = luapool__now() + f->timeout;
+        w->deadline_seq = seq;
+        if (p->wd_started) pthread_cond_signal(&p->wdcv);
+        pthread_mutex_unlock(&p->mu);
+      }
+      p->be->run(w, f);
+      if (f->timeout > 0) {
+        pthread_mutex_lock(&p->mu);
+        w->deadline = 0;
+        pthread_mutex_unlock(&p->mu);
+      }
+    }
     luapool__future_unref(f);
     /* p->broken is written once, under the lock, before the queue is
     ** failed; a task popped before that still runs, which is harmless. */
   }
   p->be->worker_stop(w);
+  return NULL;
+}
+
+/* The deadline watchdog of a thread pool: stops each task that outlives
+** its deadline by aiming its worker's kill_seq at it (the worker's Lua
+** hook and the kernels then give up), then sleeps until the next deadline.
+** Process pools need none: each proxy waits for its reply with a timeout. */
+static void *watchdog_main(void *arg) {
+  lp_pool *p = arg;
+  pthread_mutex_lock(&p->mu);
+  while (!p->wd_stop) {
+    double now = luapool__now(), next = now + 1.0;
+    for (int i = 0; i < p->nworkers; i++) {
+      lp_worker *w = p->workers[i];
+      if (w == NULL || w->deadline <= 0) continue;
+      if (now >= w->deadline) {
+        atomic_store(&w->intr.kill_seq, w->deadline_seq);
+        w->deadline = 0; /* fired */
+      } else if (w->deadline < next) {
+        next = w->deadline;
+      }
+    }
+    struct timespec ts;
+    ts.tv_sec = (time_t)next;
+    ts.tv_nsec = (long)((next - (double)ts.tv_sec) * 1e9);
+    pthread_cond_timedwait(&p->wdcv, &p->mu, &ts);
+  }
+  pthread_mutex_unlock(&p->mu);
   return NULL;
 }
 
@@ -113,7 +159,9 @@ static int start_worker(lp_pool *p, char *err, size_t errsz) {
   w->pool = p;
   w->index = i + 1;
   snprintf(w->name, sizeof w->name, "%s-%d", p->name, i + 1);
-  atomic_init(&w->interrupt, 0);
+  atomic_init(&w->intr.closing, 0);
+  atomic_init(&w->intr.seq, 0);
+  atomic_init(&w->intr.kill_seq, UINT64_MAX); /* matches no task */
   int r = pthread_create(&w->thread, NULL, worker_main, w);
   if (r != 0) {
     snprintf(err, errsz, "cannot start a worker thread: %s", strerror(r));
@@ -148,6 +196,9 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
   }
   f->pool = p; /* from here on its transitions move the pool's counters */
   atomic_fetch_add(&p->c_pending, (size_t)f->ncalls);
+  if (f->timeout > 0 && p->be->watchdog && !p->wd_started &&
+      pthread_create(&p->wd, NULL, watchdog_main, p) == 0)
+    p->wd_started = 1; /* (without it, a deadline is still checked after) */
   luapool__future_ref(f);
   if (p->tail)
     p->tail->next = f;
@@ -184,26 +235,35 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
   ** n cannot grow while we join. */
   if (interrupt)
     for (int i = 0; i < n; i++) {
-      if (p->workers[i] == NULL) continue; /* joined by an earlier stop */
-      atomic_store(&p->workers[i]->interrupt, 1);
+      if (p->workers[i]->joined) continue; /* by an earlier stop */
+      atomic_store(&p->workers[i]->intr.closing, 1);
       if (p->be->interrupt) p->be->interrupt(p->workers[i]);
     }
   if (!wait) return;
-  for (int i = 0; i < n; i++) {
-    if (p->workers[i] == NULL) continue;
-    pthread_join(p->workers[i]->thread, NULL);
-    free(p->workers[i]);
-    p->workers[i] = NULL;
+  for (int i = 0; i < n; i++)
+    if (p->workers[i] && !p->workers[i]->joined) {
+      pthread_join(p->workers[i]->thread, NULL);
+      p->workers[i]->joined = 1;
+    }
+  if (p->wd_started) { /* deadlines were enforced until the last task ended */
+    pthread_mutex_lock(&p->mu);
+    p->wd_stop = 1;
+    pthread_cond_signal(&p->wdcv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_join(p->wd, NULL);
+    p->wd_started = 0;
   }
 }
 
 static void pool_free(lp_pool *p) {
+  for (int i = 0; i < p->nworkers; i++) free(p->workers[i]);
   /* callbacks still owed (the pool was collected): dropped with it */
   for (lp_future *f = p->cbhead, *next; f; f = next) {
     next = f->cbnext;
     luapool__future_unref(f);
   }
   pthread_mutex_destroy(&p->cbmu);
+  pthread_cond_destroy(&p->wdcv);
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->cv);
   free(p->workers);
@@ -305,6 +365,10 @@ static const char *push_package_field(lua_State *L, const char *field) {
 
 int luapool__pool_new(lua_State *L, const lp_backend *be) {
   int max_workers = default_workers(be);
+  struct {
+    double task_timeout;
+    int on_crash_break, max_tasks_per_child, max_memory_mb;
+  } opt = {0, 0, 0, 0};
   char name[48];
   snprintf(name, sizeof name, "%s", be->kind);
   if (!lua_isnoneornil(L, 1)) {
@@ -328,6 +392,38 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
                                "of at most %d bytes expected)",
                             (int)sizeof name - 9);
         snprintf(name, sizeof name, "%s", s);
+      } else if (k && strcmp(k, "task_timeout") == 0) {
+        if (!lua_isnumber(L, -1) || !(lua_tonumber(L, -1) > 0))
+          return luaL_error(L, "bad option 'task_timeout' to 'new' (positive "
+                               "number of seconds expected, got %s)",
+                            luaL_tolstring(L, -1, NULL));
+        opt.task_timeout = lua_tonumber(L, -1);
+      } else if (k && be == &luapool__process_backend &&
+                 strcmp(k, "on_crash") == 0) {
+        const char *v = lua_tostring(L, -1);
+        if (lua_type(L, -1) != LUA_TSTRING ||
+            (strcmp(v, "replace") != 0 && strcmp(v, "break") != 0))
+          return luaL_error(L, "bad option 'on_crash' to 'new' ('replace' or "
+                               "'break' expected, got %s)",
+                            luaL_tolstring(L, -1, NULL));
+        opt.on_crash_break = strcmp(v, "break") == 0;
+      } else if (k && be == &luapool__process_backend &&
+                 (strcmp(k, "max_tasks_per_child") == 0 ||
+                  strcmp(k, "max_memory_mb") == 0)) {
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 ||
+            lua_tointeger(L, -1) > INT32_MAX)
+          return luaL_error(L, "bad option '%s' to 'new' (positive integer "
+                               "expected, got %s)",
+                            k, luaL_tolstring(L, -1, NULL));
+        if (k[4] == 't')
+          opt.max_tasks_per_child = (int)lua_tointeger(L, -1);
+        else
+          opt.max_memory_mb = (int)lua_tointeger(L, -1);
+      } else if (k && be == &luapool__thread_backend &&
+                 (strcmp(k, "on_crash") == 0 || strcmp(k, "max_tasks_per_child") == 0 ||
+                  strcmp(k, "max_memory_mb") == 0)) {
+        return luaL_error(L, "bad option '%s' to 'new' (a processpool option: "
+                             "threads share one process)", k);
       } else if (k && strcmp(k, "initializer") == 0) {
         if (lua_type(L, -1) != LUA_TFUNCTION)
           return luaL_error(L, "bad option 'initializer' to 'new' (function "
@@ -407,6 +503,16 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
     pthread_mutex_destroy(&p->mu);
     goto nomem;
   }
+  if (luapool__cond_init(&p->wdcv) != 0) {
+    pthread_mutex_destroy(&p->cbmu);
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    goto nomem;
+  }
+  p->task_timeout = opt.task_timeout;
+  p->on_crash_break = opt.on_crash_break;
+  p->max_tasks_per_child = opt.max_tasks_per_child;
+  p->max_memory_mb = opt.max_memory_mb;
   p->be = be;
   p->max_workers = max_workers;
   p->workers = workers;
@@ -434,10 +540,13 @@ static void check_fn(lua_State *L, int idx) {
 /* Queues a message as a new future and pushes its userdata.  Raises on
 ** failure (the message is freed first). */
 static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx,
-                                 lp_buf *b, int ncalls) {
+                                 lp_buf *b, int ncalls, double timeout,
+                                 const char *label) {
   luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
   lp_future *f = luapool__future_new(b, ncalls);
   if (f == NULL) luaL_error(L, "cannot submit: not enough memory");
+  f->timeout = timeout;
+  snprintf(f->label, sizeof f->label, "%s", label);
   char err[160];
   if (pool_enqueue(p, f, err, sizeof err) != 0) {
     luapool__future_unref(f);
@@ -461,7 +570,9 @@ static int pool_submit(lua_State *L) {
     b->len = 0;
     return luaL_error(L, "%s", ctx.err);
   }
-  submit_message(L, p, 1, b, 1);
+  char label[32];
+  snprintf(label, sizeof label, "task #%llu", (unsigned long long)++p->nsubmitted);
+  submit_message(L, p, 1, b, 1, p->task_timeout, label);
   return 1;
 }
 
@@ -470,7 +581,8 @@ static int pool_submit(lua_State *L) {
 ** imap, as_completed and wait are written there on top of these.
 ** ======================================================= */
 
-/* submit_chunk(pool, fn, items, lo, hi, star) -> future, or nil + message
+/* submit_chunk(pool, fn, items, lo, hi, star [, task_timeout]) -> future,
+** or nil + message
 ** when a value cannot travel or the pool takes no more work (the caller
 ** raises at its caller's level).  One task message runs fn on items[lo..hi]
 ** (each an argument list when star). */
@@ -479,6 +591,7 @@ static int prim_submit_chunk(lua_State *L) {
   luaL_checktype(L, 3, LUA_TTABLE);
   lua_Integer lo = luaL_checkinteger(L, 4), hi = luaL_checkinteger(L, 5);
   int star = lua_toboolean(L, 6);
+  double timeout = luaL_optnumber(L, 7, p->task_timeout);
   lua_settop(L, 6);
   luaL_argcheck(L, lo >= 1 && hi >= lo && hi - lo < INT32_MAX, 4, "bad chunk");
   luapool__pool_poll(L, 1);
@@ -524,7 +637,12 @@ static int prim_submit_chunk(lua_State *L) {
     lua_settop(L, 6);
     if (r != 0) goto refuse;
   }
-  submit_message(L, p, 1, b, (int)(hi - lo + 1));
+  char label[48];
+  if (lo == hi)
+    snprintf(label, sizeof label, "item #%lld", (long long)lo);
+  else
+    snprintf(label, sizeof label, "items #%lld-#%lld", (long long)lo, (long long)hi);
+  submit_message(L, p, 1, b, (int)(hi - lo + 1), timeout, label);
   return 1;
 refuse:
   luapool__scratch(L); /* empties it */

@@ -27,7 +27,7 @@
 ** C side
 ** ======================================================= */
 
-static int init_cond(pthread_cond_t *cv);
+#define init_cond luapool__cond_init
 static int is_done(lp_fstate s);
 
 static void drop_msg(lp_future *f) {
@@ -550,7 +550,7 @@ typedef struct lcq {
   int nextid;
 } lcq;
 
-static int init_cond(pthread_cond_t *cv) {
+int luapool__cond_init(pthread_cond_t *cv) {
   pthread_condattr_t ca; /* waits measure time on the monotonic clock */
   if (pthread_condattr_init(&ca) != 0) return -1;
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

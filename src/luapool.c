@@ -19,6 +19,28 @@
 #include "lua_progress.h"
 
 static const char *const WORKER_KEY = "luapool.worker";
+static const char *const WSTATE_KEY = "luapool.wstate";
+
+/* The worker a Lua state belongs to, NULL in a main state.  (Kept in the
+** registry, not the state's extra space: Lua leaves a main state's extra
+** space uninitialised, and it may belong to the embedding program.) */
+static lp_wstate *state_worker(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, WSTATE_KEY);
+  lp_wstate *ws = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return ws;
+}
+
+static lp_interrupt *state_intr(lua_State *L) {
+  lp_wstate *ws = state_worker(L);
+  return ws ? ws->intr : NULL;
+}
+
+const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline) {
+  lp_wstate *ws = state_worker(L);
+  *deadline = ws ? ws->deadline : 0;
+  return ws ? ws->intr : NULL;
+}
 
 /* {======================================================
 ** Time and machine
@@ -49,8 +71,20 @@ static int l_sleep(lua_State *L) {
   lua_Number s = luaL_checknumber(L, 1);
   luaL_argcheck(L, s >= 0 && s == s, 1, "non-negative number expected");
   if (s > 1e9) s = 1e9;
-  struct timespec ts = {(time_t)s, (long)((s - (lua_Number)(time_t)s) * 1e9)};
-  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+  /* In a worker, sleep in slices so that a stop (deadline, closing pool)
+  ** ends it: the hook cannot run while C code sleeps. */
+  lp_interrupt *intr = state_intr(L);
+  double end = luapool__now() + s;
+  for (;;) {
+    double left = end - luapool__now();
+    if (left <= 0) break;
+    if (intr && left > 0.01) left = 0.01;
+    struct timespec ts = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+    if (luapool__interrupted(intr))
+      return luaL_error(L, atomic_load(&intr->closing) ? "interrupted: the pool was closed"
+                                                        : "interrupted: the task's deadline passed");
   }
   return 0;
 }
@@ -175,14 +209,24 @@ static int l_print(lua_State *L) {
   return 0;
 }
 
-/* Count hook: stops a task whose worker was told to stop.  It fires again
-** every few thousand instructions while the flag is set, so a pcall inside
-** the task cannot swallow the stop for good. */
+/* Count hook: stops a task whose worker was told to stop.  Once it sees
+** the stop it re-arms itself to fire on every instruction: a pcall in the
+** task catches the first error, and the very next instruction of the
+** caller raises again, so the stop climbs out frame by frame and no pcall
+** (or loop of pcalls) can swallow it.  call_one re-arms the normal count
+** before each task. */
 static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
-  atomic_int *flag = *(atomic_int **)lua_getextraspace(L);
-  if (flag && atomic_load_explicit(flag, memory_order_relaxed))
-    luaL_error(L, "interrupted: the pool was closed");
+  lp_interrupt *i = state_intr(L);
+  if (luapool__interrupted(i)) {
+    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
+    luaL_error(L, atomic_load(&i->closing) ? "interrupted: the pool was closed"
+                                           : "interrupted: the task's deadline passed");
+  }
+}
+
+void luapool__arm_interrupt_hook(lua_State *L) {
+  lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
 }
 
 void luapool__open_worker_state(lua_State *L, const char *kind,
@@ -208,6 +252,8 @@ void luapool__open_worker_state(lua_State *L, const char *kind,
 
 static int init_worker_state(lua_State *L) {
   lp_wstate *ws = lua_touserdata(L, 1);
+  lua_pushlightuserdata(L, ws);
+  lua_setfield(L, LUA_REGISTRYINDEX, WSTATE_KEY);
   luaL_openlibs(L);
   lua_getglobal(L, "package");
   lua_pushstring(L, ws->path);
@@ -220,8 +266,7 @@ static int init_worker_state(lua_State *L) {
 }
 
 int luapool__worker_state_init(lua_State *L, lp_wstate *ws) {
-  *(atomic_int **)lua_getextraspace(L) = ws->interrupt;
-  lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
+  luapool__arm_interrupt_hook(L); /* coroutines inherit it */
   lua_pushcfunction(L, init_worker_state);
   lua_pushlightuserdata(L, ws);
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) return -1;

@@ -134,11 +134,15 @@ typedef struct lp_future {
   lp_wnode *wnodes; /* completion queues waiting for it (mutex: mu) */
   struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
   struct lp_pool *pool;   /* whose call counters its transitions move */
+  double timeout;   /* task deadline in seconds from its start; 0: none */
+  char label[48];   /* "task #12", "items #51-#60": names it in crash reports */
   char inline_msg[]; /* small messages live here */
 } lp_future;
 
 /* A pending future holding the task message in b (b is emptied). */
 lp_future *luapool__future_new(lp_buf *b, int ncalls);
+/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
+int luapool__cond_init(pthread_cond_t *cv);
 void luapool__future_ref(lp_future *f);
 void luapool__future_unref(lp_future *f);
 /* PENDING -> RUNNING; 0 if it was cancelled meanwhile. */
@@ -194,9 +198,15 @@ typedef struct lp_wstate {
   const char *kind;        /* "thread" or "process" */
   char name[64];
   int index;
-  atomic_int *interrupt;   /* set by the owner to stop the running task */
+  lp_interrupt *intr;      /* how the owner stops the running task */
+  double deadline;         /* of the running task (luapool__now); 0: none */
   /* For the Lua state: copied from the creating state. */
   const char *path, *cpath;
+  /* Process workers with max_memory_mb: the Lua state's allocation cap;
+  ** on_oom is called (and must not return) when a task exceeds it. */
+  size_t mem_cap, mem_used;
+  void (*on_oom)(struct lp_wstate *ws);
+  int fd; /* process workers: the socket to the parent */
 } lp_wstate;
 
 /* Task message kinds (worker.c describes the format). */
@@ -204,6 +214,8 @@ enum { LP_MSG_SINGLE = 1, LP_MSG_BATCH = 2 };
 
 /* Creates what a worker's Lua state needs (luapool.c). */
 int luapool__worker_state_init(lua_State *L, lp_wstate *ws);
+/* Installs the interrupt count hook at its normal rate (luapool.c). */
+void luapool__arm_interrupt_hook(lua_State *L);
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */
@@ -221,6 +233,7 @@ typedef struct lp_worker lp_worker;
 typedef struct lp_backend {
   const char *kind; /* "threadpool" / "processpool" */
   size_t worker_size;
+  int watchdog; /* deadlines need the pool's watchdog thread (threads) */
   /* Called on the worker's own thread. */
   int (*worker_start)(lp_worker *w);
   void (*run)(lp_worker *w, lp_future *f);
@@ -233,7 +246,11 @@ struct lp_worker {
   lp_pool *pool;
   int index; /* 1-based */
   pthread_t thread;
-  atomic_int interrupt;
+  lp_interrupt intr;
+  /* The running task's deadline, for the watchdog (mutex: pool's mu). */
+  double deadline;
+  uint64_t deadline_seq;
+  int joined; /* owner only */
   char name[64];
 };
 
@@ -256,6 +273,16 @@ struct lp_pool {
   pthread_mutex_t cbmu;
   lp_future *cbhead;       /* mutex: cbmu; each holds a reference */
   atomic_int ncb;          /* non-zero when cbhead may be non-empty */
+  /* Options (see README): deadlines, and for processes crash policy,
+  ** recycling and memory cap. */
+  double task_timeout;
+  int on_crash_break, max_tasks_per_child, max_memory_mb;
+  uint64_t nsubmitted;   /* owner only: numbers tasks for crash reports */
+  /* The deadline watchdog (thread pools), started with the first task
+  ** that has a deadline. */
+  pthread_t wd;
+  int wd_started, wd_stop;
+  pthread_cond_t wdcv;
   char *init_msg;        /* initializer + initargs as a task message */
   size_t init_len;
   char *broken;          /* set once an initializer failed: why */

@@ -7,7 +7,8 @@
 **
 ** Frames on the socket: u64 payload length, u8 type, payload.
 **   parent -> worker: FR_INIT (path, cpath), then FR_CALL (a task message)
-**   worker -> parent: FR_REPLY (the reply bytes, see worker.c)
+**   worker -> parent: FR_REPLY (the reply bytes, see worker.c), or FR_OOM
+**                     just before it exits for passing max_memory_mb
 ** A worker that dies is noticed as end-of-file on the socket; the task it
 ** ran fails with kind "crashed" naming how it died, and the next task
 ** starts a new process.  The worker dies with its parent (PR_SET_PDEATHSIG)
@@ -35,7 +36,7 @@
 
 extern char **environ;
 
-enum { FR_INIT = 1, FR_CALL = 2, FR_REPLY = 3 };
+enum { FR_INIT = 1, FR_CALL = 2, FR_REPLY = 3, FR_OOM = 4 };
 
 char *luapool__host_exe = NULL;
 
@@ -105,6 +106,7 @@ typedef struct pworker {
   atomic_int pid;
   int fd;
   int need_init; /* the pool's initializer has not run in this process */
+  int ntasks;    /* tasks this process has run (max_tasks_per_child) */
 } pworker;
 
 const char *luapool__worker_exe(void) {
@@ -210,10 +212,12 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
   pw->fd = sv[0];
   atomic_store(&pw->pid, pid);
   pw->need_init = p->init_msg != NULL;
+  pw->ntasks = 0;
   /* INIT: the owner's package.path and cpath, so require works alike. */
   lp_buf b = {0};
   int bad = luapool__put_string(&b, p->path, strlen(p->path)) ||
             luapool__put_string(&b, p->cpath, strlen(p->cpath)) ||
+            luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
             write_frame(pw->fd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
   if (bad) {
@@ -232,40 +236,76 @@ static int proc_start(lp_worker *w) {
   return 0; /* the process starts with the first task */
 }
 
+/* Waits until fd is readable or the deadline (luapool__now; 0: none)
+** passes: 1 readable (or closed), 0 deadline, -1 error. */
+static int wait_readable(int fd, double deadline) {
+  for (;;) {
+    int ms = -1;
+    if (deadline > 0) {
+      double left = deadline - luapool__now();
+      ms = left <= 0 ? 0 : (int)(left * 1000) + 1;
+    }
+    struct pollfd pfd = {fd, POLLIN, 0};
+    int r = poll(&pfd, 1, ms);
+    if (r < 0 && errno == EINTR) continue;
+    return r < 0 ? -1 : r > 0;
+  }
+}
+
+/* Sends the initializer to a new process.  0, or -1 after failing f and
+** breaking the pool (the stream is then out of step: the caller stops). */
+static int run_initializer(pworker *pw, lp_future *f) {
+  lp_worker *w = &pw->w;
+  unsigned type = 0;
+  char *reply = NULL;
+  size_t len = 0;
+  pw->need_init = 0;
+  int r = write_frame(pw->fd, FR_CALL, w->pool->init_msg, w->pool->init_len);
+  if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
+  char why[768], msg[600] = "the worker died";
+  int failed = r != 0 || type != FR_REPLY ||
+               luapool__reply_failed(reply, len, msg, sizeof msg);
+  free(reply);
+  if (!failed) return 0;
+  snprintf(why, sizeof why, "the initializer failed in worker %s: %s", w->name, msg);
+  luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
+  luapool__pool_break(w->pool, why);
+  close_worker(pw, 1.0);
+  return -1;
+}
+
 static void proc_run(lp_worker *w, lp_future *f) {
   pworker *pw = (pworker *)w;
+  lp_pool *p = w->pool;
   char err[512];
   if (atomic_load(&pw->pid) <= 0 && spawn_worker(pw, err, sizeof err) != 0) {
     luapool__future_fail(f, LP_EK_BROKEN, "%s", err);
     return;
   }
+  if (pw->need_init && run_initializer(pw, f) != 0) return;
   pid_t pid = atomic_load(&pw->pid);
+  double deadline = f->timeout > 0 ? luapool__now() + f->timeout : 0;
   unsigned type = 0;
   char *reply = NULL;
   size_t len = 0;
-  int r = 0;
-  if (pw->need_init) { /* the initializer, once per started process */
-    pw->need_init = 0;
-    r = write_frame(pw->fd, FR_CALL, w->pool->init_msg, w->pool->init_len);
-    if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
-    if (r == 0) {
-      char why[768], msg[600];
-      int failed = type != FR_REPLY || luapool__reply_failed(reply, len, msg, sizeof msg);
-      free(reply);
-      reply = NULL;
-      if (failed) {
-        snprintf(why, sizeof why, "the initializer failed in worker %s: %s",
-                 w->name, type != FR_REPLY ? "bad reply" : msg);
-        luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
-        luapool__pool_break(w->pool, why);
-        return;
-      }
+  int r = write_frame(pw->fd, FR_CALL, f->msg, f->msglen);
+  if (r == 0) {
+    r = wait_readable(pw->fd, deadline);
+    if (r == 0) { /* past its deadline: the only way to stop it is the kill */
+      kill(pid, SIGKILL);
+      close_worker(pw, 1.0);
+      luapool__future_fail(f, LP_EK_TIMEOUT,
+                           "%s exceeded its deadline of %g seconds in worker %s; "
+                           "the worker (pid %d) was killed and will be replaced",
+                           f->label, f->timeout, w->name, (int)pid);
+      return;
     }
+    r = r < 0 ? -1 : read_frame(pw->fd, &type, &reply, &len);
   }
-  if (r == 0) r = write_frame(pw->fd, FR_CALL, f->msg, f->msglen);
-  if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
   if (r == 0 && type == FR_REPLY) {
     luapool__future_finish(f, reply, len, 0);
+    if (p->max_tasks_per_child && ++pw->ntasks >= p->max_tasks_per_child)
+      close_worker(pw, 2.0); /* recycled: the next task starts a new one */
     return;
   }
   free(reply);
@@ -275,20 +315,28 @@ static void proc_run(lp_worker *w, lp_future *f) {
     close_worker(pw, 1.0); /* the stream is out of step now */
     return;
   }
-  /* EOF or a broken stream: the worker died (or was interrupted). */
-  int interrupted = atomic_load(&w->interrupt);
+  /* The worker died (or announced that it ran out of memory first). */
   int status = close_worker(pw, 1.0);
-  char how[96];
-  describe_status(status, how, sizeof how);
-  if (interrupted)
-    luapool__future_fail(f, LP_EK_INTERRUPTED,
-                         "worker %s (pid %d) was stopped while running the task: "
-                         "the pool was closed",
-                         w->name, (int)pid);
+  char how[128];
+  if (r == 0 && type == FR_OOM)
+    snprintf(how, sizeof how, "ran out of memory (max_memory_mb = %d)", p->max_memory_mb);
   else
-    luapool__future_fail(f, LP_EK_CRASHED,
-                         "worker %s (pid %d) %s while running the task", w->name,
-                         (int)pid, how);
+    describe_status(status, how, sizeof how);
+  if (atomic_load(&w->intr.closing)) {
+    luapool__future_fail(f, LP_EK_INTERRUPTED,
+                         "worker %s (pid %d) was stopped while running %s",
+                         w->name, (int)pid, f->label);
+    return;
+  }
+  char why[512];
+  snprintf(why, sizeof why, "worker %s (pid %d) %s while running %s", w->name,
+           (int)pid, how, f->label);
+  luapool__future_fail(f, LP_EK_CRASHED, "%s", why);
+  if (p->on_crash_break) { /* like Python's BrokenProcessPool */
+    char broken[600];
+    snprintf(broken, sizeof broken, "the pool is broken: %s", why);
+    luapool__pool_break(p, broken);
+  }
 }
 
 static void proc_stop(lp_worker *w) { close_worker((pworker *)w, 2.0); }
@@ -299,7 +347,7 @@ static void proc_interrupt(lp_worker *w) {
 }
 
 const lp_backend luapool__process_backend = {
-    "processpool", sizeof(pworker), proc_start, proc_run, proc_stop,
+    "processpool", sizeof(pworker), 0, proc_start, proc_run, proc_stop,
     proc_interrupt};
 
 /* }====================================================== */
@@ -308,19 +356,29 @@ const lp_backend luapool__process_backend = {
 ** Worker side (luapool --worker NAME INDEX PPID, socket on fd 3)
 ** ======================================================= */
 
+/* The Lua state passed max_memory_mb: tell the parent, and go.  Exiting
+** is the only safe way out of an allocation that must not fail. */
+static void report_oom(lp_wstate *ws) {
+  write_frame(ws->fd, FR_OOM, "", 0);
+  _exit(70);
+}
+
 int luapool__process_worker_main(int fd, const char *name, int index) {
   /* Die with the parent; if it is already gone, leave now. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to handle */
   setvbuf(stdout, NULL, _IOLBF, 0); /* task output reaches the terminal by line */
-  atomic_int interrupt;
-  atomic_init(&interrupt, 0);
+  lp_interrupt intr; /* nothing sets it: the parent kills instead */
+  atomic_init(&intr.closing, 0);
+  atomic_init(&intr.seq, 0);
+  atomic_init(&intr.kill_seq, UINT64_MAX);
   lp_wstate ws;
   memset(&ws, 0, sizeof ws);
   ws.kind = "process";
   snprintf(ws.name, sizeof ws.name, "%s", name);
   ws.index = index;
-  ws.interrupt = &interrupt;
+  ws.intr = &intr;
+  ws.fd = fd;
   unsigned type;
   char *msg;
   size_t len;
@@ -328,9 +386,10 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   lp_reader r = {msg, msg + len};
   const char *path, *cpath;
   size_t pl, cl;
+  uint32_t mem_mb = 0;
   char *paths = NULL;
   if (luapool__get_string(&r, &path, &pl) || luapool__get_string(&r, &cpath, &cl) ||
-      (paths = malloc(pl + cl + 2)) == NULL) {
+      luapool__get_u32(&r, &mem_mb) || (paths = malloc(pl + cl + 2)) == NULL) {
     free(msg);
     return 1;
   }
@@ -341,6 +400,10 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   free(msg);
   ws.path = paths;
   ws.cpath = paths + pl + 1;
+  if (mem_mb) {
+    ws.mem_cap = (size_t)mem_mb << 20;
+    ws.on_oom = report_oom;
+  }
   lp_buf out = {0};
   int rc = 0;
   for (;;) {

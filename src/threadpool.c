@@ -24,7 +24,7 @@ static int thread_start(lp_worker *w) {
   t->ws.kind = "thread";
   snprintf(t->ws.name, sizeof t->ws.name, "%s", w->name);
   t->ws.index = w->index;
-  t->ws.interrupt = &w->interrupt;
+  t->ws.intr = &w->intr;
   t->ws.path = w->pool->path;
   t->ws.cpath = w->pool->cpath;
   return 0;
@@ -52,7 +52,19 @@ static void thread_run(lp_worker *w, lp_future *f) {
   tworker *t = (tworker *)w;
   if (!t->initialized && thread_init(t, f) != 0) return;
   t->out.len = 0;
-  if (luapool__run_message(&t->ws, f->msg, f->msglen, &t->out) != 0) {
+  uint64_t seq = atomic_load(&w->intr.seq);
+  t->ws.deadline = f->timeout > 0 ? luapool__now() + f->timeout : 0;
+  int st = luapool__run_message(&t->ws, f->msg, f->msglen, &t->out);
+  /* Past its deadline (stopped by the watchdog, or finished too late):
+  ** the outcome is the timeout, whatever the task produced meanwhile. */
+  if (f->timeout > 0 && (atomic_load(&w->intr.kill_seq) == seq ||
+                         luapool__now() >= t->ws.deadline)) {
+    luapool__future_fail(f, LP_EK_TIMEOUT,
+                         "%s exceeded its deadline of %g seconds in worker %s",
+                         f->label, f->timeout, w->name);
+    return;
+  }
+  if (st != 0) {
     luapool__future_fail(f, LP_EK_TRANSFER,
                          "worker %s ran out of memory building the reply",
                          w->name);
@@ -77,4 +89,4 @@ static void thread_stop(lp_worker *w) {
 }
 
 const lp_backend luapool__thread_backend = {
-    "threadpool", sizeof(tworker), thread_start, thread_run, thread_stop, NULL};
+    "threadpool", sizeof(tworker), 1, thread_start, thread_run, thread_stop, NULL};

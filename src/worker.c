@@ -31,6 +31,12 @@
 ** Native kernel calls
 ** ======================================================= */
 
+/* Appends a TRANSFER reply: the call could not be received or answered. */
+static int put_transfer(lp_buf *out, const char *m) {
+  return luapool__put_u8(out, LP_REPLY_TRANSFER) || luapool__put_string(out, m, strlen(m))
+             ? -1 : 0;
+}
+
 /* Appends an ERROR reply whose value is the message itself. */
 static int put_error_text(lp_buf *out, const char *m) {
   size_t l = strlen(m);
@@ -76,7 +82,8 @@ static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs,
   memset(&c, 0, sizeof c);
   c.args = args;
   c.nargs = (int)nargs;
-  c.interrupt = ws->interrupt;
+  c.interrupt = ws->intr;
+  c.deadline = ws->deadline;
   int ok = luapool__kernels[k].run(&c) == 0;
   if (!ok) (*nerr)++;
   return put_kernel_reply(out, &c, ok) ? -1 : 1;
@@ -157,6 +164,7 @@ static void call_one(lua_State *L, run_ctx *rc, int base) {
   int nargs = lua_gettop(L) - base - 1;
   rc->mark = rc->out->len;
   rc->nerr_mark = rc->nerr;
+  luapool__arm_interrupt_hook(L); /* an earlier stop left it on every instruction */
   lua_pushcfunction(L, msgh);
   lua_insert(L, base + 1);
   int st = lua_pcall(L, nargs, LUA_MULTRET, base + 1);
@@ -193,9 +201,25 @@ static int run_calls(lua_State *L) {
 
 /* }====================================================== */
 
+/* The Lua allocator of a process worker with max_memory_mb: counts, and
+** hands over to ws->on_oom (which exits) past the cap. */
+static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  lp_wstate *ws = ud;
+  size_t old = ptr ? osize : 0;
+  if (nsize == 0) {
+    free(ptr);
+    ws->mem_used -= old;
+    return NULL;
+  }
+  if (nsize > old && ws->mem_used - old + nsize > ws->mem_cap) ws->on_oom(ws);
+  void *np = realloc(ptr, nsize);
+  if (np) ws->mem_used = ws->mem_used - old + nsize;
+  return np;
+}
+
 static lua_State *ensure_state(lp_wstate *ws) {
   if (ws->L) return ws->L;
-  lua_State *L = luaL_newstate();
+  lua_State *L = ws->mem_cap ? lua_newstate(capped_alloc, ws) : luaL_newstate();
   if (L == NULL) return NULL;
   if (luapool__worker_state_init(L, ws) != 0) {
     lua_close(L);
@@ -272,15 +296,17 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
   lua_pushcfunction(L, run_calls);
   lua_pushlightuserdata(L, rc);
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    /* A failure outside any task (malformed bytes, no memory): every call
-    ** not yet replied to gets this error, so none is lost. */
-    char buf[512];
+    /* A failure outside any task (the worker could not receive the task,
+    ** or ran out of memory answering it): every call not yet replied to
+    ** fails with it, kind "transfer", so none is lost. */
+    char buf[600];
     const char *m = lua_tostring(L, -1);
-    snprintf(buf, sizeof buf, "%s", m ? m : "error in worker");
+    snprintf(buf, sizeof buf, "worker %s could not receive the task: %s", ws->name,
+             m ? m : "error in worker");
     out->len = rc->mark; /* drop a reply cut short */
     rc->nerr = rc->nerr_mark;
     for (; rc->done < rc->ncalls; rc->done++, rc->nerr++)
-      if (put_error_text(out, buf)) return -1;
+      if (put_transfer(out, buf)) return -1;
   }
   lua_settop(L, 0);
   return 0;

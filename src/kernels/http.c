@@ -111,7 +111,7 @@ typedef struct req_opts {
   long connect_timeout_ms; /* 0: libcurl's default would apply; never 0 */
   int follow;
   struct curl_slist *headers;
-  const atomic_int *interrupt; /* NULL: not interruptible */
+  const lp_interrupt *interrupt; /* NULL: not interruptible */
 } req_opts;
 
 /* XFERINFOFUNCTION: non-zero aborts the transfer with
@@ -119,9 +119,9 @@ typedef struct req_opts {
 ** even while idle, which bounds how long an interrupt waits. */
 static int xfer_check(void *p, curl_off_t dltotal, curl_off_t dlnow,
                       curl_off_t ultotal, curl_off_t ulnow) {
-  const atomic_int *flag = p;
+  const lp_interrupt *flag = p;
   (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
-  return atomic_load(flag) != 0;
+  return luapool__interrupted(flag);
 }
 
 #define SETOPT(h, opt, val)                                                    \
@@ -229,7 +229,11 @@ int luapool__fetch_length_run(lp_kcall *c) {
     o.timeout_ms = seconds_to_ms(t);
   }
 
-  if (o.interrupt != NULL && atomic_load(o.interrupt) != 0)
+  if (c->deadline > 0) { /* the task's deadline caps the transfer too */
+    long left = seconds_to_ms(c->deadline - luapool__now());
+    if (o.timeout_ms == 0 || left < o.timeout_ms) o.timeout_ms = left;
+  }
+  if (luapool__interrupted(o.interrupt))
     return luapool__kerr(c, "fetch_length: %.*s: interrupted",
                          (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len),
                          a1->u.s.p);

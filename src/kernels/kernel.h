@@ -46,15 +46,34 @@ typedef struct lp_value {
 #define LP_KERNEL_MAXOUT 4
 #define LP_KERNEL_ERRSZ 1024
 
+/* How a worker tells its running task to stop.  `closing` stops whatever
+** runs (the pool is going away, Ctrl-C); `kill_seq` stops only the task
+** whose sequence number it names (a deadline), so a stop that arrives late
+** can never hit the task after it. */
+typedef struct lp_interrupt {
+  atomic_int closing;
+  atomic_uint_fast64_t seq;      /* the running task's number */
+  atomic_uint_fast64_t kill_seq; /* stop the task with this number */
+} lp_interrupt;
+
+static inline int luapool__interrupted(const lp_interrupt *i) {
+  return i != NULL &&
+         (atomic_load_explicit(&i->closing, memory_order_relaxed) ||
+          atomic_load_explicit(&i->kill_seq, memory_order_relaxed) ==
+              atomic_load_explicit(&i->seq, memory_order_relaxed));
+}
+
 typedef struct lp_kcall {
   const lp_value *args;
   int nargs;
   lp_value out[LP_KERNEL_MAXOUT]; /* results; LP_STR not allowed here */
   int nout;
-  /* Non-NULL while running inside a pool worker: becomes non-zero when the
-  ** task must stop (shutdown of a closing pool, deadline, Ctrl-C).  Kernels
-  ** poll it at a bounded interval and fail with "interrupted". */
-  const atomic_int *interrupt;
+  /* Non-NULL while running inside a pool worker: kernels poll it at a
+  ** bounded interval (luapool__interrupted) and fail with "interrupted". */
+  const lp_interrupt *interrupt;
+  /* luapool__now() time by which the task must end; 0: none.  Kernels that
+  ** wait (HTTP) stop waiting then. */
+  double deadline;
   char err[LP_KERNEL_ERRSZ]; /* message when the kernel returns -1 */
 } lp_kcall;
 
@@ -99,6 +118,12 @@ void luapool__int128_open(lua_State *L);
 int luapool__http_global_init(void);
 /* luapool.http.get(url [, opts]) */
 int luapool__http_get(lua_State *L);
+/* The interrupt block and task deadline of the worker whose Lua state L
+** is (NULL and 0 in a main state), so kernels called from Lua inside a
+** task stop like native ones (luapool.c). */
+const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline);
+/* luapool.now(): the clock deadlines are measured on (luapool.c). */
+double luapool__now(void);
 /* Frees the calling thread's easy handle (worker exit, module close). */
 void luapool__http_thread_cleanup(void);
 /* }====== */

@@ -122,7 +122,8 @@ int luapool__kernel_call_lua(lua_State *L, const lp_kernel *k) {
   c.args = args;
   c.nargs = nargs;
   c.nout = 0;
-  c.interrupt = NULL; /* a direct Lua call cannot be interrupted */
+  /* Inside a worker's task the worker's stop and deadline apply. */
+  c.interrupt = luapool__lua_interrupt(L, &c.deadline);
   c.err[0] = '\0';
   if (k->run(&c) != 0) return raise_plain(L, c.err);
 

@@ -103,13 +103,11 @@ static lp_uint128 block_big(uint64_t lo, uint64_t hi) {
   return s;
 }
 
-static int interrupted(const atomic_int *flag) {
-  return flag != NULL && atomic_load(flag) != 0;
-}
+static int interrupted(const lp_interrupt *flag) { return luapool__interrupted(flag); }
 
 /* Sum of i*i for lo <= i < hi into *out; -1 when interrupted.  The caller
 ** guarantees the result fits (hi <= SUM_SQUARES_MAXN). */
-static int sum_range(const atomic_int *flag, uint64_t lo, uint64_t hi,
+static int sum_range(const lp_interrupt *flag, uint64_t lo, uint64_t hi,
                      lp_uint128 *out) {
   lp_uint128 total = 0;
   uint64_t i = lo;

@@ -36,7 +36,8 @@ enum {
   T_LSTR,   /* u64 length */
   T_TABLE,  /* u32 narr, u32 nhash, narr values, nhash pairs, metatable */
   T_REF,    /* u32 id of a table or function already in the message */
-  T_LFUNC,  /* u64 fid, u64 checksum, u32 len, bytecode, u8 nups, upvalues */
+  T_LFUNC,  /* u64 fid, u64 checksum, u32 len, bytecode, u8 nups, u8 flags,
+            ** upvalues */
   T_NAMED,  /* name: a library table or function, see push_names */
   T_KERNEL, /* u8 index into luapool__kernels */
   T_INT128, /* 16 bytes */
@@ -523,6 +524,10 @@ static int push_dump(luapool_encoder *e, int idx) {
   return 0;
 }
 
+/* Function flags: every upvalue is _ENV, so a receiver may hand out the
+** closure it loaded for an earlier message (nothing in it can differ). */
+#define FN_REUSABLE 1
+
 static int enc_function(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   if (lua_iscfunction(L, idx)) {
@@ -553,12 +558,16 @@ static int enc_function(luapool_encoder *e, int idx) {
     return enc_nomem(e);
   }
   lua_pop(L, 1);
-  int nups = 0;
-  while (lua_getupvalue(L, idx, nups + 1) != NULL) {
+  int nups = 0, only_env = 1;
+  const char *uname;
+  while ((uname = lua_getupvalue(L, idx, nups + 1)) != NULL) {
+    if (strcmp(uname, "_ENV") != 0) only_env = 0;
     lua_pop(L, 1);
     nups++;
   }
-  if (luapool__put_u8(e->bp, (unsigned)nups)) return enc_nomem(e);
+  if (luapool__put_u8(e->bp, (unsigned)nups) ||
+      luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
+    return enc_nomem(e);
   for (int i = 1; i <= nups; i++) {
     const char *name = lua_getupvalue(L, idx, i);
     int top = lua_gettop(L);
@@ -829,12 +838,84 @@ static const char *load_reader(lua_State *L, void *ud, size_t *sz) {
 ** worker grow without limit. */
 #define FCACHE_MAX 512
 
-static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum) {
+/* {====== a structural check of Lua 5.4 bytecode
+** Lua's loader takes the main closure's upvalue count from one byte and its
+** prototype's from another, and never compares them; a mismatch makes
+** lua_setupvalue read past the prototype.  Only the bytes up to the
+** prototype's count are walked (header, source, code, constants). */
+
+typedef struct bc {
+  const unsigned char *p, *end;
+} bc;
+
+static int bc_byte(bc *b, unsigned *v) {
+  if (b->p >= b->end) return -1;
+  *v = *b->p++;
+  return 0;
+}
+
+static int bc_size(bc *b, size_t *v) { /* ldump's varint: MSB first */
+  size_t x = 0;
+  unsigned c;
+  do {
+    if (bc_byte(b, &c) || x > (SIZE_MAX >> 7)) return -1;
+    x = (x << 7) | (c & 0x7f);
+  } while ((c & 0x80) == 0);
+  *v = x;
+  return 0;
+}
+
+static int bc_skip(bc *b, size_t n) {
+  if ((size_t)(b->end - b->p) < n) return -1;
+  b->p += n;
+  return 0;
+}
+
+/* 0 when the closure's and the prototype's upvalue counts agree (and equal
+** nups, the count the message sends), -1 otherwise. */
+#define BC_HEADER 31 /* signature, version, format, data, 3 sizes, int, float */
+
+static int bytecode_check(const char *code, size_t len, unsigned nups) {
+  bc b = {(const unsigned char *)code, (const unsigned char *)code + len};
+  size_t n, k;
+  unsigned cl_nups, tt;
+  /* Lua's loader checks the header; the walk below relies on 5.4's layout
+  ** and on 4-byte instructions and 8-byte integers and floats. */
+  if (len < BC_HEADER + 1 || (unsigned char)code[4] != 0x54 || code[12] != 4 ||
+      code[13] != 8 || code[14] != 8)
+    return -1;
+  b.p += BC_HEADER;
+  if (bc_byte(&b, &cl_nups) || cl_nups != nups) return -1;
+  if (bc_size(&b, &n) || (n > 0 && bc_skip(&b, n - 1))) return -1; /* source */
+  if (bc_size(&b, &n) || bc_size(&b, &n)) return -1; /* line defined, last */
+  if (bc_skip(&b, 3)) return -1; /* numparams, is_vararg, maxstacksize */
+  if (bc_size(&b, &n) || n > len / 4 || bc_skip(&b, n * 4)) return -1; /* code */
+  if (bc_size(&b, &k)) return -1; /* constants */
+  for (size_t i = 0; i < k; i++) {
+    if (bc_byte(&b, &tt)) return -1;
+    switch (tt) {
+      case 0: case 1: case 17: break;           /* nil, false, true */
+      case 3: case 19: if (bc_skip(&b, 8)) return -1; break; /* int, float */
+      case 4: case 20:                          /* strings */
+        if (bc_size(&b, &n) || (n > 0 && bc_skip(&b, n - 1))) return -1;
+        break;
+      default: return -1;
+    }
+  }
+  if (bc_size(&b, &n)) return -1; /* the prototype's upvalue count */
+  return n == cl_nups ? 0 : -1;
+}
+
+/* }====== */
+
+static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum,
+                          unsigned nups) {
   lua_State *L = d->L;
   load_state ls = {code, len};
   if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0)
     malformed(d, "function is not Lua bytecode");
   if (checksum(code, len) != sum) malformed(d, "function bytecode checksum mismatch");
+  if (bytecode_check(code, len, nups) != 0) malformed(d, "bad function bytecode");
   if (lua_load(L, load_reader, &ls, "=(bytecode)", "b") != LUA_OK)
     luaL_error(L, "malformed message: %s", lua_tostring(L, -1));
 }
@@ -843,20 +924,23 @@ static void dec_function(dec *d) {
   lua_State *L = d->L;
   uint64_t fid, sum;
   uint32_t len;
+  unsigned nups, flags;
   if (get_bytes(d->r, &fid, 8) || get_bytes(d->r, &sum, 8) ||
       luapool__get_u32(d->r, &len) || (size_t)(d->r->end - d->r->p) < len)
     malformed(d, "truncated function");
   const char *code = d->r->p;
   d->r->p += len;
+  if (luapool__get_u8(d->r, &nups) || luapool__get_u8(d->r, &flags))
+    malformed(d, "truncated function");
   dec_enter(d);
-  if (!d->fcache) {
-    load_function(d, code, len, sum);
+  if (!d->fcache || !(flags & FN_REUSABLE)) {
+    load_function(d, code, len, sum, nups);
     lua_pushnil(L); /* in place of the cache table */
   } else {
     registry_table(L, FCACHE_KEY, NULL);
     if (lua_rawgeti(L, -1, (lua_Integer)fid) != LUA_TFUNCTION) {
       lua_pop(L, 1);
-      load_function(d, code, len, sum);
+      load_function(d, code, len, sum, nups);
       lua_rawgeti(L, -2, 0);
       lua_Integer n = lua_tointeger(L, -1);
       lua_pop(L, 1);
@@ -877,8 +961,6 @@ static void dec_function(dec *d) {
   lua_pop(L, 1); /* the cache table */
   int f = lua_gettop(L);
   dec_register(d);
-  unsigned nups;
-  if (luapool__get_u8(d->r, &nups)) malformed(d, "truncated function");
   for (unsigned i = 1; i <= nups; i++) {
     if (d->r->p < d->r->end && (unsigned char)*d->r->p == T_ENV) {
       d->r->p++;
@@ -891,8 +973,6 @@ static void dec_function(dec *d) {
   d->depth--;
 }
 
-/* A value sent by name: package.loaded[first part] (or, for a name with
-** no dot that is not a library, a global such as print), then fields. */
 static void dec_named(dec *d) {
   lua_State *L = d->L;
   const char *name;

@@ -385,9 +385,10 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
                                                  : luaL_typename(L, -1));
         max_workers = (int)lua_tointeger(L, -1);
       } else if (k && strcmp(k, "name") == 0) {
-        size_t len;
-        const char *s = lua_tolstring(L, -1, &len);
-        if (lua_type(L, -1) != LUA_TSTRING || len == 0 || len >= sizeof name - 8)
+        size_t len = 0; /* (tolstring only on a real string: it would
+                        ** turn a number into one in place) */
+        const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        if (s == NULL || len == 0 || len >= sizeof name - 8)
           return luaL_error(L, "bad option 'name' to 'new' (non-empty string "
                                "of at most %d bytes expected)",
                             (int)sizeof name - 9);
@@ -821,6 +822,8 @@ static int pool_index(lua_State *L) {
     lua_pushinteger(L, p->max_workers);
   else if (strcmp(k, "name") == 0)
     lua_pushstring(L, p->name);
+  else if (strcmp(k, "task_timeout") == 0 && p->task_timeout > 0)
+    lua_pushnumber(L, p->task_timeout);
   else if (strcmp(k, "kind") == 0)
     lua_pushstring(L, p->be->kind);
   else

@@ -13,10 +13,13 @@ local new_error, is_future, cq = prim.error, prim.is_future, prim.cq
 local error, type, pairs, ipairs, tostring = error, type, pairs, ipairs, tostring
 local math_type, math_max, rawlen = math.type, math.max, rawlen
 
--- Errors about arguments point at the caller of the API function (level 3:
--- the API function called this helper).
-local function argerror(n, fname, msg)
-  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+-- Errors about arguments point at the caller of the API function.  Levels
+-- count from the function that calls error(): an API function raising
+-- itself uses 2, argerror called by it 3, argerror called by a helper of
+-- it 4 (map and starmap tail-call map_impl, which thus stands at the API
+-- function's level).
+local function argerror(n, fname, msg, level)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), level or 3)
 end
 
 local function typename(v)
@@ -27,14 +30,14 @@ end
 
 local function check_fn(fn, fname)
   if type(fn) ~= "function" then
-    argerror(1, fname, "function or kernel expected, got " .. typename(fn))
+    argerror(1, fname, "function or kernel expected, got " .. typename(fn), 4)
   end
 end
 
 -- Reads an options table against the names allowed; returns it (or {}).
 local function options(opts, n, fname, allowed)
   if opts == nil then return {} end
-  if type(opts) ~= "table" then argerror(n, fname, "table expected, got " .. typename(opts)) end
+  if type(opts) ~= "table" then argerror(n, fname, "table expected, got " .. typename(opts), 4) end
   for k in pairs(opts) do
     if not allowed[k] then error(("unknown option '%s' to '%s'"):format(tostring(k), fname), 3) end
   end
@@ -45,7 +48,7 @@ local function opt_int(opts, key, fname)
   local v = opts[key]
   if v ~= nil and (math_type(v) ~= "integer" or v < 1) then
     error(("bad option '%s' to '%s' (positive integer expected, got %s)")
-      :format(key, fname, tostring(v)), 4)
+      :format(key, fname, tostring(v)), 3)
   end
   return v
 end
@@ -53,7 +56,15 @@ end
 local function opt_timeout(v, fname, what)
   if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then
     error(("bad option '%s' to '%s' (non-negative number expected, got %s)")
-      :format(what, fname, tostring(v)), 4)
+      :format(what, fname, tostring(v)), 3)
+  end
+  return v
+end
+
+local function opt_positive(v, fname)
+  if v ~= nil and (type(v) ~= "number" or not (v > 0)) then
+    error(("bad option 'task_timeout' to '%s' (positive number of seconds expected, got %s)")
+      :format(fname, tostring(v)), 3)
   end
   return v
 end
@@ -88,7 +99,7 @@ end
 
 -- {====== map and starmap
 
-local MAP_OPTS = { chunksize = true, timeout = true, progress = true }
+local MAP_OPTS = { chunksize = true, timeout = true, progress = true, task_timeout = true }
 
 local function map_impl(pool, fn, items, opts, star, fname)
   check_fn(fn, fname)
@@ -97,17 +108,20 @@ local function map_impl(pool, fn, items, opts, star, fname)
   end
   opts = options(opts, 3, fname, MAP_OPTS)
   local n = rawlen(items)
-  local chunk = opt_int(opts, "chunksize", fname) or auto_chunksize(pool, n)
+  local task_timeout = opt_positive(opts.task_timeout, fname)
+  -- A deadline is per task: with one, every item is its own task.
+  local chunk = opt_int(opts, "chunksize", fname) or
+    (task_timeout or pool.task_timeout) and 1 or auto_chunksize(pool, n)
   local timeout = opt_timeout(opts.timeout, fname, "timeout")
   local deadline = timeout and now() + timeout
   local futures = {}
   for lo = 1, n, chunk do
     local hi = lo + chunk - 1
     if hi > n then hi = n end
-    local f, err = submit_chunk(pool, fn, items, lo, hi, star)
+    local f, err = submit_chunk(pool, fn, items, lo, hi, star, opts.task_timeout)
     if not f then
       cancel_from(futures, 1)
-      error(err, 3)
+      error((err:gsub("^bad item (#%d+) ", "bad item %1 to '" .. fname .. "' ")), 2)
     end
     futures[#futures + 1] = f
   end
@@ -144,7 +158,9 @@ end
 
 -- {====== imap: lazy, bounded, ordered or not
 
-local IMAP_OPTS = { buffersize = true, ordered = true, chunksize = true, progress = true }
+local IMAP_OPTS = {
+  buffersize = true, ordered = true, chunksize = true, progress = true, task_timeout = true,
+}
 
 -- The items of a table (its sequence, as long as it is when imap starts) or
 -- of an iterator function (until it returns nil; only its first value).
@@ -172,6 +188,7 @@ function methods.imap(pool, fn, iterable, opts)
   end
   opts = options(opts, 3, "imap", IMAP_OPTS)
   local chunk = opt_int(opts, "chunksize", "imap") or 1
+  local task_timeout = opt_positive(opts.task_timeout, "imap")
   local buffersize = opt_int(opts, "buffersize", "imap") or 2 * pool.max_workers
   local ordered = opts.ordered ~= false
   local next_item, total = item_source(iterable)
@@ -211,7 +228,7 @@ function methods.imap(pool, fn, iterable, opts)
         args[k] = v
       end
       if k == 0 then return end
-      local f, err = submit_chunk(pool, fn, args, 1, k, false)
+      local f, err = submit_chunk(pool, fn, args, 1, k, false, task_timeout)
       if not f then
         close()
         error((err:gsub("item #(%d+)", function(d) return "item #" .. (next_index + d - 1) end)), 3)

@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -105,7 +107,9 @@ static void *worker_main(void *arg) {
         if (p->wd_started) pthread_cond_signal(&p->wdcv);
         pthread_mutex_unlock(&p->mu);
       }
+      atomic_store(&w->busy, 1);
       p->be->run(w, f);
+      atomic_store(&w->busy, 0);
       if (f->timeout > 0) {
         pthread_mutex_lock(&p->mu);
         w->deadline = 0;
@@ -117,6 +121,7 @@ static void *worker_main(void *arg) {
     ** failed; a task popped before that still runs, which is harmless. */
   }
   p->be->worker_stop(w);
+  atomic_store(&w->exited, 1);
   return NULL;
 }
 
@@ -133,6 +138,7 @@ static void *watchdog_main(void *arg) {
       lp_worker *w = p->workers[i];
       if (w == NULL || w->deadline <= 0) continue;
       if (now >= w->deadline) {
+        atomic_store(&w->intr.reason, LP_STOP_DEADLINE);
         atomic_store(&w->intr.kill_seq, w->deadline_seq);
         w->deadline = 0; /* fired */
       } else if (w->deadline < next) {
@@ -148,6 +154,72 @@ static void *watchdog_main(void *arg) {
   return NULL;
 }
 
+/* Pool threads run with the asynchronous signals blocked, so SIGINT and
+** SIGTERM reach the main thread (the host's handler) and a dead worker's
+** socket never raises SIGPIPE in them. */
+static int create_thread(pthread_t *t, void *(*fn)(void *), void *arg) {
+  sigset_t block, old;
+  sigemptyset(&block);
+  sigaddset(&block, SIGINT);
+  sigaddset(&block, SIGTERM);
+  sigaddset(&block, SIGPIPE);
+  sigaddset(&block, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
+  int r = pthread_create(t, NULL, fn, arg);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  return r;
+}
+
+/* {====== live pools, for Ctrl-C */
+static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER;
+static lp_pool *live_head;
+
+static void live_add(lp_pool *p) {
+  pthread_mutex_lock(&live_mu);
+  p->next_live = live_head;
+  if (live_head) live_head->prev_live = p;
+  live_head = p;
+  pthread_mutex_unlock(&live_mu);
+}
+
+static void live_remove(lp_pool *p) {
+  pthread_mutex_lock(&live_mu);
+  if (p->prev_live) p->prev_live->next_live = p->next_live;
+  else live_head = p->next_live;
+  if (p->next_live) p->next_live->prev_live = p->prev_live;
+  pthread_mutex_unlock(&live_mu);
+}
+
+/* Cancels the queued tasks and stops the running ones (their futures fail
+** with kind "interrupted"); the pool stays usable. */
+static void pool_interrupt(lp_pool *p) {
+  pthread_mutex_lock(&p->mu);
+  lp_future *q = p->head;
+  p->head = p->tail = NULL;
+  p->npending = 0;
+  for (int i = 0; i < p->nworkers; i++) {
+    lp_worker *w = p->workers[i];
+    if (w->joined || !atomic_load(&w->busy)) continue;
+    atomic_store(&w->intr.reason, LP_STOP_SIGNAL);
+    atomic_store(&w->intr.kill_seq, atomic_load(&w->intr.seq));
+    if (p->be->interrupt) p->be->interrupt(w);
+  }
+  pthread_mutex_unlock(&p->mu);
+  while (q) {
+    lp_future *next = q->next;
+    luapool__future_cancel(q);
+    luapool__future_unref(q);
+    q = next;
+  }
+}
+
+void luapool__interrupt_all(void) {
+  pthread_mutex_lock(&live_mu);
+  for (lp_pool *p = live_head; p; p = p->next_live) pool_interrupt(p);
+  pthread_mutex_unlock(&live_mu);
+}
+/* }====== */
+
 /* mutex must be locked.  Starts worker number nworkers+1; -1 on failure. */
 static int start_worker(lp_pool *p, char *err, size_t errsz) {
   int i = p->nworkers;
@@ -162,7 +234,10 @@ static int start_worker(lp_pool *p, char *err, size_t errsz) {
   atomic_init(&w->intr.closing, 0);
   atomic_init(&w->intr.seq, 0);
   atomic_init(&w->intr.kill_seq, UINT64_MAX); /* matches no task */
-  int r = pthread_create(&w->thread, NULL, worker_main, w);
+  atomic_init(&w->intr.reason, 0);
+  atomic_init(&w->busy, 0);
+  atomic_init(&w->exited, 0);
+  int r = create_thread(&w->thread, worker_main, w);
   if (r != 0) {
     snprintf(err, errsz, "cannot start a worker thread: %s", strerror(r));
     free(w);
@@ -197,7 +272,7 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
   f->pool = p; /* from here on its transitions move the pool's counters */
   atomic_fetch_add(&p->c_pending, (size_t)f->ncalls);
   if (f->timeout > 0 && p->be->watchdog && !p->wd_started &&
-      pthread_create(&p->wd, NULL, watchdog_main, p) == 0)
+      create_thread(&p->wd, watchdog_main, p) == 0)
     p->wd_started = 1; /* (without it, a deadline is still checked after) */
   luapool__future_ref(f);
   if (p->tail)
@@ -240,11 +315,23 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
       if (p->be->interrupt) p->be->interrupt(p->workers[i]);
     }
   if (!wait) return;
-  for (int i = 0; i < n; i++)
-    if (p->workers[i] && !p->workers[i]->joined) {
-      pthread_join(p->workers[i]->thread, NULL);
-      p->workers[i]->joined = 1;
+  int stopped = 0;
+  for (int i = 0; i < n; i++) {
+    lp_worker *w = p->workers[i];
+    if (w->joined) continue;
+    /* With the host's handler installed, a Ctrl-C during the wait stops
+    ** the running tasks (the caller raises once the workers are gone). */
+    while (atomic_load(&luapool__signals_handled) && !atomic_load(&w->exited)) {
+      if (!stopped && atomic_load(&luapool__signal)) {
+        pool_interrupt(p);
+        stopped = 1;
+      }
+      struct timespec ts = {0, 5000000};
+      nanosleep(&ts, NULL);
     }
+    pthread_join(w->thread, NULL);
+    w->joined = 1;
+  }
   if (p->wd_started) { /* deadlines were enforced until the last task ended */
     pthread_mutex_lock(&p->mu);
     p->wd_stop = 1;
@@ -256,6 +343,7 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
 }
 
 static void pool_free(lp_pool *p) {
+  live_remove(p);
   for (int i = 0; i < p->nworkers; i++) free(p->workers[i]);
   /* callbacks still owed (the pool was collected): dropped with it */
   for (lp_future *f = p->cbhead, *next; f; f = next) {
@@ -510,6 +598,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
     pthread_mutex_destroy(&p->mu);
     goto nomem;
   }
+  live_add(p);
   p->task_timeout = opt.task_timeout;
   p->on_crash_break = opt.on_crash_break;
   p->max_tasks_per_child = opt.max_tasks_per_child;
@@ -664,7 +753,9 @@ static int prim_chunk_into(lua_State *L) {
   lua_settop(L, 3);
   lua_getiuservalue(L, 1, 1);
   luapool__pool_poll(L, 4);
-  if (!luapool__future_wait(f, timeout < 0 ? -1 : timeout)) {
+  int w = luapool__future_wait(f, timeout < 0 ? -1 : timeout);
+  if (w < 0) luapool__check_signal(L);
+  if (w <= 0) {
     lua_pushnil(L);
     return 1;
   }
@@ -772,6 +863,7 @@ static int pool_shutdown(lua_State *L) {
   }
   pool_stop(p, wait, cancel, 0);
   luapool__pool_poll(L, 1);
+  luapool__check_signal(L);
   return 0;
 }
 

@@ -254,22 +254,37 @@ static void deadline_in(struct timespec *dl, double timeout) {
   }
 }
 
-int luapool__future_wait(lp_future *f, double timeout) {
+/* One wait on cv (mu held) until the deadline (timeout < 0: none).  With a
+** signal handler installed it waits at most SLICE, so a signal is seen
+** within that.  ETIMEDOUT only when the real deadline has passed. */
+#define SLICE 0.05
+
+static int wait_slice(pthread_cond_t *cv, pthread_mutex_t *mu, double timeout,
+                      double start) {
+  int sliced = atomic_load(&luapool__signals_handled);
+  if (timeout < 0 && !sliced) return pthread_cond_wait(cv, mu);
+  double left = timeout < 0 ? SLICE : start + timeout - luapool__now();
+  if (left <= 0) return ETIMEDOUT;
+  int last = timeout >= 0 && (!sliced || left <= SLICE); /* the real deadline */
   struct timespec dl;
-  if (timeout >= 0) deadline_in(&dl, timeout);
+  deadline_in(&dl, last ? left : SLICE);
+  int r = pthread_cond_timedwait(cv, mu, &dl);
+  return r == ETIMEDOUT && !last ? 0 : r;
+}
+
+static int signal_pending(void) { return atomic_load(&luapool__signal) != 0; }
+
+int luapool__future_wait(lp_future *f, double timeout) {
+  double start = luapool__now();
   pthread_mutex_lock(&f->mu);
   f->nwaiters++;
-  int r = 0;
-  while (!is_done(f->state) && r != ETIMEDOUT) {
-    if (timeout >= 0)
-      r = pthread_cond_timedwait(&f->cv, &f->mu, &dl);
-    else
-      pthread_cond_wait(&f->cv, &f->mu);
-  }
+  int r = 0, sig = 0;
+  while (!is_done(f->state) && r != ETIMEDOUT && !(sig = signal_pending()))
+    r = wait_slice(&f->cv, &f->mu, timeout, start);
   f->nwaiters--;
   int done = is_done(f->state);
   pthread_mutex_unlock(&f->mu);
-  return done;
+  return done ? 1 : sig ? -1 : 0;
 }
 
 /* }====================================================== */
@@ -387,7 +402,9 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
 static lp_future *wait_done(lua_State *L, double *timeout) {
   lp_future *f = luapool__check_future(L, 1);
   *timeout = opt_timeout(L, 2);
-  if (!luapool__future_wait(f, *timeout)) {
+  int r = luapool__future_wait(f, *timeout);
+  if (r < 0) luapool__check_signal(L);
+  if (r <= 0) {
     lua_pushfstring(L, "no result after %f seconds", *timeout);
     luapool__push_error(L, LP_EK_TIMEOUT, lua_tostring(L, -1), NULL, NULL, 0);
     lua_error(L);
@@ -657,15 +674,17 @@ static int cq_pop(lua_State *L) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  struct timespec dl;
-  if (timeout >= 0) deadline_in(&dl, timeout);
+  double start = luapool__now();
   pthread_mutex_lock(&q->mu);
   int r = 0;
   while (q->head == NULL && r != ETIMEDOUT) {
-    if (timeout >= 0)
-      r = pthread_cond_timedwait(&q->cv, &q->mu, &dl);
-    else
-      pthread_cond_wait(&q->cv, &q->mu);
+    if (signal_pending()) { /* raise with no lock held */
+      pthread_mutex_unlock(&q->mu);
+      luapool__check_signal(L);
+      pthread_mutex_lock(&q->mu);
+      continue;
+    }
+    r = wait_slice(&q->cv, &q->mu, timeout, start);
   }
   lp_wnode *n = q->head;
   if (n) {

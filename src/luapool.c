@@ -4,6 +4,7 @@
 */
 #include <errno.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,25 @@
 #include "lua_progress.h"
 
 static const char *const WORKER_KEY = "luapool.worker";
+
+atomic_int luapool__signal;
+atomic_int luapool__signals_handled;
+
+void luapool__check_signal(lua_State *L) {
+  int sig = atomic_exchange(&luapool__signal, 0);
+  if (sig == 0) return;
+  luapool__interrupt_all();
+  char msg[64];
+  snprintf(msg, sizeof msg, "the script received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  luapool__push_error(L, LP_EK_INTERRUPTED, msg, NULL, NULL, 0);
+  lua_error(L);
+}
+
+void luapool__signal_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0); /* (the handler set it; once is enough) */
+  luapool__check_signal(L);
+}
 static const char *const WSTATE_KEY = "luapool.wstate";
 
 /* The worker a Lua state belongs to, NULL in a main state.  (Kept in the
@@ -34,6 +54,12 @@ static lp_wstate *state_worker(lua_State *L) {
 static lp_interrupt *state_intr(lua_State *L) {
   lp_wstate *ws = state_worker(L);
   return ws ? ws->intr : NULL;
+}
+
+static const char *stop_message(const lp_interrupt *i) {
+  if (atomic_load(&i->closing)) return "interrupted: the pool was closed";
+  if (atomic_load(&i->reason) == LP_STOP_SIGNAL) return "interrupted: Ctrl-C";
+  return "interrupted: the task's deadline passed";
 }
 
 const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline) {
@@ -71,20 +97,20 @@ static int l_sleep(lua_State *L) {
   lua_Number s = luaL_checknumber(L, 1);
   luaL_argcheck(L, s >= 0 && s == s, 1, "non-negative number expected");
   if (s > 1e9) s = 1e9;
-  /* In a worker, sleep in slices so that a stop (deadline, closing pool)
-  ** ends it: the hook cannot run while C code sleeps. */
+  /* Sleep in slices so that a stop (deadline, closing pool) in a worker, or
+  ** Ctrl-C in the main state, ends it: no hook runs while C code sleeps. */
   lp_interrupt *intr = state_intr(L);
+  int sliced = intr || atomic_load(&luapool__signals_handled);
   double end = luapool__now() + s;
   for (;;) {
     double left = end - luapool__now();
     if (left <= 0) break;
-    if (intr && left > 0.01) left = 0.01;
+    if (sliced && left > 0.01) left = 0.01;
     struct timespec ts = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
-    if (luapool__interrupted(intr))
-      return luaL_error(L, atomic_load(&intr->closing) ? "interrupted: the pool was closed"
-                                                        : "interrupted: the task's deadline passed");
+    if (luapool__interrupted(intr)) return luaL_error(L, "%s", stop_message(intr));
+    if (intr == NULL && atomic_load(&luapool__signal)) luapool__check_signal(L);
   }
   return 0;
 }
@@ -220,8 +246,7 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   lp_interrupt *i = state_intr(L);
   if (luapool__interrupted(i)) {
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
-    luaL_error(L, atomic_load(&i->closing) ? "interrupted: the pool was closed"
-                                           : "interrupted: the task's deadline passed");
+    luaL_error(L, "%s", stop_message(i));
   }
 }
 

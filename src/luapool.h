@@ -163,7 +163,8 @@ int luapool__cq_new(lua_State *L); /* Lua: prims.cq() */
 /* Both return 1 when this call made the transition (from PENDING, or for
 ** fail also RUNNING), 0 when the future had already left that state. */
 int luapool__future_cancel(lp_future *f);
-/* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out. */
+/* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out, -1
+** a signal is pending (see luapool__check_signal). */
 int luapool__future_wait(lp_future *f, double timeout);
 lp_fstate luapool__future_state(lp_future *f);
 
@@ -251,6 +252,8 @@ struct lp_worker {
   double deadline;
   uint64_t deadline_seq;
   int joined; /* owner only */
+  atomic_int busy;   /* running a task */
+  atomic_int exited; /* its thread has finished */
   char name[64];
 };
 
@@ -283,6 +286,7 @@ struct lp_pool {
   pthread_t wd;
   int wd_started, wd_stop;
   pthread_cond_t wdcv;
+  struct lp_pool *prev_live, *next_live; /* all live pools (Ctrl-C) */
   char *init_msg;        /* initializer + initargs as a task message */
   size_t init_len;
   char *broken;          /* set once an initializer failed: why */
@@ -321,6 +325,23 @@ int luapool__process_worker_main(int fd, const char *name, int index);
 /* Path of an executable that can run `--worker` (processpool.c). */
 const char *luapool__worker_exe(void);
 extern char *luapool__host_exe; /* set by the host binary (main.c) */
+/* }====== */
+
+/* {====== Ctrl-C (the host installs the handler; luapool.c) */
+/* The signal the host received and has not yet delivered to the script as
+** an error (0: none).  Set by the host's handler only. */
+extern atomic_int luapool__signal;
+/* Non-zero when a handler is installed: owner waits then run in slices
+** and notice the signal. */
+extern atomic_int luapool__signals_handled;
+/* When a signal is pending: stops the work of every pool (queued tasks
+** cancelled, running ones stopped), then raises an error of kind
+** "interrupted".  Returns when none is pending. */
+void luapool__check_signal(lua_State *L);
+/* The hook the host's handler sets on the main state (as lua.c does). */
+void luapool__signal_hook(lua_State *L, lua_Debug *ar);
+/* Stops the work of every live pool (executor.c). */
+void luapool__interrupt_all(void);
 /* }====== */
 
 /* {====== module (luapool.c) */

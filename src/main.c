@@ -8,6 +8,8 @@
 ** serves tasks on fd 3 and never reaches the Lua command line.
 */
 #include <limits.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +22,33 @@
 #include "luapool.h"
 
 static const char *progname = "luapool";
+static lua_State *globalL;
+static volatile sig_atomic_t signals_seen;
+static int exit_signal; /* the signal received */
+static int uncaught_interrupt; /* the script ended on it: exit 128 + it */
+
+/* SIGINT/SIGTERM: the first is delivered to the script as an error of kind
+** "interrupted" (by luapool__check_signal, from a wait or from the hook set
+** here, as lua.c does); a second one ends the process at once, and the
+** workers with it (their parent-death signal).  Only async-signal-safe
+** work here: atomics, lua_sethook, _exit. */
+static void on_signal(int sig) {
+  if (signals_seen++ > 0) _exit(128 + sig);
+  exit_signal = sig;
+  atomic_store(&luapool__signal, sig);
+  lua_sethook(globalL, luapool__signal_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+static void install_signal_handlers(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  atomic_store(&luapool__signals_handled, 1);
+}
 
 static void print_usage(FILE *out) {
   fprintf(out,
@@ -57,6 +86,11 @@ static int report(lua_State *L, int status) {
 /* Message handler: non-string errors go through __tostring when they have
 ** one (luapool error objects do), then a traceback is appended. */
 static int msghandler(lua_State *L) {
+  /* an interruption nobody caught: the exit status says which signal */
+  if (lua_type(L, 1) == LUA_TTABLE && lua_getfield(L, 1, "kind") == LUA_TSTRING &&
+      strcmp(lua_tostring(L, -1), "interrupted") == 0 && exit_signal)
+    uncaught_interrupt = 1;
+  lua_settop(L, 1);
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
@@ -268,6 +302,8 @@ int main(int argc, char **argv) {
     l_message("cannot create state: not enough memory");
     return EXIT_FAILURE;
   }
+  globalL = L;
+  install_signal_handlers();
   lua_pushcfunction(L, pmain);
   lua_pushinteger(L, argc);
   lua_pushlightuserdata(L, argv);
@@ -276,5 +312,6 @@ int main(int argc, char **argv) {
   report(L, status);
   lua_close(L);
   free(luapool__host_exe);
+  if (uncaught_interrupt) return 128 + exit_signal;
   return (ok && status == LUA_OK) ? EXIT_SUCCESS : EXIT_FAILURE;
 }

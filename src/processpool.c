@@ -328,6 +328,13 @@ static void proc_run(lp_worker *w, lp_future *f) {
                          w->name, (int)pid, f->label);
     return;
   }
+  if (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
+      atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
+    luapool__future_fail(f, LP_EK_INTERRUPTED,
+                         "%s was interrupted: worker %s (pid %d) was stopped",
+                         f->label, w->name, (int)pid);
+    return;
+  }
   char why[512];
   snprintf(why, sizeof why, "worker %s (pid %d) %s while running %s", w->name,
            (int)pid, how, f->label);
@@ -372,6 +379,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   atomic_init(&intr.closing, 0);
   atomic_init(&intr.seq, 0);
   atomic_init(&intr.kill_seq, UINT64_MAX);
+  atomic_init(&intr.reason, 0);
   lp_wstate ws;
   memset(&ws, 0, sizeof ws);
   ws.kind = "process";

@@ -57,8 +57,13 @@ static void thread_run(lp_worker *w, lp_future *f) {
   int st = luapool__run_message(&t->ws, f->msg, f->msglen, &t->out);
   /* Past its deadline (stopped by the watchdog, or finished too late):
   ** the outcome is the timeout, whatever the task produced meanwhile. */
-  if (f->timeout > 0 && (atomic_load(&w->intr.kill_seq) == seq ||
-                         luapool__now() >= t->ws.deadline)) {
+  int stopped = atomic_load(&w->intr.kill_seq) == seq;
+  if (stopped && atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
+    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
+                         f->label, w->name);
+    return;
+  }
+  if (f->timeout > 0 && (stopped || luapool__now() >= t->ws.deadline)) {
     luapool__future_fail(f, LP_EK_TIMEOUT,
                          "%s exceeded its deadline of %g seconds in worker %s",
                          f->label, f->timeout, w->name);

@@ -54,7 +54,10 @@ typedef struct lp_interrupt {
   atomic_int closing;
   atomic_uint_fast64_t seq;      /* the running task's number */
   atomic_uint_fast64_t kill_seq; /* stop the task with this number */
+  atomic_int reason;             /* why kill_seq was set: LP_STOP_* */
 } lp_interrupt;
+
+enum { LP_STOP_DEADLINE = 1, LP_STOP_SIGNAL = 2 };
 
 static inline int luapool__interrupted(const lp_interrupt *i) {
   return i != NULL &&

@@ -79,6 +79,18 @@ for _, kind in ipairs { "threadpool", "processpool" } do
       assert.are.same({ 1, 2 }, pool:map(function(x) return x, "ignored" end, { 1, 2 }))
     end)
 
+    it("fails a result the owner cannot receive with kind transfer", function()
+      local pool <close> = new { max_workers = 1 }
+      local saved = string.format
+      string.format = nil -- the worker still sends string.format by name
+      local f = pool:submit(function() return string.format end)
+      local e = f:exception()
+      string.format = saved
+      assert.are.equal("transfer", e.kind)
+      assert.are.equal("cannot receive the result of task #1: cannot receive 'string.format': not found here",
+        e.message)
+    end)
+
     it("answers current_worker, now, sleep and cpu_count inside tasks", function()
       local pool <close> = new { max_workers = 2, name = "api" }
       local w, t0, t1, cpus = pool:submit(function()

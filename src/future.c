@@ -342,6 +342,35 @@ static const char *ekind_names[] = {"task",    "timeout", "cancelled",
 
 const char *luapool__ekind_name(lp_ekind k) { return ekind_names[k]; }
 
+/* Decoding in protected mode: a reply the owner cannot take (a name its
+** state does not know, no memory) becomes an error of kind "transfer". */
+typedef struct pdecode_args {
+  lp_reader *r;
+  int n;
+} pdecode_args;
+
+static int pdecode(lua_State *L) {
+  pdecode_args *a = lua_touserdata(L, 1);
+  lua_pop(L, 1);
+  luapool__decode(L, a->r, a->n);
+  return a->n;
+}
+
+/* Pushes n decoded values (returns n), or an error object (returns -1). */
+static int decode_values(lua_State *L, lp_future *f, lp_reader *r, int n) {
+  pdecode_args a = {r, n};
+  luaL_checkstack(L, n + 4, "reading a result");
+  lua_pushcfunction(L, pdecode);
+  lua_pushlightuserdata(L, &a);
+  if (lua_pcall(L, 1, n, 0) == LUA_OK) return n;
+  lua_pushfstring(L, "cannot receive the result of %s: %s", f->label[0] ? f->label : "the task",
+                  lua_tostring(L, -1));
+  luapool__push_error(L, LP_EK_TRANSFER, lua_tostring(L, -1), NULL, f->worker, 0);
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  return -1;
+}
+
 int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
                             int maxvals) {
   /* A finished future's state and reply never change again: safe to read
@@ -378,7 +407,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
   if (st == LP_REPLY_OK) {
     if (luapool__get_u32(r, &n) || n > f->replylen) luaL_error(L, "malformed reply");
     int top = lua_gettop(L);
-    luapool__decode(L, r, (int)n);
+    if (decode_values(L, f, r, (int)n) < 0) return -1;
     if (maxvals >= 0 && (int)n > maxvals) lua_settop(L, top + maxvals);
     return lua_gettop(L) - top;
   }
@@ -390,7 +419,10 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
     luaL_error(L, "malformed reply");
   lua_pushlstring(L, m, ml);
   lua_pushlstring(L, tb, tl);
-  luapool__decode(L, r, 1);
+  if (decode_values(L, f, r, 1) < 0) { /* the value cannot: the text can */
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
   luapool__push_error(L, LP_EK_TASK, lua_tostring(L, -3), lua_tostring(L, -2),
                       f->worker, -1);
   lua_replace(L, -4);

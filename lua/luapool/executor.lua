@@ -62,7 +62,7 @@ local function opt_timeout(v, fname, what)
 end
 
 local function opt_positive(v, fname)
-  if v ~= nil and (type(v) ~= "number" or not (v > 0)) then
+  if v ~= nil and (type(v) ~= "number" or v ~= v or v <= 0) then
     error(("bad option 'task_timeout' to '%s' (positive number of seconds expected, got %s)")
       :format(fname, tostring(v)), 3)
   end

@@ -12,14 +12,14 @@ end
 
 -- Times f over enough repetitions to last >= 20 ms; seconds per call.
 local function time_per_call(f)
-  local reps, elapsed = 1, 0
-  repeat
+  local reps = 1
+  while true do
     local t0 = luapool.now()
     for _ = 1, reps do f() end
-    elapsed = luapool.now() - t0
-    if elapsed < 0.02 then reps = reps * 2 end
-  until elapsed >= 0.02
-  return elapsed / reps
+    local elapsed = luapool.now() - t0
+    if elapsed >= 0.02 then return elapsed / reps end
+    reps = reps * 2
+  end
 end
 
 local numbers, mixed = {}, {}
@@ -29,7 +29,8 @@ local cases = {
   { "string 1 MB", string.rep("x", 1 << 20), 1 << 20, "bytes" },
   { "flat table, 100k floats", numbers, 100000, "values" },
   { "10k records (4 fields, nested)", mixed, 10000, "records" },
-  { "closure with upvalues", (function() local a, b = { 1, 2, 3 }, "s"; return function() return a, b end end)(), 1, "functions" },
+  { "closure with upvalues",
+    (function() local a, b = { 1, 2, 3 }, "s"; return function() return a, b end end)(), 1, "functions" },
 }
 
 print(("%-32s %14s %14s"):format("shape", "encode", "decode"))

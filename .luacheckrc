@@ -1,0 +1,12 @@
+-- luacheck configuration: `luacheck lua scripts spec`
+std = "lua54"
+max_line_length = 120
+
+-- Scripts run in the luapool host, where these are globals.
+files["scripts/**/*.lua"] = { read_globals = { "threadpool", "processpool", "luapool" } }
+files["spec/**/*.lua"] = { std = "+busted" }
+-- Task functions there use the globals a worker's initializer sets, and
+-- one spec takes string.format away from the main state on purpose.
+files["spec/worker_api_spec.lua"] = {
+  globals = { "INIT_COUNT", "CONFIG", "HELPER_GLOBAL", string = { fields = { "format" } } },
+}

@@ -142,21 +142,27 @@ typedef struct seg {
   const char *name;  /* SEG_UPVAL */
 } seg;
 
+/* One encode in progress: on the C stack of luapool__encode, so that an
+** encode cut short by a Lua error leaves nothing behind, and one started by
+** a __gc in the middle of another is independent of it. */
 typedef struct luapool_encoder {
-  lp_buf scratch; /* the state's leak-safe buffer (luapool__scratch) */
-  /* State of the encode in progress. */
-  lp_buf *bp; /* where the encode in progress writes */
+  lp_buf *bp; /* where it writes */
   lua_State *L;
   lp_encode_ctx *ctx;
   int seen;  /* stack index of the table (value -> ref id), 0 until needed */
   uint32_t nseen;
   int depth;
-  int busy;
   int root;  /* number of the root value being encoded */
   seg path[LUAPOOL_MAXDEPTH + 2];
 } luapool_encoder;
 
-static const char *const ENCODER_KEY = "luapool.encoder";
+/* The state's scratch buffer lives in a userdata: a Lua error raised while
+** it holds bytes cannot leak them. */
+typedef struct scratch {
+  lp_buf b;
+} scratch;
+
+static const char *const SCRATCH_KEY = "luapool.scratch";
 static const char *const DUMPS_KEY = "luapool.dumps";
 static const char *const CFNAMES_KEY = "luapool.cfnames";
 static const char *const FCACHE_KEY = "luapool.fcache";
@@ -183,34 +189,29 @@ static uint64_t checksum(const char *p, size_t n) {
   return h;
 }
 
-static int encoder_gc(lua_State *L) {
-  luapool_encoder *e = lua_touserdata(L, 1);
-  luapool__buf_free(&e->scratch);
+static int scratch_gc(lua_State *L) {
+  scratch *sc = lua_touserdata(L, 1);
+  luapool__buf_free(&sc->b);
   return 0;
 }
 
-static luapool_encoder *encoder_of(lua_State *L) {
-  luapool_encoder *e;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, ENCODER_KEY) == LUA_TUSERDATA) {
-    e = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    return e;
-  }
-  lua_pop(L, 1);
-  e = lua_newuserdatauv(L, sizeof *e, 0);
-  memset(e, 0, sizeof *e);
-  lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, encoder_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
-  lua_setfield(L, LUA_REGISTRYINDEX, ENCODER_KEY);
-  return e;
-}
-
 lp_buf *luapool__scratch(lua_State *L) {
-  lp_buf *b = &encoder_of(L)->scratch;
-  b->len = 0;
-  return b;
+  scratch *sc;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY) == LUA_TUSERDATA) {
+    sc = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+  } else {
+    lua_pop(L, 1);
+    sc = lua_newuserdatauv(L, sizeof *sc, 0);
+    memset(sc, 0, sizeof *sc);
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, scratch_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY);
+  }
+  sc->b.len = 0;
+  return &sc->b;
 }
 
 /* Pushes a registry table, creating it (weak-keyed when asked) if needed. */
@@ -629,12 +630,7 @@ static int enc_value(luapool_encoder *e, int idx) {
 
 int luapool__encode(lua_State *L, lp_buf *b, int first, int n,
                     lp_encode_ctx *ctx) {
-  luapool_encoder *e = encoder_of(L);
-  if (e->busy) { /* a __gc ran an encode in the middle of ours */
-    snprintf(ctx->err, sizeof ctx->err, "cannot send %s: encoder is busy",
-             ctx->root);
-    return -1;
-  }
+  luapool_encoder enc, *e = &enc; /* path[] is filled as it descends */
   first = lua_absindex(L, first);
   int top = lua_gettop(L);
   e->L = L;
@@ -642,14 +638,12 @@ int luapool__encode(lua_State *L, lp_buf *b, int first, int n,
   e->ctx = ctx;
   e->seen = 0;
   e->nseen = 0;
-  e->busy = 1;
   int r = 0;
   for (int i = 0; i < n && r == 0; i++) {
     e->depth = 0;
     e->root = ctx->root_base + i;
     r = enc_value(e, first + i);
   }
-  e->busy = 0;
   lua_settop(L, top);
   return r;
 }

@@ -39,6 +39,33 @@ static void on_signal(int sig) {
   lua_sethook(globalL, luapool__signal_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
+#ifdef LUAPOOL_TEST_ALLOC
+/* {====== test build: an allocator that fails on demand
+** __luapool_fail_alloc(n): the main state's allocations succeed n more
+** times, then every one fails until __luapool_fail_alloc(-1).  Drives
+** out-of-memory through codec, futures and submit (spec/oom/oom.lua). */
+static long alloc_budget = -1;
+
+static void *test_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  (void)ud;
+  if (nsize == 0) {
+    free(ptr);
+    return NULL;
+  }
+  if (alloc_budget >= 0 && nsize > (ptr ? osize : 0)) { /* a growth */
+    if (alloc_budget == 0) return NULL;
+    alloc_budget--;
+  }
+  return realloc(ptr, nsize);
+}
+
+static int l_fail_alloc(lua_State *L) {
+  alloc_budget = (long)luaL_checkinteger(L, 1);
+  return 0;
+}
+/* }====== */
+#endif
+
 static void install_signal_handlers(void) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
@@ -297,12 +324,19 @@ int main(int argc, char **argv) {
   }
   if (argv[0] && argv[0][0]) progname = "luapool";
   luapool__host_exe = realpath("/proc/self/exe", NULL);
+#ifdef LUAPOOL_TEST_ALLOC
+  lua_State *L = lua_newstate(test_alloc, NULL);
+#else
   lua_State *L = luaL_newstate();
+#endif
   if (L == NULL) {
     l_message("cannot create state: not enough memory");
     return EXIT_FAILURE;
   }
   globalL = L;
+#ifdef LUAPOOL_TEST_ALLOC
+  lua_register(L, "__luapool_fail_alloc", l_fail_alloc);
+#endif
   install_signal_handlers();
   lua_pushcfunction(L, pmain);
   lua_pushinteger(L, argc);

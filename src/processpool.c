@@ -124,8 +124,9 @@ const char *luapool__worker_exe(void) {
       *slash = 0;
       char cand[PATH_MAX + 16];
       snprintf(cand, sizeof cand, "%s/luapool", buf);
-      if (access(cand, X_OK) == 0 && strlen(cand) < sizeof found) {
-        snprintf(found, sizeof found, "%s", cand);
+      size_t n = strlen(cand);
+      if (access(cand, X_OK) == 0 && n < sizeof found) {
+        memcpy(found, cand, n + 1);
         return found;
       }
     }

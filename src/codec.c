@@ -797,7 +797,7 @@ static void dec_table(dec *d) {
   for (uint32_t i = 0; i < nhash; i++) {
     dec_value(d);
     if (lua_isnil(L, -1)) malformed(d, "nil table key");
-    if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1))
+    if (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1)))
       malformed(d, "NaN table key");
     dec_value(d);
     lua_rawset(L, t);
@@ -881,7 +881,8 @@ static int bytecode_check(const char *code, size_t len, unsigned nups) {
   b.p += BC_HEADER;
   if (bc_byte(&b, &cl_nups) || cl_nups != nups) return -1;
   if (bc_size(&b, &n) || (n > 0 && bc_skip(&b, n - 1))) return -1; /* source */
-  if (bc_size(&b, &n) || bc_size(&b, &n)) return -1; /* line defined, last */
+  size_t line, lastline;
+  if (bc_size(&b, &line) || bc_size(&b, &lastline)) return -1;
   if (bc_skip(&b, 3)) return -1; /* numparams, is_vararg, maxstacksize */
   if (bc_size(&b, &n) || n > len / 4 || bc_skip(&b, n * 4)) return -1; /* code */
   if (bc_size(&b, &k)) return -1; /* constants */

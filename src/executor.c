@@ -579,7 +579,8 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   path = strdup(lpath);
   cpath = strdup(lcpath);
   p = calloc(1, sizeof *p);
-  workers = calloc((size_t)max_workers, sizeof *workers);
+  /* an array of pointers, one per worker */
+  workers = calloc((size_t)max_workers, sizeof *workers); // NOLINT(bugprone-sizeof-expression)
   if (p == NULL || workers == NULL || path == NULL || cpath == NULL)
     goto nomem;
   if (pthread_mutex_init(&p->mu, NULL) != 0) goto nomem;
@@ -634,7 +635,10 @@ static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx,
                                  const char *label) {
   luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
   lp_future *f = luapool__future_new(b, ncalls);
-  if (f == NULL) luaL_error(L, "cannot submit: not enough memory");
+  if (f == NULL) {
+    luaL_error(L, "cannot submit: not enough memory");
+    return NULL; /* not reached */
+  }
   f->timeout = timeout;
   snprintf(f->label, sizeof f->label, "%s", label);
   char err[160];
@@ -908,9 +912,8 @@ static int pool_index(lua_State *L) {
   if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
   lp_pool *p = luapool__check_pool(L, 1);
   const char *k = lua_tostring(L, 2);
-  if (k == NULL)
-    lua_pushnil(L);
-  else if (strcmp(k, "max_workers") == 0)
+  if (k == NULL) k = ""; /* no such field */
+  if (strcmp(k, "max_workers") == 0)
     lua_pushinteger(L, p->max_workers);
   else if (strcmp(k, "name") == 0)
     lua_pushstring(L, p->name);

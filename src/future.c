@@ -178,7 +178,7 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
     lp_fstate from = f->state;
     f->state = LP_FINISHED;
     if (own == NULL) {
-      memcpy(f->inline_reply, reply, len);
+      if (len && reply) memcpy(f->inline_reply, reply, len);
       f->reply = f->inline_reply;
     } else {
       f->reply = own;
@@ -386,7 +386,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
                         NULL, f->worker[0] ? f->worker : NULL, 0);
     return -1;
   }
-  lp_reader first, *r = rd ? rd : &first;
+  lp_reader first = {NULL, NULL}, *r = rd ? rd : &first;
   if (rd == NULL || rd->p == NULL) /* past the reply's error count */
     *r = (lp_reader){f->reply + 4, f->reply + f->replylen};
   if (r->p > r->end) luaL_error(L, "malformed reply");

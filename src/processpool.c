@@ -391,7 +391,11 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   unsigned type;
   char *msg;
   size_t len;
-  if (read_frame(fd, &type, &msg, &len) != 0 || type != FR_INIT) return 1;
+  if (read_frame(fd, &type, &msg, &len) != 0) return 1;
+  if (type != FR_INIT) {
+    free(msg);
+    return 1;
+  }
   lp_reader r = {msg, msg + len};
   const char *path, *cpath;
   size_t pl, cl;
@@ -419,6 +423,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     int fr = read_frame(fd, &type, &msg, &len);
     if (fr == -1) break; /* the parent closed: we are done */
     if (fr == -2 || type != FR_CALL) {
+      if (fr == 0) free(msg);
       rc = 1;
       break;
     }

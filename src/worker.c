@@ -106,7 +106,8 @@ static int msgh(lua_State *L) {
 
 typedef struct run_ctx {
   lp_wstate *ws;
-  lp_reader *r;
+  lp_reader rd;    /* the message being run */
+  lp_reader *r;    /* &rd */
   lp_buf *out;
   int kind;
   int kernel;      /* >= 0: batch of this kernel resumed after native calls */
@@ -258,23 +259,24 @@ static int run_native(run_ctx *rc, int k) {
 static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
   lp_wstate *ws = rc->ws;
   lp_buf *out = rc->out;
-  lp_reader r = {msg, msg + len};
   unsigned kind;
-  rc->r = &r;
-  if (luapool__get_u8(&r, &kind) || (kind != LP_MSG_SINGLE && kind != LP_MSG_BATCH)) {
+  rc->rd = (lp_reader){msg, msg + len};
+  rc->r = &rc->rd;
+  lp_reader *const r = rc->r;
+  if (luapool__get_u8(r, &kind) || (kind != LP_MSG_SINGLE && kind != LP_MSG_BATCH)) {
     rc->nerr++;
     return put_error_text(out, "malformed message: bad kind");
   }
   rc->kind = (int)kind;
   if (kind == LP_MSG_BATCH) {
-    if (luapool__get_u32(&r, &rc->ncalls) || rc->ncalls > len) {
+    if (luapool__get_u32(r, &rc->ncalls) || rc->ncalls > len) {
       rc->nerr++;
       return put_error_text(out, "malformed message: bad call count");
     }
-    rc->kernel = luapool__peek_kernel(&r);
+    rc->kernel = luapool__peek_kernel(r);
     if (rc->kernel >= 0 && run_native(rc, rc->kernel)) return -1;
   } else {
-    lp_reader peek = r;
+    lp_reader peek = *r;
     uint32_t n;
     if (luapool__get_u32(&peek, &n) == 0 && n >= 1) {
       int k = luapool__peek_kernel(&peek);
@@ -316,7 +318,7 @@ int luapool__run_message(lp_wstate *ws, const char *msg, size_t len,
                          lp_buf *out) {
   size_t head = out->len;
   if (luapool__put_u32(out, 0)) return -1;
-  run_ctx rc = {ws, NULL, out, 0, -1, 1, 0, 0, 0, 0};
+  run_ctx rc = {ws, {NULL, NULL}, NULL, out, 0, -1, 1, 0, 0, 0, 0};
   int r = run_calls_of(&rc, msg, len);
   memcpy(out->p + head, &rc.nerr, 4);
   return r;

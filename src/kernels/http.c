@@ -119,9 +119,9 @@ typedef struct req_opts {
 ** even while idle, which bounds how long an interrupt waits. */
 static int xfer_check(void *p, curl_off_t dltotal, curl_off_t dlnow,
                       curl_off_t ultotal, curl_off_t ulnow) {
-  const lp_interrupt *flag = p;
+  const req_opts *o = p;
   (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
-  return luapool__interrupted(flag);
+  return luapool__interrupted(o->interrupt);
 }
 
 #define SETOPT(h, opt, val)                                                    \
@@ -158,8 +158,9 @@ static CURLcode setup(CURL *h, const char *url, const req_opts *o,
   if (o->headers != NULL) SETOPT(h, CURLOPT_HTTPHEADER, o->headers);
   if (o->interrupt != NULL) {
     SETOPT(h, CURLOPT_XFERINFOFUNCTION, xfer_check);
-    /* libcurl only reads this pointer; the cast drops const for its API. */
-    SETOPT(h, CURLOPT_XFERINFODATA, (void *)(uintptr_t)o->interrupt);
+    /* libcurl only hands this back to xfer_check, which reads it: the
+    ** cast drops const for its API.  o outlives the transfer. */
+    SETOPT(h, CURLOPT_XFERINFODATA, (void *)o);
     SETOPT(h, CURLOPT_NOPROGRESS, 0L);
   }
   return CURLE_OK;

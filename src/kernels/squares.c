@@ -7,6 +7,7 @@
 ** exact and never wraps around the way lua_Integer arithmetic would.
 */
 #include <math.h>
+
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -16,6 +17,9 @@
 
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
+
+/* 2^127 as a double: the int128 range for floats (exact in binary). */
+#define TWO_127 170141183460469231731687303715884105728.0
 
 typedef unsigned __int128 lp_uint128;
 
@@ -167,7 +171,7 @@ int luapool__sum_squares_run(lp_kcall *c) {
   case LP_NUM:
     /* Integral floats are taken at their value, as lua_tointeger would. */
     if (!(isfinite(a->u.n) && floor(a->u.n) == a->u.n &&
-          a->u.n >= -0x1p127 && a->u.n < 0x1p127))
+          a->u.n >= -TWO_127 && a->u.n < TWO_127))
       return luapool__kargmsg(c, kname, 1,
                               "number has no integer representation");
     n = (lp_int128)a->u.n;
@@ -280,7 +284,7 @@ static int parse_decimal(const char *s, size_t len, lp_int128 *out) {
 
 /* Exact integer value of a float, if it has one within int128 range. */
 static int float_to_int128(lua_Number d, lp_int128 *out) {
-  if (!(isfinite(d) && floor(d) == d && d >= -0x1p127 && d < 0x1p127))
+  if (!(isfinite(d) && floor(d) == d && d >= -TWO_127 && d < TWO_127))
     return 0;
   *out = (lp_int128)d;
   return 1;

@@ -4,6 +4,7 @@
 */
 #include <errno.h>
 #include <sched.h>
+#include <sys/utsname.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -317,7 +318,27 @@ static int processpool_new(lua_State *L) {
   return luapool__pool_new(L, &luapool__process_backend);
 }
 
+/* luapool.info(): what a benchmark report says about the machine. */
+static int l_info(lua_State *L) {
+  struct utsname u;
+  lua_createtable(L, 0, 6);
+  lua_pushliteral(L, LUAPOOL_VERSION);
+  lua_setfield(L, -2, "luapool");
+  lua_pushliteral(L, LUA_RELEASE);
+  lua_setfield(L, -2, "lua");
+  lua_pushstring(L, luapool__curl_version());
+  lua_setfield(L, -2, "curl");
+  lua_pushinteger(L, luapool__cpu_count());
+  lua_setfield(L, -2, "cpus");
+  if (uname(&u) == 0) {
+    lua_pushfstring(L, "%s %s %s", u.sysname, u.release, u.machine);
+    lua_setfield(L, -2, "os");
+  }
+  return 1;
+}
+
 static const luaL_Reg module_funcs[] = {{"now", l_now},
+                                        {"info", l_info},
                                         {"sleep", l_sleep},
                                         {"cpu_count", l_cpu_count},
                                         {"current_worker", l_current_worker},

@@ -64,6 +64,11 @@ int luapool__http_global_init(void) {
   return init_status;
 }
 
+const char *luapool__curl_version(void) {
+  const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+  return v && v->version ? v->version : "?";
+}
+
 void luapool__http_thread_cleanup(void) {
   if (thread_curl == NULL) return;
   /* Clear the key first so the thread-exit destructor cannot free it a

@@ -127,6 +127,8 @@ int luapool__http_get(lua_State *L);
 const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline);
 /* luapool.now(): the clock deadlines are measured on (luapool.c). */
 double luapool__now(void);
+/* libcurl's version ("7.88.1"). */
+const char *luapool__curl_version(void);
 /* Frees the calling thread's easy handle (worker exit, module close). */
 void luapool__http_thread_cleanup(void);
 /* }====== */

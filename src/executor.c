@@ -288,7 +288,11 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 
 /* Stops taking tasks; optionally cancels the queued ones, interrupts the
 ** running ones, and joins the workers. */
-static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
+/* How long a closing pool whose tasks were told to stop waits for its
+** threads before it gives up on them (see pool_gc). */
+#define STOP_GRACE 5.0
+
+static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
   pthread_mutex_lock(&p->mu);
   p->closing = 1;
   lp_future *cancelled = NULL;
@@ -314,24 +318,34 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
       atomic_store(&p->workers[i]->intr.closing, 1);
       if (p->be->interrupt) p->be->interrupt(p->workers[i]);
     }
-  if (!wait) return;
-  int stopped = 0;
+  if (!wait) return 0;
+  int stopped = 0, stuck = 0;
+  double give_up = luapool__now() + STOP_GRACE;
   for (int i = 0; i < n; i++) {
     lp_worker *w = p->workers[i];
     if (w->joined) continue;
     /* With the host's handler installed, a Ctrl-C during the wait stops
-    ** the running tasks (the caller raises once the workers are gone). */
-    while (atomic_load(&luapool__signals_handled) && !atomic_load(&w->exited)) {
+    ** the running tasks (the caller raises once the workers are gone).
+    ** When the tasks were told to stop, a thread that still runs after
+    ** the grace period is stuck where no stop reaches (a C call, a Lua
+    ** message handler, which runs without hooks): it is left alone. */
+    while ((interrupt || atomic_load(&luapool__signals_handled)) && !atomic_load(&w->exited)) {
       if (!stopped && atomic_load(&luapool__signal)) {
         pool_interrupt(p);
         stopped = 1;
       }
+      if (interrupt && luapool__now() > give_up) break;
       struct timespec ts = {0, 5000000};
       nanosleep(&ts, NULL);
+    }
+    if (!atomic_load(&w->exited) && interrupt) {
+      stuck++;
+      continue;
     }
     pthread_join(w->thread, NULL);
     w->joined = 1;
   }
+  if (stuck) return stuck; /* the watchdog stays: the stuck thread may use it */
   if (p->wd_started) { /* deadlines were enforced until the last task ended */
     pthread_mutex_lock(&p->mu);
     p->wd_stop = 1;
@@ -340,6 +354,7 @@ static void pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
     pthread_join(p->wd, NULL);
     p->wd_started = 0;
   }
+  return 0;
 }
 
 static void pool_free(lp_pool *p) {
@@ -675,8 +690,9 @@ static int pool_submit(lua_State *L) {
 ** imap, as_completed and wait are written there on top of these.
 ** ======================================================= */
 
-/* submit_chunk(pool, fn, items, lo, hi, star [, task_timeout]) -> future,
-** or nil + message
+/* submit_chunk(pool, fn, items, lo, hi, star [, task_timeout [, first]])
+** -> future, or nil + message (first: the caller's number for items[lo],
+** default lo, used in labels and refusals)
 ** when a value cannot travel or the pool takes no more work (the caller
 ** raises at its caller's level).  One task message runs fn on items[lo..hi]
 ** (each an argument list when star). */
@@ -686,6 +702,7 @@ static int prim_submit_chunk(lua_State *L) {
   lua_Integer lo = luaL_checkinteger(L, 4), hi = luaL_checkinteger(L, 5);
   int star = lua_toboolean(L, 6);
   double timeout = luaL_optnumber(L, 7, p->task_timeout);
+  lua_Integer first_no = luaL_optinteger(L, 8, lo), shift = first_no - lo;
   lua_settop(L, 6);
   luaL_argcheck(L, lo >= 1 && hi >= lo && hi - lo < INT32_MAX, 4, "bad chunk");
   luapool__pool_poll(L, 1);
@@ -706,7 +723,7 @@ static int prim_submit_chunk(lua_State *L) {
       if (!lua_istable(L, 7)) {
         snprintf(ctx.err, sizeof ctx.err,
                  "bad item #%lld (table of arguments expected, got %s)",
-                 (long long)i, luaL_typename(L, 7));
+                 (long long)(i + shift), luaL_typename(L, 7));
         goto refuse;
       }
       nargs = (int)lua_rawlen(L, 7);
@@ -716,13 +733,13 @@ static int prim_submit_chunk(lua_State *L) {
     }
     char of_item[40];
     if (star) { /* starmap: "argument #2 of item #7" */
-      snprintf(of_item, sizeof of_item, " of item #%lld", (long long)i);
+      snprintf(of_item, sizeof of_item, " of item #%lld", (long long)(i + shift));
       ctx.root = "argument";
       ctx.root_base = 1;
       ctx.suffix = of_item;
     } else {
       ctx.root = "item";
-      ctx.root_base = (int)i;
+      ctx.root_base = (int)(i + shift);
     }
     if (luapool__put_u32(b, (uint32_t)nargs))
       return luaL_error(L, "cannot submit: not enough memory");
@@ -733,9 +750,10 @@ static int prim_submit_chunk(lua_State *L) {
   }
   char label[48];
   if (lo == hi)
-    snprintf(label, sizeof label, "item #%lld", (long long)lo);
+    snprintf(label, sizeof label, "item #%lld", (long long)(lo + shift));
   else
-    snprintf(label, sizeof label, "items #%lld-#%lld", (long long)lo, (long long)hi);
+    snprintf(label, sizeof label, "items #%lld-#%lld", (long long)(lo + shift),
+             (long long)(hi + shift));
   submit_message(L, p, 1, b, (int)(hi - lo + 1), timeout, label);
   return 1;
 refuse:
@@ -887,8 +905,14 @@ static int pool_close(lua_State *L) {
 static int pool_gc(lua_State *L) {
   lpool *u = to_lpool(L, 1);
   if (u->p) {
-    pool_stop(u->p, 1, 1, 1);
-    pool_free(u->p);
+    int stuck = pool_stop(u->p, 1, 1, 1);
+    if (stuck) { /* the pool stays allocated: its stuck threads use it */
+      fprintf(stderr, "luapool: %d worker thread(s) of pool '%s' did not stop within %g "
+                      "seconds and were left running\n", stuck, u->p->name, STOP_GRACE);
+      live_remove(u->p);
+    } else {
+      pool_free(u->p);
+    }
     u->p = NULL;
   }
   return 0;

@@ -228,10 +228,10 @@ function methods.imap(pool, fn, iterable, opts)
         args[k] = v
       end
       if k == 0 then return end
-      local f, err = submit_chunk(pool, fn, args, 1, k, false, task_timeout)
+      local f, err = submit_chunk(pool, fn, args, 1, k, false, task_timeout, next_index)
       if not f then
         close()
-        error((err:gsub("item #(%d+)", function(d) return "item #" .. (next_index + d - 1) end)), 3)
+        error(err, 3)
       end
       tail = tail + 1
       local c = { f, next_index, k }

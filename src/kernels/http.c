@@ -235,9 +235,10 @@ int luapool__fetch_length_run(lp_kcall *c) {
     o.timeout_ms = seconds_to_ms(t);
   }
 
+  int capped = 0; /* the transfer's timeout is the task's deadline */
   if (c->deadline > 0) { /* the task's deadline caps the transfer too */
     long left = seconds_to_ms(c->deadline - luapool__now());
-    if (o.timeout_ms == 0 || left < o.timeout_ms) o.timeout_ms = left;
+    if (o.timeout_ms == 0 || left < o.timeout_ms) o.timeout_ms = left, capped = 1;
   }
   if (luapool__interrupted(o.interrupt))
     return luapool__kerr(c, "fetch_length: %.*s: interrupted",
@@ -269,6 +270,9 @@ int luapool__fetch_length_run(lp_kcall *c) {
 
   if (rc != CURLE_OK) {
     const char *detail = reason_detail(errbuf);
+    /* libcurl's clock may fire a little before luapool's: the task's
+    ** deadline ended it, and its worker must know (kind "timeout"). */
+    if (rc == CURLE_OPERATION_TIMEDOUT && capped) luapool__stop_self(c->interrupt);
     if (rc == CURLE_ABORTED_BY_CALLBACK && o.interrupt != NULL)
       luapool__kerr(c, "fetch_length: %s: interrupted", url);
     else if (detail != NULL)

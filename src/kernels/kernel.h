@@ -12,6 +12,7 @@
 
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <lua.h>
 
@@ -64,6 +65,16 @@ static inline int luapool__interrupted(const lp_interrupt *i) {
          (atomic_load_explicit(&i->closing, memory_order_relaxed) ||
           atomic_load_explicit(&i->kill_seq, memory_order_relaxed) ==
               atomic_load_explicit(&i->seq, memory_order_relaxed));
+}
+
+/* A kernel whose wait was cut by the task's deadline marks its task as
+** stopped by it, so the worker reports the timeout whatever the clocks
+** say.  (The block is the worker's, never really const.) */
+static inline void luapool__stop_self(const lp_interrupt *i) {
+  lp_interrupt *w = (lp_interrupt *)i;
+  if (w == NULL) return;
+  atomic_store(&w->reason, LP_STOP_DEADLINE);
+  atomic_store(&w->kill_seq, atomic_load(&w->seq));
 }
 
 typedef struct lp_kcall {

@@ -1,0 +1,544 @@
+-- Failures: workers that die (killed, exit, segfault), broken pools, task
+-- deadlines (Lua loops, sleeps, native kernels), recycled and memory-capped
+-- workers, results that cannot travel back, and SIGINT/SIGTERM in the host.
+local luapool = require "luapool"
+local h = require "helper"
+local K = luapool.kernels
+
+-- The error object raised by f:result(timeout).
+local function result_error(f, timeout)
+  local ok, e = pcall(f.result, f, timeout)
+  assert.is_false(ok, "expected result() to raise")
+  assert.are.equal("table", type(e), "expected an error object, got " .. tostring(e))
+  return e
+end
+
+-- Waits (boundedly) until pred() holds.
+local function wait_until(pred, what, limit)
+  local deadline = luapool.now() + (limit or 10)
+  while not pred() do
+    assert.is_true(luapool.now() < deadline, "gave up waiting: " .. what)
+    luapool.sleep(0.01)
+  end
+end
+
+local function pid_of_worker() return luapool.current_worker().pid end
+
+local function pid_in(message) return tonumber(message:match("%(pid (%d+)%)")) end
+
+-- A task for submit(fn, i): the k-th kills its own worker process with
+-- SIGKILL, the others take a moment and return their index.
+local function kill_self_at(k)
+  return function(i)
+    if i == k then os.execute("kill -9 " .. luapool.current_worker().pid) end
+    luapool.sleep(0.01)
+    return i
+  end
+end
+
+describe("a process worker that dies", function()
+  it("fails only its own task, kind crashed, and is replaced", function()
+    local pool <close> = luapool.processpool.new { max_workers = 2, name = "crash" }
+    local fs = {}
+    for i = 1, 100 do fs[i] = pool:submit(kill_self_at(50), i) end
+    local failed = {}
+    for i, f in ipairs(fs) do
+      local ok, r = pcall(f.result, f, 20)
+      assert.is_true(f:done())
+      assert.is_false(f:cancelled())
+      if ok then
+        assert.are.equal(i, r)
+      else
+        failed[#failed + 1] = { i, r }
+      end
+    end
+    assert.are.equal(1, #failed)
+    local i, e = failed[1][1], failed[1][2]
+    assert.are.equal(50, i)
+    assert.are.equal("crashed", e.kind)
+    assert.matches("^worker crash%-[12] %(pid %d+%) killed by signal 9 %(KILL%) while running task #50$", e.message)
+    assert.are.equal("crashed: " .. e.message, tostring(e))
+    assert.are.equal(e.message:match("^worker (%S+)"), e.worker)
+    local dead = pid_in(e.message)
+    assert.is_false(h.alive(dead))
+    local pids = pool:map(pid_of_worker, { 1, 2, 3, 4 }, { chunksize = 1 })
+    for _, pid in ipairs(pids) do assert.are_not.equal(dead, pid) end
+    local s = pool:stats()
+    assert.are.same({ 103, 1, 0, 0, 0 }, { s.done, s.failed, s.pending, s.running, s.cancelled })
+  end)
+
+  it("with on_crash = 'break' fails every unfinished task 'broken', losing none", function()
+    local pool <close> = luapool.processpool.new { max_workers = 2, name = "brk", on_crash = "break" }
+    local fs = {}
+    for i = 1, 100 do fs[i] = pool:submit(kill_self_at(50), i) end
+    local states, crash_message = {}, nil
+    for i, f in ipairs(fs) do
+      local ok, r = pcall(f.result, f, 20)
+      assert.is_true(f:done(), "future " .. i .. " is not done")
+      assert.is_false(f:cancelled())
+      assert.is_false(f:running())
+      if ok then
+        assert.are.equal(i, r)
+        assert.is_nil(f:exception())
+        states[i] = "ok"
+      else
+        states[i] = r.kind
+        if r.kind == "crashed" then crash_message = r.message end
+      end
+    end
+    assert.are.equal("crashed", states[50])
+    assert.matches("^worker brk%-[12] %(pid %d+%) killed by signal 9 %(KILL%) while running task #50$", crash_message)
+    -- Finished before the crash (the queue is FIFO, 2 workers): values kept.
+    for i = 1, 49 do assert.are.equal("ok", states[i], "task " .. i) end
+    -- After it: at most the task the other worker was running finishes,
+    -- every queued one fails "broken" with the crash in its message.
+    local first_broken
+    for i = 51, 100 do
+      if states[i] == "broken" then
+        first_broken = first_broken or i
+        assert.are.equal("the pool is broken: " .. crash_message, fs[i]:exception().message)
+      else
+        assert.are.equal("ok", states[i], "task " .. i)
+        assert.is_nil(first_broken, "task " .. i .. " ran after the pool broke")
+      end
+    end
+    assert.is_truthy(first_broken)
+    assert.is_true(first_broken <= 53, "tasks 51.." .. (first_broken - 1) .. " ran after the crash")
+    -- and so does everything submitted later
+    local late = pool:submit(function() return 1 end)
+    assert.is_true(late:done())
+    local e = result_error(late, 5)
+    assert.are.equal("broken", e.kind)
+    assert.are.equal("the pool is broken: " .. crash_message, e.message)
+    assert.are.equal("broken: the pool is broken: " .. crash_message, tostring(e))
+    local s = pool:stats()
+    assert.are.equal(101, s.done + s.failed)
+    assert.are.equal(first_broken - 2, s.done)
+    assert.are.same({ 0, 0, 0 }, { s.pending, s.running, s.cancelled })
+  end)
+
+  it("reports an exit status and a segfault, then runs the next task", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, name = "die" }
+    local pid1 = pool:submit(pid_of_worker):result(20)
+    local e = result_error(pool:submit(function() os.exit(3) end), 20)
+    assert.are.equal("crashed", e.kind)
+    assert.are.equal(("worker die-1 (pid %d) exited with status 3 while running task #2"):format(pid1), e.message)
+    assert.are.equal("die-1", e.worker)
+    local pid2 = pool:submit(pid_of_worker):result(20)
+    assert.are_not.equal(pid1, pid2)
+    e = result_error(pool:submit(function()
+      os.execute("kill -SEGV " .. luapool.current_worker().pid)
+      luapool.sleep(10)
+    end), 20)
+    assert.are.equal("crashed", e.kind)
+    assert.are.equal(("worker die-1 (pid %d) killed by signal 11 (SEGV) while running task #4"):format(pid2),
+      e.message)
+    assert.are.equal("after", pool:submit(function() return "after" end):result(20))
+    assert.are_not.equal(pid2, pool:submit(pid_of_worker):result(20))
+    assert.is_false(h.alive(pid1))
+    assert.is_false(h.alive(pid2))
+  end)
+end)
+
+-- {====== task deadlines
+
+local RUNAWAY = {
+  ["an infinite loop"] = function() while true do end end,
+  ["a loop inside pcall, then another loop"] = function()
+    pcall(function() while true do end end)
+    while true do end
+  end,
+  ["a loop of pcalls"] = function()
+    while true do pcall(function() for _ = 1, 100 do end end) end
+  end,
+  ["a loop of pcalls that raise"] = function()
+    while true do pcall(error, "again") end
+  end,
+  ["a loop inside a coroutine"] = function()
+    coroutine.wrap(function() while true do end end)()
+  end,
+  ["a loop resuming a looping coroutine"] = function()
+    local co = coroutine.create(function() while true do end end)
+    while true do coroutine.resume(co) end
+  end,
+  ["a pcall around a loop, then a return"] = function()
+    pcall(function() while true do end end)
+    return "escaped"
+  end,
+}
+local RUNAWAY_NAMES = {}
+for name in pairs(RUNAWAY) do RUNAWAY_NAMES[#RUNAWAY_NAMES + 1] = name end
+table.sort(RUNAWAY_NAMES)
+
+describe("task_timeout on a threadpool", function()
+  for _, name in ipairs(RUNAWAY_NAMES) do
+    it("stops " .. name .. " and the pool goes on", function()
+      local pool <close> = luapool.threadpool.new { max_workers = 1, task_timeout = 0.3, name = "dl" }
+      assert.are.equal(0.3, pool.task_timeout)
+      local e = result_error(pool:submit(RUNAWAY[name]), 10)
+      assert.are.equal("timeout", e.kind)
+      assert.are.equal("task #1 exceeded its deadline of 0.3 seconds in worker dl-1", e.message)
+      assert.are.equal("timeout: " .. e.message, tostring(e))
+      assert.are.equal(42, pool:submit(function(x) return x * 2 end, 21):result(10))
+    end)
+  end
+
+  it("stops a task sleeping in luapool.sleep", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1, task_timeout = 0.3, name = "dl" }
+    local e = result_error(pool:submit(function() luapool.sleep(30) return "woke" end), 10)
+    assert.are.equal("timeout", e.kind)
+    assert.are.equal("task #1 exceeded its deadline of 0.3 seconds in worker dl-1", e.message)
+    assert.are.equal("ok", pool:submit(function() return "ok" end):result(10))
+  end)
+
+  it("stops sum_squares of a huge n, called directly and from Lua", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1, task_timeout = 0.3, name = "sq" }
+    local e = result_error(pool:submit(K.sum_squares, 7000000000000), 10)
+    assert.are.equal("timeout", e.kind)
+    assert.are.equal("task #1 exceeded its deadline of 0.3 seconds in worker sq-1", e.message)
+    e = result_error(pool:submit(function(n) return K.sum_squares(n) end, 7000000000000), 10)
+    assert.are.equal("timeout", e.kind)
+    assert.are.equal("task #2 exceeded its deadline of 0.3 seconds in worker sq-1", e.message)
+    assert.are.equal("285", tostring(pool:submit(K.sum_squares, 10):result(10)))
+  end)
+end)
+
+describe("task_timeout on a processpool", function()
+  for _, name in ipairs(RUNAWAY_NAMES) do
+    it("kills the worker running " .. name .. " and replaces it", function()
+      local pool <close> = luapool.processpool.new { max_workers = 1, task_timeout = 0.3, name = "dl" }
+      local pid = pool:submit(pid_of_worker):result(10)
+      local e = result_error(pool:submit(RUNAWAY[name]), 10)
+      assert.are.equal("timeout", e.kind)
+      assert.are.equal(("task #2 exceeded its deadline of 0.3 seconds in worker dl-1; " ..
+        "the worker (pid %d) was killed and will be replaced"):format(pid), e.message)
+      assert.is_false(h.alive(pid))
+      assert.are.equal(42, pool:submit(function(x) return x * 2 end, 21):result(10))
+      assert.are_not.equal(pid, pool:submit(pid_of_worker):result(10))
+    end)
+  end
+
+  it("kills a worker sleeping in luapool.sleep", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, task_timeout = 0.3, name = "dl" }
+    local pid = pool:submit(pid_of_worker):result(10)
+    local e = result_error(pool:submit(function() luapool.sleep(30) end), 10)
+    assert.are.equal(("task #2 exceeded its deadline of 0.3 seconds in worker dl-1; " ..
+      "the worker (pid %d) was killed and will be replaced"):format(pid), e.message)
+    assert.are.equal("ok", pool:submit(function() return "ok" end):result(10))
+  end)
+end)
+
+for _, kind in ipairs { "threadpool", "processpool" } do
+  local tail = kind == "threadpool" and "$" or "; the worker %(pid %d+%) was killed and will be replaced$"
+
+  describe(kind .. " map/imap with the task_timeout option", function()
+    local function loop_at_3(x)
+      if x == 3 then while true do end end
+      return x * 10
+    end
+
+    it("map raises the timeout naming the item", function()
+      local pool <close> = luapool[kind].new { max_workers = 2, name = "mp" }
+      local ok, e = pcall(pool.map, pool, loop_at_3, { 1, 2, 3, 4, 5 }, { task_timeout = 0.3 })
+      assert.is_false(ok)
+      assert.are.equal("table", type(e), tostring(e))
+      assert.are.equal("timeout", e.kind)
+      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
+      assert.are.same({ 10, 20, 40 }, pool:map(loop_at_3, { 1, 2, 4 }))
+    end)
+
+    it("starmap raises the timeout naming the item", function()
+      local pool <close> = luapool[kind].new { max_workers = 2, name = "mp" }
+      local ok, e = pcall(pool.starmap, pool, function(a, b) return loop_at_3(a + b) end,
+        { { 1, 0 }, { 1, 1 }, { 2, 1 } }, { task_timeout = 0.3 })
+      assert.is_false(ok)
+      assert.are.equal("timeout", e.kind)
+      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
+    end)
+
+    it("imap raises the timeout at the item, naming it by its input index", function()
+      local pool <close> = luapool[kind].new { max_workers = 2, name = "mp" }
+      local got = {}
+      local ok, e = pcall(function()
+        for i, r in pool:imap(loop_at_3, { 1, 2, 3, 4 }, { task_timeout = 0.3 }) do got[i] = r end
+      end)
+      assert.is_false(ok)
+      assert.are.equal("table", type(e), tostring(e))
+      assert.are.equal("timeout", e.kind)
+      assert.are.same({ 10, 20 }, got)
+      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
+    end)
+  end)
+end
+
+describe("task_timeout and a slow fetch", function()
+  local srv
+  setup(function() srv = h.fixture() end)
+  teardown(function() if srv then srv:stop() end end)
+
+  it("stops fetch_length on a threadpool", function()
+    -- Ten in a row: curl's own timeout (capped at the time left) may end a
+    -- transfer a little early; the outcome must still be the timeout.
+    local pool <close> = luapool.threadpool.new { max_workers = 1, task_timeout = 0.3, name = "net" }
+    for i = 1, 10 do
+      local t0 = luapool.now()
+      local e = pool:submit(K.fetch_length, srv:url("/sleep?s=5&i=" .. i)):exception(4)
+      assert.is_true(luapool.now() - t0 < 4)
+      assert.is_truthy(e, "fetch #" .. i .. " succeeded")
+      assert.are.equal("timeout", e.kind, "fetch #" .. i .. ": " .. e.message)
+      assert.are.equal("task #" .. i .. " exceeded its deadline of 0.3 seconds in worker net-1", e.message)
+    end
+    assert.are.same({ 7, 200 }, { pool:submit(K.fetch_length, srv:url("/bytes?n=7")):result(4) })
+  end)
+
+  it("stops fetch_length called from Lua on a threadpool", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1, task_timeout = 0.3, name = "net" }
+    local e = pool:submit(function(u) return K.fetch_length(u) end, srv:url("/sleep?s=5")):exception(4)
+    assert.is_truthy(e)
+    assert.are.equal("task #1 exceeded its deadline of 0.3 seconds in worker net-1", e.message)
+  end)
+
+  it("kills the worker running fetch_length on a processpool", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, task_timeout = 0.3, name = "net" }
+    local pid = pool:submit(pid_of_worker):result(10)
+    local t0 = luapool.now()
+    local e = pool:submit(K.fetch_length, srv:url("/sleep?s=5")):exception(4)
+    assert.is_true(luapool.now() - t0 < 4)
+    assert.is_truthy(e)
+    assert.are.equal("timeout", e.kind)
+    assert.are.equal(("task #2 exceeded its deadline of 0.3 seconds in worker net-1; " ..
+      "the worker (pid %d) was killed and will be replaced"):format(pid), e.message)
+    assert.are.same({ 7, 200 }, { pool:submit(K.fetch_length, srv:url("/bytes?n=7")):result(4) })
+  end)
+end)
+
+-- }======
+
+describe("processpool worker limits", function()
+  it("replaces a worker after max_tasks_per_child tasks", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, max_tasks_per_child = 2 }
+    local pids = {}
+    for i = 1, 6 do pids[i] = pool:submit(pid_of_worker):result(20) end
+    assert.are.equal(pids[1], pids[2])
+    assert.are.equal(pids[3], pids[4])
+    assert.are.equal(pids[5], pids[6])
+    assert.are_not.equal(pids[1], pids[3])
+    assert.are_not.equal(pids[3], pids[5])
+    assert.are_not.equal(pids[1], pids[5])
+  end)
+
+  it("fails a task past max_memory_mb as crashed and replaces the worker", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, max_memory_mb = 64, name = "mem" }
+    local pid = pool:submit(pid_of_worker):result(20)
+    local e = result_error(pool:submit(function()
+      local t = {}
+      for i = 1, 5000000 do t[i] = ("x"):rep(10) .. i end
+      return #t
+    end), 20)
+    assert.are.equal("crashed", e.kind)
+    assert.are.equal(("worker mem-1 (pid %d) ran out of memory (max_memory_mb = 64) while running task #2")
+      :format(pid), e.message)
+    assert.are.equal("crashed: " .. e.message, tostring(e))
+    assert.is_false(h.alive(pid))
+    local pid2, n = pool:submit(function() return luapool.current_worker().pid, #("y"):rep(1000000) end):result(20)
+    assert.are.equal(1000000, n)
+    assert.are_not.equal(pid, pid2)
+  end)
+end)
+
+for _, kind in ipairs { "threadpool", "processpool" } do
+  describe(kind .. " result that cannot travel back", function()
+    it("fails kind transfer and the pool goes on", function()
+      local pool <close> = luapool[kind].new { max_workers = 1, name = "tr" }
+      local e = result_error(pool:submit(function() return coroutine.create(print) end), 20)
+      assert.are.equal("transfer", e.kind)
+      assert.are.equal("cannot send result #1: a coroutine", e.message)
+      assert.are.equal("transfer: cannot send result #1: a coroutine", tostring(e))
+      assert.are.equal("tr-1", e.worker)
+      e = result_error(pool:submit(function() return 1, coroutine.running() end), 20)
+      assert.are.equal("cannot send result #2: a coroutine", e.message)
+      assert.are.equal("ok", pool:submit(function() return "ok" end):result(20))
+    end)
+  end)
+end
+
+-- {====== SIGINT and SIGTERM in the host
+
+-- Run as `luapool SCRIPT NOTES MODE`: notes its pid, starts tasks that
+-- note theirs (process workers) or that they run (threads), and waits.
+local SIGNAL_SCRIPT = [==[
+local notes, mode = arg[1], arg[2]
+local function note(line)
+  local f = assert(io.open(notes, "a"))
+  f:write(line, "\n")
+  f:close()
+end
+note("main " .. luapool.current_worker().pid)
+local pp = processpool.new { max_workers = 2, name = "pp" }
+local tp = threadpool.new { max_workers = 2, name = "tp" }
+local function proc_task(path)
+  local f = io.open(path, "a")
+  f:write("worker ", luapool.current_worker().pid, "\n")
+  f:close()
+  luapool.sleep(30)
+  return "finished"
+end
+local function thread_sleep(path)
+  local f = io.open(path, "a")
+  f:write("thread\n")
+  f:close()
+  luapool.sleep(30)
+  return "finished"
+end
+local function thread_loop(path)
+  local f = io.open(path, "a")
+  f:write("thread\n")
+  f:close()
+  while true do end
+end
+local fs = {
+  pp:submit(proc_task, notes), pp:submit(proc_task, notes), pp:submit(proc_task, notes),
+  tp:submit(thread_sleep, notes), tp:submit(thread_loop, notes), tp:submit(thread_sleep, notes),
+}
+if mode == "uncaught" then
+  fs[1]:result()
+  print("not reached")
+  return
+end
+local ok, err = pcall(fs[1].result, fs[1])
+print(ok, err.kind, err.message)
+for i, f in ipairs(fs) do
+  local e = f:exception(10)
+  print(i, f:done(), f:cancelled(), e and e.kind, e and e.message)
+end
+print(pp:submit(function(x) return x * 2 end, 21):result(20), tp:submit(function(x) return x + 1 end, 41):result(20))
+if mode == "twice" then
+  note("again")
+  pp:submit(proc_task, notes)
+  pp:submit(proc_task, notes)
+  while true do end
+end
+]==]
+
+local q = h.shell_quote
+
+-- Starts the script in the background; returns a handle with the paths.
+local function start_host(mode)
+  local run = {
+    script = h.tempfile(SIGNAL_SCRIPT), notes = h.tempfile(""), status = os.tmpname(),
+    out = os.tmpname(), err = os.tmpname(),
+  }
+  os.remove(run.status) -- it appears when luapool has ended
+  local line = ("%s %s %s %s; echo $? >%s"):format(q(h.bin), q(run.script), q(run.notes), q(mode), q(run.status))
+  os.execute(("sh -c %s >%s 2>%s </dev/null &"):format(q(line), q(run.out), q(run.err)))
+  return run
+end
+
+-- The notes: main pid, worker pids, how many threads started, and lines.
+local function read_notes(run)
+  local n = { workers = {}, threads = 0, lines = {} }
+  for line in (h.slurp(run.notes) or ""):gmatch("[^\n]+") do
+    n.lines[#n.lines + 1] = line
+    local what, pid = line:match("^(%a+) (%d+)$")
+    if what == "main" then n.main = tonumber(pid) end
+    if what == "worker" then n.workers[#n.workers + 1] = tonumber(pid) end
+    if line == "thread" then n.threads = n.threads + 1 end
+  end
+  return n
+end
+
+local function wait_workers(run, nworkers)
+  local n
+  wait_until(function()
+    n = read_notes(run)
+    return n.main and #n.workers >= nworkers and n.threads >= 2
+  end, nworkers .. " workers and 2 threads to start", 20)
+  return n
+end
+
+-- Waits for luapool to end; returns its exit status, stdout, stderr.
+local function wait_end(run)
+  local status
+  wait_until(function()
+    status = tonumber((h.slurp(run.status) or ""):match("^(%d+)\n"))
+    return status ~= nil
+  end, "luapool to end", 10)
+  return status, h.slurp(run.out), h.slurp(run.err)
+end
+
+local function cleanup(run)
+  local n = read_notes(run)
+  if n.main and h.alive(n.main) then os.execute("kill -9 " .. n.main) end
+  for _, path in ipairs { run.script, run.notes, run.status, run.out, run.err } do os.remove(path) end
+end
+
+local function assert_all_dead(n)
+  assert.is_false(h.alive(n.main), "luapool is still alive")
+  for _, pid in ipairs(n.workers) do assert.is_false(h.alive(pid), "worker " .. pid .. " is still alive") end
+end
+
+describe("a signal to the luapool host", function()
+  for _, c in ipairs { { "INT", 130 }, { "TERM", 143 } } do
+    local sig, code = c[1], c[2]
+    it("SIG" .. sig .. " uncaught ends the script with status " .. code .. " and no worker left", function()
+      local run = start_host("uncaught")
+      finally(function() cleanup(run) end)
+      local n = wait_workers(run, 2)
+      assert.are.equal(2, #n.workers)
+      os.execute("kill -" .. sig .. " " .. n.main)
+      local status, out, err = wait_end(run)
+      assert.are.equal(code, status, err)
+      assert.are.equal("", out)
+      local prefix = "luapool: interrupted: the script received SIG" .. sig .. "\nstack traceback:\n"
+      assert.are.equal(prefix, err:sub(1, #prefix))
+      assert_all_dead(read_notes(run))
+    end)
+  end
+
+  it("SIGINT caught: running tasks interrupted, queued ones cancelled, the pools go on", function()
+    local run = start_host("caught")
+    finally(function() cleanup(run) end)
+    local n = wait_workers(run, 2)
+    os.execute("kill -INT " .. n.main)
+    local status, out, err = wait_end(run)
+    assert.are.equal(0, status, err)
+    assert.are.equal("", err)
+    local lines = {}
+    for line in out:gmatch("[^\n]*\n") do lines[#lines + 1] = line end
+    assert.are.equal(8, #lines, out)
+    assert.are.equal("false\tinterrupted\tthe script received SIGINT\n", lines[1])
+    local seen = {}
+    for i = 1, 2 do
+      local pid = tonumber(lines[i + 1]:match(("^%d\ttrue\tfalse\tinterrupted\ttask #%d was interrupted: " ..
+        "worker pp%%-[12] %%(pid (%%d+)%%) was stopped\n$"):format(i, i)))
+      assert.is_truthy(pid, lines[i + 1])
+      assert.is_true(pid == n.workers[1] or pid == n.workers[2], lines[i + 1])
+      assert.is_nil(seen[pid])
+      seen[pid] = true
+    end
+    assert.are.equal("3\ttrue\ttrue\tcancelled\tthe task was cancelled\n", lines[4])
+    assert.matches("^4\ttrue\tfalse\tinterrupted\ttask #1 was interrupted in worker tp%-[12]\n$", lines[5])
+    assert.matches("^5\ttrue\tfalse\tinterrupted\ttask #2 was interrupted in worker tp%-[12]\n$", lines[6])
+    assert.are.equal("6\ttrue\ttrue\tcancelled\tthe task was cancelled\n", lines[7])
+    assert.are.equal("42\t42\n", lines[8])
+    assert_all_dead(read_notes(run))
+  end)
+
+  it("a second SIGINT ends a script stuck after catching the first, status 130, no worker left", function()
+    local run = start_host("twice")
+    finally(function() cleanup(run) end)
+    local n = wait_workers(run, 2)
+    os.execute("kill -INT " .. n.main)
+    n = wait_workers(run, 4) -- the two tasks started after catching it
+    assert.are.equal("again", n.lines[6])
+    luapool.sleep(0.1)
+    os.execute("kill -INT " .. n.main)
+    local status, out = wait_end(run)
+    assert.are.equal(130, status)
+    assert.matches("^false\tinterrupted\tthe script received SIGINT\n", out)
+    assert.matches("\n42\t42\n$", out)
+    assert_all_dead(read_notes(run))
+  end)
+end)
+
+-- }======

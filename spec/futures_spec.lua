@@ -303,6 +303,12 @@ for _, kind in ipairs { "threadpool", "processpool" } do
       end)
 
       it("keeps memory flat over a million items", function()
+        if os.getenv("LUAPOOL_SANITIZER") then
+          -- a sanitizer holds freed memory back (quarantine, shadow): RSS
+          -- says nothing there; the plain build runs this test
+          pending("RSS is not meaningful under " .. os.getenv("LUAPOOL_SANITIZER"))
+          return
+        end
         local pool <close> = new { max_workers = 2 }
         collectgarbage()
         local before = rss_kb()

@@ -542,3 +542,29 @@ describe("a signal to the luapool host", function()
 end)
 
 -- }======
+
+describe("Ctrl-C while tasks wait on nested pools of their own", function()
+  -- A task's own wait (on a pool it created) took the signal meant for the
+  -- script: the main state only saw its task interrupted.
+  it("is delivered to the script's main state, not to a task's wait", function()
+    local out, err, code = h.run({ "-e", [[
+      local pool <close> = threadpool.new { max_workers = 2 }
+      local function task()
+        local t_end = luapool.now() + 5
+        while luapool.now() < t_end do
+          local inner <close> = threadpool.new { max_workers = 2 }
+          local fs = {}
+          for i = 1, 4 do fs[i] = inner:submit(function(x) luapool.sleep(0.002) return x end, i) end
+          for _, f in ipairs(fs) do f:result() end
+        end
+        return "finished"
+      end
+      local fs = { pool:submit(task), pool:submit(task) }
+      os.execute(("(sleep 0.5; kill -INT %d) &"):format(luapool.current_worker().pid))
+      local ok, e = pcall(function() for _, f in ipairs(fs) do f:result() end end)
+      print(ok, e.kind, e.message)]] })
+    assert.are.equal(0, code, err)
+    assert.are.equal("false\tinterrupted\tthe script received SIGINT\n", out)
+  end)
+end)
+

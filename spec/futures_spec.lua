@@ -192,6 +192,20 @@ for _, kind in ipairs { "threadpool", "processpool" } do
         assert.has_error(function() pool:submit(print) end)
       end)
 
+      it("do not keep a finished future alive after its callback ran", function()
+        local pool <close> = new { max_workers = 2 }
+        local weak = setmetatable({}, { __mode = "k" })
+        for i = 1, 200 do
+          local f = pool:submit(function(x) return x end, i)
+          f:result()
+          f:add_done_callback(function() end)
+          weak[f] = true
+        end
+        collectgarbage()
+        collectgarbage()
+        assert.is_nil(next(weak), "a future with a run callback was still alive")
+      end)
+
       it("can wait on other futures from inside a callback", function()
         local pool <close> = new { max_workers = 2 }
         local others = {}

@@ -553,3 +553,35 @@ describe("luapool.current_worker in the main state", function()
     assert.are.same({ name = "main", index = 0, kind = "main", pid = MAIN_PID }, w)
   end)
 end)
+
+describe("a __gc that submits while another submit is encoding", function()
+  -- Both used the state's one scratch buffer: the outer submit's message was
+  -- corrupted, or written past the end of a buffer the inner one took.
+  it("leaves both messages intact", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local big = string.rep("x", 10000) -- large enough to be handed over, not copied
+    local keep, inner = {}, 0
+    local mt = { __gc = function()
+      inner = inner + 1
+      keep[#keep + 1] = pool:submit(function(str) return #str end, big)
+    end }
+    for _ = 1, 20 do
+      local t = {}
+      for i = 1, 3000 do
+        local up = i
+        t[i] = { function() return up end }
+      end
+      collectgarbage()
+      collectgarbage("stop")
+      for _ = 1, 50 do setmetatable({}, mt) end
+      collectgarbage("incremental", 1, 100, 8) -- collect in tiny steps, during the encode
+      collectgarbage("restart")
+      assert.are.equal(3000, pool:submit(function(list) return #list end, t):result(10))
+    end
+    collectgarbage("generational")
+    collectgarbage("incremental")
+    for _, f in ipairs(keep) do assert.are.equal(10000, f:result(10)) end
+    assert.is_true(inner > 0, "no finalizer ran during the submits")
+  end)
+end)
+

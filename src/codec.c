@@ -197,9 +197,12 @@ static int scratch_gc(lua_State *L) {
 
 lp_buf *luapool__scratch(lua_State *L) {
   scratch *sc;
+  /* Taken out of the registry while in use: a nested taker (a __gc that
+  ** submits in the middle of an encode) finds none and gets its own. */
   if (lua_getfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY) == LUA_TUSERDATA) {
     sc = lua_touserdata(L, -1);
-    lua_pop(L, 1);
+    lua_pushnil(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY);
   } else {
     lua_pop(L, 1);
     sc = lua_newuserdatauv(L, sizeof *sc, 0);
@@ -208,10 +211,19 @@ lp_buf *luapool__scratch(lua_State *L) {
     lua_pushcfunction(L, scratch_gc);
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY);
   }
   sc->b.len = 0;
-  return &sc->b;
+  return &sc->b; /* its userdata is on top of the stack */
+}
+
+void luapool__scratch_release(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  ((scratch *)lua_touserdata(L, idx))->b.len = 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY) == LUA_TNIL) {
+    lua_pushvalue(L, idx);
+    lua_setfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY);
+  }
+  lua_pop(L, 1);
 }
 
 /* Pushes a registry table, creating it (weak-keyed when asked) if needed. */
@@ -1080,16 +1092,16 @@ void luapool__decode_task(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 1
 
 int luapool__codec_encode(lua_State *L) {
   int n = lua_gettop(L);
-  lp_buf *b = luapool__scratch(L);
+  lp_buf *b = luapool__scratch(L); /* at n+1 */
   lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
   if (luapool__put_u32(b, (uint32_t)n)) return luaL_error(L, "not enough memory");
   if (luapool__encode(L, b, 1, n, &ctx) != 0) {
-    b->len = 0;
+    luapool__scratch_release(L, n + 1);
     lua_pushstring(L, ctx.err);
     return lua_error(L);
   }
   lua_pushlstring(L, b->p, b->len);
-  b->len = 0;
+  luapool__scratch_release(L, n + 1);
   return 1;
 }
 

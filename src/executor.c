@@ -237,6 +237,7 @@ static int start_worker(lp_pool *p, char *err, size_t errsz) {
   atomic_init(&w->intr.reason, 0);
   atomic_init(&w->busy, 0);
   atomic_init(&w->exited, 0);
+  if (p->be->worker_init) p->be->worker_init(w);
   int r = create_thread(&w->thread, worker_main, w);
   if (r != 0) {
     snprintf(err, errsz, "cannot start a worker thread: %s", strerror(r));
@@ -343,7 +344,9 @@ static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
       continue;
     }
     pthread_join(w->thread, NULL);
+    pthread_mutex_lock(&p->mu); /* read by pool_interrupt of other threads */
     w->joined = 1;
+    pthread_mutex_unlock(&p->mu);
   }
   if (stuck) return stuck; /* the watchdog stays: the stuck thread may use it */
   if (p->wd_started) { /* deadlines were enforced until the last task ended */
@@ -547,27 +550,32 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   /* The initializer travels as one task message, encoded once now so that
   ** what cannot travel is refused here, not in a worker. */
   lp_buf *ib = NULL;
+  int ib_idx = 0;
   if (!lua_isnoneornil(L, 1)) {
     lua_settop(L, 1);
     if (lua_getfield(L, 1, "initializer") != LUA_TNIL) { /* 2 */
+      ib = luapool__scratch(L); /* 3 */
+      lua_insert(L, 2); /* scratch 2, initializer 3 */
+      ib_idx = 2;
       int nargs = 0;
-      if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) { /* 3 */
-        nargs = (int)lua_rawlen(L, 3);
+      if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) { /* 4 */
+        nargs = (int)lua_rawlen(L, 4);
         luaL_checkstack(L, nargs, "too many initargs");
-        for (int i = 1; i <= nargs; i++) lua_rawgeti(L, 3, i);
+        for (int i = 1; i <= nargs; i++) lua_rawgeti(L, 4, i);
       }
-      lua_remove(L, 3);
-      ib = luapool__scratch(L);
+      lua_remove(L, 4);
       lp_encode_ctx ctx = {"initializer argument", 1, {0}, NULL};
       if (luapool__put_u8(ib, LP_MSG_SINGLE) ||
           luapool__put_u32(ib, (uint32_t)nargs + 1))
         return luaL_error(L, "cannot create a pool: not enough memory");
-      if (luapool__encode(L, ib, 2, nargs + 1, &ctx) != 0) {
-        ib->len = 0;
+      if (luapool__encode(L, ib, 3, nargs + 1, &ctx) != 0) {
+        luapool__scratch_release(L, 2);
         return luaL_error(L, "%s", ctx.err);
       }
+      lua_settop(L, 2);
+    } else {
+      lua_settop(L, 1);
     }
-    lua_settop(L, 1);
   } else if (lua_isnil(L, 1)) {
     lua_settop(L, 0);
   }
@@ -579,8 +587,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   lua_newtable(L); /* futures whose done callbacks are still owed */
   lua_setiuservalue(L, -2, 1);
   /* Everything below is plain C until the pool is complete: no raise.
-  ** (ib is the state's scratch buffer: the userdata above does not touch
-  ** it.) */
+  ** (ib is a scratch buffer this call owns: anchored at ib_idx.) */
   char *init_msg = NULL, *path = NULL, *cpath = NULL;
   size_t init_len = 0;
   lp_pool *p = NULL;
@@ -589,7 +596,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
     memcpy(init_msg, ib->p, ib->len);
     init_len = ib->len;
   }
-  if (ib) ib->len = 0;
+  if (ib) ib->len = 0; /* (released below: the release may allocate) */
   if (ib && init_msg == NULL) goto nomem;
   path = strdup(lpath);
   cpath = strdup(lcpath);
@@ -628,6 +635,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   p->init_len = init_len;
   snprintf(p->name, sizeof p->name, "%s", name);
   u->p = p;
+  if (ib_idx) luapool__scratch_release(L, ib_idx);
   return 1;
 nomem:
   free(init_msg);
@@ -671,17 +679,18 @@ static int pool_submit(lua_State *L) {
   luapool__pool_poll(L, 1);
   if (p->closing) return luaL_error(L, "cannot submit after shutdown");
   int n = lua_gettop(L) - 1;
-  lp_buf *b = luapool__scratch(L);
+  lp_buf *b = luapool__scratch(L); /* at n+2 */
   lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
   if (luapool__put_u8(b, LP_MSG_SINGLE) || luapool__put_u32(b, (uint32_t)n))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, n, &ctx) != 0) {
-    b->len = 0;
+    luapool__scratch_release(L, n + 2);
     return luaL_error(L, "%s", ctx.err);
   }
   char label[32];
   snprintf(label, sizeof label, "task #%llu", (unsigned long long)++p->nsubmitted);
   submit_message(L, p, 1, b, 1, p->task_timeout, label);
+  luapool__scratch_release(L, n + 2);
   return 1;
 }
 
@@ -711,25 +720,25 @@ static int prim_submit_chunk(lua_State *L) {
     lua_pushliteral(L, "cannot submit after shutdown");
     return 2;
   }
-  lp_buf *b = luapool__scratch(L);
+  lp_buf *b = luapool__scratch(L); /* 7 */
   lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
   if (luapool__put_u8(b, LP_MSG_BATCH) || luapool__put_u32(b, (uint32_t)(hi - lo + 1)))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, 1, &ctx) != 0) goto refuse;
   for (lua_Integer i = lo; i <= hi; i++) {
-    lua_rawgeti(L, 3, i); /* 7 */
-    int nargs = 1, first = 7;
+    lua_rawgeti(L, 3, i); /* 8 */
+    int nargs = 1, first = 8;
     if (star) {
-      if (!lua_istable(L, 7)) {
+      if (!lua_istable(L, 8)) {
         snprintf(ctx.err, sizeof ctx.err,
                  "bad item #%lld (table of arguments expected, got %s)",
-                 (long long)(i + shift), luaL_typename(L, 7));
+                 (long long)(i + shift), luaL_typename(L, 8));
         goto refuse;
       }
-      nargs = (int)lua_rawlen(L, 7);
+      nargs = (int)lua_rawlen(L, 8);
       luaL_checkstack(L, nargs, "too many arguments");
-      for (int a = 1; a <= nargs; a++) lua_rawgeti(L, 7, a);
-      first = 8;
+      for (int a = 1; a <= nargs; a++) lua_rawgeti(L, 8, a);
+      first = 9;
     }
     char of_item[40];
     if (star) { /* starmap: "argument #2 of item #7" */
@@ -745,7 +754,7 @@ static int prim_submit_chunk(lua_State *L) {
       return luaL_error(L, "cannot submit: not enough memory");
     int r = luapool__encode(L, b, first, nargs, &ctx);
     ctx.suffix = NULL;
-    lua_settop(L, 6);
+    lua_settop(L, 7);
     if (r != 0) goto refuse;
   }
   char label[48];
@@ -755,9 +764,10 @@ static int prim_submit_chunk(lua_State *L) {
     snprintf(label, sizeof label, "items #%lld-#%lld", (long long)(lo + shift),
              (long long)(hi + shift));
   submit_message(L, p, 1, b, (int)(hi - lo + 1), timeout, label);
+  luapool__scratch_release(L, 7);
   return 1;
 refuse:
-  luapool__scratch(L); /* empties it */
+  luapool__scratch_release(L, 7);
   lua_pushnil(L);
   lua_pushstring(L, ctx.err);
   return 2;

@@ -272,7 +272,7 @@ static int wait_slice(pthread_cond_t *cv, pthread_mutex_t *mu, double timeout,
   return r == ETIMEDOUT && !last ? 0 : r;
 }
 
-static int signal_pending(void) { return atomic_load(&luapool__signal) != 0; }
+static int signal_pending(void) { return luapool__signal_for_me(); }
 
 int luapool__future_wait(lp_future *f, double timeout) {
   double start = luapool__now();
@@ -387,9 +387,10 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
     return -1;
   }
   lp_reader first = {NULL, NULL}, *r = rd ? rd : &first;
-  if (rd == NULL || rd->p == NULL) /* past the reply's error count */
+  if (rd == NULL || rd->p == NULL) { /* past the reply's error count */
+    if (f->replylen < 4) luaL_error(L, "malformed reply");
     *r = (lp_reader){f->reply + 4, f->reply + f->replylen};
-  if (r->p > r->end) luaL_error(L, "malformed reply");
+  }
   unsigned st;
   uint32_t n;
   luaL_checkstack(L, 8, "reading a result");
@@ -561,8 +562,16 @@ static int future_add_done_callback(lua_State *L) {
   if (p) luapool__pool_watch(L, 3, 1);
   pthread_mutex_lock(&f->mu);
   int done = is_done(f->state);
+  int notified = f->notify != NULL; /* earlier callbacks: poll clears the watch */
   if (!done && p) f->notify = p;
   pthread_mutex_unlock(&f->mu);
+  if (done && p && !notified) { /* nothing will clear the watch: do it now */
+    lua_getiuservalue(L, 3, 1);
+    lua_pushlightuserdata(L, f);
+    lua_pushnil(L);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
   if (done || p == NULL) {
     luapool__run_callback(L, 2, 1);
   } else {

@@ -24,8 +24,15 @@ static const char *const WORKER_KEY = "luapool.worker";
 
 atomic_int luapool__signal;
 atomic_int luapool__signals_handled;
+pthread_t luapool__signal_thread;
+
+int luapool__signal_for_me(void) {
+  return atomic_load(&luapool__signal) != 0 && atomic_load(&luapool__signals_handled) &&
+         pthread_equal(pthread_self(), luapool__signal_thread);
+}
 
 void luapool__check_signal(lua_State *L) {
+  if (!luapool__signal_for_me()) return; /* a worker's nested wait: not its signal */
   int sig = atomic_exchange(&luapool__signal, 0);
   if (sig == 0) return;
   luapool__interrupt_all();

@@ -57,7 +57,8 @@ typedef struct lp_encode_ctx {
 
 /* The state's scratch buffer, emptied: it lives in a userdata of the state,
 ** so a Lua error raised while it holds bytes cannot leak them. */
-lp_buf *luapool__scratch(lua_State *L);
+lp_buf *luapool__scratch(lua_State *L); /* pushes its userdata */
+void luapool__scratch_release(lua_State *L, int idx); /* idx: that userdata */
 int luapool__encode(lua_State *L, lp_buf *b, int first, int n,
                     lp_encode_ctx *ctx);
 /* Appends raw scalars (for message headers, replies built in C). */
@@ -235,6 +236,8 @@ typedef struct lp_backend {
   const char *kind; /* "threadpool" / "processpool" */
   size_t worker_size;
   int watchdog; /* deadlines need the pool's watchdog thread (threads) */
+  /* Called by the owner before the worker's thread exists (NULL: none). */
+  void (*worker_init)(lp_worker *w);
   /* Called on the worker's own thread. */
   int (*worker_start)(lp_worker *w);
   void (*run)(lp_worker *w, lp_future *f);
@@ -334,6 +337,10 @@ extern atomic_int luapool__signal;
 /* Non-zero when a handler is installed: owner waits then run in slices
 ** and notice the signal. */
 extern atomic_int luapool__signals_handled;
+/* The thread whose Lua state receives the signal (the host's main thread,
+** set with signals_handled): only it consumes luapool__signal. */
+extern pthread_t luapool__signal_thread;
+int luapool__signal_for_me(void);
 /* When a signal is pending: stops the work of every pool (queued tasks
 ** cancelled, running ones stopped), then raises an error of kind
 ** "interrupted".  Returns when none is pending. */

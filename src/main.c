@@ -74,6 +74,7 @@ static void install_signal_handlers(void) {
   sa.sa_flags = SA_RESTART;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
+  luapool__signal_thread = pthread_self();
   atomic_store(&luapool__signals_handled, 1);
 }
 

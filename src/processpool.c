@@ -7,7 +7,9 @@
 **
 ** Frames on the socket: u64 payload length, u8 type, payload.
 **   parent -> worker: FR_INIT (path, cpath), then FR_CALL (a task message)
-**   worker -> parent: FR_REPLY (the reply bytes, see worker.c), or FR_OOM
+**   worker -> parent: FR_READY (it took FR_INIT: started, so a task's
+**                     deadline does not count the exec), FR_REPLY (the
+**                     reply bytes, see worker.c), or FR_OOM
 **                     just before it exits for passing max_memory_mb
 ** A worker that dies is noticed as end-of-file on the socket; the task it
 ** ran fails with kind "crashed" naming how it died, and the next task
@@ -36,7 +38,10 @@
 
 extern char **environ;
 
-enum { FR_INIT = 1, FR_CALL = 2, FR_REPLY = 3, FR_OOM = 4 };
+enum { FR_INIT = 1, FR_CALL = 2, FR_REPLY = 3, FR_OOM = 4, FR_READY = 5 };
+
+/* How long a new worker may take to answer its start message. */
+#define START_TIMEOUT 30.0
 
 char *luapool__host_exe = NULL;
 
@@ -104,6 +109,7 @@ static int read_frame(int fd, unsigned *type, char **p, size_t *n) {
 typedef struct pworker {
   lp_worker w; /* must be first */
   atomic_int pid;
+  pthread_mutex_t pidmu; /* kill() and the reap's claim of pid exclude each other */
   int fd;
   int need_init; /* the pool's initializer has not run in this process */
   int ntasks;    /* tasks this process has run (max_tasks_per_child) */
@@ -167,11 +173,18 @@ static int reap(pid_t pid, double grace) {
 /* Closes the socket (an idle worker leaves on EOF) and reaps the process.
 ** Returns its wait status, or -1 when there was none. */
 static int close_worker(pworker *pw, double grace) {
+  /* Claimed under pidmu before waitpid: until then the pid cannot be
+  ** reused (the child is at worst a zombie), so a concurrent
+  ** proc_interrupt kills our child or nothing. */
+  pthread_mutex_lock(&pw->pidmu);
   pid_t pid = atomic_exchange(&pw->pid, 0);
+  pthread_mutex_unlock(&pw->pidmu);
   if (pw->fd >= 0) close(pw->fd);
   pw->fd = -1;
   return pid > 0 ? reap(pid, grace) : -1;
 }
+
+static int wait_readable(int fd, double deadline);
 
 static int spawn_worker(pworker *pw, char *err, size_t errsz) {
   lp_pool *p = pw->w.pool;
@@ -221,19 +234,36 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
             luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
             write_frame(pw->fd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
+  unsigned type = 0;
+  char *ready = NULL;
+  size_t len;
+  if (!bad && wait_readable(pw->fd, luapool__now() + START_TIMEOUT) == 1 &&
+      read_frame(pw->fd, &type, &ready, &len) == 0) {
+    free(ready);
+    bad = type != FR_READY;
+  } else {
+    bad = 1;
+  }
   if (bad) {
-    close_worker(pw, 0);
+    int status = close_worker(pw, 0);
+    char how[96];
+    describe_status(status, how, sizeof how);
     snprintf(err, errsz, "cannot start worker process %s: it did not take "
-                         "its start message", exe);
+                         "its start message (%s)", exe, how);
     return -1;
   }
   return 0;
 }
 
+static void proc_init(lp_worker *w) {
+  pworker *pw = (pworker *)w;
+  atomic_init(&pw->pid, 0);
+  pthread_mutex_init(&pw->pidmu, NULL);
+}
+
 static int proc_start(lp_worker *w) {
   pworker *pw = (pworker *)w;
   pw->fd = -1;
-  atomic_init(&pw->pid, 0);
   return 0; /* the process starts with the first task */
 }
 
@@ -350,12 +380,15 @@ static void proc_run(lp_worker *w, lp_future *f) {
 static void proc_stop(lp_worker *w) { close_worker((pworker *)w, 2.0); }
 
 static void proc_interrupt(lp_worker *w) {
-  pid_t pid = atomic_load(&((pworker *)w)->pid);
+  pworker *pw = (pworker *)w;
+  pthread_mutex_lock(&pw->pidmu);
+  pid_t pid = atomic_load(&pw->pid);
   if (pid > 0) kill(pid, SIGKILL);
+  pthread_mutex_unlock(&pw->pidmu);
 }
 
 const lp_backend luapool__process_backend = {
-    "processpool", sizeof(pworker), 0, proc_start, proc_run, proc_stop,
+    "processpool", sizeof(pworker), 0, proc_init, proc_start, proc_run, proc_stop,
     proc_interrupt};
 
 /* }====================================================== */
@@ -416,6 +449,10 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   if (mem_mb) {
     ws.mem_cap = (size_t)mem_mb << 20;
     ws.on_oom = report_oom;
+  }
+  if (write_frame(fd, FR_READY, "", 0) != 0) {
+    free(paths);
+    return 1;
   }
   lp_buf out = {0};
   int rc = 0;

@@ -94,4 +94,4 @@ static void thread_stop(lp_worker *w) {
 }
 
 const lp_backend luapool__thread_backend = {
-    "threadpool", sizeof(tworker), 1, thread_start, thread_run, thread_stop, NULL};
+    "threadpool", sizeof(tworker), 1, NULL, thread_start, thread_run, thread_stop, NULL};

@@ -53,7 +53,8 @@ int luapool__buf_reserve(lp_buf *b, size_t extra) {
   if (b->cap - b->len >= extra) return 0;
   if (extra > SIZE_MAX / 2 - b->len) return -1;
   size_t ncap = b->cap ? b->cap : 256;
-  while (ncap - b->len < extra) ncap *= 2;
+  while (ncap - b->len < extra)
+    ncap *= 2;
   char *np = realloc(b->p, ncap);
   if (np == NULL) return -1;
   b->p = np;
@@ -87,9 +88,7 @@ int luapool__put_u8(lp_buf *b, unsigned v) {
   return luapool__buf_add(b, &c, 1);
 }
 
-int luapool__put_u32(lp_buf *b, uint32_t v) {
-  return luapool__buf_add(b, &v, 4);
-}
+int luapool__put_u32(lp_buf *b, uint32_t v) { return luapool__buf_add(b, &v, 4); }
 
 static int put_u64(lp_buf *b, uint64_t v) { return luapool__buf_add(b, &v, 8); }
 
@@ -137,9 +136,9 @@ int luapool__put_value(lp_buf *b, const lp_value *v) {
 enum { SEG_INDEX, SEG_FIELD, SEG_KEYOF, SEG_ISKEY, SEG_META, SEG_UPVAL };
 typedef struct seg {
   int kind;
-  int idx;           /* stack index of the key, or of the function */
-  lua_Integer i;     /* SEG_INDEX */
-  const char *name;  /* SEG_UPVAL */
+  int idx;          /* stack index of the key, or of the function */
+  lua_Integer i;    /* SEG_INDEX */
+  const char *name; /* SEG_UPVAL */
 } seg;
 
 /* One encode in progress: on the C stack of luapool__encode, so that an
@@ -149,10 +148,10 @@ typedef struct luapool_encoder {
   lp_buf *bp; /* where it writes */
   lua_State *L;
   lp_encode_ctx *ctx;
-  int seen;  /* stack index of the table (value -> ref id), 0 until needed */
+  int seen; /* stack index of the table (value -> ref id), 0 until needed */
   uint32_t nseen;
   int depth;
-  int root;  /* number of the root value being encoded */
+  int root; /* number of the root value being encoded */
   seg path[LUAPOOL_MAXDEPTH + 2];
 } luapool_encoder;
 
@@ -281,9 +280,8 @@ static void add_named(lua_State *L, int names, const char *prefix, int depth) {
 }
 
 static void push_names(lua_State *L) {
-  static const char *const libs[] = {"luapool", "string", "table",   "math",
-                                     "io",      "os",     "utf8",    "coroutine",
-                                     "debug",   "package", "_G",     NULL};
+  static const char *const libs[] = {"luapool", "string",    "table", "math",    "io", "os",
+                                     "utf8",    "coroutine", "debug", "package", "_G", NULL};
   if (lua_getfield(L, LUA_REGISTRYINDEX, CFNAMES_KEY) == LUA_TTABLE) return;
   lua_pop(L, 1);
   lua_newtable(L);
@@ -342,17 +340,14 @@ static void seg_text(luapool_encoder *e, const seg *s, luaL_Buffer *b) {
       lua_pushfstring(L, "field '%s'", k);
       break;
     }
-    case SEG_KEYOF:
-      lua_pushfstring(L, "value at a %s key", luaL_typename(L, s->idx));
-      break;
+    case SEG_KEYOF: lua_pushfstring(L, "value at a %s key", luaL_typename(L, s->idx)); break;
     case SEG_ISKEY: lua_pushliteral(L, "a key"); break;
     case SEG_META: lua_pushliteral(L, "metatable"); break;
     case SEG_UPVAL: {
       lua_Debug ar;
       lua_pushvalue(L, s->idx);
       lua_getinfo(L, ">S", &ar);
-      lua_pushfstring(L, "upvalue '%s' of function <%s:%d>", s->name,
-                      ar.short_src, ar.linedefined);
+      lua_pushfstring(L, "upvalue '%s' of function <%s:%d>", s->name, ar.short_src, ar.linedefined);
       break;
     }
   }
@@ -366,8 +361,8 @@ static int enc_error(luapool_encoder *e, const char *what) {
   lua_State *L = e->L;
   luaL_Buffer b;
   if (!lua_checkstack(L, 8)) {
-    snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: %s",
-             e->ctx->root, e->root, SUFFIX(e), what);
+    snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: %s", e->ctx->root, e->root,
+             SUFFIX(e), what);
     return -1;
   }
   luaL_buffinit(L, &b);
@@ -390,8 +385,8 @@ static int enc_error(luapool_encoder *e, const char *what) {
 }
 
 static int enc_nomem(luapool_encoder *e) {
-  snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: not enough memory",
-           e->ctx->root, e->root, SUFFIX(e));
+  snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: not enough memory", e->ctx->root,
+           e->root, SUFFIX(e));
   return -1;
 }
 
@@ -409,8 +404,7 @@ static int enc_seen(luapool_encoder *e, int idx) {
     if (lua_rawget(L, e->seen) == LUA_TNUMBER) {
       uint32_t id = (uint32_t)lua_tointeger(L, -1);
       lua_pop(L, 1);
-      if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id))
-        return enc_nomem(e);
+      if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id)) return enc_nomem(e);
       return 1;
     }
     lua_pop(L, 1);
@@ -421,12 +415,10 @@ static int enc_seen(luapool_encoder *e, int idx) {
   return 0;
 }
 
-static int enc_enter(luapool_encoder *e, int kind, int idx, lua_Integer i,
-                     const char *name) {
+static int enc_enter(luapool_encoder *e, int kind, int idx, lua_Integer i, const char *name) {
   if (e->depth + 1 >= LUAPOOL_MAXDEPTH) { /* the root is level 1 */
     char msg[64];
-    snprintf(msg, sizeof msg, "nesting deeper than %d levels",
-             LUAPOOL_MAXDEPTH);
+    snprintf(msg, sizeof msg, "nesting deeper than %d levels", LUAPOOL_MAXDEPTH);
     return enc_error(e, msg);
   }
   e->depth++;
@@ -450,9 +442,7 @@ static int enc_table(luapool_encoder *e, int idx) {
   for (lua_Unsigned i = 1; i <= narr; i++) {
     lua_rawgeti(L, idx, (lua_Integer)i);
     e->path[e->depth + 1] = (seg){SEG_INDEX, 0, (lua_Integer)i, NULL};
-    if (enc_enter(e, SEG_INDEX, 0, (lua_Integer)i, NULL) ||
-        enc_value(e, lua_gettop(L)))
-      return -1;
+    if (enc_enter(e, SEG_INDEX, 0, (lua_Integer)i, NULL) || enc_value(e, lua_gettop(L))) return -1;
     e->depth--;
     lua_pop(L, 1);
   }
@@ -485,8 +475,7 @@ static int enc_table(luapool_encoder *e, int idx) {
   }
   memcpy(e->bp->p + hpos, &nhash, 4);
   if (lua_getmetatable(L, idx)) {
-    if (enc_enter(e, SEG_META, 0, 0, NULL) || enc_value(e, lua_gettop(L)))
-      return -1;
+    if (enc_enter(e, SEG_META, 0, 0, NULL) || enc_value(e, lua_gettop(L))) return -1;
     e->depth--;
     lua_pop(L, 1);
   } else if (luapool__put_u8(e->bp, T_NIL)) {
@@ -578,8 +567,7 @@ static int enc_function(luapool_encoder *e, int idx) {
     lua_pop(L, 1);
     nups++;
   }
-  if (luapool__put_u8(e->bp, (unsigned)nups) ||
-      luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
+  if (luapool__put_u8(e->bp, (unsigned)nups) || luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
     return enc_nomem(e);
   for (int i = 1; i <= nups; i++) {
     const char *name = lua_getupvalue(L, idx, i);
@@ -604,8 +592,7 @@ static int enc_value(luapool_encoder *e, int idx) {
   switch (lua_type(L, idx)) {
     case LUA_TNIL: return luapool__put_u8(b, T_NIL) ? enc_nomem(e) : 0;
     case LUA_TBOOLEAN:
-      return luapool__put_u8(b, lua_toboolean(L, idx) ? T_TRUE : T_FALSE)
-                 ? enc_nomem(e) : 0;
+      return luapool__put_u8(b, lua_toboolean(L, idx) ? T_TRUE : T_FALSE) ? enc_nomem(e) : 0;
     case LUA_TNUMBER: {
       if (luapool__buf_reserve(b, 9)) return enc_nomem(e);
       if (lua_isinteger(L, idx)) {
@@ -630,8 +617,7 @@ static int enc_value(luapool_encoder *e, int idx) {
     case LUA_TUSERDATA: {
       lp_int128 v;
       if (luapool__int128_test(L, idx, &v)) {
-        if (luapool__put_u8(b, T_INT128) || luapool__buf_add(b, &v, 16))
-          return enc_nomem(e);
+        if (luapool__put_u8(b, T_INT128) || luapool__buf_add(b, &v, 16)) return enc_nomem(e);
         return 0;
       }
       return enc_error(e, describe(L, idx));
@@ -640,8 +626,7 @@ static int enc_value(luapool_encoder *e, int idx) {
   }
 }
 
-int luapool__encode(lua_State *L, lp_buf *b, int first, int n,
-                    lp_encode_ctx *ctx) {
+int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx) {
   luapool_encoder enc, *e = &enc; /* path[] is filled as it descends */
   first = lua_absindex(L, first);
   int top = lua_gettop(L);
@@ -715,7 +700,10 @@ int luapool__get_scalar(lp_reader *r, lp_value *v) {
   lp_reader save = *r;
   unsigned t = (unsigned char)*r->p++;
   switch (t) {
-    case T_NIL: v->type = LP_NIL; v->tname = "nil"; return 1;
+    case T_NIL:
+      v->type = LP_NIL;
+      v->tname = "nil";
+      return 1;
     case T_FALSE:
     case T_TRUE:
       v->type = LP_BOOL;
@@ -743,9 +731,7 @@ int luapool__get_scalar(lp_reader *r, lp_value *v) {
       v->type = LP_INT128;
       v->tname = "userdata";
       return get_bytes(r, &v->u.big, 16) ? -1 : 1;
-    default:
-      *r = save;
-      return t < T_LAST ? 0 : -1;
+    default: *r = save; return t < T_LAST ? 0 : -1;
   }
 }
 
@@ -761,10 +747,10 @@ int luapool__peek_kernel(lp_reader *r) {
 typedef struct dec {
   lua_State *L;
   lp_reader *r;
-  int refs;       /* stack slot of the id -> object table (nil until needed) */
+  int refs; /* stack slot of the id -> object table (nil until needed) */
   uint32_t nrefs;
   int depth;
-  int fcache;     /* reuse functions loaded by earlier messages (workers) */
+  int fcache; /* reuse functions loaded by earlier messages (workers) */
 } dec;
 
 __attribute__((noreturn)) static void malformed(dec *d, const char *what) {
@@ -798,8 +784,7 @@ static void dec_table(dec *d) {
   /* every value takes at least one byte: bound the preallocation */
   if (narr > left || nhash > left / 2) malformed(d, "table size exceeds message");
   dec_enter(d);
-  lua_createtable(L, (int)(narr > INT32_MAX ? 0 : narr),
-                  (int)(nhash > INT32_MAX ? 0 : nhash));
+  lua_createtable(L, (int)(narr > INT32_MAX ? 0 : narr), (int)(nhash > INT32_MAX ? 0 : nhash));
   dec_register(d);
   int t = lua_gettop(L);
   for (uint32_t i = 1; i <= narr; i++) {
@@ -809,8 +794,7 @@ static void dec_table(dec *d) {
   for (uint32_t i = 0; i < nhash; i++) {
     dec_value(d);
     if (lua_isnil(L, -1)) malformed(d, "nil table key");
-    if (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1)))
-      malformed(d, "NaN table key");
+    if (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1))) malformed(d, "NaN table key");
     dec_value(d);
     lua_rawset(L, t);
   }
@@ -887,8 +871,8 @@ static int bytecode_check(const char *code, size_t len, unsigned nups) {
   unsigned cl_nups, tt;
   /* Lua's loader checks the header; the walk below relies on 5.4's layout
   ** and on 4-byte instructions and 8-byte integers and floats. */
-  if (len < BC_HEADER + 1 || (unsigned char)code[4] != 0x54 || code[12] != 4 ||
-      code[13] != 8 || code[14] != 8)
+  if (len < BC_HEADER + 1 || (unsigned char)code[4] != 0x54 || code[12] != 4 || code[13] != 8 ||
+      code[14] != 8)
     return -1;
   b.p += BC_HEADER;
   if (bc_byte(&b, &cl_nups) || cl_nups != nups) return -1;
@@ -897,13 +881,19 @@ static int bytecode_check(const char *code, size_t len, unsigned nups) {
   if (bc_size(&b, &line) || bc_size(&b, &lastline)) return -1;
   if (bc_skip(&b, 3)) return -1; /* numparams, is_vararg, maxstacksize */
   if (bc_size(&b, &n) || n > len / 4 || bc_skip(&b, n * 4)) return -1; /* code */
-  if (bc_size(&b, &k)) return -1; /* constants */
+  if (bc_size(&b, &k)) return -1;                                      /* constants */
   for (size_t i = 0; i < k; i++) {
     if (bc_byte(&b, &tt)) return -1;
     switch (tt) {
-      case 0: case 1: case 17: break;           /* nil, false, true */
-      case 3: case 19: if (bc_skip(&b, 8)) return -1; break; /* int, float */
-      case 4: case 20:                          /* strings */
+      case 0:
+      case 1:
+      case 17: break; /* nil, false, true */
+      case 3:
+      case 19:
+        if (bc_skip(&b, 8)) return -1;
+        break; /* int, float */
+      case 4:
+      case 20: /* strings */
         if (bc_size(&b, &n) || (n > 0 && bc_skip(&b, n - 1))) return -1;
         break;
       default: return -1;
@@ -915,12 +905,10 @@ static int bytecode_check(const char *code, size_t len, unsigned nups) {
 
 /* }====== */
 
-static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum,
-                          unsigned nups) {
+static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum, unsigned nups) {
   lua_State *L = d->L;
   load_state ls = {code, len};
-  if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0)
-    malformed(d, "function is not Lua bytecode");
+  if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0) malformed(d, "function is not Lua bytecode");
   if (checksum(code, len) != sum) malformed(d, "function bytecode checksum mismatch");
   if (bytecode_check(code, len, nups) != 0) malformed(d, "bad function bytecode");
   if (lua_load(L, load_reader, &ls, "=(bytecode)", "b") != LUA_OK)
@@ -932,8 +920,8 @@ static void dec_function(dec *d) {
   uint64_t fid, sum;
   uint32_t len;
   unsigned nups, flags;
-  if (get_bytes(d->r, &fid, 8) || get_bytes(d->r, &sum, 8) ||
-      luapool__get_u32(d->r, &len) || (size_t)(d->r->end - d->r->p) < len)
+  if (get_bytes(d->r, &fid, 8) || get_bytes(d->r, &sum, 8) || luapool__get_u32(d->r, &len) ||
+      (size_t)(d->r->end - d->r->p) < len)
     malformed(d, "truncated function");
   const char *code = d->r->p;
   d->r->p += len;
@@ -1047,8 +1035,7 @@ static void dec_value(dec *d) {
     case T_TABLE: dec_table(d); break;
     case T_REF: {
       uint32_t id;
-      if (luapool__get_u32(d->r, &id) || id >= d->nrefs)
-        malformed(d, "bad reference");
+      if (luapool__get_u32(d->r, &id) || id >= d->nrefs) malformed(d, "bad reference");
       lua_rawgeti(L, d->refs, id);
       break;
     }
@@ -1076,7 +1063,8 @@ static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   luaL_checkstack(L, n + 8, "decoding a message");
   lua_pushnil(L); /* the refs slot, removed at the end */
   dec d = {L, r, lua_gettop(L), 0, 0, fcache};
-  for (int i = 0; i < n; i++) dec_value(&d);
+  for (int i = 0; i < n; i++)
+    dec_value(&d);
   lua_remove(L, d.refs);
 }
 

@@ -184,8 +184,10 @@ static void live_add(lp_pool *p) {
 
 static void live_remove(lp_pool *p) {
   pthread_mutex_lock(&live_mu);
-  if (p->prev_live) p->prev_live->next_live = p->next_live;
-  else live_head = p->next_live;
+  if (p->prev_live)
+    p->prev_live->next_live = p->next_live;
+  else
+    live_head = p->next_live;
   if (p->next_live) p->next_live->prev_live = p->prev_live;
   pthread_mutex_unlock(&live_mu);
 }
@@ -215,7 +217,8 @@ static void pool_interrupt(lp_pool *p) {
 
 void luapool__interrupt_all(void) {
   pthread_mutex_lock(&live_mu);
-  for (lp_pool *p = live_head; p; p = p->next_live) pool_interrupt(p);
+  for (lp_pool *p = live_head; p; p = p->next_live)
+    pool_interrupt(p);
   pthread_mutex_unlock(&live_mu);
 }
 /* }====== */
@@ -349,7 +352,7 @@ static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
     pthread_mutex_unlock(&p->mu);
   }
   if (stuck) return stuck; /* the watchdog stays: the stuck thread may use it */
-  if (p->wd_started) { /* deadlines were enforced until the last task ended */
+  if (p->wd_started) {     /* deadlines were enforced until the last task ended */
     pthread_mutex_lock(&p->mu);
     p->wd_stop = 1;
     pthread_cond_signal(&p->wdcv);
@@ -362,7 +365,8 @@ static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
 
 static void pool_free(lp_pool *p) {
   live_remove(p);
-  for (int i = 0; i < p->nworkers; i++) free(p->workers[i]);
+  for (int i = 0; i < p->nworkers; i++)
+    free(p->workers[i]);
   /* callbacks still owed (the pool was collected): dropped with it */
   for (lp_future *f = p->cbhead, *next; f; f = next) {
     next = f->cbnext;
@@ -392,9 +396,7 @@ typedef struct lpool {
   lp_pool *p;
 } lpool;
 
-static lpool *to_lpool(lua_State *L, int idx) {
-  return luaL_checkudata(L, idx, LUAPOOL_POOL_MT);
-}
+static lpool *to_lpool(lua_State *L, int idx) { return luaL_checkudata(L, idx, LUAPOOL_POOL_MT); }
 
 lp_pool *luapool__to_pool(lua_State *L, int idx) {
   lpool *u = luaL_testudata(L, idx, LUAPOOL_POOL_MT);
@@ -459,8 +461,7 @@ static int default_workers(const lp_backend *be) {
 /* Pushes package[field] when it is a string, else "". */
 static const char *push_package_field(lua_State *L, const char *field) {
   int top = lua_gettop(L);
-  if (lua_getglobal(L, "package") != LUA_TTABLE ||
-      lua_getfield(L, -1, field) != LUA_TSTRING) {
+  if (lua_getglobal(L, "package") != LUA_TTABLE || lua_getfield(L, -1, field) != LUA_TSTRING) {
     lua_settop(L, top);
     lua_pushliteral(L, "");
   } else {
@@ -483,44 +484,44 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
     while (lua_next(L, 1)) {
       const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
       if (k && strcmp(k, "max_workers") == 0) {
-        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 ||
-            lua_tointeger(L, -1) > 4096)
-          return luaL_error(L, "bad option 'max_workers' to 'new' (integer "
-                               "from 1 to 4096 expected, got %s)",
-                            lua_isinteger(L, -1) ? lua_tostring(L, -1)
-                                                 : luaL_typename(L, -1));
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > 4096)
+          return luaL_error(L,
+                            "bad option 'max_workers' to 'new' (integer "
+                            "from 1 to 4096 expected, got %s)",
+                            lua_isinteger(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
         max_workers = (int)lua_tointeger(L, -1);
       } else if (k && strcmp(k, "name") == 0) {
         size_t len = 0; /* (tolstring only on a real string: it would
                         ** turn a number into one in place) */
         const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
         if (s == NULL || len == 0 || len >= sizeof name - 8)
-          return luaL_error(L, "bad option 'name' to 'new' (non-empty string "
-                               "of at most %d bytes expected)",
+          return luaL_error(L,
+                            "bad option 'name' to 'new' (non-empty string "
+                            "of at most %d bytes expected)",
                             (int)sizeof name - 9);
         snprintf(name, sizeof name, "%s", s);
       } else if (k && strcmp(k, "task_timeout") == 0) {
         if (!lua_isnumber(L, -1) || !(lua_tonumber(L, -1) > 0))
-          return luaL_error(L, "bad option 'task_timeout' to 'new' (positive "
-                               "number of seconds expected, got %s)",
+          return luaL_error(L,
+                            "bad option 'task_timeout' to 'new' (positive "
+                            "number of seconds expected, got %s)",
                             luaL_tolstring(L, -1, NULL));
         opt.task_timeout = lua_tonumber(L, -1);
-      } else if (k && be == &luapool__process_backend &&
-                 strcmp(k, "on_crash") == 0) {
+      } else if (k && be == &luapool__process_backend && strcmp(k, "on_crash") == 0) {
         const char *v = lua_tostring(L, -1);
         if (lua_type(L, -1) != LUA_TSTRING ||
             (strcmp(v, "replace") != 0 && strcmp(v, "break") != 0))
-          return luaL_error(L, "bad option 'on_crash' to 'new' ('replace' or "
-                               "'break' expected, got %s)",
+          return luaL_error(L,
+                            "bad option 'on_crash' to 'new' ('replace' or "
+                            "'break' expected, got %s)",
                             luaL_tolstring(L, -1, NULL));
         opt.on_crash_break = strcmp(v, "break") == 0;
       } else if (k && be == &luapool__process_backend &&
-                 (strcmp(k, "max_tasks_per_child") == 0 ||
-                  strcmp(k, "max_memory_mb") == 0)) {
-        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 ||
-            lua_tointeger(L, -1) > INT32_MAX)
-          return luaL_error(L, "bad option '%s' to 'new' (positive integer "
-                               "expected, got %s)",
+                 (strcmp(k, "max_tasks_per_child") == 0 || strcmp(k, "max_memory_mb") == 0)) {
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > INT32_MAX)
+          return luaL_error(L,
+                            "bad option '%s' to 'new' (positive integer "
+                            "expected, got %s)",
                             k, luaL_tolstring(L, -1, NULL));
         if (k[4] == 't')
           opt.max_tasks_per_child = (int)lua_tointeger(L, -1);
@@ -529,20 +530,25 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
       } else if (k && be == &luapool__thread_backend &&
                  (strcmp(k, "on_crash") == 0 || strcmp(k, "max_tasks_per_child") == 0 ||
                   strcmp(k, "max_memory_mb") == 0)) {
-        return luaL_error(L, "bad option '%s' to 'new' (a processpool option: "
-                             "threads share one process)", k);
+        return luaL_error(L,
+                          "bad option '%s' to 'new' (a processpool option: "
+                          "threads share one process)",
+                          k);
       } else if (k && strcmp(k, "initializer") == 0) {
         if (lua_type(L, -1) != LUA_TFUNCTION)
-          return luaL_error(L, "bad option 'initializer' to 'new' (function "
-                               "expected, got %s)", luaL_typename(L, -1));
+          return luaL_error(L,
+                            "bad option 'initializer' to 'new' (function "
+                            "expected, got %s)",
+                            luaL_typename(L, -1));
       } else if (k && strcmp(k, "initargs") == 0) {
         if (!lua_istable(L, -1))
-          return luaL_error(L, "bad option 'initargs' to 'new' (table "
-                               "expected, got %s)", luaL_typename(L, -1));
+          return luaL_error(L,
+                            "bad option 'initargs' to 'new' (table "
+                            "expected, got %s)",
+                            luaL_typename(L, -1));
       } else {
         lua_pop(L, 1);
-        return luaL_error(L, "unknown option '%s' to 'new'",
-                          k ? k : luaL_tolstring(L, -1, NULL));
+        return luaL_error(L, "unknown option '%s' to 'new'", k ? k : luaL_tolstring(L, -1, NULL));
       }
       lua_pop(L, 1);
     }
@@ -554,19 +560,19 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   if (!lua_isnoneornil(L, 1)) {
     lua_settop(L, 1);
     if (lua_getfield(L, 1, "initializer") != LUA_TNIL) { /* 2 */
-      ib = luapool__scratch(L); /* 3 */
-      lua_insert(L, 2); /* scratch 2, initializer 3 */
+      ib = luapool__scratch(L);                          /* 3 */
+      lua_insert(L, 2);                                  /* scratch 2, initializer 3 */
       ib_idx = 2;
       int nargs = 0;
       if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) { /* 4 */
         nargs = (int)lua_rawlen(L, 4);
         luaL_checkstack(L, nargs, "too many initargs");
-        for (int i = 1; i <= nargs; i++) lua_rawgeti(L, 4, i);
+        for (int i = 1; i <= nargs; i++)
+          lua_rawgeti(L, 4, i);
       }
       lua_remove(L, 4);
       lp_encode_ctx ctx = {"initializer argument", 1, {0}, NULL};
-      if (luapool__put_u8(ib, LP_MSG_SINGLE) ||
-          luapool__put_u32(ib, (uint32_t)nargs + 1))
+      if (luapool__put_u8(ib, LP_MSG_SINGLE) || luapool__put_u32(ib, (uint32_t)nargs + 1))
         return luaL_error(L, "cannot create a pool: not enough memory");
       if (luapool__encode(L, ib, 3, nargs + 1, &ctx) != 0) {
         luapool__scratch_release(L, 2);
@@ -603,8 +609,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   p = calloc(1, sizeof *p);
   /* an array of pointers, one per worker */
   workers = calloc((size_t)max_workers, sizeof *workers); // NOLINT(bugprone-sizeof-expression)
-  if (p == NULL || workers == NULL || path == NULL || cpath == NULL)
-    goto nomem;
+  if (p == NULL || workers == NULL || path == NULL || cpath == NULL) goto nomem;
   if (pthread_mutex_init(&p->mu, NULL) != 0) goto nomem;
   if (pthread_cond_init(&p->cv, NULL) != 0) {
     pthread_mutex_destroy(&p->mu);
@@ -647,15 +652,13 @@ nomem:
 }
 
 static void check_fn(lua_State *L, int idx) {
-  if (lua_type(L, idx) != LUA_TFUNCTION)
-    luaL_typeerror(L, idx, "function or kernel");
+  if (lua_type(L, idx) != LUA_TFUNCTION) luaL_typeerror(L, idx, "function or kernel");
 }
 
 /* Queues a message as a new future and pushes its userdata.  Raises on
 ** failure (the message is freed first). */
-static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx,
-                                 lp_buf *b, int ncalls, double timeout,
-                                 const char *label) {
+static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf *b, int ncalls,
+                                 double timeout, const char *label) {
   luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
   lp_future *f = luapool__future_new(b, ncalls);
   if (f == NULL) {
@@ -730,14 +733,14 @@ static int prim_submit_chunk(lua_State *L) {
     int nargs = 1, first = 8;
     if (star) {
       if (!lua_istable(L, 8)) {
-        snprintf(ctx.err, sizeof ctx.err,
-                 "bad item #%lld (table of arguments expected, got %s)",
+        snprintf(ctx.err, sizeof ctx.err, "bad item #%lld (table of arguments expected, got %s)",
                  (long long)(i + shift), luaL_typename(L, 8));
         goto refuse;
       }
       nargs = (int)lua_rawlen(L, 8);
       luaL_checkstack(L, nargs, "too many arguments");
-      for (int a = 1; a <= nargs; a++) lua_rawgeti(L, 8, a);
+      for (int a = 1; a <= nargs; a++)
+        lua_rawgeti(L, 8, a);
       first = 9;
     }
     char of_item[40];
@@ -815,9 +818,8 @@ static int prim_cancel(lua_State *L) {
 
 /* error(kind, message) -> an error object */
 static int prim_error(lua_State *L) {
-  static const char *const kinds[] = {"task",   "timeout",  "cancelled",
-                                      "crashed", "broken", "transfer",
-                                      "interrupted", NULL};
+  static const char *const kinds[] = {"task",   "timeout",  "cancelled",   "crashed",
+                                      "broken", "transfer", "interrupted", NULL};
   int k = luaL_checkoption(L, 1, NULL, kinds);
   luapool__push_error(L, (lp_ekind)k, luaL_checkstring(L, 2), NULL, NULL, 0);
   return 1;
@@ -917,8 +919,10 @@ static int pool_gc(lua_State *L) {
   if (u->p) {
     int stuck = pool_stop(u->p, 1, 1, 1);
     if (stuck) { /* the pool stays allocated: its stuck threads use it */
-      fprintf(stderr, "luapool: %d worker thread(s) of pool '%s' did not stop within %g "
-                      "seconds and were left running\n", stuck, u->p->name, STOP_GRACE);
+      fprintf(stderr,
+              "luapool: %d worker thread(s) of pool '%s' did not stop within %g "
+              "seconds and were left running\n",
+              stuck, u->p->name, STOP_GRACE);
       live_remove(u->p);
     } else {
       pool_free(u->p);
@@ -933,8 +937,8 @@ static int pool_tostring(lua_State *L) {
   if (u->p == NULL)
     lua_pushliteral(L, "luapool.pool (closed)");
   else
-    lua_pushfstring(L, "%s '%s' (%d workers max)%s", u->p->be->kind, u->p->name,
-                    u->p->max_workers, u->p->closing ? " (shut down)" : "");
+    lua_pushfstring(L, "%s '%s' (%d workers max)%s", u->p->be->kind, u->p->name, u->p->max_workers,
+                    u->p->closing ? " (shut down)" : "");
   return 1;
 }
 
@@ -961,10 +965,8 @@ static int pool_index(lua_State *L) {
 }
 
 /* map, starmap and imap are added by the Lua layer. */
-static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
-                                        {"shutdown", pool_shutdown},
-                                        {"stats", pool_stats},
-                                        {NULL, NULL}};
+static const luaL_Reg pool_methods[] = {
+    {"submit", pool_submit}, {"shutdown", pool_shutdown}, {"stats", pool_stats}, {NULL, NULL}};
 
 void luapool__pool_open(lua_State *L) {
   if (luaL_newmetatable(L, LUAPOOL_POOL_MT)) {

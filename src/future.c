@@ -81,13 +81,13 @@ void luapool__future_unref(lp_future *f) {
 }
 
 struct lp_wnode {
-  lp_future *f;       /* holds a reference */
+  lp_future *f; /* holds a reference */
   lp_cq *q;
-  int id;             /* the Lua-side slot of the future in its queue */
-  int fired;          /* mutex: f->mu */
-  lp_wnode *fnext;    /* in f->wnodes (mutex: f->mu) */
-  lp_wnode *qnext;    /* in q's fired list (mutex: q->mu) */
-  lp_wnode *anext;    /* in q's list of all nodes (owner only) */
+  int id;          /* the Lua-side slot of the future in its queue */
+  int fired;       /* mutex: f->mu */
+  lp_wnode *fnext; /* in f->wnodes (mutex: f->mu) */
+  lp_wnode *qnext; /* in q's fired list (mutex: q->mu) */
+  lp_wnode *anext; /* in q's list of all nodes (owner only) */
 };
 
 struct lp_cq {
@@ -259,8 +259,7 @@ static void deadline_in(struct timespec *dl, double timeout) {
 ** within that.  ETIMEDOUT only when the real deadline has passed. */
 #define SLICE 0.05
 
-static int wait_slice(pthread_cond_t *cv, pthread_mutex_t *mu, double timeout,
-                      double start) {
+static int wait_slice(pthread_cond_t *cv, pthread_mutex_t *mu, double timeout, double start) {
   int sliced = atomic_load(&luapool__signals_handled);
   if (timeout < 0 && !sliced) return pthread_cond_wait(cv, mu);
   double left = timeout < 0 ? SLICE : start + timeout - luapool__now();
@@ -336,9 +335,8 @@ static double opt_timeout(lua_State *L, int idx) {
   return t;
 }
 
-static const char *ekind_names[] = {"task",    "timeout", "cancelled",
-                                    "crashed", "broken",  "transfer",
-                                    "interrupted"};
+static const char *ekind_names[] = {"task",   "timeout",  "cancelled",  "crashed",
+                                    "broken", "transfer", "interrupted"};
 
 const char *luapool__ekind_name(lp_ekind k) { return ekind_names[k]; }
 
@@ -371,19 +369,17 @@ static int decode_values(lua_State *L, lp_future *f, lp_reader *r, int n) {
   return -1;
 }
 
-int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
-                            int maxvals) {
+int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd, int maxvals) {
   /* A finished future's state and reply never change again: safe to read
   ** without the lock once a wait or a state read has seen it done. */
   lp_fstate s = luapool__future_state(f);
   if (s == LP_CANCELLED) {
-    luapool__push_error(L, LP_EK_CANCELLED, "the task was cancelled", NULL,
-                        NULL, 0);
+    luapool__push_error(L, LP_EK_CANCELLED, "the task was cancelled", NULL, NULL, 0);
     return -1;
   }
   if (s == LP_FAILED) {
-    luapool__push_error(L, f->ekind, f->emsg ? f->emsg : "(no memory for message)",
-                        NULL, f->worker[0] ? f->worker : NULL, 0);
+    luapool__push_error(L, f->ekind, f->emsg ? f->emsg : "(no memory for message)", NULL,
+                        f->worker[0] ? f->worker : NULL, 0);
     return -1;
   }
   lp_reader first = {NULL, NULL}, *r = rd ? rd : &first;
@@ -400,8 +396,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
     size_t l;
     if (luapool__get_string(r, &m, &l)) luaL_error(L, "malformed reply");
     lua_pushlstring(L, m, l);
-    luapool__push_error(L, LP_EK_TRANSFER, lua_tostring(L, -1), NULL,
-                        f->worker, 0);
+    luapool__push_error(L, LP_EK_TRANSFER, lua_tostring(L, -1), NULL, f->worker, 0);
     lua_remove(L, -2);
     return -1;
   }
@@ -415,8 +410,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
   /* task error: message and traceback, then the error value */
   const char *m = NULL, *tb = NULL;
   size_t ml = 0, tl = 0;
-  if (st != LP_REPLY_ERROR || luapool__get_string(r, &m, &ml) ||
-      luapool__get_string(r, &tb, &tl))
+  if (st != LP_REPLY_ERROR || luapool__get_string(r, &m, &ml) || luapool__get_string(r, &tb, &tl))
     luaL_error(L, "malformed reply");
   lua_pushlstring(L, m, ml);
   lua_pushlstring(L, tb, tl);
@@ -424,8 +418,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd,
     lua_pop(L, 1);
     lua_pushnil(L);
   }
-  luapool__push_error(L, LP_EK_TASK, lua_tostring(L, -3), lua_tostring(L, -2),
-                      f->worker, -1);
+  luapool__push_error(L, LP_EK_TASK, lua_tostring(L, -3), lua_tostring(L, -2), f->worker, -1);
   lua_replace(L, -4);
   lua_settop(L, lua_gettop(L) - 2);
   return -1;
@@ -582,20 +575,20 @@ static int future_add_done_callback(lua_State *L) {
 }
 
 static int future_tostring(lua_State *L) {
-  static const char *const names[] = {"pending", "running", "finished",
-                                      "failed", "cancelled"};
+  static const char *const names[] = {"pending", "running", "finished", "failed", "cancelled"};
   lp_future *f = luapool__check_future(L, 1);
-  lua_pushfstring(L, "luapool.future (%s): %p",
-                  names[luapool__future_state(f)], (void *)f);
+  lua_pushfstring(L, "luapool.future (%s): %p", names[luapool__future_state(f)], (void *)f);
   return 1;
 }
 
-static const luaL_Reg future_methods[] = {
-    {"result", future_result},       {"exception", future_exception},
-    {"done", future_done},           {"running", future_running},
-    {"cancelled", future_cancelled}, {"cancel", future_cancel},
-    {"add_done_callback", future_add_done_callback},
-    {NULL, NULL}};
+static const luaL_Reg future_methods[] = {{"result", future_result},
+                                          {"exception", future_exception},
+                                          {"done", future_done},
+                                          {"running", future_running},
+                                          {"cancelled", future_cancelled},
+                                          {"cancel", future_cancel},
+                                          {"add_done_callback", future_add_done_callback},
+                                          {NULL, NULL}};
 
 /* {======================================================
 ** Completion queue (luapool.cq): add futures, pop them as they finish
@@ -623,7 +616,8 @@ static void cq_release(lp_cq *q) {
     pthread_mutex_lock(&n->f->mu);
     if (!n->fired) {
       lp_wnode **pp = &n->f->wnodes;
-      while (*pp && *pp != n) pp = &(*pp)->fnext;
+      while (*pp && *pp != n)
+        pp = &(*pp)->fnext;
       if (*pp) *pp = n->fnext;
     }
     pthread_mutex_unlock(&n->f->mu);
@@ -760,11 +754,8 @@ static int cq_close(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg cq_methods[] = {{"add", cq_add},
-                                      {"pop", cq_pop},
-                                      {"pending", cq_pending},
-                                      {"close", cq_close},
-                                      {NULL, NULL}};
+static const luaL_Reg cq_methods[] = {
+    {"add", cq_add}, {"pop", cq_pop}, {"pending", cq_pending}, {"close", cq_close}, {NULL, NULL}};
 
 void luapool__cq_open(lua_State *L) {
   if (luaL_newmetatable(L, LUAPOOL_CQ_MT)) {

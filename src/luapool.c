@@ -158,9 +158,8 @@ static int l_current_worker(lua_State *L) {
 ** Error objects
 ** ======================================================= */
 
-void luapool__push_error(lua_State *L, lp_ekind kind, const char *message,
-                         const char *traceback, const char *worker,
-                         int value_idx) {
+void luapool__push_error(lua_State *L, lp_ekind kind, const char *message, const char *traceback,
+                         const char *worker, int value_idx) {
   if (value_idx) value_idx = lua_absindex(L, value_idx);
   lua_createtable(L, 0, 5);
   lua_pushstring(L, luapool__ekind_name(kind));
@@ -262,8 +261,7 @@ void luapool__arm_interrupt_hook(lua_State *L) {
   lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
 }
 
-void luapool__open_worker_state(lua_State *L, const char *kind,
-                                const char *name, int index) {
+void luapool__open_worker_state(lua_State *L, const char *kind, const char *name, int index) {
   luaL_requiref(L, "luapool", luaopen_luapool, 1);
   lua_getfield(L, -1, "threadpool");
   lua_setglobal(L, "threadpool");
@@ -317,13 +315,9 @@ void luapool__wstate_close(lp_wstate *ws) {
 ** Module
 ** ======================================================= */
 
-static int threadpool_new(lua_State *L) {
-  return luapool__pool_new(L, &luapool__thread_backend);
-}
+static int threadpool_new(lua_State *L) { return luapool__pool_new(L, &luapool__thread_backend); }
 
-static int processpool_new(lua_State *L) {
-  return luapool__pool_new(L, &luapool__process_backend);
-}
+static int processpool_new(lua_State *L) { return luapool__pool_new(L, &luapool__process_backend); }
 
 /* luapool.info(): what a benchmark report says about the machine. */
 static int l_info(lua_State *L) {

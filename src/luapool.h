@@ -22,9 +22,9 @@
 
 #define LUAPOOL_VERSION "0.1.0"
 
-#define LUAPOOL_POOL_MT "luapool.pool"
+#define LUAPOOL_POOL_MT   "luapool.pool"
 #define LUAPOOL_FUTURE_MT "luapool.future"
-#define LUAPOOL_ERROR_MT "luapool.error"
+#define LUAPOOL_ERROR_MT  "luapool.error"
 
 /* {====== growable byte buffer */
 typedef struct lp_buf {
@@ -49,18 +49,17 @@ char *luapool__buf_take(lp_buf *b, size_t *len);
 ** error may still be raised by Lua itself; b stays owned by the caller, who
 ** must free it then (keep it in a luapool__encoder). */
 typedef struct lp_encode_ctx {
-  const char *root;  /* "argument", "result", "error value" */
-  int root_base;     /* number of the first encoded value */
+  const char *root; /* "argument", "result", "error value" */
+  int root_base;    /* number of the first encoded value */
   char err[512];
   const char *suffix; /* after the number ("of item #3"); NULL: none */
 } lp_encode_ctx;
 
 /* The state's scratch buffer, emptied: it lives in a userdata of the state,
 ** so a Lua error raised while it holds bytes cannot leak them. */
-lp_buf *luapool__scratch(lua_State *L); /* pushes its userdata */
+lp_buf *luapool__scratch(lua_State *L);               /* pushes its userdata */
 void luapool__scratch_release(lua_State *L, int idx); /* idx: that userdata */
-int luapool__encode(lua_State *L, lp_buf *b, int first, int n,
-                    lp_encode_ctx *ctx);
+int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx);
 /* Appends raw scalars (for message headers, replies built in C). */
 int luapool__put_u8(lp_buf *b, unsigned v);
 int luapool__put_u32(lp_buf *b, uint32_t v);
@@ -119,25 +118,25 @@ typedef struct lp_future {
   struct lp_future *cbnext; /* pool callback queue link (mutex: p->cbmu) */
   pthread_mutex_t mu;
   pthread_cond_t cv;
-  lp_fstate state;  /* mutex: mu */
-  int nwaiters;     /* threads blocked in luapool__future_wait */
+  lp_fstate state; /* mutex: mu */
+  int nwaiters;    /* threads blocked in luapool__future_wait */
   /* The task: message bytes, freed once the task has run. */
   char *msg;
   size_t msglen;
-  int ncalls;       /* calls batched in msg (map chunks) */
+  int ncalls; /* calls batched in msg (map chunks) */
   /* The outcome. */
-  char *reply;      /* LP_FINISHED: encoded reply (in inline_reply if small) */
+  char *reply; /* LP_FINISHED: encoded reply (in inline_reply if small) */
   size_t replylen;
   char inline_reply[48];
-  lp_ekind ekind;   /* LP_FAILED */
-  char *emsg;       /* LP_FAILED: message (malloc) */
-  char worker[64];  /* worker that ran or failed it */
-  lp_wnode *wnodes; /* completion queues waiting for it (mutex: mu) */
+  lp_ekind ekind;         /* LP_FAILED */
+  char *emsg;             /* LP_FAILED: message (malloc) */
+  char worker[64];        /* worker that ran or failed it */
+  lp_wnode *wnodes;       /* completion queues waiting for it (mutex: mu) */
   struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
   struct lp_pool *pool;   /* whose call counters its transitions move */
-  double timeout;   /* task deadline in seconds from its start; 0: none */
-  char label[48];   /* "task #12", "items #51-#60": names it in crash reports */
-  char inline_msg[]; /* small messages live here */
+  double timeout;         /* task deadline in seconds from its start; 0: none */
+  char label[48];         /* "task #12", "items #51-#60": names it in crash reports */
+  char inline_msg[];      /* small messages live here */
 } lp_future;
 
 /* A pending future holding the task message in b (b is emptied). */
@@ -180,28 +179,26 @@ lp_future *luapool__check_future(lua_State *L, int idx);
 ** future's reply and returns their count; on an error outcome pushes the
 ** error object and returns -1.  r walks the reply call by call (set r->p
 ** to NULL before the first call); NULL means the first call. */
-int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *r,
-                            int maxvals);
+int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *r, int maxvals);
 void luapool__future_open(lua_State *L);
 /* }====== */
 
 /* {====== errors (luapool.c) */
 /* Pushes an error object {kind, message, traceback, worker, value}; value
 ** at value_idx (0: none). */
-void luapool__push_error(lua_State *L, lp_ekind kind, const char *message,
-                         const char *traceback, const char *worker,
-                         int value_idx);
+void luapool__push_error(lua_State *L, lp_ekind kind, const char *message, const char *traceback,
+                         const char *worker, int value_idx);
 const char *luapool__ekind_name(lp_ekind k);
 /* }====== */
 
 /* {====== worker side: running a task message (worker.c) */
 typedef struct lp_wstate {
-  lua_State *L;            /* created on the first Lua task */
-  const char *kind;        /* "thread" or "process" */
+  lua_State *L;     /* created on the first Lua task */
+  const char *kind; /* "thread" or "process" */
   char name[64];
   int index;
-  lp_interrupt *intr;      /* how the owner stops the running task */
-  double deadline;         /* of the running task (luapool__now); 0: none */
+  lp_interrupt *intr; /* how the owner stops the running task */
+  double deadline;    /* of the running task (luapool__now); 0: none */
   /* For the Lua state: copied from the creating state. */
   const char *path, *cpath;
   /* Process workers with max_memory_mb: the Lua state's allocation cap;
@@ -221,8 +218,7 @@ void luapool__arm_interrupt_hook(lua_State *L);
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */
-int luapool__run_message(lp_wstate *ws, const char *msg, size_t len,
-                         lp_buf *out);
+int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out);
 void luapool__wstate_close(lp_wstate *ws);
 /* Reply status byte per call. */
 enum { LP_REPLY_OK = 0, LP_REPLY_ERROR = 1, LP_REPLY_TRANSFER = 2 };
@@ -254,7 +250,7 @@ struct lp_worker {
   /* The running task's deadline, for the watchdog (mutex: pool's mu). */
   double deadline;
   uint64_t deadline_seq;
-  int joined; /* owner only */
+  int joined;        /* owner only */
   atomic_int busy;   /* running a task */
   atomic_int exited; /* its thread has finished */
   char name[64];
@@ -262,37 +258,37 @@ struct lp_worker {
 
 struct lp_pool {
   const lp_backend *be;
-  atomic_int refs;       /* the Lua userdata + every worker thread */
-  pthread_mutex_t mu;    /* guards everything below */
-  pthread_cond_t cv;     /* workers wait here for tasks */
+  atomic_int refs;    /* the Lua userdata + every worker thread */
+  pthread_mutex_t mu; /* guards everything below */
+  pthread_cond_t cv;  /* workers wait here for tasks */
   lp_future *head, *tail;
   size_t npending;
   int max_workers, nworkers, idle;
-  int closing;           /* no more submits; workers leave when idle */
-  lp_worker **workers;   /* [max_workers] */
+  int closing;         /* no more submits; workers leave when idle */
+  lp_worker **workers; /* [max_workers] */
   char name[48];
-  char *path, *cpath;    /* package.path/cpath for worker Lua states */
+  char *path, *cpath; /* package.path/cpath for worker Lua states */
   /* Calls (a map chunk counts its items) by where they are; atomics, as
   ** workers update them outside the lock. */
   atomic_size_t c_pending, c_running, c_done, c_failed, c_cancelled;
   /* Finished futures whose done callbacks the owner has yet to run. */
   pthread_mutex_t cbmu;
-  lp_future *cbhead;       /* mutex: cbmu; each holds a reference */
-  atomic_int ncb;          /* non-zero when cbhead may be non-empty */
+  lp_future *cbhead; /* mutex: cbmu; each holds a reference */
+  atomic_int ncb;    /* non-zero when cbhead may be non-empty */
   /* Options (see README): deadlines, and for processes crash policy,
   ** recycling and memory cap. */
   double task_timeout;
   int on_crash_break, max_tasks_per_child, max_memory_mb;
-  uint64_t nsubmitted;   /* owner only: numbers tasks for crash reports */
+  uint64_t nsubmitted; /* owner only: numbers tasks for crash reports */
   /* The deadline watchdog (thread pools), started with the first task
   ** that has a deadline. */
   pthread_t wd;
   int wd_started, wd_stop;
   pthread_cond_t wdcv;
   struct lp_pool *prev_live, *next_live; /* all live pools (Ctrl-C) */
-  char *init_msg;        /* initializer + initargs as a task message */
+  char *init_msg;                        /* initializer + initargs as a task message */
   size_t init_len;
-  char *broken;          /* set once an initializer failed: why */
+  char *broken; /* set once an initializer failed: why */
 };
 
 /* Marks the pool broken (first reason wins) and fails every queued future
@@ -355,8 +351,7 @@ void luapool__interrupt_all(void);
 int luaopen_luapool(lua_State *L);
 /* Opens luapool into L as a global (with threadpool, processpool and a
 ** line-atomic print) and records which worker L is; kind NULL: the host. */
-void luapool__open_worker_state(lua_State *L, const char *kind,
-                                const char *name, int index);
+void luapool__open_worker_state(lua_State *L, const char *kind, const char *name, int index);
 double luapool__now(void);
 int luapool__cpu_count(void);
 /* }====== */

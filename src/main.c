@@ -24,7 +24,7 @@
 static const char *progname = "luapool";
 static lua_State *globalL;
 static volatile sig_atomic_t signals_seen;
-static int exit_signal; /* the signal received */
+static int exit_signal;        /* the signal received */
 static int uncaught_interrupt; /* the script ended on it: exit 128 + it */
 
 /* SIGINT/SIGTERM: the first is delivered to the script as an error of kind
@@ -93,9 +93,7 @@ static void print_usage(FILE *out) {
           progname);
 }
 
-static void print_version(void) {
-  printf("luapool %s (%s)\n", LUAPOOL_VERSION, LUA_RELEASE);
-}
+static void print_version(void) { printf("luapool %s (%s)\n", LUAPOOL_VERSION, LUA_RELEASE); }
 
 static void l_message(const char *msg) {
   fprintf(stderr, "%s: %s\n", progname, msg);
@@ -179,7 +177,8 @@ static int pushargs(lua_State *L) {
   int n = (int)luaL_len(L, -1);
   luaL_checkstack(L, n + 3, "too many arguments to script");
   int i;
-  for (i = 1; i <= n; i++) lua_rawgeti(L, -i, i);
+  for (i = 1; i <= n; i++)
+    lua_rawgeti(L, -i, i);
   lua_remove(L, -i);
   return n;
 }
@@ -240,8 +239,8 @@ static void add_build_tree_path(lua_State *L) {
   if (!same) return;
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "path");
-  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", LUAPOOL_SOURCE_LUA_DIR,
-                  LUAPOOL_SOURCE_LUA_DIR, lua_tostring(L, -1));
+  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", LUAPOOL_SOURCE_LUA_DIR, LUAPOOL_SOURCE_LUA_DIR,
+                  lua_tostring(L, -1));
   lua_setfield(L, -3, "path");
   lua_pop(L, 2);
 #else

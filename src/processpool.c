@@ -248,8 +248,10 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
     int status = close_worker(pw, 0);
     char how[96];
     describe_status(status, how, sizeof how);
-    snprintf(err, errsz, "cannot start worker process %s: it did not take "
-                         "its start message (%s)", exe, how);
+    snprintf(err, errsz,
+             "cannot start worker process %s: it did not take "
+             "its start message (%s)",
+             exe, how);
     return -1;
   }
   return 0;
@@ -294,8 +296,7 @@ static int run_initializer(pworker *pw, lp_future *f) {
   int r = write_frame(pw->fd, FR_CALL, w->pool->init_msg, w->pool->init_len);
   if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
   char why[768], msg[600] = "the worker died";
-  int failed = r != 0 || type != FR_REPLY ||
-               luapool__reply_failed(reply, len, msg, sizeof msg);
+  int failed = r != 0 || type != FR_REPLY || luapool__reply_failed(reply, len, msg, sizeof msg);
   free(reply);
   if (!failed) return 0;
   snprintf(why, sizeof why, "the initializer failed in worker %s: %s", w->name, msg);
@@ -341,8 +342,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
   }
   free(reply);
   if (r == -2) {
-    luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply of worker %s",
-                         w->name);
+    luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply of worker %s", w->name);
     close_worker(pw, 1.0); /* the stream is out of step now */
     return;
   }
@@ -354,21 +354,19 @@ static void proc_run(lp_worker *w, lp_future *f) {
   else
     describe_status(status, how, sizeof how);
   if (atomic_load(&w->intr.closing)) {
-    luapool__future_fail(f, LP_EK_INTERRUPTED,
-                         "worker %s (pid %d) was stopped while running %s",
+    luapool__future_fail(f, LP_EK_INTERRUPTED, "worker %s (pid %d) was stopped while running %s",
                          w->name, (int)pid, f->label);
     return;
   }
   if (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
       atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
-    luapool__future_fail(f, LP_EK_INTERRUPTED,
-                         "%s was interrupted: worker %s (pid %d) was stopped",
+    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted: worker %s (pid %d) was stopped",
                          f->label, w->name, (int)pid);
     return;
   }
   char why[512];
-  snprintf(why, sizeof why, "worker %s (pid %d) %s while running %s", w->name,
-           (int)pid, how, f->label);
+  snprintf(why, sizeof why, "worker %s (pid %d) %s while running %s", w->name, (int)pid, how,
+           f->label);
   luapool__future_fail(f, LP_EK_CRASHED, "%s", why);
   if (p->on_crash_break) { /* like Python's BrokenProcessPool */
     char broken[600];
@@ -388,8 +386,7 @@ static void proc_interrupt(lp_worker *w) {
 }
 
 const lp_backend luapool__process_backend = {
-    "processpool", sizeof(pworker), 0, proc_init, proc_start, proc_run, proc_stop,
-    proc_interrupt};
+    "processpool", sizeof(pworker), 0, proc_init, proc_start, proc_run, proc_stop, proc_interrupt};
 
 /* }====================================================== */
 
@@ -407,9 +404,9 @@ static void report_oom(lp_wstate *ws) {
 int luapool__process_worker_main(int fd, const char *name, int index) {
   /* Die with the parent; if it is already gone, leave now. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to handle */
+  signal(SIGINT, SIG_IGN);          /* Ctrl-C is the parent's to handle */
   setvbuf(stdout, NULL, _IOLBF, 0); /* task output reaches the terminal by line */
-  lp_interrupt intr; /* nothing sets it: the parent kills instead */
+  lp_interrupt intr;                /* nothing sets it: the parent kills instead */
   atomic_init(&intr.closing, 0);
   atomic_init(&intr.seq, 0);
   atomic_init(&intr.kill_seq, UINT64_MAX);

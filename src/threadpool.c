@@ -59,19 +59,17 @@ static void thread_run(lp_worker *w, lp_future *f) {
   ** the outcome is the timeout, whatever the task produced meanwhile. */
   int stopped = atomic_load(&w->intr.kill_seq) == seq;
   if (stopped && atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
-    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
-                         f->label, w->name);
+    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s", f->label,
+                         w->name);
     return;
   }
   if (f->timeout > 0 && (stopped || luapool__now() >= t->ws.deadline)) {
-    luapool__future_fail(f, LP_EK_TIMEOUT,
-                         "%s exceeded its deadline of %g seconds in worker %s",
+    luapool__future_fail(f, LP_EK_TIMEOUT, "%s exceeded its deadline of %g seconds in worker %s",
                          f->label, f->timeout, w->name);
     return;
   }
   if (st != 0) {
-    luapool__future_fail(f, LP_EK_TRANSFER,
-                         "worker %s ran out of memory building the reply",
+    luapool__future_fail(f, LP_EK_TRANSFER, "worker %s ran out of memory building the reply",
                          w->name);
     return;
   }
@@ -93,5 +91,5 @@ static void thread_stop(lp_worker *w) {
   luapool__http_thread_cleanup();
 }
 
-const lp_backend luapool__thread_backend = {
-    "threadpool", sizeof(tworker), 1, NULL, thread_start, thread_run, thread_stop, NULL};
+const lp_backend luapool__thread_backend = {"threadpool", sizeof(tworker), 1,           NULL,
+                                            thread_start, thread_run,      thread_stop, NULL};

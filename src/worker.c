@@ -33,8 +33,7 @@
 
 /* Appends a TRANSFER reply: the call could not be received or answered. */
 static int put_transfer(lp_buf *out, const char *m) {
-  return luapool__put_u8(out, LP_REPLY_TRANSFER) || luapool__put_string(out, m, strlen(m))
-             ? -1 : 0;
+  return luapool__put_u8(out, LP_REPLY_TRANSFER) || luapool__put_string(out, m, strlen(m)) ? -1 : 0;
 }
 
 /* Appends an ERROR reply whose value is the message itself. */
@@ -42,7 +41,8 @@ static int put_error_text(lp_buf *out, const char *m) {
   size_t l = strlen(m);
   return (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, l) ||
           luapool__put_string(out, "", 0) || luapool__put_string(out, m, l))
-             ? -1 : 0;
+             ? -1
+             : 0;
 }
 
 /* Reads nargs scalars; 1 ok, 0 some argument is not a scalar, -1 malformed. */
@@ -56,9 +56,7 @@ static int read_kargs(lp_reader *r, uint32_t nargs, lp_value *args) {
 
 static int put_kernel_reply(lp_buf *out, lp_kcall *c, int ok) {
   if (ok) {
-    if (luapool__put_u8(out, LP_REPLY_OK) ||
-        luapool__put_u32(out, (uint32_t)c->nout))
-      return -1;
+    if (luapool__put_u8(out, LP_REPLY_OK) || luapool__put_u32(out, (uint32_t)c->nout)) return -1;
     for (int i = 0; i < c->nout; i++)
       if (luapool__put_value(out, &c->out[i])) return -1;
     return 0;
@@ -68,8 +66,8 @@ static int put_kernel_reply(lp_buf *out, lp_kcall *c, int ok) {
 
 /* Tries to run one kernel call natively.  1 done (reply appended), 0 the
 ** arguments need Lua (reader restored), -1 out of memory / malformed. */
-static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs,
-                           lp_buf *out, uint32_t *nerr) {
+static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs, lp_buf *out,
+                           uint32_t *nerr) {
   lp_value args[LP_KERNEL_MAXARGS];
   lp_reader save = *r;
   if (nargs > LP_KERNEL_MAXARGS) return 0;
@@ -106,15 +104,15 @@ static int msgh(lua_State *L) {
 
 typedef struct run_ctx {
   lp_wstate *ws;
-  lp_reader rd;    /* the message being run */
-  lp_reader *r;    /* &rd */
+  lp_reader rd; /* the message being run */
+  lp_reader *r; /* &rd */
   lp_buf *out;
   int kind;
-  int kernel;      /* >= 0: batch of this kernel resumed after native calls */
+  int kernel; /* >= 0: batch of this kernel resumed after native calls */
   uint32_t ncalls;
-  uint32_t done;   /* calls replied so far */
-  uint32_t nerr;   /* of which failed */
-  size_t mark;     /* out->len where the reply of call `done` starts */
+  uint32_t done;      /* calls replied so far */
+  uint32_t nerr;      /* of which failed */
+  size_t mark;        /* out->len where the reply of call `done` starts */
   uint32_t nerr_mark; /* nerr at that point */
 } run_ctx;
 
@@ -141,7 +139,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   rc->nerr++;
   size_t ml, tl = 0;
   const char *m = luaL_tolstring(L, base + 1, &ml); /* base+2 */
-  lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);         /* base+3 */
+  lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);       /* base+3 */
   const char *tb = lua_tolstring(L, -1, &tl);
   if (tb == NULL) tb = "", tl = 0;
   lp_encode_ctx ctx = {"error value", 1, {0}, NULL};
@@ -152,8 +150,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   if (luapool__encode(L, out, base + 1, 1, &ctx) != 0) {
     out->len = vmark; /* the value cannot travel: its text still does */
     lua_pushnil(L);
-    if (luapool__encode(L, out, lua_gettop(L), 1, &ctx) != 0)
-      luaL_error(L, "not enough memory");
+    if (luapool__encode(L, out, lua_gettop(L), 1, &ctx) != 0) luaL_error(L, "not enough memory");
   }
   lua_pushnil(L);
   lua_setfield(L, LUA_REGISTRYINDEX, TB_KEY);
@@ -288,8 +285,7 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
   lua_State *L = ensure_state(ws);
   if (L == NULL) {
     for (; rc->done < rc->ncalls; rc->done++, rc->nerr++)
-      if (put_error_text(out, "cannot create a Lua state: not enough memory"))
-        return -1;
+      if (put_error_text(out, "cannot create a Lua state: not enough memory")) return -1;
     return 0;
   }
   lua_settop(L, 0);
@@ -314,8 +310,7 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
   return 0;
 }
 
-int luapool__run_message(lp_wstate *ws, const char *msg, size_t len,
-                         lp_buf *out) {
+int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out) {
   size_t head = out->len;
   if (luapool__put_u32(out, 0)) return -1;
   run_ctx rc = {ws, {NULL, NULL}, NULL, out, 0, -1, 1, 0, 0, 0, 0};

@@ -53,9 +53,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (lua_pcall(L, 1, LUA_MULTRET, 0) != LUA_OK) {
     /* Every failure must be the decoder's own, named error. */
     const char *m = lua_tostring(L, -1);
-    if (m == NULL || (strstr(m, "malformed message") == NULL &&
-                      strstr(m, "cannot receive ") == NULL &&
-                      strstr(m, "not enough memory") == NULL))
+    if (m == NULL ||
+        (strstr(m, "malformed message") == NULL && strstr(m, "cannot receive ") == NULL &&
+         strstr(m, "not enough memory") == NULL))
       __builtin_trap();
   }
   lua_settop(L, 0);

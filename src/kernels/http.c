@@ -31,10 +31,10 @@
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
 
-#define USER_AGENT "luapool/0.1"
-#define MAX_REDIRS 30L
+#define USER_AGENT                 "luapool/0.1"
+#define MAX_REDIRS                 30L
 #define DEFAULT_CONNECT_TIMEOUT_MS 30000L
-#define LOW_SPEED_TIME_S 60L
+#define LOW_SPEED_TIME_S           60L
 /* libcurl stores timeouts as unsigned int milliseconds: clamp below that. */
 #define MAX_TIMEOUT_MS ((double)INT_MAX)
 
@@ -122,22 +122,21 @@ typedef struct req_opts {
 /* XFERINFOFUNCTION: non-zero aborts the transfer with
 ** CURLE_ABORTED_BY_CALLBACK.  libcurl calls it at least about once a second
 ** even while idle, which bounds how long an interrupt waits. */
-static int xfer_check(void *p, curl_off_t dltotal, curl_off_t dlnow,
-                      curl_off_t ultotal, curl_off_t ulnow) {
+static int xfer_check(void *p, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                      curl_off_t ulnow) {
   const req_opts *o = p;
   (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
   return luapool__interrupted(o->interrupt);
 }
 
-#define SETOPT(h, opt, val)                                                    \
-  do {                                                                         \
-    CURLcode rc_ = curl_easy_setopt((h), (opt), (val));                        \
-    if (rc_ != CURLE_OK) return rc_;                                           \
+#define SETOPT(h, opt, val)                                                                        \
+  do {                                                                                             \
+    CURLcode rc_ = curl_easy_setopt((h), (opt), (val));                                            \
+    if (rc_ != CURLE_OK) return rc_;                                                               \
   } while (0)
 
-static CURLcode setup(CURL *h, const char *url, const req_opts *o,
-                      char *errbuf, curl_write_callback body_fn,
-                      void *body_data) {
+static CURLcode setup(CURL *h, const char *url, const req_opts *o, char *errbuf,
+                      curl_write_callback body_fn, void *body_data) {
   SETOPT(h, CURLOPT_URL, url);
   SETOPT(h, CURLOPT_ERRORBUFFER, errbuf);
   /* Signals (SIGALRM for DNS timeouts) are not thread-safe. */
@@ -181,9 +180,7 @@ static long seconds_to_ms(double s) {
 }
 
 /* "REASON" or "REASON (DETAIL)" for a failed transfer. */
-static const char *reason_detail(const char *errbuf) {
-  return errbuf[0] != '\0' ? errbuf : NULL;
-}
+static const char *reason_detail(const char *errbuf) { return errbuf[0] != '\0' ? errbuf : NULL; }
 
 /* }====== */
 
@@ -209,25 +206,17 @@ int luapool__fetch_length_run(lp_kcall *c) {
   CURLcode rc;
   CURL *h;
 
-  if (a1 == NULL || a1->type != LP_STR)
-    return luapool__kargerr(c, kname, 1, "string");
+  if (a1 == NULL || a1->type != LP_STR) return luapool__kargerr(c, kname, 1, "string");
   if (memchr(a1->u.s.p, '\0', a1->u.s.len) != NULL)
     return luapool__kargmsg(c, kname, 1, "URL contains a zero byte");
   if (a2 != NULL && a2->type != LP_NIL) {
     double t;
     char got[64];
     switch (a2->type) {
-    case LP_INT:
-      t = (double)a2->u.i;
-      break;
-    case LP_NUM:
-      t = a2->u.n;
-      break;
-    case LP_INT128:
-      t = (double)a2->u.big;
-      break;
-    default:
-      return luapool__kargerr(c, kname, 2, "number");
+      case LP_INT: t = (double)a2->u.i; break;
+      case LP_NUM: t = a2->u.n; break;
+      case LP_INT128: t = (double)a2->u.big; break;
+      default: return luapool__kargerr(c, kname, 2, "number");
     }
     if (!(t > 0)) /* also rejects NaN */
       return luapool__kargmsg(c, kname, 2, "positive number expected, got %s",
@@ -235,23 +224,21 @@ int luapool__fetch_length_run(lp_kcall *c) {
     o.timeout_ms = seconds_to_ms(t);
   }
 
-  int capped = 0; /* the transfer's timeout is the task's deadline */
+  int capped = 0;        /* the transfer's timeout is the task's deadline */
   if (c->deadline > 0) { /* the task's deadline caps the transfer too */
     long left = seconds_to_ms(c->deadline - luapool__now());
     if (o.timeout_ms == 0 || left < o.timeout_ms) o.timeout_ms = left, capped = 1;
   }
   if (luapool__interrupted(o.interrupt))
     return luapool__kerr(c, "fetch_length: %.*s: interrupted",
-                         (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len),
-                         a1->u.s.p);
+                         (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len), a1->u.s.p);
 
   /* LP_STR bytes are not guaranteed to be NUL-terminated (they may point
   ** into a message buffer); libcurl wants a C string. */
   url = malloc(a1->u.s.len + 1);
   if (url == NULL)
     return luapool__kerr(c, "fetch_length: %.*s: not enough memory",
-                         (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len),
-                         a1->u.s.p);
+                         (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len), a1->u.s.p);
   memcpy(url, a1->u.s.p, a1->u.s.len);
   url[a1->u.s.len] = '\0';
 
@@ -264,8 +251,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
   errbuf[0] = '\0';
   rc = setup(h, url, &o, errbuf, count_body, &count);
   if (rc == CURLE_OK) rc = curl_easy_perform(h);
-  if (rc == CURLE_OK)
-    rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
   release_handle(h);
 
   if (rc != CURLE_OK) {
@@ -276,8 +262,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
     if (rc == CURLE_ABORTED_BY_CALLBACK && o.interrupt != NULL)
       luapool__kerr(c, "fetch_length: %s: interrupted", url);
     else if (detail != NULL)
-      luapool__kerr(c, "fetch_length: %s: %s (%s)", url,
-                    curl_easy_strerror(rc), detail);
+      luapool__kerr(c, "fetch_length: %s: %s (%s)", url, curl_easy_strerror(rc), detail);
     else
       luapool__kerr(c, "fetch_length: %s: %s", url, curl_easy_strerror(rc));
     free(url);
@@ -287,8 +272,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
 
   c->out[0].type = LP_INT;
   c->out[0].tname = "number";
-  c->out[0].u.i = count > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER
-                                                   : (lua_Integer)count;
+  c->out[0].u.i = count > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER : (lua_Integer)count;
   c->out[1].type = LP_INT;
   c->out[1].tname = "number";
   c->out[1].u.i = status;
@@ -331,8 +315,7 @@ static int box_gc(lua_State *L) {
 }
 
 /* Appends n bytes to a growable buffer; 0 on success, -1 out of memory. */
-static int buf_append(char **buf, size_t *len, size_t *cap, const char *p,
-                      size_t n) {
+static int buf_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n) {
   if (n > SIZE_MAX - *len) return -1;
   if (*len + n > *cap) {
     size_t ncap = *cap ? *cap : 16384;
@@ -387,8 +370,7 @@ static long opt_seconds(lua_State *L, const char *field, long dflt) {
     int isnum;
     lua_Number s = lua_tonumberx(L, -1, &isnum);
     if (t != LUA_TNUMBER || !isnum || !(s > 0)) {
-      const char *msg =
-          lua_pushfstring(L, "opts.%s: positive number expected", field);
+      const char *msg = lua_pushfstring(L, "opts.%s: positive number expected", field);
       luaL_argerror(L, 2, msg);
     }
     ms = seconds_to_ms(s);
@@ -448,9 +430,7 @@ static void opt_headers(lua_State *L, get_box *b) {
   lua_pop(L, 1);
 }
 
-static int ascii_lower(int ch) {
-  return ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch;
-}
+static int ascii_lower(int ch) { return ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch; }
 
 /* Pushes a table of the kept header lines: lowercased name -> value, the
 ** last occurrence of a name winning. */
@@ -465,13 +445,15 @@ static void push_headers(lua_State *L, get_box *b) {
     i += n + (nl != NULL);
     /* Skips the status line, the blank end line and folded continuations
     ** (obsolete in HTTP/1.1). */
-    if (colon == NULL || colon == line || line[0] == ' ' || line[0] == '\t')
-      continue;
+    if (colon == NULL || colon == line || line[0] == ' ' || line[0] == '\t') continue;
     {
       char *v = colon + 1, *e = line + n;
-      for (char *q = line; q < colon; q++) *q = (char)ascii_lower(*q);
-      while (v < e && (*v == ' ' || *v == '\t')) v++;
-      while (e > v && (e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t')) e--;
+      for (char *q = line; q < colon; q++)
+        *q = (char)ascii_lower(*q);
+      while (v < e && (*v == ' ' || *v == '\t'))
+        v++;
+      while (e > v && (e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
+        e--;
       lua_pushlstring(L, line, (size_t)(colon - line));
       lua_pushlstring(L, v, (size_t)(e - v));
       lua_rawset(L, -3);
@@ -505,11 +487,9 @@ int luapool__http_get(lua_State *L) {
 
   if (lua_istable(L, 2)) {
     o.timeout_ms = opt_seconds(L, "timeout", 0);
-    o.connect_timeout_ms =
-        opt_seconds(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS);
+    o.connect_timeout_ms = opt_seconds(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS);
     if (lua_getfield(L, 2, "follow") != LUA_TNIL) {
-      if (!lua_isboolean(L, -1))
-        luaL_argerror(L, 2, "opts.follow: boolean expected");
+      if (!lua_isboolean(L, -1)) luaL_argerror(L, 2, "opts.follow: boolean expected");
       o.follow = lua_toboolean(L, -1);
     }
     lua_pop(L, 1);
@@ -531,8 +511,7 @@ int luapool__http_get(lua_State *L) {
   if (rc == CURLE_OK) rc = curl_easy_perform(h);
   if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
   if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_EFFECTIVE_URL, &eff);
-  if (rc == CURLE_OK)
-    rc = curl_easy_getinfo(h, CURLINFO_TOTAL_TIME_T, &total_us);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_TOTAL_TIME_T, &total_us);
   /* eff lives in the handle: copy it before the reset (NULL copy: use the
   ** requested URL). */
   if (rc == CURLE_OK && eff != NULL && (b->eff = strdup(eff)) == NULL) {
@@ -549,8 +528,7 @@ int luapool__http_get(lua_State *L) {
     if (oom)
       lua_pushfstring(L, "GET %s: not enough memory", url);
     else if (detail != NULL)
-      lua_pushfstring(L, "GET %s: %s (%s)", url, curl_easy_strerror(rc),
-                      detail);
+      lua_pushfstring(L, "GET %s: %s (%s)", url, curl_easy_strerror(rc), detail);
     else
       lua_pushfstring(L, "GET %s: %s", url, curl_easy_strerror(rc));
     return 2;

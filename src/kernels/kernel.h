@@ -44,8 +44,8 @@ typedef struct lp_value {
 } lp_value;
 
 #define LP_KERNEL_MAXARGS 8
-#define LP_KERNEL_MAXOUT 4
-#define LP_KERNEL_ERRSZ 1024
+#define LP_KERNEL_MAXOUT  4
+#define LP_KERNEL_ERRSZ   1024
 
 /* How a worker tells its running task to stop.  `closing` stops whatever
 ** runs (the pool is going away, Ctrl-C); `kill_seq` stops only the task
@@ -61,10 +61,9 @@ typedef struct lp_interrupt {
 enum { LP_STOP_DEADLINE = 1, LP_STOP_SIGNAL = 2 };
 
 static inline int luapool__interrupted(const lp_interrupt *i) {
-  return i != NULL &&
-         (atomic_load_explicit(&i->closing, memory_order_relaxed) ||
-          atomic_load_explicit(&i->kill_seq, memory_order_relaxed) ==
-              atomic_load_explicit(&i->seq, memory_order_relaxed));
+  return i != NULL && (atomic_load_explicit(&i->closing, memory_order_relaxed) ||
+                       atomic_load_explicit(&i->kill_seq, memory_order_relaxed) ==
+                           atomic_load_explicit(&i->seq, memory_order_relaxed));
 }
 
 /* A kernel whose wait was cut by the task's deadline marks its task as
@@ -95,9 +94,9 @@ typedef struct lp_kcall {
 typedef int (*lp_kernel_fn)(lp_kcall *c);
 
 typedef struct lp_kernel {
-  const char *name;      /* "sum_squares": field of luapool.kernels */
-  lua_CFunction lua_fn;  /* the Lua-callable face of the kernel */
-  lp_kernel_fn run;      /* the native body */
+  const char *name;     /* "sum_squares": field of luapool.kernels */
+  lua_CFunction lua_fn; /* the Lua-callable face of the kernel */
+  lp_kernel_fn run;     /* the native body */
 } lp_kernel;
 
 /* NULL-terminated table of every kernel (kernels/registry.c). */
@@ -110,11 +109,9 @@ int luapool__kernel_index(lua_CFunction f);
 int luapool__kernel_call_lua(lua_State *L, const lp_kernel *k);
 
 /* Helpers for kernel bodies: fill c->err, return -1. */
-int luapool__kerr(lp_kcall *c, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
+int luapool__kerr(lp_kcall *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* "bad argument #N to 'NAME' (number expected, got table)" */
-int luapool__kargerr(lp_kcall *c, const char *kname, int arg,
-                     const char *expected);
+int luapool__kargerr(lp_kcall *c, const char *kname, int arg, const char *expected);
 
 /* {====== int128: exact integers (kernels/squares.c) */
 #define LUAPOOL_INT128_MT "luapool.int128"

@@ -15,8 +15,7 @@ int luapool__fetch_length_run(lp_kcall *c);
 
 /* "bad argument #N to 'NAME' (DETAIL)" for details that are not of the
 ** "X expected, got TYPE" shape (e.g. "non-negative integer expected, got -5"). */
-int luapool__kargmsg(lp_kcall *c, const char *kname, int arg,
-                     const char *fmt, ...)
+int luapool__kargmsg(lp_kcall *c, const char *kname, int arg, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 /* Writes a number the way Lua's tostring does (integers as "%lld", floats

@@ -21,8 +21,7 @@ static int l_fetch_length(lua_State *L);
 static int l_sum_squares(lua_State *L);
 
 const lp_kernel luapool__kernels[] = {
-    [K_FETCH_LENGTH] = {"fetch_length", l_fetch_length,
-                        luapool__fetch_length_run},
+    [K_FETCH_LENGTH] = {"fetch_length", l_fetch_length, luapool__fetch_length_run},
     [K_SUM_SQUARES] = {"sum_squares", l_sum_squares, luapool__sum_squares_run},
     {NULL, NULL, NULL},
 };
@@ -54,15 +53,13 @@ static int raise_plain(lua_State *L, const char *msg) {
 static const char *arg_tname(lua_State *L, int idx) {
   int t;
   switch (lua_type(L, idx)) {
-  case LUA_TUSERDATA:
-    t = luaL_getmetafield(L, idx, "__name");
-    if (t == LUA_TSTRING) return lua_tostring(L, -1);
-    if (t != LUA_TNIL) lua_pop(L, 1); /* a non-string __name: ignore it */
-    break;
-  case LUA_TLIGHTUSERDATA:
-    return "light userdata";
-  default:
-    break;
+    case LUA_TUSERDATA:
+      t = luaL_getmetafield(L, idx, "__name");
+      if (t == LUA_TSTRING) return lua_tostring(L, -1);
+      if (t != LUA_TNIL) lua_pop(L, 1); /* a non-string __name: ignore it */
+      break;
+    case LUA_TLIGHTUSERDATA: return "light userdata";
+    default: break;
   }
   return luaL_typename(L, idx);
 }
@@ -86,36 +83,34 @@ int luapool__kernel_call_lua(lua_State *L, const lp_kernel *k) {
     memset(v, 0, sizeof *v);
     v->tname = luaL_typename(L, idx);
     switch (lua_type(L, idx)) {
-    case LUA_TNIL:
-      v->type = LP_NIL;
-      break;
-    case LUA_TBOOLEAN:
-      v->type = LP_BOOL;
-      v->u.b = lua_toboolean(L, idx);
-      break;
-    case LUA_TNUMBER:
-      if (lua_isinteger(L, idx)) {
-        v->type = LP_INT;
-        v->u.i = lua_tointeger(L, idx);
-      } else {
-        v->type = LP_NUM;
-        v->u.n = lua_tonumber(L, idx);
-      }
-      break;
-    case LUA_TSTRING:
-      /* Borrowed: the string stays on the stack until the kernel returns. */
-      v->type = LP_STR;
-      v->u.s.p = lua_tolstring(L, idx, &v->u.s.len);
-      break;
-    default:
-      if (luapool__int128_test(L, idx, &v->u.big)) {
-        v->type = LP_INT128;
-        v->tname = LUAPOOL_INT128_MT;
-      } else {
-        v->type = LP_OTHER;
-        v->tname = arg_tname(L, idx);
-      }
-      break;
+      case LUA_TNIL: v->type = LP_NIL; break;
+      case LUA_TBOOLEAN:
+        v->type = LP_BOOL;
+        v->u.b = lua_toboolean(L, idx);
+        break;
+      case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) {
+          v->type = LP_INT;
+          v->u.i = lua_tointeger(L, idx);
+        } else {
+          v->type = LP_NUM;
+          v->u.n = lua_tonumber(L, idx);
+        }
+        break;
+      case LUA_TSTRING:
+        /* Borrowed: the string stays on the stack until the kernel returns. */
+        v->type = LP_STR;
+        v->u.s.p = lua_tolstring(L, idx, &v->u.s.len);
+        break;
+      default:
+        if (luapool__int128_test(L, idx, &v->u.big)) {
+          v->type = LP_INT128;
+          v->tname = LUAPOOL_INT128_MT;
+        } else {
+          v->type = LP_OTHER;
+          v->tname = arg_tname(L, idx);
+        }
+        break;
     }
   }
 
@@ -130,22 +125,14 @@ int luapool__kernel_call_lua(lua_State *L, const lp_kernel *k) {
   for (int i = 0; i < c.nout; i++) {
     const lp_value *o = &c.out[i];
     switch (o->type) {
-    case LP_BOOL:
-      lua_pushboolean(L, o->u.b);
-      break;
-    case LP_INT:
-      lua_pushinteger(L, o->u.i);
-      break;
-    case LP_NUM:
-      lua_pushnumber(L, o->u.n);
-      break;
-    case LP_INT128:
-      luapool__int128_push(L, o->u.big);
-      break;
-    default:
-      /* LP_NIL, and the LP_STR/LP_OTHER that kernels must not return. */
-      lua_pushnil(L);
-      break;
+      case LP_BOOL: lua_pushboolean(L, o->u.b); break;
+      case LP_INT: lua_pushinteger(L, o->u.i); break;
+      case LP_NUM: lua_pushnumber(L, o->u.n); break;
+      case LP_INT128: luapool__int128_push(L, o->u.big); break;
+      default:
+        /* LP_NIL, and the LP_STR/LP_OTHER that kernels must not return. */
+        lua_pushnil(L);
+        break;
     }
   }
   return c.nout;
@@ -159,54 +146,45 @@ int luapool__kerr(lp_kcall *c, const char *fmt, ...) {
   return -1;
 }
 
-int luapool__kargmsg(lp_kcall *c, const char *kname, int arg,
-                     const char *fmt, ...) {
+int luapool__kargmsg(lp_kcall *c, const char *kname, int arg, const char *fmt, ...) {
   char detail[LP_KERNEL_ERRSZ];
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(detail, sizeof detail, fmt, ap);
   va_end(ap);
-  return luapool__kerr(c, "bad argument #%d to '%s' (%s)", arg, kname,
-                       detail);
+  return luapool__kerr(c, "bad argument #%d to '%s' (%s)", arg, kname, detail);
 }
 
 /* expected is a type name ("number"), as for luaL_typeerror. */
-int luapool__kargerr(lp_kcall *c, const char *kname, int arg,
-                     const char *expected) {
+int luapool__kargerr(lp_kcall *c, const char *kname, int arg, const char *expected) {
   const char *got = "no value";
-  if (arg >= 1 && arg <= c->nargs)
-    got = c->args[arg - 1].tname ? c->args[arg - 1].tname : "?";
+  if (arg >= 1 && arg <= c->nargs) got = c->args[arg - 1].tname ? c->args[arg - 1].tname : "?";
   return luapool__kargmsg(c, kname, arg, "%s expected, got %s", expected, got);
 }
 
 const char *luapool__knumfmt(const lp_value *v, char *buf, size_t size) {
   switch (v->type) {
-  case LP_INT:
-    snprintf(buf, size, LUA_INTEGER_FMT, (LUAI_UACINT)v->u.i);
-    break;
-  case LP_NUM: {
-    snprintf(buf, size, LUA_NUMBER_FMT, (LUAI_UACNUMBER)v->u.n);
-    /* Lua shows 3.0 as "3.0" so floats never pass for integers. */
-    size_t len = strlen(buf);
-    if (buf[strspn(buf, "-0123456789")] == '\0' && len + 3 <= size)
-      memcpy(buf + len, ".0", 3);
-    break;
-  }
-  case LP_INT128:
-    if (size >= 41) {
-      luapool__int128_format(v->u.big, buf);
-    } else {
-      char tmp[48];
-      size_t n = luapool__int128_format(v->u.big, tmp);
-      if (size == 0) break;
-      if (n >= size) n = size - 1; /* truncate, like snprintf */
-      memcpy(buf, tmp, n);
-      buf[n] = '\0';
+    case LP_INT: snprintf(buf, size, LUA_INTEGER_FMT, (LUAI_UACINT)v->u.i); break;
+    case LP_NUM: {
+      snprintf(buf, size, LUA_NUMBER_FMT, (LUAI_UACNUMBER)v->u.n);
+      /* Lua shows 3.0 as "3.0" so floats never pass for integers. */
+      size_t len = strlen(buf);
+      if (buf[strspn(buf, "-0123456789")] == '\0' && len + 3 <= size) memcpy(buf + len, ".0", 3);
+      break;
     }
-    break;
-  default:
-    snprintf(buf, size, "%s", v->tname ? v->tname : "?");
-    break;
+    case LP_INT128:
+      if (size >= 41) {
+        luapool__int128_format(v->u.big, buf);
+      } else {
+        char tmp[48];
+        size_t n = luapool__int128_format(v->u.big, tmp);
+        if (size == 0) break;
+        if (n >= size) n = size - 1; /* truncate, like snprintf */
+        memcpy(buf, tmp, n);
+        buf[n] = '\0';
+      }
+      break;
+    default: snprintf(buf, size, "%s", v->tname ? v->tname : "?"); break;
   }
   return buf;
 }

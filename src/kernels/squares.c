@@ -54,9 +54,9 @@ typedef unsigned __int128 lp_uint128;
 ** iterations in the hot regions (~10 us), which costs nothing measurable.
 */
 #define BLOCK_SMALL (UINT32_C(1) << 16)
-#define SMALL_END (UINT64_C(1) << 24)
-#define MID_END ((UINT64_C(1) << 32) - BLOCK_SMALL) /* hi stays < 2^32 */
-#define BLOCK_BIG (UINT64_C(1) << 20)
+#define SMALL_END   (UINT64_C(1) << 24)
+#define MID_END     ((UINT64_C(1) << 32) - BLOCK_SMALL) /* hi stays < 2^32 */
+#define BLOCK_BIG   (UINT64_C(1) << 20)
 
 /* The same loop bodies are compiled twice on x86-64: once for the baseline
 ** ISA and once for AVX2 (picked at run time), because the baseline SSE2
@@ -66,7 +66,8 @@ typedef unsigned __int128 lp_uint128;
 ** scalar loop (measured), so the baseline copies stay at -O2. */
 static uint64_t block_small(uint32_t lo, uint32_t hi) {
   uint64_t s = 0;
-  for (uint32_t i = lo; i < hi; i++) s += (uint64_t)i * i;
+  for (uint32_t i = lo; i < hi; i++)
+    s += (uint64_t)i * i;
   return s;
 }
 
@@ -82,15 +83,16 @@ static lp_uint128 block_mid(uint32_t lo, uint32_t hi) {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HAVE_AVX2_COPY 1
-__attribute__((target("avx2"), optimize("O3"))) static uint64_t
-block_small_avx2(uint32_t lo, uint32_t hi) {
+__attribute__((target("avx2"), optimize("O3"))) static uint64_t block_small_avx2(uint32_t lo,
+                                                                                 uint32_t hi) {
   uint64_t s = 0;
-  for (uint32_t i = lo; i < hi; i++) s += (uint64_t)i * i;
+  for (uint32_t i = lo; i < hi; i++)
+    s += (uint64_t)i * i;
   return s;
 }
 
-__attribute__((target("avx2"), optimize("O3"))) static lp_uint128
-block_mid_avx2(uint32_t lo, uint32_t hi) {
+__attribute__((target("avx2"), optimize("O3"))) static lp_uint128 block_mid_avx2(uint32_t lo,
+                                                                                 uint32_t hi) {
   uint64_t low = 0, high = 0;
   for (uint32_t i = lo; i < hi; i++) {
     uint64_t q = (uint64_t)i * i;
@@ -103,7 +105,8 @@ block_mid_avx2(uint32_t lo, uint32_t hi) {
 
 static lp_uint128 block_big(uint64_t lo, uint64_t hi) {
   lp_uint128 s = 0;
-  for (uint64_t i = lo; i < hi; i++) s += (lp_uint128)i * i;
+  for (uint64_t i = lo; i < hi; i++)
+    s += (lp_uint128)i * i;
   return s;
 }
 
@@ -111,8 +114,7 @@ static int interrupted(const lp_interrupt *flag) { return luapool__interrupted(f
 
 /* Sum of i*i for lo <= i < hi into *out; -1 when interrupted.  The caller
 ** guarantees the result fits (hi <= SUM_SQUARES_MAXN). */
-static int sum_range(const lp_interrupt *flag, uint64_t lo, uint64_t hi,
-                     lp_uint128 *out) {
+static int sum_range(const lp_interrupt *flag, uint64_t lo, uint64_t hi, lp_uint128 *out) {
   lp_uint128 total = 0;
   uint64_t i = lo;
 #ifdef HAVE_AVX2_COPY
@@ -162,33 +164,23 @@ int luapool__sum_squares_run(lp_kcall *c) {
 
   if (a == NULL) return luapool__kargerr(c, kname, 1, "number");
   switch (a->type) {
-  case LP_INT:
-    n = a->u.i;
-    break;
-  case LP_INT128:
-    n = a->u.big;
-    break;
-  case LP_NUM:
-    /* Integral floats are taken at their value, as lua_tointeger would. */
-    if (!(isfinite(a->u.n) && floor(a->u.n) == a->u.n &&
-          a->u.n >= -TWO_127 && a->u.n < TWO_127))
-      return luapool__kargmsg(c, kname, 1,
-                              "number has no integer representation");
-    n = (lp_int128)a->u.n;
-    break;
-  default:
-    return luapool__kargerr(c, kname, 1, "number");
+    case LP_INT: n = a->u.i; break;
+    case LP_INT128: n = a->u.big; break;
+    case LP_NUM:
+      /* Integral floats are taken at their value, as lua_tointeger would. */
+      if (!(isfinite(a->u.n) && floor(a->u.n) == a->u.n && a->u.n >= -TWO_127 && a->u.n < TWO_127))
+        return luapool__kargmsg(c, kname, 1, "number has no integer representation");
+      n = (lp_int128)a->u.n;
+      break;
+    default: return luapool__kargerr(c, kname, 1, "number");
   }
   if (n < 0)
-    return luapool__kargmsg(c, kname, 1,
-                            "non-negative integer expected, got %s",
+    return luapool__kargmsg(c, kname, 1, "non-negative integer expected, got %s",
                             luapool__knumfmt(a, got, sizeof got));
   if (n > SUM_SQUARES_MAXN)
-    return luapool__kargmsg(c, kname, 1,
-                            "n too large: the sum would exceed 2^127-1");
+    return luapool__kargmsg(c, kname, 1, "n too large: the sum would exceed 2^127-1");
 
-  if (sum_range(c->interrupt, 0, (uint64_t)n, &sum) != 0)
-    return luapool__kerr(c, "interrupted");
+  if (sum_range(c->interrupt, 0, (uint64_t)n, &sum) != 0) return luapool__kerr(c, "interrupted");
   c->out[0].type = LP_INT128;
   c->out[0].tname = LUAPOOL_INT128_MT;
   c->out[0].u.big = (lp_int128)sum;
@@ -210,7 +202,8 @@ size_t luapool__int128_format(lp_int128 v, char *buf) {
     m /= 10;
   } while (m != 0);
   if (v < 0) buf[len++] = '-';
-  while (n > 0) buf[len++] = tmp[--n];
+  while (n > 0)
+    buf[len++] = tmp[--n];
   buf[len] = '\0';
   return len;
 }
@@ -250,8 +243,7 @@ static int push_string(lua_State *L, lp_int128 v) {
 
 /* Whitespace as Lua's lua_stringtonumber accepts it (C locale isspace). */
 static int is_space(char ch) {
-  return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\v' || ch == '\f' ||
-         ch == '\r';
+  return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\v' || ch == '\f' || ch == '\r';
 }
 
 /* Parses [spaces][+-]digits[spaces]; returns 0 ok, 1 malformed, 2 out of
@@ -262,7 +254,8 @@ static int parse_decimal(const char *s, size_t len, lp_int128 *out) {
   lp_uint128 m = 0;
   /* 2^127 is reachable only as a negative number (INT128_MIN). */
   lp_uint128 limit;
-  while (s < e && is_space(*s)) s++;
+  while (s < e && is_space(*s))
+    s++;
   if (s < e && (*s == '+' || *s == '-')) neg = *s++ == '-';
   limit = neg ? (lp_uint128)1 << 127 : ((lp_uint128)1 << 127) - 1;
   for (; s < e && *s >= '0' && *s <= '9'; s++, digits++) {
@@ -271,12 +264,14 @@ static int parse_decimal(const char *s, size_t len, lp_int128 *out) {
       /* Keep scanning: a malformed tail must still say "invalid". */
       for (; s < e && *s >= '0' && *s <= '9'; s++) {
       }
-      while (s < e && is_space(*s)) s++;
+      while (s < e && is_space(*s))
+        s++;
       return s == e ? 2 : 1;
     }
     m = m * 10 + d;
   }
-  while (s < e && is_space(*s)) s++;
+  while (s < e && is_space(*s))
+    s++;
   if (digits == 0 || s != e) return 1;
   *out = neg ? (lp_int128)(-m) : (lp_int128)m;
   return 0;
@@ -284,8 +279,7 @@ static int parse_decimal(const char *s, size_t len, lp_int128 *out) {
 
 /* Exact integer value of a float, if it has one within int128 range. */
 static int float_to_int128(lua_Number d, lp_int128 *out) {
-  if (!(isfinite(d) && floor(d) == d && d >= -TWO_127 && d < TWO_127))
-    return 0;
+  if (!(isfinite(d) && floor(d) == d && d >= -TWO_127 && d < TWO_127)) return 0;
   *out = (lp_int128)d;
   return 1;
 }
@@ -294,37 +288,34 @@ static int float_to_int128(lua_Number d, lp_int128 *out) {
 static int int128_new(lua_State *L) {
   lp_int128 v;
   switch (lua_type(L, 1)) {
-  case LUA_TNUMBER:
-    if (lua_isinteger(L, 1)) {
-      v = lua_tointeger(L, 1);
-    } else if (!float_to_int128(lua_tonumber(L, 1), &v)) {
-      return luaL_error(L, "bad argument #1 to 'int128' (%s)",
-                        "number has no integer representation");
-    }
-    break;
-  case LUA_TSTRING: {
-    size_t len;
-    const char *s = lua_tolstring(L, 1, &len);
-    switch (parse_decimal(s, len, &v)) {
-    case 0:
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, 1)) {
+        v = lua_tointeger(L, 1);
+      } else if (!float_to_int128(lua_tonumber(L, 1), &v)) {
+        return luaL_error(L, "bad argument #1 to 'int128' (%s)",
+                          "number has no integer representation");
+      }
       break;
-    case 2:
-      return luaL_error(L,
-                        "bad argument #1 to 'int128' (integer string out of "
-                        "int128 range '%s')",
-                        s);
-    default:
-      return luaL_error(
-          L, "bad argument #1 to 'int128' (invalid integer string '%s')", s);
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, 1, &len);
+      switch (parse_decimal(s, len, &v)) {
+        case 0: break;
+        case 2:
+          return luaL_error(L,
+                            "bad argument #1 to 'int128' (integer string out of "
+                            "int128 range '%s')",
+                            s);
+        default:
+          return luaL_error(L, "bad argument #1 to 'int128' (invalid integer string '%s')", s);
+      }
+      break;
     }
-    break;
-  }
-  default:
-    if (!luapool__int128_test(L, 1, &v))
-      return luaL_error(
-          L, "bad argument #1 to 'int128' (integer expected, got %s)",
-          lua_isnone(L, 1) ? "no value" : luaL_typename(L, 1));
-    break;
+    default:
+      if (!luapool__int128_test(L, 1, &v))
+        return luaL_error(L, "bad argument #1 to 'int128' (integer expected, got %s)",
+                          lua_isnone(L, 1) ? "no value" : luaL_typename(L, 1));
+      break;
   }
   luapool__int128_push(L, v);
   return 1;
@@ -335,36 +326,35 @@ enum { OPND_BAD, OPND_INT, OPND_FLOAT };
 
 /* Reads an operand of a metamethod: an int128, a Lua integer, a float, or
 ** a string that converts to a number (Lua coerces strings in arithmetic). */
-static int get_operand(lua_State *L, int idx, lp_int128 *iv,
-                       lua_Number *fv) {
+static int get_operand(lua_State *L, int idx, lp_int128 *iv, lua_Number *fv) {
   switch (lua_type(L, idx)) {
-  case LUA_TNUMBER:
-    if (lua_isinteger(L, idx)) {
-      *iv = lua_tointeger(L, idx);
-      *fv = (lua_Number)*iv;
-      return OPND_INT;
-    }
-    *fv = lua_tonumber(L, idx);
-    return OPND_FLOAT;
-  case LUA_TSTRING: {
-    int kind = OPND_BAD;
-    size_t len;
-    const char *s = lua_tolstring(L, idx, &len);
-    /* lua_stringtonumber pushes the number on success and returns the
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, idx)) {
+        *iv = lua_tointeger(L, idx);
+        *fv = (lua_Number)*iv;
+        return OPND_INT;
+      }
+      *fv = lua_tonumber(L, idx);
+      return OPND_FLOAT;
+    case LUA_TSTRING: {
+      int kind = OPND_BAD;
+      size_t len;
+      const char *s = lua_tolstring(L, idx, &len);
+      /* lua_stringtonumber pushes the number on success and returns the
     ** size it consumed: anything short of len + 1 means an embedded zero. */
-    size_t used = lua_stringtonumber(L, s);
-    if (used != 0) {
-      if (used == len + 1) kind = get_operand(L, -1, iv, fv);
-      lua_pop(L, 1);
+      size_t used = lua_stringtonumber(L, s);
+      if (used != 0) {
+        if (used == len + 1) kind = get_operand(L, -1, iv, fv);
+        lua_pop(L, 1);
+      }
+      return kind;
     }
-    return kind;
-  }
-  default:
-    if (luapool__int128_test(L, idx, iv)) {
-      *fv = (lua_Number)*iv;
-      return OPND_INT;
-    }
-    return OPND_BAD;
+    default:
+      if (luapool__int128_test(L, idx, iv)) {
+        *fv = (lua_Number)*iv;
+        return OPND_INT;
+      }
+      return OPND_BAD;
   }
 }
 
@@ -377,11 +367,9 @@ static int arith_operands(lua_State *L, int op, lp_int128 *a, lp_int128 *b) {
   int kb = get_operand(L, 2, b, &fb);
   if (ka == OPND_BAD || kb == OPND_BAD) {
     int bad = ka == OPND_BAD ? 1 : 2;
-    return luaL_error(L, "attempt to perform arithmetic on a %s value",
-                      luaL_typename(L, bad));
+    return luaL_error(L, "attempt to perform arithmetic on a %s value", luaL_typename(L, bad));
   }
-  if (ka == OPND_FLOAT || kb == OPND_FLOAT || op == LUA_OPDIV ||
-      op == LUA_OPPOW) {
+  if (ka == OPND_FLOAT || kb == OPND_FLOAT || op == LUA_OPDIV || op == LUA_OPPOW) {
     lua_pushnumber(L, fa);
     lua_pushnumber(L, fb);
     lua_arith(L, op);
@@ -390,9 +378,7 @@ static int arith_operands(lua_State *L, int op, lp_int128 *a, lp_int128 *b) {
   return 0;
 }
 
-static int overflow_error(lua_State *L) {
-  return luaL_error(L, "int128 overflow");
-}
+static int overflow_error(lua_State *L) { return luaL_error(L, "int128 overflow"); }
 
 static int int128_add(lua_State *L) {
   lp_int128 a, b, r;
@@ -535,8 +521,7 @@ static int int128_le(lua_State *L) { return compare(L, 1); }
 ** Lua number is always false (a language rule we cannot change). */
 static int int128_eq(lua_State *L) {
   lp_int128 a, b;
-  lua_pushboolean(L, luapool__int128_test(L, 1, &a) &&
-                         luapool__int128_test(L, 2, &b) && a == b);
+  lua_pushboolean(L, luapool__int128_test(L, 1, &a) && luapool__int128_test(L, 2, &b) && a == b);
   return 1;
 }
 
@@ -545,21 +530,17 @@ static int int128_concat(lua_State *L) {
     lp_int128 v;
     if (luapool__int128_test(L, i, &v)) {
       push_string(L, v);
-    } else if (lua_type(L, i) == LUA_TSTRING ||
-               lua_type(L, i) == LUA_TNUMBER) {
+    } else if (lua_type(L, i) == LUA_TSTRING || lua_type(L, i) == LUA_TNUMBER) {
       lua_pushvalue(L, i); /* lua_concat formats numbers as Lua does */
     } else {
-      return luaL_error(L, "attempt to concatenate a %s value",
-                        luaL_typename(L, i));
+      return luaL_error(L, "attempt to concatenate a %s value", luaL_typename(L, i));
     }
   }
   lua_concat(L, 2);
   return 1;
 }
 
-static int int128_tostring(lua_State *L) {
-  return push_string(L, check_int128(L, 1));
-}
+static int int128_tostring(lua_State *L) { return push_string(L, check_int128(L, 1)); }
 
 /* v:tointeger(): a Lua integer, or fail (nil) outside the int64 range. */
 static int int128_tointeger(lua_State *L) {

@@ -46,8 +46,8 @@ char *luapool__buf_take(lp_buf *b, size_t *len);
 /* Encodes values [first, first+n) of L's stack, appending to b.  Returns 0,
 ** or -1 with a message in err that names the culprit's path, starting with
 ** the root name (e.g. "argument #2"), numbered from root_base.  A memory
-** error may still be raised by Lua itself; b stays owned by the caller, who
-** must free it then (keep it in a luapool__encoder). */
+** error may still be raised by Lua itself: b must be a buffer that cannot
+** leak then (a scratch buffer, or one owned by C code that frees it). */
 typedef struct lp_encode_ctx {
   const char *root; /* "argument", "result", "error value" */
   int root_base;    /* number of the first encoded value */
@@ -55,10 +55,13 @@ typedef struct lp_encode_ctx {
   const char *suffix; /* after the number ("of item #3"); NULL: none */
 } lp_encode_ctx;
 
-/* The state's scratch buffer, emptied: it lives in a userdata of the state,
-** so a Lua error raised while it holds bytes cannot leak them. */
-lp_buf *luapool__scratch(lua_State *L);               /* pushes its userdata */
-void luapool__scratch_release(lua_State *L, int idx); /* idx: that userdata */
+/* An empty scratch buffer that lives in a userdata, pushed on the stack:
+** a Lua error raised while it holds bytes cannot leak them.  The caller
+** owns it until luapool__scratch_release(L, idx of that userdata), which
+** keeps it for the next caller; a caller nested meanwhile (a __gc that
+** submits) gets a buffer of its own. */
+lp_buf *luapool__scratch(lua_State *L);
+void luapool__scratch_release(lua_State *L, int idx);
 int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx);
 /* Appends raw scalars (for message headers, replies built in C). */
 int luapool__put_u8(lp_buf *b, unsigned v);
@@ -258,7 +261,6 @@ struct lp_worker {
 
 struct lp_pool {
   const lp_backend *be;
-  atomic_int refs;    /* the Lua userdata + every worker thread */
   pthread_mutex_t mu; /* guards everything below */
   pthread_cond_t cv;  /* workers wait here for tasks */
   lp_future *head, *tail;

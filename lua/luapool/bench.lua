@@ -152,14 +152,15 @@ function M.format_count(v)
   return p == "" and n or (n .. " " .. p)
 end
 
--- Units per second: "341 MB/s" for a short unit ("B"), "45.6 k tasks/s"
--- for a word ("task": plural added).
+-- Units per second: "341 MB/s" for a unit of one or two letters ("B"),
+-- "12.4 k req/s" for three, "45.6 k tasks/s" for a word ("task": plural).
 function M.format_rate(per_s, unit)
   if per_s == nil or per_s ~= per_s or per_s == huge then return "-" end
   unit = unit or "unit"
   local n, p = si(per_s)
   if #unit <= 2 then return n .. " " .. p .. unit .. "/s" end
-  return n .. " " .. (p == "" and "" or (p .. " ")) .. unit .. "s/s"
+  if #unit >= 4 then unit = unit .. "s" end
+  return n .. " " .. (p == "" and "" or (p .. " ")) .. unit .. "/s"
 end
 
 -- }======
@@ -188,7 +189,14 @@ function M.machine()
   local mem = (readfile("/proc/meminfo") or ""):match("MemTotal:%s*(%d+)")
   m.memory_kb = mem and math.tointeger(tonumber(mem)) or nil
   m.date = os.date("!%Y-%m-%dT%H:%M:%SZ")
+  m.loadavg = M.loadavg()
   return m
+end
+
+-- The 1-minute load average, or nil.
+function M.loadavg()
+  local l = (readfile("/proc/loadavg") or ""):match("^(%S+)")
+  return l and tonumber(l)
 end
 
 function M.describe_machine(m)
@@ -201,6 +209,7 @@ function M.describe_machine(m)
   if m.lua then soft[#soft + 1] = m.lua end
   if m.curl then soft[#soft + 1] = "libcurl " .. m.curl end
   if #soft > 0 then parts[#parts + 1] = concat(soft, ", ") end
+  if m.loadavg then parts[#parts + 1] = ("load %.2f"):format(m.loadavg) end
   return concat(parts, "; ")
 end
 
@@ -334,8 +343,9 @@ local STANDARD_OPTIONS = {
   { "warmup", "N", "integer0", "untimed rounds first (default %s)" },
   { "json", "FILE", "string", "write every run and the summary as JSON" },
   { "csv", "FILE", "string", "write the summary as CSV, one row per case" },
-  { "svg", "FILE", "string", "write the suite's chart(s) as SVG" },
+  { "svg", "FILE", "string", "write the suite's chart(s) as SVG ({chart} in FILE: the chart's name)" },
   { "quick", nil, "flag", "tiny sizes: a smoke test, not a measurement" },
+  { "filter", "PATTERN", "string", "run only the cases whose group or name contains PATTERN (a Lua pattern)" },
 }
 
 local function option_list(extra)
@@ -427,7 +437,7 @@ end
 -- command-line options, see parse_args), args (parse the command line now,
 -- so the suite can read suite.quick and suite.opts while declaring cases),
 -- output (function receiving the report's text; default stdout), progress
--- (false: no progress bar).
+-- (false: no progress bar), clock (wall clock in seconds; luapool.now).
 function M.suite(def)
   def = def or {}
   assert(type(def.name) == "string", "bench.suite: name (a string) expected")
@@ -437,6 +447,7 @@ function M.suite(def)
     extra_options = def.options or {}, output = def.output, show_progress = def.progress ~= false,
     cases = {}, by_name = {}, groups = {}, group_order = {}, charts = {}, notes = {},
     opts = {}, quick = false, parsed = false, script = def.script or script_name(),
+    clock = def.clock or now,
   }, Suite)
   if def.args then self:parse(def.args) end
   return self
@@ -468,6 +479,11 @@ function Suite:parse(args)
   self.warmup = opts.warmup or self.default_warmup
   self.quick = opts.quick or false
   self.json_file, self.csv_file, self.svg_file = opts.json, opts.csv, opts.svg
+  self.filter = opts.filter
+  if self.filter and not pcall(string.find, "", self.filter) then
+    io.stderr:write(self.name, ": bad pattern for --filter: ", self.filter, "\n", self:usage())
+    os.exit(2)
+  end
   self.parsed = true
   return opts
 end
@@ -579,14 +595,14 @@ local function emit(self, text)
 end
 
 -- Runs one case once; returns wall seconds, CPU seconds, peak RSS (KiB or nil).
-local function run_once(case)
+local function run_once(case, clock)
   collectgarbage("collect")
   local hwm_ok = reset_hwm()
   local state
   if case.setup then state = case.setup(case.params) end
-  local c0, t0 = os.clock(), now()
+  local c0, t0 = os.clock(), clock()
   local ok, err = pcall(case.body, state, case.params)
-  local t1, c1 = now(), os.clock()
+  local t1, c1 = clock(), os.clock()
   if case.teardown then case.teardown(state, case.params) end
   if not ok then
     error(("bench: case '%s' failed: %s"):format(case.name, tostring(err)), 0)
@@ -614,8 +630,33 @@ function Suite:run(args)
   local machine = M.machine()
   self.machine = machine
   local total = 0
+  -- --filter: keep the matching cases, and the baselines they need
+  local keep
+  if self.filter then
+    keep = {}
+    for _, case in ipairs(self.cases) do
+      if case.group:find(self.filter) or case.name:find(self.filter) then
+        keep[case] = true
+        local g = self.groups[case.group]
+        local b = self.by_name[case.baseline or g.baseline or ""]
+        if b and b.group == case.group then keep[b] = true end
+      end
+    end
+  end
+  local groups, order, cases_run = {}, {}, {}
   for _, gname in ipairs(self.group_order) do
     local g = self.groups[gname]
+    local list = {}
+    for _, case in ipairs(g.cases) do
+      if not keep or keep[case] then list[#list + 1] = case; cases_run[#cases_run + 1] = case end
+    end
+    if #list > 0 then
+      groups[gname] = { name = gname, cases = list, baseline = g.baseline }
+      order[#order + 1] = gname
+    end
+  end
+  for _, gname in ipairs(order) do
+    local g = groups[gname]
     total = total + #g.cases
     for _, case in ipairs(g.cases) do
       local b = case.baseline or g.baseline
@@ -632,8 +673,13 @@ function Suite:run(args)
 
   emit(self, ("suite: %s%s\n"):format(self.name, self.title and (" - " .. self.title) or ""))
   emit(self, "machine: " .. M.describe_machine(machine) .. "\n")
-  emit(self, ("runs: %d timed (+%d warm-up) per case, interleaved by group%s\n\n")
+  emit(self, ("runs: %d timed (+%d warm-up) per case, interleaved by group%s\n")
     :format(self.runs, self.warmup, self.quick and "; --quick: tiny sizes, not a measurement" or ""))
+  if machine.loadavg and machine.cpus and machine.loadavg >= 0.5 then
+    emit(self, ("warning: load average %.2f on %d cpus at the start: the machine is busy, "
+      .. "and parallel speedups will show it\n"):format(machine.loadavg, machine.cpus))
+  end
+  emit(self, "\n")
 
   local bar
   if self.show_progress and total > 0 then
@@ -643,8 +689,8 @@ function Suite:run(args)
   local done = 0
   local records = {}
   local t_start = now()
-  for _, gname in ipairs(self.group_order) do
-    local cases = self.groups[gname].cases
+  for _, gname in ipairs(order) do
+    local cases = groups[gname].cases
     local n = #cases
     for _, case in ipairs(cases) do records[case] = { wall = {}, cpu = {}, rss = nil } end
     for round = 1, self.warmup + self.runs do
@@ -652,27 +698,32 @@ function Suite:run(args)
       local shift = (round - 1) % n
       for k = 1, n do
         local case = cases[(k - 1 + shift) % n + 1]
-        local wall, cpu, rss = run_once(case)
+        local wall, cpu, rss = run_once(case, self.clock)
         if timed then
           local rec = records[case]
           rec.wall[#rec.wall + 1] = wall
           rec.cpu[#rec.cpu + 1] = cpu
           if rss and (rec.rss == nil or rss > rec.rss) then rec.rss = rss end
           done = done + 1
-          if bar then bar:update(done) end
+          -- the last one is left to finish(), which draws the final line
+          if bar and done < bar.total then bar:update(done) end
         end
       end
     end
   end
-  if bar then bar:finish() end
+  if bar then
+    bar.done = done
+    bar:finish()
+  end
 
   local results = {}
-  for _, case in ipairs(self.cases) do
+  for _, case in ipairs(cases_run) do
     local base = case.baseline_name and records[self.by_name[case.baseline_name]]
     results[#results + 1] = finish_case(case, records[case], base)
   end
   self.results = results
   self.elapsed = now() - t_start
+  machine.loadavg_end = M.loadavg()
 
   emit(self, self:table())
   for _, n in ipairs(self.notes) do emit(self, n .. "\n") end
@@ -689,8 +740,12 @@ function Suite:run(args)
       elseif k > 1 then
         file = file:gsub("%.svg$", "") .. "-" .. (chart.name or tostring(k)) .. ".svg"
       end
-      assert(self:svg(file, chart))
-      emit(self, "wrote " .. file .. "\n")
+      local ok, err = self:svg(file, chart)
+      if ok then
+        emit(self, "wrote " .. file .. "\n")
+      else -- e.g. --filter left the chart no data
+        io.stderr:write(self.name, ": chart '", tostring(chart.name or k), "' not written: ", tostring(err), "\n")
+      end
     end
   end
   return results
@@ -903,7 +958,9 @@ end
 -- of series(result) when a function).  Options: group (a group name or a
 -- list of them: only their cases), title, x_label, y_label, log_x, log_y,
 -- width, height, reference (default true: the cases of those groups that
--- lack x, such as a sequential baseline, become dashed horizontal lines).
+-- lack x, such as a sequential baseline, become dashed horizontal lines),
+-- lines (a list of {label =, fn = function(x) -> y}: dotted curves such as
+-- an ideal, sampled at the x values of the data).
 -- Returns true, or nil and a message.
 function Suite:svg(file, o)
   local svg, err = self:svg_text(o)
@@ -927,14 +984,22 @@ function Suite:svg_text(o)
     if o.series then return tostring(r.params[o.series]) end
     return o.label or "median"
   end
-  local series, order, refs = {}, {}, {}
+  local series, order, refs, ref_color, ngroups = {}, {}, {}, {}, 0
   for _, r in ipairs(results) do
     if not groups or groups[r.group] then
       local y = y_value(r, o.y)
       local x = r.params[o.x]
       if type(x) == "number" and type(y) == "number" then
         local key = label_of(r)
-        if not series[key] then series[key] = {}; order[#order + 1] = key end
+        if not series[key] then
+          series[key] = {}
+          order[#order + 1] = key
+          -- a reference line takes the colour of the first series of its group
+          if not ref_color[r.group] then
+            ref_color[r.group] = PALETTE[(#order - 1) % #PALETTE + 1]
+            ngroups = ngroups + 1
+          end
+        end
         local pts = series[key]
         pts[#pts + 1] = { x, y }
       elseif x == nil and type(y) == "number" and o.reference ~= false then
@@ -943,24 +1008,18 @@ function Suite:svg_text(o)
     end
   end
   if #order == 0 then return nil, "svg: no case has a numeric parameter '" .. tostring(o.x) .. "'" end
-  -- a reference line takes the colour of the first series of its group
-  local ref_color = {}
-  for i, key in ipairs(order) do
-    for _, r in ipairs(results) do
-      if label_of(r) == key and not ref_color[r.group] and (not groups or groups[r.group]) then
-        ref_color[r.group] = PALETTE[(i - 1) % #PALETTE + 1]
-      end
-    end
-  end
   for _, ref in ipairs(refs) do
-    local groups_in_chart = 0
-    for _ in pairs(ref_color) do groups_in_chart = groups_in_chart + 1 end
-    ref[3] = groups_in_chart > 1 and ref_color[ref[3]] or "#555555"
+    ref[3] = (ngroups > 1 and ref_color[ref[3]]) or "#555555"
   end
   for _, k in ipairs(order) do sort(series[k], function(a, b) return a[1] < b[1] end) end
 
-  local W, H = o.width or 760, o.height or 460
-  local left, right, top, bottom = 78, 200, 44, 58
+  -- the legend's width follows its longest label (about 6.6 px a character)
+  local longest = 0
+  for _, k in ipairs(order) do longest = math.max(longest, utf8.len(k) or #k) end
+  for _, ref in ipairs(refs) do longest = math.max(longest, #ref[1] + 11) end
+  for _, l in ipairs(o.lines or {}) do longest = math.max(longest, #(l.label or "")) end
+  local left, right, top, bottom = 78, math.max(160, 48 + math.ceil(6.6 * longest)), 44, 58
+  local W, H = o.width or (left + 480 + right), o.height or 460
   local pw, ph = W - left - right, H - top - bottom
 
   -- x scale
@@ -974,6 +1033,24 @@ function Suite:svg_text(o)
     end
   end
   for _, ref in ipairs(refs) do ymin, ymax = math.min(ymin, ref[2]), math.max(ymax, ref[2]) end
+  -- extra curves (o.lines: {label =, fn = function(x) -> y}), sampled at the data's x values
+  local curves = {}
+  do
+    local distinct = {}
+    for v in pairs(xs) do distinct[#distinct + 1] = v end
+    sort(distinct)
+    for _, l in ipairs(o.lines or {}) do
+      local pts = {}
+      for _, x in ipairs(distinct) do
+        local y = l.fn(x)
+        if type(y) == "number" and y == y then
+          pts[#pts + 1] = { x, y }
+          ymin, ymax = math.min(ymin, y), math.max(ymax, y)
+        end
+      end
+      if #pts > 0 then curves[#curves + 1] = { label = l.label or "", pts = pts } end
+    end
+  end
   local log_x = o.log_x and xmin > 0
   local log_y = o.log_y and ymin > 0
   local xticks
@@ -1053,13 +1130,18 @@ function Suite:svg_text(o)
   add(('<text x="16" y="%s" text-anchor="middle" transform="rotate(-90 16 %s)">%s</text>')
     :format(num(top + ph / 2), num(top + ph / 2),
       xml(o.y_label or (which == "median" and "median wall time" or which))))
+  -- extra curves: dotted grey paths
+  for _, c in ipairs(curves) do
+    local d = {}
+    for k, p in ipairs(c.pts) do d[#d + 1] = (k == 1 and "M" or "L") .. num(fx(p[1])) .. " " .. num(fy(p[2])) end
+    add(('<path d="%s" fill="none" stroke="#888888" stroke-width="1.5" stroke-dasharray="2 3"/>')
+      :format(concat(d, " ")))
+  end
   -- reference lines
   for _, ref in ipairs(refs) do
     local y = fy(ref[2])
     add(('<line x1="%d" y1="%s" x2="%d" y2="%s" stroke="%s" stroke-width="1.5" '
       .. 'stroke-dasharray="6 4"/>'):format(left, num(y), left + pw, num(y), ref[3]))
-    add(('<text x="%d" y="%s" fill="%s" text-anchor="end" font-size="11">%s (%s)</text>')
-      :format(left + pw - 4, num(y - 4), ref[3], xml(ref[1]), xml(ylabel_text(ref[2]))))
   end
   -- series
   for i, key in ipairs(order) do
@@ -1084,11 +1166,17 @@ function Suite:svg_text(o)
     add(marker(i, lx + 11, y, color, ""))
     add(('<text x="%d" y="%d">%s</text>'):format(lx + 28, y + 4, xml(key)))
   end
+  for j, c in ipairs(curves) do
+    local y = ly + (#order + #refs + j - 1) * 20
+    add(('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#888888" stroke-width="1.5" stroke-dasharray="2 3"/>')
+      :format(lx, y, lx + 22, y))
+    add(('<text x="%d" y="%d">%s</text>'):format(lx + 28, y + 4, xml(c.label)))
+  end
   for j, ref in ipairs(refs) do
     local y = ly + (#order + j - 1) * 20
     add(('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s" stroke-width="1.5" stroke-dasharray="6 4"/>')
       :format(lx, y, lx + 22, y, ref[3]))
-    add(('<text x="%d" y="%d">%s</text>'):format(lx + 28, y + 4, xml(ref[1])))
+    add(('<text x="%d" y="%d">%s (%s)</text>'):format(lx + 28, y + 4, xml(ref[1]), xml(ylabel_text(ref[2]))))
   end
   add("</g>")
   if o.caption then

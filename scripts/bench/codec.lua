@@ -1,52 +1,77 @@
--- Codec throughput: encode and decode rates by value shape (median of runs).
--- usage: luapool scripts/bench/codec.lua [--runs N]
+-- Codec throughput: how fast luapool.codec turns values into bytes and back
+-- (what every task argument and result goes through on its way between Lua
+-- states and processes), by value shape.
+--
+-- usage: luapool scripts/bench/codec.lua [--quick] [--runs N] [--warmup N]
+--                                         [--json FILE] [--csv FILE]
+--
+-- Shapes: a 1 MiB string (rate in bytes/s), a flat table of 100k floats
+-- (values/s), 10k records of 4 fields with a nested list (records/s), a
+-- closure with two upvalues (closures/s).  Each run repeats the operation
+-- enough times to last about 20 ms (calibrated once per shape, before the
+-- runs, the same count for encode and decode); the ratio is decode against
+-- encode of the same shape.
+local bench = require "luapool.bench"
+
+local suite = bench.suite { name = "codec", title = "encode and decode rates by value shape", runs = 9, args = { ... } }
+local quick = suite.quick
 local codec = luapool.codec
-local runs = 9
-local args = { ... }
-if args[1] == "--runs" then runs = assert(math.tointeger(tonumber(args[2])), "--runs N") end
+local TARGET = quick and 0.001 or 0.02 -- seconds per timed run
 
-local function median(t)
-  table.sort(t)
-  return t[(#t + 1) // 2]
+local numbers, records = {}, {}
+for i = 1, quick and 1000 or 100000 do numbers[i] = i * 0.5 end
+for i = 1, quick and 100 or 10000 do
+  records[i] = { id = i, name = "item" .. i, tags = { "a", "b" }, ok = i % 2 == 0 }
 end
+local STRING_BYTES = quick and 1 << 12 or 1 << 20
+local a, b = { 1, 2, 3 }, "s"
+local closure = function() return a, b end
 
--- Times f over enough repetitions to last >= 20 ms; seconds per call.
-local function time_per_call(f)
+local SHAPES = {
+  { "string", ("x"):rep(STRING_BYTES), STRING_BYTES, "B" },
+  { "floats", numbers, #numbers, "value" },
+  { "records", records, #records, "record" },
+  { "closure", closure, 1, "closure" },
+}
+
+-- How many repetitions make a run last about TARGET seconds.
+local function calibrate(f)
   local reps = 1
   while true do
     local t0 = luapool.now()
     for _ = 1, reps do f() end
     local elapsed = luapool.now() - t0
-    if elapsed >= 0.02 then return elapsed / reps end
+    if elapsed >= TARGET or reps >= 1 << 24 then
+      return math.max(1, math.floor(reps * TARGET / math.max(elapsed, 1e-9) + 0.5))
+    end
     reps = reps * 2
   end
 end
 
-local numbers, mixed = {}, {}
-for i = 1, 100000 do numbers[i] = i * 0.5 end
-for i = 1, 10000 do mixed[i] = { id = i, name = "item" .. i, tags = { "a", "b" }, ok = i % 2 == 0 } end
-local cases = {
-  { "string 1 MB", string.rep("x", 1 << 20), 1 << 20, "bytes" },
-  { "flat table, 100k floats", numbers, 100000, "values" },
-  { "10k records (4 fields, nested)", mixed, 10000, "records" },
-  { "closure with upvalues",
-    (function() local a, b = { 1, 2, 3 }, "s"; return function() return a, b end end)(), 1, "functions" },
-}
-
-print(("%-32s %14s %14s"):format("shape", "encode", "decode"))
-for _, c in ipairs(cases) do
-  local name, value, units, unit = table.unpack(c)
+for _, shape in ipairs(SHAPES) do
+  local name, value, size, unit = shape[1], shape[2], shape[3], shape[4]
   local bytes = codec.encode(value)
-  local enc, dec = {}, {}
-  for r = 1, runs do
-    enc[r] = time_per_call(function() codec.encode(value) end)
-    dec[r] = time_per_call(function() codec.decode(bytes) end)
+  local check = codec.decode(bytes)
+  assert(type(check) == type(value), "codec round trip changed the type of " .. name)
+  local ops = {
+    encode = function() return codec.encode(value) end,
+    decode = function() return codec.decode(bytes) end,
+  }
+  -- one repetition count for both, so that the ratio compares like with like
+  local reps = 2 * calibrate(function() ops.encode() ops.decode() end)
+  for _, op in ipairs { "encode", "decode" } do
+    local f = ops[op]
+    suite:case {
+      group = name, name = ("%s %s"):format(name, op), baseline = name .. " encode",
+      params = { shape = name, op = op, reps = reps, size = size, encoded_bytes = #bytes },
+      units = reps * size, unit = unit,
+      body = function()
+        for _ = 1, reps do f() end
+      end,
+    }
   end
-  local function rate(s)
-    local per = units / s
-    if unit == "bytes" then return ("%.2f GB/s"):format(per / 1e9) end
-    if per >= 1e6 then return ("%.1f M %s/s"):format(per / 1e6, unit) end
-    return ("%.0f k %s/s"):format(per / 1e3, unit)
-  end
-  print(("%-32s %14s %14s"):format(name, rate(median(enc)), rate(median(dec))))
 end
+
+suite:note("per unit and rate: median wall time over (repetitions x units per value); "
+  .. "ratio: decode time / encode time of the same shape")
+suite:run()

@@ -1,64 +1,83 @@
--- Per-task overhead of the executors on no-op tasks (median of runs), the
--- same jobs as Python's ../shared/peers/overhead.py measures.
--- usage: luapool scripts/bench/overhead.lua [--tasks N] [--runs N]
-local tasks, runs = 100000, 5
-local args = { ... }
-for i = 1, #args, 2 do
-  local v = math.tointeger(tonumber(args[i + 1]))
-  if args[i] == "--tasks" and v then tasks = v
-  elseif args[i] == "--runs" and v then runs = v
-  else error("usage: overhead.lua [--tasks N] [--runs N]") end
-end
+-- Per-task overhead of the executors on no-op tasks: what a task costs
+-- when the task itself costs nothing.
+--
+-- usage: luapool scripts/bench/overhead.lua [--tasks N] [--quick] [--runs N] [--warmup N]
+--                                            [--json FILE] [--csv FILE]
+--
+-- Each job starts a pool of 2 workers, runs N no-op tasks and closes the
+-- pool, all inside the timing (as Python's peer does: scripts/bench/peers.lua
+-- runs the two side by side).  Jobs, on both pools:
+--   submit   N x pool:submit, then f:result() on each future
+--   map      pool:map over N items with chunksize 1, 100, 1000 or auto
+--            (auto: 1 on a threadpool, about 4 chunks per worker, at most
+--            1024 items, on a processpool)
+--   imap     for i, r in pool:imap(...) with chunksize 1, 100 or 1000
+-- and two tasks: a Lua function (function(x) return x end, sent as bytecode)
+-- and a native kernel (sum_squares(1): no Lua state at all).
+-- The table shows time per task; the ratio is against submit of the Lua
+-- function on the same pool.
+local bench = require "luapool.bench"
+
+local suite = bench.suite {
+  name = "overhead", title = "per-task cost of submit, map and imap on no-op tasks",
+  runs = 3, args = { ... },
+  options = { { "tasks", "N", "integer", "tasks per job (default 100000; 2000 with --quick)" } },
+}
+local N = suite.opts.tasks or (suite.quick and 2000 or 100000)
+local WORKERS = 2
 
 local function noop(x) return x end
-local items = {}
-for i = 1, tasks do items[i] = i end
+local FNS = { lua = noop, kernel = luapool.kernels.sum_squares }
 
-local function median(t)
-  table.sort(t)
-  return t[(#t + 1) // 2]
+local ones = {}
+for i = 1, N do ones[i] = 1 end
+
+local function new_pool(kind)
+  if kind == "threadpool" then return threadpool.new { max_workers = WORKERS } end
+  return processpool.new { max_workers = WORKERS }
 end
 
--- Each job builds its pool inside the timing, as the Python peer does.
-local jobs = {
-  { "threads submit+result (Lua fn)", function()
-    local pool <close> = threadpool.new { max_workers = 2 }
-    local fs = {}
-    for i = 1, tasks do fs[i] = pool:submit(noop, i) end
-    for i = 1, tasks do assert(fs[i]:result() == i) end
-  end },
-  { "threads submit+result (kernel)", function()
-    local pool <close> = threadpool.new { max_workers = 2 }
-    local k, fs = luapool.kernels.sum_squares, {}
-    for i = 1, tasks do fs[i] = pool:submit(k, 1) end
-    for i = 1, tasks do fs[i]:result() end
-  end },
-  { "threads map", function()
-    local pool <close> = threadpool.new { max_workers = 2 }
-    assert(#pool:map(noop, items) == tasks)
-  end },
-  { "processes map chunksize=1", function()
-    local pool <close> = processpool.new { max_workers = 2 }
-    assert(#pool:map(noop, items, { chunksize = 1 }) == tasks)
-  end },
-  { "processes map chunksize=1000", function()
-    local pool <close> = processpool.new { max_workers = 2 }
-    assert(#pool:map(noop, items, { chunksize = 1000 }) == tasks)
-  end },
-  { "processes map (automatic batching)", function()
-    local pool <close> = processpool.new { max_workers = 2 }
-    assert(#pool:map(noop, items) == tasks)
-  end },
+local JOBS = {}
+function JOBS.submit(pool, fn)
+  local fs = {}
+  for i = 1, N do fs[i] = pool:submit(fn, 1) end
+  for i = 1, N do fs[i]:result() end
+end
+function JOBS.map(pool, fn, chunk)
+  local opts = chunk ~= "auto" and { chunksize = chunk } or nil
+  assert(#pool:map(fn, ones, opts) == N)
+end
+function JOBS.imap(pool, fn, chunk)
+  local n = 0
+  for _ in pool:imap(fn, ones, { chunksize = chunk }) do n = n + 1 end
+  assert(n == N)
+end
+
+suite:product {
+  group = function(p) return p.pool end, name = function(p)
+    local name = ("%s %s %s"):format(p.pool, p.method, p.fn)
+    if p.chunk ~= "-" then name = name .. " chunk=" .. p.chunk end
+    return name
+  end,
+  axes = {
+    { "pool", { "threadpool", "processpool" } },
+    { "method", { "submit", "map", "imap" } },
+    { "fn", { "lua", "kernel" } },
+    { "chunk", { "-", 1, 100, 1000, "auto" } },
+  },
+  fixed = { tasks = N, workers = WORKERS },
+  -- submit has no chunks; imap's default chunk size is 1, so no "auto"
+  filter = function(p)
+    if p.method == "submit" then return p.chunk == "-" end
+    if p.method == "imap" then return p.chunk ~= "-" and p.chunk ~= "auto" end
+    return p.chunk ~= "-"
+  end,
+  baseline = function(p) return p.pool .. " submit lua" end,
+  units = N, unit = "task",
+  body = function(_, p)
+    local pool <close> = new_pool(p.pool)
+    JOBS[p.method](pool, FNS[p.fn], p.chunk)
+  end,
 }
-
-print(("%d no-op tasks per job, median of %d runs"):format(tasks, runs))
-for _, job in ipairs(jobs) do
-  local t = {}
-  for r = 1, runs do
-    collectgarbage()
-    local t0 = luapool.now()
-    job[2]()
-    t[r] = luapool.now() - t0
-  end
-  print(("%-38s %8.2f us/task"):format(job[1], median(t) / tasks * 1e6))
-end
+suite:note(("%d no-op tasks per job, %d workers; per unit = median wall time / tasks"):format(N, WORKERS))
+suite:run()

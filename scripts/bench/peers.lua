@@ -1,0 +1,280 @@
+-- luapool beside its peers: the same jobs through Python's
+-- concurrent.futures (scripts/bench/peers/*.py) and `curl --parallel`, each
+-- timed as a whole command (wall time around os.execute: interpreter start,
+-- pool start and stop included on every side), interleaved run by run with
+-- luapool's own command for the same job.
+--
+-- usage: luapool scripts/bench/peers.lua [--python PATH] [--curl PATH] [--tasks N]
+--                                         [--quick] [--runs N] [--warmup N]
+--                                         [--json FILE] [--csv FILE]
+--
+-- Jobs (each a group; luapool's command is the baseline, so a peer's ratio
+-- is its time over luapool's: 3.00x means luapool took a third of the time):
+--   cpu                 the CPU reference job: sum of i*i for i < n for five
+--                       numbers (10M..13M) on a process pool of one worker
+--                       per CPU (luapool: the native kernel; Python: a loop)
+--   io-latency          2000 fetches of /sleep?s=0.05 with 100 workers (ideal 1 s)
+--   io-throughput       3000 fetches of /bytes?n=100 with 16 workers
+--   overhead-threads    100k no-op tasks, submit + result, 2 threads
+--   overhead-processes  100k no-op tasks, map on 2 processes
+-- The fetches go to the local nginx fixture, never the internet.  Python's
+-- fetches use requests (as the reference job does) when it is importable,
+-- else urllib.  A peer whose tool is missing is skipped with a note.
+local bench = require "luapool.bench"
+local fixture = require "luapool.fixture"
+
+local suite = bench.suite {
+  name = "peers", title = "luapool beside Python's concurrent.futures and curl --parallel", args = { ... },
+  options = {
+    { "python", "PATH", "string", "Python interpreter (default: python3 with requests, else /usr/bin/python3)" },
+    { "curl", "PATH", "string", "curl command (default: curl)" },
+    { "tasks", "N", "integer", "no-op tasks in the overhead jobs (default 100000; 2000 with --quick)" },
+  },
+}
+local quick, opts = suite.quick, suite.opts
+
+local CPU_NUMBERS = quick and { 100000, 120000, 110000, 90000, 130000 }
+  or { 10000000, 12000000, 11000000, 9000000, 13000000 }
+local LAT_N, LAT_W, SLEEP = quick and 200 or 2000, 100, 0.05
+local THR_N, THR_W, BYTES = quick and 300 or 3000, 16, 100
+local TASKS = opts.tasks or (quick and 2000 or 100000)
+
+-- {====== commands, temporary files
+
+local function q(s) return "'" .. tostring(s):gsub("'", [['\'']]) .. "'" end
+
+local function succeeds(cmd) return os.execute(cmd .. " >/dev/null 2>&1") == true end
+
+local function capture(cmd)
+  local p = io.popen(cmd .. " 2>/dev/null")
+  if not p then return "" end
+  local s = p:read("a") or ""
+  p:close()
+  return s
+end
+
+-- removed when the script ends (a to-be-closed list of paths)
+local temps <close> = setmetatable({}, { __close = function(t) for _, f in ipairs(t) do os.remove(f) end end })
+local function tempfile(text)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+  temps[#temps + 1] = path
+  return path
+end
+
+local errlog = tempfile("")
+-- A body that runs cmd (its output discarded) and fails with its stderr.
+local function command(cmd)
+  return function()
+    local ok, how, code = os.execute(cmd .. " >/dev/null 2>" .. q(errlog))
+    if not ok then
+      local f = io.open(errlog)
+      local err = f and f:read("a") or ""
+      if f then f:close() end
+      error(("command failed (%s %s): %s\n%s"):format(how, tostring(code), cmd, err:sub(-2000)), 0)
+    end
+  end
+end
+
+-- }======
+
+-- {====== the tools
+
+local here = (debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$")) or "."
+local peers_dir = here .. "/peers"
+local luapool_bin = (arg and arg[-1]) or "luapool"
+
+local python, python_client
+do
+  local candidates = opts.python and { opts.python } or { "python3", "/usr/bin/python3" }
+  local first
+  for _, py in ipairs(candidates) do
+    if succeeds(q(py) .. " -c 'import concurrent.futures'") then
+      first = first or py
+      if succeeds(q(py) .. " -c 'import requests'") then python, python_client = py, "requests" break end
+    end
+  end
+  if not python and first then python, python_client = first, "urllib" end
+end
+local curl = opts.curl or "curl"
+local curl_ok = succeeds(q(curl) .. " --version") and capture(q(curl) .. " --help all"):find("--parallel-max", 1, true)
+
+local skipped = {}
+local python_version = python and capture(q(python) .. " --version"):match("Python [%d.]+")
+if not python then
+  skipped[#skipped + 1] = "python3 not found (or without concurrent.futures): Python peers skipped"
+end
+if not curl_ok then
+  skipped[#skipped + 1] = "curl with --parallel (7.66 or later) not found: curl peers skipped"
+end
+local curl_version = curl_ok and capture(q(curl) .. " --version"):match("^curl [%d.]+")
+
+-- }======
+
+-- {====== luapool's side: small scripts mirroring the Python ones
+
+local LP_CPU = tempfile([[
+local numbers = {}
+for i, a in ipairs { ... } do numbers[i] = math.tointeger(tonumber(a)) end
+local pool <close> = processpool.new { max_workers = luapool.cpu_count() }
+local results = pool:map(luapool.kernels.sum_squares, numbers)
+for i, n in ipairs(numbers) do print(("Calculation for %d: %s"):format(n, tostring(results[i]))) end
+]])
+local LP_IO = tempfile([[
+local workers, file = ...
+local urls = {}
+for line in io.lines(file) do if line ~= "" then urls[#urls + 1] = line end end
+local pool <close> = threadpool.new { max_workers = math.tointeger(tonumber(workers)) }
+local lengths = pool:map(luapool.kernels.fetch_length, urls)
+local total = 0
+for _, n in ipairs(lengths) do total = total + n end
+print(("luapool: %d urls, %d bytes"):format(#lengths, total))
+]])
+local LP_OVERHEAD = tempfile([[
+local mode, n, chunk = ...
+n = math.tointeger(tonumber(n))
+local function noop(x) return x end
+if mode == "threads-submit" then
+  local pool <close> = threadpool.new { max_workers = 2 }
+  local fs = {}
+  for i = 1, n do fs[i] = pool:submit(noop, 1) end
+  for i = 1, n do fs[i]:result() end
+elseif mode == "processes-map" then
+  local ones = {}
+  for i = 1, n do ones[i] = 1 end
+  local pool <close> = processpool.new { max_workers = 2 }
+  local o = chunk ~= "auto" and { chunksize = math.tointeger(tonumber(chunk)) } or nil
+  assert(#pool:map(noop, ones, o) == n)
+else
+  error("unknown mode " .. tostring(mode))
+end
+print(("%s: %d tasks"):format(mode, n))
+]])
+
+local function lp(script, ...)
+  local parts = { q(luapool_bin), q(script) }
+  for _, a in ipairs { ... } do parts[#parts + 1] = q(a) end
+  return table.concat(parts, " ")
+end
+local function py(script, ...)
+  local parts = { q(python), q(peers_dir .. "/" .. script) }
+  for _, a in ipairs { ... } do parts[#parts + 1] = q(a) end
+  return table.concat(parts, " ")
+end
+
+-- }======
+
+local srv <close> = assert(fixture.start { workers = 2 })
+
+local function url_files(path_fmt, n)
+  local urls, conf = {}, {}
+  for i = 1, n do
+    local url = srv:url(path_fmt:format(i))
+    urls[#urls + 1] = url
+    conf[#conf + 1] = ('url = "%s"\noutput = "/dev/null"'):format(url)
+  end
+  return tempfile(table.concat(urls, "\n") .. "\n"), tempfile(table.concat(conf, "\n") .. "\n")
+end
+local lat_list, lat_conf = url_files("/sleep?s=" .. SLEEP .. "&i=%d", LAT_N)
+local thr_list, thr_conf = url_files("/bytes?n=" .. BYTES .. "&i=%d", THR_N)
+local function curl_cmd(conf, parallel)
+  return ("%s -s -S --fail --parallel --parallel-max %d -K %s"):format(q(curl), parallel, q(conf))
+end
+
+-- cpu ------------------------------------------------------------------------
+local cpu_args = {}
+for i, n in ipairs(CPU_NUMBERS) do cpu_args[i] = tostring(n) end
+suite:case {
+  group = "cpu", name = "luapool processpool (native kernel)", baseline = "luapool processpool (native kernel)",
+  params = { numbers = #CPU_NUMBERS }, body = command(lp(LP_CPU, table.unpack(cpu_args))),
+}
+if python then
+  suite:case {
+    group = "cpu", name = "python ProcessPoolExecutor", params = { numbers = #CPU_NUMBERS },
+    body = command(py("cpu.py", table.unpack(cpu_args))),
+  }
+end
+
+-- fetches --------------------------------------------------------------------
+for _, job in ipairs {
+  { "io-latency", LAT_N, LAT_W, lat_list, lat_conf },
+  { "io-throughput", THR_N, THR_W, thr_list, thr_conf },
+} do
+  local group, n, w, list, conf = table.unpack(job)
+  local base = ("luapool threadpool x%d"):format(w)
+  local params = { fetches = n, workers = w }
+  suite:case { group = group, name = base, baseline = base, params = params, units = n, unit = "req",
+               body = command(lp(LP_IO, w, list)) }
+  if python then
+    suite:case { group = group, name = ("python threads x%d (%s)"):format(w, python_client), params = params,
+                 units = n, unit = "req", body = command(py("io.py", "--workers", w, "--urls", list)) }
+  end
+  if curl_ok then
+    suite:case { group = group, name = ("curl --parallel-max %d"):format(w), params = params,
+                 units = n, unit = "req", body = command(curl_cmd(conf, w)) }
+  end
+end
+
+-- overhead -------------------------------------------------------------------
+suite:case {
+  group = "overhead-threads", name = "luapool threadpool submit+result", baseline = "luapool threadpool submit+result",
+  params = { tasks = TASKS }, units = TASKS, unit = "task", body = command(lp(LP_OVERHEAD, "threads-submit", TASKS)),
+}
+if python then
+  suite:case {
+    group = "overhead-threads", name = "python ThreadPoolExecutor submit+result", params = { tasks = TASKS },
+    units = TASKS, unit = "task", body = command(py("overhead.py", "threads-submit", TASKS)),
+  }
+end
+suite:case {
+  group = "overhead-processes", name = "luapool processpool map (auto chunks)",
+  baseline = "luapool processpool map (auto chunks)", params = { tasks = TASKS, chunk = "auto" },
+  units = TASKS, unit = "task", body = command(lp(LP_OVERHEAD, "processes-map", TASKS, "auto")),
+}
+suite:case {
+  group = "overhead-processes", name = "luapool processpool map chunksize=1", params = { tasks = TASKS, chunk = 1 },
+  units = TASKS, unit = "task", body = command(lp(LP_OVERHEAD, "processes-map", TASKS, 1)),
+}
+if python then
+  for _, chunk in ipairs { 1, 1000 } do
+    suite:case {
+      group = "overhead-processes", name = ("python ProcessPoolExecutor map chunksize=%d"):format(chunk),
+      params = { tasks = TASKS, chunk = chunk }, units = TASKS, unit = "task",
+      body = command(py("overhead.py", "processes-map", TASKS, chunk)),
+    }
+  end
+end
+
+suite:note("every case is a whole command: cpu and peak rss are this (waiting) process's only")
+
+-- run ------------------------------------------------------------------------
+print("peers: " .. table.concat({ python and (python .. " (" .. (python_version or "?") .. ", "
+  .. python_client .. ")") or "no python", curl_version or "no curl" }, "; "))
+for _, s in ipairs(skipped) do print("note: " .. s) end
+suite:run()
+
+-- The comparison, against "Numbers we hold ourselves to" (DESIGN.md).
+local function r(name) return suite:result(name) end
+print()
+print("luapool against its peers (ratio: peer time / luapool time, paired run by run):")
+for _, res in ipairs(suite.results) do
+  if res.baseline and res.baseline ~= res.name and res.ratio and not res.name:find("^luapool") then
+    print(("  %-20s %-46s %6s  (luapool %s)"):format(res.group, res.name, bench.format_ratio(res.ratio),
+      res.ratio >= 1 and ("%.2fx faster"):format(res.ratio) or ("%.2fx slower"):format(1 / res.ratio)))
+  end
+end
+local ideal = math.ceil(LAT_N / LAT_W) * SLEEP
+print(("io-latency against the ideal %s (target: luapool <= 1.05x):"):format(bench.format_time(ideal)))
+for _, res in ipairs(suite.results) do
+  if res.group == "io-latency" then
+    print(("  %-46s %6s ideal"):format(res.name, bench.format_ratio(res.median / ideal)))
+  end
+end
+local lp_thr = r(("luapool threadpool x%d"):format(THR_W))
+local curl_thr = r(("curl --parallel-max %d"):format(THR_W))
+if lp_thr and curl_thr then
+  print(("io-throughput: luapool %s, curl %s (target: luapool >= curl)"):format(
+    bench.format_rate(THR_N / lp_thr.median, "req"), bench.format_rate(THR_N / curl_thr.median, "req")))
+end

@@ -91,6 +91,26 @@ describe("luapool host", function()
     assert.are.equal("function\n", out)
   end)
 
+  it("stops a thread task looping forever when the script ends with its pool open", function()
+    -- no deadline, so no hook was armed: the pool's stop signal sets one
+    if os.getenv("LUAPOOL_SANITIZER") == "tsan" then
+      -- TSan holds a signal back until the thread calls an intercepted
+      -- function, which a Lua loop in liblua never does
+      pending("signals are deferred under tsan")
+      return
+    end
+    local out, err, code = h.run({ "-e", [[
+      local p = threadpool.new{max_workers = 2}
+      p:submit(function() while true do end end)
+      p:submit(function() local co = coroutine.wrap(function() return 1 end) co()
+                          while true do pcall(function() while true do end end) end end)
+      luapool.sleep(0.1)
+      print("end of script")]] })
+    assert.are.equal(0, code)
+    assert.are.equal("end of script\n", out)
+    assert.are.equal("", err) -- no "did not stop ... left running"
+  end)
+
   it("leaves no worker process behind when the script ends with an open pool", function()
     local out, _, code = h.run({ "-e", [[
       local p = processpool.new{max_workers = 2}

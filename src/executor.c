@@ -121,7 +121,6 @@ static void *worker_main(void *arg) {
     ** failed; a task popped before that still runs, which is harmless. */
   }
   p->be->worker_stop(w);
-  atomic_store(&w->exited, 1);
   return NULL;
 }
 
@@ -140,7 +139,8 @@ static void *watchdog_main(void *arg) {
       if (now >= w->deadline) {
         atomic_store(&w->intr.reason, LP_STOP_DEADLINE);
         atomic_store(&w->intr.kill_seq, w->deadline_seq);
-        w->deadline = 0; /* fired */
+        if (p->be->interrupt) p->be->interrupt(w); /* at once, not at the next count */
+        w->deadline = 0;                           /* fired */
       } else if (w->deadline < next) {
         next = w->deadline;
       }
@@ -239,7 +239,6 @@ static int start_worker(lp_pool *p, char *err, size_t errsz) {
   atomic_init(&w->intr.kill_seq, UINT64_MAX); /* matches no task */
   atomic_init(&w->intr.reason, 0);
   atomic_init(&w->busy, 0);
-  atomic_init(&w->exited, 0);
   if (p->be->worker_init) p->be->worker_init(w);
   int r = create_thread(&w->thread, worker_main, w);
   if (r != 0) {
@@ -333,20 +332,27 @@ static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
     ** When the tasks were told to stop, a thread that still runs after
     ** the grace period is stuck where no stop reaches (a C call, a Lua
     ** message handler, which runs without hooks): it is left alone. */
-    while ((interrupt || atomic_load(&luapool__signals_handled)) && !atomic_load(&w->exited)) {
-      if (!stopped && atomic_load(&luapool__signal)) {
+    int joined = 0;
+    while (interrupt || atomic_load(&luapool__signals_handled)) {
+      struct timespec ts; /* joins as soon as the thread ends, else 20 ms */
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 20000000L;
+      if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+      if (pthread_timedjoin_np(w->thread, NULL, &ts) == 0) {
+        joined = 1;
+        break;
+      }
+      if (!stopped && luapool__signal_for_me()) {
         pool_interrupt(p);
         stopped = 1;
       }
       if (interrupt && luapool__now() > give_up) break;
-      struct timespec ts = {0, 5000000};
-      nanosleep(&ts, NULL);
     }
-    if (!atomic_load(&w->exited) && interrupt) {
+    if (!joined && interrupt) {
       stuck++;
       continue;
     }
-    pthread_join(w->thread, NULL);
+    if (!joined) pthread_join(w->thread, NULL);
     pthread_mutex_lock(&p->mu); /* read by pool_interrupt of other threads */
     w->joined = 1;
     pthread_mutex_unlock(&p->mu);

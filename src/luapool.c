@@ -242,12 +242,47 @@ static int l_print(lua_State *L) {
   return 0;
 }
 
-/* Count hook: stops a task whose worker was told to stop.  Once it sees
-** the stop it re-arms itself to fire on every instruction: a pcall in the
-** task catches the first error, and the very next instruction of the
-** caller raises again, so the stop climbs out frame by frame and no pcall
-** (or loop of pcalls) can swallow it.  call_one re-arms the normal count
-** before each task. */
+/* {====== stopping Lua code in a thread worker
+** Lua 5.4 runs every instruction on a slower path while any hook is set,
+** so a thread worker keeps none while its task runs freely.  A task with
+** a deadline gets a count hook (coroutines it creates inherit it, so even
+** a loop inside one is stopped in time).  Any other stop (the pool is
+** closing, Ctrl-C) sends the worker's thread STOP_SIGNAL, whose handler
+** sets the hook on that thread's own state, as lua.c does from its SIGINT
+** handler: lua_sethook is safe there.  Process workers need no hook: their
+** stop is a kill. */
+
+static void interrupt_hook(lua_State *L, lua_Debug *ar);
+
+/* The state of the task running on this thread (thread workers only). */
+static _Thread_local lua_State *tl_task_state;
+
+static void on_stop_signal(int sig) {
+  (void)sig;
+  lua_State *L = tl_task_state;
+  if (L) lua_sethook(L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+static pthread_once_t stop_signal_once = PTHREAD_ONCE_INIT;
+
+static void stop_signal_install(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(LUAPOOL_STOP_SIGNAL, &sa, NULL);
+}
+
+void luapool__stop_signal_install(void) { pthread_once(&stop_signal_once, stop_signal_install); }
+
+void luapool__set_task_state(lua_State *L) { tl_task_state = L; }
+
+/* Once it sees the stop, the hook re-arms itself to fire on every
+** instruction: a pcall in the task catches the first error, and the very
+** next instruction of the caller raises again, so the stop climbs out
+** frame by frame and no pcall (or loop of pcalls) can swallow it.  Without
+** a stop (a signal that arrived late) it goes back to how the task runs. */
 static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   lp_interrupt *i = state_intr(L);
@@ -255,11 +290,18 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
     luaL_error(L, "%s", stop_message(i));
   }
+  luapool__arm_interrupt_hook(L);
 }
 
 void luapool__arm_interrupt_hook(lua_State *L) {
-  lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
+  lp_wstate *ws = state_worker(L);
+  if (ws && ws->deadline > 0 && strcmp(ws->kind, "thread") == 0)
+    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
+  else
+    lua_sethook(L, NULL, 0, 0);
 }
+
+/* }====== */
 
 void luapool__open_worker_state(lua_State *L, const char *kind, const char *name, int index) {
   luaL_requiref(L, "luapool", luaopen_luapool, 1);
@@ -297,7 +339,6 @@ static int init_worker_state(lua_State *L) {
 }
 
 int luapool__worker_state_init(lua_State *L, lp_wstate *ws) {
-  luapool__arm_interrupt_hook(L); /* coroutines inherit it */
   lua_pushcfunction(L, init_worker_state);
   lua_pushlightuserdata(L, ws);
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) return -1;

@@ -11,6 +11,7 @@
 #define LUAPOOL_H
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -216,8 +217,14 @@ enum { LP_MSG_SINGLE = 1, LP_MSG_BATCH = 2 };
 
 /* Creates what a worker's Lua state needs (luapool.c). */
 int luapool__worker_state_init(lua_State *L, lp_wstate *ws);
-/* Installs the interrupt count hook at its normal rate (luapool.c). */
+/* Sets the hook a task of L runs with: a count hook for a thread task with
+** a deadline, none otherwise (luapool.c). */
 void luapool__arm_interrupt_hook(lua_State *L);
+/* The signal that makes a thread worker's task notice a stop, its handler
+** installed once, and the state it acts on for the calling thread. */
+#define LUAPOOL_STOP_SIGNAL SIGURG
+void luapool__stop_signal_install(void);
+void luapool__set_task_state(lua_State *L);
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */
@@ -253,9 +260,8 @@ struct lp_worker {
   /* The running task's deadline, for the watchdog (mutex: pool's mu). */
   double deadline;
   uint64_t deadline_seq;
-  int joined;        /* owner only */
-  atomic_int busy;   /* running a task */
-  atomic_int exited; /* its thread has finished */
+  int joined;      /* owner only */
+  atomic_int busy; /* running a task */
   char name[64];
 };
 

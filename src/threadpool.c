@@ -21,6 +21,7 @@ typedef struct tworker {
 
 static int thread_start(lp_worker *w) {
   tworker *t = (tworker *)w;
+  luapool__stop_signal_install();
   t->ws.kind = "thread";
   snprintf(t->ws.name, sizeof t->ws.name, "%s", w->name);
   t->ws.index = w->index;
@@ -84,12 +85,18 @@ static void thread_run(lp_worker *w, lp_future *f) {
   }
 }
 
+/* From another thread: makes the running Lua code notice the stop (the
+** interrupt block says which).  Called only while the thread is not joined. */
+static void thread_interrupt(lp_worker *w) { pthread_kill(w->thread, LUAPOOL_STOP_SIGNAL); }
+
 static void thread_stop(lp_worker *w) {
   tworker *t = (tworker *)w;
+  luapool__set_task_state(NULL);
   luapool__wstate_close(&t->ws);
   luapool__buf_free(&t->out);
   luapool__http_thread_cleanup();
 }
 
-const lp_backend luapool__thread_backend = {"threadpool", sizeof(tworker), 1,           NULL,
-                                            thread_start, thread_run,      thread_stop, NULL};
+const lp_backend luapool__thread_backend = {"threadpool", sizeof(tworker), 1,
+                                            NULL,         thread_start,    thread_run,
+                                            thread_stop,  thread_interrupt};

@@ -162,7 +162,7 @@ static void call_one(lua_State *L, run_ctx *rc, int base) {
   int nargs = lua_gettop(L) - base - 1;
   rc->mark = rc->out->len;
   rc->nerr_mark = rc->nerr;
-  luapool__arm_interrupt_hook(L); /* an earlier stop left it on every instruction */
+  luapool__arm_interrupt_hook(L); /* (an earlier stop may have left one on) */
   lua_pushcfunction(L, msgh);
   lua_insert(L, base + 1);
   int st = lua_pcall(L, nargs, LUA_MULTRET, base + 1);
@@ -224,6 +224,7 @@ static lua_State *ensure_state(lp_wstate *ws) {
     return NULL;
   }
   ws->L = L;
+  if (strcmp(ws->kind, "thread") == 0) luapool__set_task_state(L); /* for STOP_SIGNAL */
   return L;
 }
 

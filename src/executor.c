@@ -42,19 +42,35 @@ static lp_future *queue_pop(lp_pool *p) {
   return f;
 }
 
-void luapool__pool_break(lp_pool *p, const char *why) {
-  pthread_mutex_lock(&p->mu);
-  if (p->broken == NULL) p->broken = strdup(why); /* NULL: "no memory" below */
+/* mutex must be locked: empties the queue, handing its list (and the
+** references it held) to the caller. */
+static lp_future *take_queue(lp_pool *p) {
   lp_future *q = p->head;
   p->head = p->tail = NULL;
   p->npending = 0;
-  pthread_mutex_unlock(&p->mu);
+  return q;
+}
+
+/* Ends every future of a list taken from a queue (no lock held): cancelled,
+** or failed with kind "broken" and `why` when why is not NULL. */
+static void end_list(lp_future *q, const char *why) {
   while (q) {
     lp_future *next = q->next;
-    luapool__future_fail(q, LP_EK_BROKEN, "%s", why);
+    if (why)
+      luapool__future_fail(q, LP_EK_BROKEN, "%s", why);
+    else
+      luapool__future_cancel(q);
     luapool__future_unref(q);
     q = next;
   }
+}
+
+void luapool__pool_break(lp_pool *p, const char *why) {
+  pthread_mutex_lock(&p->mu);
+  if (p->broken == NULL) p->broken = strdup(why); /* NULL: "no memory" below */
+  lp_future *q = take_queue(p);
+  pthread_mutex_unlock(&p->mu);
+  end_list(q, why);
 }
 
 void luapool__pool_notify(lp_pool *p, lp_future *f) {
@@ -196,9 +212,7 @@ static void live_remove(lp_pool *p) {
 ** with kind "interrupted"); the pool stays usable. */
 static void pool_interrupt(lp_pool *p) {
   pthread_mutex_lock(&p->mu);
-  lp_future *q = p->head;
-  p->head = p->tail = NULL;
-  p->npending = 0;
+  lp_future *q = take_queue(p);
   for (int i = 0; i < p->nworkers; i++) {
     lp_worker *w = p->workers[i];
     if (w->joined || !atomic_load(&w->busy)) continue;
@@ -207,12 +221,7 @@ static void pool_interrupt(lp_pool *p) {
     if (p->be->interrupt) p->be->interrupt(w);
   }
   pthread_mutex_unlock(&p->mu);
-  while (q) {
-    lp_future *next = q->next;
-    luapool__future_cancel(q);
-    luapool__future_unref(q);
-    q = next;
-  }
+  end_list(q, NULL);
 }
 
 void luapool__interrupt_all(void) {
@@ -298,21 +307,11 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
   pthread_mutex_lock(&p->mu);
   p->closing = 1;
-  lp_future *cancelled = NULL;
-  if (cancel) {
-    cancelled = p->head;
-    p->head = p->tail = NULL;
-    p->npending = 0;
-  }
+  lp_future *cancelled = cancel ? take_queue(p) : NULL;
   pthread_cond_broadcast(&p->cv);
   int n = p->nworkers;
   pthread_mutex_unlock(&p->mu);
-  while (cancelled) {
-    lp_future *next = cancelled->next;
-    luapool__future_cancel(cancelled);
-    luapool__future_unref(cancelled);
-    cancelled = next;
-  }
+  end_list(cancelled, NULL);
   /* Workers are only started by the owner (submit), which is this thread:
   ** n cannot grow while we join. */
   if (interrupt)

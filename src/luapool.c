@@ -265,14 +265,16 @@ static void on_stop_signal(int sig) {
 
 static pthread_once_t stop_signal_once = PTHREAD_ONCE_INIT;
 
-static void stop_signal_install(void) {
+void luapool__on_signal(int sig, void (*handler)(int)) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_stop_signal;
+  sa.sa_handler = handler;
   sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  sigaction(LUAPOOL_STOP_SIGNAL, &sa, NULL);
+  sa.sa_flags = SA_RESTART; /* interrupted system calls resume */
+  sigaction(sig, &sa, NULL);
 }
+
+static void stop_signal_install(void) { luapool__on_signal(LUAPOOL_STOP_SIGNAL, on_stop_signal); }
 
 void luapool__stop_signal_install(void) { pthread_once(&stop_signal_once, stop_signal_install); }
 

@@ -224,6 +224,8 @@ void luapool__arm_interrupt_hook(lua_State *L);
 ** installed once, and the state it acts on for the calling thread. */
 #define LUAPOOL_STOP_SIGNAL SIGURG
 void luapool__stop_signal_install(void);
+/* Installs a handler for sig (SA_RESTART). */
+void luapool__on_signal(int sig, void (*handler)(int));
 void luapool__set_task_state(lua_State *L);
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when

@@ -67,13 +67,8 @@ static int l_fail_alloc(lua_State *L) {
 #endif
 
 static void install_signal_handlers(void) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  sigaction(SIGINT, &sa, NULL);
-  sigaction(SIGTERM, &sa, NULL);
+  luapool__on_signal(SIGINT, on_signal);
+  luapool__on_signal(SIGTERM, on_signal);
   luapool__signal_thread = pthread_self();
   atomic_store(&luapool__signals_handled, 1);
 }

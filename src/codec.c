@@ -159,12 +159,12 @@ typedef struct luapool_encoder {
 ** it holds bytes cannot leak them. */
 typedef struct scratch {
   lp_buf b;
+  int taken; /* handed out and not released yet */
 } scratch;
 
-static const char *const SCRATCH_KEY = "luapool.scratch";
-static const char *const DUMPS_KEY = "luapool.dumps";
-static const char *const CFNAMES_KEY = "luapool.cfnames";
-static const char *const FCACHE_KEY = "luapool.fcache";
+/* Registry keys: the addresses of these (pointer keys are found without
+** hashing a string, and these lookups are on every submit). */
+static const char SCRATCH_KEY, DUMPS_KEY, CFNAMES_KEY, FCACHE_KEY;
 
 /* Function ids: a random base per process plus a counter, so ids from
 ** different worker processes never collide in a receiver's cache. */
@@ -194,15 +194,17 @@ static int scratch_gc(lua_State *L) {
   return 0;
 }
 
+/* The state's buffer is handed out with a flag, not taken out of the
+** registry (that cost more than the rest of a submit).  A caller nested
+** meanwhile (a __gc that submits in the middle of an encode) finds it
+** taken and gets a buffer of its own, which the GC frees.  A Lua error
+** between take and release (no memory) leaves the flag set: later callers
+** then get their own buffers too, correct if a little slower. */
 lp_buf *luapool__scratch(lua_State *L) {
-  scratch *sc;
-  /* Taken out of the registry while in use: a nested taker (a __gc that
-  ** submits in the middle of an encode) finds none and gets its own. */
-  if (lua_getfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY) == LUA_TUSERDATA) {
-    sc = lua_touserdata(L, -1);
-    lua_pushnil(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY);
-  } else {
+  scratch *sc = NULL;
+  int registered = lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY) == LUA_TUSERDATA;
+  if (registered) sc = lua_touserdata(L, -1);
+  if (sc == NULL || sc->taken) {
     lua_pop(L, 1);
     sc = lua_newuserdatauv(L, sizeof *sc, 0);
     memset(sc, 0, sizeof *sc);
@@ -210,24 +212,25 @@ lp_buf *luapool__scratch(lua_State *L) {
     lua_pushcfunction(L, scratch_gc);
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
+    if (!registered) { /* the first one becomes the state's */
+      lua_pushvalue(L, -1);
+      lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
+    }
   }
+  sc->taken = 1;
   sc->b.len = 0;
   return &sc->b; /* its userdata is on top of the stack */
 }
 
 void luapool__scratch_release(lua_State *L, int idx) {
-  idx = lua_absindex(L, idx);
-  ((scratch *)lua_touserdata(L, idx))->b.len = 0;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY) == LUA_TNIL) {
-    lua_pushvalue(L, idx);
-    lua_setfield(L, LUA_REGISTRYINDEX, SCRATCH_KEY);
-  }
-  lua_pop(L, 1);
+  scratch *sc = lua_touserdata(L, idx);
+  sc->b.len = 0;
+  sc->taken = 0;
 }
 
 /* Pushes a registry table, creating it (weak-keyed when asked) if needed. */
 static void registry_table(lua_State *L, const char *key, const char *mode) {
-  if (lua_getfield(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE) return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE) return;
   lua_pop(L, 1);
   lua_newtable(L);
   if (mode) {
@@ -237,7 +240,7 @@ static void registry_table(lua_State *L, const char *key, const char *mode) {
     lua_setmetatable(L, -2);
   }
   lua_pushvalue(L, -1);
-  lua_setfield(L, LUA_REGISTRYINDEX, key);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
 }
 
 static int enc_nomem(luapool_encoder *e);
@@ -282,7 +285,7 @@ static void add_named(lua_State *L, int names, const char *prefix, int depth) {
 static void push_names(lua_State *L) {
   static const char *const libs[] = {"luapool", "string",    "table", "math",    "io", "os",
                                      "utf8",    "coroutine", "debug", "package", "_G", NULL};
-  if (lua_getfield(L, LUA_REGISTRYINDEX, CFNAMES_KEY) == LUA_TTABLE) return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &CFNAMES_KEY) == LUA_TTABLE) return;
   lua_pop(L, 1);
   lua_newtable(L);
   int names = lua_gettop(L);
@@ -299,7 +302,7 @@ static void push_names(lua_State *L) {
   }
   lua_pop(L, 1);
   lua_pushvalue(L, names);
-  lua_setfield(L, LUA_REGISTRYINDEX, CFNAMES_KEY);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &CFNAMES_KEY);
 }
 
 /* Writes a reference by name when the value at idx has one: 1 written,
@@ -315,6 +318,7 @@ static int enc_named(luapool_encoder *e, int idx) {
   size_t len;
   const char *name = lua_tolstring(L, -1, &len);
   int r = luapool__put_u8(e->bp, T_NAMED) || luapool__put_string(e->bp, name, len);
+  e->ctx->named = 1;
   lua_pop(L, 2);
   return r ? enc_nomem(e) : 1;
 }
@@ -493,7 +497,7 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 ** dumping it the first time it is sent. */
 static int push_dump(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  registry_table(L, DUMPS_KEY, "k");
+  registry_table(L, &DUMPS_KEY, "k");
   lua_pushvalue(L, idx);
   if (lua_rawget(L, -2) == LUA_TSTRING) {
     lua_remove(L, -2);
@@ -553,6 +557,7 @@ static int enc_function(luapool_encoder *e, int idx) {
     lua_pop(L, 1);
     return enc_error(e, "a function too large to send");
   }
+  e->ctx->named = 1; /* a function's upvalues may hold names */
   if (luapool__put_u8(e->bp, T_LFUNC) || luapool__buf_add(e->bp, d, 16) ||
       luapool__put_u32(e->bp, (uint32_t)(dlen - 16)) ||
       luapool__buf_add(e->bp, d + 16, dlen - 16)) {
@@ -932,7 +937,7 @@ static void dec_function(dec *d) {
     load_function(d, code, len, sum, nups);
     lua_pushnil(L); /* in place of the cache table */
   } else {
-    registry_table(L, FCACHE_KEY, NULL);
+    registry_table(L, &FCACHE_KEY, NULL);
     if (lua_rawgeti(L, -1, (lua_Integer)fid) != LUA_TFUNCTION) {
       lua_pop(L, 1);
       load_function(d, code, len, sum, nups);
@@ -942,7 +947,7 @@ static void dec_function(dec *d) {
       if (n >= FCACHE_MAX) { /* start afresh */
         lua_newtable(L);
         lua_pushvalue(L, -1);
-        lua_setfield(L, LUA_REGISTRYINDEX, FCACHE_KEY);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &FCACHE_KEY);
         lua_replace(L, -3);
         n = 0;
       }
@@ -1081,7 +1086,7 @@ void luapool__decode_task(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 1
 int luapool__codec_encode(lua_State *L) {
   int n = lua_gettop(L);
   lp_buf *b = luapool__scratch(L); /* at n+1 */
-  lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
+  lp_encode_ctx ctx = {"argument", 1, {0}, NULL, 0};
   if (luapool__put_u32(b, (uint32_t)n)) return luaL_error(L, "not enough memory");
   if (luapool__encode(L, b, 1, n, &ctx) != 0) {
     luapool__scratch_release(L, n + 1);

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <signal.h>
 #include <time.h>
 #include <unistd.h>
@@ -30,6 +31,10 @@
 ** Queue and workers
 ** ======================================================= */
 
+/* How many times an idle worker yields, looking at the queue, before it
+** sleeps (see worker_main): tens of microseconds. */
+#define IDLE_SPINS 50
+
 /* mutex must be locked */
 static lp_future *queue_pop(lp_pool *p) {
   lp_future *f = p->head;
@@ -38,6 +43,7 @@ static lp_future *queue_pop(lp_pool *p) {
     if (p->head == NULL) p->tail = NULL;
     f->next = NULL;
     p->npending--;
+    atomic_store_explicit(&p->queued, p->npending, memory_order_relaxed);
   }
   return f;
 }
@@ -48,6 +54,7 @@ static lp_future *take_queue(lp_pool *p) {
   lp_future *q = p->head;
   p->head = p->tail = NULL;
   p->npending = 0;
+  atomic_store_explicit(&p->queued, 0, memory_order_relaxed);
   return q;
 }
 
@@ -102,6 +109,16 @@ static void *worker_main(void *arg) {
   lp_pool *p = w->pool;
   p->be->worker_start(w);
   for (;;) {
+    /* A producer submitting fast keeps a worker busy only if the worker
+    ** does not fall asleep between two tasks: sleeping and waking cost two
+    ** system calls per task.  So an idle worker first looks at the queue
+    ** for a short while (yielding the CPU to the producer) before it
+    ** waits on the condition variable. */
+    for (int spin = 0;
+         spin < IDLE_SPINS && atomic_load_explicit(&p->queued, memory_order_relaxed) == 0 &&
+         !atomic_load_explicit(&p->stopping, memory_order_relaxed);
+         spin++)
+      sched_yield();
     pthread_mutex_lock(&p->mu);
     while (p->head == NULL && !p->closing) {
       p->idle++;
@@ -293,6 +310,7 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
     p->head = f;
   p->tail = f;
   p->npending++;
+  atomic_store_explicit(&p->queued, p->npending, memory_order_relaxed);
   if (p->idle > 0) pthread_cond_signal(&p->cv);
   pthread_mutex_unlock(&p->mu);
   return 0;
@@ -307,6 +325,7 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
   pthread_mutex_lock(&p->mu);
   p->closing = 1;
+  atomic_store(&p->stopping, 1);
   lp_future *cancelled = cancel ? take_queue(p) : NULL;
   pthread_cond_broadcast(&p->cv);
   int n = p->nworkers;
@@ -576,7 +595,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
           lua_rawgeti(L, 4, i);
       }
       lua_remove(L, 4);
-      lp_encode_ctx ctx = {"initializer argument", 1, {0}, NULL};
+      lp_encode_ctx ctx = {"initializer argument", 1, {0}, NULL, 0};
       if (luapool__put_u8(ib, LP_MSG_SINGLE) || luapool__put_u32(ib, (uint32_t)nargs + 1))
         return luaL_error(L, "cannot create a pool: not enough memory");
       if (luapool__encode(L, ib, 3, nargs + 1, &ctx) != 0) {
@@ -663,7 +682,7 @@ static void check_fn(lua_State *L, int idx) {
 /* Queues a message as a new future and pushes its userdata.  Raises on
 ** failure (the message is freed first). */
 static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf *b, int ncalls,
-                                 double timeout, const char *label) {
+                                 double timeout, uint64_t task_no, int64_t lo, int64_t hi) {
   luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
   lp_future *f = luapool__future_new(b, ncalls);
   if (f == NULL) {
@@ -671,7 +690,9 @@ static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf 
     return NULL; /* not reached */
   }
   f->timeout = timeout;
-  snprintf(f->label, sizeof f->label, "%s", label);
+  f->task_no = task_no;
+  f->item_lo = lo;
+  f->item_hi = hi;
   char err[160];
   if (pool_enqueue(p, f, err, sizeof err) != 0) {
     luapool__future_unref(f);
@@ -684,20 +705,18 @@ static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf 
 static int pool_submit(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
   check_fn(L, 2);
-  luapool__pool_poll(L, 1);
+  if (luapool__pool_owes(p)) luapool__pool_poll(L, 1);
   if (p->closing) return luaL_error(L, "cannot submit after shutdown");
   int n = lua_gettop(L) - 1;
   lp_buf *b = luapool__scratch(L); /* at n+2 */
-  lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
+  lp_encode_ctx ctx = {"argument", 1, {0}, NULL, 0};
   if (luapool__put_u8(b, LP_MSG_SINGLE) || luapool__put_u32(b, (uint32_t)n))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, n, &ctx) != 0) {
     luapool__scratch_release(L, n + 2);
     return luaL_error(L, "%s", ctx.err);
   }
-  char label[32];
-  snprintf(label, sizeof label, "task #%llu", (unsigned long long)++p->nsubmitted);
-  submit_message(L, p, 1, b, 1, p->task_timeout, label);
+  submit_message(L, p, 1, b, 1, p->task_timeout, ++p->nsubmitted, 0, 0);
   luapool__scratch_release(L, n + 2);
   return 1;
 }
@@ -729,7 +748,7 @@ static int prim_submit_chunk(lua_State *L) {
     return 2;
   }
   lp_buf *b = luapool__scratch(L); /* 7 */
-  lp_encode_ctx ctx = {"argument", 1, {0}, NULL};
+  lp_encode_ctx ctx = {"argument", 1, {0}, NULL, 0};
   if (luapool__put_u8(b, LP_MSG_BATCH) || luapool__put_u32(b, (uint32_t)(hi - lo + 1)))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, 1, &ctx) != 0) goto refuse;
@@ -765,13 +784,7 @@ static int prim_submit_chunk(lua_State *L) {
     lua_settop(L, 7);
     if (r != 0) goto refuse;
   }
-  char label[48];
-  if (lo == hi)
-    snprintf(label, sizeof label, "item #%lld", (long long)(lo + shift));
-  else
-    snprintf(label, sizeof label, "items #%lld-#%lld", (long long)(lo + shift),
-             (long long)(hi + shift));
-  submit_message(L, p, 1, b, (int)(hi - lo + 1), timeout, label);
+  submit_message(L, p, 1, b, (int)(hi - lo + 1), timeout, 0, lo + shift, hi + shift);
   luapool__scratch_release(L, 7);
   return 1;
 refuse:

@@ -66,6 +66,16 @@ fail_free:
   return NULL;
 }
 
+const char *luapool__future_label(const lp_future *f, char *buf, size_t size) {
+  if (f->task_no)
+    snprintf(buf, size, "task #%llu", (unsigned long long)f->task_no);
+  else if (f->item_lo == f->item_hi)
+    snprintf(buf, size, "item #%lld", (long long)f->item_lo);
+  else
+    snprintf(buf, size, "items #%lld-#%lld", (long long)f->item_lo, (long long)f->item_hi);
+  return buf;
+}
+
 void luapool__future_ref(lp_future *f) {
   atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
 }
@@ -214,11 +224,16 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
   return moved;
 }
 
-uint32_t luapool__future_nerr(lp_future *f) {
+/* The reply header: the count of failed calls, and LP_REPLY_NAMED. */
+static uint32_t reply_header(const lp_future *f) {
   uint32_t n = 0; /* (state read under mu, or after it was seen done) */
   if (f->state == LP_FINISHED && f->replylen >= 4) memcpy(&n, f->reply, 4);
   return n;
 }
+
+uint32_t luapool__future_nerr(lp_future *f) { return reply_header(f) & ~LP_REPLY_NAMED; }
+
+int luapool__future_flagged(lp_future *f) { return (reply_header(f) & LP_REPLY_NAMED) != 0; }
 
 int luapool__future_cancel(lp_future *f) {
   int moved = 0;
@@ -354,15 +369,23 @@ static int pdecode(lua_State *L) {
   return a->n;
 }
 
-/* Pushes n decoded values (returns n), or an error object (returns -1). */
+/* Pushes n decoded values (returns n), or an error object (returns -1).
+** Only a reply that carries names or functions can fail to decode (a name
+** unknown here); the worker flags such replies, and only those pay for
+** the protected call. */
 static int decode_values(lua_State *L, lp_future *f, lp_reader *r, int n) {
   pdecode_args a = {r, n};
   luaL_checkstack(L, n + 4, "reading a result");
+  if (!luapool__future_flagged(f)) {
+    luapool__decode(L, r, n);
+    return n;
+  }
   lua_pushcfunction(L, pdecode);
   lua_pushlightuserdata(L, &a);
   if (lua_pcall(L, 1, n, 0) == LUA_OK) return n;
-  lua_pushfstring(L, "cannot receive the result of %s: %s", f->label[0] ? f->label : "the task",
-                  lua_tostring(L, -1));
+  char label[48];
+  lua_pushfstring(L, "cannot receive the result of %s: %s",
+                  luapool__future_label(f, label, sizeof label), lua_tostring(L, -1));
   luapool__push_error(L, LP_EK_TRANSFER, lua_tostring(L, -1), NULL, f->worker, 0);
   lua_replace(L, -3);
   lua_pop(L, 1);
@@ -425,8 +448,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd, int maxva
 }
 
 /* Waits (raising a timeout error object when it expires). */
-static lp_future *wait_done(lua_State *L, double *timeout) {
-  lp_future *f = luapool__check_future(L, 1);
+static void wait_done(lua_State *L, lp_future *f, double *timeout) {
   *timeout = opt_timeout(L, 2);
   int r = luapool__future_wait(f, *timeout);
   if (r < 0) luapool__check_signal(L);
@@ -435,23 +457,28 @@ static lp_future *wait_done(lua_State *L, double *timeout) {
     luapool__push_error(L, LP_EK_TIMEOUT, lua_tostring(L, -1), NULL, NULL, 0);
     lua_error(L);
   }
-  return f;
 }
 
-/* Every future method first runs the done callbacks the owner owes. */
-static lp_future *poll_future(lua_State *L) {
-  lp_future *f = luapool__check_future(L, 1);
+/* Every future method first runs the done callbacks the owner owes
+** (f->pool is alive: the future's userdata holds the pool's). */
+static void poll_owed(lua_State *L, lp_future *f) {
+  if (!luapool__pool_owes(f->pool)) return;
   lua_getiuservalue(L, 1, 1);
   luapool__pool_poll(L, -1);
   lua_pop(L, 1);
+}
+
+static lp_future *poll_future(lua_State *L) {
+  lp_future *f = luapool__check_future(L, 1);
+  poll_owed(L, f);
   return f;
 }
 
 static int future_result(lua_State *L) {
   double timeout;
-  poll_future(L);
-  lp_future *f = wait_done(L, &timeout);
-  poll_future(L); /* callbacks of what finished while we waited */
+  lp_future *f = poll_future(L);
+  wait_done(L, f, &timeout);
+  poll_owed(L, f); /* callbacks of what finished while we waited */
   int top = lua_gettop(L);
   int n = luapool__future_outcome(L, f, NULL, -1);
   if (n < 0) return lua_error(L);
@@ -460,9 +487,9 @@ static int future_result(lua_State *L) {
 
 static int future_exception(lua_State *L) {
   double timeout;
-  poll_future(L);
-  lp_future *f = wait_done(L, &timeout);
-  poll_future(L);
+  lp_future *f = poll_future(L);
+  wait_done(L, f, &timeout);
+  poll_owed(L, f);
   int n = luapool__future_outcome(L, f, NULL, 0);
   if (n < 0) return 1;
   lua_pushnil(L);

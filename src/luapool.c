@@ -47,13 +47,13 @@ void luapool__signal_hook(lua_State *L, lua_Debug *ar) {
   lua_sethook(L, NULL, 0, 0); /* (the handler set it; once is enough) */
   luapool__check_signal(L);
 }
-static const char *const WSTATE_KEY = "luapool.wstate";
+static const char WSTATE_KEY = 0; /* its address keys the registry entry */
 
 /* The worker a Lua state belongs to, NULL in a main state.  (Kept in the
 ** registry, not the state's extra space: Lua leaves a main state's extra
 ** space uninitialised, and it may belong to the embedding program.) */
 static lp_wstate *state_worker(lua_State *L) {
-  lua_getfield(L, LUA_REGISTRYINDEX, WSTATE_KEY);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &WSTATE_KEY);
   lp_wstate *ws = lua_touserdata(L, -1);
   lua_pop(L, 1);
   return ws;
@@ -328,7 +328,7 @@ void luapool__open_worker_state(lua_State *L, const char *kind, const char *name
 static int init_worker_state(lua_State *L) {
   lp_wstate *ws = lua_touserdata(L, 1);
   lua_pushlightuserdata(L, ws);
-  lua_setfield(L, LUA_REGISTRYINDEX, WSTATE_KEY);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &WSTATE_KEY);
   luaL_openlibs(L);
   lua_getglobal(L, "package");
   lua_pushstring(L, ws->path);

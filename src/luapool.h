@@ -54,6 +54,7 @@ typedef struct lp_encode_ctx {
   int root_base;    /* number of the first encoded value */
   char err[512];
   const char *suffix; /* after the number ("of item #3"); NULL: none */
+  int named;          /* out: set when a value went by name or as a function */
 } lp_encode_ctx;
 
 /* An empty scratch buffer that lives in a userdata, pushed on the stack:
@@ -139,12 +140,17 @@ typedef struct lp_future {
   struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
   struct lp_pool *pool;   /* whose call counters its transitions move */
   double timeout;         /* task deadline in seconds from its start; 0: none */
-  char label[48];         /* "task #12", "items #51-#60": names it in crash reports */
-  char inline_msg[];      /* small messages live here */
+  /* What crash and deadline reports call it (luapool__future_label):
+  ** "task #N" for the N-th submit, else "item #lo" / "items #lo-#hi". */
+  uint64_t task_no;
+  int64_t item_lo, item_hi;
+  char inline_msg[]; /* small messages live here */
 } lp_future;
 
 /* A pending future holding the task message in b (b is emptied). */
 lp_future *luapool__future_new(lp_buf *b, int ncalls);
+/* The future's name in messages ("task #12", "items #51-#60"), in buf. */
+const char *luapool__future_label(const lp_future *f, char *buf, size_t size);
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
 int luapool__cond_init(pthread_cond_t *cv);
 void luapool__future_ref(lp_future *f);
@@ -158,6 +164,10 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Calls whose reply is an error (the reply's header count). */
 uint32_t luapool__future_nerr(lp_future *f);
+/* Does the reply carry values sent by name (or functions)?  Only those can
+** fail to decode in the owner (the header's LP_REPLY_NAMED bit). */
+int luapool__future_flagged(lp_future *f);
+#define LP_REPLY_NAMED 0x80000000u
 
 /* Completion queue: futures come out in the order they finish (future.c).
 ** luapool.as_completed, wait and unordered imap are built on it. */
@@ -273,6 +283,10 @@ struct lp_pool {
   pthread_cond_t cv;  /* workers wait here for tasks */
   lp_future *head, *tail;
   size_t npending;
+  /* Copies of npending and closing that idle workers may read without the
+  ** lock (a hint only: the decision is made under the lock). */
+  atomic_size_t queued;
+  atomic_int stopping;
   int max_workers, nworkers, idle;
   int closing;         /* no more submits; workers leave when idle */
   lp_worker **workers; /* [max_workers] */
@@ -312,6 +326,8 @@ int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz);
 void luapool__pool_notify(struct lp_pool *p, lp_future *f);
 /* Runs the done callbacks of pool p's finished futures (owner only). */
 void luapool__pool_poll(lua_State *L, int pool_idx);
+/* Cheap test first: is a callback owed at all? (p may be NULL) */
+#define luapool__pool_owes(p) ((p) && atomic_load_explicit(&(p)->ncb, memory_order_acquire))
 /* Remembers the future at fidx in the pool at pool_idx until its
 ** callbacks have run (so the userdata outlives the script's last use). */
 void luapool__pool_watch(lua_State *L, int pool_idx, int fidx);

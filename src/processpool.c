@@ -308,6 +308,7 @@ static int run_initializer(pworker *pw, lp_future *f) {
 
 static void proc_run(lp_worker *w, lp_future *f) {
   pworker *pw = (pworker *)w;
+  char label[48]; /* for reports */
   lp_pool *p = w->pool;
   char err[512];
   if (atomic_load(&pw->pid) <= 0 && spawn_worker(pw, err, sizeof err) != 0) {
@@ -329,7 +330,8 @@ static void proc_run(lp_worker *w, lp_future *f) {
       luapool__future_fail(f, LP_EK_TIMEOUT,
                            "%s exceeded its deadline of %g seconds in worker %s; "
                            "the worker (pid %d) was killed and will be replaced",
-                           f->label, f->timeout, w->name, (int)pid);
+                           luapool__future_label(f, label, sizeof label), f->timeout, w->name,
+                           (int)pid);
       return;
     }
     r = r < 0 ? -1 : read_frame(pw->fd, &type, &reply, &len);
@@ -355,18 +357,18 @@ static void proc_run(lp_worker *w, lp_future *f) {
     describe_status(status, how, sizeof how);
   if (atomic_load(&w->intr.closing)) {
     luapool__future_fail(f, LP_EK_INTERRUPTED, "worker %s (pid %d) was stopped while running %s",
-                         w->name, (int)pid, f->label);
+                         w->name, (int)pid, luapool__future_label(f, label, sizeof label));
     return;
   }
   if (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
       atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
     luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted: worker %s (pid %d) was stopped",
-                         f->label, w->name, (int)pid);
+                         luapool__future_label(f, label, sizeof label), w->name, (int)pid);
     return;
   }
   char why[512];
   snprintf(why, sizeof why, "worker %s (pid %d) %s while running %s", w->name, (int)pid, how,
-           f->label);
+           luapool__future_label(f, label, sizeof label));
   luapool__future_fail(f, LP_EK_CRASHED, "%s", why);
   if (p->on_crash_break) { /* like Python's BrokenProcessPool */
     char broken[600];

@@ -51,6 +51,7 @@ static int thread_init(tworker *t, lp_future *f) {
 
 static void thread_run(lp_worker *w, lp_future *f) {
   tworker *t = (tworker *)w;
+  char label[48]; /* for reports */
   if (!t->initialized && thread_init(t, f) != 0) return;
   t->out.len = 0;
   uint64_t seq = atomic_load(&w->intr.seq);
@@ -60,13 +61,13 @@ static void thread_run(lp_worker *w, lp_future *f) {
   ** the outcome is the timeout, whatever the task produced meanwhile. */
   int stopped = atomic_load(&w->intr.kill_seq) == seq;
   if (stopped && atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
-    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s", f->label,
-                         w->name);
+    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
+                         luapool__future_label(f, label, sizeof label), w->name);
     return;
   }
   if (f->timeout > 0 && (stopped || luapool__now() >= t->ws.deadline)) {
     luapool__future_fail(f, LP_EK_TIMEOUT, "%s exceeded its deadline of %g seconds in worker %s",
-                         f->label, f->timeout, w->name);
+                         luapool__future_label(f, label, sizeof label), f->timeout, w->name);
     return;
   }
   if (st != 0) {

@@ -112,6 +112,7 @@ typedef struct run_ctx {
   uint32_t ncalls;
   uint32_t done;      /* calls replied so far */
   uint32_t nerr;      /* of which failed */
+  int named;          /* a reply value went by name or as a function */
   size_t mark;        /* out->len where the reply of call `done` starts */
   uint32_t nerr_mark; /* nerr at that point */
 } run_ctx;
@@ -122,10 +123,12 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   size_t mark = out->len;
   if (ok) {
     int n = lua_gettop(L) - base;
-    lp_encode_ctx ctx = {"result", 1, {0}, NULL};
+    lp_encode_ctx ctx = {"result", 1, {0}, NULL, 0};
     if (luapool__put_u8(out, LP_REPLY_OK) || luapool__put_u32(out, (uint32_t)n))
       luaL_error(L, "not enough memory");
-    if (luapool__encode(L, out, base + 1, n, &ctx) != 0) {
+    int r = luapool__encode(L, out, base + 1, n, &ctx);
+    rc->named |= ctx.named;
+    if (r != 0) {
       out->len = mark;
       rc->nerr++;
       if (luapool__put_u8(out, LP_REPLY_TRANSFER) ||
@@ -142,12 +145,14 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);       /* base+3 */
   const char *tb = lua_tolstring(L, -1, &tl);
   if (tb == NULL) tb = "", tl = 0;
-  lp_encode_ctx ctx = {"error value", 1, {0}, NULL};
+  lp_encode_ctx ctx = {"error value", 1, {0}, NULL, 0};
   if (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, ml) ||
       luapool__put_string(out, tb, tl))
     luaL_error(L, "not enough memory");
   size_t vmark = out->len;
-  if (luapool__encode(L, out, base + 1, 1, &ctx) != 0) {
+  int r = luapool__encode(L, out, base + 1, 1, &ctx);
+  rc->named |= ctx.named;
+  if (r != 0) {
     out->len = vmark; /* the value cannot travel: its text still does */
     lua_pushnil(L);
     if (luapool__encode(L, out, lua_gettop(L), 1, &ctx) != 0) luaL_error(L, "not enough memory");
@@ -314,8 +319,9 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
 int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out) {
   size_t head = out->len;
   if (luapool__put_u32(out, 0)) return -1;
-  run_ctx rc = {ws, {NULL, NULL}, NULL, out, 0, -1, 1, 0, 0, 0, 0};
+  run_ctx rc = {.ws = ws, .out = out, .kernel = -1, .ncalls = 1};
   int r = run_calls_of(&rc, msg, len);
-  memcpy(out->p + head, &rc.nerr, 4);
+  uint32_t header = rc.nerr | (rc.named ? LP_REPLY_NAMED : 0);
+  memcpy(out->p + head, &header, 4);
   return r;
 }

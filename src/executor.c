@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sched.h>
 #include <signal.h>
 #include <time.h>
 #include <unistd.h>
@@ -31,10 +30,6 @@
 ** Queue and workers
 ** ======================================================= */
 
-/* How many times an idle worker yields, looking at the queue, before it
-** sleeps (see worker_main): tens of microseconds. */
-#define IDLE_SPINS 50
-
 /* mutex must be locked */
 static lp_future *queue_pop(lp_pool *p) {
   lp_future *f = p->head;
@@ -43,7 +38,6 @@ static lp_future *queue_pop(lp_pool *p) {
     if (p->head == NULL) p->tail = NULL;
     f->next = NULL;
     p->npending--;
-    atomic_store_explicit(&p->queued, p->npending, memory_order_relaxed);
   }
   return f;
 }
@@ -54,7 +48,6 @@ static lp_future *take_queue(lp_pool *p) {
   lp_future *q = p->head;
   p->head = p->tail = NULL;
   p->npending = 0;
-  atomic_store_explicit(&p->queued, 0, memory_order_relaxed);
   return q;
 }
 
@@ -109,16 +102,6 @@ static void *worker_main(void *arg) {
   lp_pool *p = w->pool;
   p->be->worker_start(w);
   for (;;) {
-    /* A producer submitting fast keeps a worker busy only if the worker
-    ** does not fall asleep between two tasks: sleeping and waking cost two
-    ** system calls per task.  So an idle worker first looks at the queue
-    ** for a short while (yielding the CPU to the producer) before it
-    ** waits on the condition variable. */
-    for (int spin = 0;
-         spin < IDLE_SPINS && atomic_load_explicit(&p->queued, memory_order_relaxed) == 0 &&
-         !atomic_load_explicit(&p->stopping, memory_order_relaxed);
-         spin++)
-      sched_yield();
     pthread_mutex_lock(&p->mu);
     while (p->head == NULL && !p->closing) {
       p->idle++;
@@ -310,7 +293,6 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
     p->head = f;
   p->tail = f;
   p->npending++;
-  atomic_store_explicit(&p->queued, p->npending, memory_order_relaxed);
   if (p->idle > 0) pthread_cond_signal(&p->cv);
   pthread_mutex_unlock(&p->mu);
   return 0;
@@ -325,7 +307,6 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
   pthread_mutex_lock(&p->mu);
   p->closing = 1;
-  atomic_store(&p->stopping, 1);
   lp_future *cancelled = cancel ? take_queue(p) : NULL;
   pthread_cond_broadcast(&p->cv);
   int n = p->nworkers;

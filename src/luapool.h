@@ -283,10 +283,6 @@ struct lp_pool {
   pthread_cond_t cv;  /* workers wait here for tasks */
   lp_future *head, *tail;
   size_t npending;
-  /* Copies of npending and closing that idle workers may read without the
-  ** lock (a hint only: the decision is made under the lock). */
-  atomic_size_t queued;
-  atomic_int stopping;
   int max_workers, nworkers, idle;
   int closing;         /* no more submits; workers leave when idle */
   lp_worker **workers; /* [max_workers] */

@@ -686,7 +686,7 @@ static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf 
 static int pool_submit(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
   check_fn(L, 2);
-  if (luapool__pool_owes(p)) luapool__pool_poll(L, 1);
+  if (atomic_load_explicit(&p->ncb, memory_order_acquire)) luapool__pool_poll(L, 1); /* owed? */
   if (p->closing) return luaL_error(L, "cannot submit after shutdown");
   int n = lua_gettop(L) - 1;
   lp_buf *b = luapool__scratch(L); /* at n+2 */

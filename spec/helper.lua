@@ -19,10 +19,17 @@ function M.slurp(path)
 end
 
 -- Runs the luapool binary with the given arguments (a list), stdin from
--- `input` when given.  Returns stdout, stderr, exit status.
-function M.run(args, input)
+-- `input` when given, extra environment variables from `env` (a table).
+-- Returns stdout, stderr, exit status.
+function M.run(args, input, env)
   local out, err = os.tmpname(), os.tmpname()
   local cmd = { shell_quote(M.bin) }
+  if env then
+    local names = {}
+    for k in pairs(env) do names[#names + 1] = k end
+    table.sort(names)
+    for i = #names, 1, -1 do table.insert(cmd, 1, names[i] .. "=" .. shell_quote(env[names[i]])) end
+  end
   for _, a in ipairs(args) do cmd[#cmd + 1] = shell_quote(a) end
   local inpath
   if input then

@@ -117,6 +117,9 @@ typedef struct pworker {
 
 const char *luapool__worker_exe(void) {
   static char found[PATH_MAX];
+  /* An explicit choice wins: an unusual install layout, or a test. */
+  const char *env = getenv("LUAPOOL_WORKER_EXE");
+  if (env && *env) return env;
   if (luapool__host_exe) return luapool__host_exe;
   if (found[0]) return found;
   /* Loaded as a module by another Lua: the luapool binary sits next to

@@ -3,19 +3,11 @@
 -- luacheck: globals LUAPOOL_CODEC_SPEC_GLOBAL
 local luapool = require "luapool"
 local helper = require "helper"
+local error_of = helper.error_of
 
 local codec = luapool.codec
 
 local function pack(...) return { n = select("#", ...), ... } end
-
--- The error message of f(...), which must fail, without its "CHUNK:LINE: "
--- position (pool_spec tests positions).
-local function error_of(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  assert.are.equal("string", type(err), "expected a string error, got " .. tostring(err))
-  return (err:gsub("^[^:\n]*:%d+: ", "", 1))
-end
 
 -- Where a function was defined, as the refusal messages name it.
 local function where(fn)

@@ -3,24 +3,8 @@
 -- workers, results that cannot travel back, and SIGINT/SIGTERM in the host.
 local luapool = require "luapool"
 local h = require "helper"
+local result_error, wait_until = h.result_error, h.wait_until
 local K = luapool.kernels
-
--- The error object raised by f:result(timeout).
-local function result_error(f, timeout)
-  local ok, e = pcall(f.result, f, timeout)
-  assert.is_false(ok, "expected result() to raise")
-  assert.are.equal("table", type(e), "expected an error object, got " .. tostring(e))
-  return e
-end
-
--- Waits (boundedly) until pred() holds.
-local function wait_until(pred, what, limit)
-  local deadline = luapool.now() + (limit or 10)
-  while not pred() do
-    assert.is_true(luapool.now() < deadline, "gave up waiting: " .. what)
-    luapool.sleep(0.01)
-  end
-end
 
 local function pid_of_worker() return luapool.current_worker().pid end
 

@@ -65,6 +65,33 @@ function M.fixture()
   return srv
 end
 
+-- The message of the string error f(...) must raise, without its
+-- "CHUNK:LINE: " position (positions have tests of their own).
+function M.error_of(f, ...)
+  local ok, err = pcall(f, ...)
+  if ok then error("expected an error", 2) end
+  if type(err) ~= "string" then error("expected a string error, got " .. tostring(err), 2) end
+  return (err:gsub("^[^:\n]*:%d+: ", "", 1))
+end
+
+-- The error object raised by fut:result(timeout).
+function M.result_error(fut, timeout)
+  local ok, e = pcall(fut.result, fut, timeout)
+  if ok then error("expected result() to raise", 2) end
+  if type(e) ~= "table" then error("expected an error object, got " .. tostring(e), 2) end
+  return e
+end
+
+-- Waits until pred() holds, failing after `limit` seconds (default 10).
+function M.wait_until(pred, what, limit)
+  local now, sleep = require("luapool").now, require("luapool").sleep
+  local deadline = now() + (limit or 10)
+  while not pred() do
+    if now() >= deadline then error("gave up waiting: " .. what, 2) end
+    sleep(0.005)
+  end
+end
+
 -- Is process pid alive (and not a zombie)?
 function M.alive(pid)
   local stat = M.slurp("/proc/" .. pid .. "/stat")

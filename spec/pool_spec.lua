@@ -2,35 +2,11 @@
 -- shutdown, workers, and the messages of bad input.
 local luapool = require "luapool"
 local helper = require "helper"
+local error_of, result_error = helper.error_of, helper.result_error
+local function wait_until(pred, what) return helper.wait_until(pred, what, 30) end
 
 local SRC = debug.getinfo(1, "S").short_src
 local MAIN_PID = tonumber(helper.slurp("/proc/self/stat"):match("^(%d+)"))
-
--- The error message of f(...), which must fail, without its "CHUNK:LINE: "
--- position (positions have a test of their own).
-local function error_of(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  assert.are.equal("string", type(err), "expected a string error, got " .. tostring(err))
-  return (err:gsub("^[^:\n]*:%d+: ", "", 1))
-end
-
--- The error object raised by f:result(timeout).
-local function result_error(f, timeout)
-  local ok, e = pcall(f.result, f, timeout)
-  assert.is_false(ok, "expected result() to raise")
-  assert.are.equal("table", type(e), "expected an error object, got " .. tostring(e))
-  return e
-end
-
--- Waits (boundedly) until pred() holds.
-local function wait_until(pred, what)
-  local deadline = luapool.now() + 30
-  while not pred() do
-    assert.is_true(luapool.now() < deadline, "gave up waiting: " .. what)
-    luapool.sleep(0.005)
-  end
-end
 
 local function line_of(fn) return debug.getinfo(fn, "S").linedefined end
 

@@ -14,7 +14,7 @@ describe("pool options", function()
     local T, P = luapool.threadpool.new, luapool.processpool.new
     assert.are.equal("bad option 'task_timeout' to 'new' (positive number of seconds expected, got -1)",
       error_of(function() return T { task_timeout = -1 } end))
-    assert.are.equal("bad option 'task_timeout' to 'new' (positive number of seconds expected, got x)",
+    assert.are.equal("bad option 'task_timeout' to 'new' (positive number of seconds expected, got string)",
       error_of(function() return P { task_timeout = "x" } end))
     assert.are.equal("bad option 'on_crash' to 'new' ('replace' or 'break' expected, got stop)",
       error_of(function() return P { on_crash = "stop" } end))
@@ -23,6 +23,34 @@ describe("pool options", function()
     assert.are.equal("bad option 'max_memory_mb' to 'new' (positive integer expected, got 1.5)",
       error_of(function() return P { max_memory_mb = 1.5 } end))
   end)
+
+  it("reads every option with Lua's rules: integral floats are integers, strings are not numbers",
+    function()
+      local T, P = luapool.threadpool.new, luapool.processpool.new
+      local half = T { max_workers = 4 / 2 } -- a float with an integral value
+      assert.are.equal(2, half.max_workers)
+      assert.are.equal("integer", math.type(half.max_workers))
+      half:shutdown()
+      local p <close> = P { max_workers = 1.0, max_tasks_per_child = 3.0, max_memory_mb = 64.0 }
+      assert.are.equal(1, p.max_workers)
+      assert.are.equal("bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got 2.5)",
+        error_of(function() return T { max_workers = 2.5 } end))
+      assert.are.equal("bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got string)",
+        error_of(function() return T { max_workers = "2" } end))
+      assert.are.equal("bad option 'task_timeout' to 'new' (positive number of seconds expected, got string)",
+        error_of(function() return T { task_timeout = "1" } end))
+      assert.are.equal("bad option 'task_timeout' to 'new' (positive number of seconds expected, got nan)",
+        error_of(function() return T { task_timeout = 0 / 0 } end):gsub("%-nan", "nan"))
+      assert.are.equal("bad option 'max_memory_mb' to 'new' (positive integer expected, got string)",
+        error_of(function() return P { max_memory_mb = "64" } end))
+      assert.are.equal("bad option 'on_crash' to 'new' ('replace' or 'break' expected, got boolean)",
+        error_of(function() return P { on_crash = true } end))
+      assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected)",
+        error_of(function() return T { name = 5 } end))
+      assert.are.equal("unknown option '1' to 'new'", error_of(function() return T { 5 } end))
+      assert.are.equal("unknown option 'max_worker' to 'new'",
+        error_of(function() return T { max_worker = 2 } end))
+    end)
 
   it("says which options only a processpool has", function()
     for _, k in ipairs { "on_crash", "max_tasks_per_child", "max_memory_mb" } do
@@ -77,9 +105,54 @@ describe("worker lifetimes", function()
       print("end of script")]] })
     assert.are.equal(0, code)
     assert.are.equal("end of script\n", out)
-    assert.are.equal("luapool: 1 worker thread(s) of pool 'threadpool' did not stop within 5 seconds " ..
+    assert.are.equal("luapool: pool 'threadpool' was collected while still open: 0 queued tasks " ..
+      "cancelled, 1 running task interrupted (close it, or call shutdown(), to wait for its work)\n" ..
+      "luapool: 1 worker thread(s) of pool 'threadpool' did not stop within 5 seconds " ..
       "and were left running\n", err)
   end)
+
+  it("says how many tasks a pool left open at exit cancelled and interrupted", function()
+    local out, err, code = h.run({ "-e", [[
+      local p = threadpool.new { max_workers = 1, name = "left" }
+      local fs = {}
+      for i = 1, 4 do fs[i] = p:submit(function() luapool.sleep(10) return i end) end
+      while not fs[1]:running() do luapool.sleep(0.01) end
+      print("end of script")]] })
+    assert.are.equal(0, code)
+    assert.are.equal("end of script\n", out)
+    assert.are.equal("luapool: pool 'left' was collected while still open: 3 queued tasks " ..
+      "cancelled, 1 running task interrupted (close it, or call shutdown(), to wait for its work)\n", err)
+  end)
+
+  for _, kind in ipairs { "threadpool", "processpool" } do
+    it("runs the work of a " .. kind .. " shut down with wait = false to its end before exit", function()
+      local out, err, code = h.run({ "-e", ([[
+        local p = %s.new { max_workers = 1 }
+        for i = 1, 4 do
+          p:submit(function() luapool.sleep(0.05) io.stdout:write("task ", i, "\n") end)
+        end
+        p:shutdown { wait = false }
+        print("shut down, " .. p:stats().pending + p:stats().running .. " still to run")]]):format(kind) })
+      assert.are.equal(0, code)
+      assert.are.equal("", err)
+      assert.are.equal("shut down, 4 still to run\ntask 1\ntask 2\ntask 3\ntask 4\n", out)
+    end)
+
+    it("drops only the queued work of a " .. kind .. " shut down with cancel_futures", function()
+      local out, err, code = h.run({ "-e", ([[
+        local p = %s.new { max_workers = 1 }
+        local fs = {}
+        for i = 1, 4 do
+          fs[i] = p:submit(function() luapool.sleep(0.2) io.stdout:write("task ", i, "\n") end)
+        end
+        while not fs[1]:running() do luapool.sleep(0.01) end
+        p:shutdown { wait = false, cancel_futures = true }
+        print(fs[2]:cancelled(), fs[4]:cancelled())]]):format(kind) })
+      assert.are.equal(0, code)
+      assert.are.equal("", err)
+      assert.are.equal("true\ttrue\ntask 1\n", out)
+    end)
+  end
 
   it("refuses to use a pool whose finalizer already ran", function()
     local out, _, code = h.run({ "-e", [[

@@ -270,6 +270,16 @@ for _, kind in ipairs { "threadpool", "processpool" } do
         end
       end)
 
+      it("counts no workers once shut down", function()
+        local p = luapool[kind].new { max_workers = 2 }
+        local fs = { p:submit(function() luapool.sleep(0.05) end), p:submit(function() end) }
+        for _, f in ipairs(fs) do f:result(30) end
+        assert.are.equal(2, p:stats().workers)
+        p:shutdown()
+        local s = p:stats()
+        assert.are.same({ 0, 0, 2 }, { s.workers, s.idle, s.done })
+      end)
+
       it("refuses submit and map after shutdown, and shuts down twice", function()
         local p = luapool[kind].new { max_workers = 1 }
         assert.are.equal(1, p:submit(function() return 1 end):result(30))
@@ -429,7 +439,7 @@ for _, kind in ipairs { "threadpool", "processpool" } do
           error_of(function() return new { max_workers = -3 } end))
         assert.are.equal("bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got 4097)",
           error_of(function() return new { max_workers = 4097 } end))
-        assert.are.equal("bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got number)",
+        assert.are.equal("bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got 1.5)",
           error_of(function() return new { max_workers = 1.5 } end))
         assert.are.equal("bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got string)",
           error_of(function() return new { max_workers = "2" } end))

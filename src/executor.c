@@ -14,6 +14,7 @@
 */
 #include <errno.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,8 +54,10 @@ static lp_future *take_queue(lp_pool *p) {
 
 /* Ends every future of a list taken from a queue (no lock held): cancelled,
 ** or failed with kind "broken" and `why` when why is not NULL. */
-static void end_list(lp_future *q, const char *why) {
+static size_t end_list(lp_future *q, const char *why) {
+  size_t calls = 0;
   while (q) {
+    calls += (size_t)q->ncalls;
     lp_future *next = q->next;
     if (why)
       luapool__future_fail(q, LP_EK_BROKEN, "%s", why);
@@ -63,6 +66,7 @@ static void end_list(lp_future *q, const char *why) {
     luapool__future_unref(q);
     q = next;
   }
+  return calls;
 }
 
 void luapool__pool_break(lp_pool *p, const char *why) {
@@ -137,6 +141,9 @@ static void *worker_main(void *arg) {
     ** failed; a task popped before that still runs, which is harmless. */
   }
   p->be->worker_stop(w);
+  pthread_mutex_lock(&p->mu);
+  p->nalive--;
+  pthread_mutex_unlock(&p->mu);
   return NULL;
 }
 
@@ -257,6 +264,7 @@ static int start_worker(lp_pool *p, char *err, size_t errsz) {
   }
   p->workers[i] = w;
   p->nworkers++;
+  p->nalive++;
   return 0;
 }
 
@@ -304,14 +312,23 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 ** threads before it gives up on them (see pool_gc). */
 #define STOP_GRACE 5.0
 
-static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt) {
+/* What a stop did, for the note of a pool collected while open. */
+typedef struct stop_counts {
+  size_t cancelled; /* queued calls cancelled */
+  int interrupted;  /* running tasks told to stop */
+} stop_counts;
+
+static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt, stop_counts *counts) {
   pthread_mutex_lock(&p->mu);
   p->closing = 1;
   lp_future *cancelled = cancel ? take_queue(p) : NULL;
   pthread_cond_broadcast(&p->cv);
-  int n = p->nworkers;
+  int n = p->nworkers, busy = 0;
+  for (int i = 0; i < n; i++)
+    busy += !p->workers[i]->joined && atomic_load(&p->workers[i]->busy);
   pthread_mutex_unlock(&p->mu);
-  end_list(cancelled, NULL);
+  size_t ncancelled = end_list(cancelled, NULL);
+  if (counts) *counts = (stop_counts){ncancelled, interrupt ? busy : 0};
   /* Workers are only started by the owner (submit), which is this thread:
   ** n cannot grow while we join. */
   if (interrupt)
@@ -475,89 +492,138 @@ static const char *push_package_field(lua_State *L, const char *field) {
   return lua_tostring(L, -1);
 }
 
-int luapool__pool_new(lua_State *L, const lp_backend *be) {
-  int max_workers = default_workers(be);
-  struct {
-    double task_timeout;
-    int on_crash_break, max_tasks_per_child, max_memory_mb;
-  } opt = {0, 0, 0, 0};
+/* {====== pool options
+** Every option of new() is described once here: its name, what it takes,
+** and which pools have it.  One reader checks them all with Lua's rules
+** (an integer option takes an integral float, 4.0; no option takes a
+** string for a number), so every option refuses and reports alike. */
+
+typedef enum { OPT_INT, OPT_SECONDS, OPT_NAME, OPT_CRASH, OPT_FUNCTION, OPT_TABLE } opt_type;
+
+#define ON_THREADS   1u
+#define ON_PROCESSES 2u
+#define ON_ALL       (ON_THREADS | ON_PROCESSES)
+
+typedef struct pool_opts {
+  int max_workers;
   char name[48];
-  snprintf(name, sizeof name, "%s", be->kind);
-  if (!lua_isnoneornil(L, 1)) {
-    luaL_checktype(L, 1, LUA_TTABLE);
-    lua_pushnil(L);
-    while (lua_next(L, 1)) {
-      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-      if (k && strcmp(k, "max_workers") == 0) {
-        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > 4096)
-          return luaL_error(L,
-                            "bad option 'max_workers' to 'new' (integer "
-                            "from 1 to 4096 expected, got %s)",
-                            lua_isinteger(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
-        max_workers = (int)lua_tointeger(L, -1);
-      } else if (k && strcmp(k, "name") == 0) {
-        size_t len = 0; /* (tolstring only on a real string: it would
-                        ** turn a number into one in place) */
-        const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
-        if (s == NULL || len == 0 || len >= sizeof name - 8)
-          return luaL_error(L,
-                            "bad option 'name' to 'new' (non-empty string "
-                            "of at most %d bytes expected)",
-                            (int)sizeof name - 9);
-        snprintf(name, sizeof name, "%s", s);
-      } else if (k && strcmp(k, "task_timeout") == 0) {
-        if (!lua_isnumber(L, -1) || !(lua_tonumber(L, -1) > 0))
-          return luaL_error(L,
-                            "bad option 'task_timeout' to 'new' (positive "
-                            "number of seconds expected, got %s)",
-                            luaL_tolstring(L, -1, NULL));
-        opt.task_timeout = lua_tonumber(L, -1);
-      } else if (k && be == &luapool__process_backend && strcmp(k, "on_crash") == 0) {
-        const char *v = lua_tostring(L, -1);
-        if (lua_type(L, -1) != LUA_TSTRING ||
-            (strcmp(v, "replace") != 0 && strcmp(v, "break") != 0))
-          return luaL_error(L,
-                            "bad option 'on_crash' to 'new' ('replace' or "
-                            "'break' expected, got %s)",
-                            luaL_tolstring(L, -1, NULL));
-        opt.on_crash_break = strcmp(v, "break") == 0;
-      } else if (k && be == &luapool__process_backend &&
-                 (strcmp(k, "max_tasks_per_child") == 0 || strcmp(k, "max_memory_mb") == 0)) {
-        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > INT32_MAX)
-          return luaL_error(L,
-                            "bad option '%s' to 'new' (positive integer "
-                            "expected, got %s)",
-                            k, luaL_tolstring(L, -1, NULL));
-        if (k[4] == 't')
-          opt.max_tasks_per_child = (int)lua_tointeger(L, -1);
-        else
-          opt.max_memory_mb = (int)lua_tointeger(L, -1);
-      } else if (k && be == &luapool__thread_backend &&
-                 (strcmp(k, "on_crash") == 0 || strcmp(k, "max_tasks_per_child") == 0 ||
-                  strcmp(k, "max_memory_mb") == 0)) {
-        return luaL_error(L,
-                          "bad option '%s' to 'new' (a processpool option: "
-                          "threads share one process)",
-                          k);
-      } else if (k && strcmp(k, "initializer") == 0) {
-        if (lua_type(L, -1) != LUA_TFUNCTION)
-          return luaL_error(L,
-                            "bad option 'initializer' to 'new' (function "
-                            "expected, got %s)",
-                            luaL_typename(L, -1));
-      } else if (k && strcmp(k, "initargs") == 0) {
-        if (!lua_istable(L, -1))
-          return luaL_error(L,
-                            "bad option 'initargs' to 'new' (table "
-                            "expected, got %s)",
-                            luaL_typename(L, -1));
-      } else {
-        lua_pop(L, 1);
-        return luaL_error(L, "unknown option '%s' to 'new'", k ? k : luaL_tolstring(L, -1, NULL));
-      }
-      lua_pop(L, 1);
+  double task_timeout;
+  int on_crash_break, max_tasks_per_child, max_memory_mb;
+} pool_opts;
+
+typedef struct opt_desc {
+  const char *name;
+  opt_type type;
+  lua_Integer min, max; /* OPT_INT */
+  const char *expect;   /* OPT_INT: what the message says it takes */
+  size_t offset;        /* into pool_opts; unused for FUNCTION/TABLE */
+  unsigned pools;       /* ON_* */
+} opt_desc;
+
+static const opt_desc pool_options[] = {
+    {"max_workers", OPT_INT, 1, 4096, "integer from 1 to 4096", offsetof(pool_opts, max_workers),
+     ON_ALL},
+    {"name", OPT_NAME, 0, 0, NULL, offsetof(pool_opts, name), ON_ALL},
+    {"task_timeout", OPT_SECONDS, 0, 0, NULL, offsetof(pool_opts, task_timeout), ON_ALL},
+    {"initializer", OPT_FUNCTION, 0, 0, NULL, 0, ON_ALL},
+    {"initargs", OPT_TABLE, 0, 0, NULL, 0, ON_ALL},
+    {"on_crash", OPT_CRASH, 0, 0, NULL, offsetof(pool_opts, on_crash_break), ON_PROCESSES},
+    {"max_tasks_per_child", OPT_INT, 1, INT32_MAX, "positive integer",
+     offsetof(pool_opts, max_tasks_per_child), ON_PROCESSES},
+    {"max_memory_mb", OPT_INT, 1, INT32_MAX, "positive integer", offsetof(pool_opts, max_memory_mb),
+     ON_PROCESSES},
+    {NULL, OPT_INT, 0, 0, NULL, 0, 0},
+};
+
+/* What a bad value was, for "expected, got X": a number as Lua prints it,
+** anything else by its type (a string "1" is not a number here). */
+static const char *got(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TNUMBER) return luaL_tolstring(L, idx, NULL);
+  return luaL_typename(L, idx);
+}
+
+/* Reads the value at -1 into o as d says; raises on a bad value. */
+static void read_option(lua_State *L, const opt_desc *d, unsigned pools, pool_opts *o) {
+  char *field = (char *)o + d->offset;
+  int isint = 0;
+  lua_Integer i = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
+  if (!(d->pools & pools))
+    luaL_error(L, "bad option '%s' to 'new' (a processpool option: threads share one process)",
+               d->name);
+  switch (d->type) {
+    case OPT_INT:
+      if (!isint || i < d->min || i > d->max)
+        luaL_error(L, "bad option '%s' to 'new' (%s expected, got %s)", d->name, d->expect,
+                   got(L, -1));
+      memcpy(field, &(int){(int)i}, sizeof(int));
+      break;
+    case OPT_SECONDS: {
+      lua_Number n = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+      if (!(n > 0)) /* also NaN */
+        luaL_error(L, "bad option '%s' to 'new' (positive number of seconds expected, got %s)",
+                   d->name, got(L, -1));
+      memcpy(field, &(double){(double)n}, sizeof(double));
+      break;
     }
+    case OPT_NAME: {
+      size_t len = 0, cap = sizeof o->name;
+      const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+      if (s == NULL || len == 0 || len >= cap - 8)
+        luaL_error(L, "bad option '%s' to 'new' (non-empty string of at most %d bytes expected)",
+                   d->name, (int)cap - 9);
+      snprintf(field, cap, "%s", s);
+      break;
+    }
+    case OPT_CRASH: {
+      const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+      if (strcmp(v, "replace") != 0 && strcmp(v, "break") != 0)
+        luaL_error(L, "bad option '%s' to 'new' ('replace' or 'break' expected, got %s)", d->name,
+                   lua_type(L, -1) == LUA_TSTRING ? v : got(L, -1));
+      memcpy(field, &(int){strcmp(v, "break") == 0}, sizeof(int));
+      break;
+    }
+    case OPT_FUNCTION:
+      if (lua_type(L, -1) != LUA_TFUNCTION)
+        luaL_error(L, "bad option '%s' to 'new' (function expected, got %s)", d->name,
+                   luaL_typename(L, -1));
+      break;
+    case OPT_TABLE:
+      if (!lua_istable(L, -1))
+        luaL_error(L, "bad option '%s' to 'new' (table expected, got %s)", d->name,
+                   luaL_typename(L, -1));
+      break;
   }
+}
+
+/* Checks every key of the options table at 1 and fills o. */
+static void read_options(lua_State *L, unsigned pools, pool_opts *o) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_pushnil(L);
+  while (lua_next(L, 1)) {
+    const opt_desc *d = pool_options;
+    if (lua_type(L, -2) == LUA_TSTRING)
+      while (d->name && strcmp(d->name, lua_tostring(L, -2)) != 0)
+        d++;
+    else
+      while (d->name)
+        d++;
+    if (d->name == NULL) {
+      lua_pop(L, 1);
+      luaL_error(L, "unknown option '%s' to 'new'", luaL_tolstring(L, -1, NULL));
+    }
+    read_option(L, d, pools, o);
+    lua_pop(L, 1);
+  }
+}
+/* }====== */
+
+int luapool__pool_new(lua_State *L, const lp_backend *be) {
+  pool_opts opt = {.max_workers = default_workers(be)};
+  snprintf(opt.name, sizeof opt.name, "%s", be->kind);
+  if (!lua_isnoneornil(L, 1))
+    read_options(L, be == &luapool__process_backend ? ON_PROCESSES : ON_THREADS, &opt);
+  int max_workers = opt.max_workers;
+  const char *name = opt.name;
   /* The initializer travels as one task message, encoded once now so that
   ** what cannot travel is refused here, not in a worker. */
   lp_buf *ib = NULL;
@@ -857,7 +923,7 @@ static int pool_stats(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
   luapool__pool_poll(L, 1);
   pthread_mutex_lock(&p->mu);
-  int workers = p->nworkers, idle = p->idle;
+  int workers = p->nalive, idle = p->idle;
   pthread_mutex_unlock(&p->mu);
   lua_createtable(L, 0, 8);
   lua_pushinteger(L, workers);
@@ -894,7 +960,10 @@ static int pool_shutdown(lua_State *L) {
       lua_pop(L, 1);
     }
   }
-  pool_stop(p, wait, cancel, 0);
+  /* wait = false: do not block now, but the work still runs, and the
+  ** pool's collection (at the latest the program's end) waits for it. */
+  if (!wait) p->drain = 1;
+  pool_stop(p, wait, cancel, 0, NULL);
   luapool__pool_poll(L, 1);
   luapool__check_signal(L);
   return 0;
@@ -905,7 +974,7 @@ static int pool_shutdown(lua_State *L) {
 static int pool_close(lua_State *L) {
   lpool *u = to_lpool(L, 1);
   if (u->p) {
-    pool_stop(u->p, 1, !lua_isnoneornil(L, 2), 0);
+    pool_stop(u->p, 1, !lua_isnoneornil(L, 2), 0, NULL);
     luapool__pool_poll(L, 1);
   }
   return 0;
@@ -916,7 +985,20 @@ static int pool_close(lua_State *L) {
 static int pool_gc(lua_State *L) {
   lpool *u = to_lpool(L, 1);
   if (u->p) {
-    int stuck = pool_stop(u->p, 1, 1, 1);
+    lp_pool *p = u->p;
+    stop_counts c = {0, 0};
+    /* Shut down with wait = false: its work still runs to the end. */
+    int was_open = !p->closing;
+    int stuck = p->drain ? pool_stop(p, 1, 0, 0, NULL) : pool_stop(p, 1, 1, 1, &c);
+    if (was_open && (c.cancelled || c.interrupted)) {
+      fprintf(stderr,
+              "luapool: pool '%s' was collected while still open: %zu queued task%s "
+              "cancelled, %d running task%s interrupted (close it, or call shutdown(), "
+              "to wait for its work)\n",
+              p->name, c.cancelled, c.cancelled == 1 ? "" : "s", c.interrupted,
+              c.interrupted == 1 ? "" : "s");
+      fflush(stderr);
+    }
     if (stuck) { /* the pool stays allocated: its stuck threads use it */
       fprintf(stderr,
               "luapool: %d worker thread(s) of pool '%s' did not stop within %g "

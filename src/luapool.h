@@ -284,7 +284,10 @@ struct lp_pool {
   lp_future *head, *tail;
   size_t npending;
   int max_workers, nworkers, idle;
+  int nalive;          /* worker threads that have not exited yet */
   int closing;         /* no more submits; workers leave when idle */
+  int drain;           /* shut down with wait = false: the work still runs, and
+                       ** collecting the pool (or the program's end) waits */
   lp_worker **workers; /* [max_workers] */
   char name[48];
   char *path, *cpath; /* package.path/cpath for worker Lua states */

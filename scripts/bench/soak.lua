@@ -109,7 +109,7 @@ local function stop_hogs()
   hog_pids = {}
 end
 
-local hogs <close> = setmetatable({}, { __close = stop_hogs })
+local hogs <close> = setmetatable({}, { __close = stop_hogs }) -- luacheck: ignore hogs
 start_hogs()
 io.stderr:write(("soak: %d rounds x %d jobs beside %d hog(s); load %s\n")
   :format(ROUNDS, #JOBS, #hog_pids, tostring(bench.loadavg())))

@@ -2,10 +2,33 @@
 ** What both pools share: the task queue, the worker threads' loop, and the
 ** Lua face (new, submit, map, starmap, shutdown, close).
 **
+** Lock order (a thread holding one may take only those to its right):
+**   live_mu -> p->mu -> f->mu -> { q->mu (completion queue), p->cbmu }
+** No lock is held across a Lua call or a blocking system call, except that
+** pool_interrupt holds live_mu and p->mu while it sends a stop (a signal or
+** a kill, which do not block).
+**
+** Wake-up protocol (every wait re-checks its condition under its mutex
+** after waking, and every change that can satisfy it is made under that
+** mutex before the wake, so no wake can fall between a check and a wait):
+**  - workers wait on p->cv while the queue is empty and the pool is not
+**    closing; submit pushes under p->mu and signals when p->idle > 0;
+**    a worker counts itself idle from before its wait until after it
+**    woke, so a signalled worker that has not run yet still counts: a
+**    second submit then signals again (a no-op) or starts a new worker,
+**    and the signalled worker finds both tasks when it wakes, because it
+**    takes from the queue until it is empty before waiting again; closing
+**    broadcasts;
+**  - an owner waits on f->cv for a future (f->nwaiters counts it under
+**    f->mu; settle broadcasts under f->mu when nwaiters > 0), or on q->cv
+**    for a completion queue (fire appends and signals under q->mu; there
+**    is one waiter, the owner);
+**  - the watchdog waits on p->wdcv until the earliest deadline; a worker
+**    that sets a deadline signals it under p->mu;
+**  - with the host's signal handling, owner waits are cut in slices of
+**    50 ms to notice Ctrl-C; without it they are plain waits.
+**
 ** Pool invariants (mutex p->mu guards the queue and the counters):
-**  - a worker thread waits on p->cv only while the queue is empty and the
-**    pool is not closing; submit signals only when some worker idles, and
-**    starts a new worker when none idles and fewer than max_workers run;
 **  - the queue holds one reference to each queued future;
 **  - only the owner's thread (the Lua state that created the pool) submits,
 **    shuts down and joins; workers never touch the owner's Lua state.

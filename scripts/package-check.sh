@@ -40,8 +40,8 @@ passed=0
 
 # dpkg takes its lock without waiting; another apt/dpkg may hold it briefly.
 dpkg_locked() { # dpkg args...
-  local i out
-  for i in $(seq 60); do
+  local out
+  for _ in $(seq 60); do
     if out=$($sudo dpkg "$@" 2>&1); then return 0; fi
     grep -q "lock" <<<"$out" || break
     sleep 2
@@ -183,7 +183,7 @@ while read -r f; do
 done <<<"$files"
 installed=1
 dpkg_locked -i "$deb" >/dev/null || fail "dpkg -i $deb"
-same "dpkg -L luapool (files)" "$(sed 's|^\.||' <<<"$expected_files")" \
+same "dpkg -L luapool (files)" "${expected_files//.\/usr//usr}" \
   "$(dpkg -L luapool | while read -r f; do [[ -d $f ]] || echo "$f"; done | sort)"
 cpu_run /usr/bin/luapool
 out=$(cd "$work" && env -u LUA_PATH -u LUA_CPATH -u LUA_PATH_5_4 -u LUA_CPATH_5_4 -u LUAPOOL_WORKER_EXE \

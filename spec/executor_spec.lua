@@ -242,6 +242,8 @@ describe("option and argument errors", function()
     local f = pool:submit(ident, 1)
     f:result()
     local co = coroutine.create(print)
+    local closed <close> = luapool.threadpool.new { max_workers = 1 }
+    closed:shutdown()
     assert.are.equal("", wrong_positions {
       { function() local _ = pool:map(nil, {}) end, "bad argument #1 to 'map' (function or kernel expected, got nil)" },
       { function() local _ = pool:map(ident, 5) end, "bad argument #2 to 'map' (table expected, got number)" },
@@ -298,6 +300,11 @@ describe("option and argument errors", function()
       { function() local _ = pool:imap(ident, {}, { progress = "yes" }) end,
         "bad option 'progress' to 'imap' (boolean or table of settings expected, got string)" },
       { function() for _ in pool:imap(ident, { 1, co }) do end end, "cannot send item #2: a coroutine" },
+      { function() local _ = pool:imap(ident, setmetatable({}, { __len = function() return 1.5 end })) end,
+        "bad argument #2 to 'imap' (its length (__len) is not an integer: 1.5)" },
+      { function() local _ = closed:map(ident, { 1 }) end, "cannot submit after shutdown" },
+      { function() local _ = closed:starmap(ident, { { 1 } }) end, "cannot submit after shutdown" },
+      { function() for _ in closed:imap(ident, { 1 }) do end end, "cannot submit after shutdown" },
       { function() local _ = luapool.as_completed(5) end,
         "bad argument #1 to 'as_completed' (table of futures expected, got number)" },
       { function() local _ = luapool.as_completed({ f, 1 }) end,
@@ -377,6 +384,17 @@ describe("progress", function()
       assert.are.equal("\rimap: " .. FULL .. "  3/3  100.0%  0.0/s  elapsed 0:00\n", text[#text])
     end)
   end
+
+  it("keeps redrawing map's bar while a long chunk runs", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local text = {}
+    pool:map(function(s) luapool.sleep(s) end, { 0.6 },
+      { progress = { tty = true, interval = 0, output = function(s) text[#text + 1] = s end } })
+    -- drawn at 0 done, redrawn every tenth of a second or so while the
+    -- item runs, then the final line
+    assert.is_true(#text >= 3, "written " .. #text .. " times")
+    assert.matches("^\rmap: %[%-+%]  0/1  0%.0%%", text[2])
+  end)
 
   it("ends the bar's line when map or imap raises a task error", function()
     local pool <close> = luapool.threadpool.new { max_workers = 1 }

@@ -22,9 +22,10 @@ local IPAIRS_ITER = ipairs({})
 
 -- Errors about arguments point at the caller of the API function.  Levels
 -- count from the function that calls error(): an API function raising
--- itself uses 2, a helper it calls 3, argerror called by such a helper 4
--- (map and starmap tail-call map_impl, which thus stands at the API
--- function's level).
+-- itself uses 2, argerror called by it 3 (the default), a helper of it
+-- calling error() 3 and one calling argerror (or bad_option) 4.  map and
+-- starmap tail-call map_impl, which thus stands at the API function's
+-- level; imap's iterator stands at the level of the loop's function.
 local function argerror(n, fname, msg, level)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), level or 3)
 end

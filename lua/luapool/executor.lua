@@ -9,15 +9,23 @@ local luapool, methods, prim, progress = ...
 
 local now = luapool.now
 local submit_chunk, chunk_into, cancel = prim.submit_chunk, prim.chunk_into, prim.cancel
+local chunk_size = prim.chunk_size
 local new_error, is_future, cq = prim.error, prim.is_future, prim.cq
-local error, type, pairs, ipairs, tostring = error, type, pairs, ipairs, tostring
-local math_type, math_max, rawlen = math.type, math.max, rawlen
+local error, type, pairs, ipairs, tostring, next = error, type, pairs, ipairs, tostring, next
+local getmetatable, setmetatable, table_unpack = getmetatable, setmetatable, table.unpack
+local math_type, math_max, math_tointeger = math.type, math.max, math.tointeger
+-- A metatable even behind __metatable: any metatable may define __index
+-- or __len, and the C side reads tables raw.
+local raw_getmetatable = debug and debug.getmetatable or getmetatable
+-- The iterator function ipairs returns, to recognize pool:imap(fn, ipairs(t)).
+local IPAIRS_ITER = ipairs({})
 
 -- Errors about arguments point at the caller of the API function.  Levels
 -- count from the function that calls error(): an API function raising
--- itself uses 2, argerror called by it 3, argerror called by a helper of
--- it 4 (map and starmap tail-call map_impl, which thus stands at the API
--- function's level).
+-- itself uses 2, argerror called by it 3 (the default), a helper of it
+-- calling error() 3 and one calling argerror (or bad_option) 4.  map and
+-- starmap tail-call map_impl, which thus stands at the API function's
+-- level; imap's iterator stands at the level of the loop's function.
 local function argerror(n, fname, msg, level)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), level or 3)
 end
@@ -28,58 +36,133 @@ local function typename(v)
   return type(v)
 end
 
+-- What a refused value was, for "got ...": a number by its value (2.5,
+-- -1, nan), anything else by its type (a string "2" is a string).
+local function got(v)
+  if type(v) == "number" then return tostring(v) end
+  return typename(v)
+end
+
 local function check_fn(fn, fname)
   if type(fn) ~= "function" then
     argerror(1, fname, "function or kernel expected, got " .. typename(fn), 4)
   end
 end
 
--- Reads an options table against the names allowed; returns it (or {}).
+-- What an argument that should be a sequence was, when it is the iterator
+-- of an ipairs() or pairs() call: the usual slip, pool:imap(fn, ipairs(t)),
+-- which also passes t where the options go.
+local function iterator_slip(v, fname, expected)
+  if v == IPAIRS_ITER then
+    return ("%s expected, got the iterator of an ipairs() call: write pool:%s(fn, t), " ..
+      "not pool:%s(fn, ipairs(t))"):format(expected, fname, fname)
+  elseif v == next then
+    return ("%s expected, got next, the iterator of a pairs() call: write pool:%s(fn, t) " ..
+      "(its sequence), not pool:%s(fn, pairs(t))"):format(expected, fname, fname)
+  end
+end
+
+-- Reads an options table (argument n) against the names allowed; returns
+-- it (or {}).
 local function options(opts, n, fname, allowed)
   if opts == nil then return {} end
-  if type(opts) ~= "table" then argerror(n, fname, "table expected, got " .. typename(opts), 4) end
+  if type(opts) ~= "table" then
+    argerror(n, fname, "table expected, got " .. typename(opts), 4)
+  end
   for k in pairs(opts) do
-    if not allowed[k] then error(("unknown option '%s' to '%s'"):format(tostring(k), fname), 3) end
+    if not allowed[k] then
+      if math_type(k) == "integer" then -- a list, not options
+        local why = fname == "imap" and
+          ": is it the table of an iterator call such as ipairs(t)? imap takes the table itself, " ..
+          "pool:imap(fn, t), or a function returning the next item" or ""
+        argerror(n, fname, "options table expected, got a table with integer keys" .. why, 4)
+      end
+      error(("unknown option '%s' to '%s'"):format(tostring(k), fname), 3)
+    end
   end
   return opts
 end
 
+-- Option checks follow Lua's own rules for arguments, except that strings
+-- are never taken for numbers: an integer option takes an integer or a
+-- float with an integral value (2.0), a number of seconds any number in
+-- range; each returns the value to use (an integer for integer options).
+local function bad_option(key, fname, what, v)
+  error(("bad option '%s' to '%s' (%s expected, got %s)"):format(key, fname, what, got(v)), 4)
+end
+
 local function opt_int(opts, key, fname)
   local v = opts[key]
-  if v ~= nil and (math_type(v) ~= "integer" or v < 1) then
-    error(("bad option '%s' to '%s' (positive integer expected, got %s)")
-      :format(key, fname, tostring(v)), 3)
+  if v == nil then return nil end
+  local i = math_type(v) and math_tointeger(v)
+  if not i or i < 1 then bad_option(key, fname, "positive integer", v) end
+  return i
+end
+
+local function opt_timeout(opts, key, fname)
+  local v = opts[key]
+  if v ~= nil and not (type(v) == "number" and v >= 0) then -- (nan fails v >= 0)
+    bad_option(key, fname, "non-negative number", v)
   end
   return v
 end
 
-local function opt_timeout(v, fname, what)
-  if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then
-    error(("bad option '%s' to '%s' (non-negative number expected, got %s)")
-      :format(what, fname, tostring(v)), 3)
+local function opt_positive(opts, key, fname)
+  local v = opts[key]
+  if v ~= nil and not (type(v) == "number" and v > 0) then
+    bad_option(key, fname, "positive number of seconds", v)
   end
   return v
 end
 
-local function opt_positive(v, fname)
-  if v ~= nil and (type(v) ~= "number" or v ~= v or v <= 0) then
-    error(("bad option 'task_timeout' to '%s' (positive number of seconds expected, got %s)")
-      :format(fname, tostring(v)), 3)
+local function opt_boolean(opts, key, fname)
+  local v = opts[key]
+  if v ~= nil and type(v) ~= "boolean" then bad_option(key, fname, "boolean", v) end
+  return v
+end
+
+local function opt_progress(opts, fname)
+  local v = opts.progress
+  if v ~= nil and type(v) ~= "boolean" and type(v) ~= "table" then
+    bad_option("progress", fname, "boolean or table of settings", v)
   end
   return v
 end
 
 -- A progress bar when opts.progress asks for one (true, or a table of
--- settings for progress.new), else a bar that does nothing.
-local NO_BAR = { update = function() end, finish = function() end }
-local function bar_for(opts, label, total)
-  local p = opts.progress
+-- settings for progress.new), else a bar that does nothing.  Both are
+-- to-be-closed values: closing ends the bar's line, so an error raised
+-- while it is drawn (a task error, Ctrl-C) starts on a line of its own.
+local function noop() end
+local NO_BAR = setmetatable({ update = noop, finish = noop }, { __close = noop })
+local function bar_for(p, label, total)
   if not p then return NO_BAR end
   local settings = type(p) == "table" and p or {}
   return progress.new {
     label = settings.label or label, total = total, output = settings.output,
     tty = settings.tty, interval = settings.interval, now = settings.now,
   }
+end
+
+-- How long to wait at a time while a bar is drawn, so that it keeps
+-- moving (elapsed, rate) while a long chunk runs: the bar's interval, but
+-- not under a tenth of a second (an interval of 0 redraws at every update
+-- and must not make a wait spin); nil when no bar is drawn.
+local function slice_of(bar)
+  local i = bar.interval
+  return i and math_max(i, 0.1)
+end
+
+-- chunk_into, waiting in slices while a bar is drawn.
+local function wait_chunk(f, out, offset, deadline, bar)
+  local slice = slice_of(bar)
+  while true do
+    local left = deadline and math_max(0, deadline - now())
+    if not slice then return chunk_into(f, out, offset, left) end
+    local ok, err, k = chunk_into(f, out, offset, (left and left < slice) and left or slice)
+    if ok ~= nil or (left and left <= slice) then return ok, err, k end
+    bar:update(bar.done)
+  end
 end
 
 -- Items per chunk when the caller gives none.  A process round trip costs
@@ -97,6 +180,74 @@ local function cancel_from(futures, first)
   for c = first, #futures do cancel(futures[c]) end
 end
 
+-- Failures of a whole chunk rather than of one of its calls: the error
+-- cannot name one item (its message names the chunk's, "items #a-#b").
+local WHOLE_CHUNK = { crashed = true, broken = true, timeout = true, cancelled = true, interrupted = true }
+
+-- Which call of chunk future f failed (1-based).  chunk_into stores the
+-- results of the calls before the failing one and stops there, so reading
+-- the chunk again into slots that each hold a marker finds it: the first
+-- slot still holding the marker (a nil result clears its slot too).
+local MARK = {}
+local function failing_call(f, n)
+  local probe = {}
+  for i = 1, n do probe[i] = MARK end
+  chunk_into(f, probe, 1, 0)
+  for i = 1, n do
+    if probe[i] == MARK then return i end
+  end
+  return 1
+end
+
+-- Names the item of a task error from chunk future f, whose first item is
+-- number lo: err.item = lo + k - 1 for its k-th call.  k is chunk_into's
+-- third value when it gives one, else found by failing_call.
+local function name_item(err, f, lo, k)
+  if type(err) ~= "table" then return err end
+  local n = chunk_size(f)
+  if n > 1 and WHOLE_CHUNK[err.kind] then return err end
+  err.item = lo + (k or (n == 1 and 1) or failing_call(f, n)) - 1
+  return err
+end
+
+-- The items lo..hi of a table with a metatable (its __index may supply
+-- them) or, for starmap, of a chunk whose argument lists have one, copied
+-- into a plain table, as Lua reads them: the C side reads raw.  Returns
+-- the table and the range to send; a plain chunk is sent as it is.
+local function plain_chunk(items, lo, hi, star, proxy)
+  if star and not proxy then
+    for i = lo, hi do
+      local a = items[i]
+      if type(a) == "table" and raw_getmetatable(a) then
+        proxy = true
+        break
+      end
+    end
+  end
+  if not proxy then return items, lo, hi end
+  local t = {}
+  for i = lo, hi do
+    local v = items[i]
+    if star and type(v) == "table" and raw_getmetatable(v) then
+      v = { table_unpack(v, 1, #v) } -- table.unpack reads with __index and __len
+    end
+    t[i - lo + 1] = v
+  end
+  return t, 1, hi - lo + 1
+end
+
+-- How many of map's results were not ready when chunk c timed out: chunk
+-- c's, and those of the later chunks not done (they may have run already).
+local function not_ready(futures, c, chunk, n)
+  local lo = (c - 1) * chunk + 1
+  local missing = (lo + chunk - 1 > n and n or lo + chunk - 1) - lo + 1
+  for d = c + 1, #futures do
+    local f = futures[d]
+    if not f:done() then missing = missing + chunk_size(f) end
+  end
+  return missing
+end
+
 -- {====== map and starmap
 
 local MAP_OPTS = { chunksize = true, timeout = true, progress = true, task_timeout = true }
@@ -104,45 +255,53 @@ local MAP_OPTS = { chunksize = true, timeout = true, progress = true, task_timeo
 local function map_impl(pool, fn, items, opts, star, fname)
   check_fn(fn, fname)
   if type(items) ~= "table" then
-    argerror(2, fname, "table expected, got " .. typename(items))
+    argerror(2, fname, iterator_slip(items, fname, "table") or "table expected, got " .. typename(items))
   end
   opts = options(opts, 3, fname, MAP_OPTS)
-  local n = rawlen(items)
-  local task_timeout = opt_positive(opts.task_timeout, fname)
+  local task_timeout = opt_positive(opts, "task_timeout", fname)
+  local chunk = opt_int(opts, "chunksize", fname)
+  local timeout = opt_timeout(opts, "timeout", fname)
+  local show = opt_progress(opts, fname)
+  -- The sequence as Lua reads it: #items (its __len) and items[i].
+  local len = #items
+  local n = math_type(len) and math_tointeger(len)
+  if not n then argerror(2, fname, "its length (__len) is not an integer: " .. got(len)) end
+  if n < 0 then n = 0 end
+  local proxy = raw_getmetatable(items) ~= nil
   -- A deadline is per task: with one, every item is its own task.
-  local chunk = opt_int(opts, "chunksize", fname) or
-    (task_timeout or pool.task_timeout) and 1 or auto_chunksize(pool, n)
-  local timeout = opt_timeout(opts.timeout, fname, "timeout")
+  chunk = chunk or (task_timeout or pool.task_timeout) and 1 or auto_chunksize(pool, n)
   local deadline = timeout and now() + timeout
   local futures = {}
   for lo = 1, n, chunk do
     local hi = lo + chunk - 1
     if hi > n then hi = n end
-    local f, err = submit_chunk(pool, fn, items, lo, hi, star, opts.task_timeout)
+    local t, a, b = items, lo, hi
+    if proxy or star then t, a, b = plain_chunk(items, lo, hi, star, proxy) end
+    local f, err = submit_chunk(pool, fn, t, a, b, star, task_timeout, lo)
     if not f then
       cancel_from(futures, 1)
       error((err:gsub("^bad item (#%d+) ", "bad item %1 to '" .. fname .. "' ")), 2)
     end
     futures[#futures + 1] = f
   end
-  local bar = bar_for(opts, fname, n)
+  local bar <close> = bar_for(show, fname, n)
+  bar:update(0) -- drawn as soon as the work is queued
   local results = {}
-  for c, f in ipairs(futures) do
+  for c = 1, #futures do
+    local f = futures[c]
     local lo = (c - 1) * chunk + 1
-    local ok, err = chunk_into(f, results, lo, deadline and math_max(0, deadline - now()))
+    local ok, err, k = wait_chunk(f, results, lo, deadline, bar)
     if ok == nil then
+      local missing = not_ready(futures, c, chunk, n)
       cancel_from(futures, c)
-      bar:finish()
       error(new_error("timeout", ("%s: %d of %d results not ready after %g seconds")
-        :format(fname, n - lo + 1, n, timeout)))
+        :format(fname, missing, n, timeout)))
     elseif not ok then
       cancel_from(futures, c + 1)
-      bar:finish()
-      error(err)
+      error(name_item(err, f, lo, k))
     end
-    bar:update(lo + prim.chunk_size(f) - 1)
+    bar:update(lo + chunk_size(f) - 1)
   end
-  bar:finish()
   return results
 end
 
@@ -162,16 +321,20 @@ local IMAP_OPTS = {
   buffersize = true, ordered = true, chunksize = true, progress = true, task_timeout = true,
 }
 
--- The items of a table (its sequence, as long as it is when imap starts) or
--- of an iterator function (until it returns nil; only its first value).
+-- The items of a table (its sequence as Lua reads it, #t and t[i], as long
+-- as it is when imap starts) or of an iterator function (until it returns
+-- nil; only its first value).
 local function item_source(iterable)
   if type(iterable) == "table" then
-    local i, n = 0, rawlen(iterable)
+    local len = #iterable
+    local n = math_type(len) and math_tointeger(len)
+    if not n then argerror(2, "imap", "its length (__len) is not an integer: " .. got(len), 4) end
+    local i = 0
     return function()
       if i >= n then return false end
       i = i + 1
       return true, iterable[i]
-    end, n
+    end, n > 0 and n or 0
   end
   return function()
     local v = iterable()
@@ -183,25 +346,30 @@ end
 function methods.imap(pool, fn, iterable, opts)
   check_fn(fn, "imap")
   local kind = type(iterable)
-  if kind ~= "table" and kind ~= "function" then
-    argerror(2, "imap", "table or iterator function expected, got " .. typename(iterable))
+  if kind ~= "table" and kind ~= "function" or iterable == IPAIRS_ITER or iterable == next then
+    local expected = "table or iterator function"
+    argerror(2, "imap", iterator_slip(iterable, "imap", expected) or
+      expected .. " expected, got " .. typename(iterable))
   end
   opts = options(opts, 3, "imap", IMAP_OPTS)
   local chunk = opt_int(opts, "chunksize", "imap") or 1
-  local task_timeout = opt_positive(opts.task_timeout, "imap")
+  local task_timeout = opt_positive(opts, "task_timeout", "imap")
   local buffersize = opt_int(opts, "buffersize", "imap") or 2 * pool.max_workers
-  local ordered = opts.ordered ~= false
+  local ordered = opt_boolean(opts, "ordered", "imap") ~= false
+  local show = opt_progress(opts, "imap")
   local next_item, total = item_source(iterable)
-  local bar = bar_for(opts, "imap", total)
+  local bar = bar_for(show, "imap", total)
 
   -- In flight: chunks as {future, first index, count}, oldest first for the
   -- ordered walk; a completion queue finds finished ones for the unordered.
+  -- A chunk leaves both when its results are taken, so only the chunks not
+  -- yet handed out are held here.
   local inflight, head, tail, items_in_flight = {}, 1, 0, 0
   local by_future = {}
   local queue = (not ordered) and cq() or nil
   local exhausted, next_index, yielded = false, 1, 0
   local results, rpos, rlen, rfirst = {}, 1, 0, 0
-  local closed = false
+  local started, closed = false, false
 
   local function close()
     if closed then return end
@@ -245,15 +413,27 @@ function methods.imap(pool, fn, iterable, opts)
     end
   end
 
+  -- The next finished future of the unordered walk, waiting in slices of
+  -- the bar's interval when a bar is drawn.
+  local function pop()
+    local slice = slice_of(bar)
+    if not slice then return queue:pop() end
+    while true do
+      local f = queue:pop(slice)
+      if f ~= nil then return f end
+      bar:update(yielded)
+    end
+  end
+
   local function take(slot)
     local c = inflight[slot]
     inflight[slot] = nil
     if queue then by_future[c[1]] = nil end
     while head <= tail and inflight[head] == nil do head = head + 1 end
-    local ok, err = chunk_into(c[1], results, 1)
+    local ok, err, k = wait_chunk(c[1], results, 1, nil, bar)
     if not ok then
       close()
-      error(err, 0)
+      error(name_item(err, c[1], c[2], k), 0)
     end
     items_in_flight = items_in_flight - c[3]
     rpos, rlen, rfirst = 1, c[3], c[2]
@@ -263,6 +443,10 @@ function methods.imap(pool, fn, iterable, opts)
     if closed then return nil end
     if rpos > rlen then
       fill()
+      if not started then
+        started = true
+        bar:update(0) -- drawn as soon as the first work is queued
+      end
       if head > tail then
         close()
         return nil
@@ -270,7 +454,7 @@ function methods.imap(pool, fn, iterable, opts)
       if ordered then
         take(head)
       else
-        take(by_future[queue:pop()])
+        take(by_future[pop()])
       end
       fill() -- keep the window full while the caller works on this chunk
     end
@@ -283,7 +467,7 @@ function methods.imap(pool, fn, iterable, opts)
   end
 
   -- The generic for's closing value: leaving the loop early (break, error,
-  -- return) cancels what has not started.
+  -- Ctrl-C, return) cancels what has not started and ends the bar's line.
   return iter, nil, nil, setmetatable({}, { __close = close })
 end
 
@@ -291,28 +475,39 @@ end
 
 -- {====== as_completed and wait
 
-local function collect(futures, fname)
-  if type(futures) ~= "table" then
-    argerror(1, fname, "table of futures expected, got " .. typename(futures))
-  end
+-- Adds the futures of a list to a new completion queue.  Returns the
+-- queue and the list of distinct futures when keep, else their count.
+local function collect(futures, fname, keep)
   local q = cq()
-  local list = {}
-  for i, f in ipairs(futures) do
+  local list, count = keep and {} or nil, 0
+  for i = 1, #futures do
+    local f = futures[i]
     if not is_future(f) then
       q:close()
-      argerror(1, fname, ("future expected at index %d, got %s"):format(i, typename(f)))
+      argerror(1, fname, ("future expected at index %d, got %s"):format(i, typename(f)), 4)
     end
-    if q:add(f) then list[#list + 1] = f end
+    if q:add(f) then
+      count = count + 1
+      if list then list[count] = f end
+    end
   end
-  return q, list
+  return q, list or count
+end
+
+local function check_futures(futures, fname)
+  if type(futures) ~= "table" then
+    argerror(1, fname, "table of futures expected, got " .. typename(futures), 4)
+  end
 end
 
 function luapool.as_completed(futures, timeout)
-  if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0 or timeout ~= timeout) then
-    argerror(2, "as_completed", "non-negative number expected, got " .. tostring(timeout))
+  check_futures(futures, "as_completed")
+  if timeout ~= nil and not (type(timeout) == "number" and timeout >= 0) then
+    argerror(2, "as_completed", "non-negative number expected, got " .. got(timeout))
   end
-  local q, list = collect(futures, "as_completed")
-  local total, yielded = #list, 0
+  -- Only the queue holds the futures: none is kept here once handed out.
+  local q, total = collect(futures, "as_completed", false)
+  local yielded = 0
   local deadline = timeout and now() + timeout
   local function iter()
     local f = q:pop(deadline and math_max(0, deadline - now()))
@@ -334,14 +529,19 @@ local RETURN_WHEN = { ALL_COMPLETED = true, FIRST_COMPLETED = true, FIRST_EXCEPT
 local WAIT_OPTS = { timeout = true, return_when = true }
 
 function luapool.wait(futures, opts)
+  check_futures(futures, "wait")
+  if type(opts) == "number" then -- wait(fs, 5), as Python's wait(fs, timeout)
+    argerror(2, "wait", ("table expected, got number: write luapool.wait(futures, {timeout = %s})")
+      :format(got(opts)))
+  end
   opts = options(opts, 2, "wait", WAIT_OPTS)
-  local timeout = opt_timeout(opts.timeout, "wait", "timeout")
+  local timeout = opt_timeout(opts, "timeout", "wait")
   local when = opts.return_when or "ALL_COMPLETED"
   if not RETURN_WHEN[when] then
     error(("bad option 'return_when' to 'wait' (ALL_COMPLETED, FIRST_COMPLETED or " ..
-      "FIRST_EXCEPTION expected, got %s)"):format(tostring(when)), 2)
+      "FIRST_EXCEPTION expected, got %s)"):format(type(when) == "string" and when or got(when)), 2)
   end
-  local q <close>, list = collect(futures, "wait")
+  local q <close>, list = collect(futures, "wait", true)
   local deadline = timeout and now() + timeout
   while q:pending() > 0 do
     local f = q:pop(deadline and math_max(0, deadline - now()))

@@ -8,6 +8,10 @@
 --   bar:update(done)   -- items done so far
 --   bar:finish()       -- final line; idempotent
 --
+-- A bar is a to-be-closed value whose closing finishes it: `local bar
+-- <close> = progress.new {...}` ends the bar's line on every way out of
+-- the scope, so an error (a task error, Ctrl-C) is not glued to the bar.
+--
 -- Settings, for tests and special outputs: output (function receiving the
 -- text), tty (boolean: redraw in place or not), interval (seconds between
 -- plain lines), now (clock function).
@@ -91,5 +95,7 @@ function Bar:finish()
   self.finished = true
   self:emit(true)
 end
+
+function Bar.__close(self) self:finish() end
 
 return M

@@ -237,6 +237,9 @@ void luapool__stop_signal_install(void);
 /* Installs a handler for sig (SA_RESTART). */
 void luapool__on_signal(int sig, void (*handler)(int));
 void luapool__set_task_state(lua_State *L);
+/* The interrupt block and deadline of the thread task running on the
+** calling thread (NULL and 0 elsewhere): waits inside a task end with it. */
+const lp_interrupt *luapool__thread_interrupt(double *deadline);
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */
@@ -367,6 +370,13 @@ int luapool__signal_for_me(void);
 void luapool__check_signal(lua_State *L);
 /* The hook the host's handler sets on the main state (as lua.c does). */
 void luapool__signal_hook(lua_State *L, lua_Debug *ar);
+/* Called by the host on its main thread with its main state: STOP_SIGNAL
+** sent to that thread then sets luapool__signal_hook on L (when a signal
+** is pending), so the host's signal thread never touches L itself. */
+void luapool__set_signal_state(lua_State *L);
+/* Set by the host when the script ended on an uncaught interruption: a
+** closing pool then waits only briefly for a thread stuck in a C call. */
+extern atomic_int luapool__ending_on_signal;
 /* Stops the work of every live pool (executor.c). */
 void luapool__interrupt_all(void);
 /* }====== */

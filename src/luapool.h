@@ -178,7 +178,8 @@ int luapool__cq_new(lua_State *L); /* Lua: prims.cq() */
 ** fail also RUNNING), 0 when the future had already left that state. */
 int luapool__future_cancel(lp_future *f);
 /* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out, -1
-** a signal is pending (see luapool__check_signal). */
+** a signal is pending (see luapool__check_signal), -2 the thread task
+** this wait runs in was stopped (its deadline passed, its pool stops). */
 int luapool__future_wait(lp_future *f, double timeout);
 lp_fstate luapool__future_state(lp_future *f);
 

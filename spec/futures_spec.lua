@@ -472,7 +472,7 @@ describe("waits inside a thread task (a nested pool)", function()
       local outer <close> = luapool.threadpool.new { max_workers = 1, name = "outer", task_timeout = 0.3 }
       local t0 = luapool.now()
       local e = outer:submit(function(w)
-        local inner = threadpool.new { max_workers = 1 } -- collected, not closed: no join
+        local inner = luapool.threadpool.new { max_workers = 1 } -- collected, not closed: no join
         return w(inner:submit(luapool.sleep, 5))
       end, waiter):exception()
       local took = luapool.now() - t0

@@ -10,32 +10,32 @@ local q = h.shell_quote
 -- ready for the next signal.  Returns a handle with :ready(n), :kill(sig),
 -- :finish() -> stdout, stderr, exit status, seconds since the last kill.
 local function start(script_text, ...)
-  local self = {
+  local run = {
     script = h.tempfile(script_text),
     out = os.tmpname(), err = os.tmpname(), rc = os.tmpname(),
     pidf = os.tmpname(), ready_f = os.tmpname(),
   }
-  os.remove(self.rc)
-  local args = { q(self.ready_f) }
+  os.remove(run.rc)
+  local args = { q(run.ready_f) }
   for _, a in ipairs { ... } do args[#args + 1] = q(a) end
   local inner = ("%s %s %s >%s 2>%s </dev/null & echo $! >%s; wait $!; echo $? >%s.tmp; mv %s.tmp %s")
-    :format(q(h.bin), q(self.script), table.concat(args, " "), q(self.out), q(self.err),
-      q(self.pidf), q(self.rc), q(self.rc), q(self.rc))
+    :format(q(h.bin), q(run.script), table.concat(args, " "), q(run.out), q(run.err),
+      q(run.pidf), q(run.rc), q(run.rc), q(run.rc))
   assert(os.execute("sh -c " .. q(inner) .. " >/dev/null 2>&1 &"))
-  function self:ready(n)
+  function run:ready(n)
     h.wait_until(function()
       local s = h.slurp(self.ready_f) or ""
       local _, lines = s:gsub("\n", "")
       return lines >= n
     end, "the script to be ready (" .. n .. ")", 30)
   end
-  function self:kill(sig)
+  function run:kill(sig)
     local pid = tonumber(h.slurp(self.pidf))
     assert(pid, "no pid")
     self.killed_at = luapool.now()
     assert(os.execute(("kill -%s %d"):format(sig, pid)))
   end
-  function self:finish()
+  function run:finish()
     h.wait_until(function() return h.slurp(self.rc) ~= nil end, "luapool to exit", 60)
     local took = luapool.now() - (self.killed_at or 0)
     local so, se, code = h.slurp(self.out), h.slurp(self.err), tonumber(h.slurp(self.rc))
@@ -44,7 +44,7 @@ local function start(script_text, ...)
     end
     return so, se, code, took
   end
-  return self
+  return run
 end
 
 -- Lines the scripts start with: `ready()` tells the spec to send a signal.

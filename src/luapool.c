@@ -109,6 +109,8 @@ static int l_sleep(lua_State *L) {
   /* Sleep in slices so that a stop (deadline, closing pool) in a worker, or
   ** Ctrl-C in the main state, ends it: no hook runs while C code sleeps. */
   lp_interrupt *intr = state_intr(L);
+  lp_wstate *ws = state_worker(L);
+  double deadline = ws ? ws->deadline : 0;
   int sliced = intr || atomic_load(&luapool__signals_handled);
   double end = luapool__now() + s;
   for (;;) {
@@ -118,6 +120,9 @@ static int l_sleep(lua_State *L) {
     struct timespec ts = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
+    /* (the task's own deadline too, should the watchdog be late) */
+    if (intr && deadline > 0 && luapool__now() >= deadline && !luapool__interrupted(intr))
+      luapool__stop_self(intr);
     if (luapool__interrupted(intr)) return luaL_error(L, "%s", stop_message(intr));
     if (intr == NULL && atomic_load(&luapool__signal)) luapool__check_signal(L);
   }

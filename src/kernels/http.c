@@ -1,10 +1,14 @@
 /*
 ** HTTP through libcurl: the fetch_length kernel and luapool.http.get.
 **
-** Each OS thread owns one CURL easy handle, reused request after request:
-** libcurl keeps its connection cache, DNS cache and TLS sessions in the
-** easy handle, so reuse is what gives keep-alive.  Handles are never shared
-** between threads, so no locking is needed around them.
+** Each OS thread owns one CURL easy handle and one multi handle that runs
+** its transfers, reused request after request: libcurl keeps its
+** connection cache, DNS cache and TLS sessions there, so reuse is what
+** gives keep-alive.  Handles are never shared between threads, so no
+** locking is needed around them.  luapool drives each transfer itself
+** (perform), so that a stop ends it within 50 ms whatever the transfer is
+** doing: in a task, the task's deadline, its pool's stop or Ctrl-C; in the
+** host's main state, Ctrl-C.  Every socket is close-on-exec.
 **
 ** Defaults (both entry points):
 **   - connect timeout 30 s; no limit on the whole transfer unless the
@@ -108,7 +112,9 @@ static void cloexec_new_sockets(const unsigned char *before) {
     if (fl < 0 || (fl & FD_CLOEXEC)) continue;
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
-    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && ss.ss_family == AF_UNIX)
+    memset(&ss, 0, sizeof ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && len >= sizeof ss.ss_family &&
+        ss.ss_family == AF_UNIX)
       fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
   }
 }

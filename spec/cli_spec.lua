@@ -150,4 +150,26 @@ describe("luapool host", function()
       "task\tos.exit called in a thread task (worker io-N): " .. msg .. "\n" ..
       "42\ncrashed\n", (out:gsub("worker io%-[12]", "worker io-N")))
   end)
+  it("stops a thread task waiting on a nested pool when the script ends with its pool open", function()
+    -- before, the wait did not notice the stop: 5 s, then "left running"
+    local t0 = require("luapool").now()
+    local out, err, code = h.run({ "-e", [[
+      local p = threadpool.new{max_workers = 3}
+      for _, how in ipairs{"result", "as_completed", "wait"} do
+        p:submit(function()
+          local inner = threadpool.new{max_workers = 1}
+          local f = inner:submit(luapool.sleep, 30)
+          if how == "result" then f:result()
+          elseif how == "as_completed" then for _ in luapool.as_completed{f} do end
+          else luapool.wait{f} end
+        end)
+      end
+      luapool.sleep(0.2)
+      print("end of script")]] })
+    local took = require("luapool").now() - t0
+    assert.are.equal(0, code)
+    assert.are.equal("end of script\n", out)
+    assert.are.equal("", err)
+    assert.is_true(took < 4, ("took %.1f s"):format(took))
+  end)
 end)

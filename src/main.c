@@ -25,10 +25,10 @@
 #include "luapool.h"
 
 static const char *progname = "luapool";
-static lua_State *globalL;
 static atomic_int exit_signal; /* the last signal received */
 static atomic_int ending;      /* the host is ending on an uncaught one */
 static int uncaught_interrupt; /* the script ended on it: exit 128 + it */
+static int in_repl;            /* at the prompt, an interruption ends only the line */
 
 /* {====== SIGINT and SIGTERM
 ** The script runs on a thread of its own (run_host); the process's main
@@ -165,7 +165,7 @@ static int msghandler(lua_State *L) {
   ** the host ends (a further signal exits at once, pools give stuck
   ** threads only a short grace) */
   if (lua_type(L, 1) == LUA_TTABLE && lua_getfield(L, 1, "kind") == LUA_TSTRING &&
-      strcmp(lua_tostring(L, -1), "interrupted") == 0 && atomic_load(&exit_signal))
+      strcmp(lua_tostring(L, -1), "interrupted") == 0 && atomic_load(&exit_signal) && !in_repl)
     end_on_signal();
   lua_settop(L, 1);
   const char *msg = lua_tostring(L, 1);
@@ -248,6 +248,7 @@ static int handle_script(lua_State *L, char **argv) {
 /* Interactive mode: a line is tried as an expression first. */
 static void doREPL(lua_State *L) {
   char line[4096];
+  in_repl = 1;
   print_version();
   for (;;) {
     fputs("> ", stdout);
@@ -273,6 +274,7 @@ static void doREPL(lua_State *L) {
   }
   lua_settop(L, 0);
   fputs("\n", stdout);
+  in_repl = 0;
 }
 
 /* The project's lua/ directory, when this binary runs from its build tree. */
@@ -385,7 +387,6 @@ static void *run_host(void *arg) {
     l_message("cannot create state: not enough memory");
     exit(EXIT_FAILURE);
   }
-  globalL = L;
 #ifdef LUAPOOL_TEST_ALLOC
   lua_register(L, "__luapool_fail_alloc", l_fail_alloc);
 #endif

@@ -270,10 +270,10 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar);
 ** workers only). */
 static _Thread_local lua_State *tl_task_state;
 static _Thread_local lp_wstate *tl_task_ws;
-/* The host's main state, on the host's main thread only. */
+/* The host's main state, on the host's script thread only. */
 static _Thread_local lua_State *tl_signal_state;
 
-/* On a worker thread: the task notices its stop.  On the host's main
+/* On a worker thread: the task notices its stop.  On the host's script
 ** thread (the host's signal thread sends STOP_SIGNAL there when it takes a
 ** SIGINT/SIGTERM): the script notices the signal, as lua.c's handler does. */
 static void on_stop_signal(int sig) {

@@ -356,12 +356,13 @@ extern char *luapool__host_exe; /* set by the host binary (main.c) */
 
 /* {====== Ctrl-C (the host installs the handler; luapool.c) */
 /* The signal the host received and has not yet delivered to the script as
-** an error (0: none).  Set by the host's handler only. */
+** an error (0: none).  Set only by the host (main.c: its signal thread,
+** or its handler), consumed by luapool__check_signal. */
 extern atomic_int luapool__signal;
 /* Non-zero when a handler is installed: owner waits then run in slices
 ** and notice the signal. */
 extern atomic_int luapool__signals_handled;
-/* The thread whose Lua state receives the signal (the host's main thread,
+/* The thread whose Lua state receives the signal (the host's script thread,
 ** set with signals_handled): only it consumes luapool__signal. */
 extern pthread_t luapool__signal_thread;
 int luapool__signal_for_me(void);
@@ -371,7 +372,7 @@ int luapool__signal_for_me(void);
 void luapool__check_signal(lua_State *L);
 /* The hook the host's handler sets on the main state (as lua.c does). */
 void luapool__signal_hook(lua_State *L, lua_Debug *ar);
-/* Called by the host on its main thread with its main state: STOP_SIGNAL
+/* Called by the host on its script thread with its main state: STOP_SIGNAL
 ** sent to that thread then sets luapool__signal_hook on L (when a signal
 ** is pending), so the host's signal thread never touches L itself. */
 void luapool__set_signal_state(lua_State *L);

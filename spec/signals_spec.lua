@@ -96,6 +96,7 @@ describe("signals on the host", function()
       for batch = 1, 2 do
         local fs = {}
         for i = 1, 3 do fs[i] = p:submit(luapool.sleep, 30) end
+        while p:stats().running < 2 do luapool.sleep(0.01) end -- two run, one queued
         ready()
         local ok, e = pcall(function() for _, f in ipairs(fs) do f:result() end end)
         print(batch, ok, e.kind, e.message)

@@ -126,4 +126,50 @@ describe("luapool host", function()
     end
     assert.are.equal(4, n)
   end)
+  it("fails a thread task that calls os.exit, and the script goes on", function()
+    -- before, os.exit in a thread task ended the whole program
+    local out, err, code = h.run({ "-e", [[
+      local exit = os.exit -- captured as an upvalue: it travels by name
+      local p <close> = threadpool.new{max_workers = 2, name = "io"}
+      local a = p:submit(function() os.exit(3) end)
+      local b = p:submit(function() exit(true) end)
+      local c = p:submit(function() return 42 end)
+      for _, f in ipairs{a, b} do
+        local e = f:exception()
+        print(e.kind, (e.message:gsub("^[^:]*:%d+: ", "")))
+      end
+      print(c:result())
+      local procs <close> = processpool.new{max_workers = 1}
+      print(procs:submit(function() os.exit(3) end):exception().kind)
+      os.exit(5)]] })
+    assert.are.equal("", err)
+    assert.are.equal(5, code)
+    local msg = "a thread cannot end the process; use a processpool for code that exits"
+    assert.are.equal( -- (which worker ran which task may vary)
+      "task\tos.exit called in a thread task (worker io-N): " .. msg .. "\n" ..
+      "task\tos.exit called in a thread task (worker io-N): " .. msg .. "\n" ..
+      "42\ncrashed\n", (out:gsub("worker io%-[12]", "worker io-N")))
+  end)
+  it("stops a thread task waiting on a nested pool when the script ends with its pool open", function()
+    -- before, the wait did not notice the stop: 5 s, then "left running"
+    local t0 = require("luapool").now()
+    local out, err, code = h.run({ "-e", [[
+      local p = threadpool.new{max_workers = 3}
+      for _, how in ipairs{"result", "as_completed", "wait"} do
+        p:submit(function()
+          local inner = threadpool.new{max_workers = 1}
+          local f = inner:submit(luapool.sleep, 30)
+          if how == "result" then f:result()
+          elseif how == "as_completed" then for _ in luapool.as_completed{f} do end
+          else luapool.wait{f} end
+        end)
+      end
+      luapool.sleep(0.2)
+      print("end of script")]] })
+    local took = require("luapool").now() - t0
+    assert.are.equal(0, code)
+    assert.are.equal("end of script\n", out)
+    assert.are.equal("", err)
+    assert.is_true(took < 4, ("took %.1f s"):format(took))
+  end)
 end)

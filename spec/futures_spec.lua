@@ -427,3 +427,58 @@ describe("progress", function()
     assert.matches("^map: 3/3  100%.0%%  [%d.]+/s  elapsed 0:00\n$", err)
   end)
 end)
+
+describe("a future's error", function()
+  for _, kind in ipairs { "threadpool", "processpool" } do
+    it("is one object on a " .. kind .. ": exception() and result() give the same", function()
+      local pool <close> = luapool[kind].new { max_workers = 1, name = "one" }
+      local f = pool:submit(function() error("boom") end)
+      local e = f:exception()
+      assert.are.equal("task", e.kind)
+      assert.is_true(rawequal(e, f:exception()))
+      assert.is_true(rawequal(e, h.result_error(f)))
+      assert.is_true(rawequal(e, h.result_error(f)))
+      local c = pool:submit(luapool.sleep, 0.5)
+      local queued = pool:submit(function() end)
+      assert.is_true(queued:cancel())
+      assert.is_true(rawequal(queued:exception(), queued:exception()))
+      assert.are.equal("cancelled", queued:exception().kind)
+      c:result()
+      assert.is_nil(c:exception())
+    end)
+  end
+
+  it("names the item of a map/imap/starmap error when it has one", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1, name = "it" }
+    local e = pool:submit(function() error("bad", 0) end):exception()
+    assert.matches("^task failed in worker it%-1: bad\nworker stack traceback:\n", tostring(e))
+    e.item = 7
+    assert.matches("^task failed in worker it%-1 %(item #7%): bad\nworker stack traceback:\n", tostring(e))
+    e.item = 7.5 -- not an integer: not an item number
+    assert.matches("^task failed in worker it%-1: bad\n", tostring(e))
+  end)
+end)
+
+describe("waits inside a thread task (a nested pool)", function()
+  local waits = {
+    ["f:result()"] = function(f) return f:result() end,
+    ["f:exception()"] = function(f) return f:exception() end,
+    ["as_completed"] = function(f) for _ in luapool.as_completed({ f }) do end end,
+    ["wait"] = function(f) return luapool.wait({ f }) end,
+  }
+  for name, waiter in pairs(waits) do
+    it("end at the task's deadline: " .. name, function()
+      -- before, the outer task waited for the inner 5 s task
+      local outer <close> = luapool.threadpool.new { max_workers = 1, name = "outer", task_timeout = 0.3 }
+      local t0 = luapool.now()
+      local e = outer:submit(function(w)
+        local inner = luapool.threadpool.new { max_workers = 1 } -- collected, not closed: no join
+        return w(inner:submit(luapool.sleep, 5))
+      end, waiter):exception()
+      local took = luapool.now() - t0
+      assert.are.equal("timeout", e.kind)
+      assert.are.equal("task #1 exceeded its deadline of 0.3 seconds in worker outer-1", e.message)
+      assert.is_true(took < 3, ("took %.1f s"):format(took))
+    end)
+  end
+end)

@@ -134,3 +134,75 @@ describe("fetch_length and http.get", function()
     assert.are.equal("luapool fixture\n", body)
   end)
 end)
+
+describe("http.get and fetch_length stop", function()
+  local srv
+  setup(function() srv = h.fixture() end)
+  teardown(function() if srv then srv:stop() end end)
+
+  it("at a thread task's deadline, even when the task catches the failure", function()
+    -- before, http.get ran its 5 s transfer to the end
+    local pool <close> = luapool.threadpool.new { max_workers = 2, name = "dl", task_timeout = 0.5 }
+    local slow = srv:url("/sleep?s=5")
+    local jobs = {
+      function(u) return luapool.http.get(u) end,
+      function(u) return pcall(luapool.http.get, u, { timeout = 4 }) end,
+      function(u) return luapool.kernels.fetch_length(u) end,
+    }
+    for i, job in ipairs(jobs) do
+      local t0 = luapool.now()
+      local e = pool:submit(job, slow):exception()
+      local took = luapool.now() - t0
+      assert.are.equal("timeout", e.kind)
+      assert.matches("^task #" .. i .. " exceeded its deadline of 0%.5 seconds in worker dl%-%d$", e.message)
+      assert.is_true(took < 3, ("took %.1f s"):format(took))
+    end
+  end)
+
+  it("http.get refuses unknown options", function()
+    local url = srv:url("/")
+    assert.are.equal("unknown option 'timout' to 'get'",
+      h.error_of(function() return luapool.http.get(url, { timout = 0.2 }) end))
+    assert.are.equal("unknown option '1' to 'get'",
+      h.error_of(function() return luapool.http.get(url, { 0.2 }) end))
+    assert.are.equal("unknown option 'Follow' to 'get'",
+      h.error_of(function() return luapool.http.get(url, { timeout = 1, Follow = true }) end))
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local e = pool:submit(function(u) return luapool.http.get(u, { timout = 0.2 }) end, url):exception()
+    assert.are.equal("task", e.kind)
+    assert.matches(": unknown option 'timout' to 'get'$", e.message)
+  end)
+
+  it("URLs must be strings, not numbers", function()
+    -- luaL_checklstring would turn 5 into "5", which libcurl reads as 0.0.0.5
+    assert.are.equal("bad argument #1 to 'get' (string expected, got number)",
+      h.error_of(function() return luapool.http.get(5) end))
+    assert.are.equal("bad argument #1 to 'get' (string expected, got table)",
+      h.error_of(function() return luapool.http.get({}) end))
+    local ok, err = pcall(K.fetch_length, 5)
+    assert.is_false(ok)
+    assert.are.equal("bad argument #1 to 'fetch_length' (string expected, got number)", err)
+  end)
+
+  it("leave every socket close-on-exec, libcurl's included", function()
+    assert(luapool.http.get(srv:url("/bytes?n=3")))
+    assert.are.equal(3, (K.fetch_length(srv:url("/bytes?n=3"))))
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    assert.are.equal(3, pool:submit(function(u) return #luapool.http.get(u).body end,
+      srv:url("/bytes?n=3")):result())
+    local pid = luapool.current_worker().pid
+    local listing = io.popen("ls -l /proc/" .. pid .. "/fd"):read("a")
+    local n = 0
+    for fd, target in listing:gmatch(" (%d+) %-> (%S+)") do
+      if target:match("^socket:") then
+        local info = h.slurp("/proc/" .. pid .. "/fdinfo/" .. fd)
+        local flags = info and tonumber(info:match("flags:%s*(%d+)"), 8)
+        if flags then -- (gone meanwhile: not ours to check)
+          n = n + 1
+          assert.are_not.equal(0, flags & 0x80000, "socket fd " .. fd .. " lacks O_CLOEXEC")
+        end
+      end
+    end
+    assert.is_true(n >= 3, "expected libcurl's sockets, found " .. n)
+  end)
+end)

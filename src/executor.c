@@ -332,8 +332,10 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 /* Stops taking tasks; optionally cancels the queued ones, interrupts the
 ** running ones, and joins the workers. */
 /* How long a closing pool whose tasks were told to stop waits for its
-** threads before it gives up on them (see pool_gc). */
-#define STOP_GRACE 5.0
+** threads before it gives up on them (see pool_gc): 5 seconds, but only
+** half a second once the host is ending on an uncaught Ctrl-C/SIGTERM,
+** which must exit within a second. */
+#define STOP_GRACE (atomic_load(&luapool__ending_on_signal) ? 0.5 : 5.0)
 
 /* What a stop did, for the note of a pool collected while open. */
 typedef struct stop_counts {

@@ -270,12 +270,13 @@ static void deadline_in(struct timespec *dl, double timeout) {
 }
 
 /* One wait on cv (mu held) until the deadline (timeout < 0: none).  With a
-** signal handler installed it waits at most SLICE, so a signal is seen
-** within that.  ETIMEDOUT only when the real deadline has passed. */
+** signal handler installed, or inside a thread task (task), it waits at
+** most SLICE, so a signal or the task's stop is seen within that.  ETIMEDOUT only when the real deadline has passed. */
 #define SLICE 0.05
 
-static int wait_slice(pthread_cond_t *cv, pthread_mutex_t *mu, double timeout, double start) {
-  int sliced = atomic_load(&luapool__signals_handled);
+static int wait_slice(pthread_cond_t *cv, pthread_mutex_t *mu, double timeout, double start,
+                      int task) {
+  int sliced = task || atomic_load(&luapool__signals_handled);
   if (timeout < 0 && !sliced) return pthread_cond_wait(cv, mu);
   double left = timeout < 0 ? SLICE : start + timeout - luapool__now();
   if (left <= 0) return ETIMEDOUT;
@@ -288,17 +289,37 @@ static int wait_slice(pthread_cond_t *cv, pthread_mutex_t *mu, double timeout, d
 
 static int signal_pending(void) { return luapool__signal_for_me(); }
 
+/* Inside a thread task (a nested pool): has the task been told to stop, or
+** has its deadline passed?  The deadline marks the task stopped by it, so
+** its worker reports the timeout (as a kernel cut by it does). */
+static int task_stopped(void) {
+  double deadline;
+  const lp_interrupt *i = luapool__thread_interrupt(&deadline);
+  if (i == NULL) return 0;
+  if (!luapool__interrupted(i) && deadline > 0 && luapool__now() >= deadline) luapool__stop_self(i);
+  return luapool__interrupted(i);
+}
+
+/* A wait inside a thread task must notice its stop: it waits in slices
+** too (no signal breaks a condition wait). */
+static int in_task(void) {
+  double deadline;
+  return luapool__thread_interrupt(&deadline) != NULL;
+}
+
 int luapool__future_wait(lp_future *f, double timeout) {
   double start = luapool__now();
+  int task = in_task();
   pthread_mutex_lock(&f->mu);
   f->nwaiters++;
-  int r = 0, sig = 0;
-  while (!is_done(f->state) && r != ETIMEDOUT && !(sig = signal_pending()))
-    r = wait_slice(&f->cv, &f->mu, timeout, start);
+  int r = 0, sig = 0, stop = 0;
+  while (!is_done(f->state) && r != ETIMEDOUT && !(sig = signal_pending()) &&
+         !(stop = task && task_stopped()))
+    r = wait_slice(&f->cv, &f->mu, timeout, start, task);
   f->nwaiters--;
   int done = is_done(f->state);
   pthread_mutex_unlock(&f->mu);
-  return done ? 1 : sig ? -1 : 0;
+  return done ? 1 : sig ? -1 : stop ? -2 : 0;
 }
 
 /* }====================================================== */
@@ -307,8 +328,10 @@ int luapool__future_wait(lp_future *f, double timeout) {
 ** Lua side
 ** ======================================================= */
 
-/* The userdata: the future, and in its user value the pool, so that a pool
-** lives at least as long as a future the script still holds. */
+/* The userdata: the future, and in its user values the pool (so that a
+** pool lives at least as long as a future the script still holds), the
+** done callbacks, and the error object once built (a future's error is
+** one object: exception() returns it and result() raises it each time). */
 typedef struct lfuture {
   lp_future *f;
 } lfuture;
@@ -321,7 +344,7 @@ lp_future *luapool__check_future(lua_State *L, int idx) {
 
 void luapool__future_push(lua_State *L, lp_future *f, int pool_idx) {
   pool_idx = lua_absindex(L, pool_idx);
-  lfuture *u = lua_newuserdatauv(L, sizeof *u, 2); /* pool, callbacks */
+  lfuture *u = lua_newuserdatauv(L, sizeof *u, 3); /* pool, callbacks, error */
   u->f = f;
   luaL_setmetatable(L, LUAPOOL_FUTURE_MT);
   lua_pushvalue(L, pool_idx);
@@ -340,6 +363,16 @@ static int future_gc(lua_State *L) {
     u->f = NULL;
   }
   return 0;
+}
+
+/* A wait inside a thread task that the task's stop ended: the task fails
+** as luapool.sleep does (its worker reports the deadline or the stop). */
+static int raise_stopped(lua_State *L) {
+  double deadline;
+  const lp_interrupt *i = luapool__thread_interrupt(&deadline);
+  if (i && atomic_load(&i->closing)) return luaL_error(L, "interrupted: the pool was closed");
+  if (i && atomic_load(&i->reason) == LP_STOP_SIGNAL) return luaL_error(L, "interrupted: Ctrl-C");
+  return luaL_error(L, "interrupted: the task's deadline passed");
 }
 
 /* Reads an optional timeout argument: nil -> -1 (forever). */
@@ -451,6 +484,7 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd, int maxva
 static void wait_done(lua_State *L, lp_future *f, double *timeout) {
   *timeout = opt_timeout(L, 2);
   int r = luapool__future_wait(f, *timeout);
+  if (r == -2) raise_stopped(L);
   if (r < 0) luapool__check_signal(L);
   if (r <= 0) {
     lua_pushfstring(L, "no result after %f seconds", *timeout);
@@ -474,13 +508,27 @@ static lp_future *poll_future(lua_State *L) {
   return f;
 }
 
+/* The outcome of the done future whose userdata is at 1, as
+** luapool__future_outcome pushes it; an error object is built once and
+** kept in the userdata's third user value. */
+static int outcome(lua_State *L, lp_future *f, int maxvals) {
+  if (lua_getiuservalue(L, 1, 3) != LUA_TNIL) return -1;
+  lua_pop(L, 1);
+  int n = luapool__future_outcome(L, f, NULL, maxvals);
+  if (n < 0) {
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, 1, 3);
+  }
+  return n;
+}
+
 static int future_result(lua_State *L) {
   double timeout;
   lp_future *f = poll_future(L);
   wait_done(L, f, &timeout);
   poll_owed(L, f); /* callbacks of what finished while we waited */
   int top = lua_gettop(L);
-  int n = luapool__future_outcome(L, f, NULL, -1);
+  int n = outcome(L, f, -1);
   if (n < 0) return lua_error(L);
   return lua_gettop(L) - top;
 }
@@ -490,7 +538,7 @@ static int future_exception(lua_State *L) {
   lp_future *f = poll_future(L);
   wait_done(L, f, &timeout);
   poll_owed(L, f);
-  int n = luapool__future_outcome(L, f, NULL, 0);
+  int n = outcome(L, f, 0);
   if (n < 0) return 1;
   lua_pushnil(L);
   return 1;
@@ -737,6 +785,7 @@ static int cq_pop(lua_State *L) {
     return 1;
   }
   double start = luapool__now();
+  int task = in_task();
   pthread_mutex_lock(&q->mu);
   int r = 0;
   while (q->head == NULL && r != ETIMEDOUT) {
@@ -746,7 +795,11 @@ static int cq_pop(lua_State *L) {
       pthread_mutex_lock(&q->mu);
       continue;
     }
-    r = wait_slice(&q->cv, &q->mu, timeout, start);
+    if (task && task_stopped()) {
+      pthread_mutex_unlock(&q->mu);
+      return raise_stopped(L);
+    }
+    r = wait_slice(&q->cv, &q->mu, timeout, start, task);
   }
   lp_wnode *n = q->head;
   if (n) {

@@ -24,6 +24,7 @@ static const char *const WORKER_KEY = "luapool.worker";
 
 atomic_int luapool__signal;
 atomic_int luapool__signals_handled;
+atomic_int luapool__ending_on_signal;
 pthread_t luapool__signal_thread;
 
 int luapool__signal_for_me(void) {
@@ -108,6 +109,8 @@ static int l_sleep(lua_State *L) {
   /* Sleep in slices so that a stop (deadline, closing pool) in a worker, or
   ** Ctrl-C in the main state, ends it: no hook runs while C code sleeps. */
   lp_interrupt *intr = state_intr(L);
+  lp_wstate *ws = state_worker(L);
+  double deadline = ws ? ws->deadline : 0;
   int sliced = intr || atomic_load(&luapool__signals_handled);
   double end = luapool__now() + s;
   for (;;) {
@@ -117,6 +120,9 @@ static int l_sleep(lua_State *L) {
     struct timespec ts = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
+    /* (the task's own deadline too, should the watchdog be late) */
+    if (intr && deadline > 0 && luapool__now() >= deadline && !luapool__interrupted(intr))
+      luapool__stop_self(intr);
     if (luapool__interrupted(intr)) return luaL_error(L, "%s", stop_message(intr));
     if (intr == NULL && atomic_load(&luapool__signal)) luapool__check_signal(L);
   }
@@ -181,19 +187,25 @@ void luapool__push_error(lua_State *L, lp_ekind kind, const char *message, const
   luaL_setmetatable(L, LUAPOOL_ERROR_MT);
 }
 
-/* "task failed in worker io-2: job.lua:7: boom" and the worker's traceback;
-** other kinds read "kind: message". */
+/* "task failed in worker io-2: job.lua:7: boom" and the worker's traceback
+** ("task failed in worker io-2 (item #7): ..." when the error has an
+** integer `item`, the index of a map/imap/starmap item); other kinds read
+** "kind: message". */
 static int error_tostring(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_getfield(L, 1, "kind");
   lua_getfield(L, 1, "message");
   lua_getfield(L, 1, "worker");
   lua_getfield(L, 1, "traceback");
+  lua_getfield(L, 1, "item"); /* 6: set by map/imap/starmap on an item's error */
   const char *kind = luaL_optstring(L, 2, "error");
   const char *msg = luaL_optstring(L, 3, "?");
   luaL_Buffer b;
   luaL_buffinit(L, &b);
-  if (strcmp(kind, "task") == 0) {
+  if (strcmp(kind, "task") == 0 && lua_isinteger(L, 6)) {
+    lua_pushfstring(L, "task failed in worker %s (item #%I): %s", luaL_optstring(L, 4, "?"),
+                    lua_tointeger(L, 6), msg);
+  } else if (strcmp(kind, "task") == 0) {
     lua_pushfstring(L, "task failed in worker %s: %s", luaL_optstring(L, 4, "?"), msg);
   } else {
     lua_pushfstring(L, "%s: %s", kind, msg);
@@ -254,13 +266,24 @@ static int l_print(lua_State *L) {
 
 static void interrupt_hook(lua_State *L, lua_Debug *ar);
 
-/* The state of the task running on this thread (thread workers only). */
+/* The state of the task running on this thread and its worker (thread
+** workers only). */
 static _Thread_local lua_State *tl_task_state;
+static _Thread_local lp_wstate *tl_task_ws;
+/* The host's main state, on the host's script thread only. */
+static _Thread_local lua_State *tl_signal_state;
 
+/* On a worker thread: the task notices its stop.  On the host's script
+** thread (the host's signal thread sends STOP_SIGNAL there when it takes a
+** SIGINT/SIGTERM): the script notices the signal, as lua.c's handler does. */
 static void on_stop_signal(int sig) {
   (void)sig;
   lua_State *L = tl_task_state;
-  if (L) lua_sethook(L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  if (L) {
+    lua_sethook(L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  } else if ((L = tl_signal_state) != NULL && atomic_load(&luapool__signal)) {
+    lua_sethook(L, luapool__signal_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  }
 }
 
 static pthread_once_t stop_signal_once = PTHREAD_ONCE_INIT;
@@ -278,7 +301,21 @@ static void stop_signal_install(void) { luapool__on_signal(LUAPOOL_STOP_SIGNAL, 
 
 void luapool__stop_signal_install(void) { pthread_once(&stop_signal_once, stop_signal_install); }
 
-void luapool__set_task_state(lua_State *L) { tl_task_state = L; }
+void luapool__set_task_state(lua_State *L) {
+  tl_task_state = L;
+  tl_task_ws = L ? state_worker(L) : NULL;
+}
+
+void luapool__set_signal_state(lua_State *L) {
+  luapool__stop_signal_install();
+  tl_signal_state = L;
+}
+
+const lp_interrupt *luapool__thread_interrupt(double *deadline) {
+  lp_wstate *ws = tl_task_ws;
+  *deadline = ws ? ws->deadline : 0;
+  return ws ? ws->intr : NULL;
+}
 
 /* Once it sees the stop, the hook re-arms itself to fire on every
 ** instruction: a pcall in the task catches the first error, and the very
@@ -325,11 +362,30 @@ void luapool__open_worker_state(lua_State *L, const char *kind, const char *name
   lua_setfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
 }
 
+/* os.exit of a thread worker's state: a thread task cannot end the
+** process (it would take the script and every other result with it), so
+** it fails the task instead.  Process workers keep the real os.exit. */
+static int l_thread_exit(lua_State *L) {
+  lp_wstate *ws = state_worker(L);
+  return luaL_error(L,
+                    "os.exit called in a thread task (worker %s): a thread cannot end the "
+                    "process; use a processpool for code that exits",
+                    ws ? ws->name : "?");
+}
+
 static int init_worker_state(lua_State *L) {
   lp_wstate *ws = lua_touserdata(L, 1);
   lua_pushlightuserdata(L, ws);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &WSTATE_KEY);
   luaL_openlibs(L);
+  if (strcmp(ws->kind, "thread") == 0) {
+    /* In the os table itself: a task that captured os.exit gets it by name
+    ** from here (codec.c resolves names in the receiver's tables). */
+    lua_getglobal(L, "os");
+    lua_pushcfunction(L, l_thread_exit);
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);
+  }
   lua_getglobal(L, "package");
   lua_pushstring(L, ws->path);
   lua_setfield(L, -2, "path");

@@ -178,7 +178,8 @@ int luapool__cq_new(lua_State *L); /* Lua: prims.cq() */
 ** fail also RUNNING), 0 when the future had already left that state. */
 int luapool__future_cancel(lp_future *f);
 /* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out, -1
-** a signal is pending (see luapool__check_signal). */
+** a signal is pending (see luapool__check_signal), -2 the thread task
+** this wait runs in was stopped (its deadline passed, its pool stops). */
 int luapool__future_wait(lp_future *f, double timeout);
 lp_fstate luapool__future_state(lp_future *f);
 
@@ -237,6 +238,9 @@ void luapool__stop_signal_install(void);
 /* Installs a handler for sig (SA_RESTART). */
 void luapool__on_signal(int sig, void (*handler)(int));
 void luapool__set_task_state(lua_State *L);
+/* The interrupt block and deadline of the thread task running on the
+** calling thread (NULL and 0 elsewhere): waits inside a task end with it. */
+const lp_interrupt *luapool__thread_interrupt(double *deadline);
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */
@@ -355,12 +359,13 @@ extern char *luapool__host_exe; /* set by the host binary (main.c) */
 
 /* {====== Ctrl-C (the host installs the handler; luapool.c) */
 /* The signal the host received and has not yet delivered to the script as
-** an error (0: none).  Set by the host's handler only. */
+** an error (0: none).  Set only by the host (main.c: its signal thread,
+** or its handler), consumed by luapool__check_signal. */
 extern atomic_int luapool__signal;
 /* Non-zero when a handler is installed: owner waits then run in slices
 ** and notice the signal. */
 extern atomic_int luapool__signals_handled;
-/* The thread whose Lua state receives the signal (the host's main thread,
+/* The thread whose Lua state receives the signal (the host's script thread,
 ** set with signals_handled): only it consumes luapool__signal. */
 extern pthread_t luapool__signal_thread;
 int luapool__signal_for_me(void);
@@ -370,6 +375,13 @@ int luapool__signal_for_me(void);
 void luapool__check_signal(lua_State *L);
 /* The hook the host's handler sets on the main state (as lua.c does). */
 void luapool__signal_hook(lua_State *L, lua_Debug *ar);
+/* Called by the host on its script thread with its main state: STOP_SIGNAL
+** sent to that thread then sets luapool__signal_hook on L (when a signal
+** is pending), so the host's signal thread never touches L itself. */
+void luapool__set_signal_state(lua_State *L);
+/* Set by the host when the script ended on an uncaught interruption: a
+** closing pool then waits only briefly for a thread stuck in a C call. */
+extern atomic_int luapool__ending_on_signal;
 /* Stops the work of every live pool (executor.c). */
 void luapool__interrupt_all(void);
 /* }====== */

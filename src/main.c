@@ -1,13 +1,16 @@
 /*
 ** The luapool host: a lua(1)-like command line with threadpool, processpool
-** and luapool as globals.  main() only creates the state and runs pmain
-** under lua_pcall; every chunk runs through docall, whose message handler
+** and luapool as globals.  main() starts the script's thread (run_host,
+** which creates the state and runs pmain under lua_pcall) and then only
+** takes SIGINT/SIGTERM (see signal_loop); every chunk runs through docall, whose message handler
 ** adds a traceback and copes with non-string error values (as lua.c does).
 **
 ** `luapool --worker NAME INDEX PPID` is the process-pool worker mode: it
 ** serves tasks on fd 3 and never reaches the Lua command line.
 */
 #include <limits.h>
+#include <pthread.h>
+#include <sys/resource.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -22,22 +25,61 @@
 #include "luapool.h"
 
 static const char *progname = "luapool";
-static lua_State *globalL;
-static volatile sig_atomic_t signals_seen;
-static int exit_signal;        /* the signal received */
+static atomic_int exit_signal; /* the last signal received */
+static atomic_int ending;      /* the host is ending on an uncaught one */
 static int uncaught_interrupt; /* the script ended on it: exit 128 + it */
+static int in_repl;            /* at the prompt, an interruption ends only the line */
 
-/* SIGINT/SIGTERM: the first is delivered to the script as an error of kind
-** "interrupted" (by luapool__check_signal, from a wait or from the hook set
-** here, as lua.c does); a second one ends the process at once, and the
-** workers with it (their parent-death signal).  Only async-signal-safe
-** work here: atomics, lua_sethook, _exit. */
-static void on_signal(int sig) {
-  if (signals_seen++ > 0) _exit(128 + sig);
-  exit_signal = sig;
-  atomic_store(&luapool__signal, sig);
-  lua_sethook(globalL, luapool__signal_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+/* {====== SIGINT and SIGTERM
+** The script runs on a thread of its own (run_host); the process's main
+** thread only takes SIGINT and SIGTERM with sigwaitinfo, keeping both
+** blocked.  That is what makes them reliable: glibc's system() sets
+** SIGINT to SIG_IGN for the whole process while its child runs (a thread
+** task's os.execute does it), and Linux drops a signal sent to the
+** process (kill PID) as ignored unless its main thread blocks it.  A
+** blocked signal is kept for sigwaitinfo, whatever the disposition.  The
+** script's own thread keeps both unblocked (with on_signal as handler), so
+** the commands it starts (os.execute, io.popen) get Ctrl-C as usual.
+**
+** A signal is delivered to the script as an error of kind "interrupted"
+** (luapool__check_signal, from a wait that polls luapool__signal or from
+** the hook set on the main state as lua.c does: STOP_SIGNAL sent to the
+** script's thread sets it there, see luapool__set_signal_state).  A
+** second one while the first is still being handled (received and not
+** yet delivered, or the host already ending on an uncaught one) ends the
+** process at once, and the workers with it (their parent-death signal);
+** once delivered, the next one is a new, catchable interruption. */
+static void take_signal(int sig) {
+  int none = 0;
+  atomic_store(&exit_signal, sig);
+  if (!atomic_load(&luapool__signals_handled) || atomic_load(&ending) ||
+      !atomic_compare_exchange_strong(&luapool__signal, &none, sig))
+    _exit(128 + sig);
+  pthread_kill(luapool__signal_thread, LUAPOOL_STOP_SIGNAL);
 }
+
+/* The handler, for the rare delivery to an unblocked thread (the script's
+** own, or one a library started from it).  Async-signal-safe work only:
+** atomics, pthread_kill, _exit. */
+static void on_signal(int sig) { take_signal(sig); }
+
+static void signal_set(sigset_t *set) {
+  sigemptyset(set);
+  sigaddset(set, SIGINT);
+  sigaddset(set, SIGTERM);
+}
+
+/* The process's main thread, for good. */
+static _Noreturn void signal_loop(void) {
+  sigset_t set;
+  signal_set(&set);
+  for (;;) {
+    siginfo_t si;
+    int sig = sigwaitinfo(&set, &si);
+    if (sig > 0) take_signal(sig);
+  }
+}
+/* }====== */
 
 #ifdef LUAPOOL_TEST_ALLOC
 /* {====== test build: an allocator that fails on demand
@@ -66,11 +108,17 @@ static int l_fail_alloc(lua_State *L) {
 /* }====== */
 #endif
 
-static void install_signal_handlers(void) {
+/* On the script's thread, once its state exists: from here on signals are
+** delivered to the script. */
+static void install_signal_handlers(lua_State *L) {
+  sigset_t set;
+  signal_set(&set);
   luapool__on_signal(SIGINT, on_signal);
   luapool__on_signal(SIGTERM, on_signal);
   luapool__signal_thread = pthread_self();
+  luapool__set_signal_state(L);
   atomic_store(&luapool__signals_handled, 1);
+  pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 
 static void print_usage(FILE *out) {
@@ -104,13 +152,21 @@ static int report(lua_State *L, int status) {
   return status;
 }
 
+static void end_on_signal(void) {
+  uncaught_interrupt = 1;
+  atomic_store(&ending, 1);
+  atomic_store(&luapool__ending_on_signal, 1);
+}
+
 /* Message handler: non-string errors go through __tostring when they have
 ** one (luapool error objects do), then a traceback is appended. */
 static int msghandler(lua_State *L) {
-  /* an interruption nobody caught: the exit status says which signal */
+  /* an interruption nobody caught: the exit status says which signal, and
+  ** the host ends (a further signal exits at once, pools give stuck
+  ** threads only a short grace) */
   if (lua_type(L, 1) == LUA_TTABLE && lua_getfield(L, 1, "kind") == LUA_TSTRING &&
-      strcmp(lua_tostring(L, -1), "interrupted") == 0 && exit_signal)
-    uncaught_interrupt = 1;
+      strcmp(lua_tostring(L, -1), "interrupted") == 0 && atomic_load(&exit_signal) && !in_repl)
+    end_on_signal();
   lua_settop(L, 1);
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL) {
@@ -192,6 +248,7 @@ static int handle_script(lua_State *L, char **argv) {
 /* Interactive mode: a line is tried as an expression first. */
 static void doREPL(lua_State *L) {
   char line[4096];
+  in_repl = 1;
   print_version();
   for (;;) {
     fputs("> ", stdout);
@@ -217,6 +274,7 @@ static void doREPL(lua_State *L) {
   }
   lua_settop(L, 0);
   fputs("\n", stdout);
+  in_repl = 0;
 }
 
 /* The project's lua/ directory, when this binary runs from its build tree. */
@@ -312,13 +370,14 @@ static int pmain(lua_State *L) {
   return 1;
 }
 
-int main(int argc, char **argv) {
-  if (argc >= 5 && strcmp(argv[1], "--worker") == 0) {
-    if ((long)getppid() != atol(argv[4])) return 1; /* orphaned before start */
-    return luapool__process_worker_main(3, argv[2], atoi(argv[3]));
-  }
-  if (argv[0] && argv[0][0]) progname = "luapool";
-  luapool__host_exe = realpath("/proc/self/exe", NULL);
+typedef struct host_args {
+  int argc;
+  char **argv;
+} host_args;
+
+/* The script's thread: runs the command line, then ends the process. */
+static void *run_host(void *arg) {
+  host_args *a = arg;
 #ifdef LUAPOOL_TEST_ALLOC
   lua_State *L = lua_newstate(test_alloc, NULL);
 #else
@@ -326,21 +385,61 @@ int main(int argc, char **argv) {
 #endif
   if (L == NULL) {
     l_message("cannot create state: not enough memory");
-    return EXIT_FAILURE;
+    exit(EXIT_FAILURE);
   }
-  globalL = L;
 #ifdef LUAPOOL_TEST_ALLOC
   lua_register(L, "__luapool_fail_alloc", l_fail_alloc);
 #endif
-  install_signal_handlers();
+  install_signal_handlers(L);
   lua_pushcfunction(L, pmain);
-  lua_pushinteger(L, argc);
-  lua_pushlightuserdata(L, argv);
+  lua_pushinteger(L, a->argc);
+  lua_pushlightuserdata(L, a->argv);
   int status = lua_pcall(L, 2, 1, 0);
   int ok = lua_toboolean(L, -1);
   report(L, status);
+  /* A signal that came after the script's last wait or hook: the script
+  ** did not finish on its own terms. */
+  int late = atomic_load(&luapool__signal);
+  if (late && !uncaught_interrupt) {
+    end_on_signal();
+    l_message(late == SIGTERM ? "interrupted: the script received SIGTERM"
+                              : "interrupted: the script received SIGINT");
+  }
   lua_close(L);
   free(luapool__host_exe);
-  if (uncaught_interrupt) return 128 + exit_signal;
-  return (ok && status == LUA_OK) ? EXIT_SUCCESS : EXIT_FAILURE;
+  if (uncaught_interrupt) exit(128 + atomic_load(&exit_signal));
+  exit((ok && status == LUA_OK) ? EXIT_SUCCESS : EXIT_FAILURE);
+}
+
+int main(int argc, char **argv) {
+  if (argc >= 5 && strcmp(argv[1], "--worker") == 0) {
+    if ((long)getppid() != atol(argv[4])) return 1; /* orphaned before start */
+    return luapool__process_worker_main(3, argv[2], atoi(argv[3]));
+  }
+  if (argv[0] && argv[0][0]) progname = "luapool";
+  luapool__host_exe = realpath("/proc/self/exe", NULL);
+  /* Blocked here for good, and in every thread started from here until the
+  ** script's thread unblocks them for itself (pool threads block them). */
+  sigset_t set;
+  signal_set(&set);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  static host_args a;
+  a.argc = argc;
+  a.argv = argv;
+  /* The script's thread gets the stack a main thread would have. */
+  pthread_attr_t attr;
+  pthread_t t;
+  struct rlimit rl;
+  size_t stack = 8u << 20;
+  if (getrlimit(RLIMIT_STACK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur > stack)
+    stack = (size_t)rl.rlim_cur;
+  if (pthread_attr_init(&attr) == 0) {
+    pthread_attr_setstacksize(&attr, stack);
+    int r = pthread_create(&t, &attr, run_host, &a);
+    pthread_attr_destroy(&attr);
+    if (r == 0) signal_loop();
+  }
+  /* No thread to spare: the script runs here, with the handler only. */
+  run_host(&a);
+  return EXIT_FAILURE;
 }

@@ -1,10 +1,14 @@
 /*
 ** HTTP through libcurl: the fetch_length kernel and luapool.http.get.
 **
-** Each OS thread owns one CURL easy handle, reused request after request:
-** libcurl keeps its connection cache, DNS cache and TLS sessions in the
-** easy handle, so reuse is what gives keep-alive.  Handles are never shared
-** between threads, so no locking is needed around them.
+** Each OS thread owns one CURL easy handle and one multi handle that runs
+** its transfers, reused request after request: libcurl keeps its
+** connection cache, DNS cache and TLS sessions there, so reuse is what
+** gives keep-alive.  Handles are never shared between threads, so no
+** locking is needed around them.  luapool drives each transfer itself
+** (perform), so that a stop ends it within 50 ms whatever the transfer is
+** doing: in a task, the task's deadline, its pool's stop or Ctrl-C; in the
+** host's main state, Ctrl-C.  Every socket is close-on-exec.
 **
 ** Defaults (both entry points):
 **   - connect timeout 30 s; no limit on the whole transfer unless the
@@ -17,12 +21,14 @@
 **     are of the decoded body (like Python requests' len(r.content));
 **   - User-Agent: luapool/0.1.
 */
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include <curl/curl.h>
 #include <lauxlib.h>
@@ -30,6 +36,7 @@
 
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
+#include "luapool.h" /* Ctrl-C in the host's main state */
 
 #define USER_AGENT                 "luapool/0.1"
 #define MAX_REDIRS                 30L
@@ -45,10 +52,24 @@ static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 ** that returned from pthread_once. */
 static int init_status = -1;
 static pthread_key_t handle_key;
-static _Thread_local CURL *thread_curl;
 
-/* pthread key destructor: a worker thread that exits frees its handle. */
-static void free_handle(void *h) { curl_easy_cleanup(h); }
+/* A thread's easy handle and the multi handle that drives it: transfers
+** run in luapool's own loop (perform), which looks for stops between
+** short polls.  Connections and DNS entries are cached in the multi. */
+typedef struct thread_handles {
+  CURL *easy;
+  CURLM *multi;
+} thread_handles;
+static _Thread_local thread_handles *thread_curl;
+
+static void handles_free(thread_handles *t) {
+  if (t->multi) curl_multi_cleanup(t->multi);
+  if (t->easy) curl_easy_cleanup(t->easy);
+  free(t);
+}
+
+/* pthread key destructor: a worker thread that exits frees its handles. */
+static void free_handle(void *h) { handles_free(h); }
 
 static void global_init(void) {
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return;
@@ -74,38 +95,69 @@ void luapool__http_thread_cleanup(void) {
   /* Clear the key first so the thread-exit destructor cannot free it a
   ** second time. */
   pthread_setspecific(handle_key, NULL);
-  curl_easy_cleanup(thread_curl);
+  handles_free(thread_curl);
   thread_curl = NULL;
 }
 
-/* The calling thread's handle with every option at its default, or NULL
-** (libcurl could not be initialised, or out of memory).  Each request ends
-** with release_handle; the reset here is for a request that was cut short
-** by a Lua error before it could release. */
-static CURL *thread_handle(void) {
-  CURL *h;
+/* Sets close-on-exec on the descriptors opened while curl_multi_init ran:
+** libcurl 7.x makes the multi handle's wake-up socket pair without it, and
+** a command a task starts must not hold it.  Only new AF_UNIX sockets that
+** lack the flag are touched. */
+#define FD_SCAN 1024
+
+static void cloexec_new_sockets(const unsigned char *before) {
+  for (int fd = 0; fd < FD_SCAN; fd++) {
+    if (before[fd]) continue;
+    int fl = fcntl(fd, F_GETFD);
+    if (fl < 0 || (fl & FD_CLOEXEC)) continue;
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    memset(&ss, 0, sizeof ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && len >= sizeof ss.ss_family &&
+        ss.ss_family == AF_UNIX)
+      fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
+  }
+}
+
+static CURLM *new_multi(void) {
+  unsigned char before[FD_SCAN];
+  for (int fd = 0; fd < FD_SCAN; fd++)
+    before[fd] = fcntl(fd, F_GETFD) >= 0;
+  CURLM *m = curl_multi_init();
+  cloexec_new_sockets(before);
+  return m;
+}
+
+/* The calling thread's handles, the easy one with every option at its
+** default, or NULL (libcurl could not be initialised, or out of memory).
+** Each request ends with release_handle; the reset here is for a request
+** that was cut short by a Lua error before it could release. */
+static thread_handles *thread_handle(void) {
+  thread_handles *t;
   if (thread_curl != NULL) {
     /* Options only: live connections and caches survive a reset. */
-    curl_easy_reset(thread_curl);
+    curl_easy_reset(thread_curl->easy);
     return thread_curl;
   }
   /* Normally done by main before threads start; harmless if repeated. */
   if (luapool__http_global_init() != 0) return NULL;
-  h = curl_easy_init();
-  if (h == NULL) return NULL;
-  if (pthread_setspecific(handle_key, h) != 0) {
-    curl_easy_cleanup(h);
+  t = calloc(1, sizeof *t);
+  if (t == NULL) return NULL;
+  t->easy = curl_easy_init();
+  t->multi = t->easy ? new_multi() : NULL;
+  if (t->multi == NULL || pthread_setspecific(handle_key, t) != 0) {
+    handles_free(t);
     return NULL;
   }
-  thread_curl = h;
-  return h;
+  thread_curl = t;
+  return t;
 }
 
 /* Ends a request: drops every option, in particular the pointers into the
 ** caller's stack frame and buffers (error buffer, write targets, header
 ** list), so the idle handle points at nothing that dies.  Connections and
 ** caches survive a reset. */
-static void release_handle(CURL *h) { curl_easy_reset(h); }
+static void release_handle(thread_handles *t) { curl_easy_reset(t->easy); }
 
 /* }====== */
 
@@ -116,17 +168,60 @@ typedef struct req_opts {
   long connect_timeout_ms; /* 0: libcurl's default would apply; never 0 */
   int follow;
   struct curl_slist *headers;
-  const lp_interrupt *interrupt; /* NULL: not interruptible */
+  const lp_interrupt *interrupt; /* the task's stop (NULL: not in a task) */
+  int main_signal;               /* in the host's main state: Ctrl-C stops it */
 } req_opts;
 
-/* XFERINFOFUNCTION: non-zero aborts the transfer with
-** CURLE_ABORTED_BY_CALLBACK.  libcurl calls it at least about once a second
-** even while idle, which bounds how long an interrupt waits. */
-static int xfer_check(void *p, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
-                      curl_off_t ulnow) {
-  const req_opts *o = p;
-  (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
-  return luapool__interrupted(o->interrupt);
+/* Is the transfer to stop?  The task's stop (deadline, closing pool,
+** Ctrl-C), or in the host's main state a signal waiting to be delivered. */
+static int stop_wanted(const req_opts *o) {
+  return luapool__interrupted(o->interrupt) || (o->main_signal && luapool__signal_for_me());
+}
+
+/* How often the transfer loop looks for a stop. */
+#define POLL_MS 50
+
+/* Runs the easy handle's transfer on the thread's multi handle, looking
+** for a stop every POLL_MS whatever the transfer does: a stop ends it with
+** CURLE_ABORTED_BY_CALLBACK; else the transfer's own result. */
+static CURLcode perform(thread_handles *t, const req_opts *o) {
+  CURLcode rc = CURLE_OK;
+  if (curl_multi_add_handle(t->multi, t->easy) != CURLM_OK) return CURLE_OUT_OF_MEMORY;
+  for (;;) {
+    int running = 0;
+    CURLMcode mc = curl_multi_perform(t->multi, &running);
+    if (mc != CURLM_OK) {
+      rc = mc == CURLM_OUT_OF_MEMORY ? CURLE_OUT_OF_MEMORY : CURLE_FAILED_INIT;
+      break;
+    }
+    if (running == 0) {
+      int left;
+      CURLMsg *m;
+      rc = CURLE_FAILED_INIT; /* no message: should not happen */
+      while ((m = curl_multi_info_read(t->multi, &left)) != NULL)
+        if (m->msg == CURLMSG_DONE && m->easy_handle == t->easy) rc = m->data.result;
+      break;
+    }
+    if (stop_wanted(o)) {
+      rc = CURLE_ABORTED_BY_CALLBACK;
+      break;
+    }
+    mc = curl_multi_poll(t->multi, NULL, 0, POLL_MS, NULL);
+    if (mc != CURLM_OK && mc != CURLM_UNRECOVERABLE_POLL) {
+      rc = CURLE_FAILED_INIT;
+      break;
+    }
+  }
+  curl_multi_remove_handle(t->multi, t->easy);
+  return rc;
+}
+
+/* OPENSOCKETFUNCTION: every socket libcurl connects with is close-on-exec,
+** so a command started by a task (os.execute, io.popen) never holds a
+** connection open. */
+static curl_socket_t open_socket(void *p, curlsocktype purpose, struct curl_sockaddr *a) {
+  (void)p, (void)purpose;
+  return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
 }
 
 #define SETOPT(h, opt, val)                                                                        \
@@ -160,13 +255,7 @@ static CURLcode setup(CURL *h, const char *url, const req_opts *o, char *errbuf,
   SETOPT(h, CURLOPT_WRITEFUNCTION, body_fn);
   SETOPT(h, CURLOPT_WRITEDATA, body_data);
   if (o->headers != NULL) SETOPT(h, CURLOPT_HTTPHEADER, o->headers);
-  if (o->interrupt != NULL) {
-    SETOPT(h, CURLOPT_XFERINFOFUNCTION, xfer_check);
-    /* libcurl only hands this back to xfer_check, which reads it: the
-    ** cast drops const for its API.  o outlives the transfer. */
-    SETOPT(h, CURLOPT_XFERINFODATA, (void *)o);
-    SETOPT(h, CURLOPT_NOPROGRESS, 0L);
-  }
+  SETOPT(h, CURLOPT_OPENSOCKETFUNCTION, open_socket);
   return CURLE_OK;
 }
 
@@ -198,13 +287,14 @@ int luapool__fetch_length_run(lp_kcall *c) {
   static const char kname[] = "fetch_length";
   const lp_value *a1 = c->nargs >= 1 ? &c->args[0] : NULL;
   const lp_value *a2 = c->nargs >= 2 ? &c->args[1] : NULL;
-  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, c->interrupt};
+  /* Outside a task (no interrupt block), Ctrl-C on the host stops it. */
+  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, c->interrupt, c->interrupt == NULL};
   char errbuf[CURL_ERROR_SIZE];
   char *url;
   uint64_t count = 0;
   long status = 0;
   CURLcode rc;
-  CURL *h;
+  thread_handles *h;
 
   if (a1 == NULL || a1->type != LP_STR) return luapool__kargerr(c, kname, 1, "string");
   if (memchr(a1->u.s.p, '\0', a1->u.s.len) != NULL)
@@ -249,9 +339,9 @@ int luapool__fetch_length_run(lp_kcall *c) {
     return -1;
   }
   errbuf[0] = '\0';
-  rc = setup(h, url, &o, errbuf, count_body, &count);
-  if (rc == CURLE_OK) rc = curl_easy_perform(h);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+  rc = setup(h->easy, url, &o, errbuf, count_body, &count);
+  if (rc == CURLE_OK) rc = perform(h, &o);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
   release_handle(h);
 
   if (rc != CURLE_OK) {
@@ -259,7 +349,8 @@ int luapool__fetch_length_run(lp_kcall *c) {
     /* libcurl's clock may fire a little before luapool's: the task's
     ** deadline ended it, and its worker must know (kind "timeout"). */
     if (rc == CURLE_OPERATION_TIMEDOUT && capped) luapool__stop_self(c->interrupt);
-    if (rc == CURLE_ABORTED_BY_CALLBACK && o.interrupt != NULL)
+    /* (in the host's main state, its Lua face then raises the signal) */
+    if (rc == CURLE_ABORTED_BY_CALLBACK)
       luapool__kerr(c, "fetch_length: %s: interrupted", url);
     else if (detail != NULL)
       luapool__kerr(c, "fetch_length: %s: %s (%s)", url, curl_easy_strerror(rc), detail);
@@ -461,20 +552,47 @@ static void push_headers(lua_State *L, get_box *b) {
   }
 }
 
+/* Every key of the options table at 2 must be a known option. */
+static void check_option_names(lua_State *L) {
+  static const char *const known[] = {"timeout", "connect_timeout", "headers", "follow", NULL};
+  lua_pushnil(L);
+  while (lua_next(L, 2) != 0) {
+    lua_pop(L, 1);
+    int ok = 0;
+    if (lua_type(L, -1) == LUA_TSTRING)
+      for (int i = 0; known[i] && !ok; i++)
+        ok = strcmp(lua_tostring(L, -1), known[i]) == 0;
+    if (!ok) {
+      /* (a copy: luaL_tolstring on the key itself would confuse lua_next) */
+      lua_pushvalue(L, -1);
+      luaL_error(L, "unknown option '%s' to 'get'", luaL_tolstring(L, -1, NULL));
+    }
+  }
+}
+
 int luapool__http_get(lua_State *L) {
   size_t ulen;
-  const char *url = luaL_checklstring(L, 1, &ulen);
-  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, NULL};
+  /* A string, never a number: luaL_checklstring would turn 5 into "5",
+  ** which libcurl reads as the address 0.0.0.5. */
+  if (lua_type(L, 1) != LUA_TSTRING) luaL_typeerror(L, 1, "string");
+  const char *url = lua_tolstring(L, 1, &ulen);
+  double deadline;
+  const lp_interrupt *intr = luapool__lua_interrupt(L, &deadline);
+  /* In a task its stop and deadline apply; outside one, Ctrl-C on the host. */
+  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, intr, intr == NULL};
   char errbuf[CURL_ERROR_SIZE];
   long status = 0;
   curl_off_t total_us = 0;
   char *eff = NULL; /* owned by the handle */
   get_box *b;
   CURLcode rc;
-  CURL *h;
+  thread_handles *h;
 
   luaL_argcheck(L, strlen(url) == ulen, 1, "URL contains a zero byte");
-  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_option_names(L);
+  }
   lua_settop(L, 2);
 
   b = lua_newuserdatauv(L, sizeof *b, 0);
@@ -496,6 +614,16 @@ int luapool__http_get(lua_State *L) {
     opt_headers(L, b);
     o.headers = b->headers;
   }
+  int capped = 0;     /* the transfer's timeout is the task's deadline */
+  if (deadline > 0) { /* the task's deadline caps the transfer too */
+    long left = seconds_to_ms(deadline - luapool__now());
+    if (o.timeout_ms == 0 || left < o.timeout_ms) o.timeout_ms = left, capped = 1;
+  }
+  if (stop_wanted(&o)) {
+    box_free(b);
+    if (intr == NULL) luapool__check_signal(L);
+    return luaL_error(L, "GET %s: interrupted", url);
+  }
 
   h = thread_handle();
   if (h == NULL) {
@@ -505,13 +633,13 @@ int luapool__http_get(lua_State *L) {
     return 2;
   }
   errbuf[0] = '\0';
-  rc = setup(h, url, &o, errbuf, box_body, b);
-  if (rc == CURLE_OK) rc = curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, box_header);
-  if (rc == CURLE_OK) rc = curl_easy_setopt(h, CURLOPT_HEADERDATA, b);
-  if (rc == CURLE_OK) rc = curl_easy_perform(h);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_EFFECTIVE_URL, &eff);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h, CURLINFO_TOTAL_TIME_T, &total_us);
+  rc = setup(h->easy, url, &o, errbuf, box_body, b);
+  if (rc == CURLE_OK) rc = curl_easy_setopt(h->easy, CURLOPT_HEADERFUNCTION, box_header);
+  if (rc == CURLE_OK) rc = curl_easy_setopt(h->easy, CURLOPT_HEADERDATA, b);
+  if (rc == CURLE_OK) rc = perform(h, &o);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_EFFECTIVE_URL, &eff);
+  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_TOTAL_TIME_T, &total_us);
   /* eff lives in the handle: copy it before the reset (NULL copy: use the
   ** requested URL). */
   if (rc == CURLE_OK && eff != NULL && (b->eff = strdup(eff)) == NULL) {
@@ -524,6 +652,18 @@ int luapool__http_get(lua_State *L) {
     const char *detail = reason_detail(errbuf);
     int oom = b->oom;
     box_free(b); /* before anything that could raise */
+    /* Stopped (Ctrl-C in the main state; in a task its stop or its
+    ** deadline): an error, as fetch_length's, not a failed request the
+    ** task could take for an answer.  The deadline marks the task stopped
+    ** by it, so its worker reports the timeout. */
+    if (rc == CURLE_ABORTED_BY_CALLBACK) {
+      if (intr == NULL) luapool__check_signal(L);
+      return luaL_error(L, "GET %s: interrupted", url);
+    }
+    if (rc == CURLE_OPERATION_TIMEDOUT && capped) {
+      luapool__stop_self(intr);
+      return luaL_error(L, "GET %s: %s", url, curl_easy_strerror(rc));
+    }
     luaL_pushfail(L);
     if (oom)
       lua_pushfstring(L, "GET %s: not enough memory", url);

@@ -12,6 +12,7 @@
 
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
+#include "luapool.h"
 
 /* Positions in luapool__kernels, so each Lua face finds its own entry
 ** without a search. */
@@ -120,7 +121,11 @@ int luapool__kernel_call_lua(lua_State *L, const lp_kernel *k) {
   /* Inside a worker's task the worker's stop and deadline apply. */
   c.interrupt = luapool__lua_interrupt(L, &c.deadline);
   c.err[0] = '\0';
-  if (k->run(&c) != 0) return raise_plain(L, c.err);
+  if (k->run(&c) != 0) {
+    /* Stopped by Ctrl-C in the host's main state: the script's error. */
+    if (c.interrupt == NULL) luapool__check_signal(L);
+    return raise_plain(L, c.err);
+  }
 
   for (int i = 0; i < c.nout; i++) {
     const lp_value *o = &c.out[i];

@@ -339,8 +339,8 @@ static int pool_enqueue(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 
 /* What a stop did, for the note of a pool collected while open. */
 typedef struct stop_counts {
-  size_t cancelled; /* queued calls cancelled */
-  int interrupted;  /* running tasks told to stop */
+  size_t cancelled;   /* queued calls cancelled */
+  size_t interrupted; /* running calls told to stop */
 } stop_counts;
 
 static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt, stop_counts *counts) {
@@ -348,12 +348,13 @@ static int pool_stop(lp_pool *p, int wait, int cancel, int interrupt, stop_count
   p->closing = 1;
   lp_future *cancelled = cancel ? take_queue(p) : NULL;
   pthread_cond_broadcast(&p->cv);
-  int n = p->nworkers, busy = 0;
-  for (int i = 0; i < n; i++)
-    busy += !p->workers[i]->joined && atomic_load(&p->workers[i]->busy);
+  int n = p->nworkers;
   pthread_mutex_unlock(&p->mu);
+  /* Calls still running (a worker's busy flag lags its future's outcome,
+  ** which the owner may already have seen: the future's state counts). */
+  size_t running = atomic_load(&p->c_running);
   size_t ncancelled = end_list(cancelled, NULL);
-  if (counts) *counts = (stop_counts){ncancelled, interrupt ? busy : 0};
+  if (counts) *counts = (stop_counts){ncancelled, interrupt ? running : 0};
   /* Workers are only started by the owner (submit), which is this thread:
   ** n cannot grow while we join. */
   if (interrupt)
@@ -1018,7 +1019,7 @@ static int pool_gc(lua_State *L) {
     if (was_open && (c.cancelled || c.interrupted)) {
       fprintf(stderr,
               "luapool: pool '%s' was collected while still open: %zu queued task%s "
-              "cancelled, %d running task%s interrupted (close it, or call shutdown(), "
+              "cancelled, %zu running task%s interrupted (close it, or call shutdown(), "
               "to wait for its work)\n",
               p->name, c.cancelled, c.cancelled == 1 ? "" : "s", c.interrupted,
               c.interrupted == 1 ? "" : "s");

@@ -329,6 +329,13 @@ describe("the bench library's surface", function()
     assert.equal("null", tostring(bench.null))
     assert.equal("json.null", getmetatable(bench.null).__name)
   end)
+
+  it("finds every module under stock lua5.4 with the specs' LUA_PATH", function()
+    for _, name in ipairs { "stats", "format", "machine", "json", "cli", "runner", "report", "svg" } do
+      local mod = require("luapool.bench." .. name)
+      assert.is_table(mod, name)
+    end
+  end)
 end)
 
 describe("bench statistics, edge cases", function()

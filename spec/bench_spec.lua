@@ -298,6 +298,326 @@ describe("a bench suite", function()
   end)
 end)
 
+describe("the bench library's surface", function()
+  -- Exactly what require "luapool.bench" has exposed since before it was
+  -- split into lua/luapool/bench/*.lua: nothing lost, nothing internal leaked.
+  local function keys(t)
+    local list = {}
+    for k, v in pairs(t) do list[#list + 1] = k .. ":" .. type(v) end
+    table.sort(list)
+    return list
+  end
+
+  it("has the same functions and fields", function()
+    assert.same({
+      "CSV_HEADER:table", "Suite:table", "array:function", "array_mt:table", "csv_field:function",
+      "describe_machine:function", "format_count:function", "format_kb:function", "format_rate:function",
+      "format_ratio:function", "format_table:function", "format_time:function", "json:function",
+      "loadavg:function", "machine:function", "max:function", "mean:function", "median:function",
+      "min:function", "null:table", "paired_ratio:function", "parse_args:function", "sig3:function",
+      "suite:function", "usage:function",
+    }, keys(bench))
+    assert.same({
+      "__index:table", "case:function", "chart:function", "note:function", "parse:function",
+      "product:function", "report:function", "result:function", "run:function", "svg:function",
+      "svg_text:function", "table:function", "usage:function", "write_csv:function", "write_json:function",
+    }, keys(bench.Suite))
+    assert.equal(bench.Suite, bench.Suite.__index)
+    assert.equal(bench.Suite, getmetatable(bench.suite { name = "x" }))
+    assert.equal("json.array", bench.array_mt.__name)
+    assert.equal(bench.array_mt, getmetatable(bench.array {}))
+    assert.equal("null", tostring(bench.null))
+    assert.equal("json.null", getmetatable(bench.null).__name)
+  end)
+
+  it("finds every module under stock lua5.4 with the specs' LUA_PATH", function()
+    for _, name in ipairs { "stats", "format", "machine", "json", "cli", "runner", "report", "svg" } do
+      local mod = require("luapool.bench." .. name)
+      assert.is_table(mod, name)
+    end
+  end)
+end)
+
+describe("bench statistics, edge cases", function()
+  it("mean, and empty lists", function()
+    assert.equal(3, bench.mean { 1, 2, 3, 6 })
+    assert.equal(0.5, bench.mean { 0.5 })
+    assert.is_nil(bench.mean {})
+    assert.is_nil(bench.max {})
+  end)
+
+  it("rejects what is not a list of numbers", function()
+    assert.equal("median: list of numbers expected", helper.error_of(bench.median, { 1, "2" }))
+    assert.equal("mean: list of numbers expected", helper.error_of(bench.mean, nil))
+    assert.equal("min: list of numbers expected", helper.error_of(bench.min, "x"))
+    assert.equal("paired_ratio: 2 times against 1 baseline times",
+      helper.error_of(bench.paired_ratio, { 1, 2 }, { 1 }))
+    -- pairs whose baseline is not positive are skipped
+    assert.equal(3, bench.paired_ratio({ 1, 3, 5 }, { 0, 1, -1 }))
+    assert.is_nil(bench.paired_ratio({ 1 }, { 0 }))
+  end)
+end)
+
+describe("bench formats", function()
+  it("three significant digits", function()
+    assert.equal("123", bench.sig3(123.4))
+    assert.equal("12.3", bench.sig3(12.34))
+    assert.equal("1.23", bench.sig3(1.234))
+    assert.equal("-12.3", bench.sig3(-12.34))
+  end)
+
+  it("times, sizes, ratios at their edges", function()
+    assert.equal("0 s", bench.format_time(0))
+    assert.equal("-", bench.format_time(0 / 0))
+    assert.equal("100 s", bench.format_time(100))
+    assert.equal("999 ns", bench.format_time(999e-9))
+    assert.equal("-", bench.format_kb(nil))
+    assert.equal("812 KiB", bench.format_kb(812))
+    assert.equal("1.20 GiB", bench.format_kb(1.2 * 1024 * 1024))
+    assert.equal("-", bench.format_ratio(nil))
+    assert.equal("150x", bench.format_ratio(150))
+    assert.equal("12.3x", bench.format_ratio(12.34))
+  end)
+
+  it("counts and rates with SI prefixes", function()
+    assert.equal("950", bench.format_count(950))
+    assert.equal("12.3 k", bench.format_count(12345))
+    assert.equal("4.56 M", bench.format_count(4.56e6))
+    assert.equal("1.20 G", bench.format_count(1.2e9))
+    assert.equal("-", bench.format_count(nil))
+    assert.equal("12.4 k req/s", bench.format_rate(12.4e3, "req"))
+    assert.equal("950 req/s", bench.format_rate(950, "req"))
+    assert.equal("950 B/s", bench.format_rate(950, "B"))
+    assert.equal("5.00 units/s", bench.format_rate(5))
+    assert.equal("-", bench.format_rate(1 / 0, "B"))
+    assert.equal("-", bench.format_rate(nil, "B"))
+  end)
+
+  it("aligns a table by display width, with separators", function()
+    local text = bench.format_table({ "a", "bb" }, { { "xyz", "1" }, { separator = true }, { "q", "5 µs" } },
+      { "l", "r" })
+    assert.equal("a      bb\n---  ----\nxyz     1\n\nq    5 µs\n", text)
+  end)
+end)
+
+describe("bench JSON and CSV", function()
+  it("encodes scalars", function()
+    assert.equal("null", bench.json(nil))
+    assert.equal("null", bench.json(bench.null))
+    assert.equal("true", bench.json(true))
+    assert.equal("3", bench.json(3))
+    assert.equal("0.1", bench.json(0.1))
+    assert.equal("2", bench.json(2.0))
+    assert.equal("0.33333333333333331", bench.json(1 / 3))
+    assert.equal("9007199254740992", bench.json(2.0 ^ 53))
+    assert.equal("null", bench.json(0 / 0))
+    assert.equal("null", bench.json(-1 / 0))
+    assert.equal([["a\"b\\c\n\t\u0001"]], bench.json('a"b\\c\n\t\1'))
+  end)
+
+  it("encodes arrays and objects (sorted keys, integers first)", function()
+    assert.equal("[1,2,3]", bench.json { 1, 2, 3 })
+    assert.equal("[1, 2, 3]", bench.json({ 1, 2, 3 }, 2))
+    assert.equal("{}", bench.json {})
+    assert.equal("[]", bench.json(bench.array {}))
+    assert.equal('{"a":1,"b":[1,null]}', bench.json { b = { 1, bench.null }, a = 1 })
+    assert.equal('{"10":1,"x":2}', bench.json { x = 2, [10] = 1 })
+    assert.equal('{\n  "a": [\n    1,\n    {\n      "b": 2\n    }\n  ]\n}', bench.json({ a = { 1, { b = 2 } } }, 2))
+    assert.equal("json: cannot encode a key of type boolean", helper.error_of(bench.json, { [true] = 1 }))
+    assert.equal("json: cannot encode a function", helper.error_of(bench.json, { f = print }))
+  end)
+
+  it("quotes CSV fields", function()
+    assert.equal("", bench.csv_field(nil))
+    assert.equal("", bench.csv_field(bench.null))
+    assert.equal("7", bench.csv_field(7))
+    assert.equal("0.3", bench.csv_field(0.1 + 0.2))
+    assert.equal('"a,b"', bench.csv_field("a,b"))
+    assert.equal('"say ""hi"""', bench.csv_field('say "hi"'))
+    assert.equal('"x\ny"', bench.csv_field("x\ny"))
+  end)
+end)
+
+describe("bench command line, in detail", function()
+  it("writes the usage with defaults and extra options", function()
+    local text = bench.usage("s.lua", { { "tasks", "N", "integer", "tasks (default %s)" },
+                                        { name = "fast", type = "flag", help = "go fast" } },
+                             { runs = 5, warmup = 1 })
+    local lines = {}
+    for line in text:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.equal("usage: luapool s.lua [--runs N] [--warmup N] [--json FILE] [--csv FILE] [--svg FILE] "
+      .. "[--quick] [--filter PATTERN] [--tasks N] [--fast]", lines[1])
+    assert.equal("  --runs N         timed rounds per case (default 5)", lines[2])
+    assert.equal("  --warmup N       untimed rounds first (default 1)", lines[3])
+    assert.equal("  --tasks N        tasks (default ?)", lines[9])
+    assert.equal("  --fast           go fast", lines[10])
+    assert.equal(10, #lines)
+    assert.matches("^usage: luapool SUITE%.lua ", bench.usage())
+  end)
+
+  it("parses numbers, flags and inline values, and says what is wrong", function()
+    local extra = { { "rate", "X", "number", "" }, { "fast", nil, "flag", "" } }
+    local o = assert(bench.parse_args({ "--rate", "1.5", "--fast", "--runs=2.0", "--filter", "x", "-h" }, extra))
+    assert.same({ rate = 1.5, fast = true, runs = 2, filter = "x", help = true }, o)
+    assert.equal(2, o.runs)
+    assert.equal("integer", math.type(o.runs))
+    assert.is_true(assert(bench.parse_args { "--help" }).help)
+    local function err(args) return select(2, bench.parse_args(args, extra)) end
+    assert.equal("option --rate needs a number, got 'x'", err { "--rate", "x" })
+    assert.equal("option --fast takes no value", err { "--fast=1" })
+    assert.equal("option --runs needs N", err { "--runs" })
+    assert.equal("option --runs needs an integer >= 1, got '0'", err { "--runs", "0" })
+    assert.equal("option --warmup needs an integer >= 0, got '-1'", err { "--warmup", "-1" })
+    assert.equal("option --runs needs an integer >= 1, got '1.5'", err { "--runs=1.5" })
+    assert.equal("unexpected argument 'stray'", err { "stray" })
+    assert.equal("unknown option '--bogus=1'", err { "--bogus=1" })
+  end)
+
+  it("exits 2 for a bad --filter pattern, 0 with the usage for --help", function()
+    local script = helper.tempfile([[
+      local bench = require "luapool.bench"
+      local suite = bench.suite { name = "tiny", title = "a title", args = { ... } }
+      suite:case { name = "a", body = function() end }
+      suite:run()
+    ]])
+    local out, err, code = helper.run { script, "--filter", "[" }
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("^tiny: bad pattern for %-%-filter: %[\nusage: luapool ", err)
+    out, err, code = helper.run { script, "--help" }
+    os.remove(script)
+    assert.equal(0, code)
+    assert.equal("", err)
+    assert.matches("^tiny: a title\nusage: luapool ", out)
+  end)
+end)
+
+describe("bench machine description", function()
+  it("reads the machine", function()
+    local m = bench.machine()
+    assert.equal(require("luapool").info().luapool, m.luapool)
+    assert.equal("string", type(m.cpu_model))
+    assert.equal("integer", math.type(m.cpus))
+    assert.is_true(m.cpus >= 1)
+    assert.equal("integer", math.type(m.memory_kb))
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$", m.date)
+    assert.equal("number", type(m.loadavg))
+    assert.equal("number", type(bench.loadavg()))
+  end)
+
+  it("describes one in a line", function()
+    assert.equal("CPU X, 2 cpus; 1.00 GiB RAM; Linux; luapool 0.1.0, Lua 5.4.4, libcurl 7.88.1; load 0.50",
+      bench.describe_machine { cpu_model = "CPU X", cpus = 2, memory_kb = 1024 * 1024, os = "Linux",
+                               luapool = "0.1.0", lua = "Lua 5.4.4", curl = "7.88.1", loadavg = 0.5 })
+    assert.equal("unknown CPU, ? cpus", bench.describe_machine {})
+  end)
+end)
+
+describe("a bench suite, in detail", function()
+  local function quiet(name)
+    local t, text = 0, {}
+    local suite = bench.suite { name = name or "s", clock = function() return t end, progress = false,
+                                output = function(s) text[#text + 1] = s end }
+    return suite, function(dt) t = t + dt end, text
+  end
+
+  it("--filter keeps the matching cases and the baseline they need", function()
+    local suite, tick = quiet()
+    suite:case { name = "base", group = "g", baseline = "base", body = function() tick(4) end }
+    suite:case { name = "fast x2", group = "g", body = function() tick(1) end }
+    suite:case { name = "slow x1", group = "g", body = function() tick(2) end }
+    suite:case { name = "other x2", group = "h", body = function() tick(3) end }
+    suite:run { "--runs", "1", "--warmup", "0", "--filter", "fast" }
+    local names = {}
+    for _, r in ipairs(suite.results) do names[#names + 1] = r.name end
+    assert.same({ "base", "fast x2" }, names)
+    assert.equal(0.25, suite:result("fast x2").ratio)
+    assert.is_nil(suite:result("slow x1"))
+  end)
+
+  it("expands a product over named axes, with fixed params and a filter", function()
+    local suite = quiet()
+    local made = suite:product {
+      axes = { b = { 1, 2 }, a = { "x", "y" } }, fixed = { k = 9 },
+      filter = function(p) return not (p.a == "y" and p.b == 2) end,
+      name = "{a}{b} {nope}", group = function(p) return "g" .. p.a end,
+      units = function(p) return p.b * 10 end, body = function() end,
+    }
+    local got = {}
+    for _, c in ipairs(made) do got[#got + 1] = { c.name, c.group, c.units } end
+    assert.same({ { "x1 {nope}", "gx", 10 }, { "x2 {nope}", "gx", 20 }, { "y1 {nope}", "gy", 10 } }, got)
+    assert.same({ a = "x", b = 1, k = 9 }, made[1].params)
+    made = suite:product { axes = { { "n", { 3 } } }, name = function(p) return "n=" .. p.n end, body = print }
+    assert.equal("n=3", made[1].name)
+  end)
+
+  it("checks what it is given", function()
+    local suite = quiet()
+    assert.equal("bench.suite: name (a string) expected", helper.error_of(bench.suite, {}))
+    assert.equal("suite:case: name (a string) expected", helper.error_of(suite.case, suite, { body = print }))
+    assert.equal("suite:case 'a': body (a function) expected", helper.error_of(suite.case, suite, { name = "a" }))
+    assert.equal("suite:case 'a': units must be a positive number",
+      helper.error_of(suite.case, suite, { name = "a", body = print, units = 0 }))
+    suite:case { name = "a", body = print }
+    assert.equal("suite:case: duplicate case name 'a'",
+      helper.error_of(suite.case, suite, { name = "a", body = print }))
+    assert.equal("suite:product: axes expected", helper.error_of(suite.product, suite, { name = "x" }))
+    assert.equal("suite:table: run the suite first", helper.error_of(suite.table, suite))
+    assert.equal("suite:report: run the suite first", helper.error_of(suite.report, suite))
+  end)
+
+  it("says which case failed or lacks its baseline", function()
+    local suite = quiet()
+    suite:case { name = "a", body = function() error("boom", 0) end }
+    assert.equal("bench: case 'a' failed: boom", helper.error_of(suite.run, suite, { "--runs", "1" }))
+    suite = quiet()
+    suite:case { name = "a", baseline = "zz", body = print }
+    assert.equal("bench: case 'a': no baseline case 'zz' in group 'main'",
+      helper.error_of(suite.run, suite, { "--runs", "1" }))
+  end)
+
+  it("runs setup and teardown around every run, untimed, and prints its notes", function()
+    local suite, tick, text = quiet("notes")
+    local log = {}
+    suite:case {
+      name = "a", params = { p = 1 },
+      setup = function(params) tick(100); log[#log + 1] = "setup"; return { p = params.p } end,
+      body = function(state, params) tick(1); log[#log + 1] = "body " .. state.p .. params.p end,
+      teardown = function(state) tick(100); log[#log + 1] = "teardown " .. state.p end,
+    }
+    suite:note("a caveat")
+    suite:run { "--runs", "2", "--warmup", "1" }
+    assert.same({ "setup", "body 11", "teardown 1", "setup", "body 11", "teardown 1",
+                  "setup", "body 11", "teardown 1" }, log)
+    assert.same({ 1, 1 }, suite:result("a").runs)
+    text = table.concat(text)
+    assert.matches("^suite: notes\nmachine: ", text)
+    assert.matches("\nruns: 2 timed %(%+1 warm%-up%) per case, interleaved by group\n", text)
+    assert.matches("\na caveat\n$", text)
+  end)
+
+  it("charts ratios and rates, and says why it cannot", function()
+    local suite, tick = quiet()
+    assert.same({ nil, "svg: run the suite first" }, { suite:svg_text { x = "w" } })
+    suite:case { name = "base", baseline = "base", body = function() tick(4) end }
+    suite:product { axes = { { "w", { 1, 2, 4 } } }, name = "x{w}", units = 8,
+                    body = function(_, p) tick(4 / p.w) end }
+    suite:run { "--runs", "1", "--warmup", "0" }
+    assert.same({ nil, "svg: option x (a parameter name) expected" }, { suite:svg_text {} })
+    assert.same({ nil, "svg: no case has a numeric parameter 'nothing'" }, { suite:svg_text { x = "nothing" } })
+    assert.equal("svg: unknown y 'bogus'", helper.error_of(suite.svg_text, suite, { x = "w", y = "bogus" }))
+    local svg = assert(suite:svg_text { x = "w", y = "ratio", log_y = true, caption = "cap" })
+    assert.equal(1, count(svg, "<polyline "))
+    assert.matches("w = 4, 0%.25x</title>", svg)
+    assert.matches(">cap</text>", svg)
+    svg = assert(suite:svg_text { x = "w", y = "rate",
+                                  lines = { { label = "ideal", fn = function(w) return 2 * w end } } })
+    assert.matches("w = 4, 8%.00</title>", svg)
+    assert.matches(">ideal</text>", svg)
+    assert.equal(2, count(svg, 'stroke%-dasharray="2 3"')) -- the curve and its legend
+  end)
+end)
+
 describe("the suites in scripts/bench", function()
   local function smoke(name, extra)
     local args = { helper.source_dir .. "/scripts/bench/" .. name .. ".lua", "--quick", "--runs", "1", "--warmup", "0" }

@@ -58,6 +58,11 @@ fail() {
   echo "package-check: FAIL: $*" >&2
   exit 1
 }
+
+# The Lua files installed as they are (the rest of lua/luapool is compiled in).
+plain_lua() {
+  git ls-files 'lua/luapool/*.lua' | grep -v -e '^lua/luapool/executor\.lua$' -e '^lua/luapool/progress\.lua$'
+}
 pass() {
   passed=$((passed + 1))
   echo "package-check: ok: $*"
@@ -132,7 +137,7 @@ tree=$work/tree
   { cat "$work/luarocks.log" >&2; fail "luarocks make"; }
 [[ -z $sudo ]] || $sudo chown -R "$(id -u):$(id -g)" "$tree"
 rockdir=$tree/lib/luarocks/rocks-5.4/luapool/$version-1
-for f in bin/luapool lib/lua/5.4/luapool.so share/lua/5.4/luapool/fixture.lua share/lua/5.4/luapool/bench.lua \
+for f in bin/luapool lib/lua/5.4/luapool.so $(plain_lua | sed 's|^lua/|share/lua/5.4/|') \
          "${rockdir#"$tree"/}/bin/luapool"; do
   [[ -e $tree/$f ]] || fail "luarocks make: $tree/$f missing"
 done
@@ -155,18 +160,16 @@ cmake --build "$build" -j"$(nproc)" >/dev/null
 deb=$build/luapool_${version}-1_amd64.deb
 [[ -f $deb ]] || fail "cpack -G DEB made no $deb"
 files=$(dpkg-deb -c "$deb" | awk '$1 !~ /^d/ { print $6 }' | sort)
-expected_files=$(sort <<EOF
+expected_files=$( (cat <<EOF
 ./usr/bin/luapool
 ./usr/lib/$multiarch/lua/5.4/luapool.so
 ./usr/share/doc/luapool/README.md
 ./usr/share/doc/luapool/docs/choose-cpu.svg
 ./usr/share/doc/luapool/docs/choose-io.svg
 ./usr/share/doc/luapool/docs/choosing.md
-./usr/share/lua/5.4/luapool/bench.lua
-./usr/share/lua/5.4/luapool/fixture.lua
 ./usr/share/man/man1/luapool.1
 EOF
-)
+  plain_lua | sed 's|^lua/|./usr/share/lua/5.4/|') | sort)
 same "dpkg-deb -c (files)" "$expected_files" "$files"
 same "Package" "luapool" "$(dpkg-deb -f "$deb" Package)"
 same "Version" "$version-1" "$(dpkg-deb -f "$deb" Version)"

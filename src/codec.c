@@ -177,8 +177,9 @@ typedef struct eframe {
   uint32_t nhash;
 } eframe;
 
-#define NFAST   16 /* frames whose object and key are in stack slots */
+#define NFAST   8  /* frames whose object and key are in stack slots */
 #define NFRAMES 32 /* frames held in the encoder itself */
+#define NUVFAST 16 /* upvalue ids held in the encoder itself */
 /* Fixed slots above the caller's values: seen, spill, frame box, then the
 ** NFAST pairs (object, key). */
 #define E_SEEN   0
@@ -198,7 +199,10 @@ typedef struct luapool_encoder {
                  ** on the stack (0: use the saved one) */
   uint32_t nseen; /* tables and functions met: their reference ids */
   uint32_t nuv;   /* upvalues met: their numbers, for joins */
-  int root;       /* number of the root value being encoded */
+  /* The ids of the first NUVFAST upvalues met, searched in order (most
+  ** messages have a few); past that all are in the seen table. */
+  void *uv[NUVFAST];
+  int root; /* number of the root value being encoded */
   size_t nfr, cap;
   eframe *fr;
   eframe fr0[NFRAMES];
@@ -838,6 +842,40 @@ static int step_table(luapool_encoder *e, size_t j, int W) {
   return luapool__put_u8(e->bp, T_NIL) ? enc_nomem(e) : 0;
 }
 
+/* The number of the upvalue with this id, or -1 when not met yet. */
+static int64_t uv_find(luapool_encoder *e, void *id) {
+  if (e->nuv <= NUVFAST) {
+    for (uint32_t k = 0; k < e->nuv; k++)
+      if (e->uv[k] == id) return k;
+    return -1;
+  }
+  lua_State *L = e->L;
+  lua_pushlightuserdata(L, id);
+  int64_t k = lua_rawget(L, e->base + E_SEEN) == LUA_TNUMBER ? lua_tointeger(L, -1) : -1;
+  lua_pop(L, 1);
+  return k;
+}
+
+/* Numbers the upvalue with this id (a light userdata key of the seen
+** table once there are more than NUVFAST). */
+static void uv_add(luapool_encoder *e, void *id) {
+  lua_State *L = e->L;
+  int seen = e->base + E_SEEN;
+  if (e->nuv < NUVFAST) {
+    e->uv[e->nuv++] = id;
+    return;
+  }
+  if (e->nuv == NUVFAST) /* from now on all in the table */
+    for (uint32_t k = 0; k < NUVFAST; k++) {
+      lua_pushlightuserdata(L, e->uv[k]);
+      lua_pushinteger(L, k);
+      lua_rawset(L, seen);
+    }
+  lua_pushlightuserdata(L, id);
+  lua_pushinteger(L, e->nuv++);
+  lua_rawset(L, seen);
+}
+
 /* One step of the function frame j (its function at W): its upvalues.
 ** Each is _ENV (T_ENV: the receiver's globals), one met before in this
 ** message (T_UPREF and its number: the receiver joins the two), or a new
@@ -845,7 +883,6 @@ static int step_table(luapool_encoder *e, size_t j, int W) {
 static int step_func(luapool_encoder *e, size_t j, int W) {
   lua_State *L = e->L;
   eframe *f = &e->fr[j];
-  int seen = e->base + E_SEEN;
   if (f->pending) {
     f->pending = 0;
     f->i++;
@@ -861,18 +898,16 @@ static int step_func(luapool_encoder *e, size_t j, int W) {
       if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
       continue;
     }
-    lua_pushlightuserdata(L, lua_upvalueid(L, W, i));
-    if (lua_rawget(L, seen) == LUA_TNUMBER) {
-      uint32_t k = (uint32_t)lua_tointeger(L, -1);
+    void *id = lua_upvalueid(L, W, i);
+    int64_t k = uv_find(e, id);
+    if (k >= 0) {
       lua_settop(L, W);
-      if (luapool__put_u8(e->bp, T_UPREF) || luapool__put_u32(e->bp, k)) return enc_nomem(e);
+      if (luapool__put_u8(e->bp, T_UPREF) || luapool__put_u32(e->bp, (uint32_t)k))
+        return enc_nomem(e);
       continue;
     }
-    lua_pop(L, 1);
     if (e->nuv == UINT32_MAX) return enc_error_at(e, j, "a message with too many upvalues");
-    lua_pushlightuserdata(L, lua_upvalueid(L, W, i));
-    lua_pushinteger(L, e->nuv++);
-    lua_rawset(L, seen);
+    uv_add(e, id);
     int r = enc_any(e, W + 1);
     if (r != 0) {
       if (r > 0) e->fr[j].pending = 1;
@@ -1027,8 +1062,9 @@ int luapool__peek_kernel(lp_reader *r) {
 ** Every table and function is in the refs table by id, so a frame holds
 ** only its object's id.  A hash key waiting while its value (a table or a
 ** function) is decoded waits in the pend table, by frame.  Upvalues are
-** numbered in the order met, as the encoder numbers them; uvs keeps, per
-** number, the closure (its id) and slot that own it, for T_UPREF joins. */
+** numbered in the order met, as the encoder numbers them; uv keeps, per
+** number, the closure (its id) and slot that own it, for T_UPREF joins
+** (in the decoder itself, then in a userdata when they outgrow it). */
 typedef struct dframe {
   unsigned char kind, phase, pending, reusable;
   uint32_t ref;   /* the object's id in refs */
@@ -1039,19 +1075,22 @@ typedef struct dframe {
 typedef struct dec {
   lua_State *L;
   lp_reader *r;
-  int base;       /* stack slots: refs, pend, uvs, frame box (nil until needed) */
+  int base;       /* stack slots: refs, pend, uv box, frame box (nil until needed) */
   uint32_t nrefs; /* tables and functions so far */
   uint32_t nuv;   /* upvalues so far */
   int fcache;     /* reuse functions loaded by earlier messages (workers) */
   size_t budget;  /* table slots that may still be preallocated */
   size_t nfr, cap;
   dframe *fr;
+  size_t uvcap;
+  uint64_t *uv; /* [nuv]: owner's id << 8 | slot */
   dframe fr0[NFRAMES];
+  uint64_t uv0[NUVFAST];
 } dec;
 
 #define D_REFS   0
 #define D_PEND   1
-#define D_UVS    2
+#define D_UVBOX  2
 #define D_FBOX   3
 #define D_NFIXED 4
 
@@ -1481,17 +1520,23 @@ static int dstep_func(dec *d, size_t j, int W) {
       d->r->p++;
       if (luapool__get_u32(d->r, &k)) malformed(d, "truncated upvalue reference");
       if (k >= d->nuv) malformed(d, "bad upvalue reference");
-      lua_rawgeti(L, d->base + D_UVS, (lua_Integer)k);
-      lua_Integer owner = lua_tointeger(L, -1);
-      lua_rawgeti(L, d->base + D_REFS, owner >> 8); /* W + 2 */
+      uint64_t owner = d->uv[k];
+      lua_rawgeti(L, d->base + D_REFS, (lua_Integer)(owner >> 8)); /* W + 1 */
       /* (the owner's closure and slot were checked when it was met) */
-      lua_upvaluejoin(L, W, i, W + 2, (int)(owner & 0xff));
+      lua_upvaluejoin(L, W, i, W + 1, (int)(owner & 0xff));
       lua_settop(L, W);
       continue;
     }
     if (d->nuv == UINT32_MAX) malformed(d, "too many upvalues");
-    lua_pushinteger(L, ((lua_Integer)f->ref << 8) | i);
-    lua_rawseti(L, dec_slot_table(d, D_UVS), (lua_Integer)d->nuv++);
+    if (d->nuv == d->uvcap) { /* move them into a bigger userdata */
+      if (d->uvcap > SIZE_MAX / 2 / sizeof(uint64_t)) luaL_error(L, "not enough memory");
+      uint64_t *nu = lua_newuserdatauv(L, 2 * d->uvcap * sizeof(uint64_t), 0);
+      memcpy(nu, d->uv, d->nuv * sizeof(uint64_t));
+      lua_replace(L, d->base + D_UVBOX);
+      d->uv = nu;
+      d->uvcap *= 2;
+    }
+    d->uv[d->nuv++] = ((uint64_t)d->fr[j].ref << 8) | (unsigned)i;
     if (dec_any(d)) {
       d->fr[j].pending = 1;
       return 1;
@@ -1537,6 +1582,8 @@ static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   d.nfr = 0;
   d.cap = NFRAMES;
   d.fr = d.fr0;
+  d.uvcap = NUVFAST;
+  d.uv = d.uv0;
   lua_settop(L, d.base + D_NFIXED - 1);
   for (int i = 0; i < n; i++)
     if (dec_any(&d)) dec_run(&d, 0);

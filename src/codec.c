@@ -1271,6 +1271,7 @@ static void dec_named(dec *d) {
   memcpy(buf, name, len);
   buf[len] = 0;
   int top = lua_gettop(L);
+  luaL_checkstack(L, (int)len + 4, "decoding a message"); /* one per part of the name */
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   char *part = buf, *dot = strchr(part, '.');
   if (dot) *dot = 0;
@@ -1550,11 +1551,11 @@ static int dstep_func(dec *d, size_t j, int W) {
 ** top; on return the completed value is there instead. */
 static void dec_run(dec *d, size_t floor) {
   lua_State *L = d->L;
-  int W = lua_gettop(L);
+  int W = lua_gettop(L); /* the same for every step: room for one, once */
+  luaL_checkstack(L, 8, "decoding a message");
   while (d->nfr > floor) {
     size_t j = d->nfr - 1;
     dframe *f = &d->fr[j];
-    luaL_checkstack(L, 8, "decoding a message");
     if (f->pending) { /* the child at W: the object goes below it */
       lua_rawgeti(L, d->base + D_REFS, f->ref);
       lua_insert(L, W);

@@ -194,7 +194,9 @@ typedef struct luapool_encoder {
   lp_buf *bp; /* where it writes */
   lua_State *L;
   lp_encode_ctx *ctx;
-  int base;       /* stack index of the fixed slots, 0 until the first frame */
+  int base;       /* stack index of the fixed slots (the seen table first),
+                  ** 0 until the first table or Lua function */
+  int slots;      /* the slots after it exist (made with the first frame) */
   int curkey;     /* stack index of the innermost frame's key while it is
                  ** on the stack (0: use the saved one) */
   uint32_t nseen; /* tables and functions met: their reference ids */
@@ -246,51 +248,46 @@ static int scratch_gc(lua_State *L) {
   return 0;
 }
 
-/* The state's buffer waits in slot 1 of a holder table in the registry.
-** Taking it empties the slot; releasing it puts it back.  A caller nested
-** meanwhile (a __gc that submits in the middle of an encode) finds the
-** slot empty and gets a buffer of its own.  A Lua error between take and
-** release (no memory, a refused submit) loses nothing either: the slot is
-** empty, the next caller makes a fresh buffer, and its release makes that
-** one the state's; the lost one is collected with its bytes.  The holder's
-** slot is in its array part, so neither emptying nor refilling it
-** allocates: a release never raises. */
+/* The state's buffer waits in the registry under SCRATCH_KEY; taking it
+** leaves false there, releasing it puts it back.  A caller nested
+** meanwhile (a __gc that submits in the middle of an encode) finds false
+** and gets a buffer of its own.  A Lua error between take and release (no
+** memory, a refused submit) loses nothing either: the next caller finds
+** false, makes a fresh buffer, and its release makes that one the
+** state's; the lost one is collected with its bytes.  The key is never
+** nil once made (the first take makes it), so a release sets an existing
+** key: it never allocates, never raises. */
 lp_buf *luapool__scratch(lua_State *L) {
   scratch *sc = NULL;
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_createtable(L, 1, 0);
-    lua_pushvalue(L, -1);
+  int t = lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
+  if (t == LUA_TUSERDATA) {
+    sc = lua_touserdata(L, -1);
+    lua_pushboolean(L, 0);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY); /* taken */
+    sc->b.len = 0;
+    return &sc->b; /* its userdata is on top of the stack */
+  }
+  lua_pop(L, 1);
+  if (t == LUA_TNIL) { /* the first take: make the key */
+    lua_pushboolean(L, 0);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
   }
-  if (lua_rawgeti(L, -1, 1) == LUA_TUSERDATA) {
-    sc = lua_touserdata(L, -1);
-    lua_pushnil(L);
-    lua_rawseti(L, -3, 1); /* taken */
-    lua_remove(L, -2);     /* the holder */
-  } else {
-    lua_pop(L, 2);
-    sc = lua_newuserdatauv(L, sizeof *sc, 0);
-    memset(sc, 0, sizeof *sc);
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, scratch_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-  }
-  sc->b.len = 0;
-  return &sc->b; /* its userdata is on top of the stack */
+  sc = lua_newuserdatauv(L, sizeof *sc, 0);
+  memset(sc, 0, sizeof *sc);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, scratch_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  return &sc->b;
 }
 
 void luapool__scratch_release(lua_State *L, int idx) {
   scratch *sc = lua_touserdata(L, idx);
   sc->b.len = 0;
   idx = lua_absindex(L, idx);
-  if (!lua_checkstack(L, 2)) return; /* not kept: the GC frees it */
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY) == LUA_TTABLE) {
-    lua_pushvalue(L, idx);
-    lua_rawseti(L, -2, 1);
-  }
-  lua_pop(L, 1);
+  if (!lua_checkstack(L, 1)) return; /* not kept: the GC frees it */
+  lua_pushvalue(L, idx);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
 }
 
 /* Pushes a registry table, creating it (weak-keyed when asked) if needed. */
@@ -395,11 +392,21 @@ static int enc_named(luapool_encoder *e, int idx) {
 static void enc_base(luapool_encoder *e) {
   lua_State *L = e->L;
   if (e->base) return;
-  luaL_checkstack(L, E_NFIXED + 16, "encoding a message");
-  e->base = lua_gettop(L) + 1;
-  lua_settop(L, e->base + E_NFIXED - 1);
+  luaL_checkstack(L, 16, "encoding a message");
   lua_newtable(L);
-  lua_replace(L, e->base + E_SEEN);
+  e->base = lua_gettop(L); /* E_SEEN */
+}
+
+/* The other fixed slots, made with the first frame (a message of scalars
+** and _ENV-only functions needs none).  Frames open from the root level
+** or from a frame's step, so the first one opens at the root level, where
+** nothing is above the seen table. */
+static void enc_slots(luapool_encoder *e) {
+  lua_State *L = e->L;
+  if (e->slots) return;
+  luaL_checkstack(L, E_NFIXED + 16, "encoding a message");
+  lua_settop(L, e->base + E_NFIXED - 1);
+  e->slots = 1;
 }
 
 /* Object (k = 0) or key (k = 1) of frame j: stored from the top (popped),
@@ -429,6 +436,7 @@ static void slot_get(luapool_encoder *e, size_t j, int k) {
 /* Opens a frame for the object at idx. */
 static eframe *enc_push(luapool_encoder *e, int idx, int kind, lua_Unsigned n) {
   lua_State *L = e->L;
+  enc_slots(e);
   if (e->nfr == e->cap) { /* move the frames into a bigger userdata */
     if (e->cap > SIZE_MAX / 2 / sizeof(eframe)) luaL_error(L, "not enough memory");
     eframe *nf = lua_newuserdatauv(L, 2 * e->cap * sizeof(eframe), 0);
@@ -691,7 +699,11 @@ static int enc_function_head(luapool_encoder *e, int idx) {
   }
   if (luapool__put_u8(e->bp, (unsigned)nups) || luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
     return enc_nomem(e);
-  if (nups == 0) return 0;
+  if (only_env) { /* the common case (no frame): every upvalue is _ENV */
+    for (int i = 0; i < nups; i++)
+      if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
+    return 0;
+  }
   enc_push(e, idx, F_FUNC, (lua_Unsigned)nups);
   return 1;
 }
@@ -942,6 +954,7 @@ int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ct
   e->bp = b;
   e->ctx = ctx;
   e->base = 0;
+  e->slots = 0;
   e->curkey = 0;
   e->nseen = 0;
   e->nuv = 0;

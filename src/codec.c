@@ -1092,6 +1092,7 @@ typedef struct dec {
   uint32_t nrefs; /* tables and functions so far */
   uint32_t nuv;   /* upvalues so far */
   int fcache;     /* reuse functions loaded by earlier messages (workers) */
+  int rdepth;     /* tables being decoded by dec_table_now (C recursion) */
   size_t budget;  /* table slots that may still be preallocated */
   size_t nfr, cap;
   dframe *fr;
@@ -1150,8 +1151,8 @@ static dframe *dec_push(dec *d, int kind) {
   return f;
 }
 
-/* Reads a table's head, creates and registers it and opens its frame. */
-static void dec_table_head(dec *d) {
+/* Reads a table's head, creates and registers it (on top). */
+static void dec_table_make(dec *d, uint32_t *pnarr, uint32_t *pnhash) {
   lua_State *L = d->L;
   uint32_t narr, nhash;
   if (luapool__get_u32(d->r, &narr) || luapool__get_u32(d->r, &nhash))
@@ -1172,6 +1173,14 @@ static void dec_table_head(dec *d) {
   }
   lua_createtable(L, (int)(pa > INT32_MAX ? 0 : pa), (int)(ph > INT32_MAX ? 0 : ph));
   dec_register(d);
+  *pnarr = narr;
+  *pnhash = nhash;
+}
+
+/* ... and opens its frame. */
+static void dec_table_head(dec *d) {
+  uint32_t narr, nhash;
+  dec_table_make(d, &narr, &nhash);
   dframe *f = dec_push(d, F_TABLE);
   f->n = narr;
   f->nhash = nhash;
@@ -1369,6 +1378,12 @@ static int dec_function_head(dec *d) {
   return 1;
 }
 
+/* Tables nested less than this deep in C decode at once, by recursion (the
+** common shapes, fastest); deeper ones go through the work list. */
+#define DEC_RDEPTH 32
+
+static void dec_table_now(dec *d);
+
 /* Reads one value: pushes it and returns 0, or pushes a table or function
 ** whose contents follow, with its frame opened, and returns 1. */
 static int dec_any(dec *d) {
@@ -1400,7 +1415,13 @@ static int dec_any(dec *d) {
       d->r->p += len;
       return 0;
     }
-    case T_TABLE: dec_table_head(d); return 1;
+    case T_TABLE:
+      if (d->rdepth < DEC_RDEPTH) {
+        dec_table_now(d);
+        return 0;
+      }
+      dec_table_head(d);
+      return 1;
     case T_REF: {
       uint32_t id;
       if (luapool__get_u32(d->r, &id) || id >= d->nrefs) malformed(d, "bad reference");
@@ -1560,6 +1581,42 @@ static int dstep_func(dec *d, size_t j, int W) {
   return 0;
 }
 
+static void dec_run(dec *d, size_t floor);
+
+/* Reads one value completely (work list included): pushes it. */
+static void dec_whole(dec *d) {
+  if (dec_any(d)) dec_run(d, d->nfr - 1);
+}
+
+/* Decodes a table at once: its items by recursion, bounded by DEC_RDEPTH
+** (a child past that depth finishes on the work list). */
+static void dec_table_now(dec *d) {
+  lua_State *L = d->L;
+  uint32_t narr, nhash;
+  dec_table_make(d, &narr, &nhash);
+  luaL_checkstack(L, 8, "decoding a message");
+  int t = lua_gettop(L);
+  d->rdepth++;
+  for (uint32_t i = 1; i <= narr; i++) {
+    dec_whole(d);
+    lua_rawseti(L, t, (lua_Integer)i);
+  }
+  for (uint32_t i = 0; i < nhash; i++) {
+    dec_whole(d);
+    check_key(d, t + 1);
+    dec_whole(d);
+    lua_rawset(L, t);
+  }
+  dec_whole(d);
+  if (lua_istable(L, t + 1))
+    lua_setmetatable(L, t);
+  else if (lua_isnil(L, t + 1))
+    lua_pop(L, 1);
+  else
+    malformed(d, "metatable is not a table");
+  d->rdepth--;
+}
+
 /* Runs the work list: on entry the object of the innermost frame is on
 ** top; on return the completed value is there instead. */
 static void dec_run(dec *d, size_t floor) {
@@ -1592,6 +1649,7 @@ static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   d.nrefs = 0;
   d.nuv = 0;
   d.fcache = fcache;
+  d.rdepth = 0;
   d.budget = (size_t)(r->end - r->p);
   d.nfr = 0;
   d.cap = NFRAMES;

@@ -422,7 +422,8 @@ static void slot_set(luapool_encoder *e, size_t j, int k) {
     lua_newtable(L);
     lua_replace(L, spill);
   }
-  lua_rawseti(L, spill, (lua_Integer)(2 * j + (size_t)k));
+  lua_Integer n = 2 * (lua_Integer)j + k;
+  lua_rawseti(L, spill, n);
 }
 
 static void slot_get(luapool_encoder *e, size_t j, int k) {
@@ -430,7 +431,7 @@ static void slot_get(luapool_encoder *e, size_t j, int k) {
   if (j < NFAST)
     lua_pushvalue(L, e->base + E_SLOTS + 2 * (int)j + k);
   else
-    lua_rawgeti(L, e->base + E_SPILL, (lua_Integer)(2 * j + (size_t)k));
+    lua_rawgeti(L, e->base + E_SPILL, 2 * (lua_Integer)j + k);
 }
 
 /* Opens a frame for the object at idx. */

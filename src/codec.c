@@ -180,7 +180,8 @@ typedef struct eframe {
 #define NFAST   8  /* frames whose object and key are in stack slots */
 #define NFRAMES 32 /* frames held in the encoder itself */
 #define NUVFAST 16 /* upvalue ids held in the encoder itself */
-/* Fixed slots above the caller's values: seen, spill, frame box, then the
+/* Fixed slots above the caller's values: seen (made with the first table
+** or Lua function), then, with the first frame, spill, frame box and the
 ** NFAST pairs (object, key). */
 #define E_SEEN   0
 #define E_SPILL  1
@@ -1072,7 +1073,8 @@ int luapool__peek_kernel(lp_reader *r) {
 }
 
 /* The decoder mirrors the encoder: a work list of frames (tables being
-** filled, functions getting their upvalues), no C recursion per level.
+** filled, functions getting their upvalues), no C recursion per level
+** (but for the first DEC_RDEPTH levels of tables: dec_table_now).
 ** Every table and function is in the refs table by id, so a frame holds
 ** only its object's id.  A hash key waiting while its value (a table or a
 ** function) is decoded waits in the pend table, by frame.  Upvalues are

@@ -4,15 +4,24 @@
 ** A message is a sequence of tagged values.  Tables and Lua functions get
 ** reference ids in the order they are first met, so shared references and
 ** cycles arrive as they left.  Lua functions travel as bytecode (with debug
-** info, so tracebacks keep file:line) plus their upvalues copied by value;
-** the `_ENV` upvalue becomes the receiver's globals.
+** info, so tracebacks keep file:line) plus their upvalues; an upvalue that
+** several functions of the message share (two closures over one local)
+** travels once, and the receiver joins the others to it, so they still
+** share it.  The `_ENV` upvalue becomes the receiver's globals.  One
+** luapool__encode call is one reference space: a task's function and its
+** arguments, one call of a batch, one reply.
 ** C functions travel by name; only the standard library's and luapool's are
-** known, and library tables and functions travel by name too.  The decoder trusts no byte: every length is checked against what
-** is left, every tag and reference id is validated.  (Bytecode itself is
-** checked only as far as Lua's own loader does: messages come only from this
-** pool's own processes and threads, never from the network.)
+** known, and library tables and functions travel by name too.
+** Nesting is limited by memory only: both directions walk a work list, not
+** the C stack.  The decoder trusts no byte: every length is checked
+** against what is left, every tag, reference id and upvalue number is
+** validated.  (Bytecode itself is checked only as far as Lua's own loader
+** does: messages come only from this pool's own processes and threads,
+** never from the network.)
 */
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <sys/random.h>
 #include <time.h>
@@ -37,11 +46,14 @@ enum {
   T_TABLE,  /* u32 narr, u32 nhash, narr values, nhash pairs, metatable */
   T_REF,    /* u32 id of a table or function already in the message */
   T_LFUNC,  /* u64 fid, u64 checksum, u32 len, bytecode, u8 nups, u8 flags,
-            ** upvalues */
+            ** then per upvalue T_ENV, T_UPREF or a value (a new upvalue,
+            ** numbered in the order met, from 0 per reference space) */
   T_NAMED,  /* name: a library table or function, see push_names */
   T_KERNEL, /* u8 index into luapool__kernels */
   T_INT128, /* 16 bytes */
   T_ENV,    /* (as an upvalue only) the receiver's globals */
+  T_UPREF,  /* (as an upvalue only) u32 number of an upvalue met before in
+            ** the message: this slot shares it */
   T_LAST
 };
 
@@ -131,35 +143,78 @@ int luapool__put_value(lp_buf *b, const lp_value *v) {
 ** Encoder
 ** ======================================================= */
 
-/* One step of the path from the root to the value being encoded; the text
-** is produced only when an error needs it. */
-enum { SEG_INDEX, SEG_FIELD, SEG_KEYOF, SEG_ISKEY, SEG_META, SEG_UPVAL };
-typedef struct seg {
-  int kind;
-  int idx;          /* stack index of the key, or of the function */
-  lua_Integer i;    /* SEG_INDEX */
-  const char *name; /* SEG_UPVAL */
-} seg;
+/* The encoder walks the value with a work list instead of C recursion, so
+** that depth is limited by memory only (a linked list of a million nodes
+** is ordinary data).  Each table or Lua function being written is a frame:
+** its position (array index, hash key, metatable, upvalue slot) says where
+** the walk resumes after a child, and is also the step of the path that an
+** error names.  Scalars, references and names are written inline, without
+** a frame.
+**
+** Where things live: the first NFAST frames keep their object and their
+** current hash key in fixed Lua stack slots, deeper ones in a spill table;
+** the frames themselves are in the encoder (C stack) until they outgrow it,
+** then in a userdata.  Everything is collectable, so an encode cut short by
+** a Lua error (no memory) leaves nothing behind.  */
 
-/* One encode in progress: on the C stack of luapool__encode, so that an
-** encode cut short by a Lua error leaves nothing behind, and one started by
-** a __gc in the middle of another is independent of it. */
+enum { F_TABLE, F_FUNC };
+/* What the frame's child is (the path step), and where the walk resumes. */
+enum {
+  PH_ARRAY,   /* array item i */
+  PH_HASH,    /* between pairs: lua_next from the saved key */
+  PH_KEY,     /* the key itself ("a key") */
+  PH_KEYDONE, /* (a key just written: its value next) */
+  PH_VAL,     /* the value at the saved key */
+  PH_META,    /* the metatable */
+  PH_UPVAL    /* upvalue slot i */
+};
+
+typedef struct eframe {
+  unsigned char kind, phase, pending; /* pending: a child frame is open */
+  lua_Unsigned i;                     /* array index, or upvalue slot */
+  lua_Unsigned n;                     /* array size, or upvalue count */
+  size_t hpos;                        /* where the pair count goes */
+  uint32_t nhash;
+} eframe;
+
+#define NFAST   8  /* frames whose object and key are in stack slots */
+#define NFRAMES 32 /* frames held in the encoder itself */
+#define NUVFAST 16 /* upvalue ids held in the encoder itself */
+/* Fixed slots above the caller's values: seen (made with the first table
+** or Lua function), then, with the first frame, spill, frame box and the
+** NFAST pairs (object, key). */
+#define E_SEEN   0
+#define E_SPILL  1
+#define E_FBOX   2
+#define E_SLOTS  3
+#define E_NFIXED (E_SLOTS + 2 * NFAST)
+
+/* One encode in progress: on the C stack of luapool__encode, so that one
+** started by a __gc in the middle of another is independent of it. */
 typedef struct luapool_encoder {
   lp_buf *bp; /* where it writes */
   lua_State *L;
   lp_encode_ctx *ctx;
-  int seen; /* stack index of the table (value -> ref id), 0 until needed */
-  uint32_t nseen;
-  int depth;
+  int base;       /* stack index of the fixed slots (the seen table first),
+                  ** 0 until the first table or Lua function */
+  int slots;      /* the slots after it exist (made with the first frame) */
+  int curkey;     /* stack index of the innermost frame's key while it is
+                 ** on the stack (0: use the saved one) */
+  uint32_t nseen; /* tables and functions met: their reference ids */
+  uint32_t nuv;   /* upvalues met: their numbers, for joins */
+  /* The ids of the first NUVFAST upvalues met, searched in order (most
+  ** messages have a few); past that all are in the seen table. */
+  void *uv[NUVFAST];
   int root; /* number of the root value being encoded */
-  seg path[LUAPOOL_MAXDEPTH + 2];
+  size_t nfr, cap;
+  eframe *fr;
+  eframe fr0[NFRAMES];
 } luapool_encoder;
 
 /* The state's scratch buffer lives in a userdata: a Lua error raised while
 ** it holds bytes cannot leak them. */
 typedef struct scratch {
   lp_buf b;
-  int taken; /* handed out and not released yet */
 } scratch;
 
 /* Registry keys: the addresses of these (pointer keys are found without
@@ -194,38 +249,46 @@ static int scratch_gc(lua_State *L) {
   return 0;
 }
 
-/* The state's buffer is handed out with a flag, not taken out of the
-** registry (that cost more than the rest of a submit).  A caller nested
-** meanwhile (a __gc that submits in the middle of an encode) finds it
-** taken and gets a buffer of its own, which the GC frees.  A Lua error
-** between take and release (no memory) leaves the flag set: later callers
-** then get their own buffers too, correct if a little slower. */
+/* The state's buffer waits in the registry under SCRATCH_KEY; taking it
+** leaves false there, releasing it puts it back.  A caller nested
+** meanwhile (a __gc that submits in the middle of an encode) finds false
+** and gets a buffer of its own.  A Lua error between take and release (no
+** memory, a refused submit) loses nothing either: the next caller finds
+** false, makes a fresh buffer, and its release makes that one the
+** state's; the lost one is collected with its bytes.  The key is never
+** nil once made (the first take makes it), so a release sets an existing
+** key: it never allocates, never raises. */
 lp_buf *luapool__scratch(lua_State *L) {
   scratch *sc = NULL;
-  int registered = lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY) == LUA_TUSERDATA;
-  if (registered) sc = lua_touserdata(L, -1);
-  if (sc == NULL || sc->taken) {
-    lua_pop(L, 1);
-    sc = lua_newuserdatauv(L, sizeof *sc, 0);
-    memset(sc, 0, sizeof *sc);
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, scratch_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    if (!registered) { /* the first one becomes the state's */
-      lua_pushvalue(L, -1);
-      lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
-    }
+  int t = lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
+  if (t == LUA_TUSERDATA) {
+    sc = lua_touserdata(L, -1);
+    lua_pushboolean(L, 0);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY); /* taken */
+    sc->b.len = 0;
+    return &sc->b; /* its userdata is on top of the stack */
   }
-  sc->taken = 1;
-  sc->b.len = 0;
-  return &sc->b; /* its userdata is on top of the stack */
+  lua_pop(L, 1);
+  if (t == LUA_TNIL) { /* the first take: make the key */
+    lua_pushboolean(L, 0);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
+  }
+  sc = lua_newuserdatauv(L, sizeof *sc, 0);
+  memset(sc, 0, sizeof *sc);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, scratch_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  return &sc->b;
 }
 
 void luapool__scratch_release(lua_State *L, int idx) {
   scratch *sc = lua_touserdata(L, idx);
   sc->b.len = 0;
-  sc->taken = 0;
+  idx = lua_absindex(L, idx);
+  if (!lua_checkstack(L, 1)) return; /* not kept: the GC frees it */
+  lua_pushvalue(L, idx);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
 }
 
 /* Pushes a registry table, creating it (weak-keyed when asked) if needed. */
@@ -323,6 +386,84 @@ static int enc_named(luapool_encoder *e, int idx) {
   return r ? enc_nomem(e) : 1;
 }
 
+/* {====== frame storage */
+
+/* Makes the fixed slots (the first table or function of the encode: no
+** frame exists yet, so the top is the caller's). */
+static void enc_base(luapool_encoder *e) {
+  lua_State *L = e->L;
+  if (e->base) return;
+  luaL_checkstack(L, 16, "encoding a message");
+  lua_newtable(L);
+  e->base = lua_gettop(L); /* E_SEEN */
+}
+
+/* The other fixed slots, made with the first frame (a message of scalars
+** and _ENV-only functions needs none).  Frames open from the root level
+** or from a frame's step, so the first one opens at the root level, where
+** nothing is above the seen table. */
+static void enc_slots(luapool_encoder *e) {
+  lua_State *L = e->L;
+  if (e->slots) return;
+  luaL_checkstack(L, E_NFIXED + 16, "encoding a message");
+  lua_settop(L, e->base + E_NFIXED - 1);
+  e->slots = 1;
+}
+
+/* Object (k = 0) or key (k = 1) of frame j: stored from the top (popped),
+** or pushed. */
+static void slot_set(luapool_encoder *e, size_t j, int k) {
+  lua_State *L = e->L;
+  if (j < NFAST) {
+    lua_replace(L, e->base + E_SLOTS + 2 * (int)j + k);
+    return;
+  }
+  int spill = e->base + E_SPILL;
+  if (lua_type(L, spill) != LUA_TTABLE) {
+    lua_newtable(L);
+    lua_replace(L, spill);
+  }
+  lua_Integer n = 2 * (lua_Integer)j + k;
+  lua_rawseti(L, spill, n);
+}
+
+static void slot_get(luapool_encoder *e, size_t j, int k) {
+  lua_State *L = e->L;
+  if (j < NFAST)
+    lua_pushvalue(L, e->base + E_SLOTS + 2 * (int)j + k);
+  else
+    lua_rawgeti(L, e->base + E_SPILL, 2 * (lua_Integer)j + k);
+}
+
+/* Opens a frame for the object at idx. */
+static eframe *enc_push(luapool_encoder *e, int idx, int kind, lua_Unsigned n) {
+  lua_State *L = e->L;
+  enc_slots(e);
+  if (e->nfr == e->cap) { /* move the frames into a bigger userdata */
+    if (e->cap > SIZE_MAX / 2 / sizeof(eframe)) luaL_error(L, "not enough memory");
+    eframe *nf = lua_newuserdatauv(L, 2 * e->cap * sizeof(eframe), 0);
+    memcpy(nf, e->fr, e->nfr * sizeof(eframe));
+    lua_replace(L, e->base + E_FBOX);
+    e->fr = nf;
+    e->cap *= 2;
+  }
+  lua_pushvalue(L, idx);
+  slot_set(e, e->nfr, 0);
+  eframe *f = &e->fr[e->nfr++];
+  f->kind = (unsigned char)kind;
+  f->phase = kind == F_TABLE ? PH_ARRAY : PH_UPVAL;
+  f->pending = 0;
+  f->i = 1;
+  f->n = n;
+  f->hpos = 0;
+  f->nhash = 0;
+  return f;
+}
+
+/* }====== */
+
+/* {====== error messages */
+
 static const char *describe(lua_State *L, int idx) {
   switch (lua_type(L, idx)) {
     case LUA_TUSERDATA: return "a userdata";
@@ -335,58 +476,84 @@ static const char *describe(lua_State *L, int idx) {
   }
 }
 
-static void seg_text(luapool_encoder *e, const seg *s, luaL_Buffer *b) {
+static void app(char *buf, size_t cap, size_t *pos, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void app(char *buf, size_t cap, size_t *pos, const char *fmt, ...) {
+  if (*pos >= cap - 1) return;
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf + *pos, cap - *pos, fmt, ap);
+  va_end(ap);
+  if (n > 0) *pos = (size_t)n >= cap - *pos ? cap - 1 : *pos + (size_t)n;
+}
+
+/* Appends the path step of frame j: what its current child is. */
+static void seg_text(luapool_encoder *e, size_t j, char *buf, size_t cap, size_t *pos) {
   lua_State *L = e->L;
-  switch (s->kind) {
-    case SEG_INDEX: lua_pushfstring(L, "index %I", (LUAI_UACINT)s->i); break;
-    case SEG_FIELD: {
-      const char *k = lua_tostring(L, s->idx);
-      lua_pushfstring(L, "field '%s'", k);
-      break;
-    }
-    case SEG_KEYOF: lua_pushfstring(L, "value at a %s key", luaL_typename(L, s->idx)); break;
-    case SEG_ISKEY: lua_pushliteral(L, "a key"); break;
-    case SEG_META: lua_pushliteral(L, "metatable"); break;
-    case SEG_UPVAL: {
-      lua_Debug ar;
-      lua_pushvalue(L, s->idx);
-      lua_getinfo(L, ">S", &ar);
-      lua_pushfstring(L, "upvalue '%s' of function <%s:%d>", s->name, ar.short_src, ar.linedefined);
-      break;
-    }
+  const eframe *f = &e->fr[j];
+  if (f->kind == F_FUNC) {
+    lua_Debug ar;
+    slot_get(e, j, 0);
+    const char *name = lua_getupvalue(L, -1, (int)f->i);
+    if (name) lua_pop(L, 1);
+    lua_getinfo(L, ">S", &ar); /* pops the function (the slot keeps it) */
+    app(buf, cap, pos, "upvalue '%s' of function <%s:%d>", name ? name : "?", ar.short_src,
+        ar.linedefined);
+    return;
   }
-  luaL_addvalue(b);
+  switch (f->phase) {
+    case PH_ARRAY: app(buf, cap, pos, "index %lld", (long long)f->i); return;
+    case PH_KEY: app(buf, cap, pos, "a key"); return;
+    case PH_META: app(buf, cap, pos, "metatable"); return;
+    default: break;
+  }
+  /* a value at a key */
+  if (j + 1 == e->nfr && e->curkey)
+    lua_pushvalue(L, e->curkey);
+  else
+    slot_get(e, j, 1);
+  if (lua_type(L, -1) == LUA_TSTRING)
+    app(buf, cap, pos, "field '%s'", lua_tostring(L, -1));
+  else if (lua_isinteger(L, -1))
+    app(buf, cap, pos, "index %lld", (long long)lua_tointeger(L, -1));
+  else
+    app(buf, cap, pos, "value at a %s key", luaL_typename(L, -1));
+  lua_pop(L, 1);
 }
 
 #define SUFFIX(e) ((e)->ctx->suffix ? (e)->ctx->suffix : "")
 
-/* Writes "cannot send ROOT #N: PATH is WHAT" into ctx->err. */
-static int enc_error(luapool_encoder *e, const char *what) {
-  lua_State *L = e->L;
-  luaL_Buffer b;
-  if (!lua_checkstack(L, 8)) {
-    snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: %s", e->ctx->root, e->root,
-             SUFFIX(e), what);
+/* Path steps named in full; a deeper path shows its innermost PATH_INNER
+** steps and outermost PATH_OUTER, and counts the ones between. */
+#define PATH_INNER 8
+#define PATH_OUTER 4
+
+/* Writes "cannot send ROOT #N: PATH is WHAT" into ctx->err, where PATH is
+** the steps of frames [0, depth), innermost first. */
+static int enc_error_at(luapool_encoder *e, size_t depth, const char *what) {
+  char *buf = e->ctx->err;
+  size_t cap = sizeof e->ctx->err, pos = 0;
+  app(buf, cap, &pos, "cannot send %s #%d%s: ", e->ctx->root, e->root, SUFFIX(e));
+  if (depth == 0 || !lua_checkstack(e->L, 4)) {
+    app(buf, cap, &pos, "%s", what);
     return -1;
   }
-  luaL_buffinit(L, &b);
-  lua_pushfstring(L, "cannot send %s #%d%s: ", e->ctx->root, e->root, SUFFIX(e));
-  luaL_addvalue(&b);
-  if (e->depth == 0 || what[0] == 'n') {
-    luaL_addstring(&b, what);
-  } else {
-    for (int d = e->depth; d >= 1; d--) {
-      seg_text(e, &e->path[d], &b);
-      if (d > 1) luaL_addstring(&b, " of ");
+  size_t skip_to = depth > PATH_INNER + PATH_OUTER ? PATH_OUTER : 0;
+  for (size_t j = depth; j-- > 0;) {
+    if (skip_to && j == depth - 1 - PATH_INNER) {
+      app(buf, cap, &pos, "... (%zu more) ... of ", j + 1 - skip_to);
+      j = skip_to;
+      continue;
     }
-    luaL_addstring(&b, " is ");
-    luaL_addstring(&b, what);
+    seg_text(e, j, buf, cap, &pos);
+    app(buf, cap, &pos, "%s", j > 0 ? " of " : "");
   }
-  luaL_pushresult(&b);
-  snprintf(e->ctx->err, sizeof e->ctx->err, "%s", lua_tostring(L, -1));
-  lua_pop(L, 1);
+  app(buf, cap, &pos, " is %s", what);
   return -1;
 }
+
+static int enc_error(luapool_encoder *e, const char *what) { return enc_error_at(e, e->nfr, what); }
 
 static int enc_nomem(luapool_encoder *e) {
   snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: not enough memory", e->ctx->root,
@@ -394,107 +561,68 @@ static int enc_nomem(luapool_encoder *e) {
   return -1;
 }
 
-static int enc_value(luapool_encoder *e, int idx);
+/* }====== */
 
 /* Returns 1 (and writes a reference) when the object at idx was seen; else
 ** records it with the next id and returns 0. */
 static int enc_seen(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  if (e->seen == 0) {
-    lua_newtable(L);
-    e->seen = lua_gettop(L);
-  } else {
-    lua_pushvalue(L, idx);
-    if (lua_rawget(L, e->seen) == LUA_TNUMBER) {
-      uint32_t id = (uint32_t)lua_tointeger(L, -1);
-      lua_pop(L, 1);
-      if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id)) return enc_nomem(e);
-      return 1;
-    }
+  int seen = e->base + E_SEEN;
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, seen) == LUA_TNUMBER) {
+    uint32_t id = (uint32_t)lua_tointeger(L, -1);
     lua_pop(L, 1);
+    if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id)) return enc_nomem(e);
+    return 1;
   }
+  lua_pop(L, 1);
   lua_pushvalue(L, idx);
   lua_pushinteger(L, e->nseen++);
-  lua_rawset(L, e->seen);
+  lua_rawset(L, seen);
   return 0;
 }
 
-static int enc_enter(luapool_encoder *e, int kind, int idx, lua_Integer i, const char *name) {
-  if (e->depth + 1 >= LUAPOOL_MAXDEPTH) { /* the root is level 1 */
-    char msg[64];
-    snprintf(msg, sizeof msg, "nesting deeper than %d levels", LUAPOOL_MAXDEPTH);
-    return enc_error(e, msg);
-  }
-  e->depth++;
-  e->path[e->depth] = (seg){kind, idx, i, name};
-  return 0;
-}
-
-static int enc_table(luapool_encoder *e, int idx) {
+/* Writes the head of a table and opens its frame: 1; or a reference or a
+** name: 0; -1 error. */
+static int enc_table_head(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   int r = enc_named(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
+  enc_base(e);
   r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
-  if (!lua_checkstack(L, 6)) return enc_nomem(e);
   lua_Unsigned narr = lua_rawlen(L, idx);
   if (narr > UINT32_MAX) narr = UINT32_MAX;
   if (luapool__put_u8(e->bp, T_TABLE) || luapool__put_u32(e->bp, (uint32_t)narr) ||
       luapool__put_u32(e->bp, 0))
     return enc_nomem(e);
   size_t hpos = e->bp->len - 4;
-  for (lua_Unsigned i = 1; i <= narr; i++) {
-    lua_rawgeti(L, idx, (lua_Integer)i);
-    e->path[e->depth + 1] = (seg){SEG_INDEX, 0, (lua_Integer)i, NULL};
-    if (enc_enter(e, SEG_INDEX, 0, (lua_Integer)i, NULL) || enc_value(e, lua_gettop(L))) return -1;
-    e->depth--;
-    lua_pop(L, 1);
+  enc_push(e, idx, F_TABLE, narr)->hpos = hpos;
+  return 1;
+}
+
+/* Dumps into a luaL_Buffer (begun on the first write, above the function,
+** as string.dump does), so a Lua error while dumping leaks nothing. */
+typedef struct dump_state {
+  luaL_Buffer b;
+  int init;
+  uint64_t fid;
+} dump_state;
+
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
+  dump_state *ds = ud;
+  if (!ds->init) {
+    uint64_t head[2] = {ds->fid, 0}; /* fid, then the checksum, set after */
+    ds->init = 1;
+    luaL_buffinit(L, &ds->b);
+    luaL_addlstring(&ds->b, (const char *)head, 16);
   }
-  uint32_t nhash = 0;
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    int k = lua_gettop(L) - 1, v = k + 1;
-    int kt = lua_type(L, k);
-    if (kt == LUA_TNUMBER && lua_isinteger(L, k)) {
-      lua_Integer ki = lua_tointeger(L, k);
-      if (ki >= 1 && (lua_Unsigned)ki <= narr) {
-        lua_pop(L, 1);
-        continue;
-      }
-    }
-    if (nhash == UINT32_MAX) return enc_error(e, "a table with too many keys");
-    if (enc_enter(e, SEG_ISKEY, k, 0, NULL) || enc_value(e, k)) return -1;
-    e->depth--;
-    int r2;
-    if (kt == LUA_TSTRING)
-      r2 = enc_enter(e, SEG_FIELD, k, 0, NULL);
-    else if (kt == LUA_TNUMBER && lua_isinteger(L, k))
-      r2 = enc_enter(e, SEG_INDEX, k, lua_tointeger(L, k), NULL);
-    else
-      r2 = enc_enter(e, SEG_KEYOF, k, 0, NULL);
-    if (r2 || enc_value(e, v)) return -1;
-    e->depth--;
-    nhash++;
-    lua_pop(L, 1);
-  }
-  memcpy(e->bp->p + hpos, &nhash, 4);
-  if (lua_getmetatable(L, idx)) {
-    if (enc_enter(e, SEG_META, 0, 0, NULL) || enc_value(e, lua_gettop(L))) return -1;
-    e->depth--;
-    lua_pop(L, 1);
-  } else if (luapool__put_u8(e->bp, T_NIL)) {
-    return enc_nomem(e);
-  }
+  luaL_addlstring(&ds->b, p, sz);
   return 0;
 }
 
-static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
-  (void)L;
-  return luapool__buf_add(ud, p, sz);
-}
-
-/* Pushes the cached "fid .. checksum .. bytecode" string of the Lua function at idx,
-** dumping it the first time it is sent. */
+/* Pushes the cached "fid .. checksum .. bytecode" string of the Lua
+** function at idx, dumping it the first time it is sent. */
 static int push_dump(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   registry_table(L, &DUMPS_KEY, "k");
@@ -504,29 +632,25 @@ static int push_dump(luapool_encoder *e, int idx) {
     return 0;
   }
   lua_pop(L, 1);
-  lp_buf d = {0};
+  dump_state ds;
+  ds.init = 0;
   pthread_once(&fid_once, fid_init);
-  uint64_t fid = atomic_fetch_add(&next_fid, 1);
-  if (put_u64(&d, fid) || put_u64(&d, 0)) return enc_nomem(e);
+  ds.fid = atomic_fetch_add(&next_fid, 1);
   lua_pushvalue(L, idx);
-  int st = lua_dump(L, dump_writer, &d, 0);
-  lua_pop(L, 1);
-  if (st != 0) {
-    luapool__buf_free(&d);
+  if (lua_dump(L, dump_writer, &ds, 0) != 0 || !ds.init) {
+    if (ds.init) luaL_pushresult(&ds.b);
+    lua_settop(L, lua_gettop(L) - (ds.init ? 3 : 2));
     return enc_nomem(e);
   }
-  uint64_t sum = checksum(d.p + 16, d.len - 16);
-  memcpy(d.p + 8, &sum, 8);
-  /* lua_pushlstring may raise on memory: free d first by copying through
-  ** a protected-enough path (the string is built before d is freed, so on a
-  ** raise d leaks; keep that window to the one allocation). */
+  char *d = luaL_buffaddr(&ds.b);
+  uint64_t sum = checksum(d + 16, luaL_bufflen(&ds.b) - 16);
+  memcpy(d + 8, &sum, 8);
+  luaL_pushresult(&ds.b); /* table, function, dump */
+  lua_remove(L, -2);
   lua_pushvalue(L, idx);
-  lua_pushlstring(L, d.p, d.len);
-  luapool__buf_free(&d);
-  lua_pushvalue(L, -1);
-  lua_insert(L, -4); /* result below table, key */
-  lua_rawset(L, -3);
-  lua_pop(L, 1);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, -4); /* table, dump */
+  lua_remove(L, -2);
   return 0;
 }
 
@@ -534,7 +658,9 @@ static int push_dump(luapool_encoder *e, int idx) {
 ** closure it loaded for an earlier message (nothing in it can differ). */
 #define FN_REUSABLE 1
 
-static int enc_function(luapool_encoder *e, int idx) {
+/* Writes a function: a kernel, a name, a reference, or bytecode and then
+** (its frame opened: 1) its upvalues. */
+static int enc_function_head(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   if (lua_iscfunction(L, idx)) {
     int k = luapool__kernel_index(lua_tocfunction(L, idx));
@@ -547,6 +673,7 @@ static int enc_function(luapool_encoder *e, int idx) {
   int n = enc_named(e, idx);
   if (n != 0) return n < 0 ? -1 : 0;
   if (lua_iscfunction(L, idx)) return enc_error(e, describe(L, idx));
+  enc_base(e);
   int r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
   if (!lua_checkstack(L, 6)) return enc_nomem(e);
@@ -574,24 +701,18 @@ static int enc_function(luapool_encoder *e, int idx) {
   }
   if (luapool__put_u8(e->bp, (unsigned)nups) || luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
     return enc_nomem(e);
-  for (int i = 1; i <= nups; i++) {
-    const char *name = lua_getupvalue(L, idx, i);
-    int top = lua_gettop(L);
-    /* _ENV always becomes the receiver's globals, whatever table it is
-    ** here (the script's globals, or a sandbox such as busted's). */
-    if (strcmp(name, "_ENV") == 0) {
-      lua_pop(L, 1);
+  if (only_env) { /* the common case (no frame): every upvalue is _ENV */
+    for (int i = 0; i < nups; i++)
       if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
-      continue;
-    }
-    if (enc_enter(e, SEG_UPVAL, idx, 0, name) || enc_value(e, top)) return -1;
-    e->depth--;
-    lua_pop(L, 1);
+    return 0;
   }
-  return 0;
+  enc_push(e, idx, F_FUNC, (lua_Unsigned)nups);
+  return 1;
 }
 
-static int enc_value(luapool_encoder *e, int idx) {
+/* Writes the value at idx: 0 done, 1 a frame was opened for it (its
+** contents follow), -1 error. */
+static int enc_any(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   lp_buf *b = e->bp;
   switch (lua_type(L, idx)) {
@@ -617,8 +738,8 @@ static int enc_value(luapool_encoder *e, int idx) {
       const char *s = lua_tolstring(L, idx, &len);
       return luapool__put_string(b, s, len) ? enc_nomem(e) : 0;
     }
-    case LUA_TTABLE: return enc_table(e, idx);
-    case LUA_TFUNCTION: return enc_function(e, idx);
+    case LUA_TTABLE: return enc_table_head(e, idx);
+    case LUA_TFUNCTION: return enc_function_head(e, idx);
     case LUA_TUSERDATA: {
       lp_int128 v;
       if (luapool__int128_test(L, idx, &v)) {
@@ -631,23 +752,225 @@ static int enc_value(luapool_encoder *e, int idx) {
   }
 }
 
+/* One step of the table frame j (its table at W): writes children until
+** one opens a frame (1) or the table is done (0); -1 error. */
+static int step_table(luapool_encoder *e, size_t j, int W) {
+  lua_State *L = e->L;
+  eframe *f = &e->fr[j];
+  int r;
+  if (f->pending) { /* a child frame was closed: move past that child */
+    f->pending = 0;
+    switch (f->phase) {
+      case PH_ARRAY: f->i++; break;
+      case PH_KEY: f->phase = PH_KEYDONE; break;
+      case PH_VAL: f->phase = PH_HASH; break;
+      default: return 0; /* PH_META: the table is done */
+    }
+  }
+  switch (f->phase) {
+    case PH_ARRAY: {
+      lp_buf *b = e->bp;
+      for (; f->i <= f->n; f->i++) {
+        if (lua_rawgeti(L, W, (lua_Integer)f->i) == LUA_TNUMBER) { /* the common case, inline */
+          if (luapool__buf_reserve(b, 9)) return enc_nomem(e);
+          if (lua_isinteger(L, -1)) {
+            lua_Integer v = lua_tointeger(L, -1);
+            b->p[b->len++] = T_INT;
+            memcpy(b->p + b->len, &v, 8);
+          } else {
+            lua_Number v = lua_tonumber(L, -1);
+            b->p[b->len++] = T_FLT;
+            memcpy(b->p + b->len, &v, 8);
+          }
+          b->len += 8;
+        } else if ((r = enc_any(e, W + 1)) != 0) {
+          if (r > 0) e->fr[j].pending = 1;
+          return r;
+        }
+        lua_settop(L, W);
+      }
+      f->phase = PH_HASH;
+      lua_pushnil(L); /* the first key */
+      break;
+    }
+    case PH_KEYDONE: /* the key was a table or function: now its value */
+      slot_get(e, j, 1);
+      lua_pushvalue(L, W + 1);
+      lua_rawget(L, W);
+      f->phase = PH_VAL;
+      e->curkey = W + 1;
+      if ((r = enc_any(e, W + 2)) != 0) {
+        if (r > 0) e->fr[j].pending = 1;
+        return r;
+      }
+      e->fr[j].phase = PH_HASH;
+      lua_settop(L, W + 1);
+      break;
+    default: /* PH_HASH */ slot_get(e, j, 1); break;
+  }
+  /* the hash part, from the key at W + 1 */
+  f = &e->fr[j];
+  while (lua_next(L, W)) {
+    int kt = lua_type(L, W + 1);
+    if (kt == LUA_TNUMBER && lua_isinteger(L, W + 1)) {
+      lua_Integer ki = lua_tointeger(L, W + 1);
+      if (ki >= 1 && (lua_Unsigned)ki <= f->n) { /* in the array part */
+        lua_settop(L, W + 1);
+        continue;
+      }
+    }
+    if (f->nhash == UINT32_MAX) return enc_error_at(e, j, "a table with too many keys");
+    f->nhash++;
+    e->curkey = W + 1;
+    f->phase = PH_KEY;
+    if ((r = enc_any(e, W + 1)) != 0) {
+      if (r > 0) {
+        lua_pushvalue(L, W + 1);
+        slot_set(e, j, 1);
+        e->fr[j].pending = 1;
+      }
+      return r;
+    }
+    f->phase = PH_VAL;
+    if ((r = enc_any(e, W + 2)) != 0) {
+      if (r > 0) {
+        lua_pushvalue(L, W + 1);
+        slot_set(e, j, 1);
+        e->fr[j].pending = 1;
+      }
+      return r;
+    }
+    f->phase = PH_HASH;
+    lua_settop(L, W + 1);
+  }
+  e->curkey = 0;
+  memcpy(e->bp->p + f->hpos, &f->nhash, 4);
+  f->phase = PH_META;
+  if (lua_getmetatable(L, W)) {
+    if ((r = enc_any(e, W + 1)) != 0) {
+      if (r > 0) e->fr[j].pending = 1;
+      return r;
+    }
+    return 0;
+  }
+  return luapool__put_u8(e->bp, T_NIL) ? enc_nomem(e) : 0;
+}
+
+/* The number of the upvalue with this id, or -1 when not met yet. */
+static int64_t uv_find(luapool_encoder *e, void *id) {
+  if (e->nuv <= NUVFAST) {
+    for (uint32_t k = 0; k < e->nuv; k++)
+      if (e->uv[k] == id) return k;
+    return -1;
+  }
+  lua_State *L = e->L;
+  lua_pushlightuserdata(L, id);
+  int64_t k = lua_rawget(L, e->base + E_SEEN) == LUA_TNUMBER ? lua_tointeger(L, -1) : -1;
+  lua_pop(L, 1);
+  return k;
+}
+
+/* Numbers the upvalue with this id (a light userdata key of the seen
+** table once there are more than NUVFAST). */
+static void uv_add(luapool_encoder *e, void *id) {
+  lua_State *L = e->L;
+  int seen = e->base + E_SEEN;
+  if (e->nuv < NUVFAST) {
+    e->uv[e->nuv++] = id;
+    return;
+  }
+  if (e->nuv == NUVFAST) /* from now on all in the table */
+    for (uint32_t k = 0; k < NUVFAST; k++) {
+      lua_pushlightuserdata(L, e->uv[k]);
+      lua_pushinteger(L, k);
+      lua_rawset(L, seen);
+    }
+  lua_pushlightuserdata(L, id);
+  lua_pushinteger(L, e->nuv++);
+  lua_rawset(L, seen);
+}
+
+/* One step of the function frame j (its function at W): its upvalues.
+** Each is _ENV (T_ENV: the receiver's globals), one met before in this
+** message (T_UPREF and its number: the receiver joins the two), or a new
+** one, numbered in the order met, with its value. */
+static int step_func(luapool_encoder *e, size_t j, int W) {
+  lua_State *L = e->L;
+  eframe *f = &e->fr[j];
+  if (f->pending) {
+    f->pending = 0;
+    f->i++;
+  }
+  for (; f->i <= f->n; f->i++) {
+    int i = (int)f->i;
+    const char *name = lua_getupvalue(L, W, i); /* W + 1 */
+    if (name == NULL) return enc_error_at(e, j, "a function whose upvalues changed");
+    /* _ENV always becomes the receiver's globals, whatever table it is
+    ** here (the script's globals, or a sandbox such as busted's). */
+    if (strcmp(name, "_ENV") == 0) {
+      lua_settop(L, W);
+      if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
+      continue;
+    }
+    void *id = lua_upvalueid(L, W, i);
+    int64_t k = uv_find(e, id);
+    if (k >= 0) {
+      lua_settop(L, W);
+      if (luapool__put_u8(e->bp, T_UPREF) || luapool__put_u32(e->bp, (uint32_t)k))
+        return enc_nomem(e);
+      continue;
+    }
+    if (e->nuv == UINT32_MAX) return enc_error_at(e, j, "a message with too many upvalues");
+    uv_add(e, id);
+    int r = enc_any(e, W + 1);
+    if (r != 0) {
+      if (r > 0) e->fr[j].pending = 1;
+      return r;
+    }
+    lua_settop(L, W);
+  }
+  return 0;
+}
+
+/* Runs the work list until every open frame is closed. */
+static int enc_run(luapool_encoder *e) {
+  lua_State *L = e->L;
+  int W = e->base + E_NFIXED;
+  while (e->nfr > 0) {
+    size_t j = e->nfr - 1;
+    lua_settop(L, W - 1);
+    slot_get(e, j, 0); /* at W */
+    e->curkey = 0;
+    int r = e->fr[j].kind == F_TABLE ? step_table(e, j, W) : step_func(e, j, W);
+    if (r < 0) return -1;
+    if (r == 0) e->nfr--; /* its parent (pending) moves past it */
+  }
+  return 0;
+}
+
 int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx) {
-  luapool_encoder enc, *e = &enc; /* path[] is filled as it descends */
+  luapool_encoder enc, *e = &enc;
   first = lua_absindex(L, first);
   int top = lua_gettop(L);
   e->L = L;
   e->bp = b;
   e->ctx = ctx;
-  e->seen = 0;
+  e->base = 0;
+  e->slots = 0;
+  e->curkey = 0;
   e->nseen = 0;
+  e->nuv = 0;
+  e->nfr = 0;
+  e->cap = NFRAMES;
+  e->fr = e->fr0;
   int r = 0;
-  for (int i = 0; i < n && r == 0; i++) {
-    e->depth = 0;
+  for (int i = 0; i < n && r >= 0; i++) {
     e->root = ctx->root_base + i;
-    r = enc_value(e, first + i);
+    r = enc_any(e, first + i);
+    if (r > 0) r = enc_run(e);
   }
   lua_settop(L, top);
-  return r;
+  return r < 0 ? -1 : 0;
 }
 
 /* }====================================================== */
@@ -749,68 +1072,121 @@ int luapool__peek_kernel(lp_reader *r) {
   return (int)k;
 }
 
+/* The decoder mirrors the encoder: a work list of frames (tables being
+** filled, functions getting their upvalues), no C recursion per level
+** (but for the first DEC_RDEPTH levels of tables: dec_table_now).
+** Every table and function is in the refs table by id, so a frame holds
+** only its object's id.  A hash key waiting while its value (a table or a
+** function) is decoded waits in the pend table, by frame.  Upvalues are
+** numbered in the order met, as the encoder numbers them; uv keeps, per
+** number, the closure (its id) and slot that own it, for T_UPREF joins
+** (in the decoder itself, then in a userdata when they outgrow it). */
+typedef struct dframe {
+  unsigned char kind, phase, pending, reusable;
+  uint32_t ref;   /* the object's id in refs */
+  uint32_t i, n;  /* table: next array index, array size; function: slot, count */
+  uint32_t nhash; /* pairs still to read */
+} dframe;
+
 typedef struct dec {
   lua_State *L;
   lp_reader *r;
-  int refs; /* stack slot of the id -> object table (nil until needed) */
-  uint32_t nrefs;
-  int depth;
-  int fcache; /* reuse functions loaded by earlier messages (workers) */
+  int base;       /* stack slots: refs, pend, uv box, frame box (nil until needed) */
+  uint32_t nrefs; /* tables and functions so far */
+  uint32_t nuv;   /* upvalues so far */
+  int fcache;     /* reuse functions loaded by earlier messages (workers) */
+  int rdepth;     /* tables being decoded by dec_table_now (C recursion) */
+  size_t budget;  /* table slots that may still be preallocated */
+  size_t nfr, cap;
+  dframe *fr;
+  size_t uvcap;
+  uint64_t *uv; /* [nuv]: owner's id << 8 | slot */
+  dframe fr0[NFRAMES];
+  uint64_t uv0[NUVFAST];
 } dec;
+
+#define D_REFS   0
+#define D_PEND   1
+#define D_UVBOX  2
+#define D_FBOX   3
+#define D_NFIXED 4
 
 __attribute__((noreturn)) static void malformed(dec *d, const char *what) {
   luaL_error(d->L, "malformed message: %s", what);
   abort(); /* not reached: luaL_error does not return */
 }
 
-static void dec_value(dec *d);
+/* The table in fixed slot k, created if needed. */
+static int dec_slot_table(dec *d, int k) {
+  lua_State *L = d->L;
+  int idx = d->base + k;
+  if (lua_type(L, idx) != LUA_TTABLE) {
+    lua_newtable(L);
+    lua_replace(L, idx);
+  }
+  return idx;
+}
 
+/* Gives the object on top the next id. */
 static void dec_register(dec *d) {
   lua_State *L = d->L;
-  if (lua_isnil(L, d->refs)) {
-    lua_newtable(L);
-    lua_replace(L, d->refs);
-  }
+  int refs = dec_slot_table(d, D_REFS);
   lua_pushvalue(L, -1);
-  lua_rawseti(L, d->refs, (lua_Integer)d->nrefs++);
+  lua_rawseti(L, refs, (lua_Integer)d->nrefs++);
 }
 
-static void dec_enter(dec *d) {
-  if (++d->depth > LUAPOOL_MAXDEPTH) malformed(d, "nesting too deep");
-  luaL_checkstack(d->L, 8, "decoding a message");
+static dframe *dec_push(dec *d, int kind) {
+  lua_State *L = d->L;
+  if (d->nfr == d->cap) {
+    if (d->cap > SIZE_MAX / 2 / sizeof(dframe)) luaL_error(L, "not enough memory");
+    dframe *nf = lua_newuserdatauv(L, 2 * d->cap * sizeof(dframe), 0);
+    memcpy(nf, d->fr, d->nfr * sizeof(dframe));
+    lua_replace(L, d->base + D_FBOX);
+    d->fr = nf;
+    d->cap *= 2;
+  }
+  dframe *f = &d->fr[d->nfr++];
+  memset(f, 0, sizeof *f);
+  f->kind = (unsigned char)kind;
+  f->phase = kind == F_TABLE ? PH_ARRAY : PH_UPVAL;
+  f->ref = d->nrefs - 1; /* the object just registered */
+  f->i = 1;
+  return f;
 }
 
-static void dec_table(dec *d) {
+/* Reads a table's head, creates and registers it (on top). */
+static void dec_table_make(dec *d, uint32_t *pnarr, uint32_t *pnhash) {
   lua_State *L = d->L;
   uint32_t narr, nhash;
   if (luapool__get_u32(d->r, &narr) || luapool__get_u32(d->r, &nhash))
     malformed(d, "truncated table");
   size_t left = (size_t)(d->r->end - d->r->p);
-  /* every value takes at least one byte: bound the preallocation */
+  /* every value takes at least one byte */
   if (narr > left || nhash > left / 2) malformed(d, "table size exceeds message");
-  dec_enter(d);
-  lua_createtable(L, (int)(narr > INT32_MAX ? 0 : narr), (int)(nhash > INT32_MAX ? 0 : nhash));
+  /* Preallocate only what the message can fill: every item of every table
+  ** is a byte of its own, so in a well-formed message the sizes add up to
+  ** less than its length, and lying sizes down a deep chain of tables
+  ** cannot make the whole allocate more than that. */
+  size_t want = (size_t)narr + nhash;
+  uint32_t pa = 0, ph = 0;
+  if (want <= d->budget) {
+    d->budget -= want;
+    pa = narr;
+    ph = nhash;
+  }
+  lua_createtable(L, (int)(pa > INT32_MAX ? 0 : pa), (int)(ph > INT32_MAX ? 0 : ph));
   dec_register(d);
-  int t = lua_gettop(L);
-  for (uint32_t i = 1; i <= narr; i++) {
-    dec_value(d);
-    lua_rawseti(L, t, (lua_Integer)i);
-  }
-  for (uint32_t i = 0; i < nhash; i++) {
-    dec_value(d);
-    if (lua_isnil(L, -1)) malformed(d, "nil table key");
-    if (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1))) malformed(d, "NaN table key");
-    dec_value(d);
-    lua_rawset(L, t);
-  }
-  dec_value(d);
-  if (lua_istable(L, -1))
-    lua_setmetatable(L, t);
-  else if (lua_isnil(L, -1))
-    lua_pop(L, 1);
-  else
-    malformed(d, "metatable is not a table");
-  d->depth--;
+  *pnarr = narr;
+  *pnhash = nhash;
+}
+
+/* ... and opens its frame. */
+static void dec_table_head(dec *d) {
+  uint32_t narr, nhash;
+  dec_table_make(d, &narr, &nhash);
+  dframe *f = dec_push(d, F_TABLE);
+  f->n = narr;
+  f->nhash = nhash;
 }
 
 typedef struct load_state {
@@ -910,69 +1286,6 @@ static int bytecode_check(const char *code, size_t len, unsigned nups) {
 
 /* }====== */
 
-static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum, unsigned nups) {
-  lua_State *L = d->L;
-  load_state ls = {code, len};
-  if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0) malformed(d, "function is not Lua bytecode");
-  if (checksum(code, len) != sum) malformed(d, "function bytecode checksum mismatch");
-  if (bytecode_check(code, len, nups) != 0) malformed(d, "bad function bytecode");
-  if (lua_load(L, load_reader, &ls, "=(bytecode)", "b") != LUA_OK)
-    luaL_error(L, "malformed message: %s", lua_tostring(L, -1));
-}
-
-static void dec_function(dec *d) {
-  lua_State *L = d->L;
-  uint64_t fid, sum;
-  uint32_t len;
-  unsigned nups, flags;
-  if (get_bytes(d->r, &fid, 8) || get_bytes(d->r, &sum, 8) || luapool__get_u32(d->r, &len) ||
-      (size_t)(d->r->end - d->r->p) < len)
-    malformed(d, "truncated function");
-  const char *code = d->r->p;
-  d->r->p += len;
-  if (luapool__get_u8(d->r, &nups) || luapool__get_u8(d->r, &flags))
-    malformed(d, "truncated function");
-  dec_enter(d);
-  if (!d->fcache || !(flags & FN_REUSABLE)) {
-    load_function(d, code, len, sum, nups);
-    lua_pushnil(L); /* in place of the cache table */
-  } else {
-    registry_table(L, &FCACHE_KEY, NULL);
-    if (lua_rawgeti(L, -1, (lua_Integer)fid) != LUA_TFUNCTION) {
-      lua_pop(L, 1);
-      load_function(d, code, len, sum, nups);
-      lua_rawgeti(L, -2, 0);
-      lua_Integer n = lua_tointeger(L, -1);
-      lua_pop(L, 1);
-      if (n >= FCACHE_MAX) { /* start afresh */
-        lua_newtable(L);
-        lua_pushvalue(L, -1);
-        lua_rawsetp(L, LUA_REGISTRYINDEX, &FCACHE_KEY);
-        lua_replace(L, -3);
-        n = 0;
-      }
-      lua_pushvalue(L, -1);
-      lua_rawseti(L, -3, (lua_Integer)fid);
-      lua_pushinteger(L, n + 1);
-      lua_rawseti(L, -3, 0);
-    }
-    lua_insert(L, -2);
-  }
-  lua_pop(L, 1); /* the cache table */
-  int f = lua_gettop(L);
-  dec_register(d);
-  for (unsigned i = 1; i <= nups; i++) {
-    if (d->r->p < d->r->end && (unsigned char)*d->r->p == T_ENV) {
-      d->r->p++;
-      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-    } else {
-      dec_value(d);
-    }
-    if (lua_setupvalue(L, f, (int)i) == NULL) malformed(d, "bad upvalue count");
-  }
-  d->depth--;
-}
-
 static void dec_named(dec *d) {
   lua_State *L = d->L;
   const char *name;
@@ -983,6 +1296,7 @@ static void dec_named(dec *d) {
   memcpy(buf, name, len);
   buf[len] = 0;
   int top = lua_gettop(L);
+  luaL_checkstack(L, (int)len + 4, "decoding a message"); /* one per part of the name */
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   char *part = buf, *dot = strchr(part, '.');
   if (dot) *dot = 0;
@@ -1008,25 +1322,92 @@ static void dec_named(dec *d) {
   lua_settop(L, top + 1);
 }
 
-static void dec_value(dec *d) {
+static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum, unsigned nups) {
+  lua_State *L = d->L;
+  load_state ls = {code, len};
+  if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0) malformed(d, "function is not Lua bytecode");
+  if (checksum(code, len) != sum) malformed(d, "function bytecode checksum mismatch");
+  if (bytecode_check(code, len, nups) != 0) malformed(d, "bad function bytecode");
+  if (lua_load(L, load_reader, &ls, "=(bytecode)", "b") != LUA_OK)
+    luaL_error(L, "malformed message: %s", lua_tostring(L, -1));
+}
+
+/* Reads a function's head: pushes the closure (loaded, or the cached one
+** for a reusable function in a task), registers it, and opens its frame
+** when it has upvalues (returns 1), else 0. */
+static int dec_function_head(dec *d) {
+  lua_State *L = d->L;
+  uint64_t fid, sum;
+  uint32_t len;
+  unsigned nups, flags;
+  if (get_bytes(d->r, &fid, 8) || get_bytes(d->r, &sum, 8) || luapool__get_u32(d->r, &len) ||
+      (size_t)(d->r->end - d->r->p) < len)
+    malformed(d, "truncated function");
+  const char *code = d->r->p;
+  d->r->p += len;
+  if (luapool__get_u8(d->r, &nups) || luapool__get_u8(d->r, &flags))
+    malformed(d, "truncated function");
+  if (flags & ~(unsigned)FN_REUSABLE) malformed(d, "bad function flags");
+  luaL_checkstack(L, 4, "decoding a message");
+  if (!d->fcache || !(flags & FN_REUSABLE)) {
+    load_function(d, code, len, sum, nups);
+  } else {
+    registry_table(L, &FCACHE_KEY, NULL);
+    if (lua_rawgeti(L, -1, (lua_Integer)fid) != LUA_TFUNCTION) {
+      lua_pop(L, 1);
+      load_function(d, code, len, sum, nups);
+      lua_rawgeti(L, -2, 0);
+      lua_Integer n = lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      if (n >= FCACHE_MAX) { /* start afresh */
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &FCACHE_KEY);
+        lua_replace(L, -3);
+        n = 0;
+      }
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, -3, (lua_Integer)fid);
+      lua_pushinteger(L, n + 1);
+      lua_rawseti(L, -3, 0);
+    }
+    lua_remove(L, -2); /* the cache table */
+  }
+  dec_register(d);
+  if (nups == 0) return 0;
+  dframe *f = dec_push(d, F_FUNC);
+  f->n = nups;
+  f->reusable = (flags & FN_REUSABLE) != 0;
+  return 1;
+}
+
+/* Tables nested less than this deep in C decode at once, by recursion (the
+** common shapes, fastest); deeper ones go through the work list. */
+#define DEC_RDEPTH 32
+
+static void dec_table_now(dec *d);
+
+/* Reads one value: pushes it and returns 0, or pushes a table or function
+** whose contents follow, with its frame opened, and returns 1. */
+static int dec_any(dec *d) {
   lua_State *L = d->L;
   unsigned t;
   if (luapool__get_u8(d->r, &t)) malformed(d, "truncated");
   switch (t) {
-    case T_NIL: lua_pushnil(L); break;
-    case T_FALSE: lua_pushboolean(L, 0); break;
-    case T_TRUE: lua_pushboolean(L, 1); break;
+    case T_NIL: lua_pushnil(L); return 0;
+    case T_FALSE: lua_pushboolean(L, 0); return 0;
+    case T_TRUE: lua_pushboolean(L, 1); return 0;
     case T_INT: {
       lua_Integer i;
       if (get_bytes(d->r, &i, 8)) malformed(d, "truncated integer");
       lua_pushinteger(L, i);
-      break;
+      return 0;
     }
     case T_FLT: {
       lua_Number n;
       if (get_bytes(d->r, &n, 8)) malformed(d, "truncated float");
       lua_pushnumber(L, n);
-      break;
+      return 0;
     }
     case T_SSTR:
     case T_STR:
@@ -1035,42 +1416,255 @@ static void dec_value(dec *d) {
       if (get_strlen(d->r, t, &len)) malformed(d, "truncated string");
       lua_pushlstring(L, d->r->p, len);
       d->r->p += len;
-      break;
+      return 0;
     }
-    case T_TABLE: dec_table(d); break;
+    case T_TABLE:
+      if (d->rdepth < DEC_RDEPTH) {
+        dec_table_now(d);
+        return 0;
+      }
+      dec_table_head(d);
+      return 1;
     case T_REF: {
       uint32_t id;
       if (luapool__get_u32(d->r, &id) || id >= d->nrefs) malformed(d, "bad reference");
-      lua_rawgeti(L, d->refs, id);
-      break;
+      lua_rawgeti(L, d->base + D_REFS, id);
+      return 0;
     }
-    case T_LFUNC: dec_function(d); break;
-    case T_NAMED: dec_named(d); break;
+    case T_LFUNC: return dec_function_head(d);
+    case T_NAMED: dec_named(d); return 0;
     case T_KERNEL: {
       unsigned k;
       if (luapool__get_u8(d->r, &k)) malformed(d, "truncated kernel");
       for (unsigned i = 0; i <= k; i++)
         if (luapool__kernels[i].name == NULL) malformed(d, "unknown kernel");
       lua_pushcfunction(L, luapool__kernels[k].lua_fn);
-      break;
+      return 0;
     }
     case T_INT128: {
       lp_int128 v;
       if (get_bytes(d->r, &v, 16)) malformed(d, "truncated int128");
       luapool__int128_push(L, v);
-      break;
+      return 0;
     }
+    case T_UPREF: malformed(d, "upvalue reference outside a function");
     default: malformed(d, "unknown tag");
   }
 }
 
+static void check_key(dec *d, int idx) {
+  lua_State *L = d->L;
+  if (lua_isnil(L, idx)) malformed(d, "nil table key");
+  if (lua_type(L, idx) == LUA_TNUMBER && isnan(lua_tonumber(L, idx))) malformed(d, "NaN table key");
+}
+
+/* One step of the table frame j (its table at W, a child just decoded
+** at W + 1 when pending): fills it until a child opens a frame (1) or the
+** table is done (0). */
+static int dstep_table(dec *d, size_t j, int W) {
+  lua_State *L = d->L;
+  dframe *f = &d->fr[j];
+  if (f->pending) { /* the child at W + 1 is complete */
+    f->pending = 0;
+    switch (f->phase) {
+      case PH_ARRAY: lua_rawseti(L, W, (lua_Integer)f->i++); break;
+      case PH_KEY: /* a table or function key: now its value */
+        f->phase = PH_HASH;
+        if (dec_any(d)) { /* key W + 1, value W + 2 */
+          lua_pushvalue(L, W + 1);
+          lua_rawseti(L, dec_slot_table(d, D_PEND), (lua_Integer)j);
+          d->fr[j].phase = PH_VAL;
+          d->fr[j].pending = 1;
+          return 1;
+        }
+        lua_rawset(L, W);
+        f->nhash--;
+        break;
+      case PH_VAL: /* key in pend */
+        lua_rawgeti(L, d->base + D_PEND, (lua_Integer)j);
+        lua_insert(L, W + 1);
+        lua_rawset(L, W);
+        f->phase = PH_HASH;
+        f->nhash--;
+        break;
+      default: /* PH_META */
+        if (!lua_istable(L, W + 1)) malformed(d, "metatable is not a table");
+        lua_setmetatable(L, W);
+        return 0;
+    }
+  }
+  for (; f->i <= f->n; f->i++) {
+    if (dec_any(d)) {
+      d->fr[j].pending = 1;
+      return 1;
+    }
+    lua_rawseti(L, W, (lua_Integer)f->i);
+  }
+  for (; f->nhash > 0; f->nhash--) {
+    if (dec_any(d)) { /* the key, W + 1 */
+      d->fr[j].phase = PH_KEY;
+      d->fr[j].pending = 1;
+      return 1;
+    }
+    check_key(d, W + 1);
+    if (dec_any(d)) { /* the value, W + 2 */
+      lua_pushvalue(L, W + 1);
+      lua_rawseti(L, dec_slot_table(d, D_PEND), (lua_Integer)j);
+      d->fr[j].phase = PH_VAL;
+      d->fr[j].pending = 1;
+      return 1;
+    }
+    lua_rawset(L, W);
+  }
+  f->phase = PH_META;
+  if (dec_any(d)) {
+    d->fr[j].pending = 1;
+    return 1;
+  }
+  if (lua_istable(L, W + 1))
+    lua_setmetatable(L, W);
+  else if (!lua_isnil(L, W + 1))
+    malformed(d, "metatable is not a table");
+  return 0;
+}
+
+/* One step of the function frame j (its closure at W): its upvalues, as
+** step_func wrote them.  A join may name an upvalue whose value is still
+** being decoded (a function met inside it shares it): the join makes both
+** slots one upvalue, and the value set at the end reaches both. */
+static int dstep_func(dec *d, size_t j, int W) {
+  lua_State *L = d->L;
+  dframe *f = &d->fr[j];
+  if (f->pending) {
+    f->pending = 0;
+    lua_setupvalue(L, W, (int)f->i++); /* (slot checked before its value) */
+  }
+  for (; f->i <= f->n; f->i++) {
+    int i = (int)f->i;
+    if (d->r->p < d->r->end && (unsigned char)*d->r->p == T_ENV) {
+      d->r->p++;
+      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+      if (lua_setupvalue(L, W, i) == NULL) malformed(d, "bad upvalue count");
+      continue;
+    }
+    /* A reusable function may be a closure kept by the worker's cache and
+    ** handed out again: nothing but _ENV may ever change in it. */
+    if (f->reusable) malformed(d, "upvalue of a reusable function");
+    /* (lua_upvaluejoin does not check its slots: getupvalue does) */
+    if (lua_getupvalue(L, W, i) == NULL) malformed(d, "bad upvalue count");
+    lua_settop(L, W);
+    if (d->r->p < d->r->end && (unsigned char)*d->r->p == T_UPREF) {
+      uint32_t k;
+      d->r->p++;
+      if (luapool__get_u32(d->r, &k)) malformed(d, "truncated upvalue reference");
+      if (k >= d->nuv) malformed(d, "bad upvalue reference");
+      uint64_t owner = d->uv[k];
+      lua_rawgeti(L, d->base + D_REFS, (lua_Integer)(owner >> 8)); /* W + 1 */
+      /* (the owner's closure and slot were checked when it was met) */
+      lua_upvaluejoin(L, W, i, W + 1, (int)(owner & 0xff));
+      lua_settop(L, W);
+      continue;
+    }
+    if (d->nuv == UINT32_MAX) malformed(d, "too many upvalues");
+    if (d->nuv == d->uvcap) { /* move them into a bigger userdata */
+      if (d->uvcap > SIZE_MAX / 2 / sizeof(uint64_t)) luaL_error(L, "not enough memory");
+      uint64_t *nu = lua_newuserdatauv(L, 2 * d->uvcap * sizeof(uint64_t), 0);
+      memcpy(nu, d->uv, d->nuv * sizeof(uint64_t));
+      lua_replace(L, d->base + D_UVBOX);
+      d->uv = nu;
+      d->uvcap *= 2;
+    }
+    d->uv[d->nuv++] = ((uint64_t)d->fr[j].ref << 8) | (unsigned)i;
+    if (dec_any(d)) {
+      d->fr[j].pending = 1;
+      return 1;
+    }
+    lua_setupvalue(L, W, i);
+  }
+  return 0;
+}
+
+static void dec_run(dec *d, size_t floor);
+
+/* Reads one value completely (work list included): pushes it. */
+static void dec_whole(dec *d) {
+  if (dec_any(d)) dec_run(d, d->nfr - 1);
+}
+
+/* Decodes a table at once: its items by recursion, bounded by DEC_RDEPTH
+** (a child past that depth finishes on the work list). */
+static void dec_table_now(dec *d) {
+  lua_State *L = d->L;
+  uint32_t narr, nhash;
+  dec_table_make(d, &narr, &nhash);
+  luaL_checkstack(L, 8, "decoding a message");
+  int t = lua_gettop(L);
+  d->rdepth++;
+  for (uint32_t i = 1; i <= narr; i++) {
+    dec_whole(d);
+    lua_rawseti(L, t, (lua_Integer)i);
+  }
+  for (uint32_t i = 0; i < nhash; i++) {
+    dec_whole(d);
+    check_key(d, t + 1);
+    dec_whole(d);
+    lua_rawset(L, t);
+  }
+  dec_whole(d);
+  if (lua_istable(L, t + 1))
+    lua_setmetatable(L, t);
+  else if (lua_isnil(L, t + 1))
+    lua_pop(L, 1);
+  else
+    malformed(d, "metatable is not a table");
+  d->rdepth--;
+}
+
+/* Runs the work list: on entry the object of the innermost frame is on
+** top; on return the completed value is there instead. */
+static void dec_run(dec *d, size_t floor) {
+  lua_State *L = d->L;
+  int W = lua_gettop(L); /* the same for every step: room for one, once */
+  luaL_checkstack(L, 8, "decoding a message");
+  while (d->nfr > floor) {
+    size_t j = d->nfr - 1;
+    dframe *f = &d->fr[j];
+    if (f->pending) { /* the child at W: the object goes below it */
+      lua_rawgeti(L, d->base + D_REFS, f->ref);
+      lua_insert(L, W);
+    }
+    int r = f->kind == F_TABLE ? dstep_table(d, j, W) : dstep_func(d, j, W);
+    if (r) {
+      lua_replace(L, W); /* the child, whose frame was just opened */
+    } else {
+      d->nfr--;
+    }
+    lua_settop(L, W); /* the child, or the completed object */
+  }
+}
+
 static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
-  luaL_checkstack(L, n + 8, "decoding a message");
-  lua_pushnil(L); /* the refs slot, removed at the end */
-  dec d = {L, r, lua_gettop(L), 0, 0, fcache};
+  luaL_checkstack(L, n + D_NFIXED + 8, "decoding a message");
+  dec d;
+  d.L = L;
+  d.r = r;
+  d.base = lua_gettop(L) + 1;
+  d.nrefs = 0;
+  d.nuv = 0;
+  d.fcache = fcache;
+  d.rdepth = 0;
+  d.budget = (size_t)(r->end - r->p);
+  d.nfr = 0;
+  d.cap = NFRAMES;
+  d.fr = d.fr0;
+  d.uvcap = NUVFAST;
+  d.uv = d.uv0;
+  lua_settop(L, d.base + D_NFIXED - 1);
   for (int i = 0; i < n; i++)
-    dec_value(&d);
-  lua_remove(L, d.refs);
+    if (dec_any(&d)) dec_run(&d, 0);
+  /* the values go where the fixed slots were */
+  lua_rotate(L, d.base, -D_NFIXED);
+  lua_pop(L, D_NFIXED);
 }
 
 void luapool__decode(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 0); }

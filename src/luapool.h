@@ -41,8 +41,7 @@ char *luapool__buf_take(lp_buf *b, size_t *len);
 /* }====== */
 
 /* {====== codec (codec.c) */
-/* Deepest nesting of tables/functions a message may have, both ways. */
-#define LUAPOOL_MAXDEPTH 200
+/* Nesting has no limit but memory: neither direction recurses in C. */
 
 /* Encodes values [first, first+n) of L's stack, appending to b.  Returns 0,
 ** or -1 with a message in err that names the culprit's path, starting with
@@ -60,8 +59,10 @@ typedef struct lp_encode_ctx {
 /* An empty scratch buffer that lives in a userdata, pushed on the stack:
 ** a Lua error raised while it holds bytes cannot leak them.  The caller
 ** owns it until luapool__scratch_release(L, idx of that userdata), which
-** keeps it for the next caller; a caller nested meanwhile (a __gc that
-** submits) gets a buffer of its own. */
+** keeps it for the next caller and never raises; a caller nested
+** meanwhile (a __gc that submits) gets a buffer of its own, and so does
+** the next caller after an error that skipped the release (the skipped
+** one is collected). */
 lp_buf *luapool__scratch(lua_State *L);
 void luapool__scratch_release(lua_State *L, int idx);
 int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx);

@@ -14,6 +14,7 @@ local function job(x) return up.k .. x, shared end
 
 local operations = {
   { "codec.encode", function() return luapool.codec.encode({ a = shared, b = shared, f = job }) end },
+  { "codec.encode (a fresh dump)", function() return luapool.codec.encode(load("return function() end")()) end },
   { "codec.decode", function()
     return luapool.codec.decode(luapool.codec.encode({ a = shared, f = job, s = string.rep("x", 300) }))
   end },

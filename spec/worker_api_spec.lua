@@ -36,8 +36,12 @@ for _, kind in ipairs { "threadpool", "processpool" } do
 
     it("refuses an initializer or initargs that cannot travel, at creation", function()
       local co = coroutine.create(print)
+      -- the initializer is "initializer", its arguments are numbered from 1
       assert.has_error(function() new { initializer = print, initargs = { 1, co } } end,
-        "cannot send initializer argument #3: a coroutine")
+        "cannot send initializer argument #2: a coroutine")
+      assert.has_error(function() new { initializer = function() return co end } end,
+        "cannot send initializer: upvalue 'co' of function <" .. debug.getinfo(1, "S").short_src ..
+        ":" .. debug.getinfo(1, "l").currentline - 2 .. "> is a coroutine")
       assert.has_error(function() new { initializer = 5 } end,
         "bad option 'initializer' to 'new' (function expected, got number)")
       assert.has_error(function() new { initializer = print, initargs = 5 } end,

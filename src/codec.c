@@ -529,12 +529,22 @@ static void seg_text(luapool_encoder *e, size_t j, char *buf, size_t cap, size_t
 #define PATH_INNER 8
 #define PATH_OUTER 4
 
+/* "cannot send ROOT #N: ", or "cannot send FIRST: " for the first value
+** when the context names it (an initializer before its arguments). */
+static void root_name(luapool_encoder *e, char *buf, size_t cap, size_t *pos) {
+  const lp_encode_ctx *c = e->ctx;
+  if (c->first && e->root == c->root_base)
+    app(buf, cap, pos, "cannot send %s%s: ", c->first, SUFFIX(e));
+  else
+    app(buf, cap, pos, "cannot send %s #%d%s: ", c->root, e->root - (c->first != NULL), SUFFIX(e));
+}
+
 /* Writes "cannot send ROOT #N: PATH is WHAT" into ctx->err, where PATH is
 ** the steps of frames [0, depth), innermost first. */
 static int enc_error_at(luapool_encoder *e, size_t depth, const char *what) {
   char *buf = e->ctx->err;
   size_t cap = sizeof e->ctx->err, pos = 0;
-  app(buf, cap, &pos, "cannot send %s #%d%s: ", e->ctx->root, e->root, SUFFIX(e));
+  root_name(e, buf, cap, &pos);
   if (depth == 0 || !lua_checkstack(e->L, 4)) {
     app(buf, cap, &pos, "%s", what);
     return -1;
@@ -556,8 +566,9 @@ static int enc_error_at(luapool_encoder *e, size_t depth, const char *what) {
 static int enc_error(luapool_encoder *e, const char *what) { return enc_error_at(e, e->nfr, what); }
 
 static int enc_nomem(luapool_encoder *e) {
-  snprintf(e->ctx->err, sizeof e->ctx->err, "cannot send %s #%d%s: not enough memory", e->ctx->root,
-           e->root, SUFFIX(e));
+  size_t pos = 0;
+  root_name(e, e->ctx->err, sizeof e->ctx->err, &pos);
+  app(e->ctx->err, sizeof e->ctx->err, &pos, "not enough memory");
   return -1;
 }
 
@@ -1680,7 +1691,7 @@ void luapool__decode_task(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 1
 int luapool__codec_encode(lua_State *L) {
   int n = lua_gettop(L);
   lp_buf *b = luapool__scratch(L); /* at n+1 */
-  lp_encode_ctx ctx = {"argument", 1, {0}, NULL, 0};
+  lp_encode_ctx ctx = {.root = "argument", .root_base = 1};
   if (luapool__put_u32(b, (uint32_t)n)) return luaL_error(L, "not enough memory");
   if (luapool__encode(L, b, 1, n, &ctx) != 0) {
     luapool__scratch_release(L, n + 1);

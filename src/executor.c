@@ -668,7 +668,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
           lua_rawgeti(L, 4, i);
       }
       lua_remove(L, 4);
-      lp_encode_ctx ctx = {"initializer argument", 1, {0}, NULL, 0};
+      lp_encode_ctx ctx = {.root = "initializer argument", .root_base = 1, .first = "initializer"};
       if (luapool__put_u8(ib, LP_MSG_SINGLE) || luapool__put_u32(ib, (uint32_t)nargs + 1))
         return luaL_error(L, "cannot create a pool: not enough memory");
       if (luapool__encode(L, ib, 3, nargs + 1, &ctx) != 0) {
@@ -699,7 +699,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
     memcpy(init_msg, ib->p, ib->len);
     init_len = ib->len;
   }
-  if (ib) ib->len = 0; /* (released below: the release may allocate) */
+  if (ib) ib->len = 0; /* (released once the pool is complete) */
   if (ib && init_msg == NULL) goto nomem;
   path = strdup(lpath);
   cpath = strdup(lcpath);
@@ -782,7 +782,7 @@ static int pool_submit(lua_State *L) {
   if (p->closing) return luaL_error(L, "cannot submit after shutdown");
   int n = lua_gettop(L) - 1;
   lp_buf *b = luapool__scratch(L); /* at n+2 */
-  lp_encode_ctx ctx = {"argument", 1, {0}, NULL, 0};
+  lp_encode_ctx ctx = {.root = "argument", .root_base = 1};
   if (luapool__put_u8(b, LP_MSG_SINGLE) || luapool__put_u32(b, (uint32_t)n))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, n, &ctx) != 0) {
@@ -821,7 +821,7 @@ static int prim_submit_chunk(lua_State *L) {
     return 2;
   }
   lp_buf *b = luapool__scratch(L); /* 7 */
-  lp_encode_ctx ctx = {"argument", 1, {0}, NULL, 0};
+  lp_encode_ctx ctx = {.root = "argument", .root_base = 1};
   if (luapool__put_u8(b, LP_MSG_BATCH) || luapool__put_u32(b, (uint32_t)(hi - lo + 1)))
     return luaL_error(L, "cannot submit: not enough memory");
   if (luapool__encode(L, b, 2, 1, &ctx) != 0) goto refuse;

@@ -54,6 +54,8 @@ typedef struct lp_encode_ctx {
   char err[512];
   const char *suffix; /* after the number ("of item #3"); NULL: none */
   int named;          /* out: set when a value went by name or as a function */
+  const char *first;  /* non-NULL: the first value's name ("initializer"), the
+                      ** others numbered from root_base */
 } lp_encode_ctx;
 
 /* An empty scratch buffer that lives in a userdata, pushed on the stack:

@@ -123,7 +123,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   size_t mark = out->len;
   if (ok) {
     int n = lua_gettop(L) - base;
-    lp_encode_ctx ctx = {"result", 1, {0}, NULL, 0};
+    lp_encode_ctx ctx = {.root = "result", .root_base = 1};
     if (luapool__put_u8(out, LP_REPLY_OK) || luapool__put_u32(out, (uint32_t)n))
       luaL_error(L, "not enough memory");
     int r = luapool__encode(L, out, base + 1, n, &ctx);
@@ -145,7 +145,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);       /* base+3 */
   const char *tb = lua_tolstring(L, -1, &tl);
   if (tb == NULL) tb = "", tl = 0;
-  lp_encode_ctx ctx = {"error value", 1, {0}, NULL, 0};
+  lp_encode_ctx ctx = {.root = "error value", .root_base = 1};
   if (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, ml) ||
       luapool__put_string(out, tb, tl))
     luaL_error(L, "not enough memory");

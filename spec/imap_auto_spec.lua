@@ -70,7 +70,7 @@ for _, kind in ipairs { "threadpool", "processpool" } do
       assert.are.equal(100000, n)
     end)
 
-    it("starts with single items, chunks tiny tasks, and keeps chunks within 1024 items", function()
+    it("starts with single items, chunks tiny tasks, and keeps chunks within 256 items", function()
       local got, chunks, n = positions(pool, range(100000))
       assert.are.equal(100000, n)
       -- the window (twice the workers) is filled with one-item chunks
@@ -78,7 +78,7 @@ for _, kind in ipairs { "threadpool", "processpool" } do
       assert.are.same({ 1, 1, 1, 1 }, { got[1], got[2], got[3], got[4] })
       local largest = 0
       for i = 1, n do if got[i] > largest then largest = got[i] end end
-      assert.is_true(largest <= 1024, "a chunk of " .. largest .. " items")
+      assert.is_true(largest <= 256, "a chunk of " .. largest .. " items")
       -- one item a chunk was 100,000 chunks; generous for a loaded machine
       assert.is_true(chunks < 20000, chunks .. " chunks for 100,000 tiny items")
     end)
@@ -97,9 +97,9 @@ for _, kind in ipairs { "threadpool", "processpool" } do
       end
       assert.is_nil(bad)
       assert.are.equal(50000, last)
-      -- at most twice the workers chunks of at most 1024 items in flight,
+      -- at most twice the workers chunks of at most 256 items in flight,
       -- besides the chunk being handed out
-      assert.is_true(read - 50000 <= 5 * 1024, ("read %d items for 50000 results"):format(read))
+      assert.is_true(read - 50000 <= 5 * 256, ("read %d items for 50000 results"):format(read))
       local read_at_break = read
       luapool.sleep(0.05)
       assert.are.equal(read_at_break, read) -- nothing more read once the loop is left

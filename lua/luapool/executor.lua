@@ -418,11 +418,15 @@ end
 -- its wait in the queue and the caller's loop: an upper bound on the
 -- tasks' time), and the next chunks are sized to take about CHUNK_TARGET:
 -- at most doubled at a time, at once shrunk when they take longer, never
--- beyond CHUNK_MAX.  Tiny tasks thus reach a few hundred items a chunk
--- within a dozen chunks, which amortizes the round trip on any engine
--- (a thread's queue or a process's socket alike: it is measured, not
--- assumed), while tasks of a millisecond or more stay at one item a chunk.
-local CHUNK_TARGET, CHUNK_MAX = 0.002, 1024
+-- beyond CHUNK_MAX.  Tiny tasks thus reach CHUNK_MAX items a chunk within
+-- a dozen chunks, which amortizes the round trip on any engine (a thread's
+-- queue or a process's socket alike: it is measured, not assumed), while
+-- tasks of a millisecond or more stay at one item a chunk.  The price: when
+-- tiny tasks turn slow, the chunks already sent run to their end before
+-- the size drops, so a result can wait up to CHUNK_MAX of the slow tasks;
+-- CHUNK_MAX is kept small for that (256 items cost about 0.1 us an item
+-- more than 1024 on threads, and bound the window to 512 items a worker).
+local CHUNK_TARGET, CHUNK_MAX = 0.002, 256
 
 local function next_chunksize(chunk, k, elapsed)
   local want = elapsed > 0 and k * CHUNK_TARGET / elapsed or CHUNK_MAX

@@ -124,6 +124,22 @@ for _, kind in ipairs { "threadpool", "processpool" } do
       assert.is_true(largest <= 6, "a chunk of " .. largest .. " items")
     end)
 
+    it("keeps an explicit buffersize as the bound of the items read ahead", function()
+      local read = 0
+      local function naturals()
+        read = read + 1
+        return read
+      end
+      local worst = 0
+      for i in pool:imap(function(x) return x end, naturals, { buffersize = 6 }) do
+        if read - i > worst then worst = read - i end
+        if i == 5000 then break end
+      end
+      -- at most 6 items in flight, besides the rest of the chunk being
+      -- handed out (at most 5 more)
+      assert.is_true(worst <= 11, ("read %d items ahead of the loop"):format(worst))
+    end)
+
     it("makes every item its own task under a task_timeout, of the call or of the pool", function()
       local _, chunks, n = positions(pool, range(3000), { task_timeout = 30 })
       assert.are.same({ 3000, 3000 }, { n, chunks })

@@ -6,6 +6,7 @@
 -- and each chunk gets its own copy of them, so a task returning n = n + 1
 -- returns its position in its chunk (1 starts a chunk).
 local luapool = require "luapool"
+local h = require "helper"
 
 local SRC = debug.getinfo(1, "S").short_src
 local function here() return debug.getinfo(2, "l").currentline end
@@ -239,6 +240,26 @@ describe("misuse errors of the Lua layer", function()
     local co = coroutine.create(print)
     _, err = pcall(function() return open:map(function(x) return x end, { co }) end) line = here()
     assert.are.equal(at(line, "cannot send item #1: a coroutine"), err)
+  end)
+
+  it("name the script's line when a done callback tail-calls map while map waits", function()
+    -- the callback runs under chunk_into, called from the Lua layer: its
+    -- frames are passed over, not named
+    local script = h.tempfile([[
+local p = threadpool.new { max_workers = 1 }
+local q = threadpool.new { max_workers = 1 }
+q:shutdown()
+local f = p:submit(luapool.sleep, 0.1)
+f:add_done_callback(function() return q:map(print, { 1 }) end)
+local r = p:map(function(x) return x end, { 1, 2 })
+print(#r)
+]])
+    local out, err, code = h.run({ script })
+    os.remove(script)
+    assert.are.equal(0, code)
+    assert.are.equal("2\n", out)
+    assert.are.equal("luapool: error in a done callback: " .. script .. ":6: cannot submit after shutdown",
+      err:match("^[^\n]*"))
   end)
 
   it("name the line of a pool method called with a dot", function()

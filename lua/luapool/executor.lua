@@ -34,15 +34,21 @@ local IPAIRS_ITER = ipairs({})
 -- no position at all.  raise goes on up to the nearest Lua function that
 -- is running a line and names that line (Lua does the same when the
 -- caller's caller is a Lua function), so every such error names a line
--- of the script.
+-- of the script.  Frames of luapool's own compiled-in Lua files are passed
+-- over the same way: a done-callback that tail-calls the API runs under
+-- C called from this file (map waiting), and this file's line would tell
+-- the script nothing.
 local getinfo = debug and debug.getinfo
+local function foreign(info)
+  return info.currentline <= 0 or info.source:sub(1, 11) == "=[luapool] "
+end
 local function raise(msg, level)
   if not getinfo then error(msg, level + 1) end
   local l = level + 1 -- the same frame, counted from here
-  local info = getinfo(l, "l")
-  while info and info.currentline <= 0 do
+  local info = getinfo(l, "Sl")
+  while info and foreign(info) do
     l = l + 1
-    info = getinfo(l, "l")
+    info = getinfo(l, "Sl")
   end
   error(msg, info and l or 0)
 end

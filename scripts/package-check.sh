@@ -162,6 +162,7 @@ expected_files=$(sort <<EOF
 ./usr/share/doc/luapool/docs/choose-cpu.svg
 ./usr/share/doc/luapool/docs/choose-io.svg
 ./usr/share/doc/luapool/docs/choosing.md
+./usr/share/doc/luapool/docs/performance.md
 ./usr/share/lua/5.4/luapool/bench.lua
 ./usr/share/lua/5.4/luapool/fixture.lua
 ./usr/share/man/man1/luapool.1

@@ -146,6 +146,7 @@ describe("packaging", function()
       "./share/doc/luapool/docs/choose-cpu.svg",
       "./share/doc/luapool/docs/choose-io.svg",
       "./share/doc/luapool/docs/choosing.md",
+      "./share/doc/luapool/docs/performance.md",
       "./share/lua/5.4/luapool/bench.lua",
       "./share/lua/5.4/luapool/fixture.lua",
       "./share/man/man1/luapool.1",

@@ -165,12 +165,13 @@ local function callable(v)
   local mt = raw_getmetatable(v)
   return type(mt) == "table" and mt.__call ~= nil
 end
+-- In a fixed order, so that the first bad one is always the one named.
 local PROGRESS_SETTINGS = {
-  label = { "string", function(v) return type(v) == "string" end },
-  output = { "function", callable },
-  tty = { "boolean", function(v) return type(v) == "boolean" end },
-  interval = { "non-negative number", function(v) return type(v) == "number" and v >= 0 end },
-  now = { "function", callable },
+  { "label", "string", function(v) return type(v) == "string" or type(v) == "number" end },
+  { "output", "function", callable },
+  { "tty", "boolean", function(v) return type(v) == "boolean" end },
+  { "interval", "non-negative number", function(v) return type(v) == "number" and v >= 0 end },
+  { "now", "function", callable },
 }
 
 local function opt_progress(opts, fname)
@@ -179,11 +180,12 @@ local function opt_progress(opts, fname)
     bad_option("progress", fname, "boolean or table of settings", v)
   end
   if type(v) == "table" then
-    for key, rule in pairs(PROGRESS_SETTINGS) do
+    for _, rule in ipairs(PROGRESS_SETTINGS) do
+      local key, what, ok = rule[1], rule[2], rule[3]
       local x = v[key]
-      if x ~= nil and not rule[2](x) then
+      if x ~= nil and not ok(x) then
         raise(("bad option 'progress' to '%s' (setting '%s': %s expected, got %s)")
-          :format(fname, key, rule[1], got(x)), 3)
+          :format(fname, key, what, got(x)), 3)
       end
     end
   end

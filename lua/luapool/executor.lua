@@ -13,21 +13,48 @@ local chunk_size = prim.chunk_size
 local new_error, is_future, cq = prim.error, prim.is_future, prim.cq
 local error, type, pairs, ipairs, tostring, next = error, type, pairs, ipairs, tostring, next
 local getmetatable, setmetatable, table_unpack = getmetatable, setmetatable, table.unpack
-local math_type, math_max, math_tointeger = math.type, math.max, math.tointeger
+local math_type, math_max, math_tointeger, math_floor = math.type, math.max, math.tointeger, math.floor
 -- A metatable even behind __metatable: any metatable may define __index
 -- or __len, and the C side reads tables raw.
 local raw_getmetatable = debug and debug.getmetatable or getmetatable
 -- The iterator function ipairs returns, to recognize pool:imap(fn, ipairs(t)).
 local IPAIRS_ITER = ipairs({})
 
--- Errors about arguments point at the caller of the API function.  Levels
--- count from the function that calls error(): an API function raising
--- itself uses 2, argerror called by it 3 (the default), a helper of it
--- calling error() 3 and one calling argerror (or bad_option) 4.  map and
--- starmap tail-call map_impl, which thus stands at the API function's
--- level; imap's iterator stands at the level of the loop's function.
+-- Errors about arguments and misuse point at the caller of the API
+-- function.  Levels count as error()'s do, from the function that calls
+-- raise: an API function raising itself uses 2, argerror called by it 3
+-- (the default), a helper of it calling raise 3 and one calling argerror
+-- (or bad_option) 4.  map and starmap tail-call map_impl, which thus
+-- stands at the API function's level; imap's iterator stands at the level
+-- of the loop's function.
+--
+-- A caller that tail-calls the API (`return pool:map(fn, t)`) has no frame
+-- left: the level then lands on whatever called it, which for a function
+-- run by pcall, xpcall or a metamethod is a C function, and error() adds
+-- no position at all.  raise goes on up to the nearest Lua function that
+-- is running a line and names that line (Lua does the same when the
+-- caller's caller is a Lua function), so every such error names a line
+-- of the script.  Frames of luapool's own compiled-in Lua files are passed
+-- over the same way: a done-callback that tail-calls the API runs under
+-- C called from this file (map waiting), and this file's line would tell
+-- the script nothing.
+local getinfo = debug and debug.getinfo
+local function foreign(info)
+  return info.currentline <= 0 or info.source:sub(1, 11) == "=[luapool] "
+end
+local function raise(msg, level)
+  if not getinfo then error(msg, level + 1) end
+  local l = level + 1 -- the same frame, counted from here
+  local info = getinfo(l, "Sl")
+  while info and foreign(info) do
+    l = l + 1
+    info = getinfo(l, "Sl")
+  end
+  error(msg, info and l or 0)
+end
+
 local function argerror(n, fname, msg, level)
-  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), level or 3)
+  raise(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), level or 3)
 end
 
 local function typename(v)
@@ -41,6 +68,15 @@ end
 local function got(v)
   if type(v) == "number" then return tostring(v) end
   return typename(v)
+end
+
+-- self of map, starmap and imap: a pool (pool.map(fn, t), with a dot, is
+-- the usual slip).  Read by its metatable's name, as luaL_checkudata does.
+local function check_pool(pool, fname)
+  if typename(pool) ~= "luapool.pool" then
+    raise(("calling '%s' on bad self (luapool.pool expected, got %s%s)"):format(fname, typename(pool),
+      type(pool) == "function" and (": write pool:%s(...), with a colon"):format(fname) or ""), 4)
+  end
 end
 
 local function check_fn(fn, fname)
@@ -77,7 +113,7 @@ local function options(opts, n, fname, allowed)
           "pool:imap(fn, t), or a function returning the next item" or ""
         argerror(n, fname, "options table expected, got a table with integer keys" .. why, 4)
       end
-      error(("unknown option '%s' to '%s'"):format(tostring(k), fname), 3)
+      raise(("unknown option '%s' to '%s'"):format(tostring(k), fname), 3)
     end
   end
   return opts
@@ -88,7 +124,7 @@ end
 -- float with an integral value (2.0), a number of seconds any number in
 -- range; each returns the value to use (an integer for integer options).
 local function bad_option(key, fname, what, v)
-  error(("bad option '%s' to '%s' (%s expected, got %s)"):format(key, fname, what, got(v)), 4)
+  raise(("bad option '%s' to '%s' (%s expected, got %s)"):format(key, fname, what, got(v)), 4)
 end
 
 local function opt_int(opts, key, fname)
@@ -121,10 +157,37 @@ local function opt_boolean(opts, key, fname)
   return v
 end
 
+-- The settings of progress = {...} are checked here, where the caller's
+-- line is known: a bad one would otherwise fail inside the bar, later,
+-- with a message about the bar's own code.
+local function callable(v)
+  if type(v) == "function" then return true end
+  local mt = raw_getmetatable(v)
+  return type(mt) == "table" and mt.__call ~= nil
+end
+-- In a fixed order, so that the first bad one is always the one named.
+local PROGRESS_SETTINGS = {
+  { "label", "string", function(v) return type(v) == "string" or type(v) == "number" end },
+  { "output", "function", callable },
+  { "tty", "boolean", function(v) return type(v) == "boolean" end },
+  { "interval", "non-negative number", function(v) return type(v) == "number" and v >= 0 end },
+  { "now", "function", callable },
+}
+
 local function opt_progress(opts, fname)
   local v = opts.progress
   if v ~= nil and type(v) ~= "boolean" and type(v) ~= "table" then
     bad_option("progress", fname, "boolean or table of settings", v)
+  end
+  if type(v) == "table" then
+    for _, rule in ipairs(PROGRESS_SETTINGS) do
+      local key, what, ok = rule[1], rule[2], rule[3]
+      local x = v[key]
+      if x ~= nil and not ok(x) then
+        raise(("bad option 'progress' to '%s' (setting '%s': %s expected, got %s)")
+          :format(fname, key, what, got(x)), 3)
+      end
+    end
   end
   return v
 end
@@ -169,8 +232,18 @@ end
 -- tens of microseconds, so process pools batch enough calls to amortize it
 -- while keeping about four chunks per worker for balance; thread pools
 -- hand out single calls, which spreads latency-bound work (fetches) evenly.
+--
+-- Whether a pool batches is a property of its engine, read from the pool:
+-- pool.chunking when the C side exposes it (true where a call crosses a
+-- process boundary), else derived from its kind.
+local function batches(pool)
+  local chunking = pool.chunking
+  if chunking == nil then return pool.kind == "processpool" end
+  return chunking
+end
+
 local function auto_chunksize(pool, n)
-  if pool.kind ~= "processpool" then return 1 end
+  if not batches(pool) then return 1 end
   local per = n // (pool.max_workers * 4)
   if per < 1 then return 1 end
   return per > 1024 and 1024 or per
@@ -253,6 +326,7 @@ end
 local MAP_OPTS = { chunksize = true, timeout = true, progress = true, task_timeout = true }
 
 local function map_impl(pool, fn, items, opts, star, fname)
+  check_pool(pool, fname)
   check_fn(fn, fname)
   if type(items) ~= "table" then
     argerror(2, fname, iterator_slip(items, fname, "table") or "table expected, got " .. typename(items))
@@ -280,7 +354,7 @@ local function map_impl(pool, fn, items, opts, star, fname)
     local f, err = submit_chunk(pool, fn, t, a, b, star, task_timeout, lo)
     if not f then
       cancel_from(futures, 1)
-      error((err:gsub("^bad item (#%d+) ", "bad item %1 to '" .. fname .. "' ")), 2)
+      raise((err:gsub("^bad item (#%d+) ", "bad item %1 to '" .. fname .. "' ")), 2)
     end
     futures[#futures + 1] = f
   end
@@ -323,27 +397,55 @@ local IMAP_OPTS = {
 
 -- The items of a table (its sequence as Lua reads it, #t and t[i], as long
 -- as it is when imap starts) or of an iterator function (until it returns
--- nil; only its first value).
+-- nil; only its first value).  Returns the reader, the count (nil for an
+-- iterator) and, for a table without a metatable, the table itself: its
+-- chunks are sent straight from it (the C side reads raw, as Lua would).
 local function item_source(iterable)
   if type(iterable) == "table" then
     local len = #iterable
     local n = math_type(len) and math_tointeger(len)
     if not n then argerror(2, "imap", "its length (__len) is not an integer: " .. got(len), 4) end
+    if n < 0 then n = 0 end
     local i = 0
     return function()
       if i >= n then return false end
       i = i + 1
       return true, iterable[i]
-    end, n > 0 and n or 0
+    end, n, raw_getmetatable(iterable) == nil and iterable or nil
   end
   return function()
     local v = iterable()
     if v == nil then return false end
     return true, v
-  end, nil
+  end, nil, nil
+end
+
+-- imap's automatic chunking.  The first chunk is one item, so a slow task
+-- yields its result as soon as it is done; then each chunk taken tells how
+-- long a chunk of its size took from submission to its results (its run,
+-- its wait in the queue and the caller's loop: an upper bound on the
+-- tasks' time), and the next chunks are sized to take about CHUNK_TARGET:
+-- at most doubled at a time, at once shrunk when they take longer, never
+-- beyond CHUNK_MAX.  Tiny tasks thus reach CHUNK_MAX items a chunk within
+-- a dozen chunks, which amortizes the round trip on any engine (a thread's
+-- queue or a process's socket alike: it is measured, not assumed), while
+-- tasks of a millisecond or more stay at one item a chunk.  The price: when
+-- tiny tasks turn slow, the chunks already sent run to their end before
+-- the size drops, so a result can wait up to CHUNK_MAX of the slow tasks;
+-- CHUNK_MAX is kept small for that (256 items cost about 0.1 us an item
+-- more than 1024 on threads, and bound the window to 512 items a worker).
+local CHUNK_TARGET, CHUNK_MAX = 0.002, 256
+
+local function next_chunksize(chunk, k, elapsed)
+  local want = elapsed > 0 and k * CHUNK_TARGET / elapsed or CHUNK_MAX
+  if want > 2 * chunk then want = 2 * chunk end
+  if want > CHUNK_MAX then want = CHUNK_MAX end
+  if want < 1 then return 1 end
+  return math_floor(want) -- an integer: indexes stay integers
 end
 
 function methods.imap(pool, fn, iterable, opts)
+  check_pool(pool, "imap")
   check_fn(fn, "imap")
   local kind = type(iterable)
   if kind ~= "table" and kind ~= "function" or iterable == IPAIRS_ITER or iterable == next then
@@ -352,19 +454,26 @@ function methods.imap(pool, fn, iterable, opts)
       expected .. " expected, got " .. typename(iterable))
   end
   opts = options(opts, 3, "imap", IMAP_OPTS)
-  local chunk = opt_int(opts, "chunksize", "imap") or 1
+  local chunk = opt_int(opts, "chunksize", "imap")
   local task_timeout = opt_positive(opts, "task_timeout", "imap")
-  local buffersize = opt_int(opts, "buffersize", "imap") or 2 * pool.max_workers
+  -- The window: an explicit buffersize bounds the items in flight (a chunk
+  -- is sent while fewer are; an automatic chunk is cut to fit); by default
+  -- it is twice the workers in chunks, at most CHUNK_MAX items each.
+  local buffersize = opt_int(opts, "buffersize", "imap")
+  local window = 2 * pool.max_workers
   local ordered = opt_boolean(opts, "ordered", "imap") ~= false
   local show = opt_progress(opts, "imap")
-  local next_item, total = item_source(iterable)
+  -- A deadline is per task: with one, every item is its own task.
+  local auto = not chunk and not (task_timeout or pool.task_timeout)
+  chunk = chunk or 1
+  local next_item, total, plain = item_source(iterable)
   local bar = bar_for(show, "imap", total)
 
-  -- In flight: chunks as {future, first index, count}, oldest first for the
-  -- ordered walk; a completion queue finds finished ones for the unordered.
-  -- A chunk leaves both when its results are taken, so only the chunks not
-  -- yet handed out are held here.
-  local inflight, head, tail, items_in_flight = {}, 1, 0, 0
+  -- In flight: chunks as {future, first index, count, submission time},
+  -- oldest first for the ordered walk; a completion queue finds finished
+  -- ones for the unordered.  A chunk leaves both when its results are
+  -- taken, so only the chunks not yet handed out are held here.
+  local inflight, head, tail, items_in_flight, chunks_in_flight = {}, 1, 0, 0, 0
   local by_future = {}
   local queue = (not ordered) and cq() or nil
   local exhausted, next_index, yielded = false, 1, 0
@@ -384,28 +493,49 @@ function methods.imap(pool, fn, iterable, opts)
 
   -- Submits chunks until the window is full or the input ends.
   local function fill()
-    while not exhausted and items_in_flight < buffersize do
-      local args, k = {}, 0
-      while k < chunk do
-        local ok, v = next_item()
-        if not ok then
-          exhausted = true
-          break
-        end
-        k = k + 1
-        args[k] = v
+    while not exhausted do
+      local want = chunk
+      if buffersize then
+        if items_in_flight >= buffersize then return end
+        if auto and want > buffersize - items_in_flight then want = buffersize - items_in_flight end
+      elseif chunks_in_flight >= window then
+        return
       end
-      if k == 0 then return end
-      local f, err = submit_chunk(pool, fn, args, 1, k, false, task_timeout, next_index)
+      local f, err, k
+      if plain then
+        local hi = next_index + want - 1
+        if hi >= total then
+          hi = total
+          exhausted = true
+        end
+        k = hi - next_index + 1
+        if k <= 0 then return end
+        f, err = submit_chunk(pool, fn, plain, next_index, hi, false, task_timeout, next_index)
+      else
+        local args = {}
+        k = 0
+        while k < want do
+          local ok, v = next_item()
+          if not ok then
+            exhausted = true
+            break
+          end
+          k = k + 1
+          args[k] = v
+        end
+        if k == 0 then return end
+        f, err = submit_chunk(pool, fn, args, 1, k, false, task_timeout, next_index)
+      end
       if not f then
         close()
-        error(err, 3)
+        raise(err, 3)
       end
       tail = tail + 1
-      local c = { f, next_index, k }
+      local c = { f, next_index, k, auto and now() }
       inflight[tail] = c
       next_index = next_index + k
       items_in_flight = items_in_flight + k
+      chunks_in_flight = chunks_in_flight + 1
       if queue then
         by_future[f] = tail
         queue:add(f)
@@ -436,7 +566,9 @@ function methods.imap(pool, fn, iterable, opts)
       error(name_item(err, c[1], c[2], k), 0)
     end
     items_in_flight = items_in_flight - c[3]
+    chunks_in_flight = chunks_in_flight - 1
     rpos, rlen, rfirst = 1, c[3], c[2]
+    if auto then chunk = next_chunksize(chunk, c[3], now() - c[4]) end
   end
 
   local function iter()
@@ -462,7 +594,7 @@ function methods.imap(pool, fn, iterable, opts)
     results[rpos] = nil
     rpos = rpos + 1
     yielded = yielded + 1
-    bar:update(yielded)
+    if show then bar:update(yielded) end
     return i, v
   end
 
@@ -538,7 +670,7 @@ function luapool.wait(futures, opts)
   local timeout = opt_timeout(opts, "timeout", "wait")
   local when = opts.return_when or "ALL_COMPLETED"
   if not RETURN_WHEN[when] then
-    error(("bad option 'return_when' to 'wait' (ALL_COMPLETED, FIRST_COMPLETED or " ..
+    raise(("bad option 'return_when' to 'wait' (ALL_COMPLETED, FIRST_COMPLETED or " ..
       "FIRST_EXCEPTION expected, got %s)"):format(type(when) == "string" and when or got(when)), 2)
   end
   local q <close>, list = collect(futures, "wait", true)

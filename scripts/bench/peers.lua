@@ -1,11 +1,13 @@
 -- luapool beside its peers: the same jobs through Python's
--- concurrent.futures (scripts/bench/peers/*.py) and `curl --parallel`, each
+-- concurrent.futures (scripts/bench/peers/*.py), luv (libuv's thread pool,
+-- scripts/bench/peers/luv_tasks.lua, run by stock lua5.4) and
+-- `curl --parallel`, each
 -- timed as a whole command (wall time around os.execute: interpreter start,
 -- pool start and stop included on every side), interleaved run by run with
 -- luapool's own command for the same job.
 --
--- usage: luapool scripts/bench/peers.lua [--python PATH] [--curl PATH] [--tasks N]
---                                         [--quick] [--runs N] [--warmup N]
+-- usage: luapool scripts/bench/peers.lua [--python PATH] [--curl PATH] [--lua PATH]
+--                                         [--tasks N] [--quick] [--runs N] [--warmup N]
 --                                         [--json FILE] [--csv FILE]
 --
 -- Jobs (each a group; luapool's command is the baseline, so a peer's ratio
@@ -17,6 +19,13 @@
 --   io-throughput       3000 fetches of /bytes?n=100 with 16 workers
 --   overhead-threads    100k no-op tasks, submit + result, 2 threads
 --   overhead-processes  100k no-op tasks, map on 2 processes
+--   tasks-20k           20k no-op tasks, submit + result, 2 threads (luv:
+--                       uv.queue_work with UV_THREADPOOL_SIZE=2)
+--   big-string          200 tasks each returning a 1 MiB string made in the
+--                       worker, 2 threads (each result checked and dropped)
+--   big-table           200 tasks each returning a table of 10,000 numbers,
+--                       2 threads; luv cannot carry tables: its line says
+--                       "cannot" (what luv answers), never a number
 -- The fetches go to the local nginx fixture, never the internet.  Python's
 -- fetches use requests (as the reference job does) when it is importable,
 -- else urllib.  A peer whose tool is missing is skipped with a note.
@@ -28,6 +37,7 @@ local suite = bench.suite {
   options = {
     { "python", "PATH", "string", "Python interpreter (default: python3 with requests, else /usr/bin/python3)" },
     { "curl", "PATH", "string", "curl command (default: curl)" },
+    { "lua", "PATH", "string", "stock Lua 5.4 with luv for the luv peers (default: lua5.4)" },
     { "tasks", "N", "integer", "no-op tasks in the overhead jobs (default 100000; 2000 with --quick)" },
   },
 }
@@ -38,6 +48,8 @@ local CPU_NUMBERS = quick and { 100000, 120000, 110000, 90000, 130000 }
 local LAT_N, LAT_W, SLEEP = quick and 200 or 2000, 100, 0.05
 local THR_N, THR_W, BYTES = quick and 300 or 3000, 16, 100
 local TASKS = opts.tasks or (quick and 2000 or 100000)
+local LUV_TASKS = quick and 2000 or 20000
+local BIG_N, BIG_STRING, BIG_TABLE = quick and 20 or 200, 1 << 20, 10000
 
 -- {====== commands, temporary files
 
@@ -110,6 +122,12 @@ if not curl_ok then
   skipped[#skipped + 1] = "curl with --parallel (7.66 or later) not found: curl peers skipped"
 end
 local curl_version = curl_ok and capture(q(curl) .. " --version"):match("^curl [%d.]+")
+local lua = opts.lua or "lua5.4"
+local luv_version = succeeds(q(lua) .. [[ -e 'require "luv"']]) and
+  capture(q(lua) .. [[ -e 'print(require("luv").version_string())']]):match("[%d.]+")
+if not luv_version then
+  skipped[#skipped + 1] = ("%s with luv (Debian: lua-luv) not found: luv peers skipped"):format(lua)
+end
 
 -- }======
 
@@ -141,6 +159,22 @@ if mode == "threads-submit" then
   local fs = {}
   for i = 1, n do fs[i] = pool:submit(noop, 1) end
   for i = 1, n do fs[i]:result() end
+elseif mode == "threads-string" or mode == "threads-table" then
+  -- big values: each result made in the worker, checked here, dropped
+  local size = math.tointeger(tonumber(chunk))
+  local make = mode == "threads-string" and function(len) return string.rep("x", len) end
+    or function(len)
+      local t = {}
+      for i = 1, len do t[i] = i end
+      return t
+    end
+  local pool <close> = threadpool.new { max_workers = 2 }
+  local fs = {}
+  for i = 1, n do fs[i] = pool:submit(make, size) end
+  for i = 1, n do
+    assert(#fs[i]:result() == size)
+    fs[i] = nil
+  end
 elseif mode == "processes-map" then
   local ones = {}
   for i = 1, n do ones[i] = 1 end
@@ -155,6 +189,11 @@ print(("%s: %d tasks"):format(mode, n))
 
 local function lp(script, ...)
   local parts = { q(luapool_bin), q(script) }
+  for _, a in ipairs { ... } do parts[#parts + 1] = q(a) end
+  return table.concat(parts, " ")
+end
+local function luv(...)
+  local parts = { "UV_THREADPOOL_SIZE=2", q(lua), q(peers_dir .. "/luv_tasks.lua") }
   for _, a in ipairs { ... } do parts[#parts + 1] = q(a) end
   return table.concat(parts, " ")
 end
@@ -247,11 +286,51 @@ if python then
   end
 end
 
+-- luv: per task and big values ---------------------------------------------
+suite:case {
+  group = "tasks-20k", name = "luapool threadpool submit+result x2", baseline = "luapool threadpool submit+result x2",
+  params = { tasks = LUV_TASKS }, units = LUV_TASKS, unit = "task",
+  body = command(lp(LP_OVERHEAD, "threads-submit", LUV_TASKS)),
+}
+if luv_version then
+  suite:case {
+    group = "tasks-20k", name = "luv queue_work x2", params = { tasks = LUV_TASKS }, units = LUV_TASKS,
+    unit = "task", body = command(luv("noop", LUV_TASKS)),
+  }
+end
+suite:case {
+  group = "big-string", name = "luapool threadpool 1 MiB strings x2", baseline = "luapool threadpool 1 MiB strings x2",
+  params = { tasks = BIG_N, bytes = BIG_STRING }, units = BIG_N, unit = "task",
+  body = command(lp(LP_OVERHEAD, "threads-string", BIG_N, BIG_STRING)),
+}
+if luv_version then
+  suite:case {
+    group = "big-string", name = "luv queue_work 1 MiB strings x2", params = { tasks = BIG_N, bytes = BIG_STRING },
+    units = BIG_N, unit = "task", body = command(luv("string", BIG_N, BIG_STRING)),
+  }
+end
+suite:case {
+  group = "big-table", name = "luapool threadpool tables of 10,000 x2",
+  baseline = "luapool threadpool tables of 10,000 x2", params = { tasks = BIG_N, numbers = BIG_TABLE },
+  units = BIG_N, unit = "task", body = command(lp(LP_OVERHEAD, "threads-table", BIG_N, BIG_TABLE)),
+}
+-- luv cannot: ask it (its answer, a line starting "cannot:", goes in the report)
+local luv_table_answer
+if luv_version then
+  local pipe = io.popen(luv("table", 1, BIG_TABLE) .. " 2>&1")
+  local text = pipe and pipe:read("a") or ""
+  if pipe then pipe:close() end
+  local refusal = text:match("thread arg not support[^\n]*")
+  luv_table_answer = (text:match("cannot: [^\n]*") or "cannot: (no answer)") ..
+    (refusal and (": luv says \"" .. refusal .. "\"") or "")
+end
+
 suite:note("every case is a whole command: cpu and peak rss are this (waiting) process's only")
 
 -- run ------------------------------------------------------------------------
 print("peers: " .. table.concat({ python and (python .. " (" .. (python_version or "?") .. ", "
-  .. python_client .. ")") or "no python", curl_version or "no curl" }, "; "))
+  .. python_client .. ")") or "no python", curl_version or "no curl",
+  luv_version and (lua .. " with luv " .. luv_version) or "no luv" }, "; "))
 for _, s in ipairs(skipped) do print("note: " .. s) end
 suite:run()
 
@@ -264,6 +343,10 @@ for _, res in ipairs(suite.results) do
     print(("  %-20s %-46s %6s  (luapool %s)"):format(res.group, res.name, bench.format_ratio(res.ratio),
       res.ratio >= 1 and ("%.2fx faster"):format(res.ratio) or ("%.2fx slower"):format(1 / res.ratio)))
   end
+end
+if luv_table_answer and (not suite.filter or ("big-table"):find(suite.filter)) then
+  print(("  %-20s %-46s %6s  (%s)"):format("big-table", "luv queue_work tables of 10,000 x2", "cannot",
+    luv_table_answer:gsub("^cannot: ", "")))
 end
 local ideal = math.ceil(LAT_N / LAT_W) * SLEEP
 print(("io-latency against the ideal %s (target: luapool <= 1.05x):"):format(bench.format_time(ideal)))

@@ -34,7 +34,7 @@ end
 describe("a process worker's descriptors", function()
   it("are exactly 0, 1, 2 and its close-on-exec socket on 3, whatever the script had open", function()
     local script = h.tempfile([[
-      local extra = { io.open(arg[1]), io.open(arg[1]), io.popen("cat >/dev/null", "w"),
+      local extra = { io.open(arg[1]), io.open(arg[1]), io.popen("timeout 10 cat >/dev/null", "w"),
         io.open(os.tmpname(), "w") }
       local pool <close> = processpool.new { max_workers = 1 }
       local fds, fdinfo = pool:submit(function()

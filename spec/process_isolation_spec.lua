@@ -226,6 +226,21 @@ describe("max_memory_mb", function()
     end)
   end
 
+  it("counts only live memory when the garbage comes from string buffers (string.rep)", function()
+    -- a buffer's growth gets no emergency collection from Lua: garbage
+    -- must be gone before one meets the cap (40 MB live, 300 MB made)
+    local pool <close> = luapool.processpool.new { max_workers = 1, max_memory_mb = 64, name = "mem" }
+    local held, made = pool:submit(function()
+      local live = {}
+      for i = 1, 400 do live[i] = ("L"):rep(100000 - 8) .. ("%08d"):format(i) end
+      local n = 0
+      for i = 1, 3000 do n = n + #(("g"):rep(100000 - 8) .. ("%08d"):format(i)) end
+      return #live, n
+    end):result(60)
+    assert.are.equal(400, held)
+    assert.are.equal(300000000, made)
+  end)
+
   local function holds_100mb()
     local t = {}
     for i = 1, 1000 do t[i] = ("x"):rep(100000 - 8) .. ("%08d"):format(i) end

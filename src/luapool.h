@@ -224,6 +224,13 @@ typedef struct lp_wstate {
   int oom_refused;
   void *oom_ptr;
   size_t oom_osize, oom_nsize;
+  /* Past gc_at, a full collection is run at the next instruction (a
+  ** one-shot hook, the task's own hook kept aside), so that garbage is gone
+  ** before an allocation Lua cannot retry meets the cap. */
+  size_t gc_at;
+  int gc_hooked;
+  lua_Hook saved_hook;
+  int saved_mask, saved_count;
   int fd; /* process workers: the socket to the parent */
 } lp_wstate;
 

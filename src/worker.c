@@ -104,6 +104,42 @@ static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs, l
 ** during a collection step): that is the cap too, and it is reported at
 ** once, so that no pcall of the task can swallow it; check_cap catches a
 ** refusal the task never followed with another allocation. */
+/* The collection before the cap: where the next one starts, from what is
+** left after this one (at least an eighth of the cap above it, so that
+** live memory near the cap does not collect at every allocation). */
+static void set_gc_at(lp_wstate *ws) {
+  size_t cap = ws->mem_cap, used = ws->mem_used;
+  size_t at = cap - cap / 8;
+  if (used < cap && used + (cap - used) / 2 > at) at = used + (cap - used) / 2;
+  ws->gc_at = used < cap ? at : cap;
+}
+
+static void cap_gc_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  void *ud;
+  lua_getallocf(L, &ud);
+  lp_wstate *ws = ud;
+  ws->gc_hooked = 0;
+  lua_sethook(L, ws->saved_hook, ws->saved_mask, ws->saved_count);
+  lua_gc(L, LUA_GCCOLLECT);
+  set_gc_at(ws);
+}
+
+/* Called from the allocator: lua_sethook is safe anywhere (lua.c calls it
+** from a signal handler).  Only the main thread gets it, where tasks run;
+** code inside a coroutine collects when it is back there. */
+static void want_gc(lp_wstate *ws) {
+  lua_State *L = ws->L;
+  if (L == NULL) return; /* still being created */
+  if (ws->gc_hooked && lua_gethook(L) == cap_gc_hook) return;
+  ws->saved_hook = lua_gethook(L); /* a hook of the task's, or none */
+  ws->saved_mask = lua_gethookmask(L);
+  ws->saved_count = lua_gethookcount(L);
+  if (ws->saved_hook == cap_gc_hook) ws->saved_hook = NULL, ws->saved_mask = 0;
+  ws->gc_hooked = 1;
+  lua_sethook(L, cap_gc_hook, LUA_MASKCOUNT, 1);
+}
+
 static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   lp_wstate *ws = ud;
   size_t old = ptr ? osize : 0;
@@ -128,6 +164,7 @@ static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   }
   void *np = realloc(ptr, nsize);
   if (np) ws->mem_used = ws->mem_used - old + nsize;
+  if (ws->mem_used > ws->gc_at) want_gc(ws);
   return np;
 }
 
@@ -259,6 +296,7 @@ static lua_State *ensure_state(lp_wstate *ws) {
     return NULL;
   }
   ws->L = L;
+  if (ws->mem_cap) set_gc_at(ws);
   if (strcmp(ws->kind, "thread") == 0) luapool__set_task_state(L); /* for STOP_SIGNAL */
   return L;
 }

@@ -244,6 +244,22 @@ describe("max_memory_mb", function()
     assert.are.equal(300000000, made)
   end)
 
+  it("keeps a task's own hook while it collects before the cap", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, max_memory_mb = 64, name = "mem" }
+    local same, mask, count, calls, held = pool:submit(function()
+      local n = 0
+      local function hook() n = n + 1 end
+      debug.sethook(hook, "", 1000)
+      local live = {}
+      for i = 1, 400 do live[i] = ("L"):rep(100000 - 8) .. ("%08d"):format(i) end
+      for i = 1, 3000 do live.last = ("g"):rep(100000 - 8) .. ("%08d"):format(i) end
+      local h2, m, c = debug.gethook()
+      debug.sethook()
+      return h2 == hook, m, c, n > 0, #live
+    end):result(60)
+    assert.are.same({ true, "", 1000, true, 400 }, { same, mask, count, calls, held })
+  end)
+
   local function holds_100mb()
     local t = {}
     for i = 1, 1000 do t[i] = ("x"):rep(100000 - 8) .. ("%08d"):format(i) end

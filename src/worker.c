@@ -93,17 +93,6 @@ static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs, l
 ** Lua calls
 ** ======================================================= */
 
-/* The Lua allocator of a process worker with max_memory_mb.  Only memory a
-** task still holds after a full collection counts against the cap: a
-** growth that would pass it is refused once (NULL), and Lua answers a
-** refusal by running an emergency full collection and asking again for the
-** very same block.  If that retry still does not fit, the memory is live:
-** ws->on_oom reports it and exits (unwinding through Lua from here is not
-** an option).  A request other than the retry while a refusal is pending
-** means Lua could not collect (it raised "not enough memory" instead, as
-** during a collection step): that is the cap too, and it is reported at
-** once, so that no pcall of the task can swallow it; check_cap catches a
-** refusal the task never followed with another allocation. */
 /* The collection before the cap: where the next one starts, from what is
 ** left after this one (at least an eighth of the cap above it, so that
 ** live memory near the cap does not collect at every allocation). */
@@ -121,6 +110,7 @@ static void cap_gc_hook(lua_State *L, lua_Debug *ar) {
   lp_wstate *ws = ud;
   ws->gc_hooked = 0;
   lua_sethook(L, ws->saved_hook, ws->saved_mask, ws->saved_count);
+  ws->gc_at = SIZE_MAX; /* what finalizers allocate meanwhile asks for no other */
   lua_gc(L, LUA_GCCOLLECT);
   set_gc_at(ws);
 }
@@ -140,6 +130,21 @@ static void want_gc(lp_wstate *ws) {
   lua_sethook(L, cap_gc_hook, LUA_MASKCOUNT, 1);
 }
 
+/* The Lua allocator of a process worker with max_memory_mb.  Only memory a
+** task still holds after a full collection counts against the cap: a
+** growth that would pass it is refused once (NULL), and Lua answers a
+** refusal by running an emergency full collection and asking again for the
+** very same block.  If that retry still does not fit, the memory is live:
+** ws->on_oom reports it and exits (unwinding through Lua from here is not
+** an option).  A request other than the retry while a refusal is pending
+** means Lua could not collect (it raised "not enough memory" instead, as
+** during a collection step): that is the cap too, and it is reported at
+** once, so that no pcall of the task can swallow it; check_cap catches a
+** refusal the task never followed with another allocation.
+**   Some growths get no retry at all: a luaL_Buffer (string.rep,
+** table.concat, string.format...) calls the allocator itself and raises
+** on NULL.  So that garbage is gone before one of them meets the cap, a
+** state past gc_at collects in full at its next instruction (want_gc). */
 static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   lp_wstate *ws = ud;
   size_t old = ptr ? osize : 0;

@@ -352,6 +352,8 @@ static void proc_init(lp_worker *w) {
   pworker *pw = (pworker *)w;
   atomic_init(&pw->pid, 0);
   pthread_mutex_init(&pw->pidmu, NULL);
+  pw->fd = -1; /* (again in proc_start): never a stray close of fd 0 */
+  pw->pidfd = -1;
 }
 
 static int proc_start(lp_worker *w) {

@@ -93,14 +93,17 @@ static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs, l
 ** Lua calls
 ** ======================================================= */
 
-/* The collection before the cap: where the next one starts, from what is
-** left after this one (at least an eighth of the cap above it, so that
-** live memory near the cap does not collect at every allocation). */
+/* Where the next early collection starts, from what the last full one
+** kept: halfway to the cap, but no later than an eighth below it, and no
+** sooner than a 32nd of the cap later (so that live memory near the cap
+** does not collect at every allocation: closer than that, only refusals
+** collect, and the next one that fits starts over from here). */
 static void set_gc_at(lp_wstate *ws) {
   size_t cap = ws->mem_cap, used = ws->mem_used;
-  size_t at = cap - cap / 8;
-  if (used < cap && used + (cap - used) / 2 > at) at = used + (cap - used) / 2;
-  ws->gc_at = used < cap ? at : cap;
+  size_t step = used < cap ? (cap - used) / 2 : 0;
+  if (step < cap / 32) step = cap / 32;
+  size_t at = used < cap && step < cap - used ? used + step : cap;
+  ws->gc_at = at < cap - cap / 8 ? cap - cap / 8 : at;
 }
 
 static void cap_gc_hook(lua_State *L, lua_Debug *ar) {
@@ -153,8 +156,9 @@ static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     ws->mem_used -= old;
     return NULL;
   }
+  int retry;
   if (nsize > old) { /* a growth (frees and shrinks during the collection pass freely) */
-    int retry =
+    retry =
         ws->oom_refused && ws->oom_ptr == ptr && ws->oom_osize == osize && ws->oom_nsize == nsize;
     if (ws->oom_refused && !retry) ws->on_oom(ws);
     ws->oom_refused = 0;
@@ -166,10 +170,15 @@ static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       ws->oom_nsize = nsize;
       return NULL;
     }
+  } else {
+    retry = 0;
   }
   void *np = realloc(ptr, nsize);
   if (np) ws->mem_used = ws->mem_used - old + nsize;
-  if (ws->mem_used > ws->gc_at) want_gc(ws);
+  if (retry && np)
+    set_gc_at(ws); /* Lua has just collected in full: start over from what it kept */
+  else if (ws->mem_used > ws->gc_at)
+    want_gc(ws);
   return np;
 }
 

@@ -220,9 +220,21 @@ typedef struct lp_wstate {
   /* For the Lua state: copied from the creating state. */
   const char *path, *cpath;
   /* Process workers with max_memory_mb: the Lua state's allocation cap;
-  ** on_oom is called (and must not return) when a task exceeds it. */
+  ** on_oom is called (and must not return) when a task exceeds it.  The
+  ** growth refused last, which Lua retries after a full collection
+  ** (worker.c: capped_alloc); oom_refused is set until it is settled. */
   size_t mem_cap, mem_used;
   void (*on_oom)(struct lp_wstate *ws);
+  int oom_refused;
+  void *oom_ptr;
+  size_t oom_osize, oom_nsize;
+  /* Past gc_at, a full collection is run at the next instruction (a
+  ** one-shot hook, the task's own hook kept aside), so that garbage is gone
+  ** before an allocation Lua cannot retry meets the cap. */
+  size_t gc_at;
+  int gc_hooked;
+  lua_Hook saved_hook;
+  int saved_mask, saved_count;
   int fd; /* process workers: the socket to the parent */
 } lp_wstate;
 

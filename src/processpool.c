@@ -11,10 +11,21 @@
 **                     deadline does not count the exec), FR_REPLY (the
 **                     reply bytes, see worker.c), or FR_OOM
 **                     just before it exits for passing max_memory_mb
-** A worker that dies is noticed as end-of-file on the socket; the task it
-** ran fails with kind "crashed" naming how it died, and the next task
-** starts a new process.  The worker dies with its parent (PR_SET_PDEATHSIG)
-** and leaves when the socket closes, so none outlives luapool.
+** A worker that dies is noticed at once: the proxy waits on the socket and
+** on a pidfd of the process together, so a command the task started (which
+** might hold a copy of the socket) cannot delay it; without pidfds (an old
+** kernel) end-of-file on the socket says it.  What the socket holds is read
+** first, so a reply or FR_OOM written just before the exit is never lost.
+** The task it ran fails with kind "crashed" naming how it died, and the
+** next task starts a new process.  The worker dies with its parent
+** (PR_SET_PDEATHSIG) and leaves when the socket closes, so none outlives
+** luapool.
+**
+** Descriptors: the worker starts with only fds 0, 1, 2 and its socket on
+** fd 3 (posix_spawn closes the rest: a pipe the script holds open must not
+** be held by workers too), and makes fd 3 close-on-exec at once, so no
+** command a task runs inherits it.  Every descriptor created here is
+** close-on-exec (the socket pair, the pidfd).
 */
 #include <dlfcn.h>
 #include <errno.h>
@@ -28,6 +39,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -43,17 +55,53 @@ enum { FR_INIT = 1, FR_CALL = 2, FR_REPLY = 3, FR_OOM = 4, FR_READY = 5 };
 /* How long a new worker may take to answer its start message. */
 #define START_TIMEOUT 30.0
 
+/* posix_spawn_file_actions_addclosefrom_np: glibc 2.34 and later.  Without
+** it, the worker closes what it inherited itself, first thing. */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
+#define HAVE_ADDCLOSEFROM 1
+#else
+#define HAVE_ADDCLOSEFROM 0
+#endif
+
 char *luapool__host_exe = NULL;
 
 /* {======================================================
 ** Framing
 ** ======================================================= */
 
-static int write_all(int fd, const char *p, size_t n) {
+/* Waits until fd is ready for `events` or the deadline (luapool__now; 0:
+** none) passes, watching pidfd (>= 0) too: 1 ready (or closed), 0 deadline,
+** -1 error or the process ended with fd not ready.  fd is tested first, so
+** what a worker wrote before it ended is still read. */
+static int wait_fd(int fd, short events, int pidfd, double deadline) {
+  for (;;) {
+    int ms = -1;
+    if (deadline > 0) {
+      double left = deadline - luapool__now();
+      ms = left <= 0 ? 0 : (int)(left * 1000) + 1;
+    }
+    struct pollfd pfd[2] = {{fd, events, 0}, {pidfd, POLLIN, 0}};
+    int r = poll(pfd, pidfd >= 0 ? 2 : 1, ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return -1;
+    if (r == 0) return 0;
+    if (pfd[0].revents) return 1;
+    return -1; /* only the pidfd: the worker is gone, nothing more will come */
+  }
+}
+
+/* Both take pidfd: -1 for plain blocking I/O (the worker side, or a kernel
+** without pidfds), else the peer's pidfd, so that a dead peer ends the
+** transfer even when another process still holds its end of the socket. */
+static int write_all(int fd, int pidfd, const char *p, size_t n) {
+  int flags = MSG_NOSIGNAL | (pidfd >= 0 ? MSG_DONTWAIT : 0); /* EPIPE, not a signal */
   while (n > 0) {
-    ssize_t w = send(fd, p, n, MSG_NOSIGNAL); /* a dead peer is EPIPE, not a signal */
+    ssize_t w = send(fd, p, n, flags);
     if (w < 0) {
       if (errno == EINTR) continue;
+      if ((errno == EAGAIN || errno == EWOULDBLOCK) && pidfd >= 0 &&
+          wait_fd(fd, POLLOUT, pidfd, 0) == 1)
+        continue;
       return -1;
     }
     p += w;
@@ -62,36 +110,42 @@ static int write_all(int fd, const char *p, size_t n) {
   return 0;
 }
 
-static int read_all(int fd, char *p, size_t n) {
+static int read_all(int fd, int pidfd, char *p, size_t n) {
   while (n > 0) {
-    ssize_t r = read(fd, p, n);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return -1;
+    ssize_t r = pidfd >= 0 ? recv(fd, p, n, MSG_DONTWAIT) : read(fd, p, n);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if ((errno == EAGAIN || errno == EWOULDBLOCK) && pidfd >= 0 &&
+          wait_fd(fd, POLLIN, pidfd, 0) == 1)
+        continue;
+      return -1;
+    }
+    if (r == 0) return -1;
     p += r;
     n -= (size_t)r;
   }
   return 0;
 }
 
-static int write_frame(int fd, unsigned type, const char *p, size_t n) {
+static int write_frame(int fd, int pidfd, unsigned type, const char *p, size_t n) {
   char h[9];
   uint64_t len = n;
   memcpy(h, &len, 8);
   h[8] = (char)type;
-  return write_all(fd, h, 9) || write_all(fd, p, n) ? -1 : 0;
+  return write_all(fd, pidfd, h, 9) || write_all(fd, pidfd, p, n) ? -1 : 0;
 }
 
 /* Reads a frame into a malloc'd block.  -1 on EOF/error, -2 no memory. */
-static int read_frame(int fd, unsigned *type, char **p, size_t *n) {
+static int read_frame(int fd, int pidfd, unsigned *type, char **p, size_t *n) {
   char h[9];
   uint64_t len;
-  if (read_all(fd, h, 9)) return -1;
+  if (read_all(fd, pidfd, h, 9)) return -1;
   memcpy(&len, h, 8);
   *type = (unsigned char)h[8];
   if (len > SIZE_MAX - 1) return -2;
   char *b = malloc(len ? len : 1);
   if (b == NULL) return -2;
-  if (read_all(fd, b, len)) {
+  if (read_all(fd, pidfd, b, len)) {
     free(b);
     return -1;
   }
@@ -111,6 +165,7 @@ typedef struct pworker {
   atomic_int pid;
   pthread_mutex_t pidmu; /* kill() and the reap's claim of pid exclude each other */
   int fd;
+  int pidfd;     /* the process's pidfd (close-on-exec); -1: none (old kernel) */
   int need_init; /* the pool's initializer has not run in this process */
   int ntasks;    /* tasks this process has run (max_tasks_per_child) */
 } pworker;
@@ -184,10 +239,28 @@ static int close_worker(pworker *pw, double grace) {
   pthread_mutex_unlock(&pw->pidmu);
   if (pw->fd >= 0) close(pw->fd);
   pw->fd = -1;
-  return pid > 0 ? reap(pid, grace) : -1;
+  int status = pid > 0 ? reap(pid, grace) : -1;
+  if (pw->pidfd >= 0) close(pw->pidfd); /* after the reap: it names that process */
+  pw->pidfd = -1;
+  return status;
 }
 
-static int wait_readable(int fd, double deadline);
+/* A pidfd for our child pid (close-on-exec, as pidfd_open makes them all),
+** or -1 when the kernel has none: then the socket alone tells. */
+static int open_pidfd(pid_t pid) {
+#ifdef SYS_pidfd_open
+  return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+  (void)pid;
+  return -1;
+#endif
+}
+
+/* Waits for the worker's next frame (or its end): 1 something to read, 0
+** the deadline (0: none) passed, -1 the worker is gone or the socket failed. */
+static int wait_worker(pworker *pw, double deadline) {
+  return wait_fd(pw->fd, POLLIN, pw->pidfd, deadline);
+}
 
 static int spawn_worker(pworker *pw, char *err, size_t errsz) {
   lp_pool *p = pw->w.pool;
@@ -200,8 +273,22 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
   posix_spawnattr_t at;
   posix_spawn_file_actions_init(&fa);
   posix_spawnattr_init(&at);
-  /* dup2 onto fd 3 clears close-on-exec for the child's copy only */
-  posix_spawn_file_actions_adddup2(&fa, sv[1], 3);
+  /* dup2 onto fd 3 clears close-on-exec for the child's copy only (the
+  ** worker sets it again at once); everything above it is closed, so the
+  ** worker holds no file of the script's (the write end of a pipe would
+  ** keep its reader waiting for as long as the worker lives). */
+  int fr = posix_spawn_file_actions_adddup2(&fa, sv[1], 3);
+#if HAVE_ADDCLOSEFROM
+  if (fr == 0) fr = posix_spawn_file_actions_addclosefrom_np(&fa, 4);
+#endif
+  if (fr != 0) {
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    close(sv[0]);
+    close(sv[1]);
+    snprintf(err, errsz, "cannot start a worker process: %s", strerror(fr));
+    return -1;
+  }
   sigset_t none, dfl;
   sigemptyset(&none);
   sigemptyset(&dfl);
@@ -227,6 +314,7 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
     return -1;
   }
   pw->fd = sv[0];
+  pw->pidfd = open_pidfd(pid); /* a child not yet reaped: pid is still ours */
   atomic_store(&pw->pid, pid);
   pw->need_init = p->init_msg != NULL;
   pw->ntasks = 0;
@@ -235,13 +323,13 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
   int bad = luapool__put_string(&b, p->path, strlen(p->path)) ||
             luapool__put_string(&b, p->cpath, strlen(p->cpath)) ||
             luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
-            write_frame(pw->fd, FR_INIT, b.p, b.len);
+            write_frame(pw->fd, pw->pidfd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
   unsigned type = 0;
   char *ready = NULL;
   size_t len;
-  if (!bad && wait_readable(pw->fd, luapool__now() + START_TIMEOUT) == 1 &&
-      read_frame(pw->fd, &type, &ready, &len) == 0) {
+  if (!bad && wait_worker(pw, luapool__now() + START_TIMEOUT) == 1 &&
+      read_frame(pw->fd, pw->pidfd, &type, &ready, &len) == 0) {
     free(ready);
     bad = type != FR_READY;
   } else {
@@ -264,48 +352,58 @@ static void proc_init(lp_worker *w) {
   pworker *pw = (pworker *)w;
   atomic_init(&pw->pid, 0);
   pthread_mutex_init(&pw->pidmu, NULL);
+  pw->fd = -1; /* (again in proc_start): never a stray close of fd 0 */
+  pw->pidfd = -1;
 }
 
 static int proc_start(lp_worker *w) {
   pworker *pw = (pworker *)w;
   pw->fd = -1;
+  pw->pidfd = -1;
   return 0; /* the process starts with the first task */
 }
 
-/* Waits until fd is readable or the deadline (luapool__now; 0: none)
-** passes: 1 readable (or closed), 0 deadline, -1 error. */
-static int wait_readable(int fd, double deadline) {
-  for (;;) {
-    int ms = -1;
-    if (deadline > 0) {
-      double left = deadline - luapool__now();
-      ms = left <= 0 ? 0 : (int)(left * 1000) + 1;
-    }
-    struct pollfd pfd = {fd, POLLIN, 0};
-    int r = poll(&pfd, 1, ms);
-    if (r < 0 && errno == EINTR) continue;
-    return r < 0 ? -1 : r > 0;
-  }
-}
-
-/* Sends the initializer to a new process.  0, or -1 after failing f and
-** breaking the pool (the stream is then out of step: the caller stops). */
+/* Sends the initializer to a new process and waits for it, within the
+** task's deadline when it has one (as a thread worker runs it within the
+** deadline of its first task).  0, or -1 after failing f and breaking the
+** pool (the stream is then out of step: the caller stops). */
 static int run_initializer(pworker *pw, lp_future *f) {
   lp_worker *w = &pw->w;
   unsigned type = 0;
   char *reply = NULL;
   size_t len = 0;
   pw->need_init = 0;
-  int r = write_frame(pw->fd, FR_CALL, w->pool->init_msg, w->pool->init_len);
-  if (r == 0) r = read_frame(pw->fd, &type, &reply, &len);
-  char why[768], msg[600] = "the worker died";
-  int failed = r != 0 || type != FR_REPLY || luapool__reply_failed(reply, len, msg, sizeof msg);
-  free(reply);
-  if (!failed) return 0;
+  pid_t pid = atomic_load(&pw->pid);
+  double deadline = f->timeout > 0 ? luapool__now() + f->timeout : 0;
+  int r = write_frame(pw->fd, pw->pidfd, FR_CALL, w->pool->init_msg, w->pool->init_len);
+  if (r == 0) r = wait_worker(pw, deadline);
+  char why[768], msg[600];
+  if (r == 0) { /* past the deadline: the kill is the only way to stop it */
+    kill(pid, SIGKILL);
+    close_worker(pw, 1.0);
+    snprintf(msg, sizeof msg,
+             "it exceeded its deadline of %g seconds; the worker (pid %d) was killed", f->timeout,
+             (int)pid);
+  } else {
+    if (r == 1) r = read_frame(pw->fd, pw->pidfd, &type, &reply, &len);
+    if (r == 0 && type == FR_REPLY && !luapool__reply_failed(reply, len, msg, sizeof msg)) {
+      free(reply);
+      return 0;
+    }
+    free(reply);
+    int status = close_worker(pw, 1.0);
+    if (r != 0 || type != FR_REPLY) {
+      char how[96];
+      if (r == 0 && type == FR_OOM)
+        snprintf(how, sizeof how, "ran out of memory (max_memory_mb = %d)", w->pool->max_memory_mb);
+      else
+        describe_status(status, how, sizeof how);
+      snprintf(msg, sizeof msg, "its process (pid %d) %s", (int)pid, how);
+    }
+  }
   snprintf(why, sizeof why, "the initializer failed in worker %s: %s", w->name, msg);
   luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
   luapool__pool_break(w->pool, why);
-  close_worker(pw, 1.0);
   return -1;
 }
 
@@ -324,9 +422,9 @@ static void proc_run(lp_worker *w, lp_future *f) {
   unsigned type = 0;
   char *reply = NULL;
   size_t len = 0;
-  int r = write_frame(pw->fd, FR_CALL, f->msg, f->msglen);
+  int r = write_frame(pw->fd, pw->pidfd, FR_CALL, f->msg, f->msglen);
   if (r == 0) {
-    r = wait_readable(pw->fd, deadline);
+    r = wait_worker(pw, deadline);
     if (r == 0) { /* past its deadline: the only way to stop it is the kill */
       kill(pid, SIGKILL);
       close_worker(pw, 1.0);
@@ -337,7 +435,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
                            (int)pid);
       return;
     }
-    r = r < 0 ? -1 : read_frame(pw->fd, &type, &reply, &len);
+    r = r < 0 ? -1 : read_frame(pw->fd, pw->pidfd, &type, &reply, &len);
   }
   if (r == 0 && type == FR_REPLY) {
     luapool__future_finish(f, reply, len, 0);
@@ -402,11 +500,24 @@ const lp_backend luapool__process_backend = {
 /* The Lua state passed max_memory_mb: tell the parent, and go.  Exiting
 ** is the only safe way out of an allocation that must not fail. */
 static void report_oom(lp_wstate *ws) {
-  write_frame(ws->fd, FR_OOM, "", 0);
+  write_frame(ws->fd, -1, FR_OOM, "", 0);
   _exit(70);
 }
 
 int luapool__process_worker_main(int fd, const char *name, int index) {
+  /* The socket came through exec, so without close-on-exec: set it before
+  ** anything runs, or every command a task starts (io.popen, os.execute,
+  ** a background job) would hold it, and the parent would see this
+  ** process's end only when the last of them exits. */
+  int fl = fcntl(fd, F_GETFD);
+  if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) < 0) return 1;
+#if !HAVE_ADDCLOSEFROM
+  /* posix_spawn could not close what the script had open: do it here. */
+  long maxfd = sysconf(_SC_OPEN_MAX);
+  if (maxfd < 0 || maxfd > 65536) maxfd = 65536;
+  for (int i = 3; i < maxfd; i++)
+    if (i != fd) close(i);
+#endif
   /* Die with the parent; if it is already gone, leave now. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   signal(SIGINT, SIG_IGN);          /* Ctrl-C is the parent's to handle */
@@ -426,7 +537,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   unsigned type;
   char *msg;
   size_t len;
-  if (read_frame(fd, &type, &msg, &len) != 0) return 1;
+  if (read_frame(fd, -1, &type, &msg, &len) != 0) return 1;
   if (type != FR_INIT) {
     free(msg);
     return 1;
@@ -452,14 +563,14 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     ws.mem_cap = (size_t)mem_mb << 20;
     ws.on_oom = report_oom;
   }
-  if (write_frame(fd, FR_READY, "", 0) != 0) {
+  if (write_frame(fd, -1, FR_READY, "", 0) != 0) {
     free(paths);
     return 1;
   }
   lp_buf out = {0};
   int rc = 0;
   for (;;) {
-    int fr = read_frame(fd, &type, &msg, &len);
+    int fr = read_frame(fd, -1, &type, &msg, &len);
     if (fr == -1) break; /* the parent closed: we are done */
     if (fr == -2 || type != FR_CALL) {
       if (fr == 0) free(msg);
@@ -469,7 +580,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     out.len = 0;
     int st = luapool__run_message(&ws, msg, len, &out);
     free(msg);
-    if (st != 0 || write_frame(fd, FR_REPLY, out.p, out.len) != 0) {
+    if (st != 0 || write_frame(fd, -1, FR_REPLY, out.p, out.len) != 0) {
       rc = 1;
       break;
     }

@@ -93,6 +93,102 @@ static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs, l
 ** Lua calls
 ** ======================================================= */
 
+/* Where the next early collection starts, from what the last full one
+** kept: halfway to the cap, but no later than an eighth below it, and no
+** sooner than a 32nd of the cap later (so that live memory near the cap
+** does not collect at every allocation: closer than that, only refusals
+** collect, and the next one that fits starts over from here). */
+static void set_gc_at(lp_wstate *ws) {
+  size_t cap = ws->mem_cap, used = ws->mem_used;
+  size_t step = used < cap ? (cap - used) / 2 : 0;
+  if (step < cap / 32) step = cap / 32;
+  size_t at = used < cap && step < cap - used ? used + step : cap;
+  ws->gc_at = at < cap - cap / 8 ? cap - cap / 8 : at;
+}
+
+static void cap_gc_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  void *ud;
+  lua_getallocf(L, &ud);
+  lp_wstate *ws = ud;
+  ws->gc_hooked = 0;
+  lua_sethook(L, ws->saved_hook, ws->saved_mask, ws->saved_count);
+  ws->gc_at = SIZE_MAX; /* what finalizers allocate meanwhile asks for no other */
+  lua_gc(L, LUA_GCCOLLECT);
+  set_gc_at(ws);
+}
+
+/* Called from the allocator: lua_sethook is safe anywhere (lua.c calls it
+** from a signal handler).  Only the main thread gets it, where tasks run;
+** code inside a coroutine collects when it is back there. */
+static void want_gc(lp_wstate *ws) {
+  lua_State *L = ws->L;
+  if (L == NULL) return; /* still being created */
+  if (ws->gc_hooked && lua_gethook(L) == cap_gc_hook) return;
+  ws->saved_hook = lua_gethook(L); /* a hook of the task's, or none */
+  ws->saved_mask = lua_gethookmask(L);
+  ws->saved_count = lua_gethookcount(L);
+  if (ws->saved_hook == cap_gc_hook) ws->saved_hook = NULL, ws->saved_mask = 0;
+  ws->gc_hooked = 1;
+  lua_sethook(L, cap_gc_hook, LUA_MASKCOUNT, 1);
+}
+
+/* The Lua allocator of a process worker with max_memory_mb.  Only memory a
+** task still holds after a full collection counts against the cap: a
+** growth that would pass it is refused once (NULL), and Lua answers a
+** refusal by running an emergency full collection and asking again for the
+** very same block.  If that retry still does not fit, the memory is live:
+** ws->on_oom reports it and exits (unwinding through Lua from here is not
+** an option).  A request other than the retry while a refusal is pending
+** means Lua could not collect (it raised "not enough memory" instead, as
+** during a collection step): that is the cap too, and it is reported at
+** once, so that no pcall of the task can swallow it; check_cap catches a
+** refusal the task never followed with another allocation.
+**   Some growths get no retry at all: a luaL_Buffer (string.rep,
+** table.concat, string.format...) calls the allocator itself and raises
+** on NULL.  So that garbage is gone before one of them meets the cap, a
+** state past gc_at collects in full at its next instruction (want_gc). */
+static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  lp_wstate *ws = ud;
+  size_t old = ptr ? osize : 0;
+  if (nsize == 0) {
+    free(ptr);
+    ws->mem_used -= old;
+    return NULL;
+  }
+  int retry;
+  if (nsize > old) { /* a growth (frees and shrinks during the collection pass freely) */
+    retry =
+        ws->oom_refused && ws->oom_ptr == ptr && ws->oom_osize == osize && ws->oom_nsize == nsize;
+    if (ws->oom_refused && !retry) ws->on_oom(ws);
+    ws->oom_refused = 0;
+    if (ws->mem_used - old + nsize > ws->mem_cap) {
+      if (retry) ws->on_oom(ws);
+      ws->oom_refused = 1;
+      ws->oom_ptr = ptr;
+      ws->oom_osize = osize;
+      ws->oom_nsize = nsize;
+      return NULL;
+    }
+  } else {
+    retry = 0;
+  }
+  void *np = realloc(ptr, nsize);
+  if (np) ws->mem_used = ws->mem_used - old + nsize;
+  if (retry && np)
+    set_gc_at(ws); /* Lua has just collected in full: start over from what it kept */
+  else if (ws->mem_used > ws->gc_at)
+    want_gc(ws);
+  return np;
+}
+
+/* A memory error Lua raised for a refusal it could not retry, which the
+** failing code then caught (a task's pcall, the task's own call, the
+** decoding of a message): it is the cap, reported as such. */
+static void check_cap(lp_wstate *ws) {
+  if (ws->mem_cap && ws->oom_refused) ws->on_oom(ws);
+}
+
 static const char *const TB_KEY = "luapool.traceback";
 
 /* Message handler: keeps the error value, files the traceback aside. */
@@ -171,6 +267,7 @@ static void call_one(lua_State *L, run_ctx *rc, int base) {
   lua_pushcfunction(L, msgh);
   lua_insert(L, base + 1);
   int st = lua_pcall(L, nargs, LUA_MULTRET, base + 1);
+  check_cap(rc->ws);
   lua_remove(L, base + 1);
   reply_call(L, rc, st == LUA_OK, base);
   rc->done++;
@@ -204,22 +301,6 @@ static int run_calls(lua_State *L) {
 
 /* }====================================================== */
 
-/* The Lua allocator of a process worker with max_memory_mb: counts, and
-** hands over to ws->on_oom (which exits) past the cap. */
-static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
-  lp_wstate *ws = ud;
-  size_t old = ptr ? osize : 0;
-  if (nsize == 0) {
-    free(ptr);
-    ws->mem_used -= old;
-    return NULL;
-  }
-  if (nsize > old && ws->mem_used - old + nsize > ws->mem_cap) ws->on_oom(ws);
-  void *np = realloc(ptr, nsize);
-  if (np) ws->mem_used = ws->mem_used - old + nsize;
-  return np;
-}
-
 static lua_State *ensure_state(lp_wstate *ws) {
   if (ws->L) return ws->L;
   lua_State *L = ws->mem_cap ? lua_newstate(capped_alloc, ws) : luaL_newstate();
@@ -229,6 +310,7 @@ static lua_State *ensure_state(lp_wstate *ws) {
     return NULL;
   }
   ws->L = L;
+  if (ws->mem_cap) set_gc_at(ws);
   if (strcmp(ws->kind, "thread") == 0) luapool__set_task_state(L); /* for STOP_SIGNAL */
   return L;
 }
@@ -289,6 +371,7 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
   if (rc->done == rc->ncalls) return 0;
   /* Lua path, for the calls not done natively. */
   lua_State *L = ensure_state(ws);
+  check_cap(ws); /* a state that could not be created within the cap */
   if (L == NULL) {
     for (; rc->done < rc->ncalls; rc->done++, rc->nerr++)
       if (put_error_text(out, "cannot create a Lua state: not enough memory")) return -1;
@@ -299,7 +382,9 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
   rc->nerr_mark = rc->nerr;
   lua_pushcfunction(L, run_calls);
   lua_pushlightuserdata(L, rc);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+  int st = lua_pcall(L, 1, 0, 0);
+  check_cap(ws);
+  if (st != LUA_OK) {
     /* A failure outside any task (the worker could not receive the task,
     ** or ran out of memory answering it): every call not yet replied to
     ** fails with it, kind "transfer", so none is lost. */

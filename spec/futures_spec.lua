@@ -16,11 +16,30 @@ for _, kind in ipairs { "threadpool", "processpool" } do
   describe(kind, function()
     describe("as_completed", function()
       it("yields futures in completion order", function()
+        -- each task ends when the spec removes its file, one at a time from
+        -- inside the loop: the order is the spec's, whatever the machine's load
         local pool <close> = new { max_workers = 4 }
-        local fs = {}
-        for i, s in ipairs { 0.3, 0.05, 0.2, 0.1 } do fs[i] = pool:submit(sleeper(s, i)) end
-        local order = {}
-        for f in luapool.as_completed(fs) do order[#order + 1] = f:result() end
+        local gate = os.tmpname()
+        local function gated(i)
+          return function()
+            local path = gate .. "." .. i
+            while io.open(path) do luapool.sleep(0.005) end
+            return i
+          end
+        end
+        local fs, release = {}, { 2, 4, 3, 1 }
+        for i = 1, 4 do
+          assert(io.open(gate .. "." .. i, "w")):close()
+          fs[i] = pool:submit(gated(i))
+        end
+        local order, k = {}, 1
+        os.remove(gate .. "." .. release[k])
+        for f in luapool.as_completed(fs) do
+          order[#order + 1] = f:result()
+          k = k + 1
+          if release[k] then os.remove(gate .. "." .. release[k]) end
+        end
+        os.remove(gate)
         assert.are.same({ 2, 4, 3, 1 }, order)
       end)
 

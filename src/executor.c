@@ -1066,6 +1066,8 @@ static int pool_index(lua_State *L) {
     lua_pushnumber(L, p->task_timeout);
   else if (strcmp(k, "kind") == 0)
     lua_pushstring(L, p->be->kind);
+  else if (strcmp(k, "chunking") == 0)
+    lua_pushboolean(L, p->be->chunking);
   else
     lua_pushnil(L);
   return 1;

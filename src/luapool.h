@@ -279,8 +279,13 @@ typedef struct lp_backend {
   int (*worker_start)(lp_worker *w);
   void (*run)(lp_worker *w, lp_future *f);
   void (*worker_stop)(lp_worker *w);
-  /* Called from the owner (with no pool lock) to stop a running task now. */
+  /* Stops a running task now; it only sends a signal or a kill, so it may
+  ** be called with the pool's lock held (pool_interrupt, the watchdog) or
+  ** without (pool_stop). */
   void (*interrupt)(lp_worker *w);
+  /* A call costs a round trip worth batching: map chunks items by itself
+  ** (the Lua layer reads it as pool.chunking). */
+  int chunking;
 } lp_backend;
 
 struct lp_worker {

@@ -489,7 +489,16 @@ static void proc_interrupt(lp_worker *w) {
 }
 
 const lp_backend luapool__process_backend = {
-    "processpool", sizeof(pworker), 0, proc_init, proc_start, proc_run, proc_stop, proc_interrupt};
+    .kind = "processpool",
+    .worker_size = sizeof(pworker),
+    .watchdog = 0,
+    .worker_init = proc_init,
+    .worker_start = proc_start,
+    .run = proc_run,
+    .worker_stop = proc_stop,
+    .interrupt = proc_interrupt,
+    .chunking = 1,
+};
 
 /* }====================================================== */
 

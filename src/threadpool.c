@@ -98,6 +98,13 @@ static void thread_stop(lp_worker *w) {
   luapool__http_thread_cleanup();
 }
 
-const lp_backend luapool__thread_backend = {"threadpool", sizeof(tworker), 1,
-                                            NULL,         thread_start,    thread_run,
-                                            thread_stop,  thread_interrupt};
+const lp_backend luapool__thread_backend = {
+    .kind = "threadpool",
+    .worker_size = sizeof(tworker),
+    .watchdog = 1,
+    .worker_start = thread_start,
+    .run = thread_run,
+    .worker_stop = thread_stop,
+    .interrupt = thread_interrupt,
+    .chunking = 0,
+};

@@ -234,16 +234,10 @@ end
 -- hand out single calls, which spreads latency-bound work (fetches) evenly.
 --
 -- Whether a pool batches is a property of its engine, read from the pool:
--- pool.chunking when the C side exposes it (true where a call crosses a
--- process boundary), else derived from its kind.
-local function batches(pool)
-  local chunking = pool.chunking
-  if chunking == nil then return pool.kind == "processpool" end
-  return chunking
-end
-
+-- pool.chunking is the engine's own property: true where a call costs a
+-- round trip worth batching (a process boundary).
 local function auto_chunksize(pool, n)
-  if not batches(pool) then return 1 end
+  if not pool.chunking then return 1 end
   local per = n // (pool.max_workers * 4)
   if per < 1 then return 1 end
   return per > 1024 and 1024 or per

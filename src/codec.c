@@ -648,7 +648,7 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 **
 ** Two tables, keyed by the prototype's address (a light userdata):
 **   PCLOS_KEY  weak values: one closure of that prototype, seen in a send
-**   PDUMPS_KEY the dump; [0] the number of entries
+**   PDUMPS_KEY the dump; [0] the number of entries, [-1] their bytes
 ** A dump is used only while its closure is alive: the closure keeps the
 ** prototype alive, so no other prototype can have that address.  Holding it
 ** weakly keeps nothing of the script's alive (a closure's upvalues may be
@@ -656,10 +656,13 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 ** dumps again; identical bytes keep the old fid (the same bytes are the
 ** same function, whichever prototype they came from), so an inline closure
 ** collected between two sends still finds the worker's loaded function.
-** Bounded: both tables start afresh past PCACHE_MAX entries, so a script
-** that makes a million prototypes does not grow them without limit. */
+** Bounded: both tables start afresh past PCACHE_MAX entries or
+** PCACHE_BYTES of dumps (the dumps of collected prototypes stay until
+** then), so a script that makes a million prototypes does not grow them
+** without limit. */
 
-#define PCACHE_MAX 1024
+#define PCACHE_MAX   1024
+#define PCACHE_BYTES ((size_t)16 << 20) /* and at most this many bytes of dumps */
 
 #if LUA_VERSION_NUM == 504
 /* Lua 5.4's struct LClosure (lobject.h, every 5.4.x release): the head of
@@ -826,24 +829,33 @@ static int push_dump(luapool_encoder *e, int idx) {
     lua_settop(L, top);
     return -1;
   }
-  /* top+5: the dump */
-  lua_rawgeti(L, top + 2, 0);
-  lua_Integer n = lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  if (!same && n >= PCACHE_MAX) { /* start afresh */
-    pcache_tables(L, 1);
-    lua_replace(L, top + 2);
-    lua_replace(L, top + 1);
-    n = 0;
+  /* top+5: the dump, unless it is the one at same (then nothing to count) */
+  if (!same || !lua_rawequal(L, top + 5, same)) {
+    lua_rawgeti(L, top + 2, 0);
+    lua_rawgeti(L, top + 2, -1);
+    lua_Integer n = lua_tointeger(L, -2);
+    size_t bytes = (size_t)lua_tointeger(L, -1), len = lua_rawlen(L, top + 5);
+    lua_pop(L, 2);
+    if (same) /* replacing that entry (a collected prototype's) */
+      bytes -= lua_rawlen(L, same);
+    else
+      n++;
+    if (n > PCACHE_MAX || len > PCACHE_BYTES || bytes > PCACHE_BYTES - len) { /* start afresh */
+      pcache_tables(L, 1);
+      lua_replace(L, top + 2);
+      lua_replace(L, top + 1);
+      n = 1;
+      bytes = 0;
+    }
+    lua_pushinteger(L, n);
+    lua_rawseti(L, top + 2, 0);
+    lua_pushinteger(L, (lua_Integer)(bytes + len));
+    lua_rawseti(L, top + 2, -1);
   }
   lua_pushvalue(L, idx);
   lua_rawsetp(L, top + 1, p);
   lua_pushvalue(L, -1);
   lua_rawsetp(L, top + 2, p);
-  if (!same) {
-    lua_pushinteger(L, n + 1);
-    lua_rawseti(L, top + 2, 0);
-  }
   lua_replace(L, top + 1);
   lua_settop(L, top + 1);
   return 0;
@@ -856,19 +868,26 @@ int luapool__codec_cache(lua_State *L) {
     works = proto_check(L);
     if (works >= 0) atomic_store(&proto_works, works);
   }
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 5);
   lua_pushstring(L, works > 0 ? "prototype" : "closure");
   lua_setfield(L, -2, "key");
   lua_pushinteger(L, PCACHE_MAX);
   lua_setfield(L, -2, "limit");
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY) == LUA_TTABLE)
+  lua_pushinteger(L, (lua_Integer)PCACHE_BYTES);
+  lua_setfield(L, -2, "byte_limit");
+  lua_Integer n = 0, bytes = 0;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY) == LUA_TTABLE) {
     lua_rawgeti(L, -1, 0);
-  else
-    lua_pushinteger(L, 0);
-  lua_Integer n = lua_tointeger(L, -1);
-  lua_pop(L, 2);
+    lua_rawgeti(L, -2, -1);
+    n = lua_tointeger(L, -2);
+    bytes = lua_tointeger(L, -1);
+    lua_pop(L, 2);
+  }
+  lua_pop(L, 1);
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "prototypes");
+  lua_pushinteger(L, bytes);
+  lua_setfield(L, -2, "bytes");
   return 1;
 }
 

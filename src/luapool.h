@@ -95,8 +95,9 @@ void luapool__decode_task(lua_State *L, lp_reader *r, int n);
 /* luapool.codec.encode/decode: for tests, fuzzing and benchmarks. */
 int luapool__codec_encode(lua_State *L);
 int luapool__codec_decode(lua_State *L);
-/* luapool.codec.cache(): {key = "prototype" or "closure", prototypes = the
-** entries of this state's dump cache, limit = its bound}, for tests. */
+/* luapool.codec.cache(): {key = "prototype" or "closure", prototypes and
+** bytes = what this state's dump cache holds, limit and byte_limit = its
+** bounds}, for tests. */
 int luapool__codec_cache(lua_State *L);
 /* }====== */
 

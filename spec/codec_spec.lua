@@ -1098,4 +1098,13 @@ describe("fresh closures of a function already sent", function()
     assert.is_true(codec.cache().prototypes <= limit)
     assert.is_true(codec.cache().prototypes > 0)
   end)
+
+  it("are what scripts/bench/inline.lua measures (it runs)", function()
+    local out, err, code = helper.run({ helper.source_dir .. "/scripts/bench/inline.lua",
+      "--quick", "--runs", "1", "--warmup", "0" })
+    assert.are.equal(0, code, err)
+    assert.matches("threadpool inline noup", out)
+    assert.matches("processpool hoisted upval", out)
+    assert.matches("µs/task", out)
+  end)
 end)

@@ -7,7 +7,10 @@
 ** info, so tracebacks keep file:line) plus their upvalues; an upvalue that
 ** several functions of the message share (two closures over one local)
 ** travels once, and the receiver joins the others to it, so they still
-** share it.  The `_ENV` upvalue becomes the receiver's globals.  One
+** share it.  The `_ENV` upvalue becomes the receiver's globals.  A
+** function is dumped once per prototype, so every closure of it (a fresh
+** one per submit, as inline functions are) travels with one function id,
+** by which a worker reuses what it loaded (see the dump cache).  One
 ** luapool__encode call is one reference space: a task's function and its
 ** arguments, one call of a batch, one reply.
 ** C functions travel by name; only the standard library's and luapool's are
@@ -1443,9 +1446,11 @@ static const char *load_reader(lua_State *L, void *ud, size_t *sz) {
 
 /* Worker-side cache of loaded functions by fid, so a function sent for
 ** every task is loaded once (task messages only: a result or
-** codec.decode always gets a fresh closure).  Bounded: cleared when it grows past
-** FCACHE_MAX, so a script that sends a fresh closure per task cannot make a
-** worker grow without limit. */
+** codec.decode always gets a fresh closure).  A fresh closure of a
+** prototype sent before has the same fid (the sender's dump cache), so an
+** inline function is loaded once too.  Bounded: cleared when it grows past
+** FCACHE_MAX, so a script that sends many different functions cannot make
+** a worker grow without limit. */
 #define FCACHE_MAX 512
 
 /* {====== a structural check of Lua 5.4 bytecode

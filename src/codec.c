@@ -918,7 +918,8 @@ static int enc_function_head(luapool_encoder *e, int idx) {
   enc_base(e);
   int r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
-  if (!lua_checkstack(L, 6)) return enc_nomem(e);
+  /* push_dump's two cache tables, their lookups, the dump and its buffer */
+  if (!lua_checkstack(L, 12)) return enc_nomem(e);
   if (push_dump(e, idx)) return -1;
   size_t dlen;
   const char *d = lua_tolstring(L, -1, &dlen);

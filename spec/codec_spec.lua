@@ -1005,3 +1005,106 @@ end
     end
   end)
 end)
+
+describe("fresh closures of a function already sent", function()
+  -- The function id of a message's first value, a Lua function (codec.encode:
+  -- u32 count, the tag, then the id).
+  local function fid(fn) return codec.encode(fn):sub(6, 13) end
+
+  it("travel with the function id of the first one, and other functions with their own", function()
+    assert.are.equal("prototype", codec.cache().key)
+    local seen = {}
+    for _ = 1, 3 do
+      local a, b = function() return "A" end, function() return "B" end
+      seen[#seen + 1] = { fid(a), fid(b) }
+      collectgarbage() -- the closures sent before are gone
+    end
+    for i = 2, 3 do assert.are.same(seen[1], seen[i]) end
+    assert.are_not.equal(seen[1][1], seen[1][2])
+  end)
+
+  for _, kind in ipairs { "threadpool", "processpool" } do
+    it("run the right one of two functions on one line, round after round (" .. kind .. ")", function()
+      local pool <close> = luapool[kind].new { max_workers = 2 }
+      local fs = {}
+      for round = 1, 60 do
+        local a, b = function(x) return "A", x end, function(x) return "B", x end
+        if round % 2 == 0 then a, b = b, a end
+        fs[#fs + 1] = { pool:submit(a, round), pool:submit(b, round), round % 2 == 0 }
+        if round % 10 == 0 then collectgarbage() end
+      end
+      for _, f in ipairs(fs) do
+        local swapped = f[3]
+        local ta, xa = f[1]:result(60)
+        local tb, xb = f[2]:result(60)
+        assert.are.same({ swapped and "B" or "A", swapped and "A" or "B" }, { ta, tb })
+        assert.are.equal(xa, xb)
+      end
+    end)
+
+    it("give each closure its own upvalue values (" .. kind .. ")", function()
+      local pool <close> = luapool[kind].new { max_workers = 2 }
+      local fs = {}
+      for i = 1, 200 do
+        local s = "v" .. i
+        fs[i] = pool:submit(function(x) return s, i + x end, 1000)
+      end
+      for i = 1, 200 do assert.are.same({ "v" .. i, i + 1000 }, { fs[i]:result(60) }) end
+    end)
+
+    it("keep a chunk loaded twice apart, before and after one of them is collected (" .. kind .. ")", function()
+      local pool <close> = luapool[kind].new { max_workers = 1 }
+      local src = "return function() return debug.getinfo(1, 'S').short_src end"
+      local one, two = load(src, "=one")(), load(src, "=two")()
+      local same1, same2 = load(src, "=same")(), load(src, "=same")()
+      assert.are_not.equal(fid(same1), fid(same2)) -- two prototypes
+      assert.are.equal("one", pool:submit(one):result(60))
+      assert.are.equal("two", pool:submit(two):result(60))
+      assert.are.equal("same", pool:submit(same1):result(60))
+      one = nil -- luacheck: ignore 311
+      collectgarbage()
+      collectgarbage()
+      -- new prototypes, maybe at the collected one's address
+      for i = 1, 20 do
+        local f = load(src, "=new" .. i)()
+        assert.are.equal("new" .. i, pool:submit(f):result(60))
+        assert.are.equal("two", pool:submit(load(src, "=two")()):result(60))
+        assert.are.equal("same", pool:submit(same2):result(60))
+      end
+      assert.are.equal("two", pool:submit(two):result(60))
+    end)
+
+    it("never run a collected function whose address a new one took (" .. kind .. ")", function()
+      local pool <close> = luapool[kind].new { max_workers = 1 }
+      for i = 1, 300 do
+        local f = load("return function() return " .. i .. " end")()
+        assert.are.equal(i, pool:submit(f):result(60))
+        f = nil -- luacheck: ignore 311
+        collectgarbage()
+      end
+    end)
+  end
+
+  it("keep the cache bounded when 5,000 different functions are sent once each", function()
+    local limit = codec.cache().limit
+    assert.is_true(limit < 5000)
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local fs = {}
+    for i = 1, 5000 do
+      fs[i] = pool:submit(load("return function() return " .. i .. " end")())
+      assert.is_true(codec.cache().prototypes <= limit)
+    end
+    for i = 1, 5000 do assert.are.equal(i, fs[i]:result(60)) end
+    assert.is_true(codec.cache().prototypes <= limit)
+    assert.is_true(codec.cache().prototypes > 0)
+  end)
+
+  it("are what scripts/bench/inline.lua measures (it runs)", function()
+    local out, err, code = helper.run({ helper.source_dir .. "/scripts/bench/inline.lua",
+      "--quick", "--runs", "1", "--warmup", "0" })
+    assert.are.equal(0, code, err)
+    assert.matches("threadpool inline noup", out)
+    assert.matches("processpool hoisted upval", out)
+    assert.matches("µs/task", out)
+  end)
+end)

@@ -7,7 +7,10 @@
 ** info, so tracebacks keep file:line) plus their upvalues; an upvalue that
 ** several functions of the message share (two closures over one local)
 ** travels once, and the receiver joins the others to it, so they still
-** share it.  The `_ENV` upvalue becomes the receiver's globals.  One
+** share it.  The `_ENV` upvalue becomes the receiver's globals.  A
+** function is dumped once per prototype, so every closure of it (a fresh
+** one per submit, as inline functions are) travels with one function id,
+** by which a worker reuses what it loaded (see the dump cache).  One
 ** luapool__encode call is one reference space: a task's function and its
 ** arguments, one call of a batch, one reply.
 ** C functions travel by name; only the standard library's and luapool's are
@@ -219,7 +222,7 @@ typedef struct scratch {
 
 /* Registry keys: the addresses of these (pointer keys are found without
 ** hashing a string, and these lookups are on every submit). */
-static const char SCRATCH_KEY, DUMPS_KEY, CFNAMES_KEY, FCACHE_KEY;
+static const char SCRATCH_KEY, DUMPS_KEY, PCLOS_KEY, PDUMPS_KEY, CFNAMES_KEY, FCACHE_KEY;
 
 /* Function ids: a random base per process plus a counter, so ids from
 ** different worker processes never collide in a receiver's cache. */
@@ -632,9 +635,143 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
   return 0;
 }
 
-/* Pushes the cached "fid .. checksum .. bytecode" string of the Lua
-** function at idx, dumping it the first time it is sent. */
-static int push_dump(luapool_encoder *e, int idx) {
+/* {====== the dump cache
+** A function is dumped the first time it is sent, and its dump (with its
+** fid) is reused for every later message: that is what lets a worker find
+** the function it loaded before.  The cache is keyed by the closure's
+** prototype, so that `pool:submit(function(x) ... end, i)` in a loop, a
+** new closure of one prototype per task, is dumped once and travels with
+** one fid, like a function made once outside the loop.
+**
+** A prototype is not visible through Lua's API; proto_of reads it from
+** Lua 5.4's LClosure, checked once per process against closures of known
+** prototypes (proto_check).  Where that check fails (another layout), the
+** cache is keyed by the closure itself, as weak keys: correct, but every
+** new closure is dumped again.
+**
+** Two tables, keyed by the prototype's address (a light userdata):
+**   PCLOS_KEY  weak values: one closure of that prototype, seen in a send
+**   PDUMPS_KEY the dump; [0] the number of entries, [-1] their bytes
+** A dump is used only while its closure is alive: the closure keeps the
+** prototype alive, so no other prototype can have that address.  Holding it
+** weakly keeps nothing of the script's alive (a closure's upvalues may be
+** big).  When the closure was collected, the next send of that address
+** dumps again; identical bytes keep the old fid (the same bytes are the
+** same function, whichever prototype they came from), so an inline closure
+** collected between two sends still finds the worker's loaded function.
+** Bounded: both tables start afresh past PCACHE_MAX entries or
+** PCACHE_BYTES of dumps (the dumps of collected prototypes stay until
+** then), so a script that makes a million prototypes does not grow them
+** without limit. */
+
+#define PCACHE_MAX   1024
+#define PCACHE_BYTES ((size_t)16 << 20) /* and at most this many bytes of dumps */
+
+#if LUA_VERSION_NUM == 504
+/* Lua 5.4's struct LClosure (lobject.h, every 5.4.x release): the head of
+** every collectable object, then the closure's own fields. */
+typedef struct lp_lclosure54 {
+  void *next;
+  unsigned char tt, marked, nupvalues;
+  void *gclist;
+  const void *p;
+} lp_lclosure54;
+#define LP_VLCL 6 /* LUA_VLCL: makevariant(LUA_TFUNCTION, 0) */
+#endif
+
+/* Does proto_of work here?  -1 not known yet, 0 no, 1 yes: a property of
+** the Lua linked in, the same for every state and thread. */
+static atomic_int proto_works = -1;
+
+/* The prototype of the Lua function at idx, or NULL (not known here). */
+static const void *proto_of(lua_State *L, int idx) {
+#if LUA_VERSION_NUM == 504
+  const lp_lclosure54 *cl = lua_topointer(L, idx);
+  if (cl == NULL || cl->tt != LP_VLCL) return NULL;
+  return cl->p;
+#else
+  (void)L;
+  (void)idx;
+  return NULL;
+#endif
+}
+
+#if LUA_VERSION_NUM == 504
+static int proto_probe(lua_State *L) {
+  luaL_loadstring(L, "return function() local a, b = 1, 2 "
+                     "return function() return a, b end, function() return a end end");
+  lua_call(L, 0, 1);
+  lua_pushvalue(L, -1);
+  lua_call(L, 0, 2); /* f1 g1 */
+  lua_rotate(L, -3, -1);
+  lua_call(L, 0, 2); /* f1 g1 f2 g2 */
+  return 4;
+}
+#endif
+
+/* Checks proto_of against closures of known prototypes: two of one
+** prototype (two upvalues each) and one of another (one upvalue).  Returns
+** 1 when it reads them right, 0 when not, -1 when the check itself could
+** not run (no memory: try again at the next send). */
+static int proto_check(lua_State *L) {
+#if LUA_VERSION_NUM == 504
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 8)) return -1;
+  lua_pushcfunction(L, proto_probe);
+  if (lua_pcall(L, 0, 4, 0) != LUA_OK) {
+    lua_settop(L, top);
+    return -1;
+  }
+  const lp_lclosure54 *f1 = lua_topointer(L, top + 1), *g1 = lua_topointer(L, top + 2),
+                      *f2 = lua_topointer(L, top + 3);
+  int ok = f1 && g1 && f2 && f1 != f2 && f1->tt == LP_VLCL && g1->tt == LP_VLCL &&
+           f2->tt == LP_VLCL && f1->nupvalues == 2 && f2->nupvalues == 2 && g1->nupvalues == 1 &&
+           f1->p != NULL && f1->p == f2->p && g1->p != NULL && g1->p != f1->p &&
+           proto_of(L, top + 1) == f1->p;
+  lua_settop(L, top);
+  return ok;
+#else
+  (void)L;
+  return 0;
+#endif
+}
+
+/* Dumps the Lua function at idx: pushes "fid .. checksum .. bytecode",
+** with a new fid, or with the fid of same (a cached dump, at that index,
+** or 0: none) when the bytecode is the same. */
+static int dump_function(luapool_encoder *e, int idx, int same) {
+  lua_State *L = e->L;
+  dump_state ds;
+  ds.init = 0;
+  ds.fid = 0;
+  lua_pushvalue(L, idx);
+  if (lua_dump(L, dump_writer, &ds, 0) != 0 || !ds.init) {
+    if (ds.init) luaL_pushresult(&ds.b);
+    lua_settop(L, lua_gettop(L) - (ds.init ? 2 : 1));
+    return enc_nomem(e);
+  }
+  char *d = luaL_buffaddr(&ds.b);
+  size_t len = luaL_bufflen(&ds.b);
+  size_t olen;
+  const char *old = same ? lua_tolstring(L, same, &olen) : NULL;
+  if (old && olen == len && memcmp(old + 16, d + 16, len - 16) == 0) {
+    luaL_pushresult(&ds.b); /* function, dump */
+    lua_pop(L, 2);
+    lua_pushvalue(L, same);
+    return 0;
+  }
+  pthread_once(&fid_once, fid_init);
+  uint64_t fid = atomic_fetch_add(&next_fid, 1);
+  uint64_t sum = checksum(d + 16, len - 16);
+  memcpy(d, &fid, 8);
+  memcpy(d + 8, &sum, 8);
+  luaL_pushresult(&ds.b); /* function, dump */
+  lua_remove(L, -2);
+  return 0;
+}
+
+/* The fallback: keyed by the closure (weak keys). */
+static int push_dump_by_closure(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   registry_table(L, &DUMPS_KEY, "k");
   lua_pushvalue(L, idx);
@@ -643,27 +780,121 @@ static int push_dump(luapool_encoder *e, int idx) {
     return 0;
   }
   lua_pop(L, 1);
-  dump_state ds;
-  ds.init = 0;
-  pthread_once(&fid_once, fid_init);
-  ds.fid = atomic_fetch_add(&next_fid, 1);
-  lua_pushvalue(L, idx);
-  if (lua_dump(L, dump_writer, &ds, 0) != 0 || !ds.init) {
-    if (ds.init) luaL_pushresult(&ds.b);
-    lua_settop(L, lua_gettop(L) - (ds.init ? 3 : 2));
-    return enc_nomem(e);
+  if (dump_function(e, idx, 0)) {
+    lua_pop(L, 1);
+    return -1;
   }
-  char *d = luaL_buffaddr(&ds.b);
-  uint64_t sum = checksum(d + 16, luaL_bufflen(&ds.b) - 16);
-  memcpy(d + 8, &sum, 8);
-  luaL_pushresult(&ds.b); /* table, function, dump */
-  lua_remove(L, -2);
   lua_pushvalue(L, idx);
   lua_pushvalue(L, -2);
   lua_rawset(L, -4); /* table, dump */
   lua_remove(L, -2);
   return 0;
 }
+
+/* Pushes the two cache tables (closures, dumps), starting them afresh
+** when asked. */
+static void pcache_tables(lua_State *L, int fresh) {
+  if (fresh) {
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &PCLOS_KEY);
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY);
+  }
+  registry_table(L, &PCLOS_KEY, "v");
+  registry_table(L, &PDUMPS_KEY, NULL);
+}
+
+/* Pushes the cached "fid .. checksum .. bytecode" string of the Lua
+** function at idx, dumping it the first time its prototype is sent. */
+static int push_dump(luapool_encoder *e, int idx) {
+  lua_State *L = e->L;
+  int works = atomic_load(&proto_works);
+  if (works < 0) {
+    works = proto_check(L);
+    if (works >= 0) atomic_store(&proto_works, works);
+  }
+  const void *p = works > 0 ? proto_of(L, idx) : NULL;
+  if (p == NULL) return push_dump_by_closure(e, idx);
+  int top = lua_gettop(L);
+  pcache_tables(L, 0); /* top+1 closures, top+2 dumps */
+  int same = 0;
+  if (lua_rawgetp(L, top + 1, p) == LUA_TFUNCTION && proto_of(L, -1) == p) {
+    /* that closure is alive, so p is still its prototype: the same one */
+    if (lua_rawgetp(L, top + 2, p) == LUA_TSTRING) {
+      lua_replace(L, top + 1);
+      lua_settop(L, top + 1);
+      return 0;
+    }
+  } else if (lua_rawgetp(L, top + 2, p) == LUA_TSTRING) {
+    same = top + 4; /* an earlier prototype's: bytes compared */
+  }
+  if (dump_function(e, idx, same)) {
+    lua_settop(L, top);
+    return -1;
+  }
+  /* top+5: the dump, unless it is the one at same (then nothing to count) */
+  if (!same || !lua_rawequal(L, top + 5, same)) {
+    lua_rawgeti(L, top + 2, 0);
+    lua_rawgeti(L, top + 2, -1);
+    lua_Integer n = lua_tointeger(L, -2);
+    size_t bytes = (size_t)lua_tointeger(L, -1), len = lua_rawlen(L, top + 5);
+    lua_pop(L, 2);
+    if (same) /* replacing that entry (a collected prototype's) */
+      bytes -= lua_rawlen(L, same);
+    else
+      n++;
+    if (n > PCACHE_MAX || len > PCACHE_BYTES || bytes > PCACHE_BYTES - len) { /* start afresh */
+      pcache_tables(L, 1);
+      lua_replace(L, top + 2);
+      lua_replace(L, top + 1);
+      n = 1;
+      bytes = 0;
+    }
+    lua_pushinteger(L, n);
+    lua_rawseti(L, top + 2, 0);
+    lua_pushinteger(L, (lua_Integer)(bytes + len));
+    lua_rawseti(L, top + 2, -1);
+  }
+  lua_pushvalue(L, idx);
+  lua_rawsetp(L, top + 1, p);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, top + 2, p);
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
+  return 0;
+}
+
+/* luapool.codec.cache(): what the dump cache of this state holds. */
+int luapool__codec_cache(lua_State *L) {
+  int works = atomic_load(&proto_works);
+  if (works < 0) {
+    works = proto_check(L);
+    if (works >= 0) atomic_store(&proto_works, works);
+  }
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, works > 0 ? "prototype" : "closure");
+  lua_setfield(L, -2, "key");
+  lua_pushinteger(L, PCACHE_MAX);
+  lua_setfield(L, -2, "limit");
+  lua_pushinteger(L, (lua_Integer)PCACHE_BYTES);
+  lua_setfield(L, -2, "byte_limit");
+  lua_Integer n = 0, bytes = 0;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY) == LUA_TTABLE) {
+    lua_rawgeti(L, -1, 0);
+    lua_rawgeti(L, -2, -1);
+    n = lua_tointeger(L, -2);
+    bytes = lua_tointeger(L, -1);
+    lua_pop(L, 2);
+  }
+  lua_pop(L, 1);
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, "prototypes");
+  lua_pushinteger(L, bytes);
+  lua_setfield(L, -2, "bytes");
+  return 1;
+}
+
+/* }====== */
 
 /* Function flags: every upvalue is _ENV, so a receiver may hand out the
 ** closure it loaded for an earlier message (nothing in it can differ). */
@@ -687,7 +918,8 @@ static int enc_function_head(luapool_encoder *e, int idx) {
   enc_base(e);
   int r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
-  if (!lua_checkstack(L, 6)) return enc_nomem(e);
+  /* push_dump's two cache tables, their lookups, the dump and its buffer */
+  if (!lua_checkstack(L, 12)) return enc_nomem(e);
   if (push_dump(e, idx)) return -1;
   size_t dlen;
   const char *d = lua_tolstring(L, -1, &dlen);
@@ -1215,9 +1447,11 @@ static const char *load_reader(lua_State *L, void *ud, size_t *sz) {
 
 /* Worker-side cache of loaded functions by fid, so a function sent for
 ** every task is loaded once (task messages only: a result or
-** codec.decode always gets a fresh closure).  Bounded: cleared when it grows past
-** FCACHE_MAX, so a script that sends a fresh closure per task cannot make a
-** worker grow without limit. */
+** codec.decode always gets a fresh closure).  A fresh closure of a
+** prototype sent before has the same fid (the sender's dump cache), so an
+** inline function is loaded once too.  Bounded: cleared when it grows past
+** FCACHE_MAX, so a script that sends many different functions cannot make
+** a worker grow without limit. */
 #define FCACHE_MAX 512
 
 /* {====== a structural check of Lua 5.4 bytecode

@@ -505,7 +505,9 @@ int luaopen_luapool(lua_State *L) {
   lua_pushcfunction(L, luapool__http_get);
   lua_setfield(L, -2, "get");
   lua_setfield(L, -2, "http");
-  lua_createtable(L, 0, 2);
+  lua_createtable(L, 0, 3);
+  lua_pushcfunction(L, luapool__codec_cache);
+  lua_setfield(L, -2, "cache");
   lua_pushcfunction(L, luapool__codec_encode);
   lua_setfield(L, -2, "encode");
   lua_pushcfunction(L, luapool__codec_decode);

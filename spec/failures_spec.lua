@@ -252,6 +252,63 @@ for _, kind in ipairs { "threadpool", "processpool" } do
       assert.are.same({ 10, 20 }, got)
       assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
     end)
+
+    it("gives each item of an explicit chunk its own deadline", function()
+      -- six items of 0.15 s in one chunk take 0.9 s: each is within 0.3 s
+      local pool <close> = luapool[kind].new { max_workers = 1, name = "ck" }
+      local function slow(x) luapool.sleep(0.15) return x * 10 end
+      assert.are.same({ 10, 20, 30, 40, 50, 60 },
+        pool:map(slow, { 1, 2, 3, 4, 5, 6 }, { chunksize = 6, task_timeout = 0.3 }))
+      local got = {}
+      for i, r in pool:imap(slow, { 1, 2, 3, 4 }, { chunksize = 4, task_timeout = 0.3 }) do got[i] = r end
+      assert.are.same({ 10, 20, 30, 40 }, got)
+    end)
+
+    it("names the item of a chunk that outlives its own deadline", function()
+      local pool <close> = luapool[kind].new { max_workers = 1, name = "ck" }
+      local ok, e = pcall(pool.map, pool, loop_at_3, { 1, 2, 3, 4, 5 }, { chunksize = 5, task_timeout = 0.3 })
+      assert.is_false(ok)
+      assert.are.equal("timeout", e.kind)
+      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker ck%-1" .. tail, e.message)
+      local s = pool:stats()
+      if kind == "threadpool" then
+        -- the thread stopped item 3 alone: items 4 and 5 of the chunk still ran
+        assert.are.equal(3, e.item)
+        assert.are.same({ 4, 1 }, { s.done, s.failed })
+      else
+        -- the process was killed: the chunk failed as a whole
+        assert.are.same({ 0, 5 }, { s.done, s.failed })
+      end
+    end)
+  end)
+end
+
+for _, kind in ipairs { "threadpool", "processpool" } do
+  describe(kind .. " package paths", function()
+    it("gives each task the package.path and cpath the script had when it submitted it", function()
+      local old_path, old_cpath = package.path, package.cpath
+      finally(function() package.path, package.cpath = old_path, old_cpath end)
+      local pool <close> = luapool[kind].new { max_workers = 1 }
+      local function paths()
+        luapool.sleep(0.05)
+        return package.path, package.cpath
+      end
+      local before = { pool:submit(paths), pool:submit(paths) } -- queued, not yet run
+      package.path = "/tmp/luapool-spec/?.lua;" .. old_path
+      package.cpath = "/tmp/luapool-spec/?.so"
+      local after = pool:submit(paths)
+      for _, f in ipairs(before) do
+        assert.are.same({ old_path, old_cpath }, { f:result(30) })
+      end
+      assert.are.same({ package.path, package.cpath }, { after:result(30) })
+      -- a worker started after the change (a new process, a new thread) too
+      local fresh <close> = luapool[kind].new { max_workers = 2 }
+      package.path = "/tmp/luapool-spec2/?.lua"
+      assert.are.same({ "/tmp/luapool-spec2/?.lua", package.cpath }, { fresh:submit(paths):result(30) })
+      package.path = old_path
+      assert.are.same({ old_path, package.cpath }, { fresh:map(function() return package.path end, { 1 })[1],
+        package.cpath })
+    end)
   end)
 end
 

@@ -115,7 +115,7 @@ int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz) {
   const char *m = "malformed reply";
   size_t ml = strlen(m);
   if (len >= 4 && luapool__get_u8(&r, &st) == 0 && st == LP_REPLY_OK) return 0;
-  if (st == LP_REPLY_ERROR || st == LP_REPLY_TRANSFER) {
+  if (st == LP_REPLY_ERROR || st == LP_REPLY_TRANSFER || st == LP_REPLY_TIMEOUT) {
     const char *t;
     size_t tl;
     if (luapool__get_string(&r, &t, &tl) == 0) m = t, ml = tl;
@@ -141,23 +141,12 @@ static void *worker_main(void *arg) {
     if (luapool__future_start(f, w->name)) {
       /* A new number for this task: a stop aimed at an earlier one (a
       ** deadline that fired late) no longer matches. */
-      uint64_t seq = atomic_load(&w->intr.seq) + 1;
-      atomic_store(&w->intr.seq, seq);
-      if (f->timeout > 0) {
-        pthread_mutex_lock(&p->mu);
-        w->deadline = luapool__now() + f->timeout;
-        w->deadline_seq = seq;
-        if (p->wd_started) pthread_cond_signal(&p->wdcv);
-        pthread_mutex_unlock(&p->mu);
-      }
+      /* (a call with a deadline takes a number of its own: worker.c;
+      ** the backend tells the watchdog its deadline, see threadpool.c) */
+      atomic_store(&w->intr.seq, atomic_load(&w->intr.seq) + 1);
       atomic_store(&w->busy, 1);
       p->be->run(w, f);
       atomic_store(&w->busy, 0);
-      if (f->timeout > 0) {
-        pthread_mutex_lock(&p->mu);
-        w->deadline = 0;
-        pthread_mutex_unlock(&p->mu);
-      }
     }
     luapool__future_unref(f);
     /* p->broken is written once, under the lock, before the queue is
@@ -425,12 +414,36 @@ static void pool_free(lp_pool *p) {
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->cv);
   free(p->workers);
-  free(p->path);
-  free(p->cpath);
+  luapool__paths_unref(p->paths);
   free(p->init_msg);
   free(p->broken);
   free(p);
 }
+
+/* {====== the script's paths, as tasks saw them */
+lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, size_t cl,
+                             uint64_t gen) {
+  lp_paths *ps = malloc(sizeof *ps + pl + cl + 2);
+  if (ps == NULL) return NULL;
+  atomic_init(&ps->refs, 1);
+  ps->gen = gen;
+  memcpy(ps->data, path, pl);
+  ps->data[pl] = 0;
+  memcpy(ps->data + pl + 1, cpath, cl);
+  ps->data[pl + 1 + cl] = 0;
+  ps->path = ps->data;
+  ps->cpath = ps->data + pl + 1;
+  return ps;
+}
+
+void luapool__paths_ref(lp_paths *ps) {
+  atomic_fetch_add_explicit(&ps->refs, 1, memory_order_relaxed);
+}
+
+void luapool__paths_unref(lp_paths *ps) {
+  if (ps && atomic_fetch_sub_explicit(&ps->refs, 1, memory_order_acq_rel) == 1) free(ps);
+}
+/* }====== */
 
 /* }====================================================== */
 
@@ -506,16 +519,42 @@ static int default_workers(const lp_backend *be) {
   return n;
 }
 
-/* Pushes package[field] when it is a string, else "". */
-static const char *push_package_field(lua_State *L, const char *field) {
+/* Pushes package[field] when it is a string, else "" (the package table
+** require uses: package.loaded.package, whatever the global holds). */
+static void push_package_field(lua_State *L, const char *field) {
   int top = lua_gettop(L);
-  if (lua_getglobal(L, "package") != LUA_TTABLE || lua_getfield(L, -1, field) != LUA_TSTRING) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, "package") != LUA_TTABLE || lua_getfield(L, -1, field) != LUA_TSTRING) {
     lua_settop(L, top);
     lua_pushliteral(L, "");
   } else {
-    lua_remove(L, -2);
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
   }
-  return lua_tostring(L, -1);
+}
+
+/* The paths a task submitted now must see: the pool keeps the strings it
+** saw last (user values 2 and 3, so they stay alive and an unchanged one
+** compares by pointer) and makes a new lp_paths when either changed. */
+static void check_paths(lua_State *L, int pool_idx, lp_pool *p) {
+  push_package_field(L, "path");
+  push_package_field(L, "cpath");
+  lua_getiuservalue(L, pool_idx, 2);
+  lua_getiuservalue(L, pool_idx, 3);
+  int same = lua_rawequal(L, -4, -2) && lua_rawequal(L, -3, -1);
+  lua_pop(L, 2);
+  if (!same) {
+    size_t pl, cl;
+    const char *path = lua_tolstring(L, -2, &pl), *cpath = lua_tolstring(L, -1, &cl);
+    lp_paths *ps = luapool__paths_new(path, pl, cpath, cl, p->paths->gen + 1);
+    if (ps == NULL) luaL_error(L, "cannot submit: not enough memory");
+    luapool__paths_unref(p->paths);
+    p->paths = ps;
+    lua_setiuservalue(L, pool_idx, 3);
+    lua_setiuservalue(L, pool_idx, 2);
+    return;
+  }
+  lua_pop(L, 2);
 }
 
 /* {====== pool options
@@ -682,16 +721,23 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   } else if (lua_isnil(L, 1)) {
     lua_settop(L, 0);
   }
-  const char *lpath = push_package_field(L, "path");
-  const char *lcpath = push_package_field(L, "cpath");
-  lpool *u = lua_newuserdatauv(L, sizeof *u, 1);
+  size_t pl, cl;
+  push_package_field(L, "path");
+  push_package_field(L, "cpath");
+  const char *lpath = lua_tolstring(L, -2, &pl), *lcpath = lua_tolstring(L, -1, &cl);
+  lpool *u = lua_newuserdatauv(L, sizeof *u, 3);
   u->p = NULL;
   luaL_setmetatable(L, LUAPOOL_POOL_MT);
   lua_newtable(L); /* futures whose done callbacks are still owed */
   lua_setiuservalue(L, -2, 1);
+  lua_pushvalue(L, -3); /* the paths seen last (see check_paths) */
+  lua_setiuservalue(L, -2, 2);
+  lua_pushvalue(L, -2);
+  lua_setiuservalue(L, -2, 3);
   /* Everything below is plain C until the pool is complete: no raise.
   ** (ib is a scratch buffer this call owns: anchored at ib_idx.) */
-  char *init_msg = NULL, *path = NULL, *cpath = NULL;
+  char *init_msg = NULL;
+  lp_paths *paths = NULL;
   size_t init_len = 0;
   lp_pool *p = NULL;
   lp_worker **workers = NULL;
@@ -701,12 +747,11 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   }
   if (ib) ib->len = 0; /* (released once the pool is complete) */
   if (ib && init_msg == NULL) goto nomem;
-  path = strdup(lpath);
-  cpath = strdup(lcpath);
+  paths = luapool__paths_new(lpath, pl, lcpath, cl, 1);
   p = calloc(1, sizeof *p);
   /* an array of pointers, one per worker */
   workers = calloc((size_t)max_workers, sizeof *workers); // NOLINT(bugprone-sizeof-expression)
-  if (p == NULL || workers == NULL || path == NULL || cpath == NULL) goto nomem;
+  if (p == NULL || workers == NULL || paths == NULL) goto nomem;
   if (pthread_mutex_init(&p->mu, NULL) != 0) goto nomem;
   if (pthread_cond_init(&p->cv, NULL) != 0) {
     pthread_mutex_destroy(&p->mu);
@@ -731,8 +776,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   p->be = be;
   p->max_workers = max_workers;
   p->workers = workers;
-  p->path = path;
-  p->cpath = cpath;
+  p->paths = paths;
   p->init_msg = init_msg;
   p->init_len = init_len;
   snprintf(p->name, sizeof p->name, "%s", name);
@@ -741,8 +785,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   return 1;
 nomem:
   free(init_msg);
-  free(path);
-  free(cpath);
+  luapool__paths_unref(paths);
   free(workers);
   free(p);
   return luaL_error(L, "cannot create a pool: not enough memory");
@@ -756,12 +799,15 @@ static void check_fn(lua_State *L, int idx) {
 ** failure (the message is freed first). */
 static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf *b, int ncalls,
                                  double timeout, uint64_t task_no, int64_t lo, int64_t hi) {
+  check_paths(L, pool_idx, p);
   luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
   lp_future *f = luapool__future_new(b, ncalls);
   if (f == NULL) {
     luaL_error(L, "cannot submit: not enough memory");
     return NULL; /* not reached */
   }
+  luapool__paths_ref(p->paths);
+  f->paths = p->paths;
   f->timeout = timeout;
   f->task_no = task_no;
   f->item_lo = lo;
@@ -869,8 +915,9 @@ refuse:
 
 /* chunk_into(future, out, offset [, timeout]) -> true when every call's
 ** first value is stored at out[offset + k]; false + the error object of
-** the first call that failed (the values before it are stored); nil when
-** the timeout expired first. */
+** the first call that failed + its number in the chunk (from 1; absent
+** when the chunk failed as a whole: a crash, a cancel...), the values
+** before it stored; nil when the timeout expired first. */
 static int prim_chunk_into(lua_State *L) {
   lp_future *f = luapool__check_future(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -886,12 +933,15 @@ static int prim_chunk_into(lua_State *L) {
     return 1;
   }
   lp_reader r = {NULL, NULL};
+  int finished = luapool__future_state(f) == LP_FINISHED; /* each call has its outcome */
   for (int k = 0; k < f->ncalls; k++) {
     int top = lua_gettop(L);
     if (luapool__future_outcome(L, f, &r, 1) < 0) {
       lua_pushboolean(L, 0);
       lua_insert(L, -2);
-      return 2;
+      if (!finished) return 2; /* the whole chunk failed: no one call did */
+      lua_pushinteger(L, k + 1);
+      return 3;
     }
     if (lua_gettop(L) == top) lua_pushnil(L);
     lua_rawseti(L, 2, offset + k);

@@ -85,6 +85,7 @@ void luapool__future_unref(lp_future *f) {
   pthread_mutex_destroy(&f->mu);
   pthread_cond_destroy(&f->cv);
   drop_msg(f);
+  luapool__paths_unref(f->paths);
   if (f->reply != f->inline_reply) free(f->reply);
   free(f->emsg);
   free(f);
@@ -447,12 +448,13 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd, int maxva
   uint32_t n;
   luaL_checkstack(L, 8, "reading a result");
   if (luapool__get_u8(r, &st)) luaL_error(L, "malformed reply");
-  if (st == LP_REPLY_TRANSFER) {
+  if (st == LP_REPLY_TRANSFER || st == LP_REPLY_TIMEOUT) { /* a message only */
     const char *m;
     size_t l;
     if (luapool__get_string(r, &m, &l)) luaL_error(L, "malformed reply");
     lua_pushlstring(L, m, l);
-    luapool__push_error(L, LP_EK_TRANSFER, lua_tostring(L, -1), NULL, f->worker, 0);
+    luapool__push_error(L, st == LP_REPLY_TIMEOUT ? LP_EK_TIMEOUT : LP_EK_TRANSFER,
+                        lua_tostring(L, -1), NULL, f->worker, 0);
     lua_remove(L, -2);
     return -1;
   }

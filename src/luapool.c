@@ -324,7 +324,14 @@ const lp_interrupt *luapool__thread_interrupt(double *deadline) {
 ** a stop (a signal that arrived late) it goes back to how the task runs. */
 static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
-  lp_interrupt *i = state_intr(L);
+  lp_wstate *ws = state_worker(L);
+  lp_interrupt *i = ws ? ws->intr : NULL;
+  /* Between calls (the worker's own code building a reply) a stop must
+  ** not raise: it is seen when the next call begins, or by the caller. */
+  if (ws && !ws->in_call) {
+    luapool__arm_interrupt_hook(L);
+    return;
+  }
   if (luapool__interrupted(i)) {
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
     luaL_error(L, "%s", stop_message(i));
@@ -394,6 +401,32 @@ static int init_worker_state(lua_State *L) {
   lua_pop(L, 1);
   luapool__open_worker_state(L, ws->kind, ws->name, ws->index);
   return 0;
+}
+
+static int set_paths(lua_State *L) {
+  lp_wstate *ws = lua_touserdata(L, 1);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, "package") == LUA_TTABLE) {
+    lua_pushstring(L, ws->path);
+    lua_setfield(L, -2, "path");
+    lua_pushstring(L, ws->cpath);
+    lua_setfield(L, -2, "cpath");
+  }
+  return 0;
+}
+
+int luapool__wstate_set_paths(lp_wstate *ws, const char *path, const char *cpath) {
+  const char *old_path = ws->path, *old_cpath = ws->cpath;
+  ws->path = path;
+  ws->cpath = cpath;
+  if (ws->L == NULL) return 0; /* init_worker_state reads them */
+  lua_pushcfunction(ws->L, set_paths);
+  lua_pushlightuserdata(ws->L, ws);
+  if (lua_pcall(ws->L, 1, 0, 0) == LUA_OK) return 0;
+  lua_pop(ws->L, 1);
+  ws->path = old_path;
+  ws->cpath = old_cpath;
+  return -1;
 }
 
 int luapool__worker_state_init(lua_State *L, lp_wstate *ws) {

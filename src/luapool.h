@@ -124,6 +124,22 @@ typedef enum {
 typedef struct lp_wnode lp_wnode;
 struct lp_pool;
 
+/* The script's package.path and package.cpath as a task saw them when it
+** was submitted: shared (reference counted) by the futures submitted while
+** they stayed the same; a worker applies them to its Lua state before it
+** runs a task whose paths differ from the ones it has (gen tells). */
+typedef struct lp_paths {
+  atomic_int refs;
+  uint64_t gen;
+  const char *path, *cpath; /* into data */
+  char data[];
+} lp_paths;
+
+lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, size_t cl,
+                             uint64_t gen); /* NULL: no memory */
+void luapool__paths_ref(lp_paths *ps);
+void luapool__paths_unref(lp_paths *ps); /* (NULL: nothing) */
+
 typedef struct lp_future {
   atomic_int refs;
   struct lp_future *next;   /* pool queue link (mutex: the pool's) */
@@ -146,6 +162,7 @@ typedef struct lp_future {
   lp_wnode *wnodes;       /* completion queues waiting for it (mutex: mu) */
   struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
   struct lp_pool *pool;   /* whose call counters its transitions move */
+  lp_paths *paths;        /* the script's paths at submit (a reference) */
   double timeout;         /* task deadline in seconds from its start; 0: none */
   /* What crash and deadline reports call it (luapool__future_label):
   ** "task #N" for the N-th submit, else "item #lo" / "items #lo-#hi". */
@@ -240,6 +257,24 @@ typedef struct lp_wstate {
   lua_Hook saved_hook;
   int saved_mask, saved_count;
   int fd; /* process workers: the socket to the parent */
+  /* Per-call deadlines: with call_timeout > 0 every call of a message has
+  ** its own deadline of that many seconds from its start (a map chunk's
+  ** items too).  Before each call the worker gives the call a new number
+  ** in intr->seq (a stop aimed at an earlier call misses it), sets
+  ** `deadline` and calls call_start (NULL: none), which tells whoever
+  ** enforces the deadline (a thread pool's watchdog, a process's parent).
+  ** A call stopped by its deadline, or finished past it, replies
+  ** LP_REPLY_TIMEOUT naming it: "task #N" (task_no), else "item #K"
+  ** (item_lo + its index in the message). */
+  double call_timeout;
+  void (*call_start)(struct lp_wstate *ws, uint32_t call);
+  uint64_t task_no;
+  int64_t item_lo;
+  /* The message's calls stopped short (Ctrl-C, a closing pool): the
+  ** calls not yet run are not run (the caller fails the whole task). */
+  int aborted;
+  /* A task's own code runs (a stop may raise in it only then). */
+  int in_call;
 } lp_wstate;
 
 /* Task message kinds (worker.c describes the format). */
@@ -265,8 +300,12 @@ const lp_interrupt *luapool__thread_interrupt(double *deadline);
 ** out of memory (the caller fails the future). */
 int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out);
 void luapool__wstate_close(lp_wstate *ws);
+/* Points ws's paths at path and cpath (which the caller keeps alive) and
+** sets them in its Lua state when it has one (luapool.c).  0, or -1 when
+** the state ran out of memory (it keeps its old paths). */
+int luapool__wstate_set_paths(lp_wstate *ws, const char *path, const char *cpath);
 /* Reply status byte per call. */
-enum { LP_REPLY_OK = 0, LP_REPLY_ERROR = 1, LP_REPLY_TRANSFER = 2 };
+enum { LP_REPLY_OK = 0, LP_REPLY_ERROR = 1, LP_REPLY_TRANSFER = 2, LP_REPLY_TIMEOUT = 3 };
 /* }====== */
 
 /* {====== pools (executor.c, threadpool.c, processpool.c) */
@@ -318,7 +357,7 @@ struct lp_pool {
                        ** collecting the pool (or the program's end) waits */
   lp_worker **workers; /* [max_workers] */
   char name[48];
-  char *path, *cpath; /* package.path/cpath for worker Lua states */
+  lp_paths *paths; /* package.path/cpath as last submitted (owner only) */
   /* Calls (a map chunk counts its items) by where they are; atomics, as
   ** workers update them outside the lock. */
   atomic_size_t c_pending, c_running, c_done, c_failed, c_cancelled;

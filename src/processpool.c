@@ -6,10 +6,16 @@
 ** in a task shows up as usual.
 **
 ** Frames on the socket: u64 payload length, u8 type, payload.
-**   parent -> worker: FR_INIT (path, cpath), then FR_CALL (a task message)
+**   parent -> worker: FR_INIT (path, cpath, memory cap), then per task
+**                     FR_PATHS (path, cpath: only when the task was
+**                     submitted with other paths than the worker has) and
+**                     FR_CALL (f64 per-call deadline in seconds, 0: none;
+**                     u64 task number; i64 first item; the task message)
 **   worker -> parent: FR_READY (it took FR_INIT: started, so a task's
-**                     deadline does not count the exec), FR_REPLY (the
-**                     reply bytes, see worker.c), or FR_OOM
+**                     deadline does not count the exec), FR_TICK (u32: the
+**                     call of the message that starts now; only for a
+**                     task with a deadline, so each call has its own),
+**                     FR_REPLY (the reply bytes, see worker.c), or FR_OOM
 **                     just before it exits for passing max_memory_mb
 ** A worker that dies is noticed at once: the proxy waits on the socket and
 ** on a pidfd of the process together, so a command the task started (which
@@ -50,7 +56,18 @@
 
 extern char **environ;
 
-enum { FR_INIT = 1, FR_CALL = 2, FR_REPLY = 3, FR_OOM = 4, FR_READY = 5 };
+enum {
+  FR_INIT = 1,
+  FR_CALL = 2,
+  FR_REPLY = 3,
+  FR_OOM = 4,
+  FR_READY = 5,
+  FR_PATHS = 6,
+  FR_TICK = 7
+};
+
+/* FR_CALL's header before the task message. */
+#define CALL_HEADER 24
 
 /* How long a new worker may take to answer its start message. */
 #define START_TIMEOUT 30.0
@@ -127,12 +144,28 @@ static int read_all(int fd, int pidfd, char *p, size_t n) {
   return 0;
 }
 
-static int write_frame(int fd, int pidfd, unsigned type, const char *p, size_t n) {
+/* A frame whose payload is head (hn bytes, may be 0) then p (n bytes). */
+static int write_frame2(int fd, int pidfd, unsigned type, const char *head, size_t hn,
+                        const char *p, size_t n) {
   char h[9];
-  uint64_t len = n;
+  uint64_t len = hn + n;
   memcpy(h, &len, 8);
   h[8] = (char)type;
-  return write_all(fd, pidfd, h, 9) || write_all(fd, pidfd, p, n) ? -1 : 0;
+  return write_all(fd, pidfd, h, 9) || write_all(fd, pidfd, head, hn) || write_all(fd, pidfd, p, n)
+             ? -1
+             : 0;
+}
+
+static int write_frame(int fd, int pidfd, unsigned type, const char *p, size_t n) {
+  return write_frame2(fd, pidfd, type, NULL, 0, p, n);
+}
+
+/* The payload of FR_INIT and FR_PATHS: path, cpath (and more after). */
+static int put_paths(lp_buf *b, const lp_paths *ps) {
+  return luapool__put_string(b, ps->path, strlen(ps->path)) ||
+                 luapool__put_string(b, ps->cpath, strlen(ps->cpath))
+             ? -1
+             : 0;
 }
 
 /* Reads a frame into a malloc'd block.  -1 on EOF/error, -2 no memory. */
@@ -165,9 +198,10 @@ typedef struct pworker {
   atomic_int pid;
   pthread_mutex_t pidmu; /* kill() and the reap's claim of pid exclude each other */
   int fd;
-  int pidfd;     /* the process's pidfd (close-on-exec); -1: none (old kernel) */
-  int need_init; /* the pool's initializer has not run in this process */
-  int ntasks;    /* tasks this process has run (max_tasks_per_child) */
+  int pidfd;          /* the process's pidfd (close-on-exec); -1: none (old kernel) */
+  int need_init;      /* the pool's initializer has not run in this process */
+  int ntasks;         /* tasks this process has run (max_tasks_per_child) */
+  uint64_t paths_gen; /* of the paths this process has */
 } pworker;
 
 const char *luapool__worker_exe(void) {
@@ -262,7 +296,7 @@ static int wait_worker(pworker *pw, double deadline) {
   return wait_fd(pw->fd, POLLIN, pw->pidfd, deadline);
 }
 
-static int spawn_worker(pworker *pw, char *err, size_t errsz) {
+static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t errsz) {
   lp_pool *p = pw->w.pool;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
@@ -318,11 +352,11 @@ static int spawn_worker(pworker *pw, char *err, size_t errsz) {
   atomic_store(&pw->pid, pid);
   pw->need_init = p->init_msg != NULL;
   pw->ntasks = 0;
-  /* INIT: the owner's package.path and cpath, so require works alike. */
+  /* INIT: the script's package.path and cpath as the first task saw
+  ** them, so require works alike. */
   lp_buf b = {0};
-  int bad = luapool__put_string(&b, p->path, strlen(p->path)) ||
-            luapool__put_string(&b, p->cpath, strlen(p->cpath)) ||
-            luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
+  pw->paths_gen = paths->gen;
+  int bad = put_paths(&b, paths) || luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
             write_frame(pw->fd, pw->pidfd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
   unsigned type = 0;
@@ -375,7 +409,9 @@ static int run_initializer(pworker *pw, lp_future *f) {
   pw->need_init = 0;
   pid_t pid = atomic_load(&pw->pid);
   double deadline = f->timeout > 0 ? luapool__now() + f->timeout : 0;
-  int r = write_frame(pw->fd, pw->pidfd, FR_CALL, w->pool->init_msg, w->pool->init_len);
+  char hdr[CALL_HEADER] = {0}; /* no per-call deadline: the kill below is its stop */
+  int r = write_frame2(pw->fd, pw->pidfd, FR_CALL, hdr, sizeof hdr, w->pool->init_msg,
+                       w->pool->init_len);
   if (r == 0) r = wait_worker(pw, deadline);
   char why[768], msg[600];
   if (r == 0) { /* past the deadline: the kill is the only way to stop it */
@@ -407,35 +443,61 @@ static int run_initializer(pworker *pw, lp_future *f) {
   return -1;
 }
 
+/* Sends FR_PATHS when f was submitted with other paths than the process has. */
+static int send_paths(pworker *pw, const lp_future *f) {
+  if (f->paths == NULL || f->paths->gen == pw->paths_gen) return 0;
+  lp_buf b = {0};
+  int r = put_paths(&b, f->paths) || write_frame(pw->fd, pw->pidfd, FR_PATHS, b.p, b.len);
+  luapool__buf_free(&b);
+  if (r == 0) pw->paths_gen = f->paths->gen;
+  return r ? -1 : 0;
+}
+
 static void proc_run(lp_worker *w, lp_future *f) {
   pworker *pw = (pworker *)w;
   char label[48]; /* for reports */
   lp_pool *p = w->pool;
   char err[512];
-  if (atomic_load(&pw->pid) <= 0 && spawn_worker(pw, err, sizeof err) != 0) {
+  if (atomic_load(&pw->pid) <= 0 && spawn_worker(pw, f->paths, err, sizeof err) != 0) {
     luapool__future_fail(f, LP_EK_BROKEN, "%s", err);
     return;
   }
   if (pw->need_init && run_initializer(pw, f) != 0) return;
   pid_t pid = atomic_load(&pw->pid);
+  /* Each call has its own deadline: the worker says when one starts
+  ** (FR_TICK), and only the call running then is past it. */
   double deadline = f->timeout > 0 ? luapool__now() + f->timeout : 0;
   unsigned type = 0;
   char *reply = NULL;
   size_t len = 0;
-  int r = write_frame(pw->fd, pw->pidfd, FR_CALL, f->msg, f->msglen);
-  if (r == 0) {
+  char hdr[CALL_HEADER];
+  memcpy(hdr, &f->timeout, 8);
+  memcpy(hdr + 8, &f->task_no, 8);
+  memcpy(hdr + 16, &f->item_lo, 8);
+  int r = send_paths(pw, f);
+  if (r == 0) r = write_frame2(pw->fd, pw->pidfd, FR_CALL, hdr, sizeof hdr, f->msg, f->msglen);
+  uint32_t call = 0;
+  while (r == 0) {
     r = wait_worker(pw, deadline);
     if (r == 0) { /* past its deadline: the only way to stop it is the kill */
       kill(pid, SIGKILL);
       close_worker(pw, 1.0);
+      if (f->task_no)
+        luapool__future_label(f, label, sizeof label);
+      else
+        snprintf(label, sizeof label, "item #%lld", (long long)(f->item_lo + call));
       luapool__future_fail(f, LP_EK_TIMEOUT,
                            "%s exceeded its deadline of %g seconds in worker %s; "
                            "the worker (pid %d) was killed and will be replaced",
-                           luapool__future_label(f, label, sizeof label), f->timeout, w->name,
-                           (int)pid);
+                           label, f->timeout, w->name, (int)pid);
       return;
     }
     r = r < 0 ? -1 : read_frame(pw->fd, pw->pidfd, &type, &reply, &len);
+    if (r != 0 || type != FR_TICK) break;
+    if (len == 4) memcpy(&call, reply, 4);
+    free(reply);
+    reply = NULL;
+    deadline = luapool__now() + f->timeout;
   }
   if (r == 0 && type == FR_REPLY) {
     luapool__future_finish(f, reply, len, 0);
@@ -513,6 +575,29 @@ static void report_oom(lp_wstate *ws) {
   _exit(70);
 }
 
+/* A call with a deadline starts: the parent times it from now.  (A lost
+** tick only makes the parent's deadline earlier, never later.) */
+static void send_tick(lp_wstate *ws, uint32_t call) {
+  write_frame(ws->fd, -1, FR_TICK, (const char *)&call, 4);
+}
+
+/* Copies the paths of an FR_INIT or FR_PATHS payload into one malloc'd
+** block (path, then cpath); NULL when malformed or out of memory. */
+static char *read_paths(lp_reader *r, const char **path, const char **cpath) {
+  const char *p, *c;
+  size_t pl, cl;
+  if (luapool__get_string(r, &p, &pl) || luapool__get_string(r, &c, &cl)) return NULL;
+  char *paths = malloc(pl + cl + 2);
+  if (paths == NULL) return NULL;
+  memcpy(paths, p, pl);
+  paths[pl] = 0;
+  memcpy(paths + pl + 1, c, cl);
+  paths[pl + 1 + cl] = 0;
+  *path = paths;
+  *cpath = paths + pl + 1;
+  return paths;
+}
+
 int luapool__process_worker_main(int fd, const char *name, int index) {
   /* The socket came through exec, so without close-on-exec: set it before
   ** anything runs, or every command a task starts (io.popen, os.execute,
@@ -552,22 +637,15 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     return 1;
   }
   lp_reader r = {msg, msg + len};
-  const char *path, *cpath;
-  size_t pl, cl;
   uint32_t mem_mb = 0;
-  char *paths = NULL;
-  if (luapool__get_string(&r, &path, &pl) || luapool__get_string(&r, &cpath, &cl) ||
-      luapool__get_u32(&r, &mem_mb) || (paths = malloc(pl + cl + 2)) == NULL) {
+  char *paths = read_paths(&r, &ws.path, &ws.cpath);
+  if (paths == NULL || luapool__get_u32(&r, &mem_mb)) {
+    free(paths);
     free(msg);
     return 1;
   }
-  memcpy(paths, path, pl);
-  paths[pl] = 0;
-  memcpy(paths + pl + 1, cpath, cl);
-  paths[pl + 1 + cl] = 0;
   free(msg);
-  ws.path = paths;
-  ws.cpath = paths + pl + 1;
+  ws.call_start = send_tick;
   if (mem_mb) {
     ws.mem_cap = (size_t)mem_mb << 20;
     ws.on_oom = report_oom;
@@ -580,14 +658,33 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   int rc = 0;
   for (;;) {
     int fr = read_frame(fd, -1, &type, &msg, &len);
-    if (fr == -1) break; /* the parent closed: we are done */
-    if (fr == -2 || type != FR_CALL) {
+    if (fr == -1) break;               /* the parent closed: we are done */
+    if (fr == 0 && type == FR_PATHS) { /* the next task's package.path and cpath */
+      lp_reader pr = {msg, msg + len};
+      const char *path, *cpath;
+      char *np = read_paths(&pr, &path, &cpath);
+      free(msg);
+      if (np == NULL || luapool__wstate_set_paths(&ws, path, cpath) != 0) {
+        free(np);
+        rc = 1;
+        break;
+      }
+      free(paths);
+      paths = np;
+      continue;
+    }
+    if (fr == -2 || type != FR_CALL || len < CALL_HEADER) {
       if (fr == 0) free(msg);
       rc = 1;
       break;
     }
+    memcpy(&ws.call_timeout, msg, 8);
+    memcpy(&ws.task_no, msg + 8, 8);
+    memcpy(&ws.item_lo, msg + 16, 8);
+    if (!(ws.call_timeout > 0)) ws.call_timeout = 0; /* (NaN too) */
     out.len = 0;
-    int st = luapool__run_message(&ws, msg, len, &out);
+    int st = luapool__run_message(&ws, msg + CALL_HEADER, len - CALL_HEADER, &out);
+    ws.deadline = 0;
     free(msg);
     if (st != 0 || write_frame(fd, -1, FR_REPLY, out.p, out.len) != 0) {
       rc = 1;

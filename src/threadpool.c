@@ -4,6 +4,7 @@
 ** scalar arguments never create the state at all (worker.c).  Nothing but
 ** this thread ever touches its state.
 */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,44 @@ typedef struct tworker {
   lp_wstate ws;
   lp_buf out;
   int initialized;
+  lp_paths *paths; /* the paths ws has (a reference), NULL before the first task */
 } tworker;
+
+/* A call with a deadline starts: the watchdog learns its deadline and
+** number (the stop it sends then hits this call and no other). */
+static void thread_call_start(lp_wstate *ws, uint32_t call) {
+  (void)call;
+  tworker *t = (tworker *)((char *)ws - offsetof(tworker, ws));
+  lp_pool *p = t->w.pool;
+  pthread_mutex_lock(&p->mu);
+  t->w.deadline = ws->deadline;
+  t->w.deadline_seq = atomic_load(&t->w.intr.seq);
+  if (p->wd_started) pthread_cond_signal(&p->wdcv);
+  pthread_mutex_unlock(&p->mu);
+}
+
+/* No call runs under a deadline any more (the watchdog skips 0). */
+static void deadline_done(tworker *t) {
+  lp_pool *p = t->w.pool;
+  pthread_mutex_lock(&p->mu);
+  t->w.deadline = 0;
+  pthread_mutex_unlock(&p->mu);
+}
+
+/* Runs msg with every call under its own deadline of `timeout` seconds
+** (0: none), labelled after f. */
+static int run_timed(tworker *t, const char *msg, size_t len, double timeout, uint64_t task_no,
+                     int64_t item_lo) {
+  t->ws.call_timeout = timeout;
+  t->ws.task_no = task_no;
+  t->ws.item_lo = item_lo;
+  t->ws.deadline = 0;
+  t->out.len = 0;
+  int st = luapool__run_message(&t->ws, msg, len, &t->out);
+  if (timeout > 0) deadline_done(t);
+  t->ws.deadline = 0;
+  return st;
+}
 
 static int thread_start(lp_worker *w) {
   tworker *t = (tworker *)w;
@@ -26,8 +64,7 @@ static int thread_start(lp_worker *w) {
   snprintf(t->ws.name, sizeof t->ws.name, "%s", w->name);
   t->ws.index = w->index;
   t->ws.intr = &w->intr;
-  t->ws.path = w->pool->path;
-  t->ws.cpath = w->pool->cpath;
+  t->ws.call_start = thread_call_start;
   return 0;
 }
 
@@ -38,8 +75,9 @@ static int thread_init(tworker *t, lp_future *f) {
   t->initialized = 1;
   if (p->init_msg == NULL) return 0;
   char why[768], err[600];
-  t->out.len = 0;
-  if (luapool__run_message(&t->ws, p->init_msg, p->init_len, &t->out) != 0)
+  /* under the first task's deadline, as on a process pool (labelled 0/0:
+  ** "it exceeded its deadline") */
+  if (run_timed(t, p->init_msg, p->init_len, f->timeout, 0, 0) != 0)
     snprintf(err, sizeof err, "not enough memory");
   else if (luapool__reply_failed(t->out.p, t->out.len, err, sizeof err) == 0)
     return 0;
@@ -49,25 +87,35 @@ static int thread_init(tworker *t, lp_future *f) {
   return -1;
 }
 
+/* Gives the worker's state the paths f was submitted with. */
+static int use_paths(tworker *t, lp_future *f) {
+  if (f->paths == t->paths || f->paths == NULL) return 0;
+  if (luapool__wstate_set_paths(&t->ws, f->paths->path, f->paths->cpath) != 0) {
+    luapool__future_fail(f, LP_EK_TRANSFER, "worker %s ran out of memory setting package.path",
+                         t->w.name);
+    return -1;
+  }
+  luapool__paths_ref(f->paths);
+  luapool__paths_unref(t->paths);
+  t->paths = f->paths;
+  return 0;
+}
+
 static void thread_run(lp_worker *w, lp_future *f) {
   tworker *t = (tworker *)w;
   char label[48]; /* for reports */
+  if (use_paths(t, f) != 0) return;
   if (!t->initialized && thread_init(t, f) != 0) return;
-  t->out.len = 0;
-  uint64_t seq = atomic_load(&w->intr.seq);
-  t->ws.deadline = f->timeout > 0 ? luapool__now() + f->timeout : 0;
-  int st = luapool__run_message(&t->ws, f->msg, f->msglen, &t->out);
-  /* Past its deadline (stopped by the watchdog, or finished too late):
-  ** the outcome is the timeout, whatever the task produced meanwhile. */
-  int stopped = atomic_load(&w->intr.kill_seq) == seq;
-  if (stopped && atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
+  /* Each call keeps its own deadline: one past it (stopped by the
+  ** watchdog, or finished too late) replies TIMEOUT, whatever it produced
+  ** meanwhile, and the chunk's other calls go on (worker.c). */
+  int st = run_timed(t, f->msg, f->msglen, f->timeout, f->task_no, f->item_lo);
+  /* Ctrl-C stops the whole task: the calls after the stopped one did not
+  ** run. */
+  if (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
+      atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
     luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
                          luapool__future_label(f, label, sizeof label), w->name);
-    return;
-  }
-  if (f->timeout > 0 && (stopped || luapool__now() >= t->ws.deadline)) {
-    luapool__future_fail(f, LP_EK_TIMEOUT, "%s exceeded its deadline of %g seconds in worker %s",
-                         luapool__future_label(f, label, sizeof label), f->timeout, w->name);
     return;
   }
   if (st != 0) {
@@ -94,6 +142,8 @@ static void thread_stop(lp_worker *w) {
   tworker *t = (tworker *)w;
   luapool__set_task_state(NULL);
   luapool__wstate_close(&t->ws);
+  luapool__paths_unref(t->paths);
+  t->paths = NULL;
   luapool__buf_free(&t->out);
   luapool__http_thread_cleanup();
 }

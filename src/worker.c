@@ -13,6 +13,8 @@
 **   ERROR:    message string, traceback string, then the error value
 **             (nil when it could not travel): C reads the text without Lua
 **   TRANSFER: message string (a result that could not be encoded)
+**   TIMEOUT:  message string (the call outlived its own deadline; see
+**             lp_wstate.call_timeout)
 **
 ** A call whose function is a native kernel and whose arguments are all
 ** scalars runs straight from the bytes: no Lua state is created for it.
@@ -64,10 +66,58 @@ static int put_kernel_reply(lp_buf *out, lp_kcall *c, int ok) {
   return put_error_text(out, c->err);
 }
 
+/* {====== per-call deadlines and stops */
+
+/* Before call number `call` of the message (0-based). */
+static void begin_call(lp_wstate *ws, uint32_t call) {
+  if (ws->call_timeout <= 0) return;
+  /* a new number: a stop aimed at the call before misses this one */
+  atomic_store(&ws->intr->seq, atomic_load(&ws->intr->seq) + 1);
+  ws->deadline = luapool__now() + ws->call_timeout;
+  if (ws->call_start) ws->call_start(ws, call);
+}
+
+/* After a call whose reply starts at out->len == mark (nerr counted its
+** failure, if any): a call stopped by its deadline, or that ended past it,
+** replies TIMEOUT instead.  Returns -1 when out of memory. */
+static int end_call(lp_wstate *ws, uint32_t call, lp_buf *out, size_t mark, uint32_t nerr_before,
+                    uint32_t *nerr) {
+  if (ws->call_timeout <= 0) return 0;
+  lp_interrupt *i = ws->intr;
+  int stopped = atomic_load(&i->kill_seq) == atomic_load(&i->seq);
+  if (stopped && atomic_load(&i->reason) == LP_STOP_SIGNAL) return 0; /* not a deadline */
+  if (!stopped && luapool__now() < ws->deadline) return 0;
+  char label[48], m[256];
+  if (ws->task_no)
+    snprintf(label, sizeof label, "task #%llu", (unsigned long long)ws->task_no);
+  else if (ws->item_lo)
+    snprintf(label, sizeof label, "item #%lld", (long long)(ws->item_lo + call));
+  if (ws->task_no || ws->item_lo)
+    snprintf(m, sizeof m, "%s exceeded its deadline of %g seconds in worker %s", label,
+             ws->call_timeout, ws->name);
+  else /* neither: the pool's initializer */
+    snprintf(m, sizeof m, "it exceeded its deadline of %g seconds", ws->call_timeout);
+  out->len = mark;
+  *nerr = nerr_before + 1;
+  return luapool__put_u8(out, LP_REPLY_TIMEOUT) || luapool__put_string(out, m, strlen(m)) ? -1 : 0;
+}
+
+/* Was the message stopped as a whole (Ctrl-C, a closing pool)?  Then the
+** calls after the one that ran are not run. */
+static int stopped_short(lp_wstate *ws) {
+  lp_interrupt *i = ws->intr;
+  if (atomic_load(&i->closing) || (atomic_load(&i->kill_seq) == atomic_load(&i->seq) &&
+                                   atomic_load(&i->reason) == LP_STOP_SIGNAL))
+    ws->aborted = 1;
+  return ws->aborted;
+}
+
+/* }====== */
+
 /* Tries to run one kernel call natively.  1 done (reply appended), 0 the
 ** arguments need Lua (reader restored), -1 out of memory / malformed. */
-static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs, lp_buf *out,
-                           uint32_t *nerr) {
+static int run_kernel_call(lp_wstate *ws, int k, uint32_t call, lp_reader *r, uint32_t nargs,
+                           lp_buf *out, uint32_t *nerr) {
   lp_value args[LP_KERNEL_MAXARGS];
   lp_reader save = *r;
   if (nargs > LP_KERNEL_MAXARGS) return 0;
@@ -81,10 +131,14 @@ static int run_kernel_call(lp_wstate *ws, int k, lp_reader *r, uint32_t nargs, l
   c.args = args;
   c.nargs = (int)nargs;
   c.interrupt = ws->intr;
+  size_t mark = out->len;
+  uint32_t nerr_before = *nerr;
+  begin_call(ws, call);
   c.deadline = ws->deadline;
   int ok = luapool__kernels[k].run(&c) == 0;
   if (!ok) (*nerr)++;
-  return put_kernel_reply(out, &c, ok) ? -1 : 1;
+  if (put_kernel_reply(out, &c, ok)) return -1;
+  return end_call(ws, call, out, mark, nerr_before, nerr) ? -1 : 1;
 }
 
 /* }====================================================== */
@@ -263,14 +317,21 @@ static void call_one(lua_State *L, run_ctx *rc, int base) {
   int nargs = lua_gettop(L) - base - 1;
   rc->mark = rc->out->len;
   rc->nerr_mark = rc->nerr;
+  begin_call(rc->ws, rc->done);
   luapool__arm_interrupt_hook(L); /* (an earlier stop may have left one on) */
   lua_pushcfunction(L, msgh);
   lua_insert(L, base + 1);
+  rc->ws->in_call = 1;
   int st = lua_pcall(L, nargs, LUA_MULTRET, base + 1);
+  rc->ws->in_call = 0;
   check_cap(rc->ws);
   lua_remove(L, base + 1);
   reply_call(L, rc, st == LUA_OK, base);
+  if (end_call(rc->ws, rc->done, rc->out, rc->mark, rc->nerr_mark, &rc->nerr))
+    luaL_error(L, "not enough memory");
   rc->done++;
+  rc->mark = rc->out->len; /* this call's reply is whole: a later failure keeps it */
+  rc->nerr_mark = rc->nerr;
 }
 
 /* Protected body: decodes and runs the calls of the message not yet done. */
@@ -289,7 +350,7 @@ static int run_calls(lua_State *L) {
     lua_pushcfunction(L, luapool__kernels[rc->kernel].lua_fn);
   else
     luapool__decode_task(L, rc->r, 1); /* fn at 1 */
-  while (rc->done < rc->ncalls) {
+  while (rc->done < rc->ncalls && !stopped_short(rc->ws)) {
     if (luapool__get_u32(rc->r, &n) || n > (size_t)(rc->r->end - rc->r->p))
       return luaL_error(L, "malformed message: bad argument count");
     lua_pushvalue(L, 1);
@@ -319,7 +380,7 @@ static lua_State *ensure_state(lp_wstate *ws) {
 ** scalars.  Returns -1 on no memory, else leaves rc->done at the first call
 ** that needs Lua (== ncalls when all ran). */
 static int run_native(run_ctx *rc, int k) {
-  while (rc->done < rc->ncalls) {
+  while (rc->done < rc->ncalls && !stopped_short(rc->ws)) {
     lp_reader call_r = *rc->r;
     uint32_t nargs;
     if (rc->kind == LP_MSG_SINGLE) {
@@ -329,7 +390,7 @@ static int run_native(run_ctx *rc, int k) {
     } else if (luapool__get_u32(rc->r, &nargs)) {
       break;
     }
-    int s = run_kernel_call(rc->ws, k, rc->r, nargs, rc->out, &rc->nerr);
+    int s = run_kernel_call(rc->ws, k, rc->done, rc->r, nargs, rc->out, &rc->nerr);
     if (s < 0) return -1;
     if (s == 0) {
       *rc->r = call_r;
@@ -368,7 +429,7 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
       if (k >= 0 && run_native(rc, k)) return -1;
     }
   }
-  if (rc->done == rc->ncalls) return 0;
+  if (rc->done == rc->ncalls || ws->aborted) return 0;
   /* Lua path, for the calls not done natively. */
   lua_State *L = ensure_state(ws);
   check_cap(ws); /* a state that could not be created within the cap */
@@ -394,7 +455,7 @@ static int run_calls_of(run_ctx *rc, const char *msg, size_t len) {
              m ? m : "error in worker");
     out->len = rc->mark; /* drop a reply cut short */
     rc->nerr = rc->nerr_mark;
-    for (; rc->done < rc->ncalls; rc->done++, rc->nerr++)
+    for (; rc->done < rc->ncalls && !ws->aborted; rc->done++, rc->nerr++)
       if (put_transfer(out, buf)) return -1;
   }
   lua_settop(L, 0);
@@ -405,6 +466,7 @@ int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out
   size_t head = out->len;
   if (luapool__put_u32(out, 0)) return -1;
   run_ctx rc = {.ws = ws, .out = out, .kernel = -1, .ncalls = 1};
+  ws->aborted = 0;
   int r = run_calls_of(&rc, msg, len);
   uint32_t header = rc.nerr | (rc.named ? LP_REPLY_NAMED : 0);
   memcpy(out->p + head, &header, 4);

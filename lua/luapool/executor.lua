@@ -247,33 +247,16 @@ local function cancel_from(futures, first)
   for c = first, #futures do cancel(futures[c]) end
 end
 
--- Failures of a whole chunk rather than of one of its calls: the error
--- cannot name one item (its message names the chunk's, "items #a-#b").
-local WHOLE_CHUNK = { crashed = true, broken = true, timeout = true, cancelled = true, interrupted = true }
-
--- Which call of chunk future f failed (1-based).  chunk_into stores the
--- results of the calls before the failing one and stops there, so reading
--- the chunk again into slots that each hold a marker finds it: the first
--- slot still holding the marker (a nil result clears its slot too).
-local MARK = {}
-local function failing_call(f, n)
-  local probe = {}
-  for i = 1, n do probe[i] = MARK end
-  chunk_into(f, probe, 1, 0)
-  for i = 1, n do
-    if probe[i] == MARK then return i end
-  end
-  return 1
-end
-
--- Names the item of a task error from chunk future f, whose first item is
+-- Names the item of an error from chunk future f, whose first item is
 -- number lo: err.item = lo + k - 1 for its k-th call.  k is chunk_into's
--- third value when it gives one, else found by failing_call.
+-- third value: it gives one for a call's own failure (a task error, a
+-- call's deadline, a result that could not travel) and none when the chunk
+-- failed as a whole (a crash, a cancel...), which names one item only when
+-- the chunk holds one (else its message names them: "items #a-#b").
 local function name_item(err, f, lo, k)
   if type(err) ~= "table" then return err end
-  local n = chunk_size(f)
-  if n > 1 and WHOLE_CHUNK[err.kind] then return err end
-  err.item = lo + (k or (n == 1 and 1) or failing_call(f, n)) - 1
+  if not k and chunk_size(f) == 1 then k = 1 end
+  if k then err.item = lo + k - 1 end
   return err
 end
 

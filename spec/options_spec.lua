@@ -94,6 +94,33 @@ describe("worker lifetimes", function()
     assert.are.equal("broken\tcannot start worker process /nonexistent/luapool: No such file or directory\n", out)
   end)
 
+  it("refuses a worker binary of another luapool build, naming both", function()
+    local other = h.bin:gsub("luapool$", "luapool-otherwire") -- built with wire version 0
+    local out, _, code = h.run({ "-e", [[
+      local p <close> = processpool.new { max_workers = 1 }
+      local e = p:submit(print):exception()
+      print(e.kind, e.message)
+      print(p:submit(print):exception().message == e.message)]] }, nil, { LUAPOOL_WORKER_EXE = other })
+    assert.are.equal(0, code)
+    local build = "luapool %d+%.%d+%.%d+ %(wire %d, Lua 5%.4%.%d+, little%-endian, 8%-byte integers " ..
+      "and floats, kernels %x+%)"
+    assert.matches("^broken\tcannot start worker process " .. other:gsub("%p", "%%%0") .. ": it is " ..
+      build:gsub("wire %%d", "wire 0") .. ", and this is " .. build:gsub("wire %%d", "wire 1") ..
+      ": a worker must be the same luapool build %(LUAPOOL_WORKER_EXE names the binary workers run%)\n" ..
+      "true\n$", out)
+  end)
+
+  it("refuses a worker binary that is no luapool at all", function()
+    local out, _, code = h.run({ "-e", [[
+      local p <close> = processpool.new { max_workers = 1 }
+      local e = p:submit(print):exception()
+      print(e.kind, e.message)]] }, nil, { LUAPOOL_WORKER_EXE = "/bin/true" })
+    assert.are.equal(0, code)
+    assert.matches("^broken\tcannot start worker process /bin/true: it did not take its start message " ..
+      "%(exited with status 0%); a worker must be the same luapool build, luapool [%d.]+ %(wire 1, .*%)\n$",
+      out)
+  end)
+
   it("says so and leaves a thread it cannot stop, instead of hanging at exit", function()
     -- a blocking C call that is not luapool's: no stop reaches it (a loop
     -- in an xpcall handler is another such place, but it would burn a

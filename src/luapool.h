@@ -101,6 +101,16 @@ int luapool__codec_decode(lua_State *L);
 int luapool__codec_cache(lua_State *L);
 /* }====== */
 
+/* {====== the wire handshake (wire.c) */
+/* Appends this build's handshake to b (0, or -1: no memory). */
+int luapool__wire_hello(lp_buf *b);
+/* 0 when the handshake p[0..len) is this build's; else -1.  Either way
+** peer describes what it says ("luapool 0.1.0 (wire 1, Lua 5.4.4, ...)"). */
+int luapool__wire_check(const char *p, size_t len, char *peer, size_t peersz);
+/* This build, described the same way. */
+void luapool__wire_describe(char *buf, size_t n);
+/* }====== */
+
 /* {====== futures (future.c) */
 typedef enum {
   LP_PENDING,

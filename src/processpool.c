@@ -6,12 +6,15 @@
 ** in a task shows up as usual.
 **
 ** Frames on the socket: u64 payload length, u8 type, payload.
-**   parent -> worker: FR_INIT (path, cpath, memory cap), then per task
+**   parent -> worker: FR_HELLO (the handshake: wire.c), FR_INIT (path,
+**                     cpath, memory cap), then per task
 **                     FR_PATHS (path, cpath: only when the task was
 **                     submitted with other paths than the worker has) and
 **                     FR_CALL (f64 per-call deadline in seconds, 0: none;
 **                     u64 task number; i64 first item; the task message)
-**   worker -> parent: FR_READY (it took FR_INIT: started, so a task's
+**   worker -> parent: FR_REFUSE (its own build, when the handshake is not
+**                     its own: then it exits), or FR_READY (it took
+**                     FR_HELLO and FR_INIT: started, so a task's
 **                     deadline does not count the exec), FR_TICK (u32: the
 **                     call of the message that starts now; only for a
 **                     task with a deadline, so each call has its own),
@@ -63,7 +66,9 @@ enum {
   FR_OOM = 4,
   FR_READY = 5,
   FR_PATHS = 6,
-  FR_TICK = 7
+  FR_TICK = 7,
+  FR_HELLO = 8,
+  FR_REFUSE = 9
 };
 
 /* FR_CALL's header before the task message. */
@@ -354,31 +359,41 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   pw->ntasks = 0;
   /* INIT: the script's package.path and cpath as the first task saw
   ** them, so require works alike. */
-  lp_buf b = {0};
+  lp_buf b = {0}, hb = {0};
   pw->paths_gen = paths->gen;
-  int bad = put_paths(&b, paths) || luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
+  int bad = luapool__wire_hello(&hb) || write_frame(pw->fd, pw->pidfd, FR_HELLO, hb.p, hb.len) ||
+            put_paths(&b, paths) || luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
             write_frame(pw->fd, pw->pidfd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
+  luapool__buf_free(&hb);
   unsigned type = 0;
   char *ready = NULL;
-  size_t len;
+  size_t len = 0;
   if (!bad && wait_worker(pw, luapool__now() + START_TIMEOUT) == 1 &&
       read_frame(pw->fd, pw->pidfd, &type, &ready, &len) == 0) {
-    free(ready);
     bad = type != FR_READY;
   } else {
     bad = 1;
   }
   if (bad) {
     int status = close_worker(pw, 0);
-    char how[96];
+    char how[96], mine[256];
     describe_status(status, how, sizeof how);
-    snprintf(err, errsz,
-             "cannot start worker process %s: it did not take "
-             "its start message (%s)",
-             exe, how);
+    luapool__wire_describe(mine, sizeof mine);
+    if (type == FR_REFUSE)
+      snprintf(err, errsz,
+               "cannot start worker process %s: it is %.*s, and this is %s: a worker must be "
+               "the same luapool build (LUAPOOL_WORKER_EXE names the binary workers run)",
+               exe, (int)(len > 300 ? 300 : len), ready ? ready : "", mine);
+    else
+      snprintf(err, errsz,
+               "cannot start worker process %s: it did not take its start message (%s); "
+               "a worker must be the same luapool build, %s",
+               exe, how, mine);
+    free(ready);
     return -1;
   }
+  free(ready);
   return 0;
 }
 
@@ -631,6 +646,18 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   unsigned type;
   char *msg;
   size_t len;
+  /* The handshake first: a parent of another build is told what this one
+  ** is, and nothing else is read from it. */
+  if (read_frame(fd, -1, &type, &msg, &len) != 0) return 1;
+  char peer[256];
+  int alien = type != FR_HELLO || luapool__wire_check(msg, len, peer, sizeof peer) != 0;
+  free(msg);
+  if (alien) {
+    char mine[256];
+    luapool__wire_describe(mine, sizeof mine);
+    write_frame(fd, -1, FR_REFUSE, mine, strlen(mine));
+    return 1;
+  }
   if (read_frame(fd, -1, &type, &msg, &len) != 0) return 1;
   if (type != FR_INIT) {
     free(msg);

@@ -1,0 +1,121 @@
+/*
+** The wire handshake: what a worker process and its parent say first, so
+** that a worker binary of another build (an older luapool installed
+** elsewhere, a build named by LUAPOOL_WORKER_EXE, later an MPI rank on
+** another machine) is refused at pool start with a message naming both,
+** never fed messages it would misread.
+**
+** Handshake (the payload of the parent's first frame, and of a worker's
+** refusal's description):
+**   8 bytes  magic "LUAPOOL\0"
+**   u32      wire version (the codec's and the frames' format; kept in
+**            this file alone, so a test build can differ in it only)
+**   u8 x 4   byte order (1: little-endian), sizeof(lua_Integer),
+**            sizeof(lua_Number), sizeof(size_t)
+**   string   luapool version, string  Lua release
+**   u64      digest of the kernel table (names in order: a kernel is sent
+**            by its index)
+** Each number is written in the sender's byte order; the byte-order field
+** comes before any number wider than a byte that matters.
+*/
+#include <stdio.h>
+#include <string.h>
+
+#include <lua.h>
+
+#include "luapool.h"
+
+#ifndef LUAPOOL_WIRE_VERSION
+#define LUAPOOL_WIRE_VERSION 1
+#endif
+
+static const char MAGIC[8] = "LUAPOOL";
+
+static unsigned byte_order(void) {
+  const uint16_t one = 1;
+  unsigned char b;
+  memcpy(&b, &one, 1);
+  return b == 1 ? 1u : 2u;
+}
+
+static uint64_t kernel_digest(void) {
+  uint64_t h = 14695981039346656037ull; /* FNV-1a */
+  for (int i = 0; luapool__kernels[i].name; i++)
+    for (const char *p = luapool__kernels[i].name;; p++) {
+      h ^= (unsigned char)*p;
+      h *= 1099511628211ull;
+      if (*p == 0) break;
+    }
+  return h;
+}
+
+typedef struct hello {
+  uint32_t wire;
+  unsigned order, isize, nsize, zsize;
+  char version[32], lua[32];
+  uint64_t kernels;
+} hello;
+
+static void this_build(hello *h) {
+  memset(h, 0, sizeof *h);
+  h->wire = LUAPOOL_WIRE_VERSION;
+  h->order = byte_order();
+  h->isize = sizeof(lua_Integer);
+  h->nsize = sizeof(lua_Number);
+  h->zsize = sizeof(size_t);
+  snprintf(h->version, sizeof h->version, "%s", LUAPOOL_VERSION);
+  snprintf(h->lua, sizeof h->lua, "%s", LUA_RELEASE);
+  h->kernels = kernel_digest();
+}
+
+static void describe(const hello *h, char *buf, size_t n) {
+  snprintf(buf, n,
+           "luapool %s (wire %u, %s, %s-endian, %u-byte integers and floats, kernels %016llx)",
+           h->version, (unsigned)h->wire, h->lua, h->order == 1 ? "little" : "big", h->isize,
+           (unsigned long long)h->kernels);
+}
+
+void luapool__wire_describe(char *buf, size_t n) {
+  hello h;
+  this_build(&h);
+  describe(&h, buf, n);
+}
+
+int luapool__wire_hello(lp_buf *b) {
+  hello h;
+  this_build(&h);
+  return luapool__buf_add(b, MAGIC, sizeof MAGIC) || luapool__put_u32(b, h.wire) ||
+                 luapool__put_u8(b, h.order) || luapool__put_u8(b, h.isize) ||
+                 luapool__put_u8(b, h.nsize) || luapool__put_u8(b, h.zsize) ||
+                 luapool__put_string(b, h.version, strlen(h.version)) ||
+                 luapool__put_string(b, h.lua, strlen(h.lua)) ||
+                 luapool__buf_add(b, &h.kernels, sizeof h.kernels)
+             ? -1
+             : 0;
+}
+
+int luapool__wire_check(const char *p, size_t len, char *peer, size_t peersz) {
+  hello mine, theirs;
+  this_build(&mine);
+  memset(&theirs, 0, sizeof theirs);
+  lp_reader r = {p, p + len};
+  const char *v, *l;
+  size_t vl, ll;
+  if (len < sizeof MAGIC || memcmp(p, MAGIC, sizeof MAGIC) != 0) {
+    snprintf(peer, peersz, "not a luapool handshake");
+    return -1;
+  }
+  r.p += sizeof MAGIC;
+  if (luapool__get_u32(&r, &theirs.wire) || luapool__get_u8(&r, &theirs.order) ||
+      luapool__get_u8(&r, &theirs.isize) || luapool__get_u8(&r, &theirs.nsize) ||
+      luapool__get_u8(&r, &theirs.zsize) || luapool__get_string(&r, &v, &vl) ||
+      luapool__get_string(&r, &l, &ll) || (size_t)(r.end - r.p) < sizeof theirs.kernels) {
+    snprintf(peer, peersz, "a malformed luapool handshake");
+    return -1;
+  }
+  memcpy(&theirs.kernels, r.p, sizeof theirs.kernels);
+  snprintf(theirs.version, sizeof theirs.version, "%.*s", (int)vl, v);
+  snprintf(theirs.lua, sizeof theirs.lua, "%.*s", (int)ll, l);
+  describe(&theirs, peer, peersz);
+  return memcmp(&mine, &theirs, sizeof mine) == 0 ? 0 : -1;
+}

@@ -852,7 +852,7 @@ static int push_dump(luapool_encoder *e, int idx) {
     }
     lua_pushinteger(L, n);
     lua_rawseti(L, top + 2, 0);
-    lua_pushinteger(L, (lua_Integer)(bytes + len));
+    lua_pushinteger(L, (lua_Integer)bytes + (lua_Integer)len);
     lua_rawseti(L, top + 2, -1);
   }
   lua_pushvalue(L, idx);

@@ -578,26 +578,47 @@ typedef struct pool_opts {
 
 typedef struct opt_desc {
   const char *name;
-  opt_type type;
   lua_Integer min, max; /* OPT_INT */
   const char *expect;   /* OPT_INT: what the message says it takes */
   size_t offset;        /* into pool_opts; unused for FUNCTION/TABLE */
-  unsigned pools;       /* ON_* */
+  opt_type type;
+  unsigned pools; /* ON_* */
 } opt_desc;
 
 static const opt_desc pool_options[] = {
-    {"max_workers", OPT_INT, 1, 4096, "integer from 1 to 4096", offsetof(pool_opts, max_workers),
-     ON_ALL},
-    {"name", OPT_NAME, 0, 0, NULL, offsetof(pool_opts, name), ON_ALL},
-    {"task_timeout", OPT_SECONDS, 0, 0, NULL, offsetof(pool_opts, task_timeout), ON_ALL},
-    {"initializer", OPT_FUNCTION, 0, 0, NULL, 0, ON_ALL},
-    {"initargs", OPT_TABLE, 0, 0, NULL, 0, ON_ALL},
-    {"on_crash", OPT_CRASH, 0, 0, NULL, offsetof(pool_opts, on_crash_break), ON_PROCESSES},
-    {"max_tasks_per_child", OPT_INT, 1, INT32_MAX, "positive integer",
-     offsetof(pool_opts, max_tasks_per_child), ON_PROCESSES},
-    {"max_memory_mb", OPT_INT, 1, INT32_MAX, "positive integer", offsetof(pool_opts, max_memory_mb),
-     ON_PROCESSES},
-    {NULL, OPT_INT, 0, 0, NULL, 0, 0},
+    {.name = "max_workers",
+     .type = OPT_INT,
+     .min = 1,
+     .max = 4096,
+     .expect = "integer from 1 to 4096",
+     .offset = offsetof(pool_opts, max_workers),
+     .pools = ON_ALL},
+    {.name = "name", .type = OPT_NAME, .offset = offsetof(pool_opts, name), .pools = ON_ALL},
+    {.name = "task_timeout",
+     .type = OPT_SECONDS,
+     .offset = offsetof(pool_opts, task_timeout),
+     .pools = ON_ALL},
+    {.name = "initializer", .type = OPT_FUNCTION, .pools = ON_ALL},
+    {.name = "initargs", .type = OPT_TABLE, .pools = ON_ALL},
+    {.name = "on_crash",
+     .type = OPT_CRASH,
+     .offset = offsetof(pool_opts, on_crash_break),
+     .pools = ON_PROCESSES},
+    {.name = "max_tasks_per_child",
+     .type = OPT_INT,
+     .min = 1,
+     .max = INT32_MAX,
+     .expect = "positive integer",
+     .offset = offsetof(pool_opts, max_tasks_per_child),
+     .pools = ON_PROCESSES},
+    {.name = "max_memory_mb",
+     .type = OPT_INT,
+     .min = 1,
+     .max = INT32_MAX,
+     .expect = "positive integer",
+     .offset = offsetof(pool_opts, max_memory_mb),
+     .pools = ON_PROCESSES},
+    {.name = NULL},
 };
 
 /* What a bad value was, for "expected, got X": a number as Lua prints it,

@@ -500,7 +500,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
       if (f->task_no)
         luapool__future_label(f, label, sizeof label);
       else
-        snprintf(label, sizeof label, "item #%lld", (long long)(f->item_lo + call));
+        snprintf(label, sizeof label, "item #%lld", (long long)f->item_lo + (long long)call);
       luapool__future_fail(f, LP_EK_TIMEOUT,
                            "%s exceeded its deadline of %g seconds in worker %s; "
                            "the worker (pid %d) was killed and will be replaced",

@@ -117,5 +117,9 @@ int luapool__wire_check(const char *p, size_t len, char *peer, size_t peersz) {
   snprintf(theirs.version, sizeof theirs.version, "%.*s", (int)vl, v);
   snprintf(theirs.lua, sizeof theirs.lua, "%.*s", (int)ll, l);
   describe(&theirs, peer, peersz);
-  return memcmp(&mine, &theirs, sizeof mine) == 0 ? 0 : -1;
+  int same = mine.wire == theirs.wire && mine.order == theirs.order && mine.isize == theirs.isize &&
+             mine.nsize == theirs.nsize && mine.zsize == theirs.zsize &&
+             strcmp(mine.version, theirs.version) == 0 && strcmp(mine.lua, theirs.lua) == 0 &&
+             mine.kernels == theirs.kernels;
+  return same ? 0 : -1;
 }

@@ -91,7 +91,7 @@ static int end_call(lp_wstate *ws, uint32_t call, lp_buf *out, size_t mark, uint
   if (ws->task_no)
     snprintf(label, sizeof label, "task #%llu", (unsigned long long)ws->task_no);
   else if (ws->item_lo)
-    snprintf(label, sizeof label, "item #%lld", (long long)(ws->item_lo + call));
+    snprintf(label, sizeof label, "item #%lld", (long long)ws->item_lo + (long long)call);
   if (ws->task_no || ws->item_lo)
     snprintf(m, sizeof m, "%s exceeded its deadline of %g seconds in worker %s", label,
              ws->call_timeout, ws->name);

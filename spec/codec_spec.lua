@@ -558,7 +558,7 @@ describe("functions made by different worker processes", function()
 end)
 
 describe("functions kept by a worker", function()
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(helper.engines) do
     it("are not changed when a later task gets the same function (" .. kind .. ")", function()
       local pool <close> = luapool[kind].new { max_workers = 1 }
       local n = 1
@@ -580,7 +580,7 @@ describe("functions kept by a worker", function()
 end)
 
 describe("shared upvalues in a batch", function()
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(helper.engines) do
     it("keep the helpers of a map's function sharing their state, every call (" .. kind .. ")", function()
       local pool <close> = luapool[kind].new { max_workers = 2 }
       local acc = 0
@@ -653,7 +653,7 @@ describe("big strings", function()
     big = nil
     collectgarbage()
   end)
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(helper.engines) do
     it("carries a 100 MiB string through a " .. kind, function()
       local pool <close> = luapool[kind].new { max_workers = 1 }
       local n, head, tail = pool:submit(function(s) return #s, s:sub(1, 5), s:sub(-3) end, big):result(120)
@@ -1023,7 +1023,7 @@ describe("fresh closures of a function already sent", function()
     assert.are_not.equal(seen[1][1], seen[1][2])
   end)
 
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(helper.engines) do
     it("run the right one of two functions on one line, round after round (" .. kind .. ")", function()
       local pool <close> = luapool[kind].new { max_workers = 2 }
       local fs = {}

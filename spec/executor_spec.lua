@@ -73,7 +73,7 @@ local function release(flag)
   f:close()
 end
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(h.engines) do
   local new = luapool[kind].new
 
   describe(kind, function()
@@ -365,7 +365,7 @@ describe("progress", function()
   local EMPTY = "[" .. ("-"):rep(30) .. "]"
   local FULL = "[" .. ("#"):rep(30) .. "]"
 
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(h.engines) do
     it("draws map's bar as soon as the work is queued, on a " .. kind, function()
       local pool <close> = luapool[kind].new { max_workers = 2 }
       local text, settings = capture(true)

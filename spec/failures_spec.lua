@@ -212,7 +212,7 @@ describe("task_timeout on a processpool", function()
   end)
 end)
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(h.engines) do
   local tail = kind == "threadpool" and "$" or "; the worker %(pid %d+%) was killed and will be replaced$"
 
   describe(kind .. " map/imap with the task_timeout option", function()
@@ -283,7 +283,7 @@ for _, kind in ipairs { "threadpool", "processpool" } do
   end)
 end
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(h.engines) do
   describe(kind .. " package paths", function()
     it("gives each task the package.path and cpath the script had when it submitted it", function()
       local old_path, old_cpath = package.path, package.cpath
@@ -387,7 +387,7 @@ describe("processpool worker limits", function()
   end)
 end)
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(h.engines) do
   describe(kind .. " result that cannot travel back", function()
     it("fails kind transfer and the pool goes on", function()
       local pool <close> = luapool[kind].new { max_workers = 1, name = "tr" }

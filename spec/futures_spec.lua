@@ -11,7 +11,7 @@ local function rss_kb()
   return tonumber(h.slurp("/proc/self/status"):match("VmRSS:%s*(%d+)"))
 end
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(h.engines) do
   local new = luapool[kind].new
   describe(kind, function()
     describe("as_completed", function()
@@ -448,7 +448,7 @@ describe("progress", function()
 end)
 
 describe("a future's error", function()
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(h.engines) do
     it("is one object on a " .. kind .. ": exception() and result() give the same", function()
       local pool <close> = luapool[kind].new { max_workers = 1, name = "one" }
       local f = pool:submit(function() error("boom") end)

@@ -2,6 +2,13 @@
 local M = {}
 
 M.bin = os.getenv("LUAPOOL_BIN") or "build/luapool"
+
+-- The conformance suite: every spec that loops over this list (the futures
+-- API: submit, result, map, imap, as_completed, wait, cancel, callbacks,
+-- shutdown, <close>, errors, deadlines) runs on every engine in it.  A new
+-- engine is added here; what only one engine does (a process crash, a
+-- memory cap) stays in that engine's own specs.
+M.engines = { "threadpool", "processpool" }
 M.source_dir = os.getenv("LUAPOOL_SOURCE_DIR") or "."
 
 local function shell_quote(s)

@@ -40,7 +40,7 @@ local function positions(pool, items, opts)
   return got, chunks, n
 end
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(h.engines) do
   describe("imap at default options on a " .. kind, function()
     local pool
     setup(function() pool = new_pool(kind) end)

@@ -151,7 +151,7 @@ describe("worker lifetimes", function()
       "cancelled, 1 running task interrupted (close it, or call shutdown(), to wait for its work)\n", err)
   end)
 
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(h.engines) do
     it("runs the work of a " .. kind .. " shut down with wait = false to its end before exit", function()
       local out, err, code = h.run({ "-e", ([[
         local p = %s.new { max_workers = 1 }

@@ -12,7 +12,7 @@ local function line_of(fn) return debug.getinfo(fn, "S").linedefined end
 
 local function ident(...) return ... end
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(helper.engines) do
   local worker_kind = kind == "threadpool" and "thread" or "process"
 
   describe(kind, function()

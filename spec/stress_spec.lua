@@ -32,7 +32,7 @@ local function resources()
 end
 
 describe("stress", function()
-  for _, kind in ipairs { "threadpool", "processpool" } do
+  for _, kind in ipairs(h.engines) do
     it("runs 100,000 tasks through a " .. kind .. " and loses none", function()
       local pool <close> = luapool[kind].new { max_workers = 2 }
       local function f(x) return x * 2 end

@@ -1,8 +1,9 @@
 -- Initializers, the worker API, and the documented semantics of tasks
 -- (fresh globals, upvalues copied by value), on both pools.
 local luapool = require "luapool"
+local h = require "helper"
 
-for _, kind in ipairs { "threadpool", "processpool" } do
+for _, kind in ipairs(h.engines) do
   local new = luapool[kind].new
   describe(kind, function()
     it("runs the initializer with initargs once in each worker before its tasks", function()

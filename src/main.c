@@ -299,9 +299,9 @@ static int use_readline; /* stdin is a terminal: edit the line with readline */
 /* Waits until stdin is readable (REPL_LINE) or a signal is pending.  SIGINT,
 ** SIGTERM and STOP_SIGNAL stay blocked on this thread except inside ppoll,
 ** so one that comes before the wait is not lost: it is pending and ends
-** ppoll at once.  A SIGINT is consumed here, with the hook STOP_SIGNAL set
-** for it (nothing is running to interrupt); a SIGTERM is left pending for
-** run_host, which ends the host on it. */
+** ppoll at once.  The signal is consumed here, with the hook STOP_SIGNAL set
+** for it (nothing is running to interrupt): a SIGINT cancels the line, a
+** SIGTERM ends the REPL and the host (doREPL). */
 static int wait_input(lua_State *L) {
   sigset_t block, old;
   signal_set(&block);
@@ -309,14 +309,10 @@ static int wait_input(lua_State *L) {
   pthread_sigmask(SIG_BLOCK, &block, &old);
   int r = REPL_LINE;
   for (;;) {
-    int sig = atomic_load(&luapool__signal);
-    if (sig == SIGINT && atomic_compare_exchange_strong(&luapool__signal, &sig, 0)) {
-      if (lua_gethook(L) == luapool__signal_hook) lua_sethook(L, NULL, 0, 0);
-      r = REPL_CANCEL;
-      break;
-    }
+    int sig = atomic_exchange(&luapool__signal, 0);
     if (sig != 0) {
-      r = REPL_END;
+      if (lua_gethook(L) == luapool__signal_hook) lua_sethook(L, NULL, 0, 0);
+      r = sig == SIGINT ? REPL_CANCEL : REPL_END;
       break;
     }
     struct pollfd pfd = {.fd = STDIN_FILENO, .events = POLLIN};
@@ -407,7 +403,7 @@ static int read_line_rl(lua_State *L, const char *prompt) {
     /* show the cancelled line whole, then leave it as bash does */
     rl_point = rl_end;
     rl_redisplay();
-    fputs("^C", rl_outstream);
+    if (w == REPL_CANCEL) fputs("^C", rl_outstream);
     rl_free_line_state();
     rl_callback_sigcleanup();
     rl_cleanup_after_signal();
@@ -423,9 +419,22 @@ static int read_line_rl(lua_State *L, const char *prompt) {
 }
 #endif
 
+/* The statement in readline's history, as it was typed ("=expr" stays). */
+static int typed_eq; /* the first line was "=expr", now "return expr" */
+
 static void save_line(const char *line) {
 #ifdef LUAPOOL_USE_READLINE
-  if (use_readline && line[0] != '\0') add_history(line);
+  if (!use_readline || line[0] == '\0') return;
+  if (typed_eq) {
+    char *eq = malloc(strlen(line));
+    if (eq == NULL) return; /* (no memory: not in the history) */
+    eq[0] = '=';
+    strcpy(eq + 1, line + strlen("return "));
+    add_history(eq);
+    free(eq);
+  } else {
+    add_history(line);
+  }
 #else
   (void)line;
 #endif
@@ -463,6 +472,7 @@ static int pushline(lua_State *L, int firstline) {
     lua_remove(L, -2);
     b = lua_tostring(L, -1);
   }
+  if (firstline) typed_eq = b[0] == '=';
   if (firstline && b[0] == '=') {
     lua_pushfstring(L, "return %s", b + 1);
     lua_remove(L, -2);
@@ -568,10 +578,18 @@ static void doREPL(lua_State *L) {
     if (uncaught_interrupt) break; /* a SIGTERM during the statement */
   }
   lua_settop(L, 0);
+#ifdef LUAPOOL_USE_READLINE
+  if (r == REPL_EOF && !use_readline) fputs("\n", stdout); /* (readline ends its line itself) */
+#else
   if (r == REPL_EOF) fputs("\n", stdout);
+#endif
   fflush(stdout);
   in_repl = 0;
   progname = oldprogname;
+  if (r == REPL_END) { /* as a SIGTERM the script does not catch */
+    l_message("interrupted: the script received SIGTERM");
+    end_on_signal();
+  }
 }
 /* }====== */
 

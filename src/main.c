@@ -2,8 +2,10 @@
 ** The luapool host: a lua(1)-like command line with threadpool, processpool
 ** and luapool as globals.  main() starts the script's thread (run_host,
 ** which creates the state and runs pmain under lua_pcall) and then only
-** takes SIGINT/SIGTERM (see signal_loop); every chunk runs through docall, whose message handler
-** adds a traceback and copes with non-string error values (as lua.c does).
+** takes SIGINT/SIGTERM (see signal_loop); every chunk runs through docall,
+** whose message handler adds a traceback and copes with non-string error
+** values (as lua.c does).  The REPL (doREPL) is lua.c 5.4's, with readline
+** when the build found it (LUAPOOL_USE_READLINE).
 **
 ** `luapool --worker NAME INDEX PPID` is the process-pool worker mode: it
 ** serves tasks on fd 3 and never reaches the Lua command line.

@@ -427,11 +427,13 @@ static int typed_eq; /* the first line was "=expr", now "return expr" */
 static void save_line(const char *line) {
 #ifdef LUAPOOL_USE_READLINE
   if (!use_readline || line[0] == '\0') return;
-  if (typed_eq) {
-    char *eq = malloc(strlen(line));
+  static const char ret[] = "return ";
+  if (typed_eq && strncmp(line, ret, sizeof ret - 1) == 0) {
+    size_t n = strlen(line + sizeof ret - 1);
+    char *eq = malloc(n + 2);
     if (eq == NULL) return; /* (no memory: not in the history) */
     eq[0] = '=';
-    strcpy(eq + 1, line + strlen("return "));
+    memcpy(eq + 1, line + sizeof ret - 1, n + 1);
     add_history(eq);
     free(eq);
   } else {

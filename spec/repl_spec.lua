@@ -33,11 +33,14 @@ local function term(args)
     .. '; echo "status=$?"; exec sleep 3600'
   local out, code = sh(t.tmux .. " new-session -d -x 120 -y 40 -s repl " .. h.shell_quote(line))
   assert(code == 0, "tmux new-session failed: " .. out)
+  t.socket_path = sh(t.tmux .. " display-message -p '#{socket_path}'"):match("^[^\n]+")
   return t
 end
 
+-- The server goes, and its socket file (kill-server leaves it behind).
 function Term:kill()
   sh(self.tmux .. " kill-server")
+  if self.socket_path then os.remove(self.socket_path) end
 end
 
 -- The pane's text, scrollback included, without trailing blanks (the

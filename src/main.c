@@ -2,13 +2,17 @@
 ** The luapool host: a lua(1)-like command line with threadpool, processpool
 ** and luapool as globals.  main() starts the script's thread (run_host,
 ** which creates the state and runs pmain under lua_pcall) and then only
-** takes SIGINT/SIGTERM (see signal_loop); every chunk runs through docall, whose message handler
-** adds a traceback and copes with non-string error values (as lua.c does).
+** takes SIGINT/SIGTERM (see signal_loop); every chunk runs through docall,
+** whose message handler adds a traceback and copes with non-string error
+** values (as lua.c does).  The REPL (doREPL) is lua.c 5.4's, with readline
+** when the build found it (LUAPOOL_USE_READLINE).
 **
 ** `luapool --worker NAME INDEX PPID` is the process-pool worker mode: it
 ** serves tasks on fd 3 and never reaches the Lua command line.
 */
+#include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sys/resource.h>
 #include <signal.h>
@@ -24,11 +28,16 @@
 
 #include "luapool.h"
 
-static const char *progname = "luapool";
-static atomic_int exit_signal; /* the last signal received */
-static atomic_int ending;      /* the host is ending on an uncaught one */
-static int uncaught_interrupt; /* the script ended on it: exit 128 + it */
-static int in_repl;            /* at the prompt, an interruption ends only the line */
+#ifdef LUAPOOL_USE_READLINE
+#include <readline/history.h>
+#include <readline/readline.h>
+#endif
+
+static const char *progname = "luapool"; /* NULL at the prompt */
+static atomic_int exit_signal;           /* the last signal received */
+static atomic_int ending;                /* the host is ending on an uncaught one */
+static int uncaught_interrupt;           /* the script ended on it: exit 128 + it */
+static int in_repl;                      /* in the REPL, a SIGINT ends only the statement */
 
 /* {====== SIGINT and SIGTERM
 ** The script runs on a thread of its own (run_host); the process's main
@@ -121,17 +130,37 @@ static void install_signal_handlers(lua_State *L) {
   pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 
+#ifdef LUAPOOL_USE_READLINE
+#define REPL_HELP    "the REPL (with readline) when stdin is a terminal"
+#define READLINE_ENV "  INPUTRC             readline's key bindings file (default: ~/.inputrc)\n"
+#else
+#define REPL_HELP    "the REPL when stdin is a terminal"
+#define READLINE_ENV ""
+#endif
+
+/* Every option, and every environment variable the host and the module read
+** (the C code's getenv and Lua's package library). */
 static void print_usage(FILE *out) {
   fprintf(out,
           "usage: %s [options] [script [args]]\n"
           "Available options are:\n"
           "  -e stat   execute string 'stat'\n"
+          "  -i        enter interactive mode after executing 'script'\n"
           "  -l mod    require library 'mod' into global 'mod'\n"
           "  -l g=mod  require library 'mod' into global 'g'\n"
-          "  -v        show version information\n"
-          "  -h        show this help\n"
+          "  -v        show version information (also --version)\n"
+          "  -h        show this help (also --help)\n"
           "  --        stop handling options\n"
           "  -         stop handling options and execute stdin\n"
+          "With no script, no -e and no -v: " REPL_HELP ",\n"
+          "else stdin runs as the script.  At the prompt, Ctrl-C cancels the line\n"
+          "or interrupts the statement, Ctrl-D exits.\n"
+          "Environment variables:\n"
+          "  LUAPOOL_WORKER_EXE  the binary process pools start as workers (default: luapool)\n"
+          "  LUA_PATH_5_4        initial package.path (';;' stands for the default)\n"
+          "  LUA_PATH            initial package.path when LUA_PATH_5_4 is unset\n"
+          "  LUA_CPATH_5_4       initial package.cpath (';;' stands for the default)\n"
+          "  LUA_CPATH           initial package.cpath when LUA_CPATH_5_4 is unset\n" READLINE_ENV
           "In scripts, threadpool, processpool and luapool are globals.\n",
           progname);
 }
@@ -139,7 +168,8 @@ static void print_usage(FILE *out) {
 static void print_version(void) { printf("luapool %s (%s)\n", LUAPOOL_VERSION, LUA_RELEASE); }
 
 static void l_message(const char *msg) {
-  fprintf(stderr, "%s: %s\n", progname, msg);
+  if (progname) fprintf(stderr, "%s: ", progname);
+  fprintf(stderr, "%s\n", msg);
   fflush(stderr);
 }
 
@@ -163,9 +193,11 @@ static void end_on_signal(void) {
 static int msghandler(lua_State *L) {
   /* an interruption nobody caught: the exit status says which signal, and
   ** the host ends (a further signal exits at once, pools give stuck
-  ** threads only a short grace) */
+  ** threads only a short grace); in the REPL a SIGINT ends only the
+  ** statement, a SIGTERM still ends the host */
+  int sig = atomic_load(&exit_signal);
   if (lua_type(L, 1) == LUA_TTABLE && lua_getfield(L, 1, "kind") == LUA_TSTRING &&
-      strcmp(lua_tostring(L, -1), "interrupted") == 0 && atomic_load(&exit_signal) && !in_repl)
+      strcmp(lua_tostring(L, -1), "interrupted") == 0 && sig && (!in_repl || sig == SIGTERM))
     end_on_signal();
   lua_settop(L, 1);
   const char *msg = lua_tostring(L, 1);
@@ -245,37 +277,325 @@ static int handle_script(lua_State *L, char **argv) {
   return report(L, status);
 }
 
-/* Interactive mode: a line is tried as an expression first. */
-static void doREPL(lua_State *L) {
-  char line[4096];
-  in_repl = 1;
-  print_version();
+/* {====== The REPL, as lua.c 5.4's doREPL: continuation lines for an
+** incomplete statement, `=expr` and plain expressions print their values,
+** _PROMPT and _PROMPT2, readline (when built with it) for editing and
+** history.  Unlike lua, Ctrl-C at the prompt cancels the statement being
+** typed instead of ending the program, and Ctrl-C during a statement ends
+** only that statement (its error, of kind "interrupted", is printed).
+**
+** The prompt waits on the script's thread, like everything the script
+** does.  A SIGINT taken while it waits (by the signal thread or the
+** handler, see take_signal) leaves luapool__signal set and sends
+** STOP_SIGNAL here; wait_input sees the flag and cancels the line instead
+** of letting the signal hook raise it in the next statement. */
+#define REPL_LINE   1
+#define REPL_EOF    0
+#define REPL_CANCEL (-1) /* SIGINT: the statement being typed is dropped */
+#define REPL_END    (-2) /* SIGTERM: the host ends (status 143) */
+
+#ifdef LUAPOOL_USE_READLINE
+static int use_readline; /* stdin is a terminal: edit the line with readline */
+#endif
+
+/* Waits until stdin is readable (REPL_LINE) or a signal is pending.  SIGINT,
+** SIGTERM and STOP_SIGNAL stay blocked on this thread except inside ppoll,
+** so one that comes before the wait is not lost: it is pending and ends
+** ppoll at once.  The signal is consumed here, with the hook STOP_SIGNAL set
+** for it (nothing is running to interrupt): a SIGINT cancels the line, a
+** SIGTERM ends the REPL and the host (doREPL). */
+static int wait_input(lua_State *L) {
+  sigset_t block, old;
+  signal_set(&block);
+  sigaddset(&block, LUAPOOL_STOP_SIGNAL);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
+  int r = REPL_LINE;
   for (;;) {
-    fputs("> ", stdout);
-    fflush(stdout);
-    if (fgets(line, sizeof line, stdin) == NULL) break;
-    lua_settop(L, 0);
-    const char *ret = lua_pushfstring(L, "return %s", line);
-    int status = luaL_loadbuffer(L, ret, strlen(ret), "=stdin");
-    if (status != LUA_OK) {
-      lua_pop(L, 2);
-      status = luaL_loadbuffer(L, line, strlen(line), "=stdin");
-    } else {
-      lua_remove(L, -2);
+    int sig = atomic_exchange(&luapool__signal, 0);
+    if (sig != 0) {
+      if (lua_gethook(L) == luapool__signal_hook) lua_sethook(L, NULL, 0, 0);
+      r = sig == SIGINT ? REPL_CANCEL : REPL_END;
+      break;
     }
-    if (status == LUA_OK) status = docall(L, 0, LUA_MULTRET);
-    if (status == LUA_OK && lua_gettop(L) > 0) {
-      lua_getglobal(L, "print");
-      lua_insert(L, 1);
-      if (lua_pcall(L, lua_gettop(L) - 1, 0, 0) != LUA_OK) report(L, LUA_ERRRUN);
-    } else {
-      report(L, status);
+    struct pollfd pfd = {.fd = STDIN_FILENO, .events = POLLIN};
+    int n = ppoll(&pfd, 1, NULL, &old);
+    if (n > 0 || (n < 0 && errno != EINTR)) break; /* (read reports an error) */
+  }
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  return r;
+}
+
+/* Without readline: stdin read with read(2), so that the wait above sees
+** what is buffered.  Lines are split here (a pipe gives several at once). */
+static char in_buf[LUAL_BUFFERSIZE];
+static size_t in_len;
+
+static int read_line_plain(lua_State *L, const char *prompt) {
+  fputs(prompt, stdout);
+  fflush(stdout);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (;;) {
+    char *nl = memchr(in_buf, '\n', in_len);
+    if (nl) {
+      size_t n = (size_t)(nl - in_buf);
+      luaL_addlstring(&b, in_buf, n);
+      in_len -= n + 1;
+      memmove(in_buf, nl + 1, in_len);
+      luaL_pushresult(&b);
+      return REPL_LINE;
+    }
+    luaL_addlstring(&b, in_buf, in_len);
+    in_len = 0;
+    int w = wait_input(L);
+    if (w != REPL_LINE) {
+      /* the terminal dropped what was typed (and echoed ^C) */
+      luaL_pushresult(&b);
+      lua_pop(L, 1);
+      fputs("\n", stdout);
+      return w;
+    }
+    ssize_t got = read(STDIN_FILENO, in_buf, sizeof in_buf);
+    if (got > 0) {
+      in_len = (size_t)got;
+    } else if (got == 0 || errno != EINTR) { /* end of input: a last line without newline? */
+      luaL_pushresult(&b);
+      if (lua_rawlen(L, -1) > 0) return REPL_LINE;
+      lua_pop(L, 1);
+      return REPL_EOF;
     }
   }
-  lua_settop(L, 0);
-  fputs("\n", stdout);
-  in_repl = 0;
 }
+
+#ifdef LUAPOOL_USE_READLINE
+/* readline's callback interface, so that the wait is wait_input's. */
+static char *rl_result;
+static int rl_finished;
+
+static void on_rl_line(char *line) {
+  rl_result = line; /* NULL: Ctrl-D on an empty line */
+  rl_finished = 1;
+  rl_callback_handler_remove();
+}
+
+static void init_readline(void) {
+  rl_readline_name = "luapool"; /* for $if in ~/.inputrc */
+  rl_instream = stdin;
+  rl_outstream = stdout;
+  /* The host owns SIGINT and SIGTERM (and readline's SIGWINCH handler could
+  ** run on any thread); readline must not setenv LINES and COLUMNS while
+  ** pool threads may read the environment. */
+  rl_catch_signals = 0;
+  rl_catch_sigwinch = 0;
+  rl_change_environment = 0;
+  using_history();
+}
+
+static int read_line_rl(lua_State *L, const char *prompt) {
+  rl_finished = 0;
+  rl_result = NULL;
+  rl_reset_screen_size(); /* the terminal may have been resized (no SIGWINCH handler) */
+  rl_callback_handler_install(prompt, on_rl_line);
+  while (!rl_finished) {
+    int w = wait_input(L);
+    if (w == REPL_LINE) {
+      rl_callback_read_char();
+      continue;
+    }
+    /* show the cancelled line whole, then leave it as bash does */
+    rl_point = rl_end;
+    rl_redisplay();
+    if (w == REPL_CANCEL) fputs("^C", rl_outstream);
+    rl_free_line_state();
+    rl_callback_sigcleanup();
+    rl_cleanup_after_signal();
+    rl_callback_handler_remove();
+    fputs("\n", rl_outstream);
+    fflush(rl_outstream);
+    return w;
+  }
+  if (rl_result == NULL) return REPL_EOF;
+  lua_pushstring(L, rl_result);
+  free(rl_result);
+  return REPL_LINE;
+}
+#endif
+
+/* The statement in readline's history, as it was typed ("=expr" stays). */
+static int typed_eq; /* the first line was "=expr", now "return expr" */
+
+static void save_line(const char *line) {
+#ifdef LUAPOOL_USE_READLINE
+  if (!use_readline || line[0] == '\0') return;
+  static const char ret[] = "return ";
+  if (typed_eq && strncmp(line, ret, sizeof ret - 1) == 0) {
+    size_t n = strlen(line + sizeof ret - 1);
+    char *eq = malloc(n + 2);
+    if (eq == NULL) return; /* (no memory: not in the history) */
+    eq[0] = '=';
+    memcpy(eq + 1, line + sizeof ret - 1, n + 1);
+    add_history(eq);
+    free(eq);
+  } else {
+    add_history(line);
+  }
+#else
+  (void)line;
+#endif
+}
+
+/* The prompt: tostring(_PROMPT) or tostring(_PROMPT2) when set. */
+static const char *get_prompt(lua_State *L, int firstline) {
+  if (lua_getglobal(L, firstline ? "_PROMPT" : "_PROMPT2") == LUA_TNIL) {
+    lua_pop(L, 1);
+    return lua_pushstring(L, firstline ? "> " : ">> ");
+  }
+  const char *p = luaL_tolstring(L, -1, NULL);
+  lua_remove(L, -2);
+  return p;
+}
+
+/* Reads a line and pushes it (REPL_LINE); a first line "=expr" becomes
+** "return expr". */
+static int pushline(lua_State *L, int firstline) {
+  const char *prompt = get_prompt(L, firstline);
+#ifdef LUAPOOL_USE_READLINE
+  int r = use_readline ? read_line_rl(L, prompt) : read_line_plain(L, prompt);
+#else
+  int r = read_line_plain(L, prompt);
+#endif
+  if (r != REPL_LINE) {
+    lua_pop(L, 1);
+    return r;
+  }
+  lua_remove(L, -2); /* the prompt */
+  size_t len;
+  const char *b = lua_tolstring(L, -1, &len);
+  if (len > 0 && b[len - 1] == '\r') { /* (a CRLF line from a pipe) */
+    lua_pushlstring(L, b, len - 1);
+    lua_remove(L, -2);
+    b = lua_tostring(L, -1);
+  }
+  if (firstline) typed_eq = b[0] == '=';
+  if (firstline && b[0] == '=') {
+    lua_pushfstring(L, "return %s", b + 1);
+    lua_remove(L, -2);
+  }
+  return REPL_LINE;
+}
+
+/* The line as "return line;": an expression whose values are printed. */
+static int addreturn(lua_State *L) {
+  const char *line = lua_tostring(L, -1);
+  const char *retline = lua_pushfstring(L, "return %s;", line);
+  int status = luaL_loadbuffer(L, retline, strlen(retline), "=stdin");
+  if (status == LUA_OK) {
+    lua_remove(L, -2);
+    save_line(line);
+  } else {
+    lua_pop(L, 2);
+  }
+  return status;
+}
+
+/* A syntax error at "<eof>" means the statement is not complete yet. */
+static int incomplete(lua_State *L, int status) {
+  static const char mark[] = "<eof>";
+  size_t len, mlen = sizeof mark - 1;
+  if (status == LUA_ERRSYNTAX) {
+    const char *msg = lua_tolstring(L, -1, &len);
+    if (len >= mlen && strcmp(msg + len - mlen, mark) == 0) {
+      lua_pop(L, 1);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* The line as a statement, with continuation lines while it is
+** incomplete: REPL_LINE with the load status in *status (and the chunk or
+** the message pushed), or what ended the reading of a continuation line. */
+static int multiline(lua_State *L, int *status) {
+  for (;;) {
+    size_t len;
+    const char *line = lua_tolstring(L, 1, &len);
+    *status = luaL_loadbuffer(L, line, len, "=stdin");
+    if (!incomplete(L, *status)) {
+      save_line(line);
+      return REPL_LINE;
+    }
+    int r = pushline(L, 0);
+    if (r != REPL_LINE) {
+      save_line(line); /* what was typed stays in the history, as in bash */
+      return r;
+    }
+    lua_pushliteral(L, "\n");
+    lua_insert(L, -2);
+    lua_concat(L, 3);
+  }
+}
+
+/* Reads a statement: REPL_LINE with its load status in *status and its
+** chunk (or the error message) alone on the stack; else the stack is empty
+** and the code says what ended the reading. */
+static int loadline(lua_State *L, int *status) {
+  lua_settop(L, 0);
+  int r = pushline(L, 1);
+  if (r != REPL_LINE) return r;
+  if ((*status = addreturn(L)) != LUA_OK) r = multiline(L, status);
+  if (r != REPL_LINE) {
+    lua_settop(L, 0);
+    return r;
+  }
+  lua_remove(L, 1); /* the line */
+  return REPL_LINE;
+}
+
+/* The values of the statement, with print (tostring, tab-separated). */
+static void l_print(lua_State *L) {
+  int n = lua_gettop(L);
+  if (n > 0) {
+    luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
+    lua_getglobal(L, "print");
+    lua_insert(L, 1);
+    if (lua_pcall(L, n, 0, 0) != LUA_OK)
+      l_message(lua_pushfstring(L, "error calling 'print' (%s)", lua_tostring(L, -1)));
+  }
+}
+
+static void doREPL(lua_State *L) {
+  const char *oldprogname = progname;
+  progname = NULL; /* no program name on errors at the prompt, as lua */
+  in_repl = 1;
+#ifdef LUAPOOL_USE_READLINE
+  use_readline = isatty(STDIN_FILENO);
+  if (use_readline) init_readline();
+#endif
+  int r, status = LUA_OK;
+  while ((r = loadline(L, &status)) != REPL_EOF && r != REPL_END) {
+    if (r == REPL_CANCEL) continue;
+    if (status == LUA_OK) status = docall(L, 0, LUA_MULTRET);
+    if (status == LUA_OK)
+      l_print(L);
+    else
+      report(L, status);
+    if (uncaught_interrupt) break; /* a SIGTERM during the statement */
+  }
+  lua_settop(L, 0);
+#ifdef LUAPOOL_USE_READLINE
+  if (r == REPL_EOF && !use_readline) fputs("\n", stdout); /* (readline ends its line itself) */
+#else
+  if (r == REPL_EOF) fputs("\n", stdout);
+#endif
+  fflush(stdout);
+  in_repl = 0;
+  progname = oldprogname;
+  if (r == REPL_END) { /* as a SIGTERM the script does not catch */
+    l_message("interrupted: the script received SIGTERM");
+    end_on_signal();
+  }
+}
+/* }====== */
 
 /* The project's lua/ directory, when this binary runs from its build tree. */
 static void add_build_tree_path(lua_State *L) {
@@ -304,7 +624,7 @@ static void add_build_tree_path(lua_State *L) {
 static int pmain(lua_State *L) {
   int argc = (int)lua_tointeger(L, 1);
   char **argv = lua_touserdata(L, 2);
-  int script = 0, has_e = 0, i;
+  int script = 0, has_e = 0, has_i = 0, i;
   /* First pass: find the script and check the options. */
   for (i = 1; i < argc && argv[i][0] == '-'; i++) {
     const char *a = argv[i];
@@ -314,6 +634,10 @@ static int pmain(lua_State *L) {
     }
     if (strcmp(a, "-") == 0) break;
     if (strcmp(a, "-v") == 0 || strcmp(a, "--version") == 0) continue;
+    if (strcmp(a, "-i") == 0) {
+      has_i = 1;
+      continue;
+    }
     if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
       print_usage(stdout);
       lua_pushboolean(L, 1);
@@ -342,8 +666,13 @@ static int pmain(lua_State *L) {
   add_build_tree_path(L);
   luapool__open_worker_state(L, NULL, NULL, 0); /* globals; main is no worker */
   createargtable(L, argv, argc, script);
-  /* Second pass: run -e and -l in order. */
+  /* Second pass: run -e and -l in order.  -i shows the banner first, as
+  ** lua's -i implies -v. */
   int printed_version = 0;
+  if (has_i) {
+    print_version();
+    printed_version = 1;
+  }
   for (i = 1; i < (script ? script : argc); i++) {
     char *a = argv[i];
     if (strcmp(a, "--") == 0 || strcmp(a, "-") == 0) break;
@@ -357,10 +686,12 @@ static int pmain(lua_State *L) {
       if (st != LUA_OK) return 0;
     }
   }
-  if (script) {
-    if (handle_script(L, argv + script) != LUA_OK) return 0;
-  } else if (!has_e && !printed_version) {
-    if (isatty(0)) {
+  if (script && handle_script(L, argv + script) != LUA_OK) return 0;
+  if (has_i) {
+    doREPL(L);
+  } else if (!script && !has_e && !printed_version) {
+    if (isatty(STDIN_FILENO)) {
+      print_version();
       doREPL(L);
     } else if (dochunk(L, luaL_loadfile(L, NULL)) != LUA_OK) {
       return 0;

@@ -35,6 +35,18 @@ for _, kind in ipairs(h.engines) do
       assert.matches("^broken: the initializer failed in worker bad%-", tostring(err))
     end)
 
+    it("breaks the pool when the initializer outlives the task deadline, the same on both pools", function()
+      local pool <close> = new { max_workers = 1, name = "ini", task_timeout = 0.3,
+        initializer = function() while true do end end }
+      local tail = kind == "threadpool" and "$" or "; the worker %(pid %d+%) was killed$"
+      for _ = 1, 2 do
+        local e = pool:submit(print):exception(30)
+        assert.are.equal("broken", e.kind)
+        assert.matches("^the initializer failed in worker ini%-1: it exceeded its deadline of 0%.3 seconds" ..
+          tail, e.message)
+      end
+    end)
+
     it("refuses an initializer or initargs that cannot travel, at creation", function()
       local co = coroutine.create(print)
       -- the initializer is "initializer", its arguments are numbered from 1

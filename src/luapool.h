@@ -278,6 +278,10 @@ typedef struct lp_wstate {
   ** (item_lo + its index in the message). */
   double call_timeout;
   void (*call_start)(struct lp_wstate *ws, uint32_t call);
+  /* Process workers: the parent enforces each call's deadline with a kill
+  ** (so a stuck C call is stopped too); the worker only tells it when
+  ** each call starts, and neither stops nor times a call itself. */
+  int deadline_by_kill;
   uint64_t task_no;
   int64_t item_lo;
   /* The message's calls stopped short (Ctrl-C, a closing pool): the

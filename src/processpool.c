@@ -673,6 +673,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   }
   free(msg);
   ws.call_start = send_tick;
+  ws.deadline_by_kill = 1;
   if (mem_mb) {
     ws.mem_cap = (size_t)mem_mb << 20;
     ws.on_oom = report_oom;

@@ -73,7 +73,7 @@ static void begin_call(lp_wstate *ws, uint32_t call) {
   if (ws->call_timeout <= 0) return;
   /* a new number: a stop aimed at the call before misses this one */
   atomic_store(&ws->intr->seq, atomic_load(&ws->intr->seq) + 1);
-  ws->deadline = luapool__now() + ws->call_timeout;
+  if (!ws->deadline_by_kill) ws->deadline = luapool__now() + ws->call_timeout;
   if (ws->call_start) ws->call_start(ws, call);
 }
 
@@ -82,7 +82,7 @@ static void begin_call(lp_wstate *ws, uint32_t call) {
 ** replies TIMEOUT instead.  Returns -1 when out of memory. */
 static int end_call(lp_wstate *ws, uint32_t call, lp_buf *out, size_t mark, uint32_t nerr_before,
                     uint32_t *nerr) {
-  if (ws->call_timeout <= 0) return 0;
+  if (ws->call_timeout <= 0 || ws->deadline_by_kill) return 0;
   lp_interrupt *i = ws->intr;
   int stopped = atomic_load(&i->kill_seq) == atomic_load(&i->seq);
   if (stopped && atomic_load(&i->reason) == LP_STOP_SIGNAL) return 0; /* not a deadline */

@@ -19,8 +19,9 @@
 **    and the signalled worker finds both tasks when it wakes, because it
 **    takes from the queue until it is empty before waiting again; closing
 **    broadcasts;
-**  - an owner waits on f->cv for a future (f->nwaiters counts it under
-**    f->mu; settle broadcasts under f->mu when nwaiters > 0), or on q->cv
+**  - an owner waits on its future's stripe cv (future.c: f->nwaiters
+**    counts it under the stripe's mu; settle broadcasts under that mu
+**    when nwaiters > 0; "f->mu" here is that stripe's mu), or on q->cv
 **    for a completion queue (fire appends and signals under q->mu; there
 **    is one waiter, the owner);
 **  - the watchdog waits on p->wdcv until the earliest deadline; a worker
@@ -877,7 +878,7 @@ static int prim_chunk_into(lua_State *L) {
   lua_Integer offset = luaL_checkinteger(L, 3);
   double timeout = lua_isnoneornil(L, 4) ? -1 : luaL_checknumber(L, 4);
   lua_settop(L, 3);
-  lua_getiuservalue(L, 1, 1);
+  luapool__future_push_pool(L, 1);
   luapool__pool_poll(L, 4);
   int w = luapool__future_wait(f, timeout < 0 ? -1 : timeout);
   if (w < 0) luapool__check_signal(L);

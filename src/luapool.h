@@ -117,34 +117,46 @@ typedef enum {
 typedef struct lp_wnode lp_wnode;
 struct lp_pool;
 
+/* One per task; a million outstanding futures cost what this struct
+** costs, so it is kept small (docs/performance-scale.md has the numbers):
+** no lock of its own (futures share a small table of striped locks in
+** future.c), the worker's name by pointer, and one tail of LP_INLINE
+** bytes that holds a small message until the task has run, then a small
+** reply.  sizeof + LP_INLINE is 152: a 160-byte malloc chunk on glibc. */
+#define LP_INLINE 24
+
 typedef struct lp_future {
   atomic_int refs;
+  unsigned char state;      /* lp_fstate (lock: the future's stripe) */
+  unsigned char ekind;      /* lp_ekind, LP_FAILED */
+  int ncalls;               /* calls batched in msg (map chunks) */
+  int nwaiters;             /* threads blocked in luapool__future_wait */
   struct lp_future *next;   /* pool queue link (mutex: the pool's) */
   struct lp_future *cbnext; /* pool callback queue link (mutex: p->cbmu) */
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  lp_fstate state; /* mutex: mu */
-  int nwaiters;    /* threads blocked in luapool__future_wait */
-  /* The task: message bytes, freed once the task has run. */
+  /* The task: message bytes (in inline_buf when small), dropped (msg
+  ** NULL) once the task has run or will never run. */
   char *msg;
   size_t msglen;
-  int ncalls; /* calls batched in msg (map chunks) */
-  /* The outcome. */
-  char *reply; /* LP_FINISHED: encoded reply (in inline_reply if small) */
+  /* The outcome: LP_FINISHED has the encoded reply (in inline_buf when
+  ** small), LP_FAILED an error message (malloc; NULL on no memory). */
+  union {
+    char *reply;
+    char *emsg;
+  };
   size_t replylen;
-  char inline_reply[48];
-  lp_ekind ekind;         /* LP_FAILED */
-  char *emsg;             /* LP_FAILED: message (malloc) */
-  char worker[64];        /* worker that ran or failed it */
-  lp_wnode *wnodes;       /* completion queues waiting for it (mutex: mu) */
-  struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
+  /* The worker that ran it: the name in its lp_worker, which lives as
+  ** long as the pool, and the future's userdata keeps its pool alive.
+  ** NULL when it never started. */
+  const char *worker;
+  lp_wnode *wnodes;       /* completion queues waiting for it (lock: stripe) */
+  struct lp_pool *notify; /* has done callbacks: tell this pool (lock: stripe) */
   struct lp_pool *pool;   /* whose call counters its transitions move */
   double timeout;         /* task deadline in seconds from its start; 0: none */
   /* What crash and deadline reports call it (luapool__future_label):
   ** "task #N" for the N-th submit, else "item #lo" / "items #lo-#hi". */
   uint64_t task_no;
   int64_t item_lo, item_hi;
-  char inline_msg[]; /* small messages live here */
+  char inline_buf[]; /* LP_INLINE bytes: the message, then the reply */
 } lp_future;
 
 /* A pending future holding the task message in b (b is emptied). */
@@ -155,10 +167,13 @@ const char *luapool__future_label(const lp_future *f, char *buf, size_t size);
 int luapool__cond_init(pthread_cond_t *cv);
 void luapool__future_ref(lp_future *f);
 void luapool__future_unref(lp_future *f);
-/* PENDING -> RUNNING; 0 if it was cancelled meanwhile. */
+/* PENDING -> RUNNING; 0 if it was cancelled meanwhile.  worker is the
+** name in the lp_worker that runs it (kept by pointer: see worker). */
 int luapool__future_start(lp_future *f, const char *worker);
-/* Finishes f with a reply: takes `reply` (malloc'd) when copy is 0, else
-** copies the bytes (into the future itself when they are few). */
+/* Finishes f with a reply, once its message has been consumed (a small
+** reply takes the message's place): takes `reply` (malloc'd) when copy is
+** 0, else copies the bytes; a reply of at most LP_INLINE bytes is copied
+** into the future itself (and a taken one freed). */
 void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -189,6 +204,8 @@ lp_fstate luapool__future_state(lp_future *f);
 ** may raise, happens while nothing needs freeing). */
 void luapool__future_push(lua_State *L, lp_future *f, int pool_idx);
 void luapool__future_set(lua_State *L, int idx, lp_future *f);
+/* Pushes the pool userdata of the future userdata at idx. */
+void luapool__future_push_pool(lua_State *L, int idx);
 lp_future *luapool__check_future(lua_State *L, int idx);
 /* Pushes the values (at most maxvals, -1: all) of the next call of a done
 ** future's reply and returns their count; on an error outcome pushes the

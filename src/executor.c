@@ -923,7 +923,7 @@ static int prim_isatty(lua_State *L) {
 }
 
 static int prim_is_future(lua_State *L) {
-  lua_pushboolean(L, luaL_testudata(L, 1, LUAPOOL_FUTURE_MT) != NULL);
+  lua_pushboolean(L, luapool__is_future(L, 1));
   return 1;
 }
 

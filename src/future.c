@@ -383,78 +383,145 @@ int luapool__future_wait(lp_future *f, double timeout) {
 ** Lua side
 ** ======================================================= */
 
-/* The userdata: the future, and one user value: the pool (so that a pool
-** lives at least as long as a future the script still holds).  Most
-** futures need nothing else; one that gets done callbacks or an error
-** object (a future's error is one object: exception() returns it and
-** result() raises it each time) has that user value replaced, the first
-** time, by a table {pool, callbacks, error}: a million futures cost one
-** user value each (16 bytes) rather than three. */
+/* The userdata: the future alone, no user value (a million futures are a
+** million userdata: 40 bytes each, rather than 88 with the three user
+** values it had).  What else a future needs lives elsewhere:
+**  - its pool (so that a pool lives at least as long as a future the
+**    script still holds): in its metatable, one per pool (a copy of the
+**    registry's LUAPOOL_FUTURE_MT with the pool under FUTURE_KEY, which
+**    also marks the metatable as a future's);
+**  - its done callbacks and its error object (a future's error is one
+**    object: exception() returns it and result() raises it each time),
+**    which most futures never have: in a table {callbacks, error} made
+**    the first time, in a registry table with weak keys (EXTRAS_KEY). */
 typedef struct lfuture {
   lp_future *f;
 } lfuture;
 
-enum { X_POOL = 1, X_CALLBACKS = 2, X_ERROR = 3 };
+static const char FUTURE_KEY = 'f'; /* metatable field: the pool */
+static const char MTS_KEY = 'm';    /* registry: pool -> its futures' metatable (weak keys) */
+static const char EXTRAS_KEY = 'x'; /* registry: future -> {callbacks, error} (weak keys) */
+
+enum { X_CALLBACKS = 1, X_ERROR = 2 };
+
+/* Pushes the registry table at key, made (with weak keys) the first time. */
+static void weak_table(lua_State *L, const void *key) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+}
+
+static lfuture *test_future(lua_State *L, int idx) {
+  lfuture *u = lua_touserdata(L, idx);
+  if (u == NULL || !lua_getmetatable(L, idx)) return NULL;
+  int t = lua_rawgetp(L, -1, &FUTURE_KEY);
+  lua_pop(L, 2);
+  return t == LUA_TUSERDATA && lua_rawlen(L, idx) == sizeof *u ? u : NULL;
+}
+
+static lfuture *check_lfuture(lua_State *L, int idx) {
+  lfuture *u = test_future(L, idx);
+  if (u == NULL) luaL_typeerror(L, idx, LUAPOOL_FUTURE_MT);
+  return u;
+}
+
+int luapool__is_future(lua_State *L, int idx) { return test_future(L, idx) != NULL; }
 
 /* Pushes the pool of the future userdata at idx. */
 void luapool__future_push_pool(lua_State *L, int idx) {
-  if (lua_getiuservalue(L, idx, 1) == LUA_TTABLE) {
-    lua_rawgeti(L, -1, X_POOL);
-    lua_remove(L, -2);
+  if (!lua_getmetatable(L, idx)) {
+    lua_pushnil(L);
+    return;
   }
+  lua_rawgetp(L, -1, &FUTURE_KEY);
+  lua_remove(L, -2);
 }
 
 /* Pushes the callbacks or error (k) of the future at idx (nil: none), and
 ** returns its type. */
 static int get_extra(lua_State *L, int idx, int k) {
-  if (lua_getiuservalue(L, idx, 1) != LUA_TTABLE) {
-    lua_pop(L, 1);
+  idx = lua_absindex(L, idx);
+  weak_table(L, &EXTRAS_KEY);
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) != LUA_TTABLE) {
+    lua_pop(L, 2);
     lua_pushnil(L);
     return LUA_TNIL;
   }
   int t = lua_rawgeti(L, -1, k);
-  lua_remove(L, -2);
+  lua_replace(L, -3);
+  lua_pop(L, 1);
   return t;
 }
 
 /* Sets the callbacks or error (k) of the future at idx to the value on
-** top (popped), making the table of extras the first time. */
+** top (popped), making its table of extras the first time. */
 static void set_extra(lua_State *L, int idx, int k) {
   idx = lua_absindex(L, idx);
-  if (lua_getiuservalue(L, idx, 1) != LUA_TTABLE) { /* v, pool */
-    lua_createtable(L, 3, 0);
-    lua_insert(L, -2);
-    lua_rawseti(L, -2, X_POOL);
-    lua_pushvalue(L, -1);
-    lua_setiuservalue(L, idx, 1);
+  weak_table(L, &EXTRAS_KEY); /* v, extras */
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) != LUA_TTABLE) { /* v, extras, nil */
+    lua_pop(L, 1);
+    lua_createtable(L, 2, 0);
+    lua_pushvalue(L, idx);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
   }
-  lua_insert(L, -2); /* table, v */
+  lua_rotate(L, -3, -1); /* extras, t, v */
   lua_rawseti(L, -2, k);
-  lua_pop(L, 1);
+  lua_pop(L, 2);
 }
 
 lp_future *luapool__check_future(lua_State *L, int idx) {
-  lfuture *u = luaL_checkudata(L, idx, LUAPOOL_FUTURE_MT);
+  lfuture *u = check_lfuture(L, idx);
   if (u->f == NULL) luaL_error(L, "attempt to use an unfinished future");
   return u->f;
 }
 
+/* Pushes the metatable of the futures of the pool at pool_idx, made the
+** first time. */
+static void push_pool_mt(lua_State *L, int pool_idx) {
+  weak_table(L, &MTS_KEY);
+  lua_pushvalue(L, pool_idx);
+  if (lua_rawget(L, -2) == LUA_TTABLE) {
+    lua_remove(L, -2);
+    return;
+  }
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 5);
+  luaL_getmetatable(L, LUAPOOL_FUTURE_MT);
+  static const char *const fields[] = {"__index", "__gc", "__tostring", "__name"};
+  for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+    lua_getfield(L, -1, fields[i]);
+    lua_setfield(L, -3, fields[i]);
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, pool_idx);
+  lua_rawsetp(L, -2, &FUTURE_KEY);
+  lua_pushvalue(L, pool_idx);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, -4); /* the pool's key is weak: the pool goes when nothing holds it */
+  lua_remove(L, -2);
+}
+
 void luapool__future_push(lua_State *L, lp_future *f, int pool_idx) {
   pool_idx = lua_absindex(L, pool_idx);
-  lfuture *u = lua_newuserdatauv(L, sizeof *u, 1); /* the pool */
+  lfuture *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->f = f;
-  luaL_setmetatable(L, LUAPOOL_FUTURE_MT);
-  lua_pushvalue(L, pool_idx);
-  lua_setiuservalue(L, -2, 1);
+  push_pool_mt(L, pool_idx);
+  lua_setmetatable(L, -2);
 }
 
-void luapool__future_set(lua_State *L, int idx, lp_future *f) {
-  lfuture *u = luaL_checkudata(L, idx, LUAPOOL_FUTURE_MT);
-  u->f = f;
-}
+void luapool__future_set(lua_State *L, int idx, lp_future *f) { check_lfuture(L, idx)->f = f; }
 
 static int future_gc(lua_State *L) {
-  lfuture *u = luaL_checkudata(L, 1, LUAPOOL_FUTURE_MT);
+  lfuture *u = check_lfuture(L, 1);
   if (u->f) {
     luapool__future_unref(u->f);
     u->f = NULL;
@@ -607,7 +674,7 @@ static lp_future *poll_future(lua_State *L) {
 
 /* The outcome of the done future whose userdata is at 1, as
 ** luapool__future_outcome pushes it; an error object is built once and
-** kept with the userdata (its extras: see lfuture). */
+** kept with the userdata's extras (see lfuture). */
 static int outcome(lua_State *L, lp_future *f, int maxvals) {
   if (get_extra(L, 1, X_ERROR) != LUA_TNIL) return -1;
   lua_pop(L, 1);

@@ -207,6 +207,7 @@ void luapool__future_set(lua_State *L, int idx, lp_future *f);
 /* Pushes the pool userdata of the future userdata at idx. */
 void luapool__future_push_pool(lua_State *L, int idx);
 lp_future *luapool__check_future(lua_State *L, int idx);
+int luapool__is_future(lua_State *L, int idx); /* a future's userdata? */
 /* Pushes the values (at most maxvals, -1: all) of the next call of a done
 ** future's reply and returns their count; on an error outcome pushes the
 ** error object and returns -1.  r walks the reply call by call (set r->p

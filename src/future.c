@@ -87,13 +87,18 @@ static void drop_msg(lp_future *f) {
   f->msg = NULL;
 }
 
+/* The struct's size is its malloc chunk's (152 + glibc's 8-byte header is
+** 160): a field added here is 16 bytes more per future, a million futures
+** 16 MB more (docs/performance-scale.md). */
+_Static_assert(sizeof(void *) != 8 || sizeof(lp_future) <= 152, "lp_future outgrew its size class");
+
 /* Messages up to this size are copied out of the submitter's buffer (which
 ** keeps its capacity for the next submit); larger ones are handed over. */
 #define COPY_MSG_MAX 4096
 
 lp_future *luapool__future_new(lp_buf *b, int ncalls) {
   if (pthread_once(&stripes_once, stripes_init) != 0 || !stripes_ok) return NULL;
-  lp_future *f = calloc(1, sizeof *f + LP_INLINE);
+  lp_future *f = calloc(1, sizeof *f);
   if (f == NULL) return NULL;
   if (b->len <= LP_INLINE) { /* no second allocation at all */
     memcpy(f->inline_buf, b->p, b->len);
@@ -102,8 +107,8 @@ lp_future *luapool__future_new(lp_buf *b, int ncalls) {
     b->len = 0;
   } else if (b->len <= COPY_MSG_MAX) {
     /* Its own allocation, freed as soon as the task has run: a future the
-    ** script keeps costs only its struct (a million of them, 160 MB less
-    ** than with a 160-byte message kept inline). */
+    ** script keeps costs only its struct (for a million futures of a
+    ** 160-byte message, 160 MB less than with the message kept inline). */
     if ((f->msg = malloc(b->len)) == NULL) {
       free(f);
       return NULL;

@@ -80,10 +80,86 @@ static void lock(const lp_future *f) { pthread_mutex_lock(&stripe_of(f)->mu); }
 static void unlock(const lp_future *f) { pthread_mutex_unlock(&stripe_of(f)->mu); }
 /* }====== */
 
+/* Messages up to this size are copied out of the submitter's buffer (which
+** keeps its capacity for the next submit); larger ones are handed over. */
+#define COPY_MSG_MAX 4096
+
+/* {====== message buffers
+** A message too big for inline_buf has its own buffer, dropped as soon as
+** the task has run, on the worker's thread.  Freeing there cost more than
+** the rest of the task (glibc: a chunk of the owner's arena freed by
+** another thread goes to its fast bins, and the owner's next large
+** allocation consolidates them all): about 1 µs of CPU per task at a
+** million futures.  So buffers of a few sizes go back to a free list the
+** submitting thread takes them from again.  Each list is bounded (what is
+** above LIST_MAX is freed), and what the lists hold at exit stays
+** reachable from them. */
+#define NCLASSES 4
+#define LIST_MAX 4096
+
+typedef struct msgbuf {
+  struct msgbuf *next;
+} msgbuf;
+
+static struct {
+  pthread_mutex_t mu;
+  msgbuf *head;
+  int n;
+} lists[NCLASSES] = {
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+};
+
+/* The class of a buffer for len bytes: capacities of 120, 248, 504 and 1016
+** bytes (malloc chunks of 128 to 1024); -1: too big, plain malloc. */
+static int class_of(size_t len) {
+  for (int k = 0; k < NCLASSES; k++)
+    if (len <= ((size_t)128 << k) - 8) return k;
+  return -1;
+}
+
+static char *msg_alloc(size_t len) {
+  int k = class_of(len);
+  if (k < 0) return malloc(len);
+  pthread_mutex_lock(&lists[k].mu);
+  msgbuf *b = lists[k].head;
+  if (b) {
+    lists[k].head = b->next;
+    lists[k].n--;
+  }
+  pthread_mutex_unlock(&lists[k].mu);
+  return b ? (char *)b : malloc(((size_t)128 << k) - 8);
+}
+
+static void msg_free(char *p, size_t len) {
+  int k = class_of(len);
+  if (k >= 0) {
+    msgbuf *b = (msgbuf *)(void *)p; /* malloc'd: aligned for any type */
+    pthread_mutex_lock(&lists[k].mu);
+    int keep = lists[k].n < LIST_MAX;
+    if (keep) {
+      b->next = lists[k].head;
+      lists[k].head = b;
+      lists[k].n++;
+    }
+    pthread_mutex_unlock(&lists[k].mu);
+    if (keep) return;
+  }
+  free(p);
+}
+/* }====== */
+
 static int is_done(lp_fstate s);
 
 static void drop_msg(lp_future *f) {
-  if (f->msg != f->inline_buf) free(f->msg);
+  if (f->msg == NULL || f->msg == f->inline_buf)
+    ;
+  else if (f->msglen <= COPY_MSG_MAX)
+    msg_free(f->msg, f->msglen); /* from msg_alloc */
+  else
+    free(f->msg); /* handed over by the submitter's buffer */
   f->msg = NULL;
 }
 
@@ -91,10 +167,6 @@ static void drop_msg(lp_future *f) {
 ** 160): a field added here is 16 bytes more per future, a million futures
 ** 16 MB more (docs/performance-scale.md). */
 _Static_assert(sizeof(void *) != 8 || sizeof(lp_future) <= 152, "lp_future outgrew its size class");
-
-/* Messages up to this size are copied out of the submitter's buffer (which
-** keeps its capacity for the next submit); larger ones are handed over. */
-#define COPY_MSG_MAX 4096
 
 lp_future *luapool__future_new(lp_buf *b, int ncalls) {
   if (pthread_once(&stripes_once, stripes_init) != 0 || !stripes_ok) return NULL;
@@ -109,7 +181,7 @@ lp_future *luapool__future_new(lp_buf *b, int ncalls) {
     /* Its own allocation, freed as soon as the task has run: a future the
     ** script keeps costs only its struct (for a million futures of a
     ** 160-byte message, 160 MB less than with the message kept inline). */
-    if ((f->msg = malloc(b->len)) == NULL) {
+    if ((f->msg = msg_alloc(b->len)) == NULL) {
       free(f);
       return NULL;
     }

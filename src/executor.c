@@ -4,6 +4,7 @@
 **
 ** Lock order (a thread holding one may take only those to its right):
 **   live_mu -> p->mu -> f->mu -> { q->mu (completion queue), p->cbmu }
+** (f->mu: the future's stripe lock, future.c)
 ** No lock is held across a Lua call or a blocking system call, except that
 ** pool_interrupt holds live_mu and p->mu while it sends a stop (a signal or
 ** a kill, which do not block).

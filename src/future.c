@@ -5,8 +5,9 @@
 **      |                  \----fail-----> FAILED   (kind + message)
 **      +--cancel--> CANCELLED      (fail also from PENDING: broken pools)
 **
-** Every transition happens under the future's mutex and exactly once: the
-** first of cancel/start/fail wins, so a future ends in exactly one state.
+** Every transition happens under the future's lock (its stripe: see
+** "striped locks") and exactly once: the first of cancel/start/fail wins,
+** so a future ends in exactly one state.
 ** The C struct is reference counted: the Lua userdata holds one reference,
 ** a pool queue holds one while the task is queued or running.
 */

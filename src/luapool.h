@@ -346,7 +346,8 @@ void luapool__pool_break(lp_pool *p, const char *why);
 ** message) succeeded, else -1 with the error text in msg. */
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz);
 
-/* Called by a settling future that has done callbacks, under f->mu. */
+/* Called by a settling future that has done callbacks, under its stripe's
+** lock (future.c). */
 void luapool__pool_notify(struct lp_pool *p, lp_future *f);
 /* Runs the done callbacks of pool p's finished futures (owner only). */
 void luapool__pool_poll(lua_State *L, int pool_idx);

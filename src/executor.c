@@ -4,6 +4,7 @@
 **
 ** Lock order (a thread holding one may take only those to its right):
 **   live_mu -> p->mu -> f->mu -> { q->mu (completion queue), p->cbmu }
+** (f->mu: the future's stripe lock, future.c)
 ** No lock is held across a Lua call or a blocking system call, except that
 ** pool_interrupt holds live_mu and p->mu while it sends a stop (a signal or
 ** a kill, which do not block).
@@ -19,8 +20,9 @@
 **    and the signalled worker finds both tasks when it wakes, because it
 **    takes from the queue until it is empty before waiting again; closing
 **    broadcasts;
-**  - an owner waits on f->cv for a future (f->nwaiters counts it under
-**    f->mu; settle broadcasts under f->mu when nwaiters > 0), or on q->cv
+**  - an owner waits on its future's stripe cv (future.c: f->nwaiters
+**    counts it under the stripe's mu; settle broadcasts under that mu
+**    when nwaiters > 0; "f->mu" here is that stripe's mu), or on q->cv
 **    for a completion queue (fire appends and signals under q->mu; there
 **    is one waiter, the owner);
 **  - the watchdog waits on p->wdcv until the earliest deadline; a worker
@@ -819,7 +821,7 @@ static void check_fn(lua_State *L, int idx) {
 /* Queues a message as a new future and pushes its userdata.  Raises on
 ** failure (the message is freed first). */
 static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf *b, int ncalls,
-                                 double timeout, uint64_t task_no, int64_t lo, int64_t hi) {
+                                 double timeout, uint64_t task_no, int64_t lo) {
   check_paths(L, pool_idx, p);
   luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
   lp_future *f = luapool__future_new(b, ncalls);
@@ -832,7 +834,6 @@ static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf 
   f->timeout = timeout;
   f->task_no = task_no;
   f->item_lo = lo;
-  f->item_hi = hi;
   char err[160];
   if (pool_enqueue(p, f, err, sizeof err) != 0) {
     luapool__future_unref(f);
@@ -856,7 +857,7 @@ static int pool_submit(lua_State *L) {
     luapool__scratch_release(L, n + 2);
     return luaL_error(L, "%s", ctx.err);
   }
-  submit_message(L, p, 1, b, 1, p->task_timeout, ++p->nsubmitted, 0, 0);
+  submit_message(L, p, 1, b, 1, p->task_timeout, ++p->nsubmitted, 0);
   luapool__scratch_release(L, n + 2);
   return 1;
 }
@@ -924,7 +925,7 @@ static int prim_submit_chunk(lua_State *L) {
     lua_settop(L, 7);
     if (r != 0) goto refuse;
   }
-  submit_message(L, p, 1, b, (int)(hi - lo + 1), timeout, 0, lo + shift, hi + shift);
+  submit_message(L, p, 1, b, (int)(hi - lo + 1), timeout, 0, lo + shift);
   luapool__scratch_release(L, 7);
   return 1;
 refuse:
@@ -945,7 +946,7 @@ static int prim_chunk_into(lua_State *L) {
   lua_Integer offset = luaL_checkinteger(L, 3);
   double timeout = lua_isnoneornil(L, 4) ? -1 : luaL_checknumber(L, 4);
   lua_settop(L, 3);
-  lua_getiuservalue(L, 1, 1);
+  luapool__future_push_pool(L, 1);
   luapool__pool_poll(L, 4);
   int w = luapool__future_wait(f, timeout < 0 ? -1 : timeout);
   if (w < 0) luapool__check_signal(L);
@@ -993,7 +994,7 @@ static int prim_isatty(lua_State *L) {
 }
 
 static int prim_is_future(lua_State *L) {
-  lua_pushboolean(L, luaL_testudata(L, 1, LUAPOOL_FUTURE_MT) != NULL);
+  lua_pushboolean(L, luapool__is_future(L, 1));
   return 1;
 }
 

@@ -5,8 +5,9 @@
 **      |                  \----fail-----> FAILED   (kind + message)
 **      +--cancel--> CANCELLED      (fail also from PENDING: broken pools)
 **
-** Every transition happens under the future's mutex and exactly once: the
-** first of cancel/start/fail wins, so a future ends in exactly one state.
+** Every transition happens under the future's lock (its stripe: see
+** "striped locks") and exactly once: the first of cancel/start/fail wins,
+** so a future ends in exactly one state.
 ** The C struct is reference counted: the Lua userdata holds one reference,
 ** a pool queue holds one while the task is queued or running.
 */
@@ -27,52 +28,184 @@
 ** C side
 ** ======================================================= */
 
-#define init_cond luapool__cond_init
+/* {====== striped locks
+** A future has no mutex or condition variable of its own (88 bytes on
+** glibc, the biggest part of a small future): it uses the stripe its
+** address hashes to, one of NSTRIPES shared by every future of the
+** process.  The protocol, the one a private pair had:
+**  - every field the struct says is under "lock: stripe" (state, ekind,
+**    the reply, nwaiters, wnodes, notify, the message's release) is read
+**    and written with stripe_of(f)->mu held; a future always maps to the
+**    same stripe, so all its readers and writers take the same mutex;
+**  - a waiter (luapool__future_wait) checks the state and, while it is
+**    not done, waits on the stripe's cv, under the stripe's mu, with
+**    f->nwaiters counting it; settle changes the state and, when
+**    nwaiters > 0, broadcasts the stripe's cv, under the same mu.  A
+**    waiter therefore either sees the new state before it waits or is
+**    already waiting when the broadcast comes: no wake-up is lost;
+**  - a broadcast wakes every waiter of the stripe, waiters of other
+**    futures too: each re-checks its own future and waits again (a
+**    spurious wake-up, which condition waits allow anyway), so the
+**    waiter of f always wakes exactly when f is done;
+**  - no code holds two stripes at once (lock order: see executor.c, a
+**    stripe takes the place of f->mu), so sharing cannot deadlock.
+** Contention is low: the owner waits on one future at a time, and a
+** worker holds a stripe only for a state change. */
+#define NSTRIPES 64
+
+typedef struct stripe {
+  _Alignas(64) pthread_mutex_t mu; /* one stripe per cache line or two */
+  pthread_cond_t cv;
+} stripe;
+
+static stripe stripes[NSTRIPES];
+static pthread_once_t stripes_once = PTHREAD_ONCE_INIT;
+static int stripes_ok;
+
+static void stripes_init(void) {
+  for (int i = 0; i < NSTRIPES; i++) {
+    if (pthread_mutex_init(&stripes[i].mu, NULL) != 0) return;
+    if (luapool__cond_init(&stripes[i].cv) != 0) return;
+  }
+  stripes_ok = 1;
+}
+
+/* Futures are malloc'd (16-byte aligned, 160 bytes apart when made one
+** after the other): a multiplicative hash spreads them over the stripes. */
+static stripe *stripe_of(const lp_future *f) {
+  uint64_t h = (uint64_t)(uintptr_t)f * UINT64_C(0x9E3779B97F4A7C15);
+  return &stripes[h >> 58]; /* the top 6 bits: NSTRIPES == 64 */
+}
+
+static void lock(const lp_future *f) { pthread_mutex_lock(&stripe_of(f)->mu); }
+static void unlock(const lp_future *f) { pthread_mutex_unlock(&stripe_of(f)->mu); }
+/* }====== */
+
+/* Messages up to this size are copied out of the submitter's buffer (which
+** keeps its capacity for the next submit); larger ones are handed over. */
+#define COPY_MSG_MAX 4096
+
+/* {====== message buffers
+** A message too big for inline_buf has its own buffer, dropped as soon as
+** the task has run, on the worker's thread.  Freeing there cost more than
+** the rest of the task (glibc: a chunk of the owner's arena freed by
+** another thread goes to its fast bins, and the owner's next large
+** allocation consolidates them all): about 1 µs of CPU per task at a
+** million futures.  So buffers of a few sizes go back to a free list the
+** submitting thread takes them from again.  Each list is bounded (what is
+** above LIST_MAX is freed), and what the lists hold at exit stays
+** reachable from them. */
+#define NCLASSES 4
+#define LIST_MAX 4096
+
+typedef struct msgbuf {
+  struct msgbuf *next;
+} msgbuf;
+
+static struct {
+  pthread_mutex_t mu;
+  msgbuf *head;
+  int n;
+} lists[NCLASSES] = {
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+    {PTHREAD_MUTEX_INITIALIZER, NULL, 0},
+};
+
+/* The class of a buffer for len bytes: capacities of 120, 248, 504 and 1016
+** bytes (malloc chunks of 128 to 1024); -1: too big, plain malloc. */
+static int class_of(size_t len) {
+  for (int k = 0; k < NCLASSES; k++)
+    if (len <= ((size_t)128 << k) - 8) return k;
+  return -1;
+}
+
+static char *msg_alloc(size_t len) {
+  int k = class_of(len);
+  if (k < 0) return malloc(len);
+  pthread_mutex_lock(&lists[k].mu);
+  msgbuf *b = lists[k].head;
+  if (b) {
+    lists[k].head = b->next;
+    lists[k].n--;
+  }
+  pthread_mutex_unlock(&lists[k].mu);
+  return b ? (char *)b : malloc(((size_t)128 << k) - 8);
+}
+
+static void msg_free(char *p, size_t len) {
+  int k = class_of(len);
+  if (k >= 0) {
+    msgbuf *b = (msgbuf *)(void *)p; /* malloc'd: aligned for any type */
+    pthread_mutex_lock(&lists[k].mu);
+    int keep = lists[k].n < LIST_MAX;
+    if (keep) {
+      b->next = lists[k].head;
+      lists[k].head = b;
+      lists[k].n++;
+    }
+    pthread_mutex_unlock(&lists[k].mu);
+    if (keep) return;
+  }
+  free(p);
+}
+/* }====== */
+
 static int is_done(lp_fstate s);
 
 static void drop_msg(lp_future *f) {
-  if (f->msg != f->inline_msg) free(f->msg);
+  if (f->msg == NULL || f->msg == f->inline_buf)
+    ;
+  else if (f->msglen <= COPY_MSG_MAX)
+    msg_free(f->msg, f->msglen); /* from msg_alloc */
+  else
+    free(f->msg); /* handed over by the submitter's buffer */
   f->msg = NULL;
 }
 
-/* Messages up to this size live in the future's own allocation: one malloc
-** per task, freed by the thread that drops the last reference. */
-#define INLINE_MSG_MAX 4096
+/* The struct's size is its malloc chunk's (152 + glibc's 8-byte header is
+** 160): a field added here is 16 bytes more per future, a million futures
+** 16 MB more (docs/performance.md). */
+_Static_assert(sizeof(void *) != 8 || sizeof(lp_future) <= 152, "lp_future outgrew its size class");
 
 lp_future *luapool__future_new(lp_buf *b, int ncalls) {
-  size_t inl = b->len <= INLINE_MSG_MAX ? b->len : 0;
-  lp_future *f = calloc(1, sizeof *f + inl);
+  if (pthread_once(&stripes_once, stripes_init) != 0 || !stripes_ok) return NULL;
+  lp_future *f = calloc(1, sizeof *f);
   if (f == NULL) return NULL;
-  if (inl) {
-    memcpy(f->inline_msg, b->p, inl);
-    f->msg = f->inline_msg;
-    f->msglen = inl;
-    b->len = 0; /* the scratch buffer keeps its capacity */
+  if (b->len <= LP_INLINE) { /* no second allocation at all */
+    memcpy(f->inline_buf, b->p, b->len);
+    f->msg = f->inline_buf;
+    f->msglen = b->len;
+    b->len = 0;
+  } else if (b->len <= COPY_MSG_MAX) {
+    /* Its own allocation, freed as soon as the task has run: a future the
+    ** script keeps costs only its struct (for a million futures of a
+    ** 160-byte message, 160 MB less than with the message kept inline). */
+    if ((f->msg = msg_alloc(b->len)) == NULL) {
+      free(f);
+      return NULL;
+    }
+    memcpy(f->msg, b->p, b->len);
+    f->msglen = b->len;
+    b->len = 0;
   } else {
     f->msg = luapool__buf_take(b, &f->msglen);
-  }
-  if (pthread_mutex_init(&f->mu, NULL) != 0) goto fail_free;
-  if (init_cond(&f->cv) != 0) {
-    pthread_mutex_destroy(&f->mu);
-    goto fail_free;
   }
   atomic_init(&f->refs, 1);
   f->state = LP_PENDING;
   f->ncalls = ncalls;
   return f;
-fail_free:
-  drop_msg(f);
-  free(f);
-  return NULL;
 }
 
 const char *luapool__future_label(const lp_future *f, char *buf, size_t size) {
   if (f->task_no)
     snprintf(buf, size, "task #%llu", (unsigned long long)f->task_no);
-  else if (f->item_lo == f->item_hi)
+  else if (f->ncalls == 1)
     snprintf(buf, size, "item #%lld", (long long)f->item_lo);
   else
-    snprintf(buf, size, "items #%lld-#%lld", (long long)f->item_lo, (long long)f->item_hi);
+    snprintf(buf, size, "items #%lld-#%lld", (long long)f->item_lo,
+             (long long)f->item_lo + f->ncalls - 1);
   return buf;
 }
 
@@ -82,12 +215,10 @@ void luapool__future_ref(lp_future *f) {
 
 void luapool__future_unref(lp_future *f) {
   if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
-  pthread_mutex_destroy(&f->mu);
-  pthread_cond_destroy(&f->cv);
   drop_msg(f);
   luapool__paths_unref(f->paths);
-  if (f->reply != f->inline_reply) free(f->reply);
-  free(f->emsg);
+  if (f->state == LP_FINISHED && f->reply != f->inline_buf) free(f->reply);
+  if (f->state == LP_FAILED) free(f->emsg);
   free(f);
 }
 
@@ -95,17 +226,19 @@ struct lp_wnode {
   lp_future *f; /* holds a reference */
   lp_cq *q;
   int id;          /* the Lua-side slot of the future in its queue */
-  int fired;       /* mutex: f->mu */
-  lp_wnode *fnext; /* in f->wnodes (mutex: f->mu) */
+  int fired;       /* lock: f's stripe */
+  lp_wnode *fnext; /* in f->wnodes (lock: f's stripe) */
   lp_wnode *qnext; /* in q's fired list (mutex: q->mu) */
-  lp_wnode *anext; /* in q's list of all nodes (owner only) */
+  /* In q's list of nodes not yet popped (owner only): popping unlinks
+  ** and frees a node, so the queue holds only what it has not handed out. */
+  lp_wnode *anext, *aprev;
 };
 
 struct lp_cq {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   lp_wnode *head, *tail; /* fired, not yet popped (mutex: mu) */
-  lp_wnode *all;         /* every node, for release (owner only) */
+  lp_wnode *all;         /* every node not yet popped (owner only) */
   int waiting;           /* registered, not yet popped (owner only) */
 };
 
@@ -123,7 +256,7 @@ static void fire(lp_wnode *n) {
   pthread_mutex_unlock(&q->mu);
 }
 
-/* Moves the pool's call counters for a transition of f (mutex locked), so
+/* Moves the pool's call counters for a transition of f (stripe locked), so
 ** stats() agrees with the futures' states at every moment. */
 static void count(lp_future *f, lp_fstate from, lp_fstate to) {
   lp_pool *p = f->pool;
@@ -144,7 +277,7 @@ static void count(lp_future *f, lp_fstate from, lp_fstate to) {
   }
 }
 
-/* mutex must be locked: wakes whoever waits for the outcome. */
+/* Stripe locked: wakes whoever waits for the outcome. */
 static void settle(lp_future *f, lp_fstate from) {
   count(f, from, f->state);
   for (lp_wnode *n = f->wnodes, *next; n; n = next) {
@@ -153,44 +286,44 @@ static void settle(lp_future *f, lp_fstate from) {
   }
   f->wnodes = NULL;
   if (f->notify) luapool__pool_notify(f->notify, f);
-  /* The task will not run (again): a large message is dropped now rather
+  /* The task will not run (again): its message is dropped now rather
   ** than when the script lets go of the future.  Safe because settle runs
-  ** on the thread that ran the task, or for a task that never started. */
-  if (f->msg != f->inline_msg) drop_msg(f);
-  if (f->nwaiters > 0) pthread_cond_broadcast(&f->cv);
+  ** on the thread that ran the task (after the message was consumed), or
+  ** for a task that never started.  An inline message may already have
+  ** been overwritten by the reply: only the pointer goes. */
+  drop_msg(f);
+  if (f->nwaiters > 0) pthread_cond_broadcast(&stripe_of(f)->cv);
 }
 
 int luapool__future_start(lp_future *f, const char *worker) {
-  pthread_mutex_lock(&f->mu);
+  lock(f);
   int ok = f->state == LP_PENDING;
   if (ok) {
     f->state = LP_RUNNING;
     count(f, LP_PENDING, LP_RUNNING);
-    snprintf(f->worker, sizeof f->worker, "%s", worker);
+    f->worker = worker;
   }
-  pthread_mutex_unlock(&f->mu);
+  unlock(f);
   return ok;
 }
 
 void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
   char *own = copy ? NULL : reply; /* freed here unless f keeps it */
-  if (copy) {
-    if (len <= sizeof f->inline_reply) {
-      own = NULL;
-    } else if ((own = malloc(len)) == NULL) {
+  int inl = len <= LP_INLINE;
+  if (copy && !inl) {
+    if ((own = malloc(len)) == NULL) {
       luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply (%zu bytes)", len);
       return;
-    } else {
-      memcpy(own, reply, len);
     }
+    memcpy(own, reply, len);
   }
-  pthread_mutex_lock(&f->mu);
+  lock(f);
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
     lp_fstate from = f->state;
     f->state = LP_FINISHED;
-    if (own == NULL) {
-      if (len && reply) memcpy(f->inline_reply, reply, len);
-      f->reply = f->inline_reply;
+    if (inl) { /* over the message, consumed by now; a taken reply is freed */
+      if (len && reply) memcpy(f->inline_buf, reply, len);
+      f->reply = f->inline_buf;
     } else {
       f->reply = own;
       own = NULL;
@@ -198,8 +331,8 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
     f->replylen = len;
     settle(f, from);
   }
-  pthread_mutex_unlock(&f->mu);
-  free(own); /* it lost a race: already failed elsewhere */
+  unlock(f);
+  free(own); /* copied inline, or it lost a race: already failed elsewhere */
 }
 
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
@@ -210,17 +343,17 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
   va_end(ap);
   char *m = strdup(buf); /* NULL on no memory: the kind still tells */
   int moved = 0;
-  pthread_mutex_lock(&f->mu);
+  lock(f);
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
     lp_fstate from = f->state;
     f->state = LP_FAILED;
-    f->ekind = k;
+    f->ekind = (unsigned char)k;
     f->emsg = m;
     m = NULL;
     moved = 1;
     settle(f, from);
   }
-  pthread_mutex_unlock(&f->mu);
+  unlock(f);
   free(m);
   return moved;
 }
@@ -238,20 +371,20 @@ int luapool__future_flagged(lp_future *f) { return (reply_header(f) & LP_REPLY_N
 
 int luapool__future_cancel(lp_future *f) {
   int moved = 0;
-  pthread_mutex_lock(&f->mu);
+  lock(f);
   if (f->state == LP_PENDING) {
     f->state = LP_CANCELLED;
     moved = 1;
     settle(f, LP_PENDING);
   }
-  pthread_mutex_unlock(&f->mu);
+  unlock(f);
   return moved;
 }
 
 lp_fstate luapool__future_state(lp_future *f) {
-  pthread_mutex_lock(&f->mu);
+  lock(f);
   lp_fstate s = f->state;
-  pthread_mutex_unlock(&f->mu);
+  unlock(f);
   return s;
 }
 
@@ -311,15 +444,16 @@ static int in_task(void) {
 int luapool__future_wait(lp_future *f, double timeout) {
   double start = luapool__now();
   int task = in_task();
-  pthread_mutex_lock(&f->mu);
+  stripe *s = stripe_of(f); /* see "striped locks" */
+  pthread_mutex_lock(&s->mu);
   f->nwaiters++;
   int r = 0, sig = 0, stop = 0;
   while (!is_done(f->state) && r != ETIMEDOUT && !(sig = signal_pending()) &&
          !(stop = task && task_stopped()))
-    r = wait_slice(&f->cv, &f->mu, timeout, start, task);
+    r = wait_slice(&s->cv, &s->mu, timeout, start, task);
   f->nwaiters--;
   int done = is_done(f->state);
-  pthread_mutex_unlock(&f->mu);
+  pthread_mutex_unlock(&s->mu);
   return done ? 1 : sig ? -1 : stop ? -2 : 0;
 }
 
@@ -329,36 +463,145 @@ int luapool__future_wait(lp_future *f, double timeout) {
 ** Lua side
 ** ======================================================= */
 
-/* The userdata: the future, and in its user values the pool (so that a
-** pool lives at least as long as a future the script still holds), the
-** done callbacks, and the error object once built (a future's error is
-** one object: exception() returns it and result() raises it each time). */
+/* The userdata: the future alone, no user value (a million futures are a
+** million userdata: 40 bytes each, rather than 88 with the three user
+** values it had).  What else a future needs lives elsewhere:
+**  - its pool (so that a pool lives at least as long as a future the
+**    script still holds): in its metatable, one per pool (a copy of the
+**    registry's LUAPOOL_FUTURE_MT with the pool under FUTURE_KEY, which
+**    also marks the metatable as a future's);
+**  - its done callbacks and its error object (a future's error is one
+**    object: exception() returns it and result() raises it each time),
+**    which most futures never have: in a table {callbacks, error} made
+**    the first time, in a registry table with weak keys (EXTRAS_KEY). */
 typedef struct lfuture {
   lp_future *f;
 } lfuture;
 
+static const char FUTURE_KEY = 'f'; /* metatable field: the pool */
+static const char MTS_KEY = 'm';    /* registry: pool -> its futures' metatable (weak keys) */
+static const char EXTRAS_KEY = 'x'; /* registry: future -> {callbacks, error} (weak keys) */
+
+enum { X_CALLBACKS = 1, X_ERROR = 2 };
+
+/* Pushes the registry table at key, made (with weak keys) the first time. */
+static void weak_table(lua_State *L, const void *key) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+}
+
+static lfuture *test_future(lua_State *L, int idx) {
+  lfuture *u = lua_touserdata(L, idx);
+  if (u == NULL || !lua_getmetatable(L, idx)) return NULL;
+  int t = lua_rawgetp(L, -1, &FUTURE_KEY);
+  lua_pop(L, 2);
+  return t == LUA_TUSERDATA && lua_rawlen(L, idx) == sizeof *u ? u : NULL;
+}
+
+static lfuture *check_lfuture(lua_State *L, int idx) {
+  lfuture *u = test_future(L, idx);
+  if (u == NULL) luaL_typeerror(L, idx, LUAPOOL_FUTURE_MT);
+  return u;
+}
+
+int luapool__is_future(lua_State *L, int idx) { return test_future(L, idx) != NULL; }
+
+/* Pushes the pool of the future userdata at idx. */
+void luapool__future_push_pool(lua_State *L, int idx) {
+  if (!lua_getmetatable(L, idx)) {
+    lua_pushnil(L);
+    return;
+  }
+  lua_rawgetp(L, -1, &FUTURE_KEY);
+  lua_remove(L, -2);
+}
+
+/* Pushes the callbacks or error (k) of the future at idx (nil: none), and
+** returns its type. */
+static int get_extra(lua_State *L, int idx, int k) {
+  idx = lua_absindex(L, idx);
+  weak_table(L, &EXTRAS_KEY);
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) != LUA_TTABLE) {
+    lua_pop(L, 2);
+    lua_pushnil(L);
+    return LUA_TNIL;
+  }
+  int t = lua_rawgeti(L, -1, k);
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  return t;
+}
+
+/* Sets the callbacks or error (k) of the future at idx to the value on
+** top (popped), making its table of extras the first time. */
+static void set_extra(lua_State *L, int idx, int k) {
+  idx = lua_absindex(L, idx);
+  weak_table(L, &EXTRAS_KEY); /* v, extras */
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) != LUA_TTABLE) { /* v, extras, nil */
+    lua_pop(L, 1);
+    lua_createtable(L, 2, 0);
+    lua_pushvalue(L, idx);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+  }
+  lua_rotate(L, -3, -1); /* extras, t, v */
+  lua_rawseti(L, -2, k);
+  lua_pop(L, 2);
+}
+
 lp_future *luapool__check_future(lua_State *L, int idx) {
-  lfuture *u = luaL_checkudata(L, idx, LUAPOOL_FUTURE_MT);
+  lfuture *u = check_lfuture(L, idx);
   if (u->f == NULL) luaL_error(L, "attempt to use an unfinished future");
   return u->f;
 }
 
+/* Pushes the metatable of the futures of the pool at pool_idx, made the
+** first time. */
+static void push_pool_mt(lua_State *L, int pool_idx) {
+  weak_table(L, &MTS_KEY);
+  lua_pushvalue(L, pool_idx);
+  if (lua_rawget(L, -2) == LUA_TTABLE) {
+    lua_remove(L, -2);
+    return;
+  }
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 5);
+  luaL_getmetatable(L, LUAPOOL_FUTURE_MT);
+  static const char *const fields[] = {"__index", "__gc", "__tostring", "__name"};
+  for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+    lua_getfield(L, -1, fields[i]);
+    lua_setfield(L, -3, fields[i]);
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, pool_idx);
+  lua_rawsetp(L, -2, &FUTURE_KEY);
+  lua_pushvalue(L, pool_idx);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, -4); /* the pool's key is weak: the pool goes when nothing holds it */
+  lua_remove(L, -2);
+}
+
 void luapool__future_push(lua_State *L, lp_future *f, int pool_idx) {
   pool_idx = lua_absindex(L, pool_idx);
-  lfuture *u = lua_newuserdatauv(L, sizeof *u, 3); /* pool, callbacks, error */
+  lfuture *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->f = f;
-  luaL_setmetatable(L, LUAPOOL_FUTURE_MT);
-  lua_pushvalue(L, pool_idx);
-  lua_setiuservalue(L, -2, 1);
+  push_pool_mt(L, pool_idx);
+  lua_setmetatable(L, -2);
 }
 
-void luapool__future_set(lua_State *L, int idx, lp_future *f) {
-  lfuture *u = luaL_checkudata(L, idx, LUAPOOL_FUTURE_MT);
-  u->f = f;
-}
+void luapool__future_set(lua_State *L, int idx, lp_future *f) { check_lfuture(L, idx)->f = f; }
 
 static int future_gc(lua_State *L) {
-  lfuture *u = luaL_checkudata(L, 1, LUAPOOL_FUTURE_MT);
+  lfuture *u = check_lfuture(L, 1);
   if (u->f) {
     luapool__future_unref(u->f);
     u->f = NULL;
@@ -435,8 +678,8 @@ int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *rd, int maxva
     return -1;
   }
   if (s == LP_FAILED) {
-    luapool__push_error(L, f->ekind, f->emsg ? f->emsg : "(no memory for message)", NULL,
-                        f->worker[0] ? f->worker : NULL, 0);
+    luapool__push_error(L, (lp_ekind)f->ekind, f->emsg ? f->emsg : "(no memory for message)", NULL,
+                        f->worker, 0);
     return -1;
   }
   lp_reader first = {NULL, NULL}, *r = rd ? rd : &first;
@@ -499,7 +742,7 @@ static void wait_done(lua_State *L, lp_future *f, double *timeout) {
 ** (f->pool is alive: the future's userdata holds the pool's). */
 static void poll_owed(lua_State *L, lp_future *f) {
   if (!luapool__pool_owes(f->pool)) return;
-  lua_getiuservalue(L, 1, 1);
+  luapool__future_push_pool(L, 1);
   luapool__pool_poll(L, -1);
   lua_pop(L, 1);
 }
@@ -512,14 +755,14 @@ static lp_future *poll_future(lua_State *L) {
 
 /* The outcome of the done future whose userdata is at 1, as
 ** luapool__future_outcome pushes it; an error object is built once and
-** kept in the userdata's third user value. */
+** kept with the userdata's extras (see lfuture). */
 static int outcome(lua_State *L, lp_future *f, int maxvals) {
-  if (lua_getiuservalue(L, 1, 3) != LUA_TNIL) return -1;
+  if (get_extra(L, 1, X_ERROR) != LUA_TNIL) return -1;
   lua_pop(L, 1);
   int n = luapool__future_outcome(L, f, NULL, maxvals);
   if (n < 0) {
     lua_pushvalue(L, -1);
-    lua_setiuservalue(L, 1, 3);
+    set_extra(L, 1, X_ERROR);
   }
   return n;
 }
@@ -567,7 +810,7 @@ static int future_cancelled(lua_State *L) {
 static int future_cancel(lua_State *L) {
   lp_future *f = poll_future(L);
   if (luapool__future_cancel(f)) {
-    lua_getiuservalue(L, 1, 1);
+    luapool__future_push_pool(L, 1);
     luapool__pool_poll(L, -1); /* its callbacks run now */
     lua_pop(L, 1);
   }
@@ -598,15 +841,15 @@ void luapool__run_callback(lua_State *L, int cb, int fidx) {
   lua_pop(L, 1);
 }
 
-/* Runs the callbacks list (uservalue 2) of the future at fidx and clears it. */
+/* Runs the callbacks list of the future at fidx and clears it. */
 void luapool__future_run_callbacks(lua_State *L, int fidx) {
   fidx = lua_absindex(L, fidx);
-  if (lua_getiuservalue(L, fidx, 2) != LUA_TTABLE) {
+  if (get_extra(L, fidx, X_CALLBACKS) != LUA_TTABLE) {
     lua_pop(L, 1);
     return;
   }
   lua_pushnil(L);
-  lua_setiuservalue(L, fidx, 2); /* exactly once, even if one re-adds */
+  set_extra(L, fidx, X_CALLBACKS); /* exactly once, even if one re-adds */
   lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
   for (lua_Integer i = 1; i <= n; i++) {
     lua_rawgeti(L, -1, i);
@@ -620,21 +863,21 @@ static int future_add_done_callback(lua_State *L) {
   lp_future *f = poll_future(L);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
-  lua_getiuservalue(L, 1, 1); /* 3: the pool */
+  luapool__future_push_pool(L, 1); /* 3: the pool */
   lp_pool *p = luapool__to_pool(L, 3);
   /* Lua work first (it may raise), then the decision under the lock. */
-  if (lua_getiuservalue(L, 1, 2) != LUA_TTABLE) { /* 4: callbacks */
+  if (get_extra(L, 1, X_CALLBACKS) != LUA_TTABLE) { /* 4: callbacks */
     lua_pop(L, 1);
     lua_newtable(L);
     lua_pushvalue(L, -1);
-    lua_setiuservalue(L, 1, 2);
+    set_extra(L, 1, X_CALLBACKS);
   }
   if (p) luapool__pool_watch(L, 3, 1);
-  pthread_mutex_lock(&f->mu);
+  lock(f);
   int done = is_done(f->state);
   int notified = f->notify != NULL; /* earlier callbacks: poll clears the watch */
   if (!done && p) f->notify = p;
-  pthread_mutex_unlock(&f->mu);
+  unlock(f);
   if (done && p && !notified) { /* nothing will clear the watch: do it now */
     lua_getiuservalue(L, 3, 1);
     lua_pushlightuserdata(L, f);
@@ -687,17 +930,18 @@ int luapool__cond_init(pthread_cond_t *cv) {
   return r;
 }
 
-/* Detaches every node from its future, then frees the queue. */
+/* Detaches every node not yet popped from its future, then frees the
+** queue. */
 static void cq_release(lp_cq *q) {
   for (lp_wnode *n = q->all; n; n = n->anext) {
-    pthread_mutex_lock(&n->f->mu);
+    lock(n->f);
     if (!n->fired) {
       lp_wnode **pp = &n->f->wnodes;
       while (*pp && *pp != n)
         pp = &(*pp)->fnext;
       if (*pp) *pp = n->fnext;
     }
-    pthread_mutex_unlock(&n->f->mu);
+    unlock(n->f);
   }
   for (lp_wnode *n = q->all, *next; n; n = next) {
     next = n->anext;
@@ -715,20 +959,31 @@ static lcq *check_cq(lua_State *L) {
   return u;
 }
 
+/* The queue's user values hold only what it has not handed out:
+**   1: id -> future, for the futures added and not yet popped (the node
+**      of each holds the id; pop clears the entry);
+**   2: future -> true for every future added, weak keys: add finds a
+**      duplicate there without keeping a popped future alive. */
 int luapool__cq_new(lua_State *L) {
-  lcq *u = lua_newuserdatauv(L, sizeof *u, 1);
+  lcq *u = lua_newuserdatauv(L, sizeof *u, 2);
   u->q = NULL;
   u->nextid = 0;
   luaL_setmetatable(L, LUAPOOL_CQ_MT);
-  lua_newtable(L); /* id -> future, future -> id */
+  lua_newtable(L);
   lua_setiuservalue(L, -2, 1);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_setiuservalue(L, -2, 2);
   lp_cq *q = calloc(1, sizeof *q);
   if (q == NULL) return luaL_error(L, "not enough memory");
   if (pthread_mutex_init(&q->mu, NULL) != 0) {
     free(q);
     return luaL_error(L, "not enough memory");
   }
-  if (init_cond(&q->cv) != 0) {
+  if (luapool__cond_init(&q->cv) != 0) {
     pthread_mutex_destroy(&q->mu);
     free(q);
     return luaL_error(L, "not enough memory");
@@ -742,42 +997,55 @@ static int cq_add(lua_State *L) {
   lcq *u = check_cq(L);
   lp_future *f = luapool__check_future(L, 2);
   lua_settop(L, 2);
-  lua_getiuservalue(L, 1, 1); /* 3 */
+  lua_getiuservalue(L, 1, 2); /* 3: added */
   lua_pushvalue(L, 2);
   if (lua_rawget(L, 3) != LUA_TNIL) {
     lua_pushboolean(L, 0);
     return 1;
   }
   lua_pop(L, 1);
-  int id = ++u->nextid;
+  /* Lua work first (it may raise), then the node. */
+  lua_getiuservalue(L, 1, 1); /* 4: id -> future */
+  int id = u->nextid + 1;
   lua_pushvalue(L, 2);
-  lua_rawseti(L, 3, id);
+  lua_rawseti(L, 4, id);
   lua_pushvalue(L, 2);
-  lua_pushinteger(L, id);
+  lua_pushboolean(L, 1);
   lua_rawset(L, 3);
   lp_wnode *n = calloc(1, sizeof *n);
-  if (n == NULL) return luaL_error(L, "not enough memory");
+  if (n == NULL) { /* undo: clearing entries allocates nothing */
+    lua_pushnil(L);
+    lua_rawseti(L, 4, id);
+    lua_pushvalue(L, 2);
+    lua_pushnil(L);
+    lua_rawset(L, 3);
+    return luaL_error(L, "not enough memory");
+  }
+  u->nextid = id;
   luapool__future_ref(f);
   n->f = f;
   n->q = u->q;
   n->id = id;
   n->anext = u->q->all;
+  if (n->anext) n->anext->aprev = n;
   u->q->all = n;
   u->q->waiting++;
-  pthread_mutex_lock(&f->mu);
+  lock(f);
   if (is_done(f->state)) {
     fire(n);
   } else {
     n->fnext = f->wnodes;
     f->wnodes = n;
   }
-  pthread_mutex_unlock(&f->mu);
+  unlock(f);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 /* q:pop([timeout]) -> the next future to finish; nil on timeout; false
-** when every future added has been popped. */
+** when every future added has been popped.  The queue lets go of the
+** future it hands out (its entry, its node and the node's reference): a
+** loop that drops each future after using it runs in flat memory. */
 static int cq_pop(lua_State *L) {
   lcq *u = check_cq(L);
   double timeout = opt_timeout(L, 2);
@@ -813,10 +1081,23 @@ static int cq_pop(lua_State *L) {
     lua_pushnil(L);
     return 1;
   }
+  /* A fired node is out of its future's list, and fire() no longer
+  ** touches it once it is in the fired list: it is the owner's alone. */
   q->waiting--;
+  if (n->aprev)
+    n->aprev->anext = n->anext;
+  else
+    q->all = n->anext;
+  if (n->anext) n->anext->aprev = n->aprev;
+  int id = n->id;
+  lp_future *f = n->f;
+  free(n);
   lua_getiuservalue(L, 1, 1);
-  lua_rawgeti(L, -1, n->id);
-  lua_getiuservalue(L, -1, 1); /* the future's pool: its callbacks are due */
+  lua_rawgeti(L, -1, id); /* the future: its userdata holds a reference */
+  lua_pushnil(L);
+  lua_rawseti(L, -3, id);
+  luapool__future_unref(f);
+  luapool__future_push_pool(L, -1); /* the future's pool: its callbacks are due */
   luapool__pool_poll(L, -1);
   lua_pop(L, 1);
   return 1;
@@ -832,6 +1113,8 @@ static int cq_close(lua_State *L) {
   if (u->q) {
     cq_release(u->q);
     u->q = NULL;
+    lua_pushnil(L); /* what was not popped goes too */
+    lua_setiuservalue(L, 1, 1);
   }
   return 0;
 }

@@ -150,35 +150,50 @@ lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, siz
 void luapool__paths_ref(lp_paths *ps);
 void luapool__paths_unref(lp_paths *ps); /* (NULL: nothing) */
 
+/* One per task; a million outstanding futures cost what this struct
+** costs, so it is kept small (docs/performance.md has the numbers):
+** no lock of its own (futures share a small table of striped locks in
+** future.c), the worker's name by pointer, and one buffer of LP_INLINE
+** bytes that holds a small message until the task has run, then a small
+** reply.  sizeof is 152: a 160-byte malloc chunk on glibc.  What the
+** owner reads for a result (state, pool, reply, the inline bytes) comes
+** first, in one cache line: reading a million results in a row costs one
+** cache miss per future here, not three. */
+#define LP_INLINE 24
+
 typedef struct lp_future {
   atomic_int refs;
-  struct lp_future *next;   /* pool queue link (mutex: the pool's) */
-  struct lp_future *cbnext; /* pool callback queue link (mutex: p->cbmu) */
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  lp_fstate state; /* mutex: mu */
-  int nwaiters;    /* threads blocked in luapool__future_wait */
-  /* The task: message bytes, freed once the task has run. */
+  unsigned char state;  /* lp_fstate (lock: the future's stripe) */
+  unsigned char ekind;  /* lp_ekind, LP_FAILED */
+  int ncalls;           /* calls batched in msg (map chunks) */
+  int nwaiters;         /* threads blocked in luapool__future_wait */
+  struct lp_pool *pool; /* whose call counters its transitions move */
+  /* The outcome: LP_FINISHED has the encoded reply (in inline_buf when
+  ** small), LP_FAILED an error message (malloc; NULL on no memory). */
+  union {
+    char *reply;
+    char *emsg;
+  };
+  size_t replylen;
+  char inline_buf[LP_INLINE]; /* the message, then the reply */
+  /* The task: message bytes (in inline_buf when small), dropped (msg
+  ** NULL) once the task has run or will never run. */
   char *msg;
   size_t msglen;
-  int ncalls; /* calls batched in msg (map chunks) */
-  /* The outcome. */
-  char *reply; /* LP_FINISHED: encoded reply (in inline_reply if small) */
-  size_t replylen;
-  char inline_reply[48];
-  lp_ekind ekind;         /* LP_FAILED */
-  char *emsg;             /* LP_FAILED: message (malloc) */
-  char worker[64];        /* worker that ran or failed it */
-  lp_wnode *wnodes;       /* completion queues waiting for it (mutex: mu) */
-  struct lp_pool *notify; /* has done callbacks: tell this pool (mutex: mu) */
-  struct lp_pool *pool;   /* whose call counters its transitions move */
-  lp_paths *paths;        /* the script's paths at submit (a reference) */
+  struct lp_future *next;   /* pool queue link (mutex: the pool's) */
+  struct lp_future *cbnext; /* pool callback queue link (mutex: p->cbmu) */
+  /* The worker that ran it: the name in its lp_worker, which lives as
+  ** long as the pool, and the future's userdata keeps its pool alive.
+  ** NULL when it never started. */
+  const char *worker;
+  lp_wnode *wnodes;       /* completion queues waiting for it (lock: stripe) */
+  struct lp_pool *notify; /* has done callbacks: tell this pool (lock: stripe) */
   double timeout;         /* task deadline in seconds from its start; 0: none */
   /* What crash and deadline reports call it (luapool__future_label):
   ** "task #N" for the N-th submit, else "item #lo" / "items #lo-#hi". */
   uint64_t task_no;
-  int64_t item_lo, item_hi;
-  char inline_msg[]; /* small messages live here */
+  int64_t item_lo; /* (the last item is item_lo + ncalls - 1) */
+  lp_paths *paths; /* the script's paths at submit (a reference) */
 } lp_future;
 
 /* A pending future holding the task message in b (b is emptied). */
@@ -189,10 +204,13 @@ const char *luapool__future_label(const lp_future *f, char *buf, size_t size);
 int luapool__cond_init(pthread_cond_t *cv);
 void luapool__future_ref(lp_future *f);
 void luapool__future_unref(lp_future *f);
-/* PENDING -> RUNNING; 0 if it was cancelled meanwhile. */
+/* PENDING -> RUNNING; 0 if it was cancelled meanwhile.  worker is the
+** name in the lp_worker that runs it (kept by pointer: see worker). */
 int luapool__future_start(lp_future *f, const char *worker);
-/* Finishes f with a reply: takes `reply` (malloc'd) when copy is 0, else
-** copies the bytes (into the future itself when they are few). */
+/* Finishes f with a reply, once its message has been consumed (a small
+** reply takes the message's place): takes `reply` (malloc'd) when copy is
+** 0, else copies the bytes; a reply of at most LP_INLINE bytes is copied
+** into the future itself (and a taken one freed). */
 void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -223,7 +241,10 @@ lp_fstate luapool__future_state(lp_future *f);
 ** may raise, happens while nothing needs freeing). */
 void luapool__future_push(lua_State *L, lp_future *f, int pool_idx);
 void luapool__future_set(lua_State *L, int idx, lp_future *f);
+/* Pushes the pool userdata of the future userdata at idx. */
+void luapool__future_push_pool(lua_State *L, int idx);
 lp_future *luapool__check_future(lua_State *L, int idx);
+int luapool__is_future(lua_State *L, int idx); /* a future's userdata? */
 /* Pushes the values (at most maxvals, -1: all) of the next call of a done
 ** future's reply and returns their count; on an error outcome pushes the
 ** error object and returns -1.  r walks the reply call by call (set r->p
@@ -402,7 +423,8 @@ void luapool__pool_break(lp_pool *p, const char *why);
 ** message) succeeded, else -1 with the error text in msg. */
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz);
 
-/* Called by a settling future that has done callbacks, under f->mu. */
+/* Called by a settling future that has done callbacks, under its stripe's
+** lock (future.c). */
 void luapool__pool_notify(struct lp_pool *p, lp_future *f);
 /* Runs the done callbacks of pool p's finished futures (owner only). */
 void luapool__pool_poll(lua_State *L, int pool_idx);

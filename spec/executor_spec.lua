@@ -5,23 +5,8 @@
 local luapool = require "luapool"
 local h = require "helper"
 
-local SRC = debug.getinfo(1, "S").short_src
-local function line_of(fn) return debug.getinfo(fn, "S").linedefined end
 
--- Each case is { function written on one line, message }: calling the
--- function must raise "SRC:LINE: message" naming that line.  Returns the
--- mismatches, one per line ("" when none).
-local function wrong_positions(cases)
-  local wrong = {}
-  for _, case in ipairs(cases) do
-    local ok, err = pcall(case[1])
-    local expect = SRC .. ":" .. line_of(case[1]) .. ": " .. case[2]
-    if ok or err ~= expect then
-      wrong[#wrong + 1] = ("got      %s\nexpected %s"):format(tostring(err), expect)
-    end
-  end
-  return table.concat(wrong, "\n")
-end
+local wrong_positions = h.wrong_positions
 
 -- The error object fn raises.
 local function error_object(fn)

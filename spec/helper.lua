@@ -81,6 +81,23 @@ function M.error_of(f, ...)
   return (err:gsub("^[^:\n]*:%d+: ", "", 1))
 end
 
+-- Each case is { function written on one line, message }: calling the
+-- function must raise "SRC:LINE: message" naming the line it was written
+-- on, SRC being the calling spec's file.  Returns the mismatches, one per
+-- line ("" when none).
+function M.wrong_positions(cases)
+  local src = debug.getinfo(2, "S").short_src
+  local wrong = {}
+  for _, case in ipairs(cases) do
+    local ok, err = pcall(case[1])
+    local expect = src .. ":" .. debug.getinfo(case[1], "S").linedefined .. ": " .. case[2]
+    if ok or err ~= expect then
+      wrong[#wrong + 1] = ("got      %s\nexpected %s"):format(tostring(err), expect)
+    end
+  end
+  return table.concat(wrong, "\n")
+end
+
 -- The error object raised by fut:result(timeout).
 function M.result_error(fut, timeout)
   local ok, e = pcall(fut.result, fut, timeout)

@@ -420,15 +420,7 @@ for _, kind in ipairs(helper.engines) do
           { function() local r = luapool[kind].new { max_workers = 0 }; return r end,
             "bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got 0)" },
         }
-        local wrong = {}
-        for _, case in ipairs(cases) do
-          local ok, err = pcall(case[1])
-          local expect = SRC .. ":" .. line_of(case[1]) .. ": " .. case[2]
-          if ok or err ~= expect then
-            wrong[#wrong + 1] = ("got      %s\nexpected %s"):format(tostring(err), expect)
-          end
-        end
-        assert.are.equal("", table.concat(wrong, "\n"))
+        assert.are.equal("", helper.wrong_positions(cases))
       end)
 
       it("refuses bad options to new", function()

@@ -536,14 +536,34 @@ static void push_package_field(lua_State *L, const char *field) {
 }
 
 /* The paths a task submitted now must see: the pool keeps the strings it
-** saw last (user values 2 and 3, so they stay alive and an unchanged one
-** compares by pointer) and makes a new lp_paths when either changed. */
+** saw last (user values 2 and 3, so they stay alive: while they do, an
+** unchanged string is the same object, found by its address alone) and
+** makes a new lp_paths when either changed.  On every submit: keep it to
+** two field reads of the package table (user value 4). */
 static void check_paths(lua_State *L, int pool_idx, lp_pool *p) {
-  push_package_field(L, "path");
-  push_package_field(L, "cpath");
+  lua_getiuservalue(L, pool_idx, 4);
+  if (!lua_istable(L, -1)) { /* (a package table that was not one at creation) */
+    lua_pop(L, 1);
+    push_package_field(L, "path");
+    push_package_field(L, "cpath");
+  } else {
+    if (lua_getfield(L, -1, "path") != LUA_TSTRING) {
+      lua_pop(L, 1);
+      lua_pushliteral(L, "");
+    }
+    if (lua_getfield(L, -2, "cpath") != LUA_TSTRING) {
+      lua_pop(L, 1);
+      lua_pushliteral(L, "");
+    }
+    lua_remove(L, -3);
+  }
+  if (lua_topointer(L, -2) == p->seen_path && lua_topointer(L, -1) == p->seen_cpath) {
+    lua_pop(L, 2);
+    return;
+  }
   lua_getiuservalue(L, pool_idx, 2);
   lua_getiuservalue(L, pool_idx, 3);
-  int same = lua_rawequal(L, -4, -2) && lua_rawequal(L, -3, -1);
+  int same = lua_rawequal(L, -4, -2) && lua_rawequal(L, -3, -1); /* new strings, same text */
   lua_pop(L, 2);
   if (!same) {
     size_t pl, cl;
@@ -552,11 +572,11 @@ static void check_paths(lua_State *L, int pool_idx, lp_pool *p) {
     if (ps == NULL) luaL_error(L, "cannot submit: not enough memory");
     luapool__paths_unref(p->paths);
     p->paths = ps;
-    lua_setiuservalue(L, pool_idx, 3);
-    lua_setiuservalue(L, pool_idx, 2);
-    return;
   }
-  lua_pop(L, 2);
+  p->seen_path = lua_topointer(L, -2);
+  p->seen_cpath = lua_topointer(L, -1);
+  lua_setiuservalue(L, pool_idx, 3);
+  lua_setiuservalue(L, pool_idx, 2);
 }
 
 /* {====== pool options
@@ -748,7 +768,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   push_package_field(L, "path");
   push_package_field(L, "cpath");
   const char *lpath = lua_tolstring(L, -2, &pl), *lcpath = lua_tolstring(L, -1, &cl);
-  lpool *u = lua_newuserdatauv(L, sizeof *u, 3);
+  lpool *u = lua_newuserdatauv(L, sizeof *u, 4);
   u->p = NULL;
   luaL_setmetatable(L, LUAPOOL_POOL_MT);
   lua_newtable(L); /* futures whose done callbacks are still owed */
@@ -757,6 +777,11 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   lua_setiuservalue(L, -2, 2);
   lua_pushvalue(L, -2);
   lua_setiuservalue(L, -2, 3);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_getfield(L, -1, "package"); /* the table require reads */
+  lua_remove(L, -2);
+  lua_setiuservalue(L, -2, 4);
+  const void *seen_path = lua_topointer(L, -3), *seen_cpath = lua_topointer(L, -2);
   /* Everything below is plain C until the pool is complete: no raise.
   ** (ib is a scratch buffer this call owns: anchored at ib_idx.) */
   char *init_msg = NULL;
@@ -800,6 +825,8 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   p->max_workers = max_workers;
   p->workers = workers;
   p->paths = paths;
+  p->seen_path = seen_path;
+  p->seen_cpath = seen_cpath;
   p->init_msg = init_msg;
   p->init_len = init_len;
   snprintf(p->name, sizeof p->name, "%s", name);

@@ -392,7 +392,8 @@ struct lp_pool {
                        ** collecting the pool (or the program's end) waits */
   lp_worker **workers; /* [max_workers] */
   char name[48];
-  lp_paths *paths; /* package.path/cpath as last submitted (owner only) */
+  lp_paths *paths;                    /* package.path/cpath as last submitted (owner only) */
+  const void *seen_path, *seen_cpath; /* their Lua strings (pinned: user values 2, 3) */
   /* Calls (a map chunk counts its items) by where they are; atomics, as
   ** workers update them outside the lock. */
   atomic_size_t c_pending, c_running, c_done, c_failed, c_cancelled;

@@ -459,7 +459,7 @@ static int l_info(lua_State *L) {
   lua_setfield(L, -2, "luapool");
   lua_pushliteral(L, LUA_RELEASE);
   lua_setfield(L, -2, "lua");
-  lua_pushstring(L, luapool__curl_version());
+  lua_pushstring(L, luapool__curl_version()); /* (loads libcurl) */
   lua_setfield(L, -2, "curl");
   lua_pushinteger(L, luapool__cpu_count());
   lua_setfield(L, -2, "cpus");
@@ -504,15 +504,10 @@ static void open_lua_layer(lua_State *L) {
   lua_settop(L, mod);
 }
 
-static pthread_once_t global_once = PTHREAD_ONCE_INIT;
-static int global_ok;
-
-/* Once per process, before any pool thread exists. */
-static void global_init(void) { global_ok = luapool__http_global_init() == 0; }
-
+/* libcurl is not touched here: kernels/http.c loads and initialises it the
+** first time a script needs HTTP, so a script (or process worker) that
+** never fetches never pays for it. */
 int luaopen_luapool(lua_State *L) {
-  pthread_once(&global_once, global_init);
-  if (!global_ok) return luaL_error(L, "luapool: libcurl initialisation failed");
   luapool__future_open(L);
   luapool__cq_open(L);
   luapool__pool_open(L);

@@ -157,6 +157,7 @@ static void print_usage(FILE *out) {
           "or interrupts the statement, Ctrl-D exits.\n"
           "Environment variables:\n"
           "  LUAPOOL_WORKER_EXE  the binary process pools start as workers (default: luapool)\n"
+          "  LUAPOOL_LIBCURL     the libcurl HTTP loads on first use (default: libcurl.so.4)\n"
           "  LUA_PATH_5_4        initial package.path (';;' stands for the default)\n"
           "  LUA_PATH            initial package.path when LUA_PATH_5_4 is unset\n"
           "  LUA_CPATH_5_4       initial package.cpath (';;' stands for the default)\n"

@@ -21,11 +21,13 @@
 **     are of the decoded body (like Python requests' len(r.content));
 **   - User-Agent: luapool/0.1.
 */
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -45,13 +47,93 @@
 /* libcurl stores timeouts as unsigned int milliseconds: clamp below that. */
 #define MAX_TIMEOUT_MS ((double)INT_MAX)
 
-/* {====== per-thread easy handles */
+/* {====== libcurl, loaded on first use */
+
+/* libcurl (and through it OpenSSL and some thirty other libraries) is not
+** linked: loading and initialising them took most of a script's start-up
+** and every process worker's, HTTP or not.  It is dlopen'ed the first time
+** something needs it (a fetch, http.get, info().curl), inside one
+** pthread_once that also runs curl_global_init: once, before any transfer,
+** and never concurrently with itself (it is not thread-safe on old
+** libcurls).  The headers still give the types and constants; the
+** functions are called through this table.  RTLD_LOCAL: its symbols do not
+** leak into the global namespace a script's C modules resolve against. */
+static struct {
+  CURLcode (*global_init)(long);
+  curl_version_info_data *(*version_info)(CURLversion);
+  CURL *(*easy_init)(void);
+  void (*easy_cleanup)(CURL *);
+  void (*easy_reset)(CURL *);
+  CURLcode (*easy_setopt)(CURL *, CURLoption, ...);
+  CURLcode (*easy_getinfo)(CURL *, CURLINFO, ...);
+  const char *(*easy_strerror)(CURLcode);
+  CURLM *(*multi_init)(void);
+  CURLMcode (*multi_cleanup)(CURLM *);
+  CURLMcode (*multi_add_handle)(CURLM *, CURL *);
+  CURLMcode (*multi_remove_handle)(CURLM *, CURL *);
+  CURLMcode (*multi_perform)(CURLM *, int *);
+  CURLMcode (*multi_poll)(CURLM *, struct curl_waitfd[], unsigned int, int, int *);
+  CURLMsg *(*multi_info_read)(CURLM *, int *);
+  struct curl_slist *(*slist_append)(struct curl_slist *, const char *);
+  void (*slist_free_all)(struct curl_slist *);
+} lc;
+
+/* Where each pointer of lc comes from. */
+#define LC_SYM(f)                                                                                  \
+  { "curl_" #f, (void **)&lc.f }
+static const struct {
+  const char *name;
+  void **slot;
+} lc_syms[] = {LC_SYM(global_init),   LC_SYM(version_info),     LC_SYM(easy_init),
+               LC_SYM(easy_cleanup),  LC_SYM(easy_reset),       LC_SYM(easy_setopt),
+               LC_SYM(easy_getinfo),  LC_SYM(easy_strerror),    LC_SYM(multi_init),
+               LC_SYM(multi_cleanup), LC_SYM(multi_add_handle), LC_SYM(multi_remove_handle),
+               LC_SYM(multi_perform), LC_SYM(multi_poll),       LC_SYM(multi_info_read),
+               LC_SYM(slist_append),  LC_SYM(slist_free_all)};
+
+/* The soname of libcurl4 (OpenSSL flavour), whose headers this is built
+** with; LUAPOOL_LIBCURL names another build of the same ABI (e.g.
+** libcurl-gnutls.so.4) or, in the specs, one that does not exist. */
+#define LIBCURL_SONAME "libcurl.so.4"
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
-/* Written only inside init_once; pthread_once orders it before any reader
-** that returned from pthread_once. */
+/* Written only inside init_once; pthread_once orders them before any
+** reader that returned from pthread_once. */
 static int init_status = -1;
+/* Why init_status is -1: "cannot load libcurl (DLERROR)" or "cannot
+** initialise libcurl". */
+static char init_error[512] = "cannot initialise libcurl";
 static pthread_key_t handle_key;
+
+/* Loads libcurl and fills lc; 0, or -1 with init_error set.  The handle is
+** never closed: libcurl's atexit-time and thread-exit code must stay
+** mapped. */
+static int load_libcurl(void) {
+  const char *name = secure_getenv("LUAPOOL_LIBCURL");
+  void *lib;
+  if (name == NULL || name[0] == '\0') name = LIBCURL_SONAME;
+  dlerror();
+  lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+  if (lib == NULL) {
+    const char *why = dlerror();
+    snprintf(init_error, sizeof init_error, "cannot load libcurl (%s)", why ? why : name);
+    return -1;
+  }
+  for (size_t i = 0; i < sizeof lc_syms / sizeof lc_syms[0]; i++) {
+    /* (POSIX: a data pointer from dlsym converts to a function pointer) */
+    void *f = dlsym(lib, lc_syms[i].name);
+    if (f == NULL) {
+      const char *why = dlerror();
+      snprintf(init_error, sizeof init_error, "cannot load libcurl (%s)",
+               why ? why : lc_syms[i].name);
+      dlclose(lib);
+      memset(&lc, 0, sizeof lc);
+      return -1;
+    }
+    memcpy(lc_syms[i].slot, &f, sizeof f);
+  }
+  return 0;
+}
 
 /* A thread's easy handle and the multi handle that drives it: transfers
 ** run in luapool's own loop (perform), which looks for stops between
@@ -63,8 +145,8 @@ typedef struct thread_handles {
 static _Thread_local thread_handles *thread_curl;
 
 static void handles_free(thread_handles *t) {
-  if (t->multi) curl_multi_cleanup(t->multi);
-  if (t->easy) curl_easy_cleanup(t->easy);
+  if (t->multi) lc.multi_cleanup(t->multi);
+  if (t->easy) lc.easy_cleanup(t->easy);
   free(t);
 }
 
@@ -72,11 +154,11 @@ static void handles_free(thread_handles *t) {
 static void free_handle(void *h) { handles_free(h); }
 
 static void global_init(void) {
-  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return;
-  if (pthread_key_create(&handle_key, free_handle) != 0) {
-    curl_global_cleanup();
-    return;
-  }
+  if (load_libcurl() != 0) return;
+  if (lc.global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return;
+  /* No curl_global_cleanup on failure: the library is never unloaded,
+  ** and cleanup is as unsafe to race as init. */
+  if (pthread_key_create(&handle_key, free_handle) != 0) return;
   init_status = 0;
 }
 
@@ -85,8 +167,13 @@ int luapool__http_global_init(void) {
   return init_status;
 }
 
+const char *luapool__http_init_error(void) {
+  return luapool__http_global_init() == 0 ? NULL : init_error;
+}
+
 const char *luapool__curl_version(void) {
-  const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+  if (luapool__http_global_init() != 0) return "?";
+  const curl_version_info_data *v = lc.version_info(CURLVERSION_NOW);
   return v && v->version ? v->version : "?";
 }
 
@@ -123,27 +210,29 @@ static CURLM *new_multi(void) {
   unsigned char before[FD_SCAN];
   for (int fd = 0; fd < FD_SCAN; fd++)
     before[fd] = fcntl(fd, F_GETFD) >= 0;
-  CURLM *m = curl_multi_init();
+  CURLM *m = lc.multi_init();
   cloexec_new_sockets(before);
   return m;
 }
 
 /* The calling thread's handles, the easy one with every option at its
-** default, or NULL (libcurl could not be initialised, or out of memory).
+** default, or NULL with *why set (libcurl could not be loaded or
+** initialised, or out of memory).
 ** Each request ends with release_handle; the reset here is for a request
 ** that was cut short by a Lua error before it could release. */
-static thread_handles *thread_handle(void) {
+static thread_handles *thread_handle(const char **why) {
   thread_handles *t;
   if (thread_curl != NULL) {
     /* Options only: live connections and caches survive a reset. */
-    curl_easy_reset(thread_curl->easy);
+    lc.easy_reset(thread_curl->easy);
     return thread_curl;
   }
-  /* Normally done by main before threads start; harmless if repeated. */
-  if (luapool__http_global_init() != 0) return NULL;
+  /* The first use in the process loads libcurl; later ones only check. */
+  if ((*why = luapool__http_init_error()) != NULL) return NULL;
+  *why = "cannot initialise libcurl";
   t = calloc(1, sizeof *t);
   if (t == NULL) return NULL;
-  t->easy = curl_easy_init();
+  t->easy = lc.easy_init();
   t->multi = t->easy ? new_multi() : NULL;
   if (t->multi == NULL || pthread_setspecific(handle_key, t) != 0) {
     handles_free(t);
@@ -157,7 +246,7 @@ static thread_handles *thread_handle(void) {
 ** caller's stack frame and buffers (error buffer, write targets, header
 ** list), so the idle handle points at nothing that dies.  Connections and
 ** caches survive a reset. */
-static void release_handle(thread_handles *t) { curl_easy_reset(t->easy); }
+static void release_handle(thread_handles *t) { lc.easy_reset(t->easy); }
 
 /* }====== */
 
@@ -186,10 +275,10 @@ static int stop_wanted(const req_opts *o) {
 ** CURLE_ABORTED_BY_CALLBACK; else the transfer's own result. */
 static CURLcode perform(thread_handles *t, const req_opts *o) {
   CURLcode rc = CURLE_OK;
-  if (curl_multi_add_handle(t->multi, t->easy) != CURLM_OK) return CURLE_OUT_OF_MEMORY;
+  if (lc.multi_add_handle(t->multi, t->easy) != CURLM_OK) return CURLE_OUT_OF_MEMORY;
   for (;;) {
     int running = 0;
-    CURLMcode mc = curl_multi_perform(t->multi, &running);
+    CURLMcode mc = lc.multi_perform(t->multi, &running);
     if (mc != CURLM_OK) {
       rc = mc == CURLM_OUT_OF_MEMORY ? CURLE_OUT_OF_MEMORY : CURLE_FAILED_INIT;
       break;
@@ -198,7 +287,7 @@ static CURLcode perform(thread_handles *t, const req_opts *o) {
       int left;
       CURLMsg *m;
       rc = CURLE_FAILED_INIT; /* no message: should not happen */
-      while ((m = curl_multi_info_read(t->multi, &left)) != NULL)
+      while ((m = lc.multi_info_read(t->multi, &left)) != NULL)
         if (m->msg == CURLMSG_DONE && m->easy_handle == t->easy) rc = m->data.result;
       break;
     }
@@ -206,13 +295,13 @@ static CURLcode perform(thread_handles *t, const req_opts *o) {
       rc = CURLE_ABORTED_BY_CALLBACK;
       break;
     }
-    mc = curl_multi_poll(t->multi, NULL, 0, POLL_MS, NULL);
+    mc = lc.multi_poll(t->multi, NULL, 0, POLL_MS, NULL);
     if (mc != CURLM_OK && mc != CURLM_UNRECOVERABLE_POLL) {
       rc = CURLE_FAILED_INIT;
       break;
     }
   }
-  curl_multi_remove_handle(t->multi, t->easy);
+  lc.multi_remove_handle(t->multi, t->easy);
   return rc;
 }
 
@@ -226,7 +315,7 @@ static curl_socket_t open_socket(void *p, curlsocktype purpose, struct curl_sock
 
 #define SETOPT(h, opt, val)                                                                        \
   do {                                                                                             \
-    CURLcode rc_ = curl_easy_setopt((h), (opt), (val));                                            \
+    CURLcode rc_ = lc.easy_setopt((h), (opt), (val));                                              \
     if (rc_ != CURLE_OK) return rc_;                                                               \
   } while (0)
 
@@ -295,6 +384,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
   long status = 0;
   CURLcode rc;
   thread_handles *h;
+  const char *why;
 
   if (a1 == NULL || a1->type != LP_STR) return luapool__kargerr(c, kname, 1, "string");
   if (memchr(a1->u.s.p, '\0', a1->u.s.len) != NULL)
@@ -332,16 +422,16 @@ int luapool__fetch_length_run(lp_kcall *c) {
   memcpy(url, a1->u.s.p, a1->u.s.len);
   url[a1->u.s.len] = '\0';
 
-  h = thread_handle();
+  h = thread_handle(&why);
   if (h == NULL) {
-    luapool__kerr(c, "fetch_length: %s: cannot initialise libcurl", url);
+    luapool__kerr(c, "fetch_length: %s: %s", url, why);
     free(url);
     return -1;
   }
   errbuf[0] = '\0';
   rc = setup(h->easy, url, &o, errbuf, count_body, &count);
   if (rc == CURLE_OK) rc = perform(h, &o);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
+  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
   release_handle(h);
 
   if (rc != CURLE_OK) {
@@ -353,9 +443,9 @@ int luapool__fetch_length_run(lp_kcall *c) {
     if (rc == CURLE_ABORTED_BY_CALLBACK)
       luapool__kerr(c, "fetch_length: %s: interrupted", url);
     else if (detail != NULL)
-      luapool__kerr(c, "fetch_length: %s: %s (%s)", url, curl_easy_strerror(rc), detail);
+      luapool__kerr(c, "fetch_length: %s: %s (%s)", url, lc.easy_strerror(rc), detail);
     else
-      luapool__kerr(c, "fetch_length: %s: %s", url, curl_easy_strerror(rc));
+      luapool__kerr(c, "fetch_length: %s: %s", url, lc.easy_strerror(rc));
     free(url);
     return -1;
   }
@@ -393,7 +483,7 @@ typedef struct get_box {
 static void box_free(get_box *b) {
   free(b->body);
   free(b->hdr);
-  curl_slist_free_all(b->headers);
+  if (b->headers) lc.slist_free_all(b->headers);
   free(b->eff);
   b->body = b->hdr = b->eff = NULL;
   b->headers = NULL;
@@ -477,7 +567,7 @@ static int bad_header_text(const char *s, size_t len) {
 }
 
 static void add_header(lua_State *L, get_box *b, const char *line) {
-  struct curl_slist *l = curl_slist_append(b->headers, line);
+  struct curl_slist *l = lc.slist_append(b->headers, line);
   /* On failure the old list is untouched and still owned by the box. */
   if (l == NULL) luaL_error(L, "not enough memory");
   b->headers = l;
@@ -587,6 +677,7 @@ int luapool__http_get(lua_State *L) {
   get_box *b;
   CURLcode rc;
   thread_handles *h;
+  const char *why;
 
   luaL_argcheck(L, strlen(url) == ulen, 1, "URL contains a zero byte");
   if (!lua_isnoneornil(L, 2)) {
@@ -594,6 +685,12 @@ int luapool__http_get(lua_State *L) {
     check_option_names(L);
   }
   lua_settop(L, 2);
+  /* Loaded before the options are read: the header list is libcurl's. */
+  if ((why = luapool__http_init_error()) != NULL) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "GET %s: %s", url, why);
+    return 2;
+  }
 
   b = lua_newuserdatauv(L, sizeof *b, 0);
   memset(b, 0, sizeof *b);
@@ -625,21 +722,21 @@ int luapool__http_get(lua_State *L) {
     return luaL_error(L, "GET %s: interrupted", url);
   }
 
-  h = thread_handle();
+  h = thread_handle(&why);
   if (h == NULL) {
     box_free(b);
     luaL_pushfail(L);
-    lua_pushfstring(L, "GET %s: cannot initialise libcurl", url);
+    lua_pushfstring(L, "GET %s: %s", url, why);
     return 2;
   }
   errbuf[0] = '\0';
   rc = setup(h->easy, url, &o, errbuf, box_body, b);
-  if (rc == CURLE_OK) rc = curl_easy_setopt(h->easy, CURLOPT_HEADERFUNCTION, box_header);
-  if (rc == CURLE_OK) rc = curl_easy_setopt(h->easy, CURLOPT_HEADERDATA, b);
+  if (rc == CURLE_OK) rc = lc.easy_setopt(h->easy, CURLOPT_HEADERFUNCTION, box_header);
+  if (rc == CURLE_OK) rc = lc.easy_setopt(h->easy, CURLOPT_HEADERDATA, b);
   if (rc == CURLE_OK) rc = perform(h, &o);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_EFFECTIVE_URL, &eff);
-  if (rc == CURLE_OK) rc = curl_easy_getinfo(h->easy, CURLINFO_TOTAL_TIME_T, &total_us);
+  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
+  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_EFFECTIVE_URL, &eff);
+  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_TOTAL_TIME_T, &total_us);
   /* eff lives in the handle: copy it before the reset (NULL copy: use the
   ** requested URL). */
   if (rc == CURLE_OK && eff != NULL && (b->eff = strdup(eff)) == NULL) {
@@ -662,15 +759,15 @@ int luapool__http_get(lua_State *L) {
     }
     if (rc == CURLE_OPERATION_TIMEDOUT && capped) {
       luapool__stop_self(intr);
-      return luaL_error(L, "GET %s: %s", url, curl_easy_strerror(rc));
+      return luaL_error(L, "GET %s: %s", url, lc.easy_strerror(rc));
     }
     luaL_pushfail(L);
     if (oom)
       lua_pushfstring(L, "GET %s: not enough memory", url);
     else if (detail != NULL)
-      lua_pushfstring(L, "GET %s: %s (%s)", url, curl_easy_strerror(rc), detail);
+      lua_pushfstring(L, "GET %s: %s (%s)", url, lc.easy_strerror(rc), detail);
     else
-      lua_pushfstring(L, "GET %s: %s", url, curl_easy_strerror(rc));
+      lua_pushfstring(L, "GET %s: %s", url, lc.easy_strerror(rc));
     return 2;
   }
 

@@ -125,8 +125,14 @@ void luapool__int128_open(lua_State *L);
 /* }====== */
 
 /* {====== http (kernels/http.c) */
-/* Once per process, before any worker thread exists. */
+/* Loads libcurl and runs curl_global_init, once per process, on the first
+** call from any thread (the others wait for it); 0, or -1 when libcurl
+** cannot be loaded or initialised.  Nothing calls it at start-up: libcurl
+** and OpenSSL are loaded only when a script first needs HTTP. */
 int luapool__http_global_init(void);
+/* NULL once libcurl is usable, else why not ("cannot load libcurl
+** (libcurl.so.4: cannot open shared object file: ...)"); loads it. */
+const char *luapool__http_init_error(void);
 /* luapool.http.get(url [, opts]) */
 int luapool__http_get(lua_State *L);
 /* The interrupt block and task deadline of the worker whose Lua state L
@@ -135,7 +141,7 @@ int luapool__http_get(lua_State *L);
 const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline);
 /* luapool.now(): the clock deadlines are measured on (luapool.c). */
 double luapool__now(void);
-/* libcurl's version ("7.88.1"). */
+/* libcurl's version ("7.88.1"), loading it; "?" when it cannot be loaded. */
 const char *luapool__curl_version(void);
 /* Frees the calling thread's easy handle (worker exit, module close). */
 void luapool__http_thread_cleanup(void);

@@ -222,14 +222,18 @@ static CURLM *new_multi(void) {
 ** that was cut short by a Lua error before it could release. */
 static thread_handles *thread_handle(const char **why) {
   thread_handles *t;
+  *why = "cannot initialise libcurl";
   if (thread_curl != NULL) {
     /* Options only: live connections and caches survive a reset. */
     lc.easy_reset(thread_curl->easy);
     return thread_curl;
   }
   /* The first use in the process loads libcurl; later ones only check. */
-  if ((*why = luapool__http_init_error()) != NULL) return NULL;
-  *why = "cannot initialise libcurl";
+  const char *load_error = luapool__http_init_error();
+  if (load_error != NULL) {
+    *why = load_error;
+    return NULL;
+  }
   t = calloc(1, sizeof *t);
   if (t == NULL) return NULL;
   t->easy = lc.easy_init();

@@ -921,15 +921,6 @@ typedef struct lcq {
   int nextid;
 } lcq;
 
-int luapool__cond_init(pthread_cond_t *cv) {
-  pthread_condattr_t ca; /* waits measure time on the monotonic clock */
-  if (pthread_condattr_init(&ca) != 0) return -1;
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  int r = pthread_cond_init(cv, &ca);
-  pthread_condattr_destroy(&ca);
-  return r;
-}
-
 /* Detaches every node not yet popped from its future, then frees the
 ** queue. */
 static void cq_release(lp_cq *q) {

@@ -22,20 +22,9 @@
 
 static const char *const WORKER_KEY = "luapool.worker";
 
-atomic_int luapool__signal;
-atomic_int luapool__signals_handled;
-atomic_int luapool__ending_on_signal;
-pthread_t luapool__signal_thread;
-
-int luapool__signal_for_me(void) {
-  return atomic_load(&luapool__signal) != 0 && atomic_load(&luapool__signals_handled) &&
-         pthread_equal(pthread_self(), luapool__signal_thread);
-}
-
-void luapool__check_signal(lua_State *L) {
-  if (!luapool__signal_for_me()) return; /* a worker's nested wait: not its signal */
-  int sig = atomic_exchange(&luapool__signal, 0);
-  if (sig == 0) return;
+/* Ctrl-C reaching the script (luapool__check_signal's hook): every pool
+** stops its work, then the script gets an error of kind "interrupted". */
+static void deliver_signal(lua_State *L, int sig) {
   luapool__interrupt_all();
   char msg[64];
   snprintf(msg, sizeof msg, "the script received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -43,11 +32,6 @@ void luapool__check_signal(lua_State *L) {
   lua_error(L);
 }
 
-void luapool__signal_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
-  lua_sethook(L, NULL, 0, 0); /* (the handler set it; once is enough) */
-  luapool__check_signal(L);
-}
 static const char WSTATE_KEY = 0; /* its address keys the registry entry */
 
 /* The worker a Lua state belongs to, NULL in a main state.  (Kept in the
@@ -80,22 +64,6 @@ const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline) {
 /* {======================================================
 ** Time and machine
 ** ======================================================= */
-
-double luapool__now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-int luapool__cpu_count(void) {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) {
-    int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
-  long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? (int)n : 1;
-}
 
 static int l_now(lua_State *L) {
   lua_pushnumber(L, luapool__now());
@@ -287,15 +255,6 @@ static void on_stop_signal(int sig) {
 }
 
 static pthread_once_t stop_signal_once = PTHREAD_ONCE_INIT;
-
-void luapool__on_signal(int sig, void (*handler)(int)) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = handler;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART; /* interrupted system calls resume */
-  sigaction(sig, &sa, NULL);
-}
 
 static void stop_signal_install(void) { luapool__on_signal(LUAPOOL_STOP_SIGNAL, on_stop_signal); }
 
@@ -508,7 +467,10 @@ static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static int global_ok;
 
 /* Once per process, before any pool thread exists. */
-static void global_init(void) { global_ok = luapool__http_global_init() == 0; }
+static void global_init(void) {
+  luapool__set_signal_delivery(deliver_signal);
+  global_ok = luapool__http_global_init() == 0;
+}
 
 int luaopen_luapool(lua_State *L) {
   pthread_once(&global_once, global_init);

@@ -19,26 +19,16 @@
 
 #include <lua.h>
 
+#include "buf.h"
+#include "ctrlc.h"
+#include "int128.h"
 #include "kernels/kernel.h"
-
-#define LUAPOOL_VERSION "0.1.0"
+#include "stop.h"
+#include "util.h"
 
 #define LUAPOOL_POOL_MT   "luapool.pool"
 #define LUAPOOL_FUTURE_MT "luapool.future"
 #define LUAPOOL_ERROR_MT  "luapool.error"
-
-/* {====== growable byte buffer */
-typedef struct lp_buf {
-  char *p;
-  size_t len, cap;
-} lp_buf;
-
-int luapool__buf_reserve(lp_buf *b, size_t extra); /* 0, or -1: no memory */
-int luapool__buf_add(lp_buf *b, const void *p, size_t n);
-void luapool__buf_free(lp_buf *b);
-/* Hands the bytes to the caller (who frees them) and empties b. */
-char *luapool__buf_take(lp_buf *b, size_t *len);
-/* }====== */
 
 /* {====== codec (codec.c) */
 /* Nesting has no limit but memory: neither direction recurses in C. */
@@ -69,18 +59,9 @@ lp_buf *luapool__scratch(lua_State *L);
 void luapool__scratch_release(lua_State *L, int idx);
 int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx);
 /* Appends raw scalars (for message headers, replies built in C). */
-int luapool__put_u8(lp_buf *b, unsigned v);
-int luapool__put_u32(lp_buf *b, uint32_t v);
 int luapool__put_string(lp_buf *b, const char *s, size_t len);
 int luapool__put_value(lp_buf *b, const lp_value *v); /* a kernel scalar */
 
-/* Reader over untrusted bytes: every read is bounds-checked. */
-typedef struct lp_reader {
-  const char *p, *end;
-} lp_reader;
-
-int luapool__get_u8(lp_reader *r, unsigned *v);
-int luapool__get_u32(lp_reader *r, uint32_t *v);
 int luapool__get_string(lp_reader *r, const char **s, size_t *len);
 /* A scalar value as a kernel sees it; 1 ok, 0 the value is not a scalar
 ** (reader unchanged), -1 malformed. */
@@ -200,8 +181,6 @@ typedef struct lp_future {
 lp_future *luapool__future_new(lp_buf *b, int ncalls);
 /* The future's name in messages ("task #12", "items #51-#60"), in buf. */
 const char *luapool__future_label(const lp_future *f, char *buf, size_t size);
-/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
-int luapool__cond_init(pthread_cond_t *cv);
 void luapool__future_ref(lp_future *f);
 void luapool__future_unref(lp_future *f);
 /* PENDING -> RUNNING; 0 if it was cancelled meanwhile.  worker is the
@@ -324,8 +303,6 @@ void luapool__arm_interrupt_hook(lua_State *L);
 ** installed once, and the state it acts on for the calling thread. */
 #define LUAPOOL_STOP_SIGNAL SIGURG
 void luapool__stop_signal_install(void);
-/* Installs a handler for sig (SA_RESTART). */
-void luapool__on_signal(int sig, void (*handler)(int));
 void luapool__set_task_state(lua_State *L);
 /* The interrupt block and deadline of the thread task running on the
 ** calling thread (NULL and 0 elsewhere): waits inside a task end with it. */
@@ -454,34 +431,7 @@ int luapool__process_worker_main(int fd, const char *name, int index);
 ** luapool.so, else the installed one. */
 const char *luapool__worker_exe(void);
 extern char *luapool__host_exe; /* set by the host binary (main.c) */
-/* }====== */
-
-/* {====== Ctrl-C (the host installs the handler; luapool.c) */
-/* The signal the host received and has not yet delivered to the script as
-** an error (0: none).  Set only by the host (main.c: its signal thread,
-** or its handler), consumed by luapool__check_signal. */
-extern atomic_int luapool__signal;
-/* Non-zero when a handler is installed: owner waits then run in slices
-** and notice the signal. */
-extern atomic_int luapool__signals_handled;
-/* The thread whose Lua state receives the signal (the host's script thread,
-** set with signals_handled): only it consumes luapool__signal. */
-extern pthread_t luapool__signal_thread;
-int luapool__signal_for_me(void);
-/* When a signal is pending: stops the work of every pool (queued tasks
-** cancelled, running ones stopped), then raises an error of kind
-** "interrupted".  Returns when none is pending. */
-void luapool__check_signal(lua_State *L);
-/* The hook the host's handler sets on the main state (as lua.c does). */
-void luapool__signal_hook(lua_State *L, lua_Debug *ar);
-/* Called by the host on its script thread with its main state: STOP_SIGNAL
-** sent to that thread then sets luapool__signal_hook on L (when a signal
-** is pending), so the host's signal thread never touches L itself. */
-void luapool__set_signal_state(lua_State *L);
-/* Set by the host when the script ended on an uncaught interruption: a
-** closing pool then waits only briefly for a thread stuck in a C call. */
-extern atomic_int luapool__ending_on_signal;
-/* Stops the work of every live pool (executor.c). */
+/* Stops the work of every live pool (Ctrl-C). */
 void luapool__interrupt_all(void);
 /* }====== */
 
@@ -490,8 +440,6 @@ int luaopen_luapool(lua_State *L);
 /* Opens luapool into L as a global (with threadpool, processpool and a
 ** line-atomic print) and records which worker L is; kind NULL: the host. */
 void luapool__open_worker_state(lua_State *L, const char *kind, const char *name, int index);
-double luapool__now(void);
-int luapool__cpu_count(void);
 /* }====== */
 
 #endif

@@ -36,10 +36,6 @@ void luapool__check_signal(lua_State *L);
 void luapool__set_signal_delivery(void (*deliver)(lua_State *L, int sig));
 /* The hook the host's handler sets on the main state (as lua.c does). */
 void luapool__signal_hook(lua_State *L, lua_Debug *ar);
-/* Called by the host on its script thread with its main state: STOP_SIGNAL
-** sent to that thread then sets luapool__signal_hook on L (when a signal
-** is pending), so the host's signal thread never touches L itself. */
-void luapool__set_signal_state(lua_State *L);
 /* Set by the host when the script ended on an uncaught interruption: a
 ** closing pool then waits only briefly for a thread stuck in a C call. */
 extern atomic_int luapool__ending_on_signal;

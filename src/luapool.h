@@ -25,6 +25,7 @@
 #include "kernels/kernel.h"
 #include "stop.h"
 #include "util.h"
+#include "wstate.h"
 
 #define LUAPOOL_POOL_MT   "luapool.pool"
 #define LUAPOOL_FUTURE_MT "luapool.future"
@@ -241,81 +242,12 @@ const char *luapool__ekind_name(lp_ekind k);
 /* }====== */
 
 /* {====== worker side: running a task message (worker.c) */
-typedef struct lp_wstate {
-  lua_State *L;     /* created on the first Lua task */
-  const char *kind; /* "thread" or "process" */
-  char name[64];
-  int index;
-  lp_interrupt *intr; /* how the owner stops the running task */
-  double deadline;    /* of the running task (luapool__now); 0: none */
-  /* For the Lua state: copied from the creating state. */
-  const char *path, *cpath;
-  /* Process workers with max_memory_mb: the Lua state's allocation cap;
-  ** on_oom is called (and must not return) when a task exceeds it.  The
-  ** growth refused last, which Lua retries after a full collection
-  ** (worker.c: capped_alloc); oom_refused is set until it is settled. */
-  size_t mem_cap, mem_used;
-  void (*on_oom)(struct lp_wstate *ws);
-  int oom_refused;
-  void *oom_ptr;
-  size_t oom_osize, oom_nsize;
-  /* Past gc_at, a full collection is run at the next instruction (a
-  ** one-shot hook, the task's own hook kept aside), so that garbage is gone
-  ** before an allocation Lua cannot retry meets the cap. */
-  size_t gc_at;
-  int gc_hooked;
-  lua_Hook saved_hook;
-  int saved_mask, saved_count;
-  int fd; /* process workers: the socket to the parent */
-  /* Per-call deadlines: with call_timeout > 0 every call of a message has
-  ** its own deadline of that many seconds from its start (a map chunk's
-  ** items too).  Before each call the worker gives the call a new number
-  ** in intr->seq (a stop aimed at an earlier call misses it), sets
-  ** `deadline` and calls call_start (NULL: none), which tells whoever
-  ** enforces the deadline (a thread pool's watchdog, a process's parent).
-  ** A call stopped by its deadline, or finished past it, replies
-  ** LP_REPLY_TIMEOUT naming it: "task #N" (task_no), else "item #K"
-  ** (item_lo + its index in the message). */
-  double call_timeout;
-  void (*call_start)(struct lp_wstate *ws, uint32_t call);
-  /* Process workers: the parent enforces each call's deadline with a kill
-  ** (so a stuck C call is stopped too); the worker only tells it when
-  ** each call starts, and neither stops nor times a call itself. */
-  int deadline_by_kill;
-  uint64_t task_no;
-  int64_t item_lo;
-  /* The message's calls stopped short (Ctrl-C, a closing pool): the
-  ** calls not yet run are not run (the caller fails the whole task). */
-  int aborted;
-  /* A task's own code runs (a stop may raise in it only then). */
-  int in_call;
-} lp_wstate;
-
 /* Task message kinds (worker.c describes the format). */
 enum { LP_MSG_SINGLE = 1, LP_MSG_BATCH = 2 };
-
-/* Creates what a worker's Lua state needs (luapool.c). */
-int luapool__worker_state_init(lua_State *L, lp_wstate *ws);
-/* Sets the hook a task of L runs with: a count hook for a thread task with
-** a deadline, none otherwise (luapool.c). */
-void luapool__arm_interrupt_hook(lua_State *L);
-/* The signal that makes a thread worker's task notice a stop, its handler
-** installed once, and the state it acts on for the calling thread. */
-#define LUAPOOL_STOP_SIGNAL SIGURG
-void luapool__stop_signal_install(void);
-void luapool__set_task_state(lua_State *L);
-/* The interrupt block and deadline of the thread task running on the
-** calling thread (NULL and 0 elsewhere): waits inside a task end with it. */
-const lp_interrupt *luapool__thread_interrupt(double *deadline);
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */
 int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out);
-void luapool__wstate_close(lp_wstate *ws);
-/* Points ws's paths at path and cpath (which the caller keeps alive) and
-** sets them in its Lua state when it has one (luapool.c).  0, or -1 when
-** the state ran out of memory (it keeps its old paths). */
-int luapool__wstate_set_paths(lp_wstate *ws, const char *path, const char *cpath);
 /* Reply status byte per call. */
 enum { LP_REPLY_OK = 0, LP_REPLY_ERROR = 1, LP_REPLY_TRANSFER = 2, LP_REPLY_TIMEOUT = 3 };
 /* }====== */

@@ -18,7 +18,8 @@
 
 #include "int128.h"
 #include "stop.h"
-#include "util.h" /* luapool__now, the clock of lp_kcall.deadline */
+#include "util.h"   /* luapool__now, the clock of lp_kcall.deadline */
+#include "wstate.h" /* luapool__lua_interrupt */
 
 typedef enum {
   LP_NIL,
@@ -91,10 +92,6 @@ int luapool__kargerr(lp_kcall *c, const char *kname, int arg, const char *expect
 int luapool__http_global_init(void);
 /* luapool.http.get(url [, opts]) */
 int luapool__http_get(lua_State *L);
-/* The interrupt block and task deadline of the worker whose Lua state L
-** is (NULL and 0 in a main state), so kernels called from Lua inside a
-** task stop like native ones (luapool.c). */
-const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline);
 /* libcurl's version ("7.88.1"). */
 const char *luapool__curl_version(void);
 /* Frees the calling thread's easy handle (worker exit, module close). */

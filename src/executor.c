@@ -102,7 +102,31 @@ void luapool__pool_break(lp_pool *p, const char *why) {
   end_list(q, why);
 }
 
-void luapool__pool_notify(lp_pool *p, lp_future *f) {
+/* {====== what a settling future tells its pool (future.c's hooks, called
+** under the future's stripe lock) */
+
+/* Moves the pool's call counters for a transition of f, so stats() agrees
+** with the futures' states at every moment. */
+static void count_calls(lp_pool *p, lp_future *f, lp_fstate from, lp_fstate to) {
+  size_t n = (size_t)f->ncalls;
+  atomic_fetch_sub(from == LP_PENDING ? &p->c_pending : &p->c_running, n);
+  if (to == LP_RUNNING) {
+    atomic_fetch_add(&p->c_running, n);
+  } else if (to == LP_CANCELLED) {
+    atomic_fetch_add(&p->c_cancelled, n);
+  } else if (to == LP_FAILED) {
+    atomic_fetch_add(&p->c_failed, n);
+  } else {
+    size_t bad = luapool__future_nerr(f);
+    if (bad > n) bad = n;
+    atomic_fetch_add(&p->c_done, n - bad);
+    atomic_fetch_add(&p->c_failed, bad);
+  }
+}
+
+/* Queues f's done callbacks for the owner (cbmu: after the stripe in the
+** lock order). */
+static void pool_notify(lp_pool *p, lp_future *f) {
   luapool__future_ref(f);
   pthread_mutex_lock(&p->cbmu);
   f->cbnext = p->cbhead;
@@ -110,6 +134,11 @@ void luapool__pool_notify(lp_pool *p, lp_future *f) {
   atomic_store(&p->ncb, 1);
   pthread_mutex_unlock(&p->cbmu);
 }
+
+static const lp_future_hooks future_hooks = {.count = count_calls, .notify = pool_notify};
+static pthread_once_t hooks_once = PTHREAD_ONCE_INIT;
+static void hooks_install(void) { luapool__future_set_hooks(&future_hooks); }
+/* }====== */
 
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz) {
   lp_reader r = {reply + 4, reply + len}; /* past the error count */
@@ -706,6 +735,7 @@ static void read_options(lua_State *L, unsigned pools, pool_opts *o) {
 /* }====== */
 
 int luapool__pool_new(lua_State *L, const lp_backend *be) {
+  pthread_once(&hooks_once, hooks_install); /* before this pool's first future */
   pool_opts opt = {.max_workers = default_workers(be)};
   snprintf(opt.name, sizeof opt.name, "%s", be->kind);
   if (!lua_isnoneornil(L, 1))

@@ -201,11 +201,56 @@ uint32_t luapool__future_nerr(lp_future *f);
 int luapool__future_flagged(lp_future *f);
 #define LP_REPLY_NAMED 0x80000000u
 
-/* Completion queue: futures come out in the order they finish (future.c).
-** luapool.as_completed, wait and unordered imap are built on it. */
+/* Completion queue: futures come out in the order they finish (future.c;
+** lfuture.c has its Lua face).  luapool.as_completed, wait and unordered
+** imap are built on it. */
 typedef struct lp_cq lp_cq;
-void luapool__cq_open(lua_State *L);
-int luapool__cq_new(lua_State *L); /* Lua: prims.cq() */
+struct lp_wnode {
+  lp_future *f; /* holds a reference */
+  lp_cq *q;
+  int id;          /* the Lua-side slot of the future in its queue */
+  int fired;       /* lock: f's stripe */
+  lp_wnode *fnext; /* in f->wnodes (lock: f's stripe) */
+  lp_wnode *qnext; /* in q's fired list (mutex: q->mu) */
+  /* In q's list of nodes not yet popped (owner only): popping unlinks
+  ** and frees a node, so the queue holds only what it has not handed out. */
+  lp_wnode *anext, *aprev;
+};
+
+struct lp_cq {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  lp_wnode *head, *tail; /* fired, not yet popped (mutex: mu) */
+  lp_wnode *all;         /* every node not yet popped (owner only) */
+  int waiting;           /* registered, not yet popped (owner only) */
+};
+/* A queue with no node (NULL: no memory). */
+lp_cq *luapool__cq_alloc(void);
+/* Detaches every node not yet popped from its future, then frees the
+** queue and its nodes (each node's reference goes). */
+void luapool__cq_free(lp_cq *q);
+/* Registers node n (n->f, n->q set; owner only): fired now when n->f is
+** done, else when it settles. */
+void luapool__cq_watch(lp_wnode *n);
+/* Takes the next fired node into *out, waiting up to timeout seconds from
+** start (timeout < 0: forever).  1 a node, 0 timed out (*out NULL), -1 a
+** signal is pending for this thread (the caller raises it, then may wait
+** again), -2 the thread task this wait runs in was stopped. */
+int luapool__cq_wait(lp_cq *q, double timeout, double start, lp_wnode **out);
+
+/* What the pool layer hears of a future's transitions (stripe locked; set
+** once by the first pool, luapool__future_set_hooks): the future core
+** knows nothing of pools. */
+typedef struct lp_future_hooks {
+  /* f, of pool p, went from -> to: move p's call counters. */
+  void (*count)(struct lp_pool *p, lp_future *f, lp_fstate from, lp_fstate to);
+  /* f, whose done callbacks p holds, settled. */
+  void (*notify)(struct lp_pool *p, lp_future *f);
+} lp_future_hooks;
+void luapool__future_set_hooks(const lp_future_hooks *h);
+/* Done callbacks: returns whether f is done; when it is not, p (non-NULL)
+** will be told when it settles.  *notified: p was already to be told. */
+int luapool__future_notify_on(lp_future *f, struct lp_pool *p, int *notified);
 /* Both return 1 when this call made the transition (from PENDING, or for
 ** fail also RUNNING), 0 when the future had already left that state. */
 int luapool__future_cancel(lp_future *f);
@@ -215,7 +260,9 @@ int luapool__future_cancel(lp_future *f);
 int luapool__future_wait(lp_future *f, double timeout);
 lp_fstate luapool__future_state(lp_future *f);
 
-/* Lua side. */
+/* Lua side (lfuture.c). */
+void luapool__cq_open(lua_State *L);
+int luapool__cq_new(lua_State *L); /* Lua: prims.cq() */
 /* Pushes a userdata for f (which may be NULL, filled later by _set: the
 ** userdata is created before the C future so that its allocation, which
 ** may raise, happens while nothing needs freeing). */
@@ -332,9 +379,6 @@ void luapool__pool_break(lp_pool *p, const char *why);
 ** message) succeeded, else -1 with the error text in msg. */
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz);
 
-/* Called by a settling future that has done callbacks, under its stripe's
-** lock (future.c). */
-void luapool__pool_notify(struct lp_pool *p, lp_future *f);
 /* Runs the done callbacks of pool p's finished futures (owner only). */
 void luapool__pool_poll(lua_State *L, int pool_idx);
 /* Cheap test first: is a callback owed at all? (p may be NULL) */

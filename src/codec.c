@@ -35,7 +35,10 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "luapool.h"
+#include "buf.h"
+#include "codec.h"
+#include "int128.h"
+#include "kernels/kernel.h"
 
 enum {
   T_NIL,

@@ -50,7 +50,16 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "luapool.h"
+#include "codec.h"
+#include "ctrlc.h"
+#include "errors.h"
+#include "executor.h"
+#include "future.h"
+#include "lfuture.h"
+#include "message.h"
+#include "stop.h"
+#include "util.h"
+#include "wstate.h"
 
 /* {======================================================
 ** Queue and workers
@@ -452,28 +461,6 @@ static void pool_free(lp_pool *p) {
 }
 
 /* {====== the script's paths, as tasks saw them */
-lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, size_t cl,
-                             uint64_t gen) {
-  lp_paths *ps = malloc(sizeof *ps + pl + cl + 2);
-  if (ps == NULL) return NULL;
-  atomic_init(&ps->refs, 1);
-  ps->gen = gen;
-  memcpy(ps->data, path, pl);
-  ps->data[pl] = 0;
-  memcpy(ps->data + pl + 1, cpath, cl);
-  ps->data[pl + 1 + cl] = 0;
-  ps->path = ps->data;
-  ps->cpath = ps->data + pl + 1;
-  return ps;
-}
-
-void luapool__paths_ref(lp_paths *ps) {
-  atomic_fetch_add_explicit(&ps->refs, 1, memory_order_relaxed);
-}
-
-void luapool__paths_unref(lp_paths *ps) {
-  if (ps && atomic_fetch_sub_explicit(&ps->refs, 1, memory_order_acq_rel) == 1) free(ps);
-}
 /* }====== */
 
 /* }====================================================== */
@@ -545,9 +532,7 @@ lp_pool *luapool__check_pool(lua_State *L, int idx) {
 }
 
 static int default_workers(const lp_backend *be) {
-  int n = luapool__cpu_count();
-  if (be == &luapool__thread_backend) return n + 4 < 32 ? n + 4 : 32;
-  return n;
+  return be->default_workers(luapool__cpu_count());
 }
 
 /* Pushes package[field] when it is a string, else "" (the package table
@@ -596,8 +581,8 @@ static void check_paths(lua_State *L, int pool_idx, lp_pool *p) {
 
 typedef enum { OPT_INT, OPT_SECONDS, OPT_NAME, OPT_CRASH, OPT_FUNCTION, OPT_TABLE } opt_type;
 
-#define ON_THREADS   1u
-#define ON_PROCESSES 2u
+#define ON_THREADS   LP_ON_THREADS
+#define ON_PROCESSES LP_ON_PROCESSES
 #define ON_ALL       (ON_THREADS | ON_PROCESSES)
 
 typedef struct pool_opts {
@@ -738,8 +723,7 @@ int luapool__pool_new(lua_State *L, const lp_backend *be) {
   pthread_once(&hooks_once, hooks_install); /* before this pool's first future */
   pool_opts opt = {.max_workers = default_workers(be)};
   snprintf(opt.name, sizeof opt.name, "%s", be->kind);
-  if (!lua_isnoneornil(L, 1))
-    read_options(L, be == &luapool__process_backend ? ON_PROCESSES : ON_THREADS, &opt);
+  if (!lua_isnoneornil(L, 1)) read_options(L, be->options, &opt);
   int max_workers = opt.max_workers;
   const char *name = opt.name;
   /* The initializer travels as one task message, encoded once now so that
@@ -1179,7 +1163,15 @@ static int pool_index(lua_State *L) {
 static const luaL_Reg pool_methods[] = {
     {"submit", pool_submit}, {"shutdown", pool_shutdown}, {"stats", pool_stats}, {NULL, NULL}};
 
+static int pool_owes(lp_pool *p) { return atomic_load_explicit(&p->ncb, memory_order_acquire); }
+
+static const lp_pool_face pool_face = {.owes = pool_owes,
+                                       .poll = luapool__pool_poll,
+                                       .watch = luapool__pool_watch,
+                                       .to_pool = luapool__to_pool};
+
 void luapool__pool_open(lua_State *L) {
+  luapool__future_set_pool_face(&pool_face);
   if (luaL_newmetatable(L, LUAPOOL_POOL_MT)) {
     luaL_newlib(L, pool_methods);
     lua_pushvalue(L, -1);

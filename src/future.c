@@ -1,5 +1,7 @@
 /*
-** Futures: a thread-safe state machine (C side) and its Lua face.
+** Futures, the C side: a thread-safe state machine, the script's paths it
+** carries, and completion queues.  No Lua (lfuture.c is their Lua face)
+** and no pool (a pool hears of transitions through lp_future_hooks).
 **
 **   PENDING --start--> RUNNING --finish--> FINISHED (reply bytes)
 **      |                  \----fail-----> FAILED   (kind + message)
@@ -19,10 +21,11 @@
 #include <string.h>
 #include <time.h>
 
-#include <lauxlib.h>
-#include <lua.h>
-
-#include "luapool.h"
+#include "ctrlc.h"
+#include "future.h"
+#include "stop.h"
+#include "util.h"
+#include "wstate.h"
 
 /* {======================================================
 ** C side
@@ -432,6 +435,33 @@ int luapool__future_wait(lp_future *f, double timeout) {
   pthread_mutex_unlock(&s->mu);
   return done ? 1 : sig ? -1 : stop ? -2 : 0;
 }
+
+/* {====== the script's paths at submit */
+
+lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, size_t cl,
+                             uint64_t gen) {
+  lp_paths *ps = malloc(sizeof *ps + pl + cl + 2);
+  if (ps == NULL) return NULL;
+  atomic_init(&ps->refs, 1);
+  ps->gen = gen;
+  memcpy(ps->data, path, pl);
+  ps->data[pl] = 0;
+  memcpy(ps->data + pl + 1, cpath, cl);
+  ps->data[pl + 1 + cl] = 0;
+  ps->path = ps->data;
+  ps->cpath = ps->data + pl + 1;
+  return ps;
+}
+
+void luapool__paths_ref(lp_paths *ps) {
+  atomic_fetch_add_explicit(&ps->refs, 1, memory_order_relaxed);
+}
+
+void luapool__paths_unref(lp_paths *ps) {
+  if (ps && atomic_fetch_sub_explicit(&ps->refs, 1, memory_order_acq_rel) == 1) free(ps);
+}
+
+/* }====== */
 
 /* {====== completion queue: the C side (lfuture.c has its Lua face) */
 

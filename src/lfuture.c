@@ -11,7 +11,25 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "luapool.h"
+#include "codec.h"
+#include "ctrlc.h"
+#include "errors.h"
+#include "future.h"
+#include "lfuture.h"
+#include "message.h"
+#include "stop.h"
+#include "util.h"
+#include "wstate.h"
+
+/* The pool's Lua face (executor.c sets it when it opens, before the first
+** future userdata exists). */
+static _Atomic(const lp_pool_face *) the_pool_face;
+
+void luapool__future_set_pool_face(const lp_pool_face *face) { atomic_store(&the_pool_face, face); }
+
+static const lp_pool_face *pool_face(void) {
+  return atomic_load_explicit(&the_pool_face, memory_order_acquire);
+}
 
 /* {======================================================
 ** Lua side
@@ -181,11 +199,6 @@ static double opt_timeout(lua_State *L, int idx) {
   return t;
 }
 
-static const char *ekind_names[] = {"task",   "timeout",  "cancelled",  "crashed",
-                                    "broken", "transfer", "interrupted"};
-
-const char *luapool__ekind_name(lp_ekind k) { return ekind_names[k]; }
-
 /* Decoding in protected mode: a reply the owner cannot take (a name its
 ** state does not know, no memory) becomes an error of kind "transfer". */
 typedef struct pdecode_args {
@@ -295,9 +308,9 @@ static void wait_done(lua_State *L, lp_future *f, double *timeout) {
 /* Every future method first runs the done callbacks the owner owes
 ** (f->pool is alive: the future's userdata holds the pool's). */
 static void poll_owed(lua_State *L, lp_future *f) {
-  if (!luapool__pool_owes(f->pool)) return;
+  if (f->pool == NULL || !pool_face()->owes(f->pool)) return;
   luapool__future_push_pool(L, 1);
-  luapool__pool_poll(L, -1);
+  pool_face()->poll(L, -1);
   lua_pop(L, 1);
 }
 
@@ -365,7 +378,7 @@ static int future_cancel(lua_State *L) {
   lp_future *f = poll_future(L);
   if (luapool__future_cancel(f)) {
     luapool__future_push_pool(L, 1);
-    luapool__pool_poll(L, -1); /* its callbacks run now */
+    pool_face()->poll(L, -1); /* its callbacks run now */
     lua_pop(L, 1);
   }
   lua_pushboolean(L, luapool__future_state(f) == LP_CANCELLED);
@@ -418,7 +431,7 @@ static int future_add_done_callback(lua_State *L) {
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
   luapool__future_push_pool(L, 1); /* 3: the pool */
-  lp_pool *p = luapool__to_pool(L, 3);
+  struct lp_pool *p = pool_face()->to_pool(L, 3);
   /* Lua work first (it may raise), then the decision under the lock. */
   if (get_extra(L, 1, X_CALLBACKS) != LUA_TTABLE) { /* 4: callbacks */
     lua_pop(L, 1);
@@ -426,7 +439,7 @@ static int future_add_done_callback(lua_State *L) {
     lua_pushvalue(L, -1);
     set_extra(L, 1, X_CALLBACKS);
   }
-  if (p) luapool__pool_watch(L, 3, 1);
+  if (p) pool_face()->watch(L, 3, 1);
   int notified;
   int done = luapool__future_notify_on(f, p, &notified);
   if (done && p && !notified) { /* nothing will clear the watch: do it now */
@@ -585,7 +598,7 @@ static int cq_pop(lua_State *L) {
   lua_rawseti(L, -3, id);
   luapool__future_unref(f);
   luapool__future_push_pool(L, -1); /* the future's pool: its callbacks are due */
-  luapool__pool_poll(L, -1);
+  pool_face()->poll(L, -1);
   lua_pop(L, 1);
   return 1;
 }

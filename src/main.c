@@ -26,7 +26,11 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "ctrlc.h"
+#include "engines.h"
 #include "luapool.h"
+#include "util.h"
+#include "wstate.h"
 
 #ifdef LUAPOOL_USE_READLINE
 #include <readline/history.h>

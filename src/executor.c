@@ -12,14 +12,20 @@
 ** Wake-up protocol (every wait re-checks its condition under its mutex
 ** after waking, and every change that can satisfy it is made under that
 ** mutex before the wake, so no wake can fall between a check and a wait):
+**  - a pool starts with no worker: only submit (the owner's thread, under
+**    p->mu) starts one, when the idle workers do not outnumber the tasks
+**    already queued (p->idle <= p->npending) and fewer than max_workers
+**    exist, so a task that would find no idle worker free gets a new one
+**    (up to the limit) and workers are never started ahead of work;
 **  - workers wait on p->cv while the queue is empty and the pool is not
 **    closing; submit pushes under p->mu and signals when p->idle > 0;
 **    a worker counts itself idle from before its wait until after it
-**    woke, so a signalled worker that has not run yet still counts: a
-**    second submit then signals again (a no-op) or starts a new worker,
-**    and the signalled worker finds both tasks when it wakes, because it
-**    takes from the queue until it is empty before waiting again; closing
-**    broadcasts;
+**    woke, so a signalled worker that has not run yet still counts, and
+**    is matched against the task queued before: a second submit then
+**    starts a new worker (below the limit; at it, it only signals, a
+**    no-op), and the signalled worker finds every queued task when it
+**    wakes, because it takes from the queue until it is empty before
+**    waiting again; closing broadcasts;
 **  - an owner waits on its future's stripe cv (future.c: f->nwaiters
 **    counts it under the stripe's mu; settle broadcasts under that mu
 **    when nwaiters > 0; "f->mu" here is that stripe's mu), or on q->cv
@@ -35,7 +41,7 @@
 **  - only the owner's thread (the Lua state that created the pool) submits,
 **    shuts down and joins; workers never touch the owner's Lua state.
 ** A backend (threadpool.c, processpool.c) only says how a worker starts,
-** runs one task and stops.
+** runs one task and stops; the core never names one (engines.h does).
 */
 #include <errno.h>
 #include <math.h>

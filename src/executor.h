@@ -55,15 +55,25 @@ struct lp_worker {
   /* The running task's deadline, for the watchdog (mutex: pool's mu). */
   double deadline;
   uint64_t deadline_seq;
-  int joined;      /* owner only */
+  /* Its thread was joined: written by the owner (pool_stop) under the
+  ** pool's mu, read by the owner freely and by any other thread
+  ** (pool_interrupt, from Ctrl-C) under that mu. */
+  int joined;
+
   atomic_int busy; /* running a task */
   char name[64];
 };
 
 struct lp_pool {
   const lp_backend *be;
-  pthread_mutex_t mu; /* guards everything below */
-  pthread_cond_t cv;  /* workers wait here for tasks */
+  /* mu guards the queue, the worker table and counts, closing, the
+  ** workers' deadlines, wd_stop and broken.  Not under it: the c_*
+  ** counters and ncb (atomics), cbhead (cbmu), the live-pool links
+  ** (executor.c's live_mu), what only the owner's thread writes and reads
+  ** (paths, nsubmitted, drain, wd_started), and what is fixed once the
+  ** pool exists (be, name, options, init_msg). */
+  pthread_mutex_t mu;
+  pthread_cond_t cv; /* workers wait here for tasks */
   lp_future *head, *tail;
   size_t npending;
   int max_workers, nworkers, idle;
@@ -91,10 +101,10 @@ struct lp_pool {
   pthread_t wd;
   int wd_started, wd_stop;
   pthread_cond_t wdcv;
-  struct lp_pool *prev_live, *next_live; /* all live pools (Ctrl-C) */
+  struct lp_pool *prev_live, *next_live; /* all live pools (Ctrl-C); mutex: live_mu */
   char *init_msg;                        /* initializer + initargs as a task message */
   size_t init_len;
-  char *broken; /* set once an initializer failed: why */
+  char *broken; /* set once an initializer failed: why (mutex: mu) */
 };
 
 /* Marks the pool broken (first reason wins) and fails every queued future

@@ -1,6 +1,8 @@
 /*
 ** luaopen_luapool: the module table, every type's registration, the worker
-** API (current_worker, now, sleep, cpu_count) and error objects.
+** API (current_worker, now, sleep, cpu_count), the hooks the lower layers
+** call up through (signal delivery, opening a worker state), and the
+** worker states it opens.  Error objects are errors.c's.
 */
 #include <errno.h>
 #include <sched.h>

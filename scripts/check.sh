@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The quality gates, one command each (CI runs them all):
-#   scripts/check.sh lint      luacheck on lua/ scripts/ spec/, clang-format check of the C tree
+#   scripts/check.sh lint      luacheck on lua/ scripts/ spec/, clang-format check of the C tree,
+#                              and the include-cycle check below
+#   scripts/check.sh cycles    fails (printing it) on a cycle in src/'s #include "..." graph
 #   scripts/check.sh analyze   clang-tidy and cppcheck on src/ (zero findings)
 #   scripts/check.sh asan      AddressSanitizer + UBSan build, the whole suite under it
 #   scripts/check.sh tsan      ThreadSanitizer build, the pool/future/codec/stress specs under it
@@ -33,7 +35,82 @@ c_files() { ls src/*.c src/*.h src/kernels/*.c src/kernels/*.h spec/fuzz/*.c; }
 lint() {
   luacheck --formatter plain lua scripts spec .busted
   clang-format --dry-run -Werror $(c_files)
+  cycles
   echo "lint: clean"
+}
+
+# The layers of src/ (docs/architecture.md) hold only while no module
+# includes, directly or not, a module that includes it back.  A module is a
+# .c and its .h taken as one node (foo.c and foo.h are "foo"), so that a
+# cycle through the code (codec.c uses the kernel table, a kernel uses the
+# codec) is seen even though no header includes itself.  #include "x" is
+# resolved as the compiler does: the including file's directory first, then
+# the -I root src/; a name found in neither (build/gen's embedded Lua, a
+# system header) is no edge.
+cycles() {
+  lua5.4 - src <<'LUA'
+local root = arg[1]
+local function exists(p)
+  local f = io.open(p, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+local function module(p) return (p:gsub("^" .. root .. "/", ""):gsub("%.[ch]$", "")) end
+local files = {}
+for p in io.popen("find " .. root .. " -name '*.[ch]' | sort"):lines() do files[#files + 1] = p end
+local edges, names = {}, {}
+for _, p in ipairs(files) do
+  local from = module(p)
+  edges[from] = edges[from] or {}
+  names[#names + 1] = from
+  local dir = p:match("^(.*)/[^/]*$")
+  local n = 0
+  for line in io.lines(p) do
+    n = n + 1
+    local inc = line:match('^%s*#%s*include%s*"([^"]+)"')
+    if inc then
+      local target = exists(dir .. "/" .. inc) and dir .. "/" .. inc
+        or exists(root .. "/" .. inc) and root .. "/" .. inc
+      if target then
+        target = target:gsub("/%./", "/")
+        local k
+        repeat target, k = target:gsub("[^/]+/%.%./", "", 1) until k == 0
+        local to = module(target)
+        if to ~= from and not edges[from][to] then
+          edges[from][to] = p .. ":" .. n
+          edges[from][#edges[from] + 1] = to
+        end
+      end
+    end
+  end
+end
+table.sort(names)
+local state, stack = {}, {}
+local function visit(m)
+  state[m] = "open"
+  stack[#stack + 1] = m
+  for _, to in ipairs(edges[m] or {}) do
+    if state[to] == "open" then
+      local i = #stack
+      while stack[i] ~= to do i = i - 1 end
+      io.stderr:write("include cycle:\n")
+      for j = i, #stack do
+        local a, b = stack[j], stack[j + 1] or to
+        io.stderr:write(("  %s -> %s  (%s)\n"):format(a, b, edges[a][b]))
+      end
+      os.exit(1)
+    elseif not state[to] then
+      visit(to)
+    end
+  end
+  stack[#stack] = nil
+  state[m] = "done"
+end
+for _, m in ipairs(names) do
+  if not state[m] then visit(m) end
+end
+print("cycles: none in " .. #files .. " files")
+LUA
 }
 
 configure() { # build-dir, cmake args...
@@ -109,6 +186,7 @@ timed() {
 case "${1:-}" in
   packages) packages ;;
   lint) lint ;;
+  cycles) cycles ;;
   analyze) analyze ;;
   asan) asan ;;
   tsan) tsan ;;
@@ -118,6 +196,6 @@ case "${1:-}" in
   all)
     for c in lint analyze asan tsan valgrind_check oom fuzz; do timed "$c"; done ;;
   *)
-    sed -n '2,13p' "$0" >&2
+    sed -n '2,16p' "$0" >&2
     exit 2 ;;
 esac

@@ -35,7 +35,10 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "luapool.h"
+#include "buf.h"
+#include "codec.h"
+#include "int128.h"
+#include "kernels/kernel.h"
 
 enum {
   T_NIL,
@@ -59,51 +62,6 @@ enum {
             ** the message: this slot shares it */
   T_LAST
 };
-
-/* {======================================================
-** Buffer
-** ======================================================= */
-
-int luapool__buf_reserve(lp_buf *b, size_t extra) {
-  if (b->cap - b->len >= extra) return 0;
-  if (extra > SIZE_MAX / 2 - b->len) return -1;
-  size_t ncap = b->cap ? b->cap : 256;
-  while (ncap - b->len < extra)
-    ncap *= 2;
-  char *np = realloc(b->p, ncap);
-  if (np == NULL) return -1;
-  b->p = np;
-  b->cap = ncap;
-  return 0;
-}
-
-int luapool__buf_add(lp_buf *b, const void *p, size_t n) {
-  if (luapool__buf_reserve(b, n) != 0) return -1;
-  if (n) memcpy(b->p + b->len, p, n);
-  b->len += n;
-  return 0;
-}
-
-void luapool__buf_free(lp_buf *b) {
-  free(b->p);
-  b->p = NULL;
-  b->len = b->cap = 0;
-}
-
-char *luapool__buf_take(lp_buf *b, size_t *len) {
-  char *p = b->p;
-  *len = b->len;
-  b->p = NULL;
-  b->len = b->cap = 0;
-  return p;
-}
-
-int luapool__put_u8(lp_buf *b, unsigned v) {
-  unsigned char c = (unsigned char)v;
-  return luapool__buf_add(b, &c, 1);
-}
-
-int luapool__put_u32(lp_buf *b, uint32_t v) { return luapool__buf_add(b, &v, 4); }
 
 static int put_u64(lp_buf *b, uint64_t v) { return luapool__buf_add(b, &v, 8); }
 
@@ -1228,14 +1186,6 @@ static int get_bytes(lp_reader *r, void *dst, size_t n) {
   r->p += n;
   return 0;
 }
-
-int luapool__get_u8(lp_reader *r, unsigned *v) {
-  if (r->p >= r->end) return -1;
-  *v = (unsigned char)*r->p++;
-  return 0;
-}
-
-int luapool__get_u32(lp_reader *r, uint32_t *v) { return get_bytes(r, v, 4); }
 
 /* Reads the length that follows a string tag t. */
 static int get_strlen(lp_reader *r, unsigned t, size_t *len) {

@@ -12,14 +12,20 @@
 ** Wake-up protocol (every wait re-checks its condition under its mutex
 ** after waking, and every change that can satisfy it is made under that
 ** mutex before the wake, so no wake can fall between a check and a wait):
+**  - a pool starts with no worker: only submit (the owner's thread, under
+**    p->mu) starts one, when the idle workers do not outnumber the tasks
+**    already queued (p->idle <= p->npending) and fewer than max_workers
+**    exist, so a task that would find no idle worker free gets a new one
+**    (up to the limit) and workers are never started ahead of work;
 **  - workers wait on p->cv while the queue is empty and the pool is not
 **    closing; submit pushes under p->mu and signals when p->idle > 0;
 **    a worker counts itself idle from before its wait until after it
-**    woke, so a signalled worker that has not run yet still counts: a
-**    second submit then signals again (a no-op) or starts a new worker,
-**    and the signalled worker finds both tasks when it wakes, because it
-**    takes from the queue until it is empty before waiting again; closing
-**    broadcasts;
+**    woke, so a signalled worker that has not run yet still counts, and
+**    is matched against the task queued before: a second submit then
+**    starts a new worker (below the limit; at it, it only signals, a
+**    no-op), and the signalled worker finds every queued task when it
+**    wakes, because it takes from the queue until it is empty before
+**    waiting again; closing broadcasts;
 **  - an owner waits on its future's stripe cv (future.c: f->nwaiters
 **    counts it under the stripe's mu; settle broadcasts under that mu
 **    when nwaiters > 0; "f->mu" here is that stripe's mu), or on q->cv
@@ -35,7 +41,7 @@
 **  - only the owner's thread (the Lua state that created the pool) submits,
 **    shuts down and joins; workers never touch the owner's Lua state.
 ** A backend (threadpool.c, processpool.c) only says how a worker starts,
-** runs one task and stops.
+** runs one task and stops; the core never names one (engines.h does).
 */
 #include <errno.h>
 #include <math.h>
@@ -50,7 +56,16 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "luapool.h"
+#include "codec.h"
+#include "ctrlc.h"
+#include "errors.h"
+#include "executor.h"
+#include "future.h"
+#include "lfuture.h"
+#include "message.h"
+#include "stop.h"
+#include "util.h"
+#include "wstate.h"
 
 /* {======================================================
 ** Queue and workers
@@ -102,7 +117,31 @@ void luapool__pool_break(lp_pool *p, const char *why) {
   end_list(q, why);
 }
 
-void luapool__pool_notify(lp_pool *p, lp_future *f) {
+/* {====== what a settling future tells its pool (future.c's hooks, called
+** under the future's stripe lock) */
+
+/* Moves the pool's call counters for a transition of f, so stats() agrees
+** with the futures' states at every moment. */
+static void count_calls(lp_pool *p, lp_future *f, lp_fstate from, lp_fstate to) {
+  size_t n = (size_t)f->ncalls;
+  atomic_fetch_sub(from == LP_PENDING ? &p->c_pending : &p->c_running, n);
+  if (to == LP_RUNNING) {
+    atomic_fetch_add(&p->c_running, n);
+  } else if (to == LP_CANCELLED) {
+    atomic_fetch_add(&p->c_cancelled, n);
+  } else if (to == LP_FAILED) {
+    atomic_fetch_add(&p->c_failed, n);
+  } else {
+    size_t bad = luapool__future_nerr(f);
+    if (bad > n) bad = n;
+    atomic_fetch_add(&p->c_done, n - bad);
+    atomic_fetch_add(&p->c_failed, bad);
+  }
+}
+
+/* Queues f's done callbacks for the owner (cbmu: after the stripe in the
+** lock order). */
+static void pool_notify(lp_pool *p, lp_future *f) {
   luapool__future_ref(f);
   pthread_mutex_lock(&p->cbmu);
   f->cbnext = p->cbhead;
@@ -110,6 +149,11 @@ void luapool__pool_notify(lp_pool *p, lp_future *f) {
   atomic_store(&p->ncb, 1);
   pthread_mutex_unlock(&p->cbmu);
 }
+
+static const lp_future_hooks future_hooks = {.count = count_calls, .notify = pool_notify};
+static pthread_once_t hooks_once = PTHREAD_ONCE_INIT;
+static void hooks_install(void) { luapool__future_set_hooks(&future_hooks); }
+/* }====== */
 
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz) {
   lp_reader r = {reply + 4, reply + len}; /* past the error count */
@@ -423,28 +467,6 @@ static void pool_free(lp_pool *p) {
 }
 
 /* {====== the script's paths, as tasks saw them */
-lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, size_t cl,
-                             uint64_t gen) {
-  lp_paths *ps = malloc(sizeof *ps + pl + cl + 2);
-  if (ps == NULL) return NULL;
-  atomic_init(&ps->refs, 1);
-  ps->gen = gen;
-  memcpy(ps->data, path, pl);
-  ps->data[pl] = 0;
-  memcpy(ps->data + pl + 1, cpath, cl);
-  ps->data[pl + 1 + cl] = 0;
-  ps->path = ps->data;
-  ps->cpath = ps->data + pl + 1;
-  return ps;
-}
-
-void luapool__paths_ref(lp_paths *ps) {
-  atomic_fetch_add_explicit(&ps->refs, 1, memory_order_relaxed);
-}
-
-void luapool__paths_unref(lp_paths *ps) {
-  if (ps && atomic_fetch_sub_explicit(&ps->refs, 1, memory_order_acq_rel) == 1) free(ps);
-}
 /* }====== */
 
 /* }====================================================== */
@@ -516,9 +538,7 @@ lp_pool *luapool__check_pool(lua_State *L, int idx) {
 }
 
 static int default_workers(const lp_backend *be) {
-  int n = luapool__cpu_count();
-  if (be == &luapool__thread_backend) return n + 4 < 32 ? n + 4 : 32;
-  return n;
+  return be->default_workers(luapool__cpu_count());
 }
 
 /* Pushes package[field] when it is a string, else "" (the package table
@@ -587,8 +607,8 @@ static void check_paths(lua_State *L, int pool_idx, lp_pool *p) {
 
 typedef enum { OPT_INT, OPT_SECONDS, OPT_NAME, OPT_CRASH, OPT_FUNCTION, OPT_TABLE } opt_type;
 
-#define ON_THREADS   1u
-#define ON_PROCESSES 2u
+#define ON_THREADS   LP_ON_THREADS
+#define ON_PROCESSES LP_ON_PROCESSES
 #define ON_ALL       (ON_THREADS | ON_PROCESSES)
 
 typedef struct pool_opts {
@@ -726,10 +746,10 @@ static void read_options(lua_State *L, unsigned pools, pool_opts *o) {
 /* }====== */
 
 int luapool__pool_new(lua_State *L, const lp_backend *be) {
+  pthread_once(&hooks_once, hooks_install); /* before this pool's first future */
   pool_opts opt = {.max_workers = default_workers(be)};
   snprintf(opt.name, sizeof opt.name, "%s", be->kind);
-  if (!lua_isnoneornil(L, 1))
-    read_options(L, be == &luapool__process_backend ? ON_PROCESSES : ON_THREADS, &opt);
+  if (!lua_isnoneornil(L, 1)) read_options(L, be->options, &opt);
   int max_workers = opt.max_workers;
   const char *name = opt.name;
   /* The initializer travels as one task message, encoded once now so that
@@ -1176,7 +1196,15 @@ static int pool_index(lua_State *L) {
 static const luaL_Reg pool_methods[] = {
     {"submit", pool_submit}, {"shutdown", pool_shutdown}, {"stats", pool_stats}, {NULL, NULL}};
 
+static int pool_owes(lp_pool *p) { return atomic_load_explicit(&p->ncb, memory_order_acquire); }
+
+static const lp_pool_face pool_face = {.owes = pool_owes,
+                                       .poll = luapool__pool_poll,
+                                       .watch = luapool__pool_watch,
+                                       .to_pool = luapool__to_pool};
+
 void luapool__pool_open(lua_State *L) {
+  luapool__future_set_pool_face(&pool_face);
   if (luaL_newmetatable(L, LUAPOOL_POOL_MT)) {
     luaL_newlib(L, pool_methods);
     lua_pushvalue(L, -1);

@@ -1,6 +1,8 @@
 /*
 ** luaopen_luapool: the module table, every type's registration, the worker
-** API (current_worker, now, sleep, cpu_count) and error objects.
+** API (current_worker, now, sleep, cpu_count), the hooks the lower layers
+** call up through (signal delivery, opening a worker state), and the
+** worker states it opens.  Error objects are errors.c's.
 */
 #include <errno.h>
 #include <sched.h>
@@ -16,26 +18,26 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "codec.h"
+#include "ctrlc.h"
+#include "engines.h"
+#include "errors.h"
+#include "executor.h"
+#include "int128.h"
+#include "kernels/kernel.h"
+#include "lfuture.h"
 #include "luapool.h"
+#include "stop.h"
+#include "util.h"
+#include "wstate.h"
 #include "lua_executor.h"
 #include "lua_progress.h"
 
 static const char *const WORKER_KEY = "luapool.worker";
 
-atomic_int luapool__signal;
-atomic_int luapool__signals_handled;
-atomic_int luapool__ending_on_signal;
-pthread_t luapool__signal_thread;
-
-int luapool__signal_for_me(void) {
-  return atomic_load(&luapool__signal) != 0 && atomic_load(&luapool__signals_handled) &&
-         pthread_equal(pthread_self(), luapool__signal_thread);
-}
-
-void luapool__check_signal(lua_State *L) {
-  if (!luapool__signal_for_me()) return; /* a worker's nested wait: not its signal */
-  int sig = atomic_exchange(&luapool__signal, 0);
-  if (sig == 0) return;
+/* Ctrl-C reaching the script (luapool__check_signal's hook): every pool
+** stops its work, then the script gets an error of kind "interrupted". */
+static void deliver_signal(lua_State *L, int sig) {
   luapool__interrupt_all();
   char msg[64];
   snprintf(msg, sizeof msg, "the script received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -43,59 +45,9 @@ void luapool__check_signal(lua_State *L) {
   lua_error(L);
 }
 
-void luapool__signal_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
-  lua_sethook(L, NULL, 0, 0); /* (the handler set it; once is enough) */
-  luapool__check_signal(L);
-}
-static const char WSTATE_KEY = 0; /* its address keys the registry entry */
-
-/* The worker a Lua state belongs to, NULL in a main state.  (Kept in the
-** registry, not the state's extra space: Lua leaves a main state's extra
-** space uninitialised, and it may belong to the embedding program.) */
-static lp_wstate *state_worker(lua_State *L) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &WSTATE_KEY);
-  lp_wstate *ws = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  return ws;
-}
-
-static lp_interrupt *state_intr(lua_State *L) {
-  lp_wstate *ws = state_worker(L);
-  return ws ? ws->intr : NULL;
-}
-
-static const char *stop_message(const lp_interrupt *i) {
-  if (atomic_load(&i->closing)) return "interrupted: the pool was closed";
-  if (atomic_load(&i->reason) == LP_STOP_SIGNAL) return "interrupted: Ctrl-C";
-  return "interrupted: the task's deadline passed";
-}
-
-const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline) {
-  lp_wstate *ws = state_worker(L);
-  *deadline = ws ? ws->deadline : 0;
-  return ws ? ws->intr : NULL;
-}
-
 /* {======================================================
 ** Time and machine
 ** ======================================================= */
-
-double luapool__now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-int luapool__cpu_count(void) {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) {
-    int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
-  long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? (int)n : 1;
-}
 
 static int l_now(lua_State *L) {
   lua_pushnumber(L, luapool__now());
@@ -108,9 +60,8 @@ static int l_sleep(lua_State *L) {
   if (s > 1e9) s = 1e9;
   /* Sleep in slices so that a stop (deadline, closing pool) in a worker, or
   ** Ctrl-C in the main state, ends it: no hook runs while C code sleeps. */
-  lp_interrupt *intr = state_intr(L);
-  lp_wstate *ws = state_worker(L);
-  double deadline = ws ? ws->deadline : 0;
+  double deadline;
+  const lp_interrupt *intr = luapool__lua_interrupt(L, &deadline);
   int sliced = intr || atomic_load(&luapool__signals_handled);
   double end = luapool__now() + s;
   for (;;) {
@@ -123,7 +74,7 @@ static int l_sleep(lua_State *L) {
     /* (the task's own deadline too, should the watchdog be late) */
     if (intr && deadline > 0 && luapool__now() >= deadline && !luapool__interrupted(intr))
       luapool__stop_self(intr);
-    if (luapool__interrupted(intr)) return luaL_error(L, "%s", stop_message(intr));
+    if (luapool__interrupted(intr)) return luaL_error(L, "%s", luapool__stop_message(intr));
     if (intr == NULL && atomic_load(&luapool__signal)) luapool__check_signal(L);
   }
   return 0;
@@ -161,76 +112,6 @@ static int l_current_worker(lua_State *L) {
 /* }====================================================== */
 
 /* {======================================================
-** Error objects
-** ======================================================= */
-
-void luapool__push_error(lua_State *L, lp_ekind kind, const char *message, const char *traceback,
-                         const char *worker, int value_idx) {
-  if (value_idx) value_idx = lua_absindex(L, value_idx);
-  lua_createtable(L, 0, 5);
-  lua_pushstring(L, luapool__ekind_name(kind));
-  lua_setfield(L, -2, "kind");
-  lua_pushstring(L, message);
-  lua_setfield(L, -2, "message");
-  if (traceback && *traceback) {
-    lua_pushstring(L, traceback);
-    lua_setfield(L, -2, "traceback");
-  }
-  if (worker && *worker) {
-    lua_pushstring(L, worker);
-    lua_setfield(L, -2, "worker");
-  }
-  if (value_idx) {
-    lua_pushvalue(L, value_idx);
-    lua_setfield(L, -2, "value");
-  }
-  luaL_setmetatable(L, LUAPOOL_ERROR_MT);
-}
-
-/* "task failed in worker io-2: job.lua:7: boom" and the worker's traceback
-** ("task failed in worker io-2 (item #7): ..." when the error has an
-** integer `item`, the index of a map/imap/starmap item); other kinds read
-** "kind: message". */
-static int error_tostring(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  lua_getfield(L, 1, "kind");
-  lua_getfield(L, 1, "message");
-  lua_getfield(L, 1, "worker");
-  lua_getfield(L, 1, "traceback");
-  lua_getfield(L, 1, "item"); /* 6: set by map/imap/starmap on an item's error */
-  const char *kind = luaL_optstring(L, 2, "error");
-  const char *msg = luaL_optstring(L, 3, "?");
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  if (strcmp(kind, "task") == 0 && lua_isinteger(L, 6)) {
-    lua_pushfstring(L, "task failed in worker %s (item #%I): %s", luaL_optstring(L, 4, "?"),
-                    lua_tointeger(L, 6), msg);
-  } else if (strcmp(kind, "task") == 0) {
-    lua_pushfstring(L, "task failed in worker %s: %s", luaL_optstring(L, 4, "?"), msg);
-  } else {
-    lua_pushfstring(L, "%s: %s", kind, msg);
-  }
-  luaL_addvalue(&b);
-  if (lua_isstring(L, 5)) {
-    luaL_addstring(&b, "\nworker ");
-    lua_pushvalue(L, 5);
-    luaL_addvalue(&b);
-  }
-  luaL_pushresult(&b);
-  return 1;
-}
-
-static void error_open(lua_State *L) {
-  if (luaL_newmetatable(L, LUAPOOL_ERROR_MT)) {
-    lua_pushcfunction(L, error_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
-}
-
-/* }====================================================== */
-
-/* {======================================================
 ** Worker states
 ** ======================================================= */
 
@@ -254,101 +135,6 @@ static int l_print(lua_State *L) {
   return 0;
 }
 
-/* {====== stopping Lua code in a thread worker
-** Lua 5.4 runs every instruction on a slower path while any hook is set,
-** so a thread worker keeps none while its task runs freely.  A task with
-** a deadline gets a count hook (coroutines it creates inherit it, so even
-** a loop inside one is stopped in time).  Any other stop (the pool is
-** closing, Ctrl-C) sends the worker's thread STOP_SIGNAL, whose handler
-** sets the hook on that thread's own state, as lua.c does from its SIGINT
-** handler: lua_sethook is safe there.  Process workers need no hook: their
-** stop is a kill. */
-
-static void interrupt_hook(lua_State *L, lua_Debug *ar);
-
-/* The state of the task running on this thread and its worker (thread
-** workers only). */
-static _Thread_local lua_State *tl_task_state;
-static _Thread_local lp_wstate *tl_task_ws;
-/* The host's main state, on the host's script thread only. */
-static _Thread_local lua_State *tl_signal_state;
-
-/* On a worker thread: the task notices its stop.  On the host's script
-** thread (the host's signal thread sends STOP_SIGNAL there when it takes a
-** SIGINT/SIGTERM): the script notices the signal, as lua.c's handler does. */
-static void on_stop_signal(int sig) {
-  (void)sig;
-  lua_State *L = tl_task_state;
-  if (L) {
-    lua_sethook(L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
-  } else if ((L = tl_signal_state) != NULL && atomic_load(&luapool__signal)) {
-    lua_sethook(L, luapool__signal_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
-  }
-}
-
-static pthread_once_t stop_signal_once = PTHREAD_ONCE_INIT;
-
-void luapool__on_signal(int sig, void (*handler)(int)) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = handler;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART; /* interrupted system calls resume */
-  sigaction(sig, &sa, NULL);
-}
-
-static void stop_signal_install(void) { luapool__on_signal(LUAPOOL_STOP_SIGNAL, on_stop_signal); }
-
-void luapool__stop_signal_install(void) { pthread_once(&stop_signal_once, stop_signal_install); }
-
-void luapool__set_task_state(lua_State *L) {
-  tl_task_state = L;
-  tl_task_ws = L ? state_worker(L) : NULL;
-}
-
-void luapool__set_signal_state(lua_State *L) {
-  luapool__stop_signal_install();
-  tl_signal_state = L;
-}
-
-const lp_interrupt *luapool__thread_interrupt(double *deadline) {
-  lp_wstate *ws = tl_task_ws;
-  *deadline = ws ? ws->deadline : 0;
-  return ws ? ws->intr : NULL;
-}
-
-/* Once it sees the stop, the hook re-arms itself to fire on every
-** instruction: a pcall in the task catches the first error, and the very
-** next instruction of the caller raises again, so the stop climbs out
-** frame by frame and no pcall (or loop of pcalls) can swallow it.  Without
-** a stop (a signal that arrived late) it goes back to how the task runs. */
-static void interrupt_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
-  lp_wstate *ws = state_worker(L);
-  lp_interrupt *i = ws ? ws->intr : NULL;
-  /* Between calls (the worker's own code building a reply) a stop must
-  ** not raise: it is seen when the next call begins, or by the caller. */
-  if (ws && !ws->in_call) {
-    luapool__arm_interrupt_hook(L);
-    return;
-  }
-  if (luapool__interrupted(i)) {
-    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
-    luaL_error(L, "%s", stop_message(i));
-  }
-  luapool__arm_interrupt_hook(L);
-}
-
-void luapool__arm_interrupt_hook(lua_State *L) {
-  lp_wstate *ws = state_worker(L);
-  if (ws && ws->deadline > 0 && strcmp(ws->kind, "thread") == 0)
-    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
-  else
-    lua_sethook(L, NULL, 0, 0);
-}
-
-/* }====== */
-
 void luapool__open_worker_state(lua_State *L, const char *kind, const char *name, int index) {
   luaL_requiref(L, "luapool", luaopen_luapool, 1);
   lua_getfield(L, -1, "threadpool");
@@ -367,78 +153,6 @@ void luapool__open_worker_state(lua_State *L, const char *kind, const char *name
   lua_pushinteger(L, index);
   lua_setfield(L, -2, "index");
   lua_setfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
-}
-
-/* os.exit of a thread worker's state: a thread task cannot end the
-** process (it would take the script and every other result with it), so
-** it fails the task instead.  Process workers keep the real os.exit. */
-static int l_thread_exit(lua_State *L) {
-  lp_wstate *ws = state_worker(L);
-  return luaL_error(L,
-                    "os.exit called in a thread task (worker %s): a thread cannot end the "
-                    "process; use a processpool for code that exits",
-                    ws ? ws->name : "?");
-}
-
-static int init_worker_state(lua_State *L) {
-  lp_wstate *ws = lua_touserdata(L, 1);
-  lua_pushlightuserdata(L, ws);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &WSTATE_KEY);
-  luaL_openlibs(L);
-  if (strcmp(ws->kind, "thread") == 0) {
-    /* In the os table itself: a task that captured os.exit gets it by name
-    ** from here (codec.c resolves names in the receiver's tables). */
-    lua_getglobal(L, "os");
-    lua_pushcfunction(L, l_thread_exit);
-    lua_setfield(L, -2, "exit");
-    lua_pop(L, 1);
-  }
-  lua_getglobal(L, "package");
-  lua_pushstring(L, ws->path);
-  lua_setfield(L, -2, "path");
-  lua_pushstring(L, ws->cpath);
-  lua_setfield(L, -2, "cpath");
-  lua_pop(L, 1);
-  luapool__open_worker_state(L, ws->kind, ws->name, ws->index);
-  return 0;
-}
-
-static int set_paths(lua_State *L) {
-  lp_wstate *ws = lua_touserdata(L, 1);
-  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-  if (lua_getfield(L, -1, "package") == LUA_TTABLE) {
-    lua_pushstring(L, ws->path);
-    lua_setfield(L, -2, "path");
-    lua_pushstring(L, ws->cpath);
-    lua_setfield(L, -2, "cpath");
-  }
-  return 0;
-}
-
-int luapool__wstate_set_paths(lp_wstate *ws, const char *path, const char *cpath) {
-  const char *old_path = ws->path, *old_cpath = ws->cpath;
-  ws->path = path;
-  ws->cpath = cpath;
-  if (ws->L == NULL) return 0; /* init_worker_state reads them */
-  lua_pushcfunction(ws->L, set_paths);
-  lua_pushlightuserdata(ws->L, ws);
-  if (lua_pcall(ws->L, 1, 0, 0) == LUA_OK) return 0;
-  lua_pop(ws->L, 1);
-  ws->path = old_path;
-  ws->cpath = old_cpath;
-  return -1;
-}
-
-int luapool__worker_state_init(lua_State *L, lp_wstate *ws) {
-  lua_pushcfunction(L, init_worker_state);
-  lua_pushlightuserdata(L, ws);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) return -1;
-  return 0;
-}
-
-void luapool__wstate_close(lp_wstate *ws) {
-  if (ws->L) lua_close(ws->L);
-  ws->L = NULL;
 }
 
 /* }====================================================== */
@@ -504,14 +218,23 @@ static void open_lua_layer(lua_State *L) {
   lua_settop(L, mod);
 }
 
-/* libcurl is not touched here: kernels/http.c loads and initialises it the
-** first time a script needs HTTP, so a script (or process worker) that
-** never fetches never pays for it. */
+static pthread_once_t global_once = PTHREAD_ONCE_INIT;
+
+/* Once per process: the hooks the lower layers call up through.  libcurl
+** is not touched here: kernels/http.c loads and initialises it the first
+** time a script needs HTTP, so a script (or process worker) that never
+** fetches never pays for it. */
+static void global_init(void) {
+  luapool__set_signal_delivery(deliver_signal);
+  luapool__set_state_opener(luapool__open_worker_state);
+}
+
 int luaopen_luapool(lua_State *L) {
+  pthread_once(&global_once, global_init);
   luapool__future_open(L);
   luapool__cq_open(L);
   luapool__pool_open(L);
-  error_open(L);
+  luapool__error_open(L);
   luaL_newlib(L, module_funcs);
   lua_pushliteral(L, LUAPOOL_VERSION);
   lua_setfield(L, -2, "version");

@@ -26,7 +26,11 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "ctrlc.h"
+#include "engines.h"
 #include "luapool.h"
+#include "util.h"
+#include "wstate.h"
 
 #ifdef LUAPOOL_USE_READLINE
 #include <readline/history.h>
@@ -745,7 +749,8 @@ static void *run_host(void *arg) {
 
 int main(int argc, char **argv) {
   if (argc >= 5 && strcmp(argv[1], "--worker") == 0) {
-    if ((long)getppid() != atol(argv[4])) return 1; /* orphaned before start */
+    if ((long)getppid() != atol(argv[4])) return 1;        /* orphaned before start */
+    luapool__set_state_opener(luapool__open_worker_state); /* before its state exists */
     return luapool__process_worker_main(3, argv[2], atoi(argv[3]));
   }
   if (argv[0] && argv[0][0]) progname = "luapool";

@@ -55,7 +55,17 @@
 
 #include <lua.h>
 
-#include "luapool.h"
+#include "buf.h"
+#include "codec.h"
+#include "engines.h"
+#include "executor.h"
+#include "future.h"
+#include "kernels/kernel.h" /* luapool__http_thread_cleanup */
+#include "stop.h"
+#include "util.h"
+#include "wire.h"
+#include "worker.h"
+#include "wstate.h"
 
 extern char **environ;
 
@@ -565,6 +575,8 @@ static void proc_interrupt(lp_worker *w) {
   pthread_mutex_unlock(&pw->pidmu);
 }
 
+static int proc_default_workers(int ncpu) { return ncpu; }
+
 const lp_backend luapool__process_backend = {
     .kind = "processpool",
     .worker_size = sizeof(pworker),
@@ -574,6 +586,8 @@ const lp_backend luapool__process_backend = {
     .run = proc_run,
     .worker_stop = proc_stop,
     .interrupt = proc_interrupt,
+    .default_workers = proc_default_workers,
+    .options = LP_ON_PROCESSES,
     .chunking = 1,
 };
 

@@ -11,7 +11,14 @@
 
 #include <lua.h>
 
-#include "luapool.h"
+#include "buf.h"
+#include "engines.h"
+#include "executor.h"
+#include "future.h"
+#include "kernels/kernel.h" /* luapool__http_thread_cleanup */
+#include "stop.h"
+#include "worker.h"
+#include "wstate.h"
 
 typedef struct tworker {
   lp_worker w; /* must be first: the executor sees an lp_worker */
@@ -148,6 +155,10 @@ static void thread_stop(lp_worker *w) {
   luapool__http_thread_cleanup();
 }
 
+/* I/O-bound tasks are the common case for threads: a few more than the
+** CPUs, as concurrent.futures does, up to 32. */
+static int thread_default_workers(int ncpu) { return ncpu + 4 < 32 ? ncpu + 4 : 32; }
+
 const lp_backend luapool__thread_backend = {
     .kind = "threadpool",
     .worker_size = sizeof(tworker),
@@ -156,5 +167,7 @@ const lp_backend luapool__thread_backend = {
     .run = thread_run,
     .worker_stop = thread_stop,
     .interrupt = thread_interrupt,
+    .default_workers = thread_default_workers,
+    .options = LP_ON_THREADS,
     .chunking = 0,
 };

@@ -23,7 +23,11 @@
 
 #include <lua.h>
 
-#include "luapool.h"
+#include "buf.h"
+#include "codec.h"
+#include "kernels/kernel.h"
+#include "util.h"
+#include "wire.h"
 
 #ifndef LUAPOOL_WIRE_VERSION
 #define LUAPOOL_WIRE_VERSION 1

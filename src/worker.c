@@ -27,7 +27,14 @@
 #include <lua.h>
 #include <lualib.h>
 
-#include "luapool.h"
+#include "buf.h"
+#include "codec.h"
+#include "kernels/kernel.h"
+#include "message.h"
+#include "stop.h"
+#include "util.h"
+#include "worker.h"
+#include "wstate.h"
 
 /* {======================================================
 ** Native kernel calls

@@ -16,7 +16,10 @@
 
 #include <lua.h>
 
-typedef __int128 lp_int128;
+#include "int128.h"
+#include "stop.h"
+#include "util.h"   /* luapool__now, the clock of lp_kcall.deadline */
+#include "wstate.h" /* luapool__lua_interrupt */
 
 typedef enum {
   LP_NIL,
@@ -46,35 +49,6 @@ typedef struct lp_value {
 #define LP_KERNEL_MAXARGS 8
 #define LP_KERNEL_MAXOUT  4
 #define LP_KERNEL_ERRSZ   1024
-
-/* How a worker tells its running task to stop.  `closing` stops whatever
-** runs (the pool is going away, Ctrl-C); `kill_seq` stops only the task
-** whose sequence number it names (a deadline), so a stop that arrives late
-** can never hit the task after it. */
-typedef struct lp_interrupt {
-  atomic_int closing;
-  atomic_uint_fast64_t seq;      /* the running task's number */
-  atomic_uint_fast64_t kill_seq; /* stop the task with this number */
-  atomic_int reason;             /* why kill_seq was set: LP_STOP_* */
-} lp_interrupt;
-
-enum { LP_STOP_DEADLINE = 1, LP_STOP_SIGNAL = 2 };
-
-static inline int luapool__interrupted(const lp_interrupt *i) {
-  return i != NULL && (atomic_load_explicit(&i->closing, memory_order_relaxed) ||
-                       atomic_load_explicit(&i->kill_seq, memory_order_relaxed) ==
-                           atomic_load_explicit(&i->seq, memory_order_relaxed));
-}
-
-/* A kernel whose wait was cut by the task's deadline marks its task as
-** stopped by it, so the worker reports the timeout whatever the clocks
-** say.  (The block is the worker's, never really const.) */
-static inline void luapool__stop_self(const lp_interrupt *i) {
-  lp_interrupt *w = (lp_interrupt *)i;
-  if (w == NULL) return;
-  atomic_store(&w->reason, LP_STOP_DEADLINE);
-  atomic_store(&w->kill_seq, atomic_load(&w->seq));
-}
 
 typedef struct lp_kcall {
   const lp_value *args;
@@ -113,17 +87,6 @@ int luapool__kerr(lp_kcall *c, const char *fmt, ...) __attribute__((format(print
 /* "bad argument #N to 'NAME' (number expected, got table)" */
 int luapool__kargerr(lp_kcall *c, const char *kname, int arg, const char *expected);
 
-/* {====== int128: exact integers (kernels/squares.c) */
-#define LUAPOOL_INT128_MT "luapool.int128"
-void luapool__int128_push(lua_State *L, lp_int128 v);
-/* Non-zero and *v set when the value at idx is a luapool.int128. */
-int luapool__int128_test(lua_State *L, int idx, lp_int128 *v);
-/* Decimal text of v into buf (at least 41 bytes); returns its length. */
-size_t luapool__int128_format(lp_int128 v, char *buf);
-/* Registers the metatable and pushes the constructor function. */
-void luapool__int128_open(lua_State *L);
-/* }====== */
-
 /* {====== http (kernels/http.c) */
 /* Loads libcurl and runs curl_global_init, once per process, on the first
 ** call from any thread (the others wait for it); 0, or -1 when libcurl
@@ -135,12 +98,6 @@ int luapool__http_global_init(void);
 const char *luapool__http_init_error(void);
 /* luapool.http.get(url [, opts]) */
 int luapool__http_get(lua_State *L);
-/* The interrupt block and task deadline of the worker whose Lua state L
-** is (NULL and 0 in a main state), so kernels called from Lua inside a
-** task stop like native ones (luapool.c). */
-const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline);
-/* luapool.now(): the clock deadlines are measured on (luapool.c). */
-double luapool__now(void);
 /* libcurl's version ("7.88.1"), loading it; "?" when it cannot be loaded. */
 const char *luapool__curl_version(void);
 /* Frees the calling thread's easy handle (worker exit, module close). */

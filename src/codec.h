@@ -1,0 +1,66 @@
+/*
+** The value codec (codec.c): Lua values <-> bytes, one format for every
+** engine; the codec's strings and kernel scalars over buf.h.
+*/
+#ifndef LUAPOOL_CODEC_H
+#define LUAPOOL_CODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lua.h>
+
+#include "buf.h"
+#include "kernels/kernel.h"
+
+/* Nesting has no limit but memory: neither direction recurses in C. */
+
+/* Encodes values [first, first+n) of L's stack, appending to b.  Returns 0,
+** or -1 with a message in err that names the culprit's path, starting with
+** the root name (e.g. "argument #2"), numbered from root_base.  A memory
+** error may still be raised by Lua itself: b must be a buffer that cannot
+** leak then (a scratch buffer, or one owned by C code that frees it). */
+typedef struct lp_encode_ctx {
+  const char *root; /* "argument", "result", "error value" */
+  int root_base;    /* number of the first encoded value */
+  char err[512];
+  const char *suffix; /* after the number ("of item #3"); NULL: none */
+  int named;          /* out: set when a value went by name or as a function */
+  const char *first;  /* non-NULL: the first value's name ("initializer"), the
+                      ** others numbered from root_base */
+} lp_encode_ctx;
+
+/* An empty scratch buffer that lives in a userdata, pushed on the stack:
+** a Lua error raised while it holds bytes cannot leak them.  The caller
+** owns it until luapool__scratch_release(L, idx of that userdata), which
+** keeps it for the next caller and never raises; a caller nested
+** meanwhile (a __gc that submits) gets a buffer of its own, and so does
+** the next caller after an error that skipped the release (the skipped
+** one is collected). */
+lp_buf *luapool__scratch(lua_State *L);
+void luapool__scratch_release(lua_State *L, int idx);
+int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx);
+/* Appends raw scalars (for message headers, replies built in C). */
+int luapool__put_string(lp_buf *b, const char *s, size_t len);
+int luapool__put_value(lp_buf *b, const lp_value *v); /* a kernel scalar */
+
+int luapool__get_string(lp_reader *r, const char **s, size_t *len);
+/* A scalar value as a kernel sees it; 1 ok, 0 the value is not a scalar
+** (reader unchanged), -1 malformed. */
+int luapool__get_scalar(lp_reader *r, lp_value *v);
+/* Is the next value a kernel?  Returns its index and consumes it, or -1. */
+int luapool__peek_kernel(lp_reader *r);
+/* Decodes n values onto L's stack (raises on malformed input). */
+void luapool__decode(lua_State *L, lp_reader *r, int n);
+/* The same for a task message in a worker: a function sent before (same
+** id) is the closure loaded then, with this message's upvalues. */
+void luapool__decode_task(lua_State *L, lp_reader *r, int n);
+/* luapool.codec.encode/decode: for tests, fuzzing and benchmarks. */
+int luapool__codec_encode(lua_State *L);
+int luapool__codec_decode(lua_State *L);
+/* luapool.codec.cache(): {key = "prototype" or "closure", prototypes and
+** bytes = what this state's dump cache holds, limit and byte_limit = its
+** bounds}, for tests. */
+int luapool__codec_cache(lua_State *L);
+
+#endif

@@ -1,0 +1,22 @@
+/*
+** Error objects (errors.c): {kind, message, traceback, worker, value}
+** with a __tostring, the value a failed future raises.
+*/
+#ifndef LUAPOOL_ERRORS_H
+#define LUAPOOL_ERRORS_H
+
+#include <lua.h>
+
+#include "future.h" /* lp_ekind */
+
+#define LUAPOOL_ERROR_MT "luapool.error"
+
+/* Pushes an error object {kind, message, traceback, worker, value}; value
+** at value_idx (0: none). */
+void luapool__push_error(lua_State *L, lp_ekind kind, const char *message, const char *traceback,
+                         const char *worker, int value_idx);
+const char *luapool__ekind_name(lp_ekind k);
+/* Registers the error objects' metatable. */
+void luapool__error_open(lua_State *L);
+
+#endif

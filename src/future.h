@@ -1,0 +1,188 @@
+/*
+** Futures, the C side (future.c): a thread-safe state machine with its
+** reply bytes, and completion queues.  No Lua and no pool: what a pool
+** hears of a transition goes through hooks it sets (lp_future_hooks).
+**
+** Ownership in one paragraph: a task message (the encoded function and its
+** arguments) and its reply (the encoded results or error) are plain bytes
+** owned by the future that carries them, so any engine - a thread with its
+** own lua_State, a process behind a socket - moves them without knowing what
+** they hold.  Only the owner's Lua state ever decodes a reply.
+*/
+#ifndef LUAPOOL_FUTURE_H
+#define LUAPOOL_FUTURE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "message.h"
+
+typedef enum {
+  LP_PENDING,
+  LP_RUNNING,
+  LP_FINISHED, /* has a reply (values and/or task errors) */
+  LP_FAILED,   /* failed outside the task: crashed, broken, transfer... */
+  LP_CANCELLED
+} lp_fstate;
+
+/* Error kinds (the `kind` field of error objects). */
+typedef enum {
+  LP_EK_TASK,
+  LP_EK_TIMEOUT,
+  LP_EK_CANCELLED,
+  LP_EK_CRASHED,
+  LP_EK_BROKEN,
+  LP_EK_TRANSFER,
+  LP_EK_INTERRUPTED
+} lp_ekind;
+
+typedef struct lp_wnode lp_wnode;
+struct lp_pool;
+
+/* The script's package.path and package.cpath as a task saw them when it
+** was submitted: shared (reference counted) by the futures submitted while
+** they stayed the same; a worker applies them to its Lua state before it
+** runs a task whose paths differ from the ones it has (gen tells). */
+typedef struct lp_paths {
+  atomic_int refs;
+  uint64_t gen;
+  const char *path, *cpath; /* into data */
+  char data[];
+} lp_paths;
+
+lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, size_t cl,
+                             uint64_t gen); /* NULL: no memory */
+void luapool__paths_ref(lp_paths *ps);
+void luapool__paths_unref(lp_paths *ps); /* (NULL: nothing) */
+
+/* One per task; a million outstanding futures cost what this struct
+** costs, so it is kept small (docs/performance.md has the numbers):
+** no lock of its own (futures share a small table of striped locks in
+** future.c), the worker's name by pointer, and one buffer of LP_INLINE
+** bytes that holds a small message until the task has run, then a small
+** reply.  sizeof is 152: a 160-byte malloc chunk on glibc.  What the
+** owner reads for a result (state, pool, reply, the inline bytes) comes
+** first, in one cache line: reading a million results in a row costs one
+** cache miss per future here, not three. */
+#define LP_INLINE 24
+
+typedef struct lp_future {
+  atomic_int refs;
+  unsigned char state;  /* lp_fstate (lock: the future's stripe) */
+  unsigned char ekind;  /* lp_ekind, LP_FAILED */
+  int ncalls;           /* calls batched in msg (map chunks) */
+  int nwaiters;         /* threads blocked in luapool__future_wait */
+  struct lp_pool *pool; /* whose call counters its transitions move */
+  /* The outcome: LP_FINISHED has the encoded reply (in inline_buf when
+  ** small), LP_FAILED an error message (malloc; NULL on no memory). */
+  union {
+    char *reply;
+    char *emsg;
+  };
+  size_t replylen;
+  char inline_buf[LP_INLINE]; /* the message, then the reply */
+  /* The task: message bytes (in inline_buf when small), dropped (msg
+  ** NULL) once the task has run or will never run. */
+  char *msg;
+  size_t msglen;
+  struct lp_future *next;   /* pool queue link (mutex: the pool's) */
+  struct lp_future *cbnext; /* pool callback queue link (mutex: p->cbmu) */
+  /* The worker that ran it: the name in its lp_worker, which lives as
+  ** long as the pool, and the future's userdata keeps its pool alive.
+  ** NULL when it never started. */
+  const char *worker;
+  lp_wnode *wnodes;       /* completion queues waiting for it (lock: stripe) */
+  struct lp_pool *notify; /* has done callbacks: tell this pool (lock: stripe) */
+  double timeout;         /* task deadline in seconds from its start; 0: none */
+  /* What crash and deadline reports call it (luapool__future_label):
+  ** "task #N" for the N-th submit, else "item #lo" / "items #lo-#hi". */
+  uint64_t task_no;
+  int64_t item_lo; /* (the last item is item_lo + ncalls - 1) */
+  lp_paths *paths; /* the script's paths at submit (a reference) */
+} lp_future;
+
+/* A pending future holding the task message in b (b is emptied). */
+lp_future *luapool__future_new(lp_buf *b, int ncalls);
+/* The future's name in messages ("task #12", "items #51-#60"), in buf. */
+const char *luapool__future_label(const lp_future *f, char *buf, size_t size);
+void luapool__future_ref(lp_future *f);
+void luapool__future_unref(lp_future *f);
+/* PENDING -> RUNNING; 0 if it was cancelled meanwhile.  worker is the
+** name in the lp_worker that runs it (kept by pointer: see worker). */
+int luapool__future_start(lp_future *f, const char *worker);
+/* Finishes f with a reply, once its message has been consumed (a small
+** reply takes the message's place): takes `reply` (malloc'd) when copy is
+** 0, else copies the bytes; a reply of at most LP_INLINE bytes is copied
+** into the future itself (and a taken one freed). */
+void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
+int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Calls whose reply is an error (the reply's header count). */
+uint32_t luapool__future_nerr(lp_future *f);
+/* Does the reply carry values sent by name (or functions)?  Only those can
+** fail to decode in the owner (the header's LP_REPLY_NAMED bit). */
+int luapool__future_flagged(lp_future *f);
+
+/* Completion queue: futures come out in the order they finish (future.c;
+** lfuture.c has its Lua face).  luapool.as_completed, wait and unordered
+** imap are built on it. */
+typedef struct lp_cq lp_cq;
+struct lp_wnode {
+  lp_future *f; /* holds a reference */
+  lp_cq *q;
+  int id;          /* the Lua-side slot of the future in its queue */
+  int fired;       /* lock: f's stripe */
+  lp_wnode *fnext; /* in f->wnodes (lock: f's stripe) */
+  lp_wnode *qnext; /* in q's fired list (mutex: q->mu) */
+  /* In q's list of nodes not yet popped (owner only): popping unlinks
+  ** and frees a node, so the queue holds only what it has not handed out. */
+  lp_wnode *anext, *aprev;
+};
+
+struct lp_cq {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  lp_wnode *head, *tail; /* fired, not yet popped (mutex: mu) */
+  lp_wnode *all;         /* every node not yet popped (owner only) */
+  int waiting;           /* registered, not yet popped (owner only) */
+};
+/* A queue with no node (NULL: no memory). */
+lp_cq *luapool__cq_alloc(void);
+/* Detaches every node not yet popped from its future, then frees the
+** queue and its nodes (each node's reference goes). */
+void luapool__cq_free(lp_cq *q);
+/* Registers node n (n->f, n->q set; owner only): fired now when n->f is
+** done, else when it settles. */
+void luapool__cq_watch(lp_wnode *n);
+/* Takes the next fired node into *out, waiting up to timeout seconds from
+** start (timeout < 0: forever).  1 a node, 0 timed out (*out NULL), -1 a
+** signal is pending for this thread (the caller raises it, then may wait
+** again), -2 the thread task this wait runs in was stopped. */
+int luapool__cq_wait(lp_cq *q, double timeout, double start, lp_wnode **out);
+
+/* What the pool layer hears of a future's transitions (stripe locked; set
+** once by the first pool, luapool__future_set_hooks): the future core
+** knows nothing of pools. */
+typedef struct lp_future_hooks {
+  /* f, of pool p, went from -> to: move p's call counters. */
+  void (*count)(struct lp_pool *p, lp_future *f, lp_fstate from, lp_fstate to);
+  /* f, whose done callbacks p holds, settled. */
+  void (*notify)(struct lp_pool *p, lp_future *f);
+} lp_future_hooks;
+void luapool__future_set_hooks(const lp_future_hooks *h);
+/* Done callbacks: returns whether f is done; when it is not, p (non-NULL)
+** will be told when it settles.  *notified: p was already to be told. */
+int luapool__future_notify_on(lp_future *f, struct lp_pool *p, int *notified);
+/* Both return 1 when this call made the transition (from PENDING, or for
+** fail also RUNNING), 0 when the future had already left that state. */
+int luapool__future_cancel(lp_future *f);
+/* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out, -1
+** a signal is pending (see luapool__check_signal), -2 the thread task
+** this wait runs in was stopped (its deadline passed, its pool stops). */
+int luapool__future_wait(lp_future *f, double timeout);
+lp_fstate luapool__future_state(lp_future *f);
+
+#endif

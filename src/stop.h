@@ -1,0 +1,41 @@
+/*
+** The stop block: how the owner (a deadline, a closing pool, Ctrl-C) tells
+** the task a worker runs to stop.  Header only; the worker owns the block,
+** anyone holding a pointer to it may read or set it (atomics, no lock).
+*/
+#ifndef LUAPOOL_STOP_H
+#define LUAPOOL_STOP_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+
+/* How a worker tells its running task to stop.  `closing` stops whatever
+** runs (the pool is going away, Ctrl-C); `kill_seq` stops only the task
+** whose sequence number it names (a deadline), so a stop that arrives late
+** can never hit the task after it. */
+typedef struct lp_interrupt {
+  atomic_int closing;
+  atomic_uint_fast64_t seq;      /* the running task's number */
+  atomic_uint_fast64_t kill_seq; /* stop the task with this number */
+  atomic_int reason;             /* why kill_seq was set: LP_STOP_* */
+} lp_interrupt;
+
+enum { LP_STOP_DEADLINE = 1, LP_STOP_SIGNAL = 2 };
+
+static inline int luapool__interrupted(const lp_interrupt *i) {
+  return i != NULL && (atomic_load_explicit(&i->closing, memory_order_relaxed) ||
+                       atomic_load_explicit(&i->kill_seq, memory_order_relaxed) ==
+                           atomic_load_explicit(&i->seq, memory_order_relaxed));
+}
+
+/* A kernel whose wait was cut by the task's deadline marks its task as
+** stopped by it, so the worker reports the timeout whatever the clocks
+** say.  (The block is the worker's, never really const.) */
+static inline void luapool__stop_self(const lp_interrupt *i) {
+  lp_interrupt *w = (lp_interrupt *)i;
+  if (w == NULL) return;
+  atomic_store(&w->reason, LP_STOP_DEADLINE);
+  atomic_store(&w->kill_seq, atomic_load(&w->seq));
+}
+
+#endif

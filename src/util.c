@@ -1,0 +1,44 @@
+/*
+** Clock, CPU count, monotonic condition variables, signal handlers.
+*/
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "util.h"
+
+double luapool__now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int luapool__cpu_count(void) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}
+
+int luapool__cond_init(pthread_cond_t *cv) {
+  pthread_condattr_t ca; /* waits measure time on the monotonic clock */
+  if (pthread_condattr_init(&ca) != 0) return -1;
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  int r = pthread_cond_init(cv, &ca);
+  pthread_condattr_destroy(&ca);
+  return r;
+}
+
+void luapool__on_signal(int sig, void (*handler)(int)) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = handler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART; /* interrupted system calls resume */
+  sigaction(sig, &sa, NULL);
+}

@@ -1,0 +1,101 @@
+/*
+** A worker's Lua state and the task running in it (wstate.c).  Below the
+** kernels, which ask it for their task's stop block and deadline.
+*/
+#ifndef LUAPOOL_WSTATE_H
+#define LUAPOOL_WSTATE_H
+
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lua.h>
+
+#include "stop.h"
+
+typedef struct lp_wstate {
+  lua_State *L;     /* created on the first Lua task */
+  const char *kind; /* "thread" or "process" */
+  char name[64];
+  int index;
+  lp_interrupt *intr; /* how the owner stops the running task */
+  double deadline;    /* of the running task (luapool__now); 0: none */
+  /* For the Lua state: copied from the creating state. */
+  const char *path, *cpath;
+  /* Process workers with max_memory_mb: the Lua state's allocation cap;
+  ** on_oom is called (and must not return) when a task exceeds it.  The
+  ** growth refused last, which Lua retries after a full collection
+  ** (worker.c: capped_alloc); oom_refused is set until it is settled. */
+  size_t mem_cap, mem_used;
+  void (*on_oom)(struct lp_wstate *ws);
+  int oom_refused;
+  void *oom_ptr;
+  size_t oom_osize, oom_nsize;
+  /* Past gc_at, a full collection is run at the next instruction (a
+  ** one-shot hook, the task's own hook kept aside), so that garbage is gone
+  ** before an allocation Lua cannot retry meets the cap. */
+  size_t gc_at;
+  int gc_hooked;
+  lua_Hook saved_hook;
+  int saved_mask, saved_count;
+  int fd; /* process workers: the socket to the parent */
+  /* Per-call deadlines: with call_timeout > 0 every call of a message has
+  ** its own deadline of that many seconds from its start (a map chunk's
+  ** items too).  Before each call the worker gives the call a new number
+  ** in intr->seq (a stop aimed at an earlier call misses it), sets
+  ** `deadline` and calls call_start (NULL: none), which tells whoever
+  ** enforces the deadline (a thread pool's watchdog, a process's parent).
+  ** A call stopped by its deadline, or finished past it, replies
+  ** LP_REPLY_TIMEOUT naming it: "task #N" (task_no), else "item #K"
+  ** (item_lo + its index in the message). */
+  double call_timeout;
+  void (*call_start)(struct lp_wstate *ws, uint32_t call);
+  /* Process workers: the parent enforces each call's deadline with a kill
+  ** (so a stuck C call is stopped too); the worker only tells it when
+  ** each call starts, and neither stops nor times a call itself. */
+  int deadline_by_kill;
+  uint64_t task_no;
+  int64_t item_lo;
+  /* The message's calls stopped short (Ctrl-C, a closing pool): the
+  ** calls not yet run are not run (the caller fails the whole task). */
+  int aborted;
+  /* A task's own code runs (a stop may raise in it only then). */
+  int in_call;
+} lp_wstate;
+
+/* Creates what a worker's Lua state needs (wstate.c). */
+int luapool__worker_state_init(lua_State *L, lp_wstate *ws);
+/* Sets the hook a task of L runs with: a count hook for a thread task with
+** a deadline, none otherwise (wstate.c). */
+void luapool__arm_interrupt_hook(lua_State *L);
+/* The signal that makes a thread worker's task notice a stop, its handler
+** installed once, and the state it acts on for the calling thread. */
+#define LUAPOOL_STOP_SIGNAL SIGURG
+void luapool__stop_signal_install(void);
+void luapool__set_task_state(lua_State *L);
+/* The interrupt block and deadline of the thread task running on the
+** calling thread (NULL and 0 elsewhere): waits inside a task end with it. */
+const lp_interrupt *luapool__thread_interrupt(double *deadline);
+void luapool__wstate_close(lp_wstate *ws);
+/* Points ws's paths at path and cpath (which the caller keeps alive) and
+** sets them in its Lua state when it has one.  0, or -1 when the state ran
+** out of memory (it keeps its old paths). */
+int luapool__wstate_set_paths(lp_wstate *ws, const char *path, const char *cpath);
+/* The interrupt block and task deadline of the worker whose Lua state L
+** is (NULL and 0 in a main state), so kernels called from Lua inside a
+** task stop like native ones. */
+const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline);
+/* The error message of a task stopped through i ("interrupted: ..."). */
+const char *luapool__stop_message(const lp_interrupt *i);
+/* Called by the host on its script thread with its main state: STOP_SIGNAL
+** sent to that thread then sets luapool__signal_hook on L (when a signal
+** is pending), so the host's signal thread never touches L itself. */
+void luapool__set_signal_state(lua_State *L);
+/* Opens luapool into a new worker state (luapool.c's
+** luapool__open_worker_state): set by the module's first open and by the
+** host before it serves tasks as a process worker. */
+typedef void (*luapool__state_opener_fn)(lua_State *L, const char *kind, const char *name,
+                                         int index);
+void luapool__set_state_opener(luapool__state_opener_fn open);
+
+#endif

@@ -955,6 +955,19 @@ static int enc_any(luapool_encoder *e, int idx) {
 
 /* One step of the table frame j (its table at W): writes children until
 ** one opens a frame (1) or the table is done (0); -1 error. */
+/* Encodes the key (at W + 1) or the value (W + 2) of the pair frame j is
+** at.  When that part opens a frame of its own (r > 0), the key is kept in
+** frame j's slot so lua_next resumes from it once the part is done. */
+static int enc_pair_part(luapool_encoder *e, size_t j, int W, int idx) {
+  int r = enc_any(e, idx);
+  if (r > 0) {
+    lua_pushvalue(e->L, W + 1);
+    slot_set(e, j, 1);
+    e->fr[j].pending = 1;
+  }
+  return r;
+}
+
 static int step_table(luapool_encoder *e, size_t j, int W) {
   lua_State *L = e->L;
   eframe *f = &e->fr[j];
@@ -1024,23 +1037,9 @@ static int step_table(luapool_encoder *e, size_t j, int W) {
     f->nhash++;
     e->curkey = W + 1;
     f->phase = PH_KEY;
-    if ((r = enc_any(e, W + 1)) != 0) {
-      if (r > 0) {
-        lua_pushvalue(L, W + 1);
-        slot_set(e, j, 1);
-        e->fr[j].pending = 1;
-      }
-      return r;
-    }
+    if ((r = enc_pair_part(e, j, W, W + 1)) != 0) return r;
     f->phase = PH_VAL;
-    if ((r = enc_any(e, W + 2)) != 0) {
-      if (r > 0) {
-        lua_pushvalue(L, W + 1);
-        slot_set(e, j, 1);
-        e->fr[j].pending = 1;
-      }
-      return r;
-    }
+    if ((r = enc_pair_part(e, j, W, W + 2)) != 0) return r;
     f->phase = PH_HASH;
     lua_settop(L, W + 1);
   }

@@ -953,8 +953,6 @@ static int enc_any(luapool_encoder *e, int idx) {
   }
 }
 
-/* One step of the table frame j (its table at W): writes children until
-** one opens a frame (1) or the table is done (0); -1 error. */
 /* Encodes the key (at W + 1) or the value (W + 2) of the pair frame j is
 ** at.  When that part opens a frame of its own (r > 0), the key is kept in
 ** frame j's slot so lua_next resumes from it once the part is done. */
@@ -968,6 +966,8 @@ static int enc_pair_part(luapool_encoder *e, size_t j, int W, int idx) {
   return r;
 }
 
+/* One step of the table frame j (its table at W): writes children until
+** one opens a frame (1) or the table is done (0); -1 error. */
 static int step_table(luapool_encoder *e, size_t j, int W) {
   lua_State *L = e->L;
   eframe *f = &e->fr[j];
@@ -1652,6 +1652,16 @@ static void check_key(dec *d, int idx) {
   if (lua_type(L, idx) == LUA_TNUMBER && isnan(lua_tonumber(L, idx))) malformed(d, "NaN table key");
 }
 
+/* A pair's value opened a frame of its own: its key (W + 1) waits in the
+** pend table under frame j until the value is complete (PH_VAL). */
+static int wait_for_value(dec *d, size_t j, int W) {
+  lua_pushvalue(d->L, W + 1);
+  lua_rawseti(d->L, dec_slot_table(d, D_PEND), (lua_Integer)j);
+  d->fr[j].phase = PH_VAL;
+  d->fr[j].pending = 1;
+  return 1;
+}
+
 /* One step of the table frame j (its table at W, a child just decoded
 ** at W + 1 when pending): fills it until a child opens a frame (1) or the
 ** table is done (0). */
@@ -1664,13 +1674,7 @@ static int dstep_table(dec *d, size_t j, int W) {
       case PH_ARRAY: lua_rawseti(L, W, (lua_Integer)f->i++); break;
       case PH_KEY: /* a table or function key: now its value */
         f->phase = PH_HASH;
-        if (dec_any(d)) { /* key W + 1, value W + 2 */
-          lua_pushvalue(L, W + 1);
-          lua_rawseti(L, dec_slot_table(d, D_PEND), (lua_Integer)j);
-          d->fr[j].phase = PH_VAL;
-          d->fr[j].pending = 1;
-          return 1;
-        }
+        if (dec_any(d)) return wait_for_value(d, j, W); /* key W + 1, value W + 2 */
         lua_rawset(L, W);
         f->nhash--;
         break;
@@ -1701,13 +1705,7 @@ static int dstep_table(dec *d, size_t j, int W) {
       return 1;
     }
     check_key(d, W + 1);
-    if (dec_any(d)) { /* the value, W + 2 */
-      lua_pushvalue(L, W + 1);
-      lua_rawseti(L, dec_slot_table(d, D_PEND), (lua_Integer)j);
-      d->fr[j].phase = PH_VAL;
-      d->fr[j].pending = 1;
-      return 1;
-    }
+    if (dec_any(d)) return wait_for_value(d, j, W); /* the value, W + 2 */
     lua_rawset(L, W);
   }
   f->phase = PH_META;
@@ -1886,7 +1884,9 @@ int luapool__codec_encode(lua_State *L) {
   return 1;
 }
 
-int luapool__codec_decode(lua_State *L) {
+/* codec.decode's body: as a result is decoded (task = 0), or as a worker
+** decodes a task message (1: through its function cache). */
+static int decode_string(lua_State *L, int task) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   lp_reader r = {s, s + len};
@@ -1894,9 +1894,16 @@ int luapool__codec_decode(lua_State *L) {
   if (luapool__get_u32(&r, &n)) return luaL_error(L, "malformed message: truncated");
   if (n > len) return luaL_error(L, "malformed message: too many values");
   int top = lua_gettop(L);
-  luapool__decode(L, &r, (int)n);
+  if (task)
+    luapool__decode_task(L, &r, (int)n);
+  else
+    luapool__decode(L, &r, (int)n);
   if (r.p != r.end) return luaL_error(L, "malformed message: trailing bytes");
   return lua_gettop(L) - top;
 }
+
+int luapool__codec_decode(lua_State *L) { return decode_string(L, 0); }
+
+int luapool__codec_decode_as_task(lua_State *L) { return decode_string(L, 1); }
 
 /* }====================================================== */

@@ -58,6 +58,9 @@ void luapool__decode_task(lua_State *L, lp_reader *r, int n);
 /* luapool.codec.encode/decode: for tests, fuzzing and benchmarks. */
 int luapool__codec_encode(lua_State *L);
 int luapool__codec_decode(lua_State *L);
+/* The same bytes decoded as a worker decodes a task message (through its
+** function cache): for the fuzz target. */
+int luapool__codec_decode_as_task(lua_State *L);
 /* luapool.codec.cache(): {key = "prototype" or "closure", prototypes and
 ** bytes = what this state's dump cache holds, limit and byte_limit = its
 ** bounds}, for tests. */

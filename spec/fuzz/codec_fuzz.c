@@ -33,22 +33,6 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return realloc(ptr, nsize);
 }
 
-/* The same bytes decoded as a worker decodes a task: reusable functions go
-** through the worker's function cache, which persists across inputs (a
-** later input may reuse an earlier one's function id). */
-static int decode_task(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  lp_reader r = {s, s + len};
-  uint32_t n;
-  if (luapool__get_u32(&r, &n)) return luaL_error(L, "malformed message: truncated");
-  if (n > len) return luaL_error(L, "malformed message: too many values");
-  int top = lua_gettop(L);
-  luapool__decode_task(L, &r, (int)n);
-  if (r.p != r.end) return luaL_error(L, "malformed message: trailing bytes");
-  return lua_gettop(L) - top;
-}
-
 static void check(lua_State *L, int st) {
   if (st != LUA_OK) {
     /* Every failure must be the decoder's own, named error. */
@@ -80,7 +64,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   lua_getfield(L, LUA_REGISTRYINDEX, "fuzz.decode");
   lua_pushlstring(L, (const char *)data, size);
   check(L, lua_pcall(L, 1, LUA_MULTRET, 0));
-  lua_pushcfunction(L, decode_task);
+  lua_pushcfunction(L, luapool__codec_decode_as_task);
   lua_pushlstring(L, (const char *)data, size);
   check(L, lua_pcall(L, 1, LUA_MULTRET, 0));
   return 0;

@@ -397,17 +397,22 @@ static void slot_get(luapool_encoder *e, size_t j, int k) {
 }
 
 /* Opens a frame for the object at idx. */
+/* A full frame list (cap frames of size elsize, all in use) moved into a
+** userdata twice as big, which replaces the old box at box_idx (the first
+** list lives in the encoder or decoder itself): returns the new list. */
+static void *grow_frames(lua_State *L, void *fr, size_t *cap, size_t elsize, int box_idx) {
+  if (*cap > SIZE_MAX / 2 / elsize) luaL_error(L, "not enough memory");
+  void *nf = lua_newuserdatauv(L, 2 * *cap * elsize, 0);
+  memcpy(nf, fr, *cap * elsize);
+  lua_replace(L, box_idx);
+  *cap *= 2;
+  return nf;
+}
+
 static eframe *enc_push(luapool_encoder *e, int idx, int kind, lua_Unsigned n) {
   lua_State *L = e->L;
   enc_slots(e);
-  if (e->nfr == e->cap) { /* move the frames into a bigger userdata */
-    if (e->cap > SIZE_MAX / 2 / sizeof(eframe)) luaL_error(L, "not enough memory");
-    eframe *nf = lua_newuserdatauv(L, 2 * e->cap * sizeof(eframe), 0);
-    memcpy(nf, e->fr, e->nfr * sizeof(eframe));
-    lua_replace(L, e->base + E_FBOX);
-    e->fr = nf;
-    e->cap *= 2;
-  }
+  if (e->nfr == e->cap) e->fr = grow_frames(L, e->fr, &e->cap, sizeof(eframe), e->base + E_FBOX);
   lua_pushvalue(L, idx);
   slot_set(e, e->nfr, 0);
   eframe *f = &e->fr[e->nfr++];
@@ -1329,14 +1334,7 @@ static void dec_register(dec *d) {
 
 static dframe *dec_push(dec *d, int kind) {
   lua_State *L = d->L;
-  if (d->nfr == d->cap) {
-    if (d->cap > SIZE_MAX / 2 / sizeof(dframe)) luaL_error(L, "not enough memory");
-    dframe *nf = lua_newuserdatauv(L, 2 * d->cap * sizeof(dframe), 0);
-    memcpy(nf, d->fr, d->nfr * sizeof(dframe));
-    lua_replace(L, d->base + D_FBOX);
-    d->fr = nf;
-    d->cap *= 2;
-  }
+  if (d->nfr == d->cap) d->fr = grow_frames(L, d->fr, &d->cap, sizeof(dframe), d->base + D_FBOX);
   dframe *f = &d->fr[d->nfr++];
   memset(f, 0, sizeof *f);
   f->kind = (unsigned char)kind;

@@ -30,7 +30,7 @@ packages() {
   fi
 }
 
-c_files() { ls src/*.c src/*.h src/kernels/*.c src/kernels/*.h spec/fuzz/*.c; }
+c_files() { find src spec/fuzz -name '*.[ch]' | sort; }
 
 lint() {
   luacheck --formatter plain lua scripts spec .busted
@@ -122,7 +122,7 @@ configure() { # build-dir, cmake args...
 
 analyze() {
   configure build -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
-  clang-tidy --quiet -p build src/*.c src/kernels/*.c
+  clang-tidy --quiet -p build $(find src -name '*.c' | sort)
   cppcheck --enable=warning,performance,portability --std=c11 --quiet --inline-suppr \
     --platform=unix64 -D_GNU_SOURCE -DLLONG_MAX=9223372036854775807LL -I src -I build/gen \
     --suppress=missingIncludeSystem --error-exitcode=1 src

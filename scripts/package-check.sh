@@ -31,7 +31,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-version=$(sed -n 's/^#define LUAPOOL_VERSION "\(.*\)"$/\1/p' src/*.h | head -n 1)
+version=$(sed -n 's/^#define LUAPOOL_VERSION "\(.*\)"$/\1/p' $(find src -name '*.h' | sort) | head -n 1)
 rockspec=luapool-$version-1.rockspec
 multiarch=$(gcc -print-multiarch)
 work=$(mktemp -d)
@@ -58,7 +58,7 @@ fail() {
   echo "package-check: FAIL: $*" >&2
   exit 1
 }
-[[ -n $version ]] || fail "no #define LUAPOOL_VERSION found in src/*.h"
+[[ -n $version ]] || fail "no #define LUAPOOL_VERSION found in src/**/*.h"
 
 # The Lua files installed as they are (the rest of lua/luapool is compiled in).
 plain_lua() {

@@ -74,10 +74,10 @@ describe("packaging", function()
     assert.truthy(text:find("\n.BR \\-v \", \" \\-\\-version\n", 1, true))
     assert.truthy(text:find("\n.BR \\-h \", \" \\-\\-help\n", 1, true))
     -- every variable the C code reads
-    local c = sh("cat " .. h.shell_quote(src) .. "/src/*.c " .. h.shell_quote(src) .. "/src/kernels/*.c")
+    local c = sh("find " .. h.shell_quote(src) .. "/src -name '*.c' -exec cat {} +")
     local vars = {}
     for var in c:gmatch('getenv%("([%w_]+)"%)') do vars[#vars + 1] = var end
-    assert.are.equal("LUAPOOL_WORKER_EXE", vars[1])
+    assert.truthy(table.concat(vars, " "):find("LUAPOOL_WORKER_EXE", 1, true))
     -- and every variable --help names (a line "  NAME  what it does")
     for var in help:gmatch("\n  ([A-Z][A-Z0-9_]+)") do vars[#vars + 1] = var end
     for _, var in ipairs { "LUA_PATH", "LUA_CPATH", "LUA_INIT" } do vars[#vars + 1] = var end

@@ -14,7 +14,7 @@
 #include <lua.h>
 #include <lualib.h>
 
-#include "luapool.h"
+#include "bind/luapool.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -38,7 +38,7 @@
 
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
-#include "luapool.h" /* Ctrl-C in the host's main state */
+#include "bind/luapool.h" /* Ctrl-C in the host's main state */
 
 #define USER_AGENT                 "luapool/0.1"
 #define MAX_REDIRS                 30L

@@ -16,10 +16,10 @@
 
 #include <lua.h>
 
-#include "int128.h"
-#include "stop.h"
-#include "util.h"   /* luapool__now, the clock of lp_kcall.deadline */
-#include "wstate.h" /* luapool__lua_interrupt */
+#include "codec/int128.h"
+#include "base/stop.h"
+#include "base/util.h"     /* luapool__now, the clock of lp_kcall.deadline */
+#include "worker/wstate.h" /* luapool__lua_interrupt */
 
 typedef enum {
   LP_NIL,

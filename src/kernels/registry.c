@@ -12,9 +12,9 @@
 
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
-#include "ctrlc.h"
-#include "int128.h"
-#include "wstate.h"
+#include "base/ctrlc.h"
+#include "codec/int128.h"
+#include "worker/wstate.h"
 
 /* Positions in luapool__kernels, so each Lua face finds its own entry
 ** without a search. */

@@ -7,7 +7,7 @@
 
 #include <lua.h>
 
-#include "future.h" /* lp_ekind */
+#include "core/future.h" /* lp_ekind */
 
 #define LUAPOOL_ERROR_MT "luapool.error"
 

@@ -55,17 +55,17 @@
 
 #include <lua.h>
 
-#include "buf.h"
-#include "codec.h"
-#include "engines.h"
-#include "executor.h"
-#include "future.h"
+#include "base/buf.h"
+#include "codec/codec.h"
+#include "engines/engines.h"
+#include "core/executor.h"
+#include "core/future.h"
 #include "kernels/kernel.h" /* luapool__http_thread_cleanup */
-#include "stop.h"
-#include "util.h"
-#include "wire.h"
-#include "worker.h"
-#include "wstate.h"
+#include "base/stop.h"
+#include "base/util.h"
+#include "codec/wire.h"
+#include "worker/worker.h"
+#include "worker/wstate.h"
 
 extern char **environ;
 

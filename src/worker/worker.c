@@ -27,14 +27,14 @@
 #include <lua.h>
 #include <lualib.h>
 
-#include "buf.h"
-#include "codec.h"
+#include "base/buf.h"
+#include "codec/codec.h"
 #include "kernels/kernel.h"
-#include "message.h"
-#include "stop.h"
-#include "util.h"
-#include "worker.h"
-#include "wstate.h"
+#include "codec/message.h"
+#include "base/stop.h"
+#include "base/util.h"
+#include "worker/worker.h"
+#include "worker/wstate.h"
 
 /* {======================================================
 ** Native kernel calls

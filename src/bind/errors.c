@@ -6,7 +6,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "errors.h"
+#include "bind/errors.h"
 
 static const char *ekind_names[] = {"task",   "timeout",  "cancelled",  "crashed",
                                     "broken", "transfer", "interrupted"};

@@ -6,7 +6,7 @@
 #ifndef LUAPOOL_ENGINES_H
 #define LUAPOOL_ENGINES_H
 
-#include "executor.h"
+#include "core/executor.h"
 
 extern const lp_backend luapool__thread_backend;
 extern const lp_backend luapool__process_backend;

@@ -13,8 +13,8 @@
 
 #include <lua.h>
 
-#include "future.h"
-#include "stop.h"
+#include "core/future.h"
+#include "base/stop.h"
 
 #define LUAPOOL_POOL_MT "luapool.pool"
 

@@ -8,8 +8,8 @@
 
 #include <lua.h>
 
-#include "buf.h"
-#include "future.h"
+#include "base/buf.h"
+#include "core/future.h"
 
 #define LUAPOOL_FUTURE_MT "luapool.future"
 

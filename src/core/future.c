@@ -21,11 +21,11 @@
 #include <string.h>
 #include <time.h>
 
-#include "ctrlc.h"
-#include "future.h"
-#include "stop.h"
-#include "util.h"
-#include "wstate.h"
+#include "base/ctrlc.h"
+#include "core/future.h"
+#include "base/stop.h"
+#include "base/util.h"
+#include "worker/wstate.h"
 
 /* {======================================================
 ** C side

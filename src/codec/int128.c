@@ -8,7 +8,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "int128.h"
+#include "codec/int128.h"
 
 /* 2^127 as a double: the int128 range for floats (exact in binary). */
 #define TWO_127 170141183460469231731687303715884105728.0

@@ -10,7 +10,7 @@
 
 #include <lua.h>
 
-#include "buf.h"
+#include "base/buf.h"
 #include "kernels/kernel.h"
 
 /* Nesting has no limit but memory: neither direction recurses in C. */

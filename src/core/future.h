@@ -17,8 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "buf.h"
-#include "message.h"
+#include "base/buf.h"
+#include "codec/message.h"
 
 typedef enum {
   LP_PENDING,

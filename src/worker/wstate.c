@@ -15,10 +15,10 @@
 #include <lua.h>
 #include <lualib.h>
 
-#include "ctrlc.h"
-#include "stop.h"
-#include "util.h"
-#include "wstate.h"
+#include "base/ctrlc.h"
+#include "base/stop.h"
+#include "base/util.h"
+#include "worker/wstate.h"
 
 static _Atomic(luapool__state_opener_fn) state_opener;
 

@@ -10,8 +10,8 @@
 
 #include <lua.h>
 
-#include "codec.h" /* for spec/fuzz/codec_fuzz.c, see above */
-#include "ctrlc.h" /* for kernels/http.c, see above */
+#include "codec/codec.h" /* for spec/fuzz/codec_fuzz.c, see above */
+#include "base/ctrlc.h"  /* for kernels/http.c, see above */
 
 int luaopen_luapool(lua_State *L);
 /* Opens luapool into L as a global (with threadpool, processpool and a

@@ -26,11 +26,11 @@
 #include <lua.h>
 #include <lualib.h>
 
-#include "ctrlc.h"
-#include "engines.h"
-#include "luapool.h"
-#include "util.h"
-#include "wstate.h"
+#include "base/ctrlc.h"
+#include "engines/engines.h"
+#include "bind/luapool.h"
+#include "base/util.h"
+#include "worker/wstate.h"
 
 #ifdef LUAPOOL_USE_READLINE
 #include <readline/history.h>

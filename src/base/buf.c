@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "buf.h"
+#include "base/buf.h"
 
 int luapool__buf_reserve(lp_buf *b, size_t extra) {
   if (b->cap - b->len >= extra) return 0;

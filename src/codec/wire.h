@@ -7,7 +7,7 @@
 
 #include <stddef.h>
 
-#include "buf.h"
+#include "base/buf.h"
 
 /* Appends this build's handshake to b (0, or -1: no memory). */
 int luapool__wire_hello(lp_buf *b);

@@ -23,11 +23,11 @@
 
 #include <lua.h>
 
-#include "buf.h"
-#include "codec.h"
+#include "base/buf.h"
+#include "codec/codec.h"
 #include "kernels/kernel.h"
-#include "util.h"
-#include "wire.h"
+#include "base/util.h"
+#include "codec/wire.h"
 
 #ifndef LUAPOOL_WIRE_VERSION
 #define LUAPOOL_WIRE_VERSION 1

@@ -11,14 +11,14 @@
 
 #include <lua.h>
 
-#include "buf.h"
-#include "engines.h"
-#include "executor.h"
-#include "future.h"
+#include "base/buf.h"
+#include "engines/engines.h"
+#include "core/executor.h"
+#include "core/future.h"
 #include "kernels/kernel.h" /* luapool__http_thread_cleanup */
-#include "stop.h"
-#include "worker.h"
-#include "wstate.h"
+#include "base/stop.h"
+#include "worker/worker.h"
+#include "worker/wstate.h"
 
 typedef struct tworker {
   lp_worker w; /* must be first: the executor sees an lp_worker */

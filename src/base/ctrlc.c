@@ -7,7 +7,7 @@
 
 #include <lua.h>
 
-#include "ctrlc.h"
+#include "base/ctrlc.h"
 
 atomic_int luapool__signal;
 atomic_int luapool__signals_handled;

@@ -11,7 +11,7 @@
 
 #include <lua.h>
 
-#include "stop.h"
+#include "base/stop.h"
 
 typedef struct lp_wstate {
   lua_State *L;     /* created on the first Lua task */

@@ -35,9 +35,9 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "buf.h"
-#include "codec.h"
-#include "int128.h"
+#include "base/buf.h"
+#include "codec/codec.h"
+#include "codec/int128.h"
 #include "kernels/kernel.h"
 
 enum {

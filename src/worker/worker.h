@@ -6,9 +6,9 @@
 
 #include <stddef.h>
 
-#include "buf.h"
-#include "message.h"
-#include "wstate.h"
+#include "base/buf.h"
+#include "codec/message.h"
+#include "worker/wstate.h"
 
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */

@@ -56,16 +56,16 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "codec.h"
-#include "ctrlc.h"
-#include "errors.h"
-#include "executor.h"
-#include "future.h"
-#include "lfuture.h"
-#include "message.h"
-#include "stop.h"
-#include "util.h"
-#include "wstate.h"
+#include "codec/codec.h"
+#include "base/ctrlc.h"
+#include "bind/errors.h"
+#include "core/executor.h"
+#include "core/future.h"
+#include "bind/lfuture.h"
+#include "codec/message.h"
+#include "base/stop.h"
+#include "base/util.h"
+#include "worker/wstate.h"
 
 /* {======================================================
 ** Queue and workers

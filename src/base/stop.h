@@ -1,6 +1,6 @@
 /*
 ** The stop block: how the owner (a deadline, a closing pool, Ctrl-C) tells
-** the task a worker runs to stop.  Header only; the worker owns the block,
+** the task a worker runs to stop.  The worker owns the block,
 ** anyone holding a pointer to it may read or set it (atomics, no lock).
 */
 #ifndef LUAPOOL_STOP_H
@@ -37,5 +37,11 @@ static inline void luapool__stop_self(const lp_interrupt *i) {
   atomic_store(&w->reason, LP_STOP_DEADLINE);
   atomic_store(&w->kill_seq, atomic_load(&w->seq));
 }
+
+/* The stop block and deadline of the task running on the calling thread
+** (set by the worker runtime as a task starts; NULL and 0 elsewhere), so
+** a wait inside a task (a future's result) ends with the task (stop.c). */
+void luapool__set_thread_stop(const lp_interrupt *i, const double *deadline);
+const lp_interrupt *luapool__thread_interrupt(double *deadline);
 
 #endif

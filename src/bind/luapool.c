@@ -22,7 +22,8 @@
 #include "base/ctrlc.h"
 #include "engines/engines.h"
 #include "bind/errors.h"
-#include "core/executor.h"
+#include "bind/lpool.h"
+#include "core/pool.h"
 #include "codec/int128.h"
 #include "kernels/kernel.h"
 #include "bind/lfuture.h"
@@ -137,10 +138,10 @@ static int l_print(lua_State *L) {
 
 void luapool__open_worker_state(lua_State *L, const char *kind, const char *name, int index) {
   luaL_requiref(L, "luapool", luaopen_luapool, 1);
-  lua_getfield(L, -1, "threadpool");
-  lua_setglobal(L, "threadpool");
-  lua_getfield(L, -1, "processpool");
-  lua_setglobal(L, "processpool");
+  for (int i = 0; luapool__engines[i]; i++) {
+    lua_getfield(L, -1, luapool__engines[i]->kind);
+    lua_setglobal(L, luapool__engines[i]->kind);
+  }
   lua_pop(L, 1);
   lua_pushcfunction(L, l_print);
   lua_setglobal(L, "print");
@@ -161,9 +162,10 @@ void luapool__open_worker_state(lua_State *L, const char *kind, const char *name
 ** Module
 ** ======================================================= */
 
-static int threadpool_new(lua_State *L) { return luapool__pool_new(L, &luapool__thread_backend); }
-
-static int processpool_new(lua_State *L) { return luapool__pool_new(L, &luapool__process_backend); }
+/* kind.new(options): upvalue 1 is the engine. */
+static int engine_new(lua_State *L) {
+  return luapool__pool_new(L, lua_touserdata(L, lua_upvalueindex(1)));
+}
 
 /* luapool.info(): what a benchmark report says about the machine. */
 static int l_info(lua_State *L) {
@@ -238,14 +240,13 @@ int luaopen_luapool(lua_State *L) {
   luaL_newlib(L, module_funcs);
   lua_pushliteral(L, LUAPOOL_VERSION);
   lua_setfield(L, -2, "version");
-  lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, threadpool_new);
-  lua_setfield(L, -2, "new");
-  lua_setfield(L, -2, "threadpool");
-  lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, processpool_new);
-  lua_setfield(L, -2, "new");
-  lua_setfield(L, -2, "processpool");
+  for (int i = 0; luapool__engines[i]; i++) { /* luapool.threadpool.new, ... */
+    lua_createtable(L, 0, 1);
+    lua_pushlightuserdata(L, (void *)luapool__engines[i]);
+    lua_pushcclosure(L, engine_new, 1);
+    lua_setfield(L, -2, "new");
+    lua_setfield(L, -2, luapool__engines[i]->kind);
+  }
   lua_newtable(L);
   for (int i = 0; luapool__kernels[i].name; i++) {
     lua_pushcfunction(L, luapool__kernels[i].lua_fn);

@@ -25,7 +25,6 @@
 #include "core/future.h"
 #include "base/stop.h"
 #include "base/util.h"
-#include "worker/wstate.h"
 
 /* {======================================================
 ** C side
@@ -253,8 +252,9 @@ static void count(lp_future *f, lp_fstate from, lp_fstate to) {
   if (h) h->count(f->pool, f, from, to);
 }
 
-/* Stripe locked: wakes whoever waits for the outcome. */
-static void settle(lp_future *f, lp_fstate from) {
+/* Stripe locked: wakes whoever waits for the outcome.  drop: the message
+** may go now (see below). */
+static void settle(lp_future *f, lp_fstate from, int drop) {
   count(f, from, f->state);
   for (lp_wnode *n = f->wnodes, *next; n; n = next) {
     next = n->fnext;
@@ -269,8 +269,10 @@ static void settle(lp_future *f, lp_fstate from) {
   ** than when the script lets go of the future.  Safe because settle runs
   ** on the thread that ran the task (after the message was consumed), or
   ** for a task that never started.  An inline message may already have
-  ** been overwritten by the reply: only the pointer goes. */
-  drop_msg(f);
+  ** been overwritten by the reply: only the pointer goes.  (Not for a
+  ** running task cancelled from another thread: its engine may still read
+  ** the message.) */
+  if (drop) drop_msg(f);
   if (f->nwaiters > 0) pthread_cond_broadcast(&stripe_of(f)->cv);
 }
 
@@ -308,7 +310,7 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
       own = NULL;
     }
     f->replylen = len;
-    settle(f, from);
+    settle(f, from, 1);
   }
   unlock(f);
   free(own); /* copied inline, or it lost a race: already failed elsewhere */
@@ -330,7 +332,7 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
     f->emsg = m;
     m = NULL;
     moved = 1;
-    settle(f, from);
+    settle(f, from, 1);
   }
   unlock(f);
   free(m);
@@ -351,10 +353,27 @@ int luapool__future_flagged(lp_future *f) { return (reply_header(f) & LP_REPLY_N
 int luapool__future_cancel(lp_future *f) {
   int moved = 0;
   lock(f);
-  if (f->state == LP_PENDING) {
+  lp_fstate st = f->state;
+  if (st == LP_PENDING) {
     f->state = LP_CANCELLED;
     moved = 1;
-    settle(f, LP_PENDING);
+    settle(f, LP_PENDING, 1);
+  }
+  unlock(f);
+  if (st == LP_RUNNING && f->pool) {
+    const lp_future_hooks *h = atomic_load_explicit(&hooks, memory_order_acquire);
+    if (h && h->cancel_running) moved = h->cancel_running(f->pool, f);
+  }
+  return moved;
+}
+
+int luapool__future_cancel_running(lp_future *f) {
+  int moved = 0;
+  lock(f);
+  if (f->state == LP_RUNNING) {
+    f->state = LP_CANCELLED;
+    moved = 1;
+    settle(f, LP_RUNNING, 0);
   }
   unlock(f);
   return moved;

@@ -171,14 +171,23 @@ typedef struct lp_future_hooks {
   void (*count)(struct lp_pool *p, lp_future *f, lp_fstate from, lp_fstate to);
   /* f, whose done callbacks p holds, settled. */
   void (*notify)(struct lp_pool *p, lp_future *f);
+  /* f:cancel() found f running: p's engine may stop it (no lock held);
+  ** 1 when f is cancelled now (luapool__future_cancel_running). */
+  int (*cancel_running)(struct lp_pool *p, lp_future *f);
 } lp_future_hooks;
 void luapool__future_set_hooks(const lp_future_hooks *h);
 /* Done callbacks: returns whether f is done; when it is not, p (non-NULL)
 ** will be told when it settles.  *notified: p was already to be told. */
 int luapool__future_notify_on(lp_future *f, struct lp_pool *p, int *notified);
 /* Both return 1 when this call made the transition (from PENDING, or for
-** fail also RUNNING), 0 when the future had already left that state. */
+** fail also RUNNING), 0 when the future had already left that state.
+** cancel on a running future asks its pool's engine (an event loop can
+** abort a transfer; a thread cannot stop a task midway), no lock held. */
 int luapool__future_cancel(lp_future *f);
+/* For an engine: a running f it is stopping ends cancelled (1), unless it
+** had settled already (0).  Its message stays until the future is freed:
+** the engine's thread may still be reading it. */
+int luapool__future_cancel_running(lp_future *f);
 /* Waits until done; timeout < 0 waits forever.  1 done, 0 timed out, -1
 ** a signal is pending (see luapool__check_signal), -2 the thread task
 ** this wait runs in was stopped (its deadline passed, its pool stops). */

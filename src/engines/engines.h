@@ -1,15 +1,17 @@
 /*
-** The engines every pool kind is made of (threadpool.c, processpool.c)
-** and the process engine's worker-side entry points.  The module and the
-** host name them; the pool core does not.
+** The engines (the files of engines/) and the one table the module walks to make a
+** constructor for each (luapool.threadpool, ...).  Adding an engine: its
+** file, its lp_engine, a line in engines.c.
 */
 #ifndef LUAPOOL_ENGINES_H
 #define LUAPOOL_ENGINES_H
 
-#include "core/executor.h"
+#include "core/engine.h"
 
-extern const lp_backend luapool__thread_backend;
-extern const lp_backend luapool__process_backend;
+extern const lp_engine luapool__thread_engine;
+extern const lp_engine luapool__process_engine;
+/* Every engine, ended by NULL. */
+extern const lp_engine *const luapool__engines[];
 
 /* Process worker entry point (processpool.c): serve tasks on fd. */
 int luapool__process_worker_main(int fd, const char *name, int index);

@@ -58,7 +58,7 @@
 #include "base/buf.h"
 #include "codec/codec.h"
 #include "engines/engines.h"
-#include "core/executor.h"
+#include "core/workers.h"
 #include "core/future.h"
 #include "kernels/kernel.h" /* luapool__http_thread_cleanup */
 #include "base/stop.h"
@@ -207,6 +207,15 @@ static int read_frame(int fd, int pidfd, unsigned *type, char **p, size_t *n) {
 /* {======================================================
 ** Parent side
 ** ======================================================= */
+
+/* The process engine's own options (README): what happens on a crash,
+** recycling, and the memory cap. */
+typedef struct proc_config {
+  int on_crash_break;                     /* on_crash = "break" */
+  int max_tasks_per_child, max_memory_mb; /* 0: none */
+} proc_config;
+
+static const proc_config *config_of(const lp_pool *p) { return (const proc_config *)p->config; }
 
 typedef struct pworker {
   lp_worker w; /* must be first */
@@ -372,7 +381,7 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   lp_buf b = {0}, hb = {0};
   pw->paths_gen = paths->gen;
   int bad = luapool__wire_hello(&hb) || write_frame(pw->fd, pw->pidfd, FR_HELLO, hb.p, hb.len) ||
-            put_paths(&b, paths) || luapool__put_u32(&b, (uint32_t)p->max_memory_mb) ||
+            put_paths(&b, paths) || luapool__put_u32(&b, (uint32_t)config_of(p)->max_memory_mb) ||
             write_frame(pw->fd, pw->pidfd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
   luapool__buf_free(&hb);
@@ -456,7 +465,8 @@ static int run_initializer(pworker *pw, lp_future *f) {
     if (r != 0 || type != FR_REPLY) {
       char how[96];
       if (r == 0 && type == FR_OOM)
-        snprintf(how, sizeof how, "ran out of memory (max_memory_mb = %d)", w->pool->max_memory_mb);
+        snprintf(how, sizeof how, "ran out of memory (max_memory_mb = %d)",
+                 config_of(w->pool)->max_memory_mb);
       else
         describe_status(status, how, sizeof how);
       snprintf(msg, sizeof msg, "its process (pid %d) %s", (int)pid, how);
@@ -526,7 +536,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
   }
   if (r == 0 && type == FR_REPLY) {
     luapool__future_finish(f, reply, len, 0);
-    if (p->max_tasks_per_child && ++pw->ntasks >= p->max_tasks_per_child)
+    if (config_of(p)->max_tasks_per_child && ++pw->ntasks >= config_of(p)->max_tasks_per_child)
       close_worker(pw, 2.0); /* recycled: the next task starts a new one */
     return;
   }
@@ -540,7 +550,8 @@ static void proc_run(lp_worker *w, lp_future *f) {
   int status = close_worker(pw, 1.0);
   char how[128];
   if (r == 0 && type == FR_OOM)
-    snprintf(how, sizeof how, "ran out of memory (max_memory_mb = %d)", p->max_memory_mb);
+    snprintf(how, sizeof how, "ran out of memory (max_memory_mb = %d)",
+             config_of(p)->max_memory_mb);
   else
     describe_status(status, how, sizeof how);
   if (atomic_load(&w->intr.closing)) {
@@ -558,7 +569,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
   snprintf(why, sizeof why, "worker %s (pid %d) %s while running %s", w->name, (int)pid, how,
            luapool__future_label(f, label, sizeof label));
   luapool__future_fail(f, LP_EK_CRASHED, "%s", why);
-  if (p->on_crash_break) { /* like Python's BrokenProcessPool */
+  if (config_of(p)->on_crash_break) { /* like Python's BrokenProcessPool */
     char broken[600];
     snprintf(broken, sizeof broken, "the pool is broken: %s", why);
     luapool__pool_break(p, broken);
@@ -577,18 +588,45 @@ static void proc_interrupt(lp_worker *w) {
 
 static int proc_default_workers(int ncpu) { return ncpu; }
 
-const lp_backend luapool__process_backend = {
-    .kind = "processpool",
+static const char *const crash_choices[] = {"replace", "break", NULL};
+
+static const lp_option proc_options[] = {
+    {.name = "on_crash",
+     .type = LP_OPT_CHOICE,
+     .choices = crash_choices,
+     .offset = offsetof(proc_config, on_crash_break)},
+    {.name = "max_tasks_per_child",
+     .type = LP_OPT_INT,
+     .min = 1,
+     .max = INT32_MAX,
+     .expect = "positive integer",
+     .offset = offsetof(proc_config, max_tasks_per_child)},
+    {.name = "max_memory_mb",
+     .type = LP_OPT_INT,
+     .min = 1,
+     .max = INT32_MAX,
+     .expect = "positive integer",
+     .offset = offsetof(proc_config, max_memory_mb)},
+    {.name = NULL},
+};
+
+static const lp_worker_ops proc_ops = {
     .worker_size = sizeof(pworker),
     .watchdog = 0,
-    .worker_init = proc_init,
-    .worker_start = proc_start,
+    .init = proc_init,
+    .start = proc_start,
     .run = proc_run,
-    .worker_stop = proc_stop,
+    .stop = proc_stop,
     .interrupt = proc_interrupt,
+};
+
+const lp_engine luapool__process_engine = {
+    .kind = "processpool",
+    .options = proc_options,
+    .config_size = sizeof(proc_config),
     .default_workers = proc_default_workers,
-    .options = LP_ON_PROCESSES,
     .chunking = 1,
+    LP_WORKER_SET(&proc_ops),
 };
 
 /* }====================================================== */

@@ -13,7 +13,7 @@
 
 #include "base/buf.h"
 #include "engines/engines.h"
-#include "core/executor.h"
+#include "core/workers.h"
 #include "core/future.h"
 #include "kernels/kernel.h" /* luapool__http_thread_cleanup */
 #include "base/stop.h"
@@ -33,20 +33,7 @@ typedef struct tworker {
 static void thread_call_start(lp_wstate *ws, uint32_t call) {
   (void)call;
   tworker *t = (tworker *)((char *)ws - offsetof(tworker, ws));
-  lp_pool *p = t->w.pool;
-  pthread_mutex_lock(&p->mu);
-  t->w.deadline = ws->deadline;
-  t->w.deadline_seq = atomic_load(&t->w.intr.seq);
-  if (p->wd_started) pthread_cond_signal(&p->wdcv);
-  pthread_mutex_unlock(&p->mu);
-}
-
-/* No call runs under a deadline any more (the watchdog skips 0). */
-static void deadline_done(tworker *t) {
-  lp_pool *p = t->w.pool;
-  pthread_mutex_lock(&p->mu);
-  t->w.deadline = 0;
-  pthread_mutex_unlock(&p->mu);
+  luapool__worker_deadline(&t->w, ws->deadline);
 }
 
 /* Runs msg with every call under its own deadline of `timeout` seconds
@@ -59,7 +46,7 @@ static int run_timed(tworker *t, const char *msg, size_t len, double timeout, ui
   t->ws.deadline = 0;
   t->out.len = 0;
   int st = luapool__run_message(&t->ws, msg, len, &t->out);
-  if (timeout > 0) deadline_done(t);
+  if (timeout > 0) luapool__worker_deadline(&t->w, 0); /* the watchdog skips 0 */
   t->ws.deadline = 0;
   return st;
 }
@@ -159,15 +146,19 @@ static void thread_stop(lp_worker *w) {
 ** CPUs, as concurrent.futures does, up to 32. */
 static int thread_default_workers(int ncpu) { return ncpu + 4 < 32 ? ncpu + 4 : 32; }
 
-const lp_backend luapool__thread_backend = {
-    .kind = "threadpool",
+static const lp_worker_ops thread_ops = {
     .worker_size = sizeof(tworker),
     .watchdog = 1,
-    .worker_start = thread_start,
+    .start = thread_start,
     .run = thread_run,
-    .worker_stop = thread_stop,
+    .stop = thread_stop,
     .interrupt = thread_interrupt,
+};
+
+const lp_engine luapool__thread_engine = {
+    .kind = "threadpool",
+    .foreign_note = "threads share one process",
     .default_workers = thread_default_workers,
-    .options = LP_ON_THREADS,
     .chunking = 0,
+    LP_WORKER_SET(&thread_ops),
 };

@@ -89,17 +89,13 @@ void luapool__stop_signal_install(void) { pthread_once(&stop_signal_once, stop_s
 void luapool__set_task_state(lua_State *L) {
   tl_task_state = L;
   tl_task_ws = L ? state_worker(L) : NULL;
+  luapool__set_thread_stop(tl_task_ws ? tl_task_ws->intr : NULL,
+                           tl_task_ws ? &tl_task_ws->deadline : NULL);
 }
 
 void luapool__set_signal_state(lua_State *L) {
   luapool__stop_signal_install();
   tl_signal_state = L;
-}
-
-const lp_interrupt *luapool__thread_interrupt(double *deadline) {
-  lp_wstate *ws = tl_task_ws;
-  *deadline = ws ? ws->deadline : 0;
-  return ws ? ws->intr : NULL;
 }
 
 /* Once it sees the stop, the hook re-arms itself to fire on every

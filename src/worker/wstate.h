@@ -73,9 +73,7 @@ void luapool__arm_interrupt_hook(lua_State *L);
 #define LUAPOOL_STOP_SIGNAL SIGURG
 void luapool__stop_signal_install(void);
 void luapool__set_task_state(lua_State *L);
-/* The interrupt block and deadline of the thread task running on the
-** calling thread (NULL and 0 elsewhere): waits inside a task end with it. */
-const lp_interrupt *luapool__thread_interrupt(double *deadline);
+/* (It also sets base/stop.h's luapool__thread_interrupt for the thread.) */
 void luapool__wstate_close(lp_wstate *ws);
 /* Points ws's paths at path and cpath (which the caller keeps alive) and
 ** sets them in its Lua state when it has one.  0, or -1 when the state ran

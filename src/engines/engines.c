@@ -1,0 +1,14 @@
+/*
+** The engine table (engines.h): the module makes one constructor per entry,
+** the option reader looks up other engines' options here to say where an
+** option belongs.
+*/
+#include <stddef.h>
+
+#include "engines/engines.h"
+
+const lp_engine *const luapool__engines[] = {
+    &luapool__thread_engine,
+    &luapool__process_engine,
+    NULL,
+};

@@ -918,6 +918,8 @@ static int enc_any(luapool_encoder *e, int idx) {
     case LUA_TUSERDATA: {
       const lp_udtype *t = udtype_of(L, idx);
       if (t == NULL) return enc_error(e, describe(L, idx));
+      /* (a type given a codec tag or another type's id: a build mistake) */
+      if (udtype_by_id(t->id) != t) return enc_error(e, "a userdata whose type has a taken id");
       if (luapool__buf_reserve(b, 1 + t->size)) return enc_nomem(e);
       b->p[b->len++] = (char)t->id;
       t->encode(L, idx, b->p + b->len);

@@ -25,8 +25,8 @@ typedef struct lp_udtype {
   ** luapool.int128's, its tag before this registry); new types take 32
   ** and up. */
   unsigned char id;
-  /* The bytes that follow the id, always this many (no length travels);
-  ** at most LP_UDTYPE_MAXSIZE. */
+  /* The bytes that follow the id, always this many (no length travels:
+  ** a type of variable size would need one, a wire version change). */
   size_t size;
   /* Writes the value at idx, a userdata with this type's metatable, as
   ** size bytes at out.  Must not raise. */
@@ -41,8 +41,6 @@ typedef struct lp_udtype {
   ** Lua state (luapool__get_scalar, luapool__put_value). */
   int scalar;
 } lp_udtype;
-
-#define LP_UDTYPE_MAXSIZE 64
 
 /* Every transferable type, NULL-terminated (udtype.c). */
 extern const lp_udtype *const luapool__udtypes[];

@@ -198,6 +198,8 @@ typedef struct eframe {
 
 /* One encode in progress: on the C stack of luapool__encode, so that one
 ** started by a __gc in the middle of another is independent of it. */
+#define NSEENFAST 4
+
 typedef struct luapool_encoder {
   lp_buf *bp; /* where it writes */
   lua_State *L;
@@ -208,7 +210,10 @@ typedef struct luapool_encoder {
   int curkey;     /* stack index of the innermost frame's key while it is
                  ** on the stack (0: use the saved one) */
   uint32_t nseen; /* tables and functions met: their reference ids */
-  uint32_t nuv;   /* upvalues met: their numbers, for joins */
+  /* The first NSEENFAST of them, searched in order: a message of a
+  ** function and a few scalars (most tasks) then makes no seen table. */
+  const void *seen[NSEENFAST];
+  uint32_t nuv; /* upvalues met: their numbers, for joins */
   /* The ids of the first NUVFAST upvalues met, searched in order (most
   ** messages have a few); past that all are in the seen table. */
   void *uv[NUVFAST];
@@ -412,6 +417,7 @@ static void enc_base(luapool_encoder *e) {
 static void enc_slots(luapool_encoder *e) {
   lua_State *L = e->L;
   if (e->slots) return;
+  enc_base(e);
   luaL_checkstack(L, E_NFIXED + 16, "encoding a message");
   lua_settop(L, e->base + E_NFIXED - 1);
   e->slots = 1;
@@ -590,19 +596,44 @@ static int enc_nomem(luapool_encoder *e) {
 ** records it with the next id and returns 0. */
 static int enc_seen(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  int seen = e->base + E_SEEN;
-  lua_pushvalue(L, idx);
-  if (lua_rawget(L, seen) == LUA_TNUMBER) {
-    uint32_t id = (uint32_t)lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id)) return enc_nomem(e);
-    return 1;
+  /* Keyed by address: every value met stays reachable from the message's
+  ** roots while it is encoded (no Lua code runs), and Lua never moves an
+  ** object, so an address names one table or function throughout. */
+  const void *p = lua_topointer(L, idx);
+  uint32_t id = 0;
+  int found = 0;
+  if (e->nseen <= NSEENFAST) {
+    while (id < e->nseen && e->seen[id] != p)
+      id++;
+    found = id < e->nseen;
+    if (!found && e->nseen < NSEENFAST) {
+      e->seen[e->nseen++] = p;
+      return 0;
+    }
+    if (!found) {  /* the array is full: from now on all in the seen table */
+      enc_base(e); /* (with no frame yet this is the root level) */
+      for (uint32_t k = 0; k < NSEENFAST; k++) {
+        lua_pushlightuserdata(L, (void *)e->seen[k]);
+        lua_pushinteger(L, k);
+        lua_rawset(L, e->base + E_SEEN);
+      }
+    }
   }
-  lua_pop(L, 1);
-  lua_pushvalue(L, idx);
-  lua_pushinteger(L, e->nseen++);
-  lua_rawset(L, seen);
-  return 0;
+  if (!found) {
+    int seen = e->base + E_SEEN;
+    lua_pushlightuserdata(L, (void *)p);
+    found = lua_rawget(L, seen) == LUA_TNUMBER;
+    id = (uint32_t)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (!found) {
+      lua_pushlightuserdata(L, (void *)p);
+      lua_pushinteger(L, e->nseen++);
+      lua_rawset(L, seen);
+      return 0;
+    }
+  }
+  if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id)) return enc_nomem(e);
+  return 1;
 }
 
 /* Writes the head of a table and opens its frame: 1; or a reference or a
@@ -611,7 +642,6 @@ static int enc_table_head(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   int r = enc_named(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
-  enc_base(e);
   r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
   lua_Unsigned narr = lua_rawlen(L, idx);
@@ -846,7 +876,6 @@ static int enc_function_head(luapool_encoder *e, int idx) {
   int n = enc_named(e, idx);
   if (n != 0) return n < 0 ? -1 : 0;
   if (lua_iscfunction(L, idx)) return enc_error(e, describe(L, idx));
-  enc_base(e);
   int r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
   /* push_dump's two cache tables, their lookups, the dump and its buffer */

@@ -66,15 +66,29 @@ lp_curl_api luapool__lc;
 static const struct {
   const char *name;
   void **slot;
-} lc_syms[] = {
-    LC_SYM(global_init),     LC_SYM(version_info),        LC_SYM(easy_init),
-    LC_SYM(easy_cleanup),    LC_SYM(easy_reset),          LC_SYM(easy_setopt),
-    LC_SYM(easy_getinfo),    LC_SYM(easy_strerror),       LC_SYM(multi_init),
-    LC_SYM(multi_cleanup),   LC_SYM(multi_setopt),        LC_SYM(multi_add_handle),
-    LC_SYM(multi_remove_handle), LC_SYM(multi_socket_action), LC_SYM(multi_info_read),
-    LC_SYM(slist_append),    LC_SYM(slist_free_all),      LC_SYM(url),
-    LC_SYM(url_cleanup),     LC_SYM(url_set),             LC_SYM(url_get),
-    LC_SYM(free),            LC_SYM(getdate)};
+} lc_syms[] = {LC_SYM(global_init),
+               LC_SYM(version_info),
+               LC_SYM(easy_init),
+               LC_SYM(easy_cleanup),
+               LC_SYM(easy_reset),
+               LC_SYM(easy_setopt),
+               LC_SYM(easy_getinfo),
+               LC_SYM(easy_strerror),
+               LC_SYM(multi_init),
+               LC_SYM(multi_cleanup),
+               LC_SYM(multi_setopt),
+               LC_SYM(multi_add_handle),
+               LC_SYM(multi_remove_handle),
+               LC_SYM(multi_socket_action),
+               LC_SYM(multi_info_read),
+               LC_SYM(slist_append),
+               LC_SYM(slist_free_all),
+               LC_SYM(url),
+               LC_SYM(url_cleanup),
+               LC_SYM(url_set),
+               LC_SYM(url_get),
+               LC_SYM(free),
+               LC_SYM(getdate)};
 
 /* The soname of libcurl4 (OpenSSL flavour), whose headers this is built
 ** with; LUAPOOL_LIBCURL names another build of the same ABI (e.g.
@@ -345,9 +359,9 @@ enum {
   O_RETRY_DELAY = 1 << 8,
   O_RETRY_ALL = 1 << 9
 };
-static const char *const option_names[] = {"timeout", "connect_timeout", "headers", "follow",
-                                           "url",     "method",          "body",    "retries",
-                                           "retry_delay", "retry_all",   NULL};
+static const char *const option_names[] = {"timeout",     "connect_timeout", "headers", "follow",
+                                           "url",         "method",          "body",    "retries",
+                                           "retry_delay", "retry_all",       NULL};
 #define GET_OPTIONS (O_TIMEOUT | O_CONNECT_TIMEOUT | O_HEADERS | O_FOLLOW)
 #define REQUEST_OPTIONS                                                                            \
   (GET_OPTIONS | O_URL | O_METHOD | O_BODY | O_RETRIES | O_RETRY_DELAY | O_RETRY_ALL)
@@ -466,8 +480,7 @@ static void read_options(lua_State *L, int idx, const char *fname, int allowed, 
     lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1;
     if (!(allowed & O_URL) || n < 0 || n > INT_MAX)
       bad_option(L, "follow", fname,
-                 allowed & O_URL ? "boolean or non-negative integer expected"
-                                 : "boolean expected");
+                 allowed & O_URL ? "boolean or non-negative integer expected" : "boolean expected");
     o->max_redirs = (int)n;
   }
   lua_pop(L, 1);
@@ -655,13 +668,17 @@ int luapool__http_get(lua_State *L) {
 }
 
 int luapool__http_request(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
+  /* (named: a call through pcall or a tail call would say '?') */
+  if (lua_type(L, 1) != LUA_TTABLE)
+    return luaL_error(L, "bad argument #1 to 'request' (table expected, got %s)",
+                      luaL_typename(L, 1));
   lua_settop(L, 1);
   check_option_names(L, 1, "request", REQUEST_OPTIONS);
   if (lua_getfield(L, 1, "url") != LUA_TSTRING) bad_option(L, "url", "request", "string expected");
   size_t ulen;
   const char *url = lua_tolstring(L, -1, &ulen); /* anchored at 2 */
-  if (strlen(url) != ulen) luaL_error(L, "bad option 'url' to 'request' (URL contains a zero byte)");
+  if (strlen(url) != ulen)
+    luaL_error(L, "bad option 'url' to 'request' (URL contains a zero byte)");
   return http_call(L, "request", url, 1, REQUEST_OPTIONS);
 }
 

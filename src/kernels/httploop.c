@@ -61,9 +61,9 @@ typedef struct hhost {
   struct hhost *next;  /* hash chain */
   struct hhost *rnext; /* ready list */
   int in_ready;
-  int active;               /* requests of this host in libcurl */
-  struct lp_hreq *qh, *qt;  /* FIFO of waiting requests */
-  char key[];               /* "host:port", lower case; "" when unparsable */
+  int active;              /* requests of this host in libcurl */
+  struct lp_hreq *qh, *qt; /* FIFO of waiting requests */
+  char key[];              /* "host:port", lower case; "" when unparsable */
 } hhost;
 
 struct lp_hreq {
@@ -491,8 +491,8 @@ static CURLcode setup(lp_hreq *r, long timeout_ms) {
     /* (kept on redirects, unlike POST which a 301/302/303 turns to GET) */
     SETOPT(h, CURLOPT_CUSTOMREQUEST, r->method);
   }
-  if (!r->head && (r->has_body || strcmp(r->method, "POST") == 0 ||
-                   strcmp(r->method, "PUT") == 0 || strcmp(r->method, "PATCH") == 0)) {
+  if (!r->head && (r->has_body || strcmp(r->method, "POST") == 0 || strcmp(r->method, "PUT") == 0 ||
+                   strcmp(r->method, "PATCH") == 0)) {
     /* a body, or Content-Length: 0 for a bodyless POST/PUT/PATCH */
     SETOPT(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
     SETOPT(h, CURLOPT_POSTFIELDS, r->body ? r->body : "");
@@ -589,7 +589,7 @@ static double retry_after(lp_hreq *r) {
     memcpy(v, line + a, e - a);
     v[e - a] = '\0';
     if (strspn(v, "0123456789") == e - a) return strtod(v, NULL); /* delay-seconds */
-    time_t at = lc.getdate(v, NULL);                               /* HTTP-date */
+    time_t at = lc.getdate(v, NULL);                              /* HTTP-date */
     if (at == (time_t)-1) return -1;
     double d = difftime(at, time(NULL));
     return d > 0 ? d : 0;
@@ -838,7 +838,8 @@ void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud) {
   r->attempts = 0;
   r->end_by = t1;
   r->end_by_task = 0;
-  if (r->deadline > 0 && (t1 == 0 || r->deadline <= t1)) r->end_by = r->deadline, r->end_by_task = 1;
+  if (r->deadline > 0 && (t1 == 0 || r->deadline <= t1))
+    r->end_by = r->deadline, r->end_by_task = 1;
   r->anext = l->all;
   r->aprev = NULL;
   if (l->all) l->all->aprev = r;

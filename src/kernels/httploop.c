@@ -36,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h> /* strncasecmp */
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/resource.h>
@@ -906,6 +907,7 @@ size_t luapool__hloop_run(lp_hloop *l, double max_wait) {
     lc.multi_socket_action(l->multi, CURL_SOCKET_TIMEOUT, 0, &running);
   }
   read_messages(l);
+  pump(l); /* into the slots the ended transfers freed */
   fire_timers(l);
   run_finished(l);
   return l->owned;

@@ -22,7 +22,12 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
 #include "base/util.h"
+#include "bind/luapool.h"
 #include "kernels/httploop.h"
 #include "kernels/kernel.h"
 
@@ -384,6 +389,153 @@ static void test_wakeup_and_free(void) {
 
 /* }====== */
 
+/* {====== the yield contract, with a minimal engine (httploop.h) */
+
+typedef struct task {
+  lua_State *co;
+  int ref, ready, done, called;
+  lp_hreq *r;
+  char out[512];
+} task;
+
+static void task_cb(lp_hreq *r, void *ud) {
+  task *t = ud;
+  (void)r;
+  t->ready = 1;
+  t->called++;
+}
+
+/* Resumes t (nargs values on its stack) and handles what it yields. */
+static void step(lp_hloop *l, lua_State *L, task *t, int nargs) {
+  int n;
+  t->ready = 0;
+  int st = lua_resume(t->co, L, nargs, &n);
+  if (st == LUA_YIELD && n == 2 && lua_touserdata(t->co, -2) == &luapool__http_yield_marker) {
+    t->r = lua_touserdata(t->co, -1);
+    lua_pop(t->co, 2);
+    luapool__hloop_add(l, t->r, task_cb, t);
+    return;
+  }
+  t->done = 1;
+  snprintf(t->out, sizeof t->out, "%s%s", st == LUA_OK ? "" : "error: ",
+           lua_tostring(t->co, -1) ? lua_tostring(t->co, -1) : "(none)");
+}
+
+static void spawn(lp_hloop *l, lua_State *L, task *t, const char *code) {
+  memset(t, 0, sizeof *t);
+  t->co = lua_newthread(L);
+  t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (luaL_loadstring(t->co, code) != LUA_OK) {
+    fprintf(stderr, "%s\n", lua_tostring(t->co, -1));
+    exit(2);
+  }
+  lua_pushstring(t->co, base);
+  step(l, L, t, 1);
+}
+
+/* The engine's loop: run, resume the tasks whose request ended. */
+static void drive(lp_hloop *l, lua_State *L, task *t, int n, double limit) {
+  double t0 = luapool__now();
+  for (;;) {
+    int left = 0;
+    for (int i = 0; i < n; i++) {
+      if (t[i].ready) step(l, L, &t[i], 0);
+      left += !t[i].done;
+    }
+    if (left == 0 || luapool__now() - t0 > limit) return;
+    luapool__hloop_run(l, 0.05);
+  }
+}
+
+static void test_yield(void) {
+  enum { N = 200 };
+  static task t[N];
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  luaL_requiref(L, "luapool", luaopen_luapool, 1);
+  lua_pop(L, 1);
+  lp_hloop *l = loop(0, 0);
+  luapool__http_set_thread_loop(l);
+  CHECK(luapool__http_thread_loop() == l, "thread loop");
+
+  /* N tasks, each two 0.3 s requests in sequence, on one thread */
+  double t0 = luapool__now();
+  for (int i = 0; i < N; i++)
+    spawn(l, L, &t[i],
+          "local url = ...\n"
+          "local a = assert(luapool.http.request{url = url .. '/sleep?s=0.3', method = 'GET'})\n"
+          "local ok, b = pcall(luapool.http.get, url .. '/sleep?s=0.3')\n"
+          "return a.status + b.status .. ' ' .. a.attempts .. ' ' .. a.body .. b.body");
+  drive(l, L, t, N, 30);
+  double took = luapool__now() - t0;
+  int ok = 0;
+  for (int i = 0; i < N; i++)
+    ok += strcmp(t[i].out, "400 1 ok\nok\n") == 0;
+  CHECK(ok == N, "%d of %d: %s", ok, N, t[0].out);
+  CHECK(took < 10, "took %.2f s", took); /* sequential: N * 0.6 s */
+  printf("yield: %d tasks x two 0.3 s requests, one thread: %.2f s\n", N, took);
+
+  /* a failure is the call's nil, message, as when blocking */
+  spawn(l, L, &t[0],
+        "local r, e = luapool.http.request{url = 'http://127.0.0.1:1/'} return tostring(r) .. ' ' "
+        ".. e");
+  drive(l, L, t, 1, 10);
+  CHECK(strncmp(t[0].out, "nil GET http://127.0.0.1:1/: Couldn't connect to server", 55) == 0, "%s",
+        t[0].out);
+
+  /* where it cannot yield */
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "table.sort({3, 1, 2}, function(x, y) luapool.http.request{url = url} return x < y end)");
+  drive(l, L, t, 1, 10);
+  /* (luaL_error names the Lua caller's line, as for any argument error) */
+  CHECK(strstr(t[0].out, ":2: luapool.http.request: cannot yield here (inside a metamethod or a C "
+                         "function such as table.sort's comparator); make the request in the "
+                         "task's own code (a pcall is fine) and pass the result in") != NULL,
+        "%s", t[0].out);
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "return tostring(setmetatable({}, {__tostring = function() return luapool.http.get(url) "
+        "end}))");
+  drive(l, L, t, 1, 10);
+  CHECK(strstr(t[0].out, ": luapool.http.get: cannot yield here (") != NULL, "%s", t[0].out);
+  /* (Lua 5.4 yields across metamethods the VM calls, such as __index) */
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "return setmetatable({}, {__index = function() return luapool.http.get(url).body end}).x");
+  drive(l, L, t, 1, 10);
+  CHECK(strcmp(t[0].out, "luapool fixture\n") == 0, "%s", t[0].out);
+
+  /* an engine's abort: the call raises the abort's why */
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "local ok, e = pcall(luapool.http.request, {url = url .. '/sleep?s=5'}) return e");
+  t0 = luapool__now();
+  while (luapool__now() - t0 < 0.2)
+    luapool__hloop_run(l, 0.05);
+  luapool__hloop_abort(l, t[0].r, "cancelled");
+  CHECK(t[0].ready == 1 && t[0].called == 1, "callback %d", t[0].called);
+  drive(l, L, t, 1, 10);
+  char want[600];
+  snprintf(want, sizeof want, "GET %s/sleep?s=5: cancelled", base);
+  CHECK(strcmp(t[0].out, want) == 0, "%s", t[0].out);
+
+  /* a coroutine dropped with its request in flight: forgotten, no callback */
+  spawn(l, L, &t[0], "local url = ... return luapool.http.request{url = url .. '/sleep?s=5'}");
+  luapool__hloop_run(l, 0.1);
+  CHECK(luapool__hloop_owned(l) == 1, "owned %zu", luapool__hloop_owned(l));
+  luaL_unref(L, LUA_REGISTRYINDEX, t[0].ref);
+  lua_gc(L, LUA_GCCOLLECT);
+  CHECK(luapool__hloop_owned(l) == 0 && t[0].called == 0, "owned %zu, called %d",
+        luapool__hloop_owned(l), t[0].called);
+
+  luapool__http_set_thread_loop(NULL);
+  lua_close(L);
+  luapool__hloop_free(l);
+}
+
+/* }====== */
+
 /* {====== bench (printed, not asserted) */
 
 static void bench_small(int n, int conc) {
@@ -472,6 +624,7 @@ int main(int argc, char **argv) {
     test_retry_after();
     test_emfile();
     test_wakeup_and_free();
+    test_yield();
   }
   if (bench) {
     if (only == NULL || strcmp(only, "small") == 0) bench_small(20000, 100);

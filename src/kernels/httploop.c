@@ -805,9 +805,14 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
     snprintf(err, errsz, "cannot make an event loop (%s)", strerror(errno));
     goto fail;
   }
+  errno = 0;
   l->multi = new_multi();
   if (l->multi == NULL) {
-    snprintf(err, errsz, "not enough memory");
+    /* (libcurl 7.x makes a socket pair in multi_init) */
+    if (errno == EMFILE || errno == ENFILE)
+      fd_message(err, errsz, errno);
+    else
+      snprintf(err, errsz, "not enough memory");
     goto fail;
   }
   lc.multi_setopt(l->multi, CURLMOPT_SOCKETFUNCTION, on_socket);

@@ -612,6 +612,13 @@ static void bench_two_loops(int n, int conc, const char *path) {
 int main(int argc, char **argv) {
   int bench = argc > 1 && strcmp(argv[1], "bench") == 0;
   const char *only = argc > 2 ? argv[2] : NULL; /* bench NAME: that one alone */
+  /* 2,000 connections at once need as many descriptors: soft limit up to
+  ** the hard one (as luapool itself is to do at start) */
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
   if (luapool__http_global_init() != 0) {
     fprintf(stderr, "httploop_test: %s\n", luapool__http_init_error());
     return 2;

@@ -696,6 +696,86 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   return end_call(L, b, request, 0);
 }
 
+/* {====== fetch_length yielding on an engine's loop thread */
+
+/* Resumed by the engine once the fetch ended: length, status, or the
+** kernel's error. */
+static int fetch_continue(lua_State *L, int status, lua_KContext ctx) {
+  req_box *b = luaL_checkudata(L, 3, REQ_BOX_MT);
+  lp_hreq *r = b->r;
+  double deadline;
+  const lp_interrupt *intr = luapool__lua_interrupt(L, &deadline);
+  (void)status, (void)ctx;
+  switch (luapool__hreq_state(r)) {
+    case LP_H_OK: {
+      uint64_t n = luapool__hreq_length(r);
+      lua_pushinteger(L, n > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER : (lua_Integer)n);
+      lua_pushinteger(L, luapool__hreq_status(r));
+      box_free(b);
+      return 2;
+    }
+    case LP_H_DEADLINE: luapool__stop_self(intr); /* fall through */
+    default:
+      /* as the kernel's own errors: no "chunk:line:" prefix */
+      lua_pushfstring(L, "fetch_length: %s: %s", luapool__hreq_target(r), luapool__hreq_error(r));
+      box_free(b);
+      return lua_error(L);
+  }
+}
+
+int luapool__http_fetch_length_yield(lua_State *L) {
+  lp_hreq_opts o;
+  char err[512];
+  memset(&o, 0, sizeof o);
+  lua_settop(L, 2);
+  /* the kernel's checks and messages (registry.c, fetch_length_run) */
+  if (lua_type(L, 1) != LUA_TSTRING) {
+    lua_pushfstring(L, "bad argument #1 to 'fetch_length' (string expected, got %s)",
+                    luaL_typename(L, 1));
+    return lua_error(L);
+  }
+  size_t ulen;
+  const char *url = lua_tolstring(L, 1, &ulen);
+  if (strlen(url) != ulen) {
+    lua_pushstring(L, "bad argument #1 to 'fetch_length' (URL contains a zero byte)");
+    return lua_error(L);
+  }
+  if (!lua_isnil(L, 2)) {
+    if (lua_type(L, 2) != LUA_TNUMBER) {
+      lua_pushfstring(L, "bad argument #2 to 'fetch_length' (number expected, got %s)",
+                      luaL_typename(L, 2));
+      return lua_error(L);
+    }
+    if (!((o.timeout = lua_tonumber(L, 2)) > 0)) {
+      lua_pushfstring(L, "bad argument #2 to 'fetch_length' (positive number expected, got %s)",
+                      luaL_tolstring(L, 2, NULL));
+      return lua_error(L);
+    }
+  }
+  if (yield_loop == NULL || !lua_isyieldable(L))
+    return luaL_error(L, "luapool.kernels.fetch_length: cannot yield here (inside a metamethod "
+                         "or a C function such as table.sort's comparator); make the request "
+                         "in the task's own code (a pcall is fine) and pass the result in");
+  double deadline;
+  luapool__lua_interrupt(L, &deadline);
+  o.url = url;
+  o.deadline = deadline;
+  o.max_redirs = LP_HMAX_REDIRS;
+  o.retry_delay = -1;
+  o.count_only = 1;
+  req_box *b = new_box(L); /* index 3 */
+  b->r = luapool__hreq_new(&o, err, sizeof err);
+  if (b->r == NULL) {
+    lua_pushfstring(L, "fetch_length: %s: %s", url, err);
+    return lua_error(L);
+  }
+  lua_pushlightuserdata(L, (void *)&luapool__http_yield_marker);
+  lua_pushlightuserdata(L, b->r);
+  return lua_yieldk(L, 2, 0, fetch_continue);
+}
+
+/* }====== */
+
 int luapool__http_get(lua_State *L) {
   /* A string, never a number: luaL_checklstring would turn 5 into "5",
   ** which libcurl reads as the address 0.0.0.5. */

@@ -6,6 +6,7 @@
 */
 #include <errno.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/utsname.h>
 #include <signal.h>
 #include <stdio.h>
@@ -225,10 +226,20 @@ static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 /* Once per process: the hooks the lower layers call up through.  libcurl
 ** is not touched here: kernels/http.c loads and initialises it the first
 ** time a script needs HTTP, so a script (or process worker) that never
-** fetches never pays for it. */
+** fetches never pays for it.
+** The soft limit on open files goes up to the hard one: an iopool keeps
+** a socket per request in flight (10,000 need more than the usual soft
+** 1024), and nothing in luapool uses select(), the one reason the soft
+** limit stays low.  Where it cannot be raised a request fails with a
+** message that names RLIMIT_NOFILE (kernels/httploop.c). */
 static void global_init(void) {
   luapool__set_signal_delivery(deliver_signal);
   luapool__set_state_opener(luapool__open_worker_state);
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl); /* (a failure leaves the old limit: harmless) */
+  }
 }
 
 int luaopen_luapool(lua_State *L) {

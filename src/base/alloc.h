@@ -16,9 +16,11 @@
 
 #ifdef LUAPOOL_TEST_ALLOC
 /* n >= 0: the calling thread's C allocations succeed n more times, then
-** every one fails until luapool__test_fail_c_alloc(-1).  Per thread, so
-** a scenario's failures do not depend on what other threads allocate. */
-void luapool__test_fail_c_alloc(long n);
+** the next one fails, and when not once every one after it too, until
+** luapool__test_fail_c_alloc(-1, 0).  Per thread, so a scenario's
+** failures do not depend on what other threads allocate.  Returns how
+** many allocations the previous arming failed. */
+long luapool__test_fail_c_alloc(long n, int once);
 /* Should this allocation fail?  Counts it. */
 int luapool__test_alloc_fails(void);
 #define LP_ALLOC_FAILS() luapool__test_alloc_fails()

@@ -31,6 +31,7 @@
 #include <time.h>
 
 #include "base/alloc.h"
+#include "base/stop.h"
 #include "base/util.h"
 #include "core/engine.h"
 #include "core/future.h"
@@ -705,6 +706,93 @@ static void test_waits(void) {
   luapool__future_unref(g);
 }
 
+/* Done callbacks: a future watched by its pool is queued for the owner as
+** it settles, oldest first, each with a reference. */
+static void test_callbacks(void) {
+  lp_pool *p = new_pool(&manual_engine, 1);
+  lp_future *fs[3];
+  int notified;
+  CHECK_INT(luapool__pool_owes(p), 0);
+  for (int i = 0; i < 3; i++) {
+    fs[i] = new_future('n', 0, 1);
+    submit_ok(p, fs[i]);
+    CHECK_INT(luapool__future_notify_on(fs[i], p, &notified), 0);
+    CHECK_INT(notified, 0);
+  }
+  CHECK_INT(luapool__future_notify_on(fs[0], p, &notified), 0);
+  CHECK_INT(notified, 1); /* already to be told */
+  CHECK(luapool__pool_take_callbacks(p) == NULL);
+  for (int i = 0; i < 3; i++)
+    CHECK(take(p) == fs[i]);
+  CHECK_INT(luapool__future_cancel(fs[2]), 1);
+  CHECK_INT(luapool__future_start(fs[0], "w"), 1);
+  luapool__future_finish(fs[0], "\0\0\0\0", 4, 1);
+  CHECK_INT(luapool__future_fail(fs[1], LP_EK_CRASHED, "x"), 1);
+  CHECK(luapool__pool_owes(p) != 0);
+  lp_future *list = luapool__pool_take_callbacks(p);
+  CHECK_INT(luapool__pool_owes(p), 0);
+  for (int i = 0; i < 3; i++) { /* in the order they settled: 2, 0, 1 */
+    static const int order[] = {2, 0, 1};
+    CHECK(list == fs[order[i]]);
+    lp_future *next = list->cbnext;
+    CHECK_INT(atomic_load(&list->refs), 3); /* ours, the queue's, the callback's */
+    luapool__future_unref(list);
+    list = next;
+  }
+  CHECK(list == NULL);
+  CHECK_INT(luapool__future_notify_on(fs[0], p, &notified), 1); /* done: nothing owed */
+  CHECK(luapool__pool_take_callbacks(p) == NULL);
+  for (int i = 0; i < 3; i++) {
+    luapool__future_unref(fs[i]);
+    luapool__future_unref(fs[i]);
+  }
+  /* owed at destroy: dropped with the pool (ASan: no leak) */
+  lp_future *f = new_future('n', 0, 1);
+  submit_ok(p, f);
+  CHECK_INT(luapool__future_notify_on(f, p, &notified), 0);
+  CHECK_INT(luapool__future_cancel(f), 1);
+  CHECK(take(p) == f);
+  luapool__future_unref(f);
+  luapool__future_unref(f);
+  end_pool(p);
+}
+
+/* A wait inside a thread task (a nested pool) ends when its task is told
+** to stop (-2), or when the task's deadline passes, which marks the task
+** stopped by it. */
+static void test_task_stops(void) {
+  lp_interrupt intr;
+  atomic_init(&intr.closing, 0);
+  atomic_init(&intr.seq, 1);
+  atomic_init(&intr.kill_seq, UINT64_MAX);
+  atomic_init(&intr.reason, 0);
+  double deadline = 0;
+  luapool__set_thread_stop(&intr, &deadline);
+  lp_future *f = new_future('t', 0, 1);
+  lp_cq *q = luapool__cq_alloc();
+  CHECK(q != NULL);
+  watch(q, f, 1);
+  lp_wnode *n = NULL;
+  CHECK_INT(luapool__future_wait(f, 0.02), 0); /* not stopped: a plain timeout */
+  CHECK_INT(luapool__cq_wait(q, 0.02, luapool__now(), &n), 0);
+  atomic_store(&intr.closing, 1);
+  CHECK_INT(luapool__future_wait(f, 10), -2);
+  CHECK_INT(luapool__cq_wait(q, 10, luapool__now(), &n), -2);
+  atomic_store(&intr.closing, 0);
+  deadline = luapool__now() + 0.03; /* passes during the wait */
+  double t0 = luapool__now();
+  CHECK_INT(luapool__future_wait(f, 10), -2);
+  CHECK(luapool__now() - t0 < 5);
+  CHECK_INT(atomic_load(&intr.reason), LP_STOP_DEADLINE);
+  CHECK_INT(atomic_load(&intr.kill_seq), 1);
+  luapool__set_thread_stop(NULL, NULL);
+  CHECK_INT(luapool__future_cancel(f), 1);
+  CHECK_INT(luapool__future_wait(f, 10), 1);
+  CHECK_INT(pop(q, 0), 1);
+  luapool__cq_free(q);
+  luapool__future_unref(f);
+}
+
 /* Many threads settle many futures while the owner pops them: each comes
 ** out exactly once. */
 #define CQ_THREADS 3
@@ -1118,6 +1206,35 @@ static void submit_blockers(lp_pool *p, lp_future **b, lp_future **q, int nq) {
   }
 }
 
+/* An interrupt that comes as a worker takes a task: the task is cancelled
+** (still queued) or interrupted (started), never left running.  A task
+** the interrupt missed would block (its 'B' gives up after 30 s). */
+static void test_worker_set_interrupt_race(int rounds) {
+  lp_pool *p = new_pool(&fake_engine, 1);
+  size_t ncancelled = 0, ninterrupted = 0;
+  for (int i = 0; i < rounds; i++) {
+    lp_future *f = new_future('B', 0, 1);
+    submit_ok(p, f);
+    spin_us(i % 40);
+    luapool__pool_interrupt(p);
+    if (luapool__future_wait(f, 10) != 1)
+      fail_at(__FILE__, __LINE__, "round %d: the interrupt missed a task that was starting", i);
+    lp_fstate st = luapool__future_state(f);
+    if (st == LP_CANCELLED) {
+      ncancelled++;
+    } else {
+      CHECK_INT(st, LP_FAILED);
+      CHECK_INT(f->ekind, LP_EK_INTERRUPTED);
+      ninterrupted++;
+    }
+    luapool__future_unref(f);
+  }
+  printf("    %zu cancelled queued, %zu interrupted running\n", ncancelled, ninterrupted);
+  WAIT_UNTIL(atomic_load(&p->c_running) == 0);
+  CHECK_COUNTS(p, 0, 0, 0, ninterrupted, ncancelled, rounds);
+  end_pool(p);
+}
+
 static void test_worker_set_stops(void) {
   lp_future *b[2], *q[5], *f;
   size_t submitted = 0;
@@ -1369,10 +1486,13 @@ int main(int argc, char **argv) {
   test_race_cancel_start(rounds), ran("race cancel/start");
   test_race_fail_finish(rounds), ran("race fail/finish/cancel");
   test_waits(), ran("waits and timeouts");
+  test_callbacks(), ran("done callbacks");
+  test_task_stops(), ran("waits in a stopped task");
   test_cq_stress(rounds), ran("cq stress");
   test_loop_engine(rounds / 5), ran("loop engine");
   test_worker_set_mixed(rounds), ran("worker set, mixed");
   test_worker_set_stops(), ran("worker set, stops");
+  test_worker_set_interrupt_race(rounds / 5), ran("worker set, interrupt race");
 #ifdef LUAPOOL_TEST_ALLOC
   test_oom(), ran("out of memory");
 #endif

@@ -26,15 +26,24 @@ static void *worker_main(void *arg) {
       s->idle--;
     }
     lp_future *f = luapool__pool_take(p);
-    pthread_mutex_unlock(&p->mu);
-    if (f == NULL) break; /* closing, and nothing left to run */
-    if (luapool__future_start(f, w->name)) {
-      /* A new number for this task: a stop aimed at an earlier one (a
-      ** deadline that fired late) no longer matches.  (A call with a
-      ** deadline takes a number of its own: worker.c; the engine tells
-      ** the watchdog its deadline, luapool__worker_deadline.) */
+    /* Started, numbered and marked busy before p->mu is let go (p->mu
+    ** comes before the future's stripe in the lock order): an interrupt,
+    ** which holds p->mu, finds each task either still queued (it is
+    ** cancelled) or this worker busy with it (it is stopped).  Started
+    ** after the unlock, a task taken just before an interrupt was neither
+    ** and ran on (spec/core_test.c, "interrupt race").
+    ** The new number: a stop aimed at an earlier task (a deadline that
+    ** fired late) no longer matches.  (A call with a deadline takes a
+    ** number of its own: worker.c; the engine tells the watchdog its
+    ** deadline, luapool__worker_deadline.) */
+    int run = f != NULL && luapool__future_start(f, w->name);
+    if (run) {
       atomic_store(&w->intr.seq, atomic_load(&w->intr.seq) + 1);
       atomic_store(&w->busy, 1);
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (f == NULL) break; /* closing, and nothing left to run */
+    if (run) {
       ops->run(w, f);
       atomic_store(&w->busy, 0);
     }

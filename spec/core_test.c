@@ -5,7 +5,7 @@
 ** decided must be a valid outcome, so the result is deterministic even
 ** though the interleaving is not.
 **
-** Two fake engines:
+** Three fake engines:
 **  - "manual": no thread at all; the test takes futures off the pool's
 **    queue itself (luapool__pool_take) and settles them from threads it
 **    starts, to race start/cancel/finish/fail exactly;
@@ -21,6 +21,7 @@
 **
 ** A failed check prints file:line, what was expected and what was got,
 ** and the program exits 1.
+**   core_test [ROUNDS]    (default 5000: the rounds of each race)
 */
 #include <pthread.h>
 #include <stdarg.h>

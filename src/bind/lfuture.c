@@ -11,6 +11,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "codec/codec.h"
 #include "base/ctrlc.h"
 #include "bind/errors.h"
@@ -552,7 +553,7 @@ static int cq_add(lua_State *L) {
   lua_pushvalue(L, 2);
   lua_pushboolean(L, 1);
   lua_rawset(L, 3);
-  lp_wnode *n = calloc(1, sizeof *n);
+  lp_wnode *n = lp_calloc(1, sizeof *n);
   if (n == NULL) { /* undo: clearing entries allocates nothing */
     lua_pushnil(L);
     lua_rawseti(L, 4, id);
@@ -608,7 +609,7 @@ static int cq_pop(lua_State *L) {
   if (n->anext) n->anext->aprev = n->aprev;
   int id = n->id;
   lp_future *f = n->f;
-  free(n);
+  lp_free(n);
   lua_getiuservalue(L, 1, 1);
   lua_rawgeti(L, -1, id); /* the future: its userdata holds a reference */
   lua_pushnil(L);

@@ -14,6 +14,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "base/ctrlc.h"
 #include "base/util.h"
 #include "bind/errors.h"
@@ -370,7 +371,7 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   char *init_msg = NULL;
   size_t init_len = 0;
   char err[200];
-  if (ib && (init_msg = malloc(ib->len)) != NULL) {
+  if (ib && (init_msg = lp_malloc(ib->len)) != NULL) {
     memcpy(init_msg, ib->p, ib->len);
     init_len = ib->len;
   }
@@ -383,7 +384,7 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   }
   if (ib_idx) luapool__scratch_release(L, ib_idx);
   if (u->p == NULL) {
-    free(init_msg);
+    lp_free(init_msg);
     luapool__paths_unref(paths);
     return luaL_error(L, "%s", err);
   }

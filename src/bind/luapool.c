@@ -19,6 +19,7 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "base/alloc.h"
 #include "codec/codec.h"
 #include "base/ctrlc.h"
 #include "engines/engines.h"
@@ -187,6 +188,18 @@ static int l_info(lua_State *L) {
   return 1;
 }
 
+#ifdef LUAPOOL_TEST_ALLOC
+/* luapool.testing.fail_c_alloc(n [, once]), test builds only (spec/oom):
+** this thread's C allocations (base/alloc.h) succeed n more times, then
+** fail (only the next one when once); n < 0 disarms.  Returns how many
+** the previous arming failed. */
+static int l_fail_c_alloc(lua_State *L) {
+  long n = (long)luaL_checkinteger(L, 1);
+  lua_pushinteger(L, (lua_Integer)luapool__test_fail_c_alloc(n, lua_toboolean(L, 2)));
+  return 1;
+}
+#endif
+
 static const luaL_Reg module_funcs[] = {{"now", l_now},
                                         {"info", l_info},
                                         {"sleep", l_sleep},
@@ -279,6 +292,12 @@ int luaopen_luapool(lua_State *L) {
   lua_setfield(L, -2, "codec");
   luapool__int128_open(L);
   lua_setfield(L, -2, "int128");
+#ifdef LUAPOOL_TEST_ALLOC
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, l_fail_c_alloc);
+  lua_setfield(L, -2, "fail_c_alloc");
+  lua_setfield(L, -2, "testing");
+#endif
   open_lua_layer(L);
   return 1;
 }

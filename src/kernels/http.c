@@ -40,10 +40,11 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "kernels/httploop.h"
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
-#include "bind/luapool.h" /* Ctrl-C in the host's main state */
+#include "base/ctrlc.h" /* Ctrl-C in the host's main state */
 
 #define lc luapool__lc
 
@@ -258,7 +259,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
 
   /* LP_STR bytes are not guaranteed to be NUL-terminated (they may point
   ** into a message buffer); libcurl wants a C string. */
-  url = malloc(a1->u.s.len + 1);
+  url = lp_malloc(a1->u.s.len + 1);
   if (url == NULL)
     return luapool__kerr(c, "fetch_length: %.*s: not enough memory",
                          (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len), a1->u.s.p);
@@ -274,7 +275,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
   r = l ? luapool__hreq_new(&o, err, sizeof err) : NULL;
   if (r == NULL) {
     luapool__kerr(c, "fetch_length: %s: %s", url, err);
-    free(url);
+    lp_free(url);
     return -1;
   }
   run_blocking(l, r, c->interrupt);
@@ -288,7 +289,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
       /* fall through */
     default: luapool__kerr(c, "fetch_length: %s: %s", url, luapool__hreq_error(r)); break;
   }
-  free(url);
+  lp_free(url);
   if (luapool__hreq_state(r) != LP_H_OK) {
     luapool__hreq_free(r);
     return -1;
@@ -322,8 +323,8 @@ typedef struct req_box {
 
 static void box_free(req_box *b) {
   for (size_t i = 0; i < b->nlines; i++)
-    free(b->lines[i]);
-  free(b->lines);
+    lp_free(b->lines[i]);
+  lp_free(b->lines);
   b->lines = NULL;
   b->nlines = b->cap = 0;
   /* (a coroutine collected while its request is in an engine's loop) */
@@ -417,13 +418,13 @@ static int bad_header_text(const char *s, size_t len) {
 static void add_line(lua_State *L, req_box *b, const char *line) {
   if (b->nlines == b->cap) {
     size_t ncap = b->cap ? b->cap * 2 : 8;
-    char **nl = realloc(b->lines, ncap * sizeof *nl);
+    char **nl = lp_realloc(b->lines, ncap * sizeof *nl);
     if (nl == NULL) luaL_error(L, "not enough memory");
     b->lines = nl;
     b->cap = ncap;
   }
   size_t n = strlen(line) + 1;
-  char *c = malloc(n);
+  char *c = lp_malloc(n);
   if (c == NULL) luaL_error(L, "not enough memory");
   memcpy(c, line, n);
   b->lines[b->nlines++] = c;
@@ -582,7 +583,7 @@ static int push_result(lua_State *L, lp_hreq *r, int request) {
   const char *body = luapool__hreq_body(r, &blen);
   lua_pushlstring(L, body ? body : "", blen);
   lua_setfield(L, -2, "body");
-  free(luapool__hreq_take_body(r, &blen));
+  lp_free(luapool__hreq_take_body(r, &blen));
   push_headers(L, r);
   lua_setfield(L, -2, "headers");
   lua_pushstring(L, url);
@@ -674,7 +675,7 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   lp_hloop *l = yl ? yl : private_loop(err, sizeof err);
   if (l != NULL) b->r = luapool__hreq_new(&o, err, sizeof err);
   for (size_t i = 0; i < b->nlines; i++) /* copied into the request */
-    free(b->lines[i]);
+    lp_free(b->lines[i]);
   b->nlines = 0;
   if (b->r == NULL) {
     luaL_pushfail(L);

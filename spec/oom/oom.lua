@@ -50,6 +50,12 @@ local operations = {
     f:result()
     return hit
   end },
+  { "http.request (a refused connection, retried)", function()
+    -- no server needed: port 1 of the loopback refuses at once
+    local r, e = luapool.http.request { url = "http://127.0.0.1:1/", retries = 1, retry_delay = 0.001 }
+    if e and e:find("not enough memory", 1, true) then error(e) end
+    return r == nil and e:match("^GET http://127.0.0.1:1/: ") ~= nil
+  end },
   { "int128", function() return tostring(luapool.kernels.sum_squares(100000)) end },
 }
 

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <time.h>
 
 #include "base/buf.h"
 #include "base/util.h"
@@ -46,19 +47,28 @@
 #define OPEN_TIMEOUT 30.0
 /* Futures sent in one round of the loop at most. */
 #define BATCH 256
+/* Tasks are sent ahead (prefetch) only while more than this many, and
+** more than every slot could take, are queued: a short queue stays here,
+** where shutdown{cancel_futures = true} cancels it. */
+#define PREFETCH_QUEUE 64
+/* How long a cancel waits for the rank's answer. */
+#define CANCEL_TIMEOUT 5.0
 
 typedef struct orank {
   int rank;
   char name[300]; /* "rank 2 of 3 on host": the tasks' worker */
+  /* The tasks sent and not yet answered (mutex: p->mu, which cancel
+  ** needs to find one; only the progress thread changes them). */
   int inflight;
-  lp_future **run; /* [slots]: sent, not yet answered (NULL: free) */
-  uint64_t *ids;   /* [slots] */
+  lp_future **run; /* [cap] (NULL: free) */
+  uint64_t *ids;   /* [cap] */
   uint64_t paths_gen;
 } orank;
 
 typedef struct ostate {
   uint32_t id;
   int tag, nranks, slots;
+  int cap; /* tasks a rank may hold: slots, and prefetch more while the queue is long */
   orank *ranks;
   pthread_t thread;
   int started;          /* owner only */
@@ -66,9 +76,15 @@ typedef struct ostate {
   pthread_cond_t cv;    /* the thread's sleep with nothing out (mutex: p->mu) */
   int intr_req;         /* mutex: p->mu: send M_INTERRUPT */
   atomic_int ninflight; /* read by stats */
+  atomic_int ended;     /* the thread is done: no workers */
   int next_rank;        /* round robin (thread only) */
   uint64_t next_task;   /* thread only */
   mpi_sends sends;      /* thread only, then the owner once it ended */
+  /* One cancel of a task sent to a rank at a time (the owner's; mutex:
+  ** p->mu): c_state 1 asked, 2 sent to the rank, 3 answered (c_ok). */
+  int c_state, c_ok, c_rank;
+  uint64_t c_id;
+  pthread_cond_t ccv;
 } ostate;
 
 static atomic_uint next_pool_id;
@@ -127,7 +143,16 @@ static void tell_ranks(ostate *ms, unsigned type) {
   }
 }
 
-/* An R_DONE from rank `from`: settles its future. */
+/* The answer to the cancel the owner waits for (p->mu held). */
+static void cancel_answered(ostate *ms, uint64_t tid, int ok) {
+  if (ms->c_state != 2 || ms->c_id != tid) return; /* (late: its wait gave up) */
+  ms->c_state = 3;
+  ms->c_ok = ok;
+  pthread_cond_broadcast(&ms->ccv);
+}
+
+/* An R_DONE (or R_KEPT: a cancel came too late) from rank `from`:
+** settles its future. */
 static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   if (len < 10 || from < 1 || from > ms->nranks) {
     free(m);
@@ -136,21 +161,36 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   orank *rk = &ms->ranks[from - 1];
   uint64_t tid;
   memcpy(&tid, m + 1, 8);
-  int k;
-  for (k = 0; k < ms->slots; k++)
-    if (rk->run[k] && rk->ids[k] == tid) break;
-  if (k == ms->slots) {
+  unsigned st = (unsigned char)m[9];
+  pthread_mutex_lock(&p->mu);
+  if (m[0] == R_KEPT) {
+    cancel_answered(ms, tid, 0);
+    pthread_mutex_unlock(&p->mu);
     free(m);
     return;
   }
-  lp_future *f = rk->run[k];
-  rk->run[k] = NULL;
-  rk->inflight--;
-  atomic_fetch_sub(&ms->ninflight, 1);
-  unsigned st = (unsigned char)m[9];
+  int k;
+  for (k = 0; k < ms->cap; k++)
+    if (rk->run[k] && rk->ids[k] == tid) break;
+  lp_future *f = k < ms->cap ? rk->run[k] : NULL;
+  if (f) {
+    rk->run[k] = NULL;
+    rk->inflight--;
+    atomic_fetch_sub(&ms->ninflight, 1);
+  }
+  int cancelled = st == 1u + LP_EK_CANCELLED;
+  if (cancelled) cancel_answered(ms, tid, 1);
+  pthread_mutex_unlock(&p->mu);
+  if (f == NULL) {
+    free(m);
+    return;
+  }
   if (st == 0) {
     memmove(m, m + 10, len - 10); /* the reply bytes, taken as they are */
     luapool__future_finish(f, m, len - 10, 0);
+  } else if (cancelled) { /* it had not started on the rank */
+    luapool__future_cancel_running(f);
+    free(m);
   } else {
     lp_reader r = {m + 10, m + len};
     const char *t = "malformed reply";
@@ -180,19 +220,30 @@ static void *progress_main(void *arg) {
   ostate *ms = state_of(p);
   prctl(PR_SET_TIMERSLACK, 1000UL); /* sleeps of microseconds mean it */
   assigned *batch = malloc(BATCH * sizeof *batch);
-  unsigned idle = 0;
+  double last = luapool__now(); /* when the loop last found something */
   for (;;) {
-    int n = 0, intr = 0;
+    int n = 0, intr = 0, crank = 0;
+    uint64_t cid = 0;
     pthread_mutex_lock(&p->mu);
     intr = ms->intr_req;
     ms->intr_req = 0;
+    if (ms->c_state == 1) { /* sent below, after this round's tasks */
+      ms->c_state = 2;
+      crank = ms->c_rank;
+      cid = ms->c_id;
+    }
     /* Free slots take queued futures, the rank with most room first
-    ** (round robin among equals). */
+    ** (round robin among equals).  While more is queued than every slot
+    ** could take, a rank is sent up to `prefetch` tasks more, so it never
+    ** waits a round trip for its next one. */
+    size_t deep = (size_t)ms->nranks * (size_t)ms->slots;
+    if (deep < PREFETCH_QUEUE) deep = PREFETCH_QUEUE;
     while (batch && n < BATCH && p->head) {
+      int lim = p->npending > deep ? ms->cap : ms->slots;
       orank *best = NULL;
       for (int i = 0; i < ms->nranks; i++) {
         orank *rk = &ms->ranks[(ms->next_rank + i) % ms->nranks];
-        if (rk->inflight < ms->slots && (best == NULL || rk->inflight < best->inflight)) best = rk;
+        if (rk->inflight < lim && (best == NULL || rk->inflight < best->inflight)) best = rk;
       }
       if (best == NULL) break;
       ms->next_rank = (int)(best - ms->ranks + 1) % ms->nranks;
@@ -201,57 +252,71 @@ static void *progress_main(void *arg) {
         k++;
       lp_future *f = luapool__pool_take(p);
       best->run[k] = f; /* reserved: started and sent below */
-      best->ids[k] = 0;
+      best->ids[k] = ++ms->next_task;
       best->inflight++;
       atomic_fetch_add(&ms->ninflight, 1);
       batch[n++] = (assigned){f, best, k};
     }
     int out = atomic_load(&ms->ninflight);
-    if (n == 0 && !intr && out == 0) {
+    if (n == 0 && !intr && !crank && out == 0) {
       if (p->closing && p->head == NULL) {
         pthread_mutex_unlock(&p->mu);
         break;
       }
       pthread_cond_wait(&ms->cv, &p->mu);
       pthread_mutex_unlock(&p->mu);
-      idle = 0;
+      last = luapool__now();
       continue;
     }
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < n; i++) {
       assigned *a = &batch[i];
-      uint64_t tid = ++ms->next_task;
-      if (luapool__future_start(a->f, a->rk->name) && send_task(ms, a->rk, a->f, tid) == 0) {
-        a->rk->ids[a->slot] = tid;
+      if (luapool__future_start(a->f, a->rk->name) &&
+          send_task(ms, a->rk, a->f, a->rk->ids[a->slot]) == 0)
         continue;
-      }
       if (luapool__future_state(a->f) == LP_RUNNING)
         luapool__future_fail(a->f, LP_EK_TRANSFER, "cannot send the task to %s: not enough memory",
                              a->rk->name);
+      pthread_mutex_lock(&p->mu);
       a->rk->run[a->slot] = NULL; /* cancelled meanwhile, or failed */
       a->rk->inflight--;
       atomic_fetch_sub(&ms->ninflight, 1);
+      pthread_mutex_unlock(&p->mu);
       luapool__future_unref(a->f);
     }
     if (intr) tell_ranks(ms, M_INTERRUPT);
-    int did = n > 0 || intr;
+    if (crank) {
+      char *cm = malloc(13);
+      if (cm) {
+        cm[0] = M_CANCEL;
+        memcpy(cm + 1, &ms->id, 4);
+        memcpy(cm + 5, &cid, 8);
+      }
+      if (cm == NULL || luapool__mpi_send(&ms->sends, crank, TAG_RANK, cm, 13) != 0) {
+        pthread_mutex_lock(&p->mu);
+        cancel_answered(ms, cid, 0);
+        pthread_mutex_unlock(&p->mu);
+      }
+    }
+    int did = n > 0 || intr || crank;
     char *m;
     size_t len;
     int from;
     while (luapool__mpi_try_recv(MPI_ANY_SOURCE, ms->tag, &m, &len, &from) == 1) {
       did = 1;
-      if (len && m[0] == R_DONE)
+      if (len && (m[0] == R_DONE || m[0] == R_KEPT))
         on_done(p, ms, from, m, len);
       else
         free(m);
     }
     luapool__mpi_sends_test(&ms->sends);
     if (did)
-      idle = 0;
+      last = luapool__now();
     else
-      luapool__mpi_idle(idle++, 1000);
+      luapool__mpi_idle(luapool__now() - last, 1000);
   }
   free(batch);
+  atomic_store(&ms->ended, 1);
   tell_ranks(ms, M_CLOSE);
   luapool__mpi_sends_wait(&ms->sends, luapool__now() + 5.0);
   return NULL;
@@ -271,6 +336,7 @@ static void free_state(ostate *ms) {
   }
   free(ms->ranks);
   pthread_cond_destroy(&ms->cv);
+  pthread_cond_destroy(&ms->ccv);
   free(ms);
 }
 
@@ -306,8 +372,7 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
   /* Every answer is awaited, so none is left for a later pool. */
   int answered = 0, failed = 0;
   char *opened = calloc((size_t)ms->nranks, 1);
-  unsigned idle = 0;
-  double until = luapool__now() + OPEN_TIMEOUT;
+  double start = luapool__now(), until = start + OPEN_TIMEOUT;
   err[0] = 0;
   while (opened && answered < ms->nranks && luapool__now() < until) {
     char *m;
@@ -316,10 +381,9 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
     luapool__mpi_sends_test(&ms->sends);
     int r = luapool__mpi_try_recv(MPI_ANY_SOURCE, ms->tag, &m, &len, &from);
     if (r <= 0) {
-      luapool__mpi_idle(idle++, 1000);
+      luapool__mpi_idle(luapool__now() - start, 1000);
       continue;
     }
-    idle = 0;
     if (from < 1 || from > ms->nranks || opened[from - 1] || len == 0) {
       free(m);
       continue;
@@ -398,17 +462,24 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
     snprintf(err, errsz, "cannot create an mpipool: not enough memory");
     return -1;
   }
+  if (luapool__cond_init(&ms->ccv) != 0) {
+    pthread_cond_destroy(&ms->cv);
+    free(ms);
+    snprintf(err, errsz, "cannot create an mpipool: not enough memory");
+    return -1;
+  }
   ms->id = atomic_fetch_add(&next_pool_id, 1) + 1;
   ms->tag = TAG_POOL(ms->id);
   ms->nranks = p->max_workers;
   ms->slots = config_of(p)->slots > 0 ? config_of(p)->slots : 1;
+  ms->cap = ms->slots + config_of(p)->prefetch;
   ms->ranks = calloc((size_t)ms->nranks, sizeof *ms->ranks);
   int ok = ms->ranks != NULL;
   for (int i = 0; ok && i < ms->nranks; i++) {
     orank *rk = &ms->ranks[i];
     rk->rank = i + 1;
-    rk->run = calloc((size_t)ms->slots, sizeof *rk->run);
-    rk->ids = calloc((size_t)ms->slots, sizeof *rk->ids);
+    rk->run = calloc((size_t)ms->cap, sizeof *rk->run);
+    rk->ids = calloc((size_t)ms->cap, sizeof *rk->ids);
     ok = rk->run && rk->ids;
   }
   if (!ok) {
@@ -438,6 +509,39 @@ static int owner_queued(lp_pool *p, char *err, size_t errsz) {
   (void)errsz;
   pthread_cond_signal(&state_of(p)->cv);
   return 0;
+}
+
+/* A task sent to a rank is cancelled there if it has not started yet (it
+** was sent ahead, or waits for a local worker): asks the rank through the
+** progress thread and waits for the answer. */
+static int owner_cancel(lp_pool *p, lp_future *f) {
+  ostate *ms = state_of(p);
+  pthread_mutex_lock(&p->mu);
+  int rank = 0;
+  uint64_t tid = 0;
+  for (int i = 0; i < ms->nranks && !rank; i++)
+    for (int k = 0; k < ms->cap; k++)
+      if (ms->ranks[i].run[k] == f) {
+        rank = ms->ranks[i].rank;
+        tid = ms->ranks[i].ids[k];
+        break;
+      }
+  int ok = 0;
+  if (rank && ms->c_state == 0 && !atomic_load(&ms->ended)) {
+    ms->c_state = 1;
+    ms->c_rank = rank;
+    ms->c_id = tid;
+    pthread_cond_signal(&ms->cv);
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += (time_t)CANCEL_TIMEOUT;
+    while (ms->c_state != 3)
+      if (pthread_cond_timedwait(&ms->ccv, &p->mu, &dl) == ETIMEDOUT) break;
+    ok = ms->c_state == 3 && ms->c_ok;
+    ms->c_state = 0;
+  }
+  pthread_mutex_unlock(&p->mu);
+  return ok && luapool__future_state(f) == LP_CANCELLED;
 }
 
 static void owner_interrupt(lp_pool *p) {
@@ -471,8 +575,9 @@ static void owner_free(lp_pool *p) {
 
 static void owner_stats(lp_pool *p, int *workers, int *idle) {
   ostate *ms = state_of(p);
-  *workers = ms->nranks * ms->slots;
+  *workers = atomic_load(&ms->ended) ? 0 : ms->nranks * ms->slots;
   *idle = *workers - atomic_load(&ms->ninflight);
+  if (*idle < 0) *idle = 0; /* (tasks sent ahead) */
 }
 
 const lp_engine luapool__mpi_owner_engine = {
@@ -481,6 +586,7 @@ const lp_engine luapool__mpi_owner_engine = {
     .chunking = 1,
     .open = owner_open,
     .queued = owner_queued,
+    .cancel = owner_cancel,
     .interrupt = owner_interrupt,
     .stop = owner_stop,
     .free = owner_free,

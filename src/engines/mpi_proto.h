@@ -19,6 +19,8 @@
 **           u32 calls, u64 paths gen, task message (the rest)
 **   M_PATHS u32 pool, u64 gen, path, cpath (the next tasks' package paths)
 **   M_INTERRUPT u32 pool (stop its running tasks now: Ctrl-C, a stop)
+**   M_CANCEL u32 pool, u64 id (cancel it if it has not started: the answer
+**           is its R_DONE, state cancelled, or R_KEPT)
 **   M_CLOSE u32 pool (its tasks are done: the local pool goes)
 **   M_STOP  (the job ends: the rank finalizes and exits 0)
 ** Messages to rank 0 (tag TAG_POOL(pool): each pool's thread takes its own):
@@ -26,6 +28,7 @@
 **   R_FAILED string (it could not make the local pool)
 **   R_DONE   u64 id, u8 state (0 finished: the reply bytes follow; else
 **            1 + lp_ekind, then the message)
+**   R_KEPT   u64 id, u8 0 (a cancel found it started, or done)
 */
 #ifndef LUAPOOL_MPI_PROTO_H
 #define LUAPOOL_MPI_PROTO_H
@@ -40,8 +43,8 @@
 /* Rank 0's engine (mpi_owner.c), which mpipool.c hands its calls to. */
 extern const lp_engine luapool__mpi_owner_engine;
 
-enum { M_OPEN = 1, M_TASK, M_PATHS, M_INTERRUPT, M_CLOSE, M_STOP };
-enum { R_OPENED = 1, R_REFUSE, R_FAILED, R_DONE };
+enum { M_OPEN = 1, M_TASK, M_PATHS, M_INTERRUPT, M_CLOSE, M_STOP, M_CANCEL };
+enum { R_OPENED = 1, R_REFUSE, R_FAILED, R_DONE, R_KEPT };
 
 #define TAG_RANK 1
 /* 32767 is the least MPI_TAG_UB the standard allows. */
@@ -77,10 +80,13 @@ int luapool__mpi_sends_wait(mpi_sends *s, double until);
 ** memory or MPI error. */
 int luapool__mpi_try_recv(int src, int tag, char **buf, size_t *len, int *from);
 
-/* Backoff of a polling loop: call with the number of polls in a row that
-** found nothing (0 after one that found something); yields, then sleeps
-** longer and longer, up to cap_us microseconds. */
-void luapool__mpi_idle(unsigned polls, unsigned cap_us);
+/* The pause of a polling loop that found nothing, `quiet` seconds after
+** it last found something: a yield at first, then a sleep of an eighth of
+** the quiet time, up to cap_us microseconds.  A sleep proportional to the
+** gap keeps a ping-pong between two polling loops at microseconds (a
+** backoff counting polls would make each side's sleep grow with the
+** other's, up to the cap), and an idle loop soon at the cap. */
+void luapool__mpi_idle(double quiet, unsigned cap_us);
 
 /* "rank 2 of 3 on host" for rank r (buf of at least 300 bytes), host
 ** being r's (given) or this process's (NULL). */

@@ -95,9 +95,9 @@ int luapool__mpi_sends_test(mpi_sends *s) {
 }
 
 int luapool__mpi_sends_wait(mpi_sends *s, double until) {
-  unsigned polls = 0;
+  double start = luapool__now();
   while (luapool__mpi_sends_test(s) > 0 && luapool__now() < until)
-    luapool__mpi_idle(polls++, 1000);
+    luapool__mpi_idle(luapool__now() - start, 1000);
   int left = s->n;
   if (left) { /* (the peer is gone or stuck: the job is ending anyway) */
     pthread_mutex_lock(&luapool__mpi_mu);
@@ -140,14 +140,14 @@ out:
   return r;
 }
 
-void luapool__mpi_idle(unsigned polls, unsigned cap_us) {
-  if (polls < 8) { /* a reply is often microseconds away */
+void luapool__mpi_idle(double quiet, unsigned cap_us) {
+  double us = quiet * 1e6 / 8;
+  if (us < 2) { /* a reply is often microseconds away */
     sched_yield();
     return;
   }
-  unsigned us = polls - 8 >= 16 ? cap_us : 2u << (polls - 8);
   if (us > cap_us) us = cap_us;
-  struct timespec ts = {0, (long)us * 1000L};
+  struct timespec ts = {0, (long)(us * 1000)};
   nanosleep(&ts, NULL);
 }
 
@@ -230,10 +230,11 @@ void luapool__mpi_end(void) {
 typedef struct session {
   uint32_t id;
   int tag;
-  lp_pool *lp;     /* the local processpool */
-  lp_paths *paths; /* for the next tasks (a reference) */
-  int ntasks;      /* its futures not yet answered */
-  int closed;      /* out of the list: its futures are not answered */
+  lp_pool *lp;         /* the local processpool */
+  lp_paths *paths;     /* for the next tasks (a reference) */
+  int ntasks;          /* its futures not yet answered */
+  int closed;          /* out of the list: its futures are not answered */
+  struct rtask *tasks; /* not yet answered, for M_CANCEL */
   struct session *next;
 } session;
 
@@ -241,6 +242,8 @@ typedef struct rtask {
   lp_wnode node; /* first: the completion queue frees it as a node */
   uint64_t id;
   session *s;
+  struct rtask *snext, *sprev; /* in s->tasks, until answered */
+  int cancel_asked;            /* rank 0 cancelled it (M_CANCEL) */
 } rtask;
 
 typedef struct server {
@@ -276,7 +279,7 @@ static void answer_text(server *sv, int tag, unsigned t, const char *text) {
 }
 
 /* A task's outcome for rank 0: R_DONE, its id, the state. */
-static void answer_task(server *sv, session *s, uint64_t id, lp_future *f) {
+static void answer_task(server *sv, session *s, uint64_t id, lp_future *f, int cancel_asked) {
   lp_buf h = {0};
   char m[1400];
   int ok = luapool__buf_add(&h, &id, 8) == 0;
@@ -289,6 +292,9 @@ static void answer_task(server *sv, session *s, uint64_t id, lp_future *f) {
     if (st == LP_FAILED) {
       k = (lp_ekind)f->ekind;
       snprintf(m, sizeof m, "%s: %s", sv->name, f->emsg ? f->emsg : "(no memory for the message)");
+    } else if (cancel_asked) { /* M_CANCEL found it in the local queue */
+      k = LP_EK_CANCELLED;
+      snprintf(m, sizeof m, "the task was cancelled");
     } else { /* cancelled in the local queue: an interrupt came first */
       snprintf(m, sizeof m, "%s: the task was interrupted before it started", sv->name);
     }
@@ -430,11 +436,34 @@ static void on_task(server *sv, char *msg, size_t len) {
   }
   t->id = tid;
   t->s = s;
+  t->snext = s->tasks;
+  if (s->tasks) s->tasks->sprev = t;
+  s->tasks = t;
   t->node.f = f; /* our reference passes to the node */
   t->node.q = sv->cq;
   s->ntasks++;
   sv->ntasks++;
   luapool__cq_watch(&t->node);
+}
+
+/* M_CANCEL: a task that has not started in the local pool is cancelled
+** there (its R_DONE says so); else rank 0 hears R_KEPT. */
+static void on_cancel(server *sv, session *s, lp_reader *r) {
+  uint64_t tid;
+  if ((size_t)(r->end - r->p) < 8) return;
+  memcpy(&tid, r->p, 8);
+  rtask *t = s->tasks;
+  while (t && t->id != tid)
+    t = t->snext;
+  if (t) {
+    t->cancel_asked = 1;
+    if (luapool__future_cancel(t->node.f)) return; /* answered once it fires */
+    t->cancel_asked = 0;
+  }
+  lp_buf h = {0};
+  if (luapool__buf_add(&h, &tid, 8) == 0 && luapool__put_u8(&h, 0) == 0)
+    answer(sv, s->tag, R_KEPT, &h, NULL, 0);
+  luapool__buf_free(&h);
 }
 
 static void on_paths(session *s, lp_reader *r) {
@@ -479,7 +508,12 @@ static int take_settled(server *sv, double timeout) {
   int any = 0;
   while (luapool__cq_wait(sv->cq, timeout, luapool__now(), &n) == 1) {
     rtask *t = (rtask *)n;
-    if (!t->s->closed) answer_task(sv, t->s, t->id, n->f);
+    if (!t->s->closed) answer_task(sv, t->s, t->id, n->f, t->cancel_asked);
+    if (t->sprev)
+      t->sprev->snext = t->snext;
+    else
+      t->s->tasks = t->snext;
+    if (t->snext) t->snext->sprev = t->sprev;
     t->s->ntasks--;
     sv->ntasks--;
     luapool__future_unref(n->f);
@@ -517,7 +551,7 @@ int luapool__mpi_serve(void) {
     return 1;
   }
   prctl(PR_SET_TIMERSLACK, 1000UL); /* sleeps of microseconds mean it */
-  unsigned idle = 0;
+  double last = luapool__now();     /* when the loop last found something */
   int stop = 0, sig = 0;
   while (!stop) {
     if ((sig = pending_signal()) != 0) break;
@@ -533,7 +567,7 @@ int luapool__mpi_serve(void) {
       unsigned type = len ? (unsigned char)m[0] : 0;
       uint32_t id = 0;
       session *s = NULL;
-      if (type == M_PATHS || type == M_INTERRUPT || type == M_CLOSE) {
+      if (type == M_PATHS || type == M_INTERRUPT || type == M_CLOSE || type == M_CANCEL) {
         if (luapool__get_u32(&rd, &id) == 0) s = find_session(&sv, id);
       }
       if (type == M_TASK) {
@@ -544,6 +578,8 @@ int luapool__mpi_serve(void) {
         on_open(&sv, &rd);
       else if (type == M_PATHS && s)
         on_paths(s, &rd);
+      else if (type == M_CANCEL && s)
+        on_cancel(&sv, s, &rd);
       else if (type == M_INTERRUPT && s)
         luapool__pool_interrupt(s->lp);
       else if (type == M_CLOSE && s)
@@ -555,17 +591,14 @@ int luapool__mpi_serve(void) {
     if (take_settled(&sv, 0)) did = 1;
     luapool__mpi_sends_test(&sv.sends);
     if (stop) break;
+    double now = luapool__now(), pause = (now - last) / 8;
     if (did) {
-      idle = 0;
-    } else if (sv.ntasks > 0 && idle >= 8) {
+      last = now;
+    } else if (sv.ntasks > 0 && pause > 2e-6) {
       /* a settling task wakes this at once; a message waits for the poll */
-      double t = idle - 8 >= 10 ? 0.001 : (2u << (idle - 8)) * 1e-6;
-      if (take_settled(&sv, t > 0.001 ? 0.001 : t))
-        idle = 0;
-      else
-        idle++;
+      if (take_settled(&sv, pause > 0.001 ? 0.001 : pause)) last = luapool__now();
     } else {
-      luapool__mpi_idle(idle++, 2000);
+      luapool__mpi_idle(now - last, 2000);
     }
   }
   if (sig) {

@@ -60,6 +60,7 @@ static int mpi_default_workers(int ncpu) {
 static void mpi_defaults(void *config) {
   mpi_config *c = config;
   c->slots = 1;
+  c->prefetch = 16;
 }
 
 static const char *const crash_choices[] = {"replace", "break", NULL};
@@ -71,6 +72,12 @@ static const lp_option mpi_options[] = {
      .max = 4096,
      .expect = "integer from 1 to 4096",
      .offset = offsetof(mpi_config, slots)},
+    {.name = "prefetch",
+     .type = LP_OPT_INT,
+     .min = 0,
+     .max = 4096,
+     .expect = "integer from 0 to 4096",
+     .offset = offsetof(mpi_config, prefetch)},
     {.name = "on_crash",
      .type = LP_OPT_CHOICE,
      .choices = crash_choices,

@@ -20,6 +20,7 @@
 /* mpipool's own options (engines/mpipool.c lists them). */
 typedef struct mpi_config {
   int slots;               /* tasks a rank runs at once (its local workers) */
+  int prefetch;            /* tasks sent ahead to a rank while the queue is long */
   int max_memory_mb;       /* per local worker process; 0: none */
   int max_tasks_per_child; /* 0: none */
   int on_crash_break;      /* on_crash = "break" */

@@ -541,6 +541,8 @@ static int owner_cancel(lp_pool *p, lp_future *f) {
     ms->c_state = 0;
   }
   pthread_mutex_unlock(&p->mu);
+  /* (the progress thread may not have settled it yet: whoever is first) */
+  if (ok) luapool__future_cancel_running(f);
   return ok && luapool__future_state(f) == LP_CANCELLED;
 }
 

@@ -51,6 +51,10 @@
 ** more than every slot could take, are queued: a short queue stays here,
 ** where shutdown{cancel_futures = true} cancels it. */
 #define PREFETCH_QUEUE 64
+/* A rank is sent ahead about this much work (by its recent pace): enough
+** to cover a round trip, little enough that a rank holding work while
+** another one idles costs at most that at the end of a map. */
+#define AHEAD_SECONDS 0.002
 /* How long a cancel waits for the rank's answer. */
 #define CANCEL_TIMEOUT 5.0
 
@@ -62,7 +66,12 @@ typedef struct orank {
   int inflight;
   lp_future **run; /* [cap] (NULL: free) */
   uint64_t *ids;   /* [cap] */
+  double *sent;    /* [cap]: when (progress thread only) */
   uint64_t paths_gen;
+  /* Its pace (progress thread only): the mean time from the later of a
+  ** task's sending and the previous answer to the task's answer, that is,
+  ** how often it can take a new task, for how far ahead to send. */
+  double last_answer, gap;
 } orank;
 
 typedef struct ostate {
@@ -178,6 +187,12 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
     rk->inflight--;
     atomic_fetch_sub(&ms->ninflight, 1);
   }
+  if (f) {
+    double now = luapool__now();
+    double began = rk->sent[k] > rk->last_answer ? rk->sent[k] : rk->last_answer;
+    rk->gap = rk->gap > 0 ? 0.875 * rk->gap + 0.125 * (now - began) : now - began;
+    rk->last_answer = now;
+  }
   int cancelled = st == 1u + LP_EK_CANCELLED;
   if (cancelled) cancel_answered(ms, tid, 1);
   pthread_mutex_unlock(&p->mu);
@@ -234,15 +249,22 @@ static void *progress_main(void *arg) {
     }
     /* Free slots take queued futures, the rank with most room first
     ** (round robin among equals).  While more is queued than every slot
-    ** could take, a rank is sent up to `prefetch` tasks more, so it never
-    ** waits a round trip for its next one. */
+    ** could take, a rank is sent up to `prefetch` tasks more, as many as
+    ** it answers in AHEAD_SECONDS at its recent pace, so a rank of short
+    ** tasks never waits a round trip for its next one, and long tasks are
+    ** not held by one rank while another idles. */
     size_t deep = (size_t)ms->nranks * (size_t)ms->slots;
     if (deep < PREFETCH_QUEUE) deep = PREFETCH_QUEUE;
     while (batch && n < BATCH && p->head) {
-      int lim = p->npending > deep ? ms->cap : ms->slots;
+      int ahead = p->npending > deep;
       orank *best = NULL;
       for (int i = 0; i < ms->nranks; i++) {
         orank *rk = &ms->ranks[(ms->next_rank + i) % ms->nranks];
+        int lim = ms->slots;
+        if (ahead && rk->gap > 0) {
+          double more = AHEAD_SECONDS / rk->gap;
+          lim += more >= ms->cap - ms->slots ? ms->cap - ms->slots : (int)more;
+        }
         if (rk->inflight < lim && (best == NULL || rk->inflight < best->inflight)) best = rk;
       }
       if (best == NULL) break;
@@ -271,6 +293,7 @@ static void *progress_main(void *arg) {
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < n; i++) {
       assigned *a = &batch[i];
+      a->rk->sent[a->slot] = luapool__now();
       if (luapool__future_start(a->f, a->rk->name) &&
           send_task(ms, a->rk, a->f, a->rk->ids[a->slot]) == 0)
         continue;
@@ -333,6 +356,7 @@ static void free_state(ostate *ms) {
   for (int i = 0; ms->ranks && i < ms->nranks; i++) {
     free(ms->ranks[i].run);
     free(ms->ranks[i].ids);
+    free(ms->ranks[i].sent);
   }
   free(ms->ranks);
   pthread_cond_destroy(&ms->cv);
@@ -480,7 +504,8 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
     rk->rank = i + 1;
     rk->run = calloc((size_t)ms->cap, sizeof *rk->run);
     rk->ids = calloc((size_t)ms->cap, sizeof *rk->ids);
-    ok = rk->run && rk->ids;
+    rk->sent = calloc((size_t)ms->cap, sizeof *rk->sent);
+    ok = rk->run && rk->ids && rk->sent;
   }
   if (!ok) {
     free_state(ms);

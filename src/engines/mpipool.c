@@ -60,7 +60,7 @@ static int mpi_default_workers(int ncpu) {
 static void mpi_defaults(void *config) {
   mpi_config *c = config;
   c->slots = 1;
-  c->prefetch = 16;
+  c->prefetch = 64;
 }
 
 static const char *const crash_choices[] = {"replace", "break", NULL};

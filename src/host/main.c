@@ -49,7 +49,9 @@ static atomic_int exit_signal;           /* the last signal received */
 static atomic_int ending;                /* the host is ending on an uncaught one */
 static int uncaught_interrupt;           /* the script ended on it: exit 128 + it */
 static int in_repl;                      /* in the REPL, a SIGINT ends only the statement */
-static int mpi_mode;                     /* --mpi: rank 0 of an MPI job */
+#ifdef LUAPOOL_HAVE_MPI
+static int mpi_mode; /* --mpi: rank 0 of an MPI job */
+#endif
 
 /* {====== SIGINT and SIGTERM
 ** The script runs on a thread of its own (run_host); the process's main

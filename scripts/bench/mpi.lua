@@ -112,7 +112,8 @@ local function drive()
   local envs = table.concat(env, " ")
   print(("luapool %s, %d CPUs, %s"):format(luapool.info().luapool, luapool.cpu_count(), luapool.info().os))
   print("| serving ranks | mpipool submit+result | mpi4py submit+result | mpi4py / mpipool "
-    .. "| mpipool map (auto) | mpi4py map chunk 1000 | mpipool cpu | processpool cpu | mpipool / processpool | mpi4py cpu |")
+    .. "| mpipool map (auto) | mpi4py map chunk 1000 | mpipool cpu | processpool cpu "
+    .. "| mpipool / processpool | mpi4py cpu |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for k in tostring(opt.ranks):gmatch("%d+") do
     local n = tonumber(k) + 1

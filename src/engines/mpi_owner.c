@@ -502,7 +502,7 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
   for (int i = 0; ok && i < ms->nranks; i++) {
     orank *rk = &ms->ranks[i];
     rk->rank = i + 1;
-    rk->run = calloc((size_t)ms->cap, sizeof *rk->run);
+    rk->run = calloc((size_t)ms->cap, sizeof *rk->run); // NOLINT(bugprone-sizeof-expression)
     rk->ids = calloc((size_t)ms->cap, sizeof *rk->ids);
     rk->sent = calloc((size_t)ms->cap, sizeof *rk->sent);
     ok = rk->run && rk->ids && rk->sent;

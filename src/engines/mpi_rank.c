@@ -46,6 +46,11 @@
 #include "engines/mpi_proto.h"
 #include "engines/mpipool.h"
 
+/* clang-tidy's MPI checker wants each MPI_Isend's request waited for in the
+** function that made it; here sends are kept in a list that MPI_Test
+** empties (luapool__mpi_sends_test), which it cannot follow. */
+// NOLINTBEGIN(clang-analyzer-optin.mpi.MPI-Checker)
+
 pthread_mutex_t luapool__mpi_mu = PTHREAD_MUTEX_INITIALIZER;
 int luapool__mpi_rank, luapool__mpi_size;
 char luapool__mpi_host[256];
@@ -614,3 +619,5 @@ int luapool__mpi_serve(void) {
 }
 
 /* }====== */
+
+// NOLINTEND(clang-analyzer-optin.mpi.MPI-Checker)

@@ -74,6 +74,13 @@ typedef struct orank {
   double last_answer, gap;
 } orank;
 
+/* A future taken from the queue for a rank, to start and send. */
+typedef struct assigned {
+  lp_future *f;
+  orank *rk;
+  int slot;
+} assigned;
+
 typedef struct ostate {
   uint32_t id;
   int tag, nranks, slots;
@@ -89,6 +96,7 @@ typedef struct ostate {
   int next_rank;        /* round robin (thread only) */
   uint64_t next_task;   /* thread only */
   mpi_sends sends;      /* thread only, then the owner once it ended */
+  assigned *batch;      /* [BATCH]: the futures of one round (thread only) */
   /* One cancel of a task sent to a rank at a time (the owner's; mutex:
   ** p->mu): c_state 1 asked, 2 sent to the rank, 3 answered (c_ok). */
   int c_state, c_ok, c_rank;
@@ -224,17 +232,11 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   luapool__future_unref(f);
 }
 
-typedef struct assigned {
-  lp_future *f;
-  orank *rk;
-  int slot;
-} assigned;
-
 static void *progress_main(void *arg) {
   lp_pool *p = arg;
   ostate *ms = state_of(p);
   prctl(PR_SET_TIMERSLACK, 1000UL); /* sleeps of microseconds mean it */
-  assigned *batch = malloc(BATCH * sizeof *batch);
+  assigned *batch = ms->batch;
   double last = luapool__now(); /* when the loop last found something */
   for (;;) {
     int n = 0, intr = 0, crank = 0;
@@ -255,7 +257,7 @@ static void *progress_main(void *arg) {
     ** not held by one rank while another idles. */
     size_t deep = (size_t)ms->nranks * (size_t)ms->slots;
     if (deep < PREFETCH_QUEUE) deep = PREFETCH_QUEUE;
-    while (batch && n < BATCH && p->head) {
+    while (n < BATCH && p->head) {
       int ahead = p->npending > deep;
       orank *best = NULL;
       for (int i = 0; i < ms->nranks; i++) {
@@ -338,7 +340,6 @@ static void *progress_main(void *arg) {
     else
       luapool__mpi_idle(luapool__now() - last, 1000);
   }
-  free(batch);
   atomic_store(&ms->ended, 1);
   tell_ranks(ms, M_CLOSE);
   luapool__mpi_sends_wait(&ms->sends, luapool__now() + 5.0);
@@ -359,6 +360,7 @@ static void free_state(ostate *ms) {
     free(ms->ranks[i].sent);
   }
   free(ms->ranks);
+  free(ms->batch);
   pthread_cond_destroy(&ms->cv);
   pthread_cond_destroy(&ms->ccv);
   free(ms);
@@ -498,7 +500,8 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
   ms->slots = config_of(p)->slots > 0 ? config_of(p)->slots : 1;
   ms->cap = ms->slots + config_of(p)->prefetch;
   ms->ranks = calloc((size_t)ms->nranks, sizeof *ms->ranks);
-  int ok = ms->ranks != NULL;
+  ms->batch = malloc(BATCH * sizeof *ms->batch);
+  int ok = ms->ranks != NULL && ms->batch != NULL;
   for (int i = 0; ok && i < ms->nranks; i++) {
     orank *rk = &ms->ranks[i];
     rk->rank = i + 1;

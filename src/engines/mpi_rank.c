@@ -343,28 +343,34 @@ static void on_open(server *sv, lp_reader *r) {
   }
   session *s = calloc(1, sizeof *s);
   lp_paths *ps = luapool__paths_new(path, pl, cpath, cl, gen);
-  lp_paths *ps2 = ps ? luapool__paths_new(path, pl, cpath, cl, gen) : NULL;
   char *init = il ? malloc(il) : NULL;
-  if (s == NULL || ps2 == NULL || (il && init == NULL)) {
+  if (s == NULL || ps == NULL || (il && init == NULL)) {
     free(s);
     free(init);
     luapool__paths_unref(ps);
-    luapool__paths_unref(ps2);
     answer_text(sv, tag, R_FAILED, "not enough memory");
     return;
   }
   if (il) memcpy(init, r->p, il);
-  _Alignas(max_align_t) char cfg[256] = {0};
+  _Alignas(max_align_t) char cfg[256] = {0}; /* (its config is a few ints) */
+  if (luapool__process_engine.config_size > sizeof cfg) {
+    free(s);
+    free(init);
+    luapool__paths_unref(ps);
+    answer_text(sv, tag, R_FAILED, "processpool options too large");
+    return;
+  }
   if (luapool__process_engine.config_defaults) luapool__process_engine.config_defaults(cfg);
   if (mem) set_proc_option(cfg, "max_memory_mb", (int)mem);
   if (mtpc) set_proc_option(cfg, "max_tasks_per_child", (int)mtpc);
   lp_pool_config c = {.max_workers = (int)slots};
   snprintf(c.name, sizeof c.name, "mpi");
+  luapool__paths_ref(ps); /* one for the pool, one for the tasks (s->paths) */
   s->lp = luapool__pool_create(&luapool__process_engine, &c, cfg, init, il, ps, err, sizeof err);
   if (s->lp == NULL) {
     free(init);
     luapool__paths_unref(ps);
-    luapool__paths_unref(ps2);
+    luapool__paths_unref(ps);
     free(s);
     char m[800];
     snprintf(m, sizeof m, "%s: %s", sv->name, err);
@@ -373,7 +379,7 @@ static void on_open(server *sv, lp_reader *r) {
   }
   s->id = id;
   s->tag = tag;
-  s->paths = ps2;
+  s->paths = ps;
   s->next = sv->sessions;
   sv->sessions = s;
   lp_buf h = {0};

@@ -390,13 +390,13 @@ static void on_open(server *sv, lp_reader *r) {
   luapool__buf_free(&h);
 }
 
-static void fail_task(server *sv, session *s, uint64_t id, lp_ekind k, const char *why) {
+static void fail_task(server *sv, int tag, uint64_t id, lp_ekind k, const char *why) {
   lp_buf h = {0};
   char m[600];
   snprintf(m, sizeof m, "%s: %s", sv->name, why);
   if (luapool__buf_add(&h, &id, 8) == 0 && luapool__put_u8(&h, 1u + (unsigned)k) == 0 &&
       luapool__put_string(&h, m, strlen(m)) == 0)
-    answer(sv, s->tag, R_DONE, &h, NULL, 0);
+    answer(sv, tag, R_DONE, &h, NULL, 0);
   luapool__buf_free(&h);
 }
 
@@ -418,9 +418,10 @@ static void on_task(server *sv, char *msg, size_t len) {
   memcpy(&item_lo, msg + 29, 8);
   memcpy(&ncalls, msg + 37, 4);
   session *s = find_session(sv, id);
-  if (s == NULL) {
+  if (s == NULL) { /* (rank 0 sends none to a pool this rank refused or closed) */
     free(msg);
-    return; /* (a pool this rank refused: rank 0 sends it no task) */
+    fail_task(sv, TAG_POOL(id), tid, LP_EK_BROKEN, "no such pool on this rank");
+    return;
   }
   /* The task message to the front: a large one is then taken as it is. */
   memmove(msg, msg + HDR, len - HDR);
@@ -430,7 +431,7 @@ static void on_task(server *sv, char *msg, size_t len) {
   rtask *t = f ? calloc(1, sizeof *t) : NULL;
   if (t == NULL) {
     if (f) luapool__future_unref(f);
-    fail_task(sv, s, tid, LP_EK_TRANSFER, "not enough memory for the task");
+    fail_task(sv, s->tag, tid, LP_EK_TRANSFER, "not enough memory for the task");
     return;
   }
   f->timeout = timeout;
@@ -442,7 +443,7 @@ static void on_task(server *sv, char *msg, size_t len) {
   if (luapool__pool_submit(s->lp, f, err, sizeof err) != 0) {
     luapool__future_unref(f);
     free(t);
-    fail_task(sv, s, tid, LP_EK_BROKEN, err);
+    fail_task(sv, s->tag, tid, LP_EK_BROKEN, err);
     return;
   }
   t->id = tid;

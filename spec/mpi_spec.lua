@@ -104,7 +104,7 @@ describe("mpipool", function()
       local me = luapool.current_worker().pid
       local ranks, pids = {}, {}
       for _, w in ipairs(ws) do
-        assert(w.kind == "mpi" and w.size == 3 and w.pid ~= me and w.name:match("^mpi%-[12]$"))
+        assert(w.kind == "mpi" and w.size == 3 and w.pid ~= me and w.name:match("^mpipool%-[12]$"))
         ranks[w.rank] = w.host
         pids[w.pid] = true
       end
@@ -152,7 +152,7 @@ describe("mpipool", function()
     local lines = {}
     for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
     assert.are.equal("false\tcrashed", lines[1])
-    assert.matches(("^rank 1 of 2 on %s: worker mpi%%-%%d %%(pid %%d+%%) exited with status 3 "
+    assert.matches(("^rank 1 of 2 on %s: worker mpipool%%-%%d %%(pid %%d+%%) exited with status 3 "
       .. "while running task #1$"):format(HOST:gsub("%p", "%%%0")), lines[2])
     assert.are.equal("after", lines[3])
     assert.are.equal("1\tcrashed\t3\t4", lines[4])
@@ -165,7 +165,7 @@ describe("mpipool", function()
       local ok, e = pcall(f.result, f)
       print(ok, e.kind, e.message)
       print(mp:submit(function() return "next" end):result())]])
-    assert.matches(("^false\tcrashed\trank 1 of 2 on %s: worker mpi%%-1 %%(pid %%d+%%) ran out of "
+    assert.matches(("^false\tcrashed\trank 1 of 2 on %s: worker mpipool%%-1 %%(pid %%d+%%) ran out of "
       .. "memory %%(max_memory_mb = 64%%) while running task #1\nnext\n$"):format(HOST:gsub("%p", "%%%0")), out)
   end)
 
@@ -185,11 +185,11 @@ describe("mpipool", function()
     for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
     assert.are.equal("false\ttimeout\ttrue", lines[1])
     assert.matches(("^rank 1 of 2 on %s: task #1 exceeded its deadline of 0.3 seconds in worker "
-      .. "mpi%%-1; the worker %%(pid %%d+%%) was killed and will be replaced$"):format(HOST:gsub("%p", "%%%0")),
+      .. "mpipool%%-1; the worker %%(pid %%d+%%) was killed and will be replaced$"):format(HOST:gsub("%p", "%%%0")),
       lines[2])
     assert.are.equal("fine", lines[3])
     assert.are.equal(("false\ttimeout\trank 1 of 2 on %s: item #2 exceeded its deadline of 0.3 seconds "
-      .. "in worker mpi-1"):format(HOST), lines[4])
+      .. "in worker mpipool-1"):format(HOST), lines[4])
   end)
 
   it("gives futures in completion order to as_completed and wait", function()

@@ -379,6 +379,7 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
             luapool__put_u32(&b, (uint32_t)hello.len) || luapool__buf_add(&b, hello.p, hello.len) ||
             put_u64(&b, ps->gen) || luapool__put_string(&b, ps->path, strlen(ps->path)) ||
             luapool__put_string(&b, ps->cpath, strlen(ps->cpath)) ||
+            luapool__put_string(&b, p->name, strlen(p->name)) ||
             luapool__put_u32(&b, (uint32_t)p->init_len) ||
             luapool__buf_add(&b, p->init_msg, p->init_len);
   luapool__buf_free(&hello);

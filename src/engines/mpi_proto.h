@@ -14,7 +14,8 @@
 ** Messages to a serving rank (tag TAG_RANK), a type byte first:
 **   M_OPEN  u32 pool, u32 slots, u32 max_memory_mb, u32 max_tasks_per_child,
 **           u32 hello length, hello (wire.c), u64 paths gen, path, cpath,
-**           u32 initializer length, initializer message
+**           the pool's name (its local workers are NAME-1...), u32
+**           initializer length, initializer message
 **   M_TASK  u32 pool, u64 id, f64 timeout, u64 task number, i64 first item,
 **           u32 calls, u64 paths gen, task message (the rest)
 **   M_PATHS u32 pool, u64 gen, path, cpath (the next tasks' package paths)

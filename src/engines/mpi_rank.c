@@ -319,8 +319,8 @@ static void set_proc_option(char *cfg, const char *name, int v) {
 static void on_open(server *sv, lp_reader *r) {
   uint32_t id = 0, slots = 1, mem = 0, mtpc = 0, hl = 0, il = 0;
   uint64_t gen = 0;
-  const char *path, *cpath;
-  size_t pl, cl;
+  const char *path, *cpath, *name;
+  size_t pl, cl, nl;
   if (luapool__get_u32(r, &id) || luapool__get_u32(r, &slots) || luapool__get_u32(r, &mem) ||
       luapool__get_u32(r, &mtpc) || luapool__get_u32(r, &hl) || (size_t)(r->end - r->p) < hl)
     return; /* (malformed: cannot even say on which tag) */
@@ -337,7 +337,8 @@ static void on_open(server *sv, lp_reader *r) {
   memcpy(&gen, r->p, 8);
   r->p += 8;
   if (luapool__get_string(r, &path, &pl) || luapool__get_string(r, &cpath, &cl) ||
-      luapool__get_u32(r, &il) || (size_t)(r->end - r->p) < il) {
+      luapool__get_string(r, &name, &nl) || luapool__get_u32(r, &il) ||
+      (size_t)(r->end - r->p) < il) {
     answer_text(sv, tag, R_FAILED, "malformed open message");
     return;
   }
@@ -364,7 +365,7 @@ static void on_open(server *sv, lp_reader *r) {
   if (mem) set_proc_option(cfg, "max_memory_mb", (int)mem);
   if (mtpc) set_proc_option(cfg, "max_tasks_per_child", (int)mtpc);
   lp_pool_config c = {.max_workers = (int)slots};
-  snprintf(c.name, sizeof c.name, "mpi");
+  snprintf(c.name, sizeof c.name, "%.*s", (int)nl, name); /* as rank 0's pool */
   luapool__paths_ref(ps); /* one for the pool, one for the tasks (s->paths) */
   s->lp = luapool__pool_create(&luapool__process_engine, &c, cfg, init, il, ps, err, sizeof err);
   if (s->lp == NULL) {

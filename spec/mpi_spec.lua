@@ -291,7 +291,7 @@ describe("mpipool", function()
       .. "is luapool [%d.]+ %(wire 1, [^)]*%): every rank must run the same luapool build", out)
   end)
 
-  it("passes the executor conformance spec on mpipool", function()
+  it("passes the executor, imap_auto, stress and codec conformance specs on mpipool", function()
     -- the conformance specs loop over helper.engines: run one of them as
     -- rank 0 with the list set to mpipool alone
     local helper = os.tmpname() .. ".lua" -- (busted requires a helper by its name)
@@ -300,12 +300,14 @@ describe("mpipool", function()
     hf:close()
     local out, err = os.tmpname(), os.tmpname()
     local ok = os.execute(("env %s LUAPOOL_SOURCE_DIR=%s timeout 200 %s -n 3 %s --mpi %s --helper=%s "
-      .. "--output=plainTerminal spec/executor_spec.lua >%s 2>%s"):format(OMPI_ENV, q(h.source_dir), q(MPIEXEC), q(BIN),
+      .. "--output=plainTerminal spec/executor_spec.lua spec/imap_auto_spec.lua spec/stress_spec.lua "
+      .. "spec/codec_spec.lua >%s 2>%s"):format(OMPI_ENV, q(h.source_dir), q(MPIEXEC), q(BIN),
       q(io.popen("command -v busted"):read("l")), q(helper), out, err))
     local so, se = h.slurp(out), h.slurp(err)
     os.remove(out); os.remove(err); os.remove(helper)
     assert.is_true(ok, so .. se)
-    assert.matches("%d+ successes / 0 failures / 0 errors", so)
+    local n = tonumber(so:match("(%d+) successes / 0 failures / 0 errors"))
+    assert.is_true(n ~= nil and n >= 150, so)
   end)
 end)
 

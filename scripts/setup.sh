@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 packages=(build-essential cmake pkg-config liblua5.4-dev lua5.4
           libcurl4-openssl-dev ca-certificates lua-busted
           nginx libnginx-mod-http-echo
-          luarocks groff-base man-db libreadline-dev tmux)
+          luarocks groff-base man-db libreadline-dev tmux
+          openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

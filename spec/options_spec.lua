@@ -54,7 +54,7 @@ describe("pool options", function()
 
   it("says which options only a processpool has", function()
     for _, k in ipairs { "on_crash", "max_tasks_per_child", "max_memory_mb" } do
-      assert.are.equal("bad option '" .. k .. "' to 'new' (a processpool option: threads share one process)",
+      assert.are.equal("bad option '" .. k .. "' to 'new' (a processpool/mpipool option: threads share one process)",
         error_of(function() return luapool.threadpool.new { [k] = 1 } end))
     end
   end)

@@ -370,7 +370,7 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   ** (ib is a scratch buffer this call owns: anchored at ib_idx.) */
   char *init_msg = NULL;
   size_t init_len = 0;
-  char err[200];
+  char err[512]; /* (an mpipool refusal names two builds) */
   if (ib && (init_msg = lp_malloc(ib->len)) != NULL) {
     memcpy(init_msg, ib->p, ib->len);
     init_len = ib->len;

@@ -97,6 +97,11 @@ static int l_current_worker(lua_State *L) {
     lua_setfield(L, -3, "index");
     lua_getfield(L, -1, "kind");
     lua_setfield(L, -3, "kind");
+    static const char *const mpi_fields[] = {"rank", "size", "host", NULL};
+    for (int i = 0; mpi_fields[i]; i++) { /* (an MPI rank's worker only) */
+      lua_getfield(L, -1, mpi_fields[i]);
+      lua_setfield(L, -3, mpi_fields[i]);
+    }
     lua_pop(L, 1);
   } else {
     lua_pop(L, 1);
@@ -155,6 +160,16 @@ void luapool__open_worker_state(lua_State *L, const char *kind, const char *name
   lua_setfield(L, -2, "name");
   lua_pushinteger(L, index);
   lua_setfield(L, -2, "index");
+  const char *mpi = luapool__mpi_identity(); /* "RANK SIZE HOST" */
+  int rank, size, at;
+  if (mpi && strcmp(kind, "mpi") == 0 && sscanf(mpi, "%d %d %n", &rank, &size, &at) == 2) {
+    lua_pushinteger(L, rank);
+    lua_setfield(L, -2, "rank");
+    lua_pushinteger(L, size);
+    lua_setfield(L, -2, "size");
+    lua_pushstring(L, mpi + at);
+    lua_setfield(L, -2, "host");
+  }
   lua_setfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
 }
 

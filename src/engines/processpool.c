@@ -665,6 +665,13 @@ static char *read_paths(lp_reader *r, const char **path, const char **cpath) {
   return paths;
 }
 
+/* A worker of a serving MPI rank's local pool (engines/mpi_rank.c sets
+** LUAPOOL_MPI_WORKER = "RANK SIZE HOST" before it starts any): what
+** luapool.current_worker() says in its tasks. */
+static char mpi_identity[320];
+
+const char *luapool__mpi_identity(void) { return mpi_identity[0] ? mpi_identity : NULL; }
+
 int luapool__process_worker_main(int fd, const char *name, int index) {
   /* The socket came through exec, so without close-on-exec: set it before
   ** anything runs, or every command a task starts (io.popen, os.execute,
@@ -691,6 +698,12 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   lp_wstate ws;
   memset(&ws, 0, sizeof ws);
   ws.kind = "process";
+  const char *mpi = getenv("LUAPOOL_MPI_WORKER");
+  if (mpi) { /* (not passed on to what its tasks start) */
+    snprintf(mpi_identity, sizeof mpi_identity, "%s", mpi);
+    unsetenv("LUAPOOL_MPI_WORKER");
+    ws.kind = "mpi";
+  }
   snprintf(ws.name, sizeof ws.name, "%s", name);
   ws.index = index;
   ws.intr = &intr;

@@ -9,6 +9,12 @@
 **
 ** `luapool --worker NAME INDEX PPID` is the process-pool worker mode: it
 ** serves tasks on fd 3 and never reaches the Lua command line.
+**
+** `mpiexec -n N luapool --mpi script.lua [args]` is the MPI mode (docs/
+** mpi.md, engines/mpipool.h): MPI is initialised on this first thread
+** before any other exists; rank 0 goes on as usual, with mpipool.new
+** working, and tells the other ranks to stop when the script ends; ranks
+** 1..N-1 serve tasks instead (luapool__mpi_serve) until then.
 */
 #include <errno.h>
 #include <limits.h>
@@ -28,6 +34,7 @@
 
 #include "base/ctrlc.h"
 #include "engines/engines.h"
+#include "engines/mpipool.h"
 #include "bind/luapool.h"
 #include "base/util.h"
 #include "worker/wstate.h"
@@ -42,6 +49,9 @@ static atomic_int exit_signal;           /* the last signal received */
 static atomic_int ending;                /* the host is ending on an uncaught one */
 static int uncaught_interrupt;           /* the script ended on it: exit 128 + it */
 static int in_repl;                      /* in the REPL, a SIGINT ends only the statement */
+#ifdef LUAPOOL_HAVE_MPI
+static int mpi_mode; /* --mpi: rank 0 of an MPI job */
+#endif
 
 /* {====== SIGINT and SIGTERM
 ** The script runs on a thread of its own (run_host); the process's main
@@ -156,6 +166,8 @@ static void print_usage(FILE *out) {
           "  -h        show this help (also --help)\n"
           "  --        stop handling options\n"
           "  -         stop handling options and execute stdin\n"
+          "  --mpi     first option: rank 0 of an MPI job runs the script, the other\n"
+          "            ranks serve its mpipool tasks (mpiexec -n N %s --mpi script.lua)\n"
           "With no script, no -e and no -v: " REPL_HELP ",\n"
           "else stdin runs as the script.  At the prompt, Ctrl-C cancels the line\n"
           "or interrupts the statement, Ctrl-D exits.\n"
@@ -166,8 +178,8 @@ static void print_usage(FILE *out) {
           "  LUA_PATH            initial package.path when LUA_PATH_5_4 is unset\n"
           "  LUA_CPATH_5_4       initial package.cpath (';;' stands for the default)\n"
           "  LUA_CPATH           initial package.cpath when LUA_CPATH_5_4 is unset\n" READLINE_ENV
-          "In scripts, threadpool, processpool and luapool are globals.\n",
-          progname);
+          "In scripts, threadpool, processpool, mpipool and luapool are globals.\n",
+          progname, progname);
 }
 
 static void print_version(void) { printf("luapool %s (%s)\n", LUAPOOL_VERSION, LUA_RELEASE); }
@@ -743,8 +755,65 @@ static void *run_host(void *arg) {
   }
   lua_close(L);
   free(luapool__host_exe);
+#ifdef LUAPOOL_HAVE_MPI
+  if (mpi_mode) luapool__mpi_end(); /* every pool is gone with the state */
+#endif
   if (uncaught_interrupt) exit(128 + atomic_load(&exit_signal));
   exit((ok && status == LUA_OK) ? EXIT_SUCCESS : EXIT_FAILURE);
+}
+
+/* The launcher's variable that says this process is a rank of an MPI job
+** (Open MPI, MPICH's hydra, PMI and PMIx launchers, srun with either), or
+** NULL.  A process started by a rank (a worker, a command a task runs)
+** has its variables too, and LUAPOOL_MPI_CHILD. */
+static const char *mpi_launch_var(void) {
+  static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK",
+                                     NULL};
+  if (getenv("LUAPOOL_MPI_CHILD")) return NULL;
+  for (int i = 0; vars[i]; i++)
+    if (getenv(vars[i])) return vars[i];
+  return NULL;
+}
+
+/* --mpi as the first argument: checks the launch, starts MPI; a serving
+** rank never returns from here.  Without --mpi under mpiexec (every rank
+** would run the script), or with it outside one, says what to run. */
+static void mpi_launch(int *argc, char ***argv) {
+  const char *var = mpi_launch_var();
+  if (*argc < 2 || strcmp((*argv)[1], "--mpi") != 0) {
+    luapool__mpi_absent =
+        "not in an MPI launch: run the script as `" LUAPOOL_MPI_LAUNCH "` (rank 0 runs it, "
+        "ranks 1..N-1 serve its tasks)";
+    if (var) {
+      fprintf(stderr,
+              "luapool: started by an MPI launcher (%s is set) without --mpi: every rank would "
+              "run the script on its own; run `" LUAPOOL_MPI_LAUNCH "`\n",
+              var);
+      exit(EXIT_FAILURE);
+    }
+    return;
+  }
+#ifndef LUAPOOL_HAVE_MPI
+  fprintf(stderr,
+          "luapool: --mpi: this build of luapool has no MPI (CMake found none: install Open "
+          "MPI's libopenmpi-dev and rebuild)\n");
+  exit(EXIT_FAILURE);
+#else
+  if (var == NULL) {
+    fprintf(stderr,
+            "luapool: --mpi needs an MPI launch: run `" LUAPOOL_MPI_LAUNCH
+            "` (on a cluster: `mpiexec --hostfile FILE ...`, under Slurm: `srun -n N luapool "
+            "--mpi script.lua`)\n");
+    exit(EXIT_FAILURE);
+  }
+  (*argv)[1] = (*argv)[0]; /* the script's arg table does not see --mpi */
+  (*argv)++;
+  (*argc)--;
+  int rank = luapool__mpi_start(argc, argv);
+  if (rank < 0) exit(EXIT_FAILURE);
+  if (rank > 0) exit(luapool__mpi_serve());
+  mpi_mode = 1;
+#endif
 }
 
 int main(int argc, char **argv) {
@@ -756,10 +825,12 @@ int main(int argc, char **argv) {
   if (argv[0] && argv[0][0]) progname = "luapool";
   luapool__host_exe = realpath("/proc/self/exe", NULL);
   /* Blocked here for good, and in every thread started from here until the
-  ** script's thread unblocks them for itself (pool threads block them). */
+  ** script's thread unblocks them for itself (pool threads block them);
+  ** MPI's own threads, started by MPI_Init, inherit the mask too. */
   sigset_t set;
   signal_set(&set);
   pthread_sigmask(SIG_BLOCK, &set, NULL);
+  mpi_launch(&argc, &argv);
   static host_args a;
   a.argc = argc;
   a.argv = argv;

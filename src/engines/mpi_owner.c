@@ -1,0 +1,627 @@
+/*
+** mpipool on rank 0 (mpipool.h): the engine behind mpipool.new in the
+** script of `mpiexec -n N luapool --mpi script.lua`.
+**
+** open() greets the serving ranks it uses (max_workers of them, default
+** all: ranks 1..k) with M_OPEN, which carries this build's wire hello
+** (codec/wire.c): a rank of another build refuses with its own, and the
+** pool is not made, the error naming both.  Each rank that takes it makes
+** a local processpool of `slots` workers for the pool.
+**
+** Then one progress thread per pool does all its MPI talk (mpi_proto.h:
+** SERIALIZED, every call under luapool__mpi_mu, none blocking).  It takes
+** queued futures while a rank has a free slot, starts them (so a task
+** counts as running from the moment it is sent: a rank holds at most
+** `slots` tasks of the pool, and cancel works on every task still queued
+** here), sends them, and settles each with the reply bytes or the failure
+** a rank sends back.  A task's error names the rank as its worker
+** ("rank 2 of 3 on host").  With nothing sent and nothing to wait for it
+** sleeps on its condition variable (queued() and interrupt() wake it), so
+** an idle owner costs nothing; while tasks are out it polls, sleeping
+** between polls (luapool__mpi_idle: yields, then up to 1 ms).
+**
+** interrupt() and a stop that interrupts set a flag the thread turns into
+** M_INTERRUPT to each rank, whose local pool then kills its workers; their
+** futures come back failed with kind "interrupted".  A closing pool ends
+** its thread once the queue is empty and every rank answered, then tells
+** each rank M_CLOSE.
+*/
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+
+#include "base/buf.h"
+#include "base/util.h"
+#include "codec/codec.h"
+#include "codec/wire.h"
+#include "core/future.h"
+#include "core/pool.h"
+#include "engines/mpi_proto.h"
+#include "engines/mpipool.h"
+
+/* How long open waits for the ranks' answers. */
+#define OPEN_TIMEOUT 30.0
+/* Futures sent in one round of the loop at most. */
+#define BATCH 256
+/* Tasks are sent ahead (prefetch) only while more than this many, and
+** more than every slot could take, are queued: a short queue stays here,
+** where shutdown{cancel_futures = true} cancels it. */
+#define PREFETCH_QUEUE 64
+/* A rank is sent ahead about this much work (by its recent pace): enough
+** to cover a round trip, little enough that a rank holding work while
+** another one idles costs at most that at the end of a map. */
+#define AHEAD_SECONDS 0.002
+/* How long a cancel waits for the rank's answer. */
+#define CANCEL_TIMEOUT 5.0
+
+typedef struct orank {
+  int rank;
+  char name[300]; /* "rank 2 of 3 on host": the tasks' worker */
+  /* The tasks sent and not yet answered (mutex: p->mu, which cancel
+  ** needs to find one; only the progress thread changes them). */
+  int inflight;
+  lp_future **run; /* [cap] (NULL: free) */
+  uint64_t *ids;   /* [cap] */
+  double *sent;    /* [cap]: when (progress thread only) */
+  uint64_t paths_gen;
+  /* Its pace (progress thread only): the mean time from the later of a
+  ** task's sending and the previous answer to the task's answer, that is,
+  ** how often it can take a new task, for how far ahead to send. */
+  double last_answer, gap;
+} orank;
+
+/* A future taken from the queue for a rank, to start and send. */
+typedef struct assigned {
+  lp_future *f;
+  orank *rk;
+  int slot;
+} assigned;
+
+typedef struct ostate {
+  uint32_t id;
+  int tag, nranks, slots;
+  int cap; /* tasks a rank may hold: slots, and prefetch more while the queue is long */
+  orank *ranks;
+  pthread_t thread;
+  int started;          /* owner only */
+  int joined;           /* owner only */
+  pthread_cond_t cv;    /* the thread's sleep with nothing out (mutex: p->mu) */
+  int intr_req;         /* mutex: p->mu: send M_INTERRUPT */
+  atomic_int ninflight; /* read by stats */
+  atomic_int ended;     /* the thread is done: no workers */
+  int next_rank;        /* round robin (thread only) */
+  uint64_t next_task;   /* thread only */
+  mpi_sends sends;      /* thread only, then the owner once it ended */
+  assigned *batch;      /* [BATCH]: the futures of one round (thread only) */
+  /* One cancel of a task sent to a rank at a time (the owner's; mutex:
+  ** p->mu): c_state 1 asked, 2 sent to the rank, 3 answered (c_ok). */
+  int c_state, c_ok, c_rank;
+  uint64_t c_id;
+  pthread_cond_t ccv;
+} ostate;
+
+static atomic_uint next_pool_id;
+
+static ostate *state_of(lp_pool *p) { return (ostate *)p->es; }
+static const mpi_config *config_of(const lp_pool *p) { return (const mpi_config *)p->config; }
+
+static int put_u64(lp_buf *b, uint64_t v) { return luapool__buf_add(b, &v, 8); }
+
+/* M_PATHS to a rank when f was submitted with other paths than it has. */
+static int send_paths(ostate *ms, orank *rk, const lp_future *f) {
+  if (f->paths == NULL || f->paths->gen == rk->paths_gen) return 0;
+  lp_buf b = {0};
+  int bad = luapool__put_u8(&b, M_PATHS) || luapool__put_u32(&b, ms->id) ||
+            put_u64(&b, f->paths->gen) ||
+            luapool__put_string(&b, f->paths->path, strlen(f->paths->path)) ||
+            luapool__put_string(&b, f->paths->cpath, strlen(f->paths->cpath));
+  if (bad) {
+    luapool__buf_free(&b);
+    return -1;
+  }
+  size_t len;
+  char *m = luapool__buf_take(&b, &len);
+  if (luapool__mpi_send(&ms->sends, rk->rank, TAG_RANK, m, len) != 0) return -1;
+  rk->paths_gen = f->paths->gen;
+  return 0;
+}
+
+static int send_task(ostate *ms, orank *rk, lp_future *f, uint64_t tid) {
+  if (send_paths(ms, rk, f) != 0) return -1;
+  size_t hdr = 1 + 4 + 8 + 8 + 8 + 8 + 4 + 8;
+  char *m = malloc(hdr + f->msglen);
+  if (m == NULL) return -1;
+  uint32_t nc = (uint32_t)f->ncalls;
+  uint64_t gen = f->paths ? f->paths->gen : 0;
+  m[0] = M_TASK;
+  memcpy(m + 1, &ms->id, 4);
+  memcpy(m + 5, &tid, 8);
+  memcpy(m + 13, &f->timeout, 8);
+  memcpy(m + 21, &f->task_no, 8);
+  memcpy(m + 29, &f->item_lo, 8);
+  memcpy(m + 37, &nc, 4);
+  memcpy(m + 41, &gen, 8);
+  memcpy(m + hdr, f->msg, f->msglen);
+  return luapool__mpi_send(&ms->sends, rk->rank, TAG_RANK, m, hdr + f->msglen);
+}
+
+/* A one-byte-type message with the pool id, to every rank. */
+static void tell_ranks(ostate *ms, unsigned type) {
+  for (int i = 0; i < ms->nranks; i++) {
+    char *m = malloc(5);
+    if (m == NULL) continue;
+    m[0] = (char)type;
+    memcpy(m + 1, &ms->id, 4);
+    luapool__mpi_send(&ms->sends, ms->ranks[i].rank, TAG_RANK, m, 5);
+  }
+}
+
+/* The answer to the cancel the owner waits for (p->mu held). */
+static void cancel_answered(ostate *ms, uint64_t tid, int ok) {
+  if (ms->c_state != 2 || ms->c_id != tid) return; /* (late: its wait gave up) */
+  ms->c_state = 3;
+  ms->c_ok = ok;
+  pthread_cond_broadcast(&ms->ccv);
+}
+
+/* An R_DONE (or R_KEPT: a cancel came too late) from rank `from`:
+** settles its future. */
+static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
+  if (len < 10 || from < 1 || from > ms->nranks) {
+    free(m);
+    return;
+  }
+  orank *rk = &ms->ranks[from - 1];
+  uint64_t tid;
+  memcpy(&tid, m + 1, 8);
+  unsigned st = (unsigned char)m[9];
+  pthread_mutex_lock(&p->mu);
+  if (m[0] == R_KEPT) {
+    cancel_answered(ms, tid, 0);
+    pthread_mutex_unlock(&p->mu);
+    free(m);
+    return;
+  }
+  int k;
+  for (k = 0; k < ms->cap; k++)
+    if (rk->run[k] && rk->ids[k] == tid) break;
+  lp_future *f = k < ms->cap ? rk->run[k] : NULL;
+  if (f) {
+    rk->run[k] = NULL;
+    rk->inflight--;
+    atomic_fetch_sub(&ms->ninflight, 1);
+  }
+  if (f) {
+    double now = luapool__now();
+    double began = rk->sent[k] > rk->last_answer ? rk->sent[k] : rk->last_answer;
+    rk->gap = rk->gap > 0 ? 0.875 * rk->gap + 0.125 * (now - began) : now - began;
+    rk->last_answer = now;
+  }
+  int cancelled = st == 1u + LP_EK_CANCELLED;
+  if (cancelled) cancel_answered(ms, tid, 1);
+  pthread_mutex_unlock(&p->mu);
+  if (f == NULL) {
+    free(m);
+    return;
+  }
+  if (st == 0) {
+    memmove(m, m + 10, len - 10); /* the reply bytes, taken as they are */
+    luapool__future_finish(f, m, len - 10, 0);
+  } else if (cancelled) { /* it had not started on the rank */
+    luapool__future_cancel_running(f);
+    free(m);
+  } else {
+    lp_reader r = {m + 10, m + len};
+    const char *t = "malformed reply";
+    size_t tl = strlen(t);
+    luapool__get_string(&r, &t, &tl);
+    lp_ekind kind = st - 1 <= LP_EK_INTERRUPTED ? (lp_ekind)(st - 1) : LP_EK_CRASHED;
+    luapool__future_fail(f, kind, "%.*s", (int)tl, t);
+    if (kind == LP_EK_BROKEN || (kind == LP_EK_CRASHED && config_of(p)->on_crash_break)) {
+      char why[1200];
+      snprintf(why, sizeof why, "%s%.*s", kind == LP_EK_CRASHED ? "the pool is broken: " : "",
+               (int)tl, t);
+      luapool__pool_break(p, why);
+    }
+    free(m);
+  }
+  luapool__future_unref(f);
+}
+
+static void *progress_main(void *arg) {
+  lp_pool *p = arg;
+  ostate *ms = state_of(p);
+  prctl(PR_SET_TIMERSLACK, 1000UL); /* sleeps of microseconds mean it */
+  assigned *batch = ms->batch;
+  double last = luapool__now(); /* when the loop last found something */
+  for (;;) {
+    int n = 0, intr = 0, crank = 0;
+    uint64_t cid = 0;
+    pthread_mutex_lock(&p->mu);
+    intr = ms->intr_req;
+    ms->intr_req = 0;
+    if (ms->c_state == 1) { /* sent below, after this round's tasks */
+      ms->c_state = 2;
+      crank = ms->c_rank;
+      cid = ms->c_id;
+    }
+    /* Free slots take queued futures, the rank with most room first
+    ** (round robin among equals).  While more is queued than every slot
+    ** could take, a rank is sent up to `prefetch` tasks more, as many as
+    ** it answers in AHEAD_SECONDS at its recent pace, so a rank of short
+    ** tasks never waits a round trip for its next one, and long tasks are
+    ** not held by one rank while another idles. */
+    size_t deep = (size_t)ms->nranks * (size_t)ms->slots;
+    if (deep < PREFETCH_QUEUE) deep = PREFETCH_QUEUE;
+    while (n < BATCH && p->head) {
+      int ahead = p->npending > deep;
+      orank *best = NULL;
+      for (int i = 0; i < ms->nranks; i++) {
+        orank *rk = &ms->ranks[(ms->next_rank + i) % ms->nranks];
+        int lim = ms->slots;
+        if (ahead && rk->gap > 0) {
+          double more = AHEAD_SECONDS / rk->gap;
+          lim += more >= ms->cap - ms->slots ? ms->cap - ms->slots : (int)more;
+        }
+        if (rk->inflight < lim && (best == NULL || rk->inflight < best->inflight)) best = rk;
+      }
+      if (best == NULL) break;
+      ms->next_rank = (int)(best - ms->ranks + 1) % ms->nranks;
+      int k = 0;
+      while (best->run[k])
+        k++;
+      lp_future *f = luapool__pool_take(p);
+      best->run[k] = f; /* reserved: started and sent below */
+      best->ids[k] = ++ms->next_task;
+      best->inflight++;
+      atomic_fetch_add(&ms->ninflight, 1);
+      batch[n++] = (assigned){f, best, k};
+    }
+    int out = atomic_load(&ms->ninflight);
+    if (n == 0 && !intr && !crank && out == 0) {
+      if (p->closing && p->head == NULL) {
+        pthread_mutex_unlock(&p->mu);
+        break;
+      }
+      pthread_cond_wait(&ms->cv, &p->mu);
+      pthread_mutex_unlock(&p->mu);
+      last = luapool__now();
+      continue;
+    }
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < n; i++) {
+      assigned *a = &batch[i];
+      a->rk->sent[a->slot] = luapool__now();
+      if (luapool__future_start(a->f, a->rk->name) &&
+          send_task(ms, a->rk, a->f, a->rk->ids[a->slot]) == 0)
+        continue;
+      if (luapool__future_state(a->f) == LP_RUNNING)
+        luapool__future_fail(a->f, LP_EK_TRANSFER, "cannot send the task to %s: not enough memory",
+                             a->rk->name);
+      pthread_mutex_lock(&p->mu);
+      a->rk->run[a->slot] = NULL; /* cancelled meanwhile, or failed */
+      a->rk->inflight--;
+      atomic_fetch_sub(&ms->ninflight, 1);
+      pthread_mutex_unlock(&p->mu);
+      luapool__future_unref(a->f);
+    }
+    if (intr) tell_ranks(ms, M_INTERRUPT);
+    if (crank) {
+      char *cm = malloc(13);
+      if (cm) {
+        cm[0] = M_CANCEL;
+        memcpy(cm + 1, &ms->id, 4);
+        memcpy(cm + 5, &cid, 8);
+      }
+      if (cm == NULL || luapool__mpi_send(&ms->sends, crank, TAG_RANK, cm, 13) != 0) {
+        pthread_mutex_lock(&p->mu);
+        cancel_answered(ms, cid, 0);
+        pthread_mutex_unlock(&p->mu);
+      }
+    }
+    int did = n > 0 || intr || crank;
+    char *m;
+    size_t len;
+    int from;
+    while (luapool__mpi_try_recv(MPI_ANY_SOURCE, ms->tag, &m, &len, &from) == 1) {
+      did = 1;
+      if (len && (m[0] == R_DONE || m[0] == R_KEPT))
+        on_done(p, ms, from, m, len);
+      else
+        free(m);
+    }
+    luapool__mpi_sends_test(&ms->sends);
+    if (did)
+      last = luapool__now();
+    else
+      luapool__mpi_idle(luapool__now() - last, 1000);
+  }
+  atomic_store(&ms->ended, 1);
+  tell_ranks(ms, M_CLOSE);
+  luapool__mpi_sends_wait(&ms->sends, luapool__now() + 5.0);
+  return NULL;
+}
+
+/* {====== engine entry points */
+
+static int owner_default_workers(int ncpu) {
+  (void)ncpu;
+  return luapool__mpi_size > 1 ? luapool__mpi_size - 1 : 1;
+}
+
+static void free_state(ostate *ms) {
+  for (int i = 0; ms->ranks && i < ms->nranks; i++) {
+    free(ms->ranks[i].run);
+    free(ms->ranks[i].ids);
+    free(ms->ranks[i].sent);
+  }
+  free(ms->ranks);
+  free(ms->batch);
+  pthread_cond_destroy(&ms->cv);
+  pthread_cond_destroy(&ms->ccv);
+  free(ms);
+}
+
+/* Sends M_OPEN to every rank of the pool and takes their answers; 0, or
+** -1 with err (the ranks that opened are told to close). */
+static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
+  const mpi_config *c = config_of(p);
+  lp_buf b = {0}, hello = {0};
+  const lp_paths *ps = p->paths;
+  int bad = luapool__wire_hello(&hello) || luapool__put_u8(&b, M_OPEN) ||
+            luapool__put_u32(&b, ms->id) || luapool__put_u32(&b, (uint32_t)ms->slots) ||
+            luapool__put_u32(&b, (uint32_t)c->max_memory_mb) ||
+            luapool__put_u32(&b, (uint32_t)c->max_tasks_per_child) ||
+            luapool__put_u32(&b, (uint32_t)hello.len) || luapool__buf_add(&b, hello.p, hello.len) ||
+            put_u64(&b, ps->gen) || luapool__put_string(&b, ps->path, strlen(ps->path)) ||
+            luapool__put_string(&b, ps->cpath, strlen(ps->cpath)) ||
+            luapool__put_string(&b, p->name, strlen(p->name)) ||
+            luapool__put_u32(&b, (uint32_t)p->init_len) ||
+            luapool__buf_add(&b, p->init_msg, p->init_len);
+  luapool__buf_free(&hello);
+  for (int i = 0; !bad && i < ms->nranks; i++) {
+    char *m = malloc(b.len);
+    if (m == NULL ||
+        (memcpy(m, b.p, b.len), luapool__mpi_send(&ms->sends, i + 1, TAG_RANK, m, b.len)) != 0)
+      bad = 1;
+    ms->ranks[i].paths_gen = ps->gen;
+  }
+  luapool__buf_free(&b);
+  if (bad) {
+    luapool__mpi_sends_wait(&ms->sends, luapool__now() + 1.0);
+    snprintf(err, errsz, "cannot create an mpipool: not enough memory");
+    return -1; /* (a rank that got it answers on a tag nobody reads) */
+  }
+  /* Every answer is awaited, so none is left for a later pool. */
+  int answered = 0, failed = 0;
+  char *opened = calloc((size_t)ms->nranks, 1);
+  double start = luapool__now(), until = start + OPEN_TIMEOUT;
+  err[0] = 0;
+  while (opened && answered < ms->nranks && luapool__now() < until) {
+    char *m;
+    size_t len;
+    int from;
+    luapool__mpi_sends_test(&ms->sends);
+    int r = luapool__mpi_try_recv(MPI_ANY_SOURCE, ms->tag, &m, &len, &from);
+    if (r <= 0) {
+      luapool__mpi_idle(luapool__now() - start, 1000);
+      continue;
+    }
+    if (from < 1 || from > ms->nranks || opened[from - 1] || len == 0) {
+      free(m);
+      continue;
+    }
+    answered++;
+    orank *rk = &ms->ranks[from - 1];
+    lp_reader rd = {m + 1, m + len};
+    const char *t = "";
+    size_t tl = 0;
+    luapool__get_string(&rd, &t, &tl);
+    if (m[0] == R_OPENED) {
+      opened[from - 1] = 1;
+      char host[256];
+      snprintf(host, sizeof host, "%.*s", (int)tl, t);
+      luapool__mpi_rank_name(rk->name, sizeof rk->name, from, host);
+    } else if (!failed++) {
+      opened[from - 1] = 2;
+      char mine[300];
+      luapool__wire_describe(mine, sizeof mine);
+      if (m[0] == R_REFUSE)
+        snprintf(err, errsz,
+                 "cannot create an mpipool: rank %d of %d is %.*s, and rank 0 is %s: every rank "
+                 "must run the same luapool build (the binary mpiexec starts on each host)",
+                 from, luapool__mpi_size, (int)tl, t, mine);
+      else
+        snprintf(err, errsz, "cannot create an mpipool: %.*s", (int)tl, t);
+    }
+    free(m);
+  }
+  if (opened && answered < ms->nranks && !failed) {
+    failed = 1;
+    snprintf(err, errsz,
+             "cannot create an mpipool: %d of the %d serving ranks did not answer "
+             "within %g seconds",
+             ms->nranks - answered, ms->nranks, OPEN_TIMEOUT);
+  }
+  if (opened == NULL) {
+    failed = 1;
+    snprintf(err, errsz, "cannot create an mpipool: not enough memory");
+  }
+  if (failed) {
+    for (int i = 0; opened && i < ms->nranks; i++) {
+      if (opened[i] != 1) continue;
+      char *m = malloc(5);
+      if (m == NULL) continue;
+      m[0] = M_CLOSE;
+      memcpy(m + 1, &ms->id, 4);
+      luapool__mpi_send(&ms->sends, i + 1, TAG_RANK, m, 5);
+    }
+  }
+  free(opened);
+  luapool__mpi_sends_wait(&ms->sends, luapool__now() + (failed ? 2.0 : 30.0));
+  return failed ? -1 : 0;
+}
+
+static int owner_open(lp_pool *p, char *err, size_t errsz) {
+  int serving = luapool__mpi_size - 1;
+  if (serving < 1) {
+    snprintf(err, errsz,
+             "cannot create an mpipool: no rank serves tasks (this job has 1 rank); launch "
+             "at least 2, as `%s`: rank 0 runs the script, ranks 1..N-1 serve its tasks",
+             LUAPOOL_MPI_LAUNCH);
+    return -1;
+  }
+  if (p->max_workers > serving) {
+    snprintf(err, errsz,
+             "cannot create an mpipool of max_workers = %d: %d rank%s serve%s tasks in this job "
+             "(mpiexec -n %d)",
+             p->max_workers, serving, serving == 1 ? "" : "s", serving == 1 ? "s" : "",
+             luapool__mpi_size);
+    return -1;
+  }
+  ostate *ms = calloc(1, sizeof *ms);
+  if (ms == NULL || luapool__cond_init(&ms->cv) != 0) {
+    free(ms);
+    snprintf(err, errsz, "cannot create an mpipool: not enough memory");
+    return -1;
+  }
+  if (luapool__cond_init(&ms->ccv) != 0) {
+    pthread_cond_destroy(&ms->cv);
+    free(ms);
+    snprintf(err, errsz, "cannot create an mpipool: not enough memory");
+    return -1;
+  }
+  ms->id = atomic_fetch_add(&next_pool_id, 1) + 1;
+  ms->tag = TAG_POOL(ms->id);
+  ms->nranks = p->max_workers;
+  ms->slots = config_of(p)->slots > 0 ? config_of(p)->slots : 1;
+  ms->cap = ms->slots + config_of(p)->prefetch;
+  ms->ranks = calloc((size_t)ms->nranks, sizeof *ms->ranks);
+  ms->batch = malloc(BATCH * sizeof *ms->batch);
+  int ok = ms->ranks != NULL && ms->batch != NULL;
+  for (int i = 0; ok && i < ms->nranks; i++) {
+    orank *rk = &ms->ranks[i];
+    rk->rank = i + 1;
+    rk->run = calloc((size_t)ms->cap, sizeof *rk->run); // NOLINT(bugprone-sizeof-expression)
+    rk->ids = calloc((size_t)ms->cap, sizeof *rk->ids);
+    rk->sent = calloc((size_t)ms->cap, sizeof *rk->sent);
+    ok = rk->run && rk->ids && rk->sent;
+  }
+  if (!ok) {
+    free_state(ms);
+    snprintf(err, errsz, "cannot create an mpipool: not enough memory");
+    return -1;
+  }
+  if (greet(p, ms, err, errsz) != 0) {
+    free_state(ms);
+    return -1;
+  }
+  p->es = ms;
+  if (luapool__pool_thread(&ms->thread, progress_main, p) != 0) {
+    tell_ranks(ms, M_CLOSE);
+    luapool__mpi_sends_wait(&ms->sends, luapool__now() + 2.0);
+    free_state(ms);
+    p->es = NULL;
+    snprintf(err, errsz, "cannot create an mpipool: cannot start its progress thread");
+    return -1;
+  }
+  ms->started = 1;
+  return 0;
+}
+
+static int owner_queued(lp_pool *p, char *err, size_t errsz) {
+  (void)err;
+  (void)errsz;
+  pthread_cond_signal(&state_of(p)->cv);
+  return 0;
+}
+
+/* A task sent to a rank is cancelled there if it has not started yet (it
+** was sent ahead, or waits for a local worker): asks the rank through the
+** progress thread and waits for the answer. */
+static int owner_cancel(lp_pool *p, lp_future *f) {
+  ostate *ms = state_of(p);
+  pthread_mutex_lock(&p->mu);
+  int rank = 0;
+  uint64_t tid = 0;
+  for (int i = 0; i < ms->nranks && !rank; i++)
+    for (int k = 0; k < ms->cap; k++)
+      if (ms->ranks[i].run[k] == f) {
+        rank = ms->ranks[i].rank;
+        tid = ms->ranks[i].ids[k];
+        break;
+      }
+  int ok = 0;
+  if (rank && ms->c_state == 0 && !atomic_load(&ms->ended)) {
+    ms->c_state = 1;
+    ms->c_rank = rank;
+    ms->c_id = tid;
+    pthread_cond_signal(&ms->cv);
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += (time_t)CANCEL_TIMEOUT;
+    while (ms->c_state != 3)
+      if (pthread_cond_timedwait(&ms->ccv, &p->mu, &dl) == ETIMEDOUT) break;
+    ok = ms->c_state == 3 && ms->c_ok;
+    ms->c_state = 0;
+  }
+  pthread_mutex_unlock(&p->mu);
+  /* (the progress thread may not have settled it yet: whoever is first) */
+  if (ok) luapool__future_cancel_running(f);
+  return ok && luapool__future_state(f) == LP_CANCELLED;
+}
+
+static void owner_interrupt(lp_pool *p) {
+  ostate *ms = state_of(p);
+  ms->intr_req = 1;
+  pthread_cond_signal(&ms->cv);
+}
+
+static int owner_stop(lp_pool *p, int interrupt, int wait) {
+  ostate *ms = state_of(p);
+  pthread_mutex_lock(&p->mu);
+  if (interrupt) ms->intr_req = 1;
+  pthread_cond_signal(&ms->cv); /* closing: it ends once the work is done */
+  pthread_mutex_unlock(&p->mu);
+  if (!wait || ms->joined || !ms->started) return 0;
+  int stopped = 0;
+  if (!luapool__pool_join(p, ms->thread, interrupt, luapool__now() + luapool__stop_grace(),
+                          &stopped))
+    return 1;
+  ms->joined = 1;
+  return 0;
+}
+
+static void owner_free(lp_pool *p) {
+  ostate *ms = state_of(p);
+  if (ms == NULL) return;
+  luapool__mpi_sends_wait(&ms->sends, luapool__now() + 1.0);
+  free_state(ms);
+  p->es = NULL;
+}
+
+static void owner_stats(lp_pool *p, int *workers, int *idle) {
+  ostate *ms = state_of(p);
+  *workers = atomic_load(&ms->ended) ? 0 : ms->nranks * ms->slots;
+  *idle = *workers - atomic_load(&ms->ninflight);
+  if (*idle < 0) *idle = 0; /* (tasks sent ahead) */
+}
+
+const lp_engine luapool__mpi_owner_engine = {
+    .kind = "mpipool",
+    .default_workers = owner_default_workers,
+    .chunking = 1,
+    .open = owner_open,
+    .queued = owner_queued,
+    .cancel = owner_cancel,
+    .interrupt = owner_interrupt,
+    .stop = owner_stop,
+    .free = owner_free,
+    .stats = owner_stats,
+};
+
+/* }====== */

@@ -1,0 +1,96 @@
+/*
+** What rank 0 and the serving ranks say to each other (mpi_owner.c,
+** mpi_rank.c), and the MPI helpers both use.  Only with LUAPOOL_HAVE_MPI.
+**
+** Thread level: MPI_THREAD_SERIALIZED.  MPI is initialised on the host's
+** first thread; on rank 0 every pool's progress thread (and the owner
+** while a pool opens and closes) makes MPI calls, each under
+** luapool__mpi_mu and each one non-blocking (Isend, Iprobe, Test; a
+** Recv only of a message Iprobe has seen whole), so no thread holds the
+** lock while it waits.  A serving rank makes them all on its one thread.
+** Nobody waits inside MPI: Open MPI busy-polls a blocking call; the
+** loops here sleep between polls instead (backoff, mpi_proto_idle).
+**
+** Messages to a serving rank (tag TAG_RANK), a type byte first:
+**   M_OPEN  u32 pool, u32 slots, u32 max_memory_mb, u32 max_tasks_per_child,
+**           u32 hello length, hello (wire.c), u64 paths gen, path, cpath,
+**           the pool's name (its local workers are NAME-1...), u32
+**           initializer length, initializer message
+**   M_TASK  u32 pool, u64 id, f64 timeout, u64 task number, i64 first item,
+**           u32 calls, u64 paths gen, task message (the rest)
+**   M_PATHS u32 pool, u64 gen, path, cpath (the next tasks' package paths)
+**   M_INTERRUPT u32 pool (stop its running tasks now: Ctrl-C, a stop)
+**   M_CANCEL u32 pool, u64 id (cancel it if it has not started: the answer
+**           is its R_DONE, state cancelled, or R_KEPT)
+**   M_CLOSE u32 pool (its tasks are done: the local pool goes)
+**   M_STOP  (the job ends: the rank finalizes and exits 0)
+** Messages to rank 0 (tag TAG_POOL(pool): each pool's thread takes its own):
+**   R_OPENED string host, u32 pid        R_REFUSE string (its build)
+**   R_FAILED string (it could not make the local pool)
+**   R_DONE   u64 id, u8 state (0 finished: the reply bytes follow; else
+**            1 + lp_ekind, then the message)
+**   R_KEPT   u64 id, u8 0 (a cancel found it started, or done)
+*/
+#ifndef LUAPOOL_MPI_PROTO_H
+#define LUAPOOL_MPI_PROTO_H
+
+#include <mpi.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/engine.h"
+
+/* Rank 0's engine (mpi_owner.c), which mpipool.c hands its calls to. */
+extern const lp_engine luapool__mpi_owner_engine;
+
+enum { M_OPEN = 1, M_TASK, M_PATHS, M_INTERRUPT, M_CLOSE, M_STOP, M_CANCEL };
+enum { R_OPENED = 1, R_REFUSE, R_FAILED, R_DONE, R_KEPT };
+
+#define TAG_RANK 1
+/* 32767 is the least MPI_TAG_UB the standard allows. */
+#define TAG_POOL(id) (16 + (int)((id) % 32000u))
+
+/* Every MPI call of the process is made under it (SERIALIZED). */
+extern pthread_mutex_t luapool__mpi_mu;
+extern int luapool__mpi_rank, luapool__mpi_size;
+extern char luapool__mpi_host[256];
+
+/* Sends still in flight: their buffers live until MPI is done with them. */
+typedef struct mpi_send {
+  MPI_Request req;
+  char *buf;
+  struct mpi_send *next;
+} mpi_send;
+typedef struct mpi_sends {
+  mpi_send *head;
+  int n;
+} mpi_sends;
+
+/* Sends buf[0..len) (malloc'd, taken: freed once sent, or here on
+** failure) to rank dest with tag.  0, or -1 (too large, no memory, MPI
+** error). */
+int luapool__mpi_send(mpi_sends *s, int dest, int tag, char *buf, size_t len);
+/* Frees the sends that completed; returns how many are left. */
+int luapool__mpi_sends_test(mpi_sends *s);
+/* Waits (sleeping) until every send completed or `until` (luapool__now)
+** passed; what is left is cancelled.  Returns how many did not complete. */
+int luapool__mpi_sends_wait(mpi_sends *s, double until);
+/* Takes a whole message from src (MPI_ANY_SOURCE) with tag if one has
+** arrived: 1 with *buf (malloc'd), *len and *from set; 0 none; -1 no
+** memory or MPI error. */
+int luapool__mpi_try_recv(int src, int tag, char **buf, size_t *len, int *from);
+
+/* The pause of a polling loop that found nothing, `quiet` seconds after
+** it last found something: a yield at first, then a sleep of an eighth of
+** the quiet time, up to cap_us microseconds.  A sleep proportional to the
+** gap keeps a ping-pong between two polling loops at microseconds (a
+** backoff counting polls would make each side's sleep grow with the
+** other's, up to the cap), and an idle loop soon at the cap. */
+void luapool__mpi_idle(double quiet, unsigned cap_us);
+
+/* "rank 2 of 3 on host" for rank r (buf of at least 300 bytes), host
+** being r's (given) or this process's (NULL). */
+void luapool__mpi_rank_name(char *buf, size_t n, int r, const char *host);
+
+#endif

@@ -1,0 +1,631 @@
+/*
+** The host's MPI mode (mpipool.h): MPI's start and end, the helpers of
+** mpi_proto.h, and the serve loop ranks 1..N-1 run instead of a script.
+**
+** A serving rank runs its tasks in local worker processes: for each pool
+** rank 0 opens (M_OPEN) it makes a processpool from C (core/pool.h) of
+** `slots` workers, which posix_spawn fresh `luapool --worker` processes:
+** an exec, never a fork of a process that has MPI up.  Each task message
+** (M_TASK) becomes a future of that pool; a completion queue (core/
+** future.h) hands the loop each one that settles, whose reply bytes (or
+** failure kind and message) go back to rank 0 as they are.  So a task
+** that crashes, exits or passes its deadline or memory cap fails with the
+** processpool's kind, and the rank goes on.
+**
+** The loop polls: MPI has no descriptor to wait on, and Open MPI
+** busy-polls in a blocking call.  Between polls it sleeps (luapool__mpi_idle:
+** a few yields, then sleeps doubling up to 2 ms when idle), and while
+** tasks run it sleeps on the completion queue, which wakes it as soon as
+** one settles.
+**
+** SIGINT and SIGTERM (mpiexec forwards a Ctrl-C as SIGTERM to every rank)
+** stay blocked in every thread and are taken here between polls: the
+** local pools are interrupted (their worker processes killed) and the rank
+** exits 128 + the signal; mpiexec ends the job.  Worker processes also die
+** with the thread that started them (PR_SET_PDEATHSIG), so even a SIGKILL
+** of the rank leaves none behind.
+*/
+#include <errno.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "base/buf.h"
+#include "base/ctrlc.h"
+#include "base/util.h"
+#include "codec/codec.h"
+#include "codec/wire.h"
+#include "core/future.h"
+#include "core/pool.h"
+#include "engines/engines.h"
+#include "engines/mpi_proto.h"
+#include "engines/mpipool.h"
+
+/* clang-tidy's MPI checker wants each MPI_Isend's request waited for in the
+** function that made it; here sends are kept in a list that MPI_Test
+** empties (luapool__mpi_sends_test), which it cannot follow. */
+// NOLINTBEGIN(clang-analyzer-optin.mpi.MPI-Checker)
+
+pthread_mutex_t luapool__mpi_mu = PTHREAD_MUTEX_INITIALIZER;
+int luapool__mpi_rank, luapool__mpi_size;
+char luapool__mpi_host[256];
+
+/* {====== helpers (mpi_proto.h) */
+
+int luapool__mpi_send(mpi_sends *s, int dest, int tag, char *buf, size_t len) {
+  mpi_send *m = malloc(sizeof *m);
+  if (m == NULL || len > (size_t)INT32_MAX) {
+    free(m);
+    free(buf);
+    return -1;
+  }
+  m->buf = buf;
+  pthread_mutex_lock(&luapool__mpi_mu);
+  int r = MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, MPI_COMM_WORLD, &m->req);
+  pthread_mutex_unlock(&luapool__mpi_mu);
+  if (r != MPI_SUCCESS) {
+    free(buf);
+    free(m);
+    return -1;
+  }
+  m->next = s->head;
+  s->head = m;
+  s->n++;
+  return 0;
+}
+
+int luapool__mpi_sends_test(mpi_sends *s) {
+  if (s->head == NULL) return 0;
+  pthread_mutex_lock(&luapool__mpi_mu);
+  for (mpi_send **pp = &s->head; *pp;) {
+    mpi_send *m = *pp;
+    int done = 0;
+    if (MPI_Test(&m->req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) done = 1;
+    if (done) {
+      *pp = m->next;
+      free(m->buf);
+      free(m);
+      s->n--;
+    } else {
+      pp = &m->next;
+    }
+  }
+  pthread_mutex_unlock(&luapool__mpi_mu);
+  return s->n;
+}
+
+int luapool__mpi_sends_wait(mpi_sends *s, double until) {
+  double start = luapool__now();
+  while (luapool__mpi_sends_test(s) > 0 && luapool__now() < until)
+    luapool__mpi_idle(luapool__now() - start, 1000);
+  int left = s->n;
+  if (left) { /* (the peer is gone or stuck: the job is ending anyway) */
+    pthread_mutex_lock(&luapool__mpi_mu);
+    for (mpi_send *m = s->head, *next; m; m = next) {
+      next = m->next;
+      MPI_Cancel(&m->req);
+      MPI_Request_free(&m->req);
+      free(m->buf);
+      free(m);
+    }
+    pthread_mutex_unlock(&luapool__mpi_mu);
+    s->head = NULL;
+    s->n = 0;
+  }
+  return left;
+}
+
+int luapool__mpi_try_recv(int src, int tag, char **buf, size_t *len, int *from) {
+  int flag = 0, count = 0, r = -1;
+  MPI_Status st;
+  pthread_mutex_lock(&luapool__mpi_mu);
+  if (MPI_Iprobe(src, tag, MPI_COMM_WORLD, &flag, &st) != MPI_SUCCESS) goto out;
+  r = 0;
+  if (!flag) goto out;
+  r = -1;
+  if (MPI_Get_count(&st, MPI_BYTE, &count) != MPI_SUCCESS || count < 0) goto out;
+  char *b = malloc(count ? (size_t)count : 1);
+  if (b == NULL) goto out; /* (the message stays: a later try may have memory) */
+  if (MPI_Recv(b, count, MPI_BYTE, st.MPI_SOURCE, st.MPI_TAG, MPI_COMM_WORLD, MPI_STATUS_IGNORE) !=
+      MPI_SUCCESS) {
+    free(b);
+    goto out;
+  }
+  *buf = b;
+  *len = (size_t)count;
+  *from = st.MPI_SOURCE;
+  r = 1;
+out:
+  pthread_mutex_unlock(&luapool__mpi_mu);
+  return r;
+}
+
+void luapool__mpi_idle(double quiet, unsigned cap_us) {
+  double us = quiet * 1e6 / 8;
+  if (us < 2) { /* a reply is often microseconds away */
+    sched_yield();
+    return;
+  }
+  if (us > cap_us) us = cap_us;
+  struct timespec ts = {0, (long)(us * 1000)};
+  nanosleep(&ts, NULL);
+}
+
+void luapool__mpi_rank_name(char *buf, size_t n, int r, const char *host) {
+  snprintf(buf, n, "rank %d of %d on %s", r, luapool__mpi_size, host ? host : luapool__mpi_host);
+}
+
+/* }====== */
+
+/* {====== start and end */
+
+int luapool__mpi_start(int *argc, char ***argv) {
+  (void)argc;
+  (void)argv;
+  /* Open MPI's own blocking waits (MPI_Init, MPI_Finalize) yield the CPU
+  ** with this; the loops here never block in MPI at all. */
+  setenv("OMPI_MCA_mpi_yield_when_idle", "1", 0);
+  int provided = MPI_THREAD_SINGLE;
+  if (MPI_Init_thread(NULL, NULL, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS) {
+    fprintf(stderr, "luapool: MPI_Init_thread failed\n");
+    return -1;
+  }
+  if (provided < MPI_THREAD_SERIALIZED) {
+    fprintf(stderr,
+            "luapool: this MPI library gives thread level %d, and luapool needs "
+            "MPI_THREAD_SERIALIZED (%d): every pool talks MPI from its own thread\n",
+            provided, MPI_THREAD_SERIALIZED);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return -1;
+  }
+  MPI_Comm_rank(MPI_COMM_WORLD, &luapool__mpi_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &luapool__mpi_size);
+  if (gethostname(luapool__mpi_host, sizeof luapool__mpi_host - 1) != 0)
+    snprintf(luapool__mpi_host, sizeof luapool__mpi_host, "?");
+  /* Processes started from here (workers, commands tasks run) are no
+  ** ranks: a luapool among them must not take the launcher's variables
+  ** for its own launch (host/main.c). */
+  setenv("LUAPOOL_MPI_CHILD", "1", 1);
+  if (luapool__mpi_rank == 0) {
+    luapool__mpi_owner = &luapool__mpi_owner_engine;
+  } else {
+    /* What a task's luapool.current_worker() says (processpool.c's worker
+    ** reads it): set before any worker exists. */
+    char id[320];
+    snprintf(id, sizeof id, "%d %d %s", luapool__mpi_rank, luapool__mpi_size, luapool__mpi_host);
+    setenv("LUAPOOL_MPI_WORKER", id, 1);
+  }
+  return luapool__mpi_rank;
+}
+
+/* Tells every serving rank the job ends (rank 0). */
+static void stop_ranks(double grace) {
+  mpi_sends s = {NULL, 0};
+  for (int r = 1; r < luapool__mpi_size; r++) {
+    char *b = malloc(1);
+    if (b == NULL) continue;
+    b[0] = M_STOP;
+    luapool__mpi_send(&s, r, TAG_RANK, b, 1);
+  }
+  luapool__mpi_sends_wait(&s, luapool__now() + grace);
+}
+
+void luapool__mpi_end(void) {
+  if (atomic_load(&luapool__ending_on_signal)) {
+    /* mpiexec is ending the job (it forwarded the signal to every rank),
+    ** or the user stopped rank 0 alone: the ranks are told, and rank 0
+    ** leaves without MPI_Finalize, whose fence could wait for ranks that
+    ** are gone; mpiexec reports rank 0's status (128 + the signal). */
+    stop_ranks(0.2);
+    return;
+  }
+  stop_ranks(5.0);
+  MPI_Finalize();
+}
+
+/* }====== */
+
+/* {====== the serve loop (ranks 1..N-1) */
+
+typedef struct session {
+  uint32_t id;
+  int tag;
+  lp_pool *lp;         /* the local processpool */
+  lp_paths *paths;     /* for the next tasks (a reference) */
+  int ntasks;          /* its futures not yet answered */
+  int closed;          /* out of the list: its futures are not answered */
+  struct rtask *tasks; /* not yet answered, for M_CANCEL */
+  struct session *next;
+} session;
+
+typedef struct rtask {
+  lp_wnode node; /* first: the completion queue frees it as a node */
+  uint64_t id;
+  session *s;
+  struct rtask *snext, *sprev; /* in s->tasks, until answered */
+  int cancel_asked;            /* rank 0 cancelled it (M_CANCEL) */
+} rtask;
+
+typedef struct server {
+  session *sessions;
+  lp_cq *cq;
+  int ntasks;
+  mpi_sends sends;
+  char name[300]; /* "rank 2 of 3 on host" */
+} server;
+
+static session *find_session(server *sv, uint32_t id) {
+  for (session *s = sv->sessions; s; s = s->next)
+    if (s->id == id) return s;
+  return NULL;
+}
+
+/* Sends rank 0 a message of type t on the pool's tag: head, then body. */
+static void answer(server *sv, int tag, unsigned t, const lp_buf *head, const char *body,
+                   size_t blen) {
+  size_t hl = head ? head->len : 0;
+  char *b = malloc(1 + hl + blen);
+  if (b == NULL) return; /* (rank 0's wait for it ends with the job) */
+  b[0] = (char)t;
+  if (hl) memcpy(b + 1, head->p, hl);
+  if (blen) memcpy(b + 1 + hl, body, blen);
+  luapool__mpi_send(&sv->sends, 0, tag, b, 1 + hl + blen);
+}
+
+static void answer_text(server *sv, int tag, unsigned t, const char *text) {
+  lp_buf h = {0};
+  if (luapool__put_string(&h, text, strlen(text)) == 0) answer(sv, tag, t, &h, NULL, 0);
+  luapool__buf_free(&h);
+}
+
+/* A task's outcome for rank 0: R_DONE, its id, the state. */
+static void answer_task(server *sv, session *s, uint64_t id, lp_future *f, int cancel_asked) {
+  lp_buf h = {0};
+  char m[1400];
+  int ok = luapool__buf_add(&h, &id, 8) == 0;
+  lp_fstate st = luapool__future_state(f); /* settled: stable from here */
+  if (ok && st == LP_FINISHED) {
+    ok = luapool__put_u8(&h, 0) == 0;
+    if (ok) answer(sv, s->tag, R_DONE, &h, f->reply, f->replylen);
+  } else if (ok) {
+    lp_ekind k = LP_EK_INTERRUPTED;
+    if (st == LP_FAILED) {
+      k = (lp_ekind)f->ekind;
+      snprintf(m, sizeof m, "%s: %s", sv->name, f->emsg ? f->emsg : "(no memory for the message)");
+    } else if (cancel_asked) { /* M_CANCEL found it in the local queue */
+      k = LP_EK_CANCELLED;
+      snprintf(m, sizeof m, "the task was cancelled");
+    } else { /* cancelled in the local queue: an interrupt came first */
+      snprintf(m, sizeof m, "%s: the task was interrupted before it started", sv->name);
+    }
+    if (luapool__put_u8(&h, 1u + (unsigned)k) == 0 && luapool__put_string(&h, m, strlen(m)) == 0)
+      answer(sv, s->tag, R_DONE, &h, NULL, 0);
+  }
+  luapool__buf_free(&h);
+}
+
+/* Fills the processpool's options from ours, by their names in its option
+** list (so the processpool keeps its config struct to itself). */
+static void set_proc_option(char *cfg, const char *name, int v) {
+  for (const lp_option *o = luapool__process_engine.options; o && o->name; o++)
+    if (strcmp(o->name, name) == 0) memcpy(cfg + o->offset, &v, sizeof v);
+}
+
+static void on_open(server *sv, lp_reader *r) {
+  uint32_t id = 0, slots = 1, mem = 0, mtpc = 0, hl = 0, il = 0;
+  uint64_t gen = 0;
+  const char *path, *cpath, *name;
+  size_t pl, cl, nl;
+  if (luapool__get_u32(r, &id) || luapool__get_u32(r, &slots) || luapool__get_u32(r, &mem) ||
+      luapool__get_u32(r, &mtpc) || luapool__get_u32(r, &hl) || (size_t)(r->end - r->p) < hl)
+    return; /* (malformed: cannot even say on which tag) */
+  const char *hello = r->p;
+  r->p += hl;
+  int tag = TAG_POOL(id);
+  char peer[300], mine[300], err[400];
+  if (luapool__wire_check(hello, hl, peer, sizeof peer) != 0) {
+    luapool__wire_describe(mine, sizeof mine);
+    answer_text(sv, tag, R_REFUSE, mine);
+    return;
+  }
+  if ((size_t)(r->end - r->p) < 8) return;
+  memcpy(&gen, r->p, 8);
+  r->p += 8;
+  if (luapool__get_string(r, &path, &pl) || luapool__get_string(r, &cpath, &cl) ||
+      luapool__get_string(r, &name, &nl) || luapool__get_u32(r, &il) ||
+      (size_t)(r->end - r->p) < il) {
+    answer_text(sv, tag, R_FAILED, "malformed open message");
+    return;
+  }
+  session *s = calloc(1, sizeof *s);
+  lp_paths *ps = luapool__paths_new(path, pl, cpath, cl, gen);
+  char *init = il ? malloc(il) : NULL;
+  if (s == NULL || ps == NULL || (il && init == NULL)) {
+    free(s);
+    free(init);
+    luapool__paths_unref(ps);
+    answer_text(sv, tag, R_FAILED, "not enough memory");
+    return;
+  }
+  if (il) memcpy(init, r->p, il);
+  _Alignas(max_align_t) char cfg[256] = {0}; /* (its config is a few ints) */
+  if (luapool__process_engine.config_size > sizeof cfg) {
+    free(s);
+    free(init);
+    luapool__paths_unref(ps);
+    answer_text(sv, tag, R_FAILED, "processpool options too large");
+    return;
+  }
+  if (luapool__process_engine.config_defaults) luapool__process_engine.config_defaults(cfg);
+  if (mem) set_proc_option(cfg, "max_memory_mb", (int)mem);
+  if (mtpc) set_proc_option(cfg, "max_tasks_per_child", (int)mtpc);
+  lp_pool_config c = {.max_workers = (int)slots};
+  snprintf(c.name, sizeof c.name, "%.*s", (int)nl, name); /* as rank 0's pool */
+  luapool__paths_ref(ps); /* one for the pool, one for the tasks (s->paths) */
+  s->lp = luapool__pool_create(&luapool__process_engine, &c, cfg, init, il, ps, err, sizeof err);
+  if (s->lp == NULL) {
+    free(init);
+    luapool__paths_unref(ps);
+    luapool__paths_unref(ps);
+    free(s);
+    char m[800];
+    snprintf(m, sizeof m, "%s: %s", sv->name, err);
+    answer_text(sv, tag, R_FAILED, m);
+    return;
+  }
+  s->id = id;
+  s->tag = tag;
+  s->paths = ps;
+  s->next = sv->sessions;
+  sv->sessions = s;
+  lp_buf h = {0};
+  uint32_t pid = (uint32_t)getpid();
+  if (luapool__put_string(&h, luapool__mpi_host, strlen(luapool__mpi_host)) == 0 &&
+      luapool__put_u32(&h, pid) == 0)
+    answer(sv, tag, R_OPENED, &h, NULL, 0);
+  luapool__buf_free(&h);
+}
+
+static void fail_task(server *sv, int tag, uint64_t id, lp_ekind k, const char *why) {
+  lp_buf h = {0};
+  char m[600];
+  snprintf(m, sizeof m, "%s: %s", sv->name, why);
+  if (luapool__buf_add(&h, &id, 8) == 0 && luapool__put_u8(&h, 1u + (unsigned)k) == 0 &&
+      luapool__put_string(&h, m, strlen(m)) == 0)
+    answer(sv, tag, R_DONE, &h, NULL, 0);
+  luapool__buf_free(&h);
+}
+
+/* M_TASK: msg is the whole message (malloc'd, taken). */
+static void on_task(server *sv, char *msg, size_t len) {
+  enum { HDR = 1 + 4 + 8 + 8 + 8 + 8 + 4 + 8 };
+  if (len < HDR) {
+    free(msg);
+    return;
+  }
+  uint32_t id, ncalls;
+  uint64_t tid, task_no;
+  int64_t item_lo;
+  double timeout;
+  memcpy(&id, msg + 1, 4);
+  memcpy(&tid, msg + 5, 8);
+  memcpy(&timeout, msg + 13, 8);
+  memcpy(&task_no, msg + 21, 8);
+  memcpy(&item_lo, msg + 29, 8);
+  memcpy(&ncalls, msg + 37, 4);
+  session *s = find_session(sv, id);
+  if (s == NULL) { /* (rank 0 sends none to a pool this rank refused or closed) */
+    free(msg);
+    fail_task(sv, TAG_POOL(id), tid, LP_EK_BROKEN, "no such pool on this rank");
+    return;
+  }
+  /* The task message to the front: a large one is then taken as it is. */
+  memmove(msg, msg + HDR, len - HDR);
+  lp_buf b = {msg, len - HDR, len};
+  lp_future *f = ncalls > 0 ? luapool__future_new(&b, (int)ncalls) : NULL;
+  luapool__buf_free(&b);
+  rtask *t = f ? calloc(1, sizeof *t) : NULL;
+  if (t == NULL) {
+    if (f) luapool__future_unref(f);
+    fail_task(sv, s->tag, tid, LP_EK_TRANSFER, "not enough memory for the task");
+    return;
+  }
+  f->timeout = timeout;
+  f->task_no = task_no;
+  f->item_lo = item_lo;
+  luapool__paths_ref(s->paths);
+  f->paths = s->paths;
+  char err[200];
+  if (luapool__pool_submit(s->lp, f, err, sizeof err) != 0) {
+    luapool__future_unref(f);
+    free(t);
+    fail_task(sv, s->tag, tid, LP_EK_BROKEN, err);
+    return;
+  }
+  t->id = tid;
+  t->s = s;
+  t->snext = s->tasks;
+  if (s->tasks) s->tasks->sprev = t;
+  s->tasks = t;
+  t->node.f = f; /* our reference passes to the node */
+  t->node.q = sv->cq;
+  s->ntasks++;
+  sv->ntasks++;
+  luapool__cq_watch(&t->node);
+}
+
+/* M_CANCEL: a task that has not started in the local pool is cancelled
+** there (its R_DONE says so); else rank 0 hears R_KEPT. */
+static void on_cancel(server *sv, session *s, lp_reader *r) {
+  uint64_t tid;
+  if ((size_t)(r->end - r->p) < 8) return;
+  memcpy(&tid, r->p, 8);
+  rtask *t = s->tasks;
+  while (t && t->id != tid)
+    t = t->snext;
+  if (t) {
+    t->cancel_asked = 1;
+    if (luapool__future_cancel(t->node.f)) return; /* answered once it fires */
+    t->cancel_asked = 0;
+  }
+  lp_buf h = {0};
+  if (luapool__buf_add(&h, &tid, 8) == 0 && luapool__put_u8(&h, 0) == 0)
+    answer(sv, s->tag, R_KEPT, &h, NULL, 0);
+  luapool__buf_free(&h);
+}
+
+static void on_paths(session *s, lp_reader *r) {
+  uint64_t gen;
+  const char *path, *cpath;
+  size_t pl, cl;
+  if ((size_t)(r->end - r->p) < 8) return;
+  memcpy(&gen, r->p, 8);
+  r->p += 8;
+  if (luapool__get_string(r, &path, &pl) || luapool__get_string(r, &cpath, &cl)) return;
+  lp_paths *ps = luapool__paths_new(path, pl, cpath, cl, gen);
+  if (ps == NULL) return; /* (the tasks keep the old paths) */
+  luapool__paths_unref(s->paths);
+  s->paths = ps;
+}
+
+static int take_settled(server *sv, double timeout);
+
+/* Ends a session: its pool interrupted when asked, its workers gone, its
+** futures (all settled by the stop) taken from the queue unanswered. */
+static void close_session(server *sv, session *s, int interrupt) {
+  for (session **pp = &sv->sessions; *pp; pp = &(*pp)->next)
+    if (*pp == s) {
+      *pp = s->next;
+      break;
+    }
+  s->closed = 1;
+  int stuck = luapool__pool_stop(s->lp, 1, interrupt, interrupt, NULL);
+  if (stuck == 0)
+    luapool__pool_destroy(s->lp);
+  else
+    luapool__pool_forget(s->lp); /* (stuck threads still use it) */
+  take_settled(sv, 0);
+  if (stuck || s->ntasks) return; /* (futures still to settle name it: kept) */
+  luapool__paths_unref(s->paths);
+  free(s);
+}
+
+/* Answers every task that settled; 1 when there was one. */
+static int take_settled(server *sv, double timeout) {
+  lp_wnode *n;
+  int any = 0;
+  while (luapool__cq_wait(sv->cq, timeout, luapool__now(), &n) == 1) {
+    rtask *t = (rtask *)n;
+    if (!t->s->closed) answer_task(sv, t->s, t->id, n->f, t->cancel_asked);
+    if (t->sprev)
+      t->sprev->snext = t->snext;
+    else
+      t->s->tasks = t->snext;
+    if (t->snext) t->snext->sprev = t->sprev;
+    t->s->ntasks--;
+    sv->ntasks--;
+    luapool__future_unref(n->f);
+    free(t);
+    any = 1;
+    timeout = 0;
+  }
+  return any;
+}
+
+/* The rank was told to stop, or signalled: every session ends. */
+static void close_all(server *sv, int interrupt) {
+  while (sv->sessions)
+    close_session(sv, sv->sessions, interrupt);
+}
+
+static int pending_signal(void) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  struct timespec zero = {0, 0};
+  int sig = sigtimedwait(&set, NULL, &zero);
+  return sig > 0 ? sig : 0;
+}
+
+int luapool__mpi_serve(void) {
+  server sv;
+  memset(&sv, 0, sizeof sv);
+  luapool__mpi_rank_name(sv.name, sizeof sv.name, luapool__mpi_rank, NULL);
+  sv.cq = luapool__cq_alloc();
+  if (sv.cq == NULL) {
+    fprintf(stderr, "luapool: %s: not enough memory\n", sv.name);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+  }
+  prctl(PR_SET_TIMERSLACK, 1000UL); /* sleeps of microseconds mean it */
+  double last = luapool__now();     /* when the loop last found something */
+  int stop = 0, sig = 0;
+  while (!stop) {
+    if ((sig = pending_signal()) != 0) break;
+    int did = 0;
+    char *m;
+    size_t len;
+    int from;
+    for (int k = 0; k < 64 && !stop; k++) {
+      int r = luapool__mpi_try_recv(0, TAG_RANK, &m, &len, &from);
+      if (r <= 0) break;
+      did = 1;
+      lp_reader rd = {m + 1, m + len};
+      unsigned type = len ? (unsigned char)m[0] : 0;
+      uint32_t id = 0;
+      session *s = NULL;
+      if (type == M_PATHS || type == M_INTERRUPT || type == M_CLOSE || type == M_CANCEL) {
+        if (luapool__get_u32(&rd, &id) == 0) s = find_session(&sv, id);
+      }
+      if (type == M_TASK) {
+        on_task(&sv, m, len);
+        continue; /* (taken) */
+      }
+      if (type == M_OPEN)
+        on_open(&sv, &rd);
+      else if (type == M_PATHS && s)
+        on_paths(s, &rd);
+      else if (type == M_CANCEL && s)
+        on_cancel(&sv, s, &rd);
+      else if (type == M_INTERRUPT && s)
+        luapool__pool_interrupt(s->lp);
+      else if (type == M_CLOSE && s)
+        close_session(&sv, s, 1);
+      else if (type == M_STOP)
+        stop = 1;
+      free(m);
+    }
+    if (take_settled(&sv, 0)) did = 1;
+    luapool__mpi_sends_test(&sv.sends);
+    if (stop) break;
+    double now = luapool__now(), pause = (now - last) / 8;
+    if (did) {
+      last = now;
+    } else if (sv.ntasks > 0 && pause > 2e-6) {
+      /* a settling task wakes this at once; a message waits for the poll */
+      if (take_settled(&sv, pause > 0.001 ? 0.001 : pause)) last = luapool__now();
+    } else {
+      luapool__mpi_idle(now - last, 2000);
+    }
+  }
+  if (sig) {
+    atomic_store(&luapool__ending_on_signal, 1); /* short grace for stuck workers */
+    close_all(&sv, 1);
+    _exit(128 + sig); /* mpiexec is ending the job: no MPI_Finalize */
+  }
+  close_all(&sv, 1);
+  luapool__mpi_sends_wait(&sv.sends, luapool__now() + 5.0);
+  luapool__cq_free(sv.cq);
+  MPI_Finalize();
+  return 0;
+}
+
+/* }====== */
+
+// NOLINTEND(clang-analyzer-optin.mpi.MPI-Checker)

@@ -174,7 +174,9 @@ same "Package" "luapool" "$(dpkg-deb -f "$deb" Package)"
 same "Version" "$version-1" "$(dpkg-deb -f "$deb" Version)"
 readline=""  # a host built with readline (its --help says so) needs its runtime
 "$build/luapool" --help | grep -q "(with readline)" && readline=", libreadline8"
-same "Depends" "libc6, liblua5.4-0, libcurl4$readline" "$(dpkg-deb -f "$deb" Depends)"
+mpi=""  # a host linked with Open MPI (mpipool) needs its runtime
+ldd "$build/luapool" | grep -q 'libmpi\.so' && mpi=", libopenmpi3"
+same "Depends" "libc6, liblua5.4-0, libcurl4$readline$mpi" "$(dpkg-deb -f "$deb" Depends)"
 same "Architecture" "amd64" "$(dpkg-deb -f "$deb" Architecture)"
 dpkg-deb -I "$deb" >/dev/null
 pass "cpack -G DEB: $(basename "$deb"), its files and Depends"

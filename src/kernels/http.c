@@ -419,13 +419,19 @@ static void add_line(lua_State *L, req_box *b, const char *line) {
   if (b->nlines == b->cap) {
     size_t ncap = b->cap ? b->cap * 2 : 8;
     char **nl = lp_realloc(b->lines, ncap * sizeof *nl);
-    if (nl == NULL) luaL_error(L, "not enough memory");
+    if (nl == NULL) {
+      luaL_error(L, "not enough memory");
+      return; /* (not reached: for the analyzer, which cannot tell) */
+    }
     b->lines = nl;
     b->cap = ncap;
   }
   size_t n = strlen(line) + 1;
   char *c = lp_malloc(n);
-  if (c == NULL) luaL_error(L, "not enough memory");
+  if (c == NULL) {
+    luaL_error(L, "not enough memory");
+    return; /* (not reached) */
+  }
   memcpy(c, line, n);
   b->lines[b->nlines++] = c;
 }

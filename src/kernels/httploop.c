@@ -217,7 +217,8 @@ static void heap_down(lp_hloop *l, size_t i) {
 static int heap_push(lp_hloop *l, lp_hreq *r) {
   if (l->nheap == l->heapcap) {
     size_t ncap = l->heapcap ? l->heapcap * 2 : 64;
-    lp_hreq **nh = lp_realloc(l->heap, ncap * sizeof *nh);
+    lp_hreq **nh = lp_realloc(
+        l->heap, ncap * sizeof *nh); // NOLINT(bugprone-sizeof-expression): an array of pointers
     if (nh == NULL) return -1;
     l->heap = nh;
     l->heapcap = ncap;
@@ -281,7 +282,8 @@ static hhost *host_get(lp_hloop *l, const char *key) {
   }
   if (l->nhosts >= l->nbuckets) { /* grow: load factor 1 */
     size_t nb = l->nbuckets ? l->nbuckets * 2 : 64;
-    hhost **b = lp_calloc(nb, sizeof *b);
+    hhost **b =
+        lp_calloc(nb, sizeof *b); // NOLINT(bugprone-sizeof-expression): an array of pointers
     if (b == NULL) return NULL;
     for (size_t i = 0; i < l->nbuckets; i++)
       for (hhost *e = l->buckets[i], *n; e; e = n) {

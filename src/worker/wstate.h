@@ -61,7 +61,51 @@ typedef struct lp_wstate {
   int aborted;
   /* A task's own code runs (a stop may raise in it only then). */
   int in_call;
+  /* An event loop's state (iopool): the engine's loop and how a task in
+  ** it waits (NULL elsewhere).  arm_hook replaces the count hook a call
+  ** starts with, signal_hook what STOP_SIGNAL sets on the running task. */
+  void *io;
+  const struct lp_io_ops *io_ops;
+  void (*arm_hook)(lua_State *L, struct lp_wstate *ws);
+  lua_Hook signal_hook;
 } lp_wstate;
+
+/* {====== waiting inside an iopool task
+** A Lua task on an iopool runs as a coroutine of its loop thread's state
+** (engines/iopool.c).  A call that would block there (a request, a sleep)
+** asks luapool__io_task first: when L is such a task, it hands its wait to
+** the loop and yields, and the loop resumes it when the wait is over.
+**   await: the wait is handed over and the coroutine yields; when it is
+** over, k(L, LUA_YIELD, ctx) runs in its place (lua_yieldk): its results
+** are the call's.  A task stopped meanwhile (cancelled, past its
+** deadline, Ctrl-C, a closing pool) is never resumed: the loop ends the
+** wait (a request is aborted and freed by the loop) and k never runs, so
+** nothing but the request may be held in C across the wait. */
+struct lp_hloop;
+struct lp_hreq;
+typedef struct lp_io_ops {
+  int (*is_task)(void *io, lua_State *L);
+  struct lp_hloop *(*hloop)(void *io, char *err, size_t errsz);
+  int (*await_request)(void *io, lua_State *L, struct lp_hreq *r, lua_KContext ctx,
+                       lua_KFunction k);
+  int (*await_timer)(void *io, lua_State *L, double until, lua_KContext ctx, lua_KFunction k);
+} lp_io_ops;
+/* The worker of L when L is the running task of an iopool loop (its own
+** coroutine): then `what` must yield, not block.  NULL anywhere else (a
+** main state, a thread or process worker, a coroutine the task made
+** itself): block as usual.  Raises "WHAT cannot yield here: ..." when L is
+** an iopool task that cannot yield now (inside a metamethod or a C
+** function such as table.sort's comparator). */
+lp_wstate *luapool__io_task(lua_State *L, const char *what);
+/* The loop's curl multi (made on first use); NULL with err. */
+struct lp_hloop *luapool__io_hloop(lp_wstate *ws, char *err, size_t errsz);
+/* Hands r (made, not added) to the loop and yields; see above. */
+int luapool__io_await_request(lp_wstate *ws, lua_State *L, struct lp_hreq *r, lua_KContext ctx,
+                              lua_KFunction k);
+/* Yields until luapool__now() reaches until. */
+int luapool__io_await_timer(lp_wstate *ws, lua_State *L, double until, lua_KContext ctx,
+                            lua_KFunction k);
+/* }====== */
 
 /* Creates what a worker's Lua state needs (wstate.c). */
 int luapool__worker_state_init(lua_State *L, lp_wstate *ws);

@@ -125,7 +125,7 @@ describe("fetch_length and http.get", function()
     assert.is_nil(nothing)
     assert.matches("^GET http://127%.0%.0%.1:1/: Couldn't connect to server", msg)
     assert.has_error(function() luapool.http.get(srv:url("/"), { timeout = -1 }) end,
-      "bad argument #2 to 'get' (opts.timeout: positive number expected)")
+      "bad option 'timeout' to 'get' (positive number expected, got -1)")
   end)
 
   it("http.get works inside a task", function()

@@ -4,6 +4,35 @@
 --   local srv <close> = assert(fixture.start{ workers = 2 })
 --   srv:url("/bytes?n=1000")   --> "http://127.0.0.1:PORT/bytes?n=1000"
 --
+-- Endpoints (nginx + the echo module; every query argument optional):
+--   /                          200 "luapool fixture\n"
+--   /sleep?s=T                 waits T seconds, then "ok\n"
+--   /bytes?n=N                 N bytes "x"
+--   /drop                      closes the connection without an answer
+--   /redirect                  302 to /bytes?n=10
+--   /status/CODE?retry_after=V that status (codes: STATUS_CODES), with a
+--                              Retry-After: V header when V is given (V = now:
+--                              the current time as an HTTP-date)
+--   /echo                      the request body as the response body, any
+--                              method; X-Method: the request's method
+--   /headers                   the request's header block, as received
+--   /respheader?value=V        200 "ok\n" with X-Fixture: V
+--   /flaky?key=K&fail=N&retry_after=V
+--                              503 (Retry-After: V if given) for the first N
+--                              requests (1..5, default 1) with key K, then
+--                              200 "ok\n" (for about a minute: a fresh key
+--                              per test).  The count is nginx's limit_req
+--                              zone, keyed by K, shared by the workers.
+--   /slowbody?chunks=N&s=T     N (1..20, default 3) lines "chunk I\n", each
+--                              flushed, T seconds apart
+--   /nginx_status              stub_status: "Active connections: ...",
+--                              "Reading: R Writing: W Waiting: K"
+--
+-- It serves 10,000 connections at once: worker_connections (opts.connections,
+-- default 16384 per worker), a listen backlog as large (the kernel caps it
+-- at net.core.somaxconn) and worker_rlimit_nofile raised to match, within
+-- the hard RLIMIT_NOFILE of the shell that starts it (`ulimit -Hn`).
+--
 -- Plain Lua 5.4 (io/os/string/table only) so it runs both under stock
 -- lua5.4/busted and inside the luapool host: processes are driven through
 -- the shell and readiness is read from /proc.
@@ -17,7 +46,7 @@ local PORT_TRIES = 20
 
 -- Codes served at /status/NNN (nginx's `return` needs a literal code, so
 -- each gets its own location); any other /status/* path is a 404.
-local STATUS_CODES = { 200, 201, 204, 400, 401, 403, 404, 409, 410, 429,
+local STATUS_CODES = { 200, 201, 204, 400, 401, 403, 404, 408, 409, 410, 429,
                        500, 502, 503, 504 }
 
 local function q(s) -- shell-quote one argument
@@ -104,7 +133,8 @@ daemon on;
 worker_processes @WORKERS@;
 pid "@DIR@/nginx.pid";
 error_log "@DIR@/error.log";
-events { worker_connections 4096; }
+worker_rlimit_nofile @NOFILE@;
+events { worker_connections @CONNECTIONS@; multi_accept on; }
 http {
   access_log off;
   default_type text/plain;
@@ -118,28 +148,78 @@ http {
   # echo_sleep/echo_duplicate reject an empty argument: default to 0
   map $arg_s $fixture_s { "" 0; default $arg_s; }
   map $arg_n $fixture_n { "" 0; default $arg_n; }
+  map $arg_fail $fixture_fail { "" 1; default $arg_fail; }
+  map $arg_chunks $fixture_chunks { "" 3; default $arg_chunks; }
+  # retry_after=now: an HTTP-date (RFC 850 form, $date_gmt of the ssi module)
+  map $arg_retry_after $fixture_retry_after { "now" $date_gmt; default $arg_retry_after; }
+  # /flaky's memory: requests per key (1 a minute pass, a burst more)
+  limit_req_zone $arg_key zone=flaky:1m rate=1r/m;
+  limit_req_status 429;
+  limit_req_log_level info;
+  # /echo: the body must stay in memory to be echoed
+  client_body_buffer_size 1m;
+  client_max_body_size 1m;
   server {
-    listen 127.0.0.1:@PORT@;
+    listen 127.0.0.1:@PORT@ backlog=@CONNECTIONS@;
     location = / { return 200 "luapool fixture\n"; }
     location = /sleep { echo_sleep $fixture_s; echo "ok"; }
     location = /bytes { echo_duplicate $fixture_n "x"; }
     location = /drop { return 444; }
     location = /redirect { return 302 /bytes?n=10; }
+    location = /echo {
+      add_header X-Method $request_method;
+      echo_read_request_body;
+      echo -n $request_body;
+    }
+    location = /headers { echo -n $echo_client_request_headers; }
+    location = /respheader { add_header X-Fixture $arg_value; echo "ok"; }
+    location = /nginx_status { stub_status; }
+    # the arguments stay (no "?" in the target): key, retry_after, s
+    location = /flaky { rewrite ^ /flaky_$fixture_fail last; }
+    location = /slowbody { rewrite ^ /slowbody_$fixture_chunks last; }
+    # a limit_req rejection (the (N+1)th request of a key) is the success
+    location @flaky_ok { echo "ok"; }
 @STATUS@
+@FLAKY@
+@SLOWBODY@
     # never touch the filesystem (no root): unknown paths are plain 404s
     location / { return 404; }
   }
 }
 ]]
 
-local function config(dir, port, workers, root)
-  local status = {}
+local function config(dir, port, workers, root, connections, nofile)
+  local status, flaky, slow = {}, {}, {}
   for _, code in ipairs(STATUS_CODES) do
-    status[#status + 1] = ("    location = /status/%d { return %d; }"):format(code, code)
+    -- (add_header skips an empty value: no Retry-After unless asked;
+    -- `return 408` would close the connection without an answer)
+    local answer = code == 408 and 'echo_status 408; echo "request timeout";'
+      or ("return %d;"):format(code)
+    status[#status + 1] = ("    location = /status/%d { add_header Retry-After $fixture_retry_after"
+      .. " always; %s }"):format(code, answer)
+  end
+  for n = 1, 5 do
+    -- limit_req runs before the content phase: N requests pass it and get
+    -- the 503 (echo_status, not return, which would run before it)
+    -- (burst=0 is refused: no burst argument at all means none)
+    local burst = n > 1 and (" burst=%d nodelay"):format(n - 1) or ""
+    flaky[#flaky + 1] = ("    location = /flaky_%d { internal; limit_req zone=flaky%s;"
+      .. " error_page 429 = @flaky_ok; add_header Retry-After $fixture_retry_after always;"
+      .. " echo_status 503; echo \"unavailable\"; }"):format(n, burst)
+  end
+  for n = 1, 20 do
+    local body = {}
+    for i = 1, n do
+      if i > 1 then body[#body + 1] = "echo_sleep $fixture_s;" end
+      body[#body + 1] = ("echo \"chunk %d\"; echo_flush;"):format(i)
+    end
+    slow[#slow + 1] = ("    location = /slowbody_%d { internal; %s }"):format(n, table.concat(body, " "))
   end
   local vars = {
     MODULE = ECHO_MODULE, DIR = dir, PORT = tostring(port),
     WORKERS = tostring(workers), STATUS = table.concat(status, "\n"),
+    FLAKY = table.concat(flaky, "\n"), SLOWBODY = table.concat(slow, "\n"),
+    CONNECTIONS = tostring(connections), NOFILE = tostring(nofile),
     -- as root, workers would drop to `nobody` (unable to use DIR); as
     -- non-root the directive only earns a warning, so emit it for root only
     USER = root and "user root;" or "",
@@ -197,6 +277,16 @@ function M.start(opts)
   local workers = math.tointeger(opts.workers or 2)
   if not workers or workers < 1 then return nil, "fixture: workers must be a positive integer" end
   if opts.port ~= nil and not math.tointeger(opts.port) then return nil, "fixture: port must be an integer" end
+  local connections = math.tointeger(opts.connections or 16384)
+  if not connections or connections < 16 then
+    return nil, "fixture: connections must be an integer >= 16"
+  end
+  -- Each connection is a descriptor, plus nginx's own: ask for that much,
+  -- but never more than the hard limit (nginx, unprivileged, could not
+  -- raise it and would only warn).
+  local nofile = connections + 1024
+  local hard = capture("ulimit -Hn 2>/dev/null"):match("^%s*(%d+)%s*$")
+  if hard and tonumber(hard) < nofile then nofile = tonumber(hard) end
 
   local dir = capture("mktemp -d /tmp/luapool-fixture.XXXXXX 2>/dev/null"):match("^%s*(.-)%s*$")
   if dir == "" then return nil, "fixture: mktemp -d failed" end
@@ -212,7 +302,7 @@ function M.start(opts)
     end
     local f = io.open(conf, "w")
     if not f then srv:stop() return nil, "fixture: cannot write " .. conf end
-    f:write(config(dir, port, workers, root))
+    f:write(config(dir, port, workers, root, connections, nofile))
     f:close()
     os.remove(dir .. "/error.log") -- so a failure reports only this attempt
     -- -e: the startup log would otherwise be /var/log/nginx/error.log.

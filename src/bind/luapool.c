@@ -256,6 +256,7 @@ int luaopen_luapool(lua_State *L) {
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, luapool__http_get);
   lua_setfield(L, -2, "get");
+  lua_pushcfunction(L, luapool__http_request), lua_setfield(L, -2, "request");
   lua_setfield(L, -2, "http");
   lua_createtable(L, 0, 3);
   lua_pushcfunction(L, luapool__codec_cache);

@@ -1,16 +1,21 @@
 /*
-** HTTP through libcurl: the fetch_length kernel and luapool.http.get.
+** HTTP through libcurl: the fetch_length kernel, luapool.http.get and
+** luapool.http.request.
 **
-** Each OS thread owns one CURL easy handle and one multi handle that runs
-** its transfers, reused request after request: libcurl keeps its
-** connection cache, DNS cache and TLS sessions there, so reuse is what
-** gives keep-alive.  Handles are never shared between threads, so no
-** locking is needed around them.  luapool drives each transfer itself
-** (perform), so that a stop ends it within 50 ms whatever the transfer is
-** doing: in a task, the task's deadline, its pool's stop or Ctrl-C; in the
-** host's main state, Ctrl-C.  Every socket is close-on-exec.
+** All three run through the event loop of httploop.c: each OS thread has a
+** private loop (created on first use, freed at thread exit), on which a
+** blocking call adds its one request and runs the loop until it ends, so
+** retries, admission, keep-alive and result building have one
+** implementation, shared with the iopool engine's loops.  The loop's multi
+** handle keeps libcurl's connection cache, DNS cache and TLS sessions, so
+** reuse across calls is what gives keep-alive.  Loops are never shared
+** between threads, so no locking is needed around them.  The blocking
+** caller runs the loop in 50 ms slices and looks for a stop in between, so
+** a stop ends a transfer or a retry wait within 50 ms: in a task, the
+** task's deadline, its pool's stop or Ctrl-C; in the host's main state,
+** Ctrl-C.  Every socket is close-on-exec.
 **
-** Defaults (both entry points):
+** Defaults (every entry point):
 **   - connect timeout 30 s; no limit on the whole transfer unless the
 **     caller gives one (a large download on a slow link is legitimate);
 **   - a transfer that moves less than 1 byte/s for 60 s is aborted, so a
@@ -19,10 +24,10 @@
 **     redirect targets (a task URL must not read local files via file://);
 **   - Accept-Encoding: every encoding libcurl supports, decoded, so lengths
 **     are of the decoded body (like Python requests' len(r.content));
-**   - User-Agent: luapool/0.1.
+**   - User-Agent: luapool/0.1;
+**   - no retries (http.request: retries = N).
 */
 #include <dlfcn.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
@@ -30,22 +35,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 
 #include <curl/curl.h>
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "kernels/httploop.h"
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
 #include "bind/luapool.h" /* Ctrl-C in the host's main state */
 
-#define USER_AGENT                 "luapool/0.1"
-#define MAX_REDIRS                 30L
-#define DEFAULT_CONNECT_TIMEOUT_MS 30000L
-#define LOW_SPEED_TIME_S           60L
-/* libcurl stores timeouts as unsigned int milliseconds: clamp below that. */
-#define MAX_TIMEOUT_MS ((double)INT_MAX)
+#define lc luapool__lc
 
 /* {====== libcurl, loaded on first use */
 
@@ -58,25 +58,7 @@
 ** libcurls).  The headers still give the types and constants; the
 ** functions are called through this table.  RTLD_LOCAL: its symbols do not
 ** leak into the global namespace a script's C modules resolve against. */
-static struct {
-  CURLcode (*global_init)(long);
-  curl_version_info_data *(*version_info)(CURLversion);
-  CURL *(*easy_init)(void);
-  void (*easy_cleanup)(CURL *);
-  void (*easy_reset)(CURL *);
-  CURLcode (*easy_setopt)(CURL *, CURLoption, ...);
-  CURLcode (*easy_getinfo)(CURL *, CURLINFO, ...);
-  const char *(*easy_strerror)(CURLcode);
-  CURLM *(*multi_init)(void);
-  CURLMcode (*multi_cleanup)(CURLM *);
-  CURLMcode (*multi_add_handle)(CURLM *, CURL *);
-  CURLMcode (*multi_remove_handle)(CURLM *, CURL *);
-  CURLMcode (*multi_perform)(CURLM *, int *);
-  CURLMcode (*multi_poll)(CURLM *, struct curl_waitfd[], unsigned int, int, int *);
-  CURLMsg *(*multi_info_read)(CURLM *, int *);
-  struct curl_slist *(*slist_append)(struct curl_slist *, const char *);
-  void (*slist_free_all)(struct curl_slist *);
-} lc;
+lp_curl_api luapool__lc;
 
 /* Where each pointer of lc comes from. */
 #define LC_SYM(f)                                                                                  \
@@ -84,12 +66,29 @@ static struct {
 static const struct {
   const char *name;
   void **slot;
-} lc_syms[] = {LC_SYM(global_init),   LC_SYM(version_info),     LC_SYM(easy_init),
-               LC_SYM(easy_cleanup),  LC_SYM(easy_reset),       LC_SYM(easy_setopt),
-               LC_SYM(easy_getinfo),  LC_SYM(easy_strerror),    LC_SYM(multi_init),
-               LC_SYM(multi_cleanup), LC_SYM(multi_add_handle), LC_SYM(multi_remove_handle),
-               LC_SYM(multi_perform), LC_SYM(multi_poll),       LC_SYM(multi_info_read),
-               LC_SYM(slist_append),  LC_SYM(slist_free_all)};
+} lc_syms[] = {LC_SYM(global_init),
+               LC_SYM(version_info),
+               LC_SYM(easy_init),
+               LC_SYM(easy_cleanup),
+               LC_SYM(easy_reset),
+               LC_SYM(easy_setopt),
+               LC_SYM(easy_getinfo),
+               LC_SYM(easy_strerror),
+               LC_SYM(multi_init),
+               LC_SYM(multi_cleanup),
+               LC_SYM(multi_setopt),
+               LC_SYM(multi_add_handle),
+               LC_SYM(multi_remove_handle),
+               LC_SYM(multi_socket_action),
+               LC_SYM(multi_info_read),
+               LC_SYM(slist_append),
+               LC_SYM(slist_free_all),
+               LC_SYM(url),
+               LC_SYM(url_cleanup),
+               LC_SYM(url_set),
+               LC_SYM(url_get),
+               LC_SYM(free),
+               LC_SYM(getdate)};
 
 /* The soname of libcurl4 (OpenSSL flavour), whose headers this is built
 ** with; LUAPOOL_LIBCURL names another build of the same ABI (e.g.
@@ -103,7 +102,7 @@ static int init_status = -1;
 /* Why init_status is -1: "cannot load libcurl (DLERROR)" or "cannot
 ** initialise libcurl". */
 static char init_error[512] = "cannot initialise libcurl";
-static pthread_key_t handle_key;
+static pthread_key_t loop_key;
 
 /* Loads libcurl and fills lc; 0, or -1 with init_error set.  The handle is
 ** never closed: libcurl's atexit-time and thread-exit code must stay
@@ -135,30 +134,18 @@ static int load_libcurl(void) {
   return 0;
 }
 
-/* A thread's easy handle and the multi handle that drives it: transfers
-** run in luapool's own loop (perform), which looks for stops between
-** short polls.  Connections and DNS entries are cached in the multi. */
-typedef struct thread_handles {
-  CURL *easy;
-  CURLM *multi;
-} thread_handles;
-static _Thread_local thread_handles *thread_curl;
+/* The calling thread's private loop (blocking requests). */
+static _Thread_local lp_hloop *thread_loop;
 
-static void handles_free(thread_handles *t) {
-  if (t->multi) lc.multi_cleanup(t->multi);
-  if (t->easy) lc.easy_cleanup(t->easy);
-  free(t);
-}
-
-/* pthread key destructor: a worker thread that exits frees its handles. */
-static void free_handle(void *h) { handles_free(h); }
+/* pthread key destructor: a worker thread that exits frees its loop. */
+static void free_loop(void *l) { luapool__hloop_free(l); }
 
 static void global_init(void) {
   if (load_libcurl() != 0) return;
   if (lc.global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return;
   /* No curl_global_cleanup on failure: the library is never unloaded,
   ** and cleanup is as unsafe to race as init. */
-  if (pthread_key_create(&handle_key, free_handle) != 0) return;
+  if (pthread_key_create(&loop_key, free_loop) != 0) return;
   init_status = 0;
 }
 
@@ -178,218 +165,76 @@ const char *luapool__curl_version(void) {
 }
 
 void luapool__http_thread_cleanup(void) {
-  if (thread_curl == NULL) return;
+  if (thread_loop == NULL) return;
   /* Clear the key first so the thread-exit destructor cannot free it a
   ** second time. */
-  pthread_setspecific(handle_key, NULL);
-  handles_free(thread_curl);
-  thread_curl = NULL;
+  pthread_setspecific(loop_key, NULL);
+  luapool__hloop_free(thread_loop);
+  thread_loop = NULL;
 }
 
-/* Sets close-on-exec on the descriptors opened while curl_multi_init ran:
-** libcurl 7.x makes the multi handle's wake-up socket pair without it, and
-** a command a task starts must not hold it.  Only new AF_UNIX sockets that
-** lack the flag are touched. */
-#define FD_SCAN 1024
-
-static void cloexec_new_sockets(const unsigned char *before) {
-  for (int fd = 0; fd < FD_SCAN; fd++) {
-    if (before[fd]) continue;
-    int fl = fcntl(fd, F_GETFD);
-    if (fl < 0 || (fl & FD_CLOEXEC)) continue;
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    memset(&ss, 0, sizeof ss);
-    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && len >= sizeof ss.ss_family &&
-        ss.ss_family == AF_UNIX)
-      fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
-  }
-}
-
-static CURLM *new_multi(void) {
-  unsigned char before[FD_SCAN];
-  for (int fd = 0; fd < FD_SCAN; fd++)
-    before[fd] = fcntl(fd, F_GETFD) >= 0;
-  CURLM *m = lc.multi_init();
-  cloexec_new_sockets(before);
-  return m;
-}
-
-/* The calling thread's handles, the easy one with every option at its
-** default, or NULL with *why set (libcurl could not be loaded or
-** initialised, or out of memory).
-** Each request ends with release_handle; the reset here is for a request
-** that was cut short by a Lua error before it could release. */
-static thread_handles *thread_handle(const char **why) {
-  thread_handles *t;
-  *why = "cannot initialise libcurl";
-  if (thread_curl != NULL) {
-    /* Options only: live connections and caches survive a reset. */
-    lc.easy_reset(thread_curl->easy);
-    return thread_curl;
-  }
-  /* The first use in the process loads libcurl; later ones only check. */
+/* The calling thread's loop, or NULL with a message in err (libcurl not
+** loadable, out of memory or descriptors). */
+static lp_hloop *private_loop(char *err, size_t errsz) {
+  if (thread_loop != NULL) return thread_loop;
   const char *load_error = luapool__http_init_error();
   if (load_error != NULL) {
-    *why = load_error;
+    snprintf(err, errsz, "%s", load_error);
     return NULL;
   }
-  t = calloc(1, sizeof *t);
-  if (t == NULL) return NULL;
-  t->easy = lc.easy_init();
-  t->multi = t->easy ? new_multi() : NULL;
-  if (t->multi == NULL || pthread_setspecific(handle_key, t) != 0) {
-    handles_free(t);
+  lp_hloop *l = luapool__hloop_new(NULL, err, errsz);
+  if (l == NULL) return NULL;
+  if (pthread_setspecific(loop_key, l) != 0) {
+    luapool__hloop_free(l);
+    snprintf(err, errsz, "not enough memory");
     return NULL;
   }
-  thread_curl = t;
-  return t;
+  thread_loop = l;
+  return l;
 }
-
-/* Ends a request: drops every option, in particular the pointers into the
-** caller's stack frame and buffers (error buffer, write targets, header
-** list), so the idle handle points at nothing that dies.  Connections and
-** caches survive a reset. */
-static void release_handle(thread_handles *t) { lc.easy_reset(t->easy); }
 
 /* }====== */
 
-/* {====== request setup shared by both entry points */
+/* {====== one blocking request on the private loop */
 
-typedef struct req_opts {
-  long timeout_ms;         /* whole transfer; 0: none */
-  long connect_timeout_ms; /* 0: libcurl's default would apply; never 0 */
-  int follow;
-  struct curl_slist *headers;
-  const lp_interrupt *interrupt; /* the task's stop (NULL: not in a task) */
-  int main_signal;               /* in the host's main state: Ctrl-C stops it */
-} req_opts;
+/* How often the blocking caller looks for a stop. */
+#define POLL_S 0.05
 
-/* Is the transfer to stop?  The task's stop (deadline, closing pool,
-** Ctrl-C), or in the host's main state a signal waiting to be delivered. */
-static int stop_wanted(const req_opts *o) {
-  return luapool__interrupted(o->interrupt) || (o->main_signal && luapool__signal_for_me());
+static void on_done(lp_hreq *r, void *ud) {
+  (void)r;
+  *(int *)ud = 1;
 }
 
-/* How often the transfer loop looks for a stop. */
-#define POLL_MS 50
-
-/* Runs the easy handle's transfer on the thread's multi handle, looking
-** for a stop every POLL_MS whatever the transfer does: a stop ends it with
-** CURLE_ABORTED_BY_CALLBACK; else the transfer's own result. */
-static CURLcode perform(thread_handles *t, const req_opts *o) {
-  CURLcode rc = CURLE_OK;
-  if (lc.multi_add_handle(t->multi, t->easy) != CURLM_OK) return CURLE_OUT_OF_MEMORY;
-  for (;;) {
-    int running = 0;
-    CURLMcode mc = lc.multi_perform(t->multi, &running);
-    if (mc != CURLM_OK) {
-      rc = mc == CURLM_OUT_OF_MEMORY ? CURLE_OUT_OF_MEMORY : CURLE_FAILED_INIT;
+/* Runs r to its end on loop l, aborting it ("interrupted") when a stop
+** comes: the task's stop (deadline, closing pool, Ctrl-C), or in the
+** host's main state a signal waiting to be delivered. */
+static void run_blocking(lp_hloop *l, lp_hreq *r, const lp_interrupt *intr) {
+  int done = 0;
+  luapool__hloop_add(l, r, on_done, &done);
+  while (!done) {
+    if (luapool__interrupted(intr) || (intr == NULL && luapool__signal_for_me())) {
+      luapool__hloop_abort(l, r, "interrupted");
       break;
     }
-    if (running == 0) {
-      int left;
-      CURLMsg *m;
-      rc = CURLE_FAILED_INIT; /* no message: should not happen */
-      while ((m = lc.multi_info_read(t->multi, &left)) != NULL)
-        if (m->msg == CURLMSG_DONE && m->easy_handle == t->easy) rc = m->data.result;
-      break;
-    }
-    if (stop_wanted(o)) {
-      rc = CURLE_ABORTED_BY_CALLBACK;
-      break;
-    }
-    mc = lc.multi_poll(t->multi, NULL, 0, POLL_MS, NULL);
-    if (mc != CURLM_OK && mc != CURLM_UNRECOVERABLE_POLL) {
-      rc = CURLE_FAILED_INIT;
-      break;
-    }
+    luapool__hloop_run(l, POLL_S);
   }
-  lc.multi_remove_handle(t->multi, t->easy);
-  return rc;
 }
-
-/* OPENSOCKETFUNCTION: every socket libcurl connects with is close-on-exec,
-** so a command started by a task (os.execute, io.popen) never holds a
-** connection open. */
-static curl_socket_t open_socket(void *p, curlsocktype purpose, struct curl_sockaddr *a) {
-  (void)p, (void)purpose;
-  return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
-}
-
-#define SETOPT(h, opt, val)                                                                        \
-  do {                                                                                             \
-    CURLcode rc_ = lc.easy_setopt((h), (opt), (val));                                              \
-    if (rc_ != CURLE_OK) return rc_;                                                               \
-  } while (0)
-
-static CURLcode setup(CURL *h, const char *url, const req_opts *o, char *errbuf,
-                      curl_write_callback body_fn, void *body_data) {
-  SETOPT(h, CURLOPT_URL, url);
-  SETOPT(h, CURLOPT_ERRORBUFFER, errbuf);
-  /* Signals (SIGALRM for DNS timeouts) are not thread-safe. */
-  SETOPT(h, CURLOPT_NOSIGNAL, 1L);
-  SETOPT(h, CURLOPT_HTTPGET, 1L);
-#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85: the _STR forms */
-  SETOPT(h, CURLOPT_PROTOCOLS_STR, "http,https");
-  SETOPT(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-#else
-  SETOPT(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
-  SETOPT(h, CURLOPT_REDIR_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
-#endif
-  SETOPT(h, CURLOPT_FOLLOWLOCATION, o->follow ? 1L : 0L);
-  SETOPT(h, CURLOPT_MAXREDIRS, MAX_REDIRS);
-  SETOPT(h, CURLOPT_ACCEPT_ENCODING, ""); /* all built-in encodings */
-  SETOPT(h, CURLOPT_USERAGENT, USER_AGENT);
-  SETOPT(h, CURLOPT_CONNECTTIMEOUT_MS, o->connect_timeout_ms);
-  SETOPT(h, CURLOPT_TIMEOUT_MS, o->timeout_ms);
-  SETOPT(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
-  SETOPT(h, CURLOPT_LOW_SPEED_TIME, LOW_SPEED_TIME_S);
-  SETOPT(h, CURLOPT_WRITEFUNCTION, body_fn);
-  SETOPT(h, CURLOPT_WRITEDATA, body_data);
-  if (o->headers != NULL) SETOPT(h, CURLOPT_HTTPHEADER, o->headers);
-  SETOPT(h, CURLOPT_OPENSOCKETFUNCTION, open_socket);
-  return CURLE_OK;
-}
-
-/* Seconds to libcurl milliseconds, rounding up so that a tiny positive
-** timeout never becomes 0 (which means "no timeout" to libcurl). */
-static long seconds_to_ms(double s) {
-  double ms = ceil(s * 1000.0);
-  if (ms > MAX_TIMEOUT_MS) ms = MAX_TIMEOUT_MS;
-  if (ms < 1) ms = 1;
-  return (long)ms;
-}
-
-/* "REASON" or "REASON (DETAIL)" for a failed transfer. */
-static const char *reason_detail(const char *errbuf) { return errbuf[0] != '\0' ? errbuf : NULL; }
 
 /* }====== */
 
 /* {====== fetch_length kernel */
 
-/* Counts body bytes without keeping them. */
-static size_t count_body(char *ptr, size_t size, size_t nmemb, void *p) {
-  uint64_t *count = p;
-  (void)ptr;
-  *count += (uint64_t)size * nmemb;
-  return size * nmemb;
-}
-
 int luapool__fetch_length_run(lp_kcall *c) {
   static const char kname[] = "fetch_length";
   const lp_value *a1 = c->nargs >= 1 ? &c->args[0] : NULL;
   const lp_value *a2 = c->nargs >= 2 ? &c->args[1] : NULL;
-  /* Outside a task (no interrupt block), Ctrl-C on the host stops it. */
-  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, c->interrupt, c->interrupt == NULL};
-  char errbuf[CURL_ERROR_SIZE];
+  lp_hreq_opts o;
+  char err[512];
   char *url;
-  uint64_t count = 0;
-  long status = 0;
-  CURLcode rc;
-  thread_handles *h;
-  const char *why;
+  lp_hloop *l;
+  lp_hreq *r;
 
+  memset(&o, 0, sizeof o);
   if (a1 == NULL || a1->type != LP_STR) return luapool__kargerr(c, kname, 1, "string");
   if (memchr(a1->u.s.p, '\0', a1->u.s.len) != NULL)
     return luapool__kargmsg(c, kname, 1, "URL contains a zero byte");
@@ -405,15 +250,9 @@ int luapool__fetch_length_run(lp_kcall *c) {
     if (!(t > 0)) /* also rejects NaN */
       return luapool__kargmsg(c, kname, 2, "positive number expected, got %s",
                               luapool__knumfmt(a2, got, sizeof got));
-    o.timeout_ms = seconds_to_ms(t);
+    o.timeout = t;
   }
-
-  int capped = 0;        /* the transfer's timeout is the task's deadline */
-  if (c->deadline > 0) { /* the task's deadline caps the transfer too */
-    long left = seconds_to_ms(c->deadline - luapool__now());
-    if (o.timeout_ms == 0 || left < o.timeout_ms) o.timeout_ms = left, capped = 1;
-  }
-  if (luapool__interrupted(o.interrupt))
+  if (luapool__interrupted(c->interrupt))
     return luapool__kerr(c, "fetch_length: %.*s: interrupted",
                          (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len), a1->u.s.p);
 
@@ -426,142 +265,145 @@ int luapool__fetch_length_run(lp_kcall *c) {
   memcpy(url, a1->u.s.p, a1->u.s.len);
   url[a1->u.s.len] = '\0';
 
-  h = thread_handle(&why);
-  if (h == NULL) {
-    luapool__kerr(c, "fetch_length: %s: %s", url, why);
+  o.url = url;
+  o.deadline = c->deadline; /* the task's deadline caps the transfer too */
+  o.max_redirs = LP_HMAX_REDIRS;
+  o.retry_delay = -1;
+  o.count_only = 1;
+  l = private_loop(err, sizeof err);
+  r = l ? luapool__hreq_new(&o, err, sizeof err) : NULL;
+  if (r == NULL) {
+    luapool__kerr(c, "fetch_length: %s: %s", url, err);
     free(url);
     return -1;
   }
-  errbuf[0] = '\0';
-  rc = setup(h->easy, url, &o, errbuf, count_body, &count);
-  if (rc == CURLE_OK) rc = perform(h, &o);
-  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
-  release_handle(h);
-
-  if (rc != CURLE_OK) {
-    const char *detail = reason_detail(errbuf);
-    /* libcurl's clock may fire a little before luapool's: the task's
-    ** deadline ended it, and its worker must know (kind "timeout"). */
-    if (rc == CURLE_OPERATION_TIMEDOUT && capped) luapool__stop_self(c->interrupt);
-    /* (in the host's main state, its Lua face then raises the signal) */
-    if (rc == CURLE_ABORTED_BY_CALLBACK)
-      luapool__kerr(c, "fetch_length: %s: interrupted", url);
-    else if (detail != NULL)
-      luapool__kerr(c, "fetch_length: %s: %s (%s)", url, lc.easy_strerror(rc), detail);
-    else
-      luapool__kerr(c, "fetch_length: %s: %s", url, lc.easy_strerror(rc));
-    free(url);
-    return -1;
+  run_blocking(l, r, c->interrupt);
+  switch (luapool__hreq_state(r)) {
+    case LP_H_OK: break;
+    case LP_H_ABORTED: luapool__kerr(c, "fetch_length: %s: interrupted", url); break;
+    case LP_H_DEADLINE:
+      /* libcurl's clock may fire a little before luapool's: the task's
+      ** deadline ended it, and its worker must know (kind "timeout"). */
+      luapool__stop_self(c->interrupt);
+      /* fall through */
+    default: luapool__kerr(c, "fetch_length: %s: %s", url, luapool__hreq_error(r)); break;
   }
   free(url);
-
+  if (luapool__hreq_state(r) != LP_H_OK) {
+    luapool__hreq_free(r);
+    return -1;
+  }
+  uint64_t count = luapool__hreq_length(r);
   c->out[0].type = LP_INT;
   c->out[0].tname = "number";
   c->out[0].u.i = count > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER : (lua_Integer)count;
   c->out[1].type = LP_INT;
   c->out[1].tname = "number";
-  c->out[1].u.i = status;
+  c->out[1].u.i = luapool__hreq_status(r);
   c->nout = 2;
+  luapool__hreq_free(r);
   return 0;
 }
 
 /* }====== */
 
-/* {====== luapool.http.get */
+/* {====== luapool.http.get and luapool.http.request */
 
-/* C memory of one http.get call, owned by a userdata on the Lua stack so
-** that a Lua error at any point (bad option, memory error while building
-** the result) cannot leak it: __gc frees whatever is left. */
-typedef struct get_box {
-  char *body;
-  size_t len, cap;
-  char *hdr; /* raw header lines of the last response */
-  size_t hlen, hcap;
-  struct curl_slist *headers; /* request headers */
-  char *eff;                  /* effective URL, copied out of the handle */
-  int oom;                    /* a callback failed to grow a buffer */
-} get_box;
+/* C memory of one call, owned by a userdata on the Lua stack so that a Lua
+** error at any point (bad option, memory error while building the result)
+** cannot leak it: __gc frees whatever is left. */
+typedef struct req_box {
+  char **lines; /* request header lines */
+  size_t nlines, cap;
+  lp_hreq *r;
+} req_box;
 
-#define GET_BOX_MT "luapool.http.getbuffer"
+#define REQ_BOX_MT "luapool.http.request"
 
-static void box_free(get_box *b) {
-  free(b->body);
-  free(b->hdr);
-  if (b->headers) lc.slist_free_all(b->headers);
-  free(b->eff);
-  b->body = b->hdr = b->eff = NULL;
-  b->headers = NULL;
-  b->len = b->cap = b->hlen = b->hcap = 0;
+static void box_free(req_box *b) {
+  for (size_t i = 0; i < b->nlines; i++)
+    free(b->lines[i]);
+  free(b->lines);
+  b->lines = NULL;
+  b->nlines = b->cap = 0;
+  luapool__hreq_free(b->r);
+  b->r = NULL;
 }
 
 static int box_gc(lua_State *L) {
-  box_free(luaL_checkudata(L, 1, GET_BOX_MT));
+  box_free(luaL_checkudata(L, 1, REQ_BOX_MT));
   return 0;
 }
 
-/* Appends n bytes to a growable buffer; 0 on success, -1 out of memory. */
-static int buf_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n) {
-  if (n > SIZE_MAX - *len) return -1;
-  if (*len + n > *cap) {
-    size_t ncap = *cap ? *cap : 16384;
-    char *nb;
-    while (ncap < *len + n) {
-      if (ncap > SIZE_MAX / 2) {
-        ncap = *len + n;
-        break;
-      }
-      ncap *= 2;
+static req_box *new_box(lua_State *L) {
+  req_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+  memset(b, 0, sizeof *b);
+  if (luaL_newmetatable(L, REQ_BOX_MT)) {
+    lua_pushcfunction(L, box_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  return b;
+}
+
+/* What each entry point accepts. */
+enum {
+  O_TIMEOUT = 1 << 0,
+  O_CONNECT_TIMEOUT = 1 << 1,
+  O_HEADERS = 1 << 2,
+  O_FOLLOW = 1 << 3,
+  O_URL = 1 << 4,
+  O_METHOD = 1 << 5,
+  O_BODY = 1 << 6,
+  O_RETRIES = 1 << 7,
+  O_RETRY_DELAY = 1 << 8,
+  O_RETRY_ALL = 1 << 9
+};
+static const char *const option_names[] = {"timeout",     "connect_timeout", "headers", "follow",
+                                           "url",         "method",          "body",    "retries",
+                                           "retry_delay", "retry_all",       NULL};
+#define GET_OPTIONS (O_TIMEOUT | O_CONNECT_TIMEOUT | O_HEADERS | O_FOLLOW)
+#define REQUEST_OPTIONS                                                                            \
+  (GET_OPTIONS | O_URL | O_METHOD | O_BODY | O_RETRIES | O_RETRY_DELAY | O_RETRY_ALL)
+
+/* Every key of the options table at idx must be an option fname accepts. */
+static void check_option_names(lua_State *L, int idx, const char *fname, int allowed) {
+  lua_pushnil(L);
+  while (lua_next(L, idx) != 0) {
+    lua_pop(L, 1);
+    int ok = 0;
+    if (lua_type(L, -1) == LUA_TSTRING)
+      for (int i = 0; option_names[i] && !ok; i++)
+        ok = (allowed & (1 << i)) && strcmp(lua_tostring(L, -1), option_names[i]) == 0;
+    if (!ok) {
+      /* (a copy: luaL_tolstring on the key itself would confuse lua_next) */
+      lua_pushvalue(L, -1);
+      luaL_error(L, "unknown option '%s' to '%s'", luaL_tolstring(L, -1, NULL), fname);
     }
-    nb = realloc(*buf, ncap);
-    if (nb == NULL) return -1;
-    *buf = nb;
-    *cap = ncap;
   }
-  memcpy(*buf + *len, p, n);
-  *len += n;
-  return 0;
 }
 
-static size_t box_body(char *ptr, size_t size, size_t nmemb, void *p) {
-  get_box *b = p;
-  size_t n = size * nmemb;
-  if (buf_append(&b->body, &b->len, &b->cap, ptr, n) != 0) {
-    b->oom = 1;
-    return 0; /* makes libcurl stop with CURLE_WRITE_ERROR */
-  }
-  return n;
+/* "bad option 'NAME' to 'FNAME' (DETAIL, got VALUE)", the value at -1. */
+static int bad_option(lua_State *L, const char *name, const char *fname, const char *detail) {
+  const char *got;
+  if (lua_type(L, -1) == LUA_TNUMBER || lua_type(L, -1) == LUA_TBOOLEAN)
+    got = luaL_tolstring(L, -1, NULL);
+  else if (lua_type(L, -1) == LUA_TSTRING)
+    got = lua_pushfstring(L, "'%s'", lua_tostring(L, -1));
+  else
+    got = luaL_typename(L, -1);
+  return luaL_error(L, "bad option '%s' to '%s' (%s, got %s)", name, fname, detail, got);
 }
 
-/* libcurl hands over one complete header line per call, the status line of
-** every response included: a new status line (after a redirect or a
-** "100 Continue") starts the set over, so only the last response's headers
-** are kept. */
-static size_t box_header(char *ptr, size_t size, size_t nmemb, void *p) {
-  get_box *b = p;
-  size_t n = size * nmemb;
-  if (n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) b->hlen = 0;
-  if (buf_append(&b->hdr, &b->hlen, &b->hcap, ptr, n) != 0) {
-    b->oom = 1;
-    return 0;
-  }
-  return n;
-}
-
-/* opts[field] as milliseconds, or dflt when absent. */
-static long opt_seconds(lua_State *L, const char *field, long dflt) {
-  long ms = dflt;
-  int t = lua_getfield(L, 2, field);
-  if (t != LUA_TNIL) {
-    int isnum;
-    lua_Number s = lua_tonumberx(L, -1, &isnum);
-    if (t != LUA_TNUMBER || !isnum || !(s > 0)) {
-      const char *msg = lua_pushfstring(L, "opts.%s: positive number expected", field);
-      luaL_argerror(L, 2, msg);
-    }
-    ms = seconds_to_ms(s);
+/* opts[name] as a positive number of seconds; 0 when absent. */
+static double opt_seconds(lua_State *L, int idx, const char *name, const char *fname) {
+  double s = 0;
+  if (lua_getfield(L, idx, name) != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TNUMBER || !((s = lua_tonumber(L, -1)) > 0))
+      bad_option(L, name, fname, "positive number expected");
   }
   lua_pop(L, 1);
-  return ms;
+  return s;
 }
 
 /* Header text must not smuggle extra lines into the request. */
@@ -570,21 +412,29 @@ static int bad_header_text(const char *s, size_t len) {
          memchr(s, '\0', len) != NULL;
 }
 
-static void add_header(lua_State *L, get_box *b, const char *line) {
-  struct curl_slist *l = lc.slist_append(b->headers, line);
-  /* On failure the old list is untouched and still owned by the box. */
-  if (l == NULL) luaL_error(L, "not enough memory");
-  b->headers = l;
+static void add_line(lua_State *L, req_box *b, const char *line) {
+  if (b->nlines == b->cap) {
+    size_t ncap = b->cap ? b->cap * 2 : 8;
+    char **nl = realloc(b->lines, ncap * sizeof *nl);
+    if (nl == NULL) luaL_error(L, "not enough memory");
+    b->lines = nl;
+    b->cap = ncap;
+  }
+  size_t n = strlen(line) + 1;
+  char *c = malloc(n);
+  if (c == NULL) luaL_error(L, "not enough memory");
+  memcpy(c, line, n);
+  b->lines[b->nlines++] = c;
 }
 
 /* opts.headers: {["Name"] = "value", ...} and/or {"Name: value", ...}. */
-static void opt_headers(lua_State *L, get_box *b) {
-  int t = lua_getfield(L, 2, "headers");
+static void opt_headers(lua_State *L, int idx, const char *fname, req_box *b) {
+  int t = lua_getfield(L, idx, "headers");
   if (t == LUA_TNIL) {
     lua_pop(L, 1);
     return;
   }
-  if (t != LUA_TTABLE) luaL_argerror(L, 2, "opts.headers: table expected");
+  if (t != LUA_TTABLE) bad_option(L, "headers", fname, "table expected");
   lua_pushnil(L);
   while (lua_next(L, -2) != 0) {
     size_t vlen;
@@ -592,205 +442,244 @@ static void opt_headers(lua_State *L, get_box *b) {
     /* Type checks before lua_tolstring: converting a number in place is
     ** only safe for the value, never for the key lua_next needs. */
     if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
-      luaL_argerror(L, 2, "opts.headers: values must be strings");
+      bad_option(L, "headers", fname, "string values expected");
     v = lua_tolstring(L, -1, &vlen);
     if (bad_header_text(v, vlen))
-      luaL_argerror(L, 2, "opts.headers: line break or zero in a header");
+      luaL_error(L, "bad option 'headers' to '%s' (line break or zero in a header)", fname);
     if (lua_type(L, -2) == LUA_TSTRING) {
       size_t klen;
       const char *k = lua_tolstring(L, -2, &klen);
       if (klen == 0 || bad_header_text(k, klen) || memchr(k, ':', klen))
-        luaL_argerror(L, 2, "opts.headers: invalid header name");
-      add_header(L, b, lua_pushfstring(L, "%s: %s", k, v));
+        luaL_error(L, "bad option 'headers' to '%s' (invalid header name '%s')", fname, k);
+      add_line(L, b, lua_pushfstring(L, "%s: %s", k, v));
       lua_pop(L, 1);
     } else if (lua_isinteger(L, -2)) {
       if (memchr(v, ':', vlen) == NULL)
-        luaL_argerror(L, 2, "opts.headers: 'Name: value' string expected");
-      add_header(L, b, v);
+        luaL_error(L, "bad option 'headers' to '%s' ('Name: value' string expected, got '%s')",
+                   fname, v);
+      add_line(L, b, v);
     } else {
-      luaL_argerror(L, 2, "opts.headers: invalid key");
+      luaL_error(L, "bad option 'headers' to '%s' (invalid key)", fname);
     }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
 }
 
+/* Reads the options (their names checked) from the table at idx into o (and b:
+** strings that stay on the Lua stack while the request is made, header
+** lines in the box).  Raises for a bad option. */
+static void read_options(lua_State *L, int idx, const char *fname, int allowed, lp_hreq_opts *o,
+                         req_box *b) {
+  o->timeout = opt_seconds(L, idx, "timeout", fname);
+  o->connect_timeout = opt_seconds(L, idx, "connect_timeout", fname);
+  int t = lua_getfield(L, idx, "follow");
+  if (t == LUA_TBOOLEAN) {
+    o->max_redirs = lua_toboolean(L, -1) ? LP_HMAX_REDIRS : 0;
+  } else if (t != LUA_TNIL) {
+    lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1;
+    if (!(allowed & O_URL) || n < 0 || n > INT_MAX)
+      bad_option(L, "follow", fname,
+                 allowed & O_URL ? "boolean or non-negative integer expected" : "boolean expected");
+    o->max_redirs = (int)n;
+  }
+  lua_pop(L, 1);
+  opt_headers(L, idx, fname, b);
+  o->headers = (const char *const *)b->lines;
+  o->nheaders = b->nlines;
+  if (!(allowed & O_URL)) return;
+  /* http.request only; its strings are left on the stack (anchored). */
+  t = lua_getfield(L, idx, "method");
+  if (t != LUA_TNIL) {
+    if (t != LUA_TSTRING || !luapool__http_token(lua_tostring(L, -1)) ||
+        strlen(lua_tostring(L, -1)) != lua_rawlen(L, -1))
+      bad_option(L, "method", fname, "HTTP method (a token such as GET or POST) expected");
+    o->method = lua_tostring(L, -1);
+  }
+  t = lua_getfield(L, idx, "body");
+  if (t != LUA_TNIL) {
+    if (t != LUA_TSTRING) bad_option(L, "body", fname, "string expected");
+    o->body = lua_tolstring(L, -1, &o->body_len);
+  }
+  if (lua_getfield(L, idx, "retries") != LUA_TNIL) {
+    lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1;
+    if (n < 0 || n > 1000) bad_option(L, "retries", fname, "integer from 0 to 1000 expected");
+    o->retries = (int)n;
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, idx, "retry_delay") != LUA_TNIL) {
+    double d = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
+    if (!(d >= 0 && d <= 3600))
+      bad_option(L, "retry_delay", fname, "number of seconds from 0 to 3600 expected");
+    o->retry_delay = d;
+  }
+  lua_pop(L, 1);
+  t = lua_getfield(L, idx, "retry_all");
+  if (t != LUA_TNIL) {
+    if (t != LUA_TBOOLEAN) bad_option(L, "retry_all", fname, "boolean expected");
+    o->retry_all = lua_toboolean(L, -1);
+  }
+  lua_pop(L, 1);
+}
+
 static int ascii_lower(int ch) { return ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch; }
 
-/* Pushes a table of the kept header lines: lowercased name -> value, the
-** last occurrence of a name winning. */
-static void push_headers(lua_State *L, get_box *b) {
-  size_t i = 0;
+/* Pushes a table of the header lines of the last response: lowercased
+** name -> value, the last occurrence of a name winning. */
+static void push_headers(lua_State *L, const lp_hreq *r) {
+  size_t hlen, i = 0;
+  const char *h = luapool__hreq_headers(r, &hlen);
+  luaL_Buffer name;
   lua_newtable(L);
-  while (i < b->hlen) {
-    char *line = b->hdr + i;
-    char *nl = memchr(line, '\n', b->hlen - i);
-    size_t n = nl ? (size_t)(nl - line) : b->hlen - i;
-    char *colon = memchr(line, ':', n);
+  while (i < hlen) {
+    const char *line = h + i;
+    const char *nl = memchr(line, '\n', hlen - i);
+    size_t n = nl ? (size_t)(nl - line) : hlen - i;
+    const char *colon = memchr(line, ':', n);
     i += n + (nl != NULL);
     /* Skips the status line, the blank end line and folded continuations
     ** (obsolete in HTTP/1.1). */
     if (colon == NULL || colon == line || line[0] == ' ' || line[0] == '\t') continue;
-    {
-      char *v = colon + 1, *e = line + n;
-      for (char *q = line; q < colon; q++)
-        *q = (char)ascii_lower(*q);
-      while (v < e && (*v == ' ' || *v == '\t'))
-        v++;
-      while (e > v && (e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
-        e--;
-      lua_pushlstring(L, line, (size_t)(colon - line));
-      lua_pushlstring(L, v, (size_t)(e - v));
-      lua_rawset(L, -3);
-    }
+    const char *v = colon + 1, *e = line + n;
+    luaL_buffinit(L, &name);
+    for (const char *q = line; q < colon; q++)
+      luaL_addchar(&name, (char)ascii_lower((unsigned char)*q));
+    luaL_pushresult(&name);
+    while (v < e && (*v == ' ' || *v == '\t'))
+      v++;
+    while (e > v && (e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
+      e--;
+    lua_pushlstring(L, v, (size_t)(e - v));
+    lua_rawset(L, -3);
   }
 }
 
-/* Every key of the options table at 2 must be a known option. */
-static void check_option_names(lua_State *L) {
-  static const char *const known[] = {"timeout", "connect_timeout", "headers", "follow", NULL};
-  lua_pushnil(L);
-  while (lua_next(L, 2) != 0) {
-    lua_pop(L, 1);
-    int ok = 0;
-    if (lua_type(L, -1) == LUA_TSTRING)
-      for (int i = 0; known[i] && !ok; i++)
-        ok = strcmp(lua_tostring(L, -1), known[i]) == 0;
-    if (!ok) {
-      /* (a copy: luaL_tolstring on the key itself would confuse lua_next) */
-      lua_pushvalue(L, -1);
-      luaL_error(L, "unknown option '%s' to 'get'", luaL_tolstring(L, -1, NULL));
-    }
+static void set_number(lua_State *L, const char *k, double v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, k);
+}
+
+/* Pushes the result of a request that ended LP_H_OK or LP_H_FAILED the way
+** fname returns it: the table (1), or nil and "METHOD URL: reason" (2).
+** The body is moved out of r. */
+static int push_result(lua_State *L, lp_hreq *r, int request) {
+  const char *url = luapool__hreq_url(r);
+  if (luapool__hreq_state(r) != LP_H_OK) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "%s %s: %s", luapool__hreq_method(r), url, luapool__hreq_error(r));
+    return 2;
+  }
+  lp_htimings t;
+  size_t blen;
+  luapool__hreq_timings(r, &t);
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, luapool__hreq_status(r));
+  lua_setfield(L, -2, "status");
+  /* the Lua copy made, the C buffer goes at once (big bodies) */
+  const char *body = luapool__hreq_body(r, &blen);
+  lua_pushlstring(L, body ? body : "", blen);
+  lua_setfield(L, -2, "body");
+  free(luapool__hreq_take_body(r, &blen));
+  push_headers(L, r);
+  lua_setfield(L, -2, "headers");
+  lua_pushstring(L, url);
+  lua_setfield(L, -2, "url");
+  if (!request) {
+    set_number(L, "time", t.transfer);
+    return 1;
+  }
+  lua_pushinteger(L, luapool__hreq_attempts(r));
+  lua_setfield(L, -2, "attempts");
+  lua_createtable(L, 0, 5);
+  set_number(L, "dns", t.dns);
+  set_number(L, "connect", t.connect);
+  set_number(L, "tls", t.tls);
+  set_number(L, "ttfb", t.ttfb);
+  set_number(L, "total", t.total);
+  lua_setfield(L, -2, "timings");
+  return 1;
+}
+
+/* The body of both functions: url (a string), options read from the table
+** at opts (0: none). */
+static int http_call(lua_State *L, const char *fname, const char *url, int opts, int allowed) {
+  double deadline;
+  /* In a task its stop and deadline apply; outside one, Ctrl-C on the host. */
+  const lp_interrupt *intr = luapool__lua_interrupt(L, &deadline);
+  lp_hreq_opts o;
+  char err[512];
+  memset(&o, 0, sizeof o);
+  o.url = url;
+  o.max_redirs = LP_HMAX_REDIRS;
+  o.retry_delay = -1;
+  req_box *b = new_box(L);
+  if (opts) read_options(L, opts, fname, allowed, &o, b);
+  const char *method = o.method ? o.method : "GET";
+  o.deadline = deadline;
+
+  lp_hloop *l = private_loop(err, sizeof err);
+  if (l != NULL) b->r = luapool__hreq_new(&o, err, sizeof err);
+  for (size_t i = 0; i < b->nlines; i++) /* copied into the request */
+    free(b->lines[i]);
+  b->nlines = 0;
+  if (b->r == NULL) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "%s %s: %s", method, url, err);
+    return 2;
+  }
+  if (luapool__interrupted(intr) || (intr == NULL && luapool__signal_for_me())) {
+    box_free(b);
+    if (intr == NULL) luapool__check_signal(L);
+    return luaL_error(L, "%s %s: interrupted", method, url);
+  }
+  run_blocking(l, b->r, intr);
+  switch (luapool__hreq_state(b->r)) {
+    case LP_H_ABORTED:
+      /* Stopped (Ctrl-C in the main state; in a task its stop or its
+      ** deadline): an error, as fetch_length's, not a failed request the
+      ** task could take for an answer. */
+      box_free(b);
+      if (intr == NULL) luapool__check_signal(L);
+      return luaL_error(L, "%s %s: interrupted", method, url);
+    case LP_H_DEADLINE:
+      /* The deadline marks the task stopped by it, so its worker reports
+      ** the timeout. */
+      luapool__stop_self(intr);
+      lua_pushfstring(L, "%s %s: %s", method, url, luapool__hreq_error(b->r));
+      box_free(b);
+      return lua_error(L);
+    default: return push_result(L, b->r, allowed & O_URL);
   }
 }
 
 int luapool__http_get(lua_State *L) {
-  size_t ulen;
   /* A string, never a number: luaL_checklstring would turn 5 into "5",
   ** which libcurl reads as the address 0.0.0.5. */
   if (lua_type(L, 1) != LUA_TSTRING) luaL_typeerror(L, 1, "string");
+  size_t ulen;
   const char *url = lua_tolstring(L, 1, &ulen);
-  double deadline;
-  const lp_interrupt *intr = luapool__lua_interrupt(L, &deadline);
-  /* In a task its stop and deadline apply; outside one, Ctrl-C on the host. */
-  req_opts o = {0, DEFAULT_CONNECT_TIMEOUT_MS, 1, NULL, intr, intr == NULL};
-  char errbuf[CURL_ERROR_SIZE];
-  long status = 0;
-  curl_off_t total_us = 0;
-  char *eff = NULL; /* owned by the handle */
-  get_box *b;
-  CURLcode rc;
-  thread_handles *h;
-  const char *why;
-
   luaL_argcheck(L, strlen(url) == ulen, 1, "URL contains a zero byte");
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
-    check_option_names(L);
+    check_option_names(L, 2, "get", GET_OPTIONS);
   }
   lua_settop(L, 2);
-  /* Loaded before the options are read: the header list is libcurl's. */
-  if ((why = luapool__http_init_error()) != NULL) {
-    luaL_pushfail(L);
-    lua_pushfstring(L, "GET %s: %s", url, why);
-    return 2;
-  }
+  return http_call(L, "get", url, lua_istable(L, 2) ? 2 : 0, GET_OPTIONS);
+}
 
-  b = lua_newuserdatauv(L, sizeof *b, 0);
-  memset(b, 0, sizeof *b);
-  if (luaL_newmetatable(L, GET_BOX_MT)) {
-    lua_pushcfunction(L, box_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
-
-  if (lua_istable(L, 2)) {
-    o.timeout_ms = opt_seconds(L, "timeout", 0);
-    o.connect_timeout_ms = opt_seconds(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS);
-    if (lua_getfield(L, 2, "follow") != LUA_TNIL) {
-      if (!lua_isboolean(L, -1)) luaL_argerror(L, 2, "opts.follow: boolean expected");
-      o.follow = lua_toboolean(L, -1);
-    }
-    lua_pop(L, 1);
-    opt_headers(L, b);
-    o.headers = b->headers;
-  }
-  int capped = 0;     /* the transfer's timeout is the task's deadline */
-  if (deadline > 0) { /* the task's deadline caps the transfer too */
-    long left = seconds_to_ms(deadline - luapool__now());
-    if (o.timeout_ms == 0 || left < o.timeout_ms) o.timeout_ms = left, capped = 1;
-  }
-  if (stop_wanted(&o)) {
-    box_free(b);
-    if (intr == NULL) luapool__check_signal(L);
-    return luaL_error(L, "GET %s: interrupted", url);
-  }
-
-  h = thread_handle(&why);
-  if (h == NULL) {
-    box_free(b);
-    luaL_pushfail(L);
-    lua_pushfstring(L, "GET %s: %s", url, why);
-    return 2;
-  }
-  errbuf[0] = '\0';
-  rc = setup(h->easy, url, &o, errbuf, box_body, b);
-  if (rc == CURLE_OK) rc = lc.easy_setopt(h->easy, CURLOPT_HEADERFUNCTION, box_header);
-  if (rc == CURLE_OK) rc = lc.easy_setopt(h->easy, CURLOPT_HEADERDATA, b);
-  if (rc == CURLE_OK) rc = perform(h, &o);
-  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &status);
-  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_EFFECTIVE_URL, &eff);
-  if (rc == CURLE_OK) rc = lc.easy_getinfo(h->easy, CURLINFO_TOTAL_TIME_T, &total_us);
-  /* eff lives in the handle: copy it before the reset (NULL copy: use the
-  ** requested URL). */
-  if (rc == CURLE_OK && eff != NULL && (b->eff = strdup(eff)) == NULL) {
-    b->oom = 1;
-    rc = CURLE_OUT_OF_MEMORY;
-  }
-  release_handle(h);
-
-  if (rc != CURLE_OK) {
-    const char *detail = reason_detail(errbuf);
-    int oom = b->oom;
-    box_free(b); /* before anything that could raise */
-    /* Stopped (Ctrl-C in the main state; in a task its stop or its
-    ** deadline): an error, as fetch_length's, not a failed request the
-    ** task could take for an answer.  The deadline marks the task stopped
-    ** by it, so its worker reports the timeout. */
-    if (rc == CURLE_ABORTED_BY_CALLBACK) {
-      if (intr == NULL) luapool__check_signal(L);
-      return luaL_error(L, "GET %s: interrupted", url);
-    }
-    if (rc == CURLE_OPERATION_TIMEDOUT && capped) {
-      luapool__stop_self(intr);
-      return luaL_error(L, "GET %s: %s", url, lc.easy_strerror(rc));
-    }
-    luaL_pushfail(L);
-    if (oom)
-      lua_pushfstring(L, "GET %s: not enough memory", url);
-    else if (detail != NULL)
-      lua_pushfstring(L, "GET %s: %s (%s)", url, lc.easy_strerror(rc), detail);
-    else
-      lua_pushfstring(L, "GET %s: %s", url, lc.easy_strerror(rc));
-    return 2;
-  }
-
-  lua_createtable(L, 0, 5);
-  lua_pushinteger(L, status);
-  lua_setfield(L, -2, "status");
-  lua_pushlstring(L, b->body ? b->body : "", b->len);
-  lua_setfield(L, -2, "body");
-  free(b->body); /* the Lua copy exists: release the big buffer early */
-  b->body = NULL;
-  b->len = b->cap = 0;
-  push_headers(L, b);
-  lua_setfield(L, -2, "headers");
-  lua_pushstring(L, b->eff ? b->eff : url);
-  lua_setfield(L, -2, "url");
-  lua_pushnumber(L, (lua_Number)total_us / 1e6);
-  lua_setfield(L, -2, "time");
-  box_free(b);
-  return 1;
+int luapool__http_request(lua_State *L) {
+  /* (named: a call through pcall or a tail call would say '?') */
+  if (lua_type(L, 1) != LUA_TTABLE)
+    return luaL_error(L, "bad argument #1 to 'request' (table expected, got %s)",
+                      luaL_typename(L, 1));
+  lua_settop(L, 1);
+  check_option_names(L, 1, "request", REQUEST_OPTIONS);
+  if (lua_getfield(L, 1, "url") != LUA_TSTRING) bad_option(L, "url", "request", "string expected");
+  size_t ulen;
+  const char *url = lua_tolstring(L, -1, &ulen); /* anchored at 2 */
+  if (strlen(url) != ulen)
+    luaL_error(L, "bad option 'url' to 'request' (URL contains a zero byte)");
+  return http_call(L, "request", url, 1, REQUEST_OPTIONS);
 }
 
 /* }====== */

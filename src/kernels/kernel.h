@@ -98,6 +98,8 @@ int luapool__http_global_init(void);
 const char *luapool__http_init_error(void);
 /* luapool.http.get(url [, opts]) */
 int luapool__http_get(lua_State *L);
+/* luapool.http.request{url =, method =, ...} (kernels/http.c) */
+int luapool__http_request(lua_State *L);
 /* libcurl's version ("7.88.1"), loading it; "?" when it cannot be loaded. */
 const char *luapool__curl_version(void);
 /* Frees the calling thread's easy handle (worker exit, module close). */

@@ -1,0 +1,1040 @@
+/*
+** The HTTP event loop (see httploop.h for the contract).
+**
+** One libcurl multi handle per loop, driven with curl_multi_socket_action
+** on an epoll set, not curl_multi_perform + curl_multi_poll: libcurl 7.88
+** (Debian 12) walks every easy handle on each perform and poll call
+** (multi_getsock per handle, one pollfd each), so a loop with 5,000
+** transfers in flight paid O(5,000) per event; socket_action only touches
+** the sockets that are ready and the timers that expired.  An eventfd in
+** the same epoll set is the wake-up (luapool__hloop_wakeup).
+**
+** Admission is ours, not libcurl's pending queue: each host:port of a
+** request's URL has a FIFO of waiting requests, and a request is handed to
+** libcurl only when its host has fewer than per_host transfers and the loop
+** fewer than max_connections.  Hosts with waiting requests and room are on a
+** "ready" list, served round robin when the total has room, so starting a
+** request is O(1) however many wait.  libcurl's own limits are set to the
+** same numbers (CURLMOPT_MAX_HOST_CONNECTIONS, _MAX_TOTAL_CONNECTIONS) and
+** its connection cache keeps idle connections for reuse (keep-alive across
+** requests).  A redirect to another host is counted against the first.
+**
+** Retries follow curl's --retry: timeouts, connection failures (the
+** CURLcodes in retryable_code) and HTTP 408/429/500/502/503/504, for
+** idempotent methods unless retry_all, with exponential backoff (base
+** retry_delay, doubling, capped at LP_HRETRY_MAX, times a random factor in
+** [0.5, 1.5)) or the response's Retry-After (seconds or HTTP-date).  A wait
+** is a timer in the loop (a min-heap), never a sleeping thread.  A request
+** with a time budget (timeout, or the task's deadline) does not retry when
+** the wait would end past it: the last answer (or failure) is its result.
+*/
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "base/util.h" /* luapool__now */
+#include "kernels/httploop.h"
+#include "kernels/kernels_internal.h"
+
+#define lc luapool__lc
+
+#define USER_AGENT                 "luapool/0.1"
+#define DEFAULT_CONNECT_TIMEOUT_MS 30000L
+#define LOW_SPEED_TIME_S           60L
+#define IDLE_EASY_MAX              256 /* easy handles kept for reuse */
+#define EPOLL_BATCH                256
+
+enum { R_NEW, R_QUEUED, R_RUNNING, R_WAITING, R_FINISHED, R_DONE };
+
+typedef struct hhost {
+  struct hhost *next;  /* hash chain */
+  struct hhost *rnext; /* ready list */
+  int in_ready;
+  int active;              /* requests of this host in libcurl */
+  struct lp_hreq *qh, *qt; /* FIFO of waiting requests */
+  char key[];              /* "host:port", lower case; "" when unparsable */
+} hhost;
+
+struct lp_hreq {
+  /* the request */
+  char *url, *method;
+  struct curl_slist *hdrs;
+  char *body;
+  size_t body_len;
+  int has_body, idempotent, head;
+  double timeout, connect_timeout, deadline, retry_delay;
+  int retries, retry_all, max_redirs, count_only;
+  /* in the loop */
+  lp_hloop *loop;
+  lp_hdone done;
+  void *ud;
+  int state;
+  hhost *host;
+  struct lp_hreq *qnext, *qprev; /* host queue or finished list */
+  struct lp_hreq *anext, *aprev; /* every request the loop owns */
+  size_t heap_i;
+  double wake;
+  CURL *easy;
+  double added, end_by; /* end_by: luapool__now() time of its budget; 0: none */
+  int end_by_task;      /* end_by is the task's deadline */
+  int capped;           /* this attempt's timeout is what is left of end_by */
+  char errbuf[CURL_ERROR_SIZE];
+  int oom, fd_errno;
+  /* results */
+  int result;
+  CURLcode code;
+  long status;
+  char *rbody;
+  size_t blen, bcap;
+  uint64_t count;
+  char *hdr;
+  size_t hlen, hcap;
+  char *eff;
+  int attempts;
+  lp_htimings t;
+  char err[CURL_ERROR_SIZE + 256];
+};
+
+struct lp_hloop {
+  CURLM *multi;
+  int ep, ev;
+  atomic_int woken;
+  double timer_at; /* libcurl's timer (luapool__now time); < 0: none */
+  int per_host, max_conn, closing;
+  size_t in_flight, owned;
+  hhost **buckets;
+  size_t nbuckets, nhosts;
+  hhost *ready_h, *ready_t;
+  lp_hreq **heap;
+  size_t nheap, heapcap;
+  lp_hreq *all;
+  lp_hreq *fin_h, *fin_t;
+  CURL *idle[IDLE_EASY_MAX];
+  int nidle;
+  uint64_t rng;
+};
+
+/* {====== small helpers */
+
+static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n) {
+  if (n > SIZE_MAX - *len) return -1;
+  if (*len + n > *cap) {
+    size_t ncap = *cap ? *cap : 1024;
+    while (ncap < *len + n)
+      ncap = ncap > SIZE_MAX / 2 ? *len + n : ncap * 2;
+    char *nb = realloc(*buf, ncap);
+    if (nb == NULL) return -1;
+    *buf = nb;
+    *cap = ncap;
+  }
+  memcpy(*buf + *len, p, n);
+  *len += n;
+  return 0;
+}
+
+static char *dupstr(const char *s) {
+  size_t n = strlen(s) + 1;
+  char *d = malloc(n);
+  if (d) memcpy(d, s, n);
+  return d;
+}
+
+static long to_ms(double s) {
+  double ms = ceil(s * 1000.0);
+  if (ms > (double)INT_MAX) ms = (double)INT_MAX;
+  if (ms < 1) ms = 1;
+  return (long)ms;
+}
+
+/* xorshift64*: jitter only, needs no quality. */
+static double rand01(lp_hloop *l) {
+  l->rng ^= l->rng >> 12;
+  l->rng ^= l->rng << 25;
+  l->rng ^= l->rng >> 27;
+  return (double)((l->rng * 2685821657736338717ULL) >> 11) / 9007199254740992.0;
+}
+
+/* The message of a request that ran out of descriptors. */
+static void fd_message(char *out, size_t sz, int e) {
+  struct rlimit rl;
+  long long soft = -1, hard = -1;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+    soft = rl.rlim_cur == RLIM_INFINITY ? -1 : (long long)rl.rlim_cur;
+    hard = rl.rlim_max == RLIM_INFINITY ? -1 : (long long)rl.rlim_max;
+  }
+  snprintf(out, sz,
+           "out of file descriptors (%s): raise RLIMIT_NOFILE (ulimit -n: soft limit %lld, hard "
+           "limit %lld) or put fewer requests in flight",
+           strerror(e), soft, hard);
+}
+
+/* }====== */
+
+/* {====== the timer heap (retry waits) */
+
+static void heap_set(lp_hloop *l, size_t i, lp_hreq *r) {
+  l->heap[i] = r;
+  r->heap_i = i;
+}
+
+static void heap_up(lp_hloop *l, size_t i) {
+  lp_hreq *r = l->heap[i];
+  while (i > 0) {
+    size_t p = (i - 1) / 2;
+    if (l->heap[p]->wake <= r->wake) break;
+    heap_set(l, i, l->heap[p]);
+    i = p;
+  }
+  heap_set(l, i, r);
+}
+
+static void heap_down(lp_hloop *l, size_t i) {
+  lp_hreq *r = l->heap[i];
+  for (;;) {
+    size_t c = 2 * i + 1;
+    if (c >= l->nheap) break;
+    if (c + 1 < l->nheap && l->heap[c + 1]->wake < l->heap[c]->wake) c++;
+    if (l->heap[c]->wake >= r->wake) break;
+    heap_set(l, i, l->heap[c]);
+    i = c;
+  }
+  heap_set(l, i, r);
+}
+
+static int heap_push(lp_hloop *l, lp_hreq *r) {
+  if (l->nheap == l->heapcap) {
+    size_t ncap = l->heapcap ? l->heapcap * 2 : 64;
+    lp_hreq **nh = realloc(l->heap, ncap * sizeof *nh);
+    if (nh == NULL) return -1;
+    l->heap = nh;
+    l->heapcap = ncap;
+  }
+  heap_set(l, l->nheap++, r);
+  heap_up(l, l->nheap - 1);
+  return 0;
+}
+
+static void heap_remove(lp_hloop *l, lp_hreq *r) {
+  size_t i = r->heap_i;
+  lp_hreq *last = l->heap[--l->nheap];
+  if (i == l->nheap) return;
+  heap_set(l, i, last);
+  heap_up(l, i);
+  heap_down(l, last->heap_i);
+}
+
+/* }====== */
+
+/* {====== hosts */
+
+static size_t hash(const char *s) {
+  size_t h = 2166136261u;
+  for (; *s; s++)
+    h = (h ^ (unsigned char)*s) * 16777619u;
+  return h;
+}
+
+/* "host:port" of url (default port filled in), or "" when libcurl cannot
+** parse it (the transfer will then fail with libcurl's own message). */
+static char *host_key(const char *url) {
+  CURLU *u = lc.url();
+  char *host = NULL, *port = NULL, *key = NULL;
+  if (u == NULL) return NULL;
+  if (lc.url_set(u, CURLUPART_URL, url, CURLU_GUESS_SCHEME | CURLU_NON_SUPPORT_SCHEME) ==
+          CURLUE_OK &&
+      lc.url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+      lc.url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK) {
+    size_t n = strlen(host) + strlen(port) + 2;
+    key = malloc(n);
+    if (key) {
+      snprintf(key, n, "%s:%s", host, port);
+      for (char *p = key; *p; p++)
+        if (*p >= 'A' && *p <= 'Z') *p = (char)(*p - 'A' + 'a');
+    }
+  } else {
+    key = dupstr("");
+  }
+  if (host) lc.free(host);
+  if (port) lc.free(port);
+  lc.url_cleanup(u);
+  return key;
+}
+
+static hhost *host_get(lp_hloop *l, const char *key) {
+  size_t h = hash(key);
+  if (l->nbuckets) {
+    for (hhost *e = l->buckets[h & (l->nbuckets - 1)]; e; e = e->next)
+      if (strcmp(e->key, key) == 0) return e;
+  }
+  if (l->nhosts >= l->nbuckets) { /* grow: load factor 1 */
+    size_t nb = l->nbuckets ? l->nbuckets * 2 : 64;
+    hhost **b = calloc(nb, sizeof *b);
+    if (b == NULL) return NULL;
+    for (size_t i = 0; i < l->nbuckets; i++)
+      for (hhost *e = l->buckets[i], *n; e; e = n) {
+        n = e->next;
+        size_t j = hash(e->key) & (nb - 1);
+        e->next = b[j];
+        b[j] = e;
+      }
+    free(l->buckets);
+    l->buckets = b;
+    l->nbuckets = nb;
+  }
+  size_t klen = strlen(key) + 1;
+  hhost *e = calloc(1, sizeof *e + klen);
+  if (e == NULL) return NULL;
+  memcpy(e->key, key, klen);
+  e->next = l->buckets[h & (l->nbuckets - 1)];
+  l->buckets[h & (l->nbuckets - 1)] = e;
+  l->nhosts++;
+  return e;
+}
+
+static int host_room(const lp_hloop *l, const hhost *h) {
+  return l->per_host <= 0 || h->active < l->per_host;
+}
+
+static int total_room(const lp_hloop *l) {
+  return l->max_conn <= 0 || l->in_flight < (size_t)l->max_conn;
+}
+
+static void ready_push(lp_hloop *l, hhost *h) {
+  if (h->in_ready || h->qh == NULL || !host_room(l, h)) return;
+  h->in_ready = 1;
+  h->rnext = NULL;
+  if (l->ready_t)
+    l->ready_t->rnext = h;
+  else
+    l->ready_h = h;
+  l->ready_t = h;
+}
+
+static void queue_unlink(lp_hreq *r, lp_hreq **head, lp_hreq **tail) {
+  if (r->qprev)
+    r->qprev->qnext = r->qnext;
+  else
+    *head = r->qnext;
+  if (r->qnext)
+    r->qnext->qprev = r->qprev;
+  else
+    *tail = r->qprev;
+  r->qnext = r->qprev = NULL;
+}
+
+static void queue_append(lp_hreq *r, lp_hreq **head, lp_hreq **tail) {
+  r->qnext = NULL;
+  r->qprev = *tail;
+  if (*tail)
+    (*tail)->qnext = r;
+  else
+    *head = r;
+  *tail = r;
+}
+
+/* }====== */
+
+/* {====== ending requests */
+
+/* The request's result is set: it waits on the finished list for its
+** callback (run_finished), so callbacks only run where the contract says. */
+static void finish(lp_hloop *l, lp_hreq *r, int result) {
+  r->result = result;
+  r->t.total = luapool__now() - r->added;
+  r->state = R_FINISHED;
+  queue_append(r, &l->fin_h, &l->fin_t);
+}
+
+static void fail(lp_hloop *l, lp_hreq *r, CURLcode code, const char *msg) {
+  r->code = code;
+  snprintf(r->err, sizeof r->err, "%s", msg);
+  finish(l, r, LP_H_FAILED);
+}
+
+/* Runs r's callback now: it leaves the loop. */
+static void callback(lp_hloop *l, lp_hreq *r) {
+  if (r->anext) r->anext->aprev = r->aprev;
+  if (r->aprev)
+    r->aprev->anext = r->anext;
+  else
+    l->all = r->anext;
+  r->anext = r->aprev = NULL;
+  r->state = R_DONE;
+  r->loop = NULL;
+  l->owned--;
+  r->done(r, r->ud); /* r may be freed from here on */
+}
+
+static void run_finished(lp_hloop *l) {
+  lp_hreq *r;
+  while ((r = l->fin_h) != NULL) {
+    queue_unlink(r, &l->fin_h, &l->fin_t);
+    callback(l, r);
+  }
+}
+
+static void easy_recycle(lp_hloop *l, CURL *e) {
+  if (e == NULL) return;
+  if (l->nidle < IDLE_EASY_MAX && !l->closing) {
+    lc.easy_reset(e); /* options only: no pointer into a dead request */
+    l->idle[l->nidle++] = e;
+  } else {
+    lc.easy_cleanup(e);
+  }
+}
+
+/* Takes r out of libcurl (its slot is free again). */
+static void detach(lp_hloop *l, lp_hreq *r) {
+  lc.multi_remove_handle(l->multi, r->easy);
+  easy_recycle(l, r->easy);
+  r->easy = NULL;
+  r->host->active--;
+  l->in_flight--;
+  ready_push(l, r->host);
+}
+
+/* }====== */
+
+/* {====== starting attempts */
+
+static size_t on_body(char *p, size_t sz, size_t n, void *ud) {
+  lp_hreq *r = ud;
+  size_t len = sz * n;
+  r->count += len;
+  if (r->count_only) return len;
+  if (append(&r->rbody, &r->blen, &r->bcap, p, len) != 0) {
+    r->oom = 1;
+    return 0; /* libcurl stops with CURLE_WRITE_ERROR */
+  }
+  return len;
+}
+
+/* One complete header line per call, status lines included: a new status
+** line (a redirect, "100 Continue") starts the set over, so only the last
+** response's headers are kept. */
+static size_t on_header(char *p, size_t sz, size_t n, void *ud) {
+  lp_hreq *r = ud;
+  size_t len = sz * n;
+  if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) r->hlen = 0;
+  if (append(&r->hdr, &r->hlen, &r->hcap, p, len) != 0) {
+    r->oom = 1;
+    return 0;
+  }
+  return len;
+}
+
+/* Every socket close-on-exec (a command a task starts holds no connection),
+** and running out of descriptors noted, to be reported as such. */
+static curl_socket_t open_socket(void *ud, curlsocktype purpose, struct curl_sockaddr *a) {
+  lp_hreq *r = ud;
+  (void)purpose;
+  int fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+  if (fd < 0 && (errno == EMFILE || errno == ENFILE)) r->fd_errno = errno;
+  return fd < 0 ? CURL_SOCKET_BAD : fd;
+}
+
+#define SETOPT(h, opt, val)                                                                        \
+  do {                                                                                             \
+    CURLcode rc_ = lc.easy_setopt((h), (opt), (val));                                              \
+    if (rc_ != CURLE_OK) return rc_;                                                               \
+  } while (0)
+
+static CURLcode setup(lp_hreq *r, long timeout_ms) {
+  CURL *h = r->easy;
+  SETOPT(h, CURLOPT_URL, r->url);
+  SETOPT(h, CURLOPT_PRIVATE, (void *)r);
+  SETOPT(h, CURLOPT_ERRORBUFFER, r->errbuf);
+  /* Signals (SIGALRM for DNS timeouts) are not thread-safe. */
+  SETOPT(h, CURLOPT_NOSIGNAL, 1L);
+#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85: the _STR forms */
+  SETOPT(h, CURLOPT_PROTOCOLS_STR, "http,https");
+  SETOPT(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+#else
+  SETOPT(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+  SETOPT(h, CURLOPT_REDIR_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+  SETOPT(h, CURLOPT_FOLLOWLOCATION, r->max_redirs > 0 ? 1L : 0L);
+  SETOPT(h, CURLOPT_MAXREDIRS, (long)r->max_redirs);
+  SETOPT(h, CURLOPT_ACCEPT_ENCODING, ""); /* all built-in encodings, decoded */
+  SETOPT(h, CURLOPT_USERAGENT, USER_AGENT);
+  SETOPT(h, CURLOPT_CONNECTTIMEOUT_MS,
+         r->connect_timeout > 0 ? to_ms(r->connect_timeout) : DEFAULT_CONNECT_TIMEOUT_MS);
+  SETOPT(h, CURLOPT_TIMEOUT_MS, timeout_ms);
+  /* a stalled server cannot hold a request forever */
+  SETOPT(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  SETOPT(h, CURLOPT_LOW_SPEED_TIME, LOW_SPEED_TIME_S);
+  SETOPT(h, CURLOPT_WRITEFUNCTION, on_body);
+  SETOPT(h, CURLOPT_WRITEDATA, (void *)r);
+  SETOPT(h, CURLOPT_HEADERFUNCTION, on_header);
+  SETOPT(h, CURLOPT_HEADERDATA, (void *)r);
+  if (r->hdrs != NULL) SETOPT(h, CURLOPT_HTTPHEADER, r->hdrs);
+  SETOPT(h, CURLOPT_OPENSOCKETFUNCTION, open_socket);
+  SETOPT(h, CURLOPT_OPENSOCKETDATA, (void *)r);
+  if (r->head) {
+    SETOPT(h, CURLOPT_NOBODY, 1L);
+  } else if (strcmp(r->method, "POST") == 0) {
+    SETOPT(h, CURLOPT_POST, 1L);
+  } else if (strcmp(r->method, "GET") == 0 && !r->has_body) {
+    SETOPT(h, CURLOPT_HTTPGET, 1L);
+  } else {
+    /* (kept on redirects, unlike POST which a 301/302/303 turns to GET) */
+    SETOPT(h, CURLOPT_CUSTOMREQUEST, r->method);
+  }
+  if (!r->head && (r->has_body || strcmp(r->method, "POST") == 0 || strcmp(r->method, "PUT") == 0 ||
+                   strcmp(r->method, "PATCH") == 0)) {
+    /* a body, or Content-Length: 0 for a bodyless POST/PUT/PATCH */
+    SETOPT(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
+    SETOPT(h, CURLOPT_POSTFIELDS, r->body ? r->body : "");
+  }
+  return CURLE_OK;
+}
+
+/* Hands r to libcurl (the caller checked the limits), or ends it. */
+static void start(lp_hloop *l, lp_hreq *r) {
+  long timeout_ms = 0;
+  r->capped = 0;
+  if (r->end_by > 0) {
+    double left = r->end_by - luapool__now();
+    if (left <= 0) {
+      r->capped = 1;
+      r->code = CURLE_OPERATION_TIMEDOUT;
+      snprintf(r->err, sizeof r->err, "%s", lc.easy_strerror(CURLE_OPERATION_TIMEDOUT));
+      finish(l, r, r->end_by_task ? LP_H_DEADLINE : LP_H_FAILED);
+      return;
+    }
+    timeout_ms = to_ms(left);
+    r->capped = 1;
+  }
+  r->easy = l->nidle ? l->idle[--l->nidle] : lc.easy_init();
+  if (r->easy == NULL) {
+    fail(l, r, CURLE_OUT_OF_MEMORY, "not enough memory");
+    return;
+  }
+  r->blen = r->hlen = 0;
+  r->count = 0;
+  r->errbuf[0] = '\0';
+  r->oom = r->fd_errno = 0;
+  CURLcode rc = setup(r, timeout_ms);
+  if (rc != CURLE_OK) {
+    easy_recycle(l, r->easy);
+    r->easy = NULL;
+    fail(l, r, rc, lc.easy_strerror(rc));
+    return;
+  }
+  if (lc.multi_add_handle(l->multi, r->easy) != CURLM_OK) {
+    easy_recycle(l, r->easy);
+    r->easy = NULL;
+    fail(l, r, CURLE_OUT_OF_MEMORY, "not enough memory");
+    return;
+  }
+  r->attempts++;
+  r->state = R_RUNNING;
+  r->host->active++;
+  l->in_flight++;
+}
+
+/* Starts what the limits allow, hosts round robin. */
+static void pump(lp_hloop *l) {
+  while (!l->closing && l->ready_h != NULL && total_room(l)) {
+    hhost *h = l->ready_h;
+    l->ready_h = h->rnext;
+    if (l->ready_h == NULL) l->ready_t = NULL;
+    h->in_ready = 0;
+    lp_hreq *r = h->qh;
+    if (r == NULL) continue; /* its waiting requests were aborted */
+    queue_unlink(r, &h->qh, &h->qt);
+    start(l, r);
+    ready_push(l, h);
+  }
+}
+
+static void enqueue(lp_hloop *l, lp_hreq *r) {
+  r->state = R_QUEUED;
+  queue_append(r, &r->host->qh, &r->host->qt);
+  ready_push(l, r->host);
+  pump(l);
+}
+
+/* }====== */
+
+/* {====== the end of an attempt: result or retry */
+
+/* Seconds the response asks to wait (Retry-After), or -1. */
+static double retry_after(lp_hreq *r) {
+  size_t i = 0;
+  while (i < r->hlen) {
+    char *line = r->hdr + i;
+    char *nl = memchr(line, '\n', r->hlen - i);
+    size_t n = nl ? (size_t)(nl - line) : r->hlen - i;
+    i += n + (nl != NULL);
+    if (n < 12 || strncasecmp(line, "retry-after:", 12) != 0) continue;
+    char v[128];
+    size_t a = 12, e = n;
+    while (a < e && (line[a] == ' ' || line[a] == '\t'))
+      a++;
+    while (e > a && (line[e - 1] == '\r' || line[e - 1] == ' ' || line[e - 1] == '\t'))
+      e--;
+    if (e == a || e - a >= sizeof v) return -1;
+    memcpy(v, line + a, e - a);
+    v[e - a] = '\0';
+    if (strspn(v, "0123456789") == e - a) return strtod(v, NULL); /* delay-seconds */
+    time_t at = lc.getdate(v, NULL);                              /* HTTP-date */
+    if (at == (time_t)-1) return -1;
+    double d = difftime(at, time(NULL));
+    return d > 0 ? d : 0;
+  }
+  return -1;
+}
+
+/* Transport failures worth another try, as curl --retry (timeouts, DNS)
+** plus what --retry-connrefused and a dropped connection add: refused or
+** unreachable, reset, nothing or part of an answer. */
+static int retryable_code(CURLcode c) {
+  switch (c) {
+    case CURLE_OPERATION_TIMEDOUT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM: return 1;
+    default: return 0;
+  }
+}
+
+static int retryable_status(long s) {
+  return s == 408 || s == 429 || s == 500 || s == 502 || s == 503 || s == 504;
+}
+
+static double us(curl_off_t v) { return (double)v / 1e6; }
+static double pos(double v) { return v > 0 ? v : 0; }
+
+static void read_timings(lp_hreq *r) {
+  curl_off_t nl = 0, ct = 0, ac = 0, st = 0, tt = 0;
+  lc.easy_getinfo(r->easy, CURLINFO_NAMELOOKUP_TIME_T, &nl);
+  lc.easy_getinfo(r->easy, CURLINFO_CONNECT_TIME_T, &ct);
+  lc.easy_getinfo(r->easy, CURLINFO_APPCONNECT_TIME_T, &ac);
+  lc.easy_getinfo(r->easy, CURLINFO_STARTTRANSFER_TIME_T, &st);
+  lc.easy_getinfo(r->easy, CURLINFO_TOTAL_TIME_T, &tt);
+  /* libcurl's times count from the attempt's start: phases are the
+  ** differences (a reused connection has ~0 dns and connect). */
+  r->t.dns = us(nl);
+  r->t.connect = pos(us(ct) - us(nl));
+  r->t.tls = ac > 0 ? pos(us(ac) - us(ct)) : 0;
+  r->t.ttfb = st > 0 ? pos(us(st) - us(ac > ct ? ac : ct)) : 0;
+  r->t.transfer = us(tt);
+}
+
+static void attempt_done(lp_hloop *l, lp_hreq *r, CURLcode code) {
+  long status = 0, oserr = 0;
+  char *eff = NULL;
+  int result;
+  if (code == CURLE_OK) lc.easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+  lc.easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &eff);
+  lc.easy_getinfo(r->easy, CURLINFO_OS_ERRNO, &oserr);
+  if (r->fd_errno == 0 && (oserr == EMFILE || oserr == ENFILE)) r->fd_errno = (int)oserr;
+  read_timings(r);
+  free(r->eff);
+  r->eff = eff ? dupstr(eff) : NULL; /* eff lives in the handle */
+  if (eff && r->eff == NULL) r->oom = 1;
+  detach(l, r);
+
+  r->code = code;
+  r->status = status;
+  if (r->oom) {
+    r->code = CURLE_OUT_OF_MEMORY;
+    snprintf(r->err, sizeof r->err, "not enough memory");
+    result = LP_H_FAILED;
+  } else if (code != CURLE_OK && r->fd_errno) {
+    fd_message(r->err, sizeof r->err, r->fd_errno);
+    result = LP_H_FAILED;
+  } else if (code != CURLE_OK) {
+    if (r->errbuf[0])
+      snprintf(r->err, sizeof r->err, "%s (%s)", lc.easy_strerror(code), r->errbuf);
+    else
+      snprintf(r->err, sizeof r->err, "%s", lc.easy_strerror(code));
+    /* libcurl's clock may fire a little before the task's deadline */
+    result = code == CURLE_OPERATION_TIMEDOUT && r->capped && r->end_by_task ? LP_H_DEADLINE
+                                                                             : LP_H_FAILED;
+  } else {
+    r->err[0] = '\0';
+    result = LP_H_OK;
+  }
+
+  int again = r->attempts <= r->retries && (r->idempotent || r->retry_all) && !r->oom &&
+              !r->fd_errno && result != LP_H_DEADLINE &&
+              (result == LP_H_OK ? retryable_status(status) : retryable_code(code));
+  if (again) {
+    double now = luapool__now(), d = result == LP_H_OK ? retry_after(r) : -1;
+    if (d < 0) {
+      double base = r->retry_delay < 0 ? LP_HRETRY_DELAY : r->retry_delay;
+      d = base * ldexp(1.0, r->attempts - 1);
+      if (d > LP_HRETRY_MAX) d = LP_HRETRY_MAX;
+      d *= 0.5 + rand01(l);
+    }
+    /* no time left for the wait and another try: this is the answer */
+    if (r->end_by > 0 && now + d >= r->end_by) again = 0;
+    r->wake = now + d;
+    if (again && heap_push(l, r) == 0) {
+      r->state = R_WAITING;
+      return;
+    }
+  }
+  finish(l, r, result);
+}
+
+static void read_messages(lp_hloop *l) {
+  CURLMsg *m;
+  int left;
+  while ((m = lc.multi_info_read(l->multi, &left)) != NULL) {
+    if (m->msg != CURLMSG_DONE) continue;
+    char *p = NULL;
+    CURLcode code = m->data.result; /* m dies with the handle's removal */
+    lc.easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, &p);
+    if (p != NULL) attempt_done(l, (lp_hreq *)(void *)p, code);
+  }
+}
+
+static void fire_timers(lp_hloop *l) {
+  double now = luapool__now();
+  while (l->nheap > 0 && l->heap[0]->wake <= now) {
+    lp_hreq *r = l->heap[0];
+    heap_remove(l, r);
+    enqueue(l, r);
+  }
+}
+
+/* }====== */
+
+/* {====== libcurl's socket and timer callbacks */
+
+static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp) {
+  lp_hloop *l = ud;
+  struct epoll_event ev;
+  (void)e, (void)sockp;
+  if (what == CURL_POLL_REMOVE) {
+    epoll_ctl(l->ep, EPOLL_CTL_DEL, s, NULL); /* (already gone if closed) */
+    return 0;
+  }
+  memset(&ev, 0, sizeof ev);
+  ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0u) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0u);
+  ev.data.fd = s;
+  /* a descriptor libcurl closed without REMOVE and reopened is new to epoll */
+  if (epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
+    epoll_ctl(l->ep, EPOLL_CTL_ADD, s, &ev);
+  return 0;
+}
+
+static int on_timer(CURLM *m, long ms, void *ud) {
+  lp_hloop *l = ud;
+  (void)m;
+  l->timer_at = ms < 0 ? -1 : luapool__now() + (double)ms / 1000.0;
+  return 0;
+}
+
+/* }====== */
+
+/* {====== the loop */
+
+/* libcurl 7.x makes the multi handle's wake-up socket pair without
+** close-on-exec: the AF_UNIX sockets that appeared during multi_init and
+** lack the flag get it. */
+#define FD_SCAN 1024
+
+static CURLM *new_multi(void) {
+  unsigned char before[FD_SCAN];
+  for (int fd = 0; fd < FD_SCAN; fd++)
+    before[fd] = fcntl(fd, F_GETFD) >= 0;
+  CURLM *m = lc.multi_init();
+  for (int fd = 0; fd < FD_SCAN; fd++) {
+    if (before[fd]) continue;
+    int fl = fcntl(fd, F_GETFD);
+    if (fl < 0 || (fl & FD_CLOEXEC)) continue;
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    memset(&ss, 0, sizeof ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && len >= sizeof ss.ss_family &&
+        ss.ss_family == AF_UNIX)
+      fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
+  }
+  return m;
+}
+
+lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz) {
+  lp_hloop *l = calloc(1, sizeof *l);
+  if (l == NULL) {
+    snprintf(err, errsz, "not enough memory");
+    return NULL;
+  }
+  l->ep = l->ev = -1;
+  l->timer_at = -1;
+  l->per_host = lim ? lim->per_host : 0;
+  l->max_conn = lim ? lim->max_connections : 0;
+  l->rng = (uint64_t)(uintptr_t)l ^ (uint64_t)(luapool__now() * 1e9) ^ 0x9e3779b97f4a7c15ULL;
+  if (l->rng == 0) l->rng = 1;
+  l->ep = epoll_create1(EPOLL_CLOEXEC);
+  if (l->ep >= 0) l->ev = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (l->ep < 0 || l->ev < 0) {
+    int e = errno;
+    if (e == EMFILE || e == ENFILE)
+      fd_message(err, errsz, e);
+    else
+      snprintf(err, errsz, "cannot make an event loop (%s)", strerror(e));
+    goto fail;
+  }
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof ev);
+  ev.events = EPOLLIN;
+  ev.data.fd = l->ev;
+  if (epoll_ctl(l->ep, EPOLL_CTL_ADD, l->ev, &ev) != 0) {
+    snprintf(err, errsz, "cannot make an event loop (%s)", strerror(errno));
+    goto fail;
+  }
+  l->multi = new_multi();
+  if (l->multi == NULL) {
+    snprintf(err, errsz, "not enough memory");
+    goto fail;
+  }
+  lc.multi_setopt(l->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+  lc.multi_setopt(l->multi, CURLMOPT_SOCKETDATA, (void *)l);
+  lc.multi_setopt(l->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+  lc.multi_setopt(l->multi, CURLMOPT_TIMERDATA, (void *)l);
+  /* libcurl's limits agree with the admission (never reached by it); the
+  ** cache keeps as many idle connections as may be busy at once. */
+  if (l->per_host > 0) lc.multi_setopt(l->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)l->per_host);
+  if (l->max_conn > 0) {
+    lc.multi_setopt(l->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)l->max_conn);
+    lc.multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)l->max_conn);
+  }
+  return l;
+fail:
+  if (l->ev >= 0) close(l->ev);
+  if (l->ep >= 0) close(l->ep);
+  free(l);
+  return NULL;
+}
+
+void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud) {
+  double now = luapool__now(), t1 = r->timeout > 0 ? now + r->timeout : 0;
+  r->loop = l;
+  r->done = done;
+  r->ud = ud;
+  r->added = now;
+  r->result = LP_H_PENDING;
+  r->attempts = 0;
+  r->end_by = t1;
+  r->end_by_task = 0;
+  if (r->deadline > 0 && (t1 == 0 || r->deadline <= t1))
+    r->end_by = r->deadline, r->end_by_task = 1;
+  r->anext = l->all;
+  r->aprev = NULL;
+  if (l->all) l->all->aprev = r;
+  l->all = r;
+  l->owned++;
+  char *key = host_key(r->url);
+  r->host = key ? host_get(l, key) : NULL;
+  free(key);
+  if (r->host == NULL || l->closing) {
+    r->state = R_NEW;
+    fail(l, r, CURLE_OUT_OF_MEMORY, l->closing ? "loop closed" : "not enough memory");
+    return;
+  }
+  enqueue(l, r);
+}
+
+void luapool__hloop_abort(lp_hloop *l, lp_hreq *r, const char *why) {
+  switch (r->state) {
+    case R_QUEUED: queue_unlink(r, &r->host->qh, &r->host->qt); break;
+    case R_WAITING: heap_remove(l, r); break;
+    case R_RUNNING: detach(l, r); break;
+    case R_FINISHED: /* it ended first: its own result stands */
+      queue_unlink(r, &l->fin_h, &l->fin_t);
+      callback(l, r);
+      return;
+    default: return; /* not the loop's */
+  }
+  r->code = CURLE_ABORTED_BY_CALLBACK;
+  snprintf(r->err, sizeof r->err, "%s", why ? why : "aborted");
+  r->result = LP_H_ABORTED;
+  r->t.total = luapool__now() - r->added;
+  callback(l, r);
+  pump(l); /* its slot is free */
+}
+
+size_t luapool__hloop_run(lp_hloop *l, double max_wait) {
+  struct epoll_event evs[EPOLL_BATCH];
+  int running = 0;
+  run_finished(l);
+  fire_timers(l);
+  double now = luapool__now(), wait = max_wait;
+  if (l->fin_h) wait = 0;
+  if (l->timer_at >= 0 && l->timer_at - now < wait) wait = l->timer_at - now;
+  if (l->nheap && l->heap[0]->wake - now < wait) wait = l->heap[0]->wake - now;
+  int ms = wait <= 0 ? 0 : wait > 1e6 ? 1000000000 : (int)ceil(wait * 1000.0);
+  int n = epoll_wait(l->ep, evs, EPOLL_BATCH, ms);
+  for (int i = 0; i < n; i++) {
+    int fd = evs[i].data.fd;
+    if (fd == l->ev) {
+      uint64_t v;
+      while (read(l->ev, &v, sizeof v) == (ssize_t)sizeof v) {
+      }
+      atomic_store(&l->woken, 0);
+      continue;
+    }
+    int mask = 0;
+    if (evs[i].events & EPOLLIN) mask |= CURL_CSELECT_IN;
+    if (evs[i].events & EPOLLOUT) mask |= CURL_CSELECT_OUT;
+    if (evs[i].events & (EPOLLERR | EPOLLHUP)) mask |= CURL_CSELECT_ERR;
+    lc.multi_socket_action(l->multi, fd, mask, &running);
+  }
+  if (l->timer_at >= 0 && luapool__now() >= l->timer_at) {
+    l->timer_at = -1; /* (libcurl sets the next one while it runs) */
+    lc.multi_socket_action(l->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  }
+  read_messages(l);
+  fire_timers(l);
+  run_finished(l);
+  return l->owned;
+}
+
+void luapool__hloop_wakeup(lp_hloop *l) {
+  if (atomic_exchange(&l->woken, 1)) return; /* one pending write wakes it */
+  uint64_t one = 1;
+  ssize_t w = write(l->ev, &one, sizeof one);
+  (void)w; /* EAGAIN: the counter is full, so it is readable anyway */
+}
+
+size_t luapool__hloop_owned(const lp_hloop *l) { return l->owned; }
+size_t luapool__hloop_in_flight(const lp_hloop *l) { return l->in_flight; }
+
+void luapool__hloop_free(lp_hloop *l) {
+  if (l == NULL) return;
+  l->closing = 1; /* aborting frees slots: start nothing in them */
+  while (l->all)
+    luapool__hloop_abort(l, l->all, "loop closed");
+  for (int i = 0; i < l->nidle; i++)
+    lc.easy_cleanup(l->idle[i]);
+  if (l->multi) lc.multi_cleanup(l->multi); /* closes cached connections (epoll still open) */
+  for (size_t i = 0; i < l->nbuckets; i++)
+    for (hhost *e = l->buckets[i], *n; e; e = n) {
+      n = e->next;
+      free(e);
+    }
+  free(l->buckets);
+  free(l->heap);
+  close(l->ev);
+  close(l->ep);
+  free(l);
+}
+
+/* }====== */
+
+/* {====== requests */
+
+static int is_tchar(int c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+         (c && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+}
+
+int luapool__http_token(const char *s) {
+  if (s[0] == '\0') return 0;
+  for (; *s; s++)
+    if (!is_tchar((unsigned char)*s)) return 0;
+  return 1;
+}
+
+lp_hreq *luapool__hreq_new(const lp_hreq_opts *o, char *err, size_t errsz) {
+  const char *m = o->method ? o->method : "GET";
+  if (!luapool__http_token(m)) {
+    snprintf(err, errsz, "method: HTTP token expected");
+    return NULL;
+  }
+  lp_hreq *r = calloc(1, sizeof *r);
+  if (r == NULL) goto oom;
+  r->state = R_NEW;
+  r->url = dupstr(o->url);
+  r->method = dupstr(m);
+  if (r->url == NULL || r->method == NULL) goto oom;
+  for (size_t i = 0; i < o->nheaders; i++) {
+    struct curl_slist *s = lc.slist_append(r->hdrs, o->headers[i]);
+    if (s == NULL) goto oom; /* (the old list is intact, freed below) */
+    r->hdrs = s;
+  }
+  if (o->body != NULL) {
+    r->has_body = 1;
+    r->body_len = o->body_len;
+    r->body = malloc(o->body_len ? o->body_len : 1);
+    if (r->body == NULL) goto oom;
+    memcpy(r->body, o->body, o->body_len);
+  }
+  static const char *const idem[] = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE", NULL};
+  for (int i = 0; idem[i]; i++)
+    if (strcmp(m, idem[i]) == 0) r->idempotent = 1;
+  r->head = strcmp(m, "HEAD") == 0;
+  r->timeout = o->timeout;
+  r->connect_timeout = o->connect_timeout;
+  r->deadline = o->deadline;
+  r->retries = o->retries > 0 ? o->retries : 0;
+  r->retry_delay = o->retry_delay;
+  r->retry_all = o->retry_all;
+  r->max_redirs = o->max_redirs > 0 ? o->max_redirs : 0;
+  r->count_only = o->count_only;
+  return r;
+oom:
+  luapool__hreq_free(r);
+  snprintf(err, errsz, "not enough memory");
+  return NULL;
+}
+
+void luapool__hreq_free(lp_hreq *r) {
+  if (r == NULL) return;
+  free(r->url);
+  free(r->method);
+  if (r->hdrs) lc.slist_free_all(r->hdrs);
+  free(r->body);
+  free(r->rbody);
+  free(r->hdr);
+  free(r->eff);
+  free(r);
+}
+
+int luapool__hreq_state(const lp_hreq *r) { return r->result; }
+long luapool__hreq_status(const lp_hreq *r) { return r->status; }
+const char *luapool__hreq_body(const lp_hreq *r, size_t *len) {
+  *len = r->blen;
+  return r->blen ? r->rbody : NULL;
+}
+char *luapool__hreq_take_body(lp_hreq *r, size_t *len) {
+  char *b = r->rbody;
+  *len = r->blen;
+  r->rbody = NULL;
+  r->blen = r->bcap = 0;
+  return b;
+}
+uint64_t luapool__hreq_length(const lp_hreq *r) { return r->count; }
+const char *luapool__hreq_headers(const lp_hreq *r, size_t *len) {
+  *len = r->hlen;
+  return r->hlen ? r->hdr : NULL;
+}
+const char *luapool__hreq_url(const lp_hreq *r) { return r->eff ? r->eff : r->url; }
+const char *luapool__hreq_method(const lp_hreq *r) { return r->method; }
+int luapool__hreq_attempts(const lp_hreq *r) { return r->attempts; }
+void luapool__hreq_timings(const lp_hreq *r, lp_htimings *t) { *t = r->t; }
+const char *luapool__hreq_error(const lp_hreq *r) { return r->err; }
+int luapool__hreq_curlcode(const lp_hreq *r) { return (int)r->code; }
+
+/* }====== */

@@ -10,5 +10,6 @@
 const lp_engine *const luapool__engines[] = {
     &luapool__thread_engine,
     &luapool__process_engine,
+    &luapool__io_engine,
     NULL,
 };

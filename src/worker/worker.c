@@ -530,7 +530,8 @@ struct lp_cotask {
   uint64_t task_no;
   int64_t item_lo;
   int aborted, in_call;
-  int ended; /* the reply is whole */
+  int started; /* resumed once */
+  int ended;   /* the reply is whole */
 };
 
 static int co_loop(lua_State *L, run_ctx *rc);
@@ -610,7 +611,19 @@ lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double ca
     rc->kernel = luapool__peek_kernel(rc->r); /* (its Lua face, in Lua) */
   }
   rc->mark = t->out.len;
+  lua_State *L = luapool__worker_lua(ws);
+  if (L == NULL) goto nomem;
+  lua_pushcfunction(L, co_create);
+  lua_pushlightuserdata(L, t);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    lua_pop(L, 1);
+    goto nomem;
+  }
   return t;
+nomem:
+  luapool__buf_free(&t->out);
+  free(t);
+  return NULL;
 }
 
 /* Gives ws the task's part (in), or takes it back (out). */
@@ -645,27 +658,10 @@ static int co_fail_rest(lp_cotask *t, const char *m) {
 int luapool__co_resume(lp_cotask *t) {
   if (t->ended) return LP_CO_DONE;
   lp_wstate *ws = t->ws;
-  lua_State *L = luapool__worker_lua(ws);
-  if (L == NULL) {
-    if (co_fail_rest(t, "cannot create a Lua state: not enough memory")) return -1;
-    co_finish(t);
-    return LP_CO_DONE;
-  }
-  int nargs = 0;
-  if (t->co == NULL) {
-    lua_pushcfunction(L, co_create);
-    lua_pushlightuserdata(L, t);
-    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-      lua_pop(L, 1);
-      t->co = NULL;
-      if (co_fail_rest(t, "cannot start a coroutine: not enough memory")) return -1;
-      co_finish(t);
-      return LP_CO_DONE;
-    }
-    nargs = 1;
-  }
+  int nargs = t->started ? 0 : 1; /* co_body's argument */
+  t->started = 1;
   co_swap(t, 1);
-  int nres, st = lua_resume(t->co, L, nargs, &nres);
+  int nres, st = lua_resume(t->co, ws->L, nargs, &nres);
   co_swap(t, 0);
   if (st == LUA_YIELD) {
     lua_pop(t->co, nres);

@@ -33,13 +33,14 @@ void luapool__deadline_message(char *m, size_t sz, uint64_t task_no, int64_t ite
 ** task's deadline and numbers, and takes them back). */
 typedef struct lp_cotask lp_cotask;
 enum { LP_CO_YIELD = 1, LP_CO_DONE = 2 };
-/* NULL when out of memory.  Nothing runs until the first resume. */
+/* NULL when out of memory.  Its coroutine exists (made in ws's state,
+** which is created if need be), but nothing runs until the first resume. */
 lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double call_timeout,
                            uint64_t task_no, int64_t item_lo);
 /* Runs the task until it yields (LP_CO_YIELD) or its reply is whole
 ** (LP_CO_DONE); -1 when out of memory building it. */
 int luapool__co_resume(lp_cotask *t);
-/* Its coroutine (NULL before the first resume). */
+/* Its coroutine. */
 lua_State *luapool__co_thread(const lp_cotask *t);
 /* The running call's deadline (luapool__now() time; 0: none). */
 double luapool__co_deadline(const lp_cotask *t);

@@ -79,8 +79,10 @@ typedef struct lp_wstate {
 ** over, k(L, LUA_YIELD, ctx) runs in its place (lua_yieldk): its results
 ** are the call's.  A task stopped meanwhile (cancelled, past its
 ** deadline, Ctrl-C, a closing pool) is never resumed: the loop ends the
-** wait (a request is aborted and freed by the loop) and k never runs, so
-** nothing but the request may be held in C across the wait. */
+** wait (a request is aborted: its done callback has run, LP_H_ABORTED)
+** and k never runs; the coroutine is closed, so what is held across the
+** wait must be owned by something the coroutine's collection frees (the
+** request itself too: the loop never frees it). */
 struct lp_hloop;
 struct lp_hreq;
 typedef struct lp_io_ops {

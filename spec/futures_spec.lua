@@ -146,6 +146,8 @@ for _, kind in ipairs(h.engines) do
       end)
 
       it("is false for a running future, true only while pending", function()
+        -- (an iopool aborts a running task's I/O and cancels it: iopool_spec)
+        if kind == "iopool" then return pending("a running iopool task can be cancelled") end
         local pool <close> = new { max_workers = 1 }
         local running = pool:submit(sleeper(0.3, 1))
         local queued = pool:submit(sleeper(0, 2))
@@ -241,7 +243,7 @@ for _, kind in ipairs(h.engines) do
 
     describe("map options", function()
       it("raises the first task error and cancels what has not started", function()
-        local pool <close> = new { max_workers = 1 }
+        local pool <close> = new(h.serial(kind, { max_workers = 1 }))
         local started = {}
         local ok, err = pcall(pool.map, pool, function(x)
           if x == 2 then error("item two") end

@@ -318,6 +318,18 @@ static void task_kill(ioloop *lp, io_task *t, int how) {
   ready(lp, t);
 }
 
+/* The running call of t, parked, passed its deadline: its wait ends and
+** it resumes with the hook set to stop the call (io_hook). */
+static void io_hook(lua_State *L, lua_Debug *ar);
+static void task_deadline(ioloop *lp, io_task *t) {
+  if (t->co == NULL || t->kill) return;
+  timer_stop(lp, &t->tw);
+  if (t->wait == W_REQ && t->req) luapool__hloop_abort(lp->hl, t->req, "deadline");
+  t->wait = W_NONE;
+  lua_sethook(luapool__co_thread(t->co), io_hook, LUA_MASKCOUNT, 1);
+  ready(lp, t);
+}
+
 /* Frees an ended task and gives its place back. */
 static void task_free(ioloop *lp, io_task *t) {
   lp_pool *p = lp->p;
@@ -376,11 +388,17 @@ static void end_killed_co(ioloop *lp, io_task *t) {
   }
 }
 
+static int use_paths(ioloop *lp, lp_future *f);
+
 /* Runs a ready Lua task until it parks or ends. */
 static void run_co(ioloop *lp, io_task *t) {
   size_t len;
   if (t->kill) {
     end_killed_co(lp, t);
+    task_free(lp, t);
+    return;
+  }
+  if (use_paths(lp, t->f) != 0) { /* (the paths it was submitted with) */
     task_free(lp, t);
     return;
   }
@@ -589,15 +607,20 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
   }
   int kill = K_NONE;
   const char *why = NULL;
+  if (ws->deadline > 0 && luapool__now() >= ws->deadline) {
+    /* The call alone ends (a map chunk's next calls still run), as on a
+    ** thread worker: raised at every instruction until the call is left,
+    ** so no pcall in it can swallow the stop; the reply says TIMEOUT. */
+    lua_sethook(L, io_hook, LUA_MASKCOUNT, 1);
+    luaL_error(L, "interrupted: the task's deadline passed");
+    return;
+  }
   if (atomic_load(&lp->intr_gen) != lp->intr_seen) {
     kill = K_INTR;
     why = "interrupted: Ctrl-C";
   } else if (atomic_load(&lp->closing_intr)) {
     kill = K_CLOSE;
     why = "interrupted: the pool was closed";
-  } else if (ws->deadline > 0 && luapool__now() >= ws->deadline) {
-    kill = K_DEADLINE;
-    why = "interrupted: the task's deadline passed";
   } else if (t && atomic_load(&lp->cancel_pending) && luapool__future_state(t->f) == LP_CANCELLED) {
     kill = K_CANCEL;
     why = "interrupted: the task was cancelled";
@@ -806,6 +829,15 @@ static void begin_task(ioloop *lp, lp_future *f) {
     task_free(lp, t);
     return;
   }
+  if (p->init_msg) { /* taken with others before the initializer failed */
+    pthread_mutex_lock(&p->mu);
+    if (p->broken) luapool__future_fail(f, LP_EK_BROKEN, "%s", p->broken);
+    pthread_mutex_unlock(&p->mu);
+    if (luapool__future_state(f) != LP_RUNNING) {
+      task_free(lp, t);
+      return;
+    }
+  }
   if (nat != 0 || is_kernel_msg(f->msg, f->msglen)) {
     int stopped;
     if (run_inline(lp, f->msg, f->msglen, f->timeout, f->task_no, f->item_lo, &stopped) != 0)
@@ -914,7 +946,7 @@ static void *loop_main(void *arg) {
       io_task *t = tm->t;
       timer_stop(lp, tm);
       if (tm == &t->td) {
-        task_kill(lp, t, K_DEADLINE);
+        task_deadline(lp, t);
       } else if (t->wait == W_TIMER) {
         t->wait = W_NONE;
         ready(lp, t);

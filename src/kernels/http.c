@@ -326,6 +326,8 @@ static void box_free(req_box *b) {
   free(b->lines);
   b->lines = NULL;
   b->nlines = b->cap = 0;
+  /* (a coroutine collected while its request is in an engine's loop) */
+  if (b->r) luapool__hreq_forget(b->r);
   luapool__hreq_free(b->r);
   b->r = NULL;
 }
@@ -566,7 +568,8 @@ static int push_result(lua_State *L, lp_hreq *r, int request) {
   const char *url = luapool__hreq_url(r);
   if (luapool__hreq_state(r) != LP_H_OK) {
     luaL_pushfail(L);
-    lua_pushfstring(L, "%s %s: %s", luapool__hreq_method(r), url, luapool__hreq_error(r));
+    lua_pushfstring(L, "%s %s: %s", luapool__hreq_method(r), luapool__hreq_target(r),
+                    luapool__hreq_error(r));
     return 2;
   }
   lp_htimings t;
@@ -600,6 +603,50 @@ static int push_result(lua_State *L, lp_hreq *r, int request) {
   return 1;
 }
 
+/* {====== yielding on an engine's loop thread (httploop.h) */
+
+const char luapool__http_yield_marker = 0;
+static _Thread_local lp_hloop *yield_loop;
+
+void luapool__http_set_thread_loop(lp_hloop *l) { yield_loop = l; }
+lp_hloop *luapool__http_thread_loop(void) { return yield_loop; }
+
+/* }====== */
+
+/* The end of a call whose request ended: the result (see push_result), or
+** an error for a stopped one.  The box is at index 3 in both functions. */
+static int end_call(lua_State *L, req_box *b, int request, int yielded) {
+  double deadline;
+  const lp_interrupt *intr = luapool__lua_interrupt(L, &deadline);
+  lp_hreq *r = b->r;
+  switch (luapool__hreq_state(r)) {
+    case LP_H_ABORTED:
+      /* Stopped (Ctrl-C in the main state; in a task its stop or its
+      ** deadline; an engine's abort): an error, as fetch_length's, not a
+      ** failed request the task could take for an answer. */
+      lua_pushfstring(L, "%s %s: %s", luapool__hreq_method(r), luapool__hreq_target(r),
+                      luapool__hreq_error(r));
+      box_free(b);
+      if (intr == NULL && !yielded) luapool__check_signal(L);
+      return lua_error(L);
+    case LP_H_DEADLINE:
+      /* The deadline marks the task stopped by it, so its worker reports
+      ** the timeout. */
+      luapool__stop_self(intr);
+      lua_pushfstring(L, "%s %s: %s", luapool__hreq_method(r), luapool__hreq_target(r),
+                      luapool__hreq_error(r));
+      box_free(b);
+      return lua_error(L);
+    default: return push_result(L, r, request);
+  }
+}
+
+/* Resumed by the engine once the request ended. */
+static int http_continue(lua_State *L, int status, lua_KContext request) {
+  (void)status;
+  return end_call(L, luaL_checkudata(L, 3, REQ_BOX_MT), (int)request, 1);
+}
+
 /* The body of both functions: url (a string), options read from the table
 ** at opts (0: none). */
 static int http_call(lua_State *L, const char *fname, const char *url, int opts, int allowed) {
@@ -612,12 +659,19 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   o.url = url;
   o.max_redirs = LP_HMAX_REDIRS;
   o.retry_delay = -1;
-  req_box *b = new_box(L);
+  req_box *b = new_box(L); /* index 3 */
   if (opts) read_options(L, opts, fname, allowed, &o, b);
   const char *method = o.method ? o.method : "GET";
   o.deadline = deadline;
+  lp_hloop *yl = yield_loop;
+  if (yl != NULL && !lua_isyieldable(L))
+    return luaL_error(L,
+                      "luapool.http.%s: cannot yield here (inside a metamethod or a C function "
+                      "such as table.sort's comparator); make the request in the task's own "
+                      "code (a pcall is fine) and pass the result in",
+                      fname);
 
-  lp_hloop *l = private_loop(err, sizeof err);
+  lp_hloop *l = yl ? yl : private_loop(err, sizeof err);
   if (l != NULL) b->r = luapool__hreq_new(&o, err, sizeof err);
   for (size_t i = 0; i < b->nlines; i++) /* copied into the request */
     free(b->lines[i]);
@@ -627,29 +681,19 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
     lua_pushfstring(L, "%s %s: %s", method, url, err);
     return 2;
   }
+  int request = (allowed & O_URL) != 0;
+  if (yl != NULL) {
+    lua_pushlightuserdata(L, (void *)&luapool__http_yield_marker);
+    lua_pushlightuserdata(L, b->r);
+    return lua_yieldk(L, 2, (lua_KContext)request, http_continue);
+  }
   if (luapool__interrupted(intr) || (intr == NULL && luapool__signal_for_me())) {
     box_free(b);
     if (intr == NULL) luapool__check_signal(L);
     return luaL_error(L, "%s %s: interrupted", method, url);
   }
   run_blocking(l, b->r, intr);
-  switch (luapool__hreq_state(b->r)) {
-    case LP_H_ABORTED:
-      /* Stopped (Ctrl-C in the main state; in a task its stop or its
-      ** deadline): an error, as fetch_length's, not a failed request the
-      ** task could take for an answer. */
-      box_free(b);
-      if (intr == NULL) luapool__check_signal(L);
-      return luaL_error(L, "%s %s: interrupted", method, url);
-    case LP_H_DEADLINE:
-      /* The deadline marks the task stopped by it, so its worker reports
-      ** the timeout. */
-      luapool__stop_self(intr);
-      lua_pushfstring(L, "%s %s: %s", method, url, luapool__hreq_error(b->r));
-      box_free(b);
-      return lua_error(L);
-    default: return push_result(L, b->r, allowed & O_URL);
-  }
+  return end_call(L, b, request, 0);
 }
 
 int luapool__http_get(lua_State *L) {

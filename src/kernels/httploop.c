@@ -36,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h> /* strncasecmp */
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/resource.h>
@@ -804,9 +805,14 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
     snprintf(err, errsz, "cannot make an event loop (%s)", strerror(errno));
     goto fail;
   }
+  errno = 0;
   l->multi = new_multi();
   if (l->multi == NULL) {
-    snprintf(err, errsz, "not enough memory");
+    /* (libcurl 7.x makes a socket pair in multi_init) */
+    if (errno == EMFILE || errno == ENFILE)
+      fd_message(err, errsz, errno);
+    else
+      snprintf(err, errsz, "not enough memory");
     goto fail;
   }
   lc.multi_setopt(l->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
@@ -856,16 +862,40 @@ void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud) {
   enqueue(l, r);
 }
 
-void luapool__hloop_abort(lp_hloop *l, lp_hreq *r, const char *why) {
+/* Takes r out of wherever it waits in l (not out of l->all); 1 when it
+** was still running or waiting, 0 when it had already ended (R_FINISHED)
+** or is not the loop's (-1). */
+static int take_out(lp_hloop *l, lp_hreq *r) {
   switch (r->state) {
-    case R_QUEUED: queue_unlink(r, &r->host->qh, &r->host->qt); break;
-    case R_WAITING: heap_remove(l, r); break;
-    case R_RUNNING: detach(l, r); break;
-    case R_FINISHED: /* it ended first: its own result stands */
-      queue_unlink(r, &l->fin_h, &l->fin_t);
-      callback(l, r);
-      return;
-    default: return; /* not the loop's */
+    case R_QUEUED: queue_unlink(r, &r->host->qh, &r->host->qt); return 1;
+    case R_WAITING: heap_remove(l, r); return 1;
+    case R_RUNNING: detach(l, r); return 1;
+    case R_FINISHED: queue_unlink(r, &l->fin_h, &l->fin_t); return 0;
+    default: return -1;
+  }
+}
+
+void luapool__hreq_forget(lp_hreq *r) {
+  lp_hloop *l = r->loop;
+  if (l == NULL || take_out(l, r) < 0) return;
+  if (r->anext) r->anext->aprev = r->aprev;
+  if (r->aprev)
+    r->aprev->anext = r->anext;
+  else
+    l->all = r->anext;
+  r->anext = r->aprev = NULL;
+  r->state = R_DONE;
+  r->loop = NULL;
+  l->owned--;
+  pump(l);
+}
+
+void luapool__hloop_abort(lp_hloop *l, lp_hreq *r, const char *why) {
+  int was = take_out(l, r);
+  if (was < 0) return; /* not the loop's */
+  if (was == 0) {      /* it ended first: its own result stands */
+    callback(l, r);
+    return;
   }
   r->code = CURLE_ABORTED_BY_CALLBACK;
   snprintf(r->err, sizeof r->err, "%s", why ? why : "aborted");
@@ -906,6 +936,7 @@ size_t luapool__hloop_run(lp_hloop *l, double max_wait) {
     lc.multi_socket_action(l->multi, CURL_SOCKET_TIMEOUT, 0, &running);
   }
   read_messages(l);
+  pump(l); /* into the slots the ended transfers freed */
   fire_timers(l);
   run_finished(l);
   return l->owned;
@@ -1031,6 +1062,7 @@ const char *luapool__hreq_headers(const lp_hreq *r, size_t *len) {
   return r->hlen ? r->hdr : NULL;
 }
 const char *luapool__hreq_url(const lp_hreq *r) { return r->eff ? r->eff : r->url; }
+const char *luapool__hreq_target(const lp_hreq *r) { return r->url; }
 const char *luapool__hreq_method(const lp_hreq *r) { return r->method; }
 int luapool__hreq_attempts(const lp_hreq *r) { return r->attempts; }
 void luapool__hreq_timings(const lp_hreq *r, lp_htimings *t) { *t = r->t; }

@@ -100,6 +100,10 @@ void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud);
 ** waiting to retry): its callback runs before this returns, with
 ** LP_H_ABORTED and why (copied) as the error. */
 void luapool__hloop_abort(lp_hloop *l, lp_hreq *r, const char *why);
+/* Takes r out of the loop that owns it (any state) without running its
+** callback: for an owner that goes away first (a coroutine collected with
+** its request in flight).  Nothing when no loop owns r. */
+void luapool__hreq_forget(lp_hreq *r);
 /* Runs transfers, retry timers and callbacks, waiting at most max_wait
 ** seconds for something to happen (0: do what is ready, never wait) or
 ** until luapool__hloop_wakeup.  Returns how many requests the loop still
@@ -122,7 +126,8 @@ uint64_t luapool__hreq_length(const lp_hreq *r); /* body bytes received */
 /* The last response's header lines as received ("Name: value\r\n"...,
 ** status line included; kept also when count_only, for Retry-After). */
 const char *luapool__hreq_headers(const lp_hreq *r, size_t *len);
-const char *luapool__hreq_url(const lp_hreq *r); /* final URL, after redirects */
+const char *luapool__hreq_url(const lp_hreq *r);    /* final URL, after redirects */
+const char *luapool__hreq_target(const lp_hreq *r); /* the URL as requested */
 const char *luapool__hreq_method(const lp_hreq *r);
 int luapool__hreq_attempts(const lp_hreq *r);
 void luapool__hreq_timings(const lp_hreq *r, lp_htimings *t);
@@ -132,6 +137,39 @@ void luapool__hreq_timings(const lp_hreq *r, lp_htimings *t);
 const char *luapool__hreq_error(const lp_hreq *r);
 /* For LP_H_FAILED: the libcurl error code (CURLcode) of the last attempt. */
 int luapool__hreq_curlcode(const lp_hreq *r);
+
+/* {====== Lua tasks on a loop thread: http.request / http.get yield
+**
+** The engine, on its loop thread, calls luapool__http_set_thread_loop(l)
+** (NULL to stop).  From then on, on that thread, luapool.http.request and
+** luapool.http.get called from a coroutine do not block: they check their
+** options (raising as usual), make the request and yield exactly two light
+** userdata:
+**     &luapool__http_yield_marker, the lp_hreq *
+** The engine recognises the marker (lua_touserdata(co, -2) == the address),
+** pops both, and hands the request to its loop: luapool__hloop_add(l, r,
+** its_callback, its_task).  When the callback has run, it resumes the
+** coroutine with no values (lua_resume(co, from, 0, &n)); the call then
+** returns what the blocking one would (the result table, or nil and
+** "METHOD URL: reason"), or raises "METHOD URL: WHY" for a request the
+** engine aborted with WHY (luapool__hloop_abort), "METHOD URL: Timeout was
+** reached" at opts.deadline (the task's, from luapool__lua_interrupt).
+** The coroutine owns r (a userdata on its stack frees it): the engine never
+** frees it.  An engine that gives up a coroutine whose request is still in
+** its loop (a cancelled task) takes the request out first, so that no
+** callback comes for a task that is gone: luapool__hloop_abort (its
+** callback runs now: do not resume) or luapool__hreq_forget (none runs).
+** (Collecting the coroutine forgets it too, but only at the next GC.)
+** Where the coroutine cannot yield (lua_isyieldable false: inside a
+** metamethod, a C function's callback such as table.sort's comparator, or
+** outside any coroutine), the call raises
+**   "luapool.http.request: cannot yield here (...); ..." (or http.get).
+** fetch_length called as a Lua function keeps blocking (the kernel's Lua
+** face is registry.c's); the engine runs it natively instead. */
+extern const char luapool__http_yield_marker;
+void luapool__http_set_thread_loop(lp_hloop *l);
+lp_hloop *luapool__http_thread_loop(void);
+/* }====== */
 
 /* Is s an HTTP token (a method name: RFC 9110 tchar, at least one)? */
 int luapool__http_token(const char *s);

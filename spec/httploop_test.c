@@ -1,0 +1,644 @@
+/*
+** The HTTP event loop (src/kernels/httploop.h) against the nginx fixture:
+** thousands of slow requests on one loop, per-host admission, abort,
+** retries with Retry-After as timers, running out of descriptors, wakeup,
+** freeing a busy loop.
+**
+**   httploop_test [bench]
+**
+** The fixture: $LUAPOOL_FIXTURE_URL if set, else one started for the run
+** by `lua5.4` with lua/luapool/fixture.lua ($LUAPOOL_SOURCE_DIR/lua), kept
+** alive by a pipe to its stdin: when this program ends (however), the pipe
+** closes and the fixture stops.  "bench" adds the measurements (printed,
+** never asserted): 20,000 small fetches on one loop, 10,000 x 1 s requests
+** on two loops in two threads.
+*/
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "base/util.h"
+#include "bind/luapool.h"
+#include "kernels/httploop.h"
+#include "kernels/kernel.h"
+
+static char base[256];
+static int failures;
+
+#define CHECK(cond, ...)                                                                           \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      failures++;                                                                                  \
+      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                              \
+      fprintf(stderr, __VA_ARGS__);                                                                \
+      fputc('\n', stderr);                                                                         \
+    }                                                                                              \
+  } while (0)
+
+/* {====== the fixture */
+
+static FILE *fixture_pipe;
+
+static void start_fixture(void) {
+  const char *env = getenv("LUAPOOL_FIXTURE_URL");
+  if (env && env[0]) {
+    snprintf(base, sizeof base, "%s", env);
+    return;
+  }
+  const char *src = getenv("LUAPOOL_SOURCE_DIR");
+  char urlfile[] = "/tmp/luapool-httploop-XXXXXX";
+  int fd = mkstemp(urlfile);
+  if (fd < 0) {
+    perror("mkstemp");
+    exit(2);
+  }
+  close(fd);
+  char cmd[2048];
+  snprintf(cmd, sizeof cmd,
+           "LUA_PATH='%s/lua/?.lua;;' lua5.4 -e '"
+           "local s = assert(require(\"luapool.fixture\").start{workers = 2})"
+           " local f = assert(io.open(\"%s\", \"w\")) f:write(s.base) f:close()"
+           " io.read(\"a\") s:stop()'",
+           src ? src : ".", urlfile);
+  fixture_pipe = popen(cmd, "w");
+  if (fixture_pipe == NULL) {
+    perror("popen");
+    exit(2);
+  }
+  double t0 = luapool__now();
+  while (luapool__now() - t0 < 30) {
+    FILE *f = fopen(urlfile, "r");
+    if (f) {
+      size_t n = fread(base, 1, sizeof base - 1, f);
+      fclose(f);
+      base[n] = '\0';
+      if (n > 0) break;
+    }
+    usleep(20000);
+  }
+  unlink(urlfile);
+  if (base[0] == '\0') {
+    fprintf(stderr, "httploop_test: the fixture did not start\n");
+    exit(2);
+  }
+}
+
+static void stop_fixture(void) {
+  if (fixture_pipe) pclose(fixture_pipe); /* EOF on its stdin: it stops nginx */
+}
+
+/* }====== */
+
+/* {====== helpers */
+
+typedef struct done_rec {
+  int calls, state, attempts;
+  long status;
+  double at; /* luapool__now() of the callback */
+  uint64_t length;
+  char err[512];
+} done_rec;
+
+static void on_done(lp_hreq *r, void *ud) {
+  done_rec *d = ud;
+  d->calls++;
+  d->state = luapool__hreq_state(r);
+  d->status = luapool__hreq_status(r);
+  d->attempts = luapool__hreq_attempts(r);
+  d->length = luapool__hreq_length(r);
+  d->at = luapool__now();
+  snprintf(d->err, sizeof d->err, "%s", luapool__hreq_error(r));
+  luapool__hreq_free(r); /* the contract: the callback's owner frees */
+}
+
+static lp_hreq *req(const char *path, int count_only) {
+  char url[512], err[256];
+  lp_hreq_opts o;
+  memset(&o, 0, sizeof o);
+  snprintf(url, sizeof url, "%s%s", base, path);
+  o.url = url;
+  o.max_redirs = LP_HMAX_REDIRS;
+  o.retry_delay = -1;
+  o.count_only = count_only;
+  lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+  if (r == NULL) {
+    fprintf(stderr, "hreq_new: %s\n", err);
+    exit(2);
+  }
+  return r;
+}
+
+static lp_hloop *loop(int per_host, int max_conn) {
+  char err[256];
+  lp_hloop_limits lim = {per_host, max_conn};
+  lp_hloop *l = luapool__hloop_new(&lim, err, sizeof err);
+  if (l == NULL) {
+    fprintf(stderr, "hloop_new: %s\n", err);
+    exit(2);
+  }
+  return l;
+}
+
+static void run_all(lp_hloop *l, double limit) {
+  double t0 = luapool__now();
+  while (luapool__hloop_owned(l) > 0 && luapool__now() - t0 < limit)
+    luapool__hloop_run(l, 0.05);
+}
+
+/* }====== */
+
+static void keep_done(lp_hreq *r, void *ud) {
+  (void)r;
+  *(int *)ud = 1;
+}
+
+/* "Writing: W" of stub_status, less the status request itself: requests
+** the server is answering now. */
+static int status_writing(lp_hloop *sl) {
+  char url[512], err[256];
+  lp_hreq_opts o;
+  memset(&o, 0, sizeof o);
+  snprintf(url, sizeof url, "%s/nginx_status", base);
+  o.url = url;
+  lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+  int done = 0, w = -1;
+  if (r == NULL) return -1;
+  luapool__hloop_add(sl, r, keep_done, &done);
+  while (!done)
+    luapool__hloop_run(sl, 0.05);
+  size_t len;
+  const char *b = luapool__hreq_body(r, &len);
+  char text[512];
+  if (b && len < sizeof text) {
+    memcpy(text, b, len);
+    text[len] = '\0';
+    const char *p = strstr(text, "Writing: ");
+    if (p) w = atoi(p + 9) - 1;
+  }
+  luapool__hreq_free(r);
+  return w;
+}
+
+/* {====== tests */
+
+static void test_many_slow(int n) {
+  lp_hloop *l = loop(0, 0);
+  done_rec *d = calloc((size_t)n, sizeof *d);
+  double t0 = luapool__now();
+  for (int i = 0; i < n; i++)
+    luapool__hloop_add(l, req("/sleep?s=0.5", 0), on_done, &d[i]);
+  run_all(l, 60);
+  double took = luapool__now() - t0;
+  int ok = 0;
+  for (int i = 0; i < n; i++)
+    ok += d[i].calls == 1 && d[i].state == LP_H_OK && d[i].status == 200 && d[i].length == 3;
+  CHECK(ok == n, "%d of %d answered (first error: %s)", ok, n, d[0].err);
+  /* sequential would be n * 0.5 s; a loaded 2-core machine still does it in seconds */
+  CHECK(took < 20, "took %.2f s", took);
+  printf("many_slow: %d x /sleep?s=0.5 on one loop: %.2f s\n", n, took);
+  luapool__hloop_free(l);
+  free(d);
+}
+
+static void test_per_host(void) {
+  lp_hloop *l = loop(10, 0), *sl = loop(0, 0);
+  done_rec d[40];
+  memset(d, 0, sizeof d);
+  double t0 = luapool__now();
+  for (int i = 0; i < 40; i++)
+    luapool__hloop_add(l, req("/sleep?s=0.5", 0), on_done, &d[i]);
+  size_t max_flight = 0;
+  int max_server = 0;
+  while (luapool__hloop_owned(l) > 0 && luapool__now() - t0 < 30) {
+    luapool__hloop_run(l, 0.02);
+    if (luapool__hloop_in_flight(l) > max_flight) max_flight = luapool__hloop_in_flight(l);
+    int w = status_writing(sl);
+    if (w > max_server) max_server = w;
+  }
+  double took = luapool__now() - t0;
+  int ok = 0;
+  for (int i = 0; i < 40; i++)
+    ok += d[i].state == LP_H_OK && d[i].status == 200;
+  CHECK(ok == 40, "%d of 40", ok);
+  CHECK(max_flight == 10, "at most %zu in flight", max_flight);
+  /* the server never saw more than 10 at once, and did see several */
+  CHECK(max_server <= 10 && max_server >= 5, "the server saw %d at once", max_server);
+  /* four rounds of 0.5 s */
+  CHECK(took >= 1.9 && took < 15, "took %.2f s", took);
+  printf("per_host: 40 x 0.5 s, per_host 10: %.2f s, %zu in flight at most, the server saw %d\n",
+         took, max_flight, max_server);
+  luapool__hloop_free(l);
+  luapool__hloop_free(sl);
+}
+
+static void test_abort(void) {
+  lp_hloop *l = loop(1, 0);
+  done_rec a, b;
+  memset(&a, 0, sizeof a);
+  memset(&b, 0, sizeof b);
+  lp_hreq *ra = req("/sleep?s=5", 0), *rb = req("/sleep?s=5", 0);
+  luapool__hloop_add(l, ra, on_done, &a);
+  luapool__hloop_add(l, rb, on_done, &b); /* queued behind ra: per_host 1 */
+  double t0 = luapool__now();
+  while (luapool__now() - t0 < 0.3)
+    luapool__hloop_run(l, 0.05);
+  CHECK(luapool__hloop_in_flight(l) == 1 && luapool__hloop_owned(l) == 2, "%zu/%zu",
+        luapool__hloop_in_flight(l), luapool__hloop_owned(l));
+  luapool__hloop_abort(l, rb, "cancelled"); /* queued */
+  CHECK(b.calls == 1 && b.state == LP_H_ABORTED && strcmp(b.err, "cancelled") == 0, "%d %d %s",
+        b.calls, b.state, b.err);
+  luapool__hloop_abort(l, ra, "cancelled"); /* in flight */
+  CHECK(a.calls == 1 && a.state == LP_H_ABORTED && strcmp(a.err, "cancelled") == 0, "%d %d %s",
+        a.calls, a.state, a.err);
+  CHECK(luapool__hloop_owned(l) == 0 && luapool__hloop_in_flight(l) == 0, "left %zu",
+        luapool__hloop_owned(l));
+  CHECK(luapool__now() - t0 < 2, "took %.2f", luapool__now() - t0);
+  /* the slot is free again: a new request runs */
+  done_rec c;
+  memset(&c, 0, sizeof c);
+  luapool__hloop_add(l, req("/bytes?n=7", 1), on_done, &c);
+  run_all(l, 10);
+  CHECK(c.state == LP_H_OK && c.length == 7, "%d %llu", c.state, (unsigned long long)c.length);
+
+  /* aborting one waiting to retry */
+  char url[512], err[256];
+  lp_hreq_opts o;
+  memset(&o, 0, sizeof o);
+  snprintf(url, sizeof url, "%s/status/503?retry_after=30", base);
+  o.url = url;
+  o.retries = 2;
+  lp_hreq *rw = luapool__hreq_new(&o, err, sizeof err);
+  done_rec w;
+  memset(&w, 0, sizeof w);
+  luapool__hloop_add(l, rw, on_done, &w);
+  t0 = luapool__now();
+  while (luapool__now() - t0 < 0.3)
+    luapool__hloop_run(l, 0.05);
+  CHECK(w.calls == 0 && luapool__hloop_owned(l) == 1 && luapool__hloop_in_flight(l) == 0,
+        "waiting: %d %zu", w.calls, luapool__hloop_owned(l));
+  luapool__hloop_abort(l, rw, "stop");
+  CHECK(w.calls == 1 && w.state == LP_H_ABORTED && w.attempts == 1, "%d %d %d", w.calls, w.state,
+        w.attempts);
+  luapool__hloop_free(l);
+}
+
+static void test_retry_after(void) {
+  enum { N = 100 };
+  lp_hloop *l = loop(0, 0);
+  done_rec d[N];
+  memset(d, 0, sizeof d);
+  char url[512], err[256];
+  double t0 = luapool__now();
+  for (int i = 0; i < N; i++) {
+    lp_hreq_opts o;
+    memset(&o, 0, sizeof o);
+    snprintf(url, sizeof url, "%s/flaky?fail=1&retry_after=1&key=c%ld-%d-%d", base, (long)getpid(),
+             (int)t0, i);
+    o.url = url;
+    o.retries = 2;
+    o.retry_delay = 0;
+    luapool__hloop_add(l, luapool__hreq_new(&o, err, sizeof err), on_done, &d[i]);
+  }
+  run_all(l, 30);
+  double took = luapool__now() - t0;
+  int ok = 0;
+  for (int i = 0; i < N; i++)
+    ok += d[i].state == LP_H_OK && d[i].status == 200 && d[i].attempts == 2 && d[i].at - t0 >= 0.95;
+  CHECK(ok == N, "%d of %d retried after 1 s (%d %ld %d)", ok, N, d[0].state, d[0].status,
+        d[0].attempts);
+  /* the waits are timers: 100 of them overlap */
+  CHECK(took < 5, "took %.2f s", took);
+  printf("retry_after: %d x (503 Retry-After: 1, then 200) on one loop: %.2f s\n", N, took);
+  luapool__hloop_free(l);
+}
+
+static void test_emfile(void) {
+  lp_hloop *l = loop(0, 0);
+  struct rlimit old, low;
+  getrlimit(RLIMIT_NOFILE, &old);
+  /* warm: the loop's own descriptors exist; then none is left */
+  int fds[4096], n = 0, null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  low = old;
+  low.rlim_cur = 256;
+  setrlimit(RLIMIT_NOFILE, &low);
+  while (n < 4096 && (fds[n] = dup(null)) >= 0)
+    n++;
+  done_rec d;
+  memset(&d, 0, sizeof d);
+  luapool__hloop_add(l, req("/bytes?n=1", 0), on_done, &d);
+  run_all(l, 10);
+  for (int i = 0; i < n; i++)
+    close(fds[i]);
+  setrlimit(RLIMIT_NOFILE, &old);
+  CHECK(d.state == LP_H_FAILED && strstr(d.err, "out of file descriptors") &&
+            strstr(d.err, "RLIMIT_NOFILE"),
+        "%d: %s", d.state, d.err);
+  printf("emfile: %s\n", d.err);
+  /* and a loop cannot be made */
+  low.rlim_cur = 256;
+  setrlimit(RLIMIT_NOFILE, &low);
+  n = 0;
+  while (n < 4096 && (fds[n] = dup(null)) >= 0)
+    n++;
+  char err[512];
+  lp_hloop *l2 = luapool__hloop_new(NULL, err, sizeof err);
+  for (int i = 0; i < n; i++)
+    close(fds[i]);
+  setrlimit(RLIMIT_NOFILE, &old);
+  CHECK(l2 == NULL && strstr(err, "out of file descriptors") && strstr(err, "RLIMIT_NOFILE"), "%s",
+        l2 ? "made" : err);
+  luapool__hloop_free(l2);
+  luapool__hloop_free(l);
+  close(null);
+}
+
+static void *waker(void *p) {
+  usleep(100000);
+  luapool__hloop_wakeup(p);
+  return NULL;
+}
+
+static void test_wakeup_and_free(void) {
+  lp_hloop *l = loop(0, 0);
+  pthread_t t;
+  double t0 = luapool__now();
+  pthread_create(&t, NULL, waker, l);
+  luapool__hloop_run(l, 10);
+  double took = luapool__now() - t0;
+  pthread_join(t, NULL);
+  CHECK(took < 3, "run waited %.2f s", took);
+  done_rec d[3];
+  memset(d, 0, sizeof d);
+  for (int i = 0; i < 3; i++)
+    luapool__hloop_add(l, req("/sleep?s=5", 0), on_done, &d[i]);
+  luapool__hloop_run(l, 0.1);
+  luapool__hloop_free(l);
+  for (int i = 0; i < 3; i++)
+    CHECK(d[i].calls == 1 && d[i].state == LP_H_ABORTED && strcmp(d[i].err, "loop closed") == 0,
+          "%d %d %s", d[i].calls, d[i].state, d[i].err);
+}
+
+/* }====== */
+
+/* {====== the yield contract, with a minimal engine (httploop.h) */
+
+typedef struct task {
+  lua_State *co;
+  int ref, ready, done, called;
+  lp_hreq *r;
+  char out[512];
+} task;
+
+static void task_cb(lp_hreq *r, void *ud) {
+  task *t = ud;
+  (void)r;
+  t->ready = 1;
+  t->called++;
+}
+
+/* Resumes t (nargs values on its stack) and handles what it yields. */
+static void step(lp_hloop *l, lua_State *L, task *t, int nargs) {
+  int n;
+  t->ready = 0;
+  int st = lua_resume(t->co, L, nargs, &n);
+  if (st == LUA_YIELD && n == 2 && lua_touserdata(t->co, -2) == &luapool__http_yield_marker) {
+    t->r = lua_touserdata(t->co, -1);
+    lua_pop(t->co, 2);
+    luapool__hloop_add(l, t->r, task_cb, t);
+    return;
+  }
+  t->done = 1;
+  snprintf(t->out, sizeof t->out, "%s%s", st == LUA_OK ? "" : "error: ",
+           lua_tostring(t->co, -1) ? lua_tostring(t->co, -1) : "(none)");
+}
+
+static void spawn(lp_hloop *l, lua_State *L, task *t, const char *code) {
+  memset(t, 0, sizeof *t);
+  t->co = lua_newthread(L);
+  t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (luaL_loadstring(t->co, code) != LUA_OK) {
+    fprintf(stderr, "%s\n", lua_tostring(t->co, -1));
+    exit(2);
+  }
+  lua_pushstring(t->co, base);
+  step(l, L, t, 1);
+}
+
+/* The engine's loop: run, resume the tasks whose request ended. */
+static void drive(lp_hloop *l, lua_State *L, task *t, int n, double limit) {
+  double t0 = luapool__now();
+  for (;;) {
+    int left = 0;
+    for (int i = 0; i < n; i++) {
+      if (t[i].ready) step(l, L, &t[i], 0);
+      left += !t[i].done;
+    }
+    if (left == 0 || luapool__now() - t0 > limit) return;
+    luapool__hloop_run(l, 0.05);
+  }
+}
+
+static void test_yield(void) {
+  enum { N = 200 };
+  static task t[N];
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  luaL_requiref(L, "luapool", luaopen_luapool, 1);
+  lua_pop(L, 1);
+  lp_hloop *l = loop(0, 0);
+  luapool__http_set_thread_loop(l);
+  CHECK(luapool__http_thread_loop() == l, "thread loop");
+
+  /* N tasks, each two 0.3 s requests in sequence, on one thread */
+  double t0 = luapool__now();
+  for (int i = 0; i < N; i++)
+    spawn(l, L, &t[i],
+          "local url = ...\n"
+          "local a = assert(luapool.http.request{url = url .. '/sleep?s=0.3', method = 'GET'})\n"
+          "local ok, b = pcall(luapool.http.get, url .. '/sleep?s=0.3')\n"
+          "return a.status + b.status .. ' ' .. a.attempts .. ' ' .. a.body .. b.body");
+  drive(l, L, t, N, 30);
+  double took = luapool__now() - t0;
+  int ok = 0;
+  for (int i = 0; i < N; i++)
+    ok += strcmp(t[i].out, "400 1 ok\nok\n") == 0;
+  CHECK(ok == N, "%d of %d: %s", ok, N, t[0].out);
+  CHECK(took < 10, "took %.2f s", took); /* sequential: N * 0.6 s */
+  printf("yield: %d tasks x two 0.3 s requests, one thread: %.2f s\n", N, took);
+
+  /* a failure is the call's nil, message, as when blocking */
+  spawn(l, L, &t[0],
+        "local r, e = luapool.http.request{url = 'http://127.0.0.1:1/'} return tostring(r) .. ' ' "
+        ".. e");
+  drive(l, L, t, 1, 10);
+  CHECK(strncmp(t[0].out, "nil GET http://127.0.0.1:1/: Couldn't connect to server", 55) == 0, "%s",
+        t[0].out);
+
+  /* where it cannot yield */
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "table.sort({3, 1, 2}, function(x, y) luapool.http.request{url = url} return x < y end)");
+  drive(l, L, t, 1, 10);
+  /* (luaL_error names the Lua caller's line, as for any argument error) */
+  CHECK(strstr(t[0].out, ":2: luapool.http.request: cannot yield here (inside a metamethod or a C "
+                         "function such as table.sort's comparator); make the request in the "
+                         "task's own code (a pcall is fine) and pass the result in") != NULL,
+        "%s", t[0].out);
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "return tostring(setmetatable({}, {__tostring = function() return luapool.http.get(url) "
+        "end}))");
+  drive(l, L, t, 1, 10);
+  CHECK(strstr(t[0].out, ": luapool.http.get: cannot yield here (") != NULL, "%s", t[0].out);
+  /* (Lua 5.4 yields across metamethods the VM calls, such as __index) */
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "return setmetatable({}, {__index = function() return luapool.http.get(url).body end}).x");
+  drive(l, L, t, 1, 10);
+  CHECK(strcmp(t[0].out, "luapool fixture\n") == 0, "%s", t[0].out);
+
+  /* an engine's abort: the call raises the abort's why */
+  spawn(l, L, &t[0],
+        "local url = ...\n"
+        "local ok, e = pcall(luapool.http.request, {url = url .. '/sleep?s=5'}) return e");
+  t0 = luapool__now();
+  while (luapool__now() - t0 < 0.2)
+    luapool__hloop_run(l, 0.05);
+  luapool__hloop_abort(l, t[0].r, "cancelled");
+  CHECK(t[0].ready == 1 && t[0].called == 1, "callback %d", t[0].called);
+  drive(l, L, t, 1, 10);
+  char want[600];
+  snprintf(want, sizeof want, "GET %s/sleep?s=5: cancelled", base);
+  CHECK(strcmp(t[0].out, want) == 0, "%s", t[0].out);
+
+  /* a coroutine dropped with its request in flight: forgotten, no callback */
+  spawn(l, L, &t[0], "local url = ... return luapool.http.request{url = url .. '/sleep?s=5'}");
+  luapool__hloop_run(l, 0.1);
+  CHECK(luapool__hloop_owned(l) == 1, "owned %zu", luapool__hloop_owned(l));
+  luaL_unref(L, LUA_REGISTRYINDEX, t[0].ref);
+  lua_gc(L, LUA_GCCOLLECT);
+  CHECK(luapool__hloop_owned(l) == 0 && t[0].called == 0, "owned %zu, called %d",
+        luapool__hloop_owned(l), t[0].called);
+
+  luapool__http_set_thread_loop(NULL);
+  lua_close(L);
+  luapool__hloop_free(l);
+}
+
+/* }====== */
+
+/* {====== bench (printed, not asserted) */
+
+static void bench_small(int n, int conc) {
+  lp_hloop *l = loop(0, conc);
+  done_rec *d = calloc((size_t)n, sizeof *d);
+  double t0 = luapool__now();
+  for (int i = 0; i < n; i++)
+    luapool__hloop_add(l, req("/bytes?n=100", 1), on_done, &d[i]);
+  run_all(l, 120);
+  double took = luapool__now() - t0;
+  int ok = 0;
+  for (int i = 0; i < n; i++)
+    ok += d[i].state == LP_H_OK && d[i].length == 100;
+  printf("bench: %d x /bytes?n=100 on one loop, max_connections %d: %.2f s, %.0f req/s (%d ok)\n",
+         n, conc, took, n / took, ok);
+  luapool__hloop_free(l);
+  free(d);
+}
+
+typedef struct slow_job {
+  int n, conc;
+  const char *path;
+  int ok;
+  double first, last; /* callbacks' times */
+} slow_job;
+
+static void *slow_thread(void *p) {
+  slow_job *j = p;
+  lp_hloop *l = loop(0, j->conc);
+  done_rec *d = calloc((size_t)j->n, sizeof *d);
+  double t0 = luapool__now();
+  for (int i = 0; i < j->n; i++)
+    luapool__hloop_add(l, req(j->path, 1), on_done, &d[i]);
+  double t1 = luapool__now();
+  luapool__hloop_run(l, 0);
+  double t2 = luapool__now();
+  run_all(l, 120);
+  if (getenv("HLOOP_PHASES"))
+    fprintf(stderr, "phases: add %.3f s, first run %.3f s\n", t1 - t0, t2 - t1);
+  double first = 0, last = 0;
+  const char *err = NULL;
+  for (int i = 0; i < j->n; i++) {
+    j->ok += d[i].state == LP_H_OK;
+    if (d[i].state != LP_H_OK && err == NULL) err = d[i].err;
+    if (first == 0 || d[i].at < first) first = d[i].at;
+    if (d[i].at > last) last = d[i].at;
+  }
+  j->first = first, j->last = last;
+  if (err) fprintf(stderr, "bench: first error: %s\n", err);
+  luapool__hloop_free(l);
+  free(d);
+  return NULL;
+}
+
+static void bench_two_loops(int n, int conc, const char *path) {
+  pthread_t t[2];
+  slow_job j[2] = {{n / 2, conc, path, 0, 0, 0}, {n - n / 2, conc, path, 0, 0, 0}};
+  double t0 = luapool__now();
+  for (int i = 0; i < 2; i++)
+    pthread_create(&t[i], NULL, slow_thread, &j[i]);
+  for (int i = 0; i < 2; i++)
+    pthread_join(t[i], NULL);
+  double took = luapool__now() - t0;
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  printf("bench: %d x %s on two loops (threads): %.2f s (first answer at %.2f s), %.0f req/s, %d "
+         "ok, peak RSS %ld MB\n",
+         n, path, took, (j[0].first < j[1].first ? j[0].first : j[1].first) - t0, n / took,
+         j[0].ok + j[1].ok, ru.ru_maxrss / 1024);
+}
+
+/* }====== */
+
+int main(int argc, char **argv) {
+  int bench = argc > 1 && strcmp(argv[1], "bench") == 0;
+  const char *only = argc > 2 ? argv[2] : NULL; /* bench NAME: that one alone */
+  /* 2,000 connections at once need as many descriptors: soft limit up to
+  ** the hard one (as luapool itself is to do at start) */
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if (luapool__http_global_init() != 0) {
+    fprintf(stderr, "httploop_test: %s\n", luapool__http_init_error());
+    return 2;
+  }
+  start_fixture();
+  if (only == NULL) {
+    test_many_slow(2000);
+    test_per_host();
+    test_abort();
+    test_retry_after();
+    test_emfile();
+    test_wakeup_and_free();
+    test_yield();
+  }
+  if (bench) {
+    if (only == NULL || strcmp(only, "small") == 0) bench_small(20000, 100);
+    if (only == NULL || strcmp(only, "small2") == 0) bench_two_loops(20000, 100, "/bytes?n=100");
+    if (only == NULL || strcmp(only, "slow") == 0) bench_two_loops(10000, 0, "/sleep?s=1");
+  }
+  stop_fixture();
+  if (failures) fprintf(stderr, "httploop_test: %d failure(s)\n", failures);
+  return failures ? 1 : 0;
+}

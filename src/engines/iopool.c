@@ -179,8 +179,9 @@ struct ioloop {
   io_task *rhead, *rtail; /* ready to resume (or to end) */
   io_timer **heap;
   size_t nheap, capheap;
-  io_task *cur; /* the task being resumed */
-  int room;     /* a task ended while others were queued (p->mu) */
+  io_task *cur;  /* the task being resumed */
+  int room;      /* a task ended while others were queued (p->mu) */
+  int hl_failed; /* the multi could not be made (no libcurl...) */
   int initialized;
   lp_paths *paths;
   lp_buf out; /* replies of inline runs */
@@ -404,9 +405,17 @@ static void run_co(ioloop *lp, io_task *t) {
   }
   lp->cur = t;
   luapool__set_task_state(luapool__co_thread(t->co)); /* STOP_SIGNAL acts on it */
-  int st = luapool__co_resume(t->co);
+  void *yielded[2];
+  int st = luapool__co_resume(t->co, yielded);
   luapool__set_task_state(NULL);
   lp->cur = NULL;
+  if (st == LP_CO_YIELD && yielded[0] == &luapool__http_yield_marker && !t->kill) {
+    /* http.request/get made a request for the loop (httploop.h) */
+    t->wait = W_REQ;
+    t->req = yielded[1];
+    luapool__hloop_add(lp->hl, t->req, on_req_done, t);
+    return;
+  }
   if (st == LP_CO_DONE && atomic_load(&lp->intr_gen) != lp->intr_seen)
     t->kill = K_INTR; /* Ctrl-C raised in it where it could not yield */
   if (st == LP_CO_YIELD) {
@@ -592,14 +601,12 @@ static void end_native(ioloop *lp, io_task *t) {
 ** it cannot yield (a metamethod, a C function), it raises, at every
 ** instruction, until the task's call is left. */
 static void io_hook(lua_State *L, lua_Debug *ar) {
-  double dl;
-  const lp_interrupt *i = luapool__lua_interrupt(L, &dl);
-  if (i == NULL) { /* (cannot be: only a loop's states get it) */
+  lp_wstate *ws = luapool__state_worker(L);
+  if (ws == NULL || ws->io == NULL) { /* (cannot be: only a loop's states get it) */
     lua_sethook(L, NULL, 0, 0);
     return;
   }
-  ioloop *lp = (ioloop *)((char *)i - offsetof(ioloop, intr));
-  lp_wstate *ws = &lp->ws;
+  ioloop *lp = loop_of_ws(ws);
   io_task *t = lp->cur;
   if (!ws->in_call) {
     luapool__arm_interrupt_hook(L);
@@ -680,6 +687,7 @@ static lp_hloop *loop_hloop(ioloop *lp, char *err, size_t errsz) {
   lp->hl = hl;
   if (lp->woken) luapool__hloop_wakeup(hl); /* (a wake meant for the cv) */
   pthread_mutex_unlock(&lp->mu);
+  luapool__http_set_thread_loop(hl);
   return hl;
 }
 
@@ -850,6 +858,10 @@ static void begin_task(ioloop *lp, lp_future *f) {
     task_free(lp, t);
     return;
   }
+  if (lp->hl == NULL && !lp->hl_failed) { /* http.request in a task yields to it */
+    char err[512];
+    if (loop_hloop(lp, err, sizeof err) == NULL) lp->hl_failed = 1; /* (it blocks, and says why) */
+  }
   if (loop_lua(lp) == NULL || (t->co = luapool__co_new(&lp->ws, f->msg, f->msglen, f->timeout,
                                                        f->task_no, f->item_lo)) == NULL) {
     finish_reply(lp, t, NULL, 0);
@@ -967,6 +979,7 @@ static void *loop_main(void *arg) {
     loop_wait(lp, wait < 0 ? 0 : wait);
   }
   luapool__set_task_state(NULL);
+  luapool__http_set_thread_loop(NULL);
   if (lp->hl) luapool__hloop_free(lp->hl); /* (nothing left in it) */
   pthread_mutex_lock(&lp->mu);
   lp->hl = NULL;

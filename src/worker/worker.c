@@ -530,6 +530,11 @@ struct lp_cotask {
   uint64_t task_no;
   int64_t item_lo;
   int aborted, in_call;
+  /* Its own stop block: a call's number and a stop aimed at it (a request
+  ** that met the deadline marks its task stopped) concern this task, not
+  ** the others of the loop.  The loop's own block is kept aside. */
+  lp_interrupt intr;
+  lp_interrupt *loop_intr;
   int started; /* resumed once */
   int ended;   /* the reply is whole */
 };
@@ -581,6 +586,10 @@ lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double ca
   if (t == NULL) return NULL;
   t->ws = ws;
   t->ref = LUA_NOREF;
+  atomic_init(&t->intr.closing, 0);
+  atomic_init(&t->intr.seq, 0);
+  atomic_init(&t->intr.kill_seq, UINT64_MAX); /* matches no call */
+  atomic_init(&t->intr.reason, 0);
   t->call_timeout = call_timeout;
   t->task_no = task_no;
   t->item_lo = item_lo;
@@ -630,6 +639,8 @@ nomem:
 static void co_swap(lp_cotask *t, int in) {
   lp_wstate *ws = t->ws;
   if (in) {
+    t->loop_intr = ws->intr;
+    ws->intr = &t->intr;
     ws->call_timeout = t->call_timeout;
     ws->deadline = t->deadline;
     ws->task_no = t->task_no;
@@ -642,6 +653,7 @@ static void co_swap(lp_cotask *t, int in) {
     t->in_call = ws->in_call;
     ws->in_call = 0;
     ws->deadline = 0;
+    ws->intr = t->loop_intr;
   }
 }
 
@@ -655,7 +667,7 @@ static int co_fail_rest(lp_cotask *t, const char *m) {
   return 0;
 }
 
-int luapool__co_resume(lp_cotask *t) {
+int luapool__co_resume(lp_cotask *t, void *yielded[2]) {
   if (t->ended) return LP_CO_DONE;
   lp_wstate *ws = t->ws;
   int nargs = t->started ? 0 : 1; /* co_body's argument */
@@ -664,6 +676,11 @@ int luapool__co_resume(lp_cotask *t) {
   int nres, st = lua_resume(t->co, ws->L, nargs, &nres);
   co_swap(t, 0);
   if (st == LUA_YIELD) {
+    yielded[0] = yielded[1] = NULL;
+    if (nres == 2 && lua_islightuserdata(t->co, -2) && lua_islightuserdata(t->co, -1)) {
+      yielded[0] = lua_touserdata(t->co, -2);
+      yielded[1] = lua_touserdata(t->co, -1);
+    }
     lua_pop(t->co, nres);
     return LP_CO_YIELD;
   }

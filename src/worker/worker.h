@@ -38,8 +38,10 @@ enum { LP_CO_YIELD = 1, LP_CO_DONE = 2 };
 lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double call_timeout,
                            uint64_t task_no, int64_t item_lo);
 /* Runs the task until it yields (LP_CO_YIELD) or its reply is whole
-** (LP_CO_DONE); -1 when out of memory building it. */
-int luapool__co_resume(lp_cotask *t);
+** (LP_CO_DONE); -1 when out of memory building it.  A yield of exactly
+** two light userdata leaves them in yielded (a request handed to the loop:
+** kernels/httploop.h), else NULLs. */
+int luapool__co_resume(lp_cotask *t, void *yielded[2]);
 /* Its coroutine. */
 lua_State *luapool__co_thread(const lp_cotask *t);
 /* The running call's deadline (luapool__now() time; 0: none). */

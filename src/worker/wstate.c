@@ -216,11 +216,13 @@ lp_wstate *luapool__io_task(lua_State *L, const char *what) {
   if (ws == NULL || ws->io == NULL || !ws->io_ops->is_task(ws->io, L)) return NULL;
   if (!lua_isyieldable(L))
     luaL_error(L,
-               "%s cannot yield here: inside a metamethod or a C function (such as "
-               "table.sort's comparator) an iopool task cannot wait for its event loop",
+               "%s: cannot yield here (inside a metamethod or a C function such as "
+               "table.sort's comparator); call it from the task's own code",
                what);
   return ws;
 }
+
+lp_wstate *luapool__state_worker(lua_State *L) { return state_worker(L); }
 
 struct lp_hloop *luapool__io_hloop(lp_wstate *ws, char *err, size_t errsz) {
   return ws->io_ops->hloop(ws->io, err, errsz);

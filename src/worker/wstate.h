@@ -95,10 +95,12 @@ typedef struct lp_io_ops {
 /* The worker of L when L is the running task of an iopool loop (its own
 ** coroutine): then `what` must yield, not block.  NULL anywhere else (a
 ** main state, a thread or process worker, a coroutine the task made
-** itself): block as usual.  Raises "WHAT cannot yield here: ..." when L is
+** itself): block as usual.  Raises "WHAT: cannot yield here (...)" when L is
 ** an iopool task that cannot yield now (inside a metamethod or a C
 ** function such as table.sort's comparator). */
 lp_wstate *luapool__io_task(lua_State *L, const char *what);
+/* The worker whose Lua state L belongs to (NULL: a main state). */
+lp_wstate *luapool__state_worker(lua_State *L);
 /* The loop's curl multi (made on first use); NULL with err. */
 struct lp_hloop *luapool__io_hloop(lp_wstate *ws, char *err, size_t errsz);
 /* Hands r (made, not added) to the loop and yields; see above. */

@@ -54,11 +54,12 @@ describe("iopool", function()
       local p <close> = iopool.new { concurrency = 7 }
       -- the tasks of one loop share its state: a global counts them
       local r = p:map(function()
-        INFLIGHT = (INFLIGHT or 0) + 1
-        PEAK = math.max(PEAK or 0, INFLIGHT)
+        local G = _G
+        G.INFLIGHT = (G.INFLIGHT or 0) + 1
+        G.PEAK = math.max(G.PEAK or 0, G.INFLIGHT)
         luapool.sleep(0.05)
-        INFLIGHT = INFLIGHT - 1
-        return PEAK
+        G.INFLIGHT = G.INFLIGHT - 1
+        return G.PEAK
       end, { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21 })
       local peak = 0
       for _, v in ipairs(r) do peak = math.max(peak, v) end
@@ -172,6 +173,25 @@ describe("iopool", function()
       assert.are.equal("item #1 exceeded its deadline of 0.3 seconds in worker hog-1", e.message)
       assert.are.equal("other", other:result(30))
       assert.are.equal(7, p:submit(function() return 7 end):result(10))
+    end)
+  end)
+
+  describe("scripts/io.lua --pool iopool", function()
+    it("fetches every URL on one loop and prints the lengths in input order", function()
+      local out, err, code = h.run({ h.source_dir .. "/scripts/io.lua", "--pool", "iopool", "--concurrency", "2",
+        srv:url("/bytes?n=3"), srv:url("/bytes?n=5"), srv:url("/bytes?n=7") })
+      assert.are.equal("", err)
+      assert.are.equal(0, code)
+      for _, n in ipairs { 3, 5, 7 } do
+        assert.matches("Fetching " .. srv:url("/bytes?n=" .. n):gsub("%p", "%%%0") .. " in loop io%-1\n", out)
+      end
+      assert.matches("\niopool execution time: [%d.]+ seconds\n" ..
+        srv:url("/bytes?n=3"):gsub("%p", "%%%0") .. ": 3\n" ..
+        srv:url("/bytes?n=5"):gsub("%p", "%%%0") .. ": 5\n" ..
+        srv:url("/bytes?n=7"):gsub("%p", "%%%0") .. ": 7\n$", out)
+      local _, uerr, ucode = h.run({ h.source_dir .. "/scripts/io.lua", "--concurrency", "2", srv:url("/") })
+      assert.are.equal(2, ucode)
+      assert.matches("^io.lua: %-%-concurrency is for %-%-pool iopool\n", uerr)
     end)
   end)
 

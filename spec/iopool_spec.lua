@@ -219,6 +219,40 @@ describe("iopool", function()
       assert.is_true(luapool.now() - t0 >= 1.15, "took " .. (luapool.now() - t0))
     end)
 
+    it("ends at once on Ctrl-C with requests in flight: exit 130, every transfer aborted", function()
+      local ready, rc = os.tmpname(), os.tmpname()
+      os.remove(ready)
+      os.remove(rc)
+      local script = h.tempfile(([[
+        local luapool = require "luapool"
+        local p <close> = luapool.iopool.new { max_workers = 2 }
+        local fs = {}
+        for i = 1, 200 do
+          fs[i] = p:submit(function(url) return luapool.http.get(url) end, %q)
+        end
+        fs[201] = p:submit(luapool.kernels.fetch_length, %q)
+        while p:stats().running < 201 do luapool.sleep(0.01) end
+        luapool.sleep(0.2) -- (the requests reach the server)
+        io.open(%q, "w"):close()
+        fs[1]:result()
+      ]]):format(srv:url("/sleep?s=30"), srv:url("/sleep?s=30"), ready))
+      local err = os.tmpname()
+      local inner = ("%s %s 2>%s </dev/null >/dev/null & echo $! >%s.pid; wait $!; echo $? >%s")
+        :format(h.bin, script, err, rc, rc)
+      assert(os.execute("sh -c " .. h.shell_quote(inner) .. " >/dev/null 2>&1 &"))
+      h.wait_until(function() return h.slurp(ready) ~= nil end, "the requests to be in flight", 30)
+      local t0 = luapool.now()
+      assert(os.execute("kill -INT " .. tonumber(h.slurp(rc .. ".pid"))))
+      h.wait_until(function() return h.slurp(rc) ~= nil end, "luapool to exit", 20)
+      local took = luapool.now() - t0
+      local code, msg = tonumber(h.slurp(rc)), h.slurp(err)
+      for _, f in ipairs { ready, rc, rc .. ".pid", script, err } do os.remove(f) end
+      assert.are.equal(130, code)
+      assert.matches("interrupted", msg)
+      assert.is_true(took < 5, "took " .. took)
+      h.wait_until(function() return open_conns(srv) == 0 end, "its connections to be closed", 5)
+    end)
+
     it("keeps 10,000 requests in flight from two loops, losing and duplicating none", function()
       local script = h.tempfile(([[
         local luapool = require "luapool"

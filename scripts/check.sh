@@ -4,10 +4,11 @@
 #                              and the include-cycle check below
 #   scripts/check.sh cycles    fails (printing it) on a cycle in src/'s #include "..." graph
 #   scripts/check.sh analyze   clang-tidy and cppcheck on src/ (zero findings)
-#   scripts/check.sh asan      AddressSanitizer + UBSan build, the whole suite under it
-#   scripts/check.sh tsan      ThreadSanitizer build, the pool/future/codec/stress specs under it
+#   scripts/check.sh asan      AddressSanitizer + UBSan build, the whole suite under it (core_test too)
+#   scripts/check.sh tsan      ThreadSanitizer build, core_test and the pool/future/codec/stress specs
 #   scripts/check.sh valgrind  memcheck over the reference scripts and a stress workout
-#   scripts/check.sh oom       allocation failures driven through the codec, futures, submit
+#   scripts/check.sh oom       Lua and C allocation failures driven through the codec, futures,
+#                              submit (spec/oom/oom.lua), and the core's C scenarios (core_test)
 #   scripts/check.sh fuzz      the decoder fuzz target for $FUZZ_SECONDS (default 60)
 #   scripts/check.sh all       every one of them, in that order
 #   scripts/check.sh packages  install the Debian packages the checks need
@@ -30,7 +31,7 @@ packages() {
   fi
 }
 
-c_files() { find src spec/fuzz -name '*.[ch]' | sort; }
+c_files() { { find src spec/fuzz -name '*.[ch]'; echo spec/core_test.c; } | sort; }
 
 lint() {
   luacheck --formatter plain lua scripts spec .busted
@@ -151,7 +152,8 @@ tsan() {
   configure build-tsan -DLUAPOOL_TSAN=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
   # failures_spec's deadlines (0.3 s) do not fit TSan's slowdown; it runs
   # under ASan, and its thread paths are the ones exercised here
-  sanitized_ctest build-tsan -j2 -R 'pool_spec|futures_spec|codec_spec|worker_api_spec|kernels_spec|stress_spec'
+  # core_test: the future/queue/pool core's races through fake engines, no Lua
+  sanitized_ctest build-tsan -j2 -R 'core_test|pool_spec|futures_spec|codec_spec|worker_api_spec|kernels_spec|stress_spec'
   echo "tsan: clean"
 }
 
@@ -168,6 +170,8 @@ valgrind_check() {
 oom() {
   configure build-oom -DLUAPOOL_TEST_ALLOC=ON -DLUAPOOL_ASAN=ON -DCMAKE_BUILD_TYPE=Debug
   ASAN_OPTIONS=detect_leaks=1 build-oom/luapool spec/oom/oom.lua
+  # the core's C allocations failed one by one in pools of fake engines
+  ASAN_OPTIONS=detect_leaks=1 build-oom/spec/core_test
 }
 
 fuzz() {
@@ -196,6 +200,6 @@ case "${1:-}" in
   all)
     for c in lint analyze asan tsan valgrind_check oom fuzz; do timed "$c"; done ;;
   *)
-    sed -n '2,16p' "$0" >&2
+    sed -n '2,15p' "$0" >&2
     exit 2 ;;
 esac

@@ -20,6 +20,15 @@ describe("luapool host", function()
     assert.are.equal("function\tfunction\t0.1.0\ttrue\n", out)
   end)
 
+  it("raises its soft open-file limit to the hard one (an iopool holds a socket per request)", function()
+    local p = io.popen("ulimit -Sn 256; ulimit -Hn; " .. h.shell_quote(h.bin) ..
+      [[ -e "print(io.open('/proc/self/limits'):read('a'):match('Max open files +(%d+)'))"]])
+    local hard, soft = p:read("l"), p:read("l")
+    p:close()
+    assert.truthy(tonumber(hard) and tonumber(hard) > 256, "hard limit " .. tostring(hard))
+    assert.are.equal(hard, soft)
+  end)
+
   it("runs -e chunks and -l modules in order", function()
     local out, _, code = h.run({ "-e", "x = 1", "-l", "fx=luapool.fixture",
       "-e", "print(x, type(fx.start))" })

@@ -646,6 +646,77 @@ describe("the message buffer", function()
   end)
 end)
 
+describe("transferable userdata", function()
+  -- luapool.int128 registers itself (src/codec/int128_codec.c): id 13, the
+  -- tag it had before the registry, then its 16 bytes
+  local function int128_bytes(lo, hi) return "\1\0\0\0\13" .. string.pack("<i8i8", lo, hi) end
+
+  it("send luapool.int128 as its id and its bytes, as before the registry", function()
+    assert.are.equal(int128_bytes(-2, -1), codec.encode(luapool.int128(-2)))
+    assert.are.equal(int128_bytes(0, 1), codec.encode(luapool.int128("18446744073709551616")))
+    assert.are.equal(luapool.int128("-18446744073709551617"), codec.decode(int128_bytes(-1, -2)))
+    assert.are.equal("luapool.int128", getmetatable(codec.decode(int128_bytes(5, 0))).__name)
+  end)
+
+  it("refuse an id no type has, naming it, and a value cut short, naming its type", function()
+    assert.are.equal("malformed message: unknown tag 200", error_of(codec.decode, "\1\0\0\0\200"))
+    assert.are.equal("malformed message: unknown tag 32", error_of(codec.decode, "\1\0\0\0\32"))
+    assert.are.equal("malformed message: truncated luapool.int128",
+      error_of(codec.decode, int128_bytes(1, 0):sub(1, -2)))
+    assert.are.equal("malformed message: truncated luapool.int128", error_of(codec.decode, "\1\0\0\0\13"))
+  end)
+
+  it("still refuse a userdata of no registered type", function()
+    assert.are.equal("cannot send argument #2: a userdata", error_of(codec.encode, 1, io.stderr))
+    assert.are.equal("cannot send argument #1: field 'f' of index 1 is a userdata",
+      error_of(codec.encode, { { f = io.stdout } }))
+  end)
+
+  for _, kind in ipairs(helper.engines) do
+    it("reach a kernel in a worker and come back from it as scalars (" .. kind .. ")", function()
+      local pool <close> = luapool[kind].new { max_workers = 1 }
+      -- the argument read and the answer written without a Lua state
+      local got = pool:submit(luapool.kernels.sum_squares, luapool.int128(10)):result(60)
+      assert.are.equal(luapool.int128(285), got) -- 0^2 + ... + 9^2
+      assert.are.equal("luapool.int128", getmetatable(got).__name)
+      assert.are.equal(luapool.int128(14),
+        pool:submit(function(a) return a * 2 end, luapool.int128(7)):result(60))
+    end)
+  end
+end)
+
+describe("the wire handshake", function()
+  local build = "luapool %d+%.%d+%.%d+ %(wire 1, Lua 5%.4%.%d+, little%-endian, 8%-byte integers " ..
+    "and floats, kernels (%x+)%)"
+
+  it("refuses a worker binary that registers other transferable types, naming both builds", function()
+    -- built with one transferable type more (LUAPOOL_TEST_UDTYPE, udtype.c)
+    local other = helper.bin:gsub("luapool$", "luapool-othertypes")
+    local out, _, code = helper.run({ "-e", [[
+      local p <close> = require("luapool").processpool.new { max_workers = 1 }
+      local e = p:submit(print):exception()
+      print(e.kind, e.message)]] }, nil, { LUAPOOL_WORKER_EXE = other })
+    assert.are.equal(0, code)
+    local theirs, mine = out:match("^broken\tcannot start worker process " .. other:gsub("%p", "%%%0") ..
+      ": it is " .. build .. ", and this is " .. build ..
+      ": a worker must be the same luapool build %(LUAPOOL_WORKER_EXE names the binary workers run%)\n$")
+    assert.is_truthy(theirs, out)
+    assert.are.equal(16, #theirs)
+    assert.are.equal(16, #mine)
+    assert.are_not.equal(theirs, mine)
+  end)
+
+  it("takes a worker binary of this build", function()
+    local out, _, code = helper.run({ "-e", [[
+      local luapool = require "luapool"
+      local p <close> = luapool.processpool.new { max_workers = 1 }
+      print(p:submit(function(x) return x + 1 end, luapool.int128(41)):result(60))]] }, nil,
+      { LUAPOOL_WORKER_EXE = helper.bin })
+    assert.are.equal(0, code)
+    assert.are.equal("42\n", out)
+  end)
+end)
+
 describe("big strings", function()
   local big
   lazy_setup(function() big = string.rep("ab\0c", 25 * 1024 * 1024) end) -- 100 MiB
@@ -829,7 +900,7 @@ describe("decoding", function()
     assert.are.equal("malformed message: truncated", error_of(codec.decode, ""))
     assert.are.equal("malformed message: truncated", error_of(codec.decode, "\1\0\0\0"))
     assert.are.equal("malformed message: trailing bytes", error_of(codec.decode, codec.encode(1) .. "x"))
-    assert.are.equal("malformed message: unknown tag", error_of(codec.decode, "\1\0\0\0\99"))
+    assert.are.equal("malformed message: unknown tag 99", error_of(codec.decode, "\1\0\0\0\99"))
     assert.are.equal("malformed message: bad reference", error_of(codec.decode, "\1\0\0\0\9\0\0\0\0"))
     assert.are.equal("malformed message: too many values", error_of(codec.decode, "\255\255\255\255"))
     assert.are.equal("malformed message: truncated string", error_of(codec.decode, "\1\0\0\0\6\255\255\255\255"))

@@ -223,6 +223,10 @@ describe("http.request", function()
   end)
 
   it("is cut short by Ctrl-C in the main script, in a transfer or in a backoff wait", function()
+    if os.getenv("LUAPOOL_SANITIZER") == "tsan" then
+      -- TSan holds a signal back until the thread calls an intercepted function
+      return pending("signals are deferred under tsan")
+    end
     for _, url in ipairs { srv:url("/sleep?s=10"), srv:url("/flaky?fail=1&retry_after=20&key=" .. key()) } do
       local script = h.tempfile([[
         local url = ...

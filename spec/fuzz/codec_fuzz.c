@@ -15,6 +15,7 @@
 #include <lualib.h>
 
 #include "bind/luapool.h"
+#include "codec/codec.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "base/buf.h"
 
 int luapool__buf_reserve(lp_buf *b, size_t extra) {
@@ -13,7 +14,7 @@ int luapool__buf_reserve(lp_buf *b, size_t extra) {
   size_t ncap = b->cap ? b->cap : 256;
   while (ncap - b->len < extra)
     ncap *= 2;
-  char *np = realloc(b->p, ncap);
+  char *np = lp_realloc(b->p, ncap);
   if (np == NULL) return -1;
   b->p = np;
   b->cap = ncap;
@@ -28,7 +29,7 @@ int luapool__buf_add(lp_buf *b, const void *p, size_t n) {
 }
 
 void luapool__buf_free(lp_buf *b) {
-  free(b->p);
+  lp_free(b->p);
   b->p = NULL;
   b->len = b->cap = 0;
 }

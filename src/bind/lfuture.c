@@ -11,6 +11,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "codec/codec.h"
 #include "base/ctrlc.h"
 #include "bind/errors.h"
@@ -40,21 +41,25 @@ static const lp_pool_face *pool_face(void) {
 ** values it had).  What else a future needs lives elsewhere:
 **  - its pool (so that a pool lives at least as long as a future the
 **    script still holds): in its metatable, one per pool (a copy of the
-**    registry's LUAPOOL_FUTURE_MT with the pool under FUTURE_KEY, which
-**    also marks the metatable as a future's);
+**    registry's LUAPOOL_FUTURE_MT with a mark, &FUTURE_KEY, at [1] and the
+**    pool at [2]: array slots, so that checking a future on every call is
+**    two array reads, not a hash lookup);
 **  - its done callbacks and its error object (a future's error is one
 **    object: exception() returns it and result() raises it each time),
 **    which most futures never have: in a table {callbacks, error} made
-**    the first time, in a registry table with weak keys (EXTRAS_KEY). */
+**    the first time, in a registry table with weak keys (EXTRAS_KEY);
+**    `extras` says which it has, so that a result() of a future with none
+**    (the common case) never looks there. */
 typedef struct lfuture {
   lp_future *f;
+  unsigned char extras; /* X_CALLBACKS | X_ERROR bits set */
 } lfuture;
 
-static const char FUTURE_KEY = 'f'; /* metatable field: the pool */
+static const char FUTURE_KEY = 'f'; /* metatable[1]: marks a future's metatable */
 static const char MTS_KEY = 'm';    /* registry: pool -> its futures' metatable (weak keys) */
 static const char EXTRAS_KEY = 'x'; /* registry: future -> {callbacks, error} (weak keys) */
 
-enum { X_CALLBACKS = 1, X_ERROR = 2 };
+enum { X_CALLBACKS = 1, X_ERROR = 2 }; /* slots of the extras table; bits of u->extras */
 
 /* Pushes the registry table at key, made (with weak keys) the first time. */
 static void weak_table(lua_State *L, const void *key) {
@@ -72,9 +77,10 @@ static void weak_table(lua_State *L, const void *key) {
 static lfuture *test_future(lua_State *L, int idx) {
   lfuture *u = lua_touserdata(L, idx);
   if (u == NULL || !lua_getmetatable(L, idx)) return NULL;
-  int t = lua_rawgetp(L, -1, &FUTURE_KEY);
+  lua_rawgeti(L, -1, 1);
+  int mine = lua_touserdata(L, -1) == &FUTURE_KEY;
   lua_pop(L, 2);
-  return t == LUA_TUSERDATA && lua_rawlen(L, idx) == sizeof *u ? u : NULL;
+  return mine && lua_rawlen(L, idx) == sizeof *u ? u : NULL;
 }
 
 static lfuture *check_lfuture(lua_State *L, int idx) {
@@ -91,13 +97,18 @@ void luapool__future_push_pool(lua_State *L, int idx) {
     lua_pushnil(L);
     return;
   }
-  lua_rawgetp(L, -1, &FUTURE_KEY);
+  lua_rawgeti(L, -1, 2);
   lua_remove(L, -2);
 }
 
 /* Pushes the callbacks or error (k) of the future at idx (nil: none), and
 ** returns its type. */
 static int get_extra(lua_State *L, int idx, int k) {
+  lfuture *u = lua_touserdata(L, idx); /* (checked by the caller) */
+  if (!(u->extras & k)) {
+    lua_pushnil(L);
+    return LUA_TNIL;
+  }
   idx = lua_absindex(L, idx);
   weak_table(L, &EXTRAS_KEY);
   lua_pushvalue(L, idx);
@@ -115,6 +126,8 @@ static int get_extra(lua_State *L, int idx, int k) {
 /* Sets the callbacks or error (k) of the future at idx to the value on
 ** top (popped), making its table of extras the first time. */
 static void set_extra(lua_State *L, int idx, int k) {
+  lfuture *u = lua_touserdata(L, idx); /* (checked by the caller) */
+  u->extras |= (unsigned char)k;
   idx = lua_absindex(L, idx);
   weak_table(L, &EXTRAS_KEY); /* v, extras */
   lua_pushvalue(L, idx);
@@ -138,7 +151,8 @@ lp_future *luapool__check_future(lua_State *L, int idx) {
 
 /* Pushes the metatable of the futures of the pool at pool_idx, made the
 ** first time. */
-static void push_pool_mt(lua_State *L, int pool_idx) {
+void luapool__future_mt(lua_State *L, int pool_idx) {
+  pool_idx = lua_absindex(L, pool_idx);
   weak_table(L, &MTS_KEY);
   lua_pushvalue(L, pool_idx);
   if (lua_rawget(L, -2) == LUA_TTABLE) {
@@ -146,7 +160,7 @@ static void push_pool_mt(lua_State *L, int pool_idx) {
     return;
   }
   lua_pop(L, 1);
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 2, 4);
   luaL_getmetatable(L, LUAPOOL_FUTURE_MT);
   static const char *const fields[] = {"__index", "__gc", "__tostring", "__name"};
   for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
@@ -154,23 +168,27 @@ static void push_pool_mt(lua_State *L, int pool_idx) {
     lua_setfield(L, -3, fields[i]);
   }
   lua_pop(L, 1);
+  lua_pushlightuserdata(L, (void *)&FUTURE_KEY);
+  lua_rawseti(L, -2, 1);
   lua_pushvalue(L, pool_idx);
-  lua_rawsetp(L, -2, &FUTURE_KEY);
+  lua_rawseti(L, -2, 2);
   lua_pushvalue(L, pool_idx);
   lua_pushvalue(L, -2);
   lua_rawset(L, -4); /* the pool's key is weak: the pool goes when nothing holds it */
   lua_remove(L, -2);
 }
 
-void luapool__future_push(lua_State *L, lp_future *f, int pool_idx) {
-  pool_idx = lua_absindex(L, pool_idx);
+void *luapool__future_push(lua_State *L, lp_future *f, int mt_idx) {
+  mt_idx = lua_absindex(L, mt_idx);
   lfuture *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->f = f;
-  push_pool_mt(L, pool_idx);
+  u->extras = 0;
+  lua_pushvalue(L, mt_idx);
   lua_setmetatable(L, -2);
+  return u;
 }
 
-void luapool__future_set(lua_State *L, int idx, lp_future *f) { check_lfuture(L, idx)->f = f; }
+void luapool__future_fill(void *ud, lp_future *f) { ((lfuture *)ud)->f = f; }
 
 static int future_gc(lua_State *L) {
   lfuture *u = check_lfuture(L, 1);
@@ -535,7 +553,7 @@ static int cq_add(lua_State *L) {
   lua_pushvalue(L, 2);
   lua_pushboolean(L, 1);
   lua_rawset(L, 3);
-  lp_wnode *n = calloc(1, sizeof *n);
+  lp_wnode *n = lp_calloc(1, sizeof *n);
   if (n == NULL) { /* undo: clearing entries allocates nothing */
     lua_pushnil(L);
     lua_rawseti(L, 4, id);
@@ -591,7 +609,7 @@ static int cq_pop(lua_State *L) {
   if (n->anext) n->anext->aprev = n->aprev;
   int id = n->id;
   lp_future *f = n->f;
-  free(n);
+  lp_free(n);
   lua_getiuservalue(L, 1, 1);
   lua_rawgeti(L, -1, id); /* the future: its userdata holds a reference */
   lua_pushnil(L);

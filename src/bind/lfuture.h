@@ -15,11 +15,15 @@
 
 void luapool__cq_open(lua_State *L);
 int luapool__cq_new(lua_State *L); /* Lua: prims.cq() */
-/* Pushes a userdata for f (which may be NULL, filled later by _set: the
-** userdata is created before the C future so that its allocation, which
-** may raise, happens while nothing needs freeing). */
-void luapool__future_push(lua_State *L, lp_future *f, int pool_idx);
-void luapool__future_set(lua_State *L, int idx, lp_future *f);
+/* Pushes the metatable of the futures of the pool at pool_idx, made the
+** first time (a pool keeps it, so a submit finds it without a lookup). */
+void luapool__future_mt(lua_State *L, int pool_idx);
+/* Pushes a userdata for f with the metatable at mt_idx (from
+** luapool__future_mt) and returns it for luapool__future_fill: f may be
+** NULL, filled later, so that the userdata's allocation, which may raise,
+** happens while nothing needs freeing. */
+void *luapool__future_push(lua_State *L, lp_future *f, int mt_idx);
+void luapool__future_fill(void *ud, lp_future *f);
 /* Pushes the pool userdata of the future userdata at idx. */
 void luapool__future_push_pool(lua_State *L, int idx);
 lp_future *luapool__check_future(lua_State *L, int idx);

@@ -14,6 +14,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "base/ctrlc.h"
 #include "base/util.h"
 #include "bind/errors.h"
@@ -29,17 +30,37 @@
 ** ======================================================= */
 
 /* The userdata is born closed (p == NULL) and opened once the C pool
-** exists, so a failed creation leaves nothing to free twice. */
+** exists, so a failed creation leaves nothing to free twice.  Its user
+** values: 1 the futures whose done callbacks are owed, 2 and 3 the
+** package.path and cpath strings seen last, 4 the package table, 5 the
+** metatable its futures get. */
 typedef struct lpool {
   lp_pool *p;
   /* the package.path/cpath strings seen last (pinned: user values 2, 3) */
   const void *seen_path, *seen_cpath;
 } lpool;
 
-static lpool *to_lpool(lua_State *L, int idx) { return luaL_checkudata(L, idx, LUAPOOL_POOL_MT); }
+/* The pool metatable's [1] is this mark: checking a pool on every submit
+** is then two array reads, not luaL_checkudata's lookup by name. */
+static const char POOL_MARK = 'p';
+
+static lpool *test_lpool(lua_State *L, int idx) {
+  lpool *u = lua_touserdata(L, idx);
+  if (u == NULL || !lua_getmetatable(L, idx)) return NULL;
+  lua_rawgeti(L, -1, 1);
+  int mine = lua_touserdata(L, -1) == &POOL_MARK;
+  lua_pop(L, 2);
+  return mine ? u : NULL;
+}
+
+static lpool *to_lpool(lua_State *L, int idx) {
+  lpool *u = test_lpool(L, idx);
+  if (u == NULL) luaL_typeerror(L, idx, LUAPOOL_POOL_MT);
+  return u;
+}
 
 lp_pool *luapool__to_pool(lua_State *L, int idx) {
-  lpool *u = luaL_testudata(L, idx, LUAPOOL_POOL_MT);
+  lpool *u = test_lpool(L, idx);
   return u ? u->p : NULL;
 }
 
@@ -328,7 +349,7 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   push_package_field(L, "path");
   push_package_field(L, "cpath");
   const char *lpath = lua_tolstring(L, -2, &pl), *lcpath = lua_tolstring(L, -1, &cl);
-  lpool *u = lua_newuserdatauv(L, sizeof *u, 4);
+  lpool *u = lua_newuserdatauv(L, sizeof *u, 5);
   u->p = NULL;
   luaL_setmetatable(L, LUAPOOL_POOL_MT);
   lua_newtable(L); /* futures whose done callbacks are still owed */
@@ -341,6 +362,8 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   lua_getfield(L, -1, "package"); /* the table require reads */
   lua_remove(L, -2);
   lua_setiuservalue(L, -2, 4);
+  luapool__future_mt(L, -1); /* what its futures get */
+  lua_setiuservalue(L, -2, 5);
   u->seen_path = lua_topointer(L, -3);
   u->seen_cpath = lua_topointer(L, -2);
   /* Everything below is plain C until the pool is complete: no raise.
@@ -348,7 +371,7 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   char *init_msg = NULL;
   size_t init_len = 0;
   char err[200];
-  if (ib && (init_msg = malloc(ib->len)) != NULL) {
+  if (ib && (init_msg = lp_malloc(ib->len)) != NULL) {
     memcpy(init_msg, ib->p, ib->len);
     init_len = ib->len;
   }
@@ -361,7 +384,7 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   }
   if (ib_idx) luapool__scratch_release(L, ib_idx);
   if (u->p == NULL) {
-    free(init_msg);
+    lp_free(init_msg);
     luapool__paths_unref(paths);
     return luaL_error(L, "%s", err);
   }
@@ -377,7 +400,9 @@ static void check_fn(lua_State *L, int idx) {
 static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf *b, int ncalls,
                                  double timeout, uint64_t task_no, int64_t lo) {
   check_paths(L, pool_idx, p);
-  luapool__future_push(L, NULL, pool_idx); /* born empty: may raise */
+  lua_getiuservalue(L, pool_idx, 5);            /* the futures' metatable */
+  void *ud = luapool__future_push(L, NULL, -1); /* born empty: may raise */
+  lua_remove(L, -2);
   lp_future *f = luapool__future_new(b, ncalls);
   if (f == NULL) {
     luaL_error(L, "cannot submit: not enough memory");
@@ -393,7 +418,7 @@ static lp_future *submit_message(lua_State *L, lp_pool *p, int pool_idx, lp_buf 
     luapool__future_unref(f);
     luaL_error(L, "%s", err);
   }
-  luapool__future_set(L, -1, f);
+  luapool__future_fill(ud, f);
   return f;
 }
 
@@ -715,6 +740,8 @@ static const lp_pool_face pool_face = {.owes = pool_owes,
 void luapool__pool_open(lua_State *L) {
   luapool__future_set_pool_face(&pool_face);
   if (luaL_newmetatable(L, LUAPOOL_POOL_MT)) {
+    lua_pushlightuserdata(L, (void *)&POOL_MARK);
+    lua_rawseti(L, -2, 1);
     luaL_newlib(L, pool_methods);
     lua_pushvalue(L, -1);
     lua_setfield(L, -3, "methods"); /* for the Lua layer to extend */

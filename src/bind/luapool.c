@@ -6,6 +6,7 @@
 */
 #include <errno.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/utsname.h>
 #include <signal.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "base/alloc.h"
 #include "codec/codec.h"
 #include "base/ctrlc.h"
 #include "engines/engines.h"
@@ -195,6 +197,18 @@ static int l_info(lua_State *L) {
   return 1;
 }
 
+#ifdef LUAPOOL_TEST_ALLOC
+/* luapool.testing.fail_c_alloc(n [, once]), test builds only (spec/oom):
+** this thread's C allocations (base/alloc.h) succeed n more times, then
+** fail (only the next one when once); n < 0 disarms.  Returns how many
+** the previous arming failed. */
+static int l_fail_c_alloc(lua_State *L) {
+  long n = (long)luaL_checkinteger(L, 1);
+  lua_pushinteger(L, (lua_Integer)luapool__test_fail_c_alloc(n, lua_toboolean(L, 2)));
+  return 1;
+}
+#endif
+
 static const luaL_Reg module_funcs[] = {{"now", l_now},
                                         {"info", l_info},
                                         {"sleep", l_sleep},
@@ -234,10 +248,20 @@ static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 /* Once per process: the hooks the lower layers call up through.  libcurl
 ** is not touched here: kernels/http.c loads and initialises it the first
 ** time a script needs HTTP, so a script (or process worker) that never
-** fetches never pays for it. */
+** fetches never pays for it.
+** The soft limit on open files goes up to the hard one: an iopool keeps
+** a socket per request in flight (10,000 need more than the usual soft
+** 1024), and nothing in luapool uses select(), the one reason the soft
+** limit stays low.  Where it cannot be raised a request fails with a
+** message that names RLIMIT_NOFILE (kernels/httploop.c). */
 static void global_init(void) {
   luapool__set_signal_delivery(deliver_signal);
   luapool__set_state_opener(luapool__open_worker_state);
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl); /* (a failure leaves the old limit: harmless) */
+  }
 }
 
 int luaopen_luapool(lua_State *L) {
@@ -277,6 +301,12 @@ int luaopen_luapool(lua_State *L) {
   lua_setfield(L, -2, "codec");
   luapool__int128_open(L);
   lua_setfield(L, -2, "int128");
+#ifdef LUAPOOL_TEST_ALLOC
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, l_fail_c_alloc);
+  lua_setfield(L, -2, "fail_c_alloc");
+  lua_setfield(L, -2, "testing");
+#endif
   open_lua_layer(L);
   return 1;
 }

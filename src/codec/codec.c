@@ -19,8 +19,11 @@
 ** the C stack.  The decoder trusts no byte: every length is checked
 ** against what is left, every tag, reference id and upvalue number is
 ** validated.  (Bytecode itself is checked only as far as Lua's own loader
-** does: messages come only from this pool's own processes and threads,
-** never from the network.)
+** does, plus the upvalue counts it does not compare (bytecode.c): messages
+** come only from this pool's own processes and threads, never from the
+** network.)  What relies on Lua 5.4 internals is in bytecode.c.
+** Transferable userdata (luapool.int128) are the types udtype.h's registry
+** lists: their id in place of a tag, then their bytes.
 */
 #include <math.h>
 #include <stdarg.h>
@@ -37,7 +40,8 @@
 
 #include "base/buf.h"
 #include "codec/codec.h"
-#include "codec/int128.h"
+#include "codec/bytecode.h"
+#include "codec/udtype.h"
 #include "kernels/kernel.h"
 
 enum {
@@ -56,12 +60,52 @@ enum {
             ** numbered in the order met, from 0 per reference space) */
   T_NAMED,  /* name: a library table or function, see push_names */
   T_KERNEL, /* u8 index into luapool__kernels */
-  T_INT128, /* 16 bytes */
+  T_FREE13, /* not a codec tag: a transferable userdata type's id (13 is
+            ** luapool.int128's: its tag before the registry, udtype.h) */
   T_ENV,    /* (as an upvalue only) the receiver's globals */
   T_UPREF,  /* (as an upvalue only) u32 number of an upvalue met before in
             ** the message: this slot shares it */
   T_LAST
 };
+/* Any other byte is a transferable type's id followed by its bytes, or
+** unknown (malformed).  New types take ids from 32 up (udtype.h). */
+
+/* {====== transferable userdata (udtype.h) */
+
+static int own_tag(unsigned t) { return t < T_LAST && t != T_FREE13; }
+
+static const lp_udtype *udtype_by_id(unsigned id) {
+  if (own_tag(id)) return NULL;
+  for (int i = 0; luapool__udtypes[i]; i++)
+    if (luapool__udtypes[i]->id == id) return luapool__udtypes[i];
+  return NULL;
+}
+
+/* The type a kernel scalar of this lp_vtype travels as, or NULL. */
+static const lp_udtype *udtype_by_scalar(int vtype, size_t room) {
+  for (int i = 0; luapool__udtypes[i]; i++)
+    if (luapool__udtypes[i]->scalar == vtype && luapool__udtypes[i]->size <= room)
+      return luapool__udtypes[i];
+  return NULL;
+}
+
+/* The type of the userdata at idx (its metatable is the one registered
+** under the type's name), or NULL: not transferable.  Uses 2 stack slots;
+** may raise a memory error (as luaL_testudata may). */
+static const lp_udtype *udtype_of(lua_State *L, int idx) {
+  const lp_udtype *t = NULL;
+  if (luapool__udtypes[0] == NULL || !lua_getmetatable(L, idx)) return NULL;
+  for (int i = 0; (t = luapool__udtypes[i]) != NULL; i++) {
+    luaL_getmetatable(L, t->name);
+    int same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 1);
+    if (same) break;
+  }
+  lua_pop(L, 1);
+  return t;
+}
+
+/* }====== */
 
 static int put_u64(lp_buf *b, uint64_t v) { return luapool__buf_add(b, &v, 8); }
 
@@ -91,10 +135,12 @@ int luapool__put_value(lp_buf *b, const lp_value *v) {
       if (luapool__put_u8(b, T_FLT)) return -1;
       return luapool__buf_add(b, &v->u.n, sizeof(lua_Number));
     case LP_STR: return luapool__put_string(b, v->u.s.p, v->u.s.len);
-    case LP_INT128:
-      if (luapool__put_u8(b, T_INT128)) return -1;
-      return luapool__buf_add(b, &v->u.big, 16);
-    default: return luapool__put_u8(b, T_NIL);
+    default: { /* a transferable userdata's scalar (int128), else nil */
+      const lp_udtype *t = udtype_by_scalar((int)v->type, sizeof v->u);
+      if (t == NULL) return luapool__put_u8(b, T_NIL);
+      if (luapool__put_u8(b, t->id)) return -1;
+      return luapool__buf_add(b, &v->u, t->size);
+    }
   }
 }
 
@@ -152,6 +198,8 @@ typedef struct eframe {
 
 /* One encode in progress: on the C stack of luapool__encode, so that one
 ** started by a __gc in the middle of another is independent of it. */
+#define NSEENFAST 4
+
 typedef struct luapool_encoder {
   lp_buf *bp; /* where it writes */
   lua_State *L;
@@ -162,7 +210,10 @@ typedef struct luapool_encoder {
   int curkey;     /* stack index of the innermost frame's key while it is
                  ** on the stack (0: use the saved one) */
   uint32_t nseen; /* tables and functions met: their reference ids */
-  uint32_t nuv;   /* upvalues met: their numbers, for joins */
+  /* The first NSEENFAST of them, searched in order: a message of a
+  ** function and a few scalars (most tasks) then makes no seen table. */
+  const void *seen[NSEENFAST];
+  uint32_t nuv; /* upvalues met: their numbers, for joins */
   /* The ids of the first NUVFAST upvalues met, searched in order (most
   ** messages have a few); past that all are in the seen table. */
   void *uv[NUVFAST];
@@ -366,6 +417,7 @@ static void enc_base(luapool_encoder *e) {
 static void enc_slots(luapool_encoder *e) {
   lua_State *L = e->L;
   if (e->slots) return;
+  enc_base(e);
   luaL_checkstack(L, E_NFIXED + 16, "encoding a message");
   lua_settop(L, e->base + E_NFIXED - 1);
   e->slots = 1;
@@ -544,19 +596,44 @@ static int enc_nomem(luapool_encoder *e) {
 ** records it with the next id and returns 0. */
 static int enc_seen(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  int seen = e->base + E_SEEN;
-  lua_pushvalue(L, idx);
-  if (lua_rawget(L, seen) == LUA_TNUMBER) {
-    uint32_t id = (uint32_t)lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id)) return enc_nomem(e);
-    return 1;
+  /* Keyed by address: every value met stays reachable from the message's
+  ** roots while it is encoded (no Lua code runs), and Lua never moves an
+  ** object, so an address names one table or function throughout. */
+  const void *p = lua_topointer(L, idx);
+  uint32_t id = 0;
+  int found = 0;
+  if (e->nseen <= NSEENFAST) {
+    while (id < e->nseen && e->seen[id] != p)
+      id++;
+    found = id < e->nseen;
+    if (!found && e->nseen < NSEENFAST) {
+      e->seen[e->nseen++] = p;
+      return 0;
+    }
+    if (!found) {  /* the array is full: from now on all in the seen table */
+      enc_base(e); /* (with no frame yet this is the root level) */
+      for (uint32_t k = 0; k < NSEENFAST; k++) {
+        lua_pushlightuserdata(L, (void *)e->seen[k]);
+        lua_pushinteger(L, k);
+        lua_rawset(L, e->base + E_SEEN);
+      }
+    }
   }
-  lua_pop(L, 1);
-  lua_pushvalue(L, idx);
-  lua_pushinteger(L, e->nseen++);
-  lua_rawset(L, seen);
-  return 0;
+  if (!found) {
+    int seen = e->base + E_SEEN;
+    lua_pushlightuserdata(L, (void *)p);
+    found = lua_rawget(L, seen) == LUA_TNUMBER;
+    id = (uint32_t)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (!found) {
+      lua_pushlightuserdata(L, (void *)p);
+      lua_pushinteger(L, e->nseen++);
+      lua_rawset(L, seen);
+      return 0;
+    }
+  }
+  if (luapool__put_u8(e->bp, T_REF) || luapool__put_u32(e->bp, id)) return enc_nomem(e);
+  return 1;
 }
 
 /* Writes the head of a table and opens its frame: 1; or a reference or a
@@ -565,7 +642,6 @@ static int enc_table_head(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
   int r = enc_named(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
-  enc_base(e);
   r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
   lua_Unsigned narr = lua_rawlen(L, idx);
@@ -606,11 +682,11 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 ** new closure of one prototype per task, is dumped once and travels with
 ** one fid, like a function made once outside the loop.
 **
-** A prototype is not visible through Lua's API; proto_of reads it from
-** Lua 5.4's LClosure, checked once per process against closures of known
-** prototypes (proto_check).  Where that check fails (another layout), the
-** cache is keyed by the closure itself, as weak keys: correct, but every
-** new closure is dumped again.
+** A prototype is not visible through Lua's API; luapool__bytecode_proto
+** reads it from Lua 5.4's LClosure (bytecode.c, checked once per
+** process).  Where that check fails (another layout), the cache is keyed
+** by the closure itself, as weak keys: correct, but every new closure is
+** dumped again.
 **
 ** Two tables, keyed by the prototype's address (a light userdata):
 **   PCLOS_KEY  weak values: one closure of that prototype, seen in a send
@@ -629,75 +705,6 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 
 #define PCACHE_MAX   1024
 #define PCACHE_BYTES ((size_t)16 << 20) /* and at most this many bytes of dumps */
-
-#if LUA_VERSION_NUM == 504
-/* Lua 5.4's struct LClosure (lobject.h, every 5.4.x release): the head of
-** every collectable object, then the closure's own fields. */
-typedef struct lp_lclosure54 {
-  void *next;
-  unsigned char tt, marked, nupvalues;
-  void *gclist;
-  const void *p;
-} lp_lclosure54;
-#define LP_VLCL 6 /* LUA_VLCL: makevariant(LUA_TFUNCTION, 0) */
-#endif
-
-/* Does proto_of work here?  -1 not known yet, 0 no, 1 yes: a property of
-** the Lua linked in, the same for every state and thread. */
-static atomic_int proto_works = -1;
-
-/* The prototype of the Lua function at idx, or NULL (not known here). */
-static const void *proto_of(lua_State *L, int idx) {
-#if LUA_VERSION_NUM == 504
-  const lp_lclosure54 *cl = lua_topointer(L, idx);
-  if (cl == NULL || cl->tt != LP_VLCL) return NULL;
-  return cl->p;
-#else
-  (void)L;
-  (void)idx;
-  return NULL;
-#endif
-}
-
-#if LUA_VERSION_NUM == 504
-static int proto_probe(lua_State *L) {
-  luaL_loadstring(L, "return function() local a, b = 1, 2 "
-                     "return function() return a, b end, function() return a end end");
-  lua_call(L, 0, 1);
-  lua_pushvalue(L, -1);
-  lua_call(L, 0, 2); /* f1 g1 */
-  lua_rotate(L, -3, -1);
-  lua_call(L, 0, 2); /* f1 g1 f2 g2 */
-  return 4;
-}
-#endif
-
-/* Checks proto_of against closures of known prototypes: two of one
-** prototype (two upvalues each) and one of another (one upvalue).  Returns
-** 1 when it reads them right, 0 when not, -1 when the check itself could
-** not run (no memory: try again at the next send). */
-static int proto_check(lua_State *L) {
-#if LUA_VERSION_NUM == 504
-  int top = lua_gettop(L);
-  if (!lua_checkstack(L, 8)) return -1;
-  lua_pushcfunction(L, proto_probe);
-  if (lua_pcall(L, 0, 4, 0) != LUA_OK) {
-    lua_settop(L, top);
-    return -1;
-  }
-  const lp_lclosure54 *f1 = lua_topointer(L, top + 1), *g1 = lua_topointer(L, top + 2),
-                      *f2 = lua_topointer(L, top + 3);
-  int ok = f1 && g1 && f2 && f1 != f2 && f1->tt == LP_VLCL && g1->tt == LP_VLCL &&
-           f2->tt == LP_VLCL && f1->nupvalues == 2 && f2->nupvalues == 2 && g1->nupvalues == 1 &&
-           f1->p != NULL && f1->p == f2->p && g1->p != NULL && g1->p != f1->p &&
-           proto_of(L, top + 1) == f1->p;
-  lua_settop(L, top);
-  return ok;
-#else
-  (void)L;
-  return 0;
-#endif
-}
 
 /* Dumps the Lua function at idx: pushes "fid .. checksum .. bytecode",
 ** with a new fid, or with the fid of same (a cached dump, at that index,
@@ -771,17 +778,12 @@ static void pcache_tables(lua_State *L, int fresh) {
 ** function at idx, dumping it the first time its prototype is sent. */
 static int push_dump(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  int works = atomic_load(&proto_works);
-  if (works < 0) {
-    works = proto_check(L);
-    if (works >= 0) atomic_store(&proto_works, works);
-  }
-  const void *p = works > 0 ? proto_of(L, idx) : NULL;
+  const void *p = luapool__bytecode_proto(L, idx);
   if (p == NULL) return push_dump_by_closure(e, idx);
   int top = lua_gettop(L);
   pcache_tables(L, 0); /* top+1 closures, top+2 dumps */
   int same = 0;
-  if (lua_rawgetp(L, top + 1, p) == LUA_TFUNCTION && proto_of(L, -1) == p) {
+  if (lua_rawgetp(L, top + 1, p) == LUA_TFUNCTION && luapool__bytecode_proto(L, -1) == p) {
     /* that closure is alive, so p is still its prototype: the same one */
     if (lua_rawgetp(L, top + 2, p) == LUA_TSTRING) {
       lua_replace(L, top + 1);
@@ -829,11 +831,7 @@ static int push_dump(luapool_encoder *e, int idx) {
 
 /* luapool.codec.cache(): what the dump cache of this state holds. */
 int luapool__codec_cache(lua_State *L) {
-  int works = atomic_load(&proto_works);
-  if (works < 0) {
-    works = proto_check(L);
-    if (works >= 0) atomic_store(&proto_works, works);
-  }
+  int works = luapool__bytecode_proto_works(L);
   lua_createtable(L, 0, 5);
   lua_pushstring(L, works > 0 ? "prototype" : "closure");
   lua_setfield(L, -2, "key");
@@ -878,7 +876,6 @@ static int enc_function_head(luapool_encoder *e, int idx) {
   int n = enc_named(e, idx);
   if (n != 0) return n < 0 ? -1 : 0;
   if (lua_iscfunction(L, idx)) return enc_error(e, describe(L, idx));
-  enc_base(e);
   int r = enc_seen(e, idx);
   if (r != 0) return r < 0 ? -1 : 0;
   /* push_dump's two cache tables, their lookups, the dump and its buffer */
@@ -905,6 +902,7 @@ static int enc_function_head(luapool_encoder *e, int idx) {
     lua_pop(L, 1);
     nups++;
   }
+  /* (one byte: Lua allows LP_BC_MAXUPVALUES, bytecode.h) */
   if (luapool__put_u8(e->bp, (unsigned)nups) || luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
     return enc_nomem(e);
   if (only_env) { /* the common case (no frame): every upvalue is _ENV */
@@ -947,12 +945,15 @@ static int enc_any(luapool_encoder *e, int idx) {
     case LUA_TTABLE: return enc_table_head(e, idx);
     case LUA_TFUNCTION: return enc_function_head(e, idx);
     case LUA_TUSERDATA: {
-      lp_int128 v;
-      if (luapool__int128_test(L, idx, &v)) {
-        if (luapool__put_u8(b, T_INT128) || luapool__buf_add(b, &v, 16)) return enc_nomem(e);
-        return 0;
-      }
-      return enc_error(e, describe(L, idx));
+      const lp_udtype *t = udtype_of(L, idx);
+      if (t == NULL) return enc_error(e, describe(L, idx));
+      /* (a type given a codec tag or another type's id: a build mistake) */
+      if (udtype_by_id(t->id) != t) return enc_error(e, "a userdata whose type has a taken id");
+      if (luapool__buf_reserve(b, 1 + t->size)) return enc_nomem(e);
+      b->p[b->len++] = (char)t->id;
+      t->encode(L, idx, b->p + b->len);
+      b->len += t->size;
+      return 0;
     }
     default: return enc_error(e, describe(L, idx));
   }
@@ -1252,11 +1253,16 @@ int luapool__get_scalar(lp_reader *r, lp_value *v) {
       v->u.s.p = r->p;
       r->p += v->u.s.len;
       return 1;
-    case T_INT128:
-      v->type = LP_INT128;
-      v->tname = "userdata";
-      return get_bytes(r, &v->u.big, 16) ? -1 : 1;
-    default: *r = save; return t < T_LAST ? 0 : -1;
+    default: {
+      const lp_udtype *ut = udtype_by_id(t);
+      if (ut && ut->scalar && ut->size <= sizeof v->u) { /* (int128) */
+        v->type = (lp_vtype)ut->scalar;
+        v->tname = "userdata";
+        return get_bytes(r, &v->u, ut->size) ? -1 : 1;
+      }
+      *r = save;
+      return own_tag(t) || ut ? 0 : -1;
+    }
   }
 }
 
@@ -1401,83 +1407,6 @@ static const char *load_reader(lua_State *L, void *ud, size_t *sz) {
 ** a worker grow without limit. */
 #define FCACHE_MAX 512
 
-/* {====== a structural check of Lua 5.4 bytecode
-** Lua's loader takes the main closure's upvalue count from one byte and its
-** prototype's from another, and never compares them; a mismatch makes
-** lua_setupvalue read past the prototype.  Only the bytes up to the
-** prototype's count are walked (header, source, code, constants). */
-
-typedef struct bc {
-  const unsigned char *p, *end;
-} bc;
-
-static int bc_byte(bc *b, unsigned *v) {
-  if (b->p >= b->end) return -1;
-  *v = *b->p++;
-  return 0;
-}
-
-static int bc_size(bc *b, size_t *v) { /* ldump's varint: MSB first */
-  size_t x = 0;
-  unsigned c;
-  do {
-    if (bc_byte(b, &c) || x > (SIZE_MAX >> 7)) return -1;
-    x = (x << 7) | (c & 0x7f);
-  } while ((c & 0x80) == 0);
-  *v = x;
-  return 0;
-}
-
-static int bc_skip(bc *b, size_t n) {
-  if ((size_t)(b->end - b->p) < n) return -1;
-  b->p += n;
-  return 0;
-}
-
-/* 0 when the closure's and the prototype's upvalue counts agree (and equal
-** nups, the count the message sends), -1 otherwise. */
-#define BC_HEADER 31 /* signature, version, format, data, 3 sizes, int, float */
-
-static int bytecode_check(const char *code, size_t len, unsigned nups) {
-  bc b = {(const unsigned char *)code, (const unsigned char *)code + len};
-  size_t n, k;
-  unsigned cl_nups, tt;
-  /* Lua's loader checks the header; the walk below relies on 5.4's layout
-  ** and on 4-byte instructions and 8-byte integers and floats. */
-  if (len < BC_HEADER + 1 || (unsigned char)code[4] != 0x54 || code[12] != 4 || code[13] != 8 ||
-      code[14] != 8)
-    return -1;
-  b.p += BC_HEADER;
-  if (bc_byte(&b, &cl_nups) || cl_nups != nups) return -1;
-  if (bc_size(&b, &n) || (n > 0 && bc_skip(&b, n - 1))) return -1; /* source */
-  size_t line, lastline;
-  if (bc_size(&b, &line) || bc_size(&b, &lastline)) return -1;
-  if (bc_skip(&b, 3)) return -1; /* numparams, is_vararg, maxstacksize */
-  if (bc_size(&b, &n) || n > len / 4 || bc_skip(&b, n * 4)) return -1; /* code */
-  if (bc_size(&b, &k)) return -1;                                      /* constants */
-  for (size_t i = 0; i < k; i++) {
-    if (bc_byte(&b, &tt)) return -1;
-    switch (tt) {
-      case 0:
-      case 1:
-      case 17: break; /* nil, false, true */
-      case 3:
-      case 19:
-        if (bc_skip(&b, 8)) return -1;
-        break; /* int, float */
-      case 4:
-      case 20: /* strings */
-        if (bc_size(&b, &n) || (n > 0 && bc_skip(&b, n - 1))) return -1;
-        break;
-      default: return -1;
-    }
-  }
-  if (bc_size(&b, &n)) return -1; /* the prototype's upvalue count */
-  return n == cl_nups ? 0 : -1;
-}
-
-/* }====== */
-
 static void dec_named(dec *d) {
   lua_State *L = d->L;
   const char *name;
@@ -1517,9 +1446,10 @@ static void dec_named(dec *d) {
 static void load_function(dec *d, const char *code, uint32_t len, uint64_t sum, unsigned nups) {
   lua_State *L = d->L;
   load_state ls = {code, len};
-  if (len < 4 || memcmp(code, LUA_SIGNATURE, 4) != 0) malformed(d, "function is not Lua bytecode");
+  if (!luapool__bytecode_signed(code, len)) malformed(d, "function is not Lua bytecode");
   if (checksum(code, len) != sum) malformed(d, "function bytecode checksum mismatch");
-  if (bytecode_check(code, len, nups) != 0) malformed(d, "bad function bytecode");
+  /* (Lua's loader would not catch a closure whose upvalue count lies) */
+  if (luapool__bytecode_check(code, len, nups) != 0) malformed(d, "bad function bytecode");
   if (lua_load(L, load_reader, &ls, "=(bytecode)", "b") != LUA_OK)
     luaL_error(L, "malformed message: %s", lua_tostring(L, -1));
 }
@@ -1633,14 +1563,23 @@ static int dec_any(dec *d) {
       lua_pushcfunction(L, luapool__kernels[k].lua_fn);
       return 0;
     }
-    case T_INT128: {
-      lp_int128 v;
-      if (get_bytes(d->r, &v, 16)) malformed(d, "truncated int128");
-      luapool__int128_push(L, v);
+    case T_UPREF: malformed(d, "upvalue reference outside a function");
+    default: {
+      const lp_udtype *ut = udtype_by_id(t);
+      char what[96];
+      if (ut == NULL) {
+        snprintf(what, sizeof what, "unknown tag %u", t);
+        malformed(d, what);
+      }
+      if ((size_t)(d->r->end - d->r->p) < ut->size) {
+        snprintf(what, sizeof what, "truncated %s", ut->name);
+        malformed(d, what);
+      }
+      const char *p = d->r->p;
+      d->r->p += ut->size;
+      ut->decode(L, p);
       return 0;
     }
-    case T_UPREF: malformed(d, "upvalue reference outside a function");
-    default: malformed(d, "unknown tag");
   }
 }
 

@@ -1,6 +1,7 @@
 /*
 ** luapool.int128: exact 128-bit signed integers, a value type that kernels
-** answer with, the codec carries (tag T_INT128) and Lua does arithmetic on.
+** answer with, the codec carries (a transferable type, int128_codec.c) and
+** Lua does arithmetic on.
 */
 #ifndef LUAPOOL_INT128_H
 #define LUAPOOL_INT128_H

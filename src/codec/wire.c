@@ -13,8 +13,11 @@
 **   u8 x 4   byte order (1: little-endian), sizeof(lua_Integer),
 **            sizeof(lua_Number), sizeof(size_t)
 **   string   luapool version, string  Lua release
-**   u64      digest of the kernel table (names in order: a kernel is sent
-**            by its index)
+**   u64      digest of what travels by number: the kernel table (names in
+**            order: a kernel is sent by its index) and the transferable
+**            userdata types (udtype.h: id, name and size of each, in
+**            order), so two builds that register different types refuse
+**            each other (described as "kernels", the older field's name)
 ** Each number is written in the sender's byte order; the byte-order field
 ** comes before any number wider than a byte that matters.
 */
@@ -25,6 +28,7 @@
 
 #include "base/buf.h"
 #include "codec/codec.h"
+#include "codec/udtype.h"
 #include "kernels/kernel.h"
 #include "base/util.h"
 #include "codec/wire.h"
@@ -42,14 +46,29 @@ static unsigned byte_order(void) {
   return b == 1 ? 1u : 2u;
 }
 
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    h ^= ((const unsigned char *)p)[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+/* The kernel names, each with its NUL, as before the types were added
+** (so a build with no transferable type has the old digest); then per
+** type a 0xff (no name starts so), its id, size and name with its NUL. */
 static uint64_t kernel_digest(void) {
   uint64_t h = 14695981039346656037ull; /* FNV-1a */
   for (int i = 0; luapool__kernels[i].name; i++)
-    for (const char *p = luapool__kernels[i].name;; p++) {
-      h ^= (unsigned char)*p;
-      h *= 1099511628211ull;
-      if (*p == 0) break;
-    }
+    h = fnv1a(h, luapool__kernels[i].name, strlen(luapool__kernels[i].name) + 1);
+  for (int i = 0; luapool__udtypes[i]; i++) {
+    const lp_udtype *t = luapool__udtypes[i];
+    uint32_t size = (uint32_t)t->size;
+    unsigned char head[2] = {0xff, t->id};
+    h = fnv1a(h, head, sizeof head);
+    h = fnv1a(h, &size, sizeof size);
+    h = fnv1a(h, t->name, strlen(t->name) + 1);
+  }
   return h;
 }
 
@@ -73,9 +92,13 @@ static void this_build(hello *h) {
 }
 
 static void describe(const hello *h, char *buf, size_t n) {
-  snprintf(buf, n,
-           "luapool %s (wire %u, %s, %s-endian, %u-byte integers and floats, kernels %016llx)",
-           h->version, (unsigned)h->wire, h->lua, h->order == 1 ? "little" : "big", h->isize,
+  char sizes[64];
+  if (h->isize == h->nsize)
+    snprintf(sizes, sizeof sizes, "%u-byte integers and floats", h->isize);
+  else
+    snprintf(sizes, sizeof sizes, "%u-byte integers, %u-byte floats", h->isize, h->nsize);
+  snprintf(buf, n, "luapool %s (wire %u, %s, %s-endian, %s, kernels %016llx)", h->version,
+           (unsigned)h->wire, h->lua, h->order == 1 ? "little" : "big", sizes,
            (unsigned long long)h->kernels);
 }
 

@@ -33,7 +33,9 @@
 ** A future is queued on the pool core's queue (one reference held by the
 ** queue); an engine takes it with luapool__pool_take, starts it with
 ** luapool__future_start (which fails for one cancelled meanwhile) and
-** settles it once with finish or fail.  The pool's counters and done
+** settles it once with finish or fail.  It starts the future (and makes
+** it visible to its interrupt()) before it lets go of p->mu: else an
+** interrupt between the two finds the task neither queued nor running.  The pool's counters and done
 ** callbacks follow from the future core's hooks: an engine writes neither.
 */
 #ifndef LUAPOOL_ENGINE_H

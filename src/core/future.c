@@ -21,6 +21,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "base/alloc.h"
 #include "base/ctrlc.h"
 #include "core/future.h"
 #include "base/stop.h"
@@ -125,7 +126,7 @@ static int class_of(size_t len) {
 
 static char *msg_alloc(size_t len) {
   int k = class_of(len);
-  if (k < 0) return malloc(len);
+  if (k < 0) return lp_malloc(len);
   pthread_mutex_lock(&lists[k].mu);
   msgbuf *b = lists[k].head;
   if (b) {
@@ -133,7 +134,7 @@ static char *msg_alloc(size_t len) {
     lists[k].n--;
   }
   pthread_mutex_unlock(&lists[k].mu);
-  return b ? (char *)b : malloc(((size_t)128 << k) - 8);
+  return b ? (char *)b : lp_malloc(((size_t)128 << k) - 8);
 }
 
 static void msg_free(char *p, size_t len) {
@@ -150,7 +151,7 @@ static void msg_free(char *p, size_t len) {
     pthread_mutex_unlock(&lists[k].mu);
     if (keep) return;
   }
-  free(p);
+  lp_free(p);
 }
 /* }====== */
 
@@ -162,7 +163,7 @@ static void drop_msg(lp_future *f) {
   else if (f->msglen <= COPY_MSG_MAX)
     msg_free(f->msg, f->msglen); /* from msg_alloc */
   else
-    free(f->msg); /* handed over by the submitter's buffer */
+    lp_free(f->msg); /* handed over by the submitter's buffer */
   f->msg = NULL;
 }
 
@@ -173,7 +174,7 @@ _Static_assert(sizeof(void *) != 8 || sizeof(lp_future) <= 152, "lp_future outgr
 
 lp_future *luapool__future_new(lp_buf *b, int ncalls) {
   if (pthread_once(&stripes_once, stripes_init) != 0 || !stripes_ok) return NULL;
-  lp_future *f = calloc(1, sizeof *f);
+  lp_future *f = lp_calloc(1, sizeof *f);
   if (f == NULL) return NULL;
   if (b->len <= LP_INLINE) { /* no second allocation at all */
     memcpy(f->inline_buf, b->p, b->len);
@@ -185,7 +186,7 @@ lp_future *luapool__future_new(lp_buf *b, int ncalls) {
     ** script keeps costs only its struct (for a million futures of a
     ** 160-byte message, 160 MB less than with the message kept inline). */
     if ((f->msg = msg_alloc(b->len)) == NULL) {
-      free(f);
+      lp_free(f);
       return NULL;
     }
     memcpy(f->msg, b->p, b->len);
@@ -219,9 +220,9 @@ void luapool__future_unref(lp_future *f) {
   if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
   drop_msg(f);
   luapool__paths_unref(f->paths);
-  if (f->state == LP_FINISHED && f->reply != f->inline_buf) free(f->reply);
-  if (f->state == LP_FAILED) free(f->emsg);
-  free(f);
+  if (f->state == LP_FINISHED && f->reply != f->inline_buf) lp_free(f->reply);
+  if (f->state == LP_FAILED) lp_free(f->emsg);
+  lp_free(f);
 }
 
 static void fire(lp_wnode *n) {
@@ -292,7 +293,7 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
   char *own = copy ? NULL : reply; /* freed here unless f keeps it */
   int inl = len <= LP_INLINE;
   if (copy && !inl) {
-    if ((own = malloc(len)) == NULL) {
+    if ((own = lp_malloc(len)) == NULL) {
       luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply (%zu bytes)", len);
       return;
     }
@@ -313,7 +314,7 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
     settle(f, from, 1);
   }
   unlock(f);
-  free(own); /* copied inline, or it lost a race: already failed elsewhere */
+  lp_free(own); /* copied inline, or it lost a race: already failed elsewhere */
 }
 
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
@@ -322,7 +323,7 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(buf, sizeof buf, fmt, ap);
   va_end(ap);
-  char *m = strdup(buf); /* NULL on no memory: the kind still tells */
+  char *m = lp_strdup(buf); /* NULL on no memory: the kind still tells */
   int moved = 0;
   lock(f);
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
@@ -335,7 +336,7 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
     settle(f, from, 1);
   }
   unlock(f);
-  free(m);
+  lp_free(m);
   return moved;
 }
 
@@ -459,7 +460,7 @@ int luapool__future_wait(lp_future *f, double timeout) {
 
 lp_paths *luapool__paths_new(const char *path, size_t pl, const char *cpath, size_t cl,
                              uint64_t gen) {
-  lp_paths *ps = malloc(sizeof *ps + pl + cl + 2);
+  lp_paths *ps = lp_malloc(sizeof *ps + pl + cl + 2);
   if (ps == NULL) return NULL;
   atomic_init(&ps->refs, 1);
   ps->gen = gen;
@@ -477,7 +478,7 @@ void luapool__paths_ref(lp_paths *ps) {
 }
 
 void luapool__paths_unref(lp_paths *ps) {
-  if (ps && atomic_fetch_sub_explicit(&ps->refs, 1, memory_order_acq_rel) == 1) free(ps);
+  if (ps && atomic_fetch_sub_explicit(&ps->refs, 1, memory_order_acq_rel) == 1) lp_free(ps);
 }
 
 /* }====== */
@@ -485,15 +486,15 @@ void luapool__paths_unref(lp_paths *ps) {
 /* {====== completion queue: the C side (lfuture.c has its Lua face) */
 
 lp_cq *luapool__cq_alloc(void) {
-  lp_cq *q = calloc(1, sizeof *q);
+  lp_cq *q = lp_calloc(1, sizeof *q);
   if (q == NULL) return NULL;
   if (pthread_mutex_init(&q->mu, NULL) != 0) {
-    free(q);
+    lp_free(q);
     return NULL;
   }
   if (luapool__cond_init(&q->cv) != 0) {
     pthread_mutex_destroy(&q->mu);
-    free(q);
+    lp_free(q);
     return NULL;
   }
   return q;
@@ -515,11 +516,11 @@ void luapool__cq_free(lp_cq *q) {
   for (lp_wnode *n = q->all, *next; n; n = next) {
     next = n->anext;
     luapool__future_unref(n->f);
-    free(n);
+    lp_free(n);
   }
   pthread_mutex_destroy(&q->mu);
   pthread_cond_destroy(&q->cv);
-  free(q);
+  lp_free(q);
 }
 
 void luapool__cq_watch(lp_wnode *n) {

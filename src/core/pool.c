@@ -12,6 +12,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "base/alloc.h"
 #include "base/ctrlc.h"
 #include "base/util.h"
 #include "codec/codec.h"
@@ -58,9 +59,13 @@ static size_t end_list(lp_future *q, const char *why) {
   return calls;
 }
 
+/* p->broken when there was no memory for its copy of why: the pool must
+** stay broken all the same (a NULL would let submits queue again). */
+static char broken_no_memory[] = "the pool is broken (no memory to say why)";
+
 void luapool__pool_break(lp_pool *p, const char *why) {
   pthread_mutex_lock(&p->mu);
-  if (p->broken == NULL) p->broken = strdup(why); /* NULL: "no memory" below */
+  if (p->broken == NULL && (p->broken = lp_strdup(why)) == NULL) p->broken = broken_no_memory;
   lp_future *q = take_queue(p);
   pthread_mutex_unlock(&p->mu);
   end_list(q, why);
@@ -205,8 +210,8 @@ lp_pool *luapool__pool_create(const lp_engine *e, const lp_pool_config *c, const
                               char *init_msg, size_t init_len, lp_paths *paths, char *err,
                               size_t errsz) {
   pthread_once(&hooks_once, hooks_install); /* before this pool's first future */
-  lp_pool *p = calloc(1, sizeof *p);
-  void *cfg = e->config_size ? malloc(e->config_size) : NULL;
+  lp_pool *p = lp_calloc(1, sizeof *p);
+  void *cfg = e->config_size ? lp_malloc(e->config_size) : NULL;
   if (p == NULL || (e->config_size && cfg == NULL)) goto nomem;
   if (cfg) memcpy(cfg, config, e->config_size);
   if (pthread_mutex_init(&p->mu, NULL) != 0) goto nomem;
@@ -225,15 +230,15 @@ lp_pool *luapool__pool_create(const lp_engine *e, const lp_pool_config *c, const
   if (e->open(p, err, errsz) != 0) {
     pthread_mutex_destroy(&p->cbmu);
     pthread_mutex_destroy(&p->mu);
-    free(cfg);
-    free(p);
+    lp_free(cfg);
+    lp_free(p);
     return NULL; /* init_msg and paths stay the caller's */
   }
   live_add(p);
   return p;
 nomem:
-  free(cfg);
-  free(p);
+  lp_free(cfg);
+  lp_free(p);
   snprintf(err, errsz, "cannot create a pool: not enough memory");
   return NULL;
 }
@@ -324,8 +329,8 @@ void luapool__pool_destroy(lp_pool *p) {
   pthread_mutex_destroy(&p->cbmu);
   pthread_mutex_destroy(&p->mu);
   luapool__paths_unref(p->paths);
-  free(p->config);
-  free(p->init_msg);
-  free(p->broken);
-  free(p);
+  lp_free(p->config);
+  lp_free(p->init_msg);
+  if (p->broken != broken_no_memory) lp_free(p->broken);
+  lp_free(p);
 }

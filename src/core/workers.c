@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "base/alloc.h"
 #include "base/util.h"
 #include "core/workers.h"
 
@@ -25,15 +26,24 @@ static void *worker_main(void *arg) {
       s->idle--;
     }
     lp_future *f = luapool__pool_take(p);
-    pthread_mutex_unlock(&p->mu);
-    if (f == NULL) break; /* closing, and nothing left to run */
-    if (luapool__future_start(f, w->name)) {
-      /* A new number for this task: a stop aimed at an earlier one (a
-      ** deadline that fired late) no longer matches.  (A call with a
-      ** deadline takes a number of its own: worker.c; the engine tells
-      ** the watchdog its deadline, luapool__worker_deadline.) */
+    /* Started, numbered and marked busy before p->mu is let go (p->mu
+    ** comes before the future's stripe in the lock order): an interrupt,
+    ** which holds p->mu, finds each task either still queued (it is
+    ** cancelled) or this worker busy with it (it is stopped).  Started
+    ** after the unlock, a task taken just before an interrupt was neither
+    ** and ran on (spec/core_test.c, "interrupt race").
+    ** The new number: a stop aimed at an earlier task (a deadline that
+    ** fired late) no longer matches.  (A call with a deadline takes a
+    ** number of its own: worker.c; the engine tells the watchdog its
+    ** deadline, luapool__worker_deadline.) */
+    int run = f != NULL && luapool__future_start(f, w->name);
+    if (run) {
       atomic_store(&w->intr.seq, atomic_load(&w->intr.seq) + 1);
       atomic_store(&w->busy, 1);
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (f == NULL) break; /* closing, and nothing left to run */
+    if (run) {
       ops->run(w, f);
       atomic_store(&w->busy, 0);
     }
@@ -93,10 +103,10 @@ static void *watchdog_main(void *arg) {
 }
 
 int luapool__wset_open(lp_pool *p, char *err, size_t errsz) {
-  lp_wset *s = calloc(1, sizeof *s);
+  lp_wset *s = lp_calloc(1, sizeof *s);
   /* an array of pointers, one per worker */
   lp_worker **workers =
-      calloc((size_t)p->max_workers, sizeof *workers); // NOLINT(bugprone-sizeof-expression)
+      lp_calloc((size_t)p->max_workers, sizeof *workers); // NOLINT(bugprone-sizeof-expression)
   if (s == NULL || workers == NULL) goto nomem;
   if (pthread_cond_init(&s->cv, NULL) != 0) goto nomem;
   if (luapool__cond_init(&s->wdcv) != 0) {
@@ -107,8 +117,8 @@ int luapool__wset_open(lp_pool *p, char *err, size_t errsz) {
   p->es = s;
   return 0;
 nomem:
-  free(workers);
-  free(s);
+  lp_free(workers);
+  lp_free(s);
   snprintf(err, errsz, "cannot create a pool: not enough memory");
   return -1;
 }
@@ -117,7 +127,7 @@ nomem:
 static int start_worker(lp_pool *p, lp_wset *s, char *err, size_t errsz) {
   int i = s->nworkers;
   const lp_worker_ops *ops = p->eng->workers;
-  lp_worker *w = calloc(1, ops->worker_size);
+  lp_worker *w = lp_calloc(1, ops->worker_size);
   if (w == NULL) {
     snprintf(err, errsz, "cannot start a worker: not enough memory");
     return -1;
@@ -134,7 +144,7 @@ static int start_worker(lp_pool *p, lp_wset *s, char *err, size_t errsz) {
   int r = luapool__pool_thread(&w->thread, worker_main, w);
   if (r != 0) {
     snprintf(err, errsz, "cannot start a worker thread: %s", strerror(r));
-    free(w);
+    lp_free(w);
     return -1;
   }
   s->workers[i] = w;
@@ -213,11 +223,11 @@ void luapool__wset_free(lp_pool *p) {
   lp_wset *s = luapool__wset(p);
   if (s == NULL) return;
   for (int i = 0; i < s->nworkers; i++)
-    free(s->workers[i]);
+    lp_free(s->workers[i]);
   pthread_cond_destroy(&s->wdcv);
   pthread_cond_destroy(&s->cv);
-  free(s->workers);
-  free(s);
+  lp_free(s->workers);
+  lp_free(s);
   p->es = NULL;
 }
 

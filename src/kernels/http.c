@@ -40,10 +40,11 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "kernels/httploop.h"
 #include "kernels/kernel.h"
 #include "kernels/kernels_internal.h"
-#include "bind/luapool.h" /* Ctrl-C in the host's main state */
+#include "base/ctrlc.h" /* Ctrl-C in the host's main state */
 
 #define lc luapool__lc
 
@@ -258,7 +259,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
 
   /* LP_STR bytes are not guaranteed to be NUL-terminated (they may point
   ** into a message buffer); libcurl wants a C string. */
-  url = malloc(a1->u.s.len + 1);
+  url = lp_malloc(a1->u.s.len + 1);
   if (url == NULL)
     return luapool__kerr(c, "fetch_length: %.*s: not enough memory",
                          (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len), a1->u.s.p);
@@ -274,7 +275,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
   r = l ? luapool__hreq_new(&o, err, sizeof err) : NULL;
   if (r == NULL) {
     luapool__kerr(c, "fetch_length: %s: %s", url, err);
-    free(url);
+    lp_free(url);
     return -1;
   }
   run_blocking(l, r, c->interrupt);
@@ -288,7 +289,7 @@ int luapool__fetch_length_run(lp_kcall *c) {
       /* fall through */
     default: luapool__kerr(c, "fetch_length: %s: %s", url, luapool__hreq_error(r)); break;
   }
-  free(url);
+  lp_free(url);
   if (luapool__hreq_state(r) != LP_H_OK) {
     luapool__hreq_free(r);
     return -1;
@@ -322,8 +323,8 @@ typedef struct req_box {
 
 static void box_free(req_box *b) {
   for (size_t i = 0; i < b->nlines; i++)
-    free(b->lines[i]);
-  free(b->lines);
+    lp_free(b->lines[i]);
+  lp_free(b->lines);
   b->lines = NULL;
   b->nlines = b->cap = 0;
   /* (a coroutine collected while its request is in an engine's loop) */
@@ -417,13 +418,13 @@ static int bad_header_text(const char *s, size_t len) {
 static void add_line(lua_State *L, req_box *b, const char *line) {
   if (b->nlines == b->cap) {
     size_t ncap = b->cap ? b->cap * 2 : 8;
-    char **nl = realloc(b->lines, ncap * sizeof *nl);
+    char **nl = lp_realloc(b->lines, ncap * sizeof *nl);
     if (nl == NULL) luaL_error(L, "not enough memory");
     b->lines = nl;
     b->cap = ncap;
   }
   size_t n = strlen(line) + 1;
-  char *c = malloc(n);
+  char *c = lp_malloc(n);
   if (c == NULL) luaL_error(L, "not enough memory");
   memcpy(c, line, n);
   b->lines[b->nlines++] = c;
@@ -582,7 +583,7 @@ static int push_result(lua_State *L, lp_hreq *r, int request) {
   const char *body = luapool__hreq_body(r, &blen);
   lua_pushlstring(L, body ? body : "", blen);
   lua_setfield(L, -2, "body");
-  free(luapool__hreq_take_body(r, &blen));
+  lp_free(luapool__hreq_take_body(r, &blen));
   push_headers(L, r);
   lua_setfield(L, -2, "headers");
   lua_pushstring(L, url);
@@ -674,7 +675,7 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   lp_hloop *l = yl ? yl : private_loop(err, sizeof err);
   if (l != NULL) b->r = luapool__hreq_new(&o, err, sizeof err);
   for (size_t i = 0; i < b->nlines; i++) /* copied into the request */
-    free(b->lines[i]);
+    lp_free(b->lines[i]);
   b->nlines = 0;
   if (b->r == NULL) {
     luaL_pushfail(L);
@@ -695,6 +696,86 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   run_blocking(l, b->r, intr);
   return end_call(L, b, request, 0);
 }
+
+/* {====== fetch_length yielding on an engine's loop thread */
+
+/* Resumed by the engine once the fetch ended: length, status, or the
+** kernel's error. */
+static int fetch_continue(lua_State *L, int status, lua_KContext ctx) {
+  req_box *b = luaL_checkudata(L, 3, REQ_BOX_MT);
+  lp_hreq *r = b->r;
+  double deadline;
+  const lp_interrupt *intr = luapool__lua_interrupt(L, &deadline);
+  (void)status, (void)ctx;
+  switch (luapool__hreq_state(r)) {
+    case LP_H_OK: {
+      uint64_t n = luapool__hreq_length(r);
+      lua_pushinteger(L, n > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER : (lua_Integer)n);
+      lua_pushinteger(L, luapool__hreq_status(r));
+      box_free(b);
+      return 2;
+    }
+    case LP_H_DEADLINE: luapool__stop_self(intr); /* fall through */
+    default:
+      /* as the kernel's own errors: no "chunk:line:" prefix */
+      lua_pushfstring(L, "fetch_length: %s: %s", luapool__hreq_target(r), luapool__hreq_error(r));
+      box_free(b);
+      return lua_error(L);
+  }
+}
+
+int luapool__http_fetch_length_yield(lua_State *L) {
+  lp_hreq_opts o;
+  char err[512];
+  memset(&o, 0, sizeof o);
+  lua_settop(L, 2);
+  /* the kernel's checks and messages (registry.c, fetch_length_run) */
+  if (lua_type(L, 1) != LUA_TSTRING) {
+    lua_pushfstring(L, "bad argument #1 to 'fetch_length' (string expected, got %s)",
+                    luaL_typename(L, 1));
+    return lua_error(L);
+  }
+  size_t ulen;
+  const char *url = lua_tolstring(L, 1, &ulen);
+  if (strlen(url) != ulen) {
+    lua_pushstring(L, "bad argument #1 to 'fetch_length' (URL contains a zero byte)");
+    return lua_error(L);
+  }
+  if (!lua_isnil(L, 2)) {
+    if (lua_type(L, 2) != LUA_TNUMBER) {
+      lua_pushfstring(L, "bad argument #2 to 'fetch_length' (number expected, got %s)",
+                      luaL_typename(L, 2));
+      return lua_error(L);
+    }
+    if (!((o.timeout = lua_tonumber(L, 2)) > 0)) {
+      lua_pushfstring(L, "bad argument #2 to 'fetch_length' (positive number expected, got %s)",
+                      luaL_tolstring(L, 2, NULL));
+      return lua_error(L);
+    }
+  }
+  if (yield_loop == NULL || !lua_isyieldable(L))
+    return luaL_error(L, "luapool.kernels.fetch_length: cannot yield here (inside a metamethod "
+                         "or a C function such as table.sort's comparator); make the request "
+                         "in the task's own code (a pcall is fine) and pass the result in");
+  double deadline;
+  luapool__lua_interrupt(L, &deadline);
+  o.url = url;
+  o.deadline = deadline;
+  o.max_redirs = LP_HMAX_REDIRS;
+  o.retry_delay = -1;
+  o.count_only = 1;
+  req_box *b = new_box(L); /* index 3 */
+  b->r = luapool__hreq_new(&o, err, sizeof err);
+  if (b->r == NULL) {
+    lua_pushfstring(L, "fetch_length: %s: %s", url, err);
+    return lua_error(L);
+  }
+  lua_pushlightuserdata(L, (void *)&luapool__http_yield_marker);
+  lua_pushlightuserdata(L, b->r);
+  return lua_yieldk(L, 2, 0, fetch_continue);
+}
+
+/* }====== */
 
 int luapool__http_get(lua_State *L) {
   /* A string, never a number: luaL_checklstring would turn 5 into "5",

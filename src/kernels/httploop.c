@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "base/util.h" /* luapool__now */
+#include "base/alloc.h"
 #include "kernels/httploop.h"
 #include "kernels/kernels_internal.h"
 
@@ -134,7 +135,7 @@ static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n)
     size_t ncap = *cap ? *cap : 1024;
     while (ncap < *len + n)
       ncap = ncap > SIZE_MAX / 2 ? *len + n : ncap * 2;
-    char *nb = realloc(*buf, ncap);
+    char *nb = lp_realloc(*buf, ncap);
     if (nb == NULL) return -1;
     *buf = nb;
     *cap = ncap;
@@ -146,7 +147,7 @@ static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n)
 
 static char *dupstr(const char *s) {
   size_t n = strlen(s) + 1;
-  char *d = malloc(n);
+  char *d = lp_malloc(n);
   if (d) memcpy(d, s, n);
   return d;
 }
@@ -216,7 +217,7 @@ static void heap_down(lp_hloop *l, size_t i) {
 static int heap_push(lp_hloop *l, lp_hreq *r) {
   if (l->nheap == l->heapcap) {
     size_t ncap = l->heapcap ? l->heapcap * 2 : 64;
-    lp_hreq **nh = realloc(l->heap, ncap * sizeof *nh);
+    lp_hreq **nh = lp_realloc(l->heap, ncap * sizeof *nh);
     if (nh == NULL) return -1;
     l->heap = nh;
     l->heapcap = ncap;
@@ -257,7 +258,7 @@ static char *host_key(const char *url) {
       lc.url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
       lc.url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK) {
     size_t n = strlen(host) + strlen(port) + 2;
-    key = malloc(n);
+    key = lp_malloc(n);
     if (key) {
       snprintf(key, n, "%s:%s", host, port);
       for (char *p = key; *p; p++)
@@ -280,7 +281,7 @@ static hhost *host_get(lp_hloop *l, const char *key) {
   }
   if (l->nhosts >= l->nbuckets) { /* grow: load factor 1 */
     size_t nb = l->nbuckets ? l->nbuckets * 2 : 64;
-    hhost **b = calloc(nb, sizeof *b);
+    hhost **b = lp_calloc(nb, sizeof *b);
     if (b == NULL) return NULL;
     for (size_t i = 0; i < l->nbuckets; i++)
       for (hhost *e = l->buckets[i], *n; e; e = n) {
@@ -289,12 +290,12 @@ static hhost *host_get(lp_hloop *l, const char *key) {
         e->next = b[j];
         b[j] = e;
       }
-    free(l->buckets);
+    lp_free(l->buckets);
     l->buckets = b;
     l->nbuckets = nb;
   }
   size_t klen = strlen(key) + 1;
-  hhost *e = calloc(1, sizeof *e + klen);
+  hhost *e = lp_calloc(1, sizeof *e + klen);
   if (e == NULL) return NULL;
   memcpy(e->key, key, klen);
   e->next = l->buckets[h & (l->nbuckets - 1)];
@@ -649,7 +650,7 @@ static void attempt_done(lp_hloop *l, lp_hreq *r, CURLcode code) {
   lc.easy_getinfo(r->easy, CURLINFO_OS_ERRNO, &oserr);
   if (r->fd_errno == 0 && (oserr == EMFILE || oserr == ENFILE)) r->fd_errno = (int)oserr;
   read_timings(r);
-  free(r->eff);
+  lp_free(r->eff);
   r->eff = eff ? dupstr(eff) : NULL; /* eff lives in the handle */
   if (eff && r->eff == NULL) r->oom = 1;
   detach(l, r);
@@ -776,7 +777,7 @@ static CURLM *new_multi(void) {
 }
 
 lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz) {
-  lp_hloop *l = calloc(1, sizeof *l);
+  lp_hloop *l = lp_calloc(1, sizeof *l);
   if (l == NULL) {
     snprintf(err, errsz, "not enough memory");
     return NULL;
@@ -830,7 +831,7 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
 fail:
   if (l->ev >= 0) close(l->ev);
   if (l->ep >= 0) close(l->ep);
-  free(l);
+  lp_free(l);
   return NULL;
 }
 
@@ -853,7 +854,7 @@ void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud) {
   l->owned++;
   char *key = host_key(r->url);
   r->host = key ? host_get(l, key) : NULL;
-  free(key);
+  lp_free(key);
   if (r->host == NULL || l->closing) {
     r->state = R_NEW;
     fail(l, r, CURLE_OUT_OF_MEMORY, l->closing ? "loop closed" : "not enough memory");
@@ -963,13 +964,13 @@ void luapool__hloop_free(lp_hloop *l) {
   for (size_t i = 0; i < l->nbuckets; i++)
     for (hhost *e = l->buckets[i], *n; e; e = n) {
       n = e->next;
-      free(e);
+      lp_free(e);
     }
-  free(l->buckets);
-  free(l->heap);
+  lp_free(l->buckets);
+  lp_free(l->heap);
   close(l->ev);
   close(l->ep);
-  free(l);
+  lp_free(l);
 }
 
 /* }====== */
@@ -994,7 +995,7 @@ lp_hreq *luapool__hreq_new(const lp_hreq_opts *o, char *err, size_t errsz) {
     snprintf(err, errsz, "method: HTTP token expected");
     return NULL;
   }
-  lp_hreq *r = calloc(1, sizeof *r);
+  lp_hreq *r = lp_calloc(1, sizeof *r);
   if (r == NULL) goto oom;
   r->state = R_NEW;
   r->url = dupstr(o->url);
@@ -1008,7 +1009,7 @@ lp_hreq *luapool__hreq_new(const lp_hreq_opts *o, char *err, size_t errsz) {
   if (o->body != NULL) {
     r->has_body = 1;
     r->body_len = o->body_len;
-    r->body = malloc(o->body_len ? o->body_len : 1);
+    r->body = lp_malloc(o->body_len ? o->body_len : 1);
     if (r->body == NULL) goto oom;
     memcpy(r->body, o->body, o->body_len);
   }
@@ -1033,14 +1034,14 @@ oom:
 
 void luapool__hreq_free(lp_hreq *r) {
   if (r == NULL) return;
-  free(r->url);
-  free(r->method);
+  lp_free(r->url);
+  lp_free(r->method);
   if (r->hdrs) lc.slist_free_all(r->hdrs);
-  free(r->body);
-  free(r->rbody);
-  free(r->hdr);
-  free(r->eff);
-  free(r);
+  lp_free(r->body);
+  lp_free(r->rbody);
+  lp_free(r->hdr);
+  lp_free(r->eff);
+  lp_free(r);
 }
 
 int luapool__hreq_state(const lp_hreq *r) { return r->result; }

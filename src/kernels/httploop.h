@@ -164,8 +164,10 @@ int luapool__hreq_curlcode(const lp_hreq *r);
 ** metamethod, a C function's callback such as table.sort's comparator, or
 ** outside any coroutine), the call raises
 **   "luapool.http.request: cannot yield here (...); ..." (or http.get).
-** fetch_length called as a Lua function keeps blocking (the kernel's Lua
-** face is registry.c's); the engine runs it natively instead. */
+** luapool.kernels.fetch_length yields the same way once its Lua face
+** (registry.c) routes to luapool__http_fetch_length_yield on such a thread
+** (kernels_internal.h); until then it blocks there, and the engine runs it
+** natively (count_only requests) when it is the task itself. */
 extern const char luapool__http_yield_marker;
 void luapool__http_set_thread_loop(lp_hloop *l);
 lp_hloop *luapool__http_thread_loop(void);

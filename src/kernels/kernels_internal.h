@@ -15,6 +15,13 @@
 int luapool__sum_squares_run(lp_kcall *c);
 int luapool__fetch_length_run(lp_kcall *c);
 
+/* fetch_length's Lua face on an engine's loop thread (http.c): the same
+** checks and results as the kernel's, but it yields the request as
+** http.request does there (httploop.h: luapool__http_set_thread_loop).
+** For registry.c's l_fetch_length, first thing:
+**     if (luapool__http_thread_loop()) return luapool__http_fetch_length_yield(L); */
+int luapool__http_fetch_length_yield(lua_State *L);
+
 /* "bad argument #N to 'NAME' (DETAIL)" for details that are not of the
 ** "X expected, got TYPE" shape (e.g. "non-negative integer expected, got -5"). */
 int luapool__kargmsg(lp_kcall *c, const char *kname, int arg, const char *fmt, ...)

@@ -86,6 +86,24 @@ describe("iopool", function()
       assert.is_true(luapool.now() - t0 < 10, "took " .. (luapool.now() - t0))
     end)
 
+    it("yield in fetch_length called from Lua; block in a coroutine the task made itself", function()
+      local p <close> = iopool.new {}
+      local t0 = luapool.now()
+      local fs = {}
+      for i = 1, 200 do
+        fs[i] = p:submit(function(url) return luapool.kernels.fetch_length(url) end, srv:url("/sleep?s=0.5"))
+      end
+      for i = 1, 200 do assert.are.same({ 3, 200 }, { fs[i]:result(60) }) end
+      -- one after the other they would take 100 s
+      assert.is_true(luapool.now() - t0 < 20, "took " .. (luapool.now() - t0))
+      -- a coroutine of the task's own cannot give the loop its wait: it blocks, and works
+      assert.are.same({ 200, 9, 9, 200 }, { p:submit(function(url)
+        local r = coroutine.wrap(function() return luapool.http.get(url) end)()
+        local n, status = coroutine.wrap(function() return luapool.kernels.fetch_length(url) end)()
+        return r.status, #r.body, n, status
+      end, srv:url("/bytes?n=9")):result(30) })
+    end)
+
     it("report a task error with its traceback", function()
       local p <close> = iopool.new {}
       local e = p:submit(function()

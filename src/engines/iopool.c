@@ -405,8 +405,10 @@ static void run_co(ioloop *lp, io_task *t) {
   }
   lp->cur = t;
   luapool__set_task_state(luapool__co_thread(t->co)); /* STOP_SIGNAL acts on it */
+  luapool__http_set_thread_loop(lp->hl); /* http.request/get yield to it (NULL: block) */
   void *yielded[2];
   int st = luapool__co_resume(t->co, yielded);
+  luapool__http_set_thread_loop(NULL); /* (an inline run's requests block) */
   luapool__set_task_state(NULL);
   lp->cur = NULL;
   if (st == LP_CO_YIELD && yielded[0] == &luapool__http_yield_marker && !t->kill) {
@@ -687,19 +689,7 @@ static lp_hloop *loop_hloop(ioloop *lp, char *err, size_t errsz) {
   lp->hl = hl;
   if (lp->woken) luapool__hloop_wakeup(hl); /* (a wake meant for the cv) */
   pthread_mutex_unlock(&lp->mu);
-  luapool__http_set_thread_loop(hl);
   return hl;
-}
-
-static lp_hloop *io_hloop(void *io, char *err, size_t errsz) { return loop_hloop(io, err, errsz); }
-
-static int io_await_request(void *io, lua_State *L, lp_hreq *r, lua_KContext ctx, lua_KFunction k) {
-  ioloop *lp = io;
-  io_task *t = lp->cur;
-  t->wait = W_REQ;
-  t->req = r;
-  luapool__hloop_add(lp->hl, r, on_req_done, t);
-  return lua_yieldk(L, 0, ctx, k);
 }
 
 static int io_await_timer(void *io, lua_State *L, double until, lua_KContext ctx, lua_KFunction k) {
@@ -712,8 +702,6 @@ static int io_await_timer(void *io, lua_State *L, double until, lua_KContext ctx
 
 static const lp_io_ops io_ops = {
     .is_task = io_is_task,
-    .hloop = io_hloop,
-    .await_request = io_await_request,
     .await_timer = io_await_timer,
 };
 
@@ -785,9 +773,9 @@ static int is_kernel_msg(const char *msg, size_t len) {
   return luapool__peek_kernel(&r) >= 0;
 }
 
-/* Starts f, just taken (its place counted): a task of the loop, or an
-** inline run settled here. */
-static void begin_task(ioloop *lp, lp_future *f) {
+/* Begins f, just taken and started (its place counted): a task of the
+** loop, or an inline run settled here.  intr: Ctrl-C came since. */
+static void begin_task(ioloop *lp, lp_future *f, int intr) {
   lp_pool *p = lp->p;
   char label[48];
   io_task *t = calloc(1, sizeof *t);
@@ -820,8 +808,8 @@ static void begin_task(ioloop *lp, lp_future *f) {
   if (lp->tasks) lp->tasks->prev = t;
   lp->tasks = t;
   lp->ntasks++;
-  if (atomic_load(&lp->closing_intr)) {
-    task_kill(lp, t, K_CLOSE);
+  if (intr || atomic_load(&lp->closing_intr)) {
+    task_kill(lp, t, intr ? K_INTR : K_CLOSE);
     return;
   }
   int nat = native_calls(t, f->msg, f->msglen);
@@ -916,28 +904,31 @@ static void *loop_main(void *arg) {
   for (;;) {
     /* take what fits */
     lp_future *take[64];
-    int ntake = 0, done;
+    int ntake = 0, done, dropped = 0;
     pthread_mutex_lock(&p->mu);
+    /* Started before p->mu is let go (engine.h): an interrupt, which holds
+    ** p->mu, finds each task queued (cancelled) or started; one started
+    ** here before it is stopped (intr_gen moved past taken_gen). */
+    unsigned taken_gen = atomic_load(&lp->intr_gen);
     while (ntake < 64 && p->head && lp->n < lp->cap && io->inflight < io->cfg.concurrency) {
-      take[ntake++] = luapool__pool_take(p);
-      lp->n++;
-      io->inflight++;
+      lp_future *f = luapool__pool_take(p);
+      if (luapool__future_start(f, lp->name)) {
+        take[ntake++] = f;
+        lp->n++;
+        io->inflight++;
+      } else { /* cancelled meanwhile */
+        take[63 - dropped++] = f;
+        if (ntake + dropped == 64) break;
+      }
     }
     lp->wanted = 0;
     done = p->closing && p->head == NULL && lp->n == 0;
     pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < dropped; i++)
+      luapool__future_unref(take[63 - i]);
     if (done) break;
-    for (int i = 0; i < ntake; i++) {
-      if (luapool__future_start(take[i], lp->name)) {
-        begin_task(lp, take[i]);
-      } else { /* cancelled meanwhile */
-        luapool__future_unref(take[i]);
-        pthread_mutex_lock(&p->mu);
-        lp->n--;
-        io->inflight--;
-        pthread_mutex_unlock(&p->mu);
-      }
-    }
+    for (int i = 0; i < ntake; i++)
+      begin_task(lp, take[i], atomic_load(&lp->intr_gen) != taken_gen);
     /* stops */
     unsigned g = atomic_load(&lp->intr_gen);
     if (g != lp->intr_seen) {
@@ -970,7 +961,7 @@ static void *loop_main(void *arg) {
     int room = lp->room;
     lp->room = 0;
     pthread_mutex_unlock(&p->mu);
-    if (ntake == 64 || room) continue; /* more may be queued */
+    if (ntake + dropped == 64 || room) continue; /* more may be queued */
     double wait = 1.0;
     if (lp->rhead)
       wait = 0;

@@ -664,7 +664,8 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   if (opts) read_options(L, opts, fname, allowed, &o, b);
   const char *method = o.method ? o.method : "GET";
   o.deadline = deadline;
-  lp_hloop *yl = yield_loop;
+  /* (only an iopool task's own coroutine: one it made itself blocks) */
+  lp_hloop *yl = luapool__io_is_task(L) ? yield_loop : NULL;
   if (yl != NULL && !lua_isyieldable(L))
     return luaL_error(L,
                       "luapool.http.%s: cannot yield here (inside a metamethod or a C function "

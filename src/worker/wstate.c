@@ -211,6 +211,11 @@ void luapool__wstate_close(lp_wstate *ws) {
 
 /* {====== waiting inside an iopool task */
 
+int luapool__io_is_task(lua_State *L) {
+  lp_wstate *ws = state_worker(L);
+  return ws != NULL && ws->io != NULL && ws->io_ops->is_task(ws->io, L);
+}
+
 lp_wstate *luapool__io_task(lua_State *L, const char *what) {
   lp_wstate *ws = state_worker(L);
   if (ws == NULL || ws->io == NULL || !ws->io_ops->is_task(ws->io, L)) return NULL;
@@ -223,15 +228,6 @@ lp_wstate *luapool__io_task(lua_State *L, const char *what) {
 }
 
 lp_wstate *luapool__state_worker(lua_State *L) { return state_worker(L); }
-
-struct lp_hloop *luapool__io_hloop(lp_wstate *ws, char *err, size_t errsz) {
-  return ws->io_ops->hloop(ws->io, err, errsz);
-}
-
-int luapool__io_await_request(lp_wstate *ws, lua_State *L, struct lp_hreq *r, lua_KContext ctx,
-                              lua_KFunction k) {
-  return ws->io_ops->await_request(ws->io, L, r, ctx, k);
-}
 
 int luapool__io_await_timer(lp_wstate *ws, lua_State *L, double until, lua_KContext ctx,
                             lua_KFunction k) {

@@ -72,41 +72,35 @@ typedef struct lp_wstate {
 
 /* {====== waiting inside an iopool task
 ** A Lua task on an iopool runs as a coroutine of its loop thread's state
-** (engines/iopool.c).  A call that would block there (a request, a sleep)
-** asks luapool__io_task first: when L is such a task, it hands its wait to
-** the loop and yields, and the loop resumes it when the wait is over.
-**   await: the wait is handed over and the coroutine yields; when it is
-** over, k(L, LUA_YIELD, ctx) runs in its place (lua_yieldk): its results
-** are the call's.  A task stopped meanwhile (cancelled, past its
-** deadline, Ctrl-C, a closing pool) is never resumed: the loop ends the
-** wait (a request is aborted: its done callback has run, LP_H_ABORTED)
-** and k never runs; the coroutine is closed, so what is held across the
-** wait must be owned by something the coroutine's collection frees (the
-** request itself too: the loop never frees it). */
-struct lp_hloop;
-struct lp_hreq;
+** (engines/iopool.c).  A call that would block there asks luapool__io_task
+** first: when L is such a task, it hands its wait to the loop and yields,
+** and the loop resumes it when the wait is over.  luapool.sleep waits with
+** luapool__io_await_timer; HTTP requests yield their request to the loop
+** (kernels/httploop.h: the yield marker).
+**   A task stopped while it waits (cancelled, Ctrl-C, a closing pool) is
+** never resumed: the loop ends the wait (a request is aborted) and closes
+** the coroutine, so what is held across the wait must be owned by
+** something the coroutine's collection frees.  A task whose deadline
+** passes while it waits is resumed, and its call stopped at once (the
+** count hook raises). */
 typedef struct lp_io_ops {
   int (*is_task)(void *io, lua_State *L);
-  struct lp_hloop *(*hloop)(void *io, char *err, size_t errsz);
-  int (*await_request)(void *io, lua_State *L, struct lp_hreq *r, lua_KContext ctx,
-                       lua_KFunction k);
   int (*await_timer)(void *io, lua_State *L, double until, lua_KContext ctx, lua_KFunction k);
 } lp_io_ops;
 /* The worker of L when L is the running task of an iopool loop (its own
 ** coroutine): then `what` must yield, not block.  NULL anywhere else (a
 ** main state, a thread or process worker, a coroutine the task made
-** itself): block as usual.  Raises "WHAT: cannot yield here (...)" when L is
-** an iopool task that cannot yield now (inside a metamethod or a C
+** itself): block as usual.  Raises "WHAT: cannot yield here (...)" when L
+** is an iopool task that cannot yield now (inside a metamethod or a C
 ** function such as table.sort's comparator). */
 lp_wstate *luapool__io_task(lua_State *L, const char *what);
+/* The same question, never raising: 1 when L is an iopool task's own
+** coroutine (yieldable or not). */
+int luapool__io_is_task(lua_State *L);
 /* The worker whose Lua state L belongs to (NULL: a main state). */
 lp_wstate *luapool__state_worker(lua_State *L);
-/* The loop's curl multi (made on first use); NULL with err. */
-struct lp_hloop *luapool__io_hloop(lp_wstate *ws, char *err, size_t errsz);
-/* Hands r (made, not added) to the loop and yields; see above. */
-int luapool__io_await_request(lp_wstate *ws, lua_State *L, struct lp_hreq *r, lua_KContext ctx,
-                              lua_KFunction k);
-/* Yields until luapool__now() reaches until. */
+/* Yields until luapool__now() reaches until; then k(L, LUA_YIELD, ctx)
+** runs in the caller's place (lua_yieldk). */
 int luapool__io_await_timer(lp_wstate *ws, lua_State *L, double until, lua_KContext ctx,
                             lua_KFunction k);
 /* }====== */

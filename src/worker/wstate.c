@@ -211,9 +211,9 @@ void luapool__wstate_close(lp_wstate *ws) {
 
 /* {====== waiting inside an iopool task */
 
-int luapool__io_is_task(lua_State *L) {
+int luapool__io_nested(lua_State *L) {
   lp_wstate *ws = state_worker(L);
-  return ws != NULL && ws->io != NULL && ws->io_ops->is_task(ws->io, L);
+  return ws != NULL && ws->io != NULL && !ws->io_ops->is_task(ws->io, L);
 }
 
 lp_wstate *luapool__io_task(lua_State *L, const char *what) {

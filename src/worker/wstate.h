@@ -94,9 +94,10 @@ typedef struct lp_io_ops {
 ** is an iopool task that cannot yield now (inside a metamethod or a C
 ** function such as table.sort's comparator). */
 lp_wstate *luapool__io_task(lua_State *L, const char *what);
-/* The same question, never raising: 1 when L is an iopool task's own
-** coroutine (yieldable or not). */
-int luapool__io_is_task(lua_State *L);
+/* 1 when L is a coroutine of an iopool loop's state other than the running
+** task's own (one the task made itself): a yield there would go to the
+** task's own coroutine.resume, so a wait must block.  Never raises. */
+int luapool__io_nested(lua_State *L);
 /* The worker whose Lua state L belongs to (NULL: a main state). */
 lp_wstate *luapool__state_worker(lua_State *L);
 /* Yields until luapool__now() reaches until; then k(L, LUA_YIELD, ctx)

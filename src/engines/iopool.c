@@ -1,20 +1,23 @@
 /*
 ** iopool: an event-loop engine.  Each of max_workers loop threads owns one
-** libcurl multi handle (kernels/httploop.c, made on the first request) and
-** one Lua state, and runs many tasks at once:
+** libcurl multi handle (kernels/httploop.c, made with its first task that
+** needs it) and one Lua state, and runs many tasks at once:
 **   - a Lua task runs as a coroutine of the loop's state (worker.c's
-**     lp_cotask); luapool.http.request/get, kernels.fetch_length called
-**     from Lua and luapool.sleep hand their wait to the loop and yield
-**     (wstate.h's luapool__io_*), and the loop resumes the coroutine when
-**     the request ended or the timer fired;
+**     lp_cotask).  luapool.sleep waits on a timer of the loop
+**     (wstate.h's luapool__io_await_timer); luapool.http.request/get and
+**     kernels.fetch_length called from Lua yield their request to the loop
+**     (httploop.h's yield marker), which adds it to its multi handle; the
+**     loop resumes the coroutine when the timer fired or the request
+**     ended.  A plain coroutine.yield() in the task lets the others run;
 **   - a fetch_length task (pool:map(luapool.kernels.fetch_length, urls))
 **     runs straight on the multi handle from the message's bytes: no Lua
 **     state, no coroutine;
 **   - any other kernel runs inline on the loop thread (it is CPU work).
 ** Anything else that blocks (a blocking C call, a long CPU loop) blocks the
-** whole loop: a task's deadline stops a coroutine that hogs it (a count
-** hook, as on thread workers, which yields it back to the loop or, where it
-** cannot yield, raises).
+** whole loop.  A task's deadline is a timer too: a task waiting past it is
+** resumed with the count hook set, which stops its call (TIMEOUT, as on a
+** thread worker, a map chunk's next calls still run); a coroutine that
+** hogs the loop meets the same hook every 1000 instructions.
 **
 ** Admission: at most `concurrency` tasks are in flight in the whole pool
 ** (es->inflight, under p->mu), each loop taking at most its share; the
@@ -22,14 +25,16 @@
 ** least work (starting a new one, up to max_workers, when every started
 ** loop has some), and a loop with room takes from the queue at the top of
 ** each turn.  Connections per host:port and in total are the httploop's
-** admission (per_host, max_connections), retries its timers.
+** admission (per_host, max_connections, shared out among the loops),
+** retries its timers.
 **
-** Locks: p->mu guards the queue, es->inflight and each loop's n and wanted;
-** lp->mu (after p->mu: engine.h) guards woken and cancel_pending and
-** publishes lp->hl to wakers.  Everything else of a loop is its thread's.
-** Stops reach a loop through atomics it reads every turn (intr_gen for
-** Ctrl-C, closing_intr for a closing stop, cancel_pending for f:cancel())
-** plus a wake-up, and through STOP_SIGNAL for the coroutine running now.
+** Locks: p->mu guards the queue, es->inflight and each loop's n, wanted
+** and room; lp->mu (after p->mu: engine.h) guards woken and publishes
+** lp->hl to wakers.  Everything else of a loop is its thread's.  Stops
+** reach a loop through atomics it reads every turn (intr_gen for Ctrl-C,
+** closing_intr for a closing stop, cancel_pending for f:cancel()) plus a
+** wake-up, and through STOP_SIGNAL for the coroutine running at that
+** moment (its hook yields it back to the loop, which ends it).
 */
 #include <pthread.h>
 #include <signal.h>
@@ -61,7 +66,7 @@
 typedef struct io_config {
   int concurrency;     /* tasks in flight in the whole pool */
   int per_host;        /* connections per host:port; 0: no limit */
-  int max_connections; /* connections per loop; 0: no limit */
+  int max_connections; /* connections in all; 0: no limit */
   int retries;         /* fetch_length tasks: retries of transport failures */
 } io_config;
 
@@ -682,7 +687,10 @@ static lp_hloop *loop_hloop(ioloop *lp, char *err, size_t errsz) {
     snprintf(err, errsz, "%s", why);
     return NULL;
   }
-  lp_hloop_limits lim = {lp->io->cfg.per_host, lp->io->cfg.max_connections};
+  /* The pool's limits, shared out among its loops (each its own multi). */
+  int nl = lp->p->max_workers;
+  lp_hloop_limits lim = {(lp->io->cfg.per_host + nl - 1) / nl,
+                         (lp->io->cfg.max_connections + nl - 1) / nl};
   lp_hloop *hl = luapool__hloop_new(&lim, err, errsz);
   if (hl == NULL) return NULL;
   pthread_mutex_lock(&lp->mu);

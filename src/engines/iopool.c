@@ -979,10 +979,13 @@ static void *loop_main(void *arg) {
   }
   luapool__set_task_state(NULL);
   luapool__http_set_thread_loop(NULL);
-  if (lp->hl) luapool__hloop_free(lp->hl); /* (nothing left in it) */
+  /* Out of wakers' reach first (a closing owner wakes it under lp->mu),
+  ** then freed (nothing is left in it). */
   pthread_mutex_lock(&lp->mu);
+  lp_hloop *hl = lp->hl;
   lp->hl = NULL;
   pthread_mutex_unlock(&lp->mu);
+  if (hl) luapool__hloop_free(hl);
   luapool__wstate_close(&lp->ws);
   luapool__paths_unref(lp->paths);
   lp->paths = NULL;

@@ -802,7 +802,8 @@ static void begin_task(ioloop *lp, lp_future *f, int intr) {
     size_t cap = lp->capheap ? lp->capheap * 2 : 64;
     while (cap < need)
       cap *= 2;
-    io_timer **h = realloc(lp->heap, cap * sizeof *h);
+    /* an array of pointers, two per task */
+    io_timer **h = realloc(lp->heap, cap * sizeof *h); // NOLINT(bugprone-sizeof-expression)
     if (h == NULL) {
       free(t);
       luapool__future_fail(f, LP_EK_TRANSFER, "worker %s ran out of memory starting the task",
@@ -1003,7 +1004,9 @@ static void *loop_main(void *arg) {
 
 static int io_open(lp_pool *p, char *err, size_t errsz) {
   iopool *io = calloc(1, sizeof *io);
-  ioloop **loops = calloc((size_t)p->max_workers, sizeof *loops);
+  /* an array of pointers, one per loop */
+  ioloop **loops =
+      calloc((size_t)p->max_workers, sizeof *loops); // NOLINT(bugprone-sizeof-expression)
   if (io == NULL || loops == NULL) {
     free(io);
     free(loops);

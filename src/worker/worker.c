@@ -542,7 +542,8 @@ struct lp_cotask {
 static int co_loop(lua_State *L, run_ctx *rc);
 
 static int co_cont(lua_State *L, int status, lua_KContext ctx) {
-  run_ctx *rc = (run_ctx *)ctx;
+  /* (Lua's continuation context is an intptr_t: co_loop passed rc) */
+  run_ctx *rc = (run_ctx *)ctx; // NOLINT(performance-no-int-to-ptr)
   call_end(L, rc, status == LUA_YIELD ? LUA_OK : status, call_base(rc));
   return co_loop(L, rc);
 }

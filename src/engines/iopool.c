@@ -116,7 +116,9 @@ typedef struct io_timer {
 } io_timer;
 
 /* Why a task is ended from outside (kill). */
-enum { K_NONE, K_CANCEL, K_DEADLINE, K_INTR, K_CLOSE };
+/* (A deadline does not kill: the task resumes and its call is stopped,
+** task_deadline.) */
+enum { K_NONE, K_CANCEL, K_INTR, K_CLOSE };
 /* What a parked task waits for. */
 enum { W_NONE, W_TIMER, W_REQ };
 
@@ -127,7 +129,7 @@ typedef struct io_ncall {
   io_task *t;
   lp_hreq *r;
   char *url;
-  double deadline; /* 0: none */
+  double timeout; /* its own timeout argument, seconds; 0: none */
   int done;
 } io_ncall;
 
@@ -320,7 +322,7 @@ static void task_unwait(ioloop *lp, io_task *t, const char *why) {
 static void task_kill(ioloop *lp, io_task *t, int how) {
   if (t->kill) return;
   t->kill = how;
-  task_unwait(lp, t, how == K_DEADLINE ? "deadline" : "interrupted");
+  task_unwait(lp, t, "interrupted");
   ready(lp, t);
 }
 
@@ -380,10 +382,8 @@ static void end_killed_co(ioloop *lp, io_task *t) {
       luapool__future_fail(t->f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
                            luapool__future_label(t->f, label, sizeof label), lp->name);
       break;
-    case K_DEADLINE:
     case K_CLOSE:
-      if (luapool__co_end(t->co, t->kill == K_DEADLINE ? LP_CO_TIMEOUT : LP_CO_ERROR,
-                          "interrupted: the pool was closed") != 0)
+      if (luapool__co_end(t->co, "interrupted: the pool was closed") != 0)
         finish_reply(lp, t, NULL, 0);
       else {
         len = 0;
@@ -491,7 +491,7 @@ static int native_calls(io_task *t, const char *msg, size_t len) {
       if (a[1].type != LP_NIL && !(timeout > 0)) goto no; /* the kernel's own message */
     }
     calls[i].t = t;
-    calls[i].deadline = timeout; /* (seconds for now) */
+    calls[i].timeout = timeout;
     if ((calls[i].url = malloc(a[0].u.s.len + 1)) == NULL) {
       for (uint32_t j = 0; j <= i; j++)
         free(calls[j].url);
@@ -525,9 +525,8 @@ static int start_native(ioloop *lp, io_task *t) {
     lp_hreq_opts o;
     memset(&o, 0, sizeof o);
     o.url = c->url;
-    o.timeout = c->deadline; /* the call's own timeout argument */
-    o.deadline = t->f->timeout > 0 ? now + t->f->timeout : 0;
-    c->deadline = o.deadline;
+    o.timeout = c->timeout;
+    o.deadline = t->f->timeout > 0 ? now + t->f->timeout : 0; /* each call its own */
     o.max_redirs = LP_HMAX_REDIRS;
     o.retry_delay = -1;
     o.retries = lp->io->cfg.retries;
@@ -573,8 +572,7 @@ static void end_native(ioloop *lp, io_task *t) {
       continue;
     }
     nerr++;
-    if (st == LP_H_DEADLINE ||
-        (t->kill == K_DEADLINE && c->deadline > 0 && luapool__now() >= c->deadline)) {
+    if (st == LP_H_DEADLINE) { /* (the request's own deadline: the call's) */
       luapool__deadline_message(m, sizeof m, t->f->task_no, t->f->item_lo, i, t->f->timeout,
                                 lp->name);
       bad = luapool__put_u8(out, LP_REPLY_TIMEOUT) || luapool__put_string(out, m, strlen(m));

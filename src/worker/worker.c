@@ -699,25 +699,13 @@ int luapool__co_resume(lp_cotask *t, void *yielded[2]) {
 
 lua_State *luapool__co_thread(const lp_cotask *t) { return t->co; }
 
-double luapool__co_deadline(const lp_cotask *t) { return t->deadline; }
-
-int luapool__co_in_call(const lp_cotask *t) { return t->in_call; }
-
-int luapool__co_end(lp_cotask *t, int how, const char *m) {
+int luapool__co_end(lp_cotask *t, const char *m) {
   run_ctx *rc = &t->rc;
   if (t->ended) return 0;
   if (rc->done < rc->ncalls) {
     t->out.len = rc->mark;
     rc->nerr = rc->nerr_mark + 1;
-    if (how == LP_CO_TIMEOUT) {
-      lp_wstate *ws = t->ws;
-      co_swap(t, 1);
-      int r = put_timeout(ws, rc->done, &t->out, rc->mark);
-      co_swap(t, 0);
-      if (r) return -1;
-    } else if (put_error_text(&t->out, m)) {
-      return -1;
-    }
+    if (put_error_text(&t->out, m)) return -1;
     rc->done++;
   }
   co_finish(t); /* the calls after it are not run, as after a stop */

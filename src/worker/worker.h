@@ -44,15 +44,10 @@ lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double ca
 int luapool__co_resume(lp_cotask *t, void *yielded[2]);
 /* Its coroutine. */
 lua_State *luapool__co_thread(const lp_cotask *t);
-/* The running call's deadline (luapool__now() time; 0: none). */
-double luapool__co_deadline(const lp_cotask *t);
-/* Whether it stopped inside a call's own code (not between calls). */
-int luapool__co_in_call(const lp_cotask *t);
-/* Ends a task stopped from outside without resuming it: the call it was
-** in replies TIMEOUT (how LP_CO_TIMEOUT) or an error with message m
-** (LP_CO_ERROR), and the calls after it are not run.  -1: no memory. */
-enum { LP_CO_TIMEOUT = 1, LP_CO_ERROR = 2 };
-int luapool__co_end(lp_cotask *t, int how, const char *m);
+/* Ends a task stopped from outside without resuming it (a closing pool):
+** the call it was in replies an error with message m, and the calls after
+** it are not run.  -1: no memory. */
+int luapool__co_end(lp_cotask *t, const char *m);
 /* The whole reply, taken (malloc'd; the caller frees it). */
 char *luapool__co_reply(lp_cotask *t, size_t *len);
 /* Closes its coroutine (its pending to-be-closed variables run) and frees

@@ -1,6 +1,8 @@
 /*
 ** The worker side of a task, shared by thread and process workers: decode a
-** task message, run each call, encode the reply.
+** task message, run each call, encode the reply.  An event loop (iopool)
+** runs the same calls inside a coroutine of its state instead, so that a
+** call may yield to the loop (lp_cotask, at the end).
 **
 ** Task message:  u8 kind, then
 **   LP_MSG_SINGLE: u32 n, values fn, arg1..   (one reference space: sharing

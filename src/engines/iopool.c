@@ -917,7 +917,9 @@ static void *loop_main(void *arg) {
     ** p->mu, finds each task queued (cancelled) or started; one started
     ** here before it is stopped (intr_gen moved past taken_gen). */
     unsigned taken_gen = atomic_load(&lp->intr_gen);
-    while (ntake < 64 && p->head && lp->n < lp->cap && io->inflight < io->cfg.concurrency) {
+    /* (started ones fill take[] from the front, cancelled ones from the back) */
+    while (ntake + dropped < 64 && p->head && lp->n < lp->cap &&
+           io->inflight < io->cfg.concurrency) {
       lp_future *f = luapool__pool_take(p);
       if (luapool__future_start(f, lp->name)) {
         take[ntake++] = f;
@@ -925,7 +927,6 @@ static void *loop_main(void *arg) {
         io->inflight++;
       } else { /* cancelled meanwhile */
         take[63 - dropped++] = f;
-        if (ntake + dropped == 64) break;
       }
     }
     lp->wanted = 0;

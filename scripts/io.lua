@@ -1,9 +1,12 @@
--- The I/O-bound reference job: fetch pages on a threadpool and print each
--- body's length, in input order.
+-- The I/O-bound reference job: fetch pages on a threadpool (or an iopool)
+-- and print each body's length, in input order.
 --
--- usage: luapool scripts/io.lua [--workers N] [--urls FILE] [--sequential]
---                                [--progress] [URL...]
---   --workers N    threadpool size (default 5)
+-- usage: luapool scripts/io.lua [--workers N] [--pool KIND] [--concurrency N]
+--                                [--urls FILE] [--sequential] [--progress] [URL...]
+--   --workers N    threadpool size (default 5); an iopool's loop threads (default 1)
+--   --pool KIND    threadpool (default) or iopool: one event loop thread runs
+--                  every fetch at once, each task a coroutine
+--   --concurrency N  iopool: fetches in flight at once (default 1000)
 --   --urls FILE    read URLs from FILE, one per line (blank lines and #
 --                  comments skipped), before any given on the command line
 --   --sequential   fetch one after the other in the main thread instead
@@ -20,11 +23,13 @@ local DEFAULT_URLS = {
 
 local function usage(msg)
   io.stderr:write("io.lua: ", msg, "\n",
-    "usage: luapool scripts/io.lua [--workers N] [--urls FILE] [--sequential] [--progress] [URL...]\n")
+    "usage: luapool scripts/io.lua [--workers N] [--pool KIND] [--concurrency N] [--urls FILE] "
+      .. "[--sequential] [--progress] [URL...]\n")
   os.exit(2)
 end
 
-local workers, sequential, show_progress, urls = 5, false, false, {}
+local workers, sequential, show_progress, urls = nil, false, false, {}
+local pool_kind, concurrency = "threadpool", nil
 local args = { ... }
 local i = 1
 while i <= #args do
@@ -32,6 +37,16 @@ while i <= #args do
   if a == "--workers" then
     workers = math.tointeger(tonumber(args[i + 1]))
     if not workers or workers < 1 then usage("--workers needs a positive integer") end
+    i = i + 1
+  elseif a == "--pool" then
+    pool_kind = args[i + 1]
+    if pool_kind ~= "threadpool" and pool_kind ~= "iopool" then
+      usage("--pool needs threadpool or iopool")
+    end
+    i = i + 1
+  elseif a == "--concurrency" then
+    concurrency = math.tointeger(tonumber(args[i + 1]))
+    if not concurrency or concurrency < 1 then usage("--concurrency needs a positive integer") end
     i = i + 1
   elseif a == "--urls" then
     local path = args[i + 1] or usage("--urls needs a file")
@@ -55,6 +70,7 @@ while i <= #args do
   i = i + 1
 end
 if #urls == 0 then urls = DEFAULT_URLS end
+if concurrency and pool_kind ~= "iopool" then usage("--concurrency is for --pool iopool") end
 
 -- The task: runs in a worker thread (or in main when sequential).  The
 -- body length comes from the native libcurl kernel.
@@ -63,11 +79,21 @@ local function fetch_url(url)
   return luapool.kernels.fetch_length(url)
 end
 
--- The reason of a failed fetch without the kernel's "fetch_length: URL: ".
+-- The iopool task: a coroutine of the loop; http.get yields to the loop
+-- while the page comes (fetch_length called from Lua would block it).
+local function fetch_url_io(url)
+  print(("Fetching %s in loop %s"):format(url, luapool.current_worker().name))
+  local r, err = luapool.http.get(url)
+  if not r then error(err, 0) end
+  return #r.body
+end
+
+-- The reason of a failed fetch without "fetch_length: URL: " (or "GET URL: ").
 local function reason(err, url)
   local msg = type(err) == "table" and err.message or tostring(err)
-  local prefix = "fetch_length: " .. url .. ": "
-  if msg:sub(1, #prefix) == prefix then msg = msg:sub(#prefix + 1) end
+  for _, prefix in ipairs { "fetch_length: " .. url .. ": ", "GET " .. url .. ": " } do
+    if msg:sub(1, #prefix) == prefix then msg = msg:sub(#prefix + 1) end
+  end
   return msg
 end
 
@@ -83,11 +109,14 @@ if sequential then
     if bar then bar:update(k) end
   end
 else
-  label = "threadpool"
-  local pool <close> = threadpool.new { max_workers = workers, name = "io" }
+  label = pool_kind
+  local pool <close> = pool_kind == "iopool"
+    and luapool.iopool.new { max_workers = workers or 1, concurrency = concurrency, name = "io" }
+    or threadpool.new { max_workers = workers or 5, name = "io" }
+  local task = pool_kind == "iopool" and fetch_url_io or fetch_url
   local futures, index = {}, {}
   for k, url in ipairs(urls) do
-    futures[k] = pool:submit(fetch_url, url)
+    futures[k] = pool:submit(task, url)
     index[futures[k]] = k
   end
   local finished = 0

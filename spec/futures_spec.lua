@@ -146,6 +146,8 @@ for _, kind in ipairs(h.engines) do
       end)
 
       it("is false for a running future, true only while pending", function()
+        -- (an iopool aborts a running task's I/O and cancels it: iopool_spec)
+        if kind == "iopool" then return pending("a running iopool task can be cancelled") end
         local pool <close> = new { max_workers = 1 }
         local running = pool:submit(sleeper(0.3, 1))
         local queued = pool:submit(sleeper(0, 2))
@@ -175,7 +177,7 @@ for _, kind in ipairs(h.engines) do
       end)
 
       it("fire for cancelled futures and for futures no one waits on", function()
-        local pool <close> = new { max_workers = 1 }
+        local pool <close> = new(h.serial(kind, { max_workers = 1 }))
         local busy = pool:submit(sleeper(0.2, 0))
         local queued = pool:submit(sleeper(0, 1))
         local fired = {}
@@ -241,7 +243,7 @@ for _, kind in ipairs(h.engines) do
 
     describe("map options", function()
       it("raises the first task error and cancels what has not started", function()
-        local pool <close> = new { max_workers = 1 }
+        local pool <close> = new(h.serial(kind, { max_workers = 1 }))
         local started = {}
         local ok, err = pcall(pool.map, pool, function(x)
           if x == 2 then error("item two") end
@@ -371,7 +373,7 @@ for _, kind in ipairs(h.engines) do
       end)
 
       it("with tasks running and cancel_futures cancels only the queued", function()
-        local pool = new { max_workers = 1 }
+        local pool = new(h.serial(kind, { max_workers = 1 }))
         local running = pool:submit(sleeper(0.2, 1))
         luapool.sleep(0.05)
         local queued = pool:submit(sleeper(0, 2))
@@ -450,7 +452,7 @@ end)
 describe("a future's error", function()
   for _, kind in ipairs(h.engines) do
     it("is one object on a " .. kind .. ": exception() and result() give the same", function()
-      local pool <close> = luapool[kind].new { max_workers = 1, name = "one" }
+      local pool <close> = luapool[kind].new(h.serial(kind, { max_workers = 1, name = "one" }))
       local f = pool:submit(function() error("boom") end)
       local e = f:exception()
       assert.are.equal("task", e.kind)

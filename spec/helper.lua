@@ -8,7 +8,18 @@ M.bin = os.getenv("LUAPOOL_BIN") or "build/luapool"
 -- shutdown, <close>, errors, deadlines) runs on every engine in it.  A new
 -- engine is added here; what only one engine does (a process crash, a
 -- memory cap) stays in that engine's own specs.
-M.engines = { "threadpool", "processpool" }
+M.engines = { "threadpool", "processpool", "iopool" }
+-- What luapool.current_worker().kind says inside a task of each engine.
+M.worker_kinds = { threadpool = "thread", processpool = "process", iopool = "io" }
+
+-- Options for a pool that runs max_workers tasks at a time, as a spec that
+-- counts on it wants: on an iopool max_workers counts loop threads, each
+-- running many tasks at once, so concurrency says it there.
+function M.serial(kind, opts)
+  if kind == "iopool" then opts.concurrency = opts.max_workers end
+  return opts
+end
+M.serial_opt = { iopool = ", concurrency = 1" } -- for a pool made in a script's text
 M.source_dir = os.getenv("LUAPOOL_SOURCE_DIR") or "."
 
 local function shell_quote(s)

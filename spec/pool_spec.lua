@@ -13,7 +13,7 @@ local function line_of(fn) return debug.getinfo(fn, "S").linedefined end
 local function ident(...) return ... end
 
 for _, kind in ipairs(helper.engines) do
-  local worker_kind = kind == "threadpool" and "thread" or "process"
+  local worker_kind = helper.worker_kinds[kind]
 
   describe(kind, function()
     local pool
@@ -225,6 +225,8 @@ for _, kind in ipairs(helper.engines) do
 
     describe("cancel", function()
       it("cancels a queued task and not a running or finished one", function()
+        -- (an iopool aborts a running task's I/O and cancels it: iopool_spec)
+        if kind == "iopool" then return pending("a running iopool task can be cancelled") end
         local p <close> = luapool[kind].new { max_workers = 1 }
         local busy = p:submit(function() luapool.sleep(0.3) return "busy" end)
         local queued = p:submit(function() return "queued" end)
@@ -258,7 +260,7 @@ for _, kind in ipairs(helper.engines) do
       end)
 
       it("cancels queued tasks with cancel_futures = true", function()
-        local p = luapool[kind].new { max_workers = 1 }
+        local p = luapool[kind].new(helper.serial(kind, { max_workers = 1 }))
         local fs = {}
         for i = 1, 5 do fs[i] = p:submit(function() luapool.sleep(0.2) return i end) end
         wait_until(function() return fs[1]:running() end, "the first task to run")
@@ -360,7 +362,7 @@ for _, kind in ipairs(helper.engines) do
           assert.are.equal(worker_kind, w.kind)
           assert.is_true(w.index == 1 or w.index == 2)
           assert.are.equal("io-" .. w.index, w.name)
-          if kind == "threadpool" then
+          if kind ~= "processpool" then -- (an iopool's loops are threads too)
             assert.are.equal(MAIN_PID, w.pid)
           else
             assert.are_not.equal(MAIN_PID, w.pid)

@@ -282,8 +282,10 @@ static void refuse_option(lua_State *L, const lp_engine *e, const char *name) {
     }
   luaL_pushresult(&b);
   if (n == 0) luaL_error(L, "unknown option '%s' to 'new'", name);
-  luaL_error(L, "bad option '%s' to 'new' (a %s option%s%s)", name, lua_tostring(L, -1),
-             e->foreign_note ? ": " : "", e->foreign_note ? e->foreign_note : "");
+  const char *kinds = lua_tostring(L, -1);
+  luaL_error(L, "bad option '%s' to 'new' (%s %s option%s%s)", name,
+             strchr("aeiou", kinds[0]) ? "an" : "a", kinds, e->foreign_note ? ": " : "",
+             e->foreign_note ? e->foreign_note : "");
 }
 
 /* Checks every key of the options table at 1 and fills c and config. */

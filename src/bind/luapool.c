@@ -57,10 +57,19 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+static int sleep_done(lua_State *L, int status, lua_KContext ctx) {
+  (void)L, (void)status, (void)ctx;
+  return 0;
+}
+
 static int l_sleep(lua_State *L) {
   lua_Number s = luaL_checknumber(L, 1);
   luaL_argcheck(L, s >= 0 && s == s, 1, "non-negative number expected");
   if (s > 1e9) s = 1e9;
+  /* In an iopool task: a timer of its loop, which runs other tasks
+  ** meanwhile (its deadline and stops end the wait there). */
+  lp_wstate *io = luapool__io_task(L, "luapool.sleep");
+  if (io) return luapool__io_await_timer(io, L, luapool__now() + s, 0, sleep_done);
   /* Sleep in slices so that a stop (deadline, closing pool) in a worker, or
   ** Ctrl-C in the main state, ends it: no hook runs while C code sleeps. */
   double deadline;

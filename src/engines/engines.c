@@ -10,6 +10,7 @@
 const lp_engine *const luapool__engines[] = {
     &luapool__thread_engine,
     &luapool__process_engine,
+    &luapool__io_engine,
     &luapool__mpi_engine,
     NULL,
 };

@@ -10,6 +10,7 @@
 
 extern const lp_engine luapool__thread_engine;
 extern const lp_engine luapool__process_engine;
+extern const lp_engine luapool__io_engine;  /* iopool.c */
 extern const lp_engine luapool__mpi_engine; /* mpipool.c */
 /* Every engine, ended by NULL. */
 extern const lp_engine *const luapool__engines[];

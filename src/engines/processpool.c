@@ -698,6 +698,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   lp_wstate ws;
   memset(&ws, 0, sizeof ws);
   ws.kind = "process";
+  ws.own_process = 1;
   const char *mpi = getenv("LUAPOOL_MPI_WORKER");
   if (mpi) { /* (not passed on to what its tasks start) */
     snprintf(mpi_identity, sizeof mpi_identity, "%s", mpi);

@@ -670,7 +670,8 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   if (opts) read_options(L, opts, fname, allowed, &o, b);
   const char *method = o.method ? o.method : "GET";
   o.deadline = deadline;
-  lp_hloop *yl = yield_loop;
+  /* (not from a coroutine an iopool task made itself: it blocks) */
+  lp_hloop *yl = luapool__io_nested(L) ? NULL : yield_loop;
   if (yl != NULL && !lua_isyieldable(L))
     return luaL_error(L,
                       "luapool.http.%s: cannot yield here (inside a metamethod or a C function "

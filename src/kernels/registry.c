@@ -11,6 +11,7 @@
 #include <lua.h>
 
 #include "kernels/kernel.h"
+#include "kernels/httploop.h" /* luapool__http_thread_loop */
 #include "kernels/kernels_internal.h"
 #include "base/ctrlc.h"
 #include "codec/int128.h"
@@ -30,6 +31,9 @@ const lp_kernel luapool__kernels[] = {
 };
 
 static int l_fetch_length(lua_State *L) {
+  /* In an iopool task's own coroutine the request yields to its loop. */
+  if (luapool__io_task(L, "luapool.kernels.fetch_length") && luapool__http_thread_loop())
+    return luapool__http_fetch_length_yield(L);
   return luapool__kernel_call_lua(L, &luapool__kernels[K_FETCH_LENGTH]);
 }
 

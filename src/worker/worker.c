@@ -1,6 +1,8 @@
 /*
 ** The worker side of a task, shared by thread and process workers: decode a
-** task message, run each call, encode the reply.
+** task message, run each call, encode the reply.  An event loop (iopool)
+** runs the same calls inside a coroutine of its state instead, so that a
+** call may yield to the loop (lp_cotask, at the end).
 **
 ** Task message:  u8 kind, then
 **   LP_MSG_SINGLE: u32 n, values fn, arg1..   (one reference space: sharing
@@ -84,6 +86,29 @@ static void begin_call(lp_wstate *ws, uint32_t call) {
   if (ws->call_start) ws->call_start(ws, call);
 }
 
+void luapool__deadline_message(char *m, size_t sz, uint64_t task_no, int64_t item_lo, uint32_t call,
+                               double timeout, const char *worker) {
+  char label[48];
+  if (task_no)
+    snprintf(label, sizeof label, "task #%llu", (unsigned long long)task_no);
+  else if (item_lo)
+    snprintf(label, sizeof label, "item #%lld", (long long)item_lo + (long long)call);
+  if (task_no || item_lo)
+    snprintf(m, sz, "%s exceeded its deadline of %g seconds in worker %s", label, timeout, worker);
+  else /* neither: the pool's initializer */
+    snprintf(m, sz, "it exceeded its deadline of %g seconds", timeout);
+}
+
+/* Replaces the reply of call `call`, which starts at out->len == mark,
+** with LP_REPLY_TIMEOUT naming it.  -1 when out of memory. */
+static int put_timeout(lp_wstate *ws, uint32_t call, lp_buf *out, size_t mark) {
+  char m[256];
+  luapool__deadline_message(m, sizeof m, ws->task_no, ws->item_lo, call, ws->call_timeout,
+                            ws->name);
+  out->len = mark;
+  return luapool__put_u8(out, LP_REPLY_TIMEOUT) || luapool__put_string(out, m, strlen(m)) ? -1 : 0;
+}
+
 /* After a call whose reply starts at out->len == mark (nerr counted its
 ** failure, if any): a call stopped by its deadline, or that ended past it,
 ** replies TIMEOUT instead.  Returns -1 when out of memory. */
@@ -94,19 +119,8 @@ static int end_call(lp_wstate *ws, uint32_t call, lp_buf *out, size_t mark, uint
   int stopped = atomic_load(&i->kill_seq) == atomic_load(&i->seq);
   if (stopped && atomic_load(&i->reason) == LP_STOP_SIGNAL) return 0; /* not a deadline */
   if (!stopped && luapool__now() < ws->deadline) return 0;
-  char label[48], m[256];
-  if (ws->task_no)
-    snprintf(label, sizeof label, "task #%llu", (unsigned long long)ws->task_no);
-  else if (ws->item_lo)
-    snprintf(label, sizeof label, "item #%lld", (long long)ws->item_lo + (long long)call);
-  if (ws->task_no || ws->item_lo)
-    snprintf(m, sizeof m, "%s exceeded its deadline of %g seconds in worker %s", label,
-             ws->call_timeout, ws->name);
-  else /* neither: the pool's initializer */
-    snprintf(m, sizeof m, "it exceeded its deadline of %g seconds", ws->call_timeout);
-  out->len = mark;
   *nerr = nerr_before + 1;
-  return luapool__put_u8(out, LP_REPLY_TIMEOUT) || luapool__put_string(out, m, strlen(m)) ? -1 : 0;
+  return put_timeout(ws, call, out, mark);
 }
 
 /* Was the message stopped as a whole (Ctrl-C, a closing pool)?  Then the
@@ -319,8 +333,10 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   lua_settop(L, base);
 }
 
-/* Calls the function at base+1 with the values above it. */
-static void call_one(lua_State *L, run_ctx *rc, int base) {
+/* Before the call whose function is at base+1 with its arguments above
+** it: the message handler goes below the function, the call's deadline
+** starts.  Returns the argument count. */
+static int call_begin(lua_State *L, run_ctx *rc, int base) {
   int nargs = lua_gettop(L) - base - 1;
   rc->mark = rc->out->len;
   rc->nerr_mark = rc->nerr;
@@ -329,7 +345,11 @@ static void call_one(lua_State *L, run_ctx *rc, int base) {
   lua_pushcfunction(L, msgh);
   lua_insert(L, base + 1);
   rc->ws->in_call = 1;
-  int st = lua_pcall(L, nargs, LUA_MULTRET, base + 1);
+  return nargs;
+}
+
+/* After it, with the pcall status st: its reply. */
+static void call_end(lua_State *L, run_ctx *rc, int st, int base) {
   rc->ws->in_call = 0;
   check_cap(rc->ws);
   lua_remove(L, base + 1);
@@ -341,28 +361,42 @@ static void call_one(lua_State *L, run_ctx *rc, int base) {
   rc->nerr_mark = rc->nerr;
 }
 
+/* Decodes the next call not yet done onto the stack (the function at
+** base+1, its arguments above): 1, or 0 when none is left (or the message
+** was stopped short).  A batch's function is decoded once, at 1. */
+static int next_call(lua_State *L, run_ctx *rc) {
+  uint32_t n;
+  if (rc->kind == LP_MSG_SINGLE) {
+    if (rc->done > 0) return 0;
+    if (luapool__get_u32(rc->r, &n) || n < 1 || n > (size_t)(rc->r->end - rc->r->p))
+      return luaL_error(L, "malformed message: bad value count");
+    luapool__decode_task(L, rc->r, (int)n);
+    return 1;
+  }
+  if (lua_gettop(L) == 0) {
+    if (rc->kernel >= 0)
+      lua_pushcfunction(L, luapool__kernels[rc->kernel].lua_fn);
+    else
+      luapool__decode_task(L, rc->r, 1); /* fn at 1 */
+  }
+  if (rc->done >= rc->ncalls || stopped_short(rc->ws)) return 0;
+  if (luapool__get_u32(rc->r, &n) || n > (size_t)(rc->r->end - rc->r->p))
+    return luaL_error(L, "malformed message: bad argument count");
+  lua_pushvalue(L, 1);
+  luapool__decode_task(L, rc->r, (int)n);
+  return 1;
+}
+
+static int call_base(const run_ctx *rc) { return rc->kind == LP_MSG_SINGLE ? 0 : 1; }
+
 /* Protected body: decodes and runs the calls of the message not yet done. */
 static int run_calls(lua_State *L) {
   run_ctx *rc = lua_touserdata(L, 1);
   lua_settop(L, 0);
-  uint32_t n;
-  if (rc->kind == LP_MSG_SINGLE) {
-    if (luapool__get_u32(rc->r, &n) || n < 1 || n > (size_t)(rc->r->end - rc->r->p))
-      return luaL_error(L, "malformed message: bad value count");
-    luapool__decode_task(L, rc->r, (int)n);
-    call_one(L, rc, 0);
-    return 0;
-  }
-  if (rc->kernel >= 0)
-    lua_pushcfunction(L, luapool__kernels[rc->kernel].lua_fn);
-  else
-    luapool__decode_task(L, rc->r, 1); /* fn at 1 */
-  while (rc->done < rc->ncalls && !stopped_short(rc->ws)) {
-    if (luapool__get_u32(rc->r, &n) || n > (size_t)(rc->r->end - rc->r->p))
-      return luaL_error(L, "malformed message: bad argument count");
-    lua_pushvalue(L, 1);
-    luapool__decode_task(L, rc->r, (int)n);
-    call_one(L, rc, 1);
+  while (next_call(L, rc)) {
+    int base = call_base(rc);
+    int nargs = call_begin(L, rc, base);
+    call_end(L, rc, lua_pcall(L, nargs, LUA_MULTRET, base + 1), base);
   }
   return 0;
 }
@@ -479,3 +513,221 @@ int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out
   memcpy(out->p + head, &header, 4);
   return r;
 }
+
+/* {======================================================
+** A task message as a coroutine (an event loop's tasks: engines/iopool.c)
+** The same calls, decoded and answered by the same code as above, but
+** run inside a coroutine of the loop thread's state through lua_pcallk,
+** so a call may yield to the loop (a request, a sleep) and go on later.
+** ======================================================= */
+
+struct lp_cotask {
+  lp_wstate *ws;
+  lua_State *co; /* NULL before the first resume */
+  int ref;       /* anchors co in the registry */
+  lp_buf out;
+  run_ctx rc;
+  /* The task's part of ws, kept here while other tasks run. */
+  double call_timeout, deadline;
+  uint64_t task_no;
+  int64_t item_lo;
+  int aborted, in_call;
+  /* Its own stop block: a call's number and a stop aimed at it (a request
+  ** that met the deadline marks its task stopped) concern this task, not
+  ** the others of the loop.  The loop's own block is kept aside. */
+  lp_interrupt intr;
+  lp_interrupt *loop_intr;
+  int started; /* resumed once */
+  int ended;   /* the reply is whole */
+};
+
+static int co_loop(lua_State *L, run_ctx *rc);
+
+static int co_cont(lua_State *L, int status, lua_KContext ctx) {
+  /* (Lua's continuation context is an intptr_t: co_loop passed rc) */
+  run_ctx *rc = (run_ctx *)ctx; // NOLINT(performance-no-int-to-ptr)
+  call_end(L, rc, status == LUA_YIELD ? LUA_OK : status, call_base(rc));
+  return co_loop(L, rc);
+}
+
+/* Runs the calls not yet done; a yield inside one comes back through
+** co_cont, which answers it and goes on with the next. */
+static int co_loop(lua_State *L, run_ctx *rc) {
+  while (next_call(L, rc)) {
+    int base = call_base(rc);
+    int nargs = call_begin(L, rc, base);
+    call_end(L, rc, lua_pcallk(L, nargs, LUA_MULTRET, base + 1, (lua_KContext)rc, co_cont), base);
+  }
+  return 0;
+}
+
+static int co_body(lua_State *L) {
+  run_ctx *rc = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  return co_loop(L, rc);
+}
+
+/* Protected: a new coroutine (anchored) with co_body and rc on it. */
+static int co_create(lua_State *L) {
+  lp_cotask *t = lua_touserdata(L, 1);
+  t->co = lua_newthread(L);
+  lua_pushcfunction(t->co, co_body);
+  lua_pushlightuserdata(t->co, &t->rc);
+  t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+static void co_finish(lp_cotask *t) {
+  uint32_t header = t->rc.nerr | (t->rc.named ? LP_REPLY_NAMED : 0);
+  memcpy(t->out.p, &header, 4);
+  t->ended = 1;
+}
+
+lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double call_timeout,
+                           uint64_t task_no, int64_t item_lo) {
+  lp_cotask *t = calloc(1, sizeof *t);
+  if (t == NULL) return NULL;
+  t->ws = ws;
+  t->ref = LUA_NOREF;
+  atomic_init(&t->intr.closing, 0);
+  atomic_init(&t->intr.seq, 0);
+  atomic_init(&t->intr.kill_seq, UINT64_MAX); /* matches no call */
+  atomic_init(&t->intr.reason, 0);
+  t->call_timeout = call_timeout;
+  t->task_no = task_no;
+  t->item_lo = item_lo;
+  run_ctx *rc = &t->rc;
+  *rc = (run_ctx){.ws = ws, .out = &t->out, .kernel = -1, .ncalls = 1};
+  rc->rd = (lp_reader){msg, msg + len};
+  rc->r = &rc->rd;
+  unsigned kind;
+  int bad = 0;
+  if (luapool__put_u32(&t->out, 0)) {
+    free(t);
+    return NULL;
+  }
+  if (luapool__get_u8(rc->r, &kind) || (kind != LP_MSG_SINGLE && kind != LP_MSG_BATCH))
+    bad = put_error_text(&t->out, "malformed message: bad kind") ? -1 : 1;
+  else if (kind == LP_MSG_BATCH && (luapool__get_u32(rc->r, &rc->ncalls) || rc->ncalls > len))
+    bad = put_error_text(&t->out, "malformed message: bad call count") ? -1 : 1;
+  if (bad < 0) {
+    luapool__buf_free(&t->out);
+    free(t);
+    return NULL;
+  }
+  rc->kind = (int)kind;
+  if (bad) {
+    rc->nerr = 1;
+    co_finish(t);
+  } else if (rc->kind == LP_MSG_BATCH) {
+    rc->kernel = luapool__peek_kernel(rc->r); /* (its Lua face, in Lua) */
+  }
+  rc->mark = t->out.len;
+  lua_State *L = luapool__worker_lua(ws);
+  if (L == NULL) goto nomem;
+  lua_pushcfunction(L, co_create);
+  lua_pushlightuserdata(L, t);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    lua_pop(L, 1);
+    goto nomem;
+  }
+  return t;
+nomem:
+  luapool__buf_free(&t->out);
+  free(t);
+  return NULL;
+}
+
+/* Gives ws the task's part (in), or takes it back (out). */
+static void co_swap(lp_cotask *t, int in) {
+  lp_wstate *ws = t->ws;
+  if (in) {
+    t->loop_intr = ws->intr;
+    ws->intr = &t->intr;
+    ws->call_timeout = t->call_timeout;
+    ws->deadline = t->deadline;
+    ws->task_no = t->task_no;
+    ws->item_lo = t->item_lo;
+    ws->aborted = t->aborted;
+    ws->in_call = t->in_call;
+  } else {
+    t->deadline = ws->deadline;
+    t->aborted = ws->aborted;
+    t->in_call = ws->in_call;
+    ws->in_call = 0;
+    ws->deadline = 0;
+    ws->intr = t->loop_intr;
+  }
+}
+
+/* Every call not yet replied to fails with m (kind "transfer"). */
+static int co_fail_rest(lp_cotask *t, const char *m) {
+  run_ctx *rc = &t->rc;
+  t->out.len = rc->mark; /* drop a reply cut short */
+  rc->nerr = rc->nerr_mark;
+  for (; rc->done < rc->ncalls && !t->aborted; rc->done++, rc->nerr++)
+    if (put_transfer(&t->out, m)) return -1;
+  return 0;
+}
+
+int luapool__co_resume(lp_cotask *t, void *yielded[2]) {
+  if (t->ended) return LP_CO_DONE;
+  lp_wstate *ws = t->ws;
+  int nargs = t->started ? 0 : 1; /* co_body's argument */
+  t->started = 1;
+  co_swap(t, 1);
+  int nres, st = lua_resume(t->co, ws->L, nargs, &nres);
+  co_swap(t, 0);
+  if (st == LUA_YIELD) {
+    yielded[0] = yielded[1] = NULL;
+    if (nres == 2 && lua_islightuserdata(t->co, -2) && lua_islightuserdata(t->co, -1)) {
+      yielded[0] = lua_touserdata(t->co, -2);
+      yielded[1] = lua_touserdata(t->co, -1);
+    }
+    lua_pop(t->co, nres);
+    return LP_CO_YIELD;
+  }
+  if (st != LUA_OK) {
+    /* A failure outside any call (run_calls_of has the same). */
+    char buf[600];
+    const char *m = lua_tostring(t->co, -1);
+    snprintf(buf, sizeof buf, "worker %s could not receive the task: %s", ws->name,
+             m ? m : "error in worker");
+    if (co_fail_rest(t, buf)) return -1;
+  }
+  co_finish(t);
+  return LP_CO_DONE;
+}
+
+lua_State *luapool__co_thread(const lp_cotask *t) { return t->co; }
+
+int luapool__co_end(lp_cotask *t, const char *m) {
+  run_ctx *rc = &t->rc;
+  if (t->ended) return 0;
+  if (rc->done < rc->ncalls) {
+    t->out.len = rc->mark;
+    rc->nerr = rc->nerr_mark + 1;
+    if (put_error_text(&t->out, m)) return -1;
+    rc->done++;
+  }
+  co_finish(t); /* the calls after it are not run, as after a stop */
+  return 0;
+}
+
+char *luapool__co_reply(lp_cotask *t, size_t *len) { return luapool__buf_take(&t->out, len); }
+
+void luapool__co_free(lp_cotask *t) {
+  if (t == NULL) return;
+  lua_State *L = t->ws->L;
+  if (t->co != NULL && L != NULL) {
+    /* (runs the pending to-be-closed variables of a task stopped midway) */
+    if (lua_status(t->co) == LUA_YIELD) lua_resetthread(t->co);
+    luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
+  }
+  luapool__buf_free(&t->out);
+  free(t);
+}
+
+lua_State *luapool__worker_lua(lp_wstate *ws) { return ensure_state(ws); }
+
+/* }====================================================== */

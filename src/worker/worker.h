@@ -10,8 +10,49 @@
 #include "codec/message.h"
 #include "worker/wstate.h"
 
+#include <lua.h>
+
 /* Runs every call of msg, appending the reply to out.  Returns 0, or -1 when
 ** out of memory (the caller fails the future). */
 int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out);
+
+/* ws's Lua state, created on first use (NULL: no memory). */
+lua_State *luapool__worker_lua(lp_wstate *ws);
+
+/* "task #N exceeded its deadline of T seconds in worker W" (or "item #K"
+** for call `call` of a map chunk starting at item_lo), into m. */
+void luapool__deadline_message(char *m, size_t sz, uint64_t task_no, int64_t item_lo, uint32_t call,
+                               double timeout, const char *worker);
+
+/* {====== a task as a coroutine (an event loop's Lua tasks)
+** The message's calls run inside one coroutine of ws's state, decoded and
+** answered as luapool__run_message does; a call may yield to the loop (it
+** parks the coroutine on a request or a timer: wstate.h's luapool__io_*)
+** and the loop resumes it later.  msg must stay valid until the task is
+** freed; ws is shared by the loop's tasks (each resume gives it the
+** task's deadline and numbers, and takes them back). */
+typedef struct lp_cotask lp_cotask;
+enum { LP_CO_YIELD = 1, LP_CO_DONE = 2 };
+/* NULL when out of memory.  Its coroutine exists (made in ws's state,
+** which is created if need be), but nothing runs until the first resume. */
+lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double call_timeout,
+                           uint64_t task_no, int64_t item_lo);
+/* Runs the task until it yields (LP_CO_YIELD) or its reply is whole
+** (LP_CO_DONE); -1 when out of memory building it.  A yield of exactly
+** two light userdata leaves them in yielded (a request handed to the loop:
+** kernels/httploop.h), else NULLs. */
+int luapool__co_resume(lp_cotask *t, void *yielded[2]);
+/* Its coroutine. */
+lua_State *luapool__co_thread(const lp_cotask *t);
+/* Ends a task stopped from outside without resuming it (a closing pool):
+** the call it was in replies an error with message m, and the calls after
+** it are not run.  -1: no memory. */
+int luapool__co_end(lp_cotask *t, const char *m);
+/* The whole reply, taken (malloc'd; the caller frees it). */
+char *luapool__co_reply(lp_cotask *t, size_t *len);
+/* Closes its coroutine (its pending to-be-closed variables run) and frees
+** it.  NULL: nothing. */
+void luapool__co_free(lp_cotask *t);
+/* }====== */
 
 #endif

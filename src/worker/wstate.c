@@ -74,7 +74,8 @@ static void on_stop_signal(int sig) {
   (void)sig;
   lua_State *L = tl_task_state;
   if (L) {
-    lua_sethook(L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    lua_Hook h = tl_task_ws && tl_task_ws->signal_hook ? tl_task_ws->signal_hook : interrupt_hook;
+    lua_sethook(L, h, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   } else if ((L = tl_signal_state) != NULL && atomic_load(&luapool__signal)) {
     lua_sethook(L, luapool__signal_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   }
@@ -122,6 +123,10 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
 
 void luapool__arm_interrupt_hook(lua_State *L) {
   lp_wstate *ws = state_worker(L);
+  if (ws && ws->arm_hook) {
+    ws->arm_hook(L, ws);
+    return;
+  }
   if (ws && ws->deadline > 0 && strcmp(ws->kind, "thread") == 0)
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
   else
@@ -135,10 +140,11 @@ void luapool__arm_interrupt_hook(lua_State *L) {
 ** it fails the task instead.  Process workers keep the real os.exit. */
 static int l_thread_exit(lua_State *L) {
   lp_wstate *ws = state_worker(L);
+  int io = ws && ws->io;
   return luaL_error(L,
-                    "os.exit called in a thread task (worker %s): a thread cannot end the "
+                    "os.exit called in %s task (worker %s): a thread cannot end the "
                     "process; use a processpool for code that exits",
-                    ws ? ws->name : "?");
+                    io ? "an iopool" : "a thread", ws ? ws->name : "?");
 }
 
 static int init_worker_state(lua_State *L) {
@@ -146,7 +152,7 @@ static int init_worker_state(lua_State *L) {
   lua_pushlightuserdata(L, ws);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &WSTATE_KEY);
   luaL_openlibs(L);
-  if (strcmp(ws->kind, "thread") == 0) {
+  if (!ws->own_process) { /* threads, event loops */
     /* In the os table itself: a task that captured os.exit gets it by name
     ** from here (codec.c resolves names in the receiver's tables). */
     lua_getglobal(L, "os");
@@ -202,3 +208,30 @@ void luapool__wstate_close(lp_wstate *ws) {
   if (ws->L) lua_close(ws->L);
   ws->L = NULL;
 }
+
+/* {====== waiting inside an iopool task */
+
+int luapool__io_nested(lua_State *L) {
+  lp_wstate *ws = state_worker(L);
+  return ws != NULL && ws->io != NULL && !ws->io_ops->is_task(ws->io, L);
+}
+
+lp_wstate *luapool__io_task(lua_State *L, const char *what) {
+  lp_wstate *ws = state_worker(L);
+  if (ws == NULL || ws->io == NULL || !ws->io_ops->is_task(ws->io, L)) return NULL;
+  if (!lua_isyieldable(L))
+    luaL_error(L,
+               "%s: cannot yield here (inside a metamethod or a C function such as "
+               "table.sort's comparator); call it from the task's own code",
+               what);
+  return ws;
+}
+
+lp_wstate *luapool__state_worker(lua_State *L) { return state_worker(L); }
+
+int luapool__io_await_timer(lp_wstate *ws, lua_State *L, double until, lua_KContext ctx,
+                            lua_KFunction k) {
+  return ws->io_ops->await_timer(ws->io, L, until, ctx, k);
+}
+
+/* }====== */

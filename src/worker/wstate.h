@@ -15,7 +15,11 @@
 
 typedef struct lp_wstate {
   lua_State *L;     /* created on the first Lua task */
-  const char *kind; /* "thread" or "process" */
+  const char *kind; /* current_worker().kind: "thread", "process", "io", "mpi" */
+  /* The state has a process of its own (a process worker, an MPI rank's
+  ** local worker): os.exit ends it as usual.  Elsewhere os.exit fails the
+  ** task, since it would end the process every other task shares. */
+  int own_process;
   char name[64];
   int index;
   lp_interrupt *intr; /* how the owner stops the running task */
@@ -61,7 +65,50 @@ typedef struct lp_wstate {
   int aborted;
   /* A task's own code runs (a stop may raise in it only then). */
   int in_call;
+  /* An event loop's state (iopool): the engine's loop and how a task in
+  ** it waits (NULL elsewhere).  arm_hook replaces the count hook a call
+  ** starts with, signal_hook what STOP_SIGNAL sets on the running task. */
+  void *io;
+  const struct lp_io_ops *io_ops;
+  void (*arm_hook)(lua_State *L, struct lp_wstate *ws);
+  lua_Hook signal_hook;
 } lp_wstate;
+
+/* {====== waiting inside an iopool task
+** A Lua task on an iopool runs as a coroutine of its loop thread's state
+** (engines/iopool.c).  A call that would block there asks luapool__io_task
+** first: when L is such a task, it hands its wait to the loop and yields,
+** and the loop resumes it when the wait is over.  luapool.sleep waits with
+** luapool__io_await_timer; HTTP requests yield their request to the loop
+** (kernels/httploop.h: the yield marker).
+**   A task stopped while it waits (cancelled, Ctrl-C, a closing pool) is
+** never resumed: the loop ends the wait (a request is aborted) and closes
+** the coroutine, so what is held across the wait must be owned by
+** something the coroutine's collection frees.  A task whose deadline
+** passes while it waits is resumed, and its call stopped at once (the
+** count hook raises). */
+typedef struct lp_io_ops {
+  int (*is_task)(void *io, lua_State *L);
+  int (*await_timer)(void *io, lua_State *L, double until, lua_KContext ctx, lua_KFunction k);
+} lp_io_ops;
+/* The worker of L when L is the running task of an iopool loop (its own
+** coroutine): then `what` must yield, not block.  NULL anywhere else (a
+** main state, a thread or process worker, a coroutine the task made
+** itself): block as usual.  Raises "WHAT: cannot yield here (...)" when L
+** is an iopool task that cannot yield now (inside a metamethod or a C
+** function such as table.sort's comparator). */
+lp_wstate *luapool__io_task(lua_State *L, const char *what);
+/* 1 when L is a coroutine of an iopool loop's state other than the running
+** task's own (one the task made itself): a yield there would go to the
+** task's own coroutine.resume, so a wait must block.  Never raises. */
+int luapool__io_nested(lua_State *L);
+/* The worker whose Lua state L belongs to (NULL: a main state). */
+lp_wstate *luapool__state_worker(lua_State *L);
+/* Yields until luapool__now() reaches until; then k(L, LUA_YIELD, ctx)
+** runs in the caller's place (lua_yieldk). */
+int luapool__io_await_timer(lp_wstate *ws, lua_State *L, double until, lua_KContext ctx,
+                            lua_KFunction k);
+/* }====== */
 
 /* Creates what a worker's Lua state needs (wstate.c). */
 int luapool__worker_state_init(lua_State *L, lp_wstate *ws);

@@ -45,9 +45,9 @@ describe("iopool", function()
       assert.matches("^lp%-[12]$", w.name)
       assert.is_true(w.index == 1 or w.index == 2)
       assert.are.equal(tonumber(h.slurp("/proc/self/stat"):match("^(%d+)")), w.pid)
-      local s = p:stats()
-      assert.are.equal(s.workers, 1)
-      assert.are.equal(s.idle, 1)
+      -- (the loop counts itself idle just after it settled the future)
+      h.wait_until(function() return p:stats().idle == 1 end, "the loop to be idle")
+      assert.are.equal(1, p:stats().workers)
     end)
 
     it("honour concurrency: never more tasks in flight than it says", function()
@@ -225,6 +225,30 @@ describe("iopool", function()
       for i = 1, 50 do
         assert.is_true(fs[i]:done())
         assert.are.equal(200 + i, fs[i]:result(0))
+      end
+    end)
+
+    it("shutdown with cancel_running cancels the tasks in flight too, a hog included", function()
+      local p = iopool.new { concurrency = 3 }
+      local req = p:submit(function(url) return luapool.http.get(url).status end, srv:url("/sleep?s=30"))
+      local slp = p:submit(function() luapool.sleep(30) return 1 end)
+      local hog = p:submit(function() local x = 0 while true do x = x + 1 end end)
+      local queued = p:submit(function() return "never" end)
+      h.wait_until(function() return p:stats().running == 3 end, "three tasks in flight")
+      local t0 = luapool.now()
+      p:shutdown { cancel_running = true }
+      assert.is_true(luapool.now() - t0 < 10, "shutdown waited for the tasks in flight") -- (they take 30 s)
+      for _, f in ipairs { req, slp, hog, queued } do assert.is_true(f:cancelled()) end
+      assert.are.same({ pending = 0, running = 0, done = 0, failed = 0, cancelled = 4 },
+        { pending = p:stats().pending, running = p:stats().running, done = p:stats().done,
+          failed = p:stats().failed, cancelled = p:stats().cancelled })
+    end)
+
+    it("cancel_running is refused by pools that cannot cancel a running task", function()
+      for _, kind in ipairs { "threadpool", "processpool" } do
+        local p <close> = luapool[kind].new { max_workers = 1 }
+        assert.are.equal(("bad option 'cancel_running' to 'shutdown' (a %s cannot cancel a running task)")
+          :format(kind), h.error_of(p.shutdown, p, { cancel_running = true }))
       end
     end)
 

@@ -625,7 +625,7 @@ static int pool_stats(lua_State *L) {
 
 static int pool_shutdown(lua_State *L) {
   lp_pool *p = luapool__check_pool(L, 1);
-  int wait = 1, cancel = 0;
+  int wait = 1, cancel = 0, cancel_running = 0;
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_pushnil(L);
@@ -635,14 +635,28 @@ static int pool_shutdown(lua_State *L) {
         wait = lua_toboolean(L, -1);
       else if (strcmp(k, "cancel_futures") == 0)
         cancel = lua_toboolean(L, -1);
+      else if (strcmp(k, "cancel_running") == 0)
+        cancel_running = lua_toboolean(L, -1);
       else
         return luaL_error(L, "unknown option '%s' to 'shutdown'", k);
       lua_pop(L, 1);
     }
   }
+  /* cancel_running: what runs is cancelled too, where the engine can (an
+  ** iopool aborts its transfers); cancel_futures alone leaves it running,
+  ** as concurrent.futures does. */
+  if (cancel_running && p->eng->cancel_running == NULL)
+    return luaL_error(L,
+                      "bad option 'cancel_running' to 'shutdown' (a %s cannot cancel a "
+                      "running task)",
+                      p->eng->kind);
   /* wait = false: do not block now, but the work still runs, and the
   ** pool's collection (at the latest the program's end) waits for it. */
   if (!wait) p->drain = 1;
+  if (cancel_running) {
+    luapool__pool_stop(p, 0, 1, 0, NULL); /* closed, the queue cancelled */
+    p->eng->cancel_running(p);
+  }
   luapool__pool_stop(p, wait, cancel, 0, NULL);
   luapool__pool_poll(L, 1);
   luapool__check_signal(L);

@@ -105,6 +105,11 @@ typedef struct lp_engine {
   ** is now cancelled (luapool__future_cancel_running), 0 when a running
   ** task cannot be cancelled here.  Owner, no lock.  NULL: never. */
   int (*cancel)(lp_pool *p, lp_future *f);
+  /* shutdown{cancel_running = true}: cancels the running tasks too (an
+  ** event loop aborts their transfers).  Owner, no lock, after the pool
+  ** was closed and its queue cancelled.  NULL: running tasks cannot be
+  ** cancelled here (the option is refused). */
+  void (*cancel_running)(lp_pool *p);
   /* Stops every running task now (Ctrl-C: their futures fail with kind
   ** "interrupted"); the pool stays usable.  Any thread, under live_mu and
   ** p->mu: it only signals. */

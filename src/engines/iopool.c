@@ -177,6 +177,7 @@ struct ioloop {
   int woken;
   lp_hloop *hl; /* made on the first request; written under mu */
   atomic_int cancel_pending;
+  atomic_int cancel_all; /* a cancelling stop: every task in flight ends cancelled */
   atomic_uint intr_gen;
   atomic_int closing_intr;
   /* the loop thread's own */
@@ -399,17 +400,23 @@ static int use_paths(ioloop *lp, lp_future *f);
 /* Runs a ready Lua task until it parks or ends. */
 static void run_co(ioloop *lp, io_task *t) {
   size_t len;
-  if (t->kill) {
-    end_killed_co(lp, t);
-    task_free(lp, t);
-    return;
-  }
-  if (use_paths(lp, t->f) != 0) { /* (the paths it was submitted with) */
-    task_free(lp, t);
-    return;
-  }
+  /* STOP_SIGNAL acts on the coroutine set here: one sent before (while no
+  ** coroutine ran, so it acted on nothing) was sent after its flag was
+  ** set, and the flag is read after this, before the resume, so a task
+  ** that would hog the loop never runs past a stop. */
   lp->cur = t;
-  luapool__set_task_state(luapool__co_thread(t->co)); /* STOP_SIGNAL acts on it */
+  luapool__set_task_state(t->co ? luapool__co_thread(t->co) : NULL);
+  if (!t->kill && atomic_load(&lp->closing_intr))
+    t->kill = K_CLOSE;
+  else if (!t->kill && atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f))
+    t->kill = K_CANCEL;
+  if (t->kill || use_paths(lp, t->f) != 0) { /* (use_paths: the paths it was submitted with) */
+    luapool__set_task_state(NULL);
+    lp->cur = NULL;
+    if (t->kill) end_killed_co(lp, t);
+    task_free(lp, t);
+    return;
+  }
   luapool__http_set_thread_loop(lp->hl); /* http.request/get yield to it (NULL: block) */
   void *yielded[2];
   int st = luapool__co_resume(t->co, yielded);
@@ -633,6 +640,9 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
   } else if (atomic_load(&lp->closing_intr)) {
     kill = K_CLOSE;
     why = "interrupted: the pool was closed";
+  } else if (t && atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) {
+    kill = K_CANCEL;
+    why = "interrupted: the task was cancelled";
   } else if (t && atomic_load(&lp->cancel_pending) && luapool__future_state(t->f) == LP_CANCELLED) {
     kill = K_CANCEL;
     why = "interrupted: the task was cancelled";
@@ -947,6 +957,9 @@ static void *loop_main(void *arg) {
     if (atomic_load(&lp->closing_intr))
       for (io_task *t = lp->tasks; t; t = t->next)
         task_kill(lp, t, K_CLOSE);
+    if (atomic_exchange(&lp->cancel_all, 0))
+      for (io_task *t = lp->tasks; t; t = t->next)
+        if (luapool__future_cancel_running(t->f)) task_kill(lp, t, K_CANCEL);
     if (atomic_exchange(&lp->cancel_pending, 0))
       for (io_task *t = lp->tasks; t; t = t->next)
         if (luapool__future_state(t->f) == LP_CANCELLED) task_kill(lp, t, K_CANCEL);
@@ -1036,6 +1049,7 @@ static int start_loop(lp_pool *p, iopool *io, char *err, size_t errsz) {
   atomic_init(&lp->intr.kill_seq, UINT64_MAX);
   atomic_init(&lp->intr.reason, 0);
   atomic_init(&lp->cancel_pending, 0);
+  atomic_init(&lp->cancel_all, 0);
   atomic_init(&lp->intr_gen, 0);
   atomic_init(&lp->closing_intr, 0);
   if (pthread_mutex_init(&lp->mu, NULL) != 0) {
@@ -1097,6 +1111,21 @@ static int io_cancel(lp_pool *p, lp_future *f) {
   }
   pthread_mutex_unlock(&p->mu);
   return 1;
+}
+
+/* shutdown{cancel_futures = true}: the queue is cancelled already; each
+** loop now cancels what it has in flight (its transfers and timers end). */
+static void io_cancel_running(lp_pool *p) {
+  iopool *io = p->es;
+  pthread_mutex_lock(&p->mu);
+  for (int i = 0; i < io->nloops; i++) {
+    ioloop *lp = io->loops[i];
+    if (lp->joined) continue;
+    atomic_store(&lp->cancel_all, 1);
+    loop_wake(lp);
+    pthread_kill(lp->thread, LUAPOOL_STOP_SIGNAL); /* a coroutine hogging the loop */
+  }
+  pthread_mutex_unlock(&p->mu);
 }
 
 static void io_interrupt(lp_pool *p) {
@@ -1188,6 +1217,7 @@ const lp_engine luapool__io_engine = {
     .open = io_open,
     .queued = io_queued,
     .cancel = io_cancel,
+    .cancel_running = io_cancel_running,
     .interrupt = io_interrupt,
     .stop = io_stop,
     .free = io_free,

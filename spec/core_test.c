@@ -1478,6 +1478,52 @@ static void ran(const char *name) {
   t_start = luapool__now();
 }
 
+/* {====== a Ctrl-C stop racing a task's next call taking its number */
+
+typedef struct renumber_arg {
+  lp_interrupt *i;
+  atomic_int go, done;
+  int calls; /* renumberings made */
+} renumber_arg;
+
+static void *renumber_main(void *arg) {
+  renumber_arg *a = arg;
+  while (!atomic_load(&a->go)) {
+  }
+  /* a task's calls, one after the other, until the stop is seen */
+  for (int k = 0; k < 1000000 && !luapool__interrupted(a->i); k++) {
+    luapool__stop_renumber(a->i);
+    a->calls++;
+  }
+  atomic_store(&a->done, 1);
+  return NULL;
+}
+
+/* However the stop and the renumbering interleave, the task ends stopped
+** (before, a call that took its number as the stop came ran on). */
+static void test_stop_renumber_race(int rounds) {
+  for (int r = 0; r < rounds; r++) {
+    lp_interrupt intr;
+    atomic_init(&intr.closing, 0);
+    atomic_init(&intr.seq, 1);
+    atomic_init(&intr.kill_seq, UINT64_MAX);
+    atomic_init(&intr.reason, 0);
+    renumber_arg a = {.i = &intr};
+    atomic_init(&a.go, 0);
+    atomic_init(&a.done, 0);
+    pthread_t t;
+    CHECK_INT(pthread_create(&t, NULL, renumber_main, &a), 0);
+    atomic_store(&a.go, 1);
+    for (int spin = r % 64; spin > 0; spin--) /* a stop at a different moment each round */
+      atomic_load(&intr.seq);
+    luapool__stop_task(&intr);
+    pthread_join(t, NULL);
+    CHECK(luapool__interrupted(&intr));
+    CHECK(a.calls < 1000000);
+  }
+}
+/* }====== */
+
 int main(int argc, char **argv) {
   /* rounds: a sanitizer build (slower) may ask for fewer */
   int rounds = argc > 1 ? atoi(argv[1]) : 5000;
@@ -1494,6 +1540,7 @@ int main(int argc, char **argv) {
   test_worker_set_mixed(rounds), ran("worker set, mixed");
   test_worker_set_stops(), ran("worker set, stops");
   test_worker_set_interrupt_race(rounds / 5), ran("worker set, interrupt race");
+  test_stop_renumber_race(rounds / 5), ran("stop racing a call's renumbering");
 #ifdef LUAPOOL_TEST_ALLOC
   test_oom(), ran("out of memory");
 #endif

@@ -8,6 +8,7 @@
 
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* How a worker tells its running task to stop.  `closing` stops whatever
 ** runs (the pool is going away, Ctrl-C); `kill_seq` stops only the task
@@ -26,6 +27,29 @@ static inline int luapool__interrupted(const lp_interrupt *i) {
   return i != NULL && (atomic_load_explicit(&i->closing, memory_order_relaxed) ||
                        atomic_load_explicit(&i->kill_seq, memory_order_relaxed) ==
                            atomic_load_explicit(&i->seq, memory_order_relaxed));
+}
+
+/* Ctrl-C stops the task running now, whichever call of it runs: kill_seq
+** follows seq until seq holds still, and a call that takes a new number
+** meanwhile (luapool__stop_renumber) carries a signal stop over, so no
+** interleaving of the two loses the stop. */
+static inline void luapool__stop_task(lp_interrupt *i) {
+  atomic_store(&i->reason, LP_STOP_SIGNAL);
+  uint_fast64_t s;
+  do {
+    s = atomic_load(&i->seq);
+    atomic_store(&i->kill_seq, s);
+  } while (atomic_load(&i->seq) != s);
+}
+
+/* The next call of the running task takes a new number: a deadline stop
+** aimed at the call before misses it, a signal stop of the task does not
+** (see luapool__stop_task). */
+static inline void luapool__stop_renumber(lp_interrupt *i) {
+  uint_fast64_t old = atomic_load(&i->seq);
+  atomic_store(&i->seq, old + 1);
+  if (atomic_load(&i->reason) == LP_STOP_SIGNAL)
+    atomic_compare_exchange_strong(&i->kill_seq, &old, old + 1);
 }
 
 /* A kernel whose wait was cut by the task's deadline marks its task as

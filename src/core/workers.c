@@ -172,8 +172,7 @@ void luapool__wset_interrupt(lp_pool *p) {
   for (int i = 0; i < s->nworkers; i++) {
     lp_worker *w = s->workers[i];
     if (w->joined || !atomic_load(&w->busy)) continue;
-    atomic_store(&w->intr.reason, LP_STOP_SIGNAL);
-    atomic_store(&w->intr.kill_seq, atomic_load(&w->intr.seq));
+    luapool__stop_task(&w->intr);
     p->eng->workers->interrupt(w);
   }
 }

@@ -1133,8 +1133,7 @@ static void io_interrupt(lp_pool *p) {
   for (int i = 0; i < io->nloops; i++) {
     ioloop *lp = io->loops[i];
     if (lp->joined) continue;
-    atomic_store(&lp->intr.reason, LP_STOP_SIGNAL);
-    atomic_store(&lp->intr.kill_seq, atomic_load(&lp->intr.seq));
+    luapool__stop_task(&lp->intr);
     atomic_fetch_add(&lp->intr_gen, 1);
     loop_wake(lp);
     pthread_kill(lp->thread, LUAPOOL_STOP_SIGNAL);

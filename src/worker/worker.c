@@ -80,8 +80,8 @@ static int put_kernel_reply(lp_buf *out, lp_kcall *c, int ok) {
 /* Before call number `call` of the message (0-based). */
 static void begin_call(lp_wstate *ws, uint32_t call) {
   if (ws->call_timeout <= 0) return;
-  /* a new number: a stop aimed at the call before misses this one */
-  atomic_store(&ws->intr->seq, atomic_load(&ws->intr->seq) + 1);
+  /* a new number: a deadline aimed at the call before misses this one */
+  luapool__stop_renumber(ws->intr);
   if (!ws->deadline_by_kill) ws->deadline = luapool__now() + ws->call_timeout;
   if (ws->call_start) ws->call_start(ws, call);
 }

@@ -48,6 +48,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "base/buf.h"
 #include "base/stop.h"
 #include "base/util.h"
@@ -353,11 +354,11 @@ static void task_free(ioloop *lp, io_task *t) {
   luapool__co_free(t->co);
   for (uint32_t i = 0; i < t->ncalls; i++) {
     luapool__hreq_free(t->calls[i].r);
-    free(t->calls[i].url);
+    lp_free(t->calls[i].url);
   }
-  free(t->calls);
+  lp_free(t->calls);
   luapool__future_unref(t->f);
-  free(t);
+  lp_free(t);
   pthread_mutex_lock(&p->mu);
   io->inflight--;
   lp->n--;
@@ -472,7 +473,7 @@ static int native_calls(io_task *t, const char *msg, size_t len) {
   if (kind == LP_MSG_SINGLE && luapool__get_u32(&fr, &n)) return 0;
   int k = luapool__peek_kernel(&fr);
   if (k < 0 || strcmp(luapool__kernels[k].name, "fetch_length") != 0) return 0;
-  io_ncall *calls = calloc(ncalls, sizeof *calls);
+  io_ncall *calls = lp_calloc(ncalls, sizeof *calls);
   if (calls == NULL) return -1;
   if (kind == LP_MSG_BATCH) r = fr; /* after the function */
   for (uint32_t i = 0; i < ncalls; i++) {
@@ -499,10 +500,10 @@ static int native_calls(io_task *t, const char *msg, size_t len) {
     }
     calls[i].t = t;
     calls[i].timeout = timeout;
-    if ((calls[i].url = malloc(a[0].u.s.len + 1)) == NULL) {
+    if ((calls[i].url = lp_malloc(a[0].u.s.len + 1)) == NULL) {
       for (uint32_t j = 0; j <= i; j++)
-        free(calls[j].url);
-      free(calls);
+        lp_free(calls[j].url);
+      lp_free(calls);
       return -1;
     }
     memcpy(calls[i].url, a[0].u.s.p, a[0].u.s.len);
@@ -513,8 +514,8 @@ static int native_calls(io_task *t, const char *msg, size_t len) {
   return 1;
 no:
   for (uint32_t j = 0; j < ncalls; j++)
-    free(calls[j].url);
-  free(calls);
+    lp_free(calls[j].url);
+  lp_free(calls);
   return 0;
 }
 
@@ -794,7 +795,7 @@ static int is_kernel_msg(const char *msg, size_t len) {
 static void begin_task(ioloop *lp, lp_future *f, int intr) {
   lp_pool *p = lp->p;
   char label[48];
-  io_task *t = calloc(1, sizeof *t);
+  io_task *t = lp_calloc(1, sizeof *t);
   if (t == NULL) {
     luapool__future_fail(f, LP_EK_TRANSFER, "worker %s ran out of memory starting the task",
                          lp->name);
@@ -811,9 +812,9 @@ static void begin_task(ioloop *lp, lp_future *f, int intr) {
     while (cap < need)
       cap *= 2;
     /* an array of pointers, two per task */
-    io_timer **h = realloc(lp->heap, cap * sizeof *h); // NOLINT(bugprone-sizeof-expression)
+    io_timer **h = lp_realloc(lp->heap, cap * sizeof *h); // NOLINT(bugprone-sizeof-expression)
     if (h == NULL) {
-      free(t);
+      lp_free(t);
       luapool__future_fail(f, LP_EK_TRANSFER, "worker %s ran out of memory starting the task",
                            lp->name);
       goto drop;
@@ -833,8 +834,8 @@ static void begin_task(ioloop *lp, lp_future *f, int intr) {
   if (nat > 0 && start_native(lp, t) == 0) return;
   if (nat != 0) { /* no memory, or no HTTP: fetch_length runs inline and says why */
     for (uint32_t i = 0; i < t->ncalls; i++)
-      free(t->calls[i].url);
-    free(t->calls);
+      lp_free(t->calls[i].url);
+    lp_free(t->calls);
     t->calls = NULL;
     t->ncalls = 0;
   }
@@ -1002,7 +1003,7 @@ static void *loop_main(void *arg) {
   luapool__wstate_close(&lp->ws);
   luapool__paths_unref(lp->paths);
   lp->paths = NULL;
-  free(lp->heap);
+  lp_free(lp->heap);
   lp->heap = NULL;
   luapool__buf_free(&lp->out);
   luapool__http_thread_cleanup();
@@ -1015,13 +1016,13 @@ static void *loop_main(void *arg) {
 /* {====== engine entry points */
 
 static int io_open(lp_pool *p, char *err, size_t errsz) {
-  iopool *io = calloc(1, sizeof *io);
+  iopool *io = lp_calloc(1, sizeof *io);
   /* an array of pointers, one per loop */
   ioloop **loops =
-      calloc((size_t)p->max_workers, sizeof *loops); // NOLINT(bugprone-sizeof-expression)
+      lp_calloc((size_t)p->max_workers, sizeof *loops); // NOLINT(bugprone-sizeof-expression)
   if (io == NULL || loops == NULL) {
-    free(io);
-    free(loops);
+    lp_free(io);
+    lp_free(loops);
     snprintf(err, errsz, "cannot create a pool: not enough memory");
     return -1;
   }
@@ -1033,7 +1034,7 @@ static int io_open(lp_pool *p, char *err, size_t errsz) {
 
 /* p->mu locked: starts loop number nloops+1.  0, or -1 with err. */
 static int start_loop(lp_pool *p, iopool *io, char *err, size_t errsz) {
-  ioloop *lp = calloc(1, sizeof *lp);
+  ioloop *lp = lp_calloc(1, sizeof *lp);
   if (lp == NULL) {
     snprintf(err, errsz, "cannot start a loop: not enough memory");
     return -1;
@@ -1053,13 +1054,13 @@ static int start_loop(lp_pool *p, iopool *io, char *err, size_t errsz) {
   atomic_init(&lp->intr_gen, 0);
   atomic_init(&lp->closing_intr, 0);
   if (pthread_mutex_init(&lp->mu, NULL) != 0) {
-    free(lp);
+    lp_free(lp);
     snprintf(err, errsz, "cannot start a loop: not enough memory");
     return -1;
   }
   if (luapool__cond_init(&lp->cv) != 0) {
     pthread_mutex_destroy(&lp->mu);
-    free(lp);
+    lp_free(lp);
     snprintf(err, errsz, "cannot start a loop: not enough memory");
     return -1;
   }
@@ -1067,7 +1068,7 @@ static int start_loop(lp_pool *p, iopool *io, char *err, size_t errsz) {
   if (r != 0) {
     pthread_cond_destroy(&lp->cv);
     pthread_mutex_destroy(&lp->mu);
-    free(lp);
+    lp_free(lp);
     snprintf(err, errsz, "cannot start a loop thread: %s", strerror(r));
     return -1;
   }
@@ -1179,10 +1180,10 @@ static void io_free(lp_pool *p) {
     ioloop *lp = io->loops[i];
     pthread_cond_destroy(&lp->cv);
     pthread_mutex_destroy(&lp->mu);
-    free(lp);
+    lp_free(lp);
   }
-  free(io->loops);
-  free(io);
+  lp_free(io->loops);
+  lp_free(io);
   p->es = NULL;
 }
 

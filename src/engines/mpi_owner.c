@@ -34,6 +34,7 @@
 #include <sys/prctl.h>
 #include <time.h>
 
+#include "base/alloc.h"
 #include "base/buf.h"
 #include "base/util.h"
 #include "codec/codec.h"
@@ -133,7 +134,7 @@ static int send_paths(ostate *ms, orank *rk, const lp_future *f) {
 static int send_task(ostate *ms, orank *rk, lp_future *f, uint64_t tid) {
   if (send_paths(ms, rk, f) != 0) return -1;
   size_t hdr = 1 + 4 + 8 + 8 + 8 + 8 + 4 + 8;
-  char *m = malloc(hdr + f->msglen);
+  char *m = lp_malloc(hdr + f->msglen);
   if (m == NULL) return -1;
   uint32_t nc = (uint32_t)f->ncalls;
   uint64_t gen = f->paths ? f->paths->gen : 0;
@@ -152,7 +153,7 @@ static int send_task(ostate *ms, orank *rk, lp_future *f, uint64_t tid) {
 /* A one-byte-type message with the pool id, to every rank. */
 static void tell_ranks(ostate *ms, unsigned type) {
   for (int i = 0; i < ms->nranks; i++) {
-    char *m = malloc(5);
+    char *m = lp_malloc(5);
     if (m == NULL) continue;
     m[0] = (char)type;
     memcpy(m + 1, &ms->id, 4);
@@ -172,7 +173,7 @@ static void cancel_answered(ostate *ms, uint64_t tid, int ok) {
 ** settles its future. */
 static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   if (len < 10 || from < 1 || from > ms->nranks) {
-    free(m);
+    lp_free(m);
     return;
   }
   orank *rk = &ms->ranks[from - 1];
@@ -183,7 +184,7 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   if (m[0] == R_KEPT) {
     cancel_answered(ms, tid, 0);
     pthread_mutex_unlock(&p->mu);
-    free(m);
+    lp_free(m);
     return;
   }
   int k;
@@ -205,7 +206,7 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   if (cancelled) cancel_answered(ms, tid, 1);
   pthread_mutex_unlock(&p->mu);
   if (f == NULL) {
-    free(m);
+    lp_free(m);
     return;
   }
   if (st == 0) {
@@ -213,7 +214,7 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
     luapool__future_finish(f, m, len - 10, 0);
   } else if (cancelled) { /* it had not started on the rank */
     luapool__future_cancel_running(f);
-    free(m);
+    lp_free(m);
   } else {
     lp_reader r = {m + 10, m + len};
     const char *t = "malformed reply";
@@ -227,7 +228,7 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
                (int)tl, t);
       luapool__pool_break(p, why);
     }
-    free(m);
+    lp_free(m);
   }
   luapool__future_unref(f);
 }
@@ -311,7 +312,7 @@ static void *progress_main(void *arg) {
     }
     if (intr) tell_ranks(ms, M_INTERRUPT);
     if (crank) {
-      char *cm = malloc(13);
+      char *cm = lp_malloc(13);
       if (cm) {
         cm[0] = M_CANCEL;
         memcpy(cm + 1, &ms->id, 4);
@@ -332,7 +333,7 @@ static void *progress_main(void *arg) {
       if (len && (m[0] == R_DONE || m[0] == R_KEPT))
         on_done(p, ms, from, m, len);
       else
-        free(m);
+        lp_free(m);
     }
     luapool__mpi_sends_test(&ms->sends);
     if (did)
@@ -355,15 +356,15 @@ static int owner_default_workers(int ncpu) {
 
 static void free_state(ostate *ms) {
   for (int i = 0; ms->ranks && i < ms->nranks; i++) {
-    free(ms->ranks[i].run);
-    free(ms->ranks[i].ids);
-    free(ms->ranks[i].sent);
+    lp_free(ms->ranks[i].run);
+    lp_free(ms->ranks[i].ids);
+    lp_free(ms->ranks[i].sent);
   }
-  free(ms->ranks);
-  free(ms->batch);
+  lp_free(ms->ranks);
+  lp_free(ms->batch);
   pthread_cond_destroy(&ms->cv);
   pthread_cond_destroy(&ms->ccv);
-  free(ms);
+  lp_free(ms);
 }
 
 /* Sends M_OPEN to every rank of the pool and takes their answers; 0, or
@@ -384,7 +385,7 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
             luapool__buf_add(&b, p->init_msg, p->init_len);
   luapool__buf_free(&hello);
   for (int i = 0; !bad && i < ms->nranks; i++) {
-    char *m = malloc(b.len);
+    char *m = lp_malloc(b.len);
     if (m == NULL ||
         (memcpy(m, b.p, b.len), luapool__mpi_send(&ms->sends, i + 1, TAG_RANK, m, b.len)) != 0)
       bad = 1;
@@ -398,7 +399,7 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
   }
   /* Every answer is awaited, so none is left for a later pool. */
   int answered = 0, failed = 0;
-  char *opened = calloc((size_t)ms->nranks, 1);
+  char *opened = lp_calloc((size_t)ms->nranks, 1);
   double start = luapool__now(), until = start + OPEN_TIMEOUT;
   err[0] = 0;
   while (opened && answered < ms->nranks && luapool__now() < until) {
@@ -412,7 +413,7 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
       continue;
     }
     if (from < 1 || from > ms->nranks || opened[from - 1] || len == 0) {
-      free(m);
+      lp_free(m);
       continue;
     }
     answered++;
@@ -438,7 +439,7 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
       else
         snprintf(err, errsz, "cannot create an mpipool: %.*s", (int)tl, t);
     }
-    free(m);
+    lp_free(m);
   }
   if (opened && answered < ms->nranks && !failed) {
     failed = 1;
@@ -454,14 +455,14 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
   if (failed) {
     for (int i = 0; opened && i < ms->nranks; i++) {
       if (opened[i] != 1) continue;
-      char *m = malloc(5);
+      char *m = lp_malloc(5);
       if (m == NULL) continue;
       m[0] = M_CLOSE;
       memcpy(m + 1, &ms->id, 4);
       luapool__mpi_send(&ms->sends, i + 1, TAG_RANK, m, 5);
     }
   }
-  free(opened);
+  lp_free(opened);
   luapool__mpi_sends_wait(&ms->sends, luapool__now() + (failed ? 2.0 : 30.0));
   return failed ? -1 : 0;
 }
@@ -483,15 +484,15 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
              luapool__mpi_size);
     return -1;
   }
-  ostate *ms = calloc(1, sizeof *ms);
+  ostate *ms = lp_calloc(1, sizeof *ms);
   if (ms == NULL || luapool__cond_init(&ms->cv) != 0) {
-    free(ms);
+    lp_free(ms);
     snprintf(err, errsz, "cannot create an mpipool: not enough memory");
     return -1;
   }
   if (luapool__cond_init(&ms->ccv) != 0) {
     pthread_cond_destroy(&ms->cv);
-    free(ms);
+    lp_free(ms);
     snprintf(err, errsz, "cannot create an mpipool: not enough memory");
     return -1;
   }
@@ -500,15 +501,15 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
   ms->nranks = p->max_workers;
   ms->slots = config_of(p)->slots > 0 ? config_of(p)->slots : 1;
   ms->cap = ms->slots + config_of(p)->prefetch;
-  ms->ranks = calloc((size_t)ms->nranks, sizeof *ms->ranks);
-  ms->batch = malloc(BATCH * sizeof *ms->batch);
+  ms->ranks = lp_calloc((size_t)ms->nranks, sizeof *ms->ranks);
+  ms->batch = lp_malloc(BATCH * sizeof *ms->batch);
   int ok = ms->ranks != NULL && ms->batch != NULL;
   for (int i = 0; ok && i < ms->nranks; i++) {
     orank *rk = &ms->ranks[i];
     rk->rank = i + 1;
-    rk->run = calloc((size_t)ms->cap, sizeof *rk->run); // NOLINT(bugprone-sizeof-expression)
-    rk->ids = calloc((size_t)ms->cap, sizeof *rk->ids);
-    rk->sent = calloc((size_t)ms->cap, sizeof *rk->sent);
+    rk->run = lp_calloc((size_t)ms->cap, sizeof *rk->run); // NOLINT(bugprone-sizeof-expression)
+    rk->ids = lp_calloc((size_t)ms->cap, sizeof *rk->ids);
+    rk->sent = lp_calloc((size_t)ms->cap, sizeof *rk->sent);
     ok = rk->run && rk->ids && rk->sent;
   }
   if (!ok) {

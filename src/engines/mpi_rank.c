@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "base/alloc.h"
 #include "base/buf.h"
 #include "base/ctrlc.h"
 #include "base/util.h"
@@ -58,10 +59,10 @@ char luapool__mpi_host[256];
 /* {====== helpers (mpi_proto.h) */
 
 int luapool__mpi_send(mpi_sends *s, int dest, int tag, char *buf, size_t len) {
-  mpi_send *m = malloc(sizeof *m);
+  mpi_send *m = lp_malloc(sizeof *m);
   if (m == NULL || len > (size_t)INT32_MAX) {
-    free(m);
-    free(buf);
+    lp_free(m);
+    lp_free(buf);
     return -1;
   }
   m->buf = buf;
@@ -69,8 +70,8 @@ int luapool__mpi_send(mpi_sends *s, int dest, int tag, char *buf, size_t len) {
   int r = MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, MPI_COMM_WORLD, &m->req);
   pthread_mutex_unlock(&luapool__mpi_mu);
   if (r != MPI_SUCCESS) {
-    free(buf);
-    free(m);
+    lp_free(buf);
+    lp_free(m);
     return -1;
   }
   m->next = s->head;
@@ -88,8 +89,8 @@ int luapool__mpi_sends_test(mpi_sends *s) {
     if (MPI_Test(&m->req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) done = 1;
     if (done) {
       *pp = m->next;
-      free(m->buf);
-      free(m);
+      lp_free(m->buf);
+      lp_free(m);
       s->n--;
     } else {
       pp = &m->next;
@@ -110,8 +111,8 @@ int luapool__mpi_sends_wait(mpi_sends *s, double until) {
       next = m->next;
       MPI_Cancel(&m->req);
       MPI_Request_free(&m->req);
-      free(m->buf);
-      free(m);
+      lp_free(m->buf);
+      lp_free(m);
     }
     pthread_mutex_unlock(&luapool__mpi_mu);
     s->head = NULL;
@@ -129,11 +130,11 @@ int luapool__mpi_try_recv(int src, int tag, char **buf, size_t *len, int *from) 
   if (!flag) goto out;
   r = -1;
   if (MPI_Get_count(&st, MPI_BYTE, &count) != MPI_SUCCESS || count < 0) goto out;
-  char *b = malloc(count ? (size_t)count : 1);
+  char *b = lp_malloc(count ? (size_t)count : 1);
   if (b == NULL) goto out; /* (the message stays: a later try may have memory) */
   if (MPI_Recv(b, count, MPI_BYTE, st.MPI_SOURCE, st.MPI_TAG, MPI_COMM_WORLD, MPI_STATUS_IGNORE) !=
       MPI_SUCCESS) {
-    free(b);
+    lp_free(b);
     goto out;
   }
   *buf = b;
@@ -207,7 +208,7 @@ int luapool__mpi_start(int *argc, char ***argv) {
 static void stop_ranks(double grace) {
   mpi_sends s = {NULL, 0};
   for (int r = 1; r < luapool__mpi_size; r++) {
-    char *b = malloc(1);
+    char *b = lp_malloc(1);
     if (b == NULL) continue;
     b[0] = M_STOP;
     luapool__mpi_send(&s, r, TAG_RANK, b, 1);
@@ -269,7 +270,7 @@ static session *find_session(server *sv, uint32_t id) {
 static void answer(server *sv, int tag, unsigned t, const lp_buf *head, const char *body,
                    size_t blen) {
   size_t hl = head ? head->len : 0;
-  char *b = malloc(1 + hl + blen);
+  char *b = lp_malloc(1 + hl + blen);
   if (b == NULL) return; /* (rank 0's wait for it ends with the job) */
   b[0] = (char)t;
   if (hl) memcpy(b + 1, head->p, hl);
@@ -342,12 +343,12 @@ static void on_open(server *sv, lp_reader *r) {
     answer_text(sv, tag, R_FAILED, "malformed open message");
     return;
   }
-  session *s = calloc(1, sizeof *s);
+  session *s = lp_calloc(1, sizeof *s);
   lp_paths *ps = luapool__paths_new(path, pl, cpath, cl, gen);
-  char *init = il ? malloc(il) : NULL;
+  char *init = il ? lp_malloc(il) : NULL;
   if (s == NULL || ps == NULL || (il && init == NULL)) {
-    free(s);
-    free(init);
+    lp_free(s);
+    lp_free(init);
     luapool__paths_unref(ps);
     answer_text(sv, tag, R_FAILED, "not enough memory");
     return;
@@ -355,8 +356,8 @@ static void on_open(server *sv, lp_reader *r) {
   if (il) memcpy(init, r->p, il);
   _Alignas(max_align_t) char cfg[256] = {0}; /* (its config is a few ints) */
   if (luapool__process_engine.config_size > sizeof cfg) {
-    free(s);
-    free(init);
+    lp_free(s);
+    lp_free(init);
     luapool__paths_unref(ps);
     answer_text(sv, tag, R_FAILED, "processpool options too large");
     return;
@@ -369,10 +370,10 @@ static void on_open(server *sv, lp_reader *r) {
   luapool__paths_ref(ps); /* one for the pool, one for the tasks (s->paths) */
   s->lp = luapool__pool_create(&luapool__process_engine, &c, cfg, init, il, ps, err, sizeof err);
   if (s->lp == NULL) {
-    free(init);
+    lp_free(init);
     luapool__paths_unref(ps);
     luapool__paths_unref(ps);
-    free(s);
+    lp_free(s);
     char m[800];
     snprintf(m, sizeof m, "%s: %s", sv->name, err);
     answer_text(sv, tag, R_FAILED, m);
@@ -405,7 +406,7 @@ static void fail_task(server *sv, int tag, uint64_t id, lp_ekind k, const char *
 static void on_task(server *sv, char *msg, size_t len) {
   enum { HDR = 1 + 4 + 8 + 8 + 8 + 8 + 4 + 8 };
   if (len < HDR) {
-    free(msg);
+    lp_free(msg);
     return;
   }
   uint32_t id, ncalls;
@@ -420,7 +421,7 @@ static void on_task(server *sv, char *msg, size_t len) {
   memcpy(&ncalls, msg + 37, 4);
   session *s = find_session(sv, id);
   if (s == NULL) { /* (rank 0 sends none to a pool this rank refused or closed) */
-    free(msg);
+    lp_free(msg);
     fail_task(sv, TAG_POOL(id), tid, LP_EK_BROKEN, "no such pool on this rank");
     return;
   }
@@ -429,7 +430,7 @@ static void on_task(server *sv, char *msg, size_t len) {
   lp_buf b = {msg, len - HDR, len};
   lp_future *f = ncalls > 0 ? luapool__future_new(&b, (int)ncalls) : NULL;
   luapool__buf_free(&b);
-  rtask *t = f ? calloc(1, sizeof *t) : NULL;
+  rtask *t = f ? lp_calloc(1, sizeof *t) : NULL;
   if (t == NULL) {
     if (f) luapool__future_unref(f);
     fail_task(sv, s->tag, tid, LP_EK_TRANSFER, "not enough memory for the task");
@@ -443,7 +444,7 @@ static void on_task(server *sv, char *msg, size_t len) {
   char err[200];
   if (luapool__pool_submit(s->lp, f, err, sizeof err) != 0) {
     luapool__future_unref(f);
-    free(t);
+    lp_free(t);
     fail_task(sv, s->tag, tid, LP_EK_BROKEN, err);
     return;
   }
@@ -512,7 +513,7 @@ static void close_session(server *sv, session *s, int interrupt) {
   take_settled(sv, 0);
   if (stuck || s->ntasks) return; /* (futures still to settle name it: kept) */
   luapool__paths_unref(s->paths);
-  free(s);
+  lp_free(s);
 }
 
 /* Answers every task that settled; 1 when there was one. */
@@ -530,7 +531,7 @@ static int take_settled(server *sv, double timeout) {
     t->s->ntasks--;
     sv->ntasks--;
     luapool__future_unref(n->f);
-    free(t);
+    lp_free(t);
     any = 1;
     timeout = 0;
   }
@@ -599,7 +600,7 @@ int luapool__mpi_serve(void) {
         close_session(&sv, s, 1);
       else if (type == M_STOP)
         stop = 1;
-      free(m);
+      lp_free(m);
     }
     if (take_settled(&sv, 0)) did = 1;
     luapool__mpi_sends_test(&sv.sends);

@@ -55,6 +55,7 @@
 
 #include <lua.h>
 
+#include "base/alloc.h"
 #include "base/buf.h"
 #include "codec/codec.h"
 #include "engines/engines.h"
@@ -191,10 +192,10 @@ static int read_frame(int fd, int pidfd, unsigned *type, char **p, size_t *n) {
   memcpy(&len, h, 8);
   *type = (unsigned char)h[8];
   if (len > SIZE_MAX - 1) return -2;
-  char *b = malloc(len ? len : 1);
+  char *b = lp_malloc(len ? len : 1);
   if (b == NULL) return -2;
   if (read_all(fd, pidfd, b, len)) {
-    free(b);
+    lp_free(b);
     return -1;
   }
   *p = b;
@@ -409,10 +410,10 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
                "cannot start worker process %s: it did not take its start message (%s); "
                "a worker must be the same luapool build, %s",
                exe, how, mine);
-    free(ready);
+    lp_free(ready);
     return -1;
   }
-  free(ready);
+  lp_free(ready);
   return 0;
 }
 
@@ -457,10 +458,10 @@ static int run_initializer(pworker *pw, lp_future *f) {
   } else {
     if (r == 1) r = read_frame(pw->fd, pw->pidfd, &type, &reply, &len);
     if (r == 0 && type == FR_REPLY && !luapool__reply_failed(reply, len, msg, sizeof msg)) {
-      free(reply);
+      lp_free(reply);
       return 0;
     }
-    free(reply);
+    lp_free(reply);
     int status = close_worker(pw, 1.0);
     if (r != 0 || type != FR_REPLY) {
       char how[96];
@@ -530,7 +531,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
     r = r < 0 ? -1 : read_frame(pw->fd, pw->pidfd, &type, &reply, &len);
     if (r != 0 || type != FR_TICK) break;
     if (len == 4) memcpy(&call, reply, 4);
-    free(reply);
+    lp_free(reply);
     reply = NULL;
     deadline = luapool__now() + f->timeout;
   }
@@ -540,7 +541,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
       close_worker(pw, 2.0); /* recycled: the next task starts a new one */
     return;
   }
-  free(reply);
+  lp_free(reply);
   if (r == -2) {
     luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply of worker %s", w->name);
     close_worker(pw, 1.0); /* the stream is out of step now */
@@ -654,7 +655,7 @@ static char *read_paths(lp_reader *r, const char **path, const char **cpath) {
   const char *p, *c;
   size_t pl, cl;
   if (luapool__get_string(r, &p, &pl) || luapool__get_string(r, &c, &cl)) return NULL;
-  char *paths = malloc(pl + cl + 2);
+  char *paths = lp_malloc(pl + cl + 2);
   if (paths == NULL) return NULL;
   memcpy(paths, p, pl);
   paths[pl] = 0;
@@ -717,7 +718,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   if (read_frame(fd, -1, &type, &msg, &len) != 0) return 1;
   char peer[256];
   int alien = type != FR_HELLO || luapool__wire_check(msg, len, peer, sizeof peer) != 0;
-  free(msg);
+  lp_free(msg);
   if (alien) {
     char mine[256];
     luapool__wire_describe(mine, sizeof mine);
@@ -726,18 +727,18 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   }
   if (read_frame(fd, -1, &type, &msg, &len) != 0) return 1;
   if (type != FR_INIT) {
-    free(msg);
+    lp_free(msg);
     return 1;
   }
   lp_reader r = {msg, msg + len};
   uint32_t mem_mb = 0;
   char *paths = read_paths(&r, &ws.path, &ws.cpath);
   if (paths == NULL || luapool__get_u32(&r, &mem_mb)) {
-    free(paths);
-    free(msg);
+    lp_free(paths);
+    lp_free(msg);
     return 1;
   }
-  free(msg);
+  lp_free(msg);
   ws.call_start = send_tick;
   ws.deadline_by_kill = 1;
   if (mem_mb) {
@@ -745,7 +746,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     ws.on_oom = report_oom;
   }
   if (write_frame(fd, -1, FR_READY, "", 0) != 0) {
-    free(paths);
+    lp_free(paths);
     return 1;
   }
   lp_buf out = {0};
@@ -757,18 +758,18 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
       lp_reader pr = {msg, msg + len};
       const char *path, *cpath;
       char *np = read_paths(&pr, &path, &cpath);
-      free(msg);
+      lp_free(msg);
       if (np == NULL || luapool__wstate_set_paths(&ws, path, cpath) != 0) {
-        free(np);
+        lp_free(np);
         rc = 1;
         break;
       }
-      free(paths);
+      lp_free(paths);
       paths = np;
       continue;
     }
     if (fr == -2 || type != FR_CALL || len < CALL_HEADER) {
-      if (fr == 0) free(msg);
+      if (fr == 0) lp_free(msg);
       rc = 1;
       break;
     }
@@ -779,7 +780,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     out.len = 0;
     int st = luapool__run_message(&ws, msg + CALL_HEADER, len - CALL_HEADER, &out);
     ws.deadline = 0;
-    free(msg);
+    lp_free(msg);
     if (st != 0 || write_frame(fd, -1, FR_REPLY, out.p, out.len) != 0) {
       rc = 1;
       break;
@@ -788,7 +789,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   luapool__buf_free(&out);
   luapool__wstate_close(&ws);
   luapool__http_thread_cleanup();
-  free(paths);
+  lp_free(paths);
   return rc;
 }
 

@@ -29,6 +29,7 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "base/alloc.h"
 #include "base/buf.h"
 #include "codec/codec.h"
 #include "kernels/kernel.h"
@@ -226,7 +227,7 @@ static void want_gc(lp_wstate *ws) {
 static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   lp_wstate *ws = ud;
   size_t old = ptr ? osize : 0;
-  if (nsize == 0) {
+  if (nsize == 0) { /* (Lua's own allocations: not through the C hook, base/alloc.h) */
     free(ptr);
     ws->mem_used -= old;
     return NULL;
@@ -248,7 +249,7 @@ static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   } else {
     retry = 0;
   }
-  void *np = realloc(ptr, nsize);
+  void *np = realloc(ptr, nsize); /* (a shrink must not fail: Lua relies on it) */
   if (np) ws->mem_used = ws->mem_used - old + nsize;
   if (retry && np)
     set_gc_at(ws); /* Lua has just collected in full: start over from what it kept */
@@ -585,7 +586,7 @@ static void co_finish(lp_cotask *t) {
 
 lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double call_timeout,
                            uint64_t task_no, int64_t item_lo) {
-  lp_cotask *t = calloc(1, sizeof *t);
+  lp_cotask *t = lp_calloc(1, sizeof *t);
   if (t == NULL) return NULL;
   t->ws = ws;
   t->ref = LUA_NOREF;
@@ -603,7 +604,7 @@ lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double ca
   unsigned kind;
   int bad = 0;
   if (luapool__put_u32(&t->out, 0)) {
-    free(t);
+    lp_free(t);
     return NULL;
   }
   if (luapool__get_u8(rc->r, &kind) || (kind != LP_MSG_SINGLE && kind != LP_MSG_BATCH))
@@ -612,7 +613,7 @@ lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double ca
     bad = put_error_text(&t->out, "malformed message: bad call count") ? -1 : 1;
   if (bad < 0) {
     luapool__buf_free(&t->out);
-    free(t);
+    lp_free(t);
     return NULL;
   }
   rc->kind = (int)kind;
@@ -634,7 +635,7 @@ lp_cotask *luapool__co_new(lp_wstate *ws, const char *msg, size_t len, double ca
   return t;
 nomem:
   luapool__buf_free(&t->out);
-  free(t);
+  lp_free(t);
   return NULL;
 }
 
@@ -725,7 +726,7 @@ void luapool__co_free(lp_cotask *t) {
     luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
   }
   luapool__buf_free(&t->out);
-  free(t);
+  lp_free(t);
 }
 
 lua_State *luapool__worker_lua(lp_wstate *ws) { return ensure_state(ws); }

@@ -3,14 +3,14 @@ std = "lua54"
 max_line_length = 120
 
 -- Scripts run in the luapool host, where these are globals.
-files["scripts/**/*.lua"] = { read_globals = { "threadpool", "processpool", "luapool" } }
+files["scripts/**/*.lua"] = { read_globals = { "threadpool", "processpool", "iopool", "mpipool", "luapool" } }
 files["spec/**/*.lua"] = { std = "+busted" }
 -- Scripts the luapool host runs directly (not busted specs).
 files["spec/oom/*.lua"] = {
-  std = "lua54", read_globals = { "threadpool", "processpool", "luapool", "__luapool_fail_alloc" },
+  std = "lua54", read_globals = { "threadpool", "processpool", "iopool", "mpipool", "luapool", "__luapool_fail_alloc" },
 }
 files["spec/memcheck/*.lua"] = {
-  std = "lua54", read_globals = { "threadpool", "processpool", "luapool" }, globals = { "TAG" },
+  std = "lua54", read_globals = { "threadpool", "processpool", "iopool", "mpipool", "luapool" }, globals = { "TAG" },
 }
 -- Task functions there use the globals a worker's initializer sets, and
 -- one spec takes string.format away from the main state on purpose.

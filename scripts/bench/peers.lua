@@ -1,26 +1,44 @@
 -- luapool beside its peers: the same jobs through Python's
 -- concurrent.futures (scripts/bench/peers/*.py), luv (libuv's thread pool,
--- scripts/bench/peers/luv_tasks.lua, run by stock lua5.4) and
--- `curl --parallel`, each
+-- scripts/bench/peers/luv_tasks.lua, run by stock lua5.4), asyncio +
+-- aiohttp (aio_io.py, outside the project: --aiohttp), `curl --parallel`
+-- and `wrk` (the server's limit), each
 -- timed as a whole command (wall time around os.execute: interpreter start,
 -- pool start and stop included on every side), interleaved run by run with
 -- luapool's own command for the same job.
 --
 -- usage: luapool scripts/bench/peers.lua [--python PATH] [--curl PATH] [--lua PATH]
+--                                         [--aiohttp SCRIPT] [--aio-python PATH] [--wrk PATH]
 --                                         [--tasks N] [--quick] [--runs N] [--warmup N]
---                                         [--json FILE] [--csv FILE]
+--                                         [--json FILE] [--csv FILE] [--filter PATTERN]
 --
 -- Jobs (each a group; luapool's command is the baseline, so a peer's ratio
 -- is its time over luapool's: 3.00x means luapool took a third of the time):
 --   cpu                 the CPU reference job: sum of i*i for i < n for five
 --                       numbers (10M..13M) on a process pool of one worker
 --                       per CPU (luapool: the native kernel; Python: a loop)
---   io-latency          2000 fetches of /sleep?s=0.05 with 100 workers (ideal 1 s)
---   io-throughput       3000 fetches of /bytes?n=100 with 16 workers
---   overhead-threads    100k no-op tasks, submit + result, 2 threads
+--   io-latency          2000 fetches of /sleep?s=0.05 with 100 workers (ideal 1 s);
+--                       also on an iopool of 1 loop at concurrency 100
+--   io-throughput       3000 fetches of /bytes?n=100 with 16 workers; also on an
+--                       iopool of 2 loops at concurrency 16
+--   small-20k           20,000 fetches of /bytes?n=100, 100 in flight: luapool's
+--                       iopool (2 loops, concurrency 100, the baseline) and
+--                       threadpool x100, aiohttp --concurrency 100, curl
+--                       --parallel-max 100
+--   server-limit        wrk -t2 -c100 -d3s on the same URL: the nginx fixture's
+--                       own limit on this machine (wrk's Requests/sec, not its
+--                       fixed 3 s, is what counts: printed under the table)
+--   sleep-2k            2,000 fetches of /sleep?s=0.5 all in flight (ideal
+--                       0.5 s): iopool (2 loops) and aiohttp --concurrency 2000
+--   many-10k            10,000 fetches of /sleep?s=1 all in flight (ideal 1 s):
+--                       iopool (2 loops) and aiohttp --concurrency 10000
+--                       (the whole command's peak RSS, from /usr/bin/time, is
+--                       printed under the table for sleep-2k and many-10k)
+--   overhead-threads    100k no-op tasks, submit + result, 2 threads (and on an
+--                       iopool of 2 loops: each task a coroutine)
 --   overhead-processes  100k no-op tasks, map on 2 processes
 --   tasks-20k           20k no-op tasks, submit + result, 2 threads (luv:
---                       uv.queue_work with UV_THREADPOOL_SIZE=2)
+--                       uv.queue_work with UV_THREADPOOL_SIZE=2; iopool: 2 loops)
 --   big-string          200 tasks each returning a 1 MiB string made in the
 --                       worker, 2 threads (each result checked and dropped)
 --   big-table           200 tasks each returning a table of 10,000 numbers,
@@ -29,6 +47,9 @@
 -- The fetches go to the local nginx fixture, never the internet.  Python's
 -- fetches use requests (as the reference job does) when it is importable,
 -- else urllib.  A peer whose tool is missing is skipped with a note.
+-- aio_io.py is not part of the project: --aiohttp names it (default
+-- ../shared/peers/aio_io.py beside the source tree), run by --aio-python
+-- (default /usr/bin/python3, Debian's, which has python3-aiohttp).
 local bench = require "luapool.bench"
 local fixture = require "luapool.fixture"
 
@@ -38,6 +59,10 @@ local suite = bench.suite {
     { "python", "PATH", "string", "Python interpreter (default: python3 with requests, else /usr/bin/python3)" },
     { "curl", "PATH", "string", "curl command (default: curl)" },
     { "lua", "PATH", "string", "stock Lua 5.4 with luv for the luv peers (default: lua5.4)" },
+    { "aiohttp", "SCRIPT", "string", "the asyncio + aiohttp peer (default: ../shared/peers/aio_io.py "
+      .. "beside the source tree)" },
+    { "aio-python", "PATH", "string", "Python with aiohttp to run it (default: /usr/bin/python3)" },
+    { "wrk", "PATH", "string", "wrk command, the server's limit (default: wrk)" },
     { "tasks", "N", "integer", "no-op tasks in the overhead jobs (default 100000; 2000 with --quick)" },
   },
 }
@@ -50,6 +75,10 @@ local THR_N, THR_W, BYTES = quick and 300 or 3000, 16, 100
 local TASKS = opts.tasks or (quick and 2000 or 100000)
 local LUV_TASKS = quick and 2000 or 20000
 local BIG_N, BIG_STRING, BIG_TABLE = quick and 20 or 200, 1 << 20, 10000
+local SMALL_N, SMALL_CONC, IO_LOOPS = quick and 2000 or 20000, 100, 2
+local WRK_SECONDS = quick and 1 or 3
+local S2K_N, S2K_SLEEP = quick and 200 or 2000, quick and 0.1 or 0.5
+local MANY_N, MANY_SLEEP = quick and 500 or 10000, quick and 0.1 or 1
 
 -- {====== commands, temporary files
 
@@ -87,6 +116,22 @@ local function command(cmd)
       if f then f:close() end
       error(("command failed (%s %s): %s\n%s"):format(how, tostring(code), cmd, err:sub(-2000)), 0)
     end
+  end
+end
+
+-- The same, under /usr/bin/time when it is there: each run's peak RSS of the
+-- whole command (KiB) goes into rss[name].
+local rss, rss_file = {}, tempfile("")
+local function command_rss(name, cmd, time_ok)
+  if not time_ok then return command(cmd) end
+  local run = command(("/usr/bin/time -f %%M -o %s %s"):format(q(rss_file), cmd))
+  return function()
+    run()
+    local f = io.open(rss_file)
+    local kb = f and tonumber(f:read("a"):match("(%d+)%s*$"))
+    if f then f:close() end
+    rss[name] = rss[name] or {}
+    table.insert(rss[name], kb)
   end
 end
 
@@ -129,6 +174,26 @@ if not luv_version then
   skipped[#skipped + 1] = ("%s with luv (Debian: lua-luv) not found: luv peers skipped"):format(lua)
 end
 
+local aio_script = opts.aiohttp or (here .. "/../../../shared/peers/aio_io.py")
+local aio_python = opts["aio-python"] or "/usr/bin/python3"
+local aio_ok = io.open(aio_script) ~= nil
+local aio_version
+if not aio_ok then
+  skipped[#skipped + 1] = ("%s not found (--aiohttp SCRIPT): aiohttp peers skipped"):format(aio_script)
+else
+  aio_version = capture(q(aio_python) .. [[ -c 'import aiohttp; print(aiohttp.__version__)']]):match("[%d.]+")
+  if not aio_version then
+    aio_ok = false
+    skipped[#skipped + 1] = ("%s without aiohttp (Debian: python3-aiohttp): aiohttp peers skipped"):format(aio_python)
+  end
+end
+local wrk = opts.wrk or "wrk"
+local wrk_version = capture(q(wrk) .. " -v 2>&1"):match("wrk ([^%s]+)")
+if not wrk_version then
+  skipped[#skipped + 1] = ("%s not found (Debian: wrk): the server-limit job skipped"):format(wrk)
+end
+local time_ok = succeeds("/usr/bin/time -f %M true")
+
 -- }======
 
 -- {====== luapool's side: small scripts mirroring the Python ones
@@ -141,10 +206,12 @@ local results = pool:map(luapool.kernels.sum_squares, numbers)
 for i, n in ipairs(numbers) do print(("Calculation for %d: %s"):format(n, tostring(results[i]))) end
 ]])
 local LP_IO = tempfile([[
-local workers, file = ...
+local workers, file, kind, conc = ...
 local urls = {}
 for line in io.lines(file) do if line ~= "" then urls[#urls + 1] = line end end
-local pool <close> = threadpool.new { max_workers = math.tointeger(tonumber(workers)) }
+local pool <close> = kind == "iopool"
+  and iopool.new { max_workers = math.tointeger(tonumber(workers)), concurrency = math.tointeger(tonumber(conc)) }
+  or threadpool.new { max_workers = math.tointeger(tonumber(workers)) }
 local lengths = pool:map(luapool.kernels.fetch_length, urls)
 local total = 0
 for _, n in ipairs(lengths) do total = total + n end
@@ -154,8 +221,8 @@ local LP_OVERHEAD = tempfile([[
 local mode, n, chunk = ...
 n = math.tointeger(tonumber(n))
 local function noop(x) return x end
-if mode == "threads-submit" then
-  local pool <close> = threadpool.new { max_workers = 2 }
+if mode == "threads-submit" or mode == "io-submit" then
+  local pool <close> = mode == "io-submit" and iopool.new { max_workers = 2 } or threadpool.new { max_workers = 2 }
   local fs = {}
   for i = 1, n do fs[i] = pool:submit(noop, 1) end
   for i = 1, n do fs[i]:result() end
@@ -218,6 +285,9 @@ local function url_files(path_fmt, n)
 end
 local lat_list, lat_conf = url_files("/sleep?s=" .. SLEEP .. "&i=%d", LAT_N)
 local thr_list, thr_conf = url_files("/bytes?n=" .. BYTES .. "&i=%d", THR_N)
+local small_list, small_conf = url_files("/bytes?n=" .. BYTES .. "&i=%d", SMALL_N)
+local s2k_list = url_files("/sleep?s=" .. S2K_SLEEP .. "&i=%d", S2K_N)
+local many_list = url_files("/sleep?s=" .. MANY_SLEEP .. "&i=%d", MANY_N)
 local function curl_cmd(conf, parallel)
   return ("%s -s -S --fail --parallel --parallel-max %d -K %s"):format(q(curl), parallel, q(conf))
 end
@@ -246,6 +316,10 @@ for _, job in ipairs {
   local params = { fetches = n, workers = w }
   suite:case { group = group, name = base, baseline = base, params = params, units = n, unit = "req",
                body = command(lp(LP_IO, w, list)) }
+  local loops = group == "io-latency" and 1 or IO_LOOPS
+  suite:case { group = group, name = ("luapool iopool %d loop%s c=%d"):format(loops, loops > 1 and "s" or "", w),
+               params = { fetches = n, loops = loops, concurrency = w }, units = n, unit = "req",
+               body = command(lp(LP_IO, loops, list, "iopool", w)) }
   if python then
     suite:case { group = group, name = ("python threads x%d (%s)"):format(w, python_client), params = params,
                  units = n, unit = "req", body = command(py("io.py", "--workers", w, "--urls", list)) }
@@ -253,6 +327,60 @@ for _, job in ipairs {
   if curl_ok then
     suite:case { group = group, name = ("curl --parallel-max %d"):format(w), params = params,
                  units = n, unit = "req", body = command(curl_cmd(conf, w)) }
+  end
+end
+
+-- many in flight: iopool against aiohttp, curl and wrk -------------------------
+-- What a body records itself (wrk's rate, a command's peak RSS) is recorded on
+-- warm-up rounds too, which come first in a group: timed() drops them.
+local function timed(list) return { table.unpack(list or {}, suite.warmup + 1) } end
+local small_base = ("luapool iopool %d loops c=%d, 20k"):format(IO_LOOPS, SMALL_CONC)
+suite:case { group = "small-20k", name = small_base, baseline = small_base,
+             params = { fetches = SMALL_N, loops = IO_LOOPS, concurrency = SMALL_CONC }, units = SMALL_N, unit = "req",
+             body = command(lp(LP_IO, IO_LOOPS, small_list, "iopool", SMALL_CONC)) }
+suite:case { group = "small-20k", name = ("luapool threadpool x%d, 20k"):format(SMALL_CONC),
+             params = { fetches = SMALL_N, workers = SMALL_CONC }, units = SMALL_N, unit = "req",
+             body = command(lp(LP_IO, SMALL_CONC, small_list)) }
+if aio_ok then
+  suite:case { group = "small-20k", name = ("aiohttp --concurrency %d, 20k"):format(SMALL_CONC),
+               params = { fetches = SMALL_N, concurrency = SMALL_CONC }, units = SMALL_N, unit = "req",
+               body = command(("%s %s --concurrency %d --urls %s"):format(q(aio_python), q(aio_script), SMALL_CONC,
+                 q(small_list))) }
+end
+if curl_ok then
+  suite:case { group = "small-20k", name = ("curl --parallel-max %d, 20k"):format(SMALL_CONC),
+               params = { fetches = SMALL_N, parallel = SMALL_CONC }, units = SMALL_N, unit = "req",
+               body = command(curl_cmd(small_conf, SMALL_CONC)) }
+end
+-- wrk runs for a fixed time: its Requests/sec (each run's, in wrk_rates) is the number
+local wrk_rates = {}
+local wrk_name = ("wrk -t2 -c%d -d%ds"):format(SMALL_CONC, WRK_SECONDS)
+if wrk_version then
+  local wrk_url = srv:url("/bytes?n=" .. BYTES)
+  suite:case {
+    group = "server-limit", name = wrk_name .. " (fixed time: see req/s below)", params = { connections = SMALL_CONC },
+    body = function()
+      local out = capture(("%s -t2 -c%d -d%ds %s"):format(q(wrk), SMALL_CONC, WRK_SECONDS, q(wrk_url)))
+      local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
+      if not rate then error("wrk printed no Requests/sec:\n" .. out, 0) end
+      wrk_rates[#wrk_rates + 1] = rate
+    end,
+  }
+end
+for _, job in ipairs {
+  { "sleep-2k", S2K_N, S2K_SLEEP, s2k_list },
+  { "many-10k", MANY_N, MANY_SLEEP, many_list },
+} do
+  local group, n, secs, list = table.unpack(job)
+  local base = ("luapool iopool %d loops %d in flight"):format(IO_LOOPS, n)
+  local params = { fetches = n, sleep = secs, concurrency = n }
+  suite:case { group = group, name = base, baseline = base, params = params, units = n, unit = "req",
+               body = command_rss(base, lp(LP_IO, IO_LOOPS, list, "iopool", n), time_ok) }
+  if aio_ok then
+    local name = ("aiohttp --concurrency %d"):format(n)
+    suite:case { group = group, name = name, params = params, units = n, unit = "req",
+                 body = command_rss(group .. " " .. name, ("%s %s --concurrency %d --urls %s"):format(
+                   q(aio_python), q(aio_script), n, q(list)), time_ok) }
   end
 end
 
@@ -267,6 +395,10 @@ if python then
     units = TASKS, unit = "task", body = command(py("overhead.py", "threads-submit", TASKS)),
   }
 end
+suite:case {
+  group = "overhead-threads", name = "luapool iopool submit+result (2 loops)", params = { tasks = TASKS },
+  units = TASKS, unit = "task", body = command(lp(LP_OVERHEAD, "io-submit", TASKS)),
+}
 suite:case {
   group = "overhead-processes", name = "luapool processpool map (auto chunks)",
   baseline = "luapool processpool map (auto chunks)", params = { tasks = TASKS, chunk = "auto" },
@@ -291,6 +423,10 @@ suite:case {
   group = "tasks-20k", name = "luapool threadpool submit+result x2", baseline = "luapool threadpool submit+result x2",
   params = { tasks = LUV_TASKS }, units = LUV_TASKS, unit = "task",
   body = command(lp(LP_OVERHEAD, "threads-submit", LUV_TASKS)),
+}
+suite:case {
+  group = "tasks-20k", name = "luapool iopool submit+result x2 loops", params = { tasks = LUV_TASKS },
+  units = LUV_TASKS, unit = "task", body = command(lp(LP_OVERHEAD, "io-submit", LUV_TASKS)),
 }
 if luv_version then
   suite:case {
@@ -330,7 +466,9 @@ suite:note("every case is a whole command: cpu and peak rss are this (waiting) p
 -- run ------------------------------------------------------------------------
 print("peers: " .. table.concat({ python and (python .. " (" .. (python_version or "?") .. ", "
   .. python_client .. ")") or "no python", curl_version or "no curl",
-  luv_version and (lua .. " with luv " .. luv_version) or "no luv" }, "; "))
+  luv_version and (lua .. " with luv " .. luv_version) or "no luv",
+  aio_ok and ("aiohttp " .. aio_version .. " (" .. aio_python .. " " .. aio_script .. ")") or "no aiohttp",
+  wrk_version and ("wrk " .. wrk_version) or "no wrk" }, "; "))
 for _, s in ipairs(skipped) do print("note: " .. s) end
 suite:run()
 
@@ -360,4 +498,44 @@ local curl_thr = r(("curl --parallel-max %d"):format(THR_W))
 if lp_thr and curl_thr then
   print(("io-throughput: luapool %s, curl %s (target: luapool >= curl)"):format(
     bench.format_rate(THR_N / lp_thr.median, "req"), bench.format_rate(THR_N / curl_thr.median, "req")))
+end
+
+-- iopool against its peers (issue 12's numbers to reach)
+local small = r(small_base)
+if small then
+  local lp_rate = SMALL_N / small.median
+  print(("small-20k: luapool iopool %s"):format(bench.format_rate(lp_rate, "req")))
+  for _, peer in ipairs { { ("curl --parallel-max %d, 20k"):format(SMALL_CONC), 2.5 },
+                          { ("aiohttp --concurrency %d, 20k"):format(SMALL_CONC), 10 } } do
+    local res = r(peer[1])
+    if res then
+      print(("  %-30s %s: luapool %.2fx its rate (target >= %gx)"):format(peer[1],
+        bench.format_rate(SMALL_N / res.median, "req"), lp_rate / (SMALL_N / res.median), peer[2]))
+    end
+  end
+  local rates = timed(wrk_rates)
+  if #rates > 0 then
+    local w = bench.median(rates)
+    print(("  %-30s %s (median of %d): luapool %.2fx its rate (target >= 0.6x)"):format(wrk_name,
+      bench.format_rate(w, "req"), #rates, lp_rate / w))
+  end
+end
+for _, job in ipairs { { "sleep-2k", S2K_N, S2K_SLEEP }, { "many-10k", MANY_N, MANY_SLEEP } } do
+  local group, n, secs = table.unpack(job)
+  local base = ("luapool iopool %d loops %d in flight"):format(IO_LOOPS, n)
+  local lp_res = r(base)
+  if lp_res then
+    local function mb(key)
+      local kbs = timed(rss[key])
+      return #kbs > 0 and ("peak RSS %.0f MB"):format(bench.median(kbs) / 1024) or "peak RSS ?"
+    end
+    print(("%s (ideal %s): luapool iopool %s (%.2fx ideal), %s"):format(group, bench.format_time(secs),
+      bench.format_time(lp_res.median), lp_res.median / secs, mb(base)))
+    local name = ("aiohttp --concurrency %d"):format(n)
+    local res = r(name)
+    if res then
+      print(("  %-30s %s (%.2fx ideal), %s"):format(name, bench.format_time(res.median), res.median / secs,
+        mb(group .. " " .. name)))
+    end
+  end
 end

@@ -128,7 +128,11 @@ describe("packaging", function()
     assert.are.equal("1", field("CPACK_DEBIAN_PACKAGE_RELEASE"))
     -- (a host built with readline, as --help says, needs its runtime)
     local readline = h.run({ "--help" }):find("(with readline)", 1, true) and ", libreadline8" or ""
-    assert.are.equal("libc6, liblua5.4-0, libcurl4" .. readline, field("CPACK_DEBIAN_PACKAGE_DEPENDS"))
+    -- (and one linked with Open MPI, for mpipool, its runtime)
+    local ldd = io.popen("ldd " .. h.shell_quote(h.bin))
+    local mpi = ldd:read("a"):find("libmpi%.so") and ", libopenmpi3" or ""
+    ldd:close()
+    assert.are.equal("libc6, liblua5.4-0, libcurl4" .. readline .. mpi, field("CPACK_DEBIAN_PACKAGE_DEPENDS"))
     assert.are.equal("DEB-DEFAULT", field("CPACK_DEBIAN_FILE_NAME"))
   end)
 

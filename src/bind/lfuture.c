@@ -48,18 +48,18 @@ static const lp_pool_face *pool_face(void) {
 **    object: exception() returns it and result() raises it each time),
 **    which most futures never have: in a table {callbacks, error} made
 **    the first time, in a registry table with weak keys (EXTRAS_KEY);
-**    `extras` says which it has, so that a result() of a future with none
-**    (the common case) never looks there. */
+**    the C future's owner_bits say which it has (X_CALLBACKS | X_ERROR),
+**    so that a result() of a future with none (the common case) never
+**    looks there, and the userdata stays one pointer. */
 typedef struct lfuture {
   lp_future *f;
-  unsigned char extras; /* X_CALLBACKS | X_ERROR bits set */
 } lfuture;
 
 static const char FUTURE_KEY = 'f'; /* metatable[1]: marks a future's metatable */
 static const char MTS_KEY = 'm';    /* registry: pool -> its futures' metatable (weak keys) */
 static const char EXTRAS_KEY = 'x'; /* registry: future -> {callbacks, error} (weak keys) */
 
-enum { X_CALLBACKS = 1, X_ERROR = 2 }; /* slots of the extras table; bits of u->extras */
+enum { X_CALLBACKS = 1, X_ERROR = 2 }; /* slots of the extras table; bits of f->owner_bits */
 
 /* Pushes the registry table at key, made (with weak keys) the first time. */
 static void weak_table(lua_State *L, const void *key) {
@@ -105,7 +105,7 @@ void luapool__future_push_pool(lua_State *L, int idx) {
 ** returns its type. */
 static int get_extra(lua_State *L, int idx, int k) {
   lfuture *u = lua_touserdata(L, idx); /* (checked by the caller) */
-  if (!(u->extras & k)) {
+  if (u->f == NULL || !(u->f->owner_bits & k)) {
     lua_pushnil(L);
     return LUA_TNIL;
   }
@@ -126,8 +126,8 @@ static int get_extra(lua_State *L, int idx, int k) {
 /* Sets the callbacks or error (k) of the future at idx to the value on
 ** top (popped), making its table of extras the first time. */
 static void set_extra(lua_State *L, int idx, int k) {
-  lfuture *u = lua_touserdata(L, idx); /* (checked by the caller) */
-  u->extras |= (unsigned char)k;
+  lfuture *u = lua_touserdata(L, idx); /* (checked by the caller: a filled future) */
+  u->f->owner_bits |= (unsigned char)k;
   idx = lua_absindex(L, idx);
   weak_table(L, &EXTRAS_KEY); /* v, extras */
   lua_pushvalue(L, idx);
@@ -182,7 +182,6 @@ void *luapool__future_push(lua_State *L, lp_future *f, int mt_idx) {
   mt_idx = lua_absindex(L, mt_idx);
   lfuture *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->f = f;
-  u->extras = 0;
   lua_pushvalue(L, mt_idx);
   lua_setmetatable(L, -2);
   return u;

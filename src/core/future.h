@@ -71,8 +71,11 @@ void luapool__paths_unref(lp_paths *ps); /* (NULL: nothing) */
 
 typedef struct lp_future {
   atomic_int refs;
-  unsigned char state;  /* lp_fstate (lock: the future's stripe) */
-  unsigned char ekind;  /* lp_ekind, LP_FAILED */
+  unsigned char state; /* lp_fstate (lock: the future's stripe) */
+  unsigned char ekind; /* lp_ekind, LP_FAILED */
+  /* The owner's own bits (its Lua face's: bind/lfuture.c), in what was
+  ** padding; the future core never reads or writes them. */
+  unsigned char owner_bits;
   int ncalls;           /* calls batched in msg (map chunks) */
   int nwaiters;         /* threads blocked in luapool__future_wait */
   struct lp_pool *pool; /* whose call counters its transitions move */

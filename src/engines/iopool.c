@@ -641,10 +641,10 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
   } else if (atomic_load(&lp->closing_intr)) {
     kill = K_CLOSE;
     why = "interrupted: the pool was closed";
-  } else if (t && atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) {
-    kill = K_CANCEL;
-    why = "interrupted: the task was cancelled";
-  } else if (t && atomic_load(&lp->cancel_pending) && luapool__future_state(t->f) == LP_CANCELLED) {
+  } else if (t &&
+             ((atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) ||
+              (atomic_load(&lp->cancel_pending) && luapool__future_state(t->f) == LP_CANCELLED))) {
+    /* cancel_all: shutdown{cancel_running}; cancel_pending: f:cancel() */
     kill = K_CANCEL;
     why = "interrupted: the task was cancelled";
   }

@@ -641,10 +641,13 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
   } else if (atomic_load(&lp->closing_intr)) {
     kill = K_CLOSE;
     why = "interrupted: the pool was closed";
-  } else if (t &&
-             ((atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) ||
-              (atomic_load(&lp->cancel_pending) && luapool__future_state(t->f) == LP_CANCELLED))) {
-    /* cancel_all: shutdown{cancel_running}; cancel_pending: f:cancel() */
+  } else if (t && ((atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) ||
+                   ((atomic_load(&lp->cancel_all) || atomic_load(&lp->cancel_pending)) &&
+                    luapool__future_state(t->f) == LP_CANCELLED))) {
+    /* cancel_all: shutdown{cancel_running}; cancel_pending: f:cancel().  The
+    ** hook may run more than once before the task yields (a call or return
+    ** event sets the count hook, and the count event yields): a future
+    ** cancelled by an earlier pass still counts. */
     kill = K_CANCEL;
     why = "interrupted: the task was cancelled";
   }

@@ -153,7 +153,15 @@ tsan() {
   # failures_spec's deadlines (0.3 s) do not fit TSan's slowdown; it runs
   # under ASan, and its thread paths are the ones exercised here
   # core_test: the future/queue/pool core's races through fake engines, no Lua
-  sanitized_ctest build-tsan -j2 -R 'core_test|pool_spec|futures_spec|codec_spec|worker_api_spec|kernels_spec|stress_spec'
+  # One at a time: codec_spec's 100 MiB strings beside iopool_spec's 10,000
+  # connections, both under TSan's shadow memory, once left TSan no memory
+  # to start a process ("ThreadSanitizer failed to allocate ...").
+  # iopool_spec itself is not here yet: under TSan its 10,000-connection
+  # case outlasts the 300 s test timeout (it runs under ASan, and iopool's
+  # threads run under TSan in pool_spec and futures_spec, which loop over
+  # every engine).
+  sanitized_ctest build-tsan -j1 \
+    -R '^(core_test|pool_spec|futures_spec|codec_spec|worker_api_spec|kernels_spec|stress_spec)$'
   echo "tsan: clean"
 }
 

@@ -61,11 +61,16 @@ const lp_interrupt *luapool__lua_interrupt(lua_State *L, double *deadline) {
 static void interrupt_hook(lua_State *L, lua_Debug *ar);
 
 /* The state of the task running on this thread and its worker (thread
-** workers only). */
-static _Thread_local lua_State *tl_task_state;
-static _Thread_local lp_wstate *tl_task_ws;
-/* The host's main state, on the host's script thread only. */
-static _Thread_local lua_State *tl_signal_state;
+** workers only), and the host's main state (the script thread only).
+** on_stop_signal reads them in a signal handler: initial-exec, so that
+** reading them never allocates.  (In a module dlopen'ed by lua5.4 a
+** thread's first read of a dynamic-model variable allocates its TLS
+** block with malloc: a signal landing inside malloc then deadlocked the
+** thread on malloc's own lock.) */
+#define LP_SIGNAL_TLS __attribute__((tls_model("initial-exec")))
+static _Thread_local lua_State *tl_task_state LP_SIGNAL_TLS;
+static _Thread_local lp_wstate *tl_task_ws LP_SIGNAL_TLS;
+static _Thread_local lua_State *tl_signal_state LP_SIGNAL_TLS;
 
 /* On a worker thread: the task notices its stop.  On the host's script
 ** thread (the host's signal thread sends STOP_SIGNAL there when it takes a

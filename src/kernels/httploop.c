@@ -366,8 +366,8 @@ static void fail(lp_hloop *l, lp_hreq *r, CURLcode code, const char *msg) {
   finish(l, r, LP_H_FAILED);
 }
 
-/* Runs r's callback now: it leaves the loop. */
-static void callback(lp_hloop *l, lp_hreq *r) {
+/* r leaves the loop: off its list of owned requests, no longer its. */
+static void leave(lp_hloop *l, lp_hreq *r) {
   if (r->anext) r->anext->aprev = r->aprev;
   if (r->aprev)
     r->aprev->anext = r->anext;
@@ -377,6 +377,11 @@ static void callback(lp_hloop *l, lp_hreq *r) {
   r->state = R_DONE;
   r->loop = NULL;
   l->owned--;
+}
+
+/* Runs r's callback now: it leaves the loop. */
+static void callback(lp_hloop *l, lp_hreq *r) {
+  leave(l, r);
   r->done(r, r->ud); /* r may be freed from here on */
 }
 
@@ -881,15 +886,7 @@ static int take_out(lp_hloop *l, lp_hreq *r) {
 void luapool__hreq_forget(lp_hreq *r) {
   lp_hloop *l = r->loop;
   if (l == NULL || take_out(l, r) < 0) return;
-  if (r->anext) r->anext->aprev = r->aprev;
-  if (r->aprev)
-    r->aprev->anext = r->anext;
-  else
-    l->all = r->anext;
-  r->anext = r->aprev = NULL;
-  r->state = R_DONE;
-  r->loop = NULL;
-  l->owned--;
+  leave(l, r);
   pump(l);
 }
 

@@ -12,16 +12,19 @@ source = {
 }
 
 description = {
-   summary = "concurrent.futures-style thread and process pools for Lua 5.4",
+   summary = "concurrent.futures-style thread, process, event-loop and MPI pools for Lua 5.4",
    detailed = [[
-luapool gives Lua 5.4 two executors: threadpool (OS threads, one Lua state
-per worker, no global lock) and processpool (worker processes: isolation and
-crash containment), with futures, map, imap, as_completed, wait, deadlines,
-and native HTTP and integer kernels. It installs the luapool module for stock
-lua5.4 and the luapool interpreter, which process pools start as workers.]],
+luapool gives Lua 5.4 four executors under one futures API: threadpool (OS
+threads, one Lua state per worker, no global lock), processpool (worker
+processes: isolation and crash containment), iopool (event-loop threads:
+thousands of HTTP requests and Lua coroutine tasks in flight) and mpipool
+(MPI ranks, when the build found MPI and the script runs under mpiexec), with
+futures, map, imap, as_completed, wait, deadlines, and native HTTP and integer
+kernels. It installs the luapool module for stock lua5.4 and the luapool
+interpreter, which process pools start as workers.]],
    license = "none declared yet (the project has no license file)",
    maintainer = "luapool maintainers",
-   labels = { "concurrency", "threads", "processes" },
+   labels = { "concurrency", "threads", "processes", "http", "mpi" },
 }
 
 dependencies = {

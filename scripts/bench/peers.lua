@@ -40,7 +40,9 @@
 --   tasks-20k           20k no-op tasks, submit + result, 2 threads (luv:
 --                       uv.queue_work with UV_THREADPOOL_SIZE=2; iopool: 2 loops)
 --   big-string          200 tasks each returning a 1 MiB string made in the
---                       worker, 2 threads (each result checked and dropped)
+--                       worker from a 1 KiB piece, 2 threads (each result
+--                       checked and dropped); "floor" makes the 200 strings in
+--                       one plain lua5.4 state
 --   big-table           200 tasks each returning a table of 10,000 numbers,
 --                       2 threads; luv cannot carry tables: its line says
 --                       "cannot" (what luv answers), never a number
@@ -229,7 +231,9 @@ if mode == "threads-submit" or mode == "io-submit" then
 elseif mode == "threads-string" or mode == "threads-table" then
   -- big values: each result made in the worker, checked here, dropped
   local size = math.tointeger(tonumber(chunk))
-  local make = mode == "threads-string" and function(len) return string.rep("x", len) end
+  -- (a string from a 1 KiB piece: string.rep of one byte is a memcpy call a
+  -- byte, 3.5 ms a MiB, which would hide what moving it costs)
+  local make = mode == "threads-string" and function(len) return string.rep(string.rep("x", 1024), len // 1024) end
     or function(len)
       local t = {}
       for i = 1, len do t[i] = i end
@@ -445,6 +449,14 @@ if luv_version then
     units = BIG_N, unit = "task", body = command(luv("string", BIG_N, BIG_STRING)),
   }
 end
+-- the floor: the same strings made in one plain state, nothing moved
+suite:case {
+  group = "big-string", name = "floor: lua5.4 makes them in one state",
+  params = { tasks = BIG_N, bytes = BIG_STRING }, units = BIG_N, unit = "task",
+  body = command(("%s -e %s"):format(q(lua), q(("for _ = 1, %d do "
+    .. "local s = string.rep(string.rep('x', 1024), %d // 1024) assert(#s == %d) end"):format(BIG_N, BIG_STRING,
+      BIG_STRING)))),
+}
 suite:case {
   group = "big-table", name = "luapool threadpool tables of 10,000 x2",
   baseline = "luapool threadpool tables of 10,000 x2", params = { tasks = BIG_N, numbers = BIG_TABLE },

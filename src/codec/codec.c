@@ -217,21 +217,60 @@ typedef struct luapool_encoder {
   /* The ids of the first NUVFAST upvalues met, searched in order (most
   ** messages have a few); past that all are in the seen table. */
   void *uv[NUVFAST];
-  int root; /* number of the root value being encoded */
+  int root;             /* number of the root value being encoded */
+  int cst;              /* stack index of the codec state (its slot is nil until needed) */
+  struct lp_cstate *cs; /* it, once known */
   size_t nfr, cap;
   eframe *fr;
   eframe fr0[NFRAMES];
 } luapool_encoder;
 
 /* The state's scratch buffer lives in a userdata: a Lua error raised while
-** it holds bytes cannot leak them. */
+** it holds bytes cannot leak them.  taken: some caller holds it now;
+** installed: it is the one the codec state keeps (user value CS_SCRATCH). */
 typedef struct scratch {
   lp_buf b;
+  int taken, installed;
 } scratch;
 
 /* Registry keys: the addresses of these (pointer keys are found without
-** hashing a string, and these lookups are on every submit). */
-static const char SCRATCH_KEY, DUMPS_KEY, PCLOS_KEY, PDUMPS_KEY, CFNAMES_KEY, FCACHE_KEY;
+** hashing a string).  CSTATE_KEY is the codec state, the only one the
+** encoder looks up (and not even that when its caller has the state at
+** hand: a pool keeps it in a user value); FCACHE_KEY is a worker's
+** function cache. */
+static const char CSTATE_KEY, FCACHE_KEY;
+
+/* The codec state: one userdata per Lua state (all its threads share it),
+** whose user values hold what the encoder keeps between messages, each
+** reached with one user-value read instead of a registry lookup by key
+** (about 120 instructions each, seven of them on every submit before). */
+enum {
+  CS_SCRATCH = 1, /* the scratch buffer (a scratch userdata) */
+  CS_NAMES,       /* value -> name: what travels by name (push_names) */
+  CS_PCLOS,       /* the dump cache by prototype: closures (weak values) */
+  CS_PDUMPS,      /* ... and their dumps */
+  CS_DUMPS,       /* the dump cache by closure (weak keys), the fallback */
+  CS_MEMO_FN,     /* the memo: a closure of the prototype sent last ... */
+  CS_MEMO_DUMP,   /* ... and its dump */
+  CS_NUV = CS_MEMO_DUMP
+};
+
+typedef struct lp_cstate {
+  /* An object found not to travel by name: its next send skips the names
+  ** lookup.  The names table is made once and never changes, and it holds
+  ** its keys, so no object made later can be at the address of a named
+  ** one: an address once found unnamed stays unnamed, whatever object
+  ** lives there next. */
+  const void *unnamed;
+  /* The memo of the last prototype sent (NULL: none): CS_MEMO_FN is a
+  ** closure of it that holds nothing but the prototype and at most the
+  ** globals (only one kept like that), so while it is there no other
+  ** prototype can have this address, and a closure of this prototype is
+  ** sent with CS_MEMO_DUMP without looking in the dump cache.  nups and
+  ** only_env are the prototype's (upvalue names are in the prototype). */
+  const void *memo_proto;
+  int memo_nups, memo_only_env;
+} lp_cstate;
 
 /* Function ids: a random base per process plus a counter, so ids from
 ** different worker processes never collide in a receiver's cache. */
@@ -261,46 +300,99 @@ static int scratch_gc(lua_State *L) {
   return 0;
 }
 
-/* The state's buffer waits in the registry under SCRATCH_KEY; taking it
-** leaves false there, releasing it puts it back.  A caller nested
-** meanwhile (a __gc that submits in the middle of an encode) finds false
-** and gets a buffer of its own.  A Lua error between take and release (no
-** memory, a refused submit) loses nothing either: the next caller finds
-** false, makes a fresh buffer, and its release makes that one the
-** state's; the lost one is collected with its bytes.  The key is never
-** nil once made (the first take makes it), so a release sets an existing
-** key: it never allocates, never raises. */
-lp_buf *luapool__scratch(lua_State *L) {
-  scratch *sc = NULL;
-  int t = lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
-  if (t == LUA_TUSERDATA) {
-    sc = lua_touserdata(L, -1);
-    lua_pushboolean(L, 0);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY); /* taken */
-    sc->b.len = 0;
-    return &sc->b; /* its userdata is on top of the stack */
-  }
+void luapool__codec_state(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &CSTATE_KEY) == LUA_TUSERDATA) return;
   lua_pop(L, 1);
-  if (t == LUA_TNIL) { /* the first take: make the key */
-    lua_pushboolean(L, 0);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
-  }
-  sc = lua_newuserdatauv(L, sizeof *sc, 0);
+  lp_cstate *cs = lua_newuserdatauv(L, sizeof *cs, CS_NUV);
+  memset(cs, 0, sizeof *cs);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &CSTATE_KEY);
+}
+
+/* A new scratch userdata (taken), pushed. */
+static scratch *new_scratch(lua_State *L) {
+  scratch *sc = lua_newuserdatauv(L, sizeof *sc, 0);
   memset(sc, 0, sizeof *sc);
+  sc->taken = 1;
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, scratch_gc);
   lua_setfield(L, -2, "__gc");
   lua_setmetatable(L, -2);
+  return sc;
+}
+
+/* The codec state keeps one buffer (CS_SCRATCH); taking it marks it
+** taken, releasing it unmarks it.  A caller nested meanwhile (a __gc that
+** submits in the middle of an encode) finds it taken and gets a buffer of
+** its own.  A Lua error between take and release (no memory, a refused
+** submit) loses nothing either: the kept buffer stays marked, the next
+** caller makes a fresh one, and its release installs that one in its
+** place; the lost one is collected with its bytes.  A release never
+** allocates, never raises. */
+lp_buf *luapool__scratch_in(lua_State *L, int cstate) {
+  cstate = lua_absindex(L, cstate);
+  if (lua_getiuservalue(L, cstate, CS_SCRATCH) == LUA_TUSERDATA) {
+    scratch *sc = lua_touserdata(L, -1);
+    if (!sc->taken) {
+      sc->taken = 1;
+      sc->b.len = 0;
+      return &sc->b; /* its userdata is on top of the stack */
+    }
+  }
+  int first = lua_isnil(L, -1);
+  lua_pop(L, 1);
+  scratch *sc = new_scratch(L);
+  if (first) { /* the first take: install it now */
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, cstate, CS_SCRATCH);
+    sc->installed = 1;
+  }
   return &sc->b;
+}
+
+lp_buf *luapool__scratch(lua_State *L) {
+  luapool__codec_state(L);
+  lp_buf *b = luapool__scratch_in(L, -1);
+  lua_remove(L, -2);
+  return b;
 }
 
 void luapool__scratch_release(lua_State *L, int idx) {
   scratch *sc = lua_touserdata(L, idx);
   sc->b.len = 0;
+  sc->taken = 0;
+  if (sc->installed) return;
+  /* a fresh one: installed when the kept one is lost (or still taken) */
   idx = lua_absindex(L, idx);
-  if (!lua_checkstack(L, 1)) return; /* not kept: the GC frees it */
-  lua_pushvalue(L, idx);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
+  if (!lua_checkstack(L, 3)) return; /* not kept: the GC frees it */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &CSTATE_KEY) == LUA_TUSERDATA) {
+    scratch *old =
+        lua_getiuservalue(L, -1, CS_SCRATCH) == LUA_TUSERDATA ? lua_touserdata(L, -1) : NULL;
+    if (old == NULL || old->taken) {
+      if (old) old->installed = 0;
+      lua_pushvalue(L, idx);
+      lua_setiuservalue(L, -3, CS_SCRATCH);
+      sc->installed = 1;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+/* Pushes user value k of the codec state at cst, a table created (weak
+** when asked) the first time. */
+static void cstate_table(lua_State *L, int cst, int k, const char *mode) {
+  if (lua_getiuservalue(L, cst, k) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  if (mode) {
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, mode);
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+  }
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, cst, k);
 }
 
 /* Pushes a registry table, creating it (weak-keyed when asked) if needed. */
@@ -357,10 +449,23 @@ static void add_named(lua_State *L, int names, const char *prefix, int depth) {
   }
 }
 
-static void push_names(lua_State *L) {
+/* The codec state of an encode: the caller's, or looked up (once per
+** encode) the first time it is needed, into the slot kept for it. */
+static lp_cstate *enc_cstate(luapool_encoder *e) {
+  if (e->cs == NULL) {
+    luapool__codec_state(e->L);
+    e->cs = lua_touserdata(e->L, -1);
+    lua_replace(e->L, e->cst);
+  }
+  return e->cs;
+}
+
+static void push_names(luapool_encoder *e) {
   static const char *const libs[] = {"luapool", "string",    "table", "math",    "io", "os",
                                      "utf8",    "coroutine", "debug", "package", "_G", NULL};
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &CFNAMES_KEY) == LUA_TTABLE) return;
+  lua_State *L = e->L;
+  enc_cstate(e);
+  if (lua_getiuservalue(L, e->cst, CS_NAMES) == LUA_TTABLE) return;
   lua_pop(L, 1);
   lua_newtable(L);
   int names = lua_gettop(L);
@@ -377,17 +482,20 @@ static void push_names(lua_State *L) {
   }
   lua_pop(L, 1);
   lua_pushvalue(L, names);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &CFNAMES_KEY);
+  lua_setiuservalue(L, e->cst, CS_NAMES);
 }
 
 /* Writes a reference by name when the value at idx has one: 1 written,
 ** 0 not a named value, -1 no memory. */
 static int enc_named(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  push_names(L);
+  const void *p = lua_topointer(L, idx);
+  if (p == enc_cstate(e)->unnamed) return 0;
+  push_names(e);
   lua_pushvalue(L, idx);
   if (lua_rawget(L, -2) != LUA_TSTRING) {
     lua_pop(L, 2);
+    e->cs->unnamed = p;
     return 0;
   }
   size_t len;
@@ -743,7 +851,7 @@ static int dump_function(luapool_encoder *e, int idx, int same) {
 /* The fallback: keyed by the closure (weak keys). */
 static int push_dump_by_closure(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  registry_table(L, &DUMPS_KEY, "k");
+  cstate_table(L, e->cst, CS_DUMPS, "k");
   lua_pushvalue(L, idx);
   if (lua_rawget(L, -2) == LUA_TSTRING) {
     lua_remove(L, -2);
@@ -763,15 +871,15 @@ static int push_dump_by_closure(luapool_encoder *e, int idx) {
 
 /* Pushes the two cache tables (closures, dumps), starting them afresh
 ** when asked. */
-static void pcache_tables(lua_State *L, int fresh) {
+static void pcache_tables(lua_State *L, int cst, int fresh) {
   if (fresh) {
     lua_pushnil(L);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &PCLOS_KEY);
+    lua_setiuservalue(L, cst, CS_PCLOS);
     lua_pushnil(L);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY);
+    lua_setiuservalue(L, cst, CS_PDUMPS);
   }
-  registry_table(L, &PCLOS_KEY, "v");
-  registry_table(L, &PDUMPS_KEY, NULL);
+  cstate_table(L, cst, CS_PCLOS, "v");
+  cstate_table(L, cst, CS_PDUMPS, NULL);
 }
 
 /* Pushes the cached "fid .. checksum .. bytecode" string of the Lua
@@ -781,7 +889,7 @@ static int push_dump(luapool_encoder *e, int idx) {
   const void *p = luapool__bytecode_proto(L, idx);
   if (p == NULL) return push_dump_by_closure(e, idx);
   int top = lua_gettop(L);
-  pcache_tables(L, 0); /* top+1 closures, top+2 dumps */
+  pcache_tables(L, e->cst, 0); /* top+1 closures, top+2 dumps */
   int same = 0;
   if (lua_rawgetp(L, top + 1, p) == LUA_TFUNCTION && luapool__bytecode_proto(L, -1) == p) {
     /* that closure is alive, so p is still its prototype: the same one */
@@ -809,7 +917,7 @@ static int push_dump(luapool_encoder *e, int idx) {
     else
       n++;
     if (n > PCACHE_MAX || len > PCACHE_BYTES || bytes > PCACHE_BYTES - len) { /* start afresh */
-      pcache_tables(L, 1);
+      pcache_tables(L, e->cst, 1);
       lua_replace(L, top + 2);
       lua_replace(L, top + 1);
       n = 1;
@@ -840,14 +948,15 @@ int luapool__codec_cache(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)PCACHE_BYTES);
   lua_setfield(L, -2, "byte_limit");
   lua_Integer n = 0, bytes = 0;
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY) == LUA_TTABLE) {
+  luapool__codec_state(L);
+  if (lua_getiuservalue(L, -1, CS_PDUMPS) == LUA_TTABLE) {
     lua_rawgeti(L, -1, 0);
     lua_rawgeti(L, -2, -1);
     n = lua_tointeger(L, -2);
     bytes = lua_tointeger(L, -1);
     lua_pop(L, 2);
   }
-  lua_pop(L, 1);
+  lua_pop(L, 2);
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "prototypes");
   lua_pushinteger(L, bytes);
@@ -880,7 +989,13 @@ static int enc_function_head(luapool_encoder *e, int idx) {
   if (r != 0) return r < 0 ? -1 : 0;
   /* push_dump's two cache tables, their lookups, the dump and its buffer */
   if (!lua_checkstack(L, 12)) return enc_nomem(e);
-  if (push_dump(e, idx)) return -1;
+  lp_cstate *cs = enc_cstate(e);
+  const void *proto = luapool__bytecode_proto(L, idx);
+  int memo = proto != NULL && proto == cs->memo_proto;
+  if (memo)
+    lua_getiuservalue(L, e->cst, CS_MEMO_DUMP);
+  else if (push_dump(e, idx))
+    return -1;
   size_t dlen;
   const char *d = lua_tolstring(L, -1, &dlen);
   if (dlen - 16 > UINT32_MAX) {
@@ -894,14 +1009,34 @@ static int enc_function_head(luapool_encoder *e, int idx) {
     lua_pop(L, 1);
     return enc_nomem(e);
   }
-  lua_pop(L, 1);
   int nups = 0, only_env = 1;
-  const char *uname;
-  while ((uname = lua_getupvalue(L, idx, nups + 1)) != NULL) {
-    if (strcmp(uname, "_ENV") != 0) only_env = 0;
-    lua_pop(L, 1);
-    nups++;
+  if (memo) {
+    nups = cs->memo_nups;
+    only_env = cs->memo_only_env;
+  } else {
+    const char *uname;
+    int bare = 1; /* no upvalue but the globals: may be the memo */
+    while ((uname = lua_getupvalue(L, idx, nups + 1)) != NULL) {
+      if (strcmp(uname, "_ENV") != 0) only_env = 0;
+      if (bare) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+        bare = lua_rawequal(L, -1, -2);
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 1);
+      nups++;
+    }
+    if (proto != NULL && bare) { /* the dump is on top */
+      lua_pushvalue(L, idx);
+      lua_setiuservalue(L, e->cst, CS_MEMO_FN);
+      lua_pushvalue(L, -1);
+      lua_setiuservalue(L, e->cst, CS_MEMO_DUMP);
+      cs->memo_proto = proto;
+      cs->memo_nups = nups;
+      cs->memo_only_env = only_env;
+    }
   }
+  lua_pop(L, 1); /* the dump */
   /* (one byte: Lua allows LP_BC_MAXUPVALUES, bytecode.h) */
   if (luapool__put_u8(e->bp, (unsigned)nups) || luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
     return enc_nomem(e);
@@ -1169,6 +1304,15 @@ int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ct
   e->nfr = 0;
   e->cap = NFRAMES;
   e->fr = e->fr0;
+  if (ctx->cstate) {
+    e->cst = lua_absindex(L, ctx->cstate);
+    e->cs = lua_touserdata(L, e->cst);
+  } else { /* a slot for it, filled when needed (scalars never need it) */
+    luaL_checkstack(L, 1, "encoding a message");
+    lua_pushnil(L);
+    e->cst = top + 1;
+    e->cs = NULL;
+  }
   int r = 0;
   for (int i = 0; i < n && r >= 0; i++) {
     e->root = ctx->root_base + i;

@@ -436,8 +436,11 @@ static int pool_submit(lua_State *L) {
   lua_getiuservalue(L, 1, 6);             /* the codec state, at n+2 */
   lp_buf *b = luapool__scratch_in(L, -1); /* at n+3 */
   lp_encode_ctx ctx = {.root = "argument", .root_base = 1, .cstate = n + 2};
-  if (luapool__put_u8(b, LP_MSG_SINGLE) || luapool__put_u32(b, (uint32_t)n))
-    return luaL_error(L, "cannot submit: not enough memory");
+  if (luapool__buf_reserve(b, 5)) return luaL_error(L, "cannot submit: not enough memory");
+  uint32_t nargs = (uint32_t)n;
+  b->p[0] = LP_MSG_SINGLE; /* (the buffer is empty) */
+  memcpy(b->p + 1, &nargs, 4);
+  b->len = 5;
   if (luapool__encode(L, b, 2, n, &ctx) != 0) {
     luapool__scratch_release(L, n + 3);
     return luaL_error(L, "%s", ctx.err);

@@ -1003,12 +1003,18 @@ static int enc_function_head(luapool_encoder *e, int idx) {
     return enc_error(e, "a function too large to send");
   }
   e->ctx->named = 1; /* a function's upvalues may hold names */
-  if (luapool__put_u8(e->bp, T_LFUNC) || luapool__buf_add(e->bp, d, 16) ||
-      luapool__put_u32(e->bp, (uint32_t)(dlen - 16)) ||
-      luapool__buf_add(e->bp, d + 16, dlen - 16)) {
+  /* tag, fid and checksum, length, bytecode, nups and flags: one reserve */
+  lp_buf *b = e->bp;
+  if (luapool__buf_reserve(b, dlen + 7)) {
     lua_pop(L, 1);
     return enc_nomem(e);
   }
+  uint32_t clen = (uint32_t)(dlen - 16);
+  b->p[b->len] = T_LFUNC;
+  memcpy(b->p + b->len + 1, d, 16);
+  memcpy(b->p + b->len + 17, &clen, 4);
+  memcpy(b->p + b->len + 21, d + 16, clen);
+  b->len += 21 + (size_t)clen;
   int nups = 0, only_env = 1;
   if (memo) {
     nups = cs->memo_nups;
@@ -1037,9 +1043,9 @@ static int enc_function_head(luapool_encoder *e, int idx) {
     }
   }
   lua_pop(L, 1); /* the dump */
-  /* (one byte: Lua allows LP_BC_MAXUPVALUES, bytecode.h) */
-  if (luapool__put_u8(e->bp, (unsigned)nups) || luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
-    return enc_nomem(e);
+  /* (one byte: Lua allows LP_BC_MAXUPVALUES, bytecode.h; room reserved) */
+  b->p[b->len++] = (char)(unsigned char)nups;
+  b->p[b->len++] = only_env ? FN_REUSABLE : 0;
   if (only_env) { /* the common case (no frame): every upvalue is _ENV */
     for (int i = 0; i < nups; i++)
       if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
@@ -1916,8 +1922,52 @@ static void dec_run(dec *d, size_t floor) {
   }
 }
 
+/* The values that need no decoder (scalars, most results): pushed at once,
+** 1; 0 anything else, or truncated (the reader unchanged: the decoder
+** reports it). */
+static int dec_scalar(lua_State *L, lp_reader *r) {
+  if (r->p >= r->end) return 0;
+  size_t left = (size_t)(r->end - r->p) - 1;
+  const char *p = r->p + 1;
+  switch ((unsigned char)*r->p) {
+    case T_NIL: lua_pushnil(L); break;
+    case T_FALSE: lua_pushboolean(L, 0); break;
+    case T_TRUE: lua_pushboolean(L, 1); break;
+    case T_INT: {
+      lua_Integer i;
+      if (left < 8) return 0;
+      memcpy(&i, p, 8);
+      lua_pushinteger(L, i);
+      p += 8;
+      break;
+    }
+    case T_FLT: {
+      lua_Number x;
+      if (left < 8) return 0;
+      memcpy(&x, p, 8);
+      lua_pushnumber(L, x);
+      p += 8;
+      break;
+    }
+    case T_SSTR: {
+      if (left < 1 || left - 1 < (unsigned char)*p) return 0;
+      size_t len = (unsigned char)*p;
+      lua_pushlstring(L, p + 1, len);
+      p += 1 + len;
+      break;
+    }
+    default: return 0;
+  }
+  r->p = p;
+  return 1;
+}
+
 static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   luaL_checkstack(L, n + D_NFIXED + 8, "decoding a message");
+  int i = 0;
+  while (i < n && dec_scalar(L, r)) /* no fixed slots for these */
+    i++;
+  if (i == n) return;
   dec d;
   d.L = L;
   d.r = r;
@@ -1933,7 +1983,7 @@ static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   d.uvcap = NUVFAST;
   d.uv = d.uv0;
   lua_settop(L, d.base + D_NFIXED - 1);
-  for (int i = 0; i < n; i++)
+  for (; i < n; i++)
     if (dec_any(&d)) dec_run(&d, 0);
   /* the values go where the fixed slots were */
   lua_rotate(L, d.base, -D_NFIXED);

@@ -1428,7 +1428,7 @@ int luapool__peek_kernel(lp_reader *r) {
 /* The decoder mirrors the encoder: a work list of frames (tables being
 ** filled, functions getting their upvalues), no C recursion per level
 ** (but for the first DEC_RDEPTH levels of tables: dec_table_now).
-** Every table and function is in the refs table by id, so a frame holds
+** Every table and function is in the refs (dec_register) by id, so a frame holds
 ** only its object's id.  A hash key waiting while its value (a table or a
 ** function) is decoded waits in the pend table, by frame.  Upvalues are
 ** numbered in the order met, as the encoder numbers them; uv keeps, per
@@ -1480,12 +1480,34 @@ static int dec_slot_table(dec *d, int k) {
   return idx;
 }
 
-/* Gives the object on top the next id. */
+/* Gives the object on top the next id.  The first one waits in the refs
+** slot itself, so a message of one function (most tasks) or one table
+** makes no refs table; the second moves it into one (at id 0). */
 static void dec_register(dec *d) {
   lua_State *L = d->L;
-  int refs = dec_slot_table(d, D_REFS);
+  int refs = d->base + D_REFS;
+  if (d->nrefs == 0) {
+    lua_pushvalue(L, -1);
+    lua_replace(L, refs);
+    d->nrefs = 1;
+    return;
+  }
+  if (d->nrefs == 1) {
+    lua_createtable(L, 4, 0);
+    lua_pushvalue(L, refs);
+    lua_rawseti(L, -2, 0);
+    lua_replace(L, refs);
+  }
   lua_pushvalue(L, -1);
   lua_rawseti(L, refs, (lua_Integer)d->nrefs++);
+}
+
+/* Pushes the object of id (< nrefs). */
+static void dec_push_ref(dec *d, lua_Integer id) {
+  if (d->nrefs == 1)
+    lua_pushvalue(d->L, d->base + D_REFS);
+  else
+    lua_rawgeti(d->L, d->base + D_REFS, id);
 }
 
 static dframe *dec_push(dec *d, int kind) {
@@ -1700,7 +1722,7 @@ static int dec_any(dec *d) {
     case T_REF: {
       uint32_t id;
       if (luapool__get_u32(d->r, &id) || id >= d->nrefs) malformed(d, "bad reference");
-      lua_rawgeti(L, d->base + D_REFS, id);
+      dec_push_ref(d, id);
       return 0;
     }
     case T_LFUNC: return dec_function_head(d);
@@ -1838,7 +1860,7 @@ static int dstep_func(dec *d, size_t j, int W) {
       if (luapool__get_u32(d->r, &k)) malformed(d, "truncated upvalue reference");
       if (k >= d->nuv) malformed(d, "bad upvalue reference");
       uint64_t owner = d->uv[k];
-      lua_rawgeti(L, d->base + D_REFS, (lua_Integer)(owner >> 8)); /* W + 1 */
+      dec_push_ref(d, (lua_Integer)(owner >> 8)); /* W + 1 */
       /* (the owner's closure and slot were checked when it was met) */
       lua_upvaluejoin(L, W, i, W + 1, (int)(owner & 0xff));
       lua_settop(L, W);
@@ -1909,7 +1931,7 @@ static void dec_run(dec *d, size_t floor) {
     size_t j = d->nfr - 1;
     dframe *f = &d->fr[j];
     if (f->pending) { /* the child at W: the object goes below it */
-      lua_rawgeti(L, d->base + D_REFS, f->ref);
+      dec_push_ref(d, f->ref);
       lua_insert(L, W);
     }
     int r = f->kind == F_TABLE ? dstep_table(d, j, W) : dstep_func(d, j, W);

@@ -796,9 +796,11 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 ** by the closure itself, as weak keys: correct, but every new closure is
 ** dumped again.
 **
-** Two tables, keyed by the prototype's address (a light userdata):
-**   PCLOS_KEY  weak values: one closure of that prototype, seen in a send
-**   PDUMPS_KEY the dump; [0] the number of entries, [-1] their bytes
+** Two tables, keyed by the prototype's address (a light userdata), user
+** values of the codec state (and before them, the memo of the last
+** prototype sent: lp_cstate):
+**   CS_PCLOS  weak values: one closure of that prototype, seen in a send
+**   CS_PDUMPS the dump; [0] the number of entries, [-1] their bytes
 ** A dump is used only while its closure is alive: the closure keeps the
 ** prototype alive, so no other prototype can have that address.  Holding it
 ** weakly keeps nothing of the script's alive (a closure's upvalues may be

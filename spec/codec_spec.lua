@@ -646,6 +646,84 @@ describe("the message buffer", function()
   end)
 end)
 
+describe("the encoder's and decoder's shortcuts", function()
+  it("keep a value met twice, a cycle and a reference to the first table (it waits in its slot)", function()
+    local t = {}
+    local a, b = codec.decode(codec.encode(t, t))
+    assert.are.same({}, a)
+    assert.is_true(rawequal(a, b))
+    local c = {}
+    c.me = c
+    local d = codec.decode(codec.encode(c))
+    assert.is_true(rawequal(d, d.me))
+    local x = {}
+    local x2, y2 = codec.decode(codec.encode(x, { x, x }))
+    assert.is_true(rawequal(x2, y2[1]) and rawequal(x2, y2[2]))
+    local f = function() return 7 end
+    local f1, f2 = codec.decode(codec.encode(f, f))
+    assert.is_true(rawequal(f1, f2))
+    assert.are.equal(7, f1())
+  end)
+
+  it("keep an upvalue shared with the first function of the message shared", function()
+    local n = 0
+    local function inc() n = n + 1 return n end
+    local function get() return n end
+    local inc2, get2 = codec.decode(codec.encode(inc, get))
+    inc2()
+    inc2()
+    assert.are.equal(2, get2())
+    assert.are.equal(0, n)
+  end)
+
+  it("decode scalars before and after a table, and name a scalar cut short", function()
+    assert.are.same(pack(1, "s", nil, true, 2.5, { 7 }, false, math.mininteger),
+      pack(codec.decode(codec.encode(1, "s", nil, true, 2.5, { 7 }, false, math.mininteger))))
+    assert.are.equal(math.type(codec.decode(codec.encode(2.0))), "float")
+    assert.are.equal("malformed message: truncated integer",
+      error_of(codec.decode, "\1\0\0\0\3\1\2"))
+    assert.are.equal("malformed message: truncated float", error_of(codec.decode, "\1\0\0\0\4\1"))
+    assert.are.equal("malformed message: truncated string", error_of(codec.decode, "\1\0\0\0\5\9ab"))
+  end)
+
+  it("send each closure of a prototype sent before with its own upvalues", function()
+    local function mk(v) return function(a) return v, string.rep("x", a) end end
+    local g = function(a) return math.abs(a) end -- globals only: the memo's kind
+    for i = 1, 3 do
+      assert.are.equal(i, codec.decode(codec.encode(g))(-i))
+      local v, xs = codec.decode(codec.encode(mk(i)))(i)
+      assert.are.equal(i, v)
+      assert.are.equal(string.rep("x", i), xs)
+    end
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local fs = {}
+    for i = 1, 200 do
+      fs[i] = i % 2 == 0 and pool:submit(mk(i), 1) or pool:submit(g, -i)
+    end
+    for i = 1, 200 do
+      local v, xs = fs[i]:result(60)
+      assert.are.equal(i, v)
+      assert.are.equal(i % 2 == 0 and "x" or nil, xs)
+    end
+  end)
+
+  it("do not name a function sent unnamed before, nor miss a library function after it", function()
+    local mine = function(s) return s:upper() end
+    assert.are.equal("AB", codec.decode(codec.encode(mine))("ab"))
+    assert.are.equal("AB", codec.decode(codec.encode(mine))("ab"))
+    assert.is_true(rawequal(string.upper, codec.decode(codec.encode(string.upper))))
+    assert.are.equal("AB", codec.decode(codec.encode(mine))("ab"))
+  end)
+
+  it("keep the pool's buffer after a refused submit", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    for i = 1, 3 do
+      assert.is_false(pcall(pool.submit, pool, function() end, coroutine.create(print)))
+      assert.are.equal(i, pool:submit(function(x) return x end, i):result(60))
+    end
+  end)
+end)
+
 describe("transferable userdata", function()
   -- luapool.int128 registers itself (src/codec/int128_codec.c): id 13, the
   -- tag it had before the registry, then its 16 bytes

@@ -33,7 +33,8 @@
 ** exists, so a failed creation leaves nothing to free twice.  Its user
 ** values: 1 the futures whose done callbacks are owed, 2 and 3 the
 ** package.path and cpath strings seen last, 4 the package table, 5 the
-** metatable its futures get. */
+** metatable its futures get, 6 the codec state (submit encodes with it at
+** hand: no registry lookup per task). */
 typedef struct lpool {
   lp_pool *p;
   /* the package.path/cpath strings seen last (pinned: user values 2, 3) */
@@ -351,7 +352,7 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   push_package_field(L, "path");
   push_package_field(L, "cpath");
   const char *lpath = lua_tolstring(L, -2, &pl), *lcpath = lua_tolstring(L, -1, &cl);
-  lpool *u = lua_newuserdatauv(L, sizeof *u, 5);
+  lpool *u = lua_newuserdatauv(L, sizeof *u, 6);
   u->p = NULL;
   luaL_setmetatable(L, LUAPOOL_POOL_MT);
   lua_newtable(L); /* futures whose done callbacks are still owed */
@@ -366,6 +367,8 @@ int luapool__pool_new(lua_State *L, const lp_engine *e) {
   lua_setiuservalue(L, -2, 4);
   luapool__future_mt(L, -1); /* what its futures get */
   lua_setiuservalue(L, -2, 5);
+  luapool__codec_state(L);
+  lua_setiuservalue(L, -2, 6);
   u->seen_path = lua_topointer(L, -3);
   u->seen_cpath = lua_topointer(L, -2);
   /* Everything below is plain C until the pool is complete: no raise.
@@ -430,16 +433,20 @@ static int pool_submit(lua_State *L) {
   if (atomic_load_explicit(&p->ncb, memory_order_acquire)) luapool__pool_poll(L, 1); /* owed? */
   if (p->closing) return luaL_error(L, "cannot submit after shutdown");
   int n = lua_gettop(L) - 1;
-  lp_buf *b = luapool__scratch(L); /* at n+2 */
-  lp_encode_ctx ctx = {.root = "argument", .root_base = 1};
-  if (luapool__put_u8(b, LP_MSG_SINGLE) || luapool__put_u32(b, (uint32_t)n))
-    return luaL_error(L, "cannot submit: not enough memory");
+  lua_getiuservalue(L, 1, 6);             /* the codec state, at n+2 */
+  lp_buf *b = luapool__scratch_in(L, -1); /* at n+3 */
+  lp_encode_ctx ctx = {.root = "argument", .root_base = 1, .cstate = n + 2};
+  if (luapool__buf_reserve(b, 5)) return luaL_error(L, "cannot submit: not enough memory");
+  uint32_t nargs = (uint32_t)n;
+  b->p[0] = LP_MSG_SINGLE; /* (the buffer is empty) */
+  memcpy(b->p + 1, &nargs, 4);
+  b->len = 5;
   if (luapool__encode(L, b, 2, n, &ctx) != 0) {
-    luapool__scratch_release(L, n + 2);
+    luapool__scratch_release(L, n + 3);
     return luaL_error(L, "%s", ctx.err);
   }
   submit_message(L, p, 1, b, 1, p->task_timeout, ++p->nsubmitted, 0);
-  luapool__scratch_release(L, n + 2);
+  luapool__scratch_release(L, n + 3);
   return 1;
 }
 

@@ -217,21 +217,60 @@ typedef struct luapool_encoder {
   /* The ids of the first NUVFAST upvalues met, searched in order (most
   ** messages have a few); past that all are in the seen table. */
   void *uv[NUVFAST];
-  int root; /* number of the root value being encoded */
+  int root;             /* number of the root value being encoded */
+  int cst;              /* stack index of the codec state (its slot is nil until needed) */
+  struct lp_cstate *cs; /* it, once known */
   size_t nfr, cap;
   eframe *fr;
   eframe fr0[NFRAMES];
 } luapool_encoder;
 
 /* The state's scratch buffer lives in a userdata: a Lua error raised while
-** it holds bytes cannot leak them. */
+** it holds bytes cannot leak them.  taken: some caller holds it now;
+** installed: it is the one the codec state keeps (user value CS_SCRATCH). */
 typedef struct scratch {
   lp_buf b;
+  int taken, installed;
 } scratch;
 
 /* Registry keys: the addresses of these (pointer keys are found without
-** hashing a string, and these lookups are on every submit). */
-static const char SCRATCH_KEY, DUMPS_KEY, PCLOS_KEY, PDUMPS_KEY, CFNAMES_KEY, FCACHE_KEY;
+** hashing a string).  CSTATE_KEY is the codec state, the only one the
+** encoder looks up (and not even that when its caller has the state at
+** hand: a pool keeps it in a user value); FCACHE_KEY is a worker's
+** function cache. */
+static const char CSTATE_KEY, FCACHE_KEY;
+
+/* The codec state: one userdata per Lua state (all its threads share it),
+** whose user values hold what the encoder keeps between messages, each
+** reached with one user-value read instead of a registry lookup by key
+** (about 120 instructions each, seven of them on every submit before). */
+enum {
+  CS_SCRATCH = 1, /* the scratch buffer (a scratch userdata) */
+  CS_NAMES,       /* value -> name: what travels by name (push_names) */
+  CS_PCLOS,       /* the dump cache by prototype: closures (weak values) */
+  CS_PDUMPS,      /* ... and their dumps */
+  CS_DUMPS,       /* the dump cache by closure (weak keys), the fallback */
+  CS_MEMO_FN,     /* the memo: a closure of the prototype sent last ... */
+  CS_MEMO_DUMP,   /* ... and its dump */
+  CS_NUV = CS_MEMO_DUMP
+};
+
+typedef struct lp_cstate {
+  /* An object found not to travel by name: its next send skips the names
+  ** lookup.  The names table is made once and never changes, and it holds
+  ** its keys, so no object made later can be at the address of a named
+  ** one: an address once found unnamed stays unnamed, whatever object
+  ** lives there next. */
+  const void *unnamed;
+  /* The memo of the last prototype sent (NULL: none): CS_MEMO_FN is a
+  ** closure of it that holds nothing but the prototype and at most the
+  ** globals (only one kept like that), so while it is there no other
+  ** prototype can have this address, and a closure of this prototype is
+  ** sent with CS_MEMO_DUMP without looking in the dump cache.  nups and
+  ** only_env are the prototype's (upvalue names are in the prototype). */
+  const void *memo_proto;
+  int memo_nups, memo_only_env;
+} lp_cstate;
 
 /* Function ids: a random base per process plus a counter, so ids from
 ** different worker processes never collide in a receiver's cache. */
@@ -261,46 +300,99 @@ static int scratch_gc(lua_State *L) {
   return 0;
 }
 
-/* The state's buffer waits in the registry under SCRATCH_KEY; taking it
-** leaves false there, releasing it puts it back.  A caller nested
-** meanwhile (a __gc that submits in the middle of an encode) finds false
-** and gets a buffer of its own.  A Lua error between take and release (no
-** memory, a refused submit) loses nothing either: the next caller finds
-** false, makes a fresh buffer, and its release makes that one the
-** state's; the lost one is collected with its bytes.  The key is never
-** nil once made (the first take makes it), so a release sets an existing
-** key: it never allocates, never raises. */
-lp_buf *luapool__scratch(lua_State *L) {
-  scratch *sc = NULL;
-  int t = lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
-  if (t == LUA_TUSERDATA) {
-    sc = lua_touserdata(L, -1);
-    lua_pushboolean(L, 0);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY); /* taken */
-    sc->b.len = 0;
-    return &sc->b; /* its userdata is on top of the stack */
-  }
+void luapool__codec_state(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &CSTATE_KEY) == LUA_TUSERDATA) return;
   lua_pop(L, 1);
-  if (t == LUA_TNIL) { /* the first take: make the key */
-    lua_pushboolean(L, 0);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
-  }
-  sc = lua_newuserdatauv(L, sizeof *sc, 0);
+  lp_cstate *cs = lua_newuserdatauv(L, sizeof *cs, CS_NUV);
+  memset(cs, 0, sizeof *cs);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &CSTATE_KEY);
+}
+
+/* A new scratch userdata (taken), pushed. */
+static scratch *new_scratch(lua_State *L) {
+  scratch *sc = lua_newuserdatauv(L, sizeof *sc, 0);
   memset(sc, 0, sizeof *sc);
+  sc->taken = 1;
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, scratch_gc);
   lua_setfield(L, -2, "__gc");
   lua_setmetatable(L, -2);
+  return sc;
+}
+
+/* The codec state keeps one buffer (CS_SCRATCH); taking it marks it
+** taken, releasing it unmarks it.  A caller nested meanwhile (a __gc that
+** submits in the middle of an encode) finds it taken and gets a buffer of
+** its own.  A Lua error between take and release (no memory, a refused
+** submit) loses nothing either: the kept buffer stays marked, the next
+** caller makes a fresh one, and its release installs that one in its
+** place; the lost one is collected with its bytes.  A release never
+** allocates, never raises. */
+lp_buf *luapool__scratch_in(lua_State *L, int cstate) {
+  cstate = lua_absindex(L, cstate);
+  if (lua_getiuservalue(L, cstate, CS_SCRATCH) == LUA_TUSERDATA) {
+    scratch *sc = lua_touserdata(L, -1);
+    if (!sc->taken) {
+      sc->taken = 1;
+      sc->b.len = 0;
+      return &sc->b; /* its userdata is on top of the stack */
+    }
+  }
+  int first = lua_isnil(L, -1);
+  lua_pop(L, 1);
+  scratch *sc = new_scratch(L);
+  if (first) { /* the first take: install it now */
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, cstate, CS_SCRATCH);
+    sc->installed = 1;
+  }
   return &sc->b;
+}
+
+lp_buf *luapool__scratch(lua_State *L) {
+  luapool__codec_state(L);
+  lp_buf *b = luapool__scratch_in(L, -1);
+  lua_remove(L, -2);
+  return b;
 }
 
 void luapool__scratch_release(lua_State *L, int idx) {
   scratch *sc = lua_touserdata(L, idx);
   sc->b.len = 0;
+  sc->taken = 0;
+  if (sc->installed) return;
+  /* a fresh one: installed when the kept one is lost (or still taken) */
   idx = lua_absindex(L, idx);
-  if (!lua_checkstack(L, 1)) return; /* not kept: the GC frees it */
-  lua_pushvalue(L, idx);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
+  if (!lua_checkstack(L, 3)) return; /* not kept: the GC frees it */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &CSTATE_KEY) == LUA_TUSERDATA) {
+    scratch *old =
+        lua_getiuservalue(L, -1, CS_SCRATCH) == LUA_TUSERDATA ? lua_touserdata(L, -1) : NULL;
+    if (old == NULL || old->taken) {
+      if (old) old->installed = 0;
+      lua_pushvalue(L, idx);
+      lua_setiuservalue(L, -3, CS_SCRATCH);
+      sc->installed = 1;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+/* Pushes user value k of the codec state at cst, a table created (weak
+** when asked) the first time. */
+static void cstate_table(lua_State *L, int cst, int k, const char *mode) {
+  if (lua_getiuservalue(L, cst, k) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  if (mode) {
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, mode);
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+  }
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, cst, k);
 }
 
 /* Pushes a registry table, creating it (weak-keyed when asked) if needed. */
@@ -357,10 +449,23 @@ static void add_named(lua_State *L, int names, const char *prefix, int depth) {
   }
 }
 
-static void push_names(lua_State *L) {
+/* The codec state of an encode: the caller's, or looked up (once per
+** encode) the first time it is needed, into the slot kept for it. */
+static lp_cstate *enc_cstate(luapool_encoder *e) {
+  if (e->cs == NULL) {
+    luapool__codec_state(e->L);
+    e->cs = lua_touserdata(e->L, -1);
+    lua_replace(e->L, e->cst);
+  }
+  return e->cs;
+}
+
+static void push_names(luapool_encoder *e) {
   static const char *const libs[] = {"luapool", "string",    "table", "math",    "io", "os",
                                      "utf8",    "coroutine", "debug", "package", "_G", NULL};
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &CFNAMES_KEY) == LUA_TTABLE) return;
+  lua_State *L = e->L;
+  enc_cstate(e);
+  if (lua_getiuservalue(L, e->cst, CS_NAMES) == LUA_TTABLE) return;
   lua_pop(L, 1);
   lua_newtable(L);
   int names = lua_gettop(L);
@@ -377,17 +482,20 @@ static void push_names(lua_State *L) {
   }
   lua_pop(L, 1);
   lua_pushvalue(L, names);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &CFNAMES_KEY);
+  lua_setiuservalue(L, e->cst, CS_NAMES);
 }
 
 /* Writes a reference by name when the value at idx has one: 1 written,
 ** 0 not a named value, -1 no memory. */
 static int enc_named(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  push_names(L);
+  const void *p = lua_topointer(L, idx);
+  if (p == enc_cstate(e)->unnamed) return 0;
+  push_names(e);
   lua_pushvalue(L, idx);
   if (lua_rawget(L, -2) != LUA_TSTRING) {
     lua_pop(L, 2);
+    e->cs->unnamed = p;
     return 0;
   }
   size_t len;
@@ -688,9 +796,11 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 ** by the closure itself, as weak keys: correct, but every new closure is
 ** dumped again.
 **
-** Two tables, keyed by the prototype's address (a light userdata):
-**   PCLOS_KEY  weak values: one closure of that prototype, seen in a send
-**   PDUMPS_KEY the dump; [0] the number of entries, [-1] their bytes
+** Two tables, keyed by the prototype's address (a light userdata), user
+** values of the codec state (and before them, the memo of the last
+** prototype sent: lp_cstate):
+**   CS_PCLOS  weak values: one closure of that prototype, seen in a send
+**   CS_PDUMPS the dump; [0] the number of entries, [-1] their bytes
 ** A dump is used only while its closure is alive: the closure keeps the
 ** prototype alive, so no other prototype can have that address.  Holding it
 ** weakly keeps nothing of the script's alive (a closure's upvalues may be
@@ -743,7 +853,7 @@ static int dump_function(luapool_encoder *e, int idx, int same) {
 /* The fallback: keyed by the closure (weak keys). */
 static int push_dump_by_closure(luapool_encoder *e, int idx) {
   lua_State *L = e->L;
-  registry_table(L, &DUMPS_KEY, "k");
+  cstate_table(L, e->cst, CS_DUMPS, "k");
   lua_pushvalue(L, idx);
   if (lua_rawget(L, -2) == LUA_TSTRING) {
     lua_remove(L, -2);
@@ -763,15 +873,15 @@ static int push_dump_by_closure(luapool_encoder *e, int idx) {
 
 /* Pushes the two cache tables (closures, dumps), starting them afresh
 ** when asked. */
-static void pcache_tables(lua_State *L, int fresh) {
+static void pcache_tables(lua_State *L, int cst, int fresh) {
   if (fresh) {
     lua_pushnil(L);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &PCLOS_KEY);
+    lua_setiuservalue(L, cst, CS_PCLOS);
     lua_pushnil(L);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY);
+    lua_setiuservalue(L, cst, CS_PDUMPS);
   }
-  registry_table(L, &PCLOS_KEY, "v");
-  registry_table(L, &PDUMPS_KEY, NULL);
+  cstate_table(L, cst, CS_PCLOS, "v");
+  cstate_table(L, cst, CS_PDUMPS, NULL);
 }
 
 /* Pushes the cached "fid .. checksum .. bytecode" string of the Lua
@@ -781,7 +891,7 @@ static int push_dump(luapool_encoder *e, int idx) {
   const void *p = luapool__bytecode_proto(L, idx);
   if (p == NULL) return push_dump_by_closure(e, idx);
   int top = lua_gettop(L);
-  pcache_tables(L, 0); /* top+1 closures, top+2 dumps */
+  pcache_tables(L, e->cst, 0); /* top+1 closures, top+2 dumps */
   int same = 0;
   if (lua_rawgetp(L, top + 1, p) == LUA_TFUNCTION && luapool__bytecode_proto(L, -1) == p) {
     /* that closure is alive, so p is still its prototype: the same one */
@@ -809,7 +919,7 @@ static int push_dump(luapool_encoder *e, int idx) {
     else
       n++;
     if (n > PCACHE_MAX || len > PCACHE_BYTES || bytes > PCACHE_BYTES - len) { /* start afresh */
-      pcache_tables(L, 1);
+      pcache_tables(L, e->cst, 1);
       lua_replace(L, top + 2);
       lua_replace(L, top + 1);
       n = 1;
@@ -840,14 +950,15 @@ int luapool__codec_cache(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)PCACHE_BYTES);
   lua_setfield(L, -2, "byte_limit");
   lua_Integer n = 0, bytes = 0;
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &PDUMPS_KEY) == LUA_TTABLE) {
+  luapool__codec_state(L);
+  if (lua_getiuservalue(L, -1, CS_PDUMPS) == LUA_TTABLE) {
     lua_rawgeti(L, -1, 0);
     lua_rawgeti(L, -2, -1);
     n = lua_tointeger(L, -2);
     bytes = lua_tointeger(L, -1);
     lua_pop(L, 2);
   }
-  lua_pop(L, 1);
+  lua_pop(L, 2);
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "prototypes");
   lua_pushinteger(L, bytes);
@@ -880,7 +991,13 @@ static int enc_function_head(luapool_encoder *e, int idx) {
   if (r != 0) return r < 0 ? -1 : 0;
   /* push_dump's two cache tables, their lookups, the dump and its buffer */
   if (!lua_checkstack(L, 12)) return enc_nomem(e);
-  if (push_dump(e, idx)) return -1;
+  lp_cstate *cs = enc_cstate(e);
+  const void *proto = luapool__bytecode_proto(L, idx);
+  int memo = proto != NULL && proto == cs->memo_proto;
+  if (memo)
+    lua_getiuservalue(L, e->cst, CS_MEMO_DUMP);
+  else if (push_dump(e, idx))
+    return -1;
   size_t dlen;
   const char *d = lua_tolstring(L, -1, &dlen);
   if (dlen - 16 > UINT32_MAX) {
@@ -888,23 +1005,49 @@ static int enc_function_head(luapool_encoder *e, int idx) {
     return enc_error(e, "a function too large to send");
   }
   e->ctx->named = 1; /* a function's upvalues may hold names */
-  if (luapool__put_u8(e->bp, T_LFUNC) || luapool__buf_add(e->bp, d, 16) ||
-      luapool__put_u32(e->bp, (uint32_t)(dlen - 16)) ||
-      luapool__buf_add(e->bp, d + 16, dlen - 16)) {
+  /* tag, fid and checksum, length, bytecode, nups and flags: one reserve */
+  lp_buf *b = e->bp;
+  if (luapool__buf_reserve(b, dlen + 7)) {
     lua_pop(L, 1);
     return enc_nomem(e);
   }
-  lua_pop(L, 1);
+  uint32_t clen = (uint32_t)(dlen - 16);
+  b->p[b->len] = T_LFUNC;
+  memcpy(b->p + b->len + 1, d, 16);
+  memcpy(b->p + b->len + 17, &clen, 4);
+  memcpy(b->p + b->len + 21, d + 16, clen);
+  b->len += 21 + (size_t)clen;
   int nups = 0, only_env = 1;
-  const char *uname;
-  while ((uname = lua_getupvalue(L, idx, nups + 1)) != NULL) {
-    if (strcmp(uname, "_ENV") != 0) only_env = 0;
-    lua_pop(L, 1);
-    nups++;
+  if (memo) {
+    nups = cs->memo_nups;
+    only_env = cs->memo_only_env;
+  } else {
+    const char *uname;
+    int bare = 1; /* no upvalue but the globals: may be the memo */
+    while ((uname = lua_getupvalue(L, idx, nups + 1)) != NULL) {
+      if (strcmp(uname, "_ENV") != 0) only_env = 0;
+      if (bare) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+        bare = lua_rawequal(L, -1, -2);
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 1);
+      nups++;
+    }
+    if (proto != NULL && bare) { /* the dump is on top */
+      lua_pushvalue(L, idx);
+      lua_setiuservalue(L, e->cst, CS_MEMO_FN);
+      lua_pushvalue(L, -1);
+      lua_setiuservalue(L, e->cst, CS_MEMO_DUMP);
+      cs->memo_proto = proto;
+      cs->memo_nups = nups;
+      cs->memo_only_env = only_env;
+    }
   }
-  /* (one byte: Lua allows LP_BC_MAXUPVALUES, bytecode.h) */
-  if (luapool__put_u8(e->bp, (unsigned)nups) || luapool__put_u8(e->bp, only_env ? FN_REUSABLE : 0))
-    return enc_nomem(e);
+  lua_pop(L, 1); /* the dump */
+  /* (one byte: Lua allows LP_BC_MAXUPVALUES, bytecode.h; room reserved) */
+  b->p[b->len++] = (char)(unsigned char)nups;
+  b->p[b->len++] = only_env ? FN_REUSABLE : 0;
   if (only_env) { /* the common case (no frame): every upvalue is _ENV */
     for (int i = 0; i < nups; i++)
       if (luapool__put_u8(e->bp, T_ENV)) return enc_nomem(e);
@@ -1169,6 +1312,15 @@ int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ct
   e->nfr = 0;
   e->cap = NFRAMES;
   e->fr = e->fr0;
+  if (ctx->cstate) {
+    e->cst = lua_absindex(L, ctx->cstate);
+    e->cs = lua_touserdata(L, e->cst);
+  } else { /* a slot for it, filled when needed (scalars never need it) */
+    luaL_checkstack(L, 1, "encoding a message");
+    lua_pushnil(L);
+    e->cst = top + 1;
+    e->cs = NULL;
+  }
   int r = 0;
   for (int i = 0; i < n && r >= 0; i++) {
     e->root = ctx->root_base + i;
@@ -1278,7 +1430,7 @@ int luapool__peek_kernel(lp_reader *r) {
 /* The decoder mirrors the encoder: a work list of frames (tables being
 ** filled, functions getting their upvalues), no C recursion per level
 ** (but for the first DEC_RDEPTH levels of tables: dec_table_now).
-** Every table and function is in the refs table by id, so a frame holds
+** Every table and function is in the refs (dec_register) by id, so a frame holds
 ** only its object's id.  A hash key waiting while its value (a table or a
 ** function) is decoded waits in the pend table, by frame.  Upvalues are
 ** numbered in the order met, as the encoder numbers them; uv keeps, per
@@ -1330,12 +1482,34 @@ static int dec_slot_table(dec *d, int k) {
   return idx;
 }
 
-/* Gives the object on top the next id. */
+/* Gives the object on top the next id.  The first one waits in the refs
+** slot itself, so a message of one function (most tasks) or one table
+** makes no refs table; the second moves it into one (at id 0). */
 static void dec_register(dec *d) {
   lua_State *L = d->L;
-  int refs = dec_slot_table(d, D_REFS);
+  int refs = d->base + D_REFS;
+  if (d->nrefs == 0) {
+    lua_pushvalue(L, -1);
+    lua_replace(L, refs);
+    d->nrefs = 1;
+    return;
+  }
+  if (d->nrefs == 1) {
+    lua_createtable(L, 4, 0);
+    lua_pushvalue(L, refs);
+    lua_rawseti(L, -2, 0);
+    lua_replace(L, refs);
+  }
   lua_pushvalue(L, -1);
   lua_rawseti(L, refs, (lua_Integer)d->nrefs++);
+}
+
+/* Pushes the object of id (< nrefs). */
+static void dec_push_ref(dec *d, lua_Integer id) {
+  if (d->nrefs == 1)
+    lua_pushvalue(d->L, d->base + D_REFS);
+  else
+    lua_rawgeti(d->L, d->base + D_REFS, id);
 }
 
 static dframe *dec_push(dec *d, int kind) {
@@ -1550,7 +1724,7 @@ static int dec_any(dec *d) {
     case T_REF: {
       uint32_t id;
       if (luapool__get_u32(d->r, &id) || id >= d->nrefs) malformed(d, "bad reference");
-      lua_rawgeti(L, d->base + D_REFS, id);
+      dec_push_ref(d, id);
       return 0;
     }
     case T_LFUNC: return dec_function_head(d);
@@ -1688,7 +1862,7 @@ static int dstep_func(dec *d, size_t j, int W) {
       if (luapool__get_u32(d->r, &k)) malformed(d, "truncated upvalue reference");
       if (k >= d->nuv) malformed(d, "bad upvalue reference");
       uint64_t owner = d->uv[k];
-      lua_rawgeti(L, d->base + D_REFS, (lua_Integer)(owner >> 8)); /* W + 1 */
+      dec_push_ref(d, (lua_Integer)(owner >> 8)); /* W + 1 */
       /* (the owner's closure and slot were checked when it was met) */
       lua_upvaluejoin(L, W, i, W + 1, (int)(owner & 0xff));
       lua_settop(L, W);
@@ -1759,7 +1933,7 @@ static void dec_run(dec *d, size_t floor) {
     size_t j = d->nfr - 1;
     dframe *f = &d->fr[j];
     if (f->pending) { /* the child at W: the object goes below it */
-      lua_rawgeti(L, d->base + D_REFS, f->ref);
+      dec_push_ref(d, f->ref);
       lua_insert(L, W);
     }
     int r = f->kind == F_TABLE ? dstep_table(d, j, W) : dstep_func(d, j, W);
@@ -1772,8 +1946,52 @@ static void dec_run(dec *d, size_t floor) {
   }
 }
 
+/* The values that need no decoder (scalars, most results): pushed at once,
+** 1; 0 anything else, or truncated (the reader unchanged: the decoder
+** reports it). */
+static int dec_scalar(lua_State *L, lp_reader *r) {
+  if (r->p >= r->end) return 0;
+  size_t left = (size_t)(r->end - r->p) - 1;
+  const char *p = r->p + 1;
+  switch ((unsigned char)*r->p) {
+    case T_NIL: lua_pushnil(L); break;
+    case T_FALSE: lua_pushboolean(L, 0); break;
+    case T_TRUE: lua_pushboolean(L, 1); break;
+    case T_INT: {
+      lua_Integer i;
+      if (left < 8) return 0;
+      memcpy(&i, p, 8);
+      lua_pushinteger(L, i);
+      p += 8;
+      break;
+    }
+    case T_FLT: {
+      lua_Number x;
+      if (left < 8) return 0;
+      memcpy(&x, p, 8);
+      lua_pushnumber(L, x);
+      p += 8;
+      break;
+    }
+    case T_SSTR: {
+      if (left < 1 || left - 1 < (unsigned char)*p) return 0;
+      size_t len = (unsigned char)*p;
+      lua_pushlstring(L, p + 1, len);
+      p += 1 + len;
+      break;
+    }
+    default: return 0;
+  }
+  r->p = p;
+  return 1;
+}
+
 static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   luaL_checkstack(L, n + D_NFIXED + 8, "decoding a message");
+  int i = 0;
+  while (i < n && dec_scalar(L, r)) /* no fixed slots for these */
+    i++;
+  if (i == n) return;
   dec d;
   d.L = L;
   d.r = r;
@@ -1789,7 +2007,7 @@ static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   d.uvcap = NUVFAST;
   d.uv = d.uv0;
   lua_settop(L, d.base + D_NFIXED - 1);
-  for (int i = 0; i < n; i++)
+  for (; i < n; i++)
     if (dec_any(&d)) dec_run(&d, 0);
   /* the values go where the fixed slots were */
   lua_rotate(L, d.base, -D_NFIXED);

@@ -28,7 +28,17 @@ typedef struct lp_encode_ctx {
   int named;          /* out: set when a value went by name or as a function */
   const char *first;  /* non-NULL: the first value's name ("initializer"), the
                       ** others numbered from root_base */
+  int cstate;         /* stack index of the codec state (luapool__codec_state),
+                      ** 0: the encoder looks it up when it needs it */
 } lp_encode_ctx;
+
+/* Pushes the codec state of L's Lua state: one userdata, made the first
+** time, that holds what the encoder keeps between messages (its scratch
+** buffer, the names table, the dump cache).  A caller that encodes often
+** keeps it at hand (a pool: in a user value) and passes its index in
+** lp_encode_ctx.cstate and to luapool__scratch_in, so that no registry
+** lookup is made per message. */
+void luapool__codec_state(lua_State *L);
 
 /* An empty scratch buffer that lives in a userdata, pushed on the stack:
 ** a Lua error raised while it holds bytes cannot leak them.  The caller
@@ -38,6 +48,8 @@ typedef struct lp_encode_ctx {
 ** the next caller after an error that skipped the release (the skipped
 ** one is collected). */
 lp_buf *luapool__scratch(lua_State *L);
+/* The same, from the codec state at index cstate. */
+lp_buf *luapool__scratch_in(lua_State *L, int cstate);
 void luapool__scratch_release(lua_State *L, int idx);
 int luapool__encode(lua_State *L, lp_buf *b, int first, int n, lp_encode_ctx *ctx);
 /* Appends raw scalars (for message headers, replies built in C). */

@@ -6,11 +6,36 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <time.h>
 
 #include "base/alloc.h"
 #include "base/util.h"
 #include "core/workers.h"
+
+/* How long a worker that found the queue empty watches for the next
+** submit before it sleeps on s->cv: a few times the owner's cost of one
+** submit, so that in a stream of tiny tasks the owner wakes nobody (a
+** futex call and a context switch per task, on both sides) and a worker
+** does not sleep between two of them; short enough that an idle pool
+** burns nothing to speak of (it yields the CPU while it watches). */
+#define SPIN_SECONDS 30e-6
+
+/* Watches s->qseq (no lock held) until it moves past seq or the spin is
+** over. */
+static void spin_for_task(lp_wset *s, uint_fast64_t seq) {
+  double end = luapool__now() + SPIN_SECONDS;
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (atomic_load_explicit(&s->qseq, memory_order_relaxed) != seq) return;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (luapool__now() >= end) return;
+    sched_yield(); /* the owner may want this CPU */
+  }
+}
 
 static void *worker_main(void *arg) {
   lp_worker *w = arg;
@@ -20,6 +45,14 @@ static void *worker_main(void *arg) {
   ops->start(w);
   for (;;) {
     pthread_mutex_lock(&p->mu);
+    if (p->head == NULL && !p->closing) { /* spin a moment first */
+      uint_fast64_t seq = atomic_load_explicit(&s->qseq, memory_order_relaxed);
+      s->spinning++;
+      pthread_mutex_unlock(&p->mu);
+      spin_for_task(s, seq);
+      pthread_mutex_lock(&p->mu);
+      s->spinning--;
+    }
     while (p->head == NULL && !p->closing) {
       s->idle++;
       pthread_cond_wait(&s->cv, &p->mu);
@@ -108,6 +141,7 @@ int luapool__wset_open(lp_pool *p, char *err, size_t errsz) {
   lp_worker **workers =
       lp_calloc((size_t)p->max_workers, sizeof *workers); // NOLINT(bugprone-sizeof-expression)
   if (s == NULL || workers == NULL) goto nomem;
+  atomic_init(&s->qseq, 0);
   if (pthread_cond_init(&s->cv, NULL) != 0) goto nomem;
   if (luapool__cond_init(&s->wdcv) != 0) {
     pthread_cond_destroy(&s->cv);
@@ -157,13 +191,14 @@ int luapool__wset_queued(lp_pool *p, char *err, size_t errsz) {
   lp_wset *s = luapool__wset(p);
   /* (npending counts the task just queued: idle < npending means it would
   ** find no idle worker of its own) */
-  if (s->idle < (int)p->npending && s->nworkers < p->max_workers &&
+  atomic_fetch_add_explicit(&s->qseq, 1, memory_order_relaxed); /* (a spinner's hint) */
+  if (s->idle + s->spinning < (int)p->npending && s->nworkers < p->max_workers &&
       start_worker(p, s, err, errsz) != 0 && s->nworkers == 0)
     return -1; /* with no worker at all the task would wait forever */
   if (p->tail->timeout > 0 && p->eng->workers->watchdog && !s->wd_started &&
       luapool__pool_thread(&s->wd, watchdog_main, p) == 0)
     s->wd_started = 1; /* (without it, a deadline is still checked after) */
-  if (s->idle > 0) pthread_cond_signal(&s->cv);
+  if (s->idle > 0 && (int)p->npending > s->spinning) pthread_cond_signal(&s->cv);
   return 0;
 }
 
@@ -233,5 +268,5 @@ void luapool__wset_free(lp_pool *p) {
 void luapool__wset_stats(lp_pool *p, int *workers, int *idle) {
   lp_wset *s = luapool__wset(p);
   *workers = s->nalive;
-  *idle = s->idle;
+  *idle = s->idle + s->spinning;
 }

@@ -14,8 +14,15 @@
 **    queued (idle <= npending) and fewer than max_workers exist, so a task
 **    that would find no idle worker gets a new one (up to the limit) and
 **    workers are never started ahead of work;
+**  - a worker that finds the queue empty first spins for a moment
+**    (SPIN_SECONDS, workers.c) without the lock, counted in s->spinning,
+**    watching s->qseq (bumped by every submit): a submit that a spinner
+**    will take wakes nobody, so a burst of tiny tasks costs no futex call
+**    per task on either side; after the spin it re-checks under the lock
+**    and, the queue still empty, waits on s->cv;
 **  - workers wait on s->cv while the queue is empty and the pool is not
-**    closing; a submit signals when idle > 0; a worker counts itself idle
+**    closing; a submit signals when idle > 0 and the tasks queued outnumber
+**    the spinners (each spinner takes one); a worker counts itself idle
 **    from before its wait until after it woke, so a signalled worker that
 **    has not run yet still counts and is matched against the task queued
 **    before (a second submit then starts a new worker below the limit), and
@@ -73,11 +80,13 @@ struct lp_worker {
 typedef struct lp_wset {
   pthread_cond_t cv; /* workers wait here for tasks */
   int nworkers, idle;
-  int nalive;          /* worker threads that have not exited yet */
-  lp_worker **workers; /* [max_workers]; grows only on the owner's thread */
-  pthread_t wd;        /* the deadline watchdog, started with the first
+  int spinning;              /* workers spinning for a task (idle too) */
+  atomic_uint_fast64_t qseq; /* submits so far: what a spinner watches */
+  int nalive;                /* worker threads that have not exited yet */
+  lp_worker **workers;       /* [max_workers]; grows only on the owner's thread */
+  pthread_t wd;              /* the deadline watchdog, started with the first
                        ** task that has a deadline */
-  int wd_started;      /* owner only */
+  int wd_started;            /* owner only */
   int wd_stop;
   pthread_cond_t wdcv;
 } lp_wset;

@@ -43,11 +43,13 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -125,11 +127,19 @@ static int wait_fd(int fd, short events, int pidfd, double deadline) {
 
 /* Both take pidfd: -1 for plain blocking I/O (the worker side, or a kernel
 ** without pidfds), else the peer's pidfd, so that a dead peer ends the
-** transfer even when another process still holds its end of the socket. */
-static int write_all(int fd, int pidfd, const char *p, size_t n) {
+** transfer even when another process still holds its end of the socket.
+** A frame goes in one sendmsg (its header, the call header and the
+** message as three pieces), not one send per piece: a no-op task's round
+** trip was 12 system calls, 5 of them sends. */
+static int write_iov(int fd, int pidfd, struct iovec *iov, int niov) {
   int flags = MSG_NOSIGNAL | (pidfd >= 0 ? MSG_DONTWAIT : 0); /* EPIPE, not a signal */
-  while (n > 0) {
-    ssize_t w = send(fd, p, n, flags);
+  while (niov > 0 && iov->iov_len == 0) {
+    iov++;
+    niov--;
+  }
+  while (niov > 0) {
+    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
+    ssize_t w = sendmsg(fd, &mh, flags);
     if (w < 0) {
       if (errno == EINTR) continue;
       if ((errno == EAGAIN || errno == EWOULDBLOCK) && pidfd >= 0 &&
@@ -137,14 +147,75 @@ static int write_all(int fd, int pidfd, const char *p, size_t n) {
         continue;
       return -1;
     }
-    p += w;
-    n -= (size_t)w;
+    size_t done = (size_t)w;
+    while (niov > 0 && done >= iov->iov_len) { /* what went whole */
+      done -= iov->iov_len;
+      iov++;
+      niov--;
+    }
+    if (niov > 0) { /* a piece that went in part */
+      iov->iov_base = (char *)iov->iov_base + done;
+      iov->iov_len -= done;
+    }
   }
   return 0;
 }
 
-static int read_all(int fd, int pidfd, char *p, size_t n) {
+/* What was received and not yet taken: a read takes whatever the socket
+** holds (up to RB_SIZE), so a frame's header and payload, or a tick and
+** the reply after it, come in one system call.  Payloads larger than half
+** the buffer are read straight into their own block (no second copy of a
+** big value). */
+#define RB_SIZE 65536
+
+typedef struct rdbuf {
+  char *p; /* RB_SIZE bytes, made with the first read; NULL until then */
+  size_t beg, end;
+} rdbuf;
+
+static void rb_reset(rdbuf *rb) { rb->beg = rb->end = 0; }
+
+static void rb_free(rdbuf *rb) {
+  lp_free(rb->p);
+  rb->p = NULL;
+  rb->beg = rb->end = 0;
+}
+
+static int rb_pending(const rdbuf *rb) { return rb->end > rb->beg; }
+
+/* One receive into rb (empty): 0 some bytes, -1 EOF, error, or no memory. */
+static int rb_fill(int fd, int pidfd, rdbuf *rb) {
+  if (rb->p == NULL && (rb->p = lp_malloc(RB_SIZE)) == NULL) return -1;
+  rb->beg = rb->end = 0;
+  for (;;) {
+    ssize_t r = pidfd >= 0 ? recv(fd, rb->p, RB_SIZE, MSG_DONTWAIT) : read(fd, rb->p, RB_SIZE);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if ((errno == EAGAIN || errno == EWOULDBLOCK) && pidfd >= 0 &&
+          wait_fd(fd, POLLIN, pidfd, 0) == 1)
+        continue;
+      return -1;
+    }
+    if (r == 0) return -1;
+    rb->end = (size_t)r;
+    return 0;
+  }
+}
+
+static int read_all(int fd, int pidfd, rdbuf *rb, char *p, size_t n) {
   while (n > 0) {
+    if (rb_pending(rb)) {
+      size_t k = rb->end - rb->beg < n ? rb->end - rb->beg : n;
+      memcpy(p, rb->p + rb->beg, k);
+      rb->beg += k;
+      p += k;
+      n -= k;
+      continue;
+    }
+    if (n < RB_SIZE / 2) {
+      if (rb_fill(fd, pidfd, rb)) return -1;
+      continue;
+    }
     ssize_t r = pidfd >= 0 ? recv(fd, p, n, MSG_DONTWAIT) : read(fd, p, n);
     if (r < 0) {
       if (errno == EINTR) continue;
@@ -167,9 +238,8 @@ static int write_frame2(int fd, int pidfd, unsigned type, const char *head, size
   uint64_t len = hn + n;
   memcpy(h, &len, 8);
   h[8] = (char)type;
-  return write_all(fd, pidfd, h, 9) || write_all(fd, pidfd, head, hn) || write_all(fd, pidfd, p, n)
-             ? -1
-             : 0;
+  struct iovec iov[3] = {{h, 9}, {(void *)(uintptr_t)head, hn}, {(void *)(uintptr_t)p, n}};
+  return write_iov(fd, pidfd, iov, 3);
 }
 
 static int write_frame(int fd, int pidfd, unsigned type, const char *p, size_t n) {
@@ -185,16 +255,16 @@ static int put_paths(lp_buf *b, const lp_paths *ps) {
 }
 
 /* Reads a frame into a malloc'd block.  -1 on EOF/error, -2 no memory. */
-static int read_frame(int fd, int pidfd, unsigned *type, char **p, size_t *n) {
+static int read_frame(int fd, int pidfd, rdbuf *rb, unsigned *type, char **p, size_t *n) {
   char h[9];
   uint64_t len;
-  if (read_all(fd, pidfd, h, 9)) return -1;
+  if (read_all(fd, pidfd, rb, h, 9)) return -1;
   memcpy(&len, h, 8);
   *type = (unsigned char)h[8];
   if (len > SIZE_MAX - 1) return -2;
   char *b = lp_malloc(len ? len : 1);
   if (b == NULL) return -2;
-  if (read_all(fd, pidfd, b, len)) {
+  if (read_all(fd, pidfd, rb, b, len)) {
     lp_free(b);
     return -1;
   }
@@ -227,6 +297,7 @@ typedef struct pworker {
   int need_init;      /* the pool's initializer has not run in this process */
   int ntasks;         /* tasks this process has run (max_tasks_per_child) */
   uint64_t paths_gen; /* of the paths this process has */
+  rdbuf in;           /* what was received from the process and not yet read */
 } pworker;
 
 const char *luapool__worker_exe(void) {
@@ -298,6 +369,7 @@ static int close_worker(pworker *pw, double grace) {
   pthread_mutex_unlock(&pw->pidmu);
   if (pw->fd >= 0) close(pw->fd);
   pw->fd = -1;
+  rb_reset(&pw->in); /* what the next process sends starts afresh */
   int status = pid > 0 ? reap(pid, grace) : -1;
   if (pw->pidfd >= 0) close(pw->pidfd); /* after the reap: it names that process */
   pw->pidfd = -1;
@@ -315,9 +387,11 @@ static int open_pidfd(pid_t pid) {
 #endif
 }
 
-/* Waits for the worker's next frame (or its end): 1 something to read, 0
-** the deadline (0: none) passed, -1 the worker is gone or the socket failed. */
+/* Waits for the worker's next frame (or its end): 1 something to read
+** (already received, or on the socket), 0 the deadline (0: none) passed,
+** -1 the worker is gone or the socket failed. */
 static int wait_worker(pworker *pw, double deadline) {
+  if (rb_pending(&pw->in)) return 1;
   return wait_fd(pw->fd, POLLIN, pw->pidfd, deadline);
 }
 
@@ -390,7 +464,7 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   char *ready = NULL;
   size_t len = 0;
   if (!bad && wait_worker(pw, luapool__now() + START_TIMEOUT) == 1 &&
-      read_frame(pw->fd, pw->pidfd, &type, &ready, &len) == 0) {
+      read_frame(pw->fd, pw->pidfd, &pw->in, &type, &ready, &len) == 0) {
     bad = type != FR_READY;
   } else {
     bad = 1;
@@ -456,7 +530,7 @@ static int run_initializer(pworker *pw, lp_future *f) {
              "it exceeded its deadline of %g seconds; the worker (pid %d) was killed", f->timeout,
              (int)pid);
   } else {
-    if (r == 1) r = read_frame(pw->fd, pw->pidfd, &type, &reply, &len);
+    if (r == 1) r = read_frame(pw->fd, pw->pidfd, &pw->in, &type, &reply, &len);
     if (r == 0 && type == FR_REPLY && !luapool__reply_failed(reply, len, msg, sizeof msg)) {
       lp_free(reply);
       return 0;
@@ -528,7 +602,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
                            label, f->timeout, w->name, (int)pid);
       return;
     }
-    r = r < 0 ? -1 : read_frame(pw->fd, pw->pidfd, &type, &reply, &len);
+    r = r < 0 ? -1 : read_frame(pw->fd, pw->pidfd, &pw->in, &type, &reply, &len);
     if (r != 0 || type != FR_TICK) break;
     if (len == 4) memcpy(&call, reply, 4);
     lp_free(reply);
@@ -577,7 +651,10 @@ static void proc_run(lp_worker *w, lp_future *f) {
   }
 }
 
-static void proc_stop(lp_worker *w) { close_worker((pworker *)w, 2.0); }
+static void proc_stop(lp_worker *w) {
+  close_worker((pworker *)w, 2.0);
+  rb_free(&((pworker *)w)->in);
+}
 
 static void proc_interrupt(lp_worker *w) {
   pworker *pw = (pworker *)w;
@@ -673,6 +750,10 @@ static char mpi_identity[320];
 
 const char *luapool__mpi_identity(void) { return mpi_identity[0] ? mpi_identity : NULL; }
 
+/* What the worker process received from its parent and has not read yet
+** (one per process: static, so an early return leaves it reachable). */
+static rdbuf in;
+
 int luapool__process_worker_main(int fd, const char *name, int index) {
   /* The socket came through exec, so without close-on-exec: set it before
   ** anything runs, or every command a task starts (io.popen, os.execute,
@@ -715,7 +796,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   size_t len;
   /* The handshake first: a parent of another build is told what this one
   ** is, and nothing else is read from it. */
-  if (read_frame(fd, -1, &type, &msg, &len) != 0) return 1;
+  if (read_frame(fd, -1, &in, &type, &msg, &len) != 0) return 1;
   char peer[256];
   int alien = type != FR_HELLO || luapool__wire_check(msg, len, peer, sizeof peer) != 0;
   lp_free(msg);
@@ -725,7 +806,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     write_frame(fd, -1, FR_REFUSE, mine, strlen(mine));
     return 1;
   }
-  if (read_frame(fd, -1, &type, &msg, &len) != 0) return 1;
+  if (read_frame(fd, -1, &in, &type, &msg, &len) != 0) return 1;
   if (type != FR_INIT) {
     lp_free(msg);
     return 1;
@@ -752,7 +833,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
   lp_buf out = {0};
   int rc = 0;
   for (;;) {
-    int fr = read_frame(fd, -1, &type, &msg, &len);
+    int fr = read_frame(fd, -1, &in, &type, &msg, &len);
     if (fr == -1) break;               /* the parent closed: we are done */
     if (fr == 0 && type == FR_PATHS) { /* the next task's package.path and cpath */
       lp_reader pr = {msg, msg + len};
@@ -787,6 +868,7 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     }
   }
   luapool__buf_free(&out);
+  rb_free(&in);
   luapool__wstate_close(&ws);
   luapool__http_thread_cleanup();
   lp_free(paths);

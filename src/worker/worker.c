@@ -342,7 +342,7 @@ static int call_begin(lua_State *L, run_ctx *rc, int base) {
   rc->mark = rc->out->len;
   rc->nerr_mark = rc->nerr;
   begin_call(rc->ws, rc->done);
-  luapool__arm_interrupt_hook(L); /* (an earlier stop may have left one on) */
+  luapool__arm_hook_of(L, rc->ws); /* (an earlier stop may have left one on) */
   lua_pushcfunction(L, msgh);
   lua_insert(L, base + 1);
   rc->ws->in_call = 1;

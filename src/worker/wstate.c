@@ -126,8 +126,9 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   luapool__arm_interrupt_hook(L);
 }
 
-void luapool__arm_interrupt_hook(lua_State *L) {
-  lp_wstate *ws = state_worker(L);
+void luapool__arm_interrupt_hook(lua_State *L) { luapool__arm_hook_of(L, state_worker(L)); }
+
+void luapool__arm_hook_of(lua_State *L, lp_wstate *ws) {
   if (ws && ws->arm_hook) {
     ws->arm_hook(L, ws);
     return;

@@ -115,6 +115,9 @@ int luapool__worker_state_init(lua_State *L, lp_wstate *ws);
 /* Sets the hook a task of L runs with: a count hook for a thread task with
 ** a deadline, none otherwise (wstate.c). */
 void luapool__arm_interrupt_hook(lua_State *L);
+/* The same when the caller has L's worker state at hand (the one L was
+** made with): no registry lookup, once per call. */
+void luapool__arm_hook_of(lua_State *L, lp_wstate *ws);
 /* The signal that makes a thread worker's task notice a stop, its handler
 ** installed once, and the state it acts on for the calling thread. */
 #define LUAPOOL_STOP_SIGNAL SIGURG

@@ -196,6 +196,44 @@ for _, carrier in ipairs(carriers) do
         assert.are.equal(42, run(function(v) return v.n.m[1] end, t))
       end)
 
+      it("keeps every key of tables built in any order, wherever Lua put their integer keys", function()
+        -- the encoder walks the hash part from the last array key when Lua
+        -- holds keys 1..n in the array part, else from the start: tables
+        -- whose keys 1..n sit in the hash part (built backwards, from
+        -- hash keys first, with deletions) must lose nothing either way
+        local seed = 7
+        local function rnd(n)
+          seed = (seed * 1103515245 + 12345) % 2147483648
+          return seed % n + 1
+        end
+        local tables = {}
+        for round = 1, 60 do
+          local t, n = {}, rnd(40)
+          for k = 1, rnd(6) - 1 do t["k" .. k] = k end
+          if round % 3 == 0 then
+            for i = n, 1, -1 do t[i] = i * 2 end
+          elseif round % 3 == 1 then
+            for i = 1, n do t[i] = i * 2 end
+          else
+            for _ = 1, n do t[rnd(n)] = round end
+          end
+          for _ = 1, rnd(4) - 1 do t[rnd(n)] = nil end
+          if rnd(2) == 1 then t[n + rnd(5)] = "past" end
+          t[0.5], t[-1] = "half", "minus"
+          tables[round] = t
+        end
+        local back = send(tables)
+        for round, t in ipairs(tables) do
+          local count, got = 0, 0
+          for k, v in pairs(t) do
+            count = count + 1
+            assert.are.equal(v, back[round][k], ("table %d, key %s"):format(round, tostring(k)))
+          end
+          for _ in pairs(back[round]) do got = got + 1 end
+          assert.are.equal(count, got, ("table %d: key count"):format(round))
+        end
+      end)
+
       it("keeps holes", function()
         local t = send({ 1, nil, 3, nil, 5, [8] = 8 })
         assert.are.equal(1, t[1])

@@ -20,6 +20,16 @@
 **  3. The upvalue limit (LP_BC_MAXUPVALUES, bytecode.h): messages carry an
 **     upvalue count and slot in a byte.  A Lua allowing more than 255
 **     would need a wider field (a wire version change).
+**  4. The table layout (luapool__table_array_holds): the encoder writes
+**     a table's keys 1..n from its array, then walks the rest with
+**     lua_next.  Started from nil, that walk passes the n array entries
+**     again (half of encoding a table of 10,000 numbers); started from key
+**     n it skips them, which is right only when n lies in the array part
+**     (from a key in the hash part, lua_next would skip the hash nodes
+**     before it).  Lua 5.4's Table says so through its alimit, a lower
+**     bound of the array's size.  Checked once per process against tables
+**     of known sizes; on another layout the walk starts from nil: still
+**     correct, only slower.
 **  Not internals, but assumptions of the API the codec keeps: lua_dump's
 **  bytes load only into the same Lua release with the same sizes (the
 **  handshake, wire.c, compares LUA_RELEASE and the number sizes, so a
@@ -198,6 +208,71 @@ int luapool__bytecode_check(const char *code, size_t len, unsigned nups) {
   }
   if (bc_size(&b, &n)) return -1; /* the prototype's upvalue count */
   return n == cl_nups ? 0 : -1;
+}
+
+/* }====== */
+
+/* {====== 4. the table layout */
+
+#if LUA_VERSION_NUM == 504
+/* The head of Lua 5.4's struct Table (lobject.h, every 5.4.x release). */
+typedef struct lp_table54 {
+  void *next;
+  unsigned char tt, marked, flags, lsizenode;
+  unsigned int alimit; /* the array's size, or a border below it: a lower bound */
+} lp_table54;
+#define LP_VTABLE 5 /* LUA_VTABLE: makevariant(LUA_TTABLE, 0) */
+
+static int table_probe(lua_State *L) {
+  lua_createtable(L, 3, 0);
+  lua_createtable(L, 37, 2);
+  lua_createtable(L, 0, 4);
+  return 3;
+}
+#endif
+
+/* 1 when alimit reads right for tables made with known array sizes, 0
+** when not, -1 when the check could not run (no memory: tried again). */
+static int table_check(lua_State *L) {
+#if LUA_VERSION_NUM == 504
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 4)) return -1;
+  lua_pushcfunction(L, table_probe);
+  if (lua_pcall(L, 0, 3, 0) != LUA_OK) {
+    lua_settop(L, top);
+    return -1;
+  }
+  const lp_table54 *a = lua_topointer(L, top + 1), *b = lua_topointer(L, top + 2),
+                   *c = lua_topointer(L, top + 3);
+  int ok = a && b && c && a->tt == LP_VTABLE && b->tt == LP_VTABLE && c->tt == LP_VTABLE &&
+           a->alimit == 3 && b->alimit == 37 && c->alimit == 0;
+  lua_settop(L, top);
+  return ok;
+#else
+  (void)L;
+  return 0;
+#endif
+}
+
+static atomic_int table_works = -1;
+
+int luapool__table_array_holds(lua_State *L, int idx, lua_Unsigned n) {
+  int works = atomic_load_explicit(&table_works, memory_order_relaxed);
+  if (works < 0) {
+    works = table_check(L);
+    if (works < 0) return 0;
+    atomic_store(&table_works, works);
+  }
+#if LUA_VERSION_NUM == 504
+  if (works) {
+    const lp_table54 *t = lua_topointer(L, idx);
+    return t != NULL && t->tt == LP_VTABLE && n <= t->alimit;
+  }
+#else
+  (void)idx;
+  (void)n;
+#endif
+  return 0;
 }
 
 /* }====== */

@@ -1,7 +1,7 @@
 /*
 ** What the codec relies on that Lua 5.4 does not promise through its API
 ** (bytecode.c): the layout of a Lua closure, the layout of dumped
-** bytecode, Lua's limit on upvalues.  Every such check is in bytecode.c,
+** bytecode, Lua's limit on upvalues, the head of a table.  Every such check is in bytecode.c,
 ** each saying what it guards and what breaks when Lua changes; a port to
 ** another Lua starts there.
 */
@@ -30,5 +30,10 @@ int luapool__bytecode_signed(const char *code, size_t len);
 ** upvalue count and it is nups (the count the message sends); -1 when not,
 ** or when the bytes are not laid out as Lua 5.4 dumps them. */
 int luapool__bytecode_check(const char *code, size_t len, unsigned nups);
+/* 1 when keys 1..n of the table at idx all lie in its array part, so that
+** lua_next from key n passes none of the hash part; 0 when not, or not
+** known (another layout: then walk from nil).  Does not raise; uses up to 4
+** stack slots the first time. */
+int luapool__table_array_holds(lua_State *L, int idx, lua_Unsigned n);
 
 #endif

@@ -1153,7 +1153,12 @@ static int step_table(luapool_encoder *e, size_t j, int W) {
         lua_settop(L, W);
       }
       f->phase = PH_HASH;
-      lua_pushnil(L); /* the first key */
+      /* the first key: past the array entries just written when they all
+      ** lie in the array part (bytecode.h), else from the start */
+      if (f->n > 0 && luapool__table_array_holds(L, W, f->n))
+        lua_pushinteger(L, (lua_Integer)f->n);
+      else
+        lua_pushnil(L);
       break;
     }
     case PH_KEYDONE: /* the key was a table or function: now its value */

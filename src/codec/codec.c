@@ -1135,7 +1135,7 @@ static int step_table(luapool_encoder *e, size_t j, int W) {
       lp_buf *b = e->bp;
       for (; f->i <= f->n; f->i++) {
         if (lua_rawgeti(L, W, (lua_Integer)f->i) == LUA_TNUMBER) { /* the common case, inline */
-          if (luapool__buf_reserve(b, 9)) return enc_nomem(e);
+          if (b->cap - b->len < 9 && luapool__buf_reserve(b, 9)) return enc_nomem(e);
           if (lua_isinteger(L, -1)) {
             lua_Integer v = lua_tointeger(L, -1);
             b->p[b->len++] = T_INT;
@@ -1688,6 +1688,26 @@ static int dec_function_head(dec *d) {
 
 static void dec_table_now(dec *d);
 
+/* A number, the common case of an array, read inline: pushes it and
+** returns 1; 0 (nothing read) for any other value. */
+static inline int dec_number(dec *d) {
+  lp_reader *r = d->r;
+  if (r->end - r->p < 9) return 0;
+  if (r->p[0] == T_INT) {
+    lua_Integer v;
+    memcpy(&v, r->p + 1, 8);
+    lua_pushinteger(d->L, v);
+  } else if (r->p[0] == T_FLT) {
+    lua_Number v;
+    memcpy(&v, r->p + 1, 8);
+    lua_pushnumber(d->L, v);
+  } else {
+    return 0;
+  }
+  r->p += 9;
+  return 1;
+}
+
 /* Reads one value: pushes it and returns 0, or pushes a table or function
 ** whose contents follow, with its frame opened, and returns 1. */
 static int dec_any(dec *d) {
@@ -1808,7 +1828,7 @@ static int dstep_table(dec *d, size_t j, int W) {
     }
   }
   for (; f->i <= f->n; f->i++) {
-    if (dec_any(d)) {
+    if (!dec_number(d) && dec_any(d)) {
       d->fr[j].pending = 1;
       return 1;
     }
@@ -1909,7 +1929,7 @@ static void dec_table_now(dec *d) {
   int t = lua_gettop(L);
   d->rdepth++;
   for (uint32_t i = 1; i <= narr; i++) {
-    dec_whole(d);
+    if (!dec_number(d)) dec_whole(d);
     lua_rawseti(L, t, (lua_Integer)i);
   }
   for (uint32_t i = 0; i < nhash; i++) {

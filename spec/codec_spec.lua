@@ -234,6 +234,27 @@ for _, carrier in ipairs(carriers) do
         end
       end)
 
+      it("keeps the numbers of an array exact, integers and floats, among other values", function()
+        -- (the array's numbers are read and written in place: bytecode.h)
+        local pattern = { 1, 2.5, 0 / 0, math.mininteger, "s", { 3 }, true, 2 ^ 53, -0.0, math.maxinteger, 1e308 }
+        local t = {}
+        for i = 1, 3000 do t[i] = pattern[(i - 1) % #pattern + 1] end
+        local back = send(t)
+        assert.are.equal(3000, #back)
+        for i = 1, 3000 do
+          local want, got = t[i], back[i]
+          if want ~= want then
+            assert.is_true(got ~= got, "NaN at " .. i)
+          elseif type(want) == "table" then
+            assert.are.same(want, got)
+          else
+            assert.are.equal(math.type(want), math.type(got), "type at " .. i)
+            assert.are.equal(want, got, "value at " .. i)
+            if want == 0 then assert.are.equal(1 / want, 1 / got, "sign of zero at " .. i) end
+          end
+        end
+      end)
+
       it("keeps holes", function()
         local t = send({ 1, nil, 3, nil, 5, [8] = 8 })
         assert.are.equal(1, t[1])

@@ -20,16 +20,20 @@
 **  3. The upvalue limit (LP_BC_MAXUPVALUES, bytecode.h): messages carry an
 **     upvalue count and slot in a byte.  A Lua allowing more than 255
 **     would need a wider field (a wire version change).
-**  4. The table layout (luapool__table_array_holds): the encoder writes
-**     a table's keys 1..n from its array, then walks the rest with
-**     lua_next.  Started from nil, that walk passes the n array entries
-**     again (half of encoding a table of 10,000 numbers); started from key
-**     n it skips them, which is right only when n lies in the array part
-**     (from a key in the hash part, lua_next would skip the hash nodes
-**     before it).  Lua 5.4's Table says so through its alimit, a lower
-**     bound of the array's size.  Checked once per process against tables
-**     of known sizes; on another layout the walk starts from nil: still
-**     correct, only slower.
+**  4. The table layout (luapool__table_array): a table's array part is
+**     read in place by the encoder and its numbers written in place by the
+**     decoder (through the API, a table of 10,000 numbers cost 150
+**     instructions an entry to encode and 100 to decode; in place, a
+**     few).  The encoder writes a table's keys 1..n, then walks the rest
+**     with lua_next; started from nil, that walk passes the n array
+**     entries again, started from key n it skips them, which is right only
+**     when n lies in the array part (from a key in the hash part, lua_next
+**     would skip the hash nodes before it: luapool__table_array_holds).
+**     Lua 5.4's Table gives both: alimit, a lower bound of the array's
+**     size, and the array of TValues.  Checked once per process against
+**     tables of known contents, numbers written in place read back
+**     through the API; on another layout everything goes through the API:
+**     still correct, only slower.
 **  Not internals, but assumptions of the API the codec keeps: lua_dump's
 **  bytes load only into the same Lua release with the same sizes (the
 **  handshake, wire.c, compares LUA_RELEASE and the number sizes, so a
@@ -220,19 +224,27 @@ typedef struct lp_table54 {
   void *next;
   unsigned char tt, marked, flags, lsizenode;
   unsigned int alimit; /* the array's size, or a border below it: a lower bound */
+  lp_tv54 *array;
 } lp_table54;
 #define LP_VTABLE 5 /* LUA_VTABLE: makevariant(LUA_TTABLE, 0) */
 
 static int table_probe(lua_State *L) {
   lua_createtable(L, 3, 0);
+  lua_pushinteger(L, 7);
+  lua_rawseti(L, -2, 1);
+  lua_pushnumber(L, 2.5);
+  lua_rawseti(L, -2, 2);
+  lua_pushliteral(L, "x");
+  lua_rawseti(L, -2, 3);
   lua_createtable(L, 37, 2);
   lua_createtable(L, 0, 4);
   return 3;
 }
 #endif
 
-/* 1 when alimit reads right for tables made with known array sizes, 0
-** when not, -1 when the check could not run (no memory: tried again). */
+/* 1 when alimit and the array read right for tables made with known
+** contents, and numbers written in place read back through the API; 0
+** when not; -1 when the check could not run (no memory: tried again). */
 static int table_check(lua_State *L) {
 #if LUA_VERSION_NUM == 504
   int top = lua_gettop(L);
@@ -245,7 +257,16 @@ static int table_check(lua_State *L) {
   const lp_table54 *a = lua_topointer(L, top + 1), *b = lua_topointer(L, top + 2),
                    *c = lua_topointer(L, top + 3);
   int ok = a && b && c && a->tt == LP_VTABLE && b->tt == LP_VTABLE && c->tt == LP_VTABLE &&
-           a->alimit == 3 && b->alimit == 37 && c->alimit == 0;
+           a->alimit == 3 && b->alimit == 37 && c->alimit == 0 && a->array != NULL &&
+           a->array[0].tt == LP_TV_INT && a->array[0].v.i == 7 && a->array[1].tt == LP_TV_FLT &&
+           a->array[1].v.n == 2.5 && a->array[2].tt != LP_TV_INT && a->array[2].tt != LP_TV_FLT;
+  if (ok) { /* and written in place, read through the API */
+    a->array[0].v.i = 11;
+    a->array[1].v.n = 0.25;
+    ok = lua_rawgeti(L, top + 1, 1) == LUA_TNUMBER && lua_isinteger(L, -1) &&
+         lua_tointeger(L, -1) == 11 && lua_rawgeti(L, top + 1, 2) == LUA_TNUMBER &&
+         !lua_isinteger(L, -1) && lua_tonumber(L, -1) == 0.25;
+  }
   lua_settop(L, top);
   return ok;
 #else
@@ -256,23 +277,30 @@ static int table_check(lua_State *L) {
 
 static atomic_int table_works = -1;
 
-int luapool__table_array_holds(lua_State *L, int idx, lua_Unsigned n) {
+lp_tv54 *luapool__table_array(lua_State *L, int idx, lua_Unsigned *size) {
   int works = atomic_load_explicit(&table_works, memory_order_relaxed);
   if (works < 0) {
     works = table_check(L);
-    if (works < 0) return 0;
+    if (works < 0) return NULL;
     atomic_store(&table_works, works);
   }
 #if LUA_VERSION_NUM == 504
   if (works) {
     const lp_table54 *t = lua_topointer(L, idx);
-    return t != NULL && t->tt == LP_VTABLE && n <= t->alimit;
+    if (t == NULL || t->tt != LP_VTABLE) return NULL;
+    *size = t->alimit;
+    return t->array;
   }
 #else
   (void)idx;
-  (void)n;
+  (void)size;
 #endif
-  return 0;
+  return NULL;
+}
+
+int luapool__table_array_holds(lua_State *L, int idx, lua_Unsigned n) {
+  lua_Unsigned size;
+  return luapool__table_array(L, idx, &size) != NULL && n <= size;
 }
 
 /* }====== */

@@ -30,6 +30,24 @@ int luapool__bytecode_signed(const char *code, size_t len);
 ** upvalue count and it is nups (the count the message sends); -1 when not,
 ** or when the bytes are not laid out as Lua 5.4 dumps them. */
 int luapool__bytecode_check(const char *code, size_t len, unsigned nups);
+/* An entry of a table's array part, as Lua 5.4 lays it out (its TValue). */
+typedef struct lp_tv54 {
+  union {
+    lua_Integer i;
+    lua_Number n;
+    void *p;
+  } v;
+  unsigned char tt;
+} lp_tv54;
+#define LP_TV_INT 0x03 /* LUA_VNUMINT: makevariant(LUA_TNUMBER, 0) */
+#define LP_TV_FLT 0x13 /* LUA_VNUMFLT: makevariant(LUA_TNUMBER, 1) */
+/* The array part of the table at idx, with *size a lower bound of its
+** length (Lua's alimit), when this Lua lays tables out as 5.4 does
+** (checked once per process); else NULL.  An entry may be read while no
+** Lua code runs on the table (nothing resizes it), and a number written
+** in place of any entry (a number needs no collector barrier).  Does not
+** raise; uses up to 4 stack slots the first time. */
+lp_tv54 *luapool__table_array(lua_State *L, int idx, lua_Unsigned *size);
 /* 1 when keys 1..n of the table at idx all lie in its array part, so that
 ** lua_next from key n passes none of the hash part; 0 when not, or not
 ** known (another layout: then walk from nil).  Does not raise; uses up to 4

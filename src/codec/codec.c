@@ -1133,7 +1133,18 @@ static int step_table(luapool_encoder *e, size_t j, int W) {
   switch (f->phase) {
     case PH_ARRAY: {
       lp_buf *b = e->bp;
+      lua_Unsigned asize = 0;
+      const lp_tv54 *arr = luapool__table_array(L, W, &asize); /* (bytecode.h) */
       for (; f->i <= f->n; f->i++) {
+        if (arr && f->i <= asize &&
+            (arr[f->i - 1].tt == LP_TV_INT || arr[f->i - 1].tt == LP_TV_FLT)) {
+          /* a number, read in place (the two have 8 bytes) */
+          if (b->cap - b->len < 9 && luapool__buf_reserve(b, 9)) return enc_nomem(e);
+          b->p[b->len++] = arr[f->i - 1].tt == LP_TV_INT ? T_INT : T_FLT;
+          memcpy(b->p + b->len, &arr[f->i - 1].v, 8);
+          b->len += 8;
+          continue;
+        }
         if (lua_rawgeti(L, W, (lua_Integer)f->i) == LUA_TNUMBER) { /* the common case, inline */
           if (b->cap - b->len < 9 && luapool__buf_reserve(b, 9)) return enc_nomem(e);
           if (lua_isinteger(L, -1)) {
@@ -1708,6 +1719,17 @@ static inline int dec_number(dec *d) {
   return 1;
 }
 
+/* The same, written in place into an entry of a table's array part
+** (bytecode.h): 1, or 0 for any other value (nothing read). */
+static inline int dec_number_into(dec *d, lp_tv54 *tv) {
+  lp_reader *r = d->r;
+  if (r->end - r->p < 9 || (r->p[0] != T_INT && r->p[0] != T_FLT)) return 0;
+  tv->tt = r->p[0] == T_INT ? LP_TV_INT : LP_TV_FLT;
+  memcpy(&tv->v, r->p + 1, 8);
+  r->p += 9;
+  return 1;
+}
+
 /* Reads one value: pushes it and returns 0, or pushes a table or function
 ** whose contents follow, with its frame opened, and returns 1. */
 static int dec_any(dec *d) {
@@ -1827,12 +1849,18 @@ static int dstep_table(dec *d, size_t j, int W) {
         return 0;
     }
   }
+  lua_Unsigned asize = 0;
+  lp_tv54 *arr = luapool__table_array(L, W, &asize);
   for (; f->i <= f->n; f->i++) {
+    if (arr && f->i <= asize && dec_number_into(d, &arr[f->i - 1])) continue;
     if (!dec_number(d) && dec_any(d)) {
       d->fr[j].pending = 1;
       return 1;
     }
     lua_rawseti(L, W, (lua_Integer)f->i);
+    /* a key past the array goes to the hash part, whose growth may move
+    ** the array */
+    if (f->i > asize) arr = luapool__table_array(L, W, &asize);
   }
   for (; f->nhash > 0; f->nhash--) {
     if (dec_any(d)) { /* the key, W + 1 */
@@ -1928,9 +1956,15 @@ static void dec_table_now(dec *d) {
   luaL_checkstack(L, 8, "decoding a message");
   int t = lua_gettop(L);
   d->rdepth++;
+  lua_Unsigned asize = 0;
+  lp_tv54 *arr = luapool__table_array(L, t, &asize);
   for (uint32_t i = 1; i <= narr; i++) {
+    if (arr && i <= asize && dec_number_into(d, &arr[i - 1])) continue;
     if (!dec_number(d)) dec_whole(d);
     lua_rawseti(L, t, (lua_Integer)i);
+    /* a key past the array goes to the hash part, whose growth may move
+    ** the array */
+    if (i > asize) arr = luapool__table_array(L, t, &asize);
   }
   for (uint32_t i = 0; i < nhash; i++) {
     dec_whole(d);

@@ -10,21 +10,22 @@ local q = h.shell_quote
 local MPIEXEC = h.mpiexec
 local BIN = h.bin
 local OTHER = BIN:gsub("luapool$", "luapool-otherwire")
+local OTHER_ORDER = BIN:gsub("luapool$", "luapool-otherorder") -- (spec/CMakeLists.txt)
 local HOST = io.popen("hostname"):read("l")
 
 -- (helper.lua's mpi_env: what a root CI job on a 2-core container needs)
 local OMPI_ENV = table.concat(h.mpi_env, " ")
 
 -- Runs `mpiexec -n N luapool --mpi SCRIPT ARGS...` (mpmd: more of the
--- command line after the script's, such as ": -n 1 other --mpi").
--- Returns stdout, stderr, exit status.
-local function mpirun(n, script, args, mpmd)
+-- command line after the script's, such as ": -n 1 other --mpi"; bin: a
+-- binary other than luapool for those N).  Returns stdout, stderr, exit status.
+local function mpirun(n, script, args, mpmd, bin)
   local path = h.tempfile(script)
   local out, err = os.tmpname(), os.tmpname()
   local words = {}
   for _, a in ipairs(args or {}) do words[#words + 1] = q(a) end
   local line = ("env %s timeout 120 %s -n %d %s --mpi %s %s %s >%s 2>%s </dev/null"):format(
-    OMPI_ENV, q(MPIEXEC), n, q(BIN), q(path), table.concat(words, " "), mpmd or "", out, err)
+    OMPI_ENV, q(MPIEXEC), n, q(bin or BIN), q(path), table.concat(words, " "), mpmd or "", out, err)
   local ok, how, code = os.execute(line)
   local so, se = h.slurp(out), h.slurp(err)
   os.remove(out); os.remove(err); os.remove(path)
@@ -282,6 +283,46 @@ describe("mpipool", function()
     assert.matches("cannot create an mpipool: rank 1 of 2 is luapool [%d.]+ %(wire 0, [^)]*%), and rank 0 "
       .. "is luapool [%d.]+ %(wire 1, [^)]*%): every rank must run the same luapool build", out)
   end)
+  it("refuses a rank 0 of the other byte order at once, naming both", function()
+    -- (rank 0 is a build that writes its M_OPEN as a big-endian machine
+    -- would: the ranks read its byte-order mark first, not its numbers,
+    -- which they would misread, waiting for the open's 30 s timeout)
+    local out, err, code = mpirun(1, [[
+      local t0 = luapool.now()
+      local ok, e = pcall(mpipool.new, {})
+      print(ok, e)
+      print(luapool.now() - t0 < 10)]], nil, ": -n 1 " .. q(BIN) .. " --mpi", OTHER_ORDER)
+    assert.are.equal(0, code, err)
+    local build = "luapool [%d.]+ %(wire 1, Lua 5%.4%.%d+, ENDIAN%-endian, 8%-byte integers and floats, kernels %x+%)"
+    assert.matches("^false\tcannot create an mpipool: rank 1 of 2 is " .. build:gsub("ENDIAN", "little") ..
+      ", and rank 0 is " .. build:gsub("ENDIAN", "big") .. ": every rank must run the same luapool build " ..
+      "%(the binary mpiexec starts on each host%)\ntrue\n$", out)
+  end)
+
+  it("ends cleanly when a pool's progress thread is still out at exit", function()
+    -- the rank is stopped (SIGSTOP) under a running task: the pool left open
+    -- is collected at exit, and its stop gives up on its progress thread
+    -- after 5 s, leaving it polling MPI; the exit then makes it leave its
+    -- loop before MPI_Finalize (which waits for the rank, continued at 8 s)
+    local out, err, code = mpirun(2, [[
+      local mp = mpipool.new { max_workers = 1 }
+      local rank_pid = mp:submit(function()
+        return tonumber(io.open("/proc/self/stat"):read("a"):match("^%d+ %b() %a (%d+)"))
+      end):result()
+      local g = mp:submit(function() luapool.sleep(30) end)
+      while not g:running() do luapool.sleep(0.01) end
+      luapool.sleep(0.2)
+      os.execute("kill -STOP " .. rank_pid)
+      os.execute("(sleep 8; kill -CONT " .. rank_pid .. ") >/dev/null 2>&1 &")
+      print("end of script")]])
+    assert.are.equal(0, code, err)
+    assert.are.equal("end of script\n", out)
+    assert.are.equal("luapool: pool 'mpipool' was collected while still open: 0 queued tasks cancelled, 1 "
+      .. "running task interrupted (close it, or call shutdown(), to wait for its work)\n"
+      .. "luapool: 1 worker thread(s) of pool 'mpipool' did not stop within 5 seconds and were left running\n",
+      err)
+  end)
+
   -- (the conformance suite on mpipool: spec/mpi_conformance_a_spec.lua, _b_spec.lua)
 end)
 

@@ -257,6 +257,18 @@ describe("mpipool", function()
       .. "%(mpiexec %-n 3%)\n$", out)
   end)
 
+  it("refuses what it cannot do: cancelling running tasks, iopool options", function()
+    -- (the conformance specs check these refusals on threadpools and
+    -- processpools by name only: iopool_spec)
+    local out = mpiok(2, [[
+      local p <close> = mpipool.new {}
+      print(select(2, pcall(p.shutdown, p, { cancel_running = true })))
+      print(select(2, pcall(mpipool.new, { concurrency = 2 })))
+      print(p:submit(function() return "still open" end):result())]])
+    assert.are.equal("bad option 'cancel_running' to 'shutdown' (a mpipool cannot cancel a running task)\n"
+      .. "bad option 'concurrency' to 'new' (an iopool option)\nstill open\n", out)
+  end)
+
   it("says how to launch outside mpiexec", function()
     local out, _, code = h.run({ "-e", "print(select(2, pcall(mpipool.new)))" })
     assert.are.equal(0, code)

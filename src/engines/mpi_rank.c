@@ -353,13 +353,13 @@ static int answer_failure(server *sv, int tag, uint64_t id, lp_ekind k, const ch
 
 /* A task's outcome for rank 0: R_DONE, its id, the state.  0, or -1 when
 ** there was no memory for the message. */
-static int answer_task(server *sv, session *s, uint64_t id, lp_future *f, int cancel_asked) {
+static int answer_task(server *sv, int tag, uint64_t id, lp_future *f, int cancel_asked) {
   char m[1400], h[9];
   lp_fstate st = luapool__future_state(f); /* settled: stable from here */
   memcpy(h, &id, 8);
   if (st == LP_FINISHED) {
     h[8] = 0;
-    return answer(sv, s->tag, R_DONE, h, 9, f->reply, f->replylen);
+    return answer(sv, tag, R_DONE, h, 9, f->reply, f->replylen);
   } else {
     lp_ekind k = LP_EK_INTERRUPTED;
     if (st == LP_FAILED) {
@@ -375,7 +375,7 @@ static int answer_task(server *sv, session *s, uint64_t id, lp_future *f, int ca
     int r = -1;
     if (luapool__buf_add(&b, h, 8) == 0 && luapool__put_u8(&b, 1u + (unsigned)k) == 0 &&
         luapool__put_string(&b, m, strlen(m)) == 0)
-      r = answer(sv, s->tag, R_DONE, b.p, b.len, NULL, 0);
+      r = answer(sv, tag, R_DONE, b.p, b.len, NULL, 0);
     luapool__buf_free(&b);
     return r;
   }
@@ -388,7 +388,7 @@ static int answer_task(server *sv, session *s, uint64_t id, lp_future *f, int ca
 static int answer_rtask(server *sv, rtask *t) {
   lp_future *f = t->node.f;
   if (f == NULL) return answer_failure(sv, t->tag, t->id, t->early_kind, t->why);
-  if (answer_task(sv, t->s, t->id, f, t->cancel_asked) == 0) return 0;
+  if (answer_task(sv, t->tag, t->id, f, t->cancel_asked) == 0) return 0;
   char why[200];
   lp_fstate st = luapool__future_state(f);
   if (st == LP_FINISHED) {
@@ -611,7 +611,7 @@ static int take_settled(server *sv, double timeout);
 /* A task answered (or whose pool is gone): its record goes. */
 static void finish_rtask(server *sv, rtask *t) {
   if (t->node.f) {
-    t->s->ntasks--;
+    if (t->s) t->s->ntasks--; /* (always there: a future is made only in a pool) */
     sv->ntasks--;
     luapool__future_unref(t->node.f);
   }

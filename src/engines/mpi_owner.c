@@ -68,6 +68,10 @@ typedef struct orank {
   lp_future **run; /* [cap] (NULL: free) */
   uint64_t *ids;   /* [cap] */
   double *sent;    /* [cap]: when (progress thread only) */
+  /* [cap]: sent ahead, beyond the rank's free slots (mutex: p->mu): only
+  ** such a task may still be cancelled while it reads as running; one sent
+  ** to a free slot is running, as on any pool (cancel() says false). */
+  unsigned char *ahead;
   uint64_t paths_gen;
   /* Its pace (progress thread only): the mean time from the later of a
   ** task's sending and the previous answer to the task's answer, that is,
@@ -301,6 +305,7 @@ static void *progress_main(void *arg) {
       lp_future *f = luapool__pool_take(p);
       best->run[k] = f; /* reserved: started and sent below */
       best->ids[k] = ++ms->next_task;
+      best->ahead[k] = best->inflight >= ms->slots;
       best->inflight++;
       atomic_fetch_add(&ms->ninflight, 1);
       batch[n++] = (assigned){f, best, k};
@@ -414,6 +419,7 @@ static void free_state(ostate *ms) {
     lp_free(ms->ranks[i].run);
     lp_free(ms->ranks[i].ids);
     lp_free(ms->ranks[i].sent);
+    lp_free(ms->ranks[i].ahead);
   }
   lp_free(ms->ranks);
   lp_free(ms->batch);
@@ -576,7 +582,8 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
     rk->run = lp_calloc((size_t)ms->cap, sizeof *rk->run); // NOLINT(bugprone-sizeof-expression)
     rk->ids = lp_calloc((size_t)ms->cap, sizeof *rk->ids);
     rk->sent = lp_calloc((size_t)ms->cap, sizeof *rk->sent);
-    ok = rk->run && rk->ids && rk->sent;
+    rk->ahead = lp_calloc((size_t)ms->cap, 1);
+    ok = rk->run && rk->ids && rk->sent && rk->ahead;
   }
   if (!ok) {
     free_state(ms);
@@ -613,9 +620,10 @@ static int owner_queued(lp_pool *p, char *err, size_t errsz) {
   return 0;
 }
 
-/* A task sent to a rank is cancelled there if it has not started yet (it
-** was sent ahead, or waits for a local worker): asks the rank through the
-** progress thread and waits for the answer. */
+/* A task sent ahead to a rank (beyond its free slots) is cancelled there if
+** it has not started yet: asks the rank through the progress thread and
+** waits for the answer.  One sent to a free slot reads as running and is
+** not cancelled (as on every pool), even when the rank has yet to start it. */
 static int owner_cancel(lp_pool *p, lp_future *f) {
   ostate *ms = state_of(p);
   pthread_mutex_lock(&p->mu);
@@ -623,7 +631,7 @@ static int owner_cancel(lp_pool *p, lp_future *f) {
   uint64_t tid = 0;
   for (int i = 0; i < ms->nranks && !rank; i++)
     for (int k = 0; k < ms->cap; k++)
-      if (ms->ranks[i].run[k] == f) {
+      if (ms->ranks[i].run[k] == f && ms->ranks[i].ahead[k]) {
         rank = ms->ranks[i].rank;
         tid = ms->ranks[i].ids[k];
         break;

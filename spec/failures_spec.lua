@@ -213,7 +213,8 @@ describe("task_timeout on a processpool", function()
 end)
 
 for _, kind in ipairs(h.engines) do
-  local tail = kind ~= "processpool" and "$" or "; the worker %(pid %d+%) was killed and will be replaced$"
+  local tail = h.traits[kind].kills and "; the worker %(pid %d+%) was killed and will be replaced$" or "$"
+  local at = h.at(kind) -- ("rank 1 of 3 on host: " on an mpipool)
 
   describe(kind .. " map/imap with the task_timeout option", function()
     local function loop_at_3(x)
@@ -227,7 +228,7 @@ for _, kind in ipairs(h.engines) do
       assert.is_false(ok)
       assert.are.equal("table", type(e), tostring(e))
       assert.are.equal("timeout", e.kind)
-      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
+      assert.matches("^" .. at .. "item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
       assert.are.same({ 10, 20, 40 }, pool:map(loop_at_3, { 1, 2, 4 }))
     end)
 
@@ -237,7 +238,7 @@ for _, kind in ipairs(h.engines) do
         { { 1, 0 }, { 1, 1 }, { 2, 1 } }, { task_timeout = 0.3 })
       assert.is_false(ok)
       assert.are.equal("timeout", e.kind)
-      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
+      assert.matches("^" .. at .. "item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
     end)
 
     it("imap raises the timeout at the item, naming it by its input index", function()
@@ -250,7 +251,7 @@ for _, kind in ipairs(h.engines) do
       assert.are.equal("table", type(e), tostring(e))
       assert.are.equal("timeout", e.kind)
       assert.are.same({ 10, 20 }, got)
-      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
+      assert.matches("^" .. at .. "item #3 exceeded its deadline of 0%.3 seconds in worker mp%-[12]" .. tail, e.message)
     end)
 
     it("gives each item of an explicit chunk its own deadline", function()
@@ -269,9 +270,9 @@ for _, kind in ipairs(h.engines) do
       local ok, e = pcall(pool.map, pool, loop_at_3, { 1, 2, 3, 4, 5 }, { chunksize = 5, task_timeout = 0.3 })
       assert.is_false(ok)
       assert.are.equal("timeout", e.kind)
-      assert.matches("^item #3 exceeded its deadline of 0%.3 seconds in worker ck%-1" .. tail, e.message)
+      assert.matches("^" .. at .. "item #3 exceeded its deadline of 0%.3 seconds in worker ck%-1" .. tail, e.message)
       local s = pool:stats()
-      if kind ~= "processpool" then
+      if not h.traits[kind].kills then
         -- the thread (or the loop) stopped item 3 alone: items 4 and 5 of the chunk still ran
         assert.are.equal(3, e.item)
         assert.are.same({ 4, 1 }, { s.done, s.failed })
@@ -395,7 +396,7 @@ for _, kind in ipairs(h.engines) do
       assert.are.equal("transfer", e.kind)
       assert.are.equal("cannot send result #1: a coroutine", e.message)
       assert.are.equal("transfer: cannot send result #1: a coroutine", tostring(e))
-      assert.are.equal("tr-1", e.worker)
+      assert.are.equal(h.worker_name(kind, "tr", 1), e.worker)
       e = result_error(pool:submit(function() return 1, coroutine.running() end), 20)
       assert.are.equal("cannot send result #2: a coroutine", e.message)
       assert.are.equal("ok", pool:submit(function() return "ok" end):result(20))

@@ -18,7 +18,7 @@ for _, kind in ipairs(h.engines) do
       it("yields futures in completion order", function()
         -- each task ends when the spec removes its file, one at a time from
         -- inside the loop: the order is the spec's, whatever the machine's load
-        local pool <close> = new { max_workers = 4 }
+        local pool <close> = new(h.sized(kind, { max_workers = 4 }))
         local gate = os.tmpname()
         local function gated(i)
           return function()
@@ -81,7 +81,7 @@ for _, kind in ipairs(h.engines) do
 
     describe("wait", function()
       it("waits for all by default and returns done and not_done in input order", function()
-        local pool <close> = new { max_workers = 3 }
+        local pool <close> = new(h.sized(kind, { max_workers = 3 }))
         local fs = { pool:submit(sleeper(0.1, 1)), pool:submit(sleeper(0, 2)), pool:submit(sleeper(0.05, 3)) }
         local done, not_done = luapool.wait(fs)
         assert.are.same(fs, done)
@@ -98,7 +98,7 @@ for _, kind in ipairs(h.engines) do
       end)
 
       it("returns at the first failure with FIRST_EXCEPTION, or when all are done", function()
-        local pool <close> = new { max_workers = 3 }
+        local pool <close> = new(h.sized(kind, { max_workers = 3 }))
         local slow = pool:submit(sleeper(2, 1))
         local bad = pool:submit(function() luapool.sleep(0.05) error("bad") end)
         local ok = pool:submit(sleeper(0, 3))
@@ -197,7 +197,7 @@ for _, kind in ipairs(h.engines) do
           local f = pool:submit(function() return 1 end)
           f:add_done_callback(function() error("cb boom") end)
           f:add_done_callback(function() print("second ran") end)
-          f:result()]]):format(kind) })
+          f:result()]]):format(kind) }, nil, nil, kind)
         assert.are.equal(0, code)
         assert.are.equal("second ran\n", out)
         assert.matches("^luapool: error in a done callback: %(command line%):3: cb boom\nstack traceback:\n", err)
@@ -278,7 +278,7 @@ for _, kind in ipairs(h.engines) do
 
     describe("imap", function()
       it("yields index, result in input order, or in completion order", function()
-        local pool <close> = new { max_workers = 4 }
+        local pool <close> = new(h.sized(kind, { max_workers = 4 }))
         local delays = { 0.2, 0.05, 0.15, 0.01 }
         local seen = {}
         for i, r in pool:imap(function(s) luapool.sleep(s) return s * 100 end, delays) do

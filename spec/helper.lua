@@ -10,14 +10,93 @@ M.bin = os.getenv("LUAPOOL_BIN") or "build/luapool"
 -- memory cap) stays in that engine's own specs.
 M.engines = { "threadpool", "processpool", "iopool" }
 -- What luapool.current_worker().kind says inside a task of each engine.
-M.worker_kinds = { threadpool = "thread", processpool = "process", iopool = "io" }
+M.worker_kinds = { threadpool = "thread", processpool = "process", iopool = "io", mpipool = "mpi" }
+
+-- {====== per-engine expectations
+-- What the conformance specs expect that differs by engine, as data, so
+-- that a spec asks (h.traits[kind].kills, h.worker_pattern(kind, "io"))
+-- instead of naming engines.  spec/mpi_spec.lua runs the suite with
+-- M.engines = { "mpipool" } as rank 0 of `mpiexec -n 3 luapool --mpi busted`.
+--   kills: a task past its deadline (or a looping initializer) is stopped by
+--     killing its worker process, and the message says so; a chunk then
+--     fails as a whole.
+--   own_process: tasks run in the spec's own process (threads, loops).
+--   ranked: workers are MPI ranks: an error's `worker` is "rank r of n on
+--     host", crash, deadline and initializer messages start "rank r of n on
+--     host: ", and worker indexes repeat on each rank.
+M.traits = {
+  threadpool = { own_process = true },
+  processpool = { kills = true },
+  iopool = { own_process = true },
+  mpipool = { kills = true, ranked = true },
+}
+
+local function read_line(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local l = f:read("l")
+  f:close()
+  return l
+end
+M.host = read_line("/proc/sys/kernel/hostname") or "?"
+-- The ranks of the MPI job this process is rank 0 of (nil outside one).
+M.mpi_size = tonumber(os.getenv("OMPI_COMM_WORLD_SIZE") or os.getenv("PMI_SIZE") or "")
+
+local function pquote(s) return (s:gsub("%p", "%%%0")) end
+
+-- The pattern a task error's `worker` matches on a pool named `name`.
+function M.worker_pattern(kind, name)
+  if M.traits[kind].ranked then
+    return ("^rank %%d+ of %d on %s$"):format(M.mpi_size or 0, pquote(M.host))
+  end
+  return "^" .. pquote(name) .. "%-%d+$"
+end
+
+-- The `worker` of a task error from worker i of a pool named `name` (on a
+-- ranked engine: from rank i).
+function M.worker_name(kind, name, i)
+  if M.traits[kind].ranked then return ("rank %d of %d on %s"):format(i, M.mpi_size or 0, M.host) end
+  return name .. "-" .. i
+end
+
+-- What starts a crash, deadline or initializer message (a pattern): the
+-- rank it happened on, for a ranked engine; "" otherwise.
+function M.at(kind)
+  if M.traits[kind].ranked then
+    return ("rank %%d+ of %d on %s: "):format(M.mpi_size or 0, pquote(M.host))
+  end
+  return ""
+end
+
+-- The largest max_workers a pool may have: an mpipool has one worker per
+-- serving rank (more are refused when the pool is made).
+function M.largest(kind)
+  if kind == "mpipool" then return (M.mpi_size or 2) - 1 end
+  return 4096
+end
+
+-- Options for a pool that runs opts.max_workers tasks at once on every
+-- engine: an mpipool of more workers than the job has serving ranks takes
+-- fewer ranks with more slots each (3 on 2 ranks: 1 rank of 3 slots; 4:
+-- 2 of 2), so the same count runs at once.  pool.max_workers then says the
+-- ranks: a spec reads it from the options this returns.
+function M.sized(kind, opts)
+  local n, ranks = opts.max_workers, M.largest(kind)
+  if kind == "mpipool" and n and n > ranks then
+    local r = ranks
+    while n % r ~= 0 do r = r - 1 end
+    opts.max_workers, opts.slots = r, n // r
+  end
+  return opts
+end
+-- }======
 
 -- Options for a pool that runs max_workers tasks at a time, as a spec that
 -- counts on it wants: on an iopool max_workers counts loop threads, each
 -- running many tasks at once, so concurrency says it there.
 function M.serial(kind, opts)
   if kind == "iopool" then opts.concurrency = opts.max_workers end
-  return opts
+  return M.sized(kind, opts)
 end
 M.serial_opt = { iopool = ", concurrency = 1" } -- for a pool made in a script's text
 M.source_dir = os.getenv("LUAPOOL_SOURCE_DIR") or "."
@@ -36,12 +115,49 @@ function M.slurp(path)
   return s
 end
 
+-- What an MPI launch started by a spec needs (spec/mpi_spec.lua, M.run):
+-- root is refused unless both are set; 2 cores hold 3 ranks only when
+-- oversubscribed; shared memory between the ranks (vader, without the
+-- single-copy mechanism a container's ptrace rules forbid).  Under
+-- AddressSanitizer, Open MPI's own leaks are not ours to report.
+M.mpiexec = os.getenv("LUAPOOL_MPIEXEC")
+M.mpi_env = {
+  "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
+  "OMPI_MCA_rmaps_base_oversubscribe=true", "OMPI_MCA_btl=self,vader",
+  "OMPI_MCA_btl_vader_single_copy_mechanism=none", "OMPI_MCA_mpi_yield_when_idle=true",
+  os.getenv("ASAN_OPTIONS") and shell_quote("ASAN_OPTIONS=" .. os.getenv("ASAN_OPTIONS") .. ":detect_leaks=0") or nil,
+}
+
+-- The words that start `mpiexec -n n luapool --mpi` from any process: inside
+-- a rank (the conformance suite runs as rank 0), the job's own variables
+-- are taken away first, or the new mpiexec and its ranks would take them
+-- for theirs (and luapool refuses --mpi where LUAPOOL_MPI_CHILD is set).
+function M.mpi_launch(n)
+  local words = { "env" }
+  local p = io.popen("env -0")
+  local all = p:read("a")
+  p:close()
+  for name in all:gmatch("([^%z=]+)=[^%z]*%z") do
+    if name:match("^OMPI_") or name:match("^PMIX_") or name:match("^PMI_") or name:match("^LUAPOOL_MPI_") then
+      words[#words + 1] = "-u " .. name
+    end
+  end
+  for _, e in ipairs(M.mpi_env) do words[#words + 1] = e end
+  words[#words + 1] = shell_quote(assert(M.mpiexec, "LUAPOOL_MPIEXEC is not set"))
+  words[#words + 1] = "-n " .. n
+  words[#words + 1] = shell_quote(M.bin)
+  words[#words + 1] = "--mpi"
+  return table.concat(words, " ")
+end
+
 -- Runs the luapool binary with the given arguments (a list), stdin from
 -- `input` when given, extra environment variables from `env` (a table).
+-- With `engine` "mpipool" (a conformance spec running a script on its
+-- engine), as rank 0 of `mpiexec -n 3 luapool --mpi ARGS`.
 -- Returns stdout, stderr, exit status.
-function M.run(args, input, env)
+function M.run(args, input, env, engine)
   local out, err = os.tmpname(), os.tmpname()
-  local cmd = { shell_quote(M.bin) }
+  local cmd = { engine == "mpipool" and M.mpi_launch(3) or shell_quote(M.bin) }
   if env then
     local names = {}
     for k in pairs(env) do names[#names + 1] = k end

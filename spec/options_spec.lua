@@ -161,7 +161,7 @@ describe("worker lifetimes", function()
         p:shutdown { wait = false }
         local s = p:stats() -- (one snapshot: a task moving from pending to running between
                             -- two calls would count twice)
-        print("shut down, " .. s.pending + s.running .. " still to run")]]):format(kind) })
+        print("shut down, " .. s.pending + s.running .. " still to run")]]):format(kind) }, nil, nil, kind)
       assert.are.equal(0, code)
       assert.are.equal("", err)
       assert.are.equal("shut down, 4 still to run\ntask 1\ntask 2\ntask 3\ntask 4\n", out)
@@ -176,7 +176,7 @@ describe("worker lifetimes", function()
         end
         while not fs[1]:running() do luapool.sleep(0.01) end
         p:shutdown { wait = false, cancel_futures = true }
-        print(fs[2]:cancelled(), fs[4]:cancelled())]]):format(kind, h.serial_opt[kind] or "") })
+        print(fs[2]:cancelled(), fs[4]:cancelled())]]):format(kind, h.serial_opt[kind] or "") }, nil, nil, kind)
       assert.are.equal(0, code)
       assert.are.equal("", err)
       assert.are.equal("true\ttrue\ntask 1\n", out)

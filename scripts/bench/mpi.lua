@@ -10,6 +10,11 @@
 --   cpu            the seed CPU job: luapool.kernels.sum_squares on the five
 --                  numbers of seed_cpu.py (seconds; the sums checked exactly)
 -- and prints the medians, and the ratios mpipool / processpool.
+--   mpiexec -n N luapool --mpi scripts/bench/mpi.lua --switches 1 [--tasks T] [--runs R]
+-- counts instead, for submit+result on the mpipool, the context switches per
+-- task (voluntary and not, from /proc) of rank 0, of the serving ranks' loops,
+-- of their other threads (the local processpool's proxies) and of their
+-- workers: on a loaded machine a deterministic-ish count where times vary.
 --
 -- usage, as the driver (no --mpi): one job per rank count, beside
 -- mpi4py.futures (Debian python3-mpi4py) running ../shared/peers/mpi_futures.py:
@@ -20,7 +25,7 @@
 -- Open MPI's opt-in (OMPI_ALLOW_RUN_AS_ROOT...), and oversubscribes when
 -- there are more ranks than CPUs; the ranks share memory (btl self,vader).
 local args = { ... }
-local opt = { tasks = 20000, runs = 3, slots = 1, ranks = "1,2,4" }
+local opt = { tasks = 20000, runs = 3, slots = 1, ranks = "1,2,4", switches = 0 }
 do
   local i = 1
   while i <= #args do
@@ -48,6 +53,47 @@ local function median(t)
 end
 
 -- {====== inside the job: measure
+-- Context switches per submit+result task, by where they happen.
+local function switches()
+  local mp <close> = luapool.mpipool.new { slots = opt.slots }
+  local noop = function(x) return x end
+  local who = mp:map(function()
+    luapool.sleep(0.05)
+    local stat = io.open("/proc/self/stat"):read("a")
+    return tonumber(stat:match("^%d+ %b() %a (%d+)")) .. " " .. luapool.current_worker().pid
+  end, { 1, 2, 3, 4, 5, 6, 7, 8 }, { chunksize = 1 })
+  local pids = { [luapool.current_worker().pid] = "rank0" }
+  for _, w in ipairs(who) do
+    local r, p = w:match("(%d+) (%d+)")
+    pids[tonumber(r)], pids[tonumber(p)] = "ranks", "workers"
+  end
+  local function count()
+    local c = { rank0 = 0, ranks = 0, workers = 0, loops = 0 }
+    for pid, k in pairs(pids) do
+      local f = io.popen("cat /proc/" .. pid .. "/task/*/status 2>/dev/null")
+      for n in f:read("a"):gmatch("ctxt_switches:%s*(%d+)") do c[k] = c[k] + tonumber(n) end
+      f:close()
+      if k == "ranks" then -- (the serve loop is the rank's first thread)
+        local s = io.open("/proc/" .. pid .. "/task/" .. pid .. "/status"):read("a")
+        for n in s:gmatch("ctxt_switches:%s*(%d+)") do c.loops = c.loops + tonumber(n) end
+      end
+    end
+    c.ranks = c.ranks - c.loops
+    return c
+  end
+  local T = opt.tasks
+  for _ = 1, opt.runs do
+    local c0, t = count(), luapool.now()
+    local fs = {}
+    for i = 1, T do fs[i] = mp:submit(noop, i) end
+    for i = 1, T do assert(fs[i]:result() == i) end
+    local us, c1 = (luapool.now() - t) / T * 1e6, count()
+    print(("RESULT submit+result %.2f us/task; switches per task: rank 0 %.2f, rank loops %.2f, "
+      .. "their other threads %.2f, workers %.2f"):format(us, (c1.rank0 - c0.rank0) / T,
+      (c1.loops - c0.loops) / T, (c1.ranks - c0.ranks) / T, (c1.workers - c0.workers) / T))
+  end
+end
+
 local function measure()
   local mp <close> = luapool.mpipool.new { slots = opt.slots }
   local workers = mp.max_workers * opt.slots
@@ -151,7 +197,7 @@ end
 -- }======
 
 if os.getenv("OMPI_COMM_WORLD_SIZE") or os.getenv("PMI_SIZE") or os.getenv("PMIX_RANK") then
-  measure() -- rank 0 of a job (mpipool.new says what is wrong with it)
+  if opt.switches ~= 0 then switches() else measure() end -- rank 0 of a job (mpipool.new says what is wrong with it)
 else
   drive()
 end

@@ -68,6 +68,10 @@ typedef struct orank {
   lp_future **run; /* [cap] (NULL: free) */
   uint64_t *ids;   /* [cap] */
   double *sent;    /* [cap]: when (progress thread only) */
+  /* [cap]: sent ahead, beyond the rank's free slots (mutex: p->mu): only
+  ** such a task may still be cancelled while it reads as running; one sent
+  ** to a free slot is running, as on any pool (cancel() says false). */
+  unsigned char *ahead;
   uint64_t paths_gen;
   /* Its pace (progress thread only): the mean time from the later of a
   ** task's sending and the previous answer to the task's answer, that is,
@@ -103,9 +107,31 @@ typedef struct ostate {
   int c_state, c_ok, c_rank;
   uint64_t c_id;
   pthread_cond_t ccv;
+  lp_pool *pool;
+  struct ostate *live_next; /* in live (mutex: live_mu) while its thread runs */
 } ostate;
 
 static atomic_uint next_pool_id;
+
+/* The pools whose progress thread runs (each takes itself out as its last
+** act), so that the host's exit can make every one leave its loop and wait
+** for that before MPI_Finalize (luapool__mpi_owner_quit).  A pool's state
+** is freed only once its thread was joined, so every entry is alive. */
+static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t live_cv = PTHREAD_COND_INITIALIZER;
+static ostate *live;
+static atomic_int quit; /* the host is ending: every progress thread leaves now */
+
+static void live_remove(ostate *ms) {
+  pthread_mutex_lock(&live_mu);
+  for (ostate **pp = &live; *pp; pp = &(*pp)->live_next)
+    if (*pp == ms) {
+      *pp = ms->live_next;
+      break;
+    }
+  pthread_cond_broadcast(&live_cv);
+  pthread_mutex_unlock(&live_mu);
+}
 
 static ostate *state_of(lp_pool *p) { return (ostate *)p->es; }
 static const mpi_config *config_of(const lp_pool *p) { return (const mpi_config *)p->config; }
@@ -242,6 +268,7 @@ static void *progress_main(void *arg) {
   for (;;) {
     int n = 0, intr = 0, crank = 0;
     uint64_t cid = 0;
+    if (atomic_load(&quit)) break;
     pthread_mutex_lock(&p->mu);
     intr = ms->intr_req;
     ms->intr_req = 0;
@@ -278,6 +305,7 @@ static void *progress_main(void *arg) {
       lp_future *f = luapool__pool_take(p);
       best->run[k] = f; /* reserved: started and sent below */
       best->ids[k] = ++ms->next_task;
+      best->ahead[k] = best->inflight >= ms->slots;
       best->inflight++;
       atomic_fetch_add(&ms->ninflight, 1);
       batch[n++] = (assigned){f, best, k};
@@ -288,7 +316,7 @@ static void *progress_main(void *arg) {
         pthread_mutex_unlock(&p->mu);
         break;
       }
-      pthread_cond_wait(&ms->cv, &p->mu);
+      if (!atomic_load(&quit)) pthread_cond_wait(&ms->cv, &p->mu);
       pthread_mutex_unlock(&p->mu);
       last = luapool__now();
       continue;
@@ -342,9 +370,41 @@ static void *progress_main(void *arg) {
       luapool__mpi_idle(luapool__now() - last, 1000);
   }
   atomic_store(&ms->ended, 1);
-  tell_ranks(ms, M_CLOSE);
-  luapool__mpi_sends_wait(&ms->sends, luapool__now() + 5.0);
+  if (atomic_load(&quit)) { /* (M_STOP follows: each rank closes every pool) */
+    luapool__mpi_sends_wait(&ms->sends, luapool__now() + 0.1);
+  } else {
+    tell_ranks(ms, M_CLOSE);
+    luapool__mpi_sends_wait(&ms->sends, luapool__now() + 5.0);
+  }
+  live_remove(ms); /* its last MPI call is made */
   return NULL;
+}
+
+int luapool__mpi_owner_quit(double until) {
+  atomic_store(&quit, 1);
+  pthread_mutex_lock(&live_mu);
+  for (ostate *ms = live; ms; ms = ms->live_next) {
+    pthread_mutex_lock(
+        &ms->pool->mu); /* (live_mu, then a pool's: nobody takes them the other way) */
+    pthread_cond_signal(&ms->cv);
+    pthread_mutex_unlock(&ms->pool->mu);
+  }
+  int left = 0;
+  for (;;) {
+    left = 0;
+    for (ostate *ms = live; ms; ms = ms->live_next)
+      left++;
+    double now = luapool__now();
+    if (left == 0 || now >= until) break;
+    struct timespec dl; /* (live_cv is of the default clock) */
+    clock_gettime(CLOCK_REALTIME, &dl);
+    double t = (double)dl.tv_sec + dl.tv_nsec * 1e-9 + (until - now);
+    dl.tv_sec = (time_t)t;
+    dl.tv_nsec = (long)((t - (double)dl.tv_sec) * 1e9);
+    pthread_cond_timedwait(&live_cv, &live_mu, &dl);
+  }
+  pthread_mutex_unlock(&live_mu);
+  return left;
 }
 
 /* {====== engine entry points */
@@ -359,6 +419,7 @@ static void free_state(ostate *ms) {
     lp_free(ms->ranks[i].run);
     lp_free(ms->ranks[i].ids);
     lp_free(ms->ranks[i].sent);
+    lp_free(ms->ranks[i].ahead);
   }
   lp_free(ms->ranks);
   lp_free(ms->batch);
@@ -373,16 +434,23 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
   const mpi_config *c = config_of(p);
   lp_buf b = {0}, hello = {0};
   const lp_paths *ps = p->paths;
-  int bad = luapool__wire_hello(&hello) || luapool__put_u8(&b, M_OPEN) ||
-            luapool__put_u32(&b, ms->id) || luapool__put_u32(&b, (uint32_t)ms->slots) ||
-            luapool__put_u32(&b, (uint32_t)c->max_memory_mb) ||
-            luapool__put_u32(&b, (uint32_t)c->max_tasks_per_child) ||
-            luapool__put_u32(&b, (uint32_t)hello.len) || luapool__buf_add(&b, hello.p, hello.len) ||
-            put_u64(&b, ps->gen) || luapool__put_string(&b, ps->path, strlen(ps->path)) ||
-            luapool__put_string(&b, ps->cpath, strlen(ps->cpath)) ||
-            luapool__put_string(&b, p->name, strlen(p->name)) ||
-            luapool__put_u32(&b, (uint32_t)p->init_len) ||
-            luapool__buf_add(&b, p->init_msg, p->init_len);
+  uint32_t mark = MPI_ORDER_MARK, id = ms->id;
+#ifdef LUAPOOL_TEST_OTHER_ORDER
+  /* (a rank 0 of the other byte order, for spec/mpi_spec.lua: the numbers
+  ** a rank reads before it refuses are swapped) */
+  mark = __builtin_bswap32(mark);
+  id = __builtin_bswap32(id);
+#endif
+  int bad =
+      luapool__wire_hello(&hello) || luapool__put_u8(&b, M_OPEN) || luapool__put_u32(&b, mark) ||
+      luapool__put_u32(&b, id) || luapool__put_u32(&b, (uint32_t)ms->slots) ||
+      luapool__put_u32(&b, (uint32_t)c->max_memory_mb) ||
+      luapool__put_u32(&b, (uint32_t)c->max_tasks_per_child) ||
+      luapool__put_u32(&b, (uint32_t)hello.len) || luapool__buf_add(&b, hello.p, hello.len) ||
+      put_u64(&b, ps->gen) || luapool__put_string(&b, ps->path, strlen(ps->path)) ||
+      luapool__put_string(&b, ps->cpath, strlen(ps->cpath)) ||
+      luapool__put_string(&b, p->name, strlen(p->name)) ||
+      luapool__put_u32(&b, (uint32_t)p->init_len) || luapool__buf_add(&b, p->init_msg, p->init_len);
   luapool__buf_free(&hello);
   for (int i = 0; !bad && i < ms->nranks; i++) {
     char *m = lp_malloc(b.len);
@@ -431,6 +499,10 @@ static int greet(lp_pool *p, ostate *ms, char *err, size_t errsz) {
       opened[from - 1] = 2;
       char mine[300];
       luapool__wire_describe(mine, sizeof mine);
+#ifdef LUAPOOL_TEST_OTHER_ORDER
+      char *le = strstr(mine, "little-endian"); /* (as the other machine would say) */
+      if (le) memmove(le, le + 3, strlen(le + 3) + 1), memcpy(le, "big", 3);
+#endif
       if (m[0] == R_REFUSE)
         snprintf(err, errsz,
                  "cannot create an mpipool: rank %d of %d is %.*s, and rank 0 is %s: every rank "
@@ -510,7 +582,8 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
     rk->run = lp_calloc((size_t)ms->cap, sizeof *rk->run); // NOLINT(bugprone-sizeof-expression)
     rk->ids = lp_calloc((size_t)ms->cap, sizeof *rk->ids);
     rk->sent = lp_calloc((size_t)ms->cap, sizeof *rk->sent);
-    ok = rk->run && rk->ids && rk->sent;
+    rk->ahead = lp_calloc((size_t)ms->cap, 1);
+    ok = rk->run && rk->ids && rk->sent && rk->ahead;
   }
   if (!ok) {
     free_state(ms);
@@ -522,7 +595,13 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
     return -1;
   }
   p->es = ms;
+  ms->pool = p;
+  pthread_mutex_lock(&live_mu);
+  ms->live_next = live;
+  live = ms;
+  pthread_mutex_unlock(&live_mu);
   if (luapool__pool_thread(&ms->thread, progress_main, p) != 0) {
+    live_remove(ms);
     tell_ranks(ms, M_CLOSE);
     luapool__mpi_sends_wait(&ms->sends, luapool__now() + 2.0);
     free_state(ms);
@@ -541,9 +620,10 @@ static int owner_queued(lp_pool *p, char *err, size_t errsz) {
   return 0;
 }
 
-/* A task sent to a rank is cancelled there if it has not started yet (it
-** was sent ahead, or waits for a local worker): asks the rank through the
-** progress thread and waits for the answer. */
+/* A task sent ahead to a rank (beyond its free slots) is cancelled there if
+** it has not started yet: asks the rank through the progress thread and
+** waits for the answer.  One sent to a free slot reads as running and is
+** not cancelled (as on every pool), even when the rank has yet to start it. */
 static int owner_cancel(lp_pool *p, lp_future *f) {
   ostate *ms = state_of(p);
   pthread_mutex_lock(&p->mu);
@@ -551,7 +631,7 @@ static int owner_cancel(lp_pool *p, lp_future *f) {
   uint64_t tid = 0;
   for (int i = 0; i < ms->nranks && !rank; i++)
     for (int k = 0; k < ms->cap; k++)
-      if (ms->ranks[i].run[k] == f) {
+      if (ms->ranks[i].run[k] == f && ms->ranks[i].ahead[k]) {
         rank = ms->ranks[i].rank;
         tid = ms->ranks[i].ids[k];
         break;

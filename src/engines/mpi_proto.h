@@ -12,7 +12,8 @@
 ** loops here sleep between polls instead (backoff, mpi_proto_idle).
 **
 ** Messages to a serving rank (tag TAG_RANK), a type byte first:
-**   M_OPEN  u32 pool, u32 slots, u32 max_memory_mb, u32 max_tasks_per_child,
+**   M_OPEN  u32 byte-order mark (MPI_ORDER_MARK in the sender's order: a
+**           rank of the other order refuses at once), u32 pool, u32 slots, u32 max_memory_mb, u32 max_tasks_per_child,
 **           u32 hello length, hello (wire.c), u64 paths gen, path, cpath,
 **           the pool's name (its local workers are NAME-1...), u32
 **           initializer length, initializer message
@@ -47,7 +48,8 @@ extern const lp_engine luapool__mpi_owner_engine;
 enum { M_OPEN = 1, M_TASK, M_PATHS, M_INTERRUPT, M_CLOSE, M_STOP, M_CANCEL };
 enum { R_OPENED = 1, R_REFUSE, R_FAILED, R_DONE, R_KEPT };
 
-#define TAG_RANK 1
+#define TAG_RANK       1
+#define MPI_ORDER_MARK 0x01020304u
 /* 32767 is the least MPI_TAG_UB the standard allows. */
 #define TAG_POOL(id) (16 + (int)((id) % 32000u))
 
@@ -88,6 +90,12 @@ int luapool__mpi_try_recv(int src, int tag, char **buf, size_t *len, int *from);
 ** backoff counting polls would make each side's sleep grow with the
 ** other's, up to the cap), and an idle loop soon at the cap. */
 void luapool__mpi_idle(double quiet, unsigned cap_us);
+
+/* The host is ending (rank 0, before MPI_Finalize): every pool's progress
+** thread leaves its loop at its next pass (a pool left open at exit, whose
+** stop gave up on it, too).  Waits until none runs or `until`
+** (luapool__now); returns how many still run.  mpi_owner.c. */
+int luapool__mpi_owner_quit(double until);
 
 /* "rank 2 of 3 on host" for rank r (buf of at least 300 bytes), host
 ** being r's (given) or this process's (NULL). */

@@ -216,8 +216,32 @@ static void stop_ranks(double grace) {
   luapool__mpi_sends_wait(&s, luapool__now() + grace);
 }
 
+/* How long the exit waits for pools' progress threads to leave MPI. */
+#define QUIT_GRACE 5.0
+
 void luapool__mpi_end(void) {
-  if (atomic_load(&luapool__ending_on_signal)) {
+  /* No thread may be in MPI when it is finalized: every pool's progress
+  ** thread (one left running by a stop that gave up on it, too) leaves its
+  ** loop and is waited for.  One that does not within the grace is stuck
+  ** (on a pool lock, or inside an MPI call): the job is aborted instead,
+  ** holding the lock every MPI call is made under, so that it cannot enter
+  ** MPI meanwhile; if even the lock stays taken, rank 0 leaves at once,
+  ** and mpiexec ends the job (no MPI_Finalize, no undefined behaviour). */
+  int sig = atomic_load(&luapool__ending_on_signal);
+  double grace = sig ? 0.5 : QUIT_GRACE;
+  int left = luapool__mpi_owner_quit(luapool__now() + grace);
+  if (left) {
+    fprintf(stderr,
+            "luapool: %d mpipool progress thread%s did not stop within %g seconds: the MPI job is "
+            "aborted\n",
+            left, left == 1 ? "" : "s", grace);
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += 1;
+    if (pthread_mutex_timedlock(&luapool__mpi_mu, &dl) == 0) MPI_Abort(MPI_COMM_WORLD, 1);
+    _exit(1);
+  }
+  if (sig) {
     /* mpiexec is ending the job (it forwarded the signal to every rank),
     ** or the user stopped rank 0 alone: the ranks are told, and rank 0
     ** leaves without MPI_Finalize, whose fence could wait for ranks that
@@ -244,12 +268,19 @@ typedef struct session {
   struct session *next;
 } session;
 
+/* One M_TASK, from its arrival until rank 0 has its answer: every task
+** rank 0 sent gets one R_DONE, whatever runs out (see answer_rtask). */
 typedef struct rtask {
   lp_wnode node; /* first: the completion queue frees it as a node */
   uint64_t id;
-  session *s;
-  struct rtask *snext, *sprev; /* in s->tasks, until answered */
+  session *s;                  /* NULL: failed before it reached a pool */
+  int tag;                     /* rank 0's, for the answer */
+  struct rtask *snext, *sprev; /* in s->tasks, until settled */
   int cancel_asked;            /* rank 0 cancelled it (M_CANCEL) */
+  /* Failed before its future existed (node.f NULL): the kind and why. */
+  lp_ekind early_kind;
+  char why[200];
+  struct rtask *onext; /* in sv->owed: settled, no memory yet to answer */
 } rtask;
 
 typedef struct server {
@@ -258,6 +289,16 @@ typedef struct server {
   int ntasks;
   mpi_sends sends;
   char name[300]; /* "rank 2 of 3 on host" */
+  /* The next M_TASK's record, allocated before the message is taken: with
+  ** no memory for it the messages wait in MPI, and a task that was taken
+  ** always has its record to answer with. */
+  rtask *spare;
+  /* Settled tasks whose answer could not be sent yet (no memory): retried
+  ** on every pass of the loop, so none is left unanswered. */
+  rtask *owed;
+#ifdef LUAPOOL_TEST_ALLOC
+  long test_oom; /* LUAPOOL_TEST_MPI_REPLY_OOM: answers whose allocation fails */
+#endif
 } server;
 
 static session *find_session(server *sv, uint32_t id) {
@@ -266,34 +307,60 @@ static session *find_session(server *sv, uint32_t id) {
   return NULL;
 }
 
-/* Sends rank 0 a message of type t on the pool's tag: head, then body. */
-static void answer(server *sv, int tag, unsigned t, const lp_buf *head, const char *body,
-                   size_t blen) {
-  size_t hl = head ? head->len : 0;
+/* Sends rank 0 a message of type t on the pool's tag: head, then body.
+** 0, or -1 when there was no memory for it (or MPI refused it). */
+static int answer(server *sv, int tag, unsigned t, const char *head, size_t hl, const char *body,
+                  size_t blen) {
+#ifdef LUAPOOL_TEST_ALLOC
+  if (sv->test_oom > 0 && t == R_DONE) { /* this message's allocation fails */
+    sv->test_oom--;
+    luapool__test_fail_c_alloc(0, 1);
+  }
+#endif
   char *b = lp_malloc(1 + hl + blen);
-  if (b == NULL) return; /* (rank 0's wait for it ends with the job) */
+  if (b == NULL) return -1;
   b[0] = (char)t;
-  if (hl) memcpy(b + 1, head->p, hl);
+  if (hl) memcpy(b + 1, head, hl);
   if (blen) memcpy(b + 1 + hl, body, blen);
-  luapool__mpi_send(&sv->sends, 0, tag, b, 1 + hl + blen);
+  return luapool__mpi_send(&sv->sends, 0, tag, b, 1 + hl + blen);
 }
 
+/* A string of the codec (codec.h) is read by rank 0 whatever its byte
+** order when it is short (a tag byte, a length byte): texts are cut to
+** 255 bytes, so that a refusal reaches a rank 0 of the other order too. */
 static void answer_text(server *sv, int tag, unsigned t, const char *text) {
   lp_buf h = {0};
-  if (luapool__put_string(&h, text, strlen(text)) == 0) answer(sv, tag, t, &h, NULL, 0);
+  size_t n = strlen(text);
+  if (luapool__put_string(&h, text, n > 255 ? 255 : n) == 0)
+    answer(sv, tag, t, h.p, h.len, NULL, 0);
   luapool__buf_free(&h);
 }
 
-/* A task's outcome for rank 0: R_DONE, its id, the state. */
-static void answer_task(server *sv, session *s, uint64_t id, lp_future *f, int cancel_asked) {
-  lp_buf h = {0};
-  char m[1400];
-  int ok = luapool__buf_add(&h, &id, 8) == 0;
+/* R_DONE of a failure: id, 1 + kind, the message "rank r of n on host: why"
+** (built here, so that it costs one allocation: the message's).  0 or -1. */
+static int answer_failure(server *sv, int tag, uint64_t id, lp_ekind k, const char *why) {
+  char m[1400], h[1500];
+  int ml = snprintf(m, sizeof m, "%s: %s", sv->name, why);
+  lp_buf b = {h, 0, sizeof h}; /* (on the stack: put_string never grows it here) */
+  if (ml < 0) return -1;
+  if ((size_t)ml >= sizeof m) ml = (int)sizeof m - 1;
+  memcpy(h, &id, 8);
+  h[8] = (char)(1u + (unsigned)k);
+  b.len = 9;
+  if (luapool__put_string(&b, m, (size_t)ml) != 0) return -1;
+  return answer(sv, tag, R_DONE, h, b.len, NULL, 0);
+}
+
+/* A task's outcome for rank 0: R_DONE, its id, the state.  0, or -1 when
+** there was no memory for the message. */
+static int answer_task(server *sv, int tag, uint64_t id, lp_future *f, int cancel_asked) {
+  char m[1400], h[9];
   lp_fstate st = luapool__future_state(f); /* settled: stable from here */
-  if (ok && st == LP_FINISHED) {
-    ok = luapool__put_u8(&h, 0) == 0;
-    if (ok) answer(sv, s->tag, R_DONE, &h, f->reply, f->replylen);
-  } else if (ok) {
+  memcpy(h, &id, 8);
+  if (st == LP_FINISHED) {
+    h[8] = 0;
+    return answer(sv, tag, R_DONE, h, 9, f->reply, f->replylen);
+  } else {
     lp_ekind k = LP_EK_INTERRUPTED;
     if (st == LP_FAILED) {
       k = (lp_ekind)f->ekind;
@@ -304,10 +371,35 @@ static void answer_task(server *sv, session *s, uint64_t id, lp_future *f, int c
     } else { /* cancelled in the local queue: an interrupt came first */
       snprintf(m, sizeof m, "%s: the task was interrupted before it started", sv->name);
     }
-    if (luapool__put_u8(&h, 1u + (unsigned)k) == 0 && luapool__put_string(&h, m, strlen(m)) == 0)
-      answer(sv, s->tag, R_DONE, &h, NULL, 0);
+    lp_buf b = {0};
+    int r = -1;
+    if (luapool__buf_add(&b, h, 8) == 0 && luapool__put_u8(&b, 1u + (unsigned)k) == 0 &&
+        luapool__put_string(&b, m, strlen(m)) == 0)
+      r = answer(sv, tag, R_DONE, b.p, b.len, NULL, 0);
+    luapool__buf_free(&b);
+    return r;
   }
-  luapool__buf_free(&h);
+}
+
+/* Answers t: its outcome, or when there is no memory for that (a large
+** result, a long message), a failure that says so, which costs one small
+** allocation: a task rank 0 sent never vanishes.  0 answered; -1 not even
+** that (the caller keeps t owed and tries again on the next pass). */
+static int answer_rtask(server *sv, rtask *t) {
+  lp_future *f = t->node.f;
+  if (f == NULL) return answer_failure(sv, t->tag, t->id, t->early_kind, t->why);
+  if (answer_task(sv, t->tag, t->id, f, t->cancel_asked) == 0) return 0;
+  char why[200];
+  lp_fstate st = luapool__future_state(f);
+  if (st == LP_FINISHED) {
+    snprintf(why, sizeof why, "not enough memory to send the result of task #%llu back (%zu bytes)",
+             (unsigned long long)f->task_no, f->replylen);
+    return answer_failure(sv, t->tag, t->id, LP_EK_TRANSFER, why);
+  }
+  snprintf(why, sizeof why, "task #%llu failed, and there was not enough memory to send why",
+           (unsigned long long)f->task_no);
+  return answer_failure(sv, t->tag, t->id, st == LP_FAILED ? (lp_ekind)f->ekind : LP_EK_INTERRUPTED,
+                        why);
 }
 
 /* Fills the processpool's options from ours, by their names in its option
@@ -318,17 +410,28 @@ static void set_proc_option(char *cfg, const char *name, int v) {
 }
 
 static void on_open(server *sv, lp_reader *r) {
-  uint32_t id = 0, slots = 1, mem = 0, mtpc = 0, hl = 0, il = 0;
+  uint32_t mark = 0, id = 0, slots = 1, mem = 0, mtpc = 0, hl = 0, il = 0;
   uint64_t gen = 0;
   const char *path, *cpath, *name;
   size_t pl, cl, nl;
-  if (luapool__get_u32(r, &id) || luapool__get_u32(r, &slots) || luapool__get_u32(r, &mem) ||
-      luapool__get_u32(r, &mtpc) || luapool__get_u32(r, &hl) || (size_t)(r->end - r->p) < hl)
-    return; /* (malformed: cannot even say on which tag) */
+  char peer[300], mine[300], err[400];
+  if (luapool__get_u32(r, &mark) || luapool__get_u32(r, &id)) return; /* (malformed) */
+  if (mark != MPI_ORDER_MARK) {
+    /* Rank 0 is of the other byte order (or no luapool): nothing after the
+    ** mark is read as a number; refused at once, on the tag its pool id
+    ** names in its order, with this rank's build (which names its byte
+    ** order; rank 0's message puts its own beside it). */
+    if (mark != __builtin_bswap32(MPI_ORDER_MARK)) return; /* (cannot say on which tag) */
+    luapool__wire_describe(mine, sizeof mine);
+    answer_text(sv, TAG_POOL(__builtin_bswap32(id)), R_REFUSE, mine);
+    return;
+  }
+  if (luapool__get_u32(r, &slots) || luapool__get_u32(r, &mem) || luapool__get_u32(r, &mtpc) ||
+      luapool__get_u32(r, &hl) || (size_t)(r->end - r->p) < hl)
+    return; /* (malformed) */
   const char *hello = r->p;
   r->p += hl;
   int tag = TAG_POOL(id);
-  char peer[300], mine[300], err[400];
   if (luapool__wire_check(hello, hl, peer, sizeof peer) != 0) {
     luapool__wire_describe(mine, sizeof mine);
     answer_text(sv, tag, R_REFUSE, mine);
@@ -388,18 +491,26 @@ static void on_open(server *sv, lp_reader *r) {
   uint32_t pid = (uint32_t)getpid();
   if (luapool__put_string(&h, luapool__mpi_host, strlen(luapool__mpi_host)) == 0 &&
       luapool__put_u32(&h, pid) == 0)
-    answer(sv, tag, R_OPENED, &h, NULL, 0);
+    answer(sv, tag, R_OPENED, h.p, h.len, NULL, 0);
   luapool__buf_free(&h);
 }
 
-static void fail_task(server *sv, int tag, uint64_t id, lp_ekind k, const char *why) {
-  lp_buf h = {0};
-  char m[600];
-  snprintf(m, sizeof m, "%s: %s", sv->name, why);
-  if (luapool__buf_add(&h, &id, 8) == 0 && luapool__put_u8(&h, 1u + (unsigned)k) == 0 &&
-      luapool__put_string(&h, m, strlen(m)) == 0)
-    answer(sv, tag, R_DONE, &h, NULL, 0);
-  luapool__buf_free(&h);
+/* Keeps t until its answer can be sent (no memory now). */
+static void owe(server *sv, rtask *t) {
+  t->onext = sv->owed;
+  sv->owed = t;
+}
+
+/* A task that failed before it reached its pool: answered now, or owed. */
+static void fail_task(server *sv, rtask *t, lp_ekind k, const char *why) {
+  t->node.f = NULL;
+  t->s = NULL;
+  t->early_kind = k;
+  snprintf(t->why, sizeof t->why, "%s", why);
+  if (answer_rtask(sv, t) == 0)
+    lp_free(t);
+  else
+    owe(sv, t);
 }
 
 /* M_TASK: msg is the whole message (malloc'd, taken). */
@@ -419,10 +530,15 @@ static void on_task(server *sv, char *msg, size_t len) {
   memcpy(&task_no, msg + 21, 8);
   memcpy(&item_lo, msg + 29, 8);
   memcpy(&ncalls, msg + 37, 4);
+  rtask *t = sv->spare; /* (the loop took the message only with one) */
+  sv->spare = NULL;
+  memset(t, 0, sizeof *t);
+  t->id = tid;
+  t->tag = TAG_POOL(id);
   session *s = find_session(sv, id);
   if (s == NULL) { /* (rank 0 sends none to a pool this rank refused or closed) */
     lp_free(msg);
-    fail_task(sv, TAG_POOL(id), tid, LP_EK_BROKEN, "no such pool on this rank");
+    fail_task(sv, t, LP_EK_BROKEN, "no such pool on this rank");
     return;
   }
   /* The task message to the front: a large one is then taken as it is. */
@@ -430,10 +546,8 @@ static void on_task(server *sv, char *msg, size_t len) {
   lp_buf b = {msg, len - HDR, len};
   lp_future *f = ncalls > 0 ? luapool__future_new(&b, (int)ncalls) : NULL;
   luapool__buf_free(&b);
-  rtask *t = f ? lp_calloc(1, sizeof *t) : NULL;
-  if (t == NULL) {
-    if (f) luapool__future_unref(f);
-    fail_task(sv, s->tag, tid, LP_EK_TRANSFER, "not enough memory for the task");
+  if (f == NULL) {
+    fail_task(sv, t, LP_EK_TRANSFER, "not enough memory for the task");
     return;
   }
   f->timeout = timeout;
@@ -444,11 +558,9 @@ static void on_task(server *sv, char *msg, size_t len) {
   char err[200];
   if (luapool__pool_submit(s->lp, f, err, sizeof err) != 0) {
     luapool__future_unref(f);
-    lp_free(t);
-    fail_task(sv, s->tag, tid, LP_EK_BROKEN, err);
+    fail_task(sv, t, LP_EK_BROKEN, err);
     return;
   }
-  t->id = tid;
   t->s = s;
   t->snext = s->tasks;
   if (s->tasks) s->tasks->sprev = t;
@@ -474,10 +586,10 @@ static void on_cancel(server *sv, session *s, lp_reader *r) {
     if (luapool__future_cancel(t->node.f)) return; /* answered once it fires */
     t->cancel_asked = 0;
   }
-  lp_buf h = {0};
-  if (luapool__buf_add(&h, &tid, 8) == 0 && luapool__put_u8(&h, 0) == 0)
-    answer(sv, s->tag, R_KEPT, &h, NULL, 0);
-  luapool__buf_free(&h);
+  char h[9];
+  memcpy(h, &tid, 8);
+  h[8] = 0;
+  answer(sv, s->tag, R_KEPT, h, 9, NULL, 0); /* (lost: rank 0's cancel gives up in 5 s) */
 }
 
 static void on_paths(session *s, lp_reader *r) {
@@ -496,6 +608,33 @@ static void on_paths(session *s, lp_reader *r) {
 
 static int take_settled(server *sv, double timeout);
 
+/* A task answered (or whose pool is gone): its record goes. */
+static void finish_rtask(server *sv, rtask *t) {
+  if (t->node.f) {
+    if (t->s) t->s->ntasks--; /* (always there: a future is made only in a pool) */
+    sv->ntasks--;
+    luapool__future_unref(t->node.f);
+  }
+  lp_free(t);
+}
+
+/* Tries the owed answers again (of session only, dropping them, when
+** given: it closed).  1 when one went. */
+static int retry_owed(server *sv, session *only) {
+  int any = 0;
+  for (rtask **pp = &sv->owed; *pp;) {
+    rtask *t = *pp;
+    if (only ? t->s == only : ((t->s && t->s->closed) || answer_rtask(sv, t) == 0)) {
+      *pp = t->onext;
+      finish_rtask(sv, t);
+      any = 1;
+    } else {
+      pp = &t->onext;
+    }
+  }
+  return any;
+}
+
 /* Ends a session: its pool interrupted when asked, its workers gone, its
 ** futures (all settled by the stop) taken from the queue unanswered. */
 static void close_session(server *sv, session *s, int interrupt) {
@@ -511,6 +650,7 @@ static void close_session(server *sv, session *s, int interrupt) {
   else
     luapool__pool_forget(s->lp); /* (stuck threads still use it) */
   take_settled(sv, 0);
+  retry_owed(sv, s);              /* (its owed answers are dropped: rank 0 closed it) */
   if (stuck || s->ntasks) return; /* (futures still to settle name it: kept) */
   luapool__paths_unref(s->paths);
   lp_free(s);
@@ -522,16 +662,15 @@ static int take_settled(server *sv, double timeout) {
   int any = 0;
   while (luapool__cq_wait(sv->cq, timeout, luapool__now(), &n) == 1) {
     rtask *t = (rtask *)n;
-    if (!t->s->closed) answer_task(sv, t->s, t->id, n->f, t->cancel_asked);
     if (t->sprev)
       t->sprev->snext = t->snext;
     else
       t->s->tasks = t->snext;
     if (t->snext) t->snext->sprev = t->sprev;
-    t->s->ntasks--;
-    sv->ntasks--;
-    luapool__future_unref(n->f);
-    lp_free(t);
+    if (!t->s->closed && answer_rtask(sv, t) != 0)
+      owe(sv, t); /* (counted until answered) */
+    else
+      finish_rtask(sv, t);
     any = 1;
     timeout = 0;
   }
@@ -564,16 +703,22 @@ int luapool__mpi_serve(void) {
     MPI_Abort(MPI_COMM_WORLD, 1);
     return 1;
   }
+#ifdef LUAPOOL_TEST_ALLOC
+  const char *oom = getenv("LUAPOOL_TEST_MPI_REPLY_OOM");
+  sv.test_oom = oom ? atol(oom) : 0;
+#endif
   prctl(PR_SET_TIMERSLACK, 1000UL); /* sleeps of microseconds mean it */
   double last = luapool__now();     /* when the loop last found something */
   int stop = 0, sig = 0;
   while (!stop) {
     if ((sig = pending_signal()) != 0) break;
-    int did = 0;
+    int did = sv.owed && retry_owed(&sv, NULL);
     char *m;
     size_t len;
     int from;
     for (int k = 0; k < 64 && !stop; k++) {
+      if (sv.spare == NULL && (sv.spare = lp_malloc(sizeof *sv.spare)) == NULL)
+        break; /* (the messages wait: a task taken now could not be answered) */
       int r = luapool__mpi_try_recv(0, TAG_RANK, &m, &len, &from);
       if (r <= 0) break;
       did = 1;
@@ -621,6 +766,12 @@ int luapool__mpi_serve(void) {
     _exit(128 + sig); /* mpiexec is ending the job: no MPI_Finalize */
   }
   close_all(&sv, 1);
+  while (sv.owed) { /* (only tasks that failed before reaching a pool are left) */
+    rtask *t = sv.owed;
+    sv.owed = t->onext;
+    finish_rtask(&sv, t);
+  }
+  lp_free(sv.spare);
   luapool__mpi_sends_wait(&sv.sends, luapool__now() + 5.0);
   luapool__cq_free(sv.cq);
   MPI_Finalize();

@@ -183,6 +183,8 @@ oom() {
   ASAN_OPTIONS=detect_leaks=1 build-oom/luapool spec/oom/oom.lua
   # the core's C allocations failed one by one in pools of fake engines
   ASAN_OPTIONS=detect_leaks=1 build-oom/spec/core_test
+  # an MPI rank with no memory for a reply (pending in a build without MPI)
+  ctest --test-dir build-oom -R '^mpi_oom_spec$' --output-on-failure
 }
 
 fuzz() {

@@ -269,3 +269,33 @@ describe("http.request", function()
       .. "false\tfetch_length: http://127%.0%.0%.1:1/: out of file descriptors %(Too many open files%)", out)
   end)
 end)
+
+describe("the nginx fixture", function()
+  it("does not outlive the process that started it (killed with a child holding on)", function()
+    -- the owner leaves a child running (it inherits the owner's end of the
+    -- watchdog's pipe): the watchdog still sees the owner go
+    local script = h.tempfile([[
+      local srv = assert(require("luapool.fixture").start())
+      local pid = assert(io.open("/proc/self/stat")):read("a"):match("^(%d+)")
+      io.stdout:write(pid, " ", srv.pid, " ", srv.dir, "\n")
+      io.stdout:flush()
+      os.execute("sleep 30 </dev/null >/dev/null 2>&1 & echo $! >" .. srv.dir .. "/../fixture-spec-child." .. pid)
+      require("luapool").sleep(60)
+    ]])
+    local p = io.popen(q(h.bin) .. " " .. q(script) .. " 2>&1", "r")
+    local line = p:read("l")
+    assert.is_string(line)
+    local owner, nginx, dir = line:match("^(%d+) (%d+) (%S+)$")
+    assert.is_truthy(owner, line)
+    assert.is_true(h.alive(nginx))
+    os.execute("kill -KILL " .. owner)
+    p:close()
+    h.wait_until(function() return not h.alive(nginx) end, "nginx to stop", 10)
+    h.wait_until(function() return io.open(dir .. "/nginx.conf") == nil end, "its directory to go", 10)
+    local childfile = dir .. "/../fixture-spec-child." .. owner
+    local child = h.slurp(childfile)
+    if child then os.execute("kill " .. child:match("%d+") .. " 2>/dev/null") end
+    os.remove(childfile)
+    os.remove(script)
+  end)
+end)

@@ -149,6 +149,8 @@ struct lp_hloop {
   lp_hreq *fin_h, *fin_t;
   CURL *idle[IDLE_EASY_MAX];
   int nidle;
+  unsigned char *fdreg; /* epoll's state of each descriptor (on_socket) */
+  size_t nfd;
   lp_hreq *msg_req[LP_MSG_BATCH]; /* read_messages' batch */
   CURLcode msg_code[LP_MSG_BATCH];
   uint64_t rng;
@@ -156,10 +158,12 @@ struct lp_hloop {
 
 /* {====== small helpers */
 
-static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n) {
+/* first is the first allocation's size: 256 for headers (a small answer's
+** fit), 1024 for bodies. */
+static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n, size_t first) {
   if (n > SIZE_MAX - *len) return -1;
   if (*len + n > *cap) {
-    size_t ncap = *cap ? *cap : 1024;
+    size_t ncap = *cap ? *cap : first;
     while (ncap < *len + n)
       ncap = ncap > SIZE_MAX / 2 ? *len + n : ncap * 2;
     char *nb = lp_realloc(*buf, ncap);
@@ -453,7 +457,7 @@ static size_t on_body(char *p, size_t sz, size_t n, void *ud) {
   size_t len = sz * n;
   r->count += len;
   if (r->count_only) return len;
-  if (append(&r->rbody, &r->blen, &r->bcap, p, len) != 0) {
+  if (append(&r->rbody, &r->blen, &r->bcap, p, len, 1024) != 0) {
     r->oom = 1;
     return 0; /* libcurl stops with CURLE_WRITE_ERROR */
   }
@@ -467,7 +471,7 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud) {
   lp_hreq *r = ud;
   size_t len = sz * n;
   if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) r->hlen = 0;
-  if (append(&r->hdr, &r->hlen, &r->hcap, p, len) != 0) {
+  if (append(&r->hdr, &r->hlen, &r->hcap, p, len, 256) != 0) {
     r->oom = 1;
     return 0;
   }
@@ -482,6 +486,14 @@ static curl_socket_t open_socket(void *ud, curlsocktype purpose, struct curl_soc
   int fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
   if (fd < 0 && (errno == EMFILE || errno == ENFILE)) r->fd_errno = errno;
   return fd < 0 ? CURL_SOCKET_BAD : fd;
+}
+
+/* libcurl closes its sockets here (every connection remembers the loop):
+** the table forgets the descriptor before its number can be reused. */
+static int close_socket(void *ud, curl_socket_t s) {
+  lp_hloop *l = ud;
+  if (s >= 0 && (size_t)s < l->nfd) l->fdreg[s] = 0;
+  return close(s);
 }
 
 #define SETOPT(h, opt, val)                                                                        \
@@ -521,6 +533,8 @@ static CURLcode setup(lp_hreq *r, long timeout_ms) {
   if (r->hdrs != NULL) SETOPT(h, CURLOPT_HTTPHEADER, r->hdrs);
   SETOPT(h, CURLOPT_OPENSOCKETFUNCTION, open_socket);
   SETOPT(h, CURLOPT_OPENSOCKETDATA, (void *)r);
+  SETOPT(h, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+  SETOPT(h, CURLOPT_CLOSESOCKETDATA, (void *)r->loop);
   if (r->head) {
     SETOPT(h, CURLOPT_NOBODY, 1L);
   } else if (strcmp(r->method, "POST") == 0) {
@@ -805,21 +819,69 @@ static void fire_timers(lp_hloop *l) {
 
 /* {====== libcurl's socket and timer callbacks */
 
+/* What epoll holds for a descriptor (the loop's table, by descriptor):
+** registered, with IN/OUT, and whether libcurl watches it now.  A socket
+** libcurl stops watching (REMOVE at each transfer's end, its connection
+** kept alive) stays registered for input: the next transfer on it costs
+** one MOD or none instead of a DEL, a failed MOD and an ADD.  Should it
+** become readable meanwhile (the server closed it), the loop takes it out
+** then.  Closing (close_socket) forgets it: epoll drops a closed one. */
+enum { FD_IN = 1, FD_OUT = 2, FD_REG = 4, FD_WATCHED = 8 };
+
+static unsigned char *fd_slot(lp_hloop *l, curl_socket_t s) {
+  if (s < 0) return NULL;
+  if ((size_t)s >= l->nfd) {
+    size_t n = l->nfd ? l->nfd : 1024;
+    while (n <= (size_t)s)
+      n *= 2;
+    unsigned char *t = lp_realloc(l->fdreg, n);
+    if (t == NULL) return NULL; /* (then epoll is told everything, as it comes) */
+    memset(t + l->nfd, 0, n - l->nfd);
+    l->fdreg = t;
+    l->nfd = n;
+  }
+  return &l->fdreg[s];
+}
+
 static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp) {
   hshard *sh = ud;
   lp_hloop *l = sh->l;
   struct epoll_event ev;
   (void)e, (void)sockp;
+  unsigned char *st = fd_slot(l, s);
+  memset(&ev, 0, sizeof ev);
+  ev.data.u64 = ((uint64_t)(sh->idx + 1) << 32) | (uint32_t)s; /* its shard, from 1 */
   if (what == CURL_POLL_REMOVE) {
-    epoll_ctl(l->ep, EPOLL_CTL_DEL, s, NULL); /* (already gone if closed) */
+    if (st == NULL || !(*st & FD_REG)) {
+      epoll_ctl(l->ep, EPOLL_CTL_DEL, s, NULL); /* (already gone if closed) */
+      if (st) *st = 0;
+      return 0;
+    }
+    *st &= (unsigned char)~FD_WATCHED;
+    if (*st & FD_OUT) { /* (level-triggered: writable would wake the loop for ever) */
+      ev.events = EPOLLIN;
+      if (epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev) == 0)
+        *st = FD_REG | FD_IN;
+      else
+        *st = 0;
+    }
     return 0;
   }
-  memset(&ev, 0, sizeof ev);
-  ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0u) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0u);
-  ev.data.u64 = ((uint64_t)(sh->idx + 1) << 32) | (uint32_t)s; /* its shard, from 1 */
-  /* a descriptor libcurl closed without REMOVE and reopened is new to epoll */
-  if (epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
-    epoll_ctl(l->ep, EPOLL_CTL_ADD, s, &ev);
+  unsigned want = ((what & CURL_POLL_IN) ? FD_IN : 0u) | ((what & CURL_POLL_OUT) ? FD_OUT : 0u);
+  if (st && (*st & FD_REG) && (*st & (FD_IN | FD_OUT)) == want) {
+    *st |= FD_WATCHED;
+    return 0;
+  }
+  ev.events = ((want & FD_IN) ? EPOLLIN : 0u) | ((want & FD_OUT) ? EPOLLOUT : 0u);
+  int op = st && (*st & FD_REG) ? EPOLL_CTL_MOD : st ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+  int rc = epoll_ctl(l->ep, op, s, &ev);
+  /* (no table: a descriptor libcurl closed without REMOVE and reopened is
+  ** new to epoll; with one, a stale entry is corrected the same way) */
+  if (rc != 0 && op == EPOLL_CTL_MOD && errno == ENOENT)
+    rc = epoll_ctl(l->ep, EPOLL_CTL_ADD, s, &ev);
+  else if (rc != 0 && op == EPOLL_CTL_ADD && errno == EEXIST)
+    rc = epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev);
+  if (st) *st = rc == 0 ? (unsigned char)(FD_REG | FD_WATCHED | want) : 0;
   return 0;
 }
 
@@ -1026,6 +1088,11 @@ size_t luapool__hloop_run(lp_hloop *l, double max_wait) {
       atomic_store(&l->woken, 0);
       continue;
     }
+    if ((size_t)fd < l->nfd && (l->fdreg[fd] & (FD_REG | FD_WATCHED)) == FD_REG) {
+      epoll_ctl(l->ep, EPOLL_CTL_DEL, fd, NULL); /* an idle connection's news: at reuse */
+      l->fdreg[fd] = 0;
+      continue;
+    }
     int mask = 0;
     if (evs[i].events & EPOLLIN) mask |= CURL_CSELECT_IN;
     if (evs[i].events & EPOLLOUT) mask |= CURL_CSELECT_OUT;
@@ -1066,6 +1133,7 @@ void luapool__hloop_free(lp_hloop *l) {
     lc.easy_cleanup(l->idle[i]);
   for (int i = 0; i < l->nshards; i++)
     lc.multi_cleanup(l->shards[i].multi); /* closes cached connections (epoll still open) */
+  lp_free(l->fdreg);                      /* (after: the closes above update it) */
   for (size_t i = 0; i < l->nbuckets; i++)
     for (hhost *e = l->buckets[i], *n; e; e = n) {
       n = e->next;

@@ -251,8 +251,9 @@ end
 -- was.  Only builtins run while it waits (no process a second: a traced
 -- run, valgrind's, is not slowed).  When the owner is gone it stops nginx if
 -- that is still the process it was (TERM, then KILL for the master and its
--- workers after 5 s) and removes the directory.  setsid: out of the owner's
--- process group, so that a kill of the group leaves it to do its job.
+-- workers after 5 s) and removes the directory.  setsid and an orphan: out
+-- of the owner's process group and process tree, so that a kill of either
+-- (ctest's timeout kills a test's descendants) leaves it to do its job.
 -- (stop() stops nginx first, then closes the pipe: nothing left to do.)
 local WATCHDOG = [=[
 started() { local s=; read -r s < /proc/$1/stat 2>/dev/null; s=${s##*) }; set -- $s
@@ -275,7 +276,9 @@ local function watch(nginx, dir)
   local os_, ns = owner and start_time(owner), start_time(nginx)
   if not os_ or not ns or not exists("/bin/bash") then return nil end
   local setsid = exists("/usr/bin/setsid") and "/usr/bin/setsid " or ""
-  return io.popen(("%s/bin/bash -c %s fixture-watchdog %d %s %d %s %s >/dev/null 2>&1"):format(
+  -- (in the background of a shell that exits at once: an orphan, not a
+  -- descendant of the owner, which a test runner's timeout kills with it)
+  return io.popen(("(%s/bin/bash -c %s fixture-watchdog %d %s %d %s %s >/dev/null 2>&1 &)"):format(
     setsid, q(WATCHDOG), owner, os_, nginx, ns, q(dir)), "w")
 end
 

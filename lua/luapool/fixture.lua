@@ -277,8 +277,9 @@ local function watch(nginx, dir)
   if not os_ or not ns or not exists("/bin/bash") then return nil end
   local setsid = exists("/usr/bin/setsid") and "/usr/bin/setsid " or ""
   -- (in the background of a shell that exits at once: an orphan, not a
-  -- descendant of the owner, which a test runner's timeout kills with it)
-  return io.popen(("(%s/bin/bash -c %s fixture-watchdog %d %s %d %s %s >/dev/null 2>&1 &)"):format(
+  -- descendant of the owner, which a test runner's timeout kills with it;
+  -- its stdin the pipe, through fd 3: a background job's would be /dev/null)
+  return io.popen(("exec 3<&0; (%s/bin/bash -c %s fixture-watchdog %d %s %d %s %s <&3 3<&- >/dev/null 2>&1 &)"):format(
     setsid, q(WATCHDOG), owner, os_, nginx, ns, q(dir)), "w")
 end
 

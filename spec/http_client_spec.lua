@@ -274,14 +274,15 @@ describe("the nginx fixture", function()
   it("does not outlive the process that started it (killed with a child holding on)", function()
     -- the owner leaves a child running (it inherits the owner's end of the
     -- watchdog's pipe): the watchdog still sees the owner go
-    local script = h.tempfile([[
+    local childfile = h.tempfile("")
+    local script = h.tempfile(([[
       local srv = assert(require("luapool.fixture").start())
-      local pid = assert(io.open("/proc/self/stat")):read("a"):match("^(%d+)")
+      local pid = assert(io.open("/proc/self/stat")):read("a"):match("^(%%d+)")
       io.stdout:write(pid, " ", srv.pid, " ", srv.dir, "\n")
       io.stdout:flush()
-      os.execute("sleep 30 </dev/null >/dev/null 2>&1 & echo $! >" .. srv.dir .. "/../fixture-spec-child." .. pid)
+      os.execute("sleep 30 </dev/null >/dev/null 2>&1 & echo $! >%s")
       require("luapool").sleep(60)
-    ]])
+    ]]):format(q(childfile)))
     local p = io.popen(q(h.bin) .. " " .. q(script) .. " 2>&1", "r")
     local line = p:read("l")
     assert.is_string(line)
@@ -292,9 +293,8 @@ describe("the nginx fixture", function()
     p:close()
     h.wait_until(function() return not h.alive(nginx) end, "nginx to stop", 10)
     h.wait_until(function() return io.open(dir .. "/nginx.conf") == nil end, "its directory to go", 10)
-    local childfile = dir .. "/../fixture-spec-child." .. owner
-    local child = h.slurp(childfile)
-    if child then os.execute("kill " .. child:match("%d+") .. " 2>/dev/null") end
+    local child = (h.slurp(childfile) or ""):match("%d+")
+    if child then os.execute("kill " .. child .. " 2>/dev/null") end
     os.remove(childfile)
     os.remove(script)
   end)

@@ -189,7 +189,65 @@ static int status_writing(lp_hloop *sl) {
   return w;
 }
 
+/* "accepts" of stub_status: connections the server has accepted so far. */
+static long status_accepts(lp_hloop *sl) {
+  char url[512], err[256];
+  lp_hreq_opts o;
+  memset(&o, 0, sizeof o);
+  snprintf(url, sizeof url, "%s/nginx_status", base);
+  o.url = url;
+  lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+  int done = 0;
+  long a = -1;
+  if (r == NULL) return -1;
+  luapool__hloop_add(sl, r, keep_done, &done);
+  while (!done)
+    luapool__hloop_run(sl, 0.05);
+  size_t len;
+  const char *b = luapool__hreq_body(r, &len);
+  char text[512];
+  if (b && len < sizeof text) {
+    memcpy(text, b, len);
+    text[len] = '\0';
+    const char *p = strstr(text, "requests\n");
+    if (p) a = atol(p + 9);
+  }
+  luapool__hreq_free(r);
+  return a;
+}
+
 /* {====== tests */
+
+/* More transfers at once than one multi handle takes (the loop's shards):
+** every one answered, and a second batch as large reuses every connection
+** the first made (none new for the server). */
+static void test_reuse_across_shards(int n) {
+  lp_hloop *l = loop(0, 0);
+  done_rec *d = calloc((size_t)n, sizeof *d);
+  long a0 = status_accepts(l);
+  for (int i = 0; i < n; i++)
+    luapool__hloop_add(l, req("/sleep?s=0.2", 0), on_done, &d[i]);
+  run_all(l, 60);
+  long a1 = status_accepts(l);
+  int ok = 0;
+  for (int i = 0; i < n; i++)
+    ok += d[i].calls == 1 && d[i].state == LP_H_OK && d[i].status == 200;
+  CHECK(ok == n, "first batch: %d of %d answered (%s)", ok, n, d[0].err);
+  memset(d, 0, (size_t)n * sizeof *d);
+  for (int i = 0; i < n; i++)
+    luapool__hloop_add(l, req("/sleep?s=0.2", 0), on_done, &d[i]);
+  run_all(l, 60);
+  long a2 = status_accepts(l);
+  ok = 0;
+  for (int i = 0; i < n; i++)
+    ok += d[i].calls == 1 && d[i].state == LP_H_OK && d[i].status == 200;
+  CHECK(ok == n, "second batch: %d of %d answered (%s)", ok, n, d[0].err);
+  /* (the status request's own connection is one of the first batch's) */
+  CHECK(a1 - a0 == n - 1 || a1 - a0 == n, "first batch: %ld new connections for %d", a1 - a0, n);
+  CHECK(a2 == a1, "second batch: %ld new connections (all %d reusable)", a2 - a1, n);
+  luapool__hloop_free(l);
+  free(d);
+}
 
 static void test_many_slow(int n) {
   lp_hloop *l = loop(0, 0);
@@ -643,6 +701,7 @@ int main(int argc, char **argv) {
   start_fixture();
   if (only == NULL) {
     test_many_slow(2000);
+    test_reuse_across_shards(700);
     test_per_host();
     test_abort();
     test_retry_after();

@@ -33,6 +33,11 @@
 -- at net.core.somaxconn) and worker_rlimit_nofile raised to match, within
 -- the hard RLIMIT_NOFILE of the shell that starts it (`ulimit -Hn`).
 --
+-- It does not outlive the process that started it: a watchdog (a detached
+-- shell loop) stops nginx and removes its directory within about a second
+-- of that process's end, however it ended (a spec killed by ctest's timeout,
+-- kill -9), when stop() did not run.
+--
 -- Plain Lua 5.4 (io/os/string/table only) so it runs both under stock
 -- lua5.4/busted and inside the luapool host: processes are driven through
 -- the shell and readiness is read from /proc.
@@ -227,6 +232,57 @@ local function config(dir, port, workers, root, connections, nofile)
   return (CONFIG:gsub("@(%u+)@", vars))
 end
 
+-- A process's start time (field 22 of /proc/PID/stat), or nil when it is
+-- gone or a zombie: with the pid it names one process, never a later one
+-- that reused the pid.
+local function start_time(pid)
+  local stat = readfile("/proc/" .. pid .. "/stat")
+  local rest = stat and stat:match("^%d+ %b() (.*)$")
+  if not rest or rest:match("^[ZX]") then return nil end
+  local fields = {}
+  for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+  return fields[20] -- (field 22 counts pid and comm)
+end
+
+-- The watchdog: a bash reading a pipe whose other end the owner holds
+-- (io.popen's).  EOF comes when the owner is gone (or closes it), unless a
+-- child of the owner that inherited the pipe lives on: so each second
+-- (read's timeout) it also looks whether the owner is still the process it
+-- was.  Only builtins run while it waits (no process a second: a traced
+-- run, valgrind's, is not slowed).  When the owner is gone it stops nginx if
+-- that is still the process it was (TERM, then KILL for the master and its
+-- workers after 5 s) and removes the directory.  setsid and an orphan: out
+-- of the owner's process group and process tree, so that a kill of either
+-- (ctest's timeout kills a test's descendants) leaves it to do its job.
+-- (stop() stops nginx first, then closes the pipe: nothing left to do.)
+local WATCHDOG = [=[
+started() { local s=; read -r s < /proc/$1/stat 2>/dev/null; s=${s##*) }; set -- $s
+  case $1 in Z|X|"") ;; *) echo "${20}" ;; esac; }
+while :; do
+  read -r -t 1 _; rc=$?
+  [ $rc -eq 0 ] && continue
+  [ $rc -gt 128 ] && [ "$(started "$1")" = "$2" ] && continue
+  break
+done
+[ "$(started "$3")" = "$4" ] || exit 0
+kill -TERM "$3"
+i=0; while [ $i -lt 50 ] && [ "$(started "$3")" = "$4" ]; do sleep 0.1; i=$((i+1)); done
+[ "$(started "$3")" = "$4" ] && { pkill -KILL -P "$3"; kill -KILL "$3"; }
+rm -rf "$5"
+]=]
+
+local function watch(nginx, dir)
+  local owner = tonumber((readfile("/proc/self/stat") or ""):match("^(%d+)"))
+  local os_, ns = owner and start_time(owner), start_time(nginx)
+  if not os_ or not ns or not exists("/bin/bash") then return nil end
+  local setsid = exists("/usr/bin/setsid") and "/usr/bin/setsid " or ""
+  -- (in the background of a shell that exits at once: an orphan, not a
+  -- descendant of the owner, which a test runner's timeout kills with it;
+  -- its stdin the pipe, through fd 3: a background job's would be /dev/null)
+  return io.popen(("exec 3<&0; (%s/bin/bash -c %s fixture-watchdog %d %s %d %s %s <&3 3<&- >/dev/null 2>&1 &)"):format(
+    setsid, q(WATCHDOG), owner, os_, nginx, ns, q(dir)), "w")
+end
+
 local Server = {}
 Server.__index = Server
 
@@ -251,6 +307,7 @@ function Server:stop()
     end
   end
   if self.dir then sh("rm -rf " .. q(self.dir)) end
+  if self.watchdog then self.watchdog:close() end
 end
 
 Server.__close = Server.stop
@@ -314,6 +371,8 @@ function M.start(opts)
       srv.port, srv.base = port, "http://127.0.0.1:" .. port
       local pidfile = dir .. "/nginx.pid"
       if wait_until(function() return exists(pidfile) and listening_ports()[port] end) then
+        srv.pid = tonumber((readfile(pidfile) or ""):match("%d+"))
+        srv.watchdog = srv.pid and watch(srv.pid, dir)
         return srv
       end
       local msg = summarize(log .. (readfile(dir .. "/error.log") or ""))

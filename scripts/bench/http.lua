@@ -24,6 +24,10 @@
 --             from there.  peers.lua's many-10k job gives each run's peak
 --             RSS as a whole command (target: <= 150 MB).  A threadpool
 --             would need 10,000 threads: not run.
+-- coroutines  2,000 Lua tasks on an iopool of one loop, all in flight, each
+--             two requests of /sleep?s=0.3 with a luapool.sleep(0.2)
+--             between (200 tasks with --quick); baseline: the ideal, 0.8 s
+--             (target: <= 1.0 s).  A thread per task would need 2,000.
 -- Each job uses the native kernel luapool.kernels.fetch_length (on an
 -- iopool: a request on the loop's multi handle, no Lua state), and the same
 -- fetches as a Lua function around luapool.http.get (a Lua state per task on
@@ -39,6 +43,7 @@ local LAT_N, LAT_W, SLEEP = quick and 200 or 2000, 100, 0.05
 local THR_N, THR_W, BYTES = quick and 300 or 3000, 16, 100
 local THR_LOOPS, THR_CONC = 2, 100
 local MANY_N, MANY_LOOPS, MANY_SLEEP = quick and 1000 or 10000, 2, 1
+local CO_N, CO_REQ, CO_SLEEP = quick and 200 or 2000, 0.3, 0.2
 
 local srv <close> = assert(fixture.start { workers = 2 })
 local sleep_urls, bytes_urls = {}, {}
@@ -145,6 +150,33 @@ suite:case {
   body = function() io_fetch_all(http_get_length, many_urls, MANY_LOOPS, MANY_N, 3) end,
 }
 
+-- coroutines -----------------------------------------------------------------
+local co_ideal = 2 * CO_REQ + CO_SLEEP
+suite:case {
+  group = "coroutines", name = ("ideal (%g + %g + %g s)"):format(CO_REQ, CO_SLEEP, CO_REQ),
+  params = { tasks = CO_N }, units = CO_N, unit = "task",
+  body = function() luapool.sleep(co_ideal) end,
+}
+local co_ideal_name = suite.cases[#suite.cases].name
+local co_url = srv:url(("/sleep?s=%g"):format(CO_REQ))
+suite:case {
+  group = "coroutines", name = ("iopool 1 loop %d tasks: 2 requests + a sleep each"):format(CO_N),
+  baseline = co_ideal_name, params = { tasks = CO_N, loops = 1, concurrency = CO_N },
+  units = CO_N, unit = "task",
+  body = function()
+    local pool <close> = iopool.new { concurrency = CO_N, name = "http" }
+    local fs = {}
+    for i = 1, CO_N do
+      fs[i] = pool:submit(function(url, pause)
+        assert(luapool.http.get(url))
+        luapool.sleep(pause)
+        return assert(luapool.http.get(url)).status
+      end, co_url, CO_SLEEP)
+    end
+    for i = 1, CO_N do assert(fs[i]:result() == 200) end
+  end,
+}
+
 suite:note(("latency: ratio = times the ideal %s (%d fetches / %d in flight x %g s); "
   .. "target <= 1.05x (threadpool), <= 1.03x (iopool)"):format(bench.format_time(ideal), LAT_N, LAT_W, SLEEP))
 suite:note("throughput: rate = requests per second of the whole job, pool start and stop included; "
@@ -152,4 +184,5 @@ suite:note("throughput: rate = requests per second of the whole job, pool start 
 suite:note(("many: %d fetches of %g s all in flight on %d loops; ratio = times the ideal; "
   .. "target <= 1.3 s; peak rss here includes what malloc kept from earlier runs (the ideal line shows it): "
   .. "peers.lua's many-10k job measures each run's as a whole command"):format(MANY_N, MANY_SLEEP, MANY_LOOPS))
+suite:note(("coroutines: ratio = times the ideal %s; target <= 1.0 s"):format(bench.format_time(co_ideal)))
 suite:run()

@@ -9,7 +9,7 @@
 --
 -- usage: luapool scripts/bench/peers.lua [--python PATH] [--curl PATH] [--lua PATH]
 --                                         [--aiohttp SCRIPT] [--aio-python PATH] [--wrk PATH]
---                                         [--tasks N] [--quick] [--runs N] [--warmup N]
+--                                         [--before BIN] [--tasks N] [--quick] [--runs N] [--warmup N]
 --                                         [--json FILE] [--csv FILE] [--filter PATTERN]
 --
 -- Jobs (each a group; luapool's command is the baseline, so a peer's ratio
@@ -65,6 +65,8 @@ local suite = bench.suite {
       .. "beside the source tree)" },
     { "aio-python", "PATH", "string", "Python with aiohttp to run it (default: /usr/bin/python3)" },
     { "wrk", "PATH", "string", "wrk command, the server's limit (default: wrk)" },
+    { "before", "BIN", "string", "an earlier luapool binary: each iopool fetch case runs with it too, "
+      .. "interleaved (before and after in the same run)" },
     { "tasks", "N", "integer", "no-op tasks in the overhead jobs (default 100000; 2000 with --quick)" },
   },
 }
@@ -258,10 +260,19 @@ end
 print(("%s: %d tasks"):format(mode, n))
 ]])
 
-local function lp(script, ...)
-  local parts = { q(luapool_bin), q(script) }
+local function lp_with(bin, script, ...)
+  local parts = { q(bin), q(script) }
   for _, a in ipairs { ... } do parts[#parts + 1] = q(a) end
   return table.concat(parts, " ")
+end
+local function lp(script, ...) return lp_with(luapool_bin, script, ...) end
+-- --before BIN: the same iopool case with an earlier binary, named "... (before)"
+local before = opts.before
+local function before_case(c, rss_name)
+  if not before then return end
+  local cmd = lp_with(before, LP_IO, table.unpack(c.args))
+  suite:case { group = c.group, name = c.name .. " (before)", params = c.params, units = c.units, unit = c.unit,
+               body = rss_name and command_rss(rss_name .. " (before)", cmd, time_ok) or command(cmd) }
 end
 local function luv(...)
   local parts = { "UV_THREADPOOL_SIZE=2", q(lua), q(peers_dir .. "/luv_tasks.lua") }
@@ -321,9 +332,12 @@ for _, job in ipairs {
   suite:case { group = group, name = base, baseline = base, params = params, units = n, unit = "req",
                body = command(lp(LP_IO, w, list)) }
   local loops = group == "io-latency" and 1 or IO_LOOPS
-  suite:case { group = group, name = ("luapool iopool %d loop%s c=%d"):format(loops, loops > 1 and "s" or "", w),
-               params = { fetches = n, loops = loops, concurrency = w }, units = n, unit = "req",
+  local io_name = ("luapool iopool %d loop%s c=%d"):format(loops, loops > 1 and "s" or "", w)
+  local io_params = { fetches = n, loops = loops, concurrency = w }
+  suite:case { group = group, name = io_name, params = io_params, units = n, unit = "req",
                body = command(lp(LP_IO, loops, list, "iopool", w)) }
+  before_case { group = group, name = io_name, params = io_params, units = n, unit = "req",
+                args = { loops, list, "iopool", w } }
   if python then
     suite:case { group = group, name = ("python threads x%d (%s)"):format(w, python_client), params = params,
                  units = n, unit = "req", body = command(py("io.py", "--workers", w, "--urls", list)) }
@@ -342,6 +356,9 @@ local small_base = ("luapool iopool %d loops c=%d, 20k"):format(IO_LOOPS, SMALL_
 suite:case { group = "small-20k", name = small_base, baseline = small_base,
              params = { fetches = SMALL_N, loops = IO_LOOPS, concurrency = SMALL_CONC }, units = SMALL_N, unit = "req",
              body = command(lp(LP_IO, IO_LOOPS, small_list, "iopool", SMALL_CONC)) }
+before_case { group = "small-20k", name = small_base,
+              params = { fetches = SMALL_N, loops = IO_LOOPS, concurrency = SMALL_CONC },
+              units = SMALL_N, unit = "req", args = { IO_LOOPS, small_list, "iopool", SMALL_CONC } }
 suite:case { group = "small-20k", name = ("luapool threadpool x%d, 20k"):format(SMALL_CONC),
              params = { fetches = SMALL_N, workers = SMALL_CONC }, units = SMALL_N, unit = "req",
              body = command(lp(LP_IO, SMALL_CONC, small_list)) }
@@ -380,6 +397,8 @@ for _, job in ipairs {
   local params = { fetches = n, sleep = secs, concurrency = n }
   suite:case { group = group, name = base, baseline = base, params = params, units = n, unit = "req",
                body = command_rss(base, lp(LP_IO, IO_LOOPS, list, "iopool", n), time_ok) }
+  before_case({ group = group, name = base, params = params, units = n, unit = "req",
+                args = { IO_LOOPS, list, "iopool", n } }, base)
   if aio_ok then
     local name = ("aiohttp --concurrency %d"):format(n)
     suite:case { group = group, name = name, params = params, units = n, unit = "req",
@@ -525,6 +544,8 @@ if small then
         bench.format_rate(SMALL_N / res.median, "req"), lp_rate / (SMALL_N / res.median), peer[2]))
     end
   end
+  local b = r(small_base .. " (before)")
+  if b then print(("  %-30s %s"):format("--before", bench.format_rate(SMALL_N / b.median, "req"))) end
   local rates = timed(wrk_rates)
   if #rates > 0 then
     local w = bench.median(rates)
@@ -548,6 +569,11 @@ for _, job in ipairs { { "sleep-2k", S2K_N, S2K_SLEEP }, { "many-10k", MANY_N, M
     if res then
       print(("  %-30s %s (%.2fx ideal), %s"):format(name, bench.format_time(res.median), res.median / secs,
         mb(group .. " " .. name)))
+    end
+    local b = r(base .. " (before)")
+    if b then
+      print(("  %-30s %s (%.2fx ideal), %s"):format("--before", bench.format_time(b.median), b.median / secs,
+        mb(base .. " (before)")))
     end
   end
 end

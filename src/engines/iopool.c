@@ -397,6 +397,7 @@ static void end_killed_co(ioloop *lp, io_task *t) {
 }
 
 static int use_paths(ioloop *lp, lp_future *f);
+static lp_hloop *make_hloop(void *ud);
 
 /* Runs a ready Lua task until it parks or ends. */
 static void run_co(ioloop *lp, io_task *t) {
@@ -418,10 +419,14 @@ static void run_co(ioloop *lp, io_task *t) {
     task_free(lp, t);
     return;
   }
-  luapool__http_set_thread_loop(lp->hl); /* http.request/get yield to it (NULL: block) */
+  /* http.request/get yield to the loop's HTTP loop, made (and libcurl
+  ** loaded) at the first request of any task of the loop */
+  luapool__http_set_thread_loop(lp->hl);
+  luapool__http_set_thread_loop_maker(lp->hl_failed ? NULL : make_hloop, lp);
   void *yielded[2];
   int st = luapool__co_resume(t->co, yielded);
   luapool__http_set_thread_loop(NULL); /* (an inline run's requests block) */
+  luapool__http_set_thread_loop_maker(NULL, NULL);
   luapool__set_task_state(NULL);
   lp->cur = NULL;
   if (st == LP_CO_YIELD && yielded[0] == &luapool__http_yield_marker && !t->kill) {
@@ -712,6 +717,18 @@ static lp_hloop *loop_hloop(ioloop *lp, char *err, size_t errsz) {
   return hl;
 }
 
+/* The maker of the thread's HTTP loop (httploop.h): on a request of a
+** task, the first of the loop's.  Failing (no libcurl), it says so once:
+** the request blocks on its thread's private loop, which fails the same
+** way and reports it. */
+static lp_hloop *make_hloop(void *ud) {
+  ioloop *lp = ud;
+  char err[512];
+  lp_hloop *hl = loop_hloop(lp, err, sizeof err);
+  if (hl == NULL) lp->hl_failed = 1;
+  return hl;
+}
+
 static int io_await_timer(void *io, lua_State *L, double until, lua_KContext ctx, lua_KFunction k) {
   ioloop *lp = io;
   io_task *t = lp->cur;
@@ -866,10 +883,6 @@ static void begin_task(ioloop *lp, lp_future *f, int intr) {
       luapool__future_finish(f, lp->out.p, lp->out.len, 1);
     task_free(lp, t);
     return;
-  }
-  if (lp->hl == NULL && !lp->hl_failed) { /* http.request in a task yields to it */
-    char err[512];
-    if (loop_hloop(lp, err, sizeof err) == NULL) lp->hl_failed = 1; /* (it blocks, and says why) */
   }
   if (loop_lua(lp) == NULL || (t->co = luapool__co_new(&lp->ws, f->msg, f->msglen, f->timeout,
                                                        f->task_no, f->item_lo)) == NULL) {

@@ -614,9 +614,24 @@ static int push_result(lua_State *L, lp_hreq *r, int request) {
 
 const char luapool__http_yield_marker = 0;
 static _Thread_local lp_hloop *yield_loop;
+static _Thread_local lp_hloop *(*yield_make)(void *ud);
+static _Thread_local void *yield_make_ud;
 
 void luapool__http_set_thread_loop(lp_hloop *l) { yield_loop = l; }
-lp_hloop *luapool__http_thread_loop(void) { return yield_loop; }
+void luapool__http_set_thread_loop_maker(lp_hloop *(*make)(void *ud), void *ud) {
+  yield_make = make;
+  yield_make_ud = ud;
+}
+/* The loop is made at the first request that needs it (loading libcurl
+** then, not at a task that makes none); a maker that failed is not asked
+** again until it is set again. */
+lp_hloop *luapool__http_thread_loop(void) {
+  if (yield_loop == NULL && yield_make != NULL) {
+    yield_loop = yield_make(yield_make_ud);
+    if (yield_loop == NULL) yield_make = NULL;
+  }
+  return yield_loop;
+}
 
 /* }====== */
 
@@ -671,7 +686,7 @@ static int http_call(lua_State *L, const char *fname, const char *url, int opts,
   const char *method = o.method ? o.method : "GET";
   o.deadline = deadline;
   /* (not from a coroutine an iopool task made itself: it blocks) */
-  lp_hloop *yl = luapool__io_nested(L) ? NULL : yield_loop;
+  lp_hloop *yl = luapool__io_nested(L) ? NULL : luapool__http_thread_loop();
   if (yl != NULL && !lua_isyieldable(L))
     return luaL_error(L,
                       "luapool.http.%s: cannot yield here (inside a metamethod or a C function "
@@ -760,7 +775,7 @@ int luapool__http_fetch_length_yield(lua_State *L) {
       return lua_error(L);
     }
   }
-  if (yield_loop == NULL || !lua_isyieldable(L))
+  if (luapool__http_thread_loop() == NULL || !lua_isyieldable(L))
     return luaL_error(L, "luapool.kernels.fetch_length: cannot yield here (inside a metamethod "
                          "or a C function such as table.sort's comparator); make the request "
                          "in the task's own code (a pcall is fine) and pass the result in");

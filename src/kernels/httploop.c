@@ -9,6 +9,17 @@
 ** the sockets that are ready and the timers that expired.  An eventfd in
 ** the same epoll set is the wake-up (luapool__hloop_wakeup).
 **
+** libcurl 7.88's connection cache is linear in places that run once per
+** transfer: a new transfer walks the host's connections for one to reuse,
+** a removed handle walks the connections older than its own (looking for a
+** CONNECT_ONLY one), and the removal walks the unread messages.  With
+** thousands of fresh connections to one host:port that was O(n^2), most of
+** the loop's time.  So a loop has several multi handles ("shards", up to
+** MAX_SHARDS, each filled to SHARD_CAP transfers before the next is made),
+** each with its own cache; a transfer gets CURLOPT_FRESH_CONNECT (no
+** search) when our count says no idle connection of its host can be in its
+** shard; and the messages are all read before any handle is removed.
+**
 ** Admission is ours, not libcurl's pending queue: each host:port of a
 ** request's URL has a FIFO of waiting requests, and a request is handed to
 ** libcurl only when its host has fewer than per_host transfers and the loop
@@ -56,14 +67,27 @@
 #define LOW_SPEED_TIME_S           60L
 #define IDLE_EASY_MAX              256 /* easy handles kept for reuse */
 #define EPOLL_BATCH                256
+#define MAX_SHARDS                 64   /* multi handles per loop */
+#define SHARD_CAP                  256  /* transfers a shard takes before the next is used */
+#define LP_MSG_BATCH               1024 /* libcurl messages read before acting on them */
 
 enum { R_NEW, R_QUEUED, R_RUNNING, R_WAITING, R_FINISHED, R_DONE };
+
+/* One libcurl multi handle of a loop, with its own connection cache. */
+typedef struct hshard {
+  struct lp_hloop *l;
+  CURLM *multi;
+  double timer_at; /* libcurl's timer (luapool__now time); < 0: none */
+  int n;           /* transfers in it */
+  int idx;
+} hshard;
 
 typedef struct hhost {
   struct hhost *next;  /* hash chain */
   struct hhost *rnext; /* ready list */
   int in_ready;
   int active;              /* requests of this host in libcurl */
+  int idle[MAX_SHARDS];    /* connections of this host that may sit idle, per shard's cache */
   struct lp_hreq *qh, *qt; /* FIFO of waiting requests */
   char key[];              /* "host:port", lower case; "" when unparsable */
 } hhost;
@@ -88,6 +112,7 @@ struct lp_hreq {
   size_t heap_i;
   double wake;
   CURL *easy;
+  hshard *shard;        /* while R_RUNNING */
   double added, end_by; /* end_by: luapool__now() time of its budget; 0: none */
   int end_by_task;      /* end_by is the task's deadline */
   int capped;           /* this attempt's timeout is what is left of end_by */
@@ -109,10 +134,10 @@ struct lp_hreq {
 };
 
 struct lp_hloop {
-  CURLM *multi;
+  hshard shards[MAX_SHARDS];
+  int nshards;
   int ep, ev;
   atomic_int woken;
-  double timer_at; /* libcurl's timer (luapool__now time); < 0: none */
   int per_host, max_conn, closing;
   size_t in_flight, owned;
   hhost **buckets;
@@ -124,15 +149,21 @@ struct lp_hloop {
   lp_hreq *fin_h, *fin_t;
   CURL *idle[IDLE_EASY_MAX];
   int nidle;
+  unsigned char *fdreg; /* epoll's state of each descriptor (on_socket) */
+  size_t nfd;
+  lp_hreq *msg_req[LP_MSG_BATCH]; /* read_messages' batch */
+  CURLcode msg_code[LP_MSG_BATCH];
   uint64_t rng;
 };
 
 /* {====== small helpers */
 
-static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n) {
+/* first is the first allocation's size: 256 for headers (a small answer's
+** fit), 1024 for bodies. */
+static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n, size_t first) {
   if (n > SIZE_MAX - *len) return -1;
   if (*len + n > *cap) {
-    size_t ncap = *cap ? *cap : 1024;
+    size_t ncap = *cap ? *cap : first;
     while (ncap < *len + n)
       ncap = ncap > SIZE_MAX / 2 ? *len + n : ncap * 2;
     char *nb = lp_realloc(*buf, ncap);
@@ -405,10 +436,14 @@ static void easy_recycle(lp_hloop *l, CURL *e) {
 
 /* Takes r out of libcurl (its slot is free again). */
 static void detach(lp_hloop *l, lp_hreq *r) {
-  lc.multi_remove_handle(l->multi, r->easy);
+  hshard *sh = r->shard;
+  lc.multi_remove_handle(sh->multi, r->easy);
   easy_recycle(l, r->easy);
   r->easy = NULL;
+  r->shard = NULL;
+  sh->n--;
   r->host->active--;
+  r->host->idle[sh->idx]++; /* its connection may now be idle in that cache */
   l->in_flight--;
   ready_push(l, r->host);
 }
@@ -422,7 +457,7 @@ static size_t on_body(char *p, size_t sz, size_t n, void *ud) {
   size_t len = sz * n;
   r->count += len;
   if (r->count_only) return len;
-  if (append(&r->rbody, &r->blen, &r->bcap, p, len) != 0) {
+  if (append(&r->rbody, &r->blen, &r->bcap, p, len, 1024) != 0) {
     r->oom = 1;
     return 0; /* libcurl stops with CURLE_WRITE_ERROR */
   }
@@ -436,7 +471,7 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud) {
   lp_hreq *r = ud;
   size_t len = sz * n;
   if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) r->hlen = 0;
-  if (append(&r->hdr, &r->hlen, &r->hcap, p, len) != 0) {
+  if (append(&r->hdr, &r->hlen, &r->hcap, p, len, 256) != 0) {
     r->oom = 1;
     return 0;
   }
@@ -451,6 +486,14 @@ static curl_socket_t open_socket(void *ud, curlsocktype purpose, struct curl_soc
   int fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
   if (fd < 0 && (errno == EMFILE || errno == ENFILE)) r->fd_errno = errno;
   return fd < 0 ? CURL_SOCKET_BAD : fd;
+}
+
+/* libcurl closes its sockets here (every connection remembers the loop):
+** the table forgets the descriptor before its number can be reused. */
+static int close_socket(void *ud, curl_socket_t s) {
+  lp_hloop *l = ud;
+  if (s >= 0 && (size_t)s < l->nfd) l->fdreg[s] = 0;
+  return close(s);
 }
 
 #define SETOPT(h, opt, val)                                                                        \
@@ -490,6 +533,8 @@ static CURLcode setup(lp_hreq *r, long timeout_ms) {
   if (r->hdrs != NULL) SETOPT(h, CURLOPT_HTTPHEADER, r->hdrs);
   SETOPT(h, CURLOPT_OPENSOCKETFUNCTION, open_socket);
   SETOPT(h, CURLOPT_OPENSOCKETDATA, (void *)r);
+  SETOPT(h, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+  SETOPT(h, CURLOPT_CLOSESOCKETDATA, (void *)r->loop);
   if (r->head) {
     SETOPT(h, CURLOPT_NOBODY, 1L);
   } else if (strcmp(r->method, "POST") == 0) {
@@ -507,6 +552,29 @@ static CURLcode setup(lp_hreq *r, long timeout_ms) {
     SETOPT(h, CURLOPT_POSTFIELDS, r->body ? r->body : "");
   }
   return CURLE_OK;
+}
+
+static int new_shard(lp_hloop *l);
+
+/* The shard for a transfer of host h: one whose cache may hold an idle
+** connection of h (reuse), else the first with fewer than SHARD_CAP
+** transfers (a new one made when all are full), else the least loaded;
+** *fresh says no idle connection of h can be in it.  Several multi handles
+** bound libcurl 7.88's walks over a cache (a removed handle walks the
+** connections older than its own, a reuse walks the host's busy ones):
+** one cache of 5,000 connections made them O(n^2). */
+static hshard *pick_shard(lp_hloop *l, hhost *h, int *fresh) {
+  int least = 0;
+  *fresh = 0;
+  for (int i = 0; i < l->nshards; i++)
+    if (h->idle[i] > 0) return &l->shards[i];
+  *fresh = 1;
+  for (int i = 0; i < l->nshards; i++) {
+    if (l->shards[i].n < SHARD_CAP) return &l->shards[i];
+    if (l->shards[i].n < l->shards[least].n) least = i;
+  }
+  if (l->nshards < MAX_SHARDS && new_shard(l) == 0) return &l->shards[l->nshards - 1];
+  return &l->shards[least];
 }
 
 /* Hands r to libcurl (the caller checked the limits), or ends it. */
@@ -534,19 +602,28 @@ static void start(lp_hloop *l, lp_hreq *r) {
   r->count = 0;
   r->errbuf[0] = '\0';
   r->oom = r->fd_errno = 0;
+  int fresh;
+  hshard *sh = pick_shard(l, r->host, &fresh);
   CURLcode rc = setup(r, timeout_ms);
+  /* No connection of this host can be idle in the shard: libcurl need not
+  ** search its cache for one (7.88 walks every connection of the host,
+  ** O(n) per transfer).  The new connection is still kept for reuse. */
+  if (rc == CURLE_OK && fresh) rc = lc.easy_setopt(r->easy, CURLOPT_FRESH_CONNECT, 1L);
   if (rc != CURLE_OK) {
     easy_recycle(l, r->easy);
     r->easy = NULL;
     fail(l, r, rc, lc.easy_strerror(rc));
     return;
   }
-  if (lc.multi_add_handle(l->multi, r->easy) != CURLM_OK) {
+  if (lc.multi_add_handle(sh->multi, r->easy) != CURLM_OK) {
     easy_recycle(l, r->easy);
     r->easy = NULL;
     fail(l, r, CURLE_OUT_OF_MEMORY, "not enough memory");
     return;
   }
+  if (!fresh) r->host->idle[sh->idx]--; /* (it may find none: then it makes one) */
+  r->shard = sh;
+  sh->n++;
   r->attempts++;
   r->state = R_RUNNING;
   r->host->active++;
@@ -706,15 +783,26 @@ static void attempt_done(lp_hloop *l, lp_hreq *r, CURLcode code) {
   finish(l, r, result);
 }
 
-static void read_messages(lp_hloop *l) {
+/* Every message is read before any handle is removed: libcurl 7.88's
+** curl_multi_remove_handle walks the messages still unread looking for the
+** handle's own, so removing each as it is read cost O(messages left) per
+** handle (5,000 sleeps ending in one pass: 12 million steps). */
+static void read_messages(lp_hloop *l, hshard *sh) {
   CURLMsg *m;
   int left;
-  while ((m = lc.multi_info_read(l->multi, &left)) != NULL) {
-    if (m->msg != CURLMSG_DONE) continue;
-    char *p = NULL;
-    CURLcode code = m->data.result; /* m dies with the handle's removal */
-    lc.easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, &p);
-    if (p != NULL) attempt_done(l, (lp_hreq *)(void *)p, code);
+  for (;;) {
+    size_t n = 0;
+    while (n < LP_MSG_BATCH && (m = lc.multi_info_read(sh->multi, &left)) != NULL) {
+      if (m->msg != CURLMSG_DONE) continue;
+      char *p = NULL;
+      lc.easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, &p);
+      if (p == NULL) continue;
+      l->msg_req[n] = (lp_hreq *)(void *)p;
+      l->msg_code[n++] = m->data.result; /* m dies with the handle's removal */
+    }
+    if (n == 0) return;
+    for (size_t i = 0; i < n; i++)
+      attempt_done(l, l->msg_req[i], l->msg_code[i]);
   }
 }
 
@@ -731,27 +819,76 @@ static void fire_timers(lp_hloop *l) {
 
 /* {====== libcurl's socket and timer callbacks */
 
+/* What epoll holds for a descriptor (the loop's table, by descriptor):
+** registered, with IN/OUT, and whether libcurl watches it now.  A socket
+** libcurl stops watching (REMOVE at each transfer's end, its connection
+** kept alive) stays registered for input: the next transfer on it costs
+** one MOD or none instead of a DEL, a failed MOD and an ADD.  Should it
+** become readable meanwhile (the server closed it), the loop takes it out
+** then.  Closing (close_socket) forgets it: epoll drops a closed one. */
+enum { FD_IN = 1, FD_OUT = 2, FD_REG = 4, FD_WATCHED = 8 };
+
+static unsigned char *fd_slot(lp_hloop *l, curl_socket_t s) {
+  if (s < 0) return NULL;
+  if ((size_t)s >= l->nfd) {
+    size_t n = l->nfd ? l->nfd : 1024;
+    while (n <= (size_t)s)
+      n *= 2;
+    unsigned char *t = lp_realloc(l->fdreg, n);
+    if (t == NULL) return NULL; /* (then epoll is told everything, as it comes) */
+    memset(t + l->nfd, 0, n - l->nfd);
+    l->fdreg = t;
+    l->nfd = n;
+  }
+  return &l->fdreg[s];
+}
+
 static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp) {
-  lp_hloop *l = ud;
+  hshard *sh = ud;
+  lp_hloop *l = sh->l;
   struct epoll_event ev;
   (void)e, (void)sockp;
+  unsigned char *st = fd_slot(l, s);
+  memset(&ev, 0, sizeof ev);
+  ev.data.u64 = ((uint64_t)(sh->idx + 1) << 32) | (uint32_t)s; /* its shard, from 1 */
   if (what == CURL_POLL_REMOVE) {
-    epoll_ctl(l->ep, EPOLL_CTL_DEL, s, NULL); /* (already gone if closed) */
+    if (st == NULL || !(*st & FD_REG)) {
+      epoll_ctl(l->ep, EPOLL_CTL_DEL, s, NULL); /* (already gone if closed) */
+      if (st) *st = 0;
+      return 0;
+    }
+    *st &= (unsigned char)~FD_WATCHED;
+    if (*st & FD_OUT) { /* (level-triggered: writable would wake the loop for ever) */
+      ev.events = EPOLLIN;
+      if (epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev) == 0)
+        *st = FD_REG | FD_IN;
+      else
+        *st = 0;
+    }
     return 0;
   }
-  memset(&ev, 0, sizeof ev);
-  ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0u) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0u);
-  ev.data.fd = s;
-  /* a descriptor libcurl closed without REMOVE and reopened is new to epoll */
-  if (epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
-    epoll_ctl(l->ep, EPOLL_CTL_ADD, s, &ev);
+  unsigned want = ((what & CURL_POLL_IN) ? FD_IN : 0u) | ((what & CURL_POLL_OUT) ? FD_OUT : 0u);
+  if (st && (*st & FD_REG) && (*st & (FD_IN | FD_OUT)) == want) {
+    *st |= FD_WATCHED;
+    return 0;
+  }
+  ev.events = ((want & FD_IN) ? EPOLLIN : 0u) | ((want & FD_OUT) ? EPOLLOUT : 0u);
+  int op = st && (*st & FD_REG) ? EPOLL_CTL_MOD : st ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+  int rc = epoll_ctl(l->ep, op, s, &ev);
+  /* (no table: a descriptor libcurl closed without REMOVE and reopened is
+  ** new to epoll; with one, a stale entry is corrected the same way) */
+  if (rc != 0 && op == EPOLL_CTL_MOD && errno == ENOENT)
+    rc = epoll_ctl(l->ep, EPOLL_CTL_ADD, s, &ev);
+  else if (rc != 0 && op == EPOLL_CTL_ADD && errno == EEXIST)
+    rc = epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev);
+  if (st) *st = rc == 0 ? (unsigned char)(FD_REG | FD_WATCHED | want) : 0;
   return 0;
 }
 
 static int on_timer(CURLM *m, long ms, void *ud) {
-  lp_hloop *l = ud;
+  hshard *sh = ud;
   (void)m;
-  l->timer_at = ms < 0 ? -1 : luapool__now() + (double)ms / 1000.0;
+  sh->timer_at = ms < 0 ? -1 : luapool__now() + (double)ms / 1000.0;
   return 0;
 }
 
@@ -761,16 +898,25 @@ static int on_timer(CURLM *m, long ms, void *ud) {
 
 /* libcurl 7.x makes the multi handle's wake-up socket pair without
 ** close-on-exec: the AF_UNIX sockets that appeared during multi_init and
-** lack the flag get it. */
-#define FD_SCAN 1024
+** lack the flag get it.  A new descriptor is the lowest free one, so only a
+** window above the lowest free descriptor before the call is scanned (a
+** loop with 5,000 sockets open would need a scan past them all otherwise);
+** other threads' sockets opened meanwhile have the flag already. */
+#define FD_WINDOW 64
 
-static CURLM *new_multi(void) {
-  unsigned char before[FD_SCAN];
-  for (int fd = 0; fd < FD_SCAN; fd++)
-    before[fd] = fcntl(fd, F_GETFD) >= 0;
+static CURLM *new_multi(int probe) {
+  unsigned char before[FD_WINDOW];
+  int lo = fcntl(probe, F_DUPFD_CLOEXEC, 0); /* the lowest free descriptor */
+  if (lo >= 0)
+    close(lo);
+  else
+    lo = 0;
+  for (int i = 0; i < FD_WINDOW; i++)
+    before[i] = fcntl(lo + i, F_GETFD) >= 0;
   CURLM *m = lc.multi_init();
-  for (int fd = 0; fd < FD_SCAN; fd++) {
-    if (before[fd]) continue;
+  for (int i = 0; i < FD_WINDOW; i++) {
+    int fd = lo + i;
+    if (before[i]) continue;
     int fl = fcntl(fd, F_GETFD);
     if (fl < 0 || (fl & FD_CLOEXEC)) continue;
     struct sockaddr_storage ss;
@@ -783,6 +929,33 @@ static CURLM *new_multi(void) {
   return m;
 }
 
+/* Adds a shard: 0, or -1 with errno set (EMFILE: out of descriptors). */
+static int new_shard(lp_hloop *l) {
+  hshard *sh = &l->shards[l->nshards];
+  errno = 0;
+  sh->multi = new_multi(l->ep);
+  if (sh->multi == NULL) return -1;
+  sh->l = l;
+  sh->idx = l->nshards++;
+  sh->timer_at = -1;
+  sh->n = 0;
+  lc.multi_setopt(sh->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+  lc.multi_setopt(sh->multi, CURLMOPT_SOCKETDATA, (void *)sh);
+  lc.multi_setopt(sh->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+  lc.multi_setopt(sh->multi, CURLMOPT_TIMERDATA, (void *)sh);
+  /* libcurl's limits agree with the admission (never reached by it).  The
+  ** cache keeps as many idle connections as may be busy at once, and at
+  ** least a full shard's: its default (4 per easy handle in the multi)
+  ** shrinks as transfers end, so the connections of the first to end were
+  ** closed before the next requests to their host could reuse them. */
+  if (l->per_host > 0) lc.multi_setopt(sh->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)l->per_host);
+  if (l->max_conn > 0)
+    lc.multi_setopt(sh->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)l->max_conn);
+  lc.multi_setopt(sh->multi, CURLMOPT_MAXCONNECTS,
+                  (long)(l->max_conn > SHARD_CAP ? l->max_conn : SHARD_CAP));
+  return 0;
+}
+
 lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz) {
   lp_hloop *l = lp_calloc(1, sizeof *l);
   if (l == NULL) {
@@ -790,7 +963,6 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
     return NULL;
   }
   l->ep = l->ev = -1;
-  l->timer_at = -1;
   l->per_host = lim ? lim->per_host : 0;
   l->max_conn = lim ? lim->max_connections : 0;
   l->rng = (uint64_t)(uintptr_t)l ^ (uint64_t)(luapool__now() * 1e9) ^ 0x9e3779b97f4a7c15ULL;
@@ -808,31 +980,18 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
   struct epoll_event ev;
   memset(&ev, 0, sizeof ev);
   ev.events = EPOLLIN;
-  ev.data.fd = l->ev;
+  ev.data.u64 = (uint32_t)l->ev; /* shard 0: the wake-up */
   if (epoll_ctl(l->ep, EPOLL_CTL_ADD, l->ev, &ev) != 0) {
     snprintf(err, errsz, "cannot make an event loop (%s)", strerror(errno));
     goto fail;
   }
-  errno = 0;
-  l->multi = new_multi();
-  if (l->multi == NULL) {
+  if (new_shard(l) != 0) {
     /* (libcurl 7.x makes a socket pair in multi_init) */
     if (errno == EMFILE || errno == ENFILE)
       fd_message(err, errsz, errno);
     else
       snprintf(err, errsz, "not enough memory");
     goto fail;
-  }
-  lc.multi_setopt(l->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
-  lc.multi_setopt(l->multi, CURLMOPT_SOCKETDATA, (void *)l);
-  lc.multi_setopt(l->multi, CURLMOPT_TIMERFUNCTION, on_timer);
-  lc.multi_setopt(l->multi, CURLMOPT_TIMERDATA, (void *)l);
-  /* libcurl's limits agree with the admission (never reached by it); the
-  ** cache keeps as many idle connections as may be busy at once. */
-  if (l->per_host > 0) lc.multi_setopt(l->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)l->per_host);
-  if (l->max_conn > 0) {
-    lc.multi_setopt(l->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)l->max_conn);
-    lc.multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)l->max_conn);
   }
   return l;
 fail:
@@ -912,30 +1071,43 @@ size_t luapool__hloop_run(lp_hloop *l, double max_wait) {
   fire_timers(l);
   double now = luapool__now(), wait = max_wait;
   if (l->fin_h) wait = 0;
-  if (l->timer_at >= 0 && l->timer_at - now < wait) wait = l->timer_at - now;
+  for (int i = 0; i < l->nshards; i++) {
+    double at = l->shards[i].timer_at;
+    if (at >= 0 && at - now < wait) wait = at - now;
+  }
   if (l->nheap && l->heap[0]->wake - now < wait) wait = l->heap[0]->wake - now;
   int ms = wait <= 0 ? 0 : wait > 1e6 ? 1000000000 : (int)ceil(wait * 1000.0);
   int n = epoll_wait(l->ep, evs, EPOLL_BATCH, ms);
   for (int i = 0; i < n; i++) {
-    int fd = evs[i].data.fd;
-    if (fd == l->ev) {
+    int fd = (int)(uint32_t)evs[i].data.u64;
+    unsigned si = (unsigned)(evs[i].data.u64 >> 32);
+    if (si == 0) {
       uint64_t v;
       while (read(l->ev, &v, sizeof v) == (ssize_t)sizeof v) {
       }
       atomic_store(&l->woken, 0);
       continue;
     }
+    if ((size_t)fd < l->nfd && (l->fdreg[fd] & (FD_REG | FD_WATCHED)) == FD_REG) {
+      epoll_ctl(l->ep, EPOLL_CTL_DEL, fd, NULL); /* an idle connection's news: at reuse */
+      l->fdreg[fd] = 0;
+      continue;
+    }
     int mask = 0;
     if (evs[i].events & EPOLLIN) mask |= CURL_CSELECT_IN;
     if (evs[i].events & EPOLLOUT) mask |= CURL_CSELECT_OUT;
     if (evs[i].events & (EPOLLERR | EPOLLHUP)) mask |= CURL_CSELECT_ERR;
-    lc.multi_socket_action(l->multi, fd, mask, &running);
+    lc.multi_socket_action(l->shards[si - 1].multi, fd, mask, &running);
   }
-  if (l->timer_at >= 0 && luapool__now() >= l->timer_at) {
-    l->timer_at = -1; /* (libcurl sets the next one while it runs) */
-    lc.multi_socket_action(l->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  now = luapool__now();
+  for (int i = 0; i < l->nshards; i++) {
+    hshard *sh = &l->shards[i];
+    if (sh->timer_at >= 0 && now >= sh->timer_at) {
+      sh->timer_at = -1; /* (libcurl sets the next one while it runs) */
+      lc.multi_socket_action(sh->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    }
+    read_messages(l, sh);
   }
-  read_messages(l);
   pump(l); /* into the slots the ended transfers freed */
   fire_timers(l);
   run_finished(l);
@@ -959,7 +1131,9 @@ void luapool__hloop_free(lp_hloop *l) {
     luapool__hloop_abort(l, l->all, "loop closed");
   for (int i = 0; i < l->nidle; i++)
     lc.easy_cleanup(l->idle[i]);
-  if (l->multi) lc.multi_cleanup(l->multi); /* closes cached connections (epoll still open) */
+  for (int i = 0; i < l->nshards; i++)
+    lc.multi_cleanup(l->shards[i].multi); /* closes cached connections (epoll still open) */
+  lp_free(l->fdreg);                      /* (after: the closes above update it) */
   for (size_t i = 0; i < l->nbuckets; i++)
     for (hhost *e = l->buckets[i], *n; e; e = n) {
       n = e->next;

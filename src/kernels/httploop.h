@@ -167,9 +167,14 @@ int luapool__hreq_curlcode(const lp_hreq *r);
 ** luapool.kernels.fetch_length yields the same way once its Lua face
 ** (registry.c) routes to luapool__http_fetch_length_yield on such a thread
 ** (kernels_internal.h); until then it blocks there, and the engine runs it
-** natively (count_only requests) when it is the task itself. */
+** natively (count_only requests) when it is the task itself.
+** An engine may set a maker instead of (or besides) the loop: with no
+** loop set, the first call that needs one (luapool__http_thread_loop)
+** calls make(ud) for it (NULL: it blocks), so a thread whose tasks make no
+** request never loads libcurl. */
 extern const char luapool__http_yield_marker;
 void luapool__http_set_thread_loop(lp_hloop *l);
+void luapool__http_set_thread_loop_maker(lp_hloop *(*make)(void *ud), void *ud);
 lp_hloop *luapool__http_thread_loop(void);
 /* }====== */
 

@@ -177,11 +177,12 @@ static void print_usage(FILE *out) {
           "Environment variables:\n"
           "  LUAPOOL_WORKER_EXE  the binary process pools start as workers (default: luapool)\n"
           "  LUAPOOL_LIBCURL     the libcurl HTTP loads on first use (default: libcurl.so.4)\n"
+          "  GLIBC_TUNABLES      with a glibc.malloc. tunable: the host leaves malloc as set\n"
           "  LUA_PATH_5_4        initial package.path (';;' stands for the default)\n"
           "  LUA_PATH            initial package.path when LUA_PATH_5_4 is unset\n"
           "  LUA_CPATH_5_4       initial package.cpath (';;' stands for the default)\n"
           "  LUA_CPATH           initial package.cpath when LUA_CPATH_5_4 is unset\n" READLINE_ENV
-          "In scripts, threadpool, processpool, mpipool and luapool are globals.\n",
+          "In scripts, threadpool, processpool, iopool, mpipool and luapool are globals.\n",
           progname, progname);
 }
 

@@ -79,4 +79,30 @@ function M.pending_not_sanitizer(out)
   return table.concat(wrong, "\n")
 end
 
+-- The spec of one part (spec/mpi_conformance_PART_spec.lua): every spec in
+-- a part, at least `least` cases passed, none failed, none pending but a
+-- sanitizer build's own.  env: the spec file's _ENV, where busted put
+-- describe, it, pending and assert.
+function M.describe_part(part, least, env)
+  local describe, it, pending, assert = env.describe, env.it, env.pending, env.assert
+  describe("the conformance suite on mpipool, part " .. part, function()
+    if not h.mpiexec then
+      it("needs MPI", function() pending("this build has no MPI (spec/mpi_spec.lua checks what it says)") end)
+      return
+    end
+
+    it("runs every spec that loops over helper.engines in one of its parts", function()
+      assert.are.equal("", M.check())
+    end)
+
+    it("passes " .. table.concat(M.parts[part], ", ") .. " on mpipool", function()
+      local counts, out = M.run(part)
+      assert.is_truthy(counts, out)
+      assert.matches("^%d+ successes / 0 failures / 0 errors / %d+ pending$", counts, out)
+      assert.are.equal("", M.pending_not_sanitizer(out))
+      assert.is_true(tonumber(counts:match("^%d+")) >= least, out)
+    end)
+  end)
+end
+
 return M

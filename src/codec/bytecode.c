@@ -52,6 +52,21 @@
 
 #include "codec/bytecode.h"
 
+#if LUA_VERSION_NUM == 504
+/* Pushes the n results of probe, made in a protected call (it allocates):
+** 0, or -1 (nothing pushed) when it could not run: no memory. */
+static int run_probe(lua_State *L, lua_CFunction probe, int n) {
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, n + 4)) return -1;
+  lua_pushcfunction(L, probe);
+  if (lua_pcall(L, 0, n, 0) != LUA_OK) {
+    lua_settop(L, top);
+    return -1;
+  }
+  return 0;
+}
+#endif
+
 /* {====== 1. the closure layout */
 
 #if LUA_VERSION_NUM == 504
@@ -103,12 +118,7 @@ static int proto_probe(lua_State *L) {
 static int proto_check(lua_State *L) {
 #if LUA_VERSION_NUM == 504
   int top = lua_gettop(L);
-  if (!lua_checkstack(L, 8)) return -1;
-  lua_pushcfunction(L, proto_probe);
-  if (lua_pcall(L, 0, 4, 0) != LUA_OK) {
-    lua_settop(L, top);
-    return -1;
-  }
+  if (run_probe(L, proto_probe, 4) != 0) return -1;
   const lp_lclosure54 *f1 = lua_topointer(L, top + 1), *g1 = lua_topointer(L, top + 2),
                       *f2 = lua_topointer(L, top + 3);
   int ok = f1 && g1 && f2 && f1 != f2 && f1->tt == LP_VLCL && g1->tt == LP_VLCL &&
@@ -248,12 +258,7 @@ static int table_probe(lua_State *L) {
 static int table_check(lua_State *L) {
 #if LUA_VERSION_NUM == 504
   int top = lua_gettop(L);
-  if (!lua_checkstack(L, 4)) return -1;
-  lua_pushcfunction(L, table_probe);
-  if (lua_pcall(L, 0, 3, 0) != LUA_OK) {
-    lua_settop(L, top);
-    return -1;
-  }
+  if (run_probe(L, table_probe, 3) != 0) return -1;
   const lp_table54 *a = lua_topointer(L, top + 1), *b = lua_topointer(L, top + 2),
                    *c = lua_topointer(L, top + 3);
   int ok = a && b && c && a->tt == LP_VTABLE && b->tt == LP_VTABLE && c->tt == LP_VTABLE &&

@@ -379,11 +379,8 @@ void luapool__scratch_release(lua_State *L, int idx) {
   lua_pop(L, 1);
 }
 
-/* Pushes user value k of the codec state at cst, a table created (weak
-** when asked) the first time. */
-static void cstate_table(lua_State *L, int cst, int k, const char *mode) {
-  if (lua_getiuservalue(L, cst, k) == LUA_TTABLE) return;
-  lua_pop(L, 1);
+/* Pushes a new table, weak as mode says (NULL: strong), and a copy of it. */
+static void push_new_table(lua_State *L, const char *mode) {
   lua_newtable(L);
   if (mode) {
     lua_createtable(L, 0, 1);
@@ -392,6 +389,14 @@ static void cstate_table(lua_State *L, int cst, int k, const char *mode) {
     lua_setmetatable(L, -2);
   }
   lua_pushvalue(L, -1);
+}
+
+/* Pushes user value k of the codec state at cst, a table created (weak
+** when asked) the first time. */
+static void cstate_table(lua_State *L, int cst, int k, const char *mode) {
+  if (lua_getiuservalue(L, cst, k) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  push_new_table(L, mode);
   lua_setiuservalue(L, cst, k);
 }
 
@@ -399,14 +404,7 @@ static void cstate_table(lua_State *L, int cst, int k, const char *mode) {
 static void registry_table(lua_State *L, const char *key, const char *mode) {
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE) return;
   lua_pop(L, 1);
-  lua_newtable(L);
-  if (mode) {
-    lua_createtable(L, 0, 1);
-    lua_pushstring(L, mode);
-    lua_setfield(L, -2, "__mode");
-    lua_setmetatable(L, -2);
-  }
-  lua_pushvalue(L, -1);
+  push_new_table(L, mode);
   lua_rawsetp(L, LUA_REGISTRYINDEX, key);
 }
 

@@ -255,6 +255,39 @@ for _, carrier in ipairs(carriers) do
         end
       end)
 
+      it("reads a table's array again after a finalizer run inside the encoder resized it", function()
+        -- a new function in the array is dumped into a Lua buffer: that
+        -- allocation may run a collection step, and a __gc finalizer that
+        -- empties and rehashes the table being sent (its array freed); the
+        -- numbers after the function must come from the table as it is now
+        local target, fired = nil, 0
+        local mt = { __gc = function()
+          if target then
+            local t = target
+            target = nil
+            fired = fired + 1
+            for i = 3, 16 do t[i] = nil end
+            for i = 1, 64 do t["k" .. i] = i end
+          end
+        end }
+        for attempt = 1, 5000 do
+          for _ = 1, 50 do setmetatable({}, mt) end
+          local t = {}
+          for i = 1, 16 do t[i] = i * 1000 end
+          t[2] = load("local a = ... return a + " .. attempt .. string.rep(" + a * 2", 300))
+          target = t
+          local back = send(t)
+          target = nil
+          for i = 1, 16 do
+            if i ~= 2 then
+              assert.is_true(back[i] == nil or back[i] == i * 1000, ("entry %d is %s"):format(i, tostring(back[i])))
+            end
+          end
+          if fired > 0 then break end
+        end
+        assert.are.equal(1, fired)
+      end)
+
       it("keeps holes", function()
         local t = send({ 1, nil, 3, nil, 5, [8] = 8 })
         assert.are.equal(1, t[1])

@@ -43,10 +43,12 @@ typedef struct lp_tv54 {
 #define LP_TV_FLT 0x13 /* LUA_VNUMFLT: makevariant(LUA_TNUMBER, 1) */
 /* The array part of the table at idx, with *size a lower bound of its
 ** length (Lua's alimit), when this Lua lays tables out as 5.4 does
-** (checked once per process); else NULL.  An entry may be read while no
-** Lua code runs on the table (nothing resizes it), and a number written
-** in place of any entry (a number needs no collector barrier).  Does not
-** raise; uses up to 4 stack slots the first time. */
+** (checked once per process); else NULL.  The array stays where it is
+** until something allocates from Lua (a collection step may run a __gc
+** finalizer that resizes the table): the caller fetches it again after
+** anything that may allocate.  A number may be written in place of any
+** entry (a number needs no collector barrier).  Does not raise; uses up to
+** 4 stack slots the first time. */
 lp_tv54 *luapool__table_array(lua_State *L, int idx, lua_Unsigned *size);
 /* 1 when keys 1..n of the table at idx all lie in its array part, so that
 ** lua_next from key n passes none of the hash part; 0 when not, or not

@@ -1158,6 +1158,8 @@ static int step_table(luapool_encoder *e, size_t j, int W) {
         } else if ((r = enc_any(e, W + 1)) != 0) {
           if (r > 0) e->fr[j].pending = 1;
           return r;
+        } else { /* it may have allocated: a finalizer may have resized the table */
+          arr = luapool__table_array(L, W, &asize);
         }
         lua_settop(L, W);
       }

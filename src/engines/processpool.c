@@ -238,7 +238,12 @@ static int write_frame2(int fd, int pidfd, unsigned type, const char *head, size
   uint64_t len = hn + n;
   memcpy(h, &len, 8);
   h[8] = (char)type;
-  struct iovec iov[3] = {{h, 9}, {(void *)(uintptr_t)head, hn}, {(void *)(uintptr_t)p, n}};
+  /* (iovec takes a void *: writev only reads through it) */
+  union {
+    const char *c;
+    void *v;
+  } hu = {head}, pu = {p};
+  struct iovec iov[3] = {{h, 9}, {hu.v, hn}, {pu.v, n}};
   return write_iov(fd, pidfd, iov, 3);
 }
 

@@ -177,7 +177,8 @@ static void print_usage(FILE *out) {
           "Environment variables:\n"
           "  LUAPOOL_WORKER_EXE  the binary process pools start as workers (default: luapool)\n"
           "  LUAPOOL_LIBCURL     the libcurl HTTP loads on first use (default: libcurl.so.4)\n"
-          "  GLIBC_TUNABLES      with a glibc.malloc. tunable: the host leaves malloc as set\n"
+          "  GLIBC_TUNABLES      glibc.malloc.mmap_threshold/trim_threshold: the host keeps them\n"
+          "  MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_  the same, glibc's older names\n"
           "  LUA_PATH_5_4        initial package.path (';;' stands for the default)\n"
           "  LUA_PATH            initial package.path when LUA_PATH_5_4 is unset\n"
           "  LUA_CPATH_5_4       initial package.cpath (';;' stands for the default)\n"
@@ -827,13 +828,20 @@ static void mpi_launch(int *argc, char ***argv) {
 ** costs more than the copy (200 tasks of a 1 MiB string: 123 faults per task).
 ** Keeping them in the heap and its free top makes the next value reuse
 ** mapped pages.  Both are set, since setting either turns glibc's dynamic
-** threshold off.  A user's own GLIBC_TUNABLES for malloc win. */
+** threshold off; the mmap threshold is glibc's own upper bound for its
+** dynamic one (4 MiB times sizeof(long): 32 MiB on 64-bit).  A threshold
+** the user set (GLIBC_TUNABLES or glibc's older MALLOC_*_ variables) wins. */
+static int user_sets(const char *tunable, const char *var) {
+  const char *t = getenv("GLIBC_TUNABLES");
+  return (t && strstr(t, tunable)) || getenv(var);
+}
+
 static void malloc_policy(void) {
 #ifdef __GLIBC__
-  const char *t = getenv("GLIBC_TUNABLES");
-  if (t && strstr(t, "glibc.malloc.")) return;
-  mallopt(M_MMAP_THRESHOLD, 32 << 20);
-  mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  if (!user_sets("glibc.malloc.mmap_threshold", "MALLOC_MMAP_THRESHOLD_"))
+    mallopt(M_MMAP_THRESHOLD, (int)((4u << 20) * sizeof(long)));
+  if (!user_sets("glibc.malloc.trim_threshold", "MALLOC_TRIM_THRESHOLD_"))
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
 #endif
 }
 

@@ -1053,7 +1053,13 @@ static void *loop_main(void *arg) {
     int room = lp->room;
     lp->room = 0;
     pthread_mutex_unlock(&p->mu);
-    if (ntake + dropped == 64 || room) continue; /* more may be queued */
+    if (ntake + dropped == 64 || room) { /* more may be queued */
+      /* A look at the network first (no wait): the requests just added
+      ** connect and the connections made before send, instead of every
+      ** queued task being begun before the first request goes out. */
+      if (ntake > 0 && lp->hl) loop_wait(lp, 0);
+      continue;
+    }
     double wait = 1.0;
     if (lp->rhead)
       wait = 0;

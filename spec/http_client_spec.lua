@@ -54,6 +54,44 @@ describe("http.request", function()
     assert.matches("^GET /headers HTTP/1%.1\r\n", r.body)
   end)
 
+  it("sends each request as asked on a handle and connection the one before used", function()
+    -- one after the other on this thread's loop: the easy handle of a plain
+    -- GET is kept with its options set; another request must not inherit them
+    local function hdrs(opts)
+      opts.url = srv:url("/headers")
+      local r = assert(request(opts))
+      return r.status, r.body
+    end
+    local st, b = hdrs { method = "POST", body = "abc", headers = { ["X-A"] = "1" } }
+    assert.are.equal(200, st)
+    assert.matches("^POST /headers HTTP/1%.1\r\n", b)
+    assert.matches("\r\nX%-A: 1\r\n", b)
+    assert.matches("\r\nContent%-Length: 3\r\n", b)
+    for _ = 1, 2 do
+      st, b = hdrs {}
+      assert.are.equal(200, st)
+      assert.matches("^GET /headers HTTP/1%.1\r\n", b)
+      assert.is_nil(b:find("X-A", 1, true))
+      assert.is_nil(b:find("Content-Length", 1, true))
+    end
+    st, b = hdrs { headers = { ["X-B"] = "2" } }
+    assert.are.equal(200, st)
+    assert.matches("\r\nX%-B: 2\r\n", b)
+    st, b = hdrs { connect_timeout = 3 }
+    assert.are.equal(200, st)
+    assert.matches("^GET /headers HTTP/1%.1\r\n", b)
+    assert.is_nil(b:find("X-B", 1, true))
+    assert.are.equal(200, (assert(request { url = srv:url("/headers"), method = "HEAD" })).status)
+    st, b = hdrs {}
+    assert.are.equal(200, st)
+    assert.matches("^GET /headers HTTP/1%.1\r\n", b)
+    -- a plain GET that follows no redirect, then one that does
+    assert.are.equal(302, (assert(request { url = srv:url("/redirect"), follow = false })).status)
+    local r = assert(request { url = srv:url("/redirect") })
+    assert.are.same({ 200, "xxxxxxxxxx" }, { r.status, r.body })
+    assert.are.equal(302, (assert(request { url = srv:url("/redirect"), follow = false })).status)
+  end)
+
   it("follows redirects unless told not to", function()
     local r = assert(request { url = srv:url("/redirect") })
     assert.are.same({ 200, "xxxxxxxxxx", srv:url("/bytes?n=10") }, { r.status, r.body, r.url })

@@ -285,6 +285,38 @@ describe("iopool", function()
       assert.is_true(luapool.now() - t0 >= 1.15, "took " .. (luapool.now() - t0))
     end)
 
+    it("counts a host's connections as one however its URLs spell it (per_host = 1: three rounds)", function()
+      local p <close> = iopool.new { per_host = 1 }
+      local u = srv:url("/sleep?s=0.3")
+      local urls = { u, (u:gsub("^http:", "HTTP:")), (u:gsub("/sleep", "/sleep/../sleep")) }
+      local t0 = luapool.now()
+      assert.are.same({ 3, 3, 3 }, p:map(luapool.kernels.fetch_length, urls))
+      assert.is_true(luapool.now() - t0 >= 0.85, "took " .. (luapool.now() - t0))
+    end)
+
+    it("sends each request of a Lua task as asked, on handles earlier requests used", function()
+      local p <close> = iopool.new { concurrency = 1 }
+      local got = p:submit(function(u)
+        local out = {}
+        local function hdrs(opts)
+          opts.url = u
+          local r = assert(luapool.http.request(opts))
+          out[#out + 1] = r.body:match("^(%u+) ") .. (r.body:find("X-A", 1, true) and "+A" or "")
+            .. (r.body:find("Content-Length", 1, true) and "+L" or "")
+        end
+        hdrs { method = "POST", body = "abc", headers = { ["X-A"] = "1" } }
+        hdrs {}
+        hdrs { headers = { ["X-A"] = "2" } }
+        hdrs { connect_timeout = 3 }
+        hdrs {}
+        return table.concat(out, " ")
+      end, srv:url("/headers")):result(30)
+      assert.are.equal("POST+A+L GET GET+A GET GET", got)
+      -- native tasks after it, on the same loop
+      assert.are.same({ 10, 10 }, p:map(luapool.kernels.fetch_length,
+        { srv:url("/redirect"), srv:url("/bytes?n=10") }))
+    end)
+
     it("ends at once on Ctrl-C with requests in flight: exit 130, every transfer aborted", function()
       local ready, rc = os.tmpname(), os.tmpname()
       os.remove(ready)

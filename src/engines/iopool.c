@@ -190,6 +190,8 @@ struct ioloop {
   size_t nheap, capheap;
   io_task *cur;  /* the task being resumed */
   int room;      /* a task ended while others were queued (p->mu) */
+  int in_run;    /* inside luapool__hloop_run (loop_wait) */
+  int ending;    /* inside end_now */
   int hl_failed; /* the multi could not be made (no libcurl...) */
   int initialized;
   lp_paths *paths;
@@ -226,7 +228,11 @@ static void loop_wait(ioloop *lp, double max_wait) {
     lp->woken = 0;
   }
   pthread_mutex_unlock(&lp->mu);
-  if (lp->hl) luapool__hloop_run(lp->hl, max_wait);
+  if (lp->hl) {
+    lp->in_run = 1;
+    luapool__hloop_run(lp->hl, max_wait);
+    lp->in_run = 0;
+  }
 }
 
 /* }====== */
@@ -303,11 +309,22 @@ static void on_req_done(lp_hreq *r, void *ud) {
   ready(t->lp, t);
 }
 
+static void end_now(ioloop *lp, io_task *t);
 static void on_native_done(lp_hreq *r, void *ud) {
   io_ncall *c = ud;
+  io_task *t = c->t;
+  ioloop *lp = t->lp;
   (void)r;
   c->done = 1;
-  if (--c->t->nleft == 0) ready(c->t->lp, c->t);
+  if (--t->nleft != 0) return;
+  /* Answered inside the loop's run: settled and replaced at once, so the
+  ** next queued task's request goes out in this same pass (the httploop
+  ** sends what a callback adds).  Anything else (an abort, a kill) waits
+  ** for run_ready, as the Lua tasks do. */
+  if (lp->in_run && !lp->ending && !t->kill && !t->queued)
+    end_now(lp, t);
+  else
+    ready(lp, t);
 }
 
 /* Ends t's waits: its timers, its requests (their callbacks run now). */
@@ -918,6 +935,43 @@ static void run_ready(ioloop *lp) {
   }
 }
 
+/* A native task answered inside the loop's run (on_native_done): its
+** future settled, its place given back and taken by the next queued task,
+** begun now (a native one's request is added to the loop, which sends it
+** before its run returns).  One task per ended one: more room (a task
+** that ended while being begun) is left to the loop's next turn. */
+static void end_now(ioloop *lp, io_task *t) {
+  lp_pool *p = lp->p;
+  iopool *io = lp->io;
+  lp->ending = 1;
+  end_native(lp, t);
+  task_free(lp, t);
+  for (int tries = 0; tries < 64; tries++) {
+    lp_future *f = NULL;
+    int started = 0;
+    pthread_mutex_lock(&p->mu);
+    /* (taken_gen: as in loop_main, an interrupt finds it queued or started) */
+    unsigned taken_gen = atomic_load(&lp->intr_gen);
+    if (p->head && lp->n < lp->cap && io->inflight < io->cfg.concurrency) {
+      f = luapool__pool_take(p);
+      started = luapool__future_start(f, lp->name);
+      if (started) {
+        lp->n++;
+        io->inflight++;
+      }
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (f == NULL) break;
+    if (!started) { /* cancelled meanwhile */
+      luapool__future_unref(f);
+      continue;
+    }
+    begin_task(lp, f, atomic_load(&lp->intr_gen) != taken_gen);
+    break;
+  }
+  lp->ending = 0;
+}
+
 /* }====== */
 
 static void *loop_main(void *arg) {
@@ -999,7 +1053,13 @@ static void *loop_main(void *arg) {
     int room = lp->room;
     lp->room = 0;
     pthread_mutex_unlock(&p->mu);
-    if (ntake + dropped == 64 || room) continue; /* more may be queued */
+    if (ntake + dropped == 64 || room) { /* more may be queued */
+      /* A look at the network first (no wait): the requests just added
+      ** connect and the connections made before send, instead of every
+      ** queued task being begun before the first request goes out. */
+      if (ntake > 0 && lp->hl) loop_wait(lp, 0);
+      continue;
+    }
     double wait = 1.0;
     if (lp->rhead)
       wait = 0;

@@ -542,12 +542,16 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud) {
 
 /* Every socket close-on-exec (a command a task starts holds no connection),
 ** and running out of descriptors noted, to be reported as such. */
+static void fd_ours(lp_hloop *l, curl_socket_t s);
+
 static curl_socket_t open_socket(void *ud, curlsocktype purpose, struct curl_sockaddr *a) {
   lp_hreq *r = ud;
   (void)purpose;
   int fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
   if (fd < 0 && (errno == EMFILE || errno == ENFILE)) r->fd_errno = errno;
-  return fd < 0 ? CURL_SOCKET_BAD : fd;
+  if (fd < 0) return CURL_SOCKET_BAD;
+  fd_ours(r->loop, fd);
+  return fd;
 }
 
 /* libcurl closes its sockets here (every connection remembers the loop):
@@ -909,13 +913,14 @@ static void fire_timers(lp_hloop *l) {
 /* {====== libcurl's socket and timer callbacks */
 
 /* What epoll holds for a descriptor (the loop's table, by descriptor):
-** registered, with IN/OUT, and whether libcurl watches it now.  A socket
-** libcurl stops watching (REMOVE at each transfer's end, its connection
-** kept alive) stays registered for input: the next transfer on it costs
+** registered, with IN/OUT, whether libcurl watches it now, and whether
+** open_socket made it (FD_OURS, fd_ours).  A socket of ours libcurl stops
+** watching (REMOVE at each transfer's end, its connection kept alive)
+** stays registered for input: the next transfer on it costs
 ** one MOD or none instead of a DEL, a failed MOD and an ADD.  Should it
 ** become readable meanwhile (the server closed it), the loop takes it out
 ** then.  Closing (close_socket) forgets it: epoll drops a closed one. */
-enum { FD_IN = 1, FD_OUT = 2, FD_REG = 4, FD_WATCHED = 8 };
+enum { FD_IN = 1, FD_OUT = 2, FD_REG = 4, FD_WATCHED = 8, FD_OURS = 16 };
 
 static unsigned char *fd_slot(lp_hloop *l, curl_socket_t s) {
   if (s < 0) return NULL;
@@ -932,6 +937,16 @@ static unsigned char *fd_slot(lp_hloop *l, curl_socket_t s) {
   return &l->fdreg[s];
 }
 
+/* A socket open_socket made: libcurl closes it through close_socket, which
+** forgets it, so it may stay registered between transfers.  Any other
+** descriptor libcurl hands on_socket (its threaded resolver's socket pair)
+** it closes itself, after REMOVE: that one is dropped at REMOVE, or a stale
+** entry would keep a reused number out of epoll. */
+static void fd_ours(lp_hloop *l, curl_socket_t s) {
+  unsigned char *st = fd_slot(l, s);
+  if (st) *st = FD_OURS;
+}
+
 static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp) {
   hshard *sh = ud;
   lp_hloop *l = sh->l;
@@ -941,18 +956,18 @@ static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp) 
   memset(&ev, 0, sizeof ev);
   ev.data.u64 = ((uint64_t)(sh->idx + 1) << 32) | (uint32_t)s; /* its shard, from 1 */
   if (what == CURL_POLL_REMOVE) {
-    if (st == NULL || !(*st & FD_REG)) {
+    if (st == NULL || !(*st & FD_REG) || !(*st & FD_OURS)) {
       epoll_ctl(l->ep, EPOLL_CTL_DEL, s, NULL); /* (already gone if closed) */
-      if (st) *st = 0;
+      if (st) *st = *st & FD_OURS;
       return 0;
     }
     *st &= (unsigned char)~FD_WATCHED;
     if (*st & FD_OUT) { /* (level-triggered: writable would wake the loop for ever) */
       ev.events = EPOLLIN;
       if (epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev) == 0)
-        *st = FD_REG | FD_IN;
+        *st = FD_OURS | FD_REG | FD_IN;
       else
-        *st = 0;
+        *st = FD_OURS;
     }
     return 0;
   }
@@ -970,7 +985,7 @@ static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp) 
     rc = epoll_ctl(l->ep, EPOLL_CTL_ADD, s, &ev);
   else if (rc != 0 && op == EPOLL_CTL_ADD && errno == EEXIST)
     rc = epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev);
-  if (st) *st = rc == 0 ? (unsigned char)(FD_REG | FD_WATCHED | want) : 0;
+  if (st) *st = (unsigned char)((*st & FD_OURS) | (rc == 0 ? FD_REG | FD_WATCHED | want : 0));
   return 0;
 }
 
@@ -1209,7 +1224,7 @@ size_t luapool__hloop_run(lp_hloop *l, double max_wait) {
     }
     if ((size_t)fd < l->nfd && (l->fdreg[fd] & (FD_REG | FD_WATCHED)) == FD_REG) {
       epoll_ctl(l->ep, EPOLL_CTL_DEL, fd, NULL); /* an idle connection's news: at reuse */
-      l->fdreg[fd] = 0;
+      l->fdreg[fd] = FD_OURS;
       continue;
     }
     int mask = 0;

@@ -370,11 +370,13 @@ function M.start(opts)
     if started then
       srv.port, srv.base = port, "http://127.0.0.1:" .. port
       local pidfile = dir .. "/nginx.pid"
-      if wait_until(function() return exists(pidfile) and listening_ports()[port] end) then
+      -- the watchdog as soon as nginx has a pid, before waiting for it to
+      -- listen: an owner that dies meanwhile must not leave it behind
+      if wait_until(function() return exists(pidfile) end) then
         srv.pid = tonumber((readfile(pidfile) or ""):match("%d+"))
         srv.watchdog = srv.pid and watch(srv.pid, dir)
-        return srv
       end
+      if srv.pid and wait_until(function() return listening_ports()[port] end) then return srv end
       local msg = summarize(log .. (readfile(dir .. "/error.log") or ""))
       srv:stop()
       return nil, "fixture: nginx started but is not listening on port " .. port

@@ -110,8 +110,16 @@ int luapool__mpi_sends_wait(mpi_sends *s, double until) {
     for (mpi_send *m = s->head, *next; m; m = next) {
       next = m->next;
       MPI_Cancel(&m->req);
-      MPI_Request_free(&m->req);
-      lp_free(m->buf);
+      int done = 0;
+      MPI_Test(&m->req, &done, MPI_STATUS_IGNORE);
+      if (done) {
+        lp_free(m->buf);
+      } else {
+        /* MPI may still read the buffer of a send that has not completed
+        ** (a cancelled send completes when MPI says so): it is left to the
+        ** process's end rather than freed under MPI */
+        MPI_Request_free(&m->req);
+      }
       lp_free(m);
     }
     pthread_mutex_unlock(&luapool__mpi_mu);

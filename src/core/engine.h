@@ -35,7 +35,10 @@
 ** luapool__future_start (which fails for one cancelled meanwhile) and
 ** settles it once with finish or fail.  It starts the future (and makes
 ** it visible to its interrupt()) before it lets go of p->mu: else an
-** interrupt between the two finds the task neither queued nor running.  The pool's counters and done
+** interrupt between the two finds the task neither queued nor running.
+** (A task an engine sends ahead stays PENDING but is held: cancel_held
+** below; it is taken under p->mu and marked held before p->mu goes, and
+** luapool__pool_requeue gives it back unstarted.)  The pool's counters and done
 ** callbacks follow from the future core's hooks: an engine writes neither.
 */
 #ifndef LUAPOOL_ENGINE_H
@@ -105,6 +108,15 @@ typedef struct lp_engine {
   ** is now cancelled (luapool__future_cancel_running), 0 when a running
   ** task cannot be cancelled here.  Owner, no lock.  NULL: never. */
   int (*cancel)(lp_pool *p, lp_future *f);
+  /* For an engine that sends a worker its next task before the one it
+  ** runs ends (processes): such a task is held (f->held), PENDING and out
+  ** of the queue.  cancel_held: f:cancel() on a held f, under f's stripe
+  ** lock (so atomics only): 1 when its worker will never start it, 0 when
+  ** it has.  cancel_held_all: cancels every held task not started yet, as
+  ** the queue is cancelled (Ctrl-C, shutdown{cancel_futures}); under
+  ** p->mu.  NULL: the engine holds no task. */
+  int (*cancel_held)(lp_pool *p, lp_future *f);
+  void (*cancel_held_all)(lp_pool *p);
   /* shutdown{cancel_running = true}: cancels the running tasks too (an
   ** event loop aborts their transfers).  Owner, no lock, after the pool
   ** was closed and its queue cancelled.  NULL: running tasks cannot be

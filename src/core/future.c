@@ -277,11 +277,20 @@ static void settle(lp_future *f, lp_fstate from, int drop) {
   if (f->nwaiters > 0) pthread_cond_broadcast(&stripe_of(f)->cv);
 }
 
+int luapool__future_hold(lp_future *f, unsigned char held) {
+  lock(f);
+  int ok = f->state == LP_PENDING;
+  if (ok || held == 0) f->held = held;
+  unlock(f);
+  return ok;
+}
+
 int luapool__future_start(lp_future *f, const char *worker) {
   lock(f);
   int ok = f->state == LP_PENDING;
   if (ok) {
     f->state = LP_RUNNING;
+    f->held = 0;
     count(f, LP_PENDING, LP_RUNNING);
     f->worker = worker;
   }
@@ -352,13 +361,21 @@ uint32_t luapool__future_nerr(lp_future *f) { return reply_header(f) & ~LP_REPLY
 int luapool__future_flagged(lp_future *f) { return (reply_header(f) & LP_REPLY_NAMED) != 0; }
 
 int luapool__future_cancel(lp_future *f) {
-  int moved = 0;
+  int moved = 0, held_started = 0; /* (its worker started it: not cancelled) */
   lock(f);
   lp_fstate st = f->state;
-  if (st == LP_PENDING) {
+  if (st == LP_PENDING && f->held && f->pool) {
+    /* Sent ahead to a worker: the engine's slot decides, atomically with
+    ** the worker's start, under this lock (so no start of f in this
+    ** process can come between the engine's answer and the transition). */
+    const lp_future_hooks *h = atomic_load_explicit(&hooks, memory_order_acquire);
+    if (h && h->cancel_held && !h->cancel_held(f->pool, f)) held_started = 1;
+  }
+  if (st == LP_PENDING && !held_started) {
     f->state = LP_CANCELLED;
     moved = 1;
-    settle(f, LP_PENDING, 1);
+    /* (A held task's message stays: its proxy may still be sending it.) */
+    settle(f, LP_PENDING, !f->held);
   }
   unlock(f);
   if (st == LP_RUNNING && f->pool) {

@@ -76,6 +76,10 @@ typedef struct lp_future {
   /* The owner's own bits (its Lua face's: bind/lfuture.c), in what was
   ** padding; the future core never reads or writes them. */
   unsigned char owner_bits;
+  /* An engine sent the task to a worker ahead of its start (PENDING, out
+  ** of the queue): its slot there, 1-based (0: none; lock: stripe).  A
+  ** cancel asks the engine (hooks.cancel_held) whether it can still win. */
+  unsigned char held;
   int ncalls;           /* calls batched in msg (map chunks) */
   int nwaiters;         /* threads blocked in luapool__future_wait */
   struct lp_pool *pool; /* whose call counters its transitions move */
@@ -113,7 +117,11 @@ lp_future *luapool__future_new(lp_buf *b, int ncalls);
 const char *luapool__future_label(const lp_future *f, char *buf, size_t size);
 void luapool__future_ref(lp_future *f);
 void luapool__future_unref(lp_future *f);
-/* PENDING -> RUNNING; 0 if it was cancelled meanwhile.  worker is the
+/* Marks f held by an engine in slot `held` (1-based; 0 clears it): 1 when
+** f is PENDING, 0 when it is not (cancelled meanwhile: nothing set, except
+** that a clear always clears). */
+int luapool__future_hold(lp_future *f, unsigned char held);
+/* PENDING -> RUNNING (clears held); 0 if it was cancelled meanwhile.  worker is the
 ** name in the lp_worker that runs it (kept by pointer: see worker). */
 int luapool__future_start(lp_future *f, const char *worker);
 /* Finishes f with a reply, once its message has been consumed (a small
@@ -177,6 +185,9 @@ typedef struct lp_future_hooks {
   /* f:cancel() found f running: p's engine may stop it (no lock held);
   ** 1 when f is cancelled now (luapool__future_cancel_running). */
   int (*cancel_running)(struct lp_pool *p, lp_future *f);
+  /* f:cancel() found f PENDING and held (stripe locked, so only atomics):
+  ** 1 when its worker will never start it (f is cancelled), 0 started. */
+  int (*cancel_held)(struct lp_pool *p, lp_future *f);
 } lp_future_hooks;
 void luapool__future_set_hooks(const lp_future_hooks *h);
 /* Done callbacks: returns whether f is done; when it is not, p (non-NULL)

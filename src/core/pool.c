@@ -32,6 +32,18 @@ lp_future *luapool__pool_take(lp_pool *p) {
   return f;
 }
 
+void luapool__pool_requeue(lp_pool *p, lp_future *f) {
+  if (p->broken) {
+    luapool__future_fail(f, LP_EK_BROKEN, "%s", p->broken);
+    luapool__future_unref(f);
+    return;
+  }
+  f->next = p->head;
+  p->head = f;
+  if (p->tail == NULL) p->tail = f;
+  p->npending++;
+}
+
 /* mutex must be locked: empties the queue, handing its list (and the
 ** references it held) to the caller. */
 static lp_future *take_queue(lp_pool *p) {
@@ -111,8 +123,15 @@ static int pool_cancel_running(lp_pool *p, lp_future *f) {
   return p->eng->cancel ? p->eng->cancel(p, f) : 0;
 }
 
-static const lp_future_hooks future_hooks = {
-    .count = count_calls, .notify = pool_notify, .cancel_running = pool_cancel_running};
+/* f:cancel() on a future its engine holds sent ahead (stripe locked). */
+static int pool_cancel_held(lp_pool *p, lp_future *f) {
+  return p->eng->cancel_held ? p->eng->cancel_held(p, f) : 1;
+}
+
+static const lp_future_hooks future_hooks = {.count = count_calls,
+                                             .notify = pool_notify,
+                                             .cancel_running = pool_cancel_running,
+                                             .cancel_held = pool_cancel_held};
 static pthread_once_t hooks_once = PTHREAD_ONCE_INIT;
 static void hooks_install(void) { luapool__future_set_hooks(&future_hooks); }
 
@@ -187,6 +206,7 @@ void luapool__pool_forget(lp_pool *p) {
 static void interrupt_locked(lp_pool *p) {
   pthread_mutex_lock(&p->mu);
   lp_future *q = take_queue(p);
+  if (p->eng->cancel_held_all) p->eng->cancel_held_all(p); /* before the kills */
   p->eng->interrupt(p);
   pthread_mutex_unlock(&p->mu);
   end_list(q, NULL);
@@ -309,6 +329,7 @@ int luapool__pool_stop(lp_pool *p, int wait, int cancel, int interrupt, lp_stop_
   pthread_mutex_lock(&p->mu);
   p->closing = 1;
   lp_future *cancelled = cancel ? take_queue(p) : NULL;
+  if (cancel && p->eng->cancel_held_all) p->eng->cancel_held_all(p);
   pthread_mutex_unlock(&p->mu);
   /* Calls still running (an engine's own busy marks lag its futures'
   ** outcomes, which the owner may already have seen: the counters count). */

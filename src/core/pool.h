@@ -71,6 +71,10 @@ int luapool__pool_submit(lp_pool *p, lp_future *f, char *err, size_t errsz);
 /* Under p->mu: the oldest queued future (its reference passes to the
 ** caller), or NULL. */
 lp_future *luapool__pool_take(lp_pool *p);
+/* Under p->mu: puts f (its reference passes to the queue) back at the
+** head of the queue: an engine gives back a task it held and never
+** started.  On a broken pool f fails instead, as the queue did. */
+void luapool__pool_requeue(lp_pool *p, lp_future *f);
 
 /* What a stop did, for the note of a pool collected while open. */
 typedef struct lp_stop_counts {

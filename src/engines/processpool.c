@@ -11,27 +11,33 @@
 **                     FR_PATHS (path, cpath: only when the task was
 **                     submitted with other paths than the worker has) and
 **                     FR_CALL (f64 per-call deadline in seconds, 0: none;
-**                     u64 task number; i64 first item; the task message)
+**                     u64 task number; i64 first item; u32 slot: 0, or
+**                     the slot of a task sent ahead (pipelining, below);
+**                     u32 0; the task message)
 **   worker -> parent: FR_REFUSE (its own build, when the handshake is not
 **                     its own: then it exits), or FR_READY (it took
 **                     FR_HELLO and FR_INIT: started, so a task's
 **                     deadline does not count the exec), FR_TICK (u32: the
 **                     call of the message that starts now; only for a
 **                     task with a deadline, so each call has its own),
-**                     FR_REPLY (the reply bytes, see worker.c), or FR_OOM
-**                     just before it exits for passing max_memory_mb
+**                     FR_REPLY (the reply bytes, see worker.c), FR_SKIP
+**                     (a task sent ahead that a cancel or a take-back
+**                     claimed first: it did not run), or FR_OOM just
+**                     before it exits for passing max_memory_mb
 ** A worker that dies is noticed at once: the proxy waits on the socket and
 ** on a pidfd of the process together, so a command the task started (which
 ** might hold a copy of the socket) cannot delay it; without pidfds (an old
 ** kernel) end-of-file on the socket says it.  What the socket holds is read
 ** first, so a reply or FR_OOM written just before the exit is never lost.
-** The task it ran fails with kind "crashed" naming how it died, and the
-** next task starts a new process.  The worker dies with its parent
+** The task it ran fails with kind "crashed" naming how it died, a task
+** sent ahead that it had not started goes back to the queue, and the next
+** task starts a new process.  The worker dies with its parent
 ** (PR_SET_PDEATHSIG) and leaves when the socket closes, so none outlives
 ** luapool.
 **
-** Descriptors: the worker starts with only fds 0, 1, 2 and its socket on
-** fd 3 (posix_spawn closes the rest: a pipe the script holds open must not
+** Descriptors: the worker starts with only fds 0, 1, 2, its socket on
+** fd 3 and its slot page (pipelining) on fd 4, which it maps and closes
+** before any task runs (posix_spawn closes the rest: a pipe the script holds open must not
 ** be held by workers too), and makes fd 3 close-on-exec at once, so no
 ** command a task runs inherits it.  Every descriptor created here is
 ** close-on-exec (the socket pair, the pidfd).
@@ -47,6 +53,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -81,11 +88,55 @@ enum {
   FR_PATHS = 6,
   FR_TICK = 7,
   FR_HELLO = 8,
-  FR_REFUSE = 9
+  FR_REFUSE = 9,
+  FR_SKIP = 10
 };
 
-/* FR_CALL's header before the task message. */
-#define CALL_HEADER 24
+/* FR_CALL's header before the task message: f64 deadline, u64 task
+** number, i64 first item, u32 slot (0: the worker was idle for it), u32 0. */
+#define CALL_HEADER 32
+
+/* {====== pipelining
+** A worker process may hold PIPELINE_DEPTH tasks: the one it runs and the
+** next, sent ahead while it runs the first, so it starts the next call
+** without waiting for a round trip to its proxy.  A task sent ahead stays
+** PENDING (it can be cancelled, running() is false, its deadline has not
+** started) until the worker starts it.  Who wins between that start and a
+** cancel is decided by one word per slot in a page of shared memory (a
+** memfd the proxy maps and the worker maps as fd 4):
+**
+**   QUEUED --worker's CAS at the call's start--> RUNNING
+**     |  \--proxy's CAS: "tell me when it starts"--> TELL --worker--> RUNNING (+ FR_TICK)
+**     +--cancel's CAS (f:cancel(), Ctrl-C, shutdown{cancel_futures})--> CANCELLED
+**     +--a proxy's CAS (its process died, or another worker went idle)--> TAKEN
+**
+** Every change out of QUEUED/TELL is a compare-and-swap, so exactly one of
+** the worker's start, a cancel and a take-back wins, and the losers see the
+** winner's state: a cancel that finds RUNNING returns false (the task runs),
+** one that wins returns true, and the worker, finding CANCELLED or TAKEN,
+** skips the task and answers FR_SKIP so the proxy frees the slot.  The
+** cancel's CAS runs under the future's stripe lock, together with its
+** PENDING -> CANCELLED (future.c), and the worker's start is only the CAS:
+** nothing the proxy does (it learns of the start from the slot or FR_TICK,
+** later) can come between.  A TAKEN task is given back to the queue by the
+** proxy that took it (luapool__pool_requeue), or cancelled or failed by it;
+** its own proxy only drops its reference.
+** A slot word is reused only after its task's FR_REPLY or FR_SKIP came
+** back (after the worker's last access) and once f is no longer held (a
+** cancel's CAS can only aim at the slot of a held, PENDING future).
+**
+** Fairness: a proxy sends ahead only when every worker exists and none is
+** idle or spinning (a task queued behind a long one must not wait while
+** another worker could take it), and a proxy whose worker runs out of
+** work takes back a task sent ahead to another one that has not started
+** it (it goes to the head of the queue, and this worker takes it).  Only
+** messages of at most AHEAD_MAX bytes go ahead, so the send never blocks
+** (the socket holds them while the worker runs), which could otherwise
+** deadlock with a big reply coming the other way. */
+#define PIPELINE_DEPTH 2
+#define AHEAD_MAX      (32 * 1024)
+enum { SL_FREE, SL_QUEUED, SL_TELL, SL_RUNNING, SL_CANCELLED, SL_TAKEN };
+/* }====== */
 
 /* How long a new worker may take to answer its start message. */
 #define START_TIMEOUT 30.0
@@ -303,6 +354,24 @@ typedef struct pworker {
   int ntasks;         /* tasks this process has run (max_tasks_per_child) */
   uint64_t paths_gen; /* of the paths this process has */
   rdbuf in;           /* what was received from the process and not yet read */
+  /* Pipelining (above).  slots: PIPELINE_DEPTH words shared with the
+  ** process (NULL: this worker does not pipeline); shmfd its memfd. */
+  int shmfd;
+  atomic_uint *slots;
+  /* The task held in each slot, sent ahead (mutex: p->mu, so that other
+  ** proxies and cancel_held_all can reach it); NULL: none. */
+  lp_future *ahead[PIPELINE_DEPTH];
+  /* The tasks sent and not yet answered, oldest first (its thread only):
+  ** the first is the one the worker runs or starts next. */
+  struct {
+    lp_future *f; /* a reference */
+    int slot;     /* 1-based slot it went ahead in; 0: started when sent */
+    int started;  /* started (luapool__future_start) */
+  } fl[PIPELINE_DEPTH];
+  int nfl;
+  /* ahead[k] was sent in full: another proxy may take it back, since
+  ** nothing here reads its message any more (mutex: p->mu). */
+  int ahead_sent[PIPELINE_DEPTH];
 } pworker;
 
 const char *luapool__worker_exe(void) {
@@ -416,8 +485,10 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   ** worker holds no file of the script's (the write end of a pipe would
   ** keep its reader waiting for as long as the worker lives). */
   int fr = posix_spawn_file_actions_adddup2(&fa, sv[1], 3);
+  /* The slot page on fd 4 (the worker maps it and closes it at once). */
+  if (fr == 0 && pw->shmfd >= 0) fr = posix_spawn_file_actions_adddup2(&fa, pw->shmfd, 4);
 #if HAVE_ADDCLOSEFROM
-  if (fr == 0) fr = posix_spawn_file_actions_addclosefrom_np(&fa, 4);
+  if (fr == 0) fr = posix_spawn_file_actions_addclosefrom_np(&fa, pw->shmfd >= 0 ? 5 : 4);
 #endif
   if (fr != 0) {
     posix_spawn_file_actions_destroy(&fa);
@@ -462,6 +533,7 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   pw->paths_gen = paths->gen;
   int bad = luapool__wire_hello(&hb) || write_frame(pw->fd, pw->pidfd, FR_HELLO, hb.p, hb.len) ||
             put_paths(&b, paths) || luapool__put_u32(&b, (uint32_t)config_of(p)->max_memory_mb) ||
+            luapool__put_u32(&b, pw->shmfd >= 0) ||
             write_frame(pw->fd, pw->pidfd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
   luapool__buf_free(&hb);
@@ -502,6 +574,31 @@ static void proc_init(lp_worker *w) {
   pthread_mutex_init(&pw->pidmu, NULL);
   pw->fd = -1; /* (again in proc_start): never a stray close of fd 0 */
   pw->pidfd = -1;
+  pw->shmfd = -1;
+  pw->slots = NULL;
+  /* The slot page (pipelining); without it (no memfd, an old glibc whose
+  ** posix_spawn cannot close the rest, a slot number that does not fit
+  ** f->held) this worker runs one task at a time. */
+#if HAVE_ADDCLOSEFROM
+  if (w->index * PIPELINE_DEPTH > 255) return;
+  int fd0 = memfd_create("luapool-slots", MFD_CLOEXEC);
+  if (fd0 < 0) return;
+  /* Above 4: the spawn's dup2 onto fd 3 (the socket) must not overwrite it
+  ** before its own dup2 onto fd 4. */
+  int fd = fcntl(fd0, F_DUPFD_CLOEXEC, 5);
+  close(fd0);
+  if (fd < 0) return;
+  long pg = sysconf(_SC_PAGESIZE);
+  void *m = MAP_FAILED;
+  if (pg > 0 && ftruncate(fd, pg) == 0)
+    m = mmap(NULL, (size_t)pg, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (m == MAP_FAILED) {
+    close(fd);
+    return;
+  }
+  pw->shmfd = fd;
+  pw->slots = m; /* zeros: SL_FREE */
+#endif
 }
 
 static int proc_start(lp_worker *w) {
@@ -510,6 +607,8 @@ static int proc_start(lp_worker *w) {
   pw->pidfd = -1;
   return 0; /* the process starts with the first task */
 }
+
+static void break_pool(lp_pool *p, const char *why);
 
 /* Sends the initializer to a new process and waits for it, within the
 ** task's deadline when it has one (as a thread worker runs it within the
@@ -554,7 +653,7 @@ static int run_initializer(pworker *pw, lp_future *f) {
   }
   snprintf(why, sizeof why, "the initializer failed in worker %s: %s", w->name, msg);
   luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
-  luapool__pool_break(w->pool, why);
+  break_pool(w->pool, why);
   return -1;
 }
 
@@ -568,6 +667,217 @@ static int send_paths(pworker *pw, const lp_future *f) {
   return r ? -1 : 0;
 }
 
+/* FR_PATHS when f needs them, then f's FR_CALL (slot: 1-based slot it
+** goes ahead in, 0: the worker is idle for it and f is started). */
+static int send_call(pworker *pw, const lp_future *f, int slot) {
+  char hdr[CALL_HEADER] = {0};
+  uint32_t sl = (uint32_t)slot;
+  memcpy(hdr, &f->timeout, 8);
+  memcpy(hdr + 8, &f->task_no, 8);
+  memcpy(hdr + 16, &f->item_lo, 8);
+  memcpy(hdr + 24, &sl, 4);
+  int r = send_paths(pw, f);
+  if (r == 0) r = write_frame2(pw->fd, pw->pidfd, FR_CALL, hdr, sizeof hdr, f->msg, f->msglen);
+  return r;
+}
+
+static double deadline_of(const lp_future *f) {
+  return f->timeout > 0 ? luapool__now() + f->timeout : 0;
+}
+
+/* f->held of slot k of worker w (1-based; proc_init made sure it fits). */
+static unsigned char held_id(const lp_worker *w, int k) {
+  return (unsigned char)((w->index - 1) * PIPELINE_DEPTH + k + 1);
+}
+
+/* Moves slot word *sw from QUEUED or TELL to `to`: 1 done (this caller
+** decides the task's fate), 0 the word was something else (in *was). */
+static int slot_claim(atomic_uint *sw, unsigned to, unsigned *was) {
+  unsigned st = atomic_load(sw);
+  while (st == SL_QUEUED || st == SL_TELL)
+    if (atomic_compare_exchange_weak(sw, &st, to)) return 1;
+  if (was) *was = st;
+  return 0;
+}
+
+/* Under p->mu, the pool broken: the tasks sent ahead and not started fail
+** "broken" like the queue (a worker must not start them after the break).
+** One still being sent is left to its proxy, which calls this once sent. */
+static void break_held(lp_pool *p) {
+  lp_wset *s = luapool__wset(p);
+  for (int i = 0; i < s->nworkers; i++) {
+    pworker *o = (pworker *)s->workers[i];
+    for (int k = 0; k < PIPELINE_DEPTH; k++) {
+      lp_future *g = o->ahead[k];
+      if (g == NULL || !o->ahead_sent[k] || !slot_claim(&o->slots[k], SL_TAKEN, NULL)) continue;
+      o->ahead[k] = NULL;
+      luapool__future_hold(g, 0);
+      luapool__future_fail(g, LP_EK_BROKEN, "%s", p->broken); /* (its proxy drops it at FR_SKIP) */
+    }
+  }
+}
+
+/* Breaks the pool (luapool__pool_break) and fails what was sent ahead. */
+static void break_pool(lp_pool *p, const char *why) {
+  luapool__pool_break(p, why);
+  pthread_mutex_lock(&p->mu);
+  break_held(p);
+  pthread_mutex_unlock(&p->mu);
+}
+
+/* Sends the next queued task ahead when the pipelining rules (above) allow
+** it.  0, or -1 when the send failed (the worker is gone). */
+static int send_ahead(pworker *pw) {
+  lp_worker *w = &pw->w;
+  lp_pool *p = w->pool;
+  const proc_config *c = config_of(p);
+  if (pw->slots == NULL || pw->nfl >= PIPELINE_DEPTH || atomic_load(&w->intr.closing)) return 0;
+  if (c->max_tasks_per_child && pw->ntasks + pw->nfl >= c->max_tasks_per_child) return 0;
+  int k = -1;
+  for (int i = 0; i < PIPELINE_DEPTH && k < 0; i++) {
+    int used = 0;
+    for (int j = 0; j < pw->nfl; j++)
+      used |= pw->fl[j].slot == i + 1;
+    if (!used) k = i;
+  }
+  if (k < 0) return 0;
+  lp_wset *s = luapool__wset(p);
+  pthread_mutex_lock(&p->mu);
+  lp_future *f = p->head;
+  if (f == NULL || s->idle + s->spinning > 0 || s->nworkers < p->max_workers ||
+      f->msglen > AHEAD_MAX || pw->ahead[k] != NULL) {
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+  }
+  luapool__pool_take(p);
+  atomic_store(&pw->slots[k], SL_QUEUED);
+  /* Held before p->mu goes: from here a cancel asks the slot, and
+  ** cancel_held_all (under p->mu) finds it in ahead[k]. */
+  if (!luapool__future_hold(f, held_id(w, k))) { /* cancelled while queued */
+    atomic_store(&pw->slots[k], SL_FREE);
+    pthread_mutex_unlock(&p->mu);
+    luapool__future_unref(f);
+    return 0;
+  }
+  pw->ahead[k] = f;
+  pw->ahead_sent[k] = 0;
+  pthread_mutex_unlock(&p->mu);
+  pw->fl[pw->nfl].f = f;
+  pw->fl[pw->nfl].slot = k + 1;
+  pw->fl[pw->nfl].started = 0;
+  pw->nfl++;
+  /* (A cancel now leaves the message in place: f is held, future.c.) */
+  int r = send_call(pw, f, k + 1);
+  pthread_mutex_lock(&p->mu);
+  pw->ahead_sent[k] = r == 0;
+  if (p->broken) break_held(p); /* (a break while it was sent) */
+  pthread_mutex_unlock(&p->mu);
+  return r;
+}
+
+/* The first task in flight starts (its slot said RUNNING, or a tick came). */
+static void start_first(pworker *pw) {
+  luapool__future_start(pw->fl[0].f, pw->w.name); /* (wins: a cancel found RUNNING) */
+  pw->fl[0].started = 1;
+}
+
+/* A task ahead became the first in flight: 1 when it has started already
+** (it is started here), else 0 (a tick or FR_SKIP will tell). */
+static int first_started(pworker *pw) {
+  atomic_uint *sw = &pw->slots[pw->fl[0].slot - 1];
+  unsigned st;
+  if (slot_claim(sw, SL_TELL, &st)) return 0; /* the worker ticks when it starts it */
+  if (st != SL_RUNNING) return 0;             /* cancelled or taken back: FR_SKIP comes */
+  start_first(pw);
+  return 1;
+}
+
+/* Drops the first task in flight (its reference) and frees its slot. */
+static void pop_first(pworker *pw) {
+  lp_future *f = pw->fl[0].f;
+  int slot = pw->fl[0].slot;
+  if (slot) {
+    lp_pool *p = pw->w.pool;
+    pthread_mutex_lock(&p->mu);
+    if (pw->ahead[slot - 1] == f) pw->ahead[slot - 1] = NULL;
+    pw->ahead_sent[slot - 1] = 0;
+    atomic_store(&pw->slots[slot - 1], SL_FREE);
+    pthread_mutex_unlock(&p->mu);
+  }
+  pw->nfl--;
+  memmove(&pw->fl[0], &pw->fl[1], (size_t)pw->nfl * sizeof pw->fl[0]);
+  luapool__future_unref(f);
+}
+
+/* The process is gone (reaped): every task in flight that it never started
+** goes back to the queue (cancelled instead when cancel: Ctrl-C), one it
+** started after the first fails with why_running ("crashed"), one a cancel
+** or another proxy decided is only dropped. */
+static void end_in_flight(pworker *pw, int cancel, const char *why_running) {
+  lp_worker *w = &pw->w;
+  lp_pool *p = w->pool;
+  lp_future *ran[PIPELINE_DEPTH];
+  int nran = 0;
+  pthread_mutex_lock(&p->mu);
+  for (int i = pw->nfl - 1; i >= 0; i--) { /* the newest first: requeued, the oldest ends first */
+    lp_future *f = pw->fl[i].f;
+    int k = pw->fl[i].slot - 1;
+    unsigned st;
+    if (k < 0 || pw->fl[i].started) { /* (only the first can be: failed by the caller) */
+      continue;
+    }
+    if (slot_claim(&pw->slots[k], SL_TAKEN, &st)) {
+      luapool__future_hold(f, 0);
+      if (cancel) {
+        luapool__future_cancel(f);
+      } else {
+        luapool__future_ref(f); /* the queue's */
+        luapool__pool_requeue(p, f);
+      }
+    } else if (st == SL_RUNNING) {
+      ran[nran++] = f;
+    }
+    if (pw->ahead[k] == f) pw->ahead[k] = NULL;
+    pw->ahead_sent[k] = 0;
+    atomic_store(&pw->slots[k], SL_FREE);
+  }
+  pthread_mutex_unlock(&p->mu);
+  char label[48];
+  for (int i = 0; i < nran; i++) {
+    luapool__future_start(ran[i], w->name);
+    luapool__future_fail(ran[i], LP_EK_CRASHED, "%s while running %s", why_running,
+                         luapool__future_label(ran[i], label, sizeof label));
+  }
+  for (int i = 0; i < pw->nfl; i++)
+    luapool__future_unref(pw->fl[i].f);
+  pw->nfl = 0;
+}
+
+/* A worker whose process ran out of work takes back one task sent ahead to
+** another worker that has not started it: it goes to the head of the queue,
+** where this worker's thread takes it next. */
+static void take_back_one(pworker *pw) {
+  lp_pool *p = pw->w.pool;
+  lp_wset *s = luapool__wset(p);
+  pthread_mutex_lock(&p->mu);
+  for (int i = 0; i < s->nworkers && p->head == NULL && !p->broken; i++) {
+    pworker *o = (pworker *)s->workers[i];
+    if (o == pw) continue;
+    for (int k = 0; k < PIPELINE_DEPTH; k++) {
+      lp_future *g = o->ahead[k];
+      /* (o->slots is set while o holds a task: o is in its proc_run) */
+      if (g == NULL || !o->ahead_sent[k] || !slot_claim(&o->slots[k], SL_TAKEN, NULL)) continue;
+      o->ahead[k] = NULL;
+      luapool__future_hold(g, 0);
+      luapool__future_ref(g); /* the queue's; o drops its own at FR_SKIP */
+      luapool__pool_requeue(p, g);
+      break;
+    }
+  }
+  pthread_mutex_unlock(&p->mu);
+}
+
+/* Runs f (started) and, while it runs, the tasks sent ahead after it. */
 static void proc_run(lp_worker *w, lp_future *f) {
   pworker *pw = (pworker *)w;
   char label[48]; /* for reports */
@@ -579,86 +889,164 @@ static void proc_run(lp_worker *w, lp_future *f) {
   }
   if (pw->need_init && run_initializer(pw, f) != 0) return;
   pid_t pid = atomic_load(&pw->pid);
+  luapool__future_ref(f); /* every task in flight holds one (pop_first drops it) */
+  pw->fl[0].f = f;
+  pw->fl[0].slot = 0;
+  pw->fl[0].started = 1;
+  pw->nfl = 1;
   /* Each call has its own deadline: the worker says when one starts
-  ** (FR_TICK), and only the call running then is past it. */
-  double deadline = f->timeout > 0 ? luapool__now() + f->timeout : 0;
+  ** (FR_TICK), and only the call running then is past it.  A task sent
+  ** ahead has none until it starts. */
+  double deadline = deadline_of(f);
   unsigned type = 0;
   char *reply = NULL;
   size_t len = 0;
-  char hdr[CALL_HEADER];
-  memcpy(hdr, &f->timeout, 8);
-  memcpy(hdr + 8, &f->task_no, 8);
-  memcpy(hdr + 16, &f->item_lo, 8);
-  int r = send_paths(pw, f);
-  if (r == 0) r = write_frame2(pw->fd, pw->pidfd, FR_CALL, hdr, sizeof hdr, f->msg, f->msglen);
   uint32_t call = 0;
-  while (r == 0) {
-    r = wait_worker(pw, deadline);
+  int r = send_call(pw, f, 0);
+  while (r == 0 && pw->nfl > 0) {
+    if (send_ahead(pw) != 0) {
+      r = -1;
+      break;
+    }
+    r = wait_worker(pw, pw->fl[0].started ? deadline : 0);
     if (r == 0) { /* past its deadline: the only way to stop it is the kill */
+      lp_future *cur = pw->fl[0].f;
       kill(pid, SIGKILL);
       close_worker(pw, 1.0);
-      if (f->task_no)
-        luapool__future_label(f, label, sizeof label);
+      if (cur->task_no)
+        luapool__future_label(cur, label, sizeof label);
       else
-        snprintf(label, sizeof label, "item #%lld", (long long)f->item_lo + (long long)call);
-      luapool__future_fail(f, LP_EK_TIMEOUT,
+        snprintf(label, sizeof label, "item #%lld", (long long)cur->item_lo + (long long)call);
+      luapool__future_fail(cur, LP_EK_TIMEOUT,
                            "%s exceeded its deadline of %g seconds in worker %s; "
                            "the worker (pid %d) was killed and will be replaced",
-                           label, f->timeout, w->name, (int)pid);
+                           label, cur->timeout, w->name, (int)pid);
+      pop_first(pw);
+      char why[160];
+      snprintf(why, sizeof why, "worker %s (pid %d) was killed at the deadline of %s", w->name,
+               (int)pid, label);
+      end_in_flight(pw, 0, why);
       return;
     }
     r = r < 0 ? -1 : read_frame(pw->fd, pw->pidfd, &pw->in, &type, &reply, &len);
-    if (r != 0 || type != FR_TICK) break;
-    if (len == 4) memcpy(&call, reply, 4);
-    lp_free(reply);
+    if (r != 0) break;
+    if (type == FR_TICK) { /* a call starts (the first of a task ahead: it started) */
+      if (len == 4) memcpy(&call, reply, 4);
+      lp_free(reply);
+      reply = NULL;
+      if (!pw->fl[0].started) start_first(pw);
+      deadline = deadline_of(pw->fl[0].f);
+      continue;
+    }
+    if (type != FR_REPLY && type != FR_SKIP) break; /* FR_OOM, or out of step */
+    if (type == FR_REPLY) {
+      if (!pw->fl[0].started) start_first(pw); /* (it ran: its slot says RUNNING) */
+      luapool__future_finish(pw->fl[0].f, reply, len, 0);
+      pw->ntasks++;
+    } else {
+      lp_free(reply); /* a task cancelled or taken back before it started */
+    }
     reply = NULL;
-    deadline = luapool__now() + f->timeout;
+    pop_first(pw);
+    call = 0;
+    deadline = pw->nfl > 0 && first_started(pw) ? deadline_of(pw->fl[0].f) : 0;
   }
-  if (r == 0 && type == FR_REPLY) {
-    luapool__future_finish(f, reply, len, 0);
-    if (config_of(p)->max_tasks_per_child && ++pw->ntasks >= config_of(p)->max_tasks_per_child)
+  if (r == 0 && pw->nfl == 0) {
+    if (config_of(p)->max_tasks_per_child && pw->ntasks >= config_of(p)->max_tasks_per_child)
       close_worker(pw, 2.0); /* recycled: the next task starts a new one */
+    take_back_one(pw);
     return;
   }
   lp_free(reply);
+  /* The worker died (or announced that it ran out of memory first), or
+  ** the stream is out of step: it ends first, so that nothing starts
+  ** after the slots are read. */
+  int status = close_worker(pw, 1.0);
+  /* The first task in flight is the one the process was running, when it
+  ** had started it (its slot tells, for one sent ahead). */
+  if (!pw->fl[0].started && pw->fl[0].slot &&
+      atomic_load(&pw->slots[pw->fl[0].slot - 1]) == SL_RUNNING)
+    start_first(pw);
+  lp_future *cur = pw->fl[0].started ? pw->fl[0].f : NULL;
   if (r == -2) {
-    luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply of worker %s", w->name);
-    close_worker(pw, 1.0); /* the stream is out of step now */
+    if (cur) {
+      luapool__future_fail(cur, LP_EK_TRANSFER, "no memory for the reply of worker %s", w->name);
+      pop_first(pw);
+    }
+    end_in_flight(pw, 0, "its worker ran out of memory for a reply");
     return;
   }
-  /* The worker died (or announced that it ran out of memory first). */
-  int status = close_worker(pw, 1.0);
   char how[128];
   if (r == 0 && type == FR_OOM)
     snprintf(how, sizeof how, "ran out of memory (max_memory_mb = %d)",
              config_of(p)->max_memory_mb);
   else
     describe_status(status, how, sizeof how);
-  if (atomic_load(&w->intr.closing)) {
-    luapool__future_fail(f, LP_EK_INTERRUPTED, "worker %s (pid %d) was stopped while running %s",
-                         w->name, (int)pid, luapool__future_label(f, label, sizeof label));
-    return;
-  }
-  if (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
-      atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
-    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted: worker %s (pid %d) was stopped",
-                         luapool__future_label(f, label, sizeof label), w->name, (int)pid);
-    return;
-  }
   char why[512];
-  snprintf(why, sizeof why, "worker %s (pid %d) %s while running %s", w->name, (int)pid, how,
-           luapool__future_label(f, label, sizeof label));
-  luapool__future_fail(f, LP_EK_CRASHED, "%s", why);
-  if (config_of(p)->on_crash_break) { /* like Python's BrokenProcessPool */
-    char broken[600];
-    snprintf(broken, sizeof broken, "the pool is broken: %s", why);
-    luapool__pool_break(p, broken);
+  snprintf(why, sizeof why, "worker %s (pid %d) %s", w->name, (int)pid, how);
+  int interrupted = atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
+                    atomic_load(&w->intr.reason) == LP_STOP_SIGNAL;
+  if (cur == NULL) { /* it died between two tasks: nothing of theirs ran */
+    end_in_flight(pw, interrupted, why);
+    return;
+  }
+  if (atomic_load(&w->intr.closing)) {
+    luapool__future_fail(cur, LP_EK_INTERRUPTED, "worker %s (pid %d) was stopped while running %s",
+                         w->name, (int)pid, luapool__future_label(cur, label, sizeof label));
+  } else if (interrupted) {
+    luapool__future_fail(cur, LP_EK_INTERRUPTED,
+                         "%s was interrupted: worker %s (pid %d) was stopped",
+                         luapool__future_label(cur, label, sizeof label), w->name, (int)pid);
+  } else {
+    char full[600];
+    snprintf(full, sizeof full, "%s while running %s", why,
+             luapool__future_label(cur, label, sizeof label));
+    luapool__future_fail(cur, LP_EK_CRASHED, "%s", full);
+    pop_first(pw);
+    /* The tasks sent ahead go back to the queue before a break fails it. */
+    end_in_flight(pw, 0, why);
+    if (config_of(p)->on_crash_break) { /* like Python's BrokenProcessPool */
+      char broken[700];
+      snprintf(broken, sizeof broken, "the pool is broken: %s", full);
+      break_pool(p, broken);
+    }
+    return;
+  }
+  pop_first(pw);
+  end_in_flight(pw, interrupted, why);
+}
+
+/* f:cancel() on a task sent ahead (engine.h: under f's stripe lock). */
+static int proc_cancel_held(lp_pool *p, lp_future *f) {
+  int id = f->held - 1;
+  /* (the worker holding f is in its proc_run: its slot page is mapped) */
+  pworker *pw = (pworker *)luapool__wset(p)->workers[id / PIPELINE_DEPTH];
+  unsigned st;
+  if (slot_claim(&pw->slots[id % PIPELINE_DEPTH], SL_CANCELLED, &st)) return 1;
+  return st != SL_RUNNING; /* (TAKEN: back to the queue, where it is cancelled as queued) */
+}
+
+/* Ctrl-C and shutdown{cancel_futures}: the tasks sent ahead count as queued
+** (under p->mu; each cancel goes through proc_cancel_held). */
+static void proc_cancel_held_all(lp_pool *p) {
+  lp_wset *s = luapool__wset(p);
+  for (int i = 0; i < s->nworkers; i++) {
+    pworker *pw = (pworker *)s->workers[i];
+    for (int k = 0; k < PIPELINE_DEPTH; k++)
+      if (pw->ahead[k]) luapool__future_cancel(pw->ahead[k]);
   }
 }
 
 static void proc_stop(lp_worker *w) {
-  close_worker((pworker *)w, 2.0);
-  rb_free(&((pworker *)w)->in);
+  pworker *pw = (pworker *)w;
+  close_worker(pw, 2.0);
+  rb_free(&pw->in);
+  /* No task is held any more (each proc_run ends with none in flight),
+  ** so no cancel can reach the page. */
+  if (pw->slots) munmap((void *)pw->slots, (size_t)sysconf(_SC_PAGESIZE));
+  pw->slots = NULL;
+  if (pw->shmfd >= 0) close(pw->shmfd);
+  pw->shmfd = -1;
 }
 
 static void proc_interrupt(lp_worker *w) {
@@ -710,6 +1098,8 @@ const lp_engine luapool__process_engine = {
     .default_workers = proc_default_workers,
     .chunking = 1,
     LP_WORKER_SET(&proc_ops),
+    .cancel_held = proc_cancel_held,
+    .cancel_held_all = proc_cancel_held_all,
 };
 
 /* }====================================================== */
@@ -817,14 +1207,26 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     return 1;
   }
   lp_reader r = {msg, msg + len};
-  uint32_t mem_mb = 0;
+  uint32_t mem_mb = 0, has_slots = 0;
   char *paths = read_paths(&r, &ws.path, &ws.cpath);
-  if (paths == NULL || luapool__get_u32(&r, &mem_mb)) {
+  if (paths == NULL || luapool__get_u32(&r, &mem_mb) || luapool__get_u32(&r, &has_slots)) {
     lp_free(paths);
     lp_free(msg);
     return 1;
   }
   lp_free(msg);
+  /* The slot page (pipelining: the parent side's comment) is fd 4; mapped,
+  ** the descriptor goes before any task runs. */
+  atomic_uint *slots = NULL;
+  if (has_slots) {
+    void *m = mmap(NULL, (size_t)sysconf(_SC_PAGESIZE), PROT_READ | PROT_WRITE, MAP_SHARED, 4, 0);
+    close(4);
+    if (m == MAP_FAILED) {
+      lp_free(paths);
+      return 1;
+    }
+    slots = m;
+  }
   ws.call_start = send_tick;
   ws.deadline_by_kill = 1;
   if (mem_mb) {
@@ -863,6 +1265,33 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
     memcpy(&ws.task_no, msg + 8, 8);
     memcpy(&ws.item_lo, msg + 16, 8);
     if (!(ws.call_timeout > 0)) ws.call_timeout = 0; /* (NaN too) */
+    uint32_t slot;
+    memcpy(&slot, msg + 24, 4);
+    if (slot > 0) { /* sent ahead: it starts only if no cancel or take-back came first */
+      if (slots == NULL || slot > PIPELINE_DEPTH) {
+        lp_free(msg);
+        rc = 1;
+        break;
+      }
+      atomic_uint *sw = &slots[slot - 1];
+      unsigned st = atomic_load(sw);
+      while ((st == SL_QUEUED || st == SL_TELL) &&
+             !atomic_compare_exchange_weak(sw, &st, SL_RUNNING)) {
+      }
+      int skip = st != SL_QUEUED && st != SL_TELL;
+      if (skip || st == SL_TELL) { /* the proxy waits to hear */
+        uint32_t none = 0;
+        if (write_frame(fd, -1, skip ? FR_SKIP : FR_TICK, (const char *)&none, skip ? 0 : 4) != 0) {
+          lp_free(msg);
+          rc = 1;
+          break;
+        }
+      }
+      if (skip) {
+        lp_free(msg);
+        continue;
+      }
+    }
     out.len = 0;
     int st = luapool__run_message(&ws, msg + CALL_HEADER, len - CALL_HEADER, &out);
     ws.deadline = 0;

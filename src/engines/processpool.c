@@ -134,7 +134,7 @@ enum {
 ** (the socket holds them while the worker runs), which could otherwise
 ** deadlock with a big reply coming the other way. */
 #define PIPELINE_DEPTH 2
-#define AHEAD_MAX      (32 * 1024)
+#define AHEAD_MAX      ((size_t)32 << 10)
 enum { SL_FREE, SL_QUEUED, SL_TELL, SL_RUNNING, SL_CANCELLED, SL_TAKEN };
 /* }====== */
 

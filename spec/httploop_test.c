@@ -162,58 +162,43 @@ static void keep_done(lp_hreq *r, void *ud) {
   *(int *)ud = 1;
 }
 
-/* "Writing: W" of stub_status, less the status request itself: requests
-** the server is answering now. */
-static int status_writing(lp_hloop *sl) {
+/* The text of stub_status (/nginx_status) into text (cap bytes): 0, or -1. */
+static int status_text(lp_hloop *sl, char *text, size_t cap) {
   char url[512], err[256];
   lp_hreq_opts o;
   memset(&o, 0, sizeof o);
   snprintf(url, sizeof url, "%s/nginx_status", base);
   o.url = url;
   lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
-  int done = 0, w = -1;
+  int done = 0, rc = -1;
   if (r == NULL) return -1;
   luapool__hloop_add(sl, r, keep_done, &done);
   while (!done)
     luapool__hloop_run(sl, 0.05);
   size_t len;
   const char *b = luapool__hreq_body(r, &len);
-  char text[512];
-  if (b && len < sizeof text) {
+  if (b && len < cap) {
     memcpy(text, b, len);
     text[len] = '\0';
-    const char *p = strstr(text, "Writing: ");
-    if (p) w = atoi(p + 9) - 1;
+    rc = 0;
   }
   luapool__hreq_free(r);
-  return w;
+  return rc;
+}
+
+/* "Writing: W" of stub_status, less the status request itself: requests
+** the server is answering now. */
+static int status_writing(lp_hloop *sl) {
+  char text[512];
+  const char *p = status_text(sl, text, sizeof text) == 0 ? strstr(text, "Writing: ") : NULL;
+  return p ? atoi(p + 9) - 1 : -1;
 }
 
 /* "accepts" of stub_status: connections the server has accepted so far. */
 static long status_accepts(lp_hloop *sl) {
-  char url[512], err[256];
-  lp_hreq_opts o;
-  memset(&o, 0, sizeof o);
-  snprintf(url, sizeof url, "%s/nginx_status", base);
-  o.url = url;
-  lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
-  int done = 0;
-  long a = -1;
-  if (r == NULL) return -1;
-  luapool__hloop_add(sl, r, keep_done, &done);
-  while (!done)
-    luapool__hloop_run(sl, 0.05);
-  size_t len;
-  const char *b = luapool__hreq_body(r, &len);
   char text[512];
-  if (b && len < sizeof text) {
-    memcpy(text, b, len);
-    text[len] = '\0';
-    const char *p = strstr(text, "requests\n");
-    if (p) a = atol(p + 9);
-  }
-  luapool__hreq_free(r);
-  return a;
+  const char *p = status_text(sl, text, sizeof text) == 0 ? strstr(text, "requests\n") : NULL;
+  return p ? atol(p + 9) : -1;
 }
 
 /* {====== tests */

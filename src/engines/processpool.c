@@ -234,12 +234,11 @@ static void rb_free(rdbuf *rb) {
 
 static int rb_pending(const rdbuf *rb) { return rb->end > rb->beg; }
 
-/* One receive into rb (empty): 0 some bytes, -1 EOF, error, or no memory. */
-static int rb_fill(int fd, int pidfd, rdbuf *rb) {
-  if (rb->p == NULL && (rb->p = lp_malloc(RB_SIZE)) == NULL) return -1;
-  rb->beg = rb->end = 0;
+/* One receive of up to n bytes into p, waiting for them (and watching
+** pidfd, when there is one): how many came, or -1 on EOF or error. */
+static ssize_t recv_some(int fd, int pidfd, char *p, size_t n) {
   for (;;) {
-    ssize_t r = pidfd >= 0 ? recv(fd, rb->p, RB_SIZE, MSG_DONTWAIT) : read(fd, rb->p, RB_SIZE);
+    ssize_t r = pidfd >= 0 ? recv(fd, p, n, MSG_DONTWAIT) : read(fd, p, n);
     if (r < 0) {
       if (errno == EINTR) continue;
       if ((errno == EAGAIN || errno == EWOULDBLOCK) && pidfd >= 0 &&
@@ -247,10 +246,18 @@ static int rb_fill(int fd, int pidfd, rdbuf *rb) {
         continue;
       return -1;
     }
-    if (r == 0) return -1;
-    rb->end = (size_t)r;
-    return 0;
+    return r == 0 ? -1 : r;
   }
+}
+
+/* One receive into rb (empty): 0 some bytes, -1 EOF, error, or no memory. */
+static int rb_fill(int fd, int pidfd, rdbuf *rb) {
+  if (rb->p == NULL && (rb->p = lp_malloc(RB_SIZE)) == NULL) return -1;
+  rb->beg = rb->end = 0;
+  ssize_t r = recv_some(fd, pidfd, rb->p, RB_SIZE);
+  if (r < 0) return -1;
+  rb->end = (size_t)r;
+  return 0;
 }
 
 static int read_all(int fd, int pidfd, rdbuf *rb, char *p, size_t n) {
@@ -267,15 +274,8 @@ static int read_all(int fd, int pidfd, rdbuf *rb, char *p, size_t n) {
       if (rb_fill(fd, pidfd, rb)) return -1;
       continue;
     }
-    ssize_t r = pidfd >= 0 ? recv(fd, p, n, MSG_DONTWAIT) : read(fd, p, n);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      if ((errno == EAGAIN || errno == EWOULDBLOCK) && pidfd >= 0 &&
-          wait_fd(fd, POLLIN, pidfd, 0) == 1)
-        continue;
-      return -1;
-    }
-    if (r == 0) return -1;
+    ssize_t r = recv_some(fd, pidfd, p, n);
+    if (r < 0) return -1;
     p += r;
     n -= (size_t)r;
   }

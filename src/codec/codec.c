@@ -1699,28 +1699,11 @@ static int dec_function_head(dec *d) {
 
 static void dec_table_now(dec *d);
 
-/* A number, the common case of an array, read inline: pushes it and
-** returns 1; 0 (nothing read) for any other value. */
-static inline int dec_number(dec *d) {
-  lp_reader *r = d->r;
-  if (r->end - r->p < 9) return 0;
-  if (r->p[0] == T_INT) {
-    lua_Integer v;
-    memcpy(&v, r->p + 1, 8);
-    lua_pushinteger(d->L, v);
-  } else if (r->p[0] == T_FLT) {
-    lua_Number v;
-    memcpy(&v, r->p + 1, 8);
-    lua_pushnumber(d->L, v);
-  } else {
-    return 0;
-  }
-  r->p += 9;
-  return 1;
-}
+static int dec_scalar(lua_State *L, lp_reader *r);
 
-/* The same, written in place into an entry of a table's array part
-** (bytecode.h): 1, or 0 for any other value (nothing read). */
+/* A number, the common case of an array, written in place into an entry
+** of a table's array part (bytecode.h): 1, or 0 for any other value
+** (nothing read). */
 static inline int dec_number_into(dec *d, lp_tv54 *tv) {
   lp_reader *r = d->r;
   if (r->end - r->p < 9 || (r->p[0] != T_INT && r->p[0] != T_FLT)) return 0;
@@ -1853,7 +1836,7 @@ static int dstep_table(dec *d, size_t j, int W) {
   lp_tv54 *arr = luapool__table_array(L, W, &asize);
   for (; f->i <= f->n; f->i++) {
     if (arr && f->i <= asize && dec_number_into(d, &arr[f->i - 1])) continue;
-    if (!dec_number(d) && dec_any(d)) {
+    if (!dec_scalar(L, d->r) && dec_any(d)) {
       d->fr[j].pending = 1;
       return 1;
     }
@@ -1960,7 +1943,7 @@ static void dec_table_now(dec *d) {
   lp_tv54 *arr = luapool__table_array(L, t, &asize);
   for (uint32_t i = 1; i <= narr; i++) {
     if (arr && i <= asize && dec_number_into(d, &arr[i - 1])) continue;
-    if (!dec_number(d)) dec_whole(d);
+    if (!dec_scalar(L, d->r)) dec_whole(d);
     lua_rawseti(L, t, (lua_Integer)i);
     /* a key past the array goes to the hash part, whose growth may move
     ** the array */

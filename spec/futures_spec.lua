@@ -288,10 +288,29 @@ for _, kind in ipairs(h.engines) do
           seen[#seen + 1] = i .. "=" .. math.floor(r + 0.5)
         end
         assert.are.same({ "1=20", "2=5", "3=15", "4=1" }, seen)
+        -- Completion order, made deterministic: task 4 ends at once, and each
+        -- other task waits for a file the loop below creates only after it
+        -- has seen the task before it (sleeps alone lose their order on a
+        -- loaded machine).  All four run at once (4 workers).
+        local base = os.tmpname()
         local order = {}
-        for i in pool:imap(function(s) luapool.sleep(s) return s end, delays, { ordered = false }) do
-          order[#order + 1] = i
+        local wait_for = function(i, path)
+          if i == 4 then return i end
+          local t = luapool.now()
+          while not io.open(path .. i) do
+            if luapool.now() - t > 60 then error("task " .. i .. " was never released") end
+            luapool.sleep(0.005)
+          end
+          return i
         end
+        local next_of = { [4] = 2, [2] = 3, [3] = 1 }
+        local task = function(k) return wait_for(k, base) end
+        for i in pool:imap(task, { 1, 2, 3, 4 }, { ordered = false, chunksize = 1 }) do
+          order[#order + 1] = i
+          if next_of[i] then assert(io.open(base .. next_of[i], "w")):close() end
+        end
+        for i = 1, 3 do os.remove(base .. i) end
+        os.remove(base)
         assert.are.same({ 4, 2, 3, 1 }, order)
       end)
 

@@ -785,8 +785,9 @@ static const char *mpi_launch_var(void) {
 #ifdef LUAPOOL_HAVE_MPI
 /* Where the MPI plugin is: LUAPOOL_MPI_PLUGIN when set (tests, a plugin
 ** moved elsewhere); else next to this binary when it runs from its build
-** dir; else where it is installed, LUAPOOL_MPI_PLUGIN_REL from the
-** binary's directory (CMakeLists.txt computes it from the install dirs). */
+** dir; else where it is installed: LUAPOOL_MPI_PLUGIN_REL from the
+** binary's directory (CMakeLists.txt computes it from the install dirs),
+** or as it is when absolute (a LuaRocks tree's). */
 static void mpi_plugin_path(char *buf, size_t n) {
   const char *env = getenv("LUAPOOL_MPI_PLUGIN");
   if (env && *env) {
@@ -803,7 +804,9 @@ static void mpi_plugin_path(char *buf, size_t n) {
   int in_build = real && strcmp(real, dir) == 0;
   free(real);
   const char *rel = LUAPOOL_MPI_PLUGIN_REL;
-  if (in_build || rel[0] == 0)
+  if (!in_build && rel[0] == '/')
+    snprintf(buf, n, "%s/%s", rel, LUAPOOL_MPI_PLUGIN_NAME);
+  else if (in_build || rel[0] == 0)
     snprintf(buf, n, "%s/%s", dir, LUAPOOL_MPI_PLUGIN_NAME);
   else
     snprintf(buf, n, "%s/%s/%s", dir, rel, LUAPOOL_MPI_PLUGIN_NAME);

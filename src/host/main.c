@@ -47,6 +47,73 @@
 #ifdef LUAPOOL_USE_READLINE
 #include <readline/history.h>
 #include <readline/readline.h>
+
+/* readline is not linked: the REPL dlopens it (LUAPOOL_READLINE_SONAME)
+** when it starts on a terminal.  Linked, libreadline and libtinfo were two
+** of the libraries every start maps and relocates, a script's and every
+** process worker's (an exec of this host), none of which uses them
+** (docs/performance.md).  Every name of it used below goes through a
+** pointer resolved at load (RL_NAMES); no library, or one lacking a name:
+** the REPL reads plain lines, as a build without readline does. */
+#define RL_NAMES(X)                                                                                \
+  X(rl_readline_name)                                                                              \
+  X(rl_instream)                                                                                   \
+  X(rl_outstream)                                                                                  \
+  X(rl_catch_signals)                                                                              \
+  X(rl_catch_sigwinch)                                                                             \
+  X(rl_change_environment)                                                                         \
+  X(rl_point)                                                                                      \
+  X(rl_end)                                                                                        \
+  X(using_history)                                                                                 \
+  X(add_history)                                                                                   \
+  X(rl_reset_screen_size)                                                                          \
+  X(rl_callback_handler_install)                                                                   \
+  X(rl_callback_handler_remove)                                                                    \
+  X(rl_callback_read_char)                                                                         \
+  X(rl_redisplay)                                                                                  \
+  X(rl_free_line_state)                                                                            \
+  X(rl_callback_sigcleanup)                                                                        \
+  X(rl_cleanup_after_signal)
+#define RL_POINTER(name) static __typeof__(&name) p_##name;
+RL_NAMES(RL_POINTER)
+#undef RL_POINTER
+
+/* 0 when every name resolved (once per process). */
+static int load_readline(void) {
+  static int state; /* 0 not tried, 1 loaded, -1 failed */
+  if (state != 0) return state > 0 ? 0 : -1;
+  state = -1;
+  void *lib = dlopen(LUAPOOL_READLINE_SONAME, RTLD_NOW | RTLD_LOCAL);
+  if (lib == NULL) return -1;
+  void *sym;
+#define RL_RESOLVE(name)                                                                           \
+  if ((sym = dlsym(lib, #name)) == NULL) return -1;                                                \
+  memcpy(&p_##name, &sym, sizeof sym);
+  RL_NAMES(RL_RESOLVE)
+#undef RL_RESOLVE
+  state = 1; /* never closed: its state lives to the end */
+  return 0;
+}
+
+/* From here on, the names are readline's, through the pointers. */
+#define rl_readline_name            (*p_rl_readline_name)
+#define rl_instream                 (*p_rl_instream)
+#define rl_outstream                (*p_rl_outstream)
+#define rl_catch_signals            (*p_rl_catch_signals)
+#define rl_catch_sigwinch           (*p_rl_catch_sigwinch)
+#define rl_change_environment       (*p_rl_change_environment)
+#define rl_point                    (*p_rl_point)
+#define rl_end                      (*p_rl_end)
+#define using_history               (*p_using_history)
+#define add_history                 (*p_add_history)
+#define rl_reset_screen_size        (*p_rl_reset_screen_size)
+#define rl_callback_handler_install (*p_rl_callback_handler_install)
+#define rl_callback_handler_remove  (*p_rl_callback_handler_remove)
+#define rl_callback_read_char       (*p_rl_callback_read_char)
+#define rl_redisplay                (*p_rl_redisplay)
+#define rl_free_line_state          (*p_rl_free_line_state)
+#define rl_callback_sigcleanup      (*p_rl_callback_sigcleanup)
+#define rl_cleanup_after_signal     (*p_rl_cleanup_after_signal)
 #endif
 
 static const char *progname = "luapool"; /* NULL at the prompt */
@@ -592,7 +659,7 @@ static void doREPL(lua_State *L) {
   progname = NULL; /* no program name on errors at the prompt, as lua */
   in_repl = 1;
 #ifdef LUAPOOL_USE_READLINE
-  use_readline = isatty(STDIN_FILENO);
+  use_readline = isatty(STDIN_FILENO) && load_readline() == 0;
   if (use_readline) init_readline();
 #endif
   int r, status = LUA_OK;

@@ -181,9 +181,14 @@ describe("start-up without libmpi", function()
   with_mpi("the MPI plugin links libmpi and exports one symbol", function()
     assert.truthy(ldd(plugin):find("libmpi%.so"))
     local p = assert(io.popen("nm -D --defined-only " .. h.shell_quote(plugin)))
-    local syms = p:read("a")
+    local syms = {}
+    for line in p:lines() do
+      -- (an AddressSanitizer build adds the symbol's ODR indicator)
+      if not line:find(" __odr_asan.", 1, true) then syms[#syms + 1] = line end
+    end
     p:close()
-    assert.matches("^%x+ [DR] luapool_mpi_plugin\n$", syms)
+    assert.are.equal(1, #syms, table.concat(syms, "\n"))
+    assert.matches("^%x+ [DR] luapool_mpi_plugin$", syms[1])
   end)
 
   it("a plain run and its process workers map no libmpi", function()
@@ -228,13 +233,14 @@ describe("start-up without libmpi", function()
     assert.are.equal("", out)
     assert.are.equal(1, code)
     assert.are.equal(("luapool: --mpi: cannot load the MPI plugin %s (%s: file too short)\n"):format(text, text), err)
-    -- a shared object, and no plugin: the Lua module
-    local module = dir .. "/luapool.so"
-    out, err, code = h.run({ "--mpi", "x.lua" }, nil, { OMPI_COMM_WORLD_SIZE = "1", LUAPOOL_MPI_PLUGIN = module })
+    -- a shared object, and no plugin: the libm the host links (as ldd finds
+    -- it, the name dlerror gives; not luapool.so, a second copy of the core)
+    local libm = assert(ldd(h.bin):match("libm%.so%.6 => (%S+)"))
+    out, err, code = h.run({ "--mpi", "x.lua" }, nil, { OMPI_COMM_WORLD_SIZE = "1", LUAPOOL_MPI_PLUGIN = libm })
     assert.are.equal("", out)
     assert.are.equal(1, code)
     assert.are.equal(("luapool: --mpi: %s is no MPI plugin of luapool (%s: undefined symbol: luapool_mpi_plugin)\n")
-      :format(module, module), err)
+      :format(libm, libm), err)
   end)
 
   it("--mpi outside an MPI launch says so without loading the plugin", function()

@@ -74,7 +74,7 @@
   X(rl_free_line_state)                                                                            \
   X(rl_callback_sigcleanup)                                                                        \
   X(rl_cleanup_after_signal)
-#define RL_POINTER(name) static __typeof__(&name) p_##name;
+#define RL_POINTER(name) static __typeof__(&(name)) p_##name;
 RL_NAMES(RL_POINTER)
 #undef RL_POINTER
 

@@ -87,7 +87,10 @@ static int load_readline(void) {
   if (lib == NULL) return -1;
   void *sym;
 #define RL_RESOLVE(name)                                                                           \
-  if ((sym = dlsym(lib, #name)) == NULL) return -1;                                                \
+  if ((sym = dlsym(lib, #name)) == NULL) {                                                         \
+    dlclose(lib);                                                                                  \
+    return -1;                                                                                     \
+  }                                                                                                \
   memcpy(&p_##name, &sym, sizeof sym);
   RL_NAMES(RL_RESOLVE)
 #undef RL_RESOLVE

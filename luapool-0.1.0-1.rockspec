@@ -33,7 +33,8 @@ dependencies = {
 
 -- Needs, from the system: CMake, pkg-config, the Lua 5.4 headers with their
 -- lua5.4.pc and libcurl's development files (Debian: cmake pkg-config
--- liblua5.4-dev libcurl4-openssl-dev).
+-- liblua5.4-dev libcurl4-openssl-dev); for mpipool, Open MPI's
+-- (openmpi-bin libopenmpi-dev), else the build has no MPI.
 build = {
    type = "cmake",
    variables = {
@@ -47,6 +48,11 @@ build = {
       CMAKE_INSTALL_BINDIR = "bin",
       LUAPOOL_LUA_CMOD_DIR = "$(LIBDIR)",
       LUAPOOL_LUA_LMOD_DIR = "$(LUADIR)",
+      -- The MPI plugin (a build with MPI) stays in the rock's directory,
+      -- outside $(LIBDIR) (not a Lua module), where the host looks for it:
+      -- the tree's bin/luapool is a copy, elsewhere.
+      LUAPOOL_MPI_PLUGIN_DIR = "$(PREFIX)/libexec/luapool",
+      LUAPOOL_MPI_PLUGIN_LOOKUP = "$(PREFIX)/libexec/luapool",
       LUAPOOL_TESTS = "OFF",
    },
 }

@@ -4,11 +4,13 @@
 #   2. LuaRocks: `luarocks make` of a copy of this tree into a temporary
 #      tree, offline; stock lua5.4 with that tree's paths runs a threadpool
 #      and a processpool task (its workers are the tree's binary), and the
-#      tree's bin/luapool runs scripts/cpu.lua;
+#      tree's bin/luapool runs scripts/cpu.lua (and, in a build with MPI,
+#      finds its MPI plugin under `mpiexec -n 1 ... --mpi`);
 #   3. Debian: a build dir configured for /usr, `cpack -G DEB`, the file
 #      list and the control fields checked, the package installed with
 #      dpkg -i, /usr/bin/luapool and stock lua5.4 (no LUA_PATH/LUA_CPATH)
-#      run the seed jobs, `dpkg -r` removes every file again.
+#      run the seed jobs (and --mpi its plugin), `dpkg -r` removes every
+#      file again.
 # Everything is built in a temporary directory: build/ is not touched, and
 # nothing stays installed (the package is removed on any exit).  Refuses to
 # run when luapool is already installed under /usr.  Needs root for dpkg
@@ -107,6 +109,27 @@ do
   print("kernel", p:map(luapool.kernels.sum_squares, { 1000, 2000 })[2])
 end
 EOF
+# --mpi under `mpiexec -n 1` (when there is one): the binary finds its MPI
+# plugin, which maps libmpi in rank 0 and in no worker.
+cat >"$work/mpi.lua" <<'EOF'
+local function mapped()
+  local f = assert(io.open("/proc/self/maps"))
+  local maps = f:read("a")
+  f:close()
+  return maps:find("/libmpi%.so") ~= nil, maps:match("%S*/luapool%-mpi%.so") or "-"
+end
+local pool <close> = processpool.new { max_workers = 1 }
+print(mapped())
+print(pool:submit(mapped):result())
+EOF
+mpi_run() { # luapool binary, expected plugin path
+  command -v mpiexec >/dev/null || { echo "package-check: no mpiexec: $1 --mpi not run"; return 0; }
+  local out
+  out=$(cd "$work" && env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+    OMPI_MCA_rmaps_base_oversubscribe=true OMPI_MCA_btl=self,vader \
+    timeout 120 mpiexec -n 1 "$1" --mpi mpi.lua 2>&1 </dev/null) || fail "mpiexec -n 1 $1 --mpi: $out"
+  same "mpiexec -n 1 $1 --mpi mpi.lua" "$(printf 'true\t%s\nfalse\t-' "$2")" "$out"
+}
 smoke_expected() { # module, lua dir, worker exe
   printf 'module\t%s\nlua\t%s\nversion\t%s\nthread\t49\tthread\nprocess\t81\tprocess\t%s\nkernel\t2664667000' \
     "$1" "$2/luapool/fixture.lua" "$version" "$3"
@@ -131,15 +154,23 @@ fi
 lint=$(cd "$work/src" && luarocks lint "$rockspec" 2>&1) || fail "luarocks lint $rockspec: $lint"
 same "luarocks lint $rockspec" "" "$lint"
 pass "luarocks lint $rockspec"
-offline=""
-if $sudo unshare -n true 2>/dev/null; then offline="$sudo unshare -n"; fi # no network at all
+# No network but the loopback interface, up: FindMPI's `mpicc --showme`
+# (Open MPI's opal_ifinit) warns on stderr with no interface at all, and
+# CMake then finds no MPI and builds no plugin.
+offline() { "$@"; }
+if $sudo unshare -n true 2>/dev/null; then
+  offline() { $sudo unshare -n sh -c 'ip link set lo up 2>/dev/null; exec "$@"' sh "$@"; }
+fi
 tree=$work/tree
-(cd "$work/src" && $offline luarocks --lua-version 5.4 make --tree "$tree" "$rockspec") >"$work/luarocks.log" 2>&1 ||
+(cd "$work/src" && offline luarocks --lua-version 5.4 make --tree "$tree" "$rockspec") >"$work/luarocks.log" 2>&1 ||
   { cat "$work/luarocks.log" >&2; fail "luarocks make"; }
 [[ -z $sudo ]] || $sudo chown -R "$(id -u):$(id -g)" "$tree"
 rockdir=$tree/lib/luarocks/rocks-5.4/luapool/$version-1
+# a build with MPI (CMake says so) has its plugin in the rock's directory
+rock_mpi=""
+grep -q "luapool: mpipool with MPI" "$work/luarocks.log" && rock_mpi="${rockdir#"$tree"/}/libexec/luapool/luapool-mpi.so"
 for f in bin/luapool lib/lua/5.4/luapool.so $(plain_lua | sed 's|^lua/|share/lua/5.4/|') \
-         "${rockdir#"$tree"/}/bin/luapool"; do
+         "${rockdir#"$tree"/}/bin/luapool" $rock_mpi; do
   [[ -e $tree/$f ]] || fail "luarocks make: $tree/$f missing"
 done
 for f in share/lua/5.4/luapool/executor.lua share/lua/5.4/luapool/progress.lua; do
@@ -151,7 +182,8 @@ same "lua5.4 smoke.lua (LuaRocks tree)" \
   "$(smoke_expected "$tree/lib/lua/5.4/luapool.so" "$tree/share/lua/5.4" "$rockdir/bin/luapool")" "$out"
 cpu_run "$tree/bin/luapool"
 same "$tree/bin/luapool -v" "luapool $version" "$("$tree/bin/luapool" -v | cut -d' ' -f1-2)"
-pass "luarocks make --tree: stock lua5.4 runs both pools, bin/luapool runs scripts/cpu.lua"
+[[ -z $rock_mpi ]] || mpi_run "$tree/bin/luapool" "$tree/$rock_mpi"
+pass "luarocks make --tree: stock lua5.4 runs both pools, bin/luapool runs scripts/cpu.lua${rock_mpi:+ and --mpi}"
 
 # 3. The Debian package.
 build=$work/build-deb
@@ -161,12 +193,15 @@ cmake --build "$build" -j"$(nproc)" >/dev/null
 deb=$build/luapool_${version}-1_amd64.deb
 [[ -f $deb ]] || fail "cpack -G DEB made no $deb"
 files=$(dpkg-deb -c "$deb" | awk '$1 !~ /^d/ { print $6 }' | sort)
+deb_mpi="" # a build with MPI ships its plugin, linked with Open MPI
+[[ -e $build/luapool-mpi.so ]] && deb_mpi=/usr/lib/$multiarch/luapool/luapool-mpi.so
 expected_files=$( (cat <<EOF
 ./usr/bin/luapool
 ./usr/lib/$multiarch/lua/5.4/luapool.so
 ./usr/share/doc/luapool/README.md
 ./usr/share/man/man1/luapool.1
 EOF
+  [[ -z $deb_mpi ]] || echo ".$deb_mpi"
   git ls-files 'docs/*.md' 'docs/*.svg' | sed 's|^|./usr/share/doc/luapool/|'
   plain_lua | sed 's|^lua/|./usr/share/lua/5.4/|') | sort)
 same "dpkg-deb -c (files)" "$expected_files" "$files"
@@ -174,8 +209,9 @@ same "Package" "luapool" "$(dpkg-deb -f "$deb" Package)"
 same "Version" "$version-1" "$(dpkg-deb -f "$deb" Version)"
 readline=""  # a host built with readline (its --help says so) needs its runtime
 "$build/luapool" --help | grep -q "(with readline)" && readline=", libreadline8"
-mpi=""  # a host linked with Open MPI (mpipool) needs its runtime
-ldd "$build/luapool" | grep -q 'libmpi\.so' && mpi=", libopenmpi3"
+mpi=""  # the MPI plugin (mpipool) needs Open MPI's runtime; the host links none
+ldd "$build/luapool" | grep -q 'libmpi\.so' && fail "$build/luapool links libmpi (the MPI plugin should)"
+[[ -z $deb_mpi ]] || { ldd "$build/luapool-mpi.so" | grep -q 'libmpi\.so' && mpi=", libopenmpi3"; }
 same "Depends" "libc6, liblua5.4-0, libcurl4$readline$mpi" "$(dpkg-deb -f "$deb" Depends)"
 same "Architecture" "amd64" "$(dpkg-deb -f "$deb" Architecture)"
 dpkg-deb -I "$deb" >/dev/null
@@ -197,7 +233,8 @@ out=$(cd "$work" && env -u LUA_PATH -u LUA_CPATH -u LUA_PATH_5_4 -u LUA_CPATH_5_
 same "lua5.4 smoke.lua (Debian package)" \
   "$(smoke_expected "/usr/lib/$multiarch/lua/5.4/luapool.so" /usr/share/lua/5.4 /usr/bin/luapool)" "$out"
 same "man -w luapool" "/usr/share/man/man1/luapool.1" "$(man -w luapool)"
-pass "dpkg -i: /usr/bin/luapool runs scripts/cpu.lua, stock lua5.4 runs both pools, man luapool"
+[[ -z $deb_mpi ]] || mpi_run /usr/bin/luapool "$deb_mpi"
+pass "dpkg -i: /usr/bin/luapool runs scripts/cpu.lua${deb_mpi:+ and --mpi}, stock lua5.4 runs both pools, man luapool"
 
 dpkg_locked -r luapool >/dev/null || fail "dpkg -r luapool"
 installed=0

@@ -109,11 +109,14 @@ describe("packaging", function()
       CMAKE_INSTALL_BINDIR = "bin",
       LUAPOOL_LUA_CMOD_DIR = "$(LIBDIR)",
       LUAPOOL_LUA_LMOD_DIR = "$(LUADIR)",
+      LUAPOOL_MPI_PLUGIN_DIR = "$(PREFIX)/libexec/luapool",
+      LUAPOOL_MPI_PLUGIN_LOOKUP = "$(PREFIX)/libexec/luapool",
       LUAPOOL_TESTS = "OFF",
     }, rs.build.variables)
     local cmakelists = assert(h.slurp(src .. "/CMakeLists.txt"))
     assert.are.equal(v, cmakelists:match("project%(luapool VERSION (%S+)"))
-    for _, var in ipairs { "LUAPOOL_LUA_CMOD_DIR", "LUAPOOL_LUA_LMOD_DIR" } do
+    for _, var in ipairs { "LUAPOOL_LUA_CMOD_DIR", "LUAPOOL_LUA_LMOD_DIR", "LUAPOOL_MPI_PLUGIN_DIR",
+                           "LUAPOOL_MPI_PLUGIN_LOOKUP" } do
       assert.truthy(cmakelists:find("set(" .. var .. " ", 1, true), var)
     end
     assert.truthy(cmakelists:find("option(LUAPOOL_TESTS ", 1, true))
@@ -128,10 +131,10 @@ describe("packaging", function()
     assert.are.equal("1", field("CPACK_DEBIAN_PACKAGE_RELEASE"))
     -- (a host built with readline, as --help says, needs its runtime)
     local readline = h.run({ "--help" }):find("(with readline)", 1, true) and ", libreadline8" or ""
-    -- (and one linked with Open MPI, for mpipool, its runtime)
-    local ldd = io.popen("ldd " .. h.shell_quote(h.bin))
-    local mpi = ldd:read("a"):find("libmpi%.so") and ", libopenmpi3" or ""
-    ldd:close()
+    -- (and one with mpipool, its MPI plugin linked with Open MPI, its runtime)
+    local plugin = io.open(build_dir .. "/luapool-mpi.so")
+    local mpi = plugin and ", libopenmpi3" or ""
+    if plugin then plugin:close() end
     assert.are.equal("libc6, liblua5.4-0, libcurl4" .. readline .. mpi, field("CPACK_DEBIAN_PACKAGE_DEPENDS"))
     assert.are.equal("DEB-DEFAULT", field("CPACK_DEBIAN_FILE_NAME"))
   end)
@@ -141,9 +144,25 @@ describe("packaging", function()
     os.remove(stage)
     local out, code = sh("cmake --install " .. h.shell_quote(build_dir) .. " --prefix " .. h.shell_quote(stage) ..
       " >/dev/null && cd " .. h.shell_quote(stage) .. " && find . -type f | LC_ALL=C sort")
+    local libdir = out:match("%./([^\n]*)/lua/5%.4/luapool%.so\n")
+    -- a build with MPI installs its plugin, which the installed binary
+    -- looks for relative to itself: with the file gone, --mpi (as if under
+    -- mpiexec) names the place it looked at
+    local mpi = io.open(build_dir .. "/luapool-mpi.so") and libdir and io.open(stage .. "/" .. libdir
+      .. "/luapool/luapool-mpi.so")
+    local mpi_out, mpi_err, mpi_code
+    if mpi then
+      mpi:close()
+      os.remove(stage .. "/" .. libdir .. "/luapool/luapool-mpi.so")
+      mpi_out, mpi_code = sh("env -u LUAPOOL_MPI_PLUGIN OMPI_COMM_WORLD_SIZE=1 " .. h.shell_quote(stage)
+        .. "/bin/luapool --mpi x.lua")
+      local real = io.popen("realpath " .. h.shell_quote(stage)):read("l")
+      local path = real .. "/bin/../" .. libdir .. "/luapool/luapool-mpi.so"
+      mpi_err = ("luapool: --mpi: cannot load the MPI plugin %s (%s: cannot open shared object file: "
+        .. "No such file or directory)\n"):format(path, path)
+    end
     sh("rm -rf " .. h.shell_quote(stage))
     assert.are.equal(0, code, out)
-    local libdir = out:match("%./([^\n]*)/lua/5%.4/luapool%.so\n")
     assert.truthy(libdir == "lib" or libdir == "lib64" or libdir:match("^lib/[%w_]+%-linux%-gnu[%w_]*$"), out)
     local expected = {
       "./bin/luapool",
@@ -151,6 +170,11 @@ describe("packaging", function()
       "./share/doc/luapool/README.md",
       "./share/man/man1/luapool.1",
     }
+    if io.open(build_dir .. "/luapool-mpi.so") then
+      expected[#expected + 1] = "./" .. libdir .. "/luapool/luapool-mpi.so"
+      assert.are.equal(mpi_err, mpi_out)
+      assert.are.equal(1, mpi_code)
+    end
     -- the docs: docs/*.md and docs/*.svg
     local docs = sh("cd " .. h.shell_quote(h.source_dir) .. " && git ls-files 'docs/*.md' 'docs/*.svg'")
     for f in docs:gmatch("[^\n]+") do expected[#expected + 1] = "./share/doc/luapool/" .. f end

@@ -145,3 +145,112 @@ describe("start-up", function()
     }, "\n") .. "\n", out)
   end)
 end)
+
+-- MPI is a plugin (luapool-mpi.so, the only part linked to libmpi) that
+-- only `luapool --mpi` loads: a plain run and every process worker (an
+-- exec of the host) start without libmpi and what it loads.
+describe("start-up without libmpi", function()
+  local dir = h.bin:match("^(.*)/[^/]*$") or "."
+  local plugin = dir .. "/luapool-mpi.so"
+  local with_mpi = h.mpiexec and it or pending
+  local MAPS = [[
+    local function mpi_mapped()
+      local f = assert(io.open("/proc/self/maps"))
+      local maps = f:read("a")
+      f:close()
+      return maps:find("/libmpi%.so") ~= nil, maps:find("/luapool%-mpi%.so") ~= nil
+    end
+  ]]
+
+  local function ldd(file)
+    local p = assert(io.popen("ldd " .. h.shell_quote(file)))
+    local out = p:read("a")
+    p:close()
+    return out
+  end
+
+  it("links no libmpi into the binary or the module", function()
+    for _, file in ipairs { h.bin, dir .. "/luapool.so" } do
+      local out = ldd(file)
+      assert.truthy(out:find("libc.so.6", 1, true), out)
+      assert.falsy(out:find("libmpi", 1, true), out)
+      assert.falsy(out:find("libopen%-pal"), out)
+    end
+  end)
+
+  with_mpi("the MPI plugin links libmpi and exports one symbol", function()
+    assert.truthy(ldd(plugin):find("libmpi%.so"))
+    local p = assert(io.popen("nm -D --defined-only " .. h.shell_quote(plugin)))
+    local syms = {}
+    for line in p:lines() do
+      -- (an AddressSanitizer build adds the symbol's ODR indicator)
+      if not line:find(" __odr_asan.", 1, true) then syms[#syms + 1] = line end
+    end
+    p:close()
+    assert.are.equal(1, #syms, table.concat(syms, "\n"))
+    assert.matches("^%x+ [DR] luapool_mpi_plugin$", syms[1])
+  end)
+
+  it("a plain run and its process workers map no libmpi", function()
+    local path = h.tempfile(MAPS .. [[
+      local pool <close> = processpool.new { max_workers = 1 }
+      print(mpi_mapped())
+      print(pool:submit(mpi_mapped):result())
+    ]])
+    local out, err, code = h.run({ path })
+    os.remove(path)
+    assert.are.equal("", err)
+    assert.are.equal(0, code)
+    assert.are.equal("false\tfalse\nfalse\tfalse\n", out)
+  end)
+
+  with_mpi("--mpi maps the plugin and libmpi (mpiexec -n 1), its workers neither", function()
+    local path = h.tempfile(MAPS .. [[
+      local pool <close> = processpool.new { max_workers = 1 }
+      print(mpi_mapped())
+      print(pool:submit(mpi_mapped):result())
+    ]])
+    local p = assert(io.popen(h.mpi_launch(1) .. " " .. h.shell_quote(path) .. " 2>&1 </dev/null"))
+    local out = p:read("a")
+    local ok = p:close()
+    os.remove(path)
+    assert.is_true(ok, out)
+    assert.are.equal("true\ttrue\nfalse\tfalse\n", out)
+  end)
+
+  -- (OMPI_COMM_WORLD_SIZE: as if under mpiexec; the plugin is loaded before MPI starts)
+  with_mpi("--mpi with no loadable plugin says which file and why", function()
+    local missing = dir .. "/no-such-luapool-mpi.so"
+    local out, err, code = h.run({ "--mpi", "x.lua" }, nil,
+      { OMPI_COMM_WORLD_SIZE = "1", LUAPOOL_MPI_PLUGIN = missing })
+    assert.are.equal("", out)
+    assert.are.equal(1, code)
+    assert.are.equal(("luapool: --mpi: cannot load the MPI plugin %s (%s: cannot open shared object file: "
+      .. "No such file or directory)\n"):format(missing, missing), err)
+    local text = h.tempfile("not a shared object")
+    out, err, code = h.run({ "--mpi", "x.lua" }, nil, { OMPI_COMM_WORLD_SIZE = "1", LUAPOOL_MPI_PLUGIN = text })
+    os.remove(text)
+    assert.are.equal("", out)
+    assert.are.equal(1, code)
+    assert.are.equal(("luapool: --mpi: cannot load the MPI plugin %s (%s: file too short)\n"):format(text, text), err)
+    -- a shared object, and no plugin: the libm the host links (as ldd finds
+    -- it, the name dlerror gives; not luapool.so, a second copy of the core)
+    local libm = assert(ldd(h.bin):match("libm%.so%.6 => (%S+)"))
+    out, err, code = h.run({ "--mpi", "x.lua" }, nil, { OMPI_COMM_WORLD_SIZE = "1", LUAPOOL_MPI_PLUGIN = libm })
+    assert.are.equal("", out)
+    assert.are.equal(1, code)
+    assert.are.equal(("luapool: --mpi: %s is no MPI plugin of luapool (%s: undefined symbol: luapool_mpi_plugin)\n")
+      :format(libm, libm), err)
+  end)
+
+  it("--mpi outside an MPI launch says so without loading the plugin", function()
+    local out, err, code = h.run({ "--mpi", "x.lua" }, nil, { LUAPOOL_MPI_PLUGIN = dir .. "/no-such-luapool-mpi.so" })
+    assert.are.equal("", out)
+    assert.are.equal(1, code)
+    if h.mpiexec then
+      assert.matches("^luapool: %-%-mpi needs an MPI launch: run `mpiexec %-n N luapool %-%-mpi script%.lua", err)
+    else
+      assert.matches("^luapool: %-%-mpi: this build of luapool has no MPI", err)
+    end
+  end)
+end)

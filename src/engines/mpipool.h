@@ -4,13 +4,16 @@
 **   engines/mpipool.c   the engine entry (in every build, the module too):
 **                       its options, and a refusal that says how to launch
 **                       when this process is no rank 0 of `luapool --mpi`;
-**   engines/mpi_owner.c rank 0's engine (the host linked with MPI only):
-**                       one progress thread per pool talks MPI;
+**   engines/mpi_owner.c rank 0's engine: one progress thread per pool
+**                       talks MPI;
 **   engines/mpi_rank.c  what ranks 1..N-1 run instead of a script, and
-**                       the host's MPI start and end (host/main.c calls it).
+**                       the host's MPI start and end.
 ** The MPI parts are compiled only when CMake found MPI (LUAPOOL_HAVE_MPI),
-** and only into the host executable: the Lua module and every process
-** worker start stay free of libmpi.
+** into a plugin (luapool-mpi.so, engines/mpi_plugin.c) that only
+** `luapool --mpi` dlopens: the host executable is not linked to libmpi, so
+** a plain run, every process worker and the Lua module start without it.
+** The plugin takes the core's symbols from the host that loads it (the
+** host exports them), and exports one symbol, luapool_mpi_plugin.
 */
 #ifndef LUAPOOL_MPIPOOL_H
 #define LUAPOOL_MPIPOOL_H
@@ -36,7 +39,7 @@ extern const char *luapool__mpi_absent;
 /* The launch line users are shown. */
 #define LUAPOOL_MPI_LAUNCH "mpiexec -n N luapool --mpi script.lua [args]"
 
-/* The host's MPI mode (mpi_rank.c; only with LUAPOOL_HAVE_MPI).
+/* The host's MPI mode (mpi_rank.c, in the plugin only).
 ** luapool__mpi_start: MPI_Init_thread (SERIALIZED) in the process's
 ** first thread, before any other exists; returns this rank, or -1 with
 ** a message printed.  Ranks above 0 then call luapool__mpi_serve, which
@@ -46,5 +49,20 @@ extern const char *luapool__mpi_absent;
 int luapool__mpi_start(int *argc, char ***argv);
 int luapool__mpi_serve(void);
 void luapool__mpi_end(void);
+
+/* What the plugin exports (mpi_plugin.c), and all the host uses of it:
+** the three calls above and rank 0's engine (luapool__mpi_owner once MPI
+** is up on rank 0).  abi and size tell a plugin of another build of this
+** struct apart before any of it is called. */
+#define LUAPOOL_MPI_PLUGIN_ABI 1
+typedef struct lp_mpi_plugin {
+  int abi;     /* LUAPOOL_MPI_PLUGIN_ABI */
+  size_t size; /* sizeof(lp_mpi_plugin) */
+  int (*start)(int *argc, char ***argv);
+  int (*serve)(void);
+  void (*end)(void);
+  const lp_engine *owner;
+} lp_mpi_plugin;
+#define LUAPOOL_MPI_PLUGIN_SYMBOL "luapool_mpi_plugin"
 
 #endif

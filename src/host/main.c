@@ -11,11 +11,13 @@
 ** serves tasks on fd 3 and never reaches the Lua command line.
 **
 ** `mpiexec -n N luapool --mpi script.lua [args]` is the MPI mode (docs/
-** mpi.md, engines/mpipool.h): MPI is initialised on this first thread
+** mpi.md, engines/mpipool.h): the MPI plugin (luapool-mpi.so, the one part
+** linked to libmpi) is loaded and MPI initialised on this first thread
 ** before any other exists; rank 0 goes on as usual, with mpipool.new
 ** working, and tells the other ranks to stop when the script ends; ranks
-** 1..N-1 serve tasks instead (luapool__mpi_serve) until then.
+** 1..N-1 serve tasks instead (the plugin's serve) until then.
 */
+#include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
 #ifdef __GLIBC__
@@ -45,6 +47,76 @@
 #ifdef LUAPOOL_USE_READLINE
 #include <readline/history.h>
 #include <readline/readline.h>
+
+/* readline is not linked: the REPL dlopens it (LUAPOOL_READLINE_SONAME)
+** when it starts on a terminal.  Linked, libreadline and libtinfo were two
+** of the libraries every start maps and relocates, a script's and every
+** process worker's (an exec of this host), none of which uses them
+** (docs/performance.md).  Every name of it used below goes through a
+** pointer resolved at load (RL_NAMES); no library, or one lacking a name:
+** the REPL reads plain lines, as a build without readline does. */
+#define RL_NAMES(X)                                                                                \
+  X(rl_readline_name)                                                                              \
+  X(rl_instream)                                                                                   \
+  X(rl_outstream)                                                                                  \
+  X(rl_catch_signals)                                                                              \
+  X(rl_catch_sigwinch)                                                                             \
+  X(rl_change_environment)                                                                         \
+  X(rl_point)                                                                                      \
+  X(rl_end)                                                                                        \
+  X(using_history)                                                                                 \
+  X(add_history)                                                                                   \
+  X(rl_reset_screen_size)                                                                          \
+  X(rl_callback_handler_install)                                                                   \
+  X(rl_callback_handler_remove)                                                                    \
+  X(rl_callback_read_char)                                                                         \
+  X(rl_redisplay)                                                                                  \
+  X(rl_free_line_state)                                                                            \
+  X(rl_callback_sigcleanup)                                                                        \
+  X(rl_cleanup_after_signal)
+#define RL_POINTER(name) static __typeof__(&(name)) p_##name;
+RL_NAMES(RL_POINTER)
+#undef RL_POINTER
+
+/* 0 when every name resolved (once per process). */
+static int load_readline(void) {
+  static int state; /* 0 not tried, 1 loaded, -1 failed */
+  if (state != 0) return state > 0 ? 0 : -1;
+  state = -1;
+  void *lib = dlopen(LUAPOOL_READLINE_SONAME, RTLD_NOW | RTLD_LOCAL);
+  if (lib == NULL) return -1;
+  void *sym;
+#define RL_RESOLVE(name)                                                                           \
+  if ((sym = dlsym(lib, #name)) == NULL) {                                                         \
+    dlclose(lib);                                                                                  \
+    return -1;                                                                                     \
+  }                                                                                                \
+  memcpy(&p_##name, &sym, sizeof sym);
+  RL_NAMES(RL_RESOLVE)
+#undef RL_RESOLVE
+  state = 1; /* never closed: its state lives to the end */
+  return 0;
+}
+
+/* From here on, the names are readline's, through the pointers. */
+#define rl_readline_name            (*p_rl_readline_name)
+#define rl_instream                 (*p_rl_instream)
+#define rl_outstream                (*p_rl_outstream)
+#define rl_catch_signals            (*p_rl_catch_signals)
+#define rl_catch_sigwinch           (*p_rl_catch_sigwinch)
+#define rl_change_environment       (*p_rl_change_environment)
+#define rl_point                    (*p_rl_point)
+#define rl_end                      (*p_rl_end)
+#define using_history               (*p_using_history)
+#define add_history                 (*p_add_history)
+#define rl_reset_screen_size        (*p_rl_reset_screen_size)
+#define rl_callback_handler_install (*p_rl_callback_handler_install)
+#define rl_callback_handler_remove  (*p_rl_callback_handler_remove)
+#define rl_callback_read_char       (*p_rl_callback_read_char)
+#define rl_redisplay                (*p_rl_redisplay)
+#define rl_free_line_state          (*p_rl_free_line_state)
+#define rl_callback_sigcleanup      (*p_rl_callback_sigcleanup)
+#define rl_cleanup_after_signal     (*p_rl_cleanup_after_signal)
 #endif
 
 static const char *progname = "luapool"; /* NULL at the prompt */
@@ -53,7 +125,7 @@ static atomic_int ending;                /* the host is ending on an uncaught on
 static int uncaught_interrupt;           /* the script ended on it: exit 128 + it */
 static int in_repl;                      /* in the REPL, a SIGINT ends only the statement */
 #ifdef LUAPOOL_HAVE_MPI
-static int mpi_mode; /* --mpi: rank 0 of an MPI job */
+static const lp_mpi_plugin *mpi_plugin; /* --mpi: rank 0 of an MPI job */
 #endif
 
 /* {====== SIGINT and SIGTERM
@@ -590,7 +662,7 @@ static void doREPL(lua_State *L) {
   progname = NULL; /* no program name on errors at the prompt, as lua */
   in_repl = 1;
 #ifdef LUAPOOL_USE_READLINE
-  use_readline = isatty(STDIN_FILENO);
+  use_readline = isatty(STDIN_FILENO) && load_readline() == 0;
   if (use_readline) init_readline();
 #endif
   int r, status = LUA_OK;
@@ -761,7 +833,7 @@ static void *run_host(void *arg) {
   lua_close(L);
   free(luapool__host_exe);
 #ifdef LUAPOOL_HAVE_MPI
-  if (mpi_mode) luapool__mpi_end(); /* every pool is gone with the state */
+  if (mpi_plugin) mpi_plugin->end(); /* every pool is gone with the state */
 #endif
   if (uncaught_interrupt) exit(128 + atomic_load(&exit_signal));
   exit((ok && status == LUA_OK) ? EXIT_SUCCESS : EXIT_FAILURE);
@@ -780,9 +852,64 @@ static const char *mpi_launch_var(void) {
   return NULL;
 }
 
-/* --mpi as the first argument: checks the launch, starts MPI; a serving
-** rank never returns from here.  Without --mpi under mpiexec (every rank
-** would run the script), or with it outside one, says what to run. */
+#ifdef LUAPOOL_HAVE_MPI
+/* Where the MPI plugin is: LUAPOOL_MPI_PLUGIN when set (tests, a plugin
+** moved elsewhere); else next to this binary when it runs from its build
+** dir; else where it is installed: LUAPOOL_MPI_PLUGIN_REL from the
+** binary's directory (CMakeLists.txt computes it from the install dirs),
+** or as it is when absolute (a LuaRocks tree's). */
+static void mpi_plugin_path(char *buf, size_t n) {
+  const char *env = getenv("LUAPOOL_MPI_PLUGIN");
+  if (env && *env) {
+    snprintf(buf, n, "%s", env);
+    return;
+  }
+  char dir[PATH_MAX] = ".";
+  if (luapool__host_exe) {
+    snprintf(dir, sizeof dir, "%s", luapool__host_exe);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0;
+  }
+  char *real = realpath(LUAPOOL_MPI_BUILD_DIR, NULL);
+  int in_build = real && strcmp(real, dir) == 0;
+  free(real);
+  const char *rel = LUAPOOL_MPI_PLUGIN_REL;
+  if (!in_build && rel[0] == '/')
+    snprintf(buf, n, "%s/%s", rel, LUAPOOL_MPI_PLUGIN_NAME);
+  else if (in_build || rel[0] == 0)
+    snprintf(buf, n, "%s/%s", dir, LUAPOOL_MPI_PLUGIN_NAME);
+  else
+    snprintf(buf, n, "%s/%s/%s", dir, rel, LUAPOOL_MPI_PLUGIN_NAME);
+}
+
+/* dlopens the plugin, or exits saying why.  RTLD_GLOBAL: Open MPI's own
+** components, which MPI_Init dlopens, take libmpi's symbols from the
+** global scope.  Never closed: MPI's threads run its code to the end. */
+static const lp_mpi_plugin *mpi_load(void) {
+  char path[PATH_MAX + 256];
+  mpi_plugin_path(path, sizeof path);
+  void *lib = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+  if (lib == NULL) {
+    fprintf(stderr, "luapool: --mpi: cannot load the MPI plugin %s (%s)\n", path, dlerror());
+    exit(EXIT_FAILURE);
+  }
+  const lp_mpi_plugin *p = dlsym(lib, LUAPOOL_MPI_PLUGIN_SYMBOL);
+  if (p == NULL) {
+    fprintf(stderr, "luapool: --mpi: %s is no MPI plugin of luapool (%s)\n", path, dlerror());
+    exit(EXIT_FAILURE);
+  }
+  if (p->abi != LUAPOOL_MPI_PLUGIN_ABI || p->size != sizeof *p) {
+    fprintf(stderr, "luapool: --mpi: %s is the MPI plugin of another luapool build\n", path);
+    exit(EXIT_FAILURE);
+  }
+  return p;
+}
+#endif
+
+/* --mpi as the first argument: checks the launch, loads the MPI plugin
+** and starts MPI; a serving rank never returns from here.  Without --mpi
+** under mpiexec (every rank would run the script), or with it outside one,
+** says what to run: those read the environment only, with no plugin. */
 static void mpi_launch(int *argc, char ***argv) {
   const char *var = mpi_launch_var();
   if (*argc < 2 || strcmp((*argv)[1], "--mpi") != 0) {
@@ -811,13 +938,15 @@ static void mpi_launch(int *argc, char ***argv) {
             "--mpi script.lua`)\n");
     exit(EXIT_FAILURE);
   }
+  const lp_mpi_plugin *p = mpi_load();
   (*argv)[1] = (*argv)[0]; /* the script's arg table does not see --mpi */
   (*argv)++;
   (*argc)--;
-  int rank = luapool__mpi_start(argc, argv);
+  int rank = p->start(argc, argv);
   if (rank < 0) exit(EXIT_FAILURE);
-  if (rank > 0) exit(luapool__mpi_serve());
-  mpi_mode = 1;
+  if (rank > 0) exit(p->serve());
+  luapool__mpi_owner = p->owner; /* (start sets it too) */
+  mpi_plugin = p;
 #endif
 }
 

@@ -203,6 +203,42 @@ describe("a task sent ahead to a busy process worker", function()
     assert.are.equal(5, nprocs)
   end)
 
+  it("is never sent past a worker of a new pool whose thread has not taken a task yet", function()
+    -- Both tasks must run at once on a fresh pool of 2 (the second was once
+    -- sent ahead to the first worker while the second worker's thread was
+    -- still starting, and waited for the whole first task: 1 round in 4 in
+    -- a host at load 12; rarely under busted, so the rounds run in a host).
+    -- A round fails only by waiting: its gate opens once both tasks run.
+    local script = h.tempfile([[
+      local function wait_for(path, value)
+        local deadline = luapool.now() + 60
+        while luapool.now() < deadline do
+          local f = io.open(path)
+          if f then f:close() return value end
+          luapool.sleep(0.01)
+        end
+        return "gave up"
+      end
+      local both = 0
+      for _ = 1, 20 do
+        local gate = os.tmpname()
+        os.remove(gate)
+        local pool <close> = processpool.new { max_workers = 2 }
+        local a, b = pool:submit(wait_for, gate, "a"), pool:submit(wait_for, gate, "b")
+        local t = luapool.now()
+        while not (a:running() and b:running()) and luapool.now() - t < 20 do luapool.sleep(0.005) end
+        if a:running() and b:running() then both = both + 1 end
+        assert(io.open(gate, "w")):close()
+        assert(a:result() == "a" and b:result() == "b")
+        os.remove(gate)
+      end
+      print(("both ran at once in %d of 20 rounds"):format(both))
+    ]])
+    local out, err, code = h.run { script }
+    os.remove(script)
+    assert.are.same({ "both ran at once in 20 of 20 rounds\n", "", 0 }, { out, err, code })
+  end)
+
   it("does not wait behind a long task while another worker runs out of work", function()
     -- Whichever worker it went ahead to: the one whose short task ends takes it
     for round = 1, 2 do

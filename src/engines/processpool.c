@@ -125,8 +125,8 @@ enum {
 ** back (after the worker's last access) and once f is no longer held (a
 ** cancel's CAS can only aim at the slot of a held, PENDING future).
 **
-** Fairness: a proxy sends ahead only when every worker exists and none is
-** idle or spinning (a task queued behind a long one must not wait while
+** Fairness: a proxy sends ahead only when every worker exists and is busy
+** with a task (a task queued behind a long one must not wait while
 ** another worker could take it), and a proxy whose worker runs out of
 ** work takes back a task sent ahead to another one that has not started
 ** it (it goes to the head of the queue, and this worker takes it).  Only
@@ -732,6 +732,17 @@ static void break_pool(lp_pool *p, const char *why) {
   pthread_mutex_unlock(&p->mu);
 }
 
+/* p->mu locked: every worker exists and runs a task.  Not "none idle or
+** spinning": a worker thread that has not reached its first wait yet is
+** neither, and a task sent ahead past it then waited behind a busy one
+** while it slept (it takes back only after a task of its own). */
+static int all_busy(lp_pool *p, lp_wset *s) {
+  if (s->nworkers < p->max_workers) return 0;
+  for (int i = 0; i < s->nworkers; i++)
+    if (!atomic_load(&s->workers[i]->busy)) return 0;
+  return 1;
+}
+
 /* Sends the next queued task ahead when the pipelining rules (above) allow
 ** it.  0, or -1 when the send failed (the worker is gone). */
 static int send_ahead(pworker *pw) {
@@ -751,8 +762,7 @@ static int send_ahead(pworker *pw) {
   lp_wset *s = luapool__wset(p);
   pthread_mutex_lock(&p->mu);
   lp_future *f = p->head;
-  if (f == NULL || s->idle + s->spinning > 0 || s->nworkers < p->max_workers ||
-      f->msglen > AHEAD_MAX || pw->ahead[k] != NULL) {
+  if (f == NULL || !all_busy(p, s) || f->msglen > AHEAD_MAX || pw->ahead[k] != NULL) {
     pthread_mutex_unlock(&p->mu);
     return 0;
   }

@@ -19,7 +19,7 @@
 ** sleeps on its condition variable (queued() and interrupt() wake it), so
 ** an idle owner costs nothing; while tasks are out it polls, sleeping
 ** between polls on the same condition variable (luapool__mpi_pause:
-** yields, then up to 50 us for 20 ms after the last message, then up to
+** yields, then up to 50 us for 10 ms after the last message, then up to
 ** 1 ms), which a submit a rank has room for, an interrupt and a cancel cut
 ** short.  A map's chunks go ahead to a rank one per slot even on a short
 ** queue (progress_main), so that its worker does not idle a round trip

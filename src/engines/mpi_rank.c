@@ -15,7 +15,7 @@
 ** The loop polls: MPI has no descriptor to wait on, and Open MPI
 ** busy-polls in a blocking call.  Between polls it sleeps (luapool__mpi_pause:
 ** a few yields, then an eighth of the time since the last message, up to
-** 50 us for 20 ms after it, then up to 2 ms when idle), and while tasks run
+** 50 us for 10 ms after it, then up to 2 ms when idle), and while tasks run
 ** it sleeps as long on the completion queue, which wakes it as soon as one
 ** settles.
 **

@@ -16,8 +16,8 @@
 ** busy-polls in a blocking call.  Between polls it sleeps (luapool__mpi_pause:
 ** a few yields, then an eighth of the time since the last message, up to
 ** 50 us for 10 ms after it, then up to 2 ms when idle), and while tasks run
-** it sleeps as long on the completion queue, which wakes it as soon as one
-** settles.
+** it sleeps so (up to 1 ms) on the completion queue, which wakes it as soon
+** as one settles.
 **
 ** SIGINT and SIGTERM (mpiexec forwards a Ctrl-C as SIGTERM to every rank)
 ** stay blocked in every thread and are taken here between polls: the

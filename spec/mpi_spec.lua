@@ -247,6 +247,70 @@ describe("mpipool", function()
     assert.are.equal("false\tfalse\tran\n", out)
   end)
 
+  it("sends a map's chunks ahead on a short queue: exact results, and a failed map's rest cancelled or run", function()
+    -- one rank of one slot, its pace known (quick tasks first): a chunk
+    -- goes to the rank while the one before it runs.  When chunk 1 fails
+    -- the map cancels the rest; one already started on the rank (its
+    -- worker takes the next chunk at once, as a processpool's does) runs:
+    -- each of chunks 2 and 3 is either cancelled or run, never lost
+    local mark = os.tmpname()
+    local out = mpiok(2, ([[
+      local mp <close> = mpipool.new { max_workers = 1 }
+      mp:map(function(x) return x end, { 1, 2, 3, 4, 5, 6, 7, 8 }, { chunksize = 1 })
+      local sq = mp:map(luapool.kernels.sum_squares, { 10000000, 12000000, 11000000, 9000000, 13000000 })
+      for i = 1, 5 do sq[i] = tostring(sq[i]) end
+      print(table.concat(sq, " "))
+      local ok, e = pcall(mp.map, mp, function(x)
+        if x == 1 then luapool.sleep(0.2) error("first") end
+        io.open(%q, "a"):write(x, "\n"):close()
+        return x
+      end, { 1, 2, 3 }, { chunksize = 1 })
+      print(ok, e.kind, e.item)
+      local s = mp:stats()
+      while s.running + s.pending > 0 do luapool.sleep(0.01) s = mp:stats() end
+      local ran = 0
+      for _ in io.open(%q):lines() do ran = ran + 1 end
+      print(ran + s.cancelled, s.failed)]]):format(mark, mark))
+    os.remove(mark)
+    assert.are.equal("333333283333335000000 575999928000002000000 443666606166668500000 "
+      .. "242999959500001500000 732333248833335500000\nfalse\ttask\t1\n2\t1\n", out)
+  end)
+
+  it("leaves idle ranks and rank 0 at almost no CPU", function()
+    -- (no speed here: utime + stime from /proc over 2 s, well after the last
+    -- task; a loop that spun would take most of a core, an idle one takes
+    -- about 1 %, and the bound is generous for a loaded machine)
+    local out = mpiok(3, [[
+      local mp <close> = mpipool.new {}
+      local who = mp:map(function()
+        luapool.sleep(0.05)
+        return tonumber(io.open("/proc/self/stat"):read("a"):match("^%d+ %b() %a (%d+)"))
+      end, { 1, 2, 3, 4 }, { chunksize = 1 })
+      for i = 1, 200 do mp:submit(function() return i end):result() end
+      local pids, seen = { luapool.current_worker().pid }, {}
+      for _, p in ipairs(who) do
+        if not seen[p] then seen[p] = true pids[#pids + 1] = p end
+      end
+      local function ticks(pid) -- utime + stime, in clock ticks (100 a second)
+        local f = {}
+        for w in io.open("/proc/" .. pid .. "/stat"):read("a"):gsub("^%d+ %b() ", ""):gmatch("%S+") do
+          f[#f + 1] = w
+        end
+        return tonumber(f[12]) + tonumber(f[13])
+      end
+      luapool.sleep(0.5)
+      local t0, a = luapool.now(), {}
+      for i, p in ipairs(pids) do a[i] = ticks(p) end
+      luapool.sleep(2)
+      local dt, busy = luapool.now() - t0, {}
+      for i, p in ipairs(pids) do
+        local share = (ticks(p) - a[i]) / 100 / dt
+        busy[#busy + 1] = share < 0.1 and "low" or ("%.0f%%"):format(share * 100)
+      end
+      print(#pids, table.concat(busy, " "))]])
+    assert.are.equal("3\tlow low low\n", out)
+  end)
+
   it("runs the initializer in each worker and follows package.path", function()
     local dir = os.tmpname()
     os.remove(dir)

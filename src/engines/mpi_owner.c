@@ -18,7 +18,12 @@
 ** ("rank 2 of 3 on host").  With nothing sent and nothing to wait for it
 ** sleeps on its condition variable (queued() and interrupt() wake it), so
 ** an idle owner costs nothing; while tasks are out it polls, sleeping
-** between polls (luapool__mpi_idle: yields, then up to 1 ms).
+** between polls on the same condition variable (luapool__mpi_pause:
+** yields, then up to 50 us for 10 ms after the last message, then up to
+** 1 ms), which a submit a rank has room for, an interrupt and a cancel cut
+** short.  A map's chunks go ahead to a rank one per slot even on a short
+** queue (progress_main), so that its worker does not idle a round trip
+** between two chunks.
 **
 ** interrupt() and a stop that interrupts set a flag the thread turns into
 ** M_INTERRUPT to each rank, whose local pool then kills its workers; their
@@ -92,9 +97,13 @@ typedef struct ostate {
   int cap; /* tasks a rank may hold: slots, and prefetch more while the queue is long */
   orank *ranks;
   pthread_t thread;
-  int started;          /* owner only */
-  int joined;           /* owner only */
-  pthread_cond_t cv;    /* the thread's sleep with nothing out (mutex: p->mu) */
+  int started;       /* owner only */
+  int joined;        /* owner only */
+  pthread_cond_t cv; /* the thread's sleeps (mutex: p->mu) */
+  /* mutex: p->mu.  kicked: a submit came since the thread last read the
+  ** pool; wake_on_submit: the thread sleeps and a rank has room for a
+  ** submitted task (poll_pause). */
+  int kicked, wake_on_submit;
   int intr_req;         /* mutex: p->mu: send M_INTERRUPT */
   atomic_int ninflight; /* read by stats */
   atomic_int ended;     /* the thread is done: no workers */
@@ -259,6 +268,36 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   luapool__future_unref(f);
 }
 
+/* A map's chunk (bind/lpool.c numbers a submit's tasks, a chunk its first
+** item): sent ahead on a short queue too (progress_main). */
+static int is_chunk(const lp_future *f) { return f->task_no == 0 && f->item_lo > 0; }
+
+/* The progress thread's pause between polls while tasks are out
+** (luapool__mpi_pause): on its condition variable, so that an interrupt,
+** a cancel and, when a rank has room (`room`), a submit wake it at once
+** instead of at its next poll.  A submit that came since the loop read the
+** pool's state (ms->kicked) skips the pause when a rank has room for it
+** (without room the thread would spin while the script submits). */
+static void poll_pause(lp_pool *p, ostate *ms, double quiet, int room) {
+  double s = luapool__mpi_pause(quiet, 1000);
+  if (s == 0) {
+    sched_yield();
+    return;
+  }
+  struct timespec dl;
+  clock_gettime(CLOCK_MONOTONIC, &dl); /* (ms->cv is of the monotonic clock) */
+  long ns = dl.tv_nsec + (long)(s * 1e9);
+  dl.tv_sec += ns / 1000000000L;
+  dl.tv_nsec = ns % 1000000000L;
+  pthread_mutex_lock(&p->mu);
+  if (!(ms->kicked && room) && !ms->intr_req && ms->c_state != 1 && !atomic_load(&quit)) {
+    ms->wake_on_submit = room;
+    pthread_cond_timedwait(&ms->cv, &p->mu, &dl);
+    ms->wake_on_submit = 0;
+  }
+  pthread_mutex_unlock(&p->mu);
+}
+
 static void *progress_main(void *arg) {
   lp_pool *p = arg;
   ostate *ms = state_of(p);
@@ -282,22 +321,37 @@ static void *progress_main(void *arg) {
     ** could take, a rank is sent up to `prefetch` tasks more, as many as
     ** it answers in AHEAD_SECONDS at its recent pace, so a rank of short
     ** tasks never waits a round trip for its next one, and long tasks are
-    ** not held by one rank while another idles. */
+    ** not held by one rank while another idles.  A map's chunk (the map's
+    ** own future: no script holds it to see it read as running, or to
+    ** cancel it) goes ahead by the same pace on a short queue too, at most
+    ** one per slot: the rank's local processpool then hands it to its
+    ** worker while the previous one runs (pipelining), where waiting for
+    ** the previous answer would idle the worker a round trip per chunk
+    ** (a map of five 1 ms chunks on one rank: 5.5 ms of work, 7-12 ms). */
     size_t deep = (size_t)ms->nranks * (size_t)ms->slots;
     if (deep < PREFETCH_QUEUE) deep = PREFETCH_QUEUE;
+    int full = 0; /* no rank could take the head: a submit need not wake us */
     while (n < BATCH && p->head) {
       int ahead = p->npending > deep;
+      int room = ms->cap - ms->slots; /* tasks a rank may hold ahead */
+      if (!ahead && is_chunk(p->head)) {
+        ahead = 1;
+        if (room > ms->slots) room = ms->slots;
+      }
       orank *best = NULL;
       for (int i = 0; i < ms->nranks; i++) {
         orank *rk = &ms->ranks[(ms->next_rank + i) % ms->nranks];
         int lim = ms->slots;
         if (ahead && rk->gap > 0) {
           double more = AHEAD_SECONDS / rk->gap;
-          lim += more >= ms->cap - ms->slots ? ms->cap - ms->slots : (int)more;
+          lim += more >= room ? room : (int)more;
         }
         if (rk->inflight < lim && (best == NULL || rk->inflight < best->inflight)) best = rk;
       }
-      if (best == NULL) break;
+      if (best == NULL) {
+        full = 1;
+        break;
+      }
       ms->next_rank = (int)(best - ms->ranks + 1) % ms->nranks;
       int k = 0;
       while (best->run[k])
@@ -316,11 +370,14 @@ static void *progress_main(void *arg) {
         pthread_mutex_unlock(&p->mu);
         break;
       }
+      ms->wake_on_submit = 1;
       if (!atomic_load(&quit)) pthread_cond_wait(&ms->cv, &p->mu);
+      ms->wake_on_submit = 0;
       pthread_mutex_unlock(&p->mu);
       last = luapool__now();
       continue;
     }
+    ms->kicked = 0; /* (what it says is taken from here on) */
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < n; i++) {
       assigned *a = &batch[i];
@@ -367,7 +424,7 @@ static void *progress_main(void *arg) {
     if (did)
       last = luapool__now();
     else
-      luapool__mpi_idle(luapool__now() - last, 1000);
+      poll_pause(p, ms, luapool__now() - last, !full);
   }
   atomic_store(&ms->ended, 1);
   if (atomic_load(&quit)) { /* (M_STOP follows: each rank closes every pool) */
@@ -616,7 +673,11 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
 static int owner_queued(lp_pool *p, char *err, size_t errsz) {
   (void)err;
   (void)errsz;
-  pthread_cond_signal(&state_of(p)->cv);
+  ostate *ms = state_of(p);
+  ms->kicked = 1;
+  /* (a thread polling ranks that have no room for it would wake for
+  ** nothing: it takes the task at its next poll) */
+  if (ms->wake_on_submit) pthread_cond_signal(&ms->cv);
   return 0;
 }
 

@@ -85,10 +85,22 @@ int luapool__mpi_try_recv(int src, int tag, char **buf, size_t *len, int *from);
 
 /* The pause of a polling loop that found nothing, `quiet` seconds after
 ** it last found something: a yield at first, then a sleep of an eighth of
-** the quiet time, up to cap_us microseconds.  A sleep proportional to the
-** gap keeps a ping-pong between two polling loops at microseconds (a
-** backoff counting polls would make each side's sleep grow with the
-** other's, up to the cap), and an idle loop soon at the cap. */
+** the quiet time, up to MPI_HOT_US microseconds while the loop is hot
+** (quiet < MPI_HOT_WINDOW), and up to cap_us after.  A sleep proportional
+** to the gap keeps a ping-pong between two polling loops at microseconds
+** (a backoff counting polls would make each side's sleep grow with the
+** other's, up to the cap).  The hot window keeps the next message of a
+** burst of work (the next task of a job, its answer) within tens of
+** microseconds of its arrival, where the proportional sleep alone would
+** have grown to hundreds by then (a task of 1 ms: 125 us).  It costs a
+** wake every 50 us for MPI_HOT_WINDOW after each message (a few percent of
+** a core for a loop that gets a message every 20 ms or so); after it the
+** sleep is an eighth of the quiet time again (1.25 ms), so an idle loop
+** is at the cap as before.  luapool__mpi_pause returns the pause in
+** seconds (0: a yield), luapool__mpi_idle takes it. */
+#define MPI_HOT_WINDOW 0.01
+#define MPI_HOT_US     50u
+double luapool__mpi_pause(double quiet, unsigned cap_us);
 void luapool__mpi_idle(double quiet, unsigned cap_us);
 
 /* The host is ending (rank 0, before MPI_Finalize): every pool's progress

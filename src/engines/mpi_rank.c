@@ -13,10 +13,11 @@
 ** processpool's kind, and the rank goes on.
 **
 ** The loop polls: MPI has no descriptor to wait on, and Open MPI
-** busy-polls in a blocking call.  Between polls it sleeps (luapool__mpi_idle:
-** a few yields, then sleeps doubling up to 2 ms when idle), and while
-** tasks run it sleeps on the completion queue, which wakes it as soon as
-** one settles.
+** busy-polls in a blocking call.  Between polls it sleeps (luapool__mpi_pause:
+** a few yields, then an eighth of the time since the last message, up to
+** 50 us for 10 ms after it, then up to 2 ms when idle), and while tasks run
+** it sleeps so (up to 1 ms) on the completion queue, which wakes it as soon
+** as one settles.
 **
 ** SIGINT and SIGTERM (mpiexec forwards a Ctrl-C as SIGTERM to every rank)
 ** stay blocked in every thread and are taken here between polls: the
@@ -154,14 +155,20 @@ out:
   return r;
 }
 
-void luapool__mpi_idle(double quiet, unsigned cap_us) {
+double luapool__mpi_pause(double quiet, unsigned cap_us) {
   double us = quiet * 1e6 / 8;
-  if (us < 2) { /* a reply is often microseconds away */
+  if (us < 2) return 0; /* a reply is often microseconds away */
+  if (quiet < MPI_HOT_WINDOW && cap_us > MPI_HOT_US) cap_us = MPI_HOT_US;
+  return (us > cap_us ? cap_us : us) * 1e-6;
+}
+
+void luapool__mpi_idle(double quiet, unsigned cap_us) {
+  double s = luapool__mpi_pause(quiet, cap_us);
+  if (s == 0) {
     sched_yield();
     return;
   }
-  if (us > cap_us) us = cap_us;
-  struct timespec ts = {0, (long)(us * 1000)};
+  struct timespec ts = {0, (long)(s * 1e9)};
   nanosleep(&ts, NULL);
 }
 
@@ -758,12 +765,19 @@ int luapool__mpi_serve(void) {
     if (take_settled(&sv, 0)) did = 1;
     luapool__mpi_sends_test(&sv.sends);
     if (stop) break;
-    double now = luapool__now(), pause = (now - last) / 8;
+    double now = luapool__now();
     if (did) {
       last = now;
-    } else if (sv.ntasks > 0 && pause > 2e-6) {
-      /* a settling task wakes this at once; a message waits for the poll */
-      if (take_settled(&sv, pause > 0.001 ? 0.001 : pause)) last = luapool__now();
+    } else if (sv.ntasks > 0) {
+      /* A settling task wakes this at once; a message waits for the poll,
+      ** hot as an idle loop's (mpi_proto.h): the next task of a map, sent
+      ** while this one runs, reaches the local queue before this one ends,
+      ** and its worker takes it without a round trip to rank 0. */
+      double pause = luapool__mpi_pause(now - last, 1000);
+      if (pause == 0)
+        sched_yield();
+      else if (take_settled(&sv, pause))
+        last = luapool__now();
     } else {
       luapool__mpi_idle(now - last, 2000);
     }

@@ -1,4 +1,4 @@
--- Big values on a thread pool: a result string of LP_PIN_MIN (32 KiB) or
+-- Big values on a thread pool: a result string of LP_PIN_MIN (64 KiB) or
 -- more is not copied into the reply; the reply refers to the worker's own
 -- string, which the worker keeps until the owner has dropped the future
 -- (core/future.h, "pinned strings").  Every way a reply's life can end:
@@ -36,7 +36,7 @@ end
 describe("big strings from a threadpool", function()
   it("arrive exactly, at every size around the pinning threshold, and read twice", function()
     local pool <close> = luapool.threadpool.new { max_workers = 2 }
-    local sizes = { 32 * KiB - 1, 32 * KiB, 32 * KiB + 1, 100 * KiB, 1024 * KiB, 3 * 1024 * KiB + 7 }
+    local sizes = { 64 * KiB - 1, 64 * KiB, 64 * KiB + 1, 100 * KiB, 1024 * KiB, 3 * 1024 * KiB + 7 }
     local fs = {}
     for i, n in ipairs(sizes) do fs[i] = pool:submit(make, "s" .. i, n) end
     for i, n in ipairs(sizes) do
@@ -51,16 +51,16 @@ describe("big strings from a threadpool", function()
   it("arrive exactly inside tables, as keys, as several results and as upvalue-made closures' data", function()
     local pool <close> = luapool.threadpool.new { max_workers = 2 }
     local f = pool:submit(function(mk)
-      local a, b = mk("a", 64 * KiB), mk("b", 200 * KiB)
+      local a, b = mk("a", 70 * KiB), mk("b", 200 * KiB)
       return a, { x = b, [b] = 1, list = { a, b, a } }, #a + #b, "small"
     end, make)
     local a, t, n, s = f:result(60)
-    local wa, wb = big("a", 64 * KiB), big("b", 200 * KiB)
+    local wa, wb = big("a", 70 * KiB), big("b", 200 * KiB)
     assert.is_true(a == wa)
     assert.is_true(t.x == wb)
     assert.are.equal(1, t[wb])
     assert.is_true(t.list[1] == wa and t.list[2] == wb and t.list[3] == wa)
-    assert.are.equal(264 * KiB, n)
+    assert.are.equal(270 * KiB, n)
     assert.are.equal("small", s)
   end)
 
@@ -143,8 +143,8 @@ describe("big strings from a threadpool", function()
     local pool <close> = luapool.threadpool.new { max_workers = 2 }
     local tags = {}
     for i = 1, 10 do tags[i] = "p" .. i end
-    local rs = pool:map(function(tag) return make(tag, 40 * KiB) end, tags)
-    for i = 1, 10 do assert.is_true(rs[i] == big("p" .. i, 40 * KiB)) end
+    local rs = pool:map(function(tag) return make(tag, 80 * KiB) end, tags)
+    for i = 1, 10 do assert.is_true(rs[i] == big("p" .. i, 80 * KiB)) end
     local n = 0
     for i, s in pool:imap(function(tag) return make(tag, 70 * KiB) end, tags) do
       n = n + 1
@@ -160,10 +160,10 @@ describe("big strings from a threadpool", function()
     local e = h.result_error(f, 60)
     assert.are.equal("task", e.kind)
     assert.is_true(e.value.blob == big("v", 90 * KiB))
-    local g = pool:submit(function() error(make("w", 50 * KiB), 0) end)
+    local g = pool:submit(function() error(make("w", 100 * KiB), 0) end)
     local e2 = h.result_error(g, 60)
-    assert.is_true(e2.message == big("w", 50 * KiB))
-    assert.is_true(e2.value == big("w", 50 * KiB))
+    assert.is_true(e2.message == big("w", 100 * KiB))
+    assert.is_true(e2.value == big("w", 100 * KiB))
   end)
 
   it("are never made for a cancelled task, and a finished one's survives a cancel", function()
@@ -171,25 +171,25 @@ describe("big strings from a threadpool", function()
     local gate = os.tmpname()
     local blocker = pool:submit(function(path)
       while io.open(path) do luapool.sleep(0.005) end
-      return make("b", 64 * KiB)
+      return make("b", 100 * KiB)
     end, gate)
-    local queued = pool:submit(make, "q", 64 * KiB)
+    local queued = pool:submit(make, "q", 100 * KiB)
     assert.is_true(queued:cancel())
     os.remove(gate)
-    assert.is_true(blocker:result(60) == big("b", 64 * KiB))
+    assert.is_true(blocker:result(60) == big("b", 100 * KiB))
     assert.is_false(blocker:cancel())
-    assert.is_true(blocker:result(0) == big("b", 64 * KiB))
+    assert.is_true(blocker:result(0) == big("b", 100 * KiB))
     assert.are.equal("cancelled", h.result_error(queued, 0).kind)
-    assert.is_true(pool:submit(make, "after", 64 * KiB):result(60) == big("after", 64 * KiB))
+    assert.is_true(pool:submit(make, "after", 100 * KiB):result(60) == big("after", 100 * KiB))
   end)
 
   it("leave a collector the task stopped stopped", function()
     local pool <close> = luapool.threadpool.new { max_workers = 1 }
     local f = pool:submit(function(mk)
       collectgarbage("stop")
-      return mk("g", 64 * KiB)
+      return mk("g", 100 * KiB)
     end, make)
-    assert.is_true(f:result(60) == big("g", 64 * KiB))
+    assert.is_true(f:result(60) == big("g", 100 * KiB))
     f = nil -- luacheck: ignore
     collectgarbage()
     collectgarbage()

@@ -183,6 +183,21 @@ describe("big strings from a threadpool", function()
     assert.is_true(pool:submit(make, "after", 100 * KiB):result(60) == big("after", 100 * KiB))
   end)
 
+  it("go with a reply its deadline replaced", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1, task_timeout = 0.05 }
+    -- one C call past the deadline (nothing stops it midway): the result is
+    -- encoded, then the reply becomes a timeout and the string goes with it
+    local f = pool:submit(function() return string.rep("x", 64 << 20) end)
+    local e = h.result_error(f, 60)
+    assert.are.equal("timeout", e.kind)
+    assert.are.equal("task #1 exceeded its deadline of 0.05 seconds in worker threadpool-1", e.message)
+    f = nil -- luacheck: ignore
+    collectgarbage()
+    collectgarbage()
+    assert.is_true(pool:submit(make, "t", 100 * KiB):result(60) == big("t", 100 * KiB))
+    assert.is_true(worker_kib(pool) < 16 * 1024) -- the 64 MiB are gone
+  end)
+
   it("leave a collector the task stopped stopped", function()
     local pool <close> = luapool.threadpool.new { max_workers = 1 }
     local f = pool:submit(function(mk)

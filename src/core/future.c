@@ -352,11 +352,11 @@ void luapool__pinned_unref(lp_pinned *p) {
 void luapool__pins_release(const char *reply, size_t len) {
   uint64_t n;
   memcpy(&n, reply + len - 8, 8);
-  const char *at = reply + len - 8 - n * sizeof(lp_pinned *);
+  const char *at = reply + len - 8 - n * sizeof(lp_pinref);
   for (uint64_t i = 0; i < n; i++) {
-    lp_pinned *p;
-    memcpy(&p, at + i * sizeof p, sizeof p);
-    luapool__pinned_unref(p);
+    lp_pinref r;
+    memcpy(&r, at + i * sizeof r, sizeof r);
+    luapool__pinned_unref(r.p);
   }
 }
 

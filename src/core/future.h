@@ -154,11 +154,15 @@ typedef struct lp_pinned {
   void *block;            /* the string's memory, once its state closed */
   struct lp_pinned *next; /* in the worker's list (its thread only) */
 } lp_pinned;
+/* One pin in a reply's list, as its bytes hold it (unaligned: memcpy). */
+typedef struct lp_pinref {
+  lp_pinned *p;
+} lp_pinref;
 /* Drops a reference; the last one frees p (and its block). */
 void luapool__pinned_unref(lp_pinned *p);
 #define LP_RF_PINNED 1u
 /* luapool__future_finish for a reply whose last bytes list its pins
-** (each lp_pinned *, then their count as a u64): f takes their
+** (each an lp_pinref, then their count as a u64): f takes their
 ** references, and drops them when it is freed (or at once when it
 ** does not keep the reply). */
 void luapool__future_finish_pinned(lp_future *f, char *reply, size_t len, int copy);

@@ -304,7 +304,7 @@ static int pin_string(void *ud, lua_State *L, int idx, const char *s, size_t len
   lp_wpins *w = ((lp_wstate *)ud)->pins;
   lp_pinned *p;
   idx = lua_absindex(L, idx);
-  if (luapool__buf_reserve(&w->cur, sizeof p)) return -1;
+  if (luapool__buf_reserve(&w->cur, sizeof(lp_pinref))) return -1;
   for (p = w->live; p && p->s != s; p = p->next)
     ;
   if (p == NULL) {
@@ -332,8 +332,9 @@ static int pin_string(void *ud, lua_State *L, int idx, const char *s, size_t len
     w->live = p;
   }
   atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed); /* the reply's */
-  memcpy(w->cur.p + w->cur.len, &p, sizeof p);
-  w->cur.len += sizeof p;
+  lp_pinref r = {p};
+  memcpy(w->cur.p + w->cur.len, &r, sizeof r);
+  w->cur.len += sizeof r;
   return 0;
 }
 
@@ -379,7 +380,7 @@ void luapool__pins_sweep(lp_wstate *ws) {
 int luapool__pins_seal(lp_wstate *ws, lp_buf *out) {
   lp_wpins *w = ws->pins;
   if (w == NULL || w->cur.len == 0) return 0;
-  uint64_t n = w->cur.len / sizeof(lp_pinned *);
+  uint64_t n = w->cur.len / sizeof(lp_pinref);
   if (luapool__buf_add(out, w->cur.p, w->cur.len) || luapool__buf_add(out, &n, 8)) {
     luapool__pins_drop(ws);
     return -1;
@@ -391,10 +392,10 @@ int luapool__pins_seal(lp_wstate *ws, lp_buf *out) {
 void luapool__pins_drop(lp_wstate *ws) {
   lp_wpins *w = ws->pins;
   if (w == NULL) return;
-  for (size_t i = 0; i < w->cur.len; i += sizeof(lp_pinned *)) {
-    lp_pinned *p;
-    memcpy(&p, w->cur.p + i, sizeof p);
-    luapool__pinned_unref(p); /* (never the last: the state holds one) */
+  for (size_t i = 0; i < w->cur.len; i += sizeof(lp_pinref)) {
+    lp_pinref r;
+    memcpy(&r, w->cur.p + i, sizeof r);
+    luapool__pinned_unref(r.p); /* (never the last: the state holds one) */
   }
   w->cur.len = 0;
 }

@@ -27,7 +27,7 @@ typedef struct lp_wpins {
 /* Unanchors the strings no reply holds any more: before each task. */
 void luapool__pins_sweep(lp_wstate *ws);
 /* The reply in out is to be handed over: appends its pins (each
-** lp_pinned *, then their count as a u64) for
+** lp_pinref, then their count as a u64) for
 ** luapool__future_finish_pinned.  1 it has pins, 0 none (out as it
 ** was), -1 no memory (the pins are dropped; the reply must not go). */
 int luapool__pins_seal(lp_wstate *ws, lp_buf *out);

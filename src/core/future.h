@@ -7,7 +7,10 @@
 ** arguments) and its reply (the encoded results or error) are plain bytes
 ** owned by the future that carries them, so any engine - a thread with its
 ** own lua_State, a process behind a socket - moves them without knowing what
-** they hold.  Only the owner's Lua state ever decodes a reply.
+** they hold.  Only the owner's Lua state ever decodes a reply.  (One
+** exception to "plain bytes": a thread worker's reply may refer to big
+** strings of the worker's state instead of carrying them; see "pinned
+** strings" below.)
 */
 #ifndef LUAPOOL_FUTURE_H
 #define LUAPOOL_FUTURE_H

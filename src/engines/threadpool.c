@@ -2,7 +2,9 @@
 ** Thread backend: each worker is a pthread that owns one lua_State, created
 ** on its first Lua task and kept for all later ones.  Kernel calls with
 ** scalar arguments never create the state at all (worker.c).  Nothing but
-** this thread ever touches its state.
+** this thread ever touches its state.  Its replies refer to its big result
+** strings instead of copying them (pins: worker.h, core/future.h); the
+** owner reads those bytes, never the state.
 */
 #include <stddef.h>
 #include <stdio.h>

@@ -65,8 +65,8 @@ local suite = bench.suite {
       .. "beside the source tree)" },
     { "aio-python", "PATH", "string", "Python with aiohttp to run it (default: /usr/bin/python3)" },
     { "wrk", "PATH", "string", "wrk command, the server's limit (default: wrk)" },
-    { "before", "BIN", "string", "an earlier luapool binary: each iopool fetch case runs with it too, "
-      .. "interleaved (before and after in the same run)" },
+    { "before", "BIN", "string", "an earlier luapool binary: each iopool fetch case and the big-string and "
+      .. "big-table jobs run with it too, interleaved (before and after in the same run)" },
     { "tasks", "N", "integer", "no-op tasks in the overhead jobs (default 100000; 2000 with --quick)" },
   },
 }
@@ -462,6 +462,15 @@ suite:case {
   params = { tasks = BIG_N, bytes = BIG_STRING }, units = BIG_N, unit = "task",
   body = command(lp(LP_OVERHEAD, "threads-string", BIG_N, BIG_STRING)),
 }
+-- --before BIN: the big-value jobs with an earlier binary too, interleaved
+local function before_overhead(c, mode, ...)
+  if not before then return end
+  suite:case { group = c.group, name = c.name .. " (before)", params = c.params, units = c.units, unit = c.unit,
+               body = command(lp_with(before, LP_OVERHEAD, mode, ...)) }
+end
+before_overhead({ group = "big-string", name = "luapool threadpool 1 MiB strings x2",
+                  params = { tasks = BIG_N, bytes = BIG_STRING }, units = BIG_N, unit = "task" },
+  "threads-string", BIG_N, BIG_STRING)
 if luv_version then
   suite:case {
     group = "big-string", name = "luv queue_work 1 MiB strings x2", params = { tasks = BIG_N, bytes = BIG_STRING },
@@ -481,6 +490,9 @@ suite:case {
   baseline = "luapool threadpool tables of 10,000 x2", params = { tasks = BIG_N, numbers = BIG_TABLE },
   units = BIG_N, unit = "task", body = command(lp(LP_OVERHEAD, "threads-table", BIG_N, BIG_TABLE)),
 }
+before_overhead({ group = "big-table", name = "luapool threadpool tables of 10,000 x2",
+                  params = { tasks = BIG_N, numbers = BIG_TABLE }, units = BIG_N, unit = "task" },
+  "threads-table", BIG_N, BIG_TABLE)
 -- luv cannot: ask it (its answer, a line starting "cannot:", goes in the report)
 local luv_table_answer
 if luv_version then
@@ -516,6 +528,17 @@ end
 if luv_table_answer and (not suite.filter or ("big-table"):find(suite.filter)) then
   print(("  %-20s %-46s %6s  (%s)"):format("big-table", "luv queue_work tables of 10,000 x2", "cannot",
     luv_table_answer:gsub("^cannot: ", "")))
+end
+-- big values against the floor (issue 14: within 2.5x of it)
+local floor = r("floor: lua5.4 makes them in one state")
+if floor then
+  for _, name in ipairs { "luapool threadpool 1 MiB strings x2", "luapool threadpool 1 MiB strings x2 (before)" } do
+    local res = r(name)
+    if res then
+      print(("big-string: %-48s %s/task, %.2fx the floor's %s/task (target <= 2.5x)"):format(name,
+        bench.format_time(res.median / BIG_N), res.median / floor.median, bench.format_time(floor.median / BIG_N)))
+    end
+  end
 end
 local ideal = math.ceil(LAT_N / LAT_W) * SLEEP
 print(("io-latency against the ideal %s (target: luapool <= 1.05x):"):format(bench.format_time(ideal)))

@@ -221,12 +221,20 @@ static double opt_timeout(lua_State *L, int idx) {
 typedef struct pdecode_args {
   lp_reader *r;
   int n;
+  int pinned; /* the reply refers to a thread worker's strings (core/future.h) */
 } pdecode_args;
+
+static void decode_reply(lua_State *L, lp_reader *r, int n, int pinned) {
+  if (pinned)
+    luapool__decode_pinned(L, r, n);
+  else
+    luapool__decode(L, r, n);
+}
 
 static int pdecode(lua_State *L) {
   pdecode_args *a = lua_touserdata(L, 1);
   lua_pop(L, 1);
-  luapool__decode(L, a->r, a->n);
+  decode_reply(L, a->r, a->n, a->pinned);
   return a->n;
 }
 
@@ -235,10 +243,10 @@ static int pdecode(lua_State *L) {
 ** unknown here); the worker flags such replies, and only those pay for
 ** the protected call. */
 static int decode_values(lua_State *L, lp_future *f, lp_reader *r, int n) {
-  pdecode_args a = {r, n};
+  pdecode_args a = {r, n, luapool__future_pinned(f)};
   luaL_checkstack(L, n + 4, "reading a result");
   if (!luapool__future_flagged(f)) {
-    luapool__decode(L, r, n);
+    decode_reply(L, r, n, a.pinned);
     return n;
   }
   lua_pushcfunction(L, pdecode);

@@ -65,6 +65,10 @@ enum {
   T_ENV,    /* (as an upvalue only) the receiver's globals */
   T_UPREF,  /* (as an upvalue only) u32 number of an upvalue met before in
             ** the message: this slot shares it */
+  T_XSTR,   /* u64 length, then the address of the bytes: a string of a
+            ** thread worker's state, pinned (lp_encode_ctx.pin); only a
+            ** reply of this process decoded with luapool__decode_pinned
+            ** takes it, every other decoder refuses it as unknown */
   T_LAST
 };
 /* Any other byte is a transferable type's id followed by its bytes, or
@@ -1081,6 +1085,18 @@ static int enc_any(luapool_encoder *e, int idx) {
     case LUA_TSTRING: {
       size_t len;
       const char *s = lua_tolstring(L, idx, &len);
+      lp_encode_ctx *c = e->ctx;
+      if (len >= LP_PIN_MIN && c->pin && c->pin(c->pin_ud, L, idx, s, len) == 0) {
+        /* (pinned: a failure past this point leaves the pin to the
+        ** reply, which releases it whether it is sent or dropped) */
+        if (luapool__buf_reserve(b, 17)) return enc_nomem(e);
+        uint64_t l = len;
+        b->p[b->len++] = T_XSTR;
+        memcpy(b->p + b->len, &l, 8);
+        memcpy(b->p + b->len + 8, &s, sizeof s);
+        b->len += 8 + sizeof s;
+        return 0;
+      }
       return luapool__put_string(b, s, len) ? enc_nomem(e) : 0;
     }
     case LUA_TTABLE: return enc_table_head(e, idx);
@@ -1466,6 +1482,7 @@ typedef struct dec {
   uint32_t nrefs; /* tables and functions so far */
   uint32_t nuv;   /* upvalues so far */
   int fcache;     /* reuse functions loaded by earlier messages (workers) */
+  int pinned;     /* T_XSTR is taken (a pinned thread reply) */
   int rdepth;     /* tables being decoded by dec_table_now (C recursion) */
   size_t budget;  /* table slots that may still be preallocated */
   size_t nfr, cap;
@@ -1751,6 +1768,21 @@ static int dec_any(dec *d) {
       }
       dec_table_head(d);
       return 1;
+    case T_XSTR: {
+      uint64_t len;
+      const char *s;
+      if (!d->pinned) { /* (anywhere else it is as unknown as any other byte) */
+        char what[32];
+        snprintf(what, sizeof what, "unknown tag %u", t);
+        malformed(d, what);
+      }
+      if ((size_t)(d->r->end - d->r->p) < 8 + sizeof s) malformed(d, "truncated string");
+      memcpy(&len, d->r->p, 8);
+      memcpy(&s, d->r->p + 8, sizeof s);
+      d->r->p += 8 + sizeof s;
+      lua_pushlstring(L, s, (size_t)len); /* (the one copy: from the worker's string) */
+      return 0;
+    }
     case T_REF: {
       uint32_t id;
       if (luapool__get_u32(d->r, &id) || id >= d->nrefs) malformed(d, "bad reference");
@@ -2028,7 +2060,7 @@ static int dec_scalar(lua_State *L, lp_reader *r) {
   return 1;
 }
 
-static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
+static void decode(lua_State *L, lp_reader *r, int n, int fcache, int pinned) {
   luaL_checkstack(L, n + D_NFIXED + 8, "decoding a message");
   int i = 0;
   while (i < n && dec_scalar(L, r)) /* no fixed slots for these */
@@ -2041,6 +2073,7 @@ static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   d.nrefs = 0;
   d.nuv = 0;
   d.fcache = fcache;
+  d.pinned = pinned;
   d.rdepth = 0;
   d.budget = (size_t)(r->end - r->p);
   d.nfr = 0;
@@ -2056,9 +2089,11 @@ static void decode(lua_State *L, lp_reader *r, int n, int fcache) {
   lua_pop(L, D_NFIXED);
 }
 
-void luapool__decode(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 0); }
+void luapool__decode(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 0, 0); }
 
-void luapool__decode_task(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 1); }
+void luapool__decode_pinned(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 0, 1); }
+
+void luapool__decode_task(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 1, 0); }
 
 /* }====================================================== */
 

@@ -30,7 +30,18 @@ typedef struct lp_encode_ctx {
                       ** others numbered from root_base */
   int cstate;         /* stack index of the codec state (luapool__codec_state),
                       ** 0: the encoder looks it up when it needs it */
+  /* Non-NULL (a thread worker's reply): a string of at least LP_PIN_MIN
+  ** bytes, at idx, is offered to pin first; when it returns 0 the
+  ** message carries the string's address, not its bytes (worker.c keeps
+  ** the string alive for the reply: core/future.h, "pinned strings"),
+  ** else (-1) its bytes as usual.  It may raise a memory error. */
+  int (*pin)(void *ud, lua_State *L, int idx, const char *s, size_t len);
+  void *pin_ud;
 } lp_encode_ctx;
+/* Below this a string is copied: at 32 KiB pinning and copying cost
+** about the same, at 64 KiB pinning takes 12% less CPU per task
+** (docs/performance.md, session 20). */
+#define LP_PIN_MIN ((size_t)64 << 10)
 
 /* Pushes the codec state of L's Lua state: one userdata, made the first
 ** time, that holds what the encoder keeps between messages (its scratch
@@ -64,6 +75,10 @@ int luapool__get_scalar(lp_reader *r, lp_value *v);
 int luapool__peek_kernel(lp_reader *r);
 /* Decodes n values onto L's stack (raises on malformed input). */
 void luapool__decode(lua_State *L, lp_reader *r, int n);
+/* The same for a reply of this process's thread worker that refers to
+** pinned strings (luapool__future_pinned): only then are addresses in
+** the bytes taken. */
+void luapool__decode_pinned(lua_State *L, lp_reader *r, int n);
 /* The same for a task message in a worker: a function sent before (same
 ** id) is the closure loaded then, with this message's upvalues. */
 void luapool__decode_task(lua_State *L, lp_reader *r, int n);

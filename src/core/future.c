@@ -220,6 +220,8 @@ void luapool__future_unref(lp_future *f) {
   if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return;
   drop_msg(f);
   luapool__paths_unref(f->paths);
+  if (f->state == LP_FINISHED && (f->ekind & LP_RF_PINNED))
+    luapool__pins_release(f->reply, f->replylen);
   if (f->state == LP_FINISHED && f->reply != f->inline_buf) lp_free(f->reply);
   if (f->state == LP_FAILED) lp_free(f->emsg);
   lp_free(f);
@@ -298,12 +300,15 @@ int luapool__future_start(lp_future *f, const char *worker) {
   return ok;
 }
 
-void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
+/* (pinned: the reply lists pins at its end, LP_RF_PINNED; never inline,
+** and its pins released whenever f does not keep it) */
+static void finish(lp_future *f, char *reply, size_t len, int copy, int pinned) {
   char *own = copy ? NULL : reply; /* freed here unless f keeps it */
-  int inl = len <= LP_INLINE;
+  int inl = len <= LP_INLINE && !pinned;
   if (copy && !inl) {
     if ((own = lp_malloc(len)) == NULL) {
       luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply (%zu bytes)", len);
+      if (pinned) luapool__pins_release(reply, len);
       return;
     }
     memcpy(own, reply, len);
@@ -312,6 +317,7 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
   if (f->state == LP_RUNNING || f->state == LP_PENDING) {
     lp_fstate from = f->state;
     f->state = LP_FINISHED;
+    f->ekind = pinned ? LP_RF_PINNED : 0;
     if (inl) { /* over the message, consumed by now; a taken reply is freed */
       if (len && reply) memcpy(f->inline_buf, reply, len);
       f->reply = f->inline_buf;
@@ -320,10 +326,42 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
       own = NULL;
     }
     f->replylen = len;
+    pinned = 0; /* f holds them now */
     settle(f, from, 1);
   }
   unlock(f);
-  lp_free(own); /* copied inline, or it lost a race: already failed elsewhere */
+  /* lost a race (already failed elsewhere): its pins go with it */
+  if (pinned) luapool__pins_release(own ? own : reply, len);
+  lp_free(own); /* copied inline, or lost that race */
+}
+
+void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy) {
+  finish(f, reply, len, copy, 0);
+}
+
+void luapool__future_finish_pinned(lp_future *f, char *reply, size_t len, int copy) {
+  finish(f, reply, len, copy, 1);
+}
+
+void luapool__pinned_unref(lp_pinned *p) {
+  if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) != 1) return;
+  lp_free(p->block);
+  lp_free(p);
+}
+
+void luapool__pins_release(const char *reply, size_t len) {
+  uint64_t n;
+  memcpy(&n, reply + len - 8, 8);
+  const char *at = reply + len - 8 - n * sizeof(lp_pinref);
+  for (uint64_t i = 0; i < n; i++) {
+    lp_pinref r;
+    memcpy(&r, at + i * sizeof r, sizeof r);
+    luapool__pinned_unref(r.p);
+  }
+}
+
+int luapool__future_pinned(const lp_future *f) {
+  return f->state == LP_FINISHED && (f->ekind & LP_RF_PINNED) != 0;
 }
 
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {

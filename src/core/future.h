@@ -7,7 +7,10 @@
 ** arguments) and its reply (the encoded results or error) are plain bytes
 ** owned by the future that carries them, so any engine - a thread with its
 ** own lua_State, a process behind a socket - moves them without knowing what
-** they hold.  Only the owner's Lua state ever decodes a reply.
+** they hold.  Only the owner's Lua state ever decodes a reply.  (One
+** exception to "plain bytes": a thread worker's reply may refer to big
+** strings of the worker's state instead of carrying them; see "pinned
+** strings" below.)
 */
 #ifndef LUAPOOL_FUTURE_H
 #define LUAPOOL_FUTURE_H
@@ -72,7 +75,8 @@ void luapool__paths_unref(lp_paths *ps); /* (NULL: nothing) */
 typedef struct lp_future {
   atomic_int refs;
   unsigned char state; /* lp_fstate (lock: the future's stripe) */
-  unsigned char ekind; /* lp_ekind, LP_FAILED */
+  /* LP_FAILED: its lp_ekind; LP_FINISHED: LP_RF_* bits (the reply's) */
+  unsigned char ekind;
   /* The owner's own bits (its Lua face's: bind/lfuture.c), in what was
   ** padding; the future core never reads or writes them. */
   unsigned char owner_bits;
@@ -129,6 +133,47 @@ int luapool__future_start(lp_future *f, const char *worker);
 ** 0, else copies the bytes; a reply of at most LP_INLINE bytes is copied
 ** into the future itself (and a taken one freed). */
 void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
+
+/* {====== pinned strings: thread replies that refer to a string
+** A thread worker's reply refers to a big string of its Lua state (its
+** bytes stay where they are) instead of carrying a copy: the owner's
+** decoder copies it once, straight from the worker's string.  The
+** worker (worker.c) anchors the string in its state while an lp_pinned
+** says a reply holds it.  refs counts the replies holding it plus one
+** while the worker's state is open: the worker sweeps (unanchors and
+** frees) the ones only it holds before each task; when its state closes
+** while replies still hold some, the state keeps those strings' memory
+** (block) and drops its reference: the last reply to go frees them.  So
+** the owner may read a result after the pool closed, and nothing it does
+** touches the worker's Lua state.  Only the thread engine makes such a
+** reply, and only the owner's process reads it (the pointer means
+** nothing elsewhere): the future's LP_RF_PINNED bit, set by
+** luapool__future_finish_pinned, never by the reply's bytes, is what
+** lets the decoder take the pointers (lfuture.c). */
+typedef struct lp_pinned {
+  atomic_int refs;
+  const char *s; /* the string's bytes (len of them) */
+  size_t len;
+  void *block;            /* the string's memory, once its state closed */
+  struct lp_pinned *next; /* in the worker's list (its thread only) */
+} lp_pinned;
+/* One pin in a reply's list, as its bytes hold it (unaligned: memcpy). */
+typedef struct lp_pinref {
+  lp_pinned *p;
+} lp_pinref;
+/* Drops a reference; the last one frees p (and its block). */
+void luapool__pinned_unref(lp_pinned *p);
+#define LP_RF_PINNED 1u
+/* luapool__future_finish for a reply whose last bytes list its pins
+** (each an lp_pinref, then their count as a u64): f takes their
+** references, and drops them when it is freed (or at once when it
+** does not keep the reply). */
+void luapool__future_finish_pinned(lp_future *f, char *reply, size_t len, int copy);
+/* Drops the references of the pins listed at the end of reply[0..len). */
+void luapool__pins_release(const char *reply, size_t len);
+/* Does f's reply refer to pinned strings (so may its decoder read them)? */
+int luapool__future_pinned(const lp_future *f);
+/* }====== */
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Calls whose reply is an error (the reply's header count). */

@@ -2,7 +2,9 @@
 ** Thread backend: each worker is a pthread that owns one lua_State, created
 ** on its first Lua task and kept for all later ones.  Kernel calls with
 ** scalar arguments never create the state at all (worker.c).  Nothing but
-** this thread ever touches its state.
+** this thread ever touches its state.  Its replies refer to its big result
+** strings instead of copying them (pins: worker.h, core/future.h); the
+** owner reads those bytes, never the state.
 */
 #include <stddef.h>
 #include <stdio.h>
@@ -23,6 +25,7 @@
 typedef struct tworker {
   lp_worker w; /* must be first: the executor sees an lp_worker */
   lp_wstate ws;
+  lp_wpins pins; /* ws.pins: its replies refer to its big strings */
   lp_buf out;
   int initialized;
   lp_paths *paths; /* the paths ws has (a reference), NULL before the first task */
@@ -45,6 +48,7 @@ static int run_timed(tworker *t, const char *msg, size_t len, double timeout, ui
   t->ws.item_lo = item_lo;
   t->ws.deadline = 0;
   t->out.len = 0;
+  luapool__pins_sweep(&t->ws); /* what the owner is done with */
   int st = luapool__run_message(&t->ws, msg, len, &t->out);
   if (timeout > 0) luapool__worker_deadline(&t->w, 0); /* the watchdog skips 0 */
   t->ws.deadline = 0;
@@ -59,6 +63,7 @@ static int thread_start(lp_worker *w) {
   t->ws.index = w->index;
   t->ws.intr = &w->intr;
   t->ws.call_start = thread_call_start;
+  t->ws.pins = &t->pins;
   return 0;
 }
 
@@ -71,7 +76,9 @@ static int thread_init(tworker *t, lp_future *f) {
   char why[768], err[600];
   /* under the first task's deadline, as on a process pool (labelled 0/0:
   ** "it exceeded its deadline") */
-  if (run_timed(t, p->init_msg, p->init_len, f->timeout, 0, 0) != 0)
+  int st = run_timed(t, p->init_msg, p->init_len, f->timeout, 0, 0);
+  luapool__pins_drop(&t->ws); /* (the reply is only read here) */
+  if (st != 0)
     snprintf(err, sizeof err, "not enough memory");
   else if (luapool__reply_failed(t->out.p, t->out.len, err, sizeof err) == 0)
     return 0;
@@ -108,23 +115,29 @@ static void thread_run(lp_worker *w, lp_future *f) {
   ** run. */
   if (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
       atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
+    luapool__pins_drop(&t->ws);
     luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
                          luapool__future_label(f, label, sizeof label), w->name);
     return;
   }
-  if (st != 0) {
+  if (st != 0) luapool__pins_drop(&t->ws);
+  int pinned = st == 0 ? luapool__pins_seal(&t->ws, &t->out) : 0;
+  if (st != 0 || pinned < 0) {
     luapool__future_fail(f, LP_EK_TRANSFER, "worker %s ran out of memory building the reply",
                          w->name);
     return;
   }
   /* A small reply is copied so the buffer keeps its capacity for the next
-  ** task; a large one is handed over, so no worker holds on to its size. */
+  ** task; a large one is handed over, so no worker holds on to its size.
+  ** (A reply that refers to its big strings is small.) */
+  void (*finish)(lp_future *, char *, size_t, int) =
+      pinned ? luapool__future_finish_pinned : luapool__future_finish;
   if (t->out.len <= 65536) {
-    luapool__future_finish(f, t->out.p, t->out.len, 1);
+    finish(f, t->out.p, t->out.len, 1);
   } else {
     size_t len;
     char *reply = luapool__buf_take(&t->out, &len);
-    luapool__future_finish(f, reply, len, 0);
+    finish(f, reply, len, 0);
   }
 }
 
@@ -135,7 +148,7 @@ static void thread_interrupt(lp_worker *w) { pthread_kill(w->thread, LUAPOOL_STO
 static void thread_stop(lp_worker *w) {
   tworker *t = (tworker *)w;
   luapool__set_task_state(NULL);
-  luapool__wstate_close(&t->ws);
+  luapool__pins_close(&t->ws); /* (closes the state) */
   luapool__paths_unref(t->paths);
   t->paths = NULL;
   luapool__buf_free(&t->out);

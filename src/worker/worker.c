@@ -21,6 +21,7 @@
 ** A call whose function is a native kernel and whose arguments are all
 ** scalars runs straight from the bytes: no Lua state is created for it.
 */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,7 @@
 #include "base/alloc.h"
 #include "base/buf.h"
 #include "codec/codec.h"
+#include "core/future.h"
 #include "kernels/kernel.h"
 #include "codec/message.h"
 #include "base/stop.h"
@@ -289,6 +291,158 @@ typedef struct run_ctx {
   uint32_t nerr_mark; /* nerr at that point */
 } run_ctx;
 
+/* {====== pinned strings (worker.h) */
+
+static const char PINS_KEY = 0; /* registry: the anchors, address -> string */
+
+/* The encoder's pin (lp_encode_ctx.pin): anchors the string at idx and
+** adds its lp_pinned to the reply being built, with a reference.  One
+** lp_pinned per string: a string several replies return is found by its
+** address (which Lua never moves), so the state's close finds one owner
+** for its memory. */
+static int pin_string(void *ud, lua_State *L, int idx, const char *s, size_t len) {
+  lp_wpins *w = ((lp_wstate *)ud)->pins;
+  lp_pinned *p;
+  idx = lua_absindex(L, idx);
+  if (luapool__buf_reserve(&w->cur, sizeof(lp_pinref))) return -1;
+  for (p = w->live; p && p->s != s; p = p->next)
+    ;
+  if (p == NULL) {
+    luaL_checkstack(L, 3, "pinning a string");
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &PINS_KEY) != LUA_TTABLE) {
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_rawsetp(L, LUA_REGISTRYINDEX, &PINS_KEY);
+    }
+    lua_pushvalue(L, idx);
+    lua_rawsetp(L, -2, s); /* (may raise: nothing is held yet) */
+    if ((p = lp_malloc(sizeof *p)) == NULL) {
+      lua_pushnil(L); /* (clearing a key never allocates) */
+      lua_rawsetp(L, -2, s);
+      lua_pop(L, 1);
+      return -1;
+    }
+    lua_pop(L, 1);
+    atomic_init(&p->refs, 1); /* the state's */
+    p->s = s;
+    p->len = len;
+    p->block = NULL;
+    p->next = w->live;
+    w->live = p;
+  }
+  atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed); /* the reply's */
+  lp_pinref r = {p};
+  memcpy(w->cur.p + w->cur.len, &r, sizeof r);
+  w->cur.len += sizeof r;
+  return 0;
+}
+
+static void set_pin(lp_encode_ctx *ctx, lp_wstate *ws) {
+  if (ws->pins == NULL) return;
+  ctx->pin = pin_string;
+  ctx->pin_ud = ws;
+}
+
+void luapool__pins_sweep(lp_wstate *ws) {
+  lp_wpins *w = ws->pins;
+  if (w == NULL || w->live == NULL) return;
+  lua_State *L = ws->L; /* (live strings: the state exists) */
+  /* (between tasks the stack is empty: the two slots are there) */
+  size_t freed = 0;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &PINS_KEY);
+  for (lp_pinned **pp = &w->live; *pp;) {
+    lp_pinned *p = *pp;
+    /* only the state holds it: the owner has dropped every reply that
+    ** referred to it (acquire: after all it read of the string) */
+    if (atomic_load_explicit(&p->refs, memory_order_acquire) == 1) {
+      lua_pushnil(L);
+      lua_rawsetp(L, -2, p->s);
+      freed += p->len;
+      *pp = p->next;
+      lp_free(p);
+    } else {
+      pp = &p->next;
+    }
+  }
+  lua_pop(L, 1);
+  /* The collector paced itself by what it found alive, pinned strings
+  ** included (the results the owner had not read yet): left alone, the
+  ** state would gather that much garbage again before its next cycle
+  ** (a backlog of 30 results of 1 MiB: 60 MiB of heap instead of 2).
+  ** So what was just let go counts as allocated now: the collector gets
+  ** that much work to do (a step, never a collection the script
+  ** stopped). */
+  if (freed >= LP_PIN_MIN && lua_gc(L, LUA_GCISRUNNING))
+    lua_gc(L, LUA_GCSTEP, freed >> 10 < (size_t)INT_MAX ? (int)(freed >> 10) : INT_MAX);
+}
+
+int luapool__pins_seal(lp_wstate *ws, lp_buf *out) {
+  lp_wpins *w = ws->pins;
+  if (w == NULL || w->cur.len == 0) return 0;
+  uint64_t n = w->cur.len / sizeof(lp_pinref);
+  if (luapool__buf_add(out, w->cur.p, w->cur.len) || luapool__buf_add(out, &n, 8)) {
+    luapool__pins_drop(ws);
+    return -1;
+  }
+  w->cur.len = 0; /* the reply holds them now */
+  return 1;
+}
+
+void luapool__pins_drop(lp_wstate *ws) {
+  lp_wpins *w = ws->pins;
+  if (w == NULL) return;
+  for (size_t i = 0; i < w->cur.len; i += sizeof(lp_pinref)) {
+    lp_pinref r;
+    memcpy(&r, w->cur.p + i, sizeof r);
+    luapool__pinned_unref(r.p); /* (never the last: the state holds one) */
+  }
+  w->cur.len = 0;
+}
+
+/* The state's allocator while it closes with strings replies still hold:
+** their memory is kept (each string's block is the one its bytes lie in,
+** found without knowing Lua's layout), everything else goes as Lua's own
+** allocator (realloc and free) would have it. */
+static void *keep_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  lp_wstate *ws = ud;
+  if (nsize) return realloc(ptr, nsize);
+  if (ptr && osize >= LP_PIN_MIN)
+    for (lp_pinned *p = ws->pins->live; p; p = p->next)
+      if (p->block == NULL && (const char *)ptr <= p->s && p->s < (const char *)ptr + osize) {
+        p->block = ptr;
+        return NULL;
+      }
+  free(ptr);
+  return NULL;
+}
+
+void luapool__pins_close(lp_wstate *ws) {
+  lp_wpins *w = ws->pins;
+  if (w == NULL || ws->L == NULL) {
+    luapool__wstate_close(ws);
+    return;
+  }
+  luapool__pins_drop(ws);
+  luapool__pins_sweep(ws);
+  /* (the state was made by luaL_newstate: realloc and free, which
+  ** keep_alloc does too) */
+  if (w->live) lua_setallocf(ws->L, keep_alloc, ws);
+  luapool__wstate_close(ws);
+  while (w->live) {
+    lp_pinned *p = w->live;
+    w->live = p->next;
+    if (p->block == NULL) { /* its memory went with the state: a reader would crash */
+      fprintf(stderr, "luapool: a pinned string of worker %s was not kept\n", ws->name);
+      abort();
+    }
+    luapool__pinned_unref(p); /* the state's reference: the last reply frees it */
+  }
+  luapool__buf_free(&w->cur);
+}
+
+/* }====== */
+
 /* Appends the reply of the call whose outcome is on the stack. */
 static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   lp_buf *out = rc->out;
@@ -296,6 +450,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   if (ok) {
     int n = lua_gettop(L) - base;
     lp_encode_ctx ctx = {.root = "result", .root_base = 1};
+    set_pin(&ctx, rc->ws);
     if (luapool__put_u8(out, LP_REPLY_OK) || luapool__put_u32(out, (uint32_t)n))
       luaL_error(L, "not enough memory");
     int r = luapool__encode(L, out, base + 1, n, &ctx);
@@ -318,6 +473,7 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   const char *tb = lua_tolstring(L, -1, &tl);
   if (tb == NULL) tb = "", tl = 0;
   lp_encode_ctx ctx = {.root = "error value", .root_base = 1};
+  set_pin(&ctx, rc->ws);
   if (luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, ml) ||
       luapool__put_string(out, tb, tl))
     luaL_error(L, "not enough memory");

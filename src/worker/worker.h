@@ -16,6 +16,28 @@
 ** out of memory (the caller fails the future). */
 int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out);
 
+/* {====== pinned strings (a thread worker's; core/future.h says why)
+** A thread engine sets ws->pins to a zeroed lp_wpins of its own; then a
+** reply refers to each string of at least LP_PIN_MIN bytes (codec.h) in
+** ws's state instead of copying it.  All on the worker's thread. */
+typedef struct lp_wpins {
+  struct lp_pinned *live; /* anchored in the state (a registry table) */
+  lp_buf cur;             /* the lp_pinned * of the reply being built */
+} lp_wpins;
+/* Unanchors the strings no reply holds any more: before each task. */
+void luapool__pins_sweep(lp_wstate *ws);
+/* The reply in out is to be handed over: appends its pins (each
+** lp_pinref, then their count as a u64) for
+** luapool__future_finish_pinned.  1 it has pins, 0 none (out as it
+** was), -1 no memory (the pins are dropped; the reply must not go). */
+int luapool__pins_seal(lp_wstate *ws, lp_buf *out);
+/* The reply being built will not be handed over: its pins go. */
+void luapool__pins_drop(lp_wstate *ws);
+/* Closes ws's state (luapool__wstate_close); the strings replies still
+** hold keep their memory, which the last of those replies frees. */
+void luapool__pins_close(lp_wstate *ws);
+/* }====== */
+
 /* ws's Lua state, created on first use (NULL: no memory). */
 lua_State *luapool__worker_lua(lp_wstate *ws);
 

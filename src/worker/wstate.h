@@ -72,6 +72,9 @@ typedef struct lp_wstate {
   const struct lp_io_ops *io_ops;
   void (*arm_hook)(lua_State *L, struct lp_wstate *ws);
   lua_Hook signal_hook;
+  /* A thread worker's pinned strings (worker.h: luapool__pins_*), NULL
+  ** elsewhere: only a thread's replies may refer to its strings. */
+  struct lp_wpins *pins;
 } lp_wstate;
 
 /* {====== waiting inside an iopool task

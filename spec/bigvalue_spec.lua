@@ -1,0 +1,232 @@
+-- Big values on a thread pool: a result string of LP_PIN_MIN (64 KiB) or
+-- more is not copied into the reply; the reply refers to the worker's own
+-- string, which the worker keeps until the owner has dropped the future
+-- (core/future.h, "pinned strings").  Every way a reply's life can end:
+-- read (once, twice), never read and collected, read after the pool
+-- closed, cancelled, failed, errors carrying big values, many alive at
+-- once, one string in many replies.  Each value is checked byte for byte.
+local luapool = require "luapool"
+local h = require "helper"
+
+local KiB = 1024
+
+-- A string of n bytes whose content says which one it is (and where),
+-- made the same way here and, as an argument or upvalue, in a worker.
+local function make(tag, n)
+  local parts, len, i = {}, 0, 0
+  while len < n do
+    i = i + 1
+    local p = ("%s:%08d|"):format(tag, i)
+    parts[#parts + 1] = p
+    len = len + #p
+  end
+  return (table.concat(parts)):sub(1, n)
+end
+local big = make
+
+-- The worker's heap in KiB after a full collection there.
+local function worker_kib(pool)
+  return pool:submit(function()
+    collectgarbage()
+    collectgarbage()
+    return collectgarbage("count")
+  end):result(60)
+end
+
+describe("big strings from a threadpool", function()
+  it("arrive exactly, at every size around the pinning threshold, and read twice", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local sizes = { 64 * KiB - 1, 64 * KiB, 64 * KiB + 1, 100 * KiB, 1024 * KiB, 3 * 1024 * KiB + 7 }
+    local fs = {}
+    for i, n in ipairs(sizes) do fs[i] = pool:submit(make, "s" .. i, n) end
+    for i, n in ipairs(sizes) do
+      local want = big("s" .. i, n)
+      local got = fs[i]:result(60)
+      assert.are.equal(n, #got)
+      assert.is_true(got == want)
+      assert.is_true(fs[i]:result(60) == want) -- decoded again from the same reply
+    end
+  end)
+
+  it("arrive exactly inside tables, as keys, as several results and as upvalue-made closures' data", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local f = pool:submit(function(mk)
+      local a, b = mk("a", 70 * KiB), mk("b", 200 * KiB)
+      return a, { x = b, [b] = 1, list = { a, b, a } }, #a + #b, "small"
+    end, make)
+    local a, t, n, s = f:result(60)
+    local wa, wb = big("a", 70 * KiB), big("b", 200 * KiB)
+    assert.is_true(a == wa)
+    assert.is_true(t.x == wb)
+    assert.are.equal(1, t[wb])
+    assert.is_true(t.list[1] == wa and t.list[2] == wb and t.list[3] == wa)
+    assert.are.equal(270 * KiB, n)
+    assert.are.equal("small", s)
+  end)
+
+  it("stay readable after the pool closed (<close> with every result unread)", function()
+    local fs = {}
+    do
+      local pool <close> = luapool.threadpool.new { max_workers = 2 }
+      for i = 1, 12 do fs[i] = pool:submit(make, "c" .. i, 300 * KiB) end
+    end -- closed here: the workers' states are gone
+    collectgarbage()
+    for i = 12, 1, -1 do assert.is_true(fs[i]:result(0) == big("c" .. i, 300 * KiB)) end
+    for i = 1, 12 do assert.is_true(fs[i]:result(0) == big("c" .. i, 300 * KiB)) end
+  end)
+
+  it("stay readable after shutdown when some were read and some collected unread", function()
+    local pool = luapool.threadpool.new { max_workers = 2 }
+    local fs = {}
+    for i = 1, 20 do fs[i] = pool:submit(make, "d" .. i, 128 * KiB) end
+    for i = 1, 20, 3 do assert.is_true(fs[i]:result(60) == big("d" .. i, 128 * KiB)) end
+    for i = 2, 20, 3 do fs[i]:result(60); fs[i] = nil end -- read, then dropped
+    for i = 3, 20, 3 do fs[i]:exception(60); fs[i] = nil end -- never decoded, dropped
+    collectgarbage()
+    collectgarbage()
+    pool:shutdown { wait = true }
+    collectgarbage()
+    for i = 1, 20, 3 do assert.is_true(fs[i]:result(0) == big("d" .. i, 128 * KiB)) end
+  end)
+
+  it("let the worker free them once the futures are gone, read or not", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local before = worker_kib(pool)
+    local fs = {}
+    for i = 1, 24 do fs[i] = pool:submit(make, "e" .. i, 1024 * KiB) end
+    for i = 1, 24, 2 do assert.is_true(fs[i]:result(60) == big("e" .. i, 1024 * KiB)) end
+    fs[24]:exception(60)
+    -- unread or read, the futures hold them: the worker still has them all
+    assert.is_true(worker_kib(pool) >= before + 24 * 1024)
+    fs = nil -- luacheck: ignore
+    collectgarbage()
+    collectgarbage()
+    -- (generous: a worker's own state is a few hundred KiB)
+    assert.is_true(worker_kib(pool) < before + 8 * 1024)
+  end)
+
+  it("are the same bytes when many replies return one string of the worker", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    pool:submit(function(mk) _G.KEPT = mk("k", 512 * KiB) end, make):result(60)
+    local fs = {}
+    for i = 1, 30 do fs[i] = pool:submit(function() return _G.KEPT, _G.KEPT end) end
+    local want = big("k", 512 * KiB)
+    for i = 30, 1, -1 do
+      local a, b = fs[i]:result(60)
+      assert.is_true(a == want and b == want)
+      if i % 2 == 0 then fs[i] = nil end
+    end
+    collectgarbage()
+    pool:submit(function() _G.KEPT = nil end):result(60) -- the worker drops its own
+    pool:shutdown { wait = true }
+    collectgarbage()
+    for i = 1, 30, 2 do assert.is_true((fs[i]:result(0)) == want) end
+  end)
+
+  it("hold many at once, distinct, read in any order", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 3 }
+    local fs = {}
+    for i = 1, 64 do fs[i] = pool:submit(make, "m" .. i, 256 * KiB + i) end
+    luapool.wait(fs, nil, 60)
+    for i = 64, 1, -1 do assert.is_true(fs[i]:result(0) == big("m" .. i, 256 * KiB + i)) end
+    local seen = 0
+    for f in luapool.as_completed(fs, 60) do
+      local s = f:result(0)
+      local i = math.tointeger(tonumber(s:match("^m(%d+):")))
+      assert.is_true(s == big("m" .. i, 256 * KiB + i))
+      seen = seen + 1
+    end
+    assert.are.equal(64, seen)
+  end)
+
+  it("arrive through map and imap", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local tags = {}
+    for i = 1, 10 do tags[i] = "p" .. i end
+    local rs = pool:map(function(tag) return make(tag, 80 * KiB) end, tags)
+    for i = 1, 10 do assert.is_true(rs[i] == big("p" .. i, 80 * KiB)) end
+    local n = 0
+    for i, s in pool:imap(function(tag) return make(tag, 70 * KiB) end, tags) do
+      n = n + 1
+      assert.are.equal(n, i)
+      assert.is_true(s == big("p" .. i, 70 * KiB))
+    end
+    assert.are.equal(10, n)
+  end)
+
+  it("travel in an error's value, and a big message travels as text", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local f = pool:submit(function() error({ blob = make("v", 90 * KiB) }) end)
+    local e = h.result_error(f, 60)
+    assert.are.equal("task", e.kind)
+    assert.is_true(e.value.blob == big("v", 90 * KiB))
+    local g = pool:submit(function() error(make("w", 100 * KiB), 0) end)
+    local e2 = h.result_error(g, 60)
+    assert.is_true(e2.message == big("w", 100 * KiB))
+    assert.is_true(e2.value == big("w", 100 * KiB))
+  end)
+
+  it("are never made for a cancelled task, and a finished one's survives a cancel", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local gate = os.tmpname()
+    local blocker = pool:submit(function(path)
+      while io.open(path) do luapool.sleep(0.005) end
+      return make("b", 100 * KiB)
+    end, gate)
+    local queued = pool:submit(make, "q", 100 * KiB)
+    assert.is_true(queued:cancel())
+    os.remove(gate)
+    assert.is_true(blocker:result(60) == big("b", 100 * KiB))
+    assert.is_false(blocker:cancel())
+    assert.is_true(blocker:result(0) == big("b", 100 * KiB))
+    assert.are.equal("cancelled", h.result_error(queued, 0).kind)
+    assert.is_true(pool:submit(make, "after", 100 * KiB):result(60) == big("after", 100 * KiB))
+  end)
+
+  it("go with a reply its deadline replaced", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    -- one C call past the deadline (nothing stops it midway): the result is
+    -- encoded, then the reply becomes a timeout and the string goes with it
+    -- (the deadline is map's, for that call only: the checks after it have none)
+    local ok, e = pcall(pool.map, pool, function() return string.rep("x", 64 << 20) end, { 1 },
+      { task_timeout = 0.05 })
+    assert.is_false(ok)
+    assert.are.equal("timeout", e.kind)
+    assert.are.equal("item #1 exceeded its deadline of 0.05 seconds in worker threadpool-1", e.message)
+    e = nil -- luacheck: ignore
+    collectgarbage()
+    collectgarbage()
+    assert.is_true(pool:submit(make, "t", 100 * KiB):result(60) == big("t", 100 * KiB))
+    assert.is_true(worker_kib(pool) < 16 * 1024) -- the 64 MiB are gone
+  end)
+
+  it("leave a collector the task stopped stopped", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local f = pool:submit(function(mk)
+      collectgarbage("stop")
+      return mk("g", 100 * KiB)
+    end, make)
+    assert.is_true(f:result(60) == big("g", 100 * KiB))
+    f = nil -- luacheck: ignore
+    collectgarbage()
+    collectgarbage()
+    -- the next task's sweep lets the string go, and does not restart the collector
+    assert.is_false(pool:submit(function() return collectgarbage("isrunning") end):result(60))
+    pool:submit(function() collectgarbage("restart") end):result(60)
+  end)
+
+  it("refuse a reference decoded anywhere but a pinned reply", function()
+    -- tag 16 is a pinned string's: luapool.codec.decode never takes it
+    local msg = string.pack("<I4B", 1, 16) .. string.pack("<I8", 5) .. string.rep("\0", 8)
+    assert.are.equal("malformed message: unknown tag 16", h.error_of(luapool.codec.decode, msg))
+  end)
+end)
+
+describe("big strings on a processpool", function()
+  it("arrive exactly (copied: no process takes another's addresses)", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1 }
+    local fs = {}
+    for i = 1, 3 do fs[i] = pool:submit(make, "r" .. i, 300 * KiB) end
+    for i = 1, 3 do assert.is_true(fs[i]:result(60) == big("r" .. i, 300 * KiB)) end
+  end)
+end)

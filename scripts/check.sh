@@ -159,7 +159,7 @@ tsan() {
   # iopool_spec's 10,000-connection case runs 1,000 under a sanitizer
   # (LUAPOOL_SANITIZER): 10,000 outlasted the 300 s test timeout under TSan.
   sanitized_ctest build-tsan -j1 \
-    -R '^(core_test|pool_spec|futures_spec|codec_spec|worker_api_spec|kernels_spec|stress_spec|iopool_spec)$'
+    -R '^(core_test|pool_spec|futures_spec|codec_spec|worker_api_spec|kernels_spec|stress_spec|iopool_spec|bigvalue_spec|pipeline_spec)$'
   echo "tsan: clean"
 }
 

@@ -449,20 +449,31 @@ describe("mpipool and signals", function()
       .. "echo $? >%s.tmp; mv %s.tmp %s"):format(OMPI_ENV, q(MPIEXEC), q(BIN), q(run.script), q(run.pids),
       q(run.log), q(run.mpid), q(run.rc), q(run.rc), q(run.rc))
     assert(os.execute("sh -c " .. q(inner) .. " >/dev/null 2>&1 &"))
-    h.wait_until(function()
+    -- On a failed wait the job (its tasks spin forever) is killed, every
+    -- rank and worker it recorded too, before the error goes on.
+    local function or_kill(ok, err)
+      if ok then return end
+      -- (mpiexec ends the ranks it started on TERM; what is left then is killed)
+      local mpid = tonumber(h.slurp(run.mpid) or "")
+      if mpid then os.execute("kill -TERM " .. mpid .. " 2>/dev/null; sleep 2") end
+      local all = (h.slurp(run.mpid) or "") .. (h.slurp(run.pids) or "") .. (h.slurp(run.pids .. ".0") or "")
+      for pid in all:gmatch("%d+") do os.execute("kill -KILL " .. pid .. " 2>/dev/null") end
+      error(err, 0)
+    end
+    or_kill(pcall(h.wait_until, function()
       local s = h.slurp(run.pids) or ""
       local _, n = s:gsub("\n", "")
       return n >= 4 and h.slurp(run.pids .. ".0")
-    end, "the tasks to run", 60)
+    end, "the tasks to run", 60))
     function run:finish()
-      h.wait_until(function() return h.slurp(self.rc) ~= nil end, "mpiexec to exit", 30)
+      or_kill(pcall(h.wait_until, function() return h.slurp(self.rc) ~= nil end, "mpiexec to exit", 30))
       local took = luapool.now() - self.killed_at
       local pids = {}
       for p in (h.slurp(self.pids) .. h.slurp(self.pids .. ".0")):gmatch("%d+") do pids[#pids + 1] = tonumber(p) end
-      h.wait_until(function()
+      or_kill(pcall(h.wait_until, function()
         for _, p in ipairs(pids) do if h.alive(p) then return false end end
         return true
-      end, "every rank and worker to be gone", 10)
+      end, "every rank and worker to be gone", 10))
       local code = tonumber(h.slurp(self.rc))
       for _, f in ipairs { self.script, self.pids, self.pids .. ".0", self.rc, self.mpid, self.log } do os.remove(f) end
       return code, took

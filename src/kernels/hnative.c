@@ -47,7 +47,11 @@
 #define MAX_NATIVE_BODY (1024 * 1024) /* from here libcurl sends Expect: 100-continue */
 #define IDLE_CONN_MIN   16384         /* idle connections kept per loop (at least) */
 
-enum { C_CONNECT, C_SEND, C_RECV, C_IDLE };
+/* C_TRY: connect() said EINPROGRESS and the request is sent at once anyway
+** (on loopback the handshake is usually done by then): EAGAIN means
+** C_CONNECT, waiting for EPOLLOUT; sent saves that round and a system
+** call. */
+enum { C_TRY, C_CONNECT, C_SEND, C_RECV, C_IDLE };
 /* what the response parser expects next */
 enum {
   P_HEAD,     /* header block */
@@ -401,6 +405,10 @@ static int send_more(lp_hloop *l, hconn *c) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
       int e = errno;
+      if (c->state == C_TRY) { /* the connect's own failure (refused) */
+        connect_failed(l, r);
+        return -1;
+      }
       if (stale(l, r)) return -1;
       failf(l, r, CURLE_SEND_ERROR, "Send failure: %s", strerror(e));
       return -1;
@@ -415,6 +423,16 @@ static int send_more(lp_hloop *l, hconn *c) {
     }
   }
   int all = c->out_off == c->out_len && c->body_off >= body;
+  if (c->state == C_TRY && c->out_off == 0 && c->body_off == 0) return 0; /* not connected yet */
+  if (!all && !c->nodelay) {
+    /* libcurl sets TCP_NODELAY on every socket; a request written whole
+    ** (one writev, the connection otherwise quiet) is never held back by
+    ** Nagle, so only one written in parts needs it (a system call saved
+    ** per connection) */
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->nodelay = 1;
+  }
   if (!all && c->out == NULL) {
     /* l->wbuf is the next request's: keep the rest of this head */
     size_t rest = c->out_len - c->out_off;
@@ -435,9 +453,9 @@ static int send_more(lp_hloop *l, hconn *c) {
   return all;
 }
 
-/* Sends r's request on its connection (connected) and waits for the
-** answer. */
-static void send_request(lp_hloop *l, hconn *c) {
+/* Sends r's request on its connection and waits for the answer; reg is
+** what epoll watches on it now (0: not registered). */
+static void send_request(lp_hloop *l, hconn *c, uint32_t reg) {
   lp_hreq *r = c->r;
   size_t n;
   if (build_head(l, r, &n) != 0) {
@@ -445,7 +463,8 @@ static void send_request(lp_hloop *l, hconn *c) {
     end(l, r, CURLE_OUT_OF_MEMORY);
     return;
   }
-  c->state = C_SEND;
+  int trying = c->state == C_TRY;
+  if (!trying) c->state = C_SEND;
   c->out = NULL;
   c->out_len = n;
   c->out_off = c->body_off = 0;
@@ -453,14 +472,19 @@ static void send_request(lp_hloop *l, hconn *c) {
   c->any = c->hdr_done = 0;
   c->line_start = c->scan = 0;
   c->size = -1;
-  int reg = c->reused ? 1 : 0; /* registered for input (idle), or for output (connect) */
   int rc = send_more(l, c);
   if (rc < 0) return;
   uint32_t want = rc ? EPOLLIN : EPOLLOUT;
+  if (trying) {
+    if (rc == 0 && c->out_off == 0 && c->body_off == 0) {
+      c->state = C_CONNECT; /* (its head is built again once connected) */
+    } else {
+      r->t_conn = luapool__now();
+      c->state = C_SEND;
+    }
+  }
   if (rc) c->state = C_RECV;
-  /* (a reused connection is watched for input already) */
-  int same = reg ? want == EPOLLIN : want == EPOLLOUT;
-  if (!same && watch(l, c, EPOLL_CTL_MOD, want) != 0) {
+  if (want != reg && watch(l, c, reg ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, want) != 0) {
     failf(l, r, CURLE_RECV_ERROR, "epoll: %s", strerror(errno));
     return;
   }
@@ -491,19 +515,14 @@ static void fresh(lp_hloop *l, lp_hreq *r) {
     end(l, r, CURLE_OUT_OF_MEMORY);
     return;
   }
-  int one = 1; /* libcurl's default: TCP_NODELAY */
-  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   c->last_io = luapool__now();
   int rc = connect(c->fd, (struct sockaddr *)&r->addr, r->alen);
   if (rc != 0 && errno != EINPROGRESS && errno != EINTR) {
     connect_failed(l, r);
     return;
   }
-  if (watch(l, c, EPOLL_CTL_ADD, EPOLLOUT) != 0) {
-    failf(l, r, CURLE_COULDNT_CONNECT, "epoll: %s", strerror(errno));
-    return;
-  }
-  /* (connected at once or not: the first EPOLLOUT says, one path) */
+  c->state = C_TRY;
+  send_request(l, c, 0);
 }
 
 static void connected(lp_hloop *l, hconn *c, uint32_t events) {
@@ -520,7 +539,7 @@ static void connected(lp_hloop *l, hconn *c, uint32_t events) {
   if (!(events & (EPOLLERR | EPOLLHUP)) && getpeername(c->fd, (struct sockaddr *)&peer, &plen) != 0)
     return; /* still connecting: an event meant for the descriptor's last owner */
   r->t_conn = luapool__now();
-  send_request(l, c);
+  send_request(l, c, EPOLLOUT);
 }
 
 /* The timer of r's attempt: its next due time (the attempt's end, the
@@ -563,7 +582,7 @@ static void go(lp_hloop *l, lp_hreq *r) {
     r->t_conn = r->t_start;
   }
   if (c)
-    send_request(l, c);
+    send_request(l, c, EPOLLIN); /* (an idle one is watched for input) */
   else
     fresh(l, r);
   /* (unless it ended already: a refused connect, a failed send) */

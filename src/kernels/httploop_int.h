@@ -117,7 +117,7 @@ typedef struct hconn {
   struct hconn *next, *prev; /* its host's idle list */
   hhost *host;
   lp_hreq *r; /* the request on it; NULL when idle */
-  int fd, state, reused, keep, any, ps, hdr_done, status, http10;
+  int fd, state, reused, keep, any, ps, hdr_done, status, http10, nodelay;
   double last_io;
   char *out; /* the unsent rest of the request head (NULL: none) */
   size_t out_len, out_off, body_off;

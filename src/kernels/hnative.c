@@ -39,13 +39,14 @@
 
 #include "base/alloc.h"
 #include "base/util.h" /* luapool__now */
-#include "kernels/httploop_int.h"
+#define LUAPOOL_HTTPLOOP_PRIVATE
+#include "kernels/httploop.h"
 
 #define lc luapool__lc
 
-#define MAX_HEADER_LINE (100 * 1024)  /* libcurl 7.88: a longer line is "Out of memory" */
-#define MAX_NATIVE_BODY (1024 * 1024) /* from here libcurl sends Expect: 100-continue */
-#define IDLE_CONN_MIN   16384         /* idle connections kept per loop (at least) */
+#define MAX_HEADER_LINE ((size_t)100 * 1024)  /* libcurl 7.88: a longer line is "Out of memory" */
+#define MAX_NATIVE_BODY ((size_t)1024 * 1024) /* from here libcurl sends Expect: 100-continue */
+#define IDLE_CONN_MIN   16384                 /* idle connections kept per loop (at least) */
 
 /* C_TRY: connect() said EINPROGRESS and the request is sent at once anyway
 ** (on loopback the handshake is usually done by then): EAGAIN means
@@ -231,9 +232,9 @@ static void idle_unlink(lp_hloop *l, hconn *c) {
   l->nidle_conn--;
 }
 
-/* Closes c (epoll drops a closed descriptor) and frees it. */
+/* Closes c (epoll drops a closed descriptor) and frees it; an idle one is
+** off its list first. */
 static void conn_close(lp_hloop *l, hconn *c) {
-  if (c->state == C_IDLE) idle_unlink(l, c);
   if ((size_t)c->fd < l->nconns) l->conns[c->fd] = NULL;
   close(c->fd);
   lp_free(c->out);
@@ -1042,6 +1043,7 @@ void luapool__hn_event(lp_hloop *l, int fd, uint32_t events) {
     }
     case C_RECV: recv_ready(l, c); break;
     default: /* idle: the server closed it, or sent what nobody asked for */
+      idle_unlink(l, c);
       conn_close(l, c);
       break;
   }
@@ -1103,10 +1105,17 @@ void luapool__hn_detach(lp_hloop *l, lp_hreq *r) {
 }
 
 void luapool__hn_free(lp_hloop *l) {
+  l->nidle_conn = 0;
   for (size_t i = 0; i < l->nbuckets; i++)
-    for (hhost *h = l->buckets[i]; h; h = h->next)
-      while (h->nidle)
-        conn_close(l, h->nidle);
+    for (hhost *h = l->buckets[i]; h; h = h->next) {
+      for (hconn *c = h->nidle, *n; c; c = n) {
+        n = c->next;
+        close(c->fd); /* (no loop left to tell: the table goes too) */
+        lp_free(c->out);
+        lp_free(c);
+      }
+      h->nidle = NULL;
+    }
   lp_free(l->conns);
   l->conns = NULL;
   l->nconns = 0;

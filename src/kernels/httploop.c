@@ -57,7 +57,8 @@
 
 #include "base/util.h" /* luapool__now */
 #include "base/alloc.h"
-#include "kernels/httploop_int.h"
+#define LUAPOOL_HTTPLOOP_PRIVATE
+#include "kernels/httploop.h"
 
 #define lc luapool__lc
 

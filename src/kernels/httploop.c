@@ -1,6 +1,14 @@
 /*
 ** The HTTP event loop (see httploop.h for the contract).
 **
+** A request takes the native HTTP/1.1 transport (hnative.c: r->nat, set at
+** luapool__hloop_add) or libcurl's, below.  Admission, retries, timers and
+** callbacks are this file's for both: start() hands a native attempt to
+** luapool__hn_start, which ends it with luapool__hl_attempt_end; its
+** descriptors share the epoll set (tagged NATIVE_TAG), its timeouts the
+** timer heap (fire_timers tells a running attempt's timer from a retry's
+** wait by the request's state).
+**
 ** One libcurl multi handle per loop, driven with curl_multi_socket_action
 ** on an epoll set, not curl_multi_perform + curl_multi_poll: libcurl 7.88
 ** (Debian 12) walks every easy handle on each perform and poll call

@@ -1,5 +1,5 @@
 /*
-** An HTTP event loop: many libcurl transfers driven by one OS thread, with
+** An HTTP event loop: many transfers driven by one OS thread, with
 ** admission control (per host:port and total), keep-alive reuse, retries
 ** with backoff as timers, and results kept in C.  No Lua here: the blocking
 ** luapool.http.request / http.get / fetch_length run one request at a time
@@ -26,6 +26,30 @@
 **
 ** Before any of these, libcurl must be loaded: luapool__http_global_init()
 ** == 0 (kernels/kernel.h).
+**
+** Two transports, chosen per request at luapool__hloop_add, invisible to
+** the caller (the same results, headers, URLs, attempts, timings, retries
+** and messages, "<curl_easy_strerror text> (<libcurl's detail>)"):
+** - native HTTP/1.1 (hnative.c), for a request that has all of:
+**   the URL "http://" (lower case) + a numeric IPv4 dotted quad (no
+**   leading zeros) or an IPv6 literal in the form inet_ntop writes ("[::1]")
+**   + an optional port other than 80 + a target starting with "/", made of
+**   printable ASCII, no "#", no "/." in the path (the URLs libcurl sends and
+**   reports unchanged); a body under 1 MiB (from there libcurl sends
+**   Expect: 100-continue); user headers each "Name: value" with a value,
+**   none of Transfer-Encoding, Expect, Connection, Proxy-Connection, TE,
+**   Content-Length, Accept-Encoding; redirects followed (max_redirs > 0)
+**   only for a GET or HEAD without a body (a redirect to another host:port
+**   goes on in libcurl, within the same attempt); no http_proxy, all_proxy
+**   or ALL_PROXY in the environment (read when the loop is made) and no
+**   LUAPOOL_HTTP=curl.  Host names (localhost included: libcurl tries ::1
+**   and 127.0.0.1) need a resolver: libcurl.
+**   It sends what libcurl sends (Host, User-Agent, Accept, the user's
+**   lines, Content-Length and Content-Type for a body), less
+**   Accept-Encoding: it never decodes, so it asks for no encoding (a server
+**   that compresses unasked gives the body as sent).
+** - libcurl (the multi interface) for everything else: https, names,
+**   proxies, other redirects.
 */
 #ifndef LUAPOOL_HTTPLOOP_H
 #define LUAPOOL_HTTPLOOP_H
@@ -111,7 +135,7 @@ void luapool__hreq_forget(lp_hreq *r);
 size_t luapool__hloop_run(lp_hloop *l, double max_wait);
 /* Any thread: makes the loop's current or next wait return at once. */
 void luapool__hloop_wakeup(lp_hloop *l);
-/* Requests the loop owns / has handed to libcurl right now. */
+/* Requests the loop owns / has in flight (libcurl's or native) right now. */
 size_t luapool__hloop_owned(const lp_hloop *l);
 size_t luapool__hloop_in_flight(const lp_hloop *l);
 

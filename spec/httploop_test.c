@@ -257,7 +257,8 @@ static void *raw_main(void *p) {
   return NULL;
 }
 
-static void raw_start(raw_srv *s) {
+/* Listens (s->port known); raw_go starts answering. */
+static void raw_listen(raw_srv *s) {
   struct sockaddr_in a;
   memset(&a, 0, sizeof a);
   a.sin_family = AF_INET;
@@ -271,7 +272,13 @@ static void raw_start(raw_srv *s) {
   }
   s->port = ntohs(a.sin_port);
   s->accepted = 0;
-  pthread_create(&s->th, NULL, raw_main, s);
+}
+
+static void raw_go(raw_srv *s) { pthread_create(&s->th, NULL, raw_main, s); }
+
+static void raw_start(raw_srv *s) {
+  raw_listen(s);
+  raw_go(s);
 }
 
 static void raw_stop(raw_srv *s) {
@@ -282,7 +289,7 @@ static void raw_stop(raw_srv *s) {
 typedef struct raw_out {
   int state, attempts;
   long status;
-  char body[64], err[512], hdr[256];
+  char body[64], err[512], hdr[256], url[128];
 } raw_out;
 
 static void raw_done(lp_hreq *r, void *ud) {
@@ -294,13 +301,14 @@ static void raw_done(lp_hreq *r, void *ud) {
   o->attempts = luapool__hreq_attempts(r);
   snprintf(o->body, sizeof o->body, "%.*s", (int)(n < 63 ? n : 63), b ? b : "");
   snprintf(o->err, sizeof o->err, "%s", luapool__hreq_error(r));
+  snprintf(o->url, sizeof o->url, "%s", luapool__hreq_url(r));
   b = luapool__hreq_headers(r, &n);
   snprintf(o->hdr, sizeof o->hdr, "%.*s", (int)(n < 255 ? n : 255), b ? b : "");
   luapool__hreq_free(r);
 }
 
 /* requests one after the other on one loop, each answered by s */
-static void raw_run(raw_srv *s, int nreq, raw_out *out) {
+static void raw_run(raw_srv *s, int nreq, raw_out *out, int max_redirs) {
   lp_hloop *l = loop(0, 0);
   char url[128], err[256];
   snprintf(url, sizeof url, "http://127.0.0.1:%d/x", s->port);
@@ -309,6 +317,7 @@ static void raw_run(raw_srv *s, int nreq, raw_out *out) {
     memset(&o, 0, sizeof o);
     o.url = url;
     o.timeout = 5;
+    o.max_redirs = max_redirs;
     o.retry_delay = -1;
     lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
     memset(&out[i], 0, sizeof out[i]);
@@ -366,7 +375,7 @@ static void test_raw_answers(void) {
       s.conns[0][0] = cases[i].answer;
       raw_start(&s);
       raw_out o;
-      raw_run(&s, 1, &o);
+      raw_run(&s, 1, &o, 0);
       raw_stop(&s);
       const char *m = mode ? "curl" : "native";
       CHECK(o.state == cases[i].state && o.status == cases[i].status &&
@@ -386,7 +395,7 @@ static void test_raw_answers(void) {
     s.conns[1][0] = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond";
     raw_start(&s);
     raw_out o[2];
-    raw_run(&s, 2, o);
+    raw_run(&s, 2, o, 0);
     raw_stop(&s);
     const char *m = mode ? "curl" : "native";
     CHECK(o[0].state == LP_H_OK && strcmp(o[0].body, "first") == 0, "%s: %d %s", m, o[0].state,
@@ -394,6 +403,37 @@ static void test_raw_answers(void) {
     CHECK(o[1].state == LP_H_OK && strcmp(o[1].body, "second") == 0 && o[1].attempts == 1,
           "%s: %d %s attempts %d", m, o[1].state, o[1].err, o[1].attempts);
     CHECK(s.accepted == 2, "%s: %d connections", m, s.accepted);
+    /* redirects: on the same connection (relative Location), then to
+    ** localhost (a name: native hands the attempt to libcurl) */
+    static char loc[128];
+    memset(&s, 0, sizeof s);
+    raw_listen(&s);
+    snprintf(loc, sizeof loc,
+             "HTTP/1.1 302 Found\r\nLocation: http://localhost:%d/z\r\nContent-Length: 0\r\n\r\n",
+             s.port);
+    s.conns[0][0] = "HTTP/1.1 301 Moved\r\nLocation: /y\r\nContent-Length: 4\r\n\r\nmove";
+    s.conns[0][1] = loc;
+    s.conns[1][0] = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhanded";
+    raw_go(&s);
+    raw_run(&s, 1, o, 5);
+    raw_stop(&s);
+    char want[128];
+    snprintf(want, sizeof want, "http://localhost:%d/z", s.port);
+    CHECK(o[0].state == LP_H_OK && o[0].status == 200 && strcmp(o[0].body, "handed") == 0 &&
+              strcmp(o[0].url, want) == 0 && o[0].attempts == 1,
+          "%s: redirects: %d %ld '%s' %s %d %s", m, o[0].state, o[0].status, o[0].body, o[0].url,
+          o[0].attempts, o[0].err);
+    /* more redirects than allowed */
+    memset(&s, 0, sizeof s);
+    s.conns[0][0] = "HTTP/1.1 302 Found\r\nLocation: /a\r\nContent-Length: 0\r\n\r\n";
+    s.conns[0][1] = "HTTP/1.1 302 Found\r\nLocation: /b\r\nContent-Length: 0\r\n\r\n";
+    raw_start(&s);
+    raw_run(&s, 1, o, 1);
+    raw_stop(&s);
+    CHECK(o[0].state == LP_H_FAILED &&
+              strcmp(o[0].err, "Number of redirects hit maximum amount (Maximum (1) redirects "
+                               "followed)") == 0,
+          "%s: too many: %d %s", m, o[0].state, o[0].err);
   }
   unsetenv("LUAPOOL_HTTP");
 }

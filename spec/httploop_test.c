@@ -365,6 +365,11 @@ static void test_raw_answers(void) {
        201, "ok", ""},
       {"to close", "HTTP/1.1 200 OK\r\n\r\nuntil the end", LP_H_OK, 200, "until the end", ""},
       {"http/1.0", "HTTP/1.0 200 OK\nContent-Length: 3\n\nabc", LP_H_OK, 200, "abc", ""},
+      {"cut headers", "HTTP/1.1 404 Nope\r\nX-A: 1\r\nX-B", LP_H_OK, 404, "", ""},
+      {"cut headers, a length", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", LP_H_FAILED, 0, "",
+       "Transferred a partial file (transfer closed with 5 bytes remaining to read)"},
+      {"cut status line", "HTTP/1.1 20", LP_H_FAILED, 0, "",
+       "Server returned nothing (no headers, no data) (Empty reply from server)"},
       {"204", "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", LP_H_OK, 204, "", ""},
   };
   for (int mode = 0; mode < 2; mode++) {

@@ -985,7 +985,24 @@ static void closed(lp_hloop *l, hconn *c, int e) {
     failf(l, r, CURLE_PARTIAL_FILE, "transfer closed with %llu bytes remaining to read",
           (unsigned long long)c->left);
   } else if (c->ps == P_HEAD) {
-    failf(l, r, CURLE_RECV_ERROR, "Connection closed in the response headers");
+    /* as libcurl: the complete lines are the headers, then the framing
+    ** they give decides (a 200 without a length is an empty answer) */
+    if (c->line_start == 0) {
+      failf(l, r, CURLE_GOT_NOTHING, "Empty reply from server");
+      return;
+    }
+    r->hlen = c->line_start;
+    if (head_done(l, c) != 0) return;
+    if (c->ps == P_HEAD) { /* (a 1xx) */
+      failf(l, r, CURLE_GOT_NOTHING, "Empty reply from server");
+      return;
+    }
+    if (c->ps == P_DONE) {
+      c->keep = 0;
+      answered(l, c);
+    } else {
+      closed(l, c, 0);
+    }
   } else {
     failf(l, r, CURLE_PARTIAL_FILE, "transfer closed with outstanding read data remaining");
   }

@@ -470,8 +470,8 @@ static void send_request(lp_hloop *l, hconn *c, uint32_t reg) {
   c->out_len = n;
   c->out_off = c->body_off = 0;
   c->ps = P_HEAD;
-  c->any = c->hdr_done = 0;
-  c->line_start = c->scan = 0;
+  c->any = 0;
+  c->line_start = 0;
   c->size = -1;
   int rc = send_more(l, c);
   if (rc < 0) return;
@@ -651,7 +651,7 @@ static int head_done(lp_hloop *l, hconn *c) {
   c->status = (h[9] - '0') * 100 + (h[10] - '0') * 10 + (h[11] - '0');
   if (c->status >= 100 && c->status < 200 && c->status != 101) {
     r->hlen = 0; /* informational: the next block is the answer */
-    c->line_start = c->scan = 0;
+    c->line_start = 0;
     return 0;
   }
   int chunked = 0, close_ = c->http10, have_len = 0;
@@ -693,7 +693,6 @@ static int head_done(lp_hloop *l, hconn *c) {
   }
   r->status = c->status;
   c->keep = !close_;
-  c->hdr_done = 1;
   if (r->head || c->status == 204 || c->status == 304) {
     c->ps = P_DONE;
   } else if (chunked) {

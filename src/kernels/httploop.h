@@ -318,14 +318,13 @@ typedef struct hconn {
   struct hconn *next, *prev; /* its host's idle list */
   hhost *host;
   lp_hreq *r; /* the request on it; NULL when idle */
-  int fd, state, reused, keep, any, ps, hdr_done, status, http10, nodelay;
+  int fd, state, reused, keep, any, ps, status, http10, nodelay;
   double last_io;
   char *out; /* the unsent rest of the request head (NULL: none) */
   size_t out_len, out_off, body_off;
   uint64_t left;     /* Content-Length or chunk bytes left */
   int64_t size;      /* Content-Length (-1: unknown), for the timeout message */
   size_t line_start; /* in r->hdr: the header line being received */
-  size_t scan;       /* in r->hdr: bytes already scanned for a line end */
   int digits, trailer_len;
 } hconn;
 

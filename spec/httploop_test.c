@@ -21,6 +21,10 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -200,6 +204,246 @@ static long status_accepts(lp_hloop *sl) {
   const char *p = status_text(sl, text, sizeof text) == 0 ? strstr(text, "requests\n") : NULL;
   return p ? atol(p + 9) : -1;
 }
+
+/* {====== a raw TCP server: scripted answers nginx cannot give */
+
+/* Connection i of a test gets conns[i]: one answer per request read (its
+** head, up to the blank line), sent as is; "" reads the request and closes
+** without an answer; after the last, the server closes the connection. */
+#define RAW_CONNS   4
+#define RAW_ANSWERS 4
+typedef struct raw_srv {
+  int lfd, port;
+  pthread_t th;
+  const char *conns[RAW_CONNS][RAW_ANSWERS];
+  int accepted; /* read after the join */
+} raw_srv;
+
+static int raw_read_request(int fd) {
+  char buf[4096];
+  size_t n = 0;
+  while (n < sizeof buf) {
+    ssize_t k = recv(fd, buf + n, sizeof buf - n, 0);
+    if (k <= 0) return -1;
+    n += (size_t)k;
+    for (size_t i = 3; i < n; i++)
+      if (memcmp(buf + i - 3, "\r\n\r\n", 4) == 0) return 0;
+  }
+  return -1;
+}
+
+static void *raw_main(void *p) {
+  raw_srv *s = p;
+  for (int c = 0; c < RAW_CONNS && s->conns[c][0] != NULL; c++) {
+    struct pollfd pf = {s->lfd, POLLIN, 0};
+    if (poll(&pf, 1, 10000) != 1) break;
+    int fd = accept(s->lfd, NULL, NULL);
+    if (fd < 0) break;
+    s->accepted++;
+    for (int a = 0; a < RAW_ANSWERS && s->conns[c][a] != NULL; a++) {
+      if (raw_read_request(fd) != 0) break;
+      const char *ans = s->conns[c][a];
+      if (ans[0] == '\0') break;
+      size_t len = strlen(ans), off = 0;
+      while (off < len) {
+        ssize_t w = send(fd, ans + off, len - off, MSG_NOSIGNAL);
+        if (w <= 0) break;
+        off += (size_t)w;
+      }
+    }
+    usleep(20000); /* (the answer read before the close: no reset) */
+    close(fd);
+  }
+  return NULL;
+}
+
+/* Listens (s->port known); raw_go starts answering. */
+static void raw_listen(raw_srv *s) {
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  socklen_t len = sizeof a;
+  if (s->lfd < 0 || bind(s->lfd, (struct sockaddr *)&a, sizeof a) != 0 || listen(s->lfd, 16) != 0 ||
+      getsockname(s->lfd, (struct sockaddr *)&a, &len) != 0) {
+    perror("raw server");
+    exit(2);
+  }
+  s->port = ntohs(a.sin_port);
+  s->accepted = 0;
+}
+
+static void raw_go(raw_srv *s) { pthread_create(&s->th, NULL, raw_main, s); }
+
+static void raw_start(raw_srv *s) {
+  raw_listen(s);
+  raw_go(s);
+}
+
+static void raw_stop(raw_srv *s) {
+  pthread_join(s->th, NULL);
+  close(s->lfd);
+}
+
+typedef struct raw_out {
+  int state, attempts;
+  long status;
+  char body[64], err[512], hdr[256], url[128];
+} raw_out;
+
+static void raw_done(lp_hreq *r, void *ud) {
+  raw_out *o = ud;
+  size_t n;
+  const char *b = luapool__hreq_body(r, &n);
+  o->state = luapool__hreq_state(r);
+  o->status = luapool__hreq_status(r);
+  o->attempts = luapool__hreq_attempts(r);
+  snprintf(o->body, sizeof o->body, "%.*s", (int)(n < 63 ? n : 63), b ? b : "");
+  snprintf(o->err, sizeof o->err, "%s", luapool__hreq_error(r));
+  snprintf(o->url, sizeof o->url, "%s", luapool__hreq_url(r));
+  b = luapool__hreq_headers(r, &n);
+  snprintf(o->hdr, sizeof o->hdr, "%.*s", (int)(n < 255 ? n : 255), b ? b : "");
+  luapool__hreq_free(r);
+}
+
+/* requests one after the other on one loop, each answered by s */
+static void raw_run(raw_srv *s, int nreq, raw_out *out, int max_redirs) {
+  lp_hloop *l = loop(0, 0);
+  char url[128], err[256];
+  snprintf(url, sizeof url, "http://127.0.0.1:%d/x", s->port);
+  for (int i = 0; i < nreq; i++) {
+    lp_hreq_opts o;
+    memset(&o, 0, sizeof o);
+    o.url = url;
+    o.timeout = 5;
+    o.max_redirs = max_redirs;
+    o.retry_delay = -1;
+    lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+    memset(&out[i], 0, sizeof out[i]);
+    luapool__hloop_add(l, r, raw_done, &out[i]);
+    run_all(l, 10);
+  }
+  luapool__hloop_free(l);
+}
+
+/* Malformed and unusual answers (what came of a failed one is kept), on the native transport and on libcurl
+** (LUAPOOL_HTTP=curl): the same results, the same messages. */
+static void test_raw_answers(void) {
+  static char big[200 * 1024 + 64];
+  snprintf(big, sizeof big, "HTTP/1.1 200 OK\r\nX-Big: %0*d\r\n\r\n", 200 * 1024, 0);
+  static const struct {
+    const char *name, *answer;
+    int state;
+    long status;
+    const char *body, *err;
+  } cases[] = {
+      {"empty", "", LP_H_FAILED, 0, "",
+       "Server returned nothing (no headers, no data) (Empty reply from server)"},
+      {"0.9", "garbage\r\n\r\n", LP_H_FAILED, 0, "",
+       "Unsupported protocol (Received HTTP/0.9 when not allowed)"},
+      {"version", "HTTP/1.1 abc OK\r\n\r\n", LP_H_FAILED, 0, "",
+       "Unsupported protocol (Unsupported HTTP version in response)"},
+      {"short length", "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", LP_H_FAILED, 0, "abc",
+       "Transferred a partial file (transfer closed with 7 bytes remaining to read)"},
+      {"short chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", LP_H_FAILED,
+       0, "ab",
+       "Transferred a partial file (transfer closed with outstanding read data remaining)"},
+      {"bad chunk", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab", LP_H_FAILED, 0,
+       "",
+       "Failure when receiving data from the peer (Illegal or missing hexadecimal sequence in "
+       "chunked-encoding)"},
+      {"bad length", "HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok", LP_H_FAILED, 0, "",
+       "Weird server reply (Invalid Content-Length: value)"},
+      {"big header", big, LP_H_FAILED, 0, "", "Out of memory"},
+      {"chunked",
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n"
+       "6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+       LP_H_OK, 200, "hello world", ""},
+      {"continue",
+       "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", LP_H_OK,
+       201, "ok", ""},
+      {"to close", "HTTP/1.1 200 OK\r\n\r\nuntil the end", LP_H_OK, 200, "until the end", ""},
+      {"http/1.0", "HTTP/1.0 200 OK\nContent-Length: 3\n\nabc", LP_H_OK, 200, "abc", ""},
+      {"cut headers", "HTTP/1.1 404 Nope\r\nX-A: 1\r\nX-B", LP_H_OK, 404, "", ""},
+      {"cut headers, a length", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", LP_H_FAILED, 0, "",
+       "Transferred a partial file (transfer closed with 5 bytes remaining to read)"},
+      {"cut status line", "HTTP/1.1 20", LP_H_FAILED, 0, "",
+       "Server returned nothing (no headers, no data) (Empty reply from server)"},
+      {"204", "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", LP_H_OK, 204, "", ""},
+  };
+  for (int mode = 0; mode < 2; mode++) {
+    if (mode) setenv("LUAPOOL_HTTP", "curl", 1);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+      raw_srv s;
+      memset(&s, 0, sizeof s);
+      s.conns[0][0] = cases[i].answer;
+      raw_start(&s);
+      raw_out o;
+      raw_run(&s, 1, &o, 0);
+      raw_stop(&s);
+      const char *m = mode ? "curl" : "native";
+      CHECK(o.state == cases[i].state && o.status == cases[i].status &&
+                strcmp(o.body, cases[i].body) == 0 && strcmp(o.err, cases[i].err) == 0,
+            "%s, %s: %d %ld '%s' '%s'", m, cases[i].name, o.state, o.status, o.body, o.err);
+      if (strcmp(cases[i].name, "chunked") == 0)
+        CHECK(strstr(o.hdr, "\r\nX-Trailer: 1\r\n") != NULL, "%s: trailer: %s", m, o.hdr);
+      if (strcmp(cases[i].name, "continue") == 0)
+        CHECK(strncmp(o.hdr, "HTTP/1.1 201 Created\r\n", 22) == 0, "%s: headers: %s", m, o.hdr);
+    }
+    /* a kept-alive connection the server closes as the next request comes:
+    ** that request goes again on a new connection, not counted */
+    raw_srv s;
+    memset(&s, 0, sizeof s);
+    s.conns[0][0] = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst";
+    s.conns[0][1] = "";
+    s.conns[1][0] = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond";
+    raw_start(&s);
+    raw_out o[2];
+    raw_run(&s, 2, o, 0);
+    raw_stop(&s);
+    const char *m = mode ? "curl" : "native";
+    CHECK(o[0].state == LP_H_OK && strcmp(o[0].body, "first") == 0, "%s: %d %s", m, o[0].state,
+          o[0].err);
+    CHECK(o[1].state == LP_H_OK && strcmp(o[1].body, "second") == 0 && o[1].attempts == 1,
+          "%s: %d %s attempts %d", m, o[1].state, o[1].err, o[1].attempts);
+    CHECK(s.accepted == 2, "%s: %d connections", m, s.accepted);
+    /* redirects: on the same connection (relative Location), then to
+    ** localhost (a name: native hands the attempt to libcurl) */
+    static char loc[128];
+    memset(&s, 0, sizeof s);
+    raw_listen(&s);
+    snprintf(loc, sizeof loc,
+             "HTTP/1.1 302 Found\r\nLocation: http://localhost:%d/z\r\nContent-Length: 0\r\n\r\n",
+             s.port);
+    s.conns[0][0] = "HTTP/1.1 301 Moved\r\nLocation: /y\r\nContent-Length: 4\r\n\r\nmove";
+    s.conns[0][1] = loc;
+    s.conns[1][0] = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhanded";
+    raw_go(&s);
+    raw_run(&s, 1, o, 5);
+    raw_stop(&s);
+    char want[128];
+    snprintf(want, sizeof want, "http://localhost:%d/z", s.port);
+    CHECK(o[0].state == LP_H_OK && o[0].status == 200 && strcmp(o[0].body, "handed") == 0 &&
+              strcmp(o[0].url, want) == 0 && o[0].attempts == 1,
+          "%s: redirects: %d %ld '%s' %s %d %s", m, o[0].state, o[0].status, o[0].body, o[0].url,
+          o[0].attempts, o[0].err);
+    /* more redirects than allowed */
+    memset(&s, 0, sizeof s);
+    s.conns[0][0] = "HTTP/1.1 302 Found\r\nLocation: /a\r\nContent-Length: 0\r\n\r\n";
+    s.conns[0][1] = "HTTP/1.1 302 Found\r\nLocation: /b\r\nContent-Length: 0\r\n\r\n";
+    raw_start(&s);
+    raw_run(&s, 1, o, 1);
+    raw_stop(&s);
+    CHECK(o[0].state == LP_H_FAILED &&
+              strcmp(o[0].err, "Number of redirects hit maximum amount (Maximum (1) redirects "
+                               "followed)") == 0,
+          "%s: too many: %d %s", m, o[0].state, o[0].err);
+  }
+  unsetenv("LUAPOOL_HTTP");
+}
+
+/* }====== */
 
 /* {====== tests */
 
@@ -693,6 +937,7 @@ int main(int argc, char **argv) {
     test_emfile();
     test_wakeup_and_free();
     test_yield();
+    test_raw_answers();
   }
   if (bench) {
     if (only == NULL || strcmp(only, "small") == 0) bench_small(20000, 100);

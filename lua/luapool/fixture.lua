@@ -25,6 +25,13 @@
 --                              zone, keyed by K, shared by the workers.
 --   /slowbody?chunks=N&s=T     N (1..20, default 3) lines "chunk I\n", each
 --                              flushed, T seconds apart
+--   /close                     200 "ok\n" with Connection: close (the server
+--                              closes the connection after the answer)
+--   /shortkeep                 200 "ok\n"; the server closes the kept-alive
+--                              connection after 1 s idle (keepalive_timeout 1s)
+--   /length?n=N                1 or 10 bytes "x" (n=1, n=10; else 100), with
+--                              a Content-Length (the echo module's answers
+--                              are chunked)
 --   /nginx_status              stub_status: "Active connections: ...",
 --                              "Reading: R Writing: W Waiting: K"
 --
@@ -51,7 +58,7 @@ local PORT_TRIES = 20
 
 -- Codes served at /status/NNN (nginx's `return` needs a literal code, so
 -- each gets its own location); any other /status/* path is a 404.
-local STATUS_CODES = { 200, 201, 204, 400, 401, 403, 404, 408, 409, 410, 429,
+local STATUS_CODES = { 200, 201, 204, 304, 400, 401, 403, 404, 408, 409, 410, 429,
                        500, 502, 503, 504 }
 
 local function q(s) -- shell-quote one argument
@@ -155,6 +162,8 @@ http {
   map $arg_n $fixture_n { "" 0; default $arg_n; }
   map $arg_fail $fixture_fail { "" 1; default $arg_fail; }
   map $arg_chunks $fixture_chunks { "" 3; default $arg_chunks; }
+  # /length: a fixed body (return sets its Content-Length)
+  map $arg_n $fixture_x { "" ""; "1" "x"; "10" "xxxxxxxxxx"; default "@HUNDRED@"; }
   # retry_after=now: an HTTP-date (RFC 850 form, $date_gmt of the ssi module)
   map $arg_retry_after $fixture_retry_after { "now" $date_gmt; default $arg_retry_after; }
   # /flaky's memory: requests per key (1 a minute pass, a burst more)
@@ -179,6 +188,9 @@ http {
     location = /headers { echo -n $echo_client_request_headers; }
     location = /respheader { add_header X-Fixture $arg_value; echo "ok"; }
     location = /nginx_status { stub_status; }
+    location = /close { keepalive_timeout 0; echo "ok"; }
+    location = /shortkeep { keepalive_timeout 1s; echo "ok"; }
+    location = /length { default_type text/plain; return 200 $fixture_x; }
     # the arguments stay (no "?" in the target): key, retry_after, s
     location = /flaky { rewrite ^ /flaky_$fixture_fail last; }
     location = /slowbody { rewrite ^ /slowbody_$fixture_chunks last; }
@@ -221,7 +233,7 @@ local function config(dir, port, workers, root, connections, nofile)
     slow[#slow + 1] = ("    location = /slowbody_%d { internal; %s }"):format(n, table.concat(body, " "))
   end
   local vars = {
-    MODULE = ECHO_MODULE, DIR = dir, PORT = tostring(port),
+    MODULE = ECHO_MODULE, DIR = dir, PORT = tostring(port), HUNDRED = ("x"):rep(100),
     WORKERS = tostring(workers), STATUS = table.concat(status, "\n"),
     FLAKY = table.concat(flaky, "\n"), SLOWBODY = table.concat(slow, "\n"),
     CONNECTIONS = tostring(connections), NOFILE = tostring(nofile),

@@ -28,8 +28,11 @@
 --             two requests of /sleep?s=0.3 with a luapool.sleep(0.2)
 --             between (200 tasks with --quick); baseline: the ideal, 0.8 s
 --             (target: <= 1.0 s).  A thread per task would need 2,000.
+-- The transport: plain http:// to 127.0.0.1 goes through luapool's own
+-- HTTP/1.1 client (docs/iopool.md, "The HTTP transport"); run the script
+-- with LUAPOOL_HTTP=curl to time the same jobs through libcurl.
 -- Each job uses the native kernel luapool.kernels.fetch_length (on an
--- iopool: a request on the loop's multi handle, no Lua state), and the same
+-- iopool: a request on the loop, no Lua state), and the same
 -- fetches as a Lua function around luapool.http.get (a Lua state per task on
 -- a thread; a coroutine of the loop on an iopool), for comparison.  Pools
 -- start and stop inside the timing.

@@ -1,6 +1,14 @@
 /*
 ** The HTTP event loop (see httploop.h for the contract).
 **
+** A request takes the native HTTP/1.1 transport (hnative.c: r->nat, set at
+** luapool__hloop_add) or libcurl's, below.  Admission, retries, timers and
+** callbacks are this file's for both: start() hands a native attempt to
+** luapool__hn_start, which ends it with luapool__hl_attempt_end; its
+** descriptors share the epoll set (tagged NATIVE_TAG), its timeouts the
+** timer heap (fire_timers tells a running attempt's timer from a retry's
+** wait by the request's state).
+**
 ** One libcurl multi handle per loop, driven with curl_multi_socket_action
 ** on an epoll set, not curl_multi_perform + curl_multi_poll: libcurl 7.88
 ** (Debian 12) walks every easy handle on each perform and poll call
@@ -57,127 +65,17 @@
 
 #include "base/util.h" /* luapool__now */
 #include "base/alloc.h"
+#define LUAPOOL_HTTPLOOP_PRIVATE
 #include "kernels/httploop.h"
-#include "kernels/kernels_internal.h"
 
 #define lc luapool__lc
-
-#define USER_AGENT                 "luapool/0.1"
-#define DEFAULT_CONNECT_TIMEOUT_MS 30000L
-#define LOW_SPEED_TIME_S           60L
-#define IDLE_EASY_MAX              256 /* easy handles kept for reuse */
-#define EPOLL_BATCH                256
-#define MAX_SHARDS                 64   /* multi handles per loop */
-#define SHARD_CAP                  256  /* transfers a shard takes before the next is used */
-#define LAST_AUTH_MAX              256  /* hloop_add's remembered URL prefix */
-#define LP_MSG_BATCH               1024 /* libcurl messages read before acting on them */
-
-enum { R_NEW, R_QUEUED, R_RUNNING, R_WAITING, R_FINISHED, R_DONE };
-
-/* One libcurl multi handle of a loop, with its own connection cache. */
-typedef struct hshard {
-  struct lp_hloop *l;
-  CURLM *multi;
-  double timer_at; /* libcurl's timer (luapool__now time); < 0: none */
-  int n;           /* transfers in it */
-  int idx;
-} hshard;
-
-/* The options a plain request (a GET with no body, no headers of its own)
-** leaves set on its easy handle that depend on the request: a handle kept
-** with them set serves the next plain request of the same shape with only
-** the per-request options set again (setup_plain), not a curl_easy_reset
-** and 25 options (7,700 instructions a request). */
-typedef struct hshape {
-  int plain;
-  int max_redirs;
-  long connect_ms;
-} hshape;
-
-typedef struct hhost {
-  struct hhost *next;  /* hash chain */
-  struct hhost *rnext; /* ready list */
-  int in_ready;
-  int active;              /* requests of this host in libcurl */
-  int idle[MAX_SHARDS];    /* connections of this host that may sit idle, per shard's cache */
-  struct lp_hreq *qh, *qt; /* FIFO of waiting requests */
-  char key[];              /* "host:port", lower case; "" when unparsable */
-} hhost;
-
-struct lp_hreq {
-  /* the request */
-  char *url, *method;
-  struct curl_slist *hdrs;
-  char *body;
-  size_t body_len;
-  int has_body, idempotent, head;
-  double timeout, connect_timeout, deadline, retry_delay;
-  int retries, retry_all, max_redirs, count_only;
-  /* in the loop */
-  lp_hloop *loop;
-  lp_hdone done;
-  void *ud;
-  int state;
-  hhost *host;
-  struct lp_hreq *qnext, *qprev; /* host queue or finished list */
-  struct lp_hreq *anext, *aprev; /* every request the loop owns */
-  size_t heap_i;
-  double wake;
-  CURL *easy;
-  hshard *shard;        /* while R_RUNNING */
-  double added, end_by; /* end_by: luapool__now() time of its budget; 0: none */
-  int end_by_task;      /* end_by is the task's deadline */
-  int capped;           /* this attempt's timeout is what is left of end_by */
-  char errbuf[CURL_ERROR_SIZE];
-  int oom, fd_errno;
-  /* results */
-  int result;
-  CURLcode code;
-  long status;
-  char *rbody;
-  size_t blen, bcap;
-  uint64_t count;
-  char *hdr;
-  size_t hlen, hcap;
-  char *eff;
-  int attempts;
-  lp_htimings t;
-  char err[CURL_ERROR_SIZE + 256];
-};
-
-struct lp_hloop {
-  hshard shards[MAX_SHARDS];
-  int nshards;
-  int ep, ev;
-  atomic_int woken;
-  int per_host, max_conn, closing;
-  size_t in_flight, owned;
-  hhost **buckets;
-  size_t nbuckets, nhosts;
-  hhost *ready_h, *ready_t;
-  lp_hreq **heap;
-  size_t nheap, heapcap;
-  lp_hreq *all;
-  lp_hreq *fin_h, *fin_t;
-  CURL *idle[IDLE_EASY_MAX];
-  hshape idle_shape[IDLE_EASY_MAX]; /* what each still has set (plain 0: reset) */
-  int nidle;
-  unsigned char *fdreg; /* epoll's state of each descriptor (on_socket) */
-  size_t nfd;
-  lp_hreq *msg_req[LP_MSG_BATCH]; /* read_messages' batch */
-  CURLcode msg_code[LP_MSG_BATCH];
-  uint64_t rng;
-  /* the last request's "scheme://authority" and its host (hloop_add) */
-  char last_auth[LAST_AUTH_MAX];
-  size_t last_len;
-  hhost *last_host;
-};
 
 /* {====== small helpers */
 
 /* first is the first allocation's size: 256 for headers (a small answer's
 ** fit), 1024 for bodies. */
-static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n, size_t first) {
+int luapool__hl_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n,
+                       size_t first) {
   if (n > SIZE_MAX - *len) return -1;
   if (*len + n > *cap) {
     size_t ncap = *cap ? *cap : first;
@@ -192,6 +90,8 @@ static int append(char **buf, size_t *len, size_t *cap, const char *p, size_t n,
   *len += n;
   return 0;
 }
+
+#define append luapool__hl_append
 
 static char *dupstr(const char *s) {
   size_t n = strlen(s) + 1;
@@ -234,6 +134,7 @@ static void fd_message(char *out, size_t sz, int e) {
 /* {====== the timer heap (retry waits) */
 
 static void heap_set(lp_hloop *l, size_t i, lp_hreq *r) {
+  r->in_heap = 1;
   l->heap[i] = r;
   r->heap_i = i;
 }
@@ -278,11 +179,17 @@ static int heap_push(lp_hloop *l, lp_hreq *r) {
 
 static void heap_remove(lp_hloop *l, lp_hreq *r) {
   size_t i = r->heap_i;
+  r->in_heap = 0;
   lp_hreq *last = l->heap[--l->nheap];
   if (i == l->nheap) return;
   heap_set(l, i, last);
   heap_up(l, i);
   heap_down(l, last->heap_i);
+}
+
+int luapool__hl_heap_push(lp_hloop *l, lp_hreq *r) { return heap_push(l, r); }
+void luapool__hl_heap_remove(lp_hloop *l, lp_hreq *r) {
+  if (r->in_heap) heap_remove(l, r);
 }
 
 /* }====== */
@@ -462,6 +369,14 @@ static void run_finished(lp_hloop *l) {
   }
 }
 
+/* The URL libcurl starts at, and the redirects it may follow from there
+** (a handoff goes on where the native transport stopped). */
+static const char *cur_url(const lp_hreq *r) { return r->handoff ? r->hop_url : r->url; }
+static int redirs_left(const lp_hreq *r) {
+  int n = r->max_redirs - (r->handoff ? r->hops : 0);
+  return n > 0 ? n : 0;
+}
+
 static long connect_ms(const lp_hreq *r) {
   return r->connect_timeout > 0 ? to_ms(r->connect_timeout) : DEFAULT_CONNECT_TIMEOUT_MS;
 }
@@ -470,7 +385,7 @@ static hshape shape_of(const lp_hreq *r) {
   hshape sh = {0, 0, 0};
   if (!r->head && !r->has_body && r->hdrs == NULL && strcmp(r->method, "GET") == 0) {
     sh.plain = 1;
-    sh.max_redirs = r->max_redirs;
+    sh.max_redirs = redirs_left(r);
     sh.connect_ms = connect_ms(r);
   }
   return sh;
@@ -499,13 +414,17 @@ static void easy_recycle(lp_hloop *l, CURL *e, const lp_hreq *r, int keep) {
 /* Takes r out of libcurl (its slot is free again). */
 static void detach(lp_hloop *l, lp_hreq *r) {
   hshard *sh = r->shard;
-  lc.multi_remove_handle(sh->multi, r->easy);
-  easy_recycle(l, r->easy, r, 1);
-  r->easy = NULL;
-  r->shard = NULL;
-  sh->n--;
+  if (sh == NULL) {
+    luapool__hn_detach(l, r); /* native */
+  } else {
+    lc.multi_remove_handle(sh->multi, r->easy);
+    easy_recycle(l, r->easy, r, 1);
+    r->easy = NULL;
+    r->shard = NULL;
+    sh->n--;
+    r->host->idle[sh->idx]++; /* its connection may now be idle in that cache */
+  }
   r->host->active--;
-  r->host->idle[sh->idx]++; /* its connection may now be idle in that cache */
   l->in_flight--;
   ready_push(l, r->host);
 }
@@ -570,7 +489,7 @@ static int close_socket(void *ud, curl_socket_t s) {
 
 static CURLcode setup(lp_hreq *r, long timeout_ms) {
   CURL *h = r->easy;
-  SETOPT(h, CURLOPT_URL, r->url);
+  SETOPT(h, CURLOPT_URL, cur_url(r));
   SETOPT(h, CURLOPT_PRIVATE, (void *)r);
   SETOPT(h, CURLOPT_ERRORBUFFER, r->errbuf);
   /* Signals (SIGALRM for DNS timeouts) are not thread-safe. */
@@ -582,8 +501,8 @@ static CURLcode setup(lp_hreq *r, long timeout_ms) {
   SETOPT(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
   SETOPT(h, CURLOPT_REDIR_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
-  SETOPT(h, CURLOPT_FOLLOWLOCATION, r->max_redirs > 0 ? 1L : 0L);
-  SETOPT(h, CURLOPT_MAXREDIRS, (long)r->max_redirs);
+  SETOPT(h, CURLOPT_FOLLOWLOCATION, redirs_left(r) > 0 ? 1L : 0L);
+  SETOPT(h, CURLOPT_MAXREDIRS, (long)redirs_left(r));
   SETOPT(h, CURLOPT_ACCEPT_ENCODING, ""); /* all built-in encodings, decoded */
   SETOPT(h, CURLOPT_USERAGENT, USER_AGENT);
   SETOPT(h, CURLOPT_CONNECTTIMEOUT_MS, connect_ms(r));
@@ -623,7 +542,7 @@ static CURLcode setup(lp_hreq *r, long timeout_ms) {
 ** differs from one request to the next (FRESH_CONNECT is set by start). */
 static CURLcode setup_plain(lp_hreq *r, long timeout_ms) {
   CURL *h = r->easy;
-  SETOPT(h, CURLOPT_URL, r->url);
+  SETOPT(h, CURLOPT_URL, cur_url(r));
   SETOPT(h, CURLOPT_PRIVATE, (void *)r);
   SETOPT(h, CURLOPT_ERRORBUFFER, r->errbuf);
   SETOPT(h, CURLOPT_TIMEOUT_MS, timeout_ms);
@@ -673,6 +592,19 @@ static void start(lp_hloop *l, lp_hreq *r) {
     timeout_ms = to_ms(left);
     r->capped = 1;
   }
+  if (r->nat) {
+    r->blen = r->hlen = 0;
+    r->count = 0;
+    r->errbuf[0] = '\0';
+    r->oom = r->fd_errno = 0;
+    r->shard = NULL;
+    r->attempts++;
+    r->state = R_RUNNING;
+    r->host->active++;
+    l->in_flight++;
+    luapool__hn_start(l, r, timeout_ms); /* (may end the attempt at once) */
+    return;
+  }
   hshape want = shape_of(r), had = {0, 0, 0};
   if (l->nidle) {
     had = l->idle_shape[--l->nidle];
@@ -717,7 +649,7 @@ static void start(lp_hloop *l, lp_hreq *r) {
   if (!fresh) r->host->idle[sh->idx]--; /* (it may find none: then it makes one) */
   r->shard = sh;
   sh->n++;
-  r->attempts++;
+  if (!r->handoff) r->attempts++;
   r->state = R_RUNNING;
   r->host->active++;
   l->in_flight++;
@@ -818,10 +750,11 @@ static void read_timings(lp_hreq *r) {
   r->t.transfer = us(tt);
 }
 
+static void attempt_result(lp_hloop *l, lp_hreq *r, CURLcode code, long status);
+
 static void attempt_done(lp_hloop *l, lp_hreq *r, CURLcode code) {
   long status = 0, oserr = 0;
   char *eff = NULL;
-  int result;
   if (code == CURLE_OK) lc.easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
   lc.easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &eff);
   lc.easy_getinfo(r->easy, CURLINFO_OS_ERRNO, &oserr);
@@ -831,7 +764,37 @@ static void attempt_done(lp_hloop *l, lp_hreq *r, CURLcode code) {
   r->eff = eff ? dupstr(eff) : NULL; /* eff lives in the handle */
   if (eff && r->eff == NULL) r->oom = 1;
   detach(l, r);
+  if (r->handoff) { /* the next attempt starts native again, at r->url */
+    r->handoff = 0;
+    r->nat = 1;
+  }
+  attempt_result(l, r, code, status);
+}
 
+void luapool__hl_handoff(lp_hloop *l, lp_hreq *r) {
+  luapool__hn_detach(l, r);
+  r->host->active--; /* (start counts it again: no ready_push, the slot stays taken) */
+  l->in_flight--;
+  r->nat = 0;
+  r->handoff = 1;
+  start(l, r);
+  if (r->state != R_RUNNING) {
+    r->handoff = 0;
+    r->nat = 1;
+    ready_push(l, r->host);
+  }
+}
+
+void luapool__hl_attempt_end(lp_hloop *l, lp_hreq *r, CURLcode code) {
+  long status = code == CURLE_OK ? r->status : 0;
+  detach(l, r);
+  attempt_result(l, r, code, status);
+}
+
+/* The result of an attempt that left the loop's slot: the answer, or a
+** retry's wait. */
+static void attempt_result(lp_hloop *l, lp_hreq *r, CURLcode code, long status) {
+  int result;
   r->code = code;
   r->status = status;
   if (r->oom) {
@@ -904,7 +867,10 @@ static void fire_timers(lp_hloop *l) {
   while (l->nheap > 0 && l->heap[0]->wake <= now) {
     lp_hreq *r = l->heap[0];
     heap_remove(l, r);
-    enqueue(l, r);
+    if (r->state == R_RUNNING)
+      luapool__hn_timer(l, r); /* a native attempt's timeout */
+    else
+      enqueue(l, r);
   }
 }
 
@@ -1089,6 +1055,7 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
     snprintf(err, errsz, "cannot make an event loop (%s)", strerror(errno));
     goto fail;
   }
+  luapool__hn_init(l);
   if (new_shard(l) != 0) {
     /* (libcurl 7.x makes a socket pair in multi_init) */
     if (errno == EMFILE || errno == ENFILE)
@@ -1137,6 +1104,7 @@ void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud) {
     }
     lp_free(key);
   }
+  r->nat = r->host != NULL && luapool__hn_eligible(l, r);
   if (r->host == NULL || l->closing) {
     r->state = R_NEW;
     fail(l, r, CURLE_OUT_OF_MEMORY, l->closing ? "loop closed" : "not enough memory");
@@ -1215,6 +1183,15 @@ size_t luapool__hloop_run(lp_hloop *l, double max_wait) {
   for (int i = 0; i < n; i++) {
     int fd = (int)(uint32_t)evs[i].data.u64;
     unsigned si = (unsigned)(evs[i].data.u64 >> 32);
+    if (si == NATIVE_TAG) {
+      luapool__hn_event(l, fd, evs[i].events);
+      if (l->fin_h || l->ready_h) {
+        pump(l);
+        run_finished(l);
+        run_due(l, 0);
+      }
+      continue;
+    }
     if (si == 0) {
       uint64_t v;
       while (read(l->ev, &v, sizeof v) == (ssize_t)sizeof v) {
@@ -1268,6 +1245,7 @@ void luapool__hloop_free(lp_hloop *l) {
   l->closing = 1; /* aborting frees slots: start nothing in them */
   while (l->all)
     luapool__hloop_abort(l, l->all, "loop closed");
+  luapool__hn_free(l);
   for (int i = 0; i < l->nidle; i++)
     lc.easy_cleanup(l->idle[i]);
   for (int i = 0; i < l->nshards; i++)
@@ -1353,6 +1331,7 @@ void luapool__hreq_free(lp_hreq *r) {
   lp_free(r->rbody);
   lp_free(r->hdr);
   lp_free(r->eff);
+  lp_free(r->hop_url);
   lp_free(r);
 }
 

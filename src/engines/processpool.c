@@ -877,6 +877,10 @@ static void take_back_one(pworker *pw) {
   lp_pool *p = pw->w.pool;
   lp_wset *s = luapool__wset(p);
   pthread_mutex_lock(&p->mu);
+  /* Not busy from here (workers.c clears it again after run): a proxy's
+  ** send_ahead after this lock sees a free worker and sends nothing ahead;
+  ** one before it sent a task this loop finds and takes back. */
+  atomic_store(&pw->w.busy, 0);
   for (int i = 0; i < s->nworkers && p->head == NULL && !p->broken; i++) {
     pworker *o = (pworker *)s->workers[i];
     if (o == pw) continue;

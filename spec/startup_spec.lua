@@ -241,6 +241,19 @@ describe("start-up without libmpi", function()
     assert.are.equal(1, code)
     assert.are.equal(("luapool: --mpi: %s is no MPI plugin of luapool (%s: undefined symbol: luapool_mpi_plugin)\n")
       :format(libm, libm), err)
+    -- a plugin of another build (its fingerprint differs): refused before it runs
+    local other = dir .. "/luapool-otherbuild-mpi.so"
+    out, err, code = h.run({ "--mpi", "x.lua" }, nil, { OMPI_COMM_WORLD_SIZE = "1", LUAPOOL_MPI_PLUGIN = other })
+    assert.are.equal("", out)
+    assert.are.equal(1, code)
+    assert.matches("^luapool: %-%-mpi: " .. other:gsub("%p", "%%%0") .. " is the MPI plugin of another luapool "
+      .. "build %(the plugin's is 0%.0%.0%+0000000000000000, this luapool is %d+%.%d+%.%d+%+%x+%)\n$", err)
+    -- a bare file name is the current directory's file, not a library path search
+    local cwd_out, cwd_err, cwd_code = h.run({ "--mpi", "x.lua" }, nil,
+      { OMPI_COMM_WORLD_SIZE = "1", LUAPOOL_MPI_PLUGIN = "no-such-luapool-mpi.so" })
+    assert.are.same({ "", 1 }, { cwd_out, cwd_code })
+    assert.are.equal("luapool: --mpi: cannot load the MPI plugin ./no-such-luapool-mpi.so "
+      .. "(./no-such-luapool-mpi.so: cannot open shared object file: No such file or directory)\n", cwd_err)
   end)
 
   it("--mpi outside an MPI launch says so without loading the plugin", function()

@@ -12,6 +12,11 @@ extern const lp_mpi_plugin luapool_mpi_plugin; /* (-Wmissing-variable-declaratio
 __attribute__((visibility("default"))) const lp_mpi_plugin luapool_mpi_plugin = {
     .abi = LUAPOOL_MPI_PLUGIN_ABI,
     .size = sizeof(lp_mpi_plugin),
+#ifdef LUAPOOL_TEST_OTHER_BUILD /* spec/startup_spec.lua's plugin of another build */
+    .build = "0.0.0+0000000000000000",
+#else
+    .build = LUAPOOL_BUILD_ID,
+#endif
     .start = luapool__mpi_start,
     .serve = luapool__mpi_serve,
     .end = luapool__mpi_end,

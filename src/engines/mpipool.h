@@ -52,12 +52,15 @@ void luapool__mpi_end(void);
 
 /* What the plugin exports (mpi_plugin.c), and all the host uses of it:
 ** the three calls above and rank 0's engine (luapool__mpi_owner once MPI
-** is up on rank 0).  abi and size tell a plugin of another build of this
-** struct apart before any of it is called. */
-#define LUAPOOL_MPI_PLUGIN_ABI 1
+** is up on rank 0).  abi and size tell a plugin with another layout of
+** this struct apart, and build (CMake's LUAPOOL_BUILD_ID: the version and a
+** digest of the headers and build options) a plugin of another build of the
+** core, before any of it is called. */
+#define LUAPOOL_MPI_PLUGIN_ABI 2
 typedef struct lp_mpi_plugin {
-  int abi;     /* LUAPOOL_MPI_PLUGIN_ABI */
-  size_t size; /* sizeof(lp_mpi_plugin) */
+  int abi;           /* LUAPOOL_MPI_PLUGIN_ABI */
+  size_t size;       /* sizeof(lp_mpi_plugin) */
+  const char *build; /* LUAPOOL_BUILD_ID */
   int (*start)(int *argc, char ***argv);
   int (*serve)(void);
   void (*end)(void);

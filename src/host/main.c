@@ -47,6 +47,11 @@
 #ifdef LUAPOOL_USE_READLINE
 #include <readline/history.h>
 #include <readline/readline.h>
+#ifndef LUAPOOL_READLINE_SONAME /* the ABI of the headers built against */
+#define RL_STR_(x)              #x
+#define RL_STR(x)               RL_STR_(x)
+#define LUAPOOL_READLINE_SONAME "libreadline.so." RL_STR(RL_VERSION_MAJOR)
+#endif
 
 /* readline is not linked: the REPL dlopens it (LUAPOOL_READLINE_SONAME)
 ** when it starts on a terminal.  Linked, libreadline and libtinfo were two
@@ -860,20 +865,25 @@ static const char *mpi_launch_var(void) {
 ** or as it is when absolute (a LuaRocks tree's). */
 static void mpi_plugin_path(char *buf, size_t n) {
   const char *env = getenv("LUAPOOL_MPI_PLUGIN");
-  if (env && *env) {
-    snprintf(buf, n, "%s", env);
+  if (env && *env) { /* a file name: dlopen would search the library path for one without '/' */
+    snprintf(buf, n, "%s%s", strchr(env, '/') ? "" : "./", env);
     return;
   }
-  char dir[PATH_MAX] = ".";
-  if (luapool__host_exe) {
-    snprintf(dir, sizeof dir, "%s", luapool__host_exe);
-    char *slash = strrchr(dir, '/');
-    if (slash) *slash = 0;
+  const char *rel = LUAPOOL_MPI_PLUGIN_REL;
+  if (luapool__host_exe == NULL) { /* (no /proc): an absolute place, or none */
+    if (rel[0] == '/')
+      snprintf(buf, n, "%s/%s", rel, LUAPOOL_MPI_PLUGIN_NAME);
+    else
+      buf[0] = 0; /* never a path relative to the current directory */
+    return;
   }
+  char dir[PATH_MAX];
+  snprintf(dir, sizeof dir, "%s", luapool__host_exe);
+  char *slash = strrchr(dir, '/');
+  if (slash) *slash = 0;
   char *real = realpath(LUAPOOL_MPI_BUILD_DIR, NULL);
   int in_build = real && strcmp(real, dir) == 0;
   free(real);
-  const char *rel = LUAPOOL_MPI_PLUGIN_REL;
   if (!in_build && rel[0] == '/')
     snprintf(buf, n, "%s/%s", rel, LUAPOOL_MPI_PLUGIN_NAME);
   else if (in_build || rel[0] == 0)
@@ -888,6 +898,11 @@ static void mpi_plugin_path(char *buf, size_t n) {
 static const lp_mpi_plugin *mpi_load(void) {
   char path[PATH_MAX + 256];
   mpi_plugin_path(path, sizeof path);
+  if (path[0] == 0) {
+    fprintf(stderr, "luapool: --mpi: cannot find the MPI plugin: this luapool's own path is "
+                    "unknown (/proc/self/exe); set LUAPOOL_MPI_PLUGIN to the plugin's file\n");
+    exit(EXIT_FAILURE);
+  }
   void *lib = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
   if (lib == NULL) {
     fprintf(stderr, "luapool: --mpi: cannot load the MPI plugin %s (%s)\n", path, dlerror());
@@ -900,6 +915,13 @@ static const lp_mpi_plugin *mpi_load(void) {
   }
   if (p->abi != LUAPOOL_MPI_PLUGIN_ABI || p->size != sizeof *p) {
     fprintf(stderr, "luapool: --mpi: %s is the MPI plugin of another luapool build\n", path);
+    exit(EXIT_FAILURE);
+  }
+  if (strcmp(p->build, LUAPOOL_BUILD_ID) != 0) {
+    fprintf(stderr,
+            "luapool: --mpi: %s is the MPI plugin of another luapool build (the plugin's is %s, "
+            "this luapool is %s)\n",
+            path, p->build, LUAPOOL_BUILD_ID);
     exit(EXIT_FAILURE);
   }
   return p;

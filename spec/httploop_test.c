@@ -241,14 +241,23 @@ static void *raw_main(void *p) {
     if (fd < 0) break;
     s->accepted++;
     for (int a = 0; a < RAW_ANSWERS && s->conns[c][a] != NULL; a++) {
-      if (raw_read_request(fd) != 0) break;
+      if (s->conns[c][a][0] != '\1' && raw_read_request(fd) != 0) break;
       const char *ans = s->conns[c][a];
       if (ans[0] == '\0') break;
+      int unasked = ans[0] == '\1';
+      if (unasked) { /* unasked for: sent 50 ms after the answer before it */
+        usleep(50000);
+        ans++;
+      }
       size_t len = strlen(ans), off = 0;
       while (off < len) {
         ssize_t w = send(fd, ans + off, len - off, MSG_NOSIGNAL);
         if (w <= 0) break;
         off += (size_t)w;
+      }
+      if (unasked) { /* kept open a while: a client that reuses it reads these bytes */
+        usleep(1000000);
+        break;
       }
     }
     usleep(20000); /* (the answer read before the close: no reset) */
@@ -307,12 +316,17 @@ static void raw_done(lp_hreq *r, void *ud) {
   luapool__hreq_free(r);
 }
 
+/* Microseconds raw_run waits between two requests without running the
+** loop (as a blocking caller does between its calls). */
+static useconds_t raw_gap_us;
+
 /* requests one after the other on one loop, each answered by s */
 static void raw_run(raw_srv *s, int nreq, raw_out *out, int max_redirs) {
   lp_hloop *l = loop(0, 0);
   char url[128], err[256];
   snprintf(url, sizeof url, "http://127.0.0.1:%d/x", s->port);
   for (int i = 0; i < nreq; i++) {
+    if (i > 0 && raw_gap_us) usleep(raw_gap_us);
     lp_hreq_opts o;
     memset(&o, 0, sizeof o);
     o.url = url;
@@ -371,6 +385,20 @@ static void test_raw_answers(void) {
       {"cut status line", "HTTP/1.1 20", LP_H_FAILED, 0, "",
        "Server returned nothing (no headers, no data) (Empty reply from server)"},
       {"204", "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", LP_H_OK, 204, "", ""},
+      {"chunked, then identity",
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n"
+       "Content-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+       LP_H_OK, 200, "hello", ""},
+      {"long chunk size",
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n00000000000000005\r\nhello\r\n",
+       LP_H_FAILED, 0, "",
+       "Failure when receiving data from the peer (Too long hexadecimal number in "
+       "chunked-encoding)"},
+      {"huge chunk size",
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8000000000000000\r\nhello\r\n",
+       LP_H_FAILED, 0, "",
+       "Failure when receiving data from the peer (Illegal or missing hexadecimal sequence in "
+       "chunked-encoding)"},
   };
   for (int mode = 0; mode < 2; mode++) {
     if (mode) setenv("LUAPOOL_HTTP", "curl", 1);
@@ -408,6 +436,52 @@ static void test_raw_answers(void) {
     CHECK(o[1].state == LP_H_OK && strcmp(o[1].body, "second") == 0 && o[1].attempts == 1,
           "%s: %d %s attempts %d", m, o[1].state, o[1].err, o[1].attempts);
     CHECK(s.accepted == 2, "%s: %d connections", m, s.accepted);
+    if (mode == 0) {
+      /* bytes nobody asked for on an idle connection (then its close),
+      ** while the loop did not run: not taken as the next answer */
+      memset(&s, 0, sizeof s);
+      s.conns[0][0] = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst";
+      s.conns[0][1] = "\1HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL";
+      s.conns[1][0] = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond";
+      raw_start(&s);
+      raw_gap_us = 300000;
+      raw_run(&s, 2, o, 0);
+      raw_gap_us = 0;
+      raw_stop(&s);
+      CHECK(o[0].state == LP_H_OK && strcmp(o[0].body, "first") == 0, "unasked: %d %s", o[0].state,
+            o[0].err);
+      CHECK(o[1].state == LP_H_OK && strcmp(o[1].body, "second") == 0 && o[1].attempts == 1,
+            "unasked: %d '%s' %s attempts %d", o[1].state, o[1].body, o[1].err, o[1].attempts);
+      /* header blocks over libcurl's 300 KiB in all, and a coding that is
+      ** not decoded: errors that say so, never a body */
+      static char many[420 * 1024];
+      size_t n = (size_t)snprintf(many, sizeof many, "HTTP/1.1 200 OK\r\n");
+      for (int k = 0; k < 400; k++)
+        n += (size_t)snprintf(many + n, sizeof many - n, "X-%03d: %01000d\r\n", k, 0);
+      snprintf(many + n, sizeof many - n, "Content-Length: 2\r\n\r\nok");
+      memset(&s, 0, sizeof s);
+      s.conns[0][0] = many;
+      raw_start(&s);
+      raw_run(&s, 1, o, 0);
+      raw_stop(&s);
+      CHECK(o[0].state == LP_H_FAILED &&
+                strncmp(o[0].err,
+                        "Failure when receiving data from the peer (Too large response headers: ",
+                        71) == 0 &&
+                strstr(o[0].err, " > 307200)") != NULL,
+            "many headers: %d %s", o[0].state, o[0].err);
+      memset(&s, 0, sizeof s);
+      s.conns[0][0] =
+          "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+      raw_start(&s);
+      raw_run(&s, 1, o, 0);
+      raw_stop(&s);
+      CHECK(o[0].state == LP_H_FAILED &&
+                strcmp(o[0].err,
+                       "Unrecognized or bad HTTP Content or Transfer-Encoding (a transfer "
+                       "coding other than chunked in the response (not decoded natively))") == 0,
+            "gzip: %d %s", o[0].state, o[0].err);
+    }
     /* redirects: on the same connection (relative Location), then to
     ** localhost (a name: native hands the attempt to libcurl) */
     static char loc[128];

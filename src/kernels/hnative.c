@@ -44,7 +44,12 @@
 
 #define lc luapool__lc
 
-#define MAX_HEADER_LINE ((size_t)100 * 1024)  /* libcurl 7.88: a longer line is "Out of memory" */
+#define MAX_HEADER_LINE ((size_t)100 * 1024) /* libcurl 7.88: a longer line is "Out of memory" */
+#define MAX_HEADERS     ((size_t)300 * 1024) /* libcurl's limit on an answer's header blocks */
+#define MAX_TRAILERS    ((size_t)64 * 1024)  /* libcurl's limit on a chunked body's trailers */
+/* Seconds idle after which a reused connection is peeked first (the loop
+** may not have run since: a blocking caller's runs only inside its calls). */
+#define STALE_AFTER     1e-3
 #define MAX_NATIVE_BODY ((size_t)1024 * 1024) /* from here libcurl sends Expect: 100-continue */
 #define IDLE_CONN_MIN   16384                 /* idle connections kept per loop (at least) */
 
@@ -300,6 +305,14 @@ static void connect_failed(lp_hloop *l, lp_hreq *r) {
         (unsigned)r->port, (long)ms_since(r->t_start), lc.easy_strerror(CURLE_COULDNT_CONNECT));
 }
 
+/* libcurl 7.88's words for a connect that outlived its timeout. */
+static void connect_timed_out(lp_hloop *l, lp_hreq *r, long ms) {
+  char host[INET6_ADDRSTRLEN];
+  host_text(r, host, sizeof host);
+  failf(l, r, CURLE_OPERATION_TIMEDOUT, "Failed to connect to %s port %u after %ld ms: %s", host,
+        (unsigned)r->port, ms, lc.easy_strerror(CURLE_OPERATION_TIMEDOUT));
+}
+
 /* }====== */
 
 /* {====== sending */
@@ -473,6 +486,9 @@ static void send_request(lp_hloop *l, hconn *c, uint32_t reg) {
   c->any = 0;
   c->line_start = 0;
   c->size = -1;
+  c->hbytes = 0;
+  c->ls_mark = luapool__now();
+  c->ls_got = 0;
   int rc = send_more(l, c);
   if (rc < 0) return;
   uint32_t want = rc ? EPOLLIN : EPOLLOUT;
@@ -554,7 +570,7 @@ static double due(const lp_hreq *r) {
     if (at == 0 || ct < at) at = ct;
   }
   if (c) {
-    double ls = c->last_io + (double)LOW_SPEED_TIME_S;
+    double ls = c->ls_mark + (double)LOW_SPEED_TIME_S;
     if (at == 0 || ls < at) at = ls;
   }
   return at;
@@ -574,6 +590,18 @@ static void arm(lp_hloop *l, lp_hreq *r) {
 ** open), or a new one. */
 static void go(lp_hloop *l, lp_hreq *r) {
   hconn *c = r->host->nidle;
+  /* One idle for a while (a blocking caller's loop runs only inside its
+  ** calls, so no EOF was read) is peeked first: input on an idle
+  ** connection (the server's close, or bytes nobody asked for) would be
+  ** taken as the answer.  One released this instant (a burst) is not. */
+  while (c != NULL && luapool__now() - c->last_io > STALE_AFTER) {
+    char b;
+    ssize_t k = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break; /* quiet: usable */
+    idle_unlink(l, c);
+    conn_close(l, c);
+    c = r->host->nidle;
+  }
   if (c != NULL) { /* the most recent idle one: the likeliest still open */
     idle_unlink(l, c);
     c->state = C_SEND;
@@ -633,6 +661,28 @@ static int has_token(const char *v, size_t n, const char *t) {
   return 0;
 }
 
+/* The codings of a Transfer-Encoding value v[0..n): *chunked when one is
+** "chunked", *other when one is neither that nor "identity" (libcurl would
+** decode it: gzip, deflate; this client decodes none). */
+static void te_scan(const char *v, size_t n, int *chunked, int *other) {
+  size_t i = 0;
+  while (i < n) {
+    while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
+      i++;
+    size_t a = i;
+    while (i < n && v[i] != ',')
+      i++;
+    size_t e = i;
+    while (e > a && (v[e - 1] == ' ' || v[e - 1] == '\t'))
+      e--;
+    if (e == a) continue;
+    if (e - a == 7 && strncasecmp(v + a, "chunked", 7) == 0)
+      *chunked = 1;
+    else if (!(e - a == 8 && strncasecmp(v + a, "identity", 8) == 0))
+      *other = 1;
+  }
+}
+
 /* The header block r->hdr[0..hlen) is complete: status and framing.  0, or
 ** -1 when the attempt ended. */
 static int head_done(lp_hloop *l, hconn *c) {
@@ -654,7 +704,7 @@ static int head_done(lp_hloop *l, hconn *c) {
     c->line_start = 0;
     return 0;
   }
-  int chunked = 0, close_ = c->http10, have_len = 0;
+  int chunked = 0, te_other = 0, close_ = c->http10, have_len = 0;
   uint64_t len = 0;
   size_t i = 0;
   while (i < n) {
@@ -685,11 +735,18 @@ static int head_done(lp_hloop *l, hconn *c) {
       have_len = 1;
       len = x;
     } else if (nn == 17 && strncasecmp(line, "transfer-encoding", 17) == 0) {
-      chunked = has_token(v, vn, "chunked");
+      /* the codings of every such header are one list (as libcurl reads
+      ** them: chunked framing when one is chunked, whatever its place) */
+      te_scan(v, vn, &chunked, &te_other);
     } else if (nn == 10 && strncasecmp(line, "connection", 10) == 0) {
       if (has_token(v, vn, "close")) close_ = 1;
       if (c->http10 && has_token(v, vn, "keep-alive")) close_ = 0;
     }
+  }
+  if (te_other) { /* a body this client cannot decode: an error, never the coded bytes */
+    failf(l, r, CURLE_BAD_CONTENT_ENCODING,
+          "a transfer coding other than chunked in the response (not decoded natively)");
+    return -1;
   }
   r->status = c->status;
   c->keep = !close_;
@@ -760,6 +817,12 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
           end(l, r, CURLE_OUT_OF_MEMORY); /* libcurl: "Out of memory", no detail */
           return -1;
         }
+        c->hbytes += take;
+        if (c->hbytes > MAX_HEADERS) {
+          failf(l, r, CURLE_RECV_ERROR, "Too large response headers: %zu > %zu", c->hbytes,
+                MAX_HEADERS);
+          return -1;
+        }
         if (luapool__hl_append(&r->hdr, &r->hlen, &r->hcap, p + a, take, 256) != 0) {
           r->oom = 1;
           end(l, r, CURLE_OUT_OF_MEMORY);
@@ -788,7 +851,12 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
         int ch = (unsigned char)p[i], v = hexval(ch);
         if (v >= 0) {
           if (++c->digits > 16) {
-            failf(l, r, CURLE_RECV_ERROR, "invalid chunk size: too long");
+            failf(l, r, CURLE_RECV_ERROR, "Too long hexadecimal number in chunked-encoding");
+            return -1;
+          }
+          if (c->digits == 16 && c->left >> 59 >= 1) { /* >= 2^63 once shifted: libcurl refuses */
+            failf(l, r, CURLE_RECV_ERROR,
+                  "Illegal or missing hexadecimal sequence in chunked-encoding");
             return -1;
           }
           c->left = (c->left << 4) | (uint64_t)v;
@@ -851,6 +919,11 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
         for (size_t k = i; k < e; k++)
           if (p[k] != '\r' && p[k] != '\n') c->trailer_len++;
         int last = nl != NULL && c->trailer_len == 0;
+        c->hbytes += e - i;
+        if (!last && c->hbytes > MAX_HEADERS + MAX_TRAILERS) { /* (the block's share counted) */
+          failf(l, r, CURLE_RECV_ERROR, "Out of memory in chunked-encoding");
+          return -1;
+        }
         if (!last && luapool__hl_append(&r->hdr, &r->hlen, &r->hcap, p + i, e - i, 256) != 0)
           goto oom;
         i = e;
@@ -1023,6 +1096,7 @@ static void recv_ready(lp_hloop *l, hconn *c) {
     }
     double now = luapool__now();
     c->last_io = now;
+    c->ls_got += (uint64_t)got;
     if (!c->any) {
       c->any = 1;
       r->t_first = now;
@@ -1040,10 +1114,7 @@ static void recv_ready(lp_hloop *l, hconn *c) {
 
 void luapool__hn_event(lp_hloop *l, int fd, uint32_t events) {
   hconn *c = (size_t)fd < l->nconns ? l->conns[fd] : NULL;
-  if (c == NULL) {
-    epoll_ctl(l->ep, EPOLL_CTL_DEL, fd, NULL);
-    return;
-  }
+  if (c == NULL) return; /* closed earlier in this batch: its number may be libcurl's now */
   switch (c->state) {
     case C_CONNECT:
       if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) connected(l, c, events);
@@ -1071,7 +1142,7 @@ void luapool__hn_timer(lp_hloop *l, lp_hreq *r) {
   if (r->t_limit > 0 && now >= r->t_limit) {
     long ms = (long)((now - r->t_start) * 1000.0);
     if (c && c->state == C_CONNECT)
-      failf(l, r, CURLE_OPERATION_TIMEDOUT, "Connection timed out after %ld milliseconds", ms);
+      connect_timed_out(l, r, ms);
     else if (c && c->size >= 0)
       failf(l, r, CURLE_OPERATION_TIMEDOUT,
             "Operation timed out after %ld milliseconds with %llu out of %lld bytes received", ms,
@@ -1086,16 +1157,21 @@ void luapool__hn_timer(lp_hloop *l, lp_hreq *r) {
     double ct = r->t_start +
                 (r->connect_timeout > 0 ? r->connect_timeout : DEFAULT_CONNECT_TIMEOUT_MS / 1000.0);
     if (now >= ct) {
-      failf(l, r, CURLE_OPERATION_TIMEDOUT, "Connection timed out after %ld milliseconds",
-            (long)((now - r->t_start) * 1000.0));
+      connect_timed_out(l, r, (long)((now - r->t_start) * 1000.0));
       return;
     }
   }
-  if (c && now >= c->last_io + (double)LOW_SPEED_TIME_S) {
-    failf(l, r, CURLE_OPERATION_TIMEDOUT,
-          "Operation too slow. Less than 1 bytes/sec transferred the last %ld seconds",
-          LOW_SPEED_TIME_S);
-    return;
+  if (c && now >= c->ls_mark + (double)LOW_SPEED_TIME_S) {
+    /* libcurl's low-speed limit: under 1 byte/s over the whole window (a
+    ** trickle of a byte every few seconds does not keep a request alive) */
+    if (c->ls_got < (uint64_t)LOW_SPEED_TIME_S) {
+      failf(l, r, CURLE_OPERATION_TIMEDOUT,
+            "Operation too slow. Less than 1 bytes/sec transferred the last %ld seconds",
+            LOW_SPEED_TIME_S);
+      return;
+    }
+    c->ls_mark = now;
+    c->ls_got = 0;
   }
   arm(l, r);
 }

@@ -319,8 +319,11 @@ typedef struct hconn {
   hhost *host;
   lp_hreq *r; /* the request on it; NULL when idle */
   int fd, state, reused, keep, any, ps, status, http10, nodelay;
-  double last_io;
-  char *out; /* the unsent rest of the request head (NULL: none) */
+  double last_io;  /* the last byte sent or received: an idle one's age */
+  double ls_mark;  /* the low-speed window's start (libcurl's: < 1 byte/s for 60 s) */
+  uint64_t ls_got; /* bytes received since ls_mark */
+  size_t hbytes;   /* header bytes of this answer: its 1xx blocks, its block, its trailers */
+  char *out;       /* the unsent rest of the request head (NULL: none) */
   size_t out_len, out_off, body_off;
   uint64_t left;     /* Content-Length or chunk bytes left */
   int64_t size;      /* Content-Length (-1: unknown), for the timeout message */

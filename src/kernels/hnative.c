@@ -237,6 +237,17 @@ static void idle_unlink(lp_hloop *l, hconn *c) {
   l->nidle_conn--;
 }
 
+/* The most recent idle connection of h, off its list (NULL: none). */
+static hconn *idle_pop(lp_hloop *l, hhost *h) {
+  hconn *c = h->nidle;
+  if (c == NULL) return NULL;
+  h->nidle = c->next;
+  if (c->next) c->next->prev = NULL;
+  c->next = c->prev = NULL;
+  l->nidle_conn--;
+  return c;
+}
+
 /* Closes c (epoll drops a closed descriptor) and frees it; an idle one is
 ** off its list first. */
 static void conn_close(lp_hloop *l, hconn *c) {
@@ -589,21 +600,20 @@ static void arm(lp_hloop *l, lp_hreq *r) {
 /* On an idle connection of r's host (the most recent: the likeliest still
 ** open), or a new one. */
 static void go(lp_hloop *l, lp_hreq *r) {
-  hconn *c = r->host->nidle;
-  /* One idle for a while (a blocking caller's loop runs only inside its
-  ** calls, so no EOF was read) is peeked first: input on an idle
-  ** connection (the server's close, or bytes nobody asked for) would be
-  ** taken as the answer.  One released this instant (a burst) is not. */
-  while (c != NULL && luapool__now() - c->last_io > STALE_AFTER) {
+  /* The most recent idle one (the likeliest still open).  One idle for a
+  ** while (a blocking caller's loop runs only inside its calls, so no EOF
+  ** was read) is peeked first: input on an idle connection (the server's
+  ** close, or bytes nobody asked for) would be taken as the answer.  One
+  ** released this instant (a burst) is not. */
+  hconn *c;
+  while ((c = idle_pop(l, r->host)) != NULL) {
+    if (luapool__now() - c->last_io <= STALE_AFTER) break;
     char b;
     ssize_t k = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
     if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break; /* quiet: usable */
-    idle_unlink(l, c);
     conn_close(l, c);
-    c = r->host->nidle;
   }
-  if (c != NULL) { /* the most recent idle one: the likeliest still open */
-    idle_unlink(l, c);
+  if (c != NULL) {
     c->state = C_SEND;
     c->reused = 1;
     c->r = r;

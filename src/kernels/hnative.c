@@ -654,19 +654,29 @@ static int body_bytes(lp_hreq *r, const char *p, size_t n) {
   return luapool__hl_append(&r->rbody, &r->blen, &r->bcap, p, n, 1024);
 }
 
+/* The next token of the comma-separated header value v[*i..n), its spaces
+** trimmed: its start, *len its length (0: none left).  *i moves past it. */
+static const char *next_token(const char *v, size_t n, size_t *i, size_t *len) {
+  size_t k = *i;
+  while (k < n && (v[k] == ' ' || v[k] == '\t' || v[k] == ','))
+    k++;
+  size_t a = k;
+  while (k < n && v[k] != ',')
+    k++;
+  size_t e = k;
+  while (e > a && (v[e - 1] == ' ' || v[e - 1] == '\t'))
+    e--;
+  *i = k;
+  *len = e - a;
+  return v + a;
+}
+
 /* Case-insensitive: does the header value v (n bytes) list token t? */
 static int has_token(const char *v, size_t n, const char *t) {
-  size_t tn = strlen(t), i = 0;
+  size_t tn = strlen(t), i = 0, len;
   while (i < n) {
-    while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
-      i++;
-    size_t a = i;
-    while (i < n && v[i] != ',')
-      i++;
-    size_t e = i;
-    while (e > a && (v[e - 1] == ' ' || v[e - 1] == '\t'))
-      e--;
-    if (e - a == tn && strncasecmp(v + a, t, tn) == 0) return 1;
+    const char *tok = next_token(v, n, &i, &len);
+    if (len == tn && strncasecmp(tok, t, tn) == 0) return 1;
   }
   return 0;
 }
@@ -675,20 +685,13 @@ static int has_token(const char *v, size_t n, const char *t) {
 ** "chunked", *other when one is neither that nor "identity" (libcurl would
 ** decode it: gzip, deflate; this client decodes none). */
 static void te_scan(const char *v, size_t n, int *chunked, int *other) {
-  size_t i = 0;
+  size_t i = 0, len;
   while (i < n) {
-    while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
-      i++;
-    size_t a = i;
-    while (i < n && v[i] != ',')
-      i++;
-    size_t e = i;
-    while (e > a && (v[e - 1] == ' ' || v[e - 1] == '\t'))
-      e--;
-    if (e == a) continue;
-    if (e - a == 7 && strncasecmp(v + a, "chunked", 7) == 0)
+    const char *tok = next_token(v, n, &i, &len);
+    if (len == 0) continue;
+    if (len == 7 && strncasecmp(tok, "chunked", 7) == 0)
       *chunked = 1;
-    else if (!(e - a == 8 && strncasecmp(v + a, "identity", 8) == 0))
+    else if (!(len == 8 && strncasecmp(tok, "identity", 8) == 0))
       *other = 1;
   }
 }
@@ -784,6 +787,26 @@ static int hexval(int ch) {
   return -1;
 }
 
+/* The body bytes of p[*i..n) that c->left still counts (a Content-Length
+** body, a chunk's data): kept or counted; c->ps becomes then once the count
+** is done.  -1: out of memory. */
+static int counted_body(hconn *c, const char *p, size_t n, size_t *i, int then) {
+  size_t k = n - *i;
+  if ((uint64_t)k > c->left) k = (size_t)c->left;
+  if (body_bytes(c->r, p + *i, k) != 0) return -1;
+  *i += k;
+  c->left -= k;
+  if (c->left == 0) c->ps = then;
+  return 0;
+}
+
+/* A chunk-size line has ended: its data next, or the trailers after the
+** last chunk (size 0). */
+static void chunk_size_read(hconn *c) {
+  c->ps = c->left ? P_CDATA : P_TRAILER;
+  c->trailer_len = 0;
+}
+
 /* Feeds n received bytes to the parser.  0: more wanted (or P_DONE with
 ** *used bytes of p consumed); -1: the attempt ended. */
 static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
@@ -844,15 +867,9 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
         }
         break;
       }
-      case P_LENGTH: {
-        size_t k = n - i;
-        if ((uint64_t)k > c->left) k = (size_t)c->left;
-        if (body_bytes(r, p + i, k) != 0) goto oom;
-        i += k;
-        c->left -= k;
-        if (c->left == 0) c->ps = P_DONE;
+      case P_LENGTH:
+        if (counted_body(c, p, n, &i, P_DONE) != 0) goto oom;
         break;
-      }
       case P_CLOSE:
         if (body_bytes(r, p + i, n - i) != 0) goto oom;
         i = n;
@@ -877,8 +894,7 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
           return -1;
         } else if (ch == '\n') {
           i++;
-          c->ps = c->left ? P_CDATA : P_TRAILER;
-          c->trailer_len = 0;
+          chunk_size_read(c);
         } else {
           c->ps = P_CEXT; /* ";ext", spaces, the CR */
         }
@@ -890,20 +906,13 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
           i = n;
         } else {
           i = (size_t)(nl - p) + 1;
-          c->ps = c->left ? P_CDATA : P_TRAILER;
-          c->trailer_len = 0;
+          chunk_size_read(c);
         }
         break;
       }
-      case P_CDATA: {
-        size_t k = n - i;
-        if ((uint64_t)k > c->left) k = (size_t)c->left;
-        if (body_bytes(r, p + i, k) != 0) goto oom;
-        i += k;
-        c->left -= k;
-        if (c->left == 0) c->ps = P_CDATA_CR;
+      case P_CDATA:
+        if (counted_body(c, p, n, &i, P_CDATA_CR) != 0) goto oom;
         break;
-      }
       case P_CDATA_CR:
       case P_CDATA_LF: {
         int ch = (unsigned char)p[i];

@@ -524,6 +524,94 @@ static void test_raw_answers(void) {
 /* More transfers at once than one multi handle takes (the loop's shards):
 ** every one answered, and a second batch as large reuses every connection
 ** the first made (none new for the server). */
+/* How the client's side of a connection ended, seen by a server that
+** answered one request on it with keep-alive: 0 a FIN, ECONNRESET a reset. */
+typedef struct end_srv {
+  raw_srv s;
+  int mid; /* the client aborts its second request mid-answer */
+  int end[2];
+} end_srv;
+
+static int client_end(int fd) {
+  char buf[256];
+  for (;;) {
+    struct pollfd pf = {fd, POLLIN, 0};
+    if (poll(&pf, 1, 10000) != 1) return -2;
+    ssize_t k = recv(fd, buf, sizeof buf, 0);
+    if (k == 0) return 0;
+    if (k < 0) return errno;
+  }
+}
+
+static void *end_main(void *p) {
+  end_srv *e = p;
+  static const char ok[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+  static const char part[] = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nok";
+  struct pollfd pf = {e->s.lfd, POLLIN, 0};
+  int fd = poll(&pf, 1, 10000) == 1 ? accept(e->s.lfd, NULL, NULL) : -1;
+  if (fd < 0) return NULL;
+  if (raw_read_request(fd) == 0) (void)!send(fd, ok, sizeof ok - 1, MSG_NOSIGNAL);
+  if (e->mid && raw_read_request(fd) == 0) (void)!send(fd, part, sizeof part - 1, MSG_NOSIGNAL);
+  e->end[0] = client_end(fd);
+  close(fd);
+  return NULL;
+}
+
+/* A loop that closes resets its connections (no TIME_WAIT left on the
+** client's ports: see luapool__hl_close_fd); one that closes a connection
+** while it runs (an aborted request) ends it with a FIN, on both transports. */
+static void test_close_resets(void) {
+  for (int mode = 0; mode < 2; mode++) {
+    if (mode) setenv("LUAPOOL_HTTP", "curl", 1);
+    const char *m = mode ? "curl" : "native";
+    for (int mid = 0; mid < 2; mid++) {
+      end_srv e;
+      memset(&e, 0, sizeof e);
+      e.mid = mid;
+      raw_listen(&e.s);
+      pthread_create(&e.s.th, NULL, end_main, &e);
+      lp_hloop *l = loop(0, 0);
+      char url[128], err[256];
+      snprintf(url, sizeof url, "http://127.0.0.1:%d/x", e.s.port);
+      raw_out out[2];
+      for (int i = 0; i < 1 + mid; i++) {
+        lp_hreq_opts o;
+        memset(&o, 0, sizeof o);
+        o.url = url;
+        o.timeout = 5;
+        o.retry_delay = -1;
+        lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+        memset(&out[i], 0, sizeof out[i]);
+        luapool__hloop_add(l, r, raw_done, &out[i]);
+        if (i == 0) {
+          run_all(l, 10);
+        } else { /* the second answer is 2 bytes of 100: abort while it waits */
+          double t0 = luapool__now();
+          while (luapool__now() - t0 < 0.2)
+            luapool__hloop_run(l, 0.02);
+          luapool__hloop_abort(l, r, "test abort");
+          run_all(l, 10);
+        }
+      }
+      if (mid) { /* the server saw the abort before the loop closed */
+        pthread_join(e.s.th, NULL);
+        CHECK(e.end[0] == 0, "%s: aborted mid-answer: %s", m,
+              e.end[0] ? strerror(e.end[0]) : "FIN");
+        luapool__hloop_free(l);
+      } else {
+        luapool__hloop_free(l);
+        pthread_join(e.s.th, NULL);
+        CHECK(e.end[0] == ECONNRESET, "%s: idle at the loop's end: %s", m,
+              e.end[0] ? strerror(e.end[0]) : "FIN");
+      }
+      CHECK(out[0].state == LP_H_OK && strcmp(out[0].body, "ok") == 0, "%s: %d %s", m, out[0].state,
+            out[0].err);
+      close(e.s.lfd);
+    }
+  }
+  unsetenv("LUAPOOL_HTTP");
+}
+
 static void test_reuse_across_shards(int n) {
   lp_hloop *l = loop(0, 0);
   done_rec *d = calloc((size_t)n, sizeof *d);
@@ -1012,6 +1100,7 @@ int main(int argc, char **argv) {
     test_wakeup_and_free();
     test_yield();
     test_raw_answers();
+    test_close_resets();
   }
   if (bench) {
     if (only == NULL || strcmp(only, "small") == 0) bench_small(20000, 100);

@@ -252,7 +252,7 @@ static hconn *idle_pop(lp_hloop *l, hhost *h) {
 ** off its list first. */
 static void conn_close(lp_hloop *l, hconn *c) {
   if ((size_t)c->fd < l->nconns) l->conns[c->fd] = NULL;
-  close(c->fd);
+  luapool__hl_close_fd(l, c->fd);
   lp_free(c->out);
   lp_free(c);
 }
@@ -1221,7 +1221,7 @@ void luapool__hn_free(lp_hloop *l) {
     for (hhost *h = l->buckets[i]; h; h = h->next) {
       for (hconn *c = h->nidle, *n; c; c = n) {
         n = c->next;
-        close(c->fd); /* (no loop left to tell: the table goes too) */
+        luapool__hl_close_fd(l, c->fd); /* (no loop left to tell: the table goes too) */
         lp_free(c->out);
         lp_free(c);
       }

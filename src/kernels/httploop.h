@@ -381,6 +381,9 @@ void luapool__hl_attempt_end(lp_hloop *l, lp_hreq *r, CURLcode code);
 /* The native attempt on r goes on in libcurl, at r->hop_url with the
 ** redirects left: r's connection released, its slot kept. */
 void luapool__hl_handoff(lp_hloop *l, lp_hreq *r);
+/* Closes a connection's socket fd; once the loop is closing, with a reset
+** (see httploop.c). */
+int luapool__hl_close_fd(const lp_hloop *l, int fd);
 
 /* hnative.c, for httploop.c */
 void luapool__hn_init(lp_hloop *l);

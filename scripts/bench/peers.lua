@@ -34,6 +34,15 @@
 --                       iopool (2 loops) and aiohttp --concurrency 10000
 --                       (the whole command's peak RSS, from /usr/bin/time, is
 --                       printed under the table for sleep-2k and many-10k)
+--   floor               in io-latency, small-20k, sleep-2k and many-10k: the
+--                       same requests from luapool-http-floor (--floor; built
+--                       beside luapool from scripts/bench/http_floor.c), a
+--                       client of bare epoll and sockets in C: what this
+--                       machine and server allow any client.  In sleep-2k and
+--                       many-10k each client that closes with a FIN (aiohttp,
+--                       --before) has a server of its own: its 10,000 ports
+--                       in TIME_WAIT would collide with the next client's
+--                       connects (luapool and the floor reset theirs)
 --   overhead-threads    100k no-op tasks, submit + result, 2 threads (and on an
 --                       iopool of 2 loops: each task a coroutine)
 --   overhead-processes  100k no-op tasks, map on 2 processes
@@ -65,6 +74,7 @@ local suite = bench.suite {
       .. "beside the source tree)" },
     { "aio-python", "PATH", "string", "Python with aiohttp to run it (default: /usr/bin/python3)" },
     { "wrk", "PATH", "string", "wrk command, the server's limit (default: wrk)" },
+    { "floor", "PATH", "string", "the bare epoll client (default: luapool-http-floor beside the luapool binary)" },
     { "before", "BIN", "string", "an earlier luapool binary: each iopool fetch case and the big-string and "
       .. "big-table jobs run with it too, interleaved (before and after in the same run)" },
     { "tasks", "N", "integer", "no-op tasks in the overhead jobs (default 100000; 2000 with --quick)" },
@@ -197,6 +207,12 @@ if not wrk_version then
   skipped[#skipped + 1] = ("%s not found (Debian: wrk): the server-limit job skipped"):format(wrk)
 end
 local time_ok = succeeds("/usr/bin/time -f %M true")
+local floor_bin = opts.floor or ((luapool_bin:match("^(.*)/[^/]*$") or ".") .. "/luapool-http-floor")
+local floor_ok = succeeds(q(floor_bin) .. " 2>&1 | grep -q usage")
+if not floor_ok then
+  skipped[#skipped + 1] = ("%s not found (--floor PATH; built by CMake with the specs): the floor cases skipped")
+    :format(floor_bin)
+end
 
 -- }======
 
@@ -288,11 +304,15 @@ end
 -- }======
 
 local srv <close> = assert(fixture.start { workers = 2 })
+-- (sleep-2k and many-10k: a server of its own for each client that leaves
+-- its ports in TIME_WAIT; see the head)
+local srv_aio <close> = aio_ok and assert(fixture.start { workers = 2 }) or nil
+local srv_before <close> = opts.before and assert(fixture.start { workers = 2 }) or nil
 
-local function url_files(path_fmt, n)
+local function url_files(path_fmt, n, server)
   local urls, conf = {}, {}
   for i = 1, n do
-    local url = srv:url(path_fmt:format(i))
+    local url = (server or srv):url(path_fmt:format(i))
     urls[#urls + 1] = url
     conf[#conf + 1] = ('url = "%s"\noutput = "/dev/null"'):format(url)
   end
@@ -303,6 +323,20 @@ local thr_list, thr_conf = url_files("/bytes?n=" .. BYTES .. "&i=%d", THR_N)
 local small_list, small_conf = url_files("/bytes?n=" .. BYTES .. "&i=%d", SMALL_N)
 local s2k_list = url_files("/sleep?s=" .. S2K_SLEEP .. "&i=%d", S2K_N)
 local many_list = url_files("/sleep?s=" .. MANY_SLEEP .. "&i=%d", MANY_N)
+local own_lists = {} -- [server] = { [path_fmt] = list }
+local function list_on(server, path_fmt, n)
+  if server == nil then return nil end
+  own_lists[server] = own_lists[server] or {}
+  own_lists[server][path_fmt] = own_lists[server][path_fmt] or url_files(path_fmt, n, server)
+  return own_lists[server][path_fmt]
+end
+-- The floor's command: MODE PATH N ... against srv
+local srv_port = srv.base:match(":(%d+)$")
+local function floor_cmd(mode, path, ...)
+  local parts = { q(floor_bin), mode, "127.0.0.1", srv_port, q(path) }
+  for _, a in ipairs { ... } do parts[#parts + 1] = tostring(a) end
+  return table.concat(parts, " ")
+end
 local function curl_cmd(conf, parallel)
   return ("%s -s -S --fail --parallel --parallel-max %d -K %s"):format(q(curl), parallel, q(conf))
 end
@@ -346,6 +380,10 @@ for _, job in ipairs {
     suite:case { group = group, name = ("curl --parallel-max %d"):format(w), params = params,
                  units = n, unit = "req", body = command(curl_cmd(conf, w)) }
   end
+  if floor_ok and group == "io-latency" then
+    suite:case { group = group, name = ("floor: bare epoll client, %d kept alive"):format(w), params = params,
+                 units = n, unit = "req", body = command(floor_cmd("chain", "/sleep?s=" .. SLEEP, n, w, 1)) }
+  end
 end
 
 -- many in flight: iopool against aiohttp, curl and wrk -------------------------
@@ -373,6 +411,11 @@ if curl_ok then
                params = { fetches = SMALL_N, parallel = SMALL_CONC }, units = SMALL_N, unit = "req",
                body = command(curl_cmd(small_conf, SMALL_CONC)) }
 end
+if floor_ok then
+  suite:case { group = "small-20k", name = ("floor: bare epoll client, %d kept alive, 2 threads"):format(SMALL_CONC),
+               params = { fetches = SMALL_N, concurrency = SMALL_CONC }, units = SMALL_N, unit = "req",
+               body = command(floor_cmd("chain", "/bytes?n=" .. BYTES, SMALL_N, SMALL_CONC, IO_LOOPS)) }
+end
 -- wrk runs for a fixed time: its Requests/sec (each run's, in wrk_rates) is the number
 local wrk_rates = {}
 local wrk_name = ("wrk -t2 -c%d -d%ds"):format(SMALL_CONC, WRK_SECONDS)
@@ -397,13 +440,20 @@ for _, job in ipairs {
   local params = { fetches = n, sleep = secs, concurrency = n }
   suite:case { group = group, name = base, baseline = base, params = params, units = n, unit = "req",
                body = command_rss(base, lp(LP_IO, IO_LOOPS, list, "iopool", n), time_ok) }
+  local path_fmt = "/sleep?s=" .. secs .. "&i=%d"
   before_case({ group = group, name = base, params = params, units = n, unit = "req",
-                args = { IO_LOOPS, list, "iopool", n } }, base)
+                args = { IO_LOOPS, list_on(srv_before, path_fmt, n), "iopool", n } }, base)
   if aio_ok then
     local name = ("aiohttp --concurrency %d"):format(n)
     suite:case { group = group, name = name, params = params, units = n, unit = "req",
                  body = command_rss(group .. " " .. name, ("%s %s --concurrency %d --urls %s"):format(
-                   q(aio_python), q(aio_script), n, q(list)), time_ok) }
+                   q(aio_python), q(aio_script), n, q(list_on(srv_aio, path_fmt, n))), time_ok) }
+  end
+  if floor_ok then
+    local name = ("floor: bare epoll client, %d threads, %d in flight"):format(IO_LOOPS, n)
+    suite:case { group = group, name = name, params = params, units = n, unit = "req",
+                 body = command_rss(group .. " " .. name, floor_cmd("many", "/sleep?s=" .. secs, n, IO_LOOPS),
+                   time_ok) }
   end
 end
 
@@ -569,6 +619,11 @@ if small then
   end
   local b = r(small_base .. " (before)")
   if b then print(("  %-30s %s"):format("--before", bench.format_rate(SMALL_N / b.median, "req"))) end
+  local fl = r(("floor: bare epoll client, %d kept alive, 2 threads"):format(SMALL_CONC))
+  if fl then
+    print(("  %-30s %s: luapool %.2fx its rate"):format("floor (bare epoll client)",
+      bench.format_rate(SMALL_N / fl.median, "req"), lp_rate / (SMALL_N / fl.median)))
+  end
   local rates = timed(wrk_rates)
   if #rates > 0 then
     local w = bench.median(rates)
@@ -597,6 +652,12 @@ for _, job in ipairs { { "sleep-2k", S2K_N, S2K_SLEEP }, { "many-10k", MANY_N, M
     if b then
       print(("  %-30s %s (%.2fx ideal), %s"):format("--before", bench.format_time(b.median), b.median / secs,
         mb(base .. " (before)")))
+    end
+    local fname = ("floor: bare epoll client, %d threads, %d in flight"):format(IO_LOOPS, n)
+    local fl = r(fname)
+    if fl then
+      print(("  %-30s %s (%.2fx ideal), %s: luapool %.2fx the floor's time"):format("floor (bare epoll client)",
+        bench.format_time(fl.median), fl.median / secs, mb(group .. " " .. fname), lp_res.median / fl.median))
     end
   end
 end

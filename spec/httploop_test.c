@@ -217,6 +217,7 @@ typedef struct raw_srv {
   pthread_t th;
   const char *conns[RAW_CONNS][RAW_ANSWERS];
   int accepted; /* read after the join */
+  int spare;    /* > 0: a descriptor closed before the first accept (the process is at its limit) */
 } raw_srv;
 
 static int raw_read_request(int fd) {
@@ -237,6 +238,10 @@ static void *raw_main(void *p) {
   for (int c = 0; c < RAW_CONNS && s->conns[c][0] != NULL; c++) {
     struct pollfd pf = {s->lfd, POLLIN, 0};
     if (poll(&pf, 1, 10000) != 1) break;
+    if (s->spare > 0) {
+      close(s->spare);
+      s->spare = 0;
+    }
     int fd = accept(s->lfd, NULL, NULL);
     if (fd < 0) break;
     s->accepted++;
@@ -811,6 +816,72 @@ static void test_emfile(void) {
   close(null);
 }
 
+/* Out of descriptors with idle connections kept: a request to another host
+** closes the one unused the longest and goes on, on the native transport
+** and on libcurl (a POST that follows redirects goes through libcurl). */
+static void test_emfile_evicts(void) {
+  for (int mode = 0; mode < 2; mode++) {
+    const char *m = mode ? "curl" : "native";
+    lp_hloop *l = loop(0, 0);
+    done_rec d[8];
+    memset(d, 0, sizeof d);
+    for (int i = 0; i < 8; i++) /* 8 at once: 8 connections, then idle */
+      luapool__hloop_add(l, req("/sleep?s=0.2", 0), on_done, &d[i]);
+    run_all(l, 10);
+    for (int i = 0; i < 8; i++)
+      CHECK(d[i].state == LP_H_OK && d[i].status == 200, "%s: warm-up %d: %d %s", m, i, d[i].state,
+            d[i].err);
+    raw_srv s;
+    memset(&s, 0, sizeof s);
+    s.conns[0][0] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    raw_listen(&s);
+    char url[128], err[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/x", s.port);
+    lp_hreq_opts o;
+    memset(&o, 0, sizeof o);
+    o.url = url;
+    o.timeout = 5;
+    o.retry_delay = -1;
+    if (mode) {
+      o.method = "POST";
+      o.max_redirs = 1;
+    }
+    lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+    struct rlimit old, low;
+    getrlimit(RLIMIT_NOFILE, &old);
+    int fds[4096], n = 0, null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    low = old;
+    low.rlim_cur = 256;
+    setrlimit(RLIMIT_NOFILE, &low);
+    while (n < 4096 && (fds[n] = dup(null)) >= 0)
+      n++;
+    s.spare = fds[--n]; /* the server's accept gets it, once the client has its socket */
+    raw_go(&s);
+    raw_out out;
+    memset(&out, 0, sizeof out);
+    luapool__hloop_add(l, r, raw_done, &out);
+    run_all(l, 10);
+    for (int i = 0; i < n; i++)
+      close(fds[i]);
+    close(null);
+    setrlimit(RLIMIT_NOFILE, &old);
+    raw_stop(&s);
+    CHECK(out.state == LP_H_OK && strcmp(out.body, "ok") == 0, "%s: at the limit: %d %s", m,
+          out.state, out.err);
+    /* one of the 8 went: 8 at once again take 7 idle ones and 1 new */
+    lp_hloop *sl = loop(0, 0);
+    long a0 = status_accepts(sl);
+    memset(d, 0, sizeof d);
+    for (int i = 0; i < 8; i++)
+      luapool__hloop_add(l, req("/sleep?s=0.2", 0), on_done, &d[i]);
+    run_all(l, 10);
+    long a1 = status_accepts(sl);
+    CHECK(a1 - a0 == 1, "%s: %ld new connections for 8 requests after one was closed", m, a1 - a0);
+    luapool__hloop_free(sl);
+    luapool__hloop_free(l);
+  }
+}
+
 static void *waker(void *p) {
   usleep(100000);
   luapool__hloop_wakeup(p);
@@ -1097,6 +1168,7 @@ int main(int argc, char **argv) {
     test_abort();
     test_retry_after();
     test_emfile();
+    test_emfile_evicts();
     test_wakeup_and_free();
     test_yield();
     test_raw_answers();

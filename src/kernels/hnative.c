@@ -257,6 +257,23 @@ static void conn_close(lp_hloop *l, hconn *c) {
   lp_free(c);
 }
 
+/* Out of descriptors: closes the idle connection unused the longest (of any
+** host), so that a request to a new host does not fail while kept-alive
+** connections nobody asked for hold the descriptors (the cap on idle ones
+** is a count, not the process's RLIMIT_NOFILE).  1: one was closed, 0: none
+** is idle.  A walk over the idle lists: it happens only at the limit. */
+int luapool__hn_evict_idle(lp_hloop *l) {
+  hconn *oldest = NULL;
+  for (size_t i = 0; i < l->nbuckets && l->nidle_conn > 0; i++)
+    for (hhost *h = l->buckets[i]; h; h = h->next)
+      for (hconn *c = h->nidle; c; c = c->next)
+        if (oldest == NULL || c->last_io < oldest->last_io) oldest = c;
+  if (oldest == NULL) return 0;
+  idle_unlink(l, oldest);
+  conn_close(l, oldest);
+  return 1;
+}
+
 static int watch(lp_hloop *l, hconn *c, int op, uint32_t events) {
   struct epoll_event ev;
   memset(&ev, 0, sizeof ev);
@@ -527,6 +544,8 @@ static void fresh(lp_hloop *l, lp_hreq *r) {
     return;
   }
   c->fd = socket(r->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  while (c->fd < 0 && (errno == EMFILE || errno == ENFILE) && luapool__hn_evict_idle(l))
+    c->fd = socket(r->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (c->fd < 0) {
     int e = errno;
     lp_free(c);

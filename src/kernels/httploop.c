@@ -467,6 +467,10 @@ static curl_socket_t open_socket(void *ud, curlsocktype purpose, struct curl_soc
   lp_hreq *r = ud;
   (void)purpose;
   int fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+  /* (the native transport's idle connections give way; libcurl's own cache
+  ** is bounded by CURLMOPT_MAXCONNECTS) */
+  while (fd < 0 && (errno == EMFILE || errno == ENFILE) && luapool__hn_evict_idle(r->loop))
+    fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
   if (fd < 0 && (errno == EMFILE || errno == ENFILE)) r->fd_errno = errno;
   if (fd < 0) return CURL_SOCKET_BAD;
   fd_ours(r->loop, fd);

@@ -396,6 +396,9 @@ void luapool__hn_timer(lp_hloop *l, lp_hreq *r);
 /* The attempt leaves its connection: kept idle when it can serve another. */
 void luapool__hn_detach(lp_hloop *l, lp_hreq *r);
 void luapool__hn_free(lp_hloop *l);
+/* Out of descriptors: closes the least recently used idle native
+** connection; 1 if there was one. */
+int luapool__hn_evict_idle(lp_hloop *l);
 #endif
 /* }====== */
 

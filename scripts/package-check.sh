@@ -207,15 +207,19 @@ EOF
 same "dpkg-deb -c (files)" "$expected_files" "$files"
 same "Package" "luapool" "$(dpkg-deb -f "$deb" Package)"
 same "Version" "$version-1" "$(dpkg-deb -f "$deb" Version)"
-readline=""  # a host built with readline (its --help says so) needs its runtime
+readline=""  # a host built with readline (its --help says so): its REPL loads it
 "$build/luapool" --help | grep -q "(with readline)" && readline=", libreadline8"
 mpi=""  # the MPI plugin (mpipool) needs Open MPI's runtime; the host links none
 ldd "$build/luapool" | grep -q 'libmpi\.so' && fail "$build/luapool links libmpi (the MPI plugin should)"
+ldd "$build/luapool" | grep -q 'libreadline' && fail "$build/luapool links libreadline (its REPL should load it)"
 [[ -z $deb_mpi ]] || { ldd "$build/luapool-mpi.so" | grep -q 'libmpi\.so' && mpi=", libopenmpi3"; }
-same "Depends" "libc6, liblua5.4-0, libcurl4$readline$mpi" "$(dpkg-deb -f "$deb" Depends)"
+# what every run needs is Depends; what one feature loads (the REPL's line
+# editing, --mpi) is Recommends
+same "Depends" "libc6, liblua5.4-0, libcurl4" "$(dpkg-deb -f "$deb" Depends)"
+same "Recommends" "lua5.4$readline$mpi" "$(dpkg-deb -f "$deb" Recommends)"
 same "Architecture" "amd64" "$(dpkg-deb -f "$deb" Architecture)"
 dpkg-deb -I "$deb" >/dev/null
-pass "cpack -G DEB: $(basename "$deb"), its files and Depends"
+pass "cpack -G DEB: $(basename "$deb"), its files, Depends and Recommends"
 
 if dpkg-query -W -f='${Status}' luapool 2>/dev/null | grep -q "ok installed"; then
   fail "a luapool package is installed already: not touching it"

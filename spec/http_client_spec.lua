@@ -284,9 +284,9 @@ describe("http.request", function()
     end
   end)
 
-  it("says descriptors ran out, naming RLIMIT_NOFILE", function()
-    -- the loop exists (one request made), then every descriptor is taken:
-    -- a new connection cannot get a socket
+  -- A script at its descriptor limit, its loop made by a first request to
+  -- path; then a request that needs a new connection.
+  local function at_limit(path)
     local script = h.tempfile([[
       local url = ...
       assert(luapool.http.request { url = url })
@@ -298,13 +298,28 @@ describe("http.request", function()
       end
       print(luapool.http.request { url = "http://127.0.0.1:1/" })
       print(pcall(luapool.kernels.fetch_length, "http://127.0.0.1:1/"))]])
-    local p = io.popen(("ulimit -n 64; %s %s %s 2>&1"):format(q(h.bin), q(script), q(srv:url("/"))))
+    local p = io.popen(("ulimit -n 64; %s %s %s 2>&1"):format(q(h.bin), q(script), q(srv:url(path))))
     local out = p:read("a")
     p:close()
     os.remove(script)
+    return out
+  end
+
+  it("says descriptors ran out, naming RLIMIT_NOFILE", function()
+    -- (the first answer closes its connection: nothing is kept to give way)
     assert.matches("^nil\tGET http://127%.0%.0%.1:1/: out of file descriptors %(Too many open files%): "
       .. "raise RLIMIT_NOFILE %(ulimit %-n: soft limit 64, hard limit %d+%) or put fewer requests in flight\n"
-      .. "false\tfetch_length: http://127%.0%.0%.1:1/: out of file descriptors %(Too many open files%)", out)
+      .. "false\tfetch_length: http://127%.0%.0%.1:1/: out of file descriptors %(Too many open files%)",
+      at_limit("/close"))
+  end)
+
+  it("closes a kept-alive connection for a new one at the descriptor limit", function()
+    -- the first answer's connection stays idle: the next request takes its
+    -- descriptor, and so reaches port 1 (refused), as does the one after
+    assert.matches("^nil\tGET http://127%.0%.0%.1:1/: Couldn't connect to server %(Failed to connect to "
+      .. "127%.0%.0%.1 port 1 after %d+ ms: Couldn't connect to server%)\nfalse\tfetch_length: "
+      .. "http://127%.0%.0%.1:1/: Couldn't connect to server %(Failed to connect to 127%.0%.0%.1 port 1 after "
+      .. "%d+ ms: Couldn't connect to server%)\n$", at_limit("/"))
   end)
 end)
 

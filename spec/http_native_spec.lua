@@ -128,4 +128,43 @@ describe("the native HTTP transport", function()
     -- 0 new connections for the 21 requests, then 1 after the server's close
     assert.are.equal("1\t200\t1\n", out)
   end)
+
+  -- TIME_WAIT sockets of the fixture's port, from /proc/net/tcp{,6} (state 06)
+  local function time_wait(port)
+    local n, hex = 0, (":%04X"):format(port)
+    for _, f in ipairs { "/proc/net/tcp", "/proc/net/tcp6" } do
+      local fh = io.open(f)
+      for line in fh and fh:lines() or function() end do
+        local la, ra, st = line:match("^%s*%d+: (%S+) (%S+) (%x%x)")
+        if st == "06" and (la:sub(-5) == hex or ra:sub(-5) == hex) then n = n + 1 end
+      end
+      if fh then fh:close() end
+    end
+    return n
+  end
+
+  for _, mode in ipairs { "native", "curl" } do
+    it("leaves no port in TIME_WAIT: a closing loop resets its kept-alive connections (" .. mode .. ")", function()
+      local srv = h.fixture()
+      local port = tonumber(srv.base:match(":(%d+)$"))
+      local path = h.tempfile([[
+        local luapool = require "luapool"
+        local base = ...
+        -- blocking requests in the main script (its thread's loop closes at exit)
+        for i = 1, 3 do assert(luapool.http.request { url = base .. "/length?n=" .. i }) end
+        -- and 20 at once on an iopool, closed
+        local pool <close> = luapool.iopool.new { concurrency = 20 }
+        local urls = {}
+        for i = 1, 20 do urls[i] = base .. "/sleep?s=0.1&i=" .. i end
+        assert(#pool:map(luapool.kernels.fetch_length, urls) == 20)
+      ]])
+      local before = time_wait(port)
+      local _, err, code = h.run({ path, srv.base }, nil, { LUAPOOL_HTTP = mode == "curl" and "curl" or nil })
+      os.remove(path)
+      local after = time_wait(port)
+      srv:stop()
+      assert.are.equal(0, code, err)
+      assert.are.same({ 0, 0 }, { before, after })
+    end)
+  end
 end)

@@ -526,9 +526,6 @@ static void test_raw_answers(void) {
 
 /* {====== tests */
 
-/* More transfers at once than one multi handle takes (the loop's shards):
-** every one answered, and a second batch as large reuses every connection
-** the first made (none new for the server). */
 /* How the client's side of a connection ended, seen by a server that
 ** answered one request on it with keep-alive: 0 a FIN, ECONNRESET a reset. */
 typedef struct end_srv {
@@ -617,6 +614,9 @@ static void test_close_resets(void) {
   unsetenv("LUAPOOL_HTTP");
 }
 
+/* More transfers at once than one multi handle takes (the loop's shards):
+** every one answered, and a second batch as large reuses every connection
+** the first made (none new for the server). */
 static void test_reuse_across_shards(int n) {
   lp_hloop *l = loop(0, 0);
   done_rec *d = calloc((size_t)n, sizeof *d);
@@ -776,52 +776,92 @@ static void test_retry_after(void) {
   luapool__hloop_free(l);
 }
 
+/* The process at a soft limit of 256 descriptors, every one of them taken
+** (dups of /dev/null), until limit_lift. */
+typedef struct fd_limit {
+  struct rlimit old;
+  int fds[4096], n, null;
+} fd_limit;
+
+static void limit_reach(fd_limit *f) {
+  getrlimit(RLIMIT_NOFILE, &f->old);
+  struct rlimit low = f->old;
+  low.rlim_cur = 256;
+  f->null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  setrlimit(RLIMIT_NOFILE, &low);
+  f->n = 0;
+  while (f->n < 4096 && (f->fds[f->n] = dup(f->null)) >= 0)
+    f->n++;
+}
+
+static void limit_lift(fd_limit *f) {
+  for (int i = 0; i < f->n; i++)
+    close(f->fds[i]);
+  f->n = 0;
+  close(f->null);
+  setrlimit(RLIMIT_NOFILE, &f->old);
+}
+
 static void test_emfile(void) {
   lp_hloop *l = loop(0, 0);
-  struct rlimit old, low;
-  getrlimit(RLIMIT_NOFILE, &old);
   /* warm: the loop's own descriptors exist; then none is left */
-  int fds[4096], n = 0, null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  low = old;
-  low.rlim_cur = 256;
-  setrlimit(RLIMIT_NOFILE, &low);
-  while (n < 4096 && (fds[n] = dup(null)) >= 0)
-    n++;
+  static fd_limit f;
+  limit_reach(&f);
   done_rec d;
   memset(&d, 0, sizeof d);
   luapool__hloop_add(l, req("/bytes?n=1", 0), on_done, &d);
   run_all(l, 10);
-  for (int i = 0; i < n; i++)
-    close(fds[i]);
-  setrlimit(RLIMIT_NOFILE, &old);
+  limit_lift(&f);
   CHECK(d.state == LP_H_FAILED && strstr(d.err, "out of file descriptors") &&
             strstr(d.err, "RLIMIT_NOFILE"),
         "%d: %s", d.state, d.err);
   printf("emfile: %s\n", d.err);
   /* and a loop cannot be made */
-  low.rlim_cur = 256;
-  setrlimit(RLIMIT_NOFILE, &low);
-  n = 0;
-  while (n < 4096 && (fds[n] = dup(null)) >= 0)
-    n++;
+  limit_reach(&f);
   char err[512];
   lp_hloop *l2 = luapool__hloop_new(NULL, err, sizeof err);
-  for (int i = 0; i < n; i++)
-    close(fds[i]);
-  setrlimit(RLIMIT_NOFILE, &old);
+  limit_lift(&f);
   CHECK(l2 == NULL && strstr(err, "out of file descriptors") && strstr(err, "RLIMIT_NOFILE"), "%s",
         l2 ? "made" : err);
   luapool__hloop_free(l2);
   luapool__hloop_free(l);
-  close(null);
+}
+
+/* A name /etc/hosts gives 127.0.0.1, other than localhost (which libcurl
+** answers itself, without its resolver) into out; 0, or -1: none. */
+static int loopback_name(char *out, size_t cap) {
+  FILE *f = fopen("/etc/hosts", "r");
+  char line[512];
+  int rc = -1;
+  while (f && rc != 0 && fgets(line, sizeof line, f)) {
+    char *save, *addr = strtok_r(line, " \t\r\n", &save);
+    if (addr == NULL || strcmp(addr, "127.0.0.1") != 0) continue;
+    for (char *n = strtok_r(NULL, " \t\r\n", &save); n && n[0] != '#';
+         n = strtok_r(NULL, " \t\r\n", &save)) {
+      size_t len = strlen(n);
+      if (strcmp(n, "localhost") == 0 || (len >= 10 && strcmp(n + len - 10, ".localhost") == 0) ||
+          len >= cap)
+        continue;
+      memcpy(out, n, len + 1);
+      rc = 0;
+      break;
+    }
+  }
+  if (f) fclose(f);
+  return rc;
 }
 
 /* Out of descriptors with idle connections kept: a request to another host
-** closes the one unused the longest and goes on, on the native transport
-** and on libcurl (a POST that follows redirects goes through libcurl). */
+** closes the one unused the longest and goes on, on the native transport,
+** on libcurl (a POST that follows redirects goes through libcurl), and on
+** libcurl with a host name (its resolver takes descriptors first). */
 static void test_emfile_evicts(void) {
-  for (int mode = 0; mode < 2; mode++) {
-    const char *m = mode ? "curl" : "native";
+  char name[256];
+  int named = loopback_name(name, sizeof name) == 0;
+  if (!named)
+    printf("emfile_evicts: no name of 127.0.0.1 in /etc/hosts: the host-name case skipped\n");
+  for (int mode = 0; mode < 2 + named; mode++) {
+    const char *m = mode == 2 ? "curl, a host name" : mode ? "curl" : "native";
     lp_hloop *l = loop(0, 0);
     done_rec d[8];
     memset(d, 0, sizeof d);
@@ -835,36 +875,27 @@ static void test_emfile_evicts(void) {
     memset(&s, 0, sizeof s);
     s.conns[0][0] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     raw_listen(&s);
-    char url[128], err[256];
-    snprintf(url, sizeof url, "http://127.0.0.1:%d/x", s.port);
+    char url[400], err[256];
+    snprintf(url, sizeof url, "http://%s:%d/x", mode == 2 ? name : "127.0.0.1", s.port);
     lp_hreq_opts o;
     memset(&o, 0, sizeof o);
     o.url = url;
     o.timeout = 5;
     o.retry_delay = -1;
-    if (mode) {
+    if (mode == 1) {
       o.method = "POST";
       o.max_redirs = 1;
     }
     lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
-    struct rlimit old, low;
-    getrlimit(RLIMIT_NOFILE, &old);
-    int fds[4096], n = 0, null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-    low = old;
-    low.rlim_cur = 256;
-    setrlimit(RLIMIT_NOFILE, &low);
-    while (n < 4096 && (fds[n] = dup(null)) >= 0)
-      n++;
-    s.spare = fds[--n]; /* the server's accept gets it, once the client has its socket */
+    static fd_limit f;
+    limit_reach(&f);
+    s.spare = f.fds[--f.n]; /* the server's accept gets it, once the client has its socket */
     raw_go(&s);
     raw_out out;
     memset(&out, 0, sizeof out);
     luapool__hloop_add(l, r, raw_done, &out);
     run_all(l, 10);
-    for (int i = 0; i < n; i++)
-      close(fds[i]);
-    close(null);
-    setrlimit(RLIMIT_NOFILE, &old);
+    limit_lift(&f);
     raw_stop(&s);
     CHECK(out.state == LP_H_OK && strcmp(out.body, "ok") == 0, "%s: at the limit: %d %s", m,
           out.state, out.err);
@@ -876,10 +907,34 @@ static void test_emfile_evicts(void) {
       luapool__hloop_add(l, req("/sleep?s=0.2", 0), on_done, &d[i]);
     run_all(l, 10);
     long a1 = status_accepts(sl);
-    CHECK(a1 - a0 == 1, "%s: %ld new connections for 8 requests after one was closed", m, a1 - a0);
+    /* (a host name: the resolver's probe made room for its descriptors too) */
+    CHECK(a1 - a0 >= 1 && a1 - a0 <= (mode == 2 ? 5 : 1),
+          "%s: %ld new connections for 8 requests after some were closed", m, a1 - a0);
     luapool__hloop_free(sl);
     luapool__hloop_free(l);
   }
+  if (!named) return;
+  /* nothing idle to close: a host name fails saying descriptors ran out */
+  lp_hloop *l = loop(0, 0);
+  char url[400], err[256];
+  snprintf(url, sizeof url, "http://%s:%s/bytes?n=1", name, strrchr(base, ':') + 1);
+  lp_hreq_opts o;
+  memset(&o, 0, sizeof o);
+  o.url = url;
+  o.timeout = 5;
+  o.retry_delay = -1;
+  lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+  static fd_limit f;
+  limit_reach(&f);
+  raw_out out;
+  memset(&out, 0, sizeof out);
+  luapool__hloop_add(l, r, raw_done, &out);
+  run_all(l, 10);
+  limit_lift(&f);
+  CHECK(out.state == LP_H_FAILED && strstr(out.err, "out of file descriptors") &&
+            strstr(out.err, "RLIMIT_NOFILE"),
+        "a host name at the limit: %d %s", out.state, out.err);
+  luapool__hloop_free(l);
 }
 
 static void *waker(void *p) {

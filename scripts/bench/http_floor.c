@@ -34,12 +34,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define RBUF 16384 /* the largest answer kept whole (the fixture's are small) */
+#define RBUF   65536 /* a read, per thread */
+#define MAXANS 65536 /* the largest answer kept whole (the fixture's are small) */
 
 typedef struct conn {
   int fd, sent, left; /* left: requests still to make on it */
-  size_t n;
-  char *buf;
+  size_t n;           /* bytes of a partial answer kept in buf */
+  char *buf;          /* (NULL until an answer comes in pieces) */
 } conn;
 
 typedef struct job {
@@ -50,6 +51,7 @@ typedef struct job {
   int nc;
   const char *err; /* the first failure, static text */
   char detail[160];
+  char rbuf[RBUF];
 } job;
 
 static double now(void) {
@@ -74,22 +76,28 @@ static long number(const char *s, long lo, long hi, const char *what) {
   return v;
 }
 
-/* Whether c->buf holds a whole answer; its length in *len.  -1: not a 200 or
-** malformed (j->err says which). */
-static int complete(job *j, conn *c, size_t *len) {
-  char *b = c->buf, *end = memmem(b, c->n, "\r\n\r\n", 4);
+/* Whether the n bytes at b begin with a whole answer; its length in *len.
+** -1: not a 200, malformed, or a close announced while requests remain
+** (j->err says which). */
+static int complete(job *j, const char *b, size_t n, int more, size_t *len) {
+  const char *end = memmem(b, n, "\r\n\r\n", 4);
   if (end == NULL) return 0;
-  if (c->n < 12 || memcmp(b, "HTTP/1.", 7) != 0 || memcmp(b + 8, " 200", 4) != 0) {
+  if (n < 12 || memcmp(b, "HTTP/1.", 7) != 0 || memcmp(b + 8, " 200", 4) != 0) {
     j->err = "an answer that is not a 200";
-    snprintf(j->detail, sizeof j->detail, "%.*s", (int)(end - b < 100 ? end - b : 100), b);
+    snprintf(j->detail, sizeof j->detail, "%.*s", (int)strcspn(b, "\r\n") % 100, b);
     return -1;
   }
   size_t head = (size_t)(end - b) + 4;
+  if (more && (memmem(b, head, "\r\nConnection: close", 19) ||
+               memmem(b, head, "\r\nconnection: close", 19))) {
+    j->err = "the server closes its connections (Connection: close): chain needs keep-alive";
+    return -1;
+  }
   const char *cl = memmem(b, head, "\r\nContent-Length:", 17);
   if (cl == NULL) cl = memmem(b, head, "\r\ncontent-length:", 17);
   if (cl) {
     size_t body = strtoul(cl + 17, NULL, 10);
-    if (c->n < head + body) return 0;
+    if (n < head + body) return 0;
     *len = head + body;
     return 1;
   }
@@ -99,7 +107,7 @@ static int complete(job *j, conn *c, size_t *len) {
   }
   size_t i = head;
   for (;;) { /* size line, data, CRLF; the last chunk then an empty trailer */
-    char *eol = memmem(b + i, c->n - i, "\r\n", 2);
+    const char *eol = memmem(b + i, n - i, "\r\n", 2);
     if (eol == NULL) return 0;
     char *hexend;
     size_t sz = strtoul(b + i, &hexend, 16);
@@ -109,7 +117,7 @@ static int complete(job *j, conn *c, size_t *len) {
     }
     i = (size_t)(eol - b) + 2;
     if (sz == 0) {
-      if (c->n - i < 2) return 0;
+      if (n - i < 2) return 0;
       if (memcmp(b + i, "\r\n", 2) != 0) {
         j->err = "trailers (not expected from the fixture)";
         return -1;
@@ -117,7 +125,7 @@ static int complete(job *j, conn *c, size_t *len) {
       *len = i + 2;
       return 1;
     }
-    if (c->n - i < sz + 2) return 0;
+    if (n - i < sz + 2) return 0;
     i += sz + 2;
   }
 }
@@ -174,42 +182,65 @@ static int run(job *j) {
   }
   struct epoll_event ev[256];
   while (active > 0) {
-    int n = epoll_wait(ep, ev, 256, 30000);
-    if (n <= 0) {
-      j->err = n == 0 ? "no event for 30 s" : "epoll_wait failed";
+    int nev = epoll_wait(ep, ev, 256, 30000);
+    if (nev <= 0) {
+      j->err = nev == 0 ? "no event for 30 s" : "epoll_wait failed";
       return -1;
     }
-    for (int e = 0; e < n; e++) {
+    for (int e = 0; e < nev; e++) {
       int k = (int)ev[e].data.u32;
       conn *c = &j->c[k];
       if (!c->sent) {
         if (send_req(j, ep, k) != 0) return -1;
         continue;
       }
-      ssize_t r = recv(c->fd, c->buf + c->n, RBUF - c->n, 0);
+      ssize_t r = recv(c->fd, j->rbuf, RBUF, 0);
       if (r <= 0) {
         if (r < 0 && errno == EAGAIN) continue;
         j->err = r == 0 ? "the server closed a connection mid-answer" : "recv failed";
         return -1;
       }
-      c->n += (size_t)r;
-      size_t len;
-      int got = complete(j, c, &len);
-      if (got < 0) return -1;
-      if (got == 0) {
-        if (c->n == RBUF) {
-          j->err = "an answer larger than 16 KiB";
+      const char *b = j->rbuf;
+      size_t n = (size_t)r;
+      if (c->n > 0) { /* the rest of a partial answer */
+        if (c->n + n > MAXANS) {
+          j->err = "an answer larger than 64 KiB";
           return -1;
         }
-        continue;
+        memcpy(c->buf + c->n, b, n);
+        c->n += n;
+        b = c->buf;
+        n = c->n;
       }
-      memmove(c->buf, c->buf + len, c->n - len);
-      c->n -= len;
-      if (--c->left > 0) {
-        if (send_req(j, ep, k) != 0) return -1;
-      } else {
-        active--;
+      size_t len;
+      int got;
+      while (c->left > 0 && (got = complete(j, b, n, c->left > 1, &len)) != 0) {
+        if (got < 0) return -1;
+        b += len;
+        n -= len;
+        if (--c->left > 0) {
+          if (send_req(j, ep, k) != 0) return -1;
+        } else { /* done: its events (the server's close) no longer count */
+          active--;
+          epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        }
       }
+      if (c->left == 0 && n > 0) {
+        j->err = "bytes after the last answer";
+        return -1;
+      }
+      if (n > 0) { /* a partial answer: kept until the rest */
+        if (n > MAXANS) {
+          j->err = "an answer larger than 64 KiB";
+          return -1;
+        }
+        if (c->buf == NULL && (c->buf = malloc(MAXANS)) == NULL) {
+          j->err = "out of memory";
+          return -1;
+        }
+        memmove(c->buf, b, n);
+      }
+      c->n = n;
     }
   }
   for (int k = 0; k < j->nc; k++) {
@@ -261,14 +292,11 @@ int main(int argc, char **argv) {
     setrlimit(RLIMIT_NOFILE, &rl);
   }
   conn *cs = calloc((size_t)nc, sizeof *cs);
-  char *bufs = malloc((size_t)nc * RBUF);
   job *jobs = calloc((size_t)nth, sizeof *jobs);
   pthread_t *th = calloc((size_t)nth, sizeof *th);
-  if (cs == NULL || bufs == NULL || jobs == NULL || th == NULL) die("out of memory");
-  for (int k = 0; k < nc; k++) {
-    cs[k].buf = bufs + (size_t)k * RBUF;
+  if (cs == NULL || jobs == NULL || th == NULL) die("out of memory");
+  for (int k = 0; k < nc; k++)
     cs[k].left = many ? 1 : n / nc + (k < n % nc);
-  }
   double t0 = now();
   for (int i = 0; i < nth; i++) {
     job *j = &jobs[i];
@@ -299,8 +327,9 @@ int main(int argc, char **argv) {
   else
     printf("http_floor: chain %d requests over %d connection(s) on %d thread(s) in %.3f s\n", n, nc,
            nth, secs);
+  for (int k = 0; k < nc; k++)
+    free(cs[k].buf);
   free(cs);
-  free(bufs);
   free(jobs);
   free(th);
   return 0;

@@ -412,7 +412,8 @@ if curl_ok then
                body = command(curl_cmd(small_conf, SMALL_CONC)) }
 end
 if floor_ok then
-  suite:case { group = "small-20k", name = ("floor: bare epoll client, %d kept alive, 2 threads"):format(SMALL_CONC),
+  suite:case { group = "small-20k",
+               name = ("floor: bare epoll client, %d kept alive, %d threads"):format(SMALL_CONC, IO_LOOPS),
                params = { fetches = SMALL_N, concurrency = SMALL_CONC }, units = SMALL_N, unit = "req",
                body = command(floor_cmd("chain", "/bytes?n=" .. BYTES, SMALL_N, SMALL_CONC, IO_LOOPS)) }
 end
@@ -619,7 +620,7 @@ if small then
   end
   local b = r(small_base .. " (before)")
   if b then print(("  %-30s %s"):format("--before", bench.format_rate(SMALL_N / b.median, "req"))) end
-  local fl = r(("floor: bare epoll client, %d kept alive, 2 threads"):format(SMALL_CONC))
+  local fl = r(("floor: bare epoll client, %d kept alive, %d threads"):format(SMALL_CONC, IO_LOOPS))
   if fl then
     print(("  %-30s %s: luapool %.2fx its rate"):format("floor (bare epoll client)",
       bench.format_rate(SMALL_N / fl.median, "req"), lp_rate / (SMALL_N / fl.median)))

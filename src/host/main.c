@@ -40,6 +40,7 @@
 #include "base/ctrlc.h"
 #include "engines/engines.h"
 #include "engines/mpipool.h"
+#include "kernels/kernel.h" /* luapool__http_thread_cleanup */
 #include "bind/luapool.h"
 #include "base/util.h"
 #include "worker/wstate.h"
@@ -836,6 +837,10 @@ static void *run_host(void *arg) {
                               : "interrupted: the script received SIGINT");
   }
   lua_close(L);
+  /* The loop the script's blocking requests ran on: closed here, its kept
+  ** connections reset (luapool__hl_close_fd), not left to exit's FIN and
+  ** TIME_WAIT. */
+  luapool__http_thread_cleanup();
   free(luapool__host_exe);
 #ifdef LUAPOOL_HAVE_MPI
   if (mpi_plugin) mpi_plugin->end(); /* every pool is gone with the state */

@@ -28,6 +28,7 @@
 #include <stdarg.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -572,7 +573,7 @@ static void fresh(lp_hloop *l, lp_hreq *r) {
   send_request(l, c, 0);
 }
 
-static void connected(lp_hloop *l, hconn *c, uint32_t events) {
+static void connected(lp_hloop *l, hconn *c) {
   lp_hreq *r = c->r;
   int err = 0;
   socklen_t len = sizeof err;
@@ -581,10 +582,13 @@ static void connected(lp_hloop *l, hconn *c, uint32_t events) {
     connect_failed(l, r);
     return;
   }
-  struct sockaddr_storage peer;
-  socklen_t plen = sizeof peer;
-  if (!(events & (EPOLLERR | EPOLLHUP)) && getpeername(c->fd, (struct sockaddr *)&peer, &plen) != 0)
-    return; /* still connecting: an event meant for the descriptor's last owner */
+  /* An event meant for the descriptor's last owner: its number was reused
+  ** within one epoll batch (a connection closed, or evicted out of
+  ** descriptors, and this socket made), and the event's bits say nothing of
+  ** this socket, which is still connecting while it is neither writable nor
+  ** in error. */
+  struct pollfd pf = {c->fd, POLLOUT, 0};
+  if (poll(&pf, 1, 0) == 0) return;
   r->t_conn = luapool__now();
   send_request(l, c, EPOLLOUT);
 }
@@ -1155,7 +1159,7 @@ void luapool__hn_event(lp_hloop *l, int fd, uint32_t events) {
   if (c == NULL) return; /* closed earlier in this batch: its number may be libcurl's now */
   switch (c->state) {
     case C_CONNECT:
-      if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) connected(l, c, events);
+      if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) connected(l, c);
       break;
     case C_SEND: {
       int rc = send_more(l, c);
@@ -1167,10 +1171,15 @@ void luapool__hn_event(lp_hloop *l, int fd, uint32_t events) {
       break;
     }
     case C_RECV: recv_ready(l, c); break;
-    default: /* idle: the server closed it, or sent what nobody asked for */
+    default: { /* idle: the server closed it, or sent what nobody asked for */
+      char b;
+      if (recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
+          (errno == EAGAIN || errno == EWOULDBLOCK))
+        break; /* nothing came: an event of the number's last owner (see connected) */
       idle_unlink(l, c);
       conn_close(l, c);
       break;
+    }
   }
 }
 

@@ -47,6 +47,7 @@
 ** with a time budget (timeout, or the task's deadline) does not retry when
 ** the wait would end past it: the last answer (or failure) is its result.
 */
+#include <arpa/inet.h> /* inet_pton */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -495,6 +496,61 @@ int luapool__hl_close_fd(const lp_hloop *l, int fd) {
   return close(fd);
 }
 
+#if LIBCURL_VERSION_NUM >= 0x073b00 /* 7.59: CURLOPT_RESOLVER_START_FUNCTION */
+/* Descriptors a host name's resolving takes before open_socket is asked
+** for one: libcurl's threaded resolver's socketpair, then the resolver's own
+** files (/etc/hosts, a DNS socket). */
+#define RESOLVE_FDS 4
+
+/* Before libcurl resolves a name: at the descriptor limit, the native idle
+** connections give way (as in open_socket), and a request that still finds
+** too few fails saying descriptors ran out, not "getaddrinfo() thread failed
+** to start".  Probed with dups of the loop's epoll descriptor. */
+/* Whether url's host is an IP address (libcurl asks its resolver-start
+** callback for those too, then resolves nothing). */
+static int ip_host(const char *url) {
+  const char *h = strstr(url, "://");
+  h = h ? h + 3 : url;
+  size_t n = strcspn(h, "/?#");
+  const char *at = memchr(h, '@', n);
+  if (at) {
+    n -= (size_t)(at + 1 - h);
+    h = at + 1;
+  }
+  if (n > 0 && h[0] == '[') return 1;
+  char buf[64];
+  size_t hn = strcspn(h, ":/?#");
+  if (hn > n) hn = n;
+  if (hn == 0 || hn >= sizeof buf) return 0;
+  memcpy(buf, h, hn);
+  buf[hn] = '\0';
+  struct in_addr a;
+  return inet_pton(AF_INET, buf, &a) == 1;
+}
+
+static int resolver_start(void *resolver_state, void *reserved, void *ud) {
+  (void)resolver_state;
+  (void)reserved;
+  lp_hreq *r = ud;
+  if (ip_host(cur_url(r))) return 0;
+  int fds[RESOLVE_FDS], n = 0;
+  while (n < RESOLVE_FDS) {
+    int fd = fcntl(r->loop->ep, F_DUPFD_CLOEXEC, 0);
+    if (fd >= 0) {
+      fds[n++] = fd;
+    } else if ((errno == EMFILE || errno == ENFILE) && luapool__hn_evict_idle(r->loop)) {
+      continue;
+    } else {
+      if (errno == EMFILE || errno == ENFILE) r->fd_errno = errno;
+      break;
+    }
+  }
+  while (n > 0)
+    close(fds[--n]);
+  return 0; /* (libcurl goes on: short of descriptors, it fails, and r->fd_errno names why) */
+}
+#endif
+
 /* libcurl closes its sockets here (every connection remembers the loop):
 ** the table forgets the descriptor before its number can be reused. */
 static int close_socket(void *ud, curl_socket_t s) {
@@ -541,6 +597,10 @@ static CURLcode setup(lp_hreq *r, long timeout_ms) {
   SETOPT(h, CURLOPT_OPENSOCKETDATA, (void *)r);
   SETOPT(h, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
   SETOPT(h, CURLOPT_CLOSESOCKETDATA, (void *)r->loop);
+#if LIBCURL_VERSION_NUM >= 0x073b00
+  SETOPT(h, CURLOPT_RESOLVER_START_FUNCTION, resolver_start);
+  SETOPT(h, CURLOPT_RESOLVER_START_DATA, (void *)r);
+#endif
   if (r->head) {
     SETOPT(h, CURLOPT_NOBODY, 1L);
   } else if (strcmp(r->method, "POST") == 0) {
@@ -572,6 +632,9 @@ static CURLcode setup_plain(lp_hreq *r, long timeout_ms) {
   SETOPT(h, CURLOPT_HEADERDATA, (void *)r);
   SETOPT(h, CURLOPT_OPENSOCKETDATA, (void *)r);
   SETOPT(h, CURLOPT_CLOSESOCKETDATA, (void *)r->loop);
+#if LIBCURL_VERSION_NUM >= 0x073b00
+  SETOPT(h, CURLOPT_RESOLVER_START_DATA, (void *)r);
+#endif
   return CURLE_OK;
 }
 

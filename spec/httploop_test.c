@@ -321,6 +321,25 @@ static void raw_done(lp_hreq *r, void *ud) {
   luapool__hreq_free(r);
 }
 
+/* A request of url (5 s, no retry), method (NULL: GET) following up to
+** max_redirs redirects. */
+static lp_hreq *url_req(const char *url, const char *method, int max_redirs) {
+  char err[256];
+  lp_hreq_opts o;
+  memset(&o, 0, sizeof o);
+  o.url = url;
+  o.method = method;
+  o.timeout = 5;
+  o.max_redirs = max_redirs;
+  o.retry_delay = -1;
+  lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+  if (r == NULL) {
+    fprintf(stderr, "hreq_new: %s\n", err);
+    exit(2);
+  }
+  return r;
+}
+
 /* Microseconds raw_run waits between two requests without running the
 ** loop (as a blocking caller does between its calls). */
 static useconds_t raw_gap_us;
@@ -328,17 +347,11 @@ static useconds_t raw_gap_us;
 /* requests one after the other on one loop, each answered by s */
 static void raw_run(raw_srv *s, int nreq, raw_out *out, int max_redirs) {
   lp_hloop *l = loop(0, 0);
-  char url[128], err[256];
+  char url[128];
   snprintf(url, sizeof url, "http://127.0.0.1:%d/x", s->port);
   for (int i = 0; i < nreq; i++) {
     if (i > 0 && raw_gap_us) usleep(raw_gap_us);
-    lp_hreq_opts o;
-    memset(&o, 0, sizeof o);
-    o.url = url;
-    o.timeout = 5;
-    o.max_redirs = max_redirs;
-    o.retry_delay = -1;
-    lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+    lp_hreq *r = url_req(url, NULL, max_redirs);
     memset(&out[i], 0, sizeof out[i]);
     luapool__hloop_add(l, r, raw_done, &out[i]);
     run_all(l, 10);
@@ -573,16 +586,11 @@ static void test_close_resets(void) {
       raw_listen(&e.s);
       pthread_create(&e.s.th, NULL, end_main, &e);
       lp_hloop *l = loop(0, 0);
-      char url[128], err[256];
+      char url[128];
       snprintf(url, sizeof url, "http://127.0.0.1:%d/x", e.s.port);
       raw_out out[2];
       for (int i = 0; i < 1 + mid; i++) {
-        lp_hreq_opts o;
-        memset(&o, 0, sizeof o);
-        o.url = url;
-        o.timeout = 5;
-        o.retry_delay = -1;
-        lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
+        lp_hreq *r = url_req(url, NULL, 0);
         memset(&out[i], 0, sizeof out[i]);
         luapool__hloop_add(l, r, raw_done, &out[i]);
         if (i == 0) {
@@ -827,6 +835,21 @@ static void test_emfile(void) {
   luapool__hloop_free(l);
 }
 
+/* r run to its end on l with every descriptor taken (its answer in out);
+** s, if any, is started to answer it with one descriptor of its own. */
+static void run_at_limit(lp_hloop *l, lp_hreq *r, raw_out *out, raw_srv *s) {
+  static fd_limit f;
+  limit_reach(&f);
+  if (s) {
+    s->spare = f.fds[--f.n]; /* the server's accept gets it, once the client has its socket */
+    raw_go(s);
+  }
+  memset(out, 0, sizeof *out);
+  luapool__hloop_add(l, r, raw_done, out);
+  run_all(l, 10);
+  limit_lift(&f);
+}
+
 /* A name /etc/hosts gives 127.0.0.1, other than localhost (which libcurl
 ** answers itself, without its resolver) into out; 0, or -1: none. */
 static int loopback_name(char *out, size_t cap) {
@@ -875,27 +898,11 @@ static void test_emfile_evicts(void) {
     memset(&s, 0, sizeof s);
     s.conns[0][0] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     raw_listen(&s);
-    char url[400], err[256];
+    char url[400];
     snprintf(url, sizeof url, "http://%s:%d/x", mode == 2 ? name : "127.0.0.1", s.port);
-    lp_hreq_opts o;
-    memset(&o, 0, sizeof o);
-    o.url = url;
-    o.timeout = 5;
-    o.retry_delay = -1;
-    if (mode == 1) {
-      o.method = "POST";
-      o.max_redirs = 1;
-    }
-    lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
-    static fd_limit f;
-    limit_reach(&f);
-    s.spare = f.fds[--f.n]; /* the server's accept gets it, once the client has its socket */
-    raw_go(&s);
+    lp_hreq *r = url_req(url, mode == 1 ? "POST" : NULL, mode == 1);
     raw_out out;
-    memset(&out, 0, sizeof out);
-    luapool__hloop_add(l, r, raw_done, &out);
-    run_all(l, 10);
-    limit_lift(&f);
+    run_at_limit(l, r, &out, &s);
     raw_stop(&s);
     CHECK(out.state == LP_H_OK && strcmp(out.body, "ok") == 0, "%s: at the limit: %d %s", m,
           out.state, out.err);
@@ -916,21 +923,11 @@ static void test_emfile_evicts(void) {
   if (!named) return;
   /* nothing idle to close: a host name fails saying descriptors ran out */
   lp_hloop *l = loop(0, 0);
-  char url[400], err[256];
+  char url[400];
   snprintf(url, sizeof url, "http://%s:%s/bytes?n=1", name, strrchr(base, ':') + 1);
-  lp_hreq_opts o;
-  memset(&o, 0, sizeof o);
-  o.url = url;
-  o.timeout = 5;
-  o.retry_delay = -1;
-  lp_hreq *r = luapool__hreq_new(&o, err, sizeof err);
-  static fd_limit f;
-  limit_reach(&f);
+  lp_hreq *r = url_req(url, NULL, 0);
   raw_out out;
-  memset(&out, 0, sizeof out);
-  luapool__hloop_add(l, r, raw_done, &out);
-  run_all(l, 10);
-  limit_lift(&f);
+  run_at_limit(l, r, &out, NULL);
   CHECK(out.state == LP_H_FAILED && strstr(out.err, "out of file descriptors") &&
             strstr(out.err, "RLIMIT_NOFILE"),
         "a host name at the limit: %d %s", out.state, out.err);

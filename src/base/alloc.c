@@ -45,7 +45,7 @@ static size_t pages_for(size_t n, size_t ps) {
   return (n + sizeof(big_hdr) + ps - 1) / ps;
 }
 
-static big_hdr *hdr_of(const void *p) { return (big_hdr *)(uintptr_t)p - 1; }
+static big_hdr *hdr_of(void *p) { return (big_hdr *)p - 1; }
 
 /* size bytes mapped; at a huge page's boundary and given to huge pages
 ** when it holds one. */
@@ -58,8 +58,8 @@ static char *map_pages(size_t size, size_t ps) {
   size_t over = size + HUGE_ALIGN - ps;
   void *m = mmap(NULL, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) return NULL;
-  char *a = (char *)(((uintptr_t)m + HUGE_ALIGN - 1) & ~(uintptr_t)(HUGE_ALIGN - 1));
-  size_t head = (size_t)(a - (char *)m), tail = over - head - size;
+  size_t head = (HUGE_ALIGN - (uintptr_t)m % HUGE_ALIGN) % HUGE_ALIGN, tail = over - head - size;
+  char *a = (char *)m + head;
   if (head) munmap(m, head);
   if (tail) munmap(a + size, tail);
   madvise(a, size, MADV_HUGEPAGE); /* (advice: without THP, plain pages) */
@@ -204,6 +204,8 @@ void *luapool__big_realloc(lp_bigheap *heap, void *p, size_t n) {
   if (k == 0) return NULL;
   if (r == NULL && old == 0) { /* malloc's (a shrink of it does not fail either) */
     big_hdr *g = realloc(h, sizeof *h + n);
+    /* (the block is g's, past its header: freed as such by luapool__big_free) */
+    /* cppcheck-suppress memleak */
     return g ? g + 1 : NULL;
   }
   if (k == old) return p;

@@ -222,6 +222,138 @@ describe("big strings from a threadpool", function()
   end)
 end)
 
+-- A thread worker's state takes its blocks of 256 KiB or more from a heap of
+-- its own: regions of 32 MiB given to huge pages, a block bigger than a
+-- region a mapping of its own (base/alloc.h, "big blocks").  What its Lua
+-- makes there must be exactly what it made, whatever the path (a new block,
+-- a buffer growing in place or moving, a table's array growing and
+-- shrinking back below the threshold); what it frees goes back to the
+-- system but one region; and none of it outlives the pool, except the
+-- strings unread results still refer to.
+local MiB = 1024 * KiB
+-- n bytes made quickly from a tagged 1 KiB piece (make is slow past MiBs).
+local function fast(tag, n)
+  local piece = make(tag, KiB)
+  return piece:rep(n // KiB) .. piece:sub(1, n % KiB)
+end
+
+describe("a thread worker's big blocks", function()
+  it("hold exactly what the worker made, at every size around the threshold and a region's", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    -- A string's block is its length plus 25 bytes (Lua 5.4's header and
+    -- terminator): these straddle 256 KiB, a region's 32 MiB (its blocks
+    -- carry 32 bytes of their own, and take whole pages) and go past it.
+    local sizes = { 256 * KiB - 26, 256 * KiB - 25, 256 * KiB, 3 * MiB + 1, 32 * MiB - 57, 32 * MiB - 56,
+                    33 * MiB + 5 }
+    local fs = {}
+    for i, n in ipairs(sizes) do fs[i] = pool:submit(fast, "z" .. i, n) end
+    for i, n in ipairs(sizes) do
+      local got = fs[i]:result(60)
+      assert.are.equal(n, #got)
+      assert.is_true(got == fast("z" .. i, n))
+    end
+  end)
+
+  it("grow and shrink in place or by moving, with their bytes", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local s, t, u, v = pool:submit(function(mk)
+      -- a buffer doubling from 1 KiB to 8 MiB (grown in place while the
+      -- pages after it are free, else moved), next to blocks that stay
+      local parts, keep = {}, {}
+      for i = 1, 8 * 1024 do
+        parts[i] = mk("g" .. i % 7, KiB)
+        if i % 1024 == 0 then keep[#keep + 1] = ("k"):rep(300 * KiB + i) end
+      end
+      local joined = table.concat(parts)
+      -- a table's array past the threshold, then shrunk below it by a rehash
+      local big_t, small_t = {}, {}
+      for i = 1, 40000 do big_t[i], small_t[i] = i * 3, i end
+      for i = 40000, 11, -1 do small_t[i] = nil end
+      collectgarbage()
+      small_t.x = "rehashed"
+      return joined, big_t, small_t, keep
+    end, make):result(60)
+    assert.are.equal(8 * MiB, #s)
+    for i = 1, 8 * 1024, 997 do assert.is_true(s:sub((i - 1) * KiB + 1, i * KiB) == make("g" .. i % 7, KiB)) end
+    assert.are.equal(40000, #t)
+    for i = 1, 40000 do assert.are.equal(i * 3, t[i]) end
+    assert.are.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, x = "rehashed" }, u)
+    assert.are.equal(8, #v)
+    for i = 1, 8 do assert.is_true(v[i] == ("k"):rep(300 * KiB + i * 1024)) end
+  end)
+
+  it("stay readable after the pool closed, in a region among freed blocks and in a mapping of their own",
+    function()
+      local sizes = { 300 * KiB, 20 * MiB, 40 * MiB }
+      local fs = {}
+      do
+        local pool <close> = luapool.threadpool.new { max_workers = 1 }
+        for i, n in ipairs(sizes) do
+          fs[i] = pool:submit(function(mk, tag, len)
+            do -- blocks freed around the result's
+              local junk = {}
+              for j = 1, 6 do junk[j] = ("j"):rep(MiB + j) end
+              assert(#junk == 6)
+            end
+            collectgarbage()
+            return mk(tag, len)
+          end, fast, "c" .. i, n)
+        end
+        luapool.wait(fs, nil, 60)
+      end -- closed: every block but the results' went with the state
+      collectgarbage()
+      for i = #sizes, 1, -1 do assert.is_true(fs[i]:result(0) == fast("c" .. i, sizes[i])) end
+      for i = 1, #sizes do assert.is_true(fs[i]:result(0) == fast("c" .. i, sizes[i])) end
+    end)
+
+  it("go back to the system once freed, but for one region a worker keeps", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 1 }
+    local before, held, after = pool:submit(function()
+      local function rss() return tonumber(io.open("/proc/self/status"):read("a"):match("VmRSS:%s*(%d+)")) // 1024 end
+      collectgarbage()
+      local r0 = rss()
+      local r1
+      do
+        local t = {}
+        for i = 1, 96 do t[i] = ("b"):rep(MiB + i) end
+        r1 = assert(#t == 96) and rss()
+      end
+      collectgarbage()
+      collectgarbage()
+      return r0, r1, rss()
+    end):result(60)
+    assert.is_true(held >= before + 96, ("held %d MiB from %d"):format(held, before))
+    -- (a malloc arena would have kept all 96 MiB: generous, a region is 32)
+    assert.is_true(after <= before + 40, ("kept %d MiB from %d"):format(after, before))
+  end)
+
+  it("are all gone when the pool closes (luapool's own host)", function()
+    local out, err, code = h.run({ "-e", [[
+      local function rss() return tonumber(io.open("/proc/self/status"):read("a"):match("VmRSS:%s*(%d+)")) // 1024 end
+      collectgarbage()
+      local r0 = rss()
+      do
+        local pool <close> = luapool.threadpool.new { max_workers = 2 }
+        local fs = {}
+        for i = 1, 2 do
+          fs[i] = pool:submit(function()
+            local t = {}
+            for j = 1, 48 do t[j] = ("a"):rep((1 << 20) + j) end
+            return #t
+          end)
+        end
+        for i = 1, 2 do assert(fs[i]:result(60) == 48) end
+      end
+      collectgarbage()
+      print(rss() - r0)
+    ]] })
+    assert.are.equal("", err)
+    assert.are.equal(0, code)
+    -- (malloc's arenas, under the host's policy, would have kept the 96 MiB)
+    assert.is_true(math.tointeger(tonumber(out)) <= 16, out)
+  end)
+end)
+
 describe("big strings on a processpool", function()
   it("arrive exactly (copied: no process takes another's addresses)", function()
     local pool <close> = luapool.processpool.new { max_workers = 1 }

@@ -43,4 +43,42 @@ static inline char *lp_strdup(const char *s) {
 }
 static inline void lp_free(void *p) { free(p); }
 
+/* {====== big blocks
+** A heap for blocks of LP_BIG_MIN bytes or more, made of regions mapped
+** for it and given to transparent huge pages (MADV_HUGEPAGE): a page
+** fault there brings in 2 MiB at once, not 4 KiB, and unmapping is as
+** cheap.  Blocks start on a page, with a header in front, and take whole
+** pages: a bitmap of each region says which are in use (first fit, so the
+** memory just freed is the memory used next), and of all the regions
+** whose last block went one is kept, the others unmapped.  A block bigger
+** than a region has a mapping of its own instead (as malloc gives one to a
+** block past its mmap threshold: main.c); when no mapping can be had
+** (the kernel's map count, an address-space limit), a block comes from
+** malloc.  The header says which, so any block is freed by
+** luapool__big_free.  A heap belongs to one thread (a worker's Lua state,
+** worker.c); once closed, the blocks it still had (pinned strings a
+** reply holds) are mappings of their own, freed from any thread. */
+#define LP_BIG_MIN    ((size_t)256 << 10)
+#define LP_BIG_REGION ((size_t)32 << 20) /* a region's size */
+typedef struct lp_bigheap {
+  struct lp_bigregion *regions; /* the oldest first */
+} lp_bigheap;
+/* A block of at least n bytes (aligned for any object), or NULL. */
+void *luapool__big_alloc(lp_bigheap *h, size_t n);
+/* Resizes p (h's, or of its own) to at least n bytes, keeping its first
+** min(old, n): in place when the pages after it are free, else moved (a
+** mapping of its own moves by its pages, never its bytes).  NULL when
+** that fails (p is left as it was); a shrink never fails. */
+void *luapool__big_realloc(lp_bigheap *h, void *p, size_t n);
+/* Frees p (NULL: nothing): h's own only on h's thread; after h closed, or
+** a block of its own, from any thread. */
+void luapool__big_free(void *p);
+/* A word of p's header its owner may use (worker.c links blocks by it). */
+void **luapool__big_link(void *p);
+/* The heap's owner is done: a region with no block left is unmapped, the
+** free pages of the others too, and each block left becomes a mapping of
+** its own.  h is empty after it (and may be used again). */
+void luapool__big_close(lp_bigheap *h);
+/* }====== */
+
 #endif

@@ -345,7 +345,10 @@ void luapool__future_finish_pinned(lp_future *f, char *reply, size_t len, int co
 
 void luapool__pinned_unref(lp_pinned *p) {
   if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) != 1) return;
-  lp_free(p->block);
+  if (p->big)
+    luapool__big_free(p->block);
+  else
+    lp_free(p->block);
   lp_free(p);
 }
 

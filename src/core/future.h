@@ -155,6 +155,7 @@ typedef struct lp_pinned {
   const char *s; /* the string's bytes (len of them) */
   size_t len;
   void *block;            /* the string's memory, once its state closed */
+  int big;                /* block is a big block (base/alloc.h), else malloc's */
   struct lp_pinned *next; /* in the worker's list (its thread only) */
 } lp_pinned;
 /* One pin in a reply's list, as its bytes hold it (unaligned: memcpy). */

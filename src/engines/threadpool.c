@@ -26,6 +26,7 @@ typedef struct tworker {
   lp_worker w; /* must be first: the executor sees an lp_worker */
   lp_wstate ws;
   lp_wpins pins; /* ws.pins: its replies refer to its big strings */
+  lp_wbig big;   /* ws.big: its state's big blocks */
   lp_buf out;
   int initialized;
   lp_paths *paths; /* the paths ws has (a reference), NULL before the first task */
@@ -64,6 +65,7 @@ static int thread_start(lp_worker *w) {
   t->ws.intr = &w->intr;
   t->ws.call_start = thread_call_start;
   t->ws.pins = &t->pins;
+  t->ws.big = &t->big;
   return 0;
 }
 

@@ -291,6 +291,54 @@ typedef struct run_ctx {
   uint32_t nerr_mark; /* nerr at that point */
 } run_ctx;
 
+/* {====== a thread worker state's big blocks (worker.h) */
+
+/* Is p (of a small size) a big block Lua shrank?  Unlinks it if so. */
+static int unlink_shrunk(lp_wbig *b, void *p) {
+  for (void **pp = &b->shrunk; *pp; pp = luapool__big_link(*pp))
+    if (*pp == p) {
+      *pp = *luapool__big_link(p);
+      return 1;
+    }
+  return 0;
+}
+
+/* The Lua allocator of a thread worker's state (ud: its lp_wbig). */
+static void *thread_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  lp_wbig *b = ud;
+  size_t old = ptr ? osize : 0;
+  if (old < LP_BIG_MIN && !(b->shrunk && ptr && unlink_shrunk(b, ptr))) { /* a small block */
+    if (nsize == 0) {
+      free(ptr);
+      return NULL;
+    }
+    if (nsize < LP_BIG_MIN) return realloc(ptr, nsize);
+    void *np = luapool__big_alloc(&b->heap, nsize);
+    if (np && ptr) {
+      memcpy(np, ptr, old);
+      free(ptr);
+    }
+    return np;
+  }
+  if (nsize == 0) {
+    luapool__big_free(ptr);
+    return NULL;
+  }
+  if (nsize >= LP_BIG_MIN)
+    return luapool__big_realloc(&b->heap, ptr, nsize); /* (NULL: ptr stays) */
+  void *np = malloc(nsize);                            /* a big block shrinks to a small one */
+  if (np == NULL) { /* a shrink must not fail: the big block stays, marked */
+    *luapool__big_link(ptr) = b->shrunk;
+    b->shrunk = ptr;
+    return ptr;
+  }
+  memcpy(np, ptr, nsize);
+  luapool__big_free(ptr);
+  return np;
+}
+
+/* }====== */
+
 /* {====== pinned strings (worker.h) */
 
 static const char PINS_KEY = 0; /* registry: the anchors, address -> string */
@@ -328,6 +376,7 @@ static int pin_string(void *ud, lua_State *L, int idx, const char *s, size_t len
     p->s = s;
     p->len = len;
     p->block = NULL;
+    p->big = 0;
     p->next = w->live;
     w->live = p;
   }
@@ -402,33 +451,39 @@ void luapool__pins_drop(lp_wstate *ws) {
 
 /* The state's allocator while it closes with strings replies still hold:
 ** their memory is kept (each string's block is the one its bytes lie in,
-** found without knowing Lua's layout), everything else goes as Lua's own
-** allocator (realloc and free) would have it. */
+** found without knowing Lua's layout), everything else goes as the
+** state's own allocator would have it (thread_alloc, or Lua's realloc and
+** free). */
 static void *keep_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   lp_wstate *ws = ud;
-  if (nsize) return realloc(ptr, nsize);
-  if (ptr && osize >= LP_PIN_MIN)
+  lp_wbig *b = ws->big;
+  if (ptr && nsize == 0 && osize >= LP_PIN_MIN)
     for (lp_pinned *p = ws->pins->live; p; p = p->next)
       if (p->block == NULL && (const char *)ptr <= p->s && p->s < (const char *)ptr + osize) {
         p->block = ptr;
+        p->big = b && (osize >= LP_BIG_MIN || unlink_shrunk(b, ptr));
         return NULL;
       }
-  free(ptr);
-  return NULL;
+  if (b == NULL) {
+    if (nsize) return realloc(ptr, nsize);
+    free(ptr);
+    return NULL;
+  }
+  return thread_alloc(b, ptr, osize, nsize);
 }
 
 void luapool__pins_close(lp_wstate *ws) {
   lp_wpins *w = ws->pins;
   if (w == NULL || ws->L == NULL) {
     luapool__wstate_close(ws);
+    if (ws->big) luapool__big_close(&ws->big->heap);
     return;
   }
   luapool__pins_drop(ws);
   luapool__pins_sweep(ws);
-  /* (the state was made by luaL_newstate: realloc and free, which
-  ** keep_alloc does too) */
   if (w->live) lua_setallocf(ws->L, keep_alloc, ws);
   luapool__wstate_close(ws);
+  if (ws->big) luapool__big_close(&ws->big->heap); /* (the kept blocks: mappings of their own) */
   while (w->live) {
     lp_pinned *p = w->live;
     w->live = p->next;
@@ -564,8 +619,11 @@ static lua_State *ensure_state(lp_wstate *ws) {
   if (ws->L) return ws->L;
   lua_State *L = ws->mem_cap ? lua_newstate(capped_alloc, ws) : luaL_newstate();
   if (L == NULL) return NULL;
+  /* (luaL_newstate's panic and warning functions; no block of it is big) */
+  if (ws->big) lua_setallocf(L, thread_alloc, ws->big);
   if (luapool__worker_state_init(L, ws) != 0) {
     lua_close(L);
+    if (ws->big) luapool__big_close(&ws->big->heap);
     return NULL;
   }
   ws->L = L;

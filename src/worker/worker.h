@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 
+#include "base/alloc.h"
 #include "base/buf.h"
 #include "codec/message.h"
 #include "worker/wstate.h"
@@ -36,6 +37,24 @@ void luapool__pins_drop(lp_wstate *ws);
 /* Closes ws's state (luapool__wstate_close); the strings replies still
 ** hold keep their memory, which the last of those replies frees. */
 void luapool__pins_close(lp_wstate *ws);
+/* }====== */
+
+/* {====== a thread worker state's big blocks
+** A thread engine sets ws->big to a zeroed lp_wbig of its own; then the
+** worker's Lua state takes every block of LP_BIG_MIN bytes or more from
+** its own heap of huge-page regions (base/alloc.h), and small blocks from
+** malloc as luaL_newstate's do.  A big result string's pages are faulted
+** in 2 MiB at a time, and what the state frees is used again for its next
+** big blocks; all of it goes back to the system when the state closes
+** (the blocks of strings replies still hold go when the last of those
+** replies does).  All on the worker's thread. */
+typedef struct lp_wbig {
+  lp_bigheap heap;
+  /* Big blocks Lua shrank below LP_BIG_MIN when malloc had no small block
+  ** for them (a shrink must not fail), linked by luapool__big_link: a
+  ** block of a small size is one of these only while this is not NULL. */
+  void *shrunk;
+} lp_wbig;
 /* }====== */
 
 /* ws's Lua state, created on first use (NULL: no memory). */

@@ -75,6 +75,9 @@ typedef struct lp_wstate {
   /* A thread worker's pinned strings (worker.h: luapool__pins_*), NULL
   ** elsewhere: only a thread's replies may refer to its strings. */
   struct lp_wpins *pins;
+  /* A thread worker's big blocks (worker.h: lp_wbig), NULL elsewhere: the
+  ** state's allocator is then Lua's own (realloc and free). */
+  struct lp_wbig *big;
 } lp_wstate;
 
 /* {====== waiting inside an iopool task

@@ -792,8 +792,9 @@ int luapool__mpi_serve(void) {
       ** hot as an idle loop's (mpi_proto.h) while a slot is free: the next
       ** task of a map, sent while this one runs, reaches the local queue
       ** before this one ends, and its worker takes it without a round trip
-      ** to rank 0.  With every slot busy the poll is slow (the next settle
-      ** makes it hot again): the workers need the cores more. */
+      ** to rank 0.  With every slot busy the poll is slow (a settle wakes
+      ** the loop, and one that frees a slot makes it hot again): the
+      ** workers need the cores more. */
       double pause =
           slots_full(&sv) ? MPI_BUSY_POLL_US * 1e-6 : luapool__mpi_pause(now - last, 1000);
       if (pause == 0)

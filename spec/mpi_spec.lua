@@ -276,6 +276,81 @@ describe("mpipool", function()
       .. "242999959500001500000 732333248833335500000\nfalse\ttask\t1\n2\t1\n", out)
   end)
 
+  it("sends a short map's chunks to its ranks at once, up to two a slot", function()
+    -- two ranks of one slot, their pace known (a stream of quick tasks
+    -- first): all five chunks are sent (running) while the first ones run,
+    -- three to one rank and two to the other, where one a slot left the
+    -- fifth on rank 0 until an answer came.  The chunks wait for a file the
+    -- map's progress output makes once it saw them all running (or after 3 s)
+    local go = os.tmpname()
+    os.remove(go)
+    local out = mpiok(3, ([[
+      local mp <close> = mpipool.new {}
+      local fs = {}
+      for i = 1, 2000 do fs[i] = mp:submit(function(x) return x end, i) end
+      for i = 1, 2000 do fs[i]:result() end
+      local most, t0 = 0, luapool.now()
+      local function seen()
+        most = math.max(most, mp:stats().running)
+        local f = io.open(%q)
+        if f then f:close() elseif most == 5 or luapool.now() - t0 > 3 then io.open(%q, "w"):close() end
+      end
+      local r = mp:map(function(path)
+        local t = luapool.now()
+        while luapool.now() - t < 20 do
+          local f = io.open(path)
+          if f then f:close() break end
+          luapool.sleep(0.005)
+        end
+        return luapool.current_worker().rank
+      end, { %q, %q, %q, %q, %q }, { chunksize = 1, progress = { tty = true, interval = 0.05, output = seen } })
+      print(most, r[1] == r[3] and r[3] == r[5] and r[2] == r[4] and r[1] ~= r[2])]]):format(
+      go, go, go, go, go, go, go))
+    os.remove(go)
+    assert.are.equal("5\ttrue\n", out)
+  end)
+
+  it("polls MPI slowly on a rank whose slots are all busy, and on rank 0 with nothing queued", function()
+    -- (counts, not speed: the voluntary context switches of the rank's
+    -- loop, read by its worker, and of rank 0's threads other than the
+    -- script's, over a task of 20 ms.  Polling every 50 us, as both did for
+    -- 10 ms after a message, they took 110-160; the rank now polls every
+    -- 1 ms (about 20) and rank 0 backs off (about 60 with MPI's threads))
+    local out = mpiok(3, [[
+      local mp <close> = mpipool.new {}
+      local me = luapool.current_worker().pid
+      local function switches(pid, tid)
+        local n = 0
+        local f = io.popen(tid and ("cat /proc/%d/task/%d/status"):format(pid, tid)
+          or ("cat /proc/%d/task/*/status"):format(pid))
+        for v in f:read("a"):gmatch("\nvoluntary_ctxt_switches:%s*(%d+)") do n = n + tonumber(v) end
+        f:close()
+        return n
+      end
+      local task = function(d)
+        local rank = io.open("/proc/self/stat"):read("a"):match("^%d+ %b() %a (%d+)")
+        local function loop()
+          local s = io.open("/proc/" .. rank .. "/task/" .. rank .. "/status"):read("a")
+          return tonumber(s:match("\nvoluntary_ctxt_switches:%s*(%d+)"))
+        end
+        local a = loop()
+        luapool.sleep(d)
+        return loop() - a
+      end
+      mp:submit(task, 0.001):result()
+      local worst_rank, worst_owner = 0, 0
+      for _ = 1, 3 do
+        luapool.sleep(0.05)
+        local a, am = switches(me), switches(me, me)
+        local r = mp:submit(task, 0.02):result()
+        local b, bm = switches(me), switches(me, me)
+        worst_rank = math.max(worst_rank, r)
+        worst_owner = math.max(worst_owner, (b - a) - (bm - am))
+      end
+      print(worst_rank <= 60 or worst_rank, worst_owner <= 100 or worst_owner)]])
+    assert.are.equal("true\ttrue\n", out)
+  end)
+
   it("leaves idle ranks and rank 0 at almost no CPU", function()
     -- (no speed here: utime + stime from /proc over 2 s, well after the last
     -- task; a loop that spun would take most of a core, an idle one takes

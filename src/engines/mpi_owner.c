@@ -20,10 +20,11 @@
 ** an idle owner costs nothing; while tasks are out it polls, sleeping
 ** between polls on the same condition variable (luapool__mpi_pause:
 ** yields, then up to 50 us for 10 ms after the last message, then up to
-** 1 ms), which a submit a rank has room for, an interrupt and a cancel cut
-** short.  A map's chunks go ahead to a rank one per slot even on a short
-** queue (progress_main), so that its worker does not idle a round trip
-** between two chunks.
+** 1 ms; with nothing queued only an eighth of the quiet time, up to 1 ms:
+** poll_pause), which a submit a rank has room for, an interrupt and a
+** cancel cut short.  A map's chunks go ahead to a rank up to two per slot
+** even on a short queue (progress_main), so that its worker does not idle
+** a round trip between two chunks.
 **
 ** interrupt() and a stop that interrupts set a flag the thread turns into
 ** M_INTERRUPT to each rank, whose local pool then kills its workers; their
@@ -61,6 +62,13 @@
 ** to cover a round trip, little enough that a rank holding work while
 ** another one idles costs at most that at the end of a map. */
 #define AHEAD_SECONDS 0.002
+/* A map's chunks on a short queue go ahead at most this many per slot (by
+** the pace, as above): two, so that a short map is on its ranks at once
+** (five chunks on two ranks: three and two, as a processpool's two workers
+** take them), and none waits on rank 0 for an answer that, on a host with
+** fewer cores than processes, comes only when a worker ends its task
+** (session 21: the fifth chunk of the CPU job waited 1.1-1.5 ms so). */
+#define CHUNKS_AHEAD 2
 /* How long a cancel waits for the rank's answer. */
 #define CANCEL_TIMEOUT 5.0
 
@@ -277,9 +285,13 @@ static int is_chunk(const lp_future *f) { return f->task_no == 0 && f->item_lo >
 ** a cancel and, when a rank has room (`room`), a submit wake it at once
 ** instead of at its next poll.  A submit that came since the loop read the
 ** pool's state (ms->kicked) skips the pause when a rank has room for it
-** (without room the thread would spin while the script submits). */
-static void poll_pause(lp_pool *p, ostate *ms, double quiet, int room) {
-  double s = luapool__mpi_pause(quiet, 1000);
+** (without room the thread would spin while the script submits).  With
+** nothing queued (`queued` 0: an answer frees a slot nobody waits for)
+** the pause has no hot window, only the backoff (mpi_proto.h): an answer
+** then waits at most an eighth of the time since the last message, and the
+** thread does not wake every 50 us on a core the ranks' workers need. */
+static void poll_pause(lp_pool *p, ostate *ms, double quiet, int room, int queued) {
+  double s = queued ? luapool__mpi_pause(quiet, 1000) : luapool__mpi_backoff(quiet, 1000);
   if (s == 0) {
     sched_yield();
     return;
@@ -324,10 +336,11 @@ static void *progress_main(void *arg) {
     ** not held by one rank while another idles.  A map's chunk (the map's
     ** own future: no script holds it to see it read as running, or to
     ** cancel it) goes ahead by the same pace on a short queue too, at most
-    ** one per slot: the rank's local processpool then hands it to its
-    ** worker while the previous one runs (pipelining), where waiting for
-    ** the previous answer would idle the worker a round trip per chunk
-    ** (a map of five 1 ms chunks on one rank: 5.5 ms of work, 7-12 ms). */
+    ** CHUNKS_AHEAD per slot: the rank's local processpool then hands it to
+    ** its worker while the previous one runs (pipelining), where waiting
+    ** for the previous answer would idle the worker a round trip per chunk
+    ** (a map of five 1 ms chunks on one rank: 5.5 ms of work, 7-12 ms),
+    ** and a short map is on its ranks at once. */
     size_t deep = (size_t)ms->nranks * (size_t)ms->slots;
     if (deep < PREFETCH_QUEUE) deep = PREFETCH_QUEUE;
     int full = 0; /* no rank could take the head: a submit need not wake us */
@@ -336,7 +349,7 @@ static void *progress_main(void *arg) {
       int room = ms->cap - ms->slots; /* tasks a rank may hold ahead */
       if (!ahead && is_chunk(p->head)) {
         ahead = 1;
-        if (room > ms->slots) room = ms->slots;
+        if (room > CHUNKS_AHEAD * ms->slots) room = CHUNKS_AHEAD * ms->slots;
       }
       orank *best = NULL;
       for (int i = 0; i < ms->nranks; i++) {
@@ -364,6 +377,7 @@ static void *progress_main(void *arg) {
       atomic_fetch_add(&ms->ninflight, 1);
       batch[n++] = (assigned){f, best, k};
     }
+    int queued = p->head != NULL; /* (for the pause: a freed slot has a task to take) */
     int out = atomic_load(&ms->ninflight);
     if (n == 0 && !intr && !crank && out == 0) {
       if (p->closing && p->head == NULL) {
@@ -424,7 +438,7 @@ static void *progress_main(void *arg) {
     if (did)
       last = luapool__now();
     else
-      poll_pause(p, ms, luapool__now() - last, !full);
+      poll_pause(p, ms, luapool__now() - last, !full, queued);
   }
   atomic_store(&ms->ended, 1);
   if (atomic_load(&quit)) { /* (M_STOP follows: each rank closes every pool) */

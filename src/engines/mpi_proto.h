@@ -97,10 +97,26 @@ int luapool__mpi_try_recv(int src, int tag, char **buf, size_t *len, int *from);
 ** a core for a loop that gets a message every 20 ms or so); after it the
 ** sleep is an eighth of the quiet time again (1.25 ms), so an idle loop
 ** is at the cap as before.  luapool__mpi_pause returns the pause in
-** seconds (0: a yield), luapool__mpi_idle takes it. */
-#define MPI_HOT_WINDOW 0.01
-#define MPI_HOT_US     50u
+** seconds (0: a yield), luapool__mpi_idle takes it.
+**
+** Not while the loop's own work keeps the CPUs busy: on a host with fewer
+** cores than processes (2 cores: rank 0, 2 ranks, their 2 workers), a
+** thread that wakes every 50 us keeps the core it wakes on from ever
+** being idle long enough for the scheduler to move a waiting process to
+** it (Linux skips the new-idle balance while a core's average idle time is
+** under its migration cost, 0.5 ms), so the ranks' workers queued behind
+** each other on one core while the other one ran only the polls (session
+** 21: perf sched showed the CPU job's two workers running one after the
+** other in most jobs).  So rank 0's thread, with nothing queued that a
+** freed slot would take, only backs off (luapool__mpi_backoff: an eighth of
+** the quiet time, no hot window), and a serving rank whose slots are all
+** busy polls MPI every MPI_BUSY_POLL_US (mpi_rank.c: a task that settles
+** still wakes it at once). */
+#define MPI_HOT_WINDOW   0.01
+#define MPI_HOT_US       50u
+#define MPI_BUSY_POLL_US 1000u
 double luapool__mpi_pause(double quiet, unsigned cap_us);
+double luapool__mpi_backoff(double quiet, unsigned cap_us);
 void luapool__mpi_idle(double quiet, unsigned cap_us);
 
 /* The host is ending (rank 0, before MPI_Finalize): every pool's progress

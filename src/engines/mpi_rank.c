@@ -17,7 +17,10 @@
 ** a few yields, then an eighth of the time since the last message, up to
 ** 50 us for 10 ms after it, then up to 2 ms when idle), and while tasks run
 ** it sleeps so (up to 1 ms) on the completion queue, which wakes it as soon
-** as one settles.
+** as one settles.  While every slot of every pool it serves is busy it
+** polls MPI only every MPI_BUSY_POLL_US (mpi_proto.h): nothing rank 0 sends
+** could start sooner, and a loop waking every 50 us on a core the workers
+** need keeps them from spreading over the cores.
 **
 ** SIGINT and SIGTERM (mpiexec forwards a Ctrl-C as SIGTERM to every rank)
 ** stay blocked in every thread and are taken here between polls: the
@@ -155,11 +158,15 @@ out:
   return r;
 }
 
-double luapool__mpi_pause(double quiet, unsigned cap_us) {
+double luapool__mpi_backoff(double quiet, unsigned cap_us) {
   double us = quiet * 1e6 / 8;
   if (us < 2) return 0; /* a reply is often microseconds away */
-  if (quiet < MPI_HOT_WINDOW && cap_us > MPI_HOT_US) cap_us = MPI_HOT_US;
   return (us > cap_us ? cap_us : us) * 1e-6;
+}
+
+double luapool__mpi_pause(double quiet, unsigned cap_us) {
+  if (quiet < MPI_HOT_WINDOW && cap_us > MPI_HOT_US) cap_us = MPI_HOT_US;
+  return luapool__mpi_backoff(quiet, cap_us);
 }
 
 void luapool__mpi_idle(double quiet, unsigned cap_us) {
@@ -278,6 +285,7 @@ typedef struct session {
   lp_pool *lp;         /* the local processpool */
   lp_paths *paths;     /* for the next tasks (a reference) */
   int ntasks;          /* its futures not yet answered */
+  int slots;           /* its local pool's workers */
   int closed;          /* out of the list: its futures are not answered */
   struct rtask *tasks; /* not yet answered, for M_CANCEL */
   struct session *next;
@@ -498,6 +506,7 @@ static void on_open(server *sv, lp_reader *r) {
     return;
   }
   s->id = id;
+  s->slots = (int)slots;
   s->tag = tag;
   s->paths = ps;
   s->next = sv->sessions;
@@ -698,6 +707,16 @@ static void close_all(server *sv, int interrupt) {
     close_session(sv, sv->sessions, interrupt);
 }
 
+/* Every pool's slots hold a task not yet answered (so its workers are
+** busy, or about to be): a task rank 0 sends now would wait in the local
+** queue anyway. */
+static int slots_full(const server *sv) {
+  if (sv->sessions == NULL) return 0;
+  for (const session *s = sv->sessions; s; s = s->next)
+    if (s->ntasks < s->slots) return 0;
+  return 1;
+}
+
 static int pending_signal(void) {
   sigset_t set;
   sigemptyset(&set);
@@ -770,10 +789,14 @@ int luapool__mpi_serve(void) {
       last = now;
     } else if (sv.ntasks > 0) {
       /* A settling task wakes this at once; a message waits for the poll,
-      ** hot as an idle loop's (mpi_proto.h): the next task of a map, sent
-      ** while this one runs, reaches the local queue before this one ends,
-      ** and its worker takes it without a round trip to rank 0. */
-      double pause = luapool__mpi_pause(now - last, 1000);
+      ** hot as an idle loop's (mpi_proto.h) while a slot is free: the next
+      ** task of a map, sent while this one runs, reaches the local queue
+      ** before this one ends, and its worker takes it without a round trip
+      ** to rank 0.  With every slot busy the poll is slow (a settle wakes
+      ** the loop, and one that frees a slot makes it hot again): the
+      ** workers need the cores more. */
+      double pause =
+          slots_full(&sv) ? MPI_BUSY_POLL_US * 1e-6 : luapool__mpi_pause(now - last, 1000);
       if (pause == 0)
         sched_yield();
       else if (take_settled(&sv, pause))

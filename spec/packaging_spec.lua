@@ -129,13 +129,15 @@ describe("packaging", function()
     assert.are.equal("luapool", field("CPACK_PACKAGE_NAME"))
     assert.are.equal(host_version(), field("CPACK_PACKAGE_VERSION"))
     assert.are.equal("1", field("CPACK_DEBIAN_PACKAGE_RELEASE"))
-    -- (a host built with readline, as --help says, needs its runtime)
+    -- what one feature loads is recommended: readline for a host built with
+    -- it (as --help says: its REPL loads it), and for one with mpipool the
+    -- runtime its MPI plugin links
     local readline = h.run({ "--help" }):find("(with readline)", 1, true) and ", libreadline8" or ""
-    -- (and one with mpipool, its MPI plugin linked with Open MPI, its runtime)
     local plugin = io.open(build_dir .. "/luapool-mpi.so")
     local mpi = plugin and ", libopenmpi3" or ""
     if plugin then plugin:close() end
-    assert.are.equal("libc6, liblua5.4-0, libcurl4" .. readline .. mpi, field("CPACK_DEBIAN_PACKAGE_DEPENDS"))
+    assert.are.equal("libc6, liblua5.4-0, libcurl4", field("CPACK_DEBIAN_PACKAGE_DEPENDS"))
+    assert.are.equal("lua5.4" .. readline .. mpi, field("CPACK_DEBIAN_PACKAGE_RECOMMENDS"))
     assert.are.equal("DEB-DEFAULT", field("CPACK_DEBIAN_FILE_NAME"))
   end)
 

@@ -619,8 +619,9 @@ static lua_State *ensure_state(lp_wstate *ws) {
   if (ws->L) return ws->L;
   lua_State *L = ws->mem_cap ? lua_newstate(capped_alloc, ws) : luaL_newstate();
   if (L == NULL) return NULL;
-  /* (luaL_newstate's panic and warning functions; no block of it is big) */
-  if (ws->big) lua_setallocf(L, thread_alloc, ws->big);
+  /* (luaL_newstate's panic and warning functions; no block of it is big.
+  ** A capped state keeps its capped allocator: no engine sets both.) */
+  if (ws->big && !ws->mem_cap) lua_setallocf(L, thread_alloc, ws->big);
   if (luapool__worker_state_init(L, ws) != 0) {
     lua_close(L);
     if (ws->big) luapool__big_close(&ws->big->heap);

@@ -676,3 +676,55 @@ describe("the suites in scripts/bench", function()
     assert.matches("luapool iopool submit%+result x2 loops", out)
   end)
 end)
+
+-- The HTTP benchmarks' floor (scripts/bench/http_floor.c), beside luapool.
+describe("luapool-http-floor", function()
+  local floor = (helper.bin:match("^(.*)/[^/]*$") or ".") .. "/luapool-http-floor"
+  local function run(...)
+    local words = { helper.shell_quote(floor) }
+    for _, a in ipairs { ... } do words[#words + 1] = helper.shell_quote(tostring(a)) end
+    local p = io.popen(table.concat(words, " ") .. " 2>&1")
+    local out = p:read("a")
+    local _, _, code = p:close()
+    return out, code
+  end
+
+  it("makes its requests, at once or kept alive, and says how many and how", function()
+    local srv = helper.fixture()
+    local port = srv.base:match(":(%d+)$")
+    local many, c1 = run("many", "127.0.0.1", port, "/sleep?s=0.01", 50, 2)
+    local chain, c2 = run("chain", "127.0.0.1", port, "/bytes?n=100", 60, 7, 2)
+    local chunked, c3 = run("chain", "127.0.0.1", port, "/slowbody?chunks=3", 4, 2)
+    local missing, c4 = run("chain", "127.0.0.1", port, "/status/404", 1, 1)
+    local closing, c5 = run("chain", "127.0.0.1", port, "/close", 4, 1)
+    srv:stop()
+    assert.are.same({ 0, 0, 0, 1, 1 }, { c1, c2, c3, c4, c5 })
+    assert.matches("^http_floor: many 50 requests at once on 2 thread%(s%) in [%d.]+ s\n$", many)
+    assert.matches("^http_floor: chain 60 requests over 7 connection%(s%) on 2 thread%(s%) in [%d.]+ s\n$",
+      chain)
+    assert.matches("^http_floor: chain 4 requests over 2 connection%(s%) on 1 thread%(s%) in [%d.]+ s\n$",
+      chunked)
+    assert.are.equal("http_floor: an answer that is not a 200: HTTP/1.1 404 Not Found\n", missing)
+    assert.are.equal("http_floor: the server closes its connections (Connection: close): chain needs keep-alive\n",
+      closing)
+  end)
+
+  it("talks to loopback only and refuses bad arguments, naming them", function()
+    local cases = {
+      { { "many", "10.0.0.5", 80, "/", 1, 1 },
+        "http_floor: ADDR must be a loopback IPv4 address (127.x.y.z), got '10.0.0.5'\n" },
+      { { "many", "5", 80, "/", 1, 1 }, "http_floor: ADDR must be a loopback IPv4 address (127.x.y.z), got '5'\n" },
+      { { "many", "127.0.0.1", 0, "/", 1, 1 }, "http_floor: PORT must be an integer in 1..65535, got '0'\n" },
+      { { "many", "127.0.0.1", 80, "x", 1, 1 },
+        "http_floor: PATH must start with '/' and hold no space or line break, got 'x'\n" },
+      { { "chain", "127.0.0.1", 80, "/", 10, 0 }, "http_floor: C must be an integer in 1..100000, got '0'\n" },
+      { { "walk", "127.0.0.1", 80, "/", 1, 1 },
+        "http_floor: usage: http_floor many ADDR PORT PATH N T | chain ADDR PORT PATH N C [T] (see the head of "
+        .. "http_floor.c)\n" },
+    }
+    for _, c in ipairs(cases) do
+      local out, code = run(table.unpack(c[1]))
+      assert.are.same({ 2, c[2] }, { code, out })
+    end
+  end)
+end)

@@ -502,10 +502,6 @@ int luapool__hl_close_fd(const lp_hloop *l, int fd) {
 ** files (/etc/hosts, a DNS socket). */
 #define RESOLVE_FDS 4
 
-/* Before libcurl resolves a name: at the descriptor limit, the native idle
-** connections give way (as in open_socket), and a request that still finds
-** too few fails saying descriptors ran out, not "getaddrinfo() thread failed
-** to start".  Probed with dups of the loop's epoll descriptor. */
 /* Whether url's host is an IP address (libcurl asks its resolver-start
 ** callback for those too, then resolves nothing). */
 static int ip_host(const char *url) {
@@ -528,6 +524,10 @@ static int ip_host(const char *url) {
   return inet_pton(AF_INET, buf, &a) == 1;
 }
 
+/* Before libcurl resolves a name: at the descriptor limit, the native idle
+** connections give way (as in open_socket), and a request that still finds
+** too few fails saying descriptors ran out, not "getaddrinfo() thread failed
+** to start".  Probed with dups of the loop's epoll descriptor. */
 static int resolver_start(void *resolver_state, void *reserved, void *ud) {
   (void)resolver_state;
   (void)reserved;

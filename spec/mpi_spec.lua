@@ -281,33 +281,45 @@ describe("mpipool", function()
     -- first): all five chunks are sent (running) while the first ones run,
     -- three to one rank and two to the other, where one a slot left the
     -- fifth on rank 0 until an answer came.  The chunks wait for a file the
-    -- map's progress output makes once it saw them all running (or after 3 s)
+    -- map's progress output makes once it saw them all running (or after
+    -- 3 s).  How far ahead a rank gets chunks depends on its pace (2 ms of
+    -- its recent answers, mpi_owner.c): on a machine busy enough that the
+    -- quick tasks came back more than 1 ms apart, only four go, so the job
+    -- tries up to three times; every try's results are checked
     local go = os.tmpname()
     os.remove(go)
     local out = mpiok(3, ([[
       local mp <close> = mpipool.new {}
-      local fs = {}
-      for i = 1, 2000 do fs[i] = mp:submit(function(x) return x end, i) end
-      for i = 1, 2000 do fs[i]:result() end
-      local most, t0 = 0, luapool.now()
-      local function seen()
-        most = math.max(most, mp:stats().running)
-        local f = io.open(%q)
-        if f then f:close() elseif most == 5 or luapool.now() - t0 > 3 then io.open(%q, "w"):close() end
-      end
-      local r = mp:map(function(path)
-        local t = luapool.now()
-        while luapool.now() - t < 20 do
+      local most, layout, tries
+      for try = 1, 3 do
+        tries = try
+        local fs = {}
+        for i = 1, 2000 do fs[i] = mp:submit(function(x) return x end, i) end
+        for i = 1, 2000 do assert(fs[i]:result() == i) end
+        local t0, path = luapool.now(), %q .. try
+        most = 0
+        local function seen()
+          most = math.max(most, mp:stats().running)
           local f = io.open(path)
-          if f then f:close() break end
-          luapool.sleep(0.005)
+          if f then f:close() elseif most == 5 or luapool.now() - t0 > 3 then io.open(path, "w"):close() end
         end
-        return luapool.current_worker().rank
-      end, { %q, %q, %q, %q, %q }, { chunksize = 1, progress = { tty = true, interval = 0.05, output = seen } })
-      print(most, r[1] == r[3] and r[3] == r[5] and r[2] == r[4] and r[1] ~= r[2])]]):format(
-      go, go, go, go, go, go, go))
-    os.remove(go)
-    assert.are.equal("5\ttrue\n", out)
+        local r = mp:map(function(p)
+          local t = luapool.now()
+          while luapool.now() - t < 20 do
+            local f = io.open(p)
+            if f then f:close() break end
+            luapool.sleep(0.005)
+          end
+          return luapool.current_worker().rank
+        end, { path, path, path, path, path }, { chunksize = 1, progress = { tty = true, interval = 0.05, output = seen } })
+        os.remove(path)
+        assert(#r == 5)
+        for k = 1, 5 do assert(r[k] == 1 or r[k] == 2, r[k]) end
+        layout = r[1] == r[3] and r[3] == r[5] and r[2] == r[4] and r[1] ~= r[2]
+        if most == 5 and layout then break end
+      end
+      print(most, layout, tries)]]):format(go))
+    assert.matches("^5\ttrue\t[123]\n$", out)
   end)
 
   it("polls MPI slowly on a rank whose slots are all busy, and on rank 0 with nothing queued", function()

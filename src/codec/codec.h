@@ -37,6 +37,14 @@ typedef struct lp_encode_ctx {
   ** else (-1) its bytes as usual.  It may raise a memory error. */
   int (*pin)(void *ud, lua_State *L, int idx, const char *s, size_t len);
   void *pin_ud;
+  /* Non-NULL (codec.encode, whose result is one Lua string): a string of
+  ** at least LP_PIN_MIN bytes that is not pinned, at idx, is offered to
+  ** split first; when it returns 0 the encoder writes its tag and length
+  ** only, and the caller joins the string's bytes in at b->len as of the
+  ** call (it anchored the string), so that they are copied once, into
+  ** the result, not twice.  -1: its bytes go into b as usual. */
+  int (*split)(void *ud, lua_State *L, int idx, size_t at);
+  void *split_ud;
 } lp_encode_ctx;
 /* Below this a string is copied: at 32 KiB pinning and copying cost
 ** about the same, at 64 KiB pinning takes 12% less CPU per task

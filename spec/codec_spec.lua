@@ -976,7 +976,7 @@ describe("codec.encode of strings of 64 KiB and more (joined into the result, no
     -- Attempts go on until that has happened after the string was read
     -- (it is in the result) 20 times.
     local mode = collectgarbage("incremental", 0, 1000)
-    local target, dropped = nil, false
+    local target, dropped
     local mt = { __gc = function()
       if target then
         target[1] = nil

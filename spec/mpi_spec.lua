@@ -311,7 +311,8 @@ describe("mpipool", function()
             luapool.sleep(0.005)
           end
           return luapool.current_worker().rank
-        end, { path, path, path, path, path }, { chunksize = 1, progress = { tty = true, interval = 0.05, output = seen } })
+        end, { path, path, path, path, path },
+          { chunksize = 1, progress = { tty = true, interval = 0.05, output = seen } })
         os.remove(path)
         assert(#r == 5)
         for k = 1, 5 do assert(r[k] == 1 or r[k] == 2, r[k]) end

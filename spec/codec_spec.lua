@@ -975,6 +975,12 @@ describe("codec.encode of strings of 64 KiB and more (joined into the result, no
     -- encoder holds it (the asan gate reports the read of freed memory).
     -- Attempts go on until that has happened after the string was read
     -- (it is in the result) 20 times.
+    if os.getenv("LUAPOOL_SANITIZER") == "tsan" then
+      -- (there 5,000 attempts met the window 8 times in 213 s: the asan
+      -- gate and the plain suite run it)
+      pending("the window is seldom met under tsan")
+      return
+    end
     local mode = collectgarbage("incremental", 0, 1000)
     local target, dropped
     local mt = { __gc = function()

@@ -2121,12 +2121,17 @@ void luapool__decode_task(lua_State *L, lp_reader *r, int n) { decode(L, r, n, 1
 typedef struct split_list {
   int anchor; /* stack index of the slot for the table that keeps them */
   int n;
-  size_t at[SPLIT_MAX]; /* where in the buffer each one's bytes belong */
+  size_t at[SPLIT_MAX];  /* where in the buffer each one's bytes belong */
+  size_t len[SPLIT_MAX]; /* and how many */
+  size_t total;          /* their sum */
 } split_list;
 
 static int split_string(void *ud, lua_State *L, int idx, size_t at) {
   split_list *sl = ud;
-  if (sl->n == SPLIT_MAX || !lua_checkstack(L, 2)) return -1;
+  /* (the join's slots reserved now, where the stack is higher than it
+  ** will be then: a checkstack that fails here copies the string instead
+  ** of raising at the join) */
+  if (sl->n == SPLIT_MAX || !lua_checkstack(L, 2 * (sl->n + 1) + 1)) return -1;
   idx = lua_absindex(L, idx);
   if (sl->n == 0) { /* (a memory error here leaves nothing to undo) */
     lua_createtable(L, 8, 0);
@@ -2136,7 +2141,28 @@ static int split_string(void *ud, lua_State *L, int idx, size_t at) {
   ** the string from the value being encoded */
   lua_pushvalue(L, idx);
   lua_rawseti(L, sl->anchor, sl->n + 1);
-  sl->at[sl->n++] = at;
+  sl->at[sl->n] = at;
+  sl->len[sl->n] = lua_rawlen(L, idx);
+  sl->total += sl->len[sl->n++];
+  return 0;
+}
+
+/* The old layout in the buffer (each string's bytes at its place) when
+** the other bytes outweigh the strings: the join would copy those twice
+** (into a piece, then into the result), more than the strings save.
+** Returns 0, or -1 without memory (the buffer then unchanged). */
+static int split_inline(lua_State *L, lp_buf *b, const split_list *sl) {
+  if (luapool__buf_reserve(b, sl->total)) return -1;
+  size_t shift = sl->total, end = b->len;
+  for (int i = sl->n - 1; i >= 0; i--) { /* the pieces, back to front */
+    memmove(b->p + sl->at[i] + shift, b->p + sl->at[i], end - sl->at[i]);
+    end = sl->at[i];
+    shift -= sl->len[i];
+    lua_rawgeti(L, sl->anchor, i + 1);
+    memcpy(b->p + sl->at[i] + shift, lua_tostring(L, -1), sl->len[i]);
+    lua_pop(L, 1);
+  }
+  b->len += sl->total;
   return 0;
 }
 
@@ -2152,7 +2178,12 @@ int luapool__codec_encode(lua_State *L) {
     lua_pushstring(L, ctx.err);
     return lua_error(L);
   }
-  if (sl.n == 0) {
+  int join = sl.n > 0 && sl.total >= b->len; /* (b->len: the other bytes) */
+  if (sl.n > 0 && !join && split_inline(L, b, &sl)) {
+    luapool__scratch_release(L, n + 1);
+    return luaL_error(L, "not enough memory");
+  }
+  if (!join) {
     lua_pushlstring(L, b->p, b->len);
     luapool__scratch_release(L, n + 1);
     return 1;

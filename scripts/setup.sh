@@ -3,6 +3,9 @@
 # build/, then runs the offline demo of both reference jobs.
 #   scripts/setup.sh            install, build, demo
 #   scripts/setup.sh --no-demo  install and build only (CI)
+#   scripts/setup.sh --peers    also the benchmarks' peers (scripts/bench/peers.lua,
+#                               mpi.lua): Python's aiohttp and mpi4py for
+#                               /usr/bin/python3, luv for lua5.4, curl, wrk
 # Extra CMake arguments come from $CMAKE_ARGS (CI sets -DLUAPOOL_WERROR=ON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +15,14 @@ packages=(build-essential cmake pkg-config liblua5.4-dev lua5.4
           nginx libnginx-mod-http-echo
           luarocks groff-base man-db libreadline-dev tmux
           openmpi-bin libopenmpi-dev)
+demo=1
+for arg in "$@"; do
+  case $arg in
+    --no-demo) demo=0 ;;
+    --peers) packages+=(python3 python3-aiohttp python3-mpi4py lua-luv curl wrk) ;;
+    *) echo "setup: unknown option $arg (see the head of scripts/setup.sh)" >&2; exit 2 ;;
+  esac
+done
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -28,6 +39,6 @@ fi
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo ${CMAKE_ARGS:-}
 cmake --build build -j"$(nproc)"
 
-if [[ ${1:-} != --no-demo ]]; then
+if ((demo)); then
   build/luapool scripts/demo.lua
 fi

@@ -72,8 +72,20 @@ describe("a process worker that dies", function()
     end
     assert.are.equal("crashed", states[50])
     assert.matches("^worker brk%-[12] %(pid %d+%) killed by signal 9 %(KILL%) while running task #50$", crash_message)
-    -- Finished before the crash (the queue is FIFO, 2 workers): values kept.
-    for i = 1, 49 do assert.are.equal("ok", states[i], "task " .. i) end
+    -- Before the crash (the queue is FIFO, 2 workers): values kept, but for
+    -- at most one task the other worker had been sent ahead (pipelined,
+    -- processpool.c) and not started, which is unfinished and so broken
+    -- like the rest (seen on a clean clone's README run: task 49)
+    local early_broken = 0
+    for i = 1, 49 do
+      if states[i] == "broken" then
+        early_broken = early_broken + 1
+        assert.are.equal("the pool is broken: " .. crash_message, fs[i]:exception().message)
+      else
+        assert.are.equal("ok", states[i], "task " .. i)
+      end
+    end
+    assert.is_true(early_broken <= 1, early_broken .. " tasks before the crash broken")
     -- After it: at most the task the other worker was running finishes,
     -- every queued one fails "broken" with the crash in its message.
     local first_broken
@@ -97,7 +109,7 @@ describe("a process worker that dies", function()
     assert.are.equal("broken: the pool is broken: " .. crash_message, tostring(e))
     local s = pool:stats()
     assert.are.equal(101, s.done + s.failed)
-    assert.are.equal(first_broken - 2, s.done)
+    assert.are.equal(first_broken - 2 - early_broken, s.done)
     assert.are.same({ 0, 0, 0 }, { s.pending, s.running, s.cancelled })
   end)
 

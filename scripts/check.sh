@@ -131,11 +131,25 @@ analyze() {
 }
 
 # Runs ctest in a sanitizer build; any report (host or worker) fails it.
+# One line is not a report: LeakSanitizer's stop-the-world at a process's
+# exit sometimes fails to read a thread's registers and says only "Unable
+# to get registers from thread N." (a known race of the tool, not a leak:
+# llvm/llvm-project#116555 made it a verbose-only message).  A log holding
+# nothing else is shown and dropped; a leak found by that check is still
+# a report of its own.
 sanitized_ctest() { # build-dir, ctest args...
   local dir=$1
   shift
   rm -rf "$dir/sanitizer-logs" && mkdir -p "$dir/sanitizer-logs"
   ctest --test-dir "$dir" --output-on-failure "$@"
+  local log
+  for log in "$dir"/sanitizer-logs/*; do
+    [[ -f $log ]] || continue
+    if ! grep -qvE '^==[0-9]+==Unable to get registers from thread [0-9]+\.$' "$log"; then
+      echo "sanitizer: $(basename "$log") holds only LeakSanitizer's register-read race, dropped: $(cat "$log")"
+      rm -f "$log"
+    fi
+  done
   if compgen -G "$dir/sanitizer-logs/*" >/dev/null; then
     echo "sanitizer reports:" && cat "$dir"/sanitizer-logs/*
     return 1

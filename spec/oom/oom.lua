@@ -18,10 +18,17 @@ local procs = processpool.new { max_workers = 2 }
 local shared = { 1, 2, { 3 } }
 local up = { k = string.rep("v", 100) }
 local function job(x) return up.k .. x, shared end
+-- big strings: joined into the result, or put in place when the other
+-- bytes (10,000 floats) outweigh them (codec.c, split_string)
+local big = string.rep("b", 1 << 16)
+local floats = {}
+for i = 1, 10000 do floats[i] = i + 0.5 end
 
 local operations = {
   { "codec.encode", function() return luapool.codec.encode({ a = shared, b = shared, f = job }) end },
   { "codec.encode (a fresh dump)", function() return luapool.codec.encode(load("return function() end")()) end },
+  { "codec.encode (big strings joined)", function() return #luapool.codec.encode(big, { big, 1 }, big) end },
+  { "codec.encode (big strings put in place)", function() return #luapool.codec.encode(floats, big) end },
   { "codec.decode", function()
     return luapool.codec.decode(luapool.codec.encode({ a = shared, f = job, s = string.rep("x", 300) }))
   end },

@@ -115,6 +115,10 @@ typedef struct ostate {
   int intr_req;         /* mutex: p->mu: send M_INTERRUPT */
   atomic_int ninflight; /* read by stats */
   atomic_int ended;     /* the thread is done: no workers */
+  /* LUAPOOL_TEST_MPI_PACE: every rank's pace, fixed (seconds a task; 0:
+  ** measured), so that a spec sees how far ahead the pace sends whatever
+  ** the load of its machine makes of the measured one. */
+  double fixed_pace;
   int next_rank;        /* round robin (thread only) */
   uint64_t next_task;   /* thread only */
   mpi_sends sends;      /* thread only, then the owner once it ended */
@@ -242,7 +246,10 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
   if (f) {
     double now = luapool__now();
     double began = rk->sent[k] > rk->last_answer ? rk->sent[k] : rk->last_answer;
-    rk->gap = rk->gap > 0 ? 0.875 * rk->gap + 0.125 * (now - began) : now - began;
+    if (ms->fixed_pace > 0)
+      rk->gap = ms->fixed_pace;
+    else
+      rk->gap = rk->gap > 0 ? 0.875 * rk->gap + 0.125 * (now - began) : now - began;
     rk->last_answer = now;
   }
   int cancelled = st == 1u + LP_EK_CANCELLED;
@@ -644,12 +651,19 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
   ms->nranks = p->max_workers;
   ms->slots = config_of(p)->slots > 0 ? config_of(p)->slots : 1;
   ms->cap = ms->slots + config_of(p)->prefetch;
+  const char *pace = getenv("LUAPOOL_TEST_MPI_PACE");
+  if (pace && *pace) {
+    char *end;
+    double v = strtod(pace, &end);
+    if (*end == '\0' && v > 0 && v < 1e3) ms->fixed_pace = v;
+  }
   ms->ranks = lp_calloc((size_t)ms->nranks, sizeof *ms->ranks);
   ms->batch = lp_malloc(BATCH * sizeof *ms->batch);
   int ok = ms->ranks != NULL && ms->batch != NULL;
   for (int i = 0; ok && i < ms->nranks; i++) {
     orank *rk = &ms->ranks[i];
     rk->rank = i + 1;
+    rk->gap = ms->fixed_pace;
     rk->run = lp_calloc((size_t)ms->cap, sizeof *rk->run); // NOLINT(bugprone-sizeof-expression)
     rk->ids = lp_calloc((size_t)ms->cap, sizeof *rk->ids);
     rk->sent = lp_calloc((size_t)ms->cap, sizeof *rk->sent);

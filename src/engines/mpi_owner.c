@@ -119,10 +119,10 @@ typedef struct ostate {
   ** measured), so that a spec sees how far ahead the pace sends whatever
   ** the load of its machine makes of the measured one. */
   double fixed_pace;
-  int next_rank;        /* round robin (thread only) */
-  uint64_t next_task;   /* thread only */
-  mpi_sends sends;      /* thread only, then the owner once it ended */
-  assigned *batch;      /* [BATCH]: the futures of one round (thread only) */
+  int next_rank;      /* round robin (thread only) */
+  uint64_t next_task; /* thread only */
+  mpi_sends sends;    /* thread only, then the owner once it ended */
+  assigned *batch;    /* [BATCH]: the futures of one round (thread only) */
   /* One cancel of a task sent to a rank at a time (the owner's; mutex:
   ** p->mu): c_state 1 asked, 2 sent to the rank, 3 answered (c_ok). */
   int c_state, c_ok, c_rank;

@@ -162,4 +162,47 @@ describe("signals on the host", function()
       end)
     end
   end)
+
+  it("exits 130 on a SIGINT at any moment of its start, also before the script runs", function()
+    -- 180 starts, each sent SIGINT 0-4 ms after the exec of luapool (seen
+    -- in /proc/PID/comm; the delay a loop of the shell's builtins, about
+    -- 1 us a turn): before the host blocks the signal it dies of it (130,
+    -- nothing said), after that the script is interrupted (130, the
+    -- message).  A signal taken while the host set up its state, after
+    -- the module opened and before the script's call, once left "(error
+    -- object is not a string)" and exit 1; one taken before the module
+    -- could deliver it waited for a wait that the script (a loop that
+    -- never waits, but ends after 20 s of CPU: nothing is left behind)
+    -- does not make: it ran on to its end, and the outer timeout failed.
+    -- (env --default-signal: sh starts a background command with SIGINT
+    -- ignored, and one that came before the host took SIGINT over was lost)
+    local script = h.tempfile("while os.clock() < 20 do end\n")
+    local log = os.tmpname()
+    local inner = ([[
+      for d in 0 100 200 300 400 600 800 1000 1200 1500 2000 4000; do
+        for k in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
+          : >%s.err
+          env --default-signal=INT %s %s 2>%s.err </dev/null >/dev/null & p=$!
+          until read c </proc/$p/comm 2>/dev/null && [ "$c" = luapool ]; do :; done
+          j=0
+          while [ $j -lt $d ]; do j=$((j + 1)); done
+          kill -INT $p
+          wait $p
+          echo "$? $(head -n 1 %s.err)"
+        done
+      done >%s]]):format(q(log), q(h.bin), q(script), q(log), q(log), q(log))
+    local ok = os.execute("timeout 120 sh -c " .. q(inner))
+    local out = h.slurp(log) or ""
+    os.remove(script); os.remove(log); os.remove(log .. ".err")
+    assert(ok, "the starts did not all end within 120 s:\n" .. out)
+    local n, wrong = 0, {}
+    for line in out:gmatch("[^\n]+") do
+      n = n + 1
+      if line ~= "130 " and line ~= "130 luapool: interrupted: the script received SIGINT" then
+        wrong[#wrong + 1] = line
+      end
+    end
+    assert.are.equal(180, n)
+    assert.are.equal("", table.concat(wrong, "\n"))
+  end)
 end)

@@ -765,6 +765,10 @@ static int pmain(lua_State *L) {
   luaL_openlibs(L);
   add_build_tree_path(L);
   luapool__open_worker_state(L, NULL, NULL, 0); /* globals; main is no worker */
+  /* A signal that came before the module could deliver it (its hook found
+  ** no delivery and let it be) is delivered now, not at the script's first
+  ** wait: a script that never waits would not see it. */
+  luapool__check_signal(L);
   createargtable(L, argv, argc, script);
   /* Second pass: run -e and -l in order.  -i shows the banner first, as
   ** lua's -i implies -v. */
@@ -822,10 +826,15 @@ static void *run_host(void *arg) {
   lua_register(L, "__luapool_fail_alloc", l_fail_alloc);
 #endif
   install_signal_handlers(L);
+  /* msghandler here too: a signal taken while pmain sets the state up
+  ** (between the module's opening and the script's docall) raises its
+  ** error there, and is then an uncaught interruption (exit 128 + signal)
+  ** like one in the script, not "(error object is not a string)", exit 1 */
+  lua_pushcfunction(L, msghandler);
   lua_pushcfunction(L, pmain);
   lua_pushinteger(L, a->argc);
   lua_pushlightuserdata(L, a->argv);
-  int status = lua_pcall(L, 2, 1, 0);
+  int status = lua_pcall(L, 2, 1, 1);
   int ok = lua_toboolean(L, -1);
   report(L, status);
   /* A signal that came after the script's last wait or hook: the script

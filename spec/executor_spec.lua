@@ -407,14 +407,22 @@ describe("progress", function()
         local pool <close> = threadpool.new { max_workers = 1 }
         local function job(s) luapool.sleep(s) return s end
         %s]]):format(call))
-      local err = os.tmpname()
-      -- the first item is done (1/2 drawn) well before the signal
-      local ok = os.execute(("%s %s 2>%s & pid=$!; sleep 1.5; kill -INT $pid; wait $pid; test $? -eq 130")
-        :format(h.shell_quote(h.bin), h.shell_quote(script), h.shell_quote(err)))
-      local text = h.slurp(err)
-      os.remove(script)
-      os.remove(err)
-      assert.is_true(ok, "exit status was not 130: " .. text)
+      local q = h.shell_quote
+      local err, pidf, rc = os.tmpname(), os.tmpname(), os.tmpname()
+      os.remove(pidf) os.remove(rc)
+      assert(os.execute(("sh -c %s >/dev/null 2>&1 &"):format(q(
+        ("%s %s >/dev/null 2>%s </dev/null & echo $! >%s; wait $!; echo $? >%s.tmp; mv %s.tmp %s")
+          :format(q(h.bin), q(script), q(err), q(pidf), q(rc), q(rc), q(rc))))))
+      h.wait_until(function() return tonumber(h.slurp(pidf) or "") ~= nil end, "the pid", 60)
+      -- the signal only once the first item is done (1/2 drawn), the second
+      -- sleeping its 20 s
+      h.wait_until(function() return (h.slurp(err) or ""):find("  1/2  ", 1, true) ~= nil end,
+        "1/2 to be drawn", 60)
+      assert(os.execute("kill -INT " .. tonumber(h.slurp(pidf))))
+      h.wait_until(function() return h.slurp(rc) ~= nil end, "luapool to exit", 60)
+      local text, code = h.slurp(err), tonumber(h.slurp(rc))
+      for _, f in ipairs { script, err, pidf, rc } do os.remove(f) end
+      assert.are.equal(130, code, "exit status was not 130: " .. text)
       assert.matches("\r%a+: %[###############%-+%]  1/2  50%.0%%[^\r\n]*\nluapool: interrupted: " ..
         "the script received SIGINT\n", text)
     end

@@ -7,6 +7,37 @@ local function sleeper(s, v)
   return function() luapool.sleep(s) return v end
 end
 
+-- A path that does not exist yet: a gate, opened when the spec creates it.
+local function fresh_path()
+  local path = os.tmpname()
+  os.remove(path)
+  return path
+end
+
+local function open_gate(path) assert(io.open(path, "w")):close() end
+
+-- Waits (in a task) until the file at `gate` exists, at most 20 s: a gate
+-- left shut ends the task instead of hanging the spec.
+local function wait_gate(gate)
+  local deadline = luapool.now() + 20
+  while luapool.now() < deadline do
+    local f = io.open(gate)
+    if f then
+      f:close()
+      return
+    end
+    luapool.sleep(0.01)
+  end
+end
+
+-- A task that returns v once the gate is open.
+local function held(gate, v)
+  return function()
+    wait_gate(gate)
+    return v
+  end
+end
+
 local function rss_kb()
   return tonumber(h.slurp("/proc/self/status"):match("VmRSS:%s*(%d+)"))
 end
@@ -44,17 +75,24 @@ for _, kind in ipairs(h.engines) do
       end)
 
       it("raises a timeout error saying how many were unfinished", function()
+        -- the other two are held until after the check; the first has 2 s
+        -- to finish, on a worker already started (a new worker process
+        -- takes long on a loaded machine or under a sanitizer)
+        local gate = fresh_path()
         local pool <close> = new { max_workers = 2 }
-        local fs = { pool:submit(sleeper(0, 1)), pool:submit(sleeper(1, 2)), pool:submit(sleeper(1, 3)) }
+        pool:submit(sleeper(0, 0)):result()
+        local fs = { pool:submit(sleeper(0, 1)), pool:submit(held(gate, 2)), pool:submit(held(gate, 3)) }
         local seen = 0
         local ok, err = pcall(function()
-          for _ in luapool.as_completed(fs, 0.3) do seen = seen + 1 end
+          for _ in luapool.as_completed(fs, 2) do seen = seen + 1 end
         end)
+        open_gate(gate)
+        pool:shutdown()
+        os.remove(gate)
         assert.is_false(ok)
         assert.are.equal("timeout", err.kind)
-        assert.are.equal("2 (of 3) futures unfinished after 0.3 seconds", err.message)
+        assert.are.equal("2 (of 3) futures unfinished after 2 seconds", err.message)
         assert.are.equal(1, seen)
-        for _, f in ipairs(fs) do f:cancel() end
       end)
 
       it("yields each future once even when listed twice, and finished ones at once", function()
@@ -151,14 +189,19 @@ for _, kind in ipairs(h.engines) do
       it("is false for a running future, true only while pending", function()
         -- (an iopool aborts a running task's I/O and cancels it: iopool_spec)
         if kind == "iopool" then return pending("a running iopool task can be cancelled") end
+        -- the first task runs until the gate opens, after the checks: the
+        -- second cannot have started, however slow the machine
+        local gate = fresh_path()
         local pool <close> = new { max_workers = 1 }
-        local running = pool:submit(sleeper(0.3, 1))
+        local running = pool:submit(held(gate, 1))
         local queued = pool:submit(sleeper(0, 2))
-        luapool.sleep(0.1)
+        h.wait_until(function() return running:running() end, "the first task to start", 30)
         assert.is_true(running:running())
         assert.is_false(running:cancel())
         assert.is_true(queued:cancel())
+        open_gate(gate)
         assert.are.equal(1, running:result())
+        os.remove(gate)
       end)
     end)
 
@@ -246,29 +289,45 @@ for _, kind in ipairs(h.engines) do
 
     describe("map options", function()
       it("raises the first task error and cancels what has not started", function()
+        -- items 3.. are held until after the check: the one worker is busy
+        -- with item 3 meanwhile, so the later ones cannot have started
+        local gate = fresh_path()
         local pool <close> = new(h.serial(kind, { max_workers = 1 }))
         local started = {}
         local ok, err = pcall(pool.map, pool, function(x)
           if x == 2 then error("item two") end
-          luapool.sleep(0.05)
+          if x >= 3 then wait_gate(gate) end
           return x
         end, { 1, 2, 3, 4, 5, 6 }, { chunksize = 1 })
         assert.is_false(ok)
         assert.are.equal("task", err.kind)
         assert.matches("item two$", err.message)
         local s = pool:stats()
+        open_gate(gate)
+        pool:shutdown()
+        os.remove(gate)
         assert.is_true(s.cancelled >= 1, "nothing was cancelled")
         assert.are.equal(6, s.done + s.failed + s.cancelled + s.running + s.pending)
         _ = started
       end)
 
       it("raises kind timeout on its timeout and cancels the rest", function()
+        -- items 2.. are held until after the check; item 1 has 2 s to
+        -- finish, on a worker already started (a new worker process takes
+        -- long on a loaded machine or under a sanitizer)
+        local gate = fresh_path()
         local pool <close> = new { max_workers = 1 }
-        local ok, err = pcall(pool.map, pool, function(s) luapool.sleep(s) return s end,
-          { 0, 0.5, 0.5, 0.5 }, { timeout = 0.2, chunksize = 1 })
+        pool:submit(sleeper(0, 0)):result()
+        local ok, err = pcall(pool.map, pool, function(x)
+          if x >= 2 then wait_gate(gate) end
+          return x
+        end, { 1, 2, 3, 4 }, { timeout = 2, chunksize = 1 })
+        open_gate(gate)
+        pool:shutdown()
+        os.remove(gate)
         assert.is_false(ok)
         assert.are.equal("timeout", err.kind)
-        assert.are.equal("map: 3 of 4 results not ready after 0.2 seconds", err.message)
+        assert.are.equal("map: 3 of 4 results not ready after 2 seconds", err.message)
       end)
 
       it("refuses unknown options and bad chunksizes", function()
@@ -332,15 +391,22 @@ for _, kind in ipairs(h.engines) do
       end)
 
       it("cancels what is pending when the loop body raises", function()
+        -- items 3.. are held until after the loop has raised: what was
+        -- buffered cannot all have run, however slow the machine
+        local gate = fresh_path()
         local pool <close> = new { max_workers = 1 }
         local ok = pcall(function()
-          for i in pool:imap(function(x) luapool.sleep(0.02) return x end, { 1, 2, 3, 4, 5, 6, 7, 8 },
-            { buffersize = 4 }) do
+          for i in pool:imap(function(x)
+            if x >= 3 then wait_gate(gate) end
+            return x
+          end, { 1, 2, 3, 4, 5, 6, 7, 8 }, { buffersize = 4 }) do
             if i == 2 then error("stop") end
           end
         end)
         assert.is_false(ok)
+        open_gate(gate)
         pool:shutdown()
+        os.remove(gate)
         local s = pool:stats()
         assert.is_true(s.cancelled >= 1)
         assert.is_true(s.done <= 6)
@@ -384,12 +450,20 @@ for _, kind in ipairs(h.engines) do
 
     describe("shutdown", function()
       it("with wait=false returns at once; the work still finishes", function()
+        -- the task is held until after the check: a shutdown that waited
+        -- for it would return only when it gives up (20 s), done
+        local gate = fresh_path()
         local pool = new { max_workers = 1 }
-        local f = pool:submit(sleeper(0.2, "late"))
+        local f = pool:submit(held(gate, "late"))
         local t0 = luapool.now()
         pool:shutdown { wait = false }
-        assert.is_true(luapool.now() - t0 < 0.15)
-        assert.are.equal("late", f:result(5))
+        local took = luapool.now() - t0
+        assert.is_false(f:done())
+        -- (a bound that only catches a hang: a busy machine may take a while)
+        assert.is_true(took < 5, ("took %.1f s"):format(took))
+        open_gate(gate)
+        assert.are.equal("late", f:result(30))
+        os.remove(gate)
         pool:shutdown()
         pool:shutdown()
       end)

@@ -265,22 +265,42 @@ describe("http.request", function()
       -- TSan holds a signal back until the thread calls an intercepted function
       return pending("signals are deferred under tsan")
     end
-    for _, url in ipairs { srv:url("/sleep?s=10"), srv:url("/flaky?fail=1&retry_after=20&key=" .. key()) } do
+    -- The requests the fixture has taken (stub_status's third counter); this
+    -- one included: it counts a request when it arrives.
+    local function taken()
+      local r = assert(request { url = srv:url("/nginx_status") })
+      return assert(tonumber(r.body:match("\n%s*%d+%s+%d+%s+(%d+)")), r.body)
+    end
+    -- the answer, or the retry, would come 30 s on: well before that is
+    -- "cut short", however slowly the machine gets the signal to it
+    for _, url in ipairs { srv:url("/sleep?s=30"), srv:url("/flaky?fail=1&retry_after=30&key=" .. key()) } do
       local script = h.tempfile([[
-        local url = ...
+        local url, ready_file = ...
         local t0 = luapool.now()
-        local ok, e = pcall(luapool.http.request, { url = url, retries = 1 })
-        print(ok, e.kind, e.message, luapool.now() - t0 < 5)]])
-      local out, pidf = os.tmpname(), os.tmpname()
-      assert(os.execute(("sh -c %s >/dev/null 2>&1"):format(q(("%s %s %s >%s 2>&1 </dev/null & echo $! >%s")
-        :format(q(h.bin), q(script), q(url), q(out), q(pidf))))))
+        local ok, e = pcall(function()
+          local f = assert(io.open(ready_file, "w")) f:write("ready\n") f:close()
+          return luapool.http.request { url = url, retries = 1 }
+        end)
+        print(ok, e.kind, e.message, luapool.now() - t0 < 15)]])
+      local out, pidf, ready = os.tmpname(), os.tmpname(), os.tmpname()
+      os.remove(ready)
+      local before = taken()
+      assert(os.execute(("sh -c %s >/dev/null 2>&1"):format(q(("%s %s %s %s >%s 2>&1 </dev/null & echo $! >%s")
+        :format(q(h.bin), q(script), q(url), q(ready), q(out), q(pidf))))))
       h.wait_until(function() return tonumber(h.slurp(pidf)) ~= nil end, "the pid", 10)
       local pid = tonumber(h.slurp(pidf))
-      luapool.sleep(0.8) -- into the transfer, or the 20 s wait
+      -- inside the pcall, then in the transfer (or the 30 s wait): the
+      -- fixture has the script's request (each taken() is one of its own)
+      h.wait_until(function() return h.slurp(ready) == "ready\n" end, "the script to be ready", 30)
+      local polls = 0
+      h.wait_until(function()
+        polls = polls + 1
+        return taken() - before - polls >= 1
+      end, "the script's request to reach the fixture", 30)
       assert(os.execute("kill -INT " .. pid))
       h.wait_until(function() return not h.alive(pid) end, "luapool to exit", 10)
       assert.are.equal("false\tinterrupted\tthe script received SIGINT\ttrue\n", h.slurp(out))
-      os.remove(script) os.remove(out) os.remove(pidf)
+      os.remove(script) os.remove(out) os.remove(pidf) os.remove(ready)
     end
   end)
 

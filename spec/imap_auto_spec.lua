@@ -72,7 +72,9 @@ for _, kind in ipairs(h.engines) do
     end)
 
     it("starts with single items, chunks tiny tasks, and keeps chunks within 256 items", function()
+      local t0 = luapool.now()
       local got, chunks, n = positions(pool, range(100000))
+      local took = luapool.now() - t0
       assert.are.equal(100000, n)
       -- the window (twice the workers) is filled with one-item chunks
       -- before anything is measured
@@ -80,8 +82,16 @@ for _, kind in ipairs(h.engines) do
       local largest = 0
       for i = 1, n do if got[i] > largest then largest = got[i] end end
       assert.is_true(largest <= 256, "a chunk of " .. largest .. " items")
-      -- one item a chunk was 100,000 chunks; generous for a loaded machine
-      assert.is_true(chunks < 20000, chunks .. " chunks for 100,000 tiny items")
+      -- Chunking is on: fewer chunks than items.  How many fewer depends on
+      -- the machine's load (a chunk's time counts its waits in queues); the
+      -- sizes are tested on next_chunksize itself, below.  Only a loop this
+      -- slow could excuse one item a chunk throughout: each chunk but the
+      -- last window's then took over 1 ms (the 2 ms target makes 2 items of
+      -- anything faster), with at most a window of chunks in flight at once.
+      local window = 2 * pool.max_workers
+      local slowest = (n - window) * 0.001 / window
+      assert.is_true(chunks < n or took > slowest,
+        ("%d chunks for 100,000 tiny items in %.1f s"):format(chunks, took))
     end)
 
     it("reads an infinite iterator lazily, a bounded window ahead, and stops at break", function()
@@ -150,6 +160,49 @@ for _, kind in ipairs(h.engines) do
     end)
   end)
 end
+
+-- The rule behind imap's automatic chunk sizes, without timing: imap's
+-- next_chunksize(chunk, k, elapsed), the size of the next chunk when the
+-- current size is `chunk` and a chunk of k items took `elapsed` seconds
+-- from submission to its results (a local of lua/luapool/executor.lua,
+-- reached as an upvalue of pool.imap).
+describe("imap's automatic chunk size", function()
+  local next_chunksize
+  setup(function()
+    local pool <close> = new_pool("threadpool", { max_workers = 1 })
+    for i = 1, math.huge do
+      local name, v = debug.getupvalue(pool.imap, i)
+      if name == nil then break end
+      if name == "next_chunksize" then next_chunksize = v end
+    end
+    assert(type(next_chunksize) == "function", "pool.imap has no upvalue next_chunksize")
+  end)
+
+  it("doubles at most at a time and stays within 256 items, however fast the chunk", function()
+    local sizes, chunk = {}, 1
+    for _ = 1, 10 do
+      chunk = next_chunksize(chunk, chunk, 1e-6)
+      sizes[#sizes + 1] = chunk
+    end
+    assert.are.same({ 2, 4, 8, 16, 32, 64, 128, 256, 256, 256 }, sizes)
+    assert.are.equal(256, next_chunksize(200, 200, 1e-6))
+    assert.are.equal(2, next_chunksize(1, 1, 0)) -- a clock too coarse to see it
+    assert.are.equal(256, next_chunksize(256, 256, 0))
+  end)
+
+  it("sizes the next chunk to take about 2 ms from the time a chunk took", function()
+    assert.are.equal(32, next_chunksize(64, 64, 0.004))
+    assert.are.equal(10, next_chunksize(10, 10, 0.002))
+    assert.are.equal(13, next_chunksize(10, 10, 0.0015)) -- 13.3 items, rounded down
+    assert.are.equal(4, next_chunksize(8, 2, 0.001)) -- a chunk sent before the size grew
+    assert.are.equal(1, next_chunksize(1, 1, 0.0011)) -- 1.8 items: no growth past 1 ms
+    assert.are.equal(1, next_chunksize(256, 256, 1)) -- slow tasks: one item a chunk
+    assert.are.equal(1, next_chunksize(1, 1, 0.1))
+    for _, c in ipairs { { 1, 1, 1e-6 }, { 10, 10, 0.0015 }, { 256, 256, 1 }, { 3, 3, 0 } } do
+      assert.are.equal("integer", math.type(next_chunksize(c[1], c[2], c[3])))
+    end
+  end)
+end)
 
 describe("imap of slow tasks at default options", function()
   it("yields the first result after about one task, and keeps one item a chunk", function()

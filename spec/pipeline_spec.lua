@@ -132,10 +132,12 @@ describe("a task sent ahead to a busy process worker", function()
   end)
 
   it("has its deadline counted from its own start, not from when it was sent", function()
-    -- each takes 1 s of a 1.5 s deadline: counted from the send, the second would pass it
-    local pool <close> = luapool.processpool.new { max_workers = 1, name = "pdl", task_timeout = 1.5 }
+    -- each takes 2 s of a 3 s deadline: counted from the send, the second
+    -- would pass it by at least 1 s (it ends 4 s after it was sent); counted
+    -- from its start, each keeps 1 s to spare for a loaded machine
+    local pool <close> = luapool.processpool.new { max_workers = 1, name = "pdl", task_timeout = 3 }
     local function slow(v)
-      luapool.sleep(1.0)
+      luapool.sleep(2.0)
       return v
     end
     local a = pool:submit(slow, "a")

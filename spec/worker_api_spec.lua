@@ -140,7 +140,9 @@ describe("luapool in the main state", function()
 
   it("has a monotonic clock finer than a microsecond", function()
     local a, b = luapool.now(), luapool.now()
-    assert.is_true(b >= a and b - a < 0.01)
+    -- (the upper bound only says the two readings are close: a preempted
+    -- process may lose a good part of a second between them)
+    assert.is_true(b >= a and b - a < 1)
     assert.are.equal("float", math.type(a))
   end)
 end)

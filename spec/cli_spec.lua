@@ -108,13 +108,31 @@ describe("luapool host", function()
       pending("signals are deferred under tsan")
       return
     end
-    local out, err, code = h.run({ "-e", [[
+    -- the script ends once both tasks are in their loops (each leaves a
+    -- note, a file, from inside its call), not after a fixed time, which a
+    -- busy machine can spend before a thread takes its task.  (Not once
+    -- f:running(): a stop signal that comes before the call has begun can
+    -- be lost, its handler finding no task state yet or its hook cleared
+    -- as the call begins, and a loop that calls nothing goes on: 3 runs
+    -- in 60 at load 5 were "left running".)
+    local notes = os.tmpname()
+    finally(function()
+      os.remove(notes .. ".a")
+      os.remove(notes .. ".b")
+      os.remove(notes)
+    end)
+    local out, err, code = h.run({ "-e", ([[
+      local notes = %q
       local p = threadpool.new{max_workers = 2}
-      p:submit(function() while true do end end)
+      p:submit(function() assert(io.open(notes .. ".a", "w")):close() while true do end end)
       p:submit(function() local co = coroutine.wrap(function() return 1 end) co()
+                          assert(io.open(notes .. ".b", "w")):close()
                           while true do pcall(function() while true do end end) end end)
-      luapool.sleep(0.1)
-      print("end of script")]] })
+      local deadline = luapool.now() + 60
+      for _, n in ipairs{".a", ".b"} do
+        while not io.open(notes .. n) and luapool.now() < deadline do luapool.sleep(0.005) end
+      end
+      print("end of script")]]):format(notes) })
     assert.are.equal(0, code)
     assert.are.equal("end of script\n", out)
     -- no "did not stop ... left running": only the note of the open pool
@@ -163,20 +181,35 @@ describe("luapool host", function()
   end)
   it("stops a thread task waiting on a nested pool when the script ends with its pool open", function()
     -- before, the wait did not notice the stop: 5 s, then "left running"
+    -- the script ends once each inner task has left its note (a file):
+    -- every outer task runs, its inner pool made, its inner task running
+    local notes = os.tmpname()
+    finally(function()
+      for _, how in ipairs { "result", "as_completed", "wait" } do os.remove(notes .. "." .. how) end
+      os.remove(notes)
+    end)
     local t0 = require("luapool").now()
-    local out, err, code = h.run({ "-e", [[
+    local out, err, code = h.run({ "-e", ([[
+      local notes = %q
       local p = threadpool.new{max_workers = 3}
-      for _, how in ipairs{"result", "as_completed", "wait"} do
+      local hows = {"result", "as_completed", "wait"}
+      for _, how in ipairs(hows) do
         p:submit(function()
           local inner = threadpool.new{max_workers = 1}
-          local f = inner:submit(luapool.sleep, 30)
+          local f = inner:submit(function()
+            assert(io.open(notes .. "." .. how, "w")):close()
+            luapool.sleep(30)
+          end)
           if how == "result" then f:result()
           elseif how == "as_completed" then for _ in luapool.as_completed{f} do end
           else luapool.wait{f} end
         end)
       end
-      luapool.sleep(0.2)
-      print("end of script")]] })
+      local deadline = luapool.now() + 60
+      for _, how in ipairs(hows) do
+        while not io.open(notes .. "." .. how) and luapool.now() < deadline do luapool.sleep(0.005) end
+      end
+      print("end of script")]]):format(notes) })
     local took = require("luapool").now() - t0
     assert.are.equal(0, code)
     assert.are.equal("end of script\n", out)
@@ -189,6 +222,9 @@ describe("luapool host", function()
     table.sort(lines)
     assert.are.same({ note:format(1, ""), note:format(1, ""), note:format(1, ""), note:format(3, "s") },
       lines)
-    assert.is_true(took < 4, ("took %.1f s"):format(took))
+    -- and the inner tasks' 30 s sleeps were not waited for (a bound only
+    -- a hang passes, not a slow machine: the 5 s grace of a wait that did
+    -- not notice the stop shows as "left running" above)
+    assert.is_true(took < 25, ("took %.1f s"):format(took))
   end)
 end)

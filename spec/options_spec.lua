@@ -125,11 +125,21 @@ describe("worker lifetimes", function()
     -- a blocking C call that is not luapool's: no stop reaches it (a loop
     -- in an xpcall handler is another such place, but it would burn a
     -- core for the whole grace period, next to other specs running)
-    local out, err, code = h.run({ "-e", [[
-      local p = threadpool.new { max_workers = 1, task_timeout = 0.2 }
-      p:submit(function() os.execute("sleep 8") end)
-      luapool.sleep(0.1)
-      print("end of script")]] })
+    -- The script ends once the task is inside system() (its shell touched
+    -- the file), not after a fixed time: before it, the task would still be
+    -- queued, or in Lua where the stop reaches it.  Its deadline (2 s: well
+    -- after the call starts on a busy machine, well within the 5 s grace)
+    -- passes while it is in there.
+    local started = os.tmpname()
+    os.remove(started)
+    finally(function() os.remove(started) end)
+    local out, err, code = h.run({ "-e", ([[
+      local started = %q
+      local p = threadpool.new { max_workers = 1, task_timeout = 2 }
+      p:submit(function() os.execute("touch '" .. started .. "'; sleep 8") end)
+      local deadline = luapool.now() + 60
+      while not io.open(started) and luapool.now() < deadline do luapool.sleep(0.01) end
+      print("end of script")]]):format(started) })
     assert.are.equal(0, code)
     assert.are.equal("end of script\n", out)
     assert.are.equal("luapool: pool 'threadpool' was collected while still open: 0 queued tasks " ..
@@ -153,15 +163,32 @@ describe("worker lifetimes", function()
 
   for _, kind in ipairs(h.engines) do
     it("runs the work of a " .. kind .. " shut down with wait = false to its end before exit", function()
+      -- the tasks wait for a file the script creates after its print: none
+      -- can be done before the stats however slowly the script gets there
+      -- (one at a time on an iopool too, so they still end in order)
+      local go = os.tmpname()
+      os.remove(go)
+      finally(function() os.remove(go) end)
       local out, err, code = h.run({ "-e", ([[
-        local p = %s.new { max_workers = 1 }
+        local go = %q
+        local p = %s.new { max_workers = 1%s }
         for i = 1, 4 do
-          p:submit(function() luapool.sleep(0.05) io.stdout:write("task ", i, "\n") end)
+          p:submit(function()
+            local deadline = luapool.now() + 60
+            repeat
+              local f = io.open(go)
+              if f then f:close() break end
+              luapool.sleep(0.01)
+            until luapool.now() >= deadline
+            io.stdout:write("task ", i, "\n")
+          end)
         end
         p:shutdown { wait = false }
         local s = p:stats() -- (one snapshot: a task moving from pending to running between
                             -- two calls would count twice)
-        print("shut down, " .. s.pending + s.running .. " still to run")]]):format(kind) }, nil, nil, kind)
+        print("shut down, " .. s.pending + s.running .. " still to run")
+        io.stdout:flush()
+        assert(io.open(go, "w")):close()]]):format(go, kind, h.serial_opt[kind] or "") }, nil, nil, kind)
       assert.are.equal(0, code)
       assert.are.equal("", err)
       assert.are.equal("shut down, 4 still to run\ntask 1\ntask 2\ntask 3\ntask 4\n", out)

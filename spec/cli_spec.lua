@@ -110,11 +110,8 @@ describe("luapool host", function()
     end
     -- the script ends once both tasks are in their loops (each leaves a
     -- note, a file, from inside its call), not after a fixed time, which a
-    -- busy machine can spend before a thread takes its task.  (Not once
-    -- f:running(): a stop signal that comes before the call has begun can
-    -- be lost, its handler finding no task state yet or its hook cleared
-    -- as the call begins, and a loop that calls nothing goes on: 3 runs
-    -- in 60 at load 5 were "left running".)
+    -- busy machine can spend before a thread takes its task.  (The stop of
+    -- a task that has yet to begin its call: the next case.)
     local notes = os.tmpname()
     finally(function()
       os.remove(notes .. ".a")
@@ -138,6 +135,31 @@ describe("luapool host", function()
     -- no "did not stop ... left running": only the note of the open pool
     assert.are.equal("luapool: pool 'threadpool' was collected while still open: 0 queued tasks " ..
       "cancelled, 2 running tasks interrupted (close it, or call shutdown(), to wait for its work)\n", err)
+  end)
+
+  it("stops a thread task that has yet to begin its call when the script ends", function()
+    -- The script ends as soon as the task reads as running: its thread may
+    -- still be making its Lua state or decoding the task when the stop
+    -- comes.  The stop signal's handler then found no task state, or set a
+    -- hook the call's arming cleared, and a loop that calls nothing went
+    -- on: 43 of 60 runs were "left running" (load 2).  The call now begins
+    -- with the stop's hook when its stop already came.  20 runs.
+    if os.getenv("LUAPOOL_SANITIZER") == "tsan" then
+      pending("signals are deferred under tsan")
+      return
+    end
+    local want = "luapool: pool 'threadpool' was collected while still open: 0 queued tasks " ..
+      "cancelled, 1 running task interrupted (close it, or call shutdown(), to wait for its work)\n"
+    for run = 1, 20 do
+      local out, err, code = h.run({ "-e", [[
+        local p = threadpool.new{max_workers = 1}
+        local f = p:submit(function() while true do end end)
+        while not f:running() do end
+        print("end of script")]] })
+      assert.are.equal(0, code, "run " .. run)
+      assert.are.equal("end of script\n", out, "run " .. run)
+      assert.are.equal(want, err, "run " .. run)
+    end
   end)
 
   it("leaves no worker process behind when the script ends with an open pool", function()

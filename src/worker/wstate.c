@@ -133,7 +133,12 @@ void luapool__arm_hook_of(lua_State *L, lp_wstate *ws) {
     ws->arm_hook(L, ws);
     return;
   }
-  if (ws && ws->deadline > 0 && strcmp(ws->kind, "thread") == 0)
+  /* A stop that came before the call began (its STOP_SIGNAL found no state
+  ** yet, or set a hook the arming of this call would clear) raises at the
+  ** call's first instruction: a task that never waits would not see it. */
+  if (ws && luapool__interrupted(ws->intr))
+    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
+  else if (ws && ws->deadline > 0 && strcmp(ws->kind, "thread") == 0)
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
   else
     lua_sethook(L, NULL, 0, 0);

@@ -36,19 +36,10 @@ local function double(x) return x * 2 end
 
 -- A task that returns its item, except that item `slow` first waits (at
 -- most 20 s) until the file at `flag` exists.
+local wait_file = h.wait_file
 local function held_at(slow, flag)
   return function(x)
-    if x == slow then
-      local deadline = luapool.now() + 20
-      while luapool.now() < deadline do
-        local f = io.open(flag)
-        if f then
-          f:close()
-          break
-        end
-        luapool.sleep(0.01)
-      end
-    end
+    if x == slow then wait_file(flag) end
     return x
   end
 end

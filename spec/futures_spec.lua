@@ -7,28 +7,7 @@ local function sleeper(s, v)
   return function() luapool.sleep(s) return v end
 end
 
--- A path that does not exist yet: a gate, opened when the spec creates it.
-local function fresh_path()
-  local path = os.tmpname()
-  os.remove(path)
-  return path
-end
-
-local function open_gate(path) assert(io.open(path, "w")):close() end
-
--- Waits (in a task) until the file at `gate` exists, at most 20 s: a gate
--- left shut ends the task instead of hanging the spec.
-local function wait_gate(gate)
-  local deadline = luapool.now() + 20
-  while luapool.now() < deadline do
-    local f = io.open(gate)
-    if f then
-      f:close()
-      return
-    end
-    luapool.sleep(0.01)
-  end
-end
+local fresh_path, open_gate, wait_gate = h.fresh_path, h.touch, h.wait_file
 
 -- A task that returns v once the gate is open.
 local function held(gate, v)

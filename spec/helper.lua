@@ -243,6 +243,39 @@ function M.wait_until(pred, what, limit)
   end
 end
 
+-- Gates: a path that does not exist yet, opened when the spec makes the
+-- file (touch); a task waits for it with wait_file.
+function M.fresh_path()
+  local path = os.tmpname()
+  os.remove(path)
+  return path
+end
+
+function M.touch(path) assert(io.open(path, "w")):close() end
+
+function M.exists(path)
+  local f = io.open(path)
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- In a task (it travels to any worker: it uses only globals): waits until
+-- the file at path exists, at most `limit` seconds (default 20), so that a
+-- gate left shut ends the task instead of hanging the spec.  True once it
+-- exists.
+function M.wait_file(path, limit)
+  local deadline = luapool.now() + (limit or 20)
+  while luapool.now() < deadline do
+    local f = io.open(path)
+    if f then
+      f:close()
+      return true
+    end
+    luapool.sleep(0.01)
+  end
+  return false
+end
+
 -- Is process pid alive (and not a zombie)?
 function M.alive(pid)
   local stat = M.slurp("/proc/" .. pid .. "/stat")

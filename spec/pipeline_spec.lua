@@ -15,20 +15,7 @@ local function pid_of_worker() return luapool.current_worker().pid end
 
 local function pid_in(message) return tonumber(message:match("%(pid (%d+)%)")) end
 
--- A path that does not exist yet.
-local function fresh_path()
-  local path = os.tmpname()
-  os.remove(path)
-  return path
-end
-
-local function touch(path) assert(io.open(path, "w")):close() end
-
-local function exists(path)
-  local f = io.open(path)
-  if f then f:close() end
-  return f ~= nil
-end
+local fresh_path, touch, exists = h.fresh_path, h.touch, h.exists
 
 -- Tasks: waits until the file exists, then returns what it was given.
 local function wait_for(path, value)

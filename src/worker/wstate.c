@@ -133,15 +133,17 @@ void luapool__arm_hook_of(lua_State *L, lp_wstate *ws) {
     ws->arm_hook(L, ws);
     return;
   }
-  /* A stop that came before the call began (its STOP_SIGNAL found no state
-  ** yet, or set a hook the arming of this call would clear) raises at the
-  ** call's first instruction: a task that never waits would not see it. */
-  if (ws && luapool__interrupted(ws->intr))
-    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
-  else if (ws && ws->deadline > 0 && strcmp(ws->kind, "thread") == 0)
+  if (ws && ws->deadline > 0 && strcmp(ws->kind, "thread") == 0)
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1000);
   else
     lua_sethook(L, NULL, 0, 0);
+  /* A stop that came before this arming (its STOP_SIGNAL found no state
+  ** yet, or set a hook the line above replaced) raises at the next
+  ** instruction: a task that never waits would not see it.  Checked after
+  ** the arming, so that a signal handled between a check and the arming
+  ** cannot be lost either; one handled after it sets its own hook. */
+  atomic_thread_fence(memory_order_seq_cst);
+  if (ws && luapool__interrupted(ws->intr)) lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
 }
 
 /* }====== */

@@ -34,6 +34,19 @@ int luapool__cond_init(pthread_cond_t *cv) {
   return r;
 }
 
+int luapool__mutex_init_spinning(pthread_mutex_t *mu) {
+#ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
+  pthread_mutexattr_t ma;
+  if (pthread_mutexattr_init(&ma) != 0) return -1;
+  pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+  int r = pthread_mutex_init(mu, &ma);
+  pthread_mutexattr_destroy(&ma);
+  return r;
+#else
+  return pthread_mutex_init(mu, NULL);
+#endif
+}
+
 void luapool__on_signal(int sig, void (*handler)(int)) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);

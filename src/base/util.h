@@ -16,6 +16,9 @@ double luapool__now(void);
 int luapool__cpu_count(void);
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
 int luapool__cond_init(pthread_cond_t *cv);
+/* A mutex that spins a moment before it sleeps when another thread holds
+** it (glibc's adaptive kind, where it exists). */
+int luapool__mutex_init_spinning(pthread_mutex_t *mu);
 /* Installs a handler for sig (SA_RESTART). */
 void luapool__on_signal(int sig, void (*handler)(int));
 

@@ -234,7 +234,7 @@ lp_pool *luapool__pool_create(const lp_engine *e, const lp_pool_config *c, const
   void *cfg = e->config_size ? lp_malloc(e->config_size) : NULL;
   if (p == NULL || (e->config_size && cfg == NULL)) goto nomem;
   if (cfg) memcpy(cfg, config, e->config_size);
-  if (pthread_mutex_init(&p->mu, NULL) != 0) goto nomem;
+  if (luapool__mutex_init_spinning(&p->mu) != 0) goto nomem;
   if (pthread_mutex_init(&p->cbmu, NULL) != 0) {
     pthread_mutex_destroy(&p->mu);
     goto nomem;

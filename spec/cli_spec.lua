@@ -93,6 +93,17 @@ describe("luapool host", function()
     assert.matches("^luapool: %(error object is a table value%)\n", err)
   end)
 
+  it("reports an error of its own start-up as lua does, the message alone", function()
+    -- (pmain's errors, outside the script's call: no traceback is added;
+    -- an interruption there is signals_spec's)
+    local script = h.tempfile("print('not reached')\n")
+    local out, err, code = h.run({ "-e", "arg = nil", script })
+    os.remove(script)
+    assert.are.equal(1, code)
+    assert.are.equal("", out)
+    assert.are.equal("luapool: 'arg' is not a table\n", err)
+  end)
+
   it("finds the project's lua/ modules from any directory", function()
     local out, _, code = h.run({ "-e",
       "local fx = require 'luapool.fixture' print(type(fx.available))" })

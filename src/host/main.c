@@ -311,6 +311,17 @@ static int msghandler(lua_State *L) {
   return 1;
 }
 
+/* The handler of pmain's own errors (the script's calls have msghandler,
+** through docall): a signal taken while pmain sets the state up is an
+** uncaught interruption like one in the script; any other error stays as
+** it was raised, reported alone as lua.c reports pmain's errors. */
+static int start_msghandler(lua_State *L) {
+  int interrupted = lua_type(L, 1) == LUA_TTABLE && lua_getfield(L, 1, "kind") == LUA_TSTRING &&
+                    strcmp(lua_tostring(L, -1), "interrupted") == 0;
+  lua_settop(L, 1);
+  return interrupted ? msghandler(L) : 1;
+}
+
 static int docall(lua_State *L, int narg, int nres) {
   int base = lua_gettop(L) - narg;
   lua_pushcfunction(L, msghandler);
@@ -826,11 +837,11 @@ static void *run_host(void *arg) {
   lua_register(L, "__luapool_fail_alloc", l_fail_alloc);
 #endif
   install_signal_handlers(L);
-  /* msghandler here too: a signal taken while pmain sets the state up
-  ** (between the module's opening and the script's docall) raises its
-  ** error there, and is then an uncaught interruption (exit 128 + signal)
-  ** like one in the script, not "(error object is not a string)", exit 1 */
-  lua_pushcfunction(L, msghandler);
+  /* A signal taken while pmain sets the state up (between the module's
+  ** opening and the script's docall) raises its error there, and is then
+  ** an uncaught interruption (exit 128 + signal) like one in the script,
+  ** not "(error object is not a string)" and exit 1 (start_msghandler) */
+  lua_pushcfunction(L, start_msghandler);
   lua_pushcfunction(L, pmain);
   lua_pushinteger(L, a->argc);
   lua_pushlightuserdata(L, a->argv);

@@ -1,4 +1,5 @@
 -- Shared by the specs: the binary under test, running it, the fixture.
+local luapool = require "luapool"
 local M = {}
 
 M.bin = os.getenv("LUAPOOL_BIN") or "build/luapool"
@@ -259,7 +260,7 @@ function M.exists(path)
   return f ~= nil
 end
 
--- In a task (it travels to any worker: it uses only globals): waits until
+-- In a task (it travels to any worker, luapool by its name): waits until
 -- the file at path exists, at most `limit` seconds (default 20), so that a
 -- gate left shut ends the task instead of hanging the spec.  True once it
 -- exists.

@@ -15,21 +15,11 @@ local function pid_of_worker() return luapool.current_worker().pid end
 
 local function pid_in(message) return tonumber(message:match("%(pid (%d+)%)")) end
 
-local fresh_path, touch, exists = h.fresh_path, h.touch, h.exists
+local fresh_path, touch, exists, wait_file = h.fresh_path, h.touch, h.exists, h.wait_file
 
--- Tasks: waits until the file exists, then returns what it was given.
-local function wait_for(path, value)
-  local deadline = luapool.now() + 60
-  while luapool.now() < deadline do
-    local f = io.open(path)
-    if f then
-      f:close()
-      return value
-    end
-    luapool.sleep(0.01)
-  end
-  return "gave up"
-end
+-- Tasks: waits until the file exists (at most 60 s), then returns what it
+-- was given.
+local function wait_for(path, value) return wait_file(path, 60) and value or "gave up" end
 
 -- Writes the file (the proof that it ran).
 local function write_mark(path)

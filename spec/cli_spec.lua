@@ -148,6 +148,21 @@ describe("luapool host", function()
       "cancelled, 2 running tasks interrupted (close it, or call shutdown(), to wait for its work)\n", err)
   end)
 
+  it("counts the tasks a process worker was sent ahead among the queued ones it cancelled", function()
+    -- (they read as queued in stats() but were left out of the note)
+    local out, err, code = h.run({ "-e", [[
+      local p = processpool.new{max_workers = 1}
+      local fs = {}
+      for i = 1, 4 do fs[i] = p:submit(function() luapool.sleep(60) end) end
+      while not fs[1]:running() do luapool.sleep(0.005) end
+      local s = p:stats()
+      print(s.pending, s.running)]] })
+    assert.are.equal(0, code)
+    assert.are.equal("3\t1\n", out)
+    assert.are.equal("luapool: pool 'processpool' was collected while still open: 3 queued tasks " ..
+      "cancelled, 1 running task interrupted (close it, or call shutdown(), to wait for its work)\n", err)
+  end)
+
   it("stops a thread task that has yet to begin its call when the script ends", function()
     -- The script ends as soon as the task reads as running: its thread may
     -- still be making its Lua state or decoding the task when the stop

@@ -72,6 +72,34 @@ describe("a process worker that dies", function()
     assert.are.same({ 103, 1, 0, 0, 0 }, { s.done, s.failed, s.pending, s.running, s.cancelled })
   end)
 
+  -- The OOM killer picks the biggest process, busy or not.  The next task
+  -- was once failed as crashed "while running" it, having never started.
+  it("while idle is replaced: the next task runs on a new worker", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, name = "idle" }
+    for _ = 1, 3 do
+      local pid = pool:submit(pid_of_worker):result(20)
+      os.execute("kill -9 " .. pid)
+      wait_until(function() return not h.alive(pid) end, "the worker to die", 10)
+      local new = pool:submit(pid_of_worker):result(20)
+      assert.are_not.equal(pid, new)
+    end
+    local s = pool:stats()
+    assert.are.same({ 6, 0 }, { s.done, s.failed })
+  end)
+
+  it("while idle breaks a pool with on_crash = 'break', naming the death", function()
+    local pool <close> = luapool.processpool.new { max_workers = 1, name = "idlebrk", on_crash = "break" }
+    local pid = pool:submit(pid_of_worker):result(20)
+    os.execute("kill -9 " .. pid)
+    wait_until(function() return not h.alive(pid) end, "the worker to die", 10)
+    local want = ("the pool is broken: worker idlebrk-1 (pid %d) killed by signal 9 (KILL) while idle"):format(pid)
+    for _ = 1, 2 do
+      local e = result_error(pool:submit(pid_of_worker), 20)
+      assert.are.equal("broken", e.kind)
+      assert.are.equal(want, e.message)
+    end
+  end)
+
   it("with on_crash = 'break' fails every unfinished task 'broken', losing none", function()
     local pool <close> = luapool.processpool.new { max_workers = 2, name = "brk", on_crash = "break" }
     local gate = os.tmpname()
@@ -453,6 +481,25 @@ for _, kind in ipairs(h.engines) do
       assert.are.equal("ok", pool:submit(function() return "ok" end):result(20))
     end)
   end)
+
+  describe(kind .. " task whose error object's __tostring raises", function()
+    -- Its text was taken unprotected: the raise read as "could not receive
+    -- the task" (kind transfer) and the value was lost.
+    it("fails kind task, keeps the value and says what __tostring did", function()
+      local pool <close> = luapool[kind].new { max_workers = 1, name = "ts" }
+      local e = result_error(pool:submit(function()
+        error(setmetatable({ code = 7 }, { __tostring = function() error("tostring boom", 0) end }))
+      end), 20)
+      assert.are.equal("task", e.kind)
+      assert.are.equal("(error object is a table value whose __tostring raised: tostring boom)", e.message)
+      assert.are.equal(7, e.value.code)
+      e = result_error(pool:submit(function() error(setmetatable({}, { __tostring = function() return {} end })) end),
+        20)
+      assert.are.equal("(error object is a table value whose __tostring raised: '__tostring' must return a string)",
+        e.message)
+      assert.are.equal("ok", pool:submit(function() return "ok" end):result(20))
+    end)
+  end)
 end
 
 -- {====== SIGINT and SIGTERM in the host
@@ -467,6 +514,35 @@ local function note(line)
   f:close()
 end
 note("main " .. luapool.current_worker().pid)
+if mode == "callback" then -- the signal comes while a done callback runs
+  local p <close> = threadpool.new { max_workers = 1 }
+  local f = p:submit(function() luapool.sleep(0.1) return 1 end)
+  f:add_done_callback(function()
+    note("waiting")
+    luapool.sleep(30)
+  end)
+  f:result()
+  print("not reached")
+  return
+end
+if mode == "callback caught" then -- and caught: the callbacks still owed run later, once
+  local p <close> = threadpool.new { max_workers = 1 }
+  local a = p:submit(function() luapool.sleep(0.1) return 1 end)
+  local b = p:submit(function() return 2 end)
+  local ran = {}
+  a:add_done_callback(function()
+    ran[#ran + 1] = "a"
+    note("waiting")
+    luapool.sleep(30)
+  end)
+  b:add_done_callback(function() ran[#ran + 1] = "b" end)
+  local ok, e = pcall(a.result, a)
+  print(ok, e.kind, table.concat(ran, ","))
+  b:exception(10)
+  a:done()
+  print(table.concat(ran, ","))
+  return
+end
 local pp = processpool.new { max_workers = 2, name = "pp" }
 local tp = threadpool.new { max_workers = 2, name = "tp" }
 local function proc_task(path)
@@ -522,13 +598,15 @@ end
 local q = h.shell_quote
 
 -- Starts the script in the background; returns a handle with the paths.
-local function start_host(mode)
+-- group: in a process group of its own (setsid), for signals to the group.
+local function start_host(mode, group)
   local run = {
     script = h.tempfile(SIGNAL_SCRIPT), notes = h.tempfile(""), status = os.tmpname(),
     out = os.tmpname(), err = os.tmpname(),
   }
   os.remove(run.status) -- it appears when luapool has ended
-  local line = ("%s %s %s %s; echo $? >%s"):format(q(h.bin), q(run.script), q(run.notes), q(mode), q(run.status))
+  local line = ("%s%s %s %s %s; echo $? >%s"):format(group and "setsid " or "", q(h.bin), q(run.script),
+    q(run.notes), q(mode), q(run.status))
   os.execute(("sh -c %s >%s 2>%s </dev/null &"):format(q(line), q(run.out), q(run.err)))
   return run
 end
@@ -602,18 +680,31 @@ describe("a signal to the luapool host", function()
     end)
   end
 
-  it("SIGINT caught: running tasks interrupted, queued ones cancelled, the pools go on", function()
-    local run = start_host("caught")
+  -- To the whole group (kill -- -PGID, timeout(1), a batch system's stop),
+  -- SIGTERM reached the process workers too, and their tasks read as
+  -- crashed instead of interrupted.
+  for _, c in ipairs { { "INT", "the host" }, { "TERM", "the whole process group" } } do
+    local sig, to = c[1], c[2]
+    it("SIG" .. sig .. " to " .. to .. " caught: running tasks interrupted, queued ones cancelled, the pools go on",
+      function()
+    local group = sig == "TERM"
+    local run = start_host("caught", group)
     finally(function() cleanup(run) end)
     local n = wait_workers(run, 2)
-    os.execute("kill -INT " .. n.main)
+    if group then
+      local pgid = tonumber((h.slurp("/proc/" .. n.main .. "/stat") or ""):match("^%d+ %b() %a %d+ (%d+)"))
+      assert.are.equal(n.main, pgid) -- (never the spec's own group)
+      os.execute("bash -c 'kill -TERM -- -" .. pgid .. "'") -- (bash: sh's kill takes no group)
+    else
+      os.execute("kill -INT " .. n.main)
+    end
     local status, out, err = wait_end(run)
     assert.are.equal(0, status, err)
     assert.are.equal("", err)
     local lines = {}
     for line in out:gmatch("[^\n]*\n") do lines[#lines + 1] = line end
     assert.are.equal(8, #lines, out)
-    assert.are.equal("false\tinterrupted\tthe script received SIGINT\n", lines[1])
+    assert.are.equal("false\tinterrupted\tthe script received SIG" .. sig .. "\n", lines[1])
     local seen = {}
     for i = 1, 2 do
       local pid = tonumber(lines[i + 1]:match(("^%d\ttrue\tfalse\tinterrupted\ttask #%d was interrupted: " ..
@@ -629,6 +720,40 @@ describe("a signal to the luapool host", function()
     assert.are.equal("6\ttrue\ttrue\tcancelled\tthe task was cancelled\n", lines[7])
     assert.are.equal("42\t42\n", lines[8])
     assert_all_dead(read_notes(run))
+  end)
+  end
+
+  -- The callback's error was reported as any callback's, and the script
+  -- went on to its end with status 0.
+  it("SIGINT while a done callback runs ends the script with status 130", function()
+    local run = start_host("callback")
+    finally(function() cleanup(run) end)
+    local n
+    wait_until(function()
+      n = read_notes(run)
+      return n.waiting
+    end, "the callback to run", 20)
+    os.execute("kill -INT " .. n.main)
+    local status, out, err = wait_end(run)
+    assert.are.equal(130, status, err)
+    assert.are.equal("", out)
+    local prefix = "luapool: interrupted: the script received SIGINT\nstack traceback:\n"
+    assert.are.equal(prefix, err:sub(1, #prefix))
+  end)
+
+  it("SIGINT caught in a done callback: the callbacks still owed run later, each once", function()
+    local run = start_host("callback caught")
+    finally(function() cleanup(run) end)
+    local n
+    wait_until(function()
+      n = read_notes(run)
+      return n.waiting
+    end, "the callback to run", 20)
+    os.execute("kill -INT " .. n.main)
+    local status, out, err = wait_end(run)
+    assert.are.equal(0, status, err)
+    assert.are.equal("", err)
+    assert.are.equal("false\tinterrupted\ta\na,b\n", out)
   end)
 
   it("a second SIGINT ends a script stuck after catching the first, status 130, no worker left", function()

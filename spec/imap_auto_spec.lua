@@ -151,6 +151,27 @@ for _, kind in ipairs(h.engines) do
       assert.is_true(worst <= 11, ("read %d items ahead of the loop"):format(worst))
     end)
 
+    it("cuts an explicit chunksize larger than buffersize to fit the window", function()
+      local read = 0
+      local function naturals()
+        read = read + 1
+        return read
+      end
+      local worst = 0
+      for i in pool:imap(function(x) return x end, naturals, { buffersize = 3, chunksize = 10 }) do
+        if read - i > worst then worst = read - i end
+        if i == 300 then break end
+      end
+      -- at most 3 in flight besides the rest of the chunk being handed out
+      -- (2 more); chunks of 10 read 19 ahead
+      assert.is_true(worst <= 5, ("read %d items ahead of the loop"):format(worst))
+      local got, _, n = positions(pool, range(100), { buffersize = 3, chunksize = 10 })
+      assert.are.equal(100, n)
+      local largest = 0
+      for i = 1, n do if got[i] > largest then largest = got[i] end end
+      assert.are.equal(3, largest)
+    end)
+
     it("makes every item its own task under a task_timeout, of the call or of the pool", function()
       local _, chunks, n = positions(pool, range(3000), { task_timeout = 30 })
       assert.are.same({ 3000, 3000 }, { n, chunks })

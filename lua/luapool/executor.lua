@@ -434,7 +434,7 @@ function methods.imap(pool, fn, iterable, opts)
   local chunk = opt_int(opts, "chunksize", "imap")
   local task_timeout = opt_positive(opts, "task_timeout", "imap")
   -- The window: an explicit buffersize bounds the items in flight (a chunk
-  -- is sent while fewer are; an automatic chunk is cut to fit); by default
+  -- is sent while fewer are, cut to fit, an explicit chunksize too); by default
   -- it is twice the workers in chunks, at most CHUNK_MAX items each.
   local buffersize = opt_int(opts, "buffersize", "imap")
   local window = 2 * pool.max_workers
@@ -474,7 +474,7 @@ function methods.imap(pool, fn, iterable, opts)
       local want = chunk
       if buffersize then
         if items_in_flight >= buffersize then return end
-        if auto and want > buffersize - items_in_flight then want = buffersize - items_in_flight end
+        if want > buffersize - items_in_flight then want = buffersize - items_in_flight end
       elseif chunks_in_flight >= window then
         return
       end

@@ -16,6 +16,8 @@
 void luapool__push_error(lua_State *L, lp_ekind kind, const char *message, const char *traceback,
                          const char *worker, int value_idx);
 const char *luapool__ekind_name(lp_ekind k);
+/* Is the value at idx an error object of kind k? */
+int luapool__is_error_of(lua_State *L, int idx, lp_ekind k);
 /* Registers the error objects' metatable. */
 void luapool__error_open(lua_State *L);
 

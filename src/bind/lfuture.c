@@ -413,42 +413,53 @@ static int future_cancel(lua_State *L) {
 /* Calls cb (at idx) with the future at fidx; an error is reported on
 ** stderr with its traceback and goes no further. */
 static int cb_msgh(lua_State *L) {
+  if (luapool__is_error_of(L, 1, LP_EK_INTERRUPTED)) return 1; /* raised on, as it is */
   const char *m = lua_tostring(L, 1);
   if (m == NULL) m = luaL_tolstring(L, 1, NULL);
   luaL_traceback(L, L, m, 1);
   return 1;
 }
 
-void luapool__run_callback(lua_State *L, int cb, int fidx) {
+int luapool__run_callback(lua_State *L, int cb, int fidx) {
   cb = lua_absindex(L, cb);
   fidx = lua_absindex(L, fidx);
   lua_pushcfunction(L, cb_msgh);
   lua_pushvalue(L, cb);
   lua_pushvalue(L, fidx);
   if (lua_pcall(L, 1, 0, -3) != LUA_OK) {
+    if (luapool__is_error_of(L, -1, LP_EK_INTERRUPTED)) {
+      lua_remove(L, -2); /* the handler */
+      return 1;
+    }
     fprintf(stderr, "luapool: error in a done callback: %s\n", lua_tostring(L, -1));
     fflush(stderr);
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  return 0;
 }
 
 /* Runs the callbacks list of the future at fidx and clears it. */
-void luapool__future_run_callbacks(lua_State *L, int fidx) {
+int luapool__future_run_callbacks(lua_State *L, int fidx) {
   fidx = lua_absindex(L, fidx);
   if (get_extra(L, fidx, X_CALLBACKS) != LUA_TTABLE) {
     lua_pop(L, 1);
-    return;
+    return 0;
   }
   lua_pushnil(L);
   set_extra(L, fidx, X_CALLBACKS); /* exactly once, even if one re-adds */
   lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
   for (lua_Integer i = 1; i <= n; i++) {
     lua_rawgeti(L, -1, i);
-    luapool__run_callback(L, -1, fidx);
+    if (luapool__run_callback(L, -1, fidx)) { /* list, callback, error */
+      lua_replace(L, -3);
+      lua_pop(L, 1);
+      return 1;
+    }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  return 0;
 }
 
 static int future_add_done_callback(lua_State *L) {
@@ -475,7 +486,7 @@ static int future_add_done_callback(lua_State *L) {
     lua_pop(L, 1);
   }
   if (done || p == NULL) {
-    luapool__run_callback(L, 2, 1);
+    if (luapool__run_callback(L, 2, 1)) lua_error(L);
   } else {
     lua_pushvalue(L, 2);
     lua_rawseti(L, 4, (lua_Integer)lua_rawlen(L, 4) + 1);

@@ -34,9 +34,15 @@ int luapool__is_future(lua_State *L, int idx); /* a future's userdata? */
 ** to NULL before the first call); NULL means the first call. */
 int luapool__future_outcome(lua_State *L, lp_future *f, lp_reader *r, int maxvals);
 void luapool__future_open(lua_State *L);
-/* Callbacks of the future userdata at fidx. */
-void luapool__future_run_callbacks(lua_State *L, int fidx);
-void luapool__run_callback(lua_State *L, int cb, int fidx);
+/* Runs the callbacks of the future userdata at fidx (and clears them):
+** an error in one is reported and the next runs, but an interruption
+** (Ctrl-C while one ran) ends the run: 1 with the error object pushed, for
+** the caller to raise once it has put back what it still owes; the
+** future's later callbacks do not run (as a KeyboardInterrupt skips them
+** in Python).  0 otherwise. */
+int luapool__future_run_callbacks(lua_State *L, int fidx);
+/* Runs callback cb on the future at fidx: the same outcome for one. */
+int luapool__run_callback(lua_State *L, int cb, int fidx);
 
 /* What a future's Lua face needs of its pool (executor.c registers it with
 ** luapool__future_set_pool_face when it opens, before any future exists). */

@@ -90,7 +90,11 @@ void luapool__pool_poll(lua_State *L, int pool_idx) {
       lua_pushlightuserdata(L, f);
       lua_pushnil(L);
       lua_rawset(L, watch);
-      luapool__future_run_callbacks(L, -1);
+      if (luapool__future_run_callbacks(L, -1)) { /* Ctrl-C in one: the rest wait */
+        luapool__future_unref(f);
+        luapool__pool_return_callbacks(p, rev);
+        lua_error(L);
+      }
     }
     lua_pop(L, 1);
     luapool__future_unref(f);

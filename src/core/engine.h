@@ -114,9 +114,9 @@ typedef struct lp_engine {
   ** lock (so atomics only): 1 when its worker will never start it, 0 when
   ** it has.  cancel_held_all: cancels every held task not started yet, as
   ** the queue is cancelled (Ctrl-C, shutdown{cancel_futures}); under
-  ** p->mu.  NULL: the engine holds no task. */
+  ** p->mu; the calls it cancelled.  NULL: the engine holds no task. */
   int (*cancel_held)(lp_pool *p, lp_future *f);
-  void (*cancel_held_all)(lp_pool *p);
+  size_t (*cancel_held_all)(lp_pool *p);
   /* shutdown{cancel_running = true}: cancels the running tasks too (an
   ** event loop aborts their transfers).  Owner, no lock, after the pool
   ** was closed and its queue cancelled.  NULL: running tasks cannot be

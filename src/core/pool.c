@@ -149,6 +149,24 @@ lp_future *luapool__pool_take_callbacks(lp_pool *p) {
   }
   return rev;
 }
+
+void luapool__pool_return_callbacks(lp_pool *p, lp_future *oldest_first) {
+  if (oldest_first == NULL) return;
+  lp_future *newest = NULL;
+  for (lp_future *f = oldest_first; f;) { /* back to newest first */
+    lp_future *next = f->cbnext;
+    f->cbnext = newest;
+    newest = f;
+    f = next;
+  }
+  pthread_mutex_lock(&p->cbmu);
+  lp_future **tail = &p->cbhead; /* they are older than any owed since */
+  while (*tail)
+    tail = &(*tail)->cbnext;
+  *tail = newest;
+  atomic_store(&p->ncb, 1);
+  pthread_mutex_unlock(&p->cbmu);
+}
 /* }====== */
 
 int luapool__reply_failed(const char *reply, size_t len, char *msg, size_t sz) {
@@ -329,12 +347,13 @@ int luapool__pool_stop(lp_pool *p, int wait, int cancel, int interrupt, lp_stop_
   pthread_mutex_lock(&p->mu);
   p->closing = 1;
   lp_future *cancelled = cancel ? take_queue(p) : NULL;
-  if (cancel && p->eng->cancel_held_all) p->eng->cancel_held_all(p);
+  /* (the tasks an engine sent ahead count as queued, as in stats()) */
+  size_t ncancelled = cancel && p->eng->cancel_held_all ? p->eng->cancel_held_all(p) : 0;
   pthread_mutex_unlock(&p->mu);
   /* Calls still running (an engine's own busy marks lag its futures'
   ** outcomes, which the owner may already have seen: the counters count). */
   size_t running = atomic_load(&p->c_running);
-  size_t ncancelled = end_list(cancelled, NULL);
+  ncancelled += end_list(cancelled, NULL);
   if (counts) *counts = (lp_stop_counts){ncancelled, interrupt ? running : 0};
   return p->eng->stop(p, interrupt, wait);
 }

@@ -119,6 +119,9 @@ int luapool__pool_thread(pthread_t *t, void *(*fn)(void *), void *arg);
 /* The owed done callbacks, oldest first (their references pass to the
 ** caller), or NULL.  Owner. */
 lp_future *luapool__pool_take_callbacks(lp_pool *p);
+/* Gives back what is left of such a list (oldest first, with its
+** references), ahead of anything owed since: the next poll runs it. */
+void luapool__pool_return_callbacks(lp_pool *p, lp_future *oldest_first);
 /* Whether a done callback may be owed (cheap). */
 static inline int luapool__pool_owes(lp_pool *p) {
   return atomic_load_explicit(&p->ncb, memory_order_acquire);

@@ -899,11 +899,41 @@ static void take_back_one(pworker *pw) {
 }
 
 /* Runs f (started) and, while it runs, the tasks sent ahead after it. */
+/* Has the worker's process ended (not reaped yet: it stays a zombie for
+** close_worker)? */
+static int worker_exited(const pworker *pw) {
+  siginfo_t si;
+  memset(&si, 0, sizeof si);
+  return waitid(P_PID, (id_t)atomic_load(&pw->pid), &si, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+         si.si_pid != 0;
+}
+
+/* A worker that died while it had no task (the OOM killer picks the
+** biggest process, idle or not; a kill): nothing of the next task ran, so
+** it gets a new worker instead of failing as crashed.  With on_crash =
+** "break" the death still breaks the pool, as Python's
+** BrokenProcessPool does, and f fails broken.  0 when f may go on. */
+static int replace_dead_idle(pworker *pw, lp_future *f) {
+  lp_pool *p = pw->w.pool;
+  pid_t pid = atomic_load(&pw->pid);
+  if (pid <= 0 || !worker_exited(pw)) return 0;
+  int status = close_worker(pw, 1.0);
+  if (!config_of(p)->on_crash_break) return 0;
+  char how[128], why[300];
+  describe_status(status, how, sizeof how);
+  snprintf(why, sizeof why, "the pool is broken: worker %s (pid %d) %s while idle", pw->w.name,
+           (int)pid, how);
+  luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
+  break_pool(p, why);
+  return -1;
+}
+
 static void proc_run(lp_worker *w, lp_future *f) {
   pworker *pw = (pworker *)w;
   char label[48]; /* for reports */
   lp_pool *p = w->pool;
   char err[512];
+  if (replace_dead_idle(pw, f) != 0) return;
   if (atomic_load(&pw->pid) <= 0 && spawn_worker(pw, f->paths, err, sizeof err) != 0) {
     luapool__future_fail(f, LP_EK_BROKEN, "%s", err);
     return;
@@ -1049,13 +1079,16 @@ static int proc_cancel_held(lp_pool *p, lp_future *f) {
 
 /* Ctrl-C and shutdown{cancel_futures}: the tasks sent ahead count as queued
 ** (under p->mu; each cancel goes through proc_cancel_held). */
-static void proc_cancel_held_all(lp_pool *p) {
+static size_t proc_cancel_held_all(lp_pool *p) {
   lp_wset *s = luapool__wset(p);
+  size_t calls = 0;
   for (int i = 0; i < s->nworkers; i++) {
     pworker *pw = (pworker *)s->workers[i];
     for (int k = 0; k < PIPELINE_DEPTH; k++)
-      if (pw->ahead[k]) luapool__future_cancel(pw->ahead[k]);
+      if (pw->ahead[k] && luapool__future_cancel(pw->ahead[k]))
+        calls += (size_t)pw->ahead[k]->ncalls;
   }
+  return calls;
 }
 
 static void proc_stop(lp_worker *w) {
@@ -1170,6 +1203,9 @@ const char *luapool__mpi_identity(void) { return mpi_identity[0] ? mpi_identity 
 ** (one per process: static, so an early return leaves it reachable). */
 static rdbuf in;
 
+/* The worker's SIGTERM: nothing to do (luapool__process_worker_main). */
+static void ignore_signal(int sig) { (void)sig; }
+
 int luapool__process_worker_main(int fd, const char *name, int index) {
   /* The socket came through exec, so without close-on-exec: set it before
   ** anything runs, or every command a task starts (io.popen, os.execute,
@@ -1186,7 +1222,15 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
 #endif
   /* Die with the parent; if it is already gone, leave now. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  signal(SIGINT, SIG_IGN);          /* Ctrl-C is the parent's to handle */
+  signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to handle */
+  /* So is a SIGTERM sent to the whole process group (kill -TERM -- -PGID,
+  ** timeout(1), a batch system): the parent stops the running tasks as
+  ** interrupted; killed by it here, they would read as crashed.  A handler
+  ** and not SIG_IGN: an exec resets it, so a command a task starts still
+  ** ends on the group's SIGTERM. */
+  struct sigaction term = {.sa_handler = ignore_signal, .sa_flags = SA_RESTART};
+  sigemptyset(&term.sa_mask);
+  sigaction(SIGTERM, &term, NULL);
   setvbuf(stdout, NULL, _IOLBF, 0); /* task output reaches the terminal by line */
   lp_interrupt intr;                /* nothing sets it: the parent kills instead */
   atomic_init(&intr.closing, 0);

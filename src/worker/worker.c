@@ -499,6 +499,26 @@ void luapool__pins_close(lp_wstate *ws) {
 /* }====== */
 
 /* Appends the reply of the call whose outcome is on the stack. */
+static int tostring_of(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
+/* Pushes the text of the error value at idx.  Its __tostring may raise:
+** the task still failed as a task (its value travels as it is), with a
+** text that says what its __tostring did. */
+static const char *error_text(lua_State *L, int idx, size_t *len) {
+  lua_pushcfunction(L, tostring_of);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    const char *why = lua_tostring(L, -1);
+    lua_pushfstring(L, "(error object is a %s value whose __tostring raised: %s)",
+                    luaL_typename(L, idx), why ? why : "an error object that is not a string");
+    lua_remove(L, -2);
+  }
+  return lua_tolstring(L, -1, len);
+}
+
 static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   lp_buf *out = rc->out;
   size_t mark = out->len;
@@ -523,8 +543,8 @@ static void reply_call(lua_State *L, run_ctx *rc, int ok, int base) {
   /* error value at base+1 */
   rc->nerr++;
   size_t ml, tl = 0;
-  const char *m = luaL_tolstring(L, base + 1, &ml); /* base+2 */
-  lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);       /* base+3 */
+  const char *m = error_text(L, base + 1, &ml); /* base+2 */
+  lua_getfield(L, LUA_REGISTRYINDEX, TB_KEY);   /* base+3 */
   const char *tb = lua_tolstring(L, -1, &tl);
   if (tb == NULL) tb = "", tl = 0;
   lp_encode_ctx ctx = {.root = "error value", .root_base = 1};

@@ -82,6 +82,10 @@ for _, kind in ipairs(h.engines) do
       local largest = 0
       for i = 1, n do if got[i] > largest then largest = got[i] end end
       assert.is_true(largest <= 256, "a chunk of " .. largest .. " items")
+      if pool.concurrency then -- (an iopool: one item a task, never a batch)
+        assert.are.same({ n, 1 }, { chunks, largest })
+        return
+      end
       -- Chunking is on: fewer chunks than items.  How many fewer depends on
       -- the machine's load (a chunk's time counts its waits in queues); the
       -- sizes are tested on next_chunksize itself, below.  Only a loop this
@@ -109,8 +113,9 @@ for _, kind in ipairs(h.engines) do
       assert.is_nil(bad)
       assert.are.equal(50000, last)
       -- at most twice the workers chunks of at most 256 items in flight,
-      -- besides the chunk being handed out
-      assert.is_true(read - 50000 <= 5 * 256, ("read %d items for 50000 results"):format(read))
+      -- besides the chunk being handed out (an iopool: concurrency items)
+      local ahead = pool.concurrency and pool.concurrency + 1 or 5 * 256
+      assert.is_true(read - 50000 <= ahead, ("read %d items for 50000 results"):format(read))
       local read_at_break = read
       luapool.sleep(0.05)
       assert.are.equal(read_at_break, read) -- nothing more read once the loop is left
@@ -363,5 +368,34 @@ print(#r)
     assert.are.equal(at(line, "bad option 'progress' to 'map' (setting 'label': string expected, got boolean)"), err)
     assert.are.same({}, drawn)
     assert.are.equal(0, open:stats().done)
+  end)
+end)
+
+-- An iopool runs many tasks at once on each loop: imap kept its window at
+-- twice the loops (2 tasks in flight on one loop: 20 fetches of 0.3 s took
+-- 3 s) and batched tiny items into one task, whose items then ran one after
+-- another in one coroutine.  It now keeps `concurrency` tasks in flight, one
+-- item each.
+describe("imap on an iopool", function()
+  it("keeps concurrency tasks in flight at once, one item each", function()
+    local pool <close> = luapool.iopool.new { concurrency = 40 }
+    assert.are.equal(40, pool.concurrency)
+    -- Each item counts the items alive in the loop's state (the tasks of a
+    -- loop share it) while it sleeps, and returns the most it saw.
+    local function item()
+      live = (live or 0) + 1 -- luacheck: ignore (the loop state's globals)
+      if live > (peak or 0) then peak = live end -- luacheck: ignore
+      luapool.sleep(0.3)
+      live = live - 1 -- luacheck: ignore
+      return peak -- luacheck: ignore
+    end
+    local most, n = 0, 0
+    for _, seen in pool:imap(item, range(120)) do
+      n = n + 1
+      if seen > most then most = seen end
+    end
+    -- (items batched into one task would run one after another: fewer alive)
+    assert.are.same({ 120, 40 }, { n, most })
+    assert.is_nil(luapool.threadpool.new { max_workers = 1 }.concurrency)
   end)
 end)

@@ -435,13 +435,16 @@ function methods.imap(pool, fn, iterable, opts)
   local task_timeout = opt_positive(opts, "task_timeout", "imap")
   -- The window: an explicit buffersize bounds the items in flight (a chunk
   -- is sent while fewer are, cut to fit, an explicit chunksize too); by default
-  -- it is twice the workers in chunks, at most CHUNK_MAX items each.
+  -- it is twice the workers in chunks, at most CHUNK_MAX items each, or on a
+  -- pool that runs many tasks at once per worker (an iopool's event loops:
+  -- pool.concurrency) that many tasks of one item each.
   local buffersize = opt_int(opts, "buffersize", "imap")
-  local window = 2 * pool.max_workers
+  local concurrency = pool.concurrency
+  local window = concurrency or 2 * pool.max_workers
   local ordered = opt_boolean(opts, "ordered", "imap") ~= false
   local show = opt_progress(opts, "imap")
   -- A deadline is per task: with one, every item is its own task.
-  local auto = not chunk and not (task_timeout or pool.task_timeout)
+  local auto = not chunk and not (task_timeout or pool.task_timeout) and not concurrency
   chunk = chunk or 1
   local next_item, total, plain = item_source(iterable)
   local bar = bar_for(show, "imap", total)

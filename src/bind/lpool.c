@@ -763,6 +763,8 @@ static int pool_index(lua_State *L) {
     lua_pushstring(L, p->eng->kind);
   else if (strcmp(k, "chunking") == 0)
     lua_pushboolean(L, p->eng->chunking);
+  else if (strcmp(k, "concurrency") == 0 && p->eng->concurrency)
+    lua_pushinteger(L, p->eng->concurrency(p));
   else
     lua_pushnil(L);
   return 1;

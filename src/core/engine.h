@@ -93,6 +93,12 @@ typedef struct lp_engine {
   /* A call costs a round trip worth batching: map chunks items by itself
   ** (the Lua layer reads it as pool.chunking). */
   int chunking;
+  /* How many tasks it runs at once in the whole pool, where that is not
+  ** its workers (an event loop runs many): the Lua layer reads it as
+  ** pool.concurrency, and imap keeps that many tasks in flight, one item
+  ** each (a task's items would run one after another where the engine
+  ** runs tasks at once).  NULL: its workers. */
+  int (*concurrency)(const lp_pool *p);
   /* For worker-set engines (core/workers.c): how one worker starts, runs
   ** one task and stops.  NULL for engines that run tasks otherwise. */
   const lp_worker_ops *workers;

@@ -1271,6 +1271,8 @@ static void io_stats(lp_pool *p, int *workers, int *idle) {
     if (!io->loops[i]->joined && io->loops[i]->n == 0) (*idle)++;
 }
 
+static int io_concurrency(const lp_pool *p) { return ((const io_config *)p->config)->concurrency; }
+
 /* One loop thread: a loop already runs thousands of requests. */
 static int io_default_workers(int ncpu) {
   (void)ncpu;
@@ -1290,6 +1292,7 @@ const lp_engine luapool__io_engine = {
     .config_defaults = io_config_defaults,
     .default_workers = io_default_workers,
     .chunking = 0,
+    .concurrency = io_concurrency,
     .open = io_open,
     .queued = io_queued,
     .cancel = io_cancel,

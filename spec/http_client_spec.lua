@@ -224,6 +224,13 @@ describe("http.request", function()
         "bad option 'headers' to 'request' ('Name: value' string expected, got 'nocolon')" },
       { { url = u, headers = { ["A:B"] = "1" } },
         "bad option 'headers' to 'request' (invalid header name 'A:B')" },
+      -- names are tokens: a space or an empty name was sent, and nginx answered 400
+      { { url = u, headers = { ["X A"] = "1" } },
+        "bad option 'headers' to 'request' (invalid header name 'X A')" },
+      { { url = u, headers = { ": x" } },
+        "bad option 'headers' to 'request' (invalid header name in ': x')" },
+      { { url = u, headers = { "X(1): x" } },
+        "bad option 'headers' to 'request' (invalid header name in 'X(1): x')" },
     }
     for _, c in ipairs(cases) do
       assert.are.equal(c[2], h.error_of(function() return request(c[1]) end))

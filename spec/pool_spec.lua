@@ -457,6 +457,8 @@ for _, kind in ipairs(helper.engines) do
       it("refuses bad options to shutdown", function()
         local p <close> = luapool[kind].new { max_workers = 1 }
         assert.are.equal("unknown option 'foo' to 'shutdown'", error_of(function() return p:shutdown { foo = 1 } end))
+        -- a key that is no string is named too (it read '?')
+        assert.are.equal("unknown option '1' to 'shutdown'", error_of(function() return p:shutdown { true } end))
       end)
     end)
   end)

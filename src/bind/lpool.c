@@ -295,7 +295,9 @@ static void refuse_option(lua_State *L, const lp_engine *e, const char *name) {
 
 /* Checks every key of the options table at 1 and fills c and config. */
 static void read_options(lua_State *L, const lp_engine *e, lp_pool_config *c, void *config) {
-  luaL_checktype(L, 1, LUA_TTABLE);
+  /* (named: called through pcall, luaL_checktype would say '?') */
+  if (!lua_istable(L, 1))
+    luaL_error(L, "bad argument #1 to 'new' (table expected, got %s)", luaL_typename(L, 1));
   lua_pushnil(L);
   while (lua_next(L, 1)) {
     const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
@@ -656,7 +658,11 @@ static int pool_shutdown(lua_State *L) {
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_pushnil(L);
     while (lua_next(L, 2)) {
-      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?";
+      if (lua_type(L, -2) != LUA_TSTRING) { /* named by a copy: lua_next needs the key */
+        lua_pushvalue(L, -2);
+        return luaL_error(L, "unknown option '%s' to 'shutdown'", luaL_tolstring(L, -1, NULL));
+      }
+      const char *k = lua_tostring(L, -2);
       if (strcmp(k, "wait") == 0)
         wait = lua_toboolean(L, -1);
       else if (strcmp(k, "cancel_futures") == 0)

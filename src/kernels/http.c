@@ -415,6 +415,19 @@ static int bad_header_text(const char *s, size_t len) {
          memchr(s, '\0', len) != NULL;
 }
 
+/* A header name is an HTTP token (RFC 9110, 5.6.2): no space, no
+** separator; a server answers 400 to anything else. */
+static int is_token(const char *s, size_t len) {
+  if (len == 0) return 0;
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL)))
+      return 0;
+  }
+  return 1;
+}
+
 static void add_line(lua_State *L, req_box *b, const char *line) {
   if (b->nlines == b->cap) {
     size_t ncap = b->cap ? b->cap * 2 : 8;
@@ -458,14 +471,17 @@ static void opt_headers(lua_State *L, int idx, const char *fname, req_box *b) {
     if (lua_type(L, -2) == LUA_TSTRING) {
       size_t klen;
       const char *k = lua_tolstring(L, -2, &klen);
-      if (klen == 0 || bad_header_text(k, klen) || memchr(k, ':', klen))
+      if (!is_token(k, klen))
         luaL_error(L, "bad option 'headers' to '%s' (invalid header name '%s')", fname, k);
       add_line(L, b, lua_pushfstring(L, "%s: %s", k, v));
       lua_pop(L, 1);
     } else if (lua_isinteger(L, -2)) {
-      if (memchr(v, ':', vlen) == NULL)
+      const char *colon = memchr(v, ':', vlen);
+      if (colon == NULL)
         luaL_error(L, "bad option 'headers' to '%s' ('Name: value' string expected, got '%s')",
                    fname, v);
+      if (!is_token(v, (size_t)(colon - v)))
+        luaL_error(L, "bad option 'headers' to '%s' (invalid header name in '%s')", fname, v);
       add_line(L, b, v);
     } else {
       luaL_error(L, "bad option 'headers' to '%s' (invalid key)", fname);
@@ -802,12 +818,17 @@ int luapool__http_fetch_length_yield(lua_State *L) {
 int luapool__http_get(lua_State *L) {
   /* A string, never a number: luaL_checklstring would turn 5 into "5",
   ** which libcurl reads as the address 0.0.0.5. */
-  if (lua_type(L, 1) != LUA_TSTRING) luaL_typeerror(L, 1, "string");
+  /* (named: a call through pcall or a tail call would say '?') */
+  if (lua_type(L, 1) != LUA_TSTRING)
+    return luaL_error(L, "bad argument #1 to 'get' (string expected, got %s)", luaL_typename(L, 1));
   size_t ulen;
   const char *url = lua_tolstring(L, 1, &ulen);
-  luaL_argcheck(L, strlen(url) == ulen, 1, "URL contains a zero byte");
+  if (strlen(url) != ulen)
+    return luaL_error(L, "bad argument #1 to 'get' (URL contains a zero byte)");
   if (!lua_isnoneornil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TTABLE);
+    if (!lua_istable(L, 2))
+      return luaL_error(L, "bad argument #2 to 'get' (table expected, got %s)",
+                        luaL_typename(L, 2));
     check_option_names(L, 2, "get", GET_OPTIONS);
   }
   lua_settop(L, 2);

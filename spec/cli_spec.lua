@@ -69,6 +69,20 @@ describe("luapool host", function()
     assert.are.equal("luapool: cannot open /nonexistent/job.lua: No such file or directory\n", err)
   end)
 
+  it("takes lua(1)'s -W (warnings on) and -E (LUA_PATH and LUA_CPATH ignored)", function()
+    local out, err, code = h.run({ "-W", "-e", "warn('hi') print('ran')" })
+    assert.are.same({ 0, "ran\n", "Lua warning: hi\n" }, { code, out, err })
+    out, err, code = h.run({ "-e", "warn('hi') print('ran')" })
+    assert.are.same({ 0, "ran\n", "" }, { code, out, err })
+    local probe = "print(package.path:find('/nowhere/', 1, true) ~= nil, " ..
+      "package.cpath:find('/nocpath/', 1, true) ~= nil)"
+    local env = { LUA_PATH = "/nowhere/?.lua;;", LUA_CPATH = "/nocpath/?.so;;" }
+    out, err, code = h.run({ "-E", "-e", probe }, nil, env)
+    assert.are.same({ 0, "false\tfalse\n", "" }, { code, out, err })
+    out, err, code = h.run({ "-e", probe }, nil, env)
+    assert.are.same({ 0, "true\ttrue\n", "" }, { code, out, err })
+  end)
+
   it("refuses unknown options and -e without argument, exit 1", function()
     local _, err, code = h.run({ "-x" })
     assert.are.equal(1, code)

@@ -392,7 +392,7 @@ describe("the REPL and stdin without a terminal", function()
   it("--help lists every option and environment variable, one line each", function()
     local out, _, code = h.run({ "--help" })
     assert.are.equal(0, code)
-    for _, opt in ipairs { "-e stat", "-i", "-l mod", "-l g=mod", "-v", "-h", "--", "-" } do
+    for _, opt in ipairs { "-e stat", "-i", "-l mod", "-l g=mod", "-v", "-E", "-W", "-h", "--", "-" } do
       assert.truthy(out:find("\n  " .. opt:gsub("%p", "%%%0") .. " +%S"), "no line for " .. opt)
     end
     for _, var in ipairs { "LUAPOOL_WORKER_EXE", "LUA_PATH_5_4", "LUA_PATH", "LUA_CPATH_5_4", "LUA_CPATH" } do

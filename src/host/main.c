@@ -244,6 +244,8 @@ static void print_usage(FILE *out) {
           "  -l mod    require library 'mod' into global 'mod'\n"
           "  -l g=mod  require library 'mod' into global 'g'\n"
           "  -v        show version information (also --version)\n"
+          "  -E        ignore LUA_PATH and LUA_CPATH\n"
+          "  -W        turn warnings on\n"
           "  -h        show this help (also --help)\n"
           "  --        stop handling options\n"
           "  -         stop handling options and execute stdin\n"
@@ -735,7 +737,7 @@ static void add_build_tree_path(lua_State *L) {
 static int pmain(lua_State *L) {
   int argc = (int)lua_tointeger(L, 1);
   char **argv = lua_touserdata(L, 2);
-  int script = 0, has_e = 0, has_i = 0, i;
+  int script = 0, has_e = 0, has_i = 0, has_E = 0, has_W = 0, i;
   /* First pass: find the script and check the options. */
   for (i = 1; i < argc && argv[i][0] == '-'; i++) {
     const char *a = argv[i];
@@ -747,6 +749,13 @@ static int pmain(lua_State *L) {
     if (strcmp(a, "-v") == 0 || strcmp(a, "--version") == 0) continue;
     if (strcmp(a, "-i") == 0) {
       has_i = 1;
+      continue;
+    }
+    if (strcmp(a, "-E") == 0 || strcmp(a, "-W") == 0) { /* as lua(1) */
+      if (a[1] == 'E')
+        has_E = 1;
+      else
+        has_W = 1;
       continue;
     }
     if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
@@ -773,7 +782,12 @@ static int pmain(lua_State *L) {
   }
   script = i < argc ? i : 0;
   luaL_checkversion(L);
+  if (has_E) { /* package.path and cpath ignore LUA_PATH and LUA_CPATH (lua.c's way) */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
+  }
   luaL_openlibs(L);
+  if (has_W) lua_warning(L, "@on", 0);
   add_build_tree_path(L);
   luapool__open_worker_state(L, NULL, NULL, 0); /* globals; main is no worker */
   /* A signal that came before the module could deliver it (its hook found
@@ -795,6 +809,7 @@ static int pmain(lua_State *L) {
       if (!printed_version++) print_version();
       continue;
     }
+    if (strcmp(a, "-E") == 0 || strcmp(a, "-W") == 0) continue; /* (done above) */
     if (a[1] == 'e' || a[1] == 'l') {
       char *val = a[2] ? a + 2 : argv[++i];
       int st = a[1] == 'e' ? dostring(L, val, "=(command line)") : dolibrary(L, val);

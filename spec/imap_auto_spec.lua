@@ -394,8 +394,11 @@ describe("imap on an iopool", function()
       n = n + 1
       if seen > most then most = seen end
     end
-    -- (items batched into one task would run one after another: fewer alive)
-    assert.are.same({ 120, 40 }, { n, most })
+    -- (items batched into one task would run one after another: fewer alive;
+    -- the old window of two tasks gave 2; 30: a loop too busy to start all
+    -- 40 within their 0.3 s)
+    assert.are.equal(120, n)
+    assert.is_true(most >= 30 and most <= 40, ("%d items alive at once"):format(most))
     assert.is_nil(luapool.threadpool.new { max_workers = 1 }.concurrency)
   end)
 end)

@@ -13,15 +13,19 @@ static const char *ekind_names[] = {"task",   "timeout",  "cancelled",  "crashed
 
 const char *luapool__ekind_name(lp_ekind k) { return ekind_names[k]; }
 
-int luapool__is_error_of(lua_State *L, int idx, lp_ekind k) {
-  if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx)) return 0;
-  luaL_getmetatable(L, LUAPOOL_ERROR_MT);
-  int is = lua_rawequal(L, -1, -2);
-  lua_pop(L, 2);
-  if (!is) return 0;
-  lua_getfield(L, idx, "kind");
-  const char *kind = lua_tostring(L, -1);
-  is = kind != NULL && strcmp(kind, luapool__ekind_name(k)) == 0;
+/* The last one the script got: a registry entry of its own. */
+static const char SIGNAL_ERROR_KEY = 0;
+
+void luapool__mark_signal_error(lua_State *L, int idx) {
+  lua_pushvalue(L, idx);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &SIGNAL_ERROR_KEY);
+}
+
+int luapool__is_signal_error(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TTABLE) return 0;
+  idx = lua_absindex(L, idx);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &SIGNAL_ERROR_KEY);
+  int is = lua_rawequal(L, -1, idx);
   lua_pop(L, 1);
   return is;
 }

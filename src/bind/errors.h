@@ -16,8 +16,11 @@
 void luapool__push_error(lua_State *L, lp_ekind kind, const char *message, const char *traceback,
                          const char *worker, int value_idx);
 const char *luapool__ekind_name(lp_ekind k);
-/* Is the value at idx an error object of kind k? */
-int luapool__is_error_of(lua_State *L, int idx, lp_ekind k);
+/* The error object at idx is the one a signal raised in the script (Ctrl-C,
+** SIGTERM: luapool.c's deliver_signal), not a task's error of kind
+** "interrupted" that a callback re-raised. */
+void luapool__mark_signal_error(lua_State *L, int idx);
+int luapool__is_signal_error(lua_State *L, int idx);
 /* Registers the error objects' metatable. */
 void luapool__error_open(lua_State *L);
 

@@ -413,7 +413,7 @@ static int future_cancel(lua_State *L) {
 /* Calls cb (at idx) with the future at fidx; an error is reported on
 ** stderr with its traceback and goes no further. */
 static int cb_msgh(lua_State *L) {
-  if (luapool__is_error_of(L, 1, LP_EK_INTERRUPTED)) return 1; /* raised on, as it is */
+  if (luapool__is_signal_error(L, 1)) return 1; /* raised on, as it is */
   const char *m = lua_tostring(L, 1);
   if (m == NULL) m = luaL_tolstring(L, 1, NULL);
   luaL_traceback(L, L, m, 1);
@@ -427,7 +427,7 @@ int luapool__run_callback(lua_State *L, int cb, int fidx) {
   lua_pushvalue(L, cb);
   lua_pushvalue(L, fidx);
   if (lua_pcall(L, 1, 0, -3) != LUA_OK) {
-    if (luapool__is_error_of(L, -1, LP_EK_INTERRUPTED)) {
+    if (luapool__is_signal_error(L, -1)) {
       lua_remove(L, -2); /* the handler */
       return 1;
     }
@@ -519,6 +519,7 @@ static const luaL_Reg future_methods[] = {{"result", future_result},
 typedef struct lcq {
   lp_cq *q; /* NULL once closed */
   int nextid;
+  int stash; /* id of a future popped but not handed out yet (its pool's poll raised), or 0 */
 } lcq;
 
 static lcq *check_cq(lua_State *L) {
@@ -536,6 +537,7 @@ int luapool__cq_new(lua_State *L) {
   lcq *u = lua_newuserdatauv(L, sizeof *u, 2);
   u->q = NULL;
   u->nextid = 0;
+  u->stash = 0;
   luaL_setmetatable(L, LUAPOOL_CQ_MT);
   lua_newtable(L);
   lua_setiuservalue(L, -2, 1);
@@ -602,6 +604,15 @@ static int cq_pop(lua_State *L) {
   lcq *u = check_cq(L);
   double timeout = opt_timeout(L, 2);
   lp_cq *q = u->q;
+  if (u->stash) { /* taken by a pop whose poll raised: it comes first */
+    int id = u->stash;
+    u->stash = 0;
+    lua_getiuservalue(L, 1, 1);
+    lua_rawgeti(L, -1, id);
+    lua_pushnil(L);
+    lua_rawseti(L, -3, id);
+    return 1;
+  }
   if (q->waiting == 0) {
     lua_pushboolean(L, 0);
     return 1;
@@ -628,14 +639,25 @@ static int cq_pop(lua_State *L) {
   int id = n->id;
   lp_future *f = n->f;
   lp_free(n);
-  lua_getiuservalue(L, 1, 1);
-  lua_rawgeti(L, -1, id); /* the future: its userdata holds a reference */
-  lua_pushnil(L);
-  lua_rawseti(L, -3, id);
-  luapool__future_unref(f);
-  luapool__future_push_pool(L, -1); /* the future's pool: its callbacks are due */
+  luapool__future_unref(f);   /* (its userdata holds a reference) */
+  lua_getiuservalue(L, 1, 1); /* (id -> future keeps it alive meanwhile) */
+  /* The future's pool: its callbacks are due.  They may raise (a Ctrl-C in
+  ** one): the future is then stashed, the next pop's first; and one of them
+  ** may pop this queue itself (then it has it). */
+  u->stash = id;
+  lua_rawgeti(L, -1, id);
+  luapool__future_push_pool(L, -1);
+  lua_remove(L, -2);
   pool_face()->poll(L, -1);
   lua_pop(L, 1);
+  if (u->stash != id) { /* a callback took it: the next one */
+    lua_pop(L, 1);
+    return cq_pop(L);
+  }
+  u->stash = 0;
+  lua_rawgeti(L, -1, id);
+  lua_pushnil(L);
+  lua_rawseti(L, -3, id);
   return 1;
 }
 

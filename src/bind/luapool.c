@@ -45,6 +45,7 @@ static void deliver_signal(lua_State *L, int sig) {
   char msg[64];
   snprintf(msg, sizeof msg, "the script received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   luapool__push_error(L, LP_EK_INTERRUPTED, msg, NULL, NULL, 0);
+  luapool__mark_signal_error(L, -1); /* (a callback's pcall raises it on) */
   lua_error(L);
 }
 

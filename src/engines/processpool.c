@@ -348,6 +348,7 @@ typedef struct pworker {
   lp_worker w; /* must be first */
   atomic_int pid;
   pthread_mutex_t pidmu; /* kill() and the reap's claim of pid exclude each other */
+  pid_t killed;          /* the last pid proc_interrupt killed (pidmu): its death is no crash */
   int fd;
   int pidfd;          /* the process's pidfd (close-on-exec); -1: none (old kernel) */
   int need_init;      /* the pool's initializer has not run in this process */
@@ -476,7 +477,22 @@ static int wait_worker(pworker *pw, double deadline) {
   return wait_fd(pw->fd, POLLIN, pw->pidfd, deadline);
 }
 
+/* Children the kernel reaps itself (SIGCHLD ignored, or SA_NOCLDWAIT,
+** inherited from whatever started luapool) leave nothing to wait for: a
+** worker's death would go unseen and its pid could be reused under a kill.
+** The pool needs its children's deaths: the default comes back. */
+static void own_reaping(void) {
+  struct sigaction sa;
+  if (sigaction(SIGCHLD, NULL, &sa) == 0 &&
+      (sa.sa_handler == SIG_IGN || (sa.sa_flags & SA_NOCLDWAIT))) {
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGCHLD, &dfl, NULL);
+  }
+}
+
 static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t errsz) {
+  own_reaping();
   lp_pool *p = pw->w.pool;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
@@ -505,13 +521,18 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
     snprintf(err, errsz, "cannot start a worker process: %s", strerror(fr));
     return -1;
   }
-  sigset_t none, dfl;
-  sigemptyset(&none);
+  /* SIGINT and SIGTERM blocked until the worker's handlers are in (a
+  ** group's signal in between would kill it: luapool__process_worker_main
+  ** unblocks them); the rest as a fresh process has them. */
+  sigset_t held, dfl;
+  sigemptyset(&held);
+  sigaddset(&held, SIGINT);
+  sigaddset(&held, SIGTERM);
   sigemptyset(&dfl);
   sigaddset(&dfl, SIGPIPE);
   sigaddset(&dfl, SIGINT);
   sigaddset(&dfl, SIGTERM);
-  posix_spawnattr_setsigmask(&at, &none);
+  posix_spawnattr_setsigmask(&at, &held);
   posix_spawnattr_setsigdefault(&at, &dfl);
   posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   char idx[16], ppid[24];
@@ -579,6 +600,7 @@ static void proc_init(lp_worker *w) {
   pworker *pw = (pworker *)w;
   atomic_init(&pw->pid, 0);
   pthread_mutex_init(&pw->pidmu, NULL);
+  pw->killed = 0;
   pw->fd = -1; /* (again in proc_start): never a stray close of fd 0 */
   pw->pidfd = -1;
   pw->shmfd = -1;
@@ -914,14 +936,27 @@ static int worker_exited(const pworker *pw) {
 ** "break" the death still breaks the pool, as Python's
 ** BrokenProcessPool does, and f fails broken.  0 when f may go on. */
 static int replace_dead_idle(pworker *pw, lp_future *f) {
-  lp_pool *p = pw->w.pool;
+  lp_worker *w = &pw->w;
+  lp_pool *p = w->pool;
   pid_t pid = atomic_load(&pw->pid);
   if (pid <= 0 || !worker_exited(pw)) return 0;
+  pthread_mutex_lock(&pw->pidmu);
+  int ours = pw->killed == pid; /* a stop's kill (Ctrl-C, a closing pool): no crash */
+  pthread_mutex_unlock(&pw->pidmu);
   int status = close_worker(pw, 1.0);
-  if (!config_of(p)->on_crash_break) return 0;
+  char label[48];
+  /* The stop was aimed at f itself: taken, then killed before it was sent. */
+  if (ours && (atomic_load(&w->intr.closing) ||
+               (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
+                atomic_load(&w->intr.reason) == LP_STOP_SIGNAL))) {
+    luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted: worker %s (pid %d) was stopped",
+                         luapool__future_label(f, label, sizeof label), w->name, (int)pid);
+    return -1;
+  }
+  if (ours || !config_of(p)->on_crash_break) return 0;
   char how[128], why[300];
   describe_status(status, how, sizeof how);
-  snprintf(why, sizeof why, "the pool is broken: worker %s (pid %d) %s while idle", pw->w.name,
+  snprintf(why, sizeof why, "the pool is broken: worker %s (pid %d) %s while idle", w->name,
            (int)pid, how);
   luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
   break_pool(p, why);
@@ -1107,7 +1142,10 @@ static void proc_interrupt(lp_worker *w) {
   pworker *pw = (pworker *)w;
   pthread_mutex_lock(&pw->pidmu);
   pid_t pid = atomic_load(&pw->pid);
-  if (pid > 0) kill(pid, SIGKILL);
+  if (pid > 0) {
+    kill(pid, SIGKILL);
+    pw->killed = pid;
+  }
   pthread_mutex_unlock(&pw->pidmu);
 }
 
@@ -1222,15 +1260,20 @@ int luapool__process_worker_main(int fd, const char *name, int index) {
 #endif
   /* Die with the parent; if it is already gone, leave now. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to handle */
-  /* So is a SIGTERM sent to the whole process group (kill -TERM -- -PGID,
-  ** timeout(1), a batch system): the parent stops the running tasks as
-  ** interrupted; killed by it here, they would read as crashed.  A handler
-  ** and not SIG_IGN: an exec resets it, so a command a task starts still
-  ** ends on the group's SIGTERM. */
-  struct sigaction term = {.sa_handler = ignore_signal, .sa_flags = SA_RESTART};
-  sigemptyset(&term.sa_mask);
-  sigaction(SIGTERM, &term, NULL);
+  /* Ctrl-C is the parent's to handle, and so is a SIGTERM sent to the
+  ** whole process group (kill -TERM -- -PGID, timeout(1), a batch system):
+  ** the parent stops the running tasks as interrupted; killed by them here,
+  ** they would read as crashed.  A handler and not SIG_IGN: an exec resets
+  ** it, so a command a task starts still ends on the group's signal. */
+  struct sigaction quiet = {.sa_handler = ignore_signal, .sa_flags = SA_RESTART};
+  sigemptyset(&quiet.sa_mask);
+  sigaction(SIGINT, &quiet, NULL);
+  sigaction(SIGTERM, &quiet, NULL);
+  sigset_t held; /* blocked by spawn_worker until now */
+  sigemptyset(&held);
+  sigaddset(&held, SIGINT);
+  sigaddset(&held, SIGTERM);
+  sigprocmask(SIG_UNBLOCK, &held, NULL);
   setvbuf(stdout, NULL, _IOLBF, 0); /* task output reaches the terminal by line */
   lp_interrupt intr;                /* nothing sets it: the parent kills instead */
   atomic_init(&intr.closing, 0);

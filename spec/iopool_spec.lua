@@ -161,6 +161,46 @@ describe("iopool", function()
     end)
   end)
 
+  describe("native tasks", function()
+    it("run the initializer first: a failing one breaks the pool for them as for a Lua task", function()
+      local p <close> = iopool.new { name = "ib", initializer = function() error("init boom", 0) end }
+      local e = p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=5")):exception(10)
+      assert.are.equal("broken", e.kind)
+      assert.are.equal("the initializer failed in worker ib-1: init boom", e.message)
+      e = p:submit(function() return "x" end):exception(10)
+      assert.are.equal("broken", e.kind)
+      assert.are.equal("the initializer failed in worker ib-1: init boom", e.message)
+      -- a good one ran once, before the loop's first task (a native one)
+      local q <close> = iopool.new { initializer = function()
+        local G = _G
+        G.INIT_AT, G.INITS = luapool.now(), (G.INITS or 0) + 1
+      end }
+      assert.are.same({ 5, 200 }, { q:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=5")):result(10) })
+      local answered = luapool.now()
+      local at, n = q:submit(function() return _G.INIT_AT, _G.INITS end):result(10)
+      assert.are.equal(1, n)
+      assert.is_true(at < answered, "the initializer ran after the native task")
+    end)
+
+    it("refuse a fetch_length call with an argument past the URL and timeout, at once", function()
+      local p <close> = iopool.new { name = "xa" }
+      local msg = "bad argument #3 to 'fetch_length' (no value expected: it takes a URL and an optional timeout)"
+      -- (run inline, the 30 s transfer would block the loop: result(15) would time out)
+      local e = p:submit(luapool.kernels.fetch_length, srv:url("/sleep?s=30"), 5, "extra"):exception(15)
+      assert.are.equal("task", e.kind)
+      assert.are.equal(msg, e.message)
+      e = p:submit(luapool.kernels.fetch_length, srv:url("/sleep?s=30"), nil, {}):exception(15)
+      assert.are.equal(msg, e.message)
+      -- a trailing nil is no argument; in a chunk, the call alone fails
+      assert.are.same({ 3, 200 }, { p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=3"), 5, nil):result(10) })
+      local ok, err = pcall(p.starmap, p, luapool.kernels.fetch_length,
+        { { srv:url("/bytes?n=4") }, { srv:url("/sleep?s=30"), 1, nil, 2 } }, { chunksize = 2 })
+      assert.is_false(ok)
+      assert.are.equal((msg:gsub("#3", "#4")), err.message)
+      assert.are.equal(4, p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=4")):result(10))
+    end)
+  end)
+
   describe("cancel and deadlines", function()
     it("cancel aborts a running task's request: true, cancelled, the server sees it go", function()
       local p <close> = iopool.new {}

@@ -661,6 +661,22 @@ static hshard *pick_shard(lp_hloop *l, hhost *h, int *fresh) {
   return &l->shards[least];
 }
 
+/* r reached its budget's end (end_by) before an attempt could start (it
+** waited in its host's queue for a slot): it ends as an attempt that ran
+** out of time does, in libcurl's words, having received nothing. */
+static void out_of_time(lp_hloop *l, lp_hreq *r) {
+  long ms = (long)((luapool__now() - r->added) * 1000.0);
+  r->capped = 1;
+  r->code = CURLE_OPERATION_TIMEDOUT;
+  r->status = 0;
+  r->count = 0;
+  r->blen = r->hlen = 0;
+  snprintf(r->err, sizeof r->err,
+           "%s (Operation timed out after %ld milliseconds with 0 bytes received)",
+           lc.easy_strerror(CURLE_OPERATION_TIMEDOUT), ms);
+  finish(l, r, r->end_by_task ? LP_H_DEADLINE : LP_H_FAILED);
+}
+
 /* Hands r to libcurl (the caller checked the limits), or ends it. */
 static void start(lp_hloop *l, lp_hreq *r) {
   long timeout_ms = 0;
@@ -668,10 +684,7 @@ static void start(lp_hloop *l, lp_hreq *r) {
   if (r->end_by > 0) {
     double left = r->end_by - luapool__now();
     if (left <= 0) {
-      r->capped = 1;
-      r->code = CURLE_OPERATION_TIMEDOUT;
-      snprintf(r->err, sizeof r->err, "%s", lc.easy_strerror(CURLE_OPERATION_TIMEDOUT));
-      finish(l, r, r->end_by_task ? LP_H_DEADLINE : LP_H_FAILED);
+      out_of_time(l, r);
       return;
     }
     timeout_ms = to_ms(left);
@@ -750,16 +763,26 @@ static void pump(lp_hloop *l) {
     lp_hreq *r = h->qh;
     if (r == NULL) continue; /* its waiting requests were aborted */
     queue_unlink(r, &h->qh, &h->qt);
+    if (r->in_heap) heap_remove(l, r); /* its budget's timer (enqueue) */
     start(l, r);
     ready_push(l, h);
   }
 }
 
+/* A request that must wait for a slot waits no longer than its budget
+** (timeout, the task's deadline): a timer of the heap ends it there
+** (fire_timers), as one in flight ends, not when a slot frees. */
 static void enqueue(lp_hloop *l, lp_hreq *r) {
   r->state = R_QUEUED;
   queue_append(r, &r->host->qh, &r->host->qt);
   ready_push(l, r->host);
   pump(l);
+  if (r->state != R_QUEUED || r->end_by <= 0) return;
+  r->wake = r->end_by;
+  if (heap_push(l, r) != 0) {
+    queue_unlink(r, &r->host->qh, &r->host->qt);
+    fail(l, r, CURLE_OUT_OF_MEMORY, "not enough memory");
+  }
 }
 
 /* }====== */
@@ -952,10 +975,14 @@ static void fire_timers(lp_hloop *l) {
   while (l->nheap > 0 && l->heap[0]->wake <= now) {
     lp_hreq *r = l->heap[0];
     heap_remove(l, r);
-    if (r->state == R_RUNNING)
-      luapool__hn_timer(l, r); /* a native attempt's timeout */
-    else
-      enqueue(l, r);
+    if (r->state == R_RUNNING) {
+      luapool__hn_timer(l, r);         /* a native attempt's timeout */
+    } else if (r->state == R_QUEUED) { /* its budget ended while it waited for a slot */
+      queue_unlink(r, &r->host->qh, &r->host->qt);
+      out_of_time(l, r);
+    } else {
+      enqueue(l, r); /* a retry's wait ended */
+    }
   }
 }
 
@@ -1203,7 +1230,10 @@ void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud) {
 ** or is not the loop's (-1). */
 static int take_out(lp_hloop *l, lp_hreq *r) {
   switch (r->state) {
-    case R_QUEUED: queue_unlink(r, &r->host->qh, &r->host->qt); return 1;
+    case R_QUEUED:
+      queue_unlink(r, &r->host->qh, &r->host->qt);
+      if (r->in_heap) heap_remove(l, r);
+      return 1;
     case R_WAITING: heap_remove(l, r); return 1;
     case R_RUNNING: detach(l, r); return 1;
     case R_FINISHED: queue_unlink(r, &l->fin_h, &l->fin_t); return 0;

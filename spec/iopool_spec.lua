@@ -354,6 +354,44 @@ describe("iopool", function()
       assert.is_true(luapool.now() - t0 >= 1.15, "took " .. (luapool.now() - t0))
     end)
 
+    it("honours per_host and max_connections across loops: never over, fully used, wherever tasks land", function()
+      -- (a fixture of its own: a cancelled slow request of another test stays "Writing" in
+      -- nginx until its reply is due)
+      local own <close> = h.fixture()
+      local function writing()
+        local r = assert(luapool.http.get(own:url("/nginx_status")))
+        return tonumber(r.body:match("Writing: (%d+)")) - 1 -- (this request is one)
+      end
+      -- the most requests the server saw at once while 12 x 0.5 s ran, and how long they took
+      local function peak_of(opts, fn)
+        local p <close> = iopool.new(opts)
+        local fs, peak, t0 = {}, 0, luapool.now()
+        for i = 1, 12 do fs[i] = p:submit(fn, own:url("/sleep?s=0.5")) end
+        local done
+        repeat
+          peak = math.max(peak, writing())
+          done = true
+          for i = 1, 12 do done = done and fs[i]:done() end
+          if not done then luapool.sleep(0.02) end
+        until done
+        for i = 1, 12 do assert.are.equal(3, (fs[i]:result(0))) end
+        return peak, luapool.now() - t0
+      end
+      local function lua_get(u) return #assert(luapool.http.get(u)).body end
+      for _, case in ipairs {
+        { "per_host, Lua tasks", { per_host = 3, max_workers = 2 }, lua_get },
+        { "per_host, native", { per_host = 3, max_workers = 2 }, luapool.kernels.fetch_length },
+        { "max_connections, native", { max_connections = 3, max_workers = 2 }, luapool.kernels.fetch_length },
+        { "max_connections, Lua tasks", { max_connections = 3, max_workers = 2 }, lua_get },
+        { "per_host, one loop", { per_host = 3 }, luapool.kernels.fetch_length },
+      } do
+        local peak, took = peak_of(case[2], case[3])
+        -- three at once at most (so four rounds: 2 s at least), and all three used
+        assert.are.equal(3, peak, case[1])
+        assert.is_true(took >= 1.9, ("%s: took %.2f s"):format(case[1], took))
+      end
+    end)
+
     it("counts a host's connections as one however its URLs spell it (per_host = 1: three rounds)", function()
       local p <close> = iopool.new { per_host = 1 }
       local u = srv:url("/sleep?s=0.3")

@@ -25,8 +25,8 @@
 ** least work (starting a new one, up to max_workers, when every started
 ** loop has some), and a loop with room takes from the queue at the top of
 ** each turn.  Connections per host:port and in total are the httploop's
-** admission (per_host, max_connections, shared out among the loops),
-** retries its timers.
+** admission (per_host, max_connections: with more than one loop, counted
+** across them by an lp_hshare), retries its timers.
 **
 ** Locks: p->mu guards the queue, es->inflight and each loop's n, wanted
 ** and room; lp->mu (after p->mu: engine.h) guards woken and publishes
@@ -163,6 +163,7 @@ typedef struct iopool {
   int inflight;   /* tasks taken from the queue, not ended (p->mu) */
   int nalive;     /* loop threads not yet exited (p->mu) */
   io_config cfg;
+  lp_hshare *share; /* per_host, max_connections across the loops (NULL: one loop, or none) */
 } iopool;
 
 struct ioloop {
@@ -755,10 +756,9 @@ static lp_hloop *loop_hloop(ioloop *lp, char *err, size_t errsz) {
     snprintf(err, errsz, "%s", why);
     return NULL;
   }
-  /* The pool's limits, shared out among its loops (each its own multi). */
-  int nl = lp->p->max_workers;
-  lp_hloop_limits lim = {(lp->io->cfg.per_host + nl - 1) / nl,
-                         (lp->io->cfg.max_connections + nl - 1) / nl};
+  /* The pool's limits: one loop's own, or counted across the loops by
+  ** their share (httploop.h), whichever loop the tasks land on. */
+  lp_hloop_limits lim = {lp->io->cfg.per_host, lp->io->cfg.max_connections, lp->io->share};
   lp_hloop *hl = luapool__hloop_new(&lim, err, errsz);
   if (hl == NULL) return NULL;
   pthread_mutex_lock(&lp->mu);
@@ -1145,6 +1145,13 @@ static int io_open(lp_pool *p, char *err, size_t errsz) {
   }
   io->loops = loops;
   io->cfg = *(io_config *)p->config;
+  if (p->max_workers > 1 && (io->cfg.per_host > 0 || io->cfg.max_connections > 0) &&
+      (io->share = luapool__hshare_new(io->cfg.per_host, io->cfg.max_connections)) == NULL) {
+    lp_free(io);
+    lp_free(loops);
+    snprintf(err, errsz, "cannot create a pool: not enough memory");
+    return -1;
+  }
   p->es = io;
   return 0;
 }
@@ -1300,6 +1307,7 @@ static void io_free(lp_pool *p) {
     lp_free(lp);
   }
   lp_free(io->loops);
+  luapool__hshare_free(io->share); /* (after the loops: each freed its HTTP loop as it ended) */
   lp_free(io);
   p->es = NULL;
 }

@@ -52,6 +52,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -251,12 +252,161 @@ static size_t auth_prefix(const char *url) {
   return (size_t)(p - url);
 }
 
+/* {====== limits shared by several loops
+**
+** The share counts the transfers of every loop made with it: per host:port
+** (an hshost, found once per loop's hhost) and in all.  A loop takes a slot
+** (admit) before it starts a request from its queue and gives it back
+** (release) when the attempt leaves it, both under the share's one mutex,
+** held for a few instructions (no loop's own state is touched under it but
+** its place in the list of loops to wake).  A loop that finds no slot puts
+** the host on its blocked list and itself on the share's list of loops to
+** wake: the next release, by any loop, sets their unblock flag and wakes
+** them, and each moves its blocked hosts back to its ready list (pump).
+** Registering and waking are both under the mutex, so no wake-up is lost.
+** A loop alone has no share: its own counters are the limits, no lock.
+** Not fair across loops: the loop that frees a slot may take it again
+** before the one it woke. */
+
+typedef struct hshost {
+  struct hshost *next;
+  int active; /* transfers of this host:port in all the loops */
+  char key[];
+} hshost;
+
+struct lp_hshare {
+  pthread_mutex_t mu;
+  int per_host, max_conn;
+  int total;         /* transfers in all the loops */
+  lp_hloop *waiters; /* loops that found no slot since the last release */
+  hshost **buckets;
+  size_t nbuckets, nhosts;
+};
+
+lp_hshare *luapool__hshare_new(int per_host, int max_connections) {
+  lp_hshare *s = lp_calloc(1, sizeof *s);
+  if (s == NULL) return NULL;
+  if (pthread_mutex_init(&s->mu, NULL) != 0) {
+    lp_free(s);
+    return NULL;
+  }
+  s->per_host = per_host;
+  s->max_conn = max_connections;
+  return s;
+}
+
+void luapool__hshare_free(lp_hshare *s) {
+  if (s == NULL) return;
+  for (size_t i = 0; i < s->nbuckets; i++)
+    for (hshost *e = s->buckets[i], *n; e; e = n) {
+      n = e->next;
+      lp_free(e);
+    }
+  lp_free(s->buckets);
+  pthread_mutex_destroy(&s->mu);
+  lp_free(s);
+}
+
+/* The share's count of host key (made at 0), or NULL when out of memory. */
+static hshost *share_host(lp_hshare *s, const char *key) {
+  size_t h = hash(key);
+  hshost *e = NULL;
+  pthread_mutex_lock(&s->mu);
+  if (s->nbuckets)
+    for (e = s->buckets[h & (s->nbuckets - 1)]; e; e = e->next)
+      if (strcmp(e->key, key) == 0) goto out;
+  if (s->nhosts >= s->nbuckets) { /* grow: load factor 1 */
+    size_t nb = s->nbuckets ? s->nbuckets * 2 : 64;
+    hshost **b =
+        lp_calloc(nb, sizeof *b); // NOLINT(bugprone-sizeof-expression): an array of pointers
+    if (b == NULL) goto out;      /* (e is NULL) */
+    for (size_t i = 0; i < s->nbuckets; i++)
+      for (hshost *x = s->buckets[i], *n; x; x = n) {
+        n = x->next;
+        size_t j = hash(x->key) & (nb - 1);
+        x->next = b[j];
+        b[j] = x;
+      }
+    lp_free(s->buckets);
+    s->buckets = b;
+    s->nbuckets = nb;
+  }
+  size_t klen = strlen(key) + 1;
+  e = lp_calloc(1, sizeof *e + klen);
+  if (e == NULL) goto out;
+  memcpy(e->key, key, klen);
+  e->next = s->buckets[h & (s->nbuckets - 1)];
+  s->buckets[h & (s->nbuckets - 1)] = e;
+  s->nhosts++;
+out:
+  pthread_mutex_unlock(&s->mu);
+  return e;
+}
+
+/* A slot for a transfer of h: 1 taken, 0 none (the loop is then woken at
+** the next release, by any loop). */
+static int admit(lp_hloop *l, hhost *h) {
+  lp_hshare *s = l->share;
+  pthread_mutex_lock(&s->mu);
+  int ok = (s->per_host <= 0 || h->sh->active < s->per_host) &&
+           (s->max_conn <= 0 || s->total < s->max_conn);
+  if (ok) {
+    h->sh->active++;
+    s->total++;
+  } else if (!l->swaiting) {
+    l->swaiting = 1;
+    l->swnext = s->waiters;
+    s->waiters = l;
+  }
+  pthread_mutex_unlock(&s->mu);
+  return ok;
+}
+
+/* Gives r's slot back and wakes the loops that found none (this one too:
+** its pump looks at unblock first). */
+static void release(lp_hloop *l, lp_hreq *r) {
+  lp_hshare *s = l->share;
+  if (!r->slot) return;
+  r->slot = 0;
+  pthread_mutex_lock(&s->mu);
+  r->host->sh->active--;
+  s->total--;
+  lp_hloop *w = s->waiters;
+  s->waiters = NULL;
+  while (w) {
+    lp_hloop *next = w->swnext;
+    w->swnext = NULL;
+    w->swaiting = 0;
+    atomic_store(&w->unblock, 1);
+    if (w != l) luapool__hloop_wakeup(w); /* (a loop leaves the list before it is freed) */
+    w = next;
+  }
+  pthread_mutex_unlock(&s->mu);
+}
+
+/* Out of the share's list of loops to wake (a loop being freed). */
+static void share_leave(lp_hloop *l) {
+  lp_hshare *s = l->share;
+  pthread_mutex_lock(&s->mu);
+  for (lp_hloop **p = &s->waiters; *p; p = &(*p)->swnext)
+    if (*p == l) {
+      *p = l->swnext;
+      break;
+    }
+  l->swaiting = 0;
+  pthread_mutex_unlock(&s->mu);
+}
+
+/* }====== */
+
 static hhost *host_get(lp_hloop *l, const char *key) {
   size_t h = hash(key);
   if (l->nbuckets) {
     for (hhost *e = l->buckets[h & (l->nbuckets - 1)]; e; e = e->next)
       if (strcmp(e->key, key) == 0) return e;
   }
+  hshost *sh = NULL;
+  if (l->share && (sh = share_host(l->share, key)) == NULL) return NULL;
   if (l->nhosts >= l->nbuckets) { /* grow: load factor 1 */
     size_t nb = l->nbuckets ? l->nbuckets * 2 : 64;
     hhost **b =
@@ -277,6 +427,7 @@ static hhost *host_get(lp_hloop *l, const char *key) {
   hhost *e = lp_calloc(1, sizeof *e + klen);
   if (e == NULL) return NULL;
   memcpy(e->key, key, klen);
+  e->sh = sh;
   e->next = l->buckets[h & (l->nbuckets - 1)];
   l->buckets[h & (l->nbuckets - 1)] = e;
   l->nhosts++;
@@ -427,6 +578,7 @@ static void detach(lp_hloop *l, lp_hreq *r) {
   }
   r->host->active--;
   l->in_flight--;
+  if (l->share) release(l, r);
   ready_push(l, r->host);
 }
 
@@ -753,8 +905,24 @@ static void start(lp_hloop *l, lp_hreq *r) {
   l->in_flight++;
 }
 
-/* Starts what the limits allow, hosts round robin. */
+/* A loop of a share was told a slot freed: its blocked hosts try again. */
+static void unblock(lp_hloop *l) {
+  if (!atomic_exchange(&l->unblock, 0)) return;
+  hhost *h = l->blocked;
+  l->blocked = NULL;
+  while (h) {
+    hhost *next = h->bnext;
+    h->bnext = NULL;
+    h->in_blocked = 0;
+    ready_push(l, h);
+    h = next;
+  }
+}
+
+/* Starts what the limits allow, hosts round robin.  With a share, a host
+** whose next request finds no slot in it waits on the blocked list. */
 static void pump(lp_hloop *l) {
+  if (l->share) unblock(l);
   while (!l->closing && l->ready_h != NULL && total_room(l)) {
     hhost *h = l->ready_h;
     l->ready_h = h->rnext;
@@ -762,9 +930,21 @@ static void pump(lp_hloop *l) {
     h->in_ready = 0;
     lp_hreq *r = h->qh;
     if (r == NULL) continue; /* its waiting requests were aborted */
+    if (l->share) {
+      if (!admit(l, h)) {
+        if (!h->in_blocked) {
+          h->in_blocked = 1;
+          h->bnext = l->blocked;
+          l->blocked = h;
+        }
+        continue;
+      }
+      r->slot = 1;
+    }
     queue_unlink(r, &h->qh, &h->qt);
     if (r->in_heap) heap_remove(l, r); /* its budget's timer (enqueue) */
     start(l, r);
+    if (r->state != R_RUNNING && l->share) release(l, r); /* (ended at once) */
     ready_push(l, h);
   }
 }
@@ -889,6 +1069,7 @@ void luapool__hl_handoff(lp_hloop *l, lp_hreq *r) {
   if (r->state != R_RUNNING) {
     r->handoff = 0;
     r->nat = 1;
+    if (l->share) release(l, r);
     ready_push(l, r->host);
   }
 }
@@ -1145,8 +1326,10 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
     return NULL;
   }
   l->ep = l->ev = -1;
-  l->per_host = lim ? lim->per_host : 0;
-  l->max_conn = lim ? lim->max_connections : 0;
+  l->share = lim ? lim->share : NULL;
+  l->per_host = l->share ? l->share->per_host : lim ? lim->per_host : 0;
+  l->max_conn = l->share ? l->share->max_conn : lim ? lim->max_connections : 0;
+  atomic_init(&l->unblock, 0);
   l->rng = (uint64_t)(uintptr_t)l ^ (uint64_t)(luapool__now() * 1e9) ^ 0x9e3779b97f4a7c15ULL;
   if (l->rng == 0) l->rng = 1;
   l->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -1360,6 +1543,7 @@ void luapool__hloop_free(lp_hloop *l) {
   l->closing = 1; /* aborting frees slots: start nothing in them */
   while (l->all)
     luapool__hloop_abort(l, l->all, "loop closed");
+  if (l->share) share_leave(l); /* no loop wakes it from here on */
   luapool__hn_free(l);
   for (int i = 0; i < l->nidle; i++)
     lc.easy_cleanup(l->idle[i]);

@@ -193,6 +193,11 @@ describe("iopool", function()
       assert.are.equal(msg, e.message)
       -- a trailing nil is no argument; in a chunk, the call alone fails
       assert.are.same({ 3, 200 }, { p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=3"), 5, nil):result(10) })
+      -- (its timeout still counts, and is still checked first)
+      e = p:submit(luapool.kernels.fetch_length, srv:url("/sleep?s=30"), 0.2, nil):exception(15)
+      assert.matches("^fetch_length: .*: Timeout was reached %(Operation timed out after %d+ milliseconds", e.message)
+      e = p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=3"), -1, "extra"):exception(15)
+      assert.are.equal("bad argument #2 to 'fetch_length' (positive number expected, got -1)", e.message)
       local ok, err = pcall(p.starmap, p, luapool.kernels.fetch_length,
         { { srv:url("/bytes?n=4") }, { srv:url("/sleep?s=30"), 1, nil, 2 } }, { chunksize = 2 })
       assert.is_false(ok)

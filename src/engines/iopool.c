@@ -518,7 +518,7 @@ static int native_calls(io_task *t, const char *msg, size_t len) {
       if (luapool__get_scalar(&r, &a[j]) != 1) goto no;
     if (a[0].type != LP_STR || memchr(a[0].u.s.p, '\0', a[0].u.s.len)) goto no;
     double timeout = 0;
-    if (n == 2) {
+    if (n >= 2) {
       if (a[1].type == LP_INT)
         timeout = (double)a[1].u.i;
       else if (a[1].type == LP_NUM)

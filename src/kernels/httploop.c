@@ -31,7 +31,8 @@
 ** Admission is ours, not libcurl's pending queue: each host:port of a
 ** request's URL has a FIFO of waiting requests, and a request is handed to
 ** libcurl only when its host has fewer than per_host transfers and the loop
-** fewer than max_connections.  Hosts with waiting requests and room are on a
+** fewer than max_connections (and, for a loop made with a share of the
+** limits, when the share has a slot: counted across its loops, below).  Hosts with waiting requests and room are on a
 ** "ready" list, served round robin when the total has room, so starting a
 ** request is O(1) however many wait.  libcurl's own limits are set to the
 ** same numbers (CURLMOPT_MAX_HOST_CONNECTIONS, _MAX_TOTAL_CONNECTIONS) and

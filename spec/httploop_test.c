@@ -144,7 +144,7 @@ static lp_hreq *req(const char *path, int count_only) {
 
 static lp_hloop *loop(int per_host, int max_conn) {
   char err[256];
-  lp_hloop_limits lim = {per_host, max_conn};
+  lp_hloop_limits lim = {per_host, max_conn, NULL};
   lp_hloop *l = luapool__hloop_new(&lim, err, sizeof err);
   if (l == NULL) {
     fprintf(stderr, "hloop_new: %s\n", err);
@@ -703,6 +703,72 @@ static void test_per_host(void) {
   luapool__hloop_free(sl);
 }
 
+/* Two loops with one share of per_host 2 (run here from one thread, in
+** turns): never more than 2 in flight in both, both used, the queued loop
+** woken when the other frees its slots; a queued request's timeout ends it
+** in the queue, with the words of one timed out in flight. */
+static void test_share(void) {
+  lp_hshare *s = luapool__hshare_new(2, 0);
+  CHECK(s != NULL, "hshare_new");
+  if (s == NULL) return;
+  char err[256];
+  lp_hloop_limits lim = {0, 0, s};
+  lp_hloop *la = luapool__hloop_new(&lim, err, sizeof err),
+           *lb = luapool__hloop_new(&lim, err, sizeof err);
+  CHECK(la && lb, "hloop_new: %s", err);
+  if (la == NULL || lb == NULL) exit(2);
+  done_rec d[5];
+  memset(d, 0, sizeof d);
+  double t0 = luapool__now();
+  for (int i = 0; i < 2; i++)
+    luapool__hloop_add(la, req("/sleep?s=0.5", 1), on_done, &d[i]);
+  for (int i = 2; i < 4; i++)
+    luapool__hloop_add(lb, req("/sleep?s=0.5", 1), on_done, &d[i]);
+  char url[512];
+  lp_hreq_opts o;
+  memset(&o, 0, sizeof o);
+  snprintf(url, sizeof url, "%s/bytes?n=1", base);
+  o.url = url;
+  o.timeout = 0.3;
+  o.count_only = 1;
+  lp_hreq *rt = luapool__hreq_new(&o, err, sizeof err);
+  CHECK(rt != NULL, "hreq_new: %s", err);
+  if (rt == NULL) exit(2);
+  luapool__hloop_add(lb, rt, on_done, &d[4]);
+  CHECK(luapool__hloop_in_flight(la) == 2 && luapool__hloop_in_flight(lb) == 0, "%zu + %zu",
+        luapool__hloop_in_flight(la), luapool__hloop_in_flight(lb));
+  size_t most = 0, most_b = 0, b_before_timeout = 0;
+  while ((luapool__hloop_owned(la) > 0 || luapool__hloop_owned(lb) > 0) &&
+         luapool__now() - t0 < 30) {
+    luapool__hloop_run(la, 0.01);
+    luapool__hloop_run(lb, 0.01);
+    size_t n = luapool__hloop_in_flight(la) + luapool__hloop_in_flight(lb);
+    if (n > most) most = n;
+    if (luapool__hloop_in_flight(lb) > most_b) most_b = luapool__hloop_in_flight(lb);
+    if (d[4].calls == 0) b_before_timeout = most_b;
+  }
+  double took = luapool__now() - t0;
+  int ok = 0;
+  for (int i = 0; i < 4; i++)
+    ok += d[i].calls == 1 && d[i].state == LP_H_OK && d[i].length == 3;
+  CHECK(ok == 4, "%d of 4", ok);
+  CHECK(most == 2 && most_b == 2, "%zu in flight at most, %zu of the second loop", most, most_b);
+  CHECK(took >= 0.95, "two rounds of 0.5 s took %.2f s", took);
+  static const char tmo[] = "Timeout was reached (Operation timed out after ";
+  CHECK(d[4].calls == 1 && d[4].state == LP_H_FAILED && strncmp(d[4].err, tmo, strlen(tmo)) == 0 &&
+            strstr(d[4].err, " milliseconds with 0 bytes received)") != NULL,
+        "%d %d %s", d[4].calls, d[4].state, d[4].err);
+  /* it ended in the queue, before its loop had a slot */
+  CHECK(b_before_timeout == 0 && d[4].at - t0 >= 0.29, "%zu in flight, at %.2f s", b_before_timeout,
+        d[4].at - t0);
+  printf("share: 2 + 2 x 0.5 s on two loops, per_host 2 shared: %.2f s, %zu in flight at most; "
+         "a queued 0.3 s timeout ended at %.2f s\n",
+         took, most, d[4].at - t0);
+  luapool__hloop_free(la);
+  luapool__hloop_free(lb);
+  luapool__hshare_free(s);
+}
+
 static void test_abort(void) {
   lp_hloop *l = loop(1, 0);
   done_rec a, b;
@@ -1221,6 +1287,7 @@ int main(int argc, char **argv) {
     test_many_slow(2000);
     test_reuse_across_shards(700);
     test_per_host();
+    test_share();
     test_abort();
     test_retry_after();
     test_emfile();

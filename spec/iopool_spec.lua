@@ -161,6 +161,51 @@ describe("iopool", function()
     end)
   end)
 
+  describe("native tasks", function()
+    it("run the initializer first: a failing one breaks the pool for them as for a Lua task", function()
+      local p <close> = iopool.new { name = "ib", initializer = function() error("init boom", 0) end }
+      local e = p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=5")):exception(10)
+      assert.are.equal("broken", e.kind)
+      assert.are.equal("the initializer failed in worker ib-1: init boom", e.message)
+      e = p:submit(function() return "x" end):exception(10)
+      assert.are.equal("broken", e.kind)
+      assert.are.equal("the initializer failed in worker ib-1: init boom", e.message)
+      -- a good one ran once, before the loop's first task (a native one)
+      local q <close> = iopool.new { initializer = function()
+        local G = _G
+        G.INIT_AT, G.INITS = luapool.now(), (G.INITS or 0) + 1
+      end }
+      assert.are.same({ 5, 200 }, { q:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=5")):result(10) })
+      local answered = luapool.now()
+      local at, n = q:submit(function() return _G.INIT_AT, _G.INITS end):result(10)
+      assert.are.equal(1, n)
+      assert.is_true(at < answered, "the initializer ran after the native task")
+    end)
+
+    it("refuse a fetch_length call with an argument past the URL and timeout, at once", function()
+      local p <close> = iopool.new { name = "xa" }
+      local msg = "bad argument #3 to 'fetch_length' (no value expected: it takes a URL and an optional timeout)"
+      -- (run inline, the 30 s transfer would block the loop: result(15) would time out)
+      local e = p:submit(luapool.kernels.fetch_length, srv:url("/sleep?s=30"), 5, "extra"):exception(15)
+      assert.are.equal("task", e.kind)
+      assert.are.equal(msg, e.message)
+      e = p:submit(luapool.kernels.fetch_length, srv:url("/sleep?s=30"), nil, {}):exception(15)
+      assert.are.equal(msg, e.message)
+      -- a trailing nil is no argument; in a chunk, the call alone fails
+      assert.are.same({ 3, 200 }, { p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=3"), 5, nil):result(10) })
+      -- (its timeout still counts, and is still checked first)
+      e = p:submit(luapool.kernels.fetch_length, srv:url("/sleep?s=30"), 0.2, nil):exception(15)
+      assert.matches("^fetch_length: .*: Timeout was reached %(Operation timed out after %d+ milliseconds", e.message)
+      e = p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=3"), -1, "extra"):exception(15)
+      assert.are.equal("bad argument #2 to 'fetch_length' (positive number expected, got -1)", e.message)
+      local ok, err = pcall(p.starmap, p, luapool.kernels.fetch_length,
+        { { srv:url("/bytes?n=4") }, { srv:url("/sleep?s=30"), 1, nil, 2 } }, { chunksize = 2 })
+      assert.is_false(ok)
+      assert.are.equal((msg:gsub("#3", "#4")), err.message)
+      assert.are.equal(4, p:submit(luapool.kernels.fetch_length, srv:url("/bytes?n=4")):result(10))
+    end)
+  end)
+
   describe("cancel and deadlines", function()
     it("cancel aborts a running task's request: true, cancelled, the server sees it go", function()
       local p <close> = iopool.new {}
@@ -197,6 +242,35 @@ describe("iopool", function()
       -- (map's items are numbered apart from submits)
       assert.are.equal("task #2 exceeded its deadline of 0.5 seconds in worker dl-1", e.message)
       assert.is_true(luapool.now() - t0 < 15)
+    end)
+
+    it("a deadline or timeout ends a request waiting for a per_host slot, with the in-flight messages", function()
+      local p <close> = iopool.new { per_host = 1, name = "qd" }
+      local base = open_conns(srv)
+      local slow = p:submit(luapool.kernels.fetch_length, srv:url("/sleep?s=30"))
+      h.wait_until(function() return open_conns(srv) > base end, "the slow request to hold the slot")
+      local url = srv:url("/bytes?n=1")
+      local timed_out = "Timeout was reached %(Operation timed out after %d+ milliseconds with 0 bytes received%)$"
+      -- (each waits behind the 30 s request: exception(15) raises unless its own 0.5 s ended it)
+      local ok, e = pcall(p.map, p, luapool.kernels.fetch_length, { url }, { task_timeout = 0.5 })
+      assert.is_false(ok)
+      assert.are.equal("timeout", e.kind)
+      assert.are.equal("item #1 exceeded its deadline of 0.5 seconds in worker qd-1", e.message)
+      e = p:submit(luapool.kernels.fetch_length, url, 0.5):exception(15)
+      assert.are.equal("task", e.kind)
+      assert.matches("^fetch_length: " .. url:gsub("%p", "%%%0") .. ": " .. timed_out, e.message)
+      e = p:submit(function(u) return luapool.kernels.fetch_length(u, 0.5) end, url):exception(15)
+      assert.matches("^fetch_length: " .. url:gsub("%p", "%%%0") .. ": " .. timed_out, e.message)
+      local r, m = p:submit(function(u) return luapool.http.request { url = u, timeout = 0.5 } end, url):result(15)
+      assert.is_nil(r)
+      assert.matches("^GET " .. url:gsub("%p", "%%%0") .. ": " .. timed_out, m)
+      -- cancel still ends a queued request; the slow one still holds its slot
+      local f = p:submit(function(u) return luapool.http.get(u) end, url)
+      h.wait_until(function() return f:running() end, "the task to run")
+      assert.is_true(f:cancel())
+      assert.are.equal("cancelled", f:exception(10).kind)
+      assert.is_false(slow:done())
+      assert.is_true(slow:cancel())
     end)
 
     it("task_timeout stops a coroutine that hogs the loop, even through pcall", function()
@@ -283,6 +357,47 @@ describe("iopool", function()
       local r = p:map(luapool.kernels.fetch_length, urls)
       assert.are.equal(40, #r)
       assert.is_true(luapool.now() - t0 >= 1.15, "took " .. (luapool.now() - t0))
+    end)
+
+    it("honours per_host and max_connections across loops: never over, fully used, wherever tasks land", function()
+      -- (a fixture of its own: a cancelled slow request of another test stays "Writing" in
+      -- nginx until its reply is due)
+      local own <close> = h.fixture()
+      local function writing()
+        local r = assert(luapool.http.get(own:url("/nginx_status")))
+        return tonumber(r.body:match("Writing: (%d+)")) - 1 -- (this request is one)
+      end
+      -- the most requests the server saw at once while 12 x 0.5 s ran, and how long they took
+      local function peak_of(opts, fn)
+        local p <close> = iopool.new(opts)
+        local fs, peak, t0 = {}, 0, luapool.now()
+        for i = 1, 12 do fs[i] = p:submit(fn, own:url("/sleep?s=0.5")) end
+        local done
+        repeat
+          peak = math.max(peak, writing())
+          done = true
+          for i = 1, 12 do done = done and fs[i]:done() end
+          if not done then luapool.sleep(0.02) end
+        until done
+        for i = 1, 12 do assert.are.equal(3, (fs[i]:result(0))) end
+        return peak, luapool.now() - t0
+      end
+      local function lua_get(u) return #assert(luapool.http.get(u)).body end
+      -- (concurrency 12 on two loops: each takes 6 at most, so both have tasks; without it they
+      -- may all land on one)
+      for _, case in ipairs {
+        { "per_host, Lua tasks, both loops", { per_host = 3, max_workers = 2, concurrency = 12 }, lua_get },
+        { "per_host, native", { per_host = 3, max_workers = 2 }, luapool.kernels.fetch_length },
+        { "max_connections, native, both loops", { max_connections = 3, max_workers = 2, concurrency = 12 },
+          luapool.kernels.fetch_length },
+        { "max_connections, Lua tasks", { max_connections = 3, max_workers = 2 }, lua_get },
+        { "per_host, one loop", { per_host = 3 }, luapool.kernels.fetch_length },
+      } do
+        local peak, took = peak_of(case[2], case[3])
+        -- three at once at most (so four rounds: 2 s at least), and all three used
+        assert.are.equal(3, peak, case[1])
+        assert.is_true(took >= 1.9, ("%s: took %.2f s"):format(case[1], took))
+      end
     end)
 
     it("counts a host's connections as one however its URLs spell it (per_host = 1: three rounds)", function()

@@ -25,8 +25,8 @@
 ** least work (starting a new one, up to max_workers, when every started
 ** loop has some), and a loop with room takes from the queue at the top of
 ** each turn.  Connections per host:port and in total are the httploop's
-** admission (per_host, max_connections, shared out among the loops),
-** retries its timers.
+** admission (per_host, max_connections: with more than one loop, counted
+** across them by an lp_hshare), retries its timers.
 **
 ** Locks: p->mu guards the queue, es->inflight and each loop's n, wanted
 ** and room; lp->mu (after p->mu: engine.h) guards woken and publishes
@@ -124,6 +124,11 @@ enum { K_NONE, K_CANCEL, K_INTR, K_CLOSE };
 enum { W_NONE, W_TIMER, W_REQ };
 
 #define NATIVE_MAX 4096 /* fetch_length calls a native task may batch */
+/* A fetch_length call with an argument past its URL and timeout (the
+** kernel, kernels/http.c, does not check for one yet: it should give the
+** same text). */
+#define LP_FETCH_EXTRA_ARG                                                                         \
+  "bad argument #%d to 'fetch_length' (no value expected: it takes a URL and an optional timeout)"
 
 /* One fetch_length call of a native task. */
 typedef struct io_ncall {
@@ -132,6 +137,7 @@ typedef struct io_ncall {
   char *url;
   double timeout; /* its own timeout argument, seconds; 0: none */
   int done;
+  int bad_arg; /* refused: the position of its first argument past the two it takes */
 } io_ncall;
 
 struct io_task {
@@ -157,6 +163,7 @@ typedef struct iopool {
   int inflight;   /* tasks taken from the queue, not ended (p->mu) */
   int nalive;     /* loop threads not yet exited (p->mu) */
   io_config cfg;
+  lp_hshare *share; /* per_host, max_connections across the loops (NULL: one loop, or none) */
 } iopool;
 
 struct ioloop {
@@ -506,12 +513,12 @@ static int native_calls(io_task *t, const char *msg, size_t len) {
       n--;
       r = fr;
     }
-    if (n < 1 || n > 2) goto no;
-    for (uint32_t j = 0; j < n; j++)
+    if (n < 1) goto no;
+    for (uint32_t j = 0; j < n && j < 2; j++)
       if (luapool__get_scalar(&r, &a[j]) != 1) goto no;
     if (a[0].type != LP_STR || memchr(a[0].u.s.p, '\0', a[0].u.s.len)) goto no;
     double timeout = 0;
-    if (n == 2) {
+    if (n >= 2) {
       if (a[1].type == LP_INT)
         timeout = (double)a[1].u.i;
       else if (a[1].type == LP_NUM)
@@ -520,6 +527,21 @@ static int native_calls(io_task *t, const char *msg, size_t len) {
         goto no;
       if (a[1].type != LP_NIL && !(timeout > 0)) goto no; /* the kernel's own message */
     }
+    /* More arguments than fetch_length takes: refused (a trailing nil is
+    ** none), not run inline, where the transfer would block the loop.  A
+    ** table or function there cannot be stepped over to the next call of
+    ** a batch: that batch runs inline (the kernel's Lua face decides). */
+    for (uint32_t j = 2; j < n && calls[i].bad_arg == 0; j++) {
+      lp_value x;
+      int sc = luapool__get_scalar(&r, &x);
+      if (sc < 0 || (sc == 0 && kind == LP_MSG_BATCH)) goto no;
+      if (sc == 0 || x.type != LP_NIL) calls[i].bad_arg = (int)j + 1;
+    }
+    if (calls[i].bad_arg && kind == LP_MSG_BATCH)
+      for (uint32_t j = (uint32_t)calls[i].bad_arg; j < n; j++) { /* to the next call */
+        lp_value x;
+        if (luapool__get_scalar(&r, &x) != 1) goto no;
+      }
     calls[i].t = t;
     calls[i].timeout = timeout;
     if ((calls[i].url = lp_malloc(a[0].u.s.len + 1)) == NULL) {
@@ -552,6 +574,11 @@ static int start_native(ioloop *lp, io_task *t) {
   t->nleft = t->ncalls;
   for (uint32_t i = 0; i < t->ncalls; i++) {
     io_ncall *c = &t->calls[i];
+    if (c->bad_arg) { /* refused: fails alone, in end_native */
+      c->done = 1;
+      t->nleft--;
+      continue;
+    }
     lp_hreq_opts o;
     memset(&o, 0, sizeof o);
     o.url = c->url;
@@ -589,6 +616,14 @@ static void end_native(ioloop *lp, io_task *t) {
   int bad = luapool__put_u32(out, 0);
   for (uint32_t i = 0; i < t->ncalls && !bad; i++) {
     io_ncall *c = &t->calls[i];
+    if (c->bad_arg) { /* as the kernel's argument errors: the message is the value */
+      nerr++;
+      snprintf(m, sizeof m, LP_FETCH_EXTRA_ARG, c->bad_arg);
+      size_t ml = strlen(m);
+      bad = luapool__put_u8(out, LP_REPLY_ERROR) || luapool__put_string(out, m, ml) ||
+            luapool__put_string(out, "", 0) || luapool__put_string(out, m, ml);
+      continue;
+    }
     int st = c->r ? luapool__hreq_state(c->r) : LP_H_FAILED;
     if (st == LP_H_OK && t->kill != K_CLOSE) {
       uint64_t count = luapool__hreq_length(c->r);
@@ -721,10 +756,9 @@ static lp_hloop *loop_hloop(ioloop *lp, char *err, size_t errsz) {
     snprintf(err, errsz, "%s", why);
     return NULL;
   }
-  /* The pool's limits, shared out among its loops (each its own multi). */
-  int nl = lp->p->max_workers;
-  lp_hloop_limits lim = {(lp->io->cfg.per_host + nl - 1) / nl,
-                         (lp->io->cfg.max_connections + nl - 1) / nl};
+  /* The pool's limits: one loop's own, or counted across the loops by
+  ** their share (httploop.h), whichever loop the tasks land on. */
+  lp_hloop_limits lim = {lp->io->cfg.per_host, lp->io->cfg.max_connections, lp->io->share};
   lp_hloop *hl = luapool__hloop_new(&lim, err, errsz);
   if (hl == NULL) return NULL;
   pthread_mutex_lock(&lp->mu);
@@ -867,6 +901,22 @@ static void begin_task(ioloop *lp, lp_future *f, int intr) {
     task_kill(lp, t, intr ? K_INTR : K_CLOSE);
     return;
   }
+  /* The initializer runs before the loop's first task of either kind (in
+  ** the paths of that task), and a pool it broke fails native tasks too. */
+  if (!lp->initialized && p->init_msg && (use_paths(lp, f) != 0 || loop_init(lp, f) != 0)) {
+    task_free(lp, t);
+    return;
+  }
+  lp->initialized = 1;
+  if (p->init_msg) { /* taken with others before the initializer failed */
+    pthread_mutex_lock(&p->mu);
+    if (p->broken) luapool__future_fail(f, LP_EK_BROKEN, "%s", p->broken);
+    pthread_mutex_unlock(&p->mu);
+    if (luapool__future_state(f) != LP_RUNNING) {
+      task_free(lp, t);
+      return;
+    }
+  }
   int nat = native_calls(t, f->msg, f->msglen);
   if (nat > 0 && start_native(lp, t) == 0) return;
   if (nat != 0) { /* no memory, or no HTTP: fetch_length runs inline and says why */
@@ -876,18 +926,9 @@ static void begin_task(ioloop *lp, lp_future *f, int intr) {
     t->calls = NULL;
     t->ncalls = 0;
   }
-  if (use_paths(lp, f) != 0 || (!lp->initialized && loop_init(lp, f) != 0)) {
+  if (use_paths(lp, f) != 0) {
     task_free(lp, t);
     return;
-  }
-  if (p->init_msg) { /* taken with others before the initializer failed */
-    pthread_mutex_lock(&p->mu);
-    if (p->broken) luapool__future_fail(f, LP_EK_BROKEN, "%s", p->broken);
-    pthread_mutex_unlock(&p->mu);
-    if (luapool__future_state(f) != LP_RUNNING) {
-      task_free(lp, t);
-      return;
-    }
   }
   if (nat != 0 || is_kernel_msg(f->msg, f->msglen)) {
     int stopped;
@@ -1104,6 +1145,13 @@ static int io_open(lp_pool *p, char *err, size_t errsz) {
   }
   io->loops = loops;
   io->cfg = *(io_config *)p->config;
+  if (p->max_workers > 1 && (io->cfg.per_host > 0 || io->cfg.max_connections > 0) &&
+      (io->share = luapool__hshare_new(io->cfg.per_host, io->cfg.max_connections)) == NULL) {
+    lp_free(io);
+    lp_free(loops);
+    snprintf(err, errsz, "cannot create a pool: not enough memory");
+    return -1;
+  }
   p->es = io;
   return 0;
 }
@@ -1259,6 +1307,7 @@ static void io_free(lp_pool *p) {
     lp_free(lp);
   }
   lp_free(io->loops);
+  luapool__hshare_free(io->share); /* (after the loops: each freed its HTTP loop as it ended) */
   lp_free(io);
   p->es = NULL;
 }

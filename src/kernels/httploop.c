@@ -31,7 +31,8 @@
 ** Admission is ours, not libcurl's pending queue: each host:port of a
 ** request's URL has a FIFO of waiting requests, and a request is handed to
 ** libcurl only when its host has fewer than per_host transfers and the loop
-** fewer than max_connections.  Hosts with waiting requests and room are on a
+** fewer than max_connections (and, for a loop made with a share of the
+** limits, when the share has a slot: counted across its loops, below).  Hosts with waiting requests and room are on a
 ** "ready" list, served round robin when the total has room, so starting a
 ** request is O(1) however many wait.  libcurl's own limits are set to the
 ** same numbers (CURLMOPT_MAX_HOST_CONNECTIONS, _MAX_TOTAL_CONNECTIONS) and
@@ -52,6 +53,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -251,12 +253,161 @@ static size_t auth_prefix(const char *url) {
   return (size_t)(p - url);
 }
 
+/* {====== limits shared by several loops
+**
+** The share counts the transfers of every loop made with it: per host:port
+** (an hshost, found once per loop's hhost) and in all.  A loop takes a slot
+** (admit) before it starts a request from its queue and gives it back
+** (release) when the attempt leaves it, both under the share's one mutex,
+** held for a few instructions (no loop's own state is touched under it but
+** its place in the list of loops to wake).  A loop that finds no slot puts
+** the host on its blocked list and itself on the share's list of loops to
+** wake: the next release, by any loop, sets their unblock flag and wakes
+** them, and each moves its blocked hosts back to its ready list (pump).
+** Registering and waking are both under the mutex, so no wake-up is lost.
+** A loop alone has no share: its own counters are the limits, no lock.
+** Not fair across loops: the loop that frees a slot may take it again
+** before the one it woke. */
+
+typedef struct hshost {
+  struct hshost *next;
+  int active; /* transfers of this host:port in all the loops */
+  char key[];
+} hshost;
+
+struct lp_hshare {
+  pthread_mutex_t mu;
+  int per_host, max_conn;
+  int total;         /* transfers in all the loops */
+  lp_hloop *waiters; /* loops that found no slot since the last release */
+  hshost **buckets;
+  size_t nbuckets, nhosts;
+};
+
+lp_hshare *luapool__hshare_new(int per_host, int max_connections) {
+  lp_hshare *s = lp_calloc(1, sizeof *s);
+  if (s == NULL) return NULL;
+  if (pthread_mutex_init(&s->mu, NULL) != 0) {
+    lp_free(s);
+    return NULL;
+  }
+  s->per_host = per_host;
+  s->max_conn = max_connections;
+  return s;
+}
+
+void luapool__hshare_free(lp_hshare *s) {
+  if (s == NULL) return;
+  for (size_t i = 0; i < s->nbuckets; i++)
+    for (hshost *e = s->buckets[i], *n; e; e = n) {
+      n = e->next;
+      lp_free(e);
+    }
+  lp_free(s->buckets);
+  pthread_mutex_destroy(&s->mu);
+  lp_free(s);
+}
+
+/* The share's count of host key (made at 0), or NULL when out of memory. */
+static hshost *share_host(lp_hshare *s, const char *key) {
+  size_t h = hash(key);
+  hshost *e = NULL;
+  pthread_mutex_lock(&s->mu);
+  if (s->nbuckets)
+    for (e = s->buckets[h & (s->nbuckets - 1)]; e; e = e->next)
+      if (strcmp(e->key, key) == 0) goto out;
+  if (s->nhosts >= s->nbuckets) { /* grow: load factor 1 */
+    size_t nb = s->nbuckets ? s->nbuckets * 2 : 64;
+    hshost **b =
+        lp_calloc(nb, sizeof *b); // NOLINT(bugprone-sizeof-expression): an array of pointers
+    if (b == NULL) goto out;      /* (e is NULL) */
+    for (size_t i = 0; i < s->nbuckets; i++)
+      for (hshost *x = s->buckets[i], *n; x; x = n) {
+        n = x->next;
+        size_t j = hash(x->key) & (nb - 1);
+        x->next = b[j];
+        b[j] = x;
+      }
+    lp_free(s->buckets);
+    s->buckets = b;
+    s->nbuckets = nb;
+  }
+  size_t klen = strlen(key) + 1;
+  e = lp_calloc(1, sizeof *e + klen);
+  if (e == NULL) goto out;
+  memcpy(e->key, key, klen);
+  e->next = s->buckets[h & (s->nbuckets - 1)];
+  s->buckets[h & (s->nbuckets - 1)] = e;
+  s->nhosts++;
+out:
+  pthread_mutex_unlock(&s->mu);
+  return e;
+}
+
+/* A slot for a transfer of h: 1 taken, 0 none (the loop is then woken at
+** the next release, by any loop). */
+static int admit(lp_hloop *l, hhost *h) {
+  lp_hshare *s = l->share;
+  pthread_mutex_lock(&s->mu);
+  int ok = (s->per_host <= 0 || h->sh->active < s->per_host) &&
+           (s->max_conn <= 0 || s->total < s->max_conn);
+  if (ok) {
+    h->sh->active++;
+    s->total++;
+  } else if (!l->swaiting) {
+    l->swaiting = 1;
+    l->swnext = s->waiters;
+    s->waiters = l;
+  }
+  pthread_mutex_unlock(&s->mu);
+  return ok;
+}
+
+/* Gives r's slot back and wakes the loops that found none (this one too:
+** its pump looks at unblock first). */
+static void release(lp_hloop *l, lp_hreq *r) {
+  lp_hshare *s = l->share;
+  if (!r->slot) return;
+  r->slot = 0;
+  pthread_mutex_lock(&s->mu);
+  r->host->sh->active--;
+  s->total--;
+  lp_hloop *w = s->waiters;
+  s->waiters = NULL;
+  while (w) {
+    lp_hloop *next = w->swnext;
+    w->swnext = NULL;
+    w->swaiting = 0;
+    atomic_store(&w->unblock, 1);
+    if (w != l) luapool__hloop_wakeup(w); /* (a loop leaves the list before it is freed) */
+    w = next;
+  }
+  pthread_mutex_unlock(&s->mu);
+}
+
+/* Out of the share's list of loops to wake (a loop being freed). */
+static void share_leave(lp_hloop *l) {
+  lp_hshare *s = l->share;
+  pthread_mutex_lock(&s->mu);
+  for (lp_hloop **p = &s->waiters; *p; p = &(*p)->swnext)
+    if (*p == l) {
+      *p = l->swnext;
+      break;
+    }
+  l->swaiting = 0;
+  pthread_mutex_unlock(&s->mu);
+}
+
+/* }====== */
+
 static hhost *host_get(lp_hloop *l, const char *key) {
   size_t h = hash(key);
   if (l->nbuckets) {
     for (hhost *e = l->buckets[h & (l->nbuckets - 1)]; e; e = e->next)
       if (strcmp(e->key, key) == 0) return e;
   }
+  hshost *sh = NULL;
+  if (l->share && (sh = share_host(l->share, key)) == NULL) return NULL;
   if (l->nhosts >= l->nbuckets) { /* grow: load factor 1 */
     size_t nb = l->nbuckets ? l->nbuckets * 2 : 64;
     hhost **b =
@@ -277,6 +428,7 @@ static hhost *host_get(lp_hloop *l, const char *key) {
   hhost *e = lp_calloc(1, sizeof *e + klen);
   if (e == NULL) return NULL;
   memcpy(e->key, key, klen);
+  e->sh = sh;
   e->next = l->buckets[h & (l->nbuckets - 1)];
   l->buckets[h & (l->nbuckets - 1)] = e;
   l->nhosts++;
@@ -427,6 +579,7 @@ static void detach(lp_hloop *l, lp_hreq *r) {
   }
   r->host->active--;
   l->in_flight--;
+  if (l->share) release(l, r);
   ready_push(l, r->host);
 }
 
@@ -661,6 +814,22 @@ static hshard *pick_shard(lp_hloop *l, hhost *h, int *fresh) {
   return &l->shards[least];
 }
 
+/* r reached its budget's end (end_by) before an attempt could start (it
+** waited in its host's queue for a slot): it ends as an attempt that ran
+** out of time does, in libcurl's words, having received nothing. */
+static void out_of_time(lp_hloop *l, lp_hreq *r) {
+  long ms = (long)((luapool__now() - r->added) * 1000.0);
+  r->capped = 1;
+  r->code = CURLE_OPERATION_TIMEDOUT;
+  r->status = 0;
+  r->count = 0;
+  r->blen = r->hlen = 0;
+  snprintf(r->err, sizeof r->err,
+           "%s (Operation timed out after %ld milliseconds with 0 bytes received)",
+           lc.easy_strerror(CURLE_OPERATION_TIMEDOUT), ms);
+  finish(l, r, r->end_by_task ? LP_H_DEADLINE : LP_H_FAILED);
+}
+
 /* Hands r to libcurl (the caller checked the limits), or ends it. */
 static void start(lp_hloop *l, lp_hreq *r) {
   long timeout_ms = 0;
@@ -668,10 +837,7 @@ static void start(lp_hloop *l, lp_hreq *r) {
   if (r->end_by > 0) {
     double left = r->end_by - luapool__now();
     if (left <= 0) {
-      r->capped = 1;
-      r->code = CURLE_OPERATION_TIMEDOUT;
-      snprintf(r->err, sizeof r->err, "%s", lc.easy_strerror(CURLE_OPERATION_TIMEDOUT));
-      finish(l, r, r->end_by_task ? LP_H_DEADLINE : LP_H_FAILED);
+      out_of_time(l, r);
       return;
     }
     timeout_ms = to_ms(left);
@@ -740,8 +906,24 @@ static void start(lp_hloop *l, lp_hreq *r) {
   l->in_flight++;
 }
 
-/* Starts what the limits allow, hosts round robin. */
+/* A loop of a share was told a slot freed: its blocked hosts try again. */
+static void unblock(lp_hloop *l) {
+  if (!atomic_exchange(&l->unblock, 0)) return;
+  hhost *h = l->blocked;
+  l->blocked = NULL;
+  while (h) {
+    hhost *next = h->bnext;
+    h->bnext = NULL;
+    h->in_blocked = 0;
+    ready_push(l, h);
+    h = next;
+  }
+}
+
+/* Starts what the limits allow, hosts round robin.  With a share, a host
+** whose next request finds no slot in it waits on the blocked list. */
 static void pump(lp_hloop *l) {
+  if (l->share) unblock(l);
   while (!l->closing && l->ready_h != NULL && total_room(l)) {
     hhost *h = l->ready_h;
     l->ready_h = h->rnext;
@@ -749,17 +931,39 @@ static void pump(lp_hloop *l) {
     h->in_ready = 0;
     lp_hreq *r = h->qh;
     if (r == NULL) continue; /* its waiting requests were aborted */
+    if (l->share) {
+      if (!admit(l, h)) {
+        if (!h->in_blocked) {
+          h->in_blocked = 1;
+          h->bnext = l->blocked;
+          l->blocked = h;
+        }
+        continue;
+      }
+      r->slot = 1;
+    }
     queue_unlink(r, &h->qh, &h->qt);
+    if (r->in_heap) heap_remove(l, r); /* its budget's timer (enqueue) */
     start(l, r);
+    if (r->state != R_RUNNING && l->share) release(l, r); /* (ended at once) */
     ready_push(l, h);
   }
 }
 
+/* A request that must wait for a slot waits no longer than its budget
+** (timeout, the task's deadline): a timer of the heap ends it there
+** (fire_timers), as one in flight ends, not when a slot frees. */
 static void enqueue(lp_hloop *l, lp_hreq *r) {
   r->state = R_QUEUED;
   queue_append(r, &r->host->qh, &r->host->qt);
   ready_push(l, r->host);
   pump(l);
+  if (r->state != R_QUEUED || r->end_by <= 0) return;
+  r->wake = r->end_by;
+  if (heap_push(l, r) != 0) {
+    queue_unlink(r, &r->host->qh, &r->host->qt);
+    fail(l, r, CURLE_OUT_OF_MEMORY, "not enough memory");
+  }
 }
 
 /* }====== */
@@ -866,6 +1070,7 @@ void luapool__hl_handoff(lp_hloop *l, lp_hreq *r) {
   if (r->state != R_RUNNING) {
     r->handoff = 0;
     r->nat = 1;
+    if (l->share) release(l, r);
     ready_push(l, r->host);
   }
 }
@@ -952,10 +1157,14 @@ static void fire_timers(lp_hloop *l) {
   while (l->nheap > 0 && l->heap[0]->wake <= now) {
     lp_hreq *r = l->heap[0];
     heap_remove(l, r);
-    if (r->state == R_RUNNING)
-      luapool__hn_timer(l, r); /* a native attempt's timeout */
-    else
-      enqueue(l, r);
+    if (r->state == R_RUNNING) {
+      luapool__hn_timer(l, r);         /* a native attempt's timeout */
+    } else if (r->state == R_QUEUED) { /* its budget ended while it waited for a slot */
+      queue_unlink(r, &r->host->qh, &r->host->qt);
+      out_of_time(l, r);
+    } else {
+      enqueue(l, r); /* a retry's wait ended */
+    }
   }
 }
 
@@ -1118,8 +1327,10 @@ lp_hloop *luapool__hloop_new(const lp_hloop_limits *lim, char *err, size_t errsz
     return NULL;
   }
   l->ep = l->ev = -1;
-  l->per_host = lim ? lim->per_host : 0;
-  l->max_conn = lim ? lim->max_connections : 0;
+  l->share = lim ? lim->share : NULL;
+  l->per_host = l->share ? l->share->per_host : lim ? lim->per_host : 0;
+  l->max_conn = l->share ? l->share->max_conn : lim ? lim->max_connections : 0;
+  atomic_init(&l->unblock, 0);
   l->rng = (uint64_t)(uintptr_t)l ^ (uint64_t)(luapool__now() * 1e9) ^ 0x9e3779b97f4a7c15ULL;
   if (l->rng == 0) l->rng = 1;
   l->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -1203,7 +1414,10 @@ void luapool__hloop_add(lp_hloop *l, lp_hreq *r, lp_hdone done, void *ud) {
 ** or is not the loop's (-1). */
 static int take_out(lp_hloop *l, lp_hreq *r) {
   switch (r->state) {
-    case R_QUEUED: queue_unlink(r, &r->host->qh, &r->host->qt); return 1;
+    case R_QUEUED:
+      queue_unlink(r, &r->host->qh, &r->host->qt);
+      if (r->in_heap) heap_remove(l, r);
+      return 1;
     case R_WAITING: heap_remove(l, r); return 1;
     case R_RUNNING: detach(l, r); return 1;
     case R_FINISHED: queue_unlink(r, &l->fin_h, &l->fin_t); return 0;
@@ -1330,6 +1544,7 @@ void luapool__hloop_free(lp_hloop *l) {
   l->closing = 1; /* aborting frees slots: start nothing in them */
   while (l->all)
     luapool__hloop_abort(l, l->all, "loop closed");
+  if (l->share) share_leave(l); /* no loop wakes it from here on */
   luapool__hn_free(l);
   for (int i = 0; i < l->nidle; i++)
     lc.easy_cleanup(l->idle[i]);

@@ -61,10 +61,25 @@ typedef struct lp_hloop lp_hloop;
 typedef struct lp_hreq lp_hreq;
 typedef void (*lp_hdone)(lp_hreq *r, void *ud);
 
+typedef struct lp_hshare lp_hshare;
+
 typedef struct lp_hloop_limits {
   int per_host;        /* transfers (so connections) at once per host:port; 0: no limit */
   int max_connections; /* transfers (so connections) at once in the loop; 0: no limit */
+  /* NULL: the limits are this loop's alone.  Else the loop counts its
+  ** transfers in the share too, whose limits (not the two above) bound the
+  ** transfers of all the loops made with it together. */
+  lp_hshare *share;
 } lp_hloop_limits;
+
+/* Limits shared by loops of several threads (an iopool's): at most
+** per_host transfers per host:port and max_connections in all (0: no
+** limit), counted across the loops.  A loop that finds no slot queues the
+** request (FIFO per host, as for its own limits) and is woken
+** (luapool__hloop_wakeup) when any loop frees one.  Any thread; NULL when
+** out of memory.  Free it after every loop made with it. */
+lp_hshare *luapool__hshare_new(int per_host, int max_connections);
+void luapool__hshare_free(lp_hshare *s); /* NULL: nothing */
 
 /* A request as given; luapool__hreq_new copies every string. */
 typedef struct lp_hreq_opts {
@@ -255,7 +270,10 @@ typedef struct hhost {
   int idle[MAX_SHARDS];    /* connections of this host that may sit idle, per shard's cache */
   struct lp_hreq *qh, *qt; /* FIFO of waiting requests */
   struct hconn *nidle;     /* native: idle keep-alive connections, most recent first */
-  char key[];              /* "host:port", lower case; "" when unparsable */
+  struct hshost *sh;       /* its count in the loop's share (NULL: no share) */
+  struct hhost *bnext;     /* the loop's blocked list: no slot in the share */
+  int in_blocked;
+  char key[]; /* "host:port", lower case; "" when unparsable */
 } hhost;
 
 struct lp_hreq {
@@ -279,6 +297,7 @@ struct lp_hreq {
   double wake;
   CURL *easy;
   hshard *shard;        /* while R_RUNNING */
+  int slot;             /* holds a slot of the loop's share (admit) */
   double added, end_by; /* end_by: luapool__now() time of its budget; 0: none */
   int end_by_task;      /* end_by is the task's deadline */
   int capped;           /* this attempt's timeout is what is left of end_by */
@@ -338,6 +357,15 @@ struct lp_hloop {
   atomic_int woken;
   int per_host, max_conn, closing;
   size_t in_flight, owned;
+  /* the share of the limits (NULL: none).  blocked: hosts with requests
+  ** queued that found no slot in it, retried when unblock is set (by the
+  ** loop that freed one: any thread).  swnext, swaiting: its place in the
+  ** share's list of loops to wake, under the share's mutex. */
+  struct lp_hshare *share;
+  hhost *blocked;
+  atomic_int unblock;
+  struct lp_hloop *swnext;
+  int swaiting;
   hhost **buckets;
   size_t nbuckets, nhosts;
   hhost *ready_h, *ready_t;

@@ -173,6 +173,21 @@ describe("http.get and fetch_length stop", function()
     assert.matches(": unknown option 'timout' to 'get'$", e.message)
   end)
 
+  it("fetch_length refuses an argument past its URL and timeout, wherever it runs", function()
+    -- (it was ignored; an iopool's native task ran such a call inline, blocking its loop)
+    local want = "bad argument #3 to 'fetch_length' (no value expected: it takes a URL and an optional timeout)"
+    local u = "http://127.0.0.1:1/"
+    assert.are.same({ false, want }, { pcall(K.fetch_length, u, 5, "extra") })
+    assert.are.same({ false, (want:gsub("#3", "#4")) }, { pcall(K.fetch_length, u, nil, nil, {}) })
+    local io <close> = luapool.iopool.new {}
+    assert.are.same({ false, want }, io:submit(function(url)
+      return { pcall(luapool.kernels.fetch_length, url, 5, "extra") }
+    end, u):result(20))
+    local tp <close> = luapool.threadpool.new { max_workers = 1 }
+    local e = h.result_error(tp:submit(K.fetch_length, u, 5, true), 20)
+    assert.are.same({ "task", want }, { e.kind, e.message })
+  end)
+
   it("URLs must be strings, not numbers", function()
     -- luaL_checklstring would turn 5 into "5", which libcurl reads as 0.0.0.5
     assert.are.equal("bad argument #1 to 'get' (string expected, got number)",

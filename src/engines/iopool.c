@@ -124,11 +124,6 @@ enum { K_NONE, K_CANCEL, K_INTR, K_CLOSE };
 enum { W_NONE, W_TIMER, W_REQ };
 
 #define NATIVE_MAX 4096 /* fetch_length calls a native task may batch */
-/* A fetch_length call with an argument past its URL and timeout (the
-** kernel, kernels/http.c, does not check for one yet: it should give the
-** same text). */
-#define LP_FETCH_EXTRA_ARG                                                                         \
-  "bad argument #%d to 'fetch_length' (no value expected: it takes a URL and an optional timeout)"
 
 /* One fetch_length call of a native task. */
 typedef struct io_ncall {

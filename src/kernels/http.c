@@ -253,6 +253,8 @@ int luapool__fetch_length_run(lp_kcall *c) {
                               luapool__knumfmt(a2, got, sizeof got));
     o.timeout = t;
   }
+  for (int i = 2; i < c->nargs; i++) /* (a trailing nil is no argument) */
+    if (c->args[i].type != LP_NIL) return luapool__kargmsg(c, kname, i + 1, LP_FETCH_EXTRA_WHY);
   if (luapool__interrupted(c->interrupt))
     return luapool__kerr(c, "fetch_length: %.*s: interrupted",
                          (int)(a1->u.s.len > 512 ? 512 : a1->u.s.len), a1->u.s.p);
@@ -766,6 +768,9 @@ int luapool__http_fetch_length_yield(lua_State *L) {
   lp_hreq_opts o;
   char err[512];
   memset(&o, 0, sizeof o);
+  int extra = 0; /* the first argument past URL and timeout that is not nil */
+  for (int i = lua_gettop(L); i >= 3; i--)
+    if (!lua_isnil(L, i)) extra = i;
   lua_settop(L, 2);
   /* the kernel's checks and messages (registry.c, fetch_length_run) */
   if (lua_type(L, 1) != LUA_TSTRING) {
@@ -790,6 +795,10 @@ int luapool__http_fetch_length_yield(lua_State *L) {
                       luaL_tolstring(L, 2, NULL));
       return lua_error(L);
     }
+  }
+  if (extra) {
+    lua_pushfstring(L, LP_FETCH_EXTRA_ARG, extra);
+    return lua_error(L);
   }
   if (luapool__http_thread_loop() == NULL || !lua_isyieldable(L))
     return luaL_error(L, "luapool.kernels.fetch_length: cannot yield here (inside a metamethod "

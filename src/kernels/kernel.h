@@ -106,4 +106,10 @@ const char *luapool__curl_version(void);
 void luapool__http_thread_cleanup(void);
 /* }====== */
 
+/* fetch_length takes a URL and an optional timeout: the text for an
+** argument past them (argument number %d), the same from the kernel, a
+** Lua task's yielding call and an iopool's native task. */
+#define LP_FETCH_EXTRA_WHY "no value expected: it takes a URL and an optional timeout"
+#define LP_FETCH_EXTRA_ARG "bad argument #%d to 'fetch_length' (" LP_FETCH_EXTRA_WHY ")"
+
 #endif

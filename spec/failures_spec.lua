@@ -683,6 +683,17 @@ local function wait_end(run)
   return status, h.slurp(run.out), h.slurp(run.err)
 end
 
+-- The notes once the script noted "waiting" (what: what that means, for
+-- the message if it never does).
+local function wait_waiting(run, what)
+  local n
+  wait_until(function()
+    n = read_notes(run)
+    return n.waiting
+  end, what, 20)
+  return n
+end
+
 local function cleanup(run)
   local n = read_notes(run)
   if n.main and h.alive(n.main) then os.execute("kill -9 " .. n.main) end
@@ -767,11 +778,7 @@ describe("a signal to the luapool host", function()
   it("SIGINT while a done callback runs ends the script with status 130", function()
     local run = start_host("callback")
     finally(function() cleanup(run) end)
-    local n
-    wait_until(function()
-      n = read_notes(run)
-      return n.waiting
-    end, "the callback to run", 20)
+    local n = wait_waiting(run, "the callback to run")
     os.execute("kill -INT " .. n.main)
     local status, out, err = wait_end(run)
     assert.are.equal(130, status, err)
@@ -783,11 +790,7 @@ describe("a signal to the luapool host", function()
   it("SIGINT caught in a done callback: the callbacks still owed run later, each once", function()
     local run = start_host("callback caught")
     finally(function() cleanup(run) end)
-    local n
-    wait_until(function()
-      n = read_notes(run)
-      return n.waiting
-    end, "the callback to run", 20)
+    local n = wait_waiting(run, "the callback to run")
     os.execute("kill -INT " .. n.main)
     local status, out, err = wait_end(run)
     assert.are.equal(0, status, err)
@@ -830,11 +833,7 @@ describe("a signal to the luapool host", function()
   it("SIGINT caught: a callback raising its interrupted task's error is reported, the rest run", function()
     local run = start_host("interrupted future")
     finally(function() cleanup(run) end)
-    local n
-    wait_until(function()
-      n = read_notes(run)
-      return n.waiting
-    end, "the script to wait", 20)
+    local n = wait_waiting(run, "the script to wait")
     luapool.sleep(0.2) -- (a signal before the wait begins is delivered there too)
     os.execute("kill -INT " .. n.main)
     local status, out, err = wait_end(run)

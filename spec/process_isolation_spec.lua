@@ -160,6 +160,65 @@ describe("a process task blocked in os.execute", function()
   end)
 end)
 
+describe("a process task stopped while its worker process starts", function()
+  -- A task reads as running before its process exists.  A stop in
+  -- between found no pid to kill, and the task ran on: "left running"
+  -- after the 5 s grace when the pool was collected (cli_spec, seen once
+  -- under load).  LUAPOOL_TEST_SPAWN_PAUSE holds each spawn so that the
+  -- stop lands there every time.
+  local pause = { LUAPOOL_TEST_SPAWN_PAUSE = "2" }
+
+  it("ends as interrupted on Ctrl-C, and the next task gets a new process", function()
+    local out, err, code = h.run({ "-e", [[
+      local pool <close> = processpool.new { max_workers = 1, name = "sp" }
+      local f = pool:submit(function() luapool.sleep(30) return "finished" end)
+      while not f:running() do luapool.sleep(0.005) end
+      print(pcall(os.execute, ("kill -INT %d"):format(luapool.current_worker().pid)))
+      print(f:exception(20).kind, f:exception().message)
+      print(pool:submit(function() return "next" end):result(20))]] }, nil, pause)
+    assert.are.equal(0, code, err)
+    assert.are.equal("false\tinterrupted: the script received SIGINT\n" ..
+      "interrupted\ttask #1 was interrupted: worker sp-1 was stopped before its process started\n" ..
+      "next\n", out)
+  end)
+
+  it("is interrupted, not left running, when the script ends and the pool is collected", function()
+    local out, err, code = h.run({ "-e", [[
+      local p = processpool.new { max_workers = 1 }
+      local f = p:submit(function() luapool.sleep(60) end)
+      while not f:running() do luapool.sleep(0.005) end
+      print("end of script")]] }, nil, pause)
+    assert.are.equal(0, code)
+    assert.are.equal("end of script\n", out)
+    assert.are.equal("luapool: pool 'processpool' was collected while still open: 0 queued tasks " ..
+      "cancelled, 1 running task interrupted (close it, or call shutdown(), to wait for its work)\n", err)
+  end)
+
+  it("ends as interrupted on Ctrl-C in the initializer, and the pool is not broken", function()
+    -- (it was "the initializer failed ... killed by signal 9", and broke the pool)
+    local marker = os.tmpname()
+    os.remove(marker)
+    finally(function() os.remove(marker) end)
+    local out, err, code = h.run({ "-e", ([[
+      local marker = %q
+      local pool <close> = processpool.new { max_workers = 1, name = "in", initializer = function()
+        if not io.open(marker) then
+          assert(io.open(marker, "w")):close()
+          luapool.sleep(30)
+        end
+      end }
+      local f = pool:submit(function() return "finished" end)
+      while not io.open(marker) do luapool.sleep(0.005) end
+      print(pcall(os.execute, ("kill -INT %%d"):format(luapool.current_worker().pid)))
+      print(f:exception(20).kind, (f:exception().message:gsub("pid %%d+", "pid PID")))
+      print(pool:submit(function() return "next" end):result(20))]]):format(marker) })
+    assert.are.equal(0, code, err)
+    assert.are.equal("false\tinterrupted: the script received SIGINT\n" ..
+      "interrupted\ttask #1 was interrupted: worker in-1 (pid PID) was stopped in the initializer\n" ..
+      "next\n", out)
+  end)
+end)
+
 describe("a processpool initializer", function()
   it("that outlives task_timeout kills the worker and breaks the pool", function()
     -- not <close>: before the fix, closing it would wait for ever

@@ -535,6 +535,18 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   posix_spawnattr_setsigmask(&at, &held);
   posix_spawnattr_setsigdefault(&at, &dfl);
   posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  /* LUAPOOL_TEST_SPAWN_PAUSE: seconds before each spawn, so that a spec
+  ** can stop a task while its process is being started (below). */
+  const char *pause = getenv("LUAPOOL_TEST_SPAWN_PAUSE");
+  if (pause && *pause) {
+    char *end;
+    double v = strtod(pause, &end);
+    if (*end == '\0' && v > 0 && v < 60) {
+      struct timespec ts = {(time_t)v, (long)((v - (double)(time_t)v) * 1e9)};
+      while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+      }
+    }
+  }
   char idx[16], ppid[24];
   snprintf(idx, sizeof idx, "%d", pw->w.index);
   snprintf(ppid, sizeof ppid, "%ld", (long)getpid());
@@ -552,7 +564,18 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   }
   pw->fd = sv[0];
   pw->pidfd = open_pidfd(pid); /* a child not yet reaped: pid is still ours */
+  /* The task is started before its process exists: a stop that came in
+  ** between found no pid to kill (proc_interrupt), and the task ran on
+  ** past the stop's grace ("left running", cli_spec under load).  Its
+  ** flags are set before proc_interrupt takes pidmu: either it sees this
+  ** pid, or this sees them. */
+  pthread_mutex_lock(&pw->pidmu);
   atomic_store(&pw->pid, pid);
+  if (luapool__interrupted(&pw->w.intr)) {
+    kill(pid, SIGKILL);
+    pw->killed = pid;
+  }
+  pthread_mutex_unlock(&pw->pidmu);
   pw->need_init = p->init_msg != NULL;
   pw->ntasks = 0;
   /* INIT: the script's package.path and cpath as the first task saw
@@ -642,7 +665,8 @@ static void break_pool(lp_pool *p, const char *why);
 /* Sends the initializer to a new process and waits for it, within the
 ** task's deadline when it has one (as a thread worker runs it within the
 ** deadline of its first task).  0, or -1 after failing f and breaking the
-** pool (the stream is then out of step: the caller stops). */
+** pool (the stream is then out of step: the caller stops), or after
+** failing f as interrupted when a stop killed the process meanwhile. */
 static int run_initializer(pworker *pw, lp_future *f) {
   lp_worker *w = &pw->w;
   unsigned type = 0;
@@ -670,6 +694,16 @@ static int run_initializer(pworker *pw, lp_future *f) {
     }
     lp_free(reply);
     int status = close_worker(pw, 1.0);
+    pthread_mutex_lock(&pw->pidmu);
+    int ours = pw->killed == pid;
+    pthread_mutex_unlock(&pw->pidmu);
+    if (ours && luapool__interrupted(&w->intr)) { /* a stop, not a failing initializer */
+      char label[48];
+      luapool__future_fail(f, LP_EK_INTERRUPTED,
+                           "%s was interrupted: worker %s (pid %d) was stopped in the initializer",
+                           luapool__future_label(f, label, sizeof label), w->name, (int)pid);
+      return -1;
+    }
     if (r != 0 || type != FR_REPLY) {
       char how[96];
       if (r == 0 && type == FR_OOM)
@@ -969,8 +1003,16 @@ static void proc_run(lp_worker *w, lp_future *f) {
   lp_pool *p = w->pool;
   char err[512];
   if (replace_dead_idle(pw, f) != 0) return;
-  if (atomic_load(&pw->pid) <= 0 && spawn_worker(pw, f->paths, err, sizeof err) != 0) {
-    luapool__future_fail(f, LP_EK_BROKEN, "%s", err);
+  /* A stop that came before the process was there (spawn_worker) ends the
+  ** task as interrupted, not as a worker that could not start. */
+  if (atomic_load(&pw->pid) <= 0 &&
+      (luapool__interrupted(&w->intr) || spawn_worker(pw, f->paths, err, sizeof err) != 0)) {
+    if (luapool__interrupted(&w->intr))
+      luapool__future_fail(f, LP_EK_INTERRUPTED,
+                           "%s was interrupted: worker %s was stopped before its process started",
+                           luapool__future_label(f, label, sizeof label), w->name);
+    else
+      luapool__future_fail(f, LP_EK_BROKEN, "%s", err);
     return;
   }
   if (pw->need_init && run_initializer(pw, f) != 0) return;

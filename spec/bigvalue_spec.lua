@@ -354,6 +354,97 @@ describe("a thread worker's big blocks", function()
   end)
 end)
 
+-- A thread worker whose unread results hold 8 MiB or more of its strings
+-- waits before its next task while the owner is reading (threadpool.c,
+-- pacing), and goes on when the owner blocks on a future, stops reading,
+-- or after 50 ms.  How fast is for scripts/bench; here: whatever the
+-- script does, every result arrives, exactly, and nothing stalls (a pace
+-- that waited for a read that never comes would time these out).
+describe("thread workers paced by the owner's reads of their big strings", function()
+  -- (string.rep: cheap enough to make twice per value, and still says which it is)
+  local function rmake(tag, n) return ((tag .. "|"):rep(n // (#tag + 1) + 1)):sub(1, n) end
+  local function submit_all(pool, tag, n)
+    local fs = {}
+    for i = 1, n do fs[i] = pool:submit(rmake, tag .. i, MiB) end
+    return fs
+  end
+  local function check_all(fs, tag, order)
+    for _, i in ipairs(order) do assert.is_true(fs[i]:result(60) == rmake(tag .. i, MiB), tag .. i) end
+  end
+  local function upto(n, step)
+    local t = {}
+    for i = step > 0 and 1 or n, step > 0 and n or 1, step do t[#t + 1] = i end
+    return t
+  end
+
+  it("finish every task when the owner only waits for them", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local fs = submit_all(pool, "w", 24)
+    local done = luapool.wait(fs, nil, 60)
+    assert.are.equal(24, #done)
+    check_all(fs, "w", upto(24, 1))
+  end)
+
+  it("finish every task when the owner reads a few, then computes without waiting", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local fs = submit_all(pool, "c", 24)
+    check_all(fs, "c", { 1, 2, 3 }) -- (the workers are pacing now)
+    local deadline, x = luapool.now() + 60, 0
+    local function all_done()
+      for i = 1, 24 do if not fs[i]:done() then return false end end
+      return true
+    end
+    while not all_done() and luapool.now() < deadline do
+      for j = 1, 10000 do x = x + j % 7 end -- no wait, no read
+    end
+    assert.is_true(all_done())
+    check_all(fs, "c", upto(24, 1))
+  end)
+
+  it("deliver exactly when read last first, and in order again", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local fs = submit_all(pool, "r", 24)
+    check_all(fs, "r", upto(24, -1))
+    check_all(fs, "r", upto(24, 1))
+  end)
+
+  it("deliver exactly from two pools read in turn", function()
+    local a <close> = luapool.threadpool.new { max_workers = 2 }
+    local b <close> = luapool.threadpool.new { max_workers = 1 }
+    local fa, fb = submit_all(a, "a", 16), submit_all(b, "b", 16)
+    for i = 1, 16 do
+      check_all(fa, "a", { i })
+      check_all(fb, "b", { 17 - i })
+    end
+  end)
+
+  it("let a shutdown that waits finish the tasks the owner has not read", function()
+    local pool = luapool.threadpool.new { max_workers = 2 }
+    local fs = submit_all(pool, "s", 24)
+    check_all(fs, "s", { 1, 2, 3, 4 })
+    pool:shutdown { wait = true }
+    for i = 1, 24 do assert.is_true(fs[i]:done(), "s" .. i) end
+    check_all(fs, "s", upto(24, 1))
+  end)
+
+  it("deliver exactly through map and as_completed", function()
+    local pool <close> = luapool.threadpool.new { max_workers = 2 }
+    local tags = {}
+    for i = 1, 20 do tags[i] = "m" .. i end
+    local out = pool:map(function(tag) return rmake(tag, MiB) end, tags)
+    for i = 1, 20 do assert.is_true(out[i] == rmake("m" .. i, MiB), "m" .. i) end
+    local fs = submit_all(pool, "q", 20)
+    local seen = 0
+    for f in luapool.as_completed(fs, 60) do
+      local v = f:result(0)
+      local i = math.tointeger(tonumber(v:match("^q(%d+)|")))
+      assert.is_true(v == rmake("q" .. i, MiB))
+      seen = seen + 1
+    end
+    assert.are.equal(20, seen)
+  end)
+end)
+
 describe("big strings on a processpool", function()
   it("arrive exactly (copied: no process takes another's addresses)", function()
     local pool <close> = luapool.processpool.new { max_workers = 1 }

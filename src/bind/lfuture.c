@@ -356,6 +356,7 @@ static int outcome(lua_State *L, lp_future *f, int maxvals) {
     lua_pushvalue(L, -1);
     set_extra(L, 1, X_ERROR);
   }
+  luapool__future_mark_read(f); /* its worker may go on (threadpool.c, pacing) */
   return n;
 }
 

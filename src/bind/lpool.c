@@ -564,6 +564,7 @@ static int prim_chunk_into(lua_State *L) {
   }
   lp_reader r = {NULL, NULL};
   int finished = luapool__future_state(f) == LP_FINISHED; /* each call has its outcome */
+  luapool__future_mark_read(f);                           /* (lfuture.c's outcome) */
   for (int k = 0; k < f->ncalls; k++) {
     int top = lua_gettop(L);
     if (luapool__future_outcome(L, f, &r, 1) < 0) {

@@ -221,7 +221,7 @@ void luapool__future_unref(lp_future *f) {
   drop_msg(f);
   luapool__paths_unref(f->paths);
   if (f->state == LP_FINISHED && (f->ekind & LP_RF_PINNED))
-    luapool__pins_release(f->reply, f->replylen);
+    luapool__pins_release(f->reply, f->replylen, !(f->ekind & LP_RF_READ));
   if (f->state == LP_FINISHED && f->reply != f->inline_buf) lp_free(f->reply);
   if (f->state == LP_FAILED) lp_free(f->emsg);
   lp_free(f);
@@ -308,7 +308,7 @@ static void finish(lp_future *f, char *reply, size_t len, int copy, int pinned) 
   if (copy && !inl) {
     if ((own = lp_malloc(len)) == NULL) {
       luapool__future_fail(f, LP_EK_TRANSFER, "no memory for the reply (%zu bytes)", len);
-      if (pinned) luapool__pins_release(reply, len);
+      if (pinned) luapool__pins_release(reply, len, 1);
       return;
     }
     memcpy(own, reply, len);
@@ -331,7 +331,7 @@ static void finish(lp_future *f, char *reply, size_t len, int copy, int pinned) 
   }
   unlock(f);
   /* lost a race (already failed elsewhere): its pins go with it */
-  if (pinned) luapool__pins_release(own ? own : reply, len);
+  if (pinned) luapool__pins_release(own ? own : reply, len, 1);
   lp_free(own); /* copied inline, or lost that race */
 }
 
@@ -352,15 +352,109 @@ void luapool__pinned_unref(lp_pinned *p) {
   lp_free(p);
 }
 
-void luapool__pins_release(const char *reply, size_t len) {
+/* {====== pacing (future.h): one for the process, since the owner reads
+** the results of every pool.  Wake protocol: a waiter counts itself in
+** `waiting` under mu, then checks the counters, then waits; a read (or a
+** block) bumps its counter, then, seeing a waiter, takes mu to broadcast:
+** either the waiter sees the new count or the broadcast comes after it
+** waits (all seq_cst). */
+static struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  atomic_int waiting;
+  atomic_uint_fast64_t reads, blocks;
+  _Atomic double last;
+  int cv_ok; /* cv is on the monotonic clock (pace_init) */
+} pace = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static pthread_once_t pace_once = PTHREAD_ONCE_INIT;
+
+static void pace_init(void) { pace.cv_ok = luapool__cond_init(&pace.cv) == 0; }
+
+static void deadline_in(struct timespec *dl, double timeout);
+
+static void pace_wake(void) {
+  if (atomic_load(&pace.waiting) == 0) return;
+  pthread_mutex_lock(&pace.mu);
+  pthread_cond_broadcast(&pace.cv);
+  pthread_mutex_unlock(&pace.mu);
+}
+
+void luapool__pace_mark(lp_pace_mark *m) {
+  m->reads = atomic_load(&pace.reads);
+  m->blocks = atomic_load(&pace.blocks);
+}
+
+double luapool__pace_last(void) { return atomic_load_explicit(&pace.last, memory_order_relaxed); }
+
+int luapool__pace_wait(const lp_pace_mark *m, double deadline) {
+  pthread_once(&pace_once, pace_init);
+  if (!pace.cv_ok) return 0; /* (no such wait, then: the worker goes on) */
+  pthread_mutex_lock(&pace.mu);
+  atomic_fetch_add(&pace.waiting, 1);
+  int r = 0;
+  struct timespec dl = {0, 0};
+  double left = deadline - luapool__now();
+  if (left > 0) deadline_in(&dl, left);
+  while (left > 0) {
+    if (atomic_load(&pace.reads) != m->reads) {
+      r = 1;
+      break;
+    }
+    if (atomic_load(&pace.blocks) != m->blocks ||
+        pthread_cond_timedwait(&pace.cv, &pace.mu, &dl) == ETIMEDOUT)
+      break;
+  }
+  atomic_fetch_sub(&pace.waiting, 1);
+  pthread_mutex_unlock(&pace.mu);
+  return r;
+}
+
+/* The owner is about to block on a future: it reads nothing meanwhile. */
+static void pace_block(void) {
+  if (atomic_load(&pace.waiting) == 0) return;
+  atomic_fetch_add(&pace.blocks, 1);
+  pace_wake();
+}
+
+/* Calls fn on each pin listed at the end of reply[0..len). */
+static void each_pin(const char *reply, size_t len, void (*fn)(lp_pinned *p, int unread),
+                     int unread) {
   uint64_t n;
   memcpy(&n, reply + len - 8, 8);
   const char *at = reply + len - 8 - n * sizeof(lp_pinref);
   for (uint64_t i = 0; i < n; i++) {
     lp_pinref r;
     memcpy(&r, at + i * sizeof r, sizeof r);
-    luapool__pinned_unref(r.p);
+    fn(r.p, unread);
   }
+}
+
+static void drop_pin(lp_pinned *p, int unread) {
+  if (unread) atomic_fetch_sub_explicit(&p->unread, 1, memory_order_relaxed);
+  luapool__pinned_unref(p);
+}
+
+static void read_pin(lp_pinned *p, int unread) {
+  (void)unread;
+  atomic_fetch_sub_explicit(&p->unread, 1, memory_order_relaxed);
+}
+
+/* }====== */
+
+void luapool__pins_release(const char *reply, size_t len, int unread) {
+  each_pin(reply, len, drop_pin, unread);
+}
+
+void luapool__future_mark_read(lp_future *f) {
+  if (f->state != LP_FINISHED || (f->ekind & (LP_RF_PINNED | LP_RF_READ)) != LP_RF_PINNED) return;
+  lock(f); /* (a worker may read ekind: luapool__future_unref) */
+  f->ekind |= LP_RF_READ;
+  unlock(f);
+  each_pin(f->reply, f->replylen, read_pin, 1);
+  atomic_store_explicit(&pace.last, luapool__now(), memory_order_relaxed);
+  atomic_fetch_add(&pace.reads, 1);
+  pace_wake();
 }
 
 int luapool__future_pinned(const lp_future *f) {
@@ -503,6 +597,7 @@ int luapool__future_wait(lp_future *f, double timeout) {
   int task = in_task();
   stripe *s = stripe_of(f); /* see "striped locks" */
   pthread_mutex_lock(&s->mu);
+  if (!is_done(f->state)) pace_block(); /* (under the stripe: pace.mu comes after) */
   f->nwaiters++;
   int r = 0, sig = 0, stop = 0;
   while (!is_done(f->state) && r != ETIMEDOUT && !(sig = signal_pending()) &&
@@ -596,6 +691,7 @@ void luapool__cq_watch(lp_wnode *n) {
 int luapool__cq_wait(lp_cq *q, double timeout, double start, lp_wnode **out) {
   int task = in_task();
   pthread_mutex_lock(&q->mu);
+  if (q->head == NULL) pace_block();
   int r = 0;
   while (q->head == NULL && r != ETIMEDOUT) {
     if (signal_pending()) { /* the caller raises, with no lock held */

@@ -152,7 +152,8 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
 ** lets the decoder take the pointers (lfuture.c). */
 typedef struct lp_pinned {
   atomic_int refs;
-  const char *s; /* the string's bytes (len of them) */
+  atomic_int unread; /* replies holding it that the owner has not read */
+  const char *s;     /* the string's bytes (len of them) */
   size_t len;
   void *block;            /* the string's memory, once its state closed */
   int big;                /* block is a big block (base/alloc.h), else malloc's */
@@ -165,15 +166,38 @@ typedef struct lp_pinref {
 /* Drops a reference; the last one frees p (and its block). */
 void luapool__pinned_unref(lp_pinned *p);
 #define LP_RF_PINNED 1u
+/* The owner has read the reply (luapool__future_mark_read). */
+#define LP_RF_READ 2u
 /* luapool__future_finish for a reply whose last bytes list its pins
 ** (each an lp_pinref, then their count as a u64): f takes their
 ** references, and drops them when it is freed (or at once when it
 ** does not keep the reply). */
 void luapool__future_finish_pinned(lp_future *f, char *reply, size_t len, int copy);
-/* Drops the references of the pins listed at the end of reply[0..len). */
-void luapool__pins_release(const char *reply, size_t len);
+/* Drops the references of the pins listed at the end of reply[0..len)
+** (and their unread marks when `unread`: a reply never read). */
+void luapool__pins_release(const char *reply, size_t len, int unread);
 /* Does f's reply refer to pinned strings (so may its decoder read them)? */
 int luapool__future_pinned(const lp_future *f);
+/* The owner has read f's reply (the first time counts): its pinned
+** strings no longer count as unread for their worker's pacing (below).
+** A no-op for any other future.  Owner only. */
+void luapool__future_mark_read(lp_future *f);
+
+/* Pacing: a thread worker whose big results the owner has not read yet
+** waits before its next task while the owner is reading others, rather
+** than run so far ahead that each copy comes from memory no cache holds
+** (docs/performance.md, "big strings"; threadpool.c decides when).
+** A mark is what the worker saw; the wait ends at a read after it (of
+** any pinned reply), at the owner's next blocking wait on a future (it
+** reads nothing then), or at the deadline: 1 a read, 0 otherwise. */
+typedef struct lp_pace_mark {
+  uint_fast64_t reads, blocks;
+} lp_pace_mark;
+void luapool__pace_mark(lp_pace_mark *m);
+/* The time of the owner's last read of a pinned reply (luapool__now), 0
+** before the first. */
+double luapool__pace_last(void);
+int luapool__pace_wait(const lp_pace_mark *m, double deadline);
 /* }====== */
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

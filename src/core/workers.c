@@ -81,6 +81,7 @@ static void *worker_main(void *arg) {
       atomic_store(&w->busy, 0);
     }
     luapool__future_unref(f);
+    if (ops->pace) ops->pace(w);
     /* p->broken is written once, under the lock, before the queue is
     ** failed; a task taken before that still runs, which is harmless. */
   }

@@ -54,6 +54,9 @@ struct lp_worker_ops {
   int (*start)(lp_worker *w);
   /* The worker's own thread: runs f (started) and settles it. */
   void (*run)(lp_worker *w, lp_future *f);
+  /* The worker's own thread, after each task, before it takes the next
+  ** (NULL: none): it may wait there (pacing, threadpool.c). */
+  void (*pace)(lp_worker *w);
   /* The worker's own thread, after its last task. */
   void (*stop)(lp_worker *w);
   /* Stops the running task now: only a signal or a kill, since it is

@@ -19,6 +19,7 @@
 #include "core/future.h"
 #include "kernels/kernel.h" /* luapool__http_thread_cleanup */
 #include "base/stop.h"
+#include "base/util.h"
 #include "worker/worker.h"
 #include "worker/wstate.h"
 
@@ -143,6 +144,38 @@ static void thread_run(lp_worker *w, lp_future *f) {
   }
 }
 
+/* Pacing (core/future.h).  A worker whose results the owner has not read
+** yet hold PACE_HELD bytes or more of its strings waits before its next
+** task while the owner is reading results (it read one in the last
+** PACE_QUIET seconds), waking at each read to look again.  On two cores,
+** two workers that ran up to 40 results ahead made each of the owner's
+** copies come from memory no cache held, on a CPU the workers took, and
+** faulted in fresh huge pages for the backlog: two workers were slower
+** than one (docs/performance.md, session 26: 143-163 us a 1 MiB string
+** paced, 218-239 not).  It goes on when the owner stops reading
+** (PACE_QUIET without a read: 0.5 ms was too short, a descheduled owner
+** leaves gaps of a millisecond), blocks on a future (it waits for this
+** work, or for nothing it reads), when its task is stopped, and after
+** PACE_MAX in any case, so no script can stall a pool: only results it
+** reads slowly slow it. */
+#define PACE_HELD  ((size_t)8 << 20)
+#define PACE_QUIET 0.002
+#define PACE_MAX   0.05
+
+static void thread_pace(lp_worker *w) {
+  tworker *t = (tworker *)w;
+  double start = 0;
+  while (t->pins.live) {
+    lp_pace_mark m;
+    luapool__pace_mark(&m); /* before the look: a read after it ends the wait */
+    if (luapool__pins_sweep(&t->ws) < PACE_HELD || luapool__interrupted(&w->intr)) return;
+    double now = luapool__now(), until = luapool__pace_last() + PACE_QUIET;
+    if (start == 0) start = now;
+    if (until > start + PACE_MAX) until = start + PACE_MAX;
+    if (now >= until || !luapool__pace_wait(&m, until)) return;
+  }
+}
+
 /* From another thread: makes the running Lua code notice the stop (the
 ** interrupt block says which).  Called only while the thread is not joined. */
 static void thread_interrupt(lp_worker *w) { pthread_kill(w->thread, LUAPOOL_STOP_SIGNAL); }
@@ -166,6 +199,7 @@ static const lp_worker_ops thread_ops = {
     .watchdog = 1,
     .start = thread_start,
     .run = thread_run,
+    .pace = thread_pace,
     .stop = thread_stop,
     .interrupt = thread_interrupt,
 };

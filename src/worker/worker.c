@@ -373,6 +373,7 @@ static int pin_string(void *ud, lua_State *L, int idx, const char *s, size_t len
     }
     lua_pop(L, 1);
     atomic_init(&p->refs, 1); /* the state's */
+    atomic_init(&p->unread, 0);
     p->s = s;
     p->len = len;
     p->block = NULL;
@@ -381,6 +382,7 @@ static int pin_string(void *ud, lua_State *L, int idx, const char *s, size_t len
     w->live = p;
   }
   atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed); /* the reply's */
+  atomic_fetch_add_explicit(&p->unread, 1, memory_order_relaxed);
   lp_pinref r = {p};
   memcpy(w->cur.p + w->cur.len, &r, sizeof r);
   w->cur.len += sizeof r;
@@ -393,12 +395,12 @@ static void set_pin(lp_encode_ctx *ctx, lp_wstate *ws) {
   ctx->pin_ud = ws;
 }
 
-void luapool__pins_sweep(lp_wstate *ws) {
+size_t luapool__pins_sweep(lp_wstate *ws) {
   lp_wpins *w = ws->pins;
-  if (w == NULL || w->live == NULL) return;
+  if (w == NULL || w->live == NULL) return 0;
   lua_State *L = ws->L; /* (live strings: the state exists) */
   /* (between tasks the stack is empty: the two slots are there) */
-  size_t freed = 0;
+  size_t freed = 0, held = 0;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &PINS_KEY);
   for (lp_pinned **pp = &w->live; *pp;) {
     lp_pinned *p = *pp;
@@ -411,6 +413,7 @@ void luapool__pins_sweep(lp_wstate *ws) {
       *pp = p->next;
       lp_free(p);
     } else {
+      if (atomic_load_explicit(&p->unread, memory_order_relaxed) > 0) held += p->len;
       pp = &p->next;
     }
   }
@@ -424,6 +427,7 @@ void luapool__pins_sweep(lp_wstate *ws) {
   ** stopped). */
   if (freed >= LP_PIN_MIN && lua_gc(L, LUA_GCISRUNNING))
     lua_gc(L, LUA_GCSTEP, freed >> 10 < (size_t)INT_MAX ? (int)(freed >> 10) : INT_MAX);
+  return held;
 }
 
 int luapool__pins_seal(lp_wstate *ws, lp_buf *out) {
@@ -444,6 +448,7 @@ void luapool__pins_drop(lp_wstate *ws) {
   for (size_t i = 0; i < w->cur.len; i += sizeof(lp_pinref)) {
     lp_pinref r;
     memcpy(&r, w->cur.p + i, sizeof r);
+    atomic_fetch_sub_explicit(&r.p->unread, 1, memory_order_relaxed);
     luapool__pinned_unref(r.p); /* (never the last: the state holds one) */
   }
   w->cur.len = 0;

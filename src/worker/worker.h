@@ -25,8 +25,9 @@ typedef struct lp_wpins {
   struct lp_pinned *live; /* anchored in the state (a registry table) */
   lp_buf cur;             /* the lp_pinned * of the reply being built */
 } lp_wpins;
-/* Unanchors the strings no reply holds any more: before each task. */
-void luapool__pins_sweep(lp_wstate *ws);
+/* Unanchors the strings no reply holds any more: before each task.
+** Returns the bytes of those in replies the owner has not read yet. */
+size_t luapool__pins_sweep(lp_wstate *ws);
 /* The reply in out is to be handed over: appends its pins (each
 ** lp_pinref, then their count as a u64) for
 ** luapool__future_finish_pinned.  1 it has pins, 0 none (out as it

@@ -206,3 +206,40 @@ describe("signals on the host", function()
     assert.are.equal("", table.concat(wrong, "\n"))
   end)
 end)
+
+describe("Ctrl-C in a pool's initializer", function()
+  if os.getenv("LUAPOOL_SANITIZER") == "tsan" then
+    it("is not run under tsan", function() pending("signals are deferred under tsan") end)
+    return
+  end
+  -- It broke the pool ("the initializer failed in worker in-1: interrupted:
+  -- Ctrl-C") and every later task failed broken; processpools: the same,
+  -- spec/process_isolation_spec.lua.
+  for _, kind in ipairs { "threadpool", "iopool" } do
+    it("ends the task as interrupted on a " .. kind .. ", which runs it again for the next", function()
+      local marker = os.tmpname()
+      os.remove(marker)
+      finally(function() os.remove(marker) end)
+      local out, err, code = h.run({ "-e", ([[
+        local marker = %q
+        local pool <close> = %s.new { max_workers = 1, name = "in", initializer = function()
+          _G.RUNS = (_G.RUNS or 0) + 1
+          if not io.open(marker) then
+            assert(io.open(marker, "w")):close()
+            luapool.sleep(30)
+          end
+        end }
+        local f = pool:submit(function() return "finished" end)
+        while not io.open(marker) do luapool.sleep(0.005) end
+        -- (from the background: system() ignores SIGINT while its command runs)
+        os.execute(("(sleep 0.2; kill -INT %%d) &"):format(luapool.current_worker().pid))
+        print(pcall(f.exception, f, 20))
+        print(f:exception(20).kind, f:exception().message)
+        print(pool:submit(function() return "next", _G.RUNS end):result(20))]]):format(marker, kind) })
+      assert.are.equal(0, code, err)
+      assert.are.equal("false\tinterrupted: the script received SIGINT\n" ..
+        "interrupted\ttask #1 was interrupted in worker in-1, in the pool's initializer\n" ..
+        "next\t2\n", out)
+    end)
+  end
+end)

@@ -816,7 +816,8 @@ static int run_inline(ioloop *lp, const char *msg, size_t len, double timeout, u
 }
 
 /* Runs the pool's initializer once, before the loop's first task.  0, or
-** -1 after breaking the pool and failing f. */
+** -1 after breaking the pool and failing f (or failing f as interrupted,
+** when a stop cut the initializer short). */
 static int loop_init(ioloop *lp, lp_future *f) {
   lp_pool *p = lp->p;
   lp->initialized = 1;
@@ -828,6 +829,16 @@ static int loop_init(ioloop *lp, lp_future *f) {
     snprintf(err, sizeof err, "not enough memory");
   else if (luapool__reply_failed(lp->out.p, lp->out.len, err, sizeof err) == 0)
     return 0;
+  else if (stopped || atomic_load(&lp->closing_intr)) {
+    /* Ctrl-C or a closing stop, not an initializer that failed: the pool
+    ** is not broken, and the next task runs the initializer again. */
+    char label[48];
+    lp->initialized = 0;
+    luapool__future_fail(f, LP_EK_INTERRUPTED,
+                         "%s was interrupted in worker %s, in the pool's initializer",
+                         luapool__future_label(f, label, sizeof label), lp->name);
+    return -1;
+  }
   snprintf(why, sizeof why, "the initializer failed in worker %s: %s", lp->name, err);
   luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
   luapool__pool_break(p, why);

@@ -571,6 +571,7 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   ** pid, or this sees them. */
   pthread_mutex_lock(&pw->pidmu);
   atomic_store(&pw->pid, pid);
+  pw->killed = 0; /* (a reused pid is not the one a stop killed) */
   if (luapool__interrupted(&pw->w.intr)) {
     kill(pid, SIGKILL);
     pw->killed = pid;
@@ -973,10 +974,14 @@ static int replace_dead_idle(pworker *pw, lp_future *f) {
   lp_worker *w = &pw->w;
   lp_pool *p = w->pool;
   pid_t pid = atomic_load(&pw->pid);
-  if (pid <= 0 || !worker_exited(pw)) return 0;
+  if (pid <= 0) return 0;
   pthread_mutex_lock(&pw->pidmu);
   int ours = pw->killed == pid; /* a stop's kill (Ctrl-C, a closing pool): no crash */
   pthread_mutex_unlock(&pw->pidmu);
+  /* Killed by a stop, it is reaped even before it ended (the kill makes
+  ** that quick): one still tearing down its heap took the next task and
+  ** died under it, "crashed" (helper-46, a Ctrl-C between two tasks). */
+  if (!ours && !worker_exited(pw)) return 0;
   int status = close_worker(pw, 1.0);
   char label[48];
   /* The stop was aimed at f itself: taken, then killed before it was sent. */

@@ -71,7 +71,8 @@ static int thread_start(lp_worker *w) {
 }
 
 /* Runs the pool's initializer once, before the worker's first task.
-** Returns 0, or -1 after breaking the pool and failing f. */
+** Returns 0, or -1 after breaking the pool and failing f (or failing f as
+** interrupted, when a stop cut the initializer short). */
 static int thread_init(tworker *t, lp_future *f) {
   lp_pool *p = t->w.pool;
   t->initialized = 1;
@@ -85,6 +86,18 @@ static int thread_init(tworker *t, lp_future *f) {
     snprintf(err, sizeof err, "not enough memory");
   else if (luapool__reply_failed(t->out.p, t->out.len, err, sizeof err) == 0)
     return 0;
+  else if (atomic_load(&t->w.intr.closing) ||
+           (atomic_load(&t->w.intr.kill_seq) == atomic_load(&t->w.intr.seq) &&
+            atomic_load(&t->w.intr.reason) == LP_STOP_SIGNAL)) {
+    /* Ctrl-C or a closing stop, not an initializer that failed: the pool
+    ** is not broken, and the next task runs the initializer again. */
+    char label[48];
+    t->initialized = 0;
+    luapool__future_fail(f, LP_EK_INTERRUPTED,
+                         "%s was interrupted in worker %s, in the pool's initializer",
+                         luapool__future_label(f, label, sizeof label), t->w.name);
+    return -1;
+  }
   snprintf(why, sizeof why, "the initializer failed in worker %s: %s", t->w.name, err);
   luapool__future_fail(f, LP_EK_BROKEN, "%s", why);
   luapool__pool_break(p, why);

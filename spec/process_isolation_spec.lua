@@ -195,31 +195,7 @@ describe("a process task stopped while its worker process starts", function()
     assert.are.equal("luapool: pool 'processpool' was collected while still open: 0 queued tasks " ..
       "cancelled, 1 running task interrupted (close it, or call shutdown(), to wait for its work)\n", err)
   end)
-
-  it("ends as interrupted on Ctrl-C in the initializer, and the pool is not broken", function()
-    -- (it was "the initializer failed ... killed by signal 9", and broke the pool)
-    local marker = os.tmpname()
-    os.remove(marker)
-    finally(function() os.remove(marker) end)
-    local out, err, code = h.run({ "-e", ([[
-      local marker = %q
-      local pool <close> = processpool.new { max_workers = 1, name = "in", initializer = function()
-        if not io.open(marker) then
-          assert(io.open(marker, "w")):close()
-          luapool.sleep(30)
-        end
-      end }
-      local f = pool:submit(function() return "finished" end)
-      while not io.open(marker) do luapool.sleep(0.005) end
-      os.execute(("(sleep 0.2; kill -INT %%d) &"):format(luapool.current_worker().pid))
-      print(pcall(f.exception, f, 20))
-      print(f:exception(20).kind, (f:exception().message:gsub("pid %%d+", "pid PID")))
-      print(pool:submit(function() return "next" end):result(20))]]):format(marker) })
-    assert.are.equal(0, code, err)
-    assert.are.equal("false\tinterrupted: the script received SIGINT\n" ..
-      "interrupted\ttask #1 was interrupted: worker in-1 (pid PID) was stopped in the initializer\n" ..
-      "next\n", out)
-  end)
+  -- (Ctrl-C in the initializer: spec/signals_spec.lua, for every pool)
 end)
 
 describe("a processpool initializer", function()

@@ -362,10 +362,11 @@ static struct {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   atomic_int waiting;
+  atomic_int blocked; /* owner waits on a future now (a level: one begun before a mark counts) */
   atomic_uint_fast64_t reads, blocks;
   _Atomic double last;
-  int cv_ok; /* cv is on the monotonic clock (pace_init) */
-} pace = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+  int cv_ok;                                /* cv is on the monotonic clock (pace_init) */
+} pace = {.mu = PTHREAD_MUTEX_INITIALIZER}; /* (cv: pace_init, before any wait) */
 
 static pthread_once_t pace_once = PTHREAD_ONCE_INIT;
 
@@ -401,7 +402,7 @@ int luapool__pace_wait(const lp_pace_mark *m, double deadline) {
       r = 1;
       break;
     }
-    if (atomic_load(&pace.blocks) != m->blocks ||
+    if (atomic_load(&pace.blocked) > 0 || atomic_load(&pace.blocks) != m->blocks ||
         pthread_cond_timedwait(&pace.cv, &pace.mu, &dl) == ETIMEDOUT)
       break;
   }
@@ -410,11 +411,21 @@ int luapool__pace_wait(const lp_pace_mark *m, double deadline) {
   return r;
 }
 
-/* The owner is about to block on a future: it reads nothing meanwhile. */
-static void pace_block(void) {
-  if (atomic_load(&pace.waiting) == 0) return;
+/* The owner is about to block on a future (it reads nothing meanwhile),
+** or stops a pool: the pacers go on.  The level (blocked) ends waits
+** that begin while it blocks; the count and the wake end those already
+** waiting.  (blocked++ then a load of waiting, against waiting++ then a
+** load of blocked: one of the two sees the other.) */
+static void pace_block(int delta) {
+  atomic_fetch_add(&pace.blocked, delta);
+  if (delta < 0 || atomic_load(&pace.waiting) == 0) return;
   atomic_fetch_add(&pace.blocks, 1);
   pace_wake();
+}
+
+void luapool__pace_kick(void) {
+  pace_block(1);
+  pace_block(-1);
 }
 
 /* Calls fn on each pin listed at the end of reply[0..len). */
@@ -448,7 +459,7 @@ void luapool__pins_release(const char *reply, size_t len, int unread) {
 
 void luapool__future_mark_read(lp_future *f) {
   if (f->state != LP_FINISHED || (f->ekind & (LP_RF_PINNED | LP_RF_READ)) != LP_RF_PINNED) return;
-  lock(f); /* (a worker may read ekind: luapool__future_unref) */
+  lock(f); /* (cheap; a worker reads ekind only at the last unref, after the owner's) */
   f->ekind |= LP_RF_READ;
   unlock(f);
   each_pin(f->reply, f->replylen, read_pin, 1);
@@ -597,13 +608,18 @@ int luapool__future_wait(lp_future *f, double timeout) {
   int task = in_task();
   stripe *s = stripe_of(f); /* see "striped locks" */
   pthread_mutex_lock(&s->mu);
-  if (!is_done(f->state)) pace_block(); /* (under the stripe: pace.mu comes after) */
+  /* Waiting for a task no worker runs yet: a pacing worker may be the one
+  ** it waits for (pace_block).  Not for a running one: the workers that
+  ** pace then are ahead of it, and going on would put them further ahead. */
+  int blocks = timeout != 0 && f->state == LP_PENDING;
+  if (blocks) pace_block(1); /* (under the stripe: pace.mu comes after) */
   f->nwaiters++;
   int r = 0, sig = 0, stop = 0;
   while (!is_done(f->state) && r != ETIMEDOUT && !(sig = signal_pending()) &&
          !(stop = task && task_stopped()))
     r = wait_slice(&s->cv, &s->mu, timeout, start, task);
   f->nwaiters--;
+  if (blocks) pace_block(-1);
   int done = is_done(f->state);
   pthread_mutex_unlock(&s->mu);
   return done ? 1 : sig ? -1 : stop ? -2 : 0;
@@ -691,19 +707,23 @@ void luapool__cq_watch(lp_wnode *n) {
 int luapool__cq_wait(lp_cq *q, double timeout, double start, lp_wnode **out) {
   int task = in_task();
   pthread_mutex_lock(&q->mu);
-  if (q->head == NULL) pace_block();
+  int blocks = timeout != 0 && q->head == NULL;
+  if (blocks) pace_block(1);
   int r = 0;
   while (q->head == NULL && r != ETIMEDOUT) {
     if (signal_pending()) { /* the caller raises, with no lock held */
+      if (blocks) pace_block(-1);
       pthread_mutex_unlock(&q->mu);
       return -1;
     }
     if (task && task_stopped()) {
+      if (blocks) pace_block(-1);
       pthread_mutex_unlock(&q->mu);
       return -2;
     }
     r = wait_slice(&q->cv, &q->mu, timeout, start, task);
   }
+  if (blocks) pace_block(-1);
   lp_wnode *n = q->head;
   if (n) {
     q->head = n->qnext;

@@ -198,6 +198,8 @@ void luapool__pace_mark(lp_pace_mark *m);
 ** before the first. */
 double luapool__pace_last(void);
 int luapool__pace_wait(const lp_pace_mark *m, double deadline);
+/* A pool stops: the pacers go on at once (nothing will be read). */
+void luapool__pace_kick(void);
 /* }====== */
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

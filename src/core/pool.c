@@ -355,6 +355,7 @@ int luapool__pool_stop(lp_pool *p, int wait, int cancel, int interrupt, lp_stop_
   size_t running = atomic_load(&p->c_running);
   ncancelled += end_list(cancelled, NULL);
   if (counts) *counts = (lp_stop_counts){ncancelled, interrupt ? running : 0};
+  luapool__pace_kick(); /* (its workers may be pacing: future.h) */
   return p->eng->stop(p, interrupt, wait);
 }
 

@@ -167,8 +167,9 @@ static void thread_run(lp_worker *w, lp_future *f) {
 ** than one (docs/performance.md, session 26: 143-163 us a 1 MiB string
 ** paced, 218-239 not).  It goes on when the owner stops reading
 ** (PACE_QUIET without a read: 0.5 ms was too short, a descheduled owner
-** leaves gaps of a millisecond), blocks on a future (it waits for this
-** work, or for nothing it reads), when its task is stopped, and after
+** leaves gaps of a millisecond), blocks on a future no worker runs (it
+** may be this one's next: future.c, pace_block), a pool stops, its task
+** is stopped, and after
 ** PACE_MAX in any case, so no script can stall a pool: only results it
 ** reads slowly slow it. */
 #define PACE_HELD  ((size_t)8 << 20)

@@ -583,8 +583,10 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   ** them, so require works alike. */
   lp_buf b = {0}, hb = {0};
   pw->paths_gen = paths->gen;
-  int bad = luapool__wire_hello(&hb) || write_frame(pw->fd, pw->pidfd, FR_HELLO, hb.p, hb.len) ||
-            put_paths(&b, paths) || luapool__put_u32(&b, (uint32_t)config_of(p)->max_memory_mb) ||
+  int said =
+      luapool__wire_hello(&hb) == 0 && write_frame(pw->fd, pw->pidfd, FR_HELLO, hb.p, hb.len) == 0;
+  int bad = !said || put_paths(&b, paths) ||
+            luapool__put_u32(&b, (uint32_t)config_of(p)->max_memory_mb) ||
             luapool__put_u32(&b, pw->shmfd >= 0) ||
             write_frame(pw->fd, pw->pidfd, FR_INIT, b.p, b.len);
   luapool__buf_free(&b);
@@ -592,9 +594,13 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   unsigned type = 0;
   char *ready = NULL;
   size_t len = 0;
-  if (!bad && wait_worker(pw, luapool__now() + START_TIMEOUT) == 1 &&
+  /* Read even when INIT could not be sent: a worker of another build
+  ** answers HELLO with FR_REFUSE and exits, and when this thread was slow
+  ** to send INIT (a loaded machine) its send fails, while the refusal
+  ** waits on the socket (options_spec, once in CI). */
+  if (said && wait_worker(pw, luapool__now() + START_TIMEOUT) == 1 &&
       read_frame(pw->fd, pw->pidfd, &pw->in, &type, &ready, &len) == 0) {
-    bad = type != FR_READY;
+    bad = bad || type != FR_READY;
   } else {
     bad = 1;
   }

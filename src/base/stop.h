@@ -29,6 +29,18 @@ static inline int luapool__interrupted(const lp_interrupt *i) {
                            atomic_load_explicit(&i->seq, memory_order_relaxed));
 }
 
+/* The running task was stopped by Ctrl-C (not by its deadline). */
+static inline int luapool__signal_stopped(const lp_interrupt *i) {
+  return atomic_load(&i->kill_seq) == atomic_load(&i->seq) &&
+         atomic_load(&i->reason) == LP_STOP_SIGNAL;
+}
+
+/* The running task was stopped as a whole: the pool closes, or Ctrl-C.
+** Not a failure of the task's own, so nothing is broken by it. */
+static inline int luapool__stopped_whole(const lp_interrupt *i) {
+  return atomic_load(&i->closing) || luapool__signal_stopped(i);
+}
+
 /* Ctrl-C stops the task running now, whichever call of it runs: kill_seq
 ** follows seq until seq holds still, and a call that takes a new number
 ** meanwhile (luapool__stop_renumber) carries a signal stop over, so no

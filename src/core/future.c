@@ -709,27 +709,23 @@ int luapool__cq_wait(lp_cq *q, double timeout, double start, lp_wnode **out) {
   pthread_mutex_lock(&q->mu);
   int blocks = timeout != 0 && q->head == NULL;
   if (blocks) pace_block(1);
-  int r = 0;
+  int r = 0, cut = 0; /* -1: a signal, -2: the task stopped; the caller raises, unlocked */
   while (q->head == NULL && r != ETIMEDOUT) {
-    if (signal_pending()) { /* the caller raises, with no lock held */
-      if (blocks) pace_block(-1);
-      pthread_mutex_unlock(&q->mu);
-      return -1;
-    }
-    if (task && task_stopped()) {
-      if (blocks) pace_block(-1);
-      pthread_mutex_unlock(&q->mu);
-      return -2;
-    }
+    if (signal_pending())
+      cut = -1;
+    else if (task && task_stopped())
+      cut = -2;
+    if (cut) break;
     r = wait_slice(&q->cv, &q->mu, timeout, start, task);
   }
   if (blocks) pace_block(-1);
-  lp_wnode *n = q->head;
+  lp_wnode *n = cut ? NULL : q->head;
   if (n) {
     q->head = n->qnext;
     if (q->head == NULL) q->tail = NULL;
   }
   pthread_mutex_unlock(&q->mu);
+  if (cut) return cut;
   *out = n;
   return n != NULL;
 }

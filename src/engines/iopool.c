@@ -810,8 +810,7 @@ static int run_inline(ioloop *lp, const char *msg, size_t len, double timeout, u
   int st = luapool__run_message(ws, msg, len, &lp->out);
   luapool__set_task_state(NULL);
   ws->deadline = 0;
-  *stopped = atomic_load(&lp->intr.kill_seq) == atomic_load(&lp->intr.seq) &&
-             atomic_load(&lp->intr.reason) == LP_STOP_SIGNAL;
+  *stopped = luapool__signal_stopped(&lp->intr);
   return st;
 }
 

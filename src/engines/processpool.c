@@ -991,9 +991,7 @@ static int replace_dead_idle(pworker *pw, lp_future *f) {
   int status = close_worker(pw, 1.0);
   char label[48];
   /* The stop was aimed at f itself: taken, then killed before it was sent. */
-  if (ours && (atomic_load(&w->intr.closing) ||
-               (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
-                atomic_load(&w->intr.reason) == LP_STOP_SIGNAL))) {
+  if (ours && luapool__stopped_whole(&w->intr)) {
     luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted: worker %s (pid %d) was stopped",
                          luapool__future_label(f, label, sizeof label), w->name, (int)pid);
     return -1;
@@ -1123,8 +1121,7 @@ static void proc_run(lp_worker *w, lp_future *f) {
     describe_status(status, how, sizeof how);
   char why[512];
   snprintf(why, sizeof why, "worker %s (pid %d) %s", w->name, (int)pid, how);
-  int interrupted = atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
-                    atomic_load(&w->intr.reason) == LP_STOP_SIGNAL;
+  int interrupted = luapool__signal_stopped(&w->intr);
   if (cur == NULL) { /* it died between two tasks: nothing of theirs ran */
     end_in_flight(pw, interrupted, why);
     return;

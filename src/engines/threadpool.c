@@ -86,9 +86,7 @@ static int thread_init(tworker *t, lp_future *f) {
     snprintf(err, sizeof err, "not enough memory");
   else if (luapool__reply_failed(t->out.p, t->out.len, err, sizeof err) == 0)
     return 0;
-  else if (atomic_load(&t->w.intr.closing) ||
-           (atomic_load(&t->w.intr.kill_seq) == atomic_load(&t->w.intr.seq) &&
-            atomic_load(&t->w.intr.reason) == LP_STOP_SIGNAL)) {
+  else if (luapool__stopped_whole(&t->w.intr)) {
     /* Ctrl-C or a closing stop, not an initializer that failed: the pool
     ** is not broken, and the next task runs the initializer again. */
     char label[48];
@@ -129,8 +127,7 @@ static void thread_run(lp_worker *w, lp_future *f) {
   int st = run_timed(t, f->msg, f->msglen, f->timeout, f->task_no, f->item_lo);
   /* Ctrl-C stops the whole task: the calls after the stopped one did not
   ** run. */
-  if (atomic_load(&w->intr.kill_seq) == atomic_load(&w->intr.seq) &&
-      atomic_load(&w->intr.reason) == LP_STOP_SIGNAL) {
+  if (luapool__signal_stopped(&w->intr)) {
     luapool__pins_drop(&t->ws);
     luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
                          luapool__future_label(f, label, sizeof label), w->name);

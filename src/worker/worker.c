@@ -130,9 +130,7 @@ static int end_call(lp_wstate *ws, uint32_t call, lp_buf *out, size_t mark, uint
 ** calls after the one that ran are not run. */
 static int stopped_short(lp_wstate *ws) {
   lp_interrupt *i = ws->intr;
-  if (atomic_load(&i->closing) || (atomic_load(&i->kill_seq) == atomic_load(&i->seq) &&
-                                   atomic_load(&i->reason) == LP_STOP_SIGNAL))
-    ws->aborted = 1;
+  if (luapool__stopped_whole(i)) ws->aborted = 1;
   return ws->aborted;
 }
 

@@ -352,19 +352,20 @@ void luapool__pinned_unref(lp_pinned *p) {
   lp_free(p);
 }
 
-/* {====== pacing (future.h): one for the process, since the owner reads
-** the results of every pool.  Wake protocol: a waiter counts itself in
-** `waiting` under mu, then checks the counters, then waits; a read (or a
-** block) bumps its counter, then, seeing a waiter, takes mu to broadcast:
-** either the waiter sees the new count or the broadcast comes after it
-** waits (all seq_cst). */
+/* {====== pacing (future.h).  The reads are counted per pool
+** (lp_pace_reads), the owner's blocking waits once for the process (it
+** reads no pool's results while it blocks); one condition variable wakes
+** every pacer, which looks at its own pool's count.  Wake protocol: a
+** waiter counts itself in `waiting` under mu, then checks the counters,
+** then waits; a read (or a block) bumps its counter, then, seeing a
+** waiter, takes mu to broadcast: either the waiter sees the new count or
+** the broadcast comes after it waits (all seq_cst). */
 static struct {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   atomic_int waiting;
   atomic_int blocked; /* owner waits on a future now (a level: one begun before a mark counts) */
-  atomic_uint_fast64_t reads, blocks;
-  _Atomic double last;
+  atomic_uint_fast64_t blocks;
   int cv_ok;                                /* cv is on the monotonic clock (pace_init) */
 } pace = {.mu = PTHREAD_MUTEX_INITIALIZER}; /* (cv: pace_init, before any wait) */
 
@@ -381,14 +382,16 @@ static void pace_wake(void) {
   pthread_mutex_unlock(&pace.mu);
 }
 
-void luapool__pace_mark(lp_pace_mark *m) {
-  m->reads = atomic_load(&pace.reads);
+void luapool__pace_mark(const lp_pace_reads *r, lp_pace_mark *m) {
+  m->reads = atomic_load(&r->n);
   m->blocks = atomic_load(&pace.blocks);
 }
 
-double luapool__pace_last(void) { return atomic_load_explicit(&pace.last, memory_order_relaxed); }
+double luapool__pace_last(const lp_pace_reads *r) {
+  return atomic_load_explicit(&r->last, memory_order_relaxed);
+}
 
-int luapool__pace_wait(const lp_pace_mark *m, double deadline) {
+int luapool__pace_wait(const lp_pace_reads *rd, const lp_pace_mark *m, double deadline) {
   pthread_once(&pace_once, pace_init);
   if (!pace.cv_ok) return 0; /* (no such wait, then: the worker goes on) */
   pthread_mutex_lock(&pace.mu);
@@ -398,7 +401,7 @@ int luapool__pace_wait(const lp_pace_mark *m, double deadline) {
   double left = deadline - luapool__now();
   if (left > 0) deadline_in(&dl, left);
   while (left > 0) {
-    if (atomic_load(&pace.reads) != m->reads) {
+    if (atomic_load(&rd->n) != m->reads) {
       r = 1;
       break;
     }
@@ -441,6 +444,15 @@ static void each_pin(const char *reply, size_t len, void (*fn)(lp_pinned *p, int
   }
 }
 
+/* The first pin listed in a pinned reply (it lists at least one). */
+static lp_pinned *first_pin(const char *reply, size_t len) {
+  uint64_t n;
+  memcpy(&n, reply + len - 8, 8);
+  lp_pinref r;
+  memcpy(&r, reply + len - 8 - n * sizeof r, sizeof r);
+  return r.p;
+}
+
 static void drop_pin(lp_pinned *p, int unread) {
   if (unread) atomic_fetch_sub_explicit(&p->unread, 1, memory_order_relaxed);
   luapool__pinned_unref(p);
@@ -463,8 +475,10 @@ void luapool__future_mark_read(lp_future *f) {
   f->ekind |= LP_RF_READ;
   unlock(f);
   each_pin(f->reply, f->replylen, read_pin, 1);
-  atomic_store_explicit(&pace.last, luapool__now(), memory_order_relaxed);
-  atomic_fetch_add(&pace.reads, 1);
+  lp_pace_reads *r = first_pin(f->reply, f->replylen)->reads; /* (one worker's: one pool's) */
+  if (r == NULL) return;
+  atomic_store_explicit(&r->last, luapool__now(), memory_order_relaxed);
+  atomic_fetch_add(&r->n, 1);
   pace_wake();
 }
 

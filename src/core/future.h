@@ -150,6 +150,14 @@ void luapool__future_finish(lp_future *f, char *reply, size_t len, int copy);
 ** nothing elsewhere): the future's LP_RF_PINNED bit, set by
 ** luapool__future_finish_pinned, never by the reply's bytes, is what
 ** lets the decoder take the pointers (lfuture.c). */
+/* The owner's reads of one pool's pinned replies, which its pacing
+** workers watch (below): in the pool, so that reading one pool's results
+** does not hold back the workers of another. */
+typedef struct lp_pace_reads {
+  atomic_uint_fast64_t n;
+  _Atomic double last; /* the last one's time (luapool__now); 0 before the first */
+} lp_pace_reads;
+
 typedef struct lp_pinned {
   atomic_int refs;
   atomic_int unread; /* replies holding it that the owner has not read */
@@ -158,6 +166,7 @@ typedef struct lp_pinned {
   void *block;            /* the string's memory, once its state closed */
   int big;                /* block is a big block (base/alloc.h), else malloc's */
   struct lp_pinned *next; /* in the worker's list (its thread only) */
+  lp_pace_reads *reads;   /* its pool's: a read of a reply holding it counts there */
 } lp_pinned;
 /* One pin in a reply's list, as its bytes hold it (unaligned: memcpy). */
 typedef struct lp_pinref {
@@ -188,16 +197,17 @@ void luapool__future_mark_read(lp_future *f);
 ** than run so far ahead that each copy comes from memory no cache holds
 ** (docs/performance.md, "big strings"; threadpool.c decides when).
 ** A mark is what the worker saw; the wait ends at a read after it (of
-** any pinned reply), at the owner's next blocking wait on a future (it
-** reads nothing then), or at the deadline: 1 a read, 0 otherwise. */
+** a pinned reply of the worker's pool, counted in r), at the owner's next
+** blocking wait on a future (it reads nothing then, whichever pool it
+** waits on), or at the deadline: 1 a read, 0 otherwise. */
 typedef struct lp_pace_mark {
   uint_fast64_t reads, blocks;
 } lp_pace_mark;
-void luapool__pace_mark(lp_pace_mark *m);
-/* The time of the owner's last read of a pinned reply (luapool__now), 0
+void luapool__pace_mark(const lp_pace_reads *r, lp_pace_mark *m);
+/* The time of the owner's last read counted in r (luapool__now), 0
 ** before the first. */
-double luapool__pace_last(void);
-int luapool__pace_wait(const lp_pace_mark *m, double deadline);
+double luapool__pace_last(const lp_pace_reads *r);
+int luapool__pace_wait(const lp_pace_reads *r, const lp_pace_mark *m, double deadline);
 /* A pool stops: the pacers go on at once (nothing will be read). */
 void luapool__pace_kick(void);
 /* }====== */

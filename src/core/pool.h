@@ -41,7 +41,8 @@ struct lp_pool {
   int drain;   /* shut down with wait = false: the work still runs, and
                ** collecting the pool (or the program's end) waits */
   char name[48];
-  lp_paths *paths; /* package.path/cpath as last submitted (owner only) */
+  lp_paths *paths;          /* package.path/cpath as last submitted (owner only) */
+  lp_pace_reads pace_reads; /* reads of its workers' pinned replies (core/future.h) */
   /* Calls (a map chunk counts its items) by where they are; atomics, as
   ** engine threads update them outside the lock (future core hooks). */
   atomic_size_t c_pending, c_running, c_done, c_failed, c_cancelled;

@@ -66,6 +66,7 @@ static int thread_start(lp_worker *w) {
   t->ws.intr = &w->intr;
   t->ws.call_start = thread_call_start;
   t->ws.pins = &t->pins;
+  t->pins.reads = &w->pool->pace_reads;
   t->ws.big = &t->big;
   return 0;
 }
@@ -178,12 +179,12 @@ static void thread_pace(lp_worker *w) {
   double start = 0;
   while (t->pins.live) {
     lp_pace_mark m;
-    luapool__pace_mark(&m); /* before the look: a read after it ends the wait */
+    luapool__pace_mark(t->pins.reads, &m); /* before the look: a read after it ends the wait */
     if (luapool__pins_sweep(&t->ws) < PACE_HELD || luapool__interrupted(&w->intr)) return;
-    double now = luapool__now(), until = luapool__pace_last() + PACE_QUIET;
+    double now = luapool__now(), until = luapool__pace_last(t->pins.reads) + PACE_QUIET;
     if (start == 0) start = now;
     if (until > start + PACE_MAX) until = start + PACE_MAX;
-    if (now >= until || !luapool__pace_wait(&m, until)) return;
+    if (now >= until || !luapool__pace_wait(t->pins.reads, &m, until)) return;
   }
 }
 

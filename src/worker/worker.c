@@ -376,6 +376,7 @@ static int pin_string(void *ud, lua_State *L, int idx, const char *s, size_t len
     p->len = len;
     p->block = NULL;
     p->big = 0;
+    p->reads = w->reads;
     p->next = w->live;
     w->live = p;
   }

@@ -22,8 +22,9 @@ int luapool__run_message(lp_wstate *ws, const char *msg, size_t len, lp_buf *out
 ** reply refers to each string of at least LP_PIN_MIN bytes (codec.h) in
 ** ws's state instead of copying it.  All on the worker's thread. */
 typedef struct lp_wpins {
-  struct lp_pinned *live; /* anchored in the state (a registry table) */
-  lp_buf cur;             /* the lp_pinned * of the reply being built */
+  struct lp_pinned *live;      /* anchored in the state (a registry table) */
+  lp_buf cur;                  /* the lp_pinned * of the reply being built */
+  struct lp_pace_reads *reads; /* the pool's, which pacing watches (core/future.h) */
 } lp_wpins;
 /* Unanchors the strings no reply holds any more: before each task.
 ** Returns the bytes of those in replies the owner has not read yet. */

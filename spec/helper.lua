@@ -278,6 +278,33 @@ function M.wait_file(path, limit)
 end
 
 -- Is process pid alive (and not a zombie)?
+-- The script of "Ctrl-C in a pool's initializer" (signals_spec, mpi_spec):
+-- `new` (such as "threadpool.new") makes a pool of one worker named "in"
+-- whose initializer hangs on its first run only (it creates the file
+-- `marker` first); the script sends itself SIGINT meanwhile and prints what
+-- its pcall, the task and a next task say (that one: "next" and the
+-- initializer's run count in its worker), then runs `tail` (Lua, with `f`
+-- and `pool` in scope).
+function M.initializer_ctrl_c_script(marker, new, tail)
+  return ([[
+    local marker = %q
+    local pool <close> = %s { max_workers = 1, name = "in", initializer = function()
+      _G.RUNS = (_G.RUNS or 0) + 1
+      if not io.open(marker) then
+        assert(io.open(marker, "w")):close()
+        luapool.sleep(30)
+      end
+    end }
+    local f = pool:submit(function() return "finished" end)
+    while not io.open(marker) do luapool.sleep(0.005) end
+    -- (from the background: system() ignores SIGINT while its command runs)
+    os.execute(("(sleep 0.2; kill -INT %%d) &"):format(luapool.current_worker().pid))
+    print(pcall(f.exception, f, 20))
+    print(f:exception(20).kind, (f:exception().message:gsub("pid %%d+", "pid PID")))
+    print(pool:submit(function() return "next", _G.RUNS end):result(20))
+    %s]]):format(marker, new, tail or "")
+end
+
 function M.alive(pid)
   local stat = M.slurp("/proc/" .. pid .. "/stat")
   if not stat then return false end

@@ -285,6 +285,21 @@ describe("mpipool", function()
     assert.are.equal("false\tfalse\tran\n", out)
   end)
 
+  it("starts a task as it takes it for a rank: shutdown{cancel_futures = true} finds it running", function()
+    -- (LUAPOOL_TEST_MPI_SEND_DELAY: the progress thread waits a second
+    -- between taking the task from the queue and sending it.  Started only
+    -- at its sending, the task was neither queued nor running meanwhile:
+    -- the shutdown did not cancel it, it read as pending, and it ran after)
+    local out = mpiok(2, [[
+      local mp <close> = mpipool.new { max_workers = 1 }
+      local f = mp:submit(function() return "ran" end)
+      while mp:stats().idle > 0 do luapool.sleep(0.001) end -- taken for the rank
+      mp:shutdown { cancel_futures = true, wait = false }
+      print(f:running(), f:cancelled(), f:done())
+      print(f:result(20))]], nil, "LUAPOOL_TEST_MPI_SEND_DELAY=1")
+    assert.are.equal("true\tfalse\tfalse\nran\n", out)
+  end)
+
   it("sends a map's chunks ahead on a short queue: exact results, and a failed map's rest cancelled or run", function()
     -- one rank of one slot, its pace known (quick tasks first): a chunk
     -- goes to the rank while the one before it runs.  When chunk 1 fails
@@ -626,6 +641,56 @@ describe("mpipool and signals", function()
     end
     return run
   end
+
+  it("ends the task as interrupted on a Ctrl-C in the pool's initializer, which runs it again for the next", function()
+    -- (as on every pool: signals_spec; the rank's local processpool kills
+    -- its worker, is not broken, and starts a new one, with its first run)
+    local marker = os.tmpname()
+    os.remove(marker)
+    finally(function() os.remove(marker) end)
+    local out, err, code = mpirun(2, h.initializer_ctrl_c_script(marker, "mpipool.new", [[
+      local rank, worker = pool:submit(function()
+        return tonumber(io.open("/proc/self/stat"):read("a"):match("^%d+ %b() %a (%d+)")),
+          luapool.current_worker().pid
+      end):result(20)
+      print("pids", rank, worker, f:exception().message:match("pid (%d+)"))]]))
+    assert.are.equal(0, code, err)
+    local pids = {}
+    out = out:gsub("pids\t(%d+)\t(%d+)\t(%d+)\n$", function(...)
+      pids = { ... }
+      return ""
+    end)
+    assert.are.equal("false\tinterrupted: the script received SIGINT\n" ..
+      "interrupted\trank 1 of 2 on " .. HOST .. ": task #1 was interrupted: worker in-1 (pid PID) was " ..
+      "stopped in the initializer\n" ..
+      "next\t1\n", out)
+    assert.are.equal("", err)
+    assert.are.equal(3, #pids)
+    h.wait_until(function() -- the rank, its new worker and the killed one
+      for _, pid in ipairs(pids) do if h.alive(pid) then return false end end
+      return true
+    end, "the rank and its workers to be gone", 10)
+  end)
+
+  it("runs a task submitted once the script caught a Ctrl-C: the interrupt reaches the rank ahead of it", function()
+    -- (LUAPOOL_TEST_MPI_SEND_DELAY: the progress thread, sending the
+    -- running task, is still away when the Ctrl-C comes and the next task
+    -- is submitted, and takes both at its next round.  It sent the
+    -- interrupt after that round's tasks, and the rank stopped the new one
+    -- with the old: "the task was interrupted before it started")
+    local out, err, code = mpirun(2, [[
+      local mp <close> = mpipool.new { max_workers = 1, slots = 2 }
+      local f = mp:submit(function() local t = luapool.now() while luapool.now() - t < 30 do end end)
+      while mp:stats().idle > 1 do luapool.sleep(0.001) end -- taken for the rank
+      os.execute(("(sleep 0.2; kill -INT %d) &"):format(luapool.current_worker().pid))
+      print(pcall(f.exception, f, 20))
+      local g = mp:submit(function() return "submitted after the Ctrl-C" end)
+      print(f:exception(20).kind)
+      print(pcall(g.result, g, 20))]], nil, nil, nil, "LUAPOOL_TEST_MPI_SEND_DELAY=2")
+    assert.are.equal(0, code, err)
+    assert.are.equal("false\tinterrupted: the script received SIGINT\ninterrupted\n" ..
+      "true\tsubmitted after the Ctrl-C\n", out)
+  end)
 
   it("Ctrl-C on mpiexec stops every rank and worker within seconds", function()
     local run = start_job()

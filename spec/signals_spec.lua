@@ -225,22 +225,7 @@ describe("Ctrl-C in a pool's initializer", function()
       local marker = os.tmpname()
       os.remove(marker)
       finally(function() os.remove(marker) end)
-      local out, err, code = h.run({ "-e", ([[
-        local marker = %q
-        local pool <close> = %s.new { max_workers = 1, name = "in", initializer = function()
-          _G.RUNS = (_G.RUNS or 0) + 1
-          if not io.open(marker) then
-            assert(io.open(marker, "w")):close()
-            luapool.sleep(30)
-          end
-        end }
-        local f = pool:submit(function() return "finished" end)
-        while not io.open(marker) do luapool.sleep(0.005) end
-        -- (from the background: system() ignores SIGINT while its command runs)
-        os.execute(("(sleep 0.2; kill -INT %%d) &"):format(luapool.current_worker().pid))
-        print(pcall(f.exception, f, 20))
-        print(f:exception(20).kind, (f:exception().message:gsub("pid %%d+", "pid PID")))
-        print(pool:submit(function() return "next", _G.RUNS end):result(20))]]):format(marker, kind) })
+      local out, err, code = h.run({ "-e", h.initializer_ctrl_c_script(marker, kind .. ".new") })
       assert.are.equal(0, code, err)
       -- (a process worker is a new process, with its first run)
       assert.are.equal("false\tinterrupted: the script received SIGINT\n" ..

@@ -10,27 +10,32 @@
 **
 ** Then one progress thread per pool does all its MPI talk (mpi_proto.h:
 ** SERIALIZED, every call under luapool__mpi_mu, none blocking).  It takes
-** queued futures while a rank has a free slot, starts them (so a task
-** counts as running from the moment it is sent: a rank holds at most
-** `slots` tasks of the pool, and cancel works on every task still queued
-** here), sends them, and settles each with the reply bytes or the failure
-** a rank sends back.  A task's error names the rank as its worker
-** ("rank 2 of 3 on host").  With nothing sent and nothing to wait for it
-** sleeps on its condition variable (queued() and interrupt() wake it), so
-** an idle owner costs nothing; while tasks are out it polls, sleeping
-** between polls on the same condition variable (luapool__mpi_pause:
-** yields, then up to 50 us for 10 ms after the last message, then up to
-** 1 ms; with nothing queued only an eighth of the quiet time, up to 1 ms:
-** poll_pause), which a submit a rank has room for, an interrupt and a
-** cancel cut short.  A map's chunks go ahead to a rank up to two per slot
-** even on a short queue (progress_main), so that its worker does not idle
-** a round trip between two chunks.
+** queued futures while a rank has a free slot and starts them as it takes
+** them, under p->mu (so a task counts as running from the moment it is
+** taken for a rank: a rank holds at most `slots` tasks of the pool, cancel
+** works on every task still queued here, and an interrupt or a stop finds
+** each task queued or running, never between), sends them, and settles
+** each with the reply bytes or the failure a rank sends back.  A task's
+** error names the rank as its worker ("rank 2 of 3 on host").  With
+** nothing sent and nothing to wait for it sleeps on its condition variable
+** (queued() and interrupt() wake it), so an idle owner costs nothing;
+** while tasks are out it polls, sleeping between polls on the same
+** condition variable (luapool__mpi_pause: yields, then up to 50 us for
+** 10 ms after the last message, then up to 1 ms; with nothing queued only
+** an eighth of the quiet time, up to 1 ms: poll_pause), which a submit a
+** rank has room for, an interrupt and a cancel cut short.  A map's chunks
+** go ahead to a rank up to two per slot even on a short queue
+** (progress_main), so that its worker does not idle a round trip between
+** two chunks.
 **
 ** interrupt() and a stop that interrupts set a flag the thread turns into
-** M_INTERRUPT to each rank, whose local pool then kills its workers; their
-** futures come back failed with kind "interrupted".  A closing pool ends
-** its thread once the queue is empty and every rank answered, then tells
-** each rank M_CLOSE.
+** M_INTERRUPT to each rank, behind every task it sent before and ahead of
+** those it takes after (submitted after the interrupt: they run); the
+** rank's local pool then kills its workers, and their futures come back
+** failed with kind "interrupted" (in the pool's initializer too: the
+** rank's processpool is not broken, and its next task runs the
+** initializer again).  A closing pool ends its thread once the queue is
+** empty and every rank answered, then tells each rank M_CLOSE.
 */
 #include <errno.h>
 #include <stdatomic.h>
@@ -75,8 +80,9 @@
 typedef struct orank {
   int rank;
   char name[300]; /* "rank 2 of 3 on host": the tasks' worker */
-  /* The tasks sent and not yet answered (mutex: p->mu, which cancel
-  ** needs to find one; only the progress thread changes them). */
+  /* The tasks taken for it (started) and not yet answered (mutex: p->mu,
+  ** which cancel needs to find one; only the progress thread changes
+  ** them). */
   int inflight;
   lp_future **run; /* [cap] (NULL: free) */
   uint64_t *ids;   /* [cap] */
@@ -119,6 +125,10 @@ typedef struct ostate {
   ** measured), so that a spec sees how far ahead the pace sends whatever
   ** the load of its machine makes of the measured one. */
   double fixed_pace;
+  /* LUAPOOL_TEST_MPI_SEND_DELAY: seconds the thread waits after a round
+  ** that took tasks lets go of p->mu, before it sends them (0: none), so
+  ** that a spec lands a stop or a submit between the two. */
+  double send_delay;
   int next_rank;      /* round robin (thread only) */
   uint64_t next_task; /* thread only */
   mpi_sends sends;    /* thread only, then the owner once it ended */
@@ -372,12 +382,23 @@ static void *progress_main(void *arg) {
         full = 1;
         break;
       }
+      lp_future *f = luapool__pool_take(p);
+      /* Started before p->mu goes, as a worker thread starts its task
+      ** (engine.h): an interrupt or a stop, which hold p->mu, find each
+      ** task either queued (they cancel it) or running (they stop it).
+      ** Taken here and started only at its sending, a task was neither
+      ** meanwhile: shutdown{cancel_futures = true} left it pending, and it
+      ** ran after.  One cancelled while queued takes no slot (only its
+      ** reference is given back, below). */
+      if (!luapool__future_start(f, best->name)) {
+        batch[n++] = (assigned){f, NULL, 0};
+        continue;
+      }
       ms->next_rank = (int)(best - ms->ranks + 1) % ms->nranks;
       int k = 0;
       while (best->run[k])
         k++;
-      lp_future *f = luapool__pool_take(p);
-      best->run[k] = f; /* reserved: started and sent below */
+      best->run[k] = f; /* running: sent below */
       best->ids[k] = ++ms->next_task;
       best->ahead[k] = best->inflight >= ms->slots;
       best->inflight++;
@@ -400,23 +421,35 @@ static void *progress_main(void *arg) {
     }
     ms->kicked = 0; /* (what it says is taken from here on) */
     pthread_mutex_unlock(&p->mu);
+    if (n > 0 && ms->send_delay > 0) {
+      struct timespec ts = {(time_t)ms->send_delay,
+                            (long)((ms->send_delay - (double)(time_t)ms->send_delay) * 1e9)};
+      nanosleep(&ts, NULL);
+    }
+    /* An interrupt read in this round came after every task sent in the
+    ** rounds before (each rank gets it behind them: MPI keeps the order of
+    ** one sender's messages to one rank, so the tasks it found running are
+    ** stopped there), and before this round's, which were queued after it
+    ** took the queue: they go behind it and run.  (Sent after them, it
+    ** stopped a task the script submitted once it caught its Ctrl-C.) */
+    if (intr) tell_ranks(ms, M_INTERRUPT);
     for (int i = 0; i < n; i++) {
       assigned *a = &batch[i];
-      a->rk->sent[a->slot] = luapool__now();
-      if (luapool__future_start(a->f, a->rk->name) &&
-          send_task(ms, a->rk, a->f, a->rk->ids[a->slot]) == 0)
+      if (a->rk == NULL) { /* cancelled while queued */
+        luapool__future_unref(a->f);
         continue;
-      if (luapool__future_state(a->f) == LP_RUNNING)
-        luapool__future_fail(a->f, LP_EK_TRANSFER, "cannot send the task to %s: not enough memory",
-                             a->rk->name);
+      }
+      a->rk->sent[a->slot] = luapool__now();
+      if (send_task(ms, a->rk, a->f, a->rk->ids[a->slot]) == 0) continue;
+      luapool__future_fail(a->f, LP_EK_TRANSFER, "cannot send the task to %s: not enough memory",
+                           a->rk->name);
       pthread_mutex_lock(&p->mu);
-      a->rk->run[a->slot] = NULL; /* cancelled meanwhile, or failed */
+      a->rk->run[a->slot] = NULL; /* not sent */
       a->rk->inflight--;
       atomic_fetch_sub(&ms->ninflight, 1);
       pthread_mutex_unlock(&p->mu);
       luapool__future_unref(a->f);
     }
-    if (intr) tell_ranks(ms, M_INTERRUPT);
     if (crank) {
       char *cm = lp_malloc(13);
       if (cm) {
@@ -656,6 +689,12 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
     char *end;
     double v = strtod(pace, &end);
     if (*end == '\0' && v > 0 && v < 1e3) ms->fixed_pace = v;
+  }
+  const char *delay = getenv("LUAPOOL_TEST_MPI_SEND_DELAY");
+  if (delay && *delay) {
+    char *end;
+    double v = strtod(delay, &end);
+    if (*end == '\0' && v > 0 && v < 60) ms->send_delay = v;
   }
   ms->ranks = lp_calloc((size_t)ms->nranks, sizeof *ms->ranks);
   ms->batch = lp_malloc(BATCH * sizeof *ms->batch);

@@ -1,8 +1,11 @@
 /*
-** Clock, CPU count, monotonic condition variables, signal handlers.
+** Clock, CPU count, monotonic condition variables, signal handlers, the
+** test knobs' seconds.
 */
+#include <errno.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -13,6 +16,20 @@ double luapool__now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double luapool__test_seconds(const char *name, double max) {
+  const char *s = getenv(name);
+  if (s == NULL || *s == '\0') return 0;
+  char *end;
+  double v = strtod(s, &end);
+  return *end == '\0' && v > 0 && v < max ? v : 0;
+}
+
+void luapool__sleep_through(double seconds) {
+  struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+  }
 }
 
 int luapool__cpu_count(void) {

@@ -19,6 +19,12 @@ int luapool__cond_init(pthread_cond_t *cv);
 /* A mutex that spins a moment before it sleeps when another thread holds
 ** it (glibc's adaptive kind, where it exists). */
 int luapool__mutex_init_spinning(pthread_mutex_t *mu);
+/* A test knob's seconds: the environment variable `name` read as a number
+** above 0 and below `max`; 0 when unset or anything else (a knob never
+** refuses: it is for the specs, docs/luapool.1). */
+double luapool__test_seconds(const char *name, double max);
+/* Sleeps `seconds` (> 0), the whole of them, signals or not. */
+void luapool__sleep_through(double seconds);
 /* Installs a handler for sig (SA_RESTART). */
 void luapool__on_signal(int sig, void (*handler)(int));
 

@@ -421,11 +421,7 @@ static void *progress_main(void *arg) {
     }
     ms->kicked = 0; /* (what it says is taken from here on) */
     pthread_mutex_unlock(&p->mu);
-    if (n > 0 && ms->send_delay > 0) {
-      struct timespec ts = {(time_t)ms->send_delay,
-                            (long)((ms->send_delay - (double)(time_t)ms->send_delay) * 1e9)};
-      nanosleep(&ts, NULL);
-    }
+    if (n > 0 && ms->send_delay > 0) luapool__sleep_through(ms->send_delay);
     /* An interrupt read in this round came after every task sent in the
     ** rounds before (each rank gets it behind them: MPI keeps the order of
     ** one sender's messages to one rank, so the tasks it found running are
@@ -684,18 +680,8 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
   ms->nranks = p->max_workers;
   ms->slots = config_of(p)->slots > 0 ? config_of(p)->slots : 1;
   ms->cap = ms->slots + config_of(p)->prefetch;
-  const char *pace = getenv("LUAPOOL_TEST_MPI_PACE");
-  if (pace && *pace) {
-    char *end;
-    double v = strtod(pace, &end);
-    if (*end == '\0' && v > 0 && v < 1e3) ms->fixed_pace = v;
-  }
-  const char *delay = getenv("LUAPOOL_TEST_MPI_SEND_DELAY");
-  if (delay && *delay) {
-    char *end;
-    double v = strtod(delay, &end);
-    if (*end == '\0' && v > 0 && v < 60) ms->send_delay = v;
-  }
+  ms->fixed_pace = luapool__test_seconds("LUAPOOL_TEST_MPI_PACE", 1e3);
+  ms->send_delay = luapool__test_seconds("LUAPOOL_TEST_MPI_SEND_DELAY", 60);
   ms->ranks = lp_calloc((size_t)ms->nranks, sizeof *ms->ranks);
   ms->batch = lp_malloc(BATCH * sizeof *ms->batch);
   int ok = ms->ranks != NULL && ms->batch != NULL;

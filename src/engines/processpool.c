@@ -537,16 +537,8 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   /* LUAPOOL_TEST_SPAWN_PAUSE: seconds before each spawn, so that a spec
   ** can stop a task while its process is being started (below). */
-  const char *pause = getenv("LUAPOOL_TEST_SPAWN_PAUSE");
-  if (pause && *pause) {
-    char *end;
-    double v = strtod(pause, &end);
-    if (*end == '\0' && v > 0 && v < 60) {
-      struct timespec ts = {(time_t)v, (long)((v - (double)(time_t)v) * 1e9)};
-      while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-      }
-    }
-  }
+  double pause = luapool__test_seconds("LUAPOOL_TEST_SPAWN_PAUSE", 60);
+  if (pause > 0) luapool__sleep_through(pause);
   char idx[16], ppid[24];
   snprintf(idx, sizeof idx, "%d", pw->w.index);
   snprintf(ppid, sizeof ppid, "%ld", (long)getpid());
@@ -585,6 +577,10 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   pw->paths_gen = paths->gen;
   int said =
       luapool__wire_hello(&hb) == 0 && write_frame(pw->fd, pw->pidfd, FR_HELLO, hb.p, hb.len) == 0;
+  /* LUAPOOL_TEST_HELLO_PAUSE: seconds between HELLO and INIT, so that a
+  ** spec sees a worker that refused at HELLO gone before INIT is sent. */
+  double hello_pause = luapool__test_seconds("LUAPOOL_TEST_HELLO_PAUSE", 60);
+  if (said && hello_pause > 0) luapool__sleep_through(hello_pause);
   int bad = !said || put_paths(&b, paths) ||
             luapool__put_u32(&b, (uint32_t)config_of(p)->max_memory_mb) ||
             luapool__put_u32(&b, pw->shmfd >= 0) ||

@@ -341,6 +341,28 @@ describe("iopool", function()
           failed = p:stats().failed, cancelled = p:stats().cancelled })
     end)
 
+    -- (both run to their end on the loop thread itself, where no pass of
+    -- the loop sees the cancel: before, the shutdown waited them out)
+    for _, case in ipairs {
+      { "an initializer", { initializer = function() luapool.sleep(30) end }, function() return "ran" end },
+      { "a kernel", {}, luapool.kernels.sum_squares, 1 << 40 },
+    } do
+      it("shutdown with cancel_running cancels " .. case[1] .. " running on the loop itself", function()
+        local p = iopool.new(case[2])
+        local f = p:submit(case[3], case[4])
+        local queued = p:submit(function() return "never" end)
+        h.wait_until(function() return f:running() end, "the task to run")
+        local t0 = luapool.now()
+        p:shutdown { cancel_running = true }
+        assert.is_true(luapool.now() - t0 < 10, "shutdown waited for the run") -- (30 s, hours)
+        assert.are.equal("cancelled\tthe task was cancelled", f:exception().kind .. "\t" .. f:exception().message)
+        assert.is_true(queued:cancelled())
+        assert.are.same({ running = 0, failed = 0, cancelled = 2, broken = nil },
+          { running = p:stats().running, failed = p:stats().failed, cancelled = p:stats().cancelled,
+            broken = p.broken })
+      end)
+    end
+
     it("cancel_running is refused by pools that cannot cancel a running task", function()
       for _, kind in ipairs { "threadpool", "processpool" } do
         local p <close> = luapool[kind].new { max_workers = 1 }

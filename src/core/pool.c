@@ -319,15 +319,23 @@ int luapool__pool_submit(lp_pool *p, lp_future *f, char *err, size_t errsz) {
   return 0;
 }
 
-double luapool__stop_grace(void) { return atomic_load(&luapool__ending_on_signal) ? 0.5 : 5.0; }
+/* How long a thread may take to end once a signal stopped its task. */
+#define SIGNAL_GRACE 0.5
 
-int luapool__pool_join(lp_pool *p, pthread_t t, int interrupt, double give_up, int *stopped) {
+double luapool__stop_grace(void) {
+  return atomic_load(&luapool__ending_on_signal) ? SIGNAL_GRACE : 5.0;
+}
+
+int luapool__pool_join(lp_pool *p, pthread_t t, double *give_up, int *stopped) {
   /* With the host's handler installed, a Ctrl-C during the wait stops the
   ** running tasks (the caller raises once the threads are gone).  When the
   ** tasks were told to stop, a thread that still runs after the grace is
   ** stuck where no stop reaches (a C call, a Lua message handler, which
-  ** runs without hooks): it is left alone. */
-  while (interrupt || atomic_load(&luapool__signals_handled)) {
+  ** runs without hooks): it is left alone.  A Ctrl-C in a wait with no
+  ** stop of its own (shutdown, <close>) starts that grace: joined with no
+  ** limit, one task in os.execute held the script past its Ctrl-C, and
+  ** one stuck for good held it for ever (helper-49). */
+  while (*give_up > 0 || atomic_load(&luapool__signals_handled)) {
     struct timespec ts; /* joins as soon as the thread ends, else 20 ms */
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_nsec += 20000000L;
@@ -336,8 +344,9 @@ int luapool__pool_join(lp_pool *p, pthread_t t, int interrupt, double give_up, i
     if (!*stopped && luapool__signal_for_me()) {
       luapool__pool_interrupt(p);
       *stopped = 1;
+      if (*give_up == 0) *give_up = luapool__now() + SIGNAL_GRACE;
     }
-    if (interrupt && luapool__now() > give_up) return 0;
+    if (*give_up > 0 && luapool__now() > *give_up) return 0;
   }
   pthread_join(t, NULL);
   return 1;

@@ -108,10 +108,12 @@ void luapool__interrupt_all(void);
 ** within a second. */
 double luapool__stop_grace(void);
 /* Joins thread t of pool p for an engine's stop: with the host's signal
-** handling, a Ctrl-C during the wait interrupts the pool (once: *stopped);
-** when interrupt, gives up at give_up (luapool__now() time).  1 joined,
-** 0 given up (the thread is left running). */
-int luapool__pool_join(lp_pool *p, pthread_t t, int interrupt, double give_up, int *stopped);
+** handling, a Ctrl-C during the wait interrupts the pool (once: *stopped)
+** and, when *give_up is 0 (a stop that interrupts nothing), sets it to a
+** moment later; gives up at *give_up (luapool__now() time) when it is
+** not 0.  Shared by the joins of one stop.  1 joined, 0 given up (the
+** thread is left running). */
+int luapool__pool_join(lp_pool *p, pthread_t t, double *give_up, int *stopped);
 /* Starts a thread for an engine with the asynchronous signals blocked, so
 ** SIGINT and SIGTERM reach the host and a dead socket never raises
 ** SIGPIPE in it.  pthread_create's result. */

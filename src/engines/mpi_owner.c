@@ -784,9 +784,8 @@ static int owner_stop(lp_pool *p, int interrupt, int wait) {
   pthread_mutex_unlock(&p->mu);
   if (!wait || ms->joined || !ms->started) return 0;
   int stopped = 0;
-  if (!luapool__pool_join(p, ms->thread, interrupt, luapool__now() + luapool__stop_grace(),
-                          &stopped))
-    return 1;
+  double give_up = interrupt ? luapool__now() + luapool__stop_grace() : 0;
+  if (!luapool__pool_join(p, ms->thread, &give_up, &stopped)) return 1;
   ms->joined = 1;
   return 0;
 }

@@ -513,7 +513,7 @@ describe("mpipool", function()
       print(select(2, pcall(p.shutdown, p, { cancel_running = true })))
       print(select(2, pcall(mpipool.new, { concurrency = 2 })))
       print(p:submit(function() return "still open" end):result())]])
-    assert.are.equal("bad option 'cancel_running' to 'shutdown' (a mpipool cannot cancel a running task)\n"
+    assert.are.equal("bad option 'cancel_running' to 'shutdown' (an mpipool cannot cancel a running task)\n"
       .. "bad option 'concurrency' to 'new' (an iopool option)\nstill open\n", out)
   end)
 

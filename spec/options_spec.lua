@@ -59,6 +59,16 @@ describe("pool options", function()
     end
   end)
 
+  it("names another kind's own option without the note about processes", function()
+    -- (before: "(an iopool option: threads share one process)", "a mpipool")
+    assert.are.equal("bad option 'retries' to 'new' (an iopool option)",
+      error_of(function() return luapool.threadpool.new { retries = 1 } end))
+    assert.are.equal("bad option 'slots' to 'new' (an mpipool option)",
+      error_of(function() return luapool.threadpool.new { slots = 1 } end))
+    assert.are.equal("bad option 'prefetch' to 'new' (an mpipool option)",
+      error_of(function() return luapool.iopool.new { prefetch = 1 } end))
+  end)
+
   it("reports its task_timeout", function()
     local p <close> = luapool.threadpool.new { task_timeout = 2.5 }
     assert.are.equal(2.5, p.task_timeout)

@@ -276,21 +276,28 @@ static const lp_option *find_option(const lp_option *list, const char *name) {
 }
 
 /* An option of no pool of this kind: say which kinds have it. */
+/* "a" or "an" before a pool kind, as said: "an mpipool" (em-pee-eye). */
+static const char *article(const char *kind) {
+  return strchr("aeiou", kind[0]) != NULL || strncmp(kind, "mpi", 3) == 0 ? "an" : "a";
+}
+
 static void refuse_option(lua_State *L, const lp_engine *e, const char *name) {
   luaL_Buffer b;
   luaL_buffinit(L, &b);
-  int n = 0;
+  int n = 0, per_process = 0;
+  const lp_option *d;
   for (int i = 0; luapool__engines[i]; i++)
-    if (luapool__engines[i] != e && find_option(luapool__engines[i]->options, name)) {
+    if (luapool__engines[i] != e && (d = find_option(luapool__engines[i]->options, name))) {
       if (n++) luaL_addchar(&b, '/');
       luaL_addstring(&b, luapool__engines[i]->kind);
+      per_process |= d->per_process;
     }
   luaL_pushresult(&b);
   if (n == 0) luaL_error(L, "unknown option '%s' to 'new'", name);
   const char *kinds = lua_tostring(L, -1);
-  luaL_error(L, "bad option '%s' to 'new' (%s %s option%s%s)", name,
-             strchr("aeiou", kinds[0]) ? "an" : "a", kinds, e->foreign_note ? ": " : "",
-             e->foreign_note ? e->foreign_note : "");
+  const char *note = per_process ? e->foreign_note : NULL;
+  luaL_error(L, "bad option '%s' to 'new' (%s %s option%s%s)", name, article(kinds), kinds,
+             note ? ": " : "", note ? note : "");
 }
 
 /* Checks every key of the options table at 1 and fills c and config. */
@@ -680,9 +687,9 @@ static int pool_shutdown(lua_State *L) {
   ** as concurrent.futures does. */
   if (cancel_running && p->eng->cancel_running == NULL)
     return luaL_error(L,
-                      "bad option 'cancel_running' to 'shutdown' (a %s cannot cancel a "
+                      "bad option 'cancel_running' to 'shutdown' (%s %s cannot cancel a "
                       "running task)",
-                      p->eng->kind);
+                      article(p->eng->kind), p->eng->kind);
   /* wait = false: do not block now, but the work still runs, and the
   ** pool's collection (at the latest the program's end) waits for it. */
   if (!wait) p->drain = 1;

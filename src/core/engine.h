@@ -76,13 +76,17 @@ typedef struct lp_option {
   const char *expect;         /* LP_OPT_INT: what the message says it takes */
   const char *const *choices; /* LP_OPT_CHOICE: NULL-terminated */
   size_t offset;              /* into the config struct (not FUNCTION/TABLE) */
+  /* A worker process's own (its crash, its tasks, its memory): refused
+  ** by an engine with none, whose foreign_note says why. */
+  int per_process;
 } lp_option;
 /* }====== */
 
 typedef struct lp_engine {
   const char *kind; /* "threadpool": the Lua constructor's name too */
-  /* Why another engine's options do not apply here, for the refusal
-  ** ("threads share one process"); NULL: nothing to add. */
+  /* Why another engine's per-process options (lp_option.per_process) do
+  ** not apply here, for the refusal ("threads share one process"); NULL:
+  ** nothing to add. */
   const char *foreign_note;
   const lp_option *options; /* its own options, ended by {.name = NULL}; NULL: none */
   size_t config_size;       /* where they are read to (p->config), 0: nowhere */

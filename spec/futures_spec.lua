@@ -556,6 +556,24 @@ describe("a future's error", function()
   end)
 end)
 
+describe("a collected future", function()
+  it("says so when a finalizer that held it uses it", function()
+    -- (the finalizer's table and the future become garbage together: the
+    -- future's own finalizer ran first.  Before, "an unfinished future")
+    local out, err, code = h.run({ "-e", [[
+      do
+        local p <close> = threadpool.new { max_workers = 1 }
+        local t = setmetatable({}, { __gc = function(t) print(pcall(t.f.result, t.f)) end })
+        t.f = p:submit(function() return 1 end)
+        t.f:done()
+      end
+      collectgarbage() collectgarbage()
+      print("end")]] })
+    assert.are.equal(0, code, err)
+    assert.are.equal("false\tattempt to use a collected future\nend\n", out)
+  end)
+end)
+
 describe("waits inside a thread task (a nested pool)", function()
   local waits = {
     ["f:result()"] = function(f) return f:result() end,

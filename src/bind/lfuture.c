@@ -145,7 +145,9 @@ static void set_extra(lua_State *L, int idx, int k) {
 
 lp_future *luapool__check_future(lua_State *L, int idx) {
   lfuture *u = check_lfuture(L, idx);
-  if (u->f == NULL) luaL_error(L, "attempt to use an unfinished future");
+  /* (a script meets one only after its collection: from a finalizer that
+  ** still holds it; a userdata born empty never reaches a script) */
+  if (u->f == NULL) luaL_error(L, "attempt to use a collected future");
   return u->f;
 }
 

@@ -345,6 +345,10 @@ describe("iopool", function()
     -- the loop sees the cancel: before, the shutdown waited them out)
     for _, case in ipairs {
       { "an initializer", { initializer = function() luapool.sleep(30) end }, function() return "ran" end },
+      { "a busy initializer", { initializer = function()
+        local t = luapool.now()
+        while luapool.now() - t < 30 do end
+      end }, function() return "ran" end },
       { "a kernel", {}, luapool.kernels.sum_squares, 1 << 40 },
     } do
       it("shutdown with cancel_running cancels " .. case[1] .. " running on the loop itself", function()

@@ -103,6 +103,31 @@ describe("signals on the host", function()
     end)
   end
 
+  it("leaves an iopool's later tasks free to wait after a caught SIGINT", function()
+    -- (the stop stayed set in the loop's stop block, which its tasks wait
+    -- under: every later task's wait failed "interrupted: Ctrl-C": helper-50)
+    local run = start(PRELUDE .. [[
+      local io <close> = iopool.new {}
+      local function nested()
+        local tp <close> = threadpool.new { max_workers = 1 }
+        return tp:submit(function() return "nested ok" end):result()
+      end
+      print("before", io:submit(nested):result())
+      local f = io:submit(luapool.sleep, 30)
+      while not f:running() do luapool.sleep(0.01) end
+      ready()
+      print("ctrl-c", pcall(f.result, f))
+      print("task", f:exception().kind)
+      print("after", io:submit(nested):result())]])
+    run:ready(1)
+    run:kill("INT")
+    local out, err, code = run:finish()
+    assert.are.equal("", err)
+    assert.are.equal(0, code)
+    assert.are.equal("before\tnested ok\nctrl-c\tfalse\tinterrupted: the script received SIGINT\n" ..
+      "task\tinterrupted\nafter\tnested ok\n", out)
+  end)
+
   it("delivers a second SIGINT after a caught one as a new, catchable interruption", function()
     local run = start(PRELUDE .. [[
       local p <close> = threadpool.new { max_workers = 2 }

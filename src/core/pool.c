@@ -344,7 +344,8 @@ int luapool__pool_join(lp_pool *p, pthread_t t, double *give_up, int *stopped) {
     if (!*stopped && luapool__signal_for_me()) {
       luapool__pool_interrupt(p);
       *stopped = 1;
-      if (*give_up == 0) *give_up = luapool__now() + SIGNAL_GRACE;
+      double soon = luapool__now() + SIGNAL_GRACE; /* (a closing pool's 5 s too) */
+      if (*give_up == 0 || *give_up > soon) *give_up = soon;
     }
     if (*give_up > 0 && luapool__now() > *give_up) return 0;
   }

@@ -715,6 +715,11 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
     ** cancelled by an earlier pass still counts. */
     kill = K_CANCEL;
     why = "interrupted: the task was cancelled";
+  } else if (t == NULL && atomic_load(&lp->inline_run) && luapool__interrupted(&lp->intr)) {
+    /* a run on the loop itself (run_inline: the initializer) that a
+    ** cancelling stop reached (cancel_inline): no pass of the loop will */
+    kill = K_CANCEL;
+    why = "interrupted: the task was cancelled";
   }
   if (kill == K_NONE) {
     luapool__arm_interrupt_hook(L);
@@ -734,7 +739,10 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
 }
 
 static void io_arm_hook(lua_State *L, lp_wstate *ws) {
-  if (ws->deadline > 0)
+  ioloop *lp = loop_of_ws(ws);
+  if (lp->cur == NULL && atomic_load(&lp->inline_run) && luapool__interrupted(&lp->intr))
+    lua_sethook(L, io_hook, LUA_MASKCOUNT, 1); /* stopped before it began (cancel_inline) */
+  else if (ws->deadline > 0)
     lua_sethook(L, io_hook, LUA_MASKCOUNT, 1000);
   else
     lua_sethook(L, NULL, 0, 0);
@@ -837,6 +845,7 @@ static int run_inline(ioloop *lp, const char *msg, size_t len, double timeout, u
   atomic_store(&lp->inline_run, 0);
   ws->deadline = 0;
   *stopped = !luapool__signal_stopped(&lp->intr) ? 0 : atomic_load(&lp->inline_cancel) ? 2 : 1;
+  if (*stopped) atomic_fetch_add(&lp->intr.seq, 1); /* (spent: see the loop's stops) */
   return st;
 }
 
@@ -1096,6 +1105,11 @@ static void *loop_main(void *arg) {
       lp->intr_seen = g;
       for (io_task *t = lp->tasks; t; t = t->next)
         task_kill(lp, t, K_INTR);
+      /* Passed on: the stop in lp->intr, which the loop's tasks wait under
+      ** (a future's result in a task), no longer matches.  Left set, every
+      ** later task's wait failed "interrupted: Ctrl-C" (helper-50).  A
+      ** Ctrl-C after this sets it again (luapool__stop_task follows seq). */
+      atomic_fetch_add(&lp->intr.seq, 1);
     }
     if (atomic_load(&lp->closing_intr))
       for (io_task *t = lp->tasks; t; t = t->next)

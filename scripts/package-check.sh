@@ -140,7 +140,7 @@ warnings=$(MANWIDTH=80 man --warnings -l docs/luapool.1 2>&1 >/dev/null)
 same "man --warnings -l docs/luapool.1" "" "$warnings"
 warnings=$(groff -man -ww -z docs/luapool.1 2>&1)
 same "groff -man -ww -z docs/luapool.1" "" "$warnings"
-MANWIDTH=80 man -l docs/luapool.1 2>/dev/null | grep -q "^LUAPOOL(1)" || fail "man -l: no LUAPOOL(1) header"
+grep -q "^LUAPOOL(1)" <<<"$(MANWIDTH=80 man -l docs/luapool.1 2>/dev/null)" || fail "man -l: no LUAPOOL(1) header"
 pass "man page renders without warnings"
 
 # 2. LuaRocks, offline, from a copy of the working tree (luarocks make
@@ -207,12 +207,17 @@ EOF
 same "dpkg-deb -c (files)" "$expected_files" "$files"
 same "Package" "luapool" "$(dpkg-deb -f "$deb" Package)"
 same "Version" "$version-1" "$(dpkg-deb -f "$deb" Version)"
+# (each output taken whole before grep -q reads it: grep leaves at its first
+# match, and under pipefail the writer's SIGPIPE made the test false: a
+# plugin whose libmpi ldd lists second read as one without it, once in CI)
 readline=""  # a host built with readline (its --help says so): its REPL loads it
-"$build/luapool" --help | grep -q "(with readline)" && readline=", libreadline8"
+host_help=$("$build/luapool" --help)
+grep -q "(with readline)" <<<"$host_help" && readline=", libreadline8"
 mpi=""  # the MPI plugin (mpipool) needs Open MPI's runtime; the host links none
-ldd "$build/luapool" | grep -q 'libmpi\.so' && fail "$build/luapool links libmpi (the MPI plugin should)"
-ldd "$build/luapool" | grep -q 'libreadline' && fail "$build/luapool links libreadline (its REPL should load it)"
-[[ -z $deb_mpi ]] || { ldd "$build/luapool-mpi.so" | grep -q 'libmpi\.so' && mpi=", libopenmpi3"; }
+host_libs=$(ldd "$build/luapool")
+grep -q 'libmpi\.so' <<<"$host_libs" && fail "$build/luapool links libmpi (the MPI plugin should)"
+grep -q 'libreadline' <<<"$host_libs" && fail "$build/luapool links libreadline (its REPL should load it)"
+[[ -z $deb_mpi ]] || { grep -q 'libmpi\.so' <<<"$(ldd "$build/luapool-mpi.so")" && mpi=", libopenmpi3"; }
 # what every run needs is Depends; what one feature loads (the REPL's line
 # editing, --mpi) is Recommends
 same "Depends" "libc6, liblua5.4-0, libcurl4" "$(dpkg-deb -f "$deb" Depends)"

@@ -244,9 +244,13 @@ static void read_option(lua_State *L, const lp_option *d, char *base) {
       while (v && d->choices[k] && strcmp(d->choices[k], v) != 0)
         k++;
       if (v == NULL || d->choices[k] == NULL) {
+        /* (what it got first: got() may push, and the order in which a
+        ** call's arguments are worked out is C's to choose: "(1 expected,
+        ** got 1)" for on_crash = 1) */
+        const char *g = v ? v : got(L, -1);
         push_choices(L, d->choices);
         luaL_error(L, "bad option '%s' to 'new' (%s expected, got %s)", d->name,
-                   lua_tostring(L, -1), v ? v : got(L, -2));
+                   lua_tostring(L, -1), g);
       }
       memcpy(field, &k, sizeof(int));
       break;

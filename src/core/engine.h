@@ -72,13 +72,13 @@ typedef enum {
 typedef struct lp_option {
   const char *name;
   lp_opt_type type;
+  /* A worker process's own (its crash, its tasks, its memory): refused
+  ** by an engine with none, whose foreign_note says why. */
+  int per_process;
   lua_Integer min, max;       /* LP_OPT_INT */
   const char *expect;         /* LP_OPT_INT: what the message says it takes */
   const char *const *choices; /* LP_OPT_CHOICE: NULL-terminated */
   size_t offset;              /* into the config struct (not FUNCTION/TABLE) */
-  /* A worker process's own (its crash, its tasks, its memory): refused
-  ** by an engine with none, whose foreign_note says why. */
-  int per_process;
 } lp_option;
 /* }====== */
 

@@ -706,18 +706,16 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
   } else if (atomic_load(&lp->closing_intr)) {
     kill = K_CLOSE;
     why = "interrupted: the pool was closed";
-  } else if (t && ((atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) ||
-                   ((atomic_load(&lp->cancel_all) || atomic_load(&lp->cancel_pending)) &&
-                    luapool__future_state(t->f) == LP_CANCELLED))) {
+  } else if ((t && ((atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) ||
+                    ((atomic_load(&lp->cancel_all) || atomic_load(&lp->cancel_pending)) &&
+                     luapool__future_state(t->f) == LP_CANCELLED))) ||
+             (t == NULL && atomic_load(&lp->inline_run) && luapool__interrupted(&lp->intr))) {
     /* cancel_all: shutdown{cancel_running}; cancel_pending: f:cancel().  The
     ** hook may run more than once before the task yields (a call or return
     ** event sets the count hook, and the count event yields): a future
-    ** cancelled by an earlier pass still counts. */
-    kill = K_CANCEL;
-    why = "interrupted: the task was cancelled";
-  } else if (t == NULL && atomic_load(&lp->inline_run) && luapool__interrupted(&lp->intr)) {
-    /* a run on the loop itself (run_inline: the initializer) that a
-    ** cancelling stop reached (cancel_inline): no pass of the loop will */
+    ** cancelled by an earlier pass still counts.  No task: a run on the
+    ** loop itself (run_inline: the initializer) that a cancelling stop
+    ** reached (cancel_inline), which no pass of the loop will. */
     kill = K_CANCEL;
     why = "interrupted: the task was cancelled";
   }

@@ -431,26 +431,26 @@ void luapool__pace_kick(void) {
   pace_block(-1);
 }
 
+/* The pins listed at the end of reply[0..len): where the list starts,
+** and their count in *n; pin_at(list, i) is the i-th. */
+static const char *pin_list(const char *reply, size_t len, uint64_t *n) {
+  memcpy(n, reply + len - 8, 8);
+  return reply + len - 8 - *n * sizeof(lp_pinref);
+}
+
+static lp_pinned *pin_at(const char *list, uint64_t i) {
+  lp_pinref r;
+  memcpy(&r, list + i * sizeof r, sizeof r);
+  return r.p;
+}
+
 /* Calls fn on each pin listed at the end of reply[0..len). */
 static void each_pin(const char *reply, size_t len, void (*fn)(lp_pinned *p, int unread),
                      int unread) {
   uint64_t n;
-  memcpy(&n, reply + len - 8, 8);
-  const char *at = reply + len - 8 - n * sizeof(lp_pinref);
-  for (uint64_t i = 0; i < n; i++) {
-    lp_pinref r;
-    memcpy(&r, at + i * sizeof r, sizeof r);
-    fn(r.p, unread);
-  }
-}
-
-/* The first pin listed in a pinned reply (it lists at least one). */
-static lp_pinned *first_pin(const char *reply, size_t len) {
-  uint64_t n;
-  memcpy(&n, reply + len - 8, 8);
-  lp_pinref r;
-  memcpy(&r, reply + len - 8 - n * sizeof r, sizeof r);
-  return r.p;
+  const char *list = pin_list(reply, len, &n);
+  for (uint64_t i = 0; i < n; i++)
+    fn(pin_at(list, i), unread);
 }
 
 static void drop_pin(lp_pinned *p, int unread) {
@@ -475,7 +475,8 @@ void luapool__future_mark_read(lp_future *f) {
   f->ekind |= LP_RF_READ;
   unlock(f);
   each_pin(f->reply, f->replylen, read_pin, 1);
-  lp_pace_reads *r = first_pin(f->reply, f->replylen)->reads; /* (one worker's: one pool's) */
+  uint64_t n; /* (a pinned reply lists at least one; all of one worker's: one pool's) */
+  lp_pace_reads *r = pin_at(pin_list(f->reply, f->replylen, &n), 0)->reads;
   if (r == NULL) return;
   atomic_store_explicit(&r->last, luapool__now(), memory_order_relaxed);
   atomic_fetch_add(&r->n, 1);

@@ -673,6 +673,12 @@ static void end_native(ioloop *lp, io_task *t) {
 
 /* {====== the loop's Lua state and its hooks */
 
+/* Has a cancelling stop (cancel_inline) reached the run on the loop
+** thread itself, which no pass of the loop will see? */
+static int inline_stopped(ioloop *lp) {
+  return lp->cur == NULL && atomic_load(&lp->inline_run) && luapool__interrupted(&lp->intr);
+}
+
 /* The count hook of a call with a deadline, and what STOP_SIGNAL sets on
 ** the running coroutine: a stop that applies yields the coroutine back to
 ** the loop, which ends it (no pcall in the task can catch a yield); where
@@ -709,7 +715,7 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
   } else if ((t && ((atomic_load(&lp->cancel_all) && luapool__future_cancel_running(t->f)) ||
                     ((atomic_load(&lp->cancel_all) || atomic_load(&lp->cancel_pending)) &&
                      luapool__future_state(t->f) == LP_CANCELLED))) ||
-             (t == NULL && atomic_load(&lp->inline_run) && luapool__interrupted(&lp->intr))) {
+             inline_stopped(lp)) {
     /* cancel_all: shutdown{cancel_running}; cancel_pending: f:cancel().  The
     ** hook may run more than once before the task yields (a call or return
     ** event sets the count hook, and the count event yields): a future
@@ -738,7 +744,7 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
 
 static void io_arm_hook(lua_State *L, lp_wstate *ws) {
   ioloop *lp = loop_of_ws(ws);
-  if (lp->cur == NULL && atomic_load(&lp->inline_run) && luapool__interrupted(&lp->intr))
+  if (inline_stopped(lp))
     lua_sethook(L, io_hook, LUA_MASKCOUNT, 1); /* stopped before it began (cancel_inline) */
   else if (ws->deadline > 0)
     lua_sethook(L, io_hook, LUA_MASKCOUNT, 1000);

@@ -103,6 +103,43 @@ describe("signals on the host", function()
     end)
   end
 
+  -- A pool left open is stopped while the state closes, and its joins give
+  -- up on a thread stuck in system() half a second after a signal: the
+  -- host then exited 0, as if the script had finished, and said the
+  -- threads "did not stop within 5 seconds".
+  for _, sig in ipairs { { "INT", 130 }, { "TERM", 143 } } do
+    it("SIG" .. sig[1] .. " while the script's end stops a pool left open: exit " .. sig[2],
+      function()
+        local child = os.tmpname()
+        local run = start(PRELUDE .. [[
+          local child = select(2, ...)
+          local p = threadpool.new { max_workers = 1, name = "left" }
+          p:submit(function(path)
+            return os.execute("echo $$ > " .. path .. "; exec sleep 20")
+          end, child)
+          while not (io.open(child) and io.open(child):read("n")) do luapool.sleep(0.01) end
+          ready()]], child)
+        run:ready(1)
+        luapool.sleep(0.3) -- (the script has ended: its pool's join waits out the 5 s)
+        run:kill(sig[1])
+        local out, err, code, took = run:finish()
+        local pid = tonumber(h.slurp(child))
+        if pid then os.execute("kill " .. pid .. " 2>/dev/null") end
+        os.remove(child)
+        assert.are.equal(sig[2], code)
+        assert.are.equal("", out)
+        local waited = assert(err:match(
+          "^luapool: pool 'left' was collected while still open: 0 queued tasks cancelled, " ..
+          "1 running task interrupted %(close it, or call shutdown%(%), to wait for its work%)\n" ..
+          "luapool: 1 worker thread%(s%) of pool 'left' did not stop within ([%d.]+) seconds " ..
+          "and were left running\nluapool: interrupted: the script received SIG" .. sig[1] ..
+          "\n$"), err)
+        -- half a second after the signal, which came about 0.3 s into the join
+        assert.is_true(tonumber(waited) >= 0.5 and tonumber(waited) < 5, waited)
+        assert.is_true(took < 4, ("took %.1f s"):format(took))
+      end)
+  end
+
   it("leaves an iopool's later tasks free to wait after a caught SIGINT", function()
     -- (the stop stayed set in the loop's stop block, which its tasks wait
     -- under: every later task's wait failed "interrupted: Ctrl-C": helper-50)

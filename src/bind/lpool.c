@@ -740,9 +740,9 @@ static int pool_gc(lua_State *L) {
     }
     if (stuck) { /* the pool stays allocated: its stuck threads use it */
       fprintf(stderr,
-              "luapool: %d worker thread(s) of pool '%s' did not stop within %g "
+              "luapool: %d worker thread(s) of pool '%s' did not stop within %.2g "
               "seconds and were left running\n",
-              stuck, u->p->name, luapool__stop_grace());
+              stuck, u->p->name, u->p->stuck_after);
       luapool__pool_forget(u->p);
     } else {
       luapool__pool_destroy(u->p);

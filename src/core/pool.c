@@ -326,7 +326,13 @@ double luapool__stop_grace(void) {
   return atomic_load(&luapool__ending_on_signal) ? SIGNAL_GRACE : 5.0;
 }
 
-int luapool__pool_join(lp_pool *p, pthread_t t, double *give_up, int *stopped) {
+void luapool__join_begin(lp_join *j, int interrupt) {
+  j->began = luapool__now();
+  j->give_up = interrupt ? j->began + luapool__stop_grace() : 0;
+  j->stopped = 0;
+}
+
+int luapool__pool_join(lp_pool *p, pthread_t t, lp_join *j) {
   /* With the host's handler installed, a Ctrl-C during the wait stops the
   ** running tasks (the caller raises once the threads are gone).  When the
   ** tasks were told to stop, a thread that still runs after the grace is
@@ -335,19 +341,22 @@ int luapool__pool_join(lp_pool *p, pthread_t t, double *give_up, int *stopped) {
   ** stop of its own (shutdown, <close>) starts that grace: joined with no
   ** limit, one task in os.execute held the script past its Ctrl-C, and
   ** one stuck for good held it for ever (helper-49). */
-  while (*give_up > 0 || atomic_load(&luapool__signals_handled)) {
+  while (j->give_up > 0 || atomic_load(&luapool__signals_handled)) {
     struct timespec ts; /* joins as soon as the thread ends, else 20 ms */
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_nsec += 20000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
     if (pthread_timedjoin_np(t, NULL, &ts) == 0) return 1;
-    if (!*stopped && luapool__signal_for_me()) {
+    if (!j->stopped && luapool__signal_for_me()) {
       luapool__pool_interrupt(p);
-      *stopped = 1;
+      j->stopped = 1;
       double soon = luapool__now() + SIGNAL_GRACE; /* (a closing pool's 5 s too) */
-      if (*give_up == 0 || *give_up > soon) *give_up = soon;
+      if (j->give_up == 0 || j->give_up > soon) j->give_up = soon;
     }
-    if (*give_up > 0 && luapool__now() > *give_up) return 0;
+    if (j->give_up > 0 && luapool__now() > j->give_up) {
+      p->stuck_after = j->give_up - j->began; /* for its report (the owner's) */
+      return 0;
+    }
   }
   pthread_join(t, NULL);
   return 1;

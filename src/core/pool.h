@@ -51,6 +51,7 @@ struct lp_pool {
   lp_future *cbhead; /* mutex: cbmu; each holds a reference */
   atomic_int ncb;    /* non-zero when cbhead may be non-empty */
   double task_timeout;
+  double stuck_after;                    /* seconds the last stop that gave up waited */
   uint64_t nsubmitted;                   /* owner only: numbers tasks for reports */
   struct lp_pool *prev_live, *next_live; /* all live pools (Ctrl-C); mutex: live_mu */
   char *init_msg;                        /* initializer + initargs as a task message */
@@ -107,13 +108,22 @@ void luapool__interrupt_all(void);
 ** once the host is ending on an uncaught Ctrl-C/SIGTERM, which must exit
 ** within a second. */
 double luapool__stop_grace(void);
+/* The joins of one engine stop, shared by all of them. */
+typedef struct lp_join {
+  double began;   /* luapool__now() at the stop */
+  double give_up; /* when the joins give up; 0: no limit (yet) */
+  int stopped;    /* a Ctrl-C during the joins interrupted the pool */
+} lp_join;
+/* Starts a stop's joins: with a limit of luapool__stop_grace() when the
+** stop interrupted its tasks, else none. */
+void luapool__join_begin(lp_join *j, int interrupt);
 /* Joins thread t of pool p for an engine's stop: with the host's signal
-** handling, a Ctrl-C during the wait interrupts the pool (once: *stopped)
-** and, when *give_up is 0 (a stop that interrupts nothing), sets it to a
-** moment later; gives up at *give_up (luapool__now() time) when it is
-** not 0.  Shared by the joins of one stop.  1 joined, 0 given up (the
-** thread is left running). */
-int luapool__pool_join(lp_pool *p, pthread_t t, double *give_up, int *stopped);
+** handling, a Ctrl-C during the wait interrupts the pool (once) and
+** brings j->give_up to half a second later at the most (when it is 0, a
+** stop that interrupts nothing, it sets it); gives up at j->give_up when
+** it is not 0, and then records in p->stuck_after how long it waited.
+** 1 joined, 0 given up (the thread is left running). */
+int luapool__pool_join(lp_pool *p, pthread_t t, lp_join *j);
 /* Starts a thread for an engine with the asynchronous signals blocked, so
 ** SIGINT and SIGTERM reach the host and a dead socket never raises
 ** SIGPIPE in it.  pthread_create's result. */

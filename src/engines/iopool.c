@@ -1331,12 +1331,13 @@ static int io_stop(lp_pool *p, int interrupt, int wait) {
   }
   pthread_mutex_unlock(&p->mu);
   if (!wait) return 0;
-  int stopped = 0, stuck = 0;
-  double give_up = interrupt ? luapool__now() + luapool__stop_grace() : 0;
+  int stuck = 0;
+  lp_join j;
+  luapool__join_begin(&j, interrupt);
   for (int i = 0; i < n; i++) {
     ioloop *lp = io->loops[i];
     if (lp->joined) continue;
-    if (!luapool__pool_join(p, lp->thread, &give_up, &stopped)) {
+    if (!luapool__pool_join(p, lp->thread, &j)) {
       stuck++;
       continue;
     }

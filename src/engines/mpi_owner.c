@@ -783,9 +783,9 @@ static int owner_stop(lp_pool *p, int interrupt, int wait) {
   pthread_cond_signal(&ms->cv); /* closing: it ends once the work is done */
   pthread_mutex_unlock(&p->mu);
   if (!wait || ms->joined || !ms->started) return 0;
-  int stopped = 0;
-  double give_up = interrupt ? luapool__now() + luapool__stop_grace() : 0;
-  if (!luapool__pool_join(p, ms->thread, &give_up, &stopped)) return 1;
+  lp_join j;
+  luapool__join_begin(&j, interrupt);
+  if (!luapool__pool_join(p, ms->thread, &j)) return 1;
   ms->joined = 1;
   return 0;
 }

@@ -127,6 +127,7 @@ static int load_readline(void) {
 
 static const char *progname = "luapool"; /* NULL at the prompt */
 static atomic_int exit_signal;           /* the last signal received */
+static atomic_int signals_taken;         /* how many were received */
 static atomic_int ending;                /* the host is ending on an uncaught one */
 static int uncaught_interrupt;           /* the script ended on it: exit 128 + it */
 static int in_repl;                      /* in the REPL, a SIGINT ends only the statement */
@@ -156,6 +157,7 @@ static const lp_mpi_plugin *mpi_plugin; /* --mpi: rank 0 of an MPI job */
 static void take_signal(int sig) {
   int none = 0;
   atomic_store(&exit_signal, sig);
+  atomic_fetch_add(&signals_taken, 1);
   if (!atomic_load(&luapool__signals_handled) || atomic_load(&ending) ||
       !atomic_compare_exchange_strong(&luapool__signal, &none, sig))
     _exit(128 + sig);
@@ -288,6 +290,14 @@ static void end_on_signal(void) {
   uncaught_interrupt = 1;
   atomic_store(&ending, 1);
   atomic_store(&luapool__ending_on_signal, 1);
+}
+
+/* A signal the script did not see (it came after its last wait or hook,
+** or while the state closed): the host ends on it all the same. */
+static void end_late(int sig) {
+  end_on_signal();
+  l_message(sig == SIGTERM ? "interrupted: the script received SIGTERM"
+                           : "interrupted: the script received SIGINT");
 }
 
 /* Message handler: non-string errors go through __tostring when they have
@@ -866,12 +876,14 @@ static void *run_host(void *arg) {
   /* A signal that came after the script's last wait or hook: the script
   ** did not finish on its own terms. */
   int late = atomic_load(&luapool__signal);
-  if (late && !uncaught_interrupt) {
-    end_on_signal();
-    l_message(late == SIGTERM ? "interrupted: the script received SIGTERM"
-                              : "interrupted: the script received SIGINT");
-  }
+  if (late && !uncaught_interrupt) end_late(late);
+  int taken = atomic_load(&signals_taken);
   lua_close(L);
+  /* A signal during lua_close (the joins of pools left open, which give
+  ** up on a stuck thread half a second after it) ends the host as one in
+  ** the script would: it exited 0 as if the script had finished. */
+  if (atomic_load(&signals_taken) != taken && !uncaught_interrupt)
+    end_late(atomic_load(&exit_signal));
   /* The loop the script's blocking requests ran on: closed here, its kept
   ** connections reset (luapool__hl_close_fd), not left to exit's FIN and
   ** TIME_WAIT. */

@@ -118,6 +118,27 @@ describe("a process worker's death", function()
   end)
 end)
 
+describe("a processpool started with SIGCHLD ignored", function()
+  -- (inherited from whatever started luapool: the kernel then reaps the
+  -- workers itself, and their exit statuses are gone; without own_reaping
+  -- this said "exited with status 0")
+  it("still knows how its workers died, and replaces them", function()
+    local script = h.tempfile([[
+      local p <close> = processpool.new { max_workers = 1, name = "reap" }
+      print(select(2, pcall(function() return p:submit(os.exit, 3):result() end)).message)
+      print(p:submit(function() return "after" end):result())]])
+    finally(function() os.remove(script) end)
+    local out, err = os.tmpname(), os.tmpname()
+    local ok = os.execute(("perl -e '$SIG{CHLD} = \"IGNORE\"; exec @ARGV' %s %s >%s 2>%s </dev/null")
+      :format(q(h.bin), q(script), out, err))
+    local so, se = h.slurp(out), h.slurp(err)
+    os.remove(out); os.remove(err)
+    assert.are.equal("", se)
+    assert.is_true(ok)
+    assert.matches("^worker reap%-1 %(pid %d+%) exited with status 3 while running task #1\nafter\n$", so)
+  end)
+end)
+
 describe("a process task blocked in os.execute", function()
   it("ends at once on Ctrl-C: the worker is killed, nothing waits for the command", function()
     local noted = pidfile()

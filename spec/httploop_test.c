@@ -255,11 +255,16 @@ static void *raw_main(void *p) {
         ans++;
       }
       size_t len = strlen(ans), off = 0;
+      char *bytes = malloc(len ? len : 1); /* '\2' goes out as a NUL (no C string holds one) */
+      if (bytes == NULL) break;
+      for (size_t k = 0; k < len; k++)
+        bytes[k] = ans[k] == '\2' ? '\0' : ans[k];
       while (off < len) {
-        ssize_t w = send(fd, ans + off, len - off, MSG_NOSIGNAL);
+        ssize_t w = send(fd, bytes + off, len - off, MSG_NOSIGNAL);
         if (w <= 0) break;
         off += (size_t)w;
       }
+      free(bytes);
       if (unasked) { /* kept open a while: a client that reuses it reads these bytes */
         usleep(1000000);
         break;
@@ -364,6 +369,12 @@ static void raw_run(raw_srv *s, int nreq, raw_out *out, int max_redirs) {
 static void test_raw_answers(void) {
   static char big[200 * 1024 + 64];
   snprintf(big, sizeof big, "HTTP/1.1 200 OK\r\nX-Big: %0*d\r\n\r\n", 200 * 1024, 0);
+  /* 400 header lines of 1 KB: past the 300 KiB limit, counted line by line */
+  static char headers400[400 * 1040 + 128];
+  size_t mn = (size_t)snprintf(headers400, sizeof headers400, "HTTP/1.1 200 OK\r\n");
+  for (int k = 0; k < 400; k++)
+    mn += (size_t)snprintf(headers400 + mn, sizeof headers400 - mn, "X-H%d: %0*d\r\n", k, 1000, 0);
+  snprintf(headers400 + mn, sizeof headers400 - mn, "Content-Length: 5\r\n\r\nhello");
   static const struct {
     const char *name, *answer;
     int state;
@@ -412,6 +423,35 @@ static void test_raw_answers(void) {
        LP_H_FAILED, 0, "",
        "Failure when receiving data from the peer (Too long hexadecimal number in "
        "chunked-encoding)"},
+      /* the checks of lib/http.c, with its messages (helper-53) */
+      {"nul in a header", "HTTP/1.1 200 OK\r\nX-N: a\2b\r\nContent-Length: 5\r\n\r\nhello",
+       LP_H_FAILED, 0, "", "Weird server reply (Nul byte in header)"},
+      {"nul in the status line", "HTTP/1.1 200 O\2K\r\nContent-Length: 5\r\n\r\nhello", LP_H_FAILED,
+       0, "", "Weird server reply (Nul byte in header)"},
+      {"no colon", "HTTP/1.1 200 OK\r\nNoColon\r\nContent-Length: 5\r\n\r\nhello", LP_H_FAILED, 0,
+       "", "Weird server reply (Header without colon)"},
+      {"obs-fold", "HTTP/1.1 200 OK\r\nX-A: 1\r\n continued\r\nContent-Length: 5\r\n\r\nhello",
+       LP_H_OK, 200, "hello", ""},
+      {"code 099", "HTTP/1.1 099 Low\r\nContent-Length: 5\r\n\r\nhello", LP_H_FAILED, 0, "",
+       "Unsupported protocol (Unsupported response code in HTTP response)"},
+      {"code of 2 digits", "HTTP/1.1 20 OK\r\nContent-Length: 5\r\n\r\nhello", LP_H_FAILED, 0, "",
+       "Unsupported protocol (Unsupported response code in HTTP response)"},
+      {"code of 4 digits", "HTTP/1.1 2000 OK\r\nContent-Length: 5\r\n\r\nhello", LP_H_FAILED, 0, "",
+       "Unsupported protocol (Unsupported response code in HTTP response)"},
+      {"version 1.2", "HTTP/1.2 200 OK\r\nContent-Length: 5\r\n\r\nhello", LP_H_FAILED, 0, "",
+       "Unsupported protocol (Unsupported HTTP version (1.2) in response)"},
+      {"many headers", headers400, LP_H_FAILED, 0, "",
+       "Failure when receiving data from the peer (Too large response headers: 307957 > 307200)"},
+      /* a trailer that is no header fails the body (before, "0x5" was
+      ** read as the last chunk, and its data as trailers: an empty body) */
+      {"trailer with no colon",
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nNoColon\r\n\r\n",
+       LP_H_FAILED, 0, "hello",
+       "A libcurl function was given a bad argument (Failed reading the chunked-encoded stream)"},
+      {"chunk size 0x5",
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+       LP_H_FAILED, 0, "",
+       "A libcurl function was given a bad argument (Failed reading the chunked-encoded stream)"},
       {"huge chunk size",
        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8000000000000000\r\nhello\r\n",
        LP_H_FAILED, 0, "",
@@ -436,6 +476,35 @@ static void test_raw_answers(void) {
         CHECK(strstr(o.hdr, "\r\nX-Trailer: 1\r\n") != NULL, "%s: trailer: %s", m, o.hdr);
       if (strcmp(cases[i].name, "continue") == 0)
         CHECK(strncmp(o.hdr, "HTTP/1.1 201 Created\r\n", 22) == 0, "%s: headers: %s", m, o.hdr);
+    }
+    /* a Location the URL API refuses: libcurl's code and message (native
+    ** said "not enough memory", and skipped retries: helper-53) */
+    static const struct {
+      const char *location, *err;
+    } redirects[] = {
+        {"mailto:a@127.0.0.1",
+         "Unsupported protocol (The redirect target URL could not be parsed: Unsupported URL "
+         "scheme)"},
+        {"http://127.0.0.1:99999/",
+         "URL using bad/illegal format or missing URL (The redirect target URL could not be "
+         "parsed: Port number was not a decimal number between 0 and 65535)"},
+        {"/o\1k", "URL using bad/illegal format or missing URL (The redirect target URL could not "
+                  "be parsed: Bad path)"},
+    };
+    for (size_t i = 0; i < sizeof redirects / sizeof redirects[0]; i++) {
+      char answer[256];
+      snprintf(answer, sizeof answer,
+               "HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n",
+               redirects[i].location);
+      raw_srv rs;
+      memset(&rs, 0, sizeof rs);
+      rs.conns[0][0] = answer;
+      raw_start(&rs);
+      raw_out ro;
+      raw_run(&rs, 1, &ro, 5);
+      raw_stop(&rs);
+      CHECK(ro.state == LP_H_FAILED && strcmp(ro.err, redirects[i].err) == 0, "%s, %s: %d %ld '%s'",
+            mode ? "curl" : "native", redirects[i].location, ro.state, ro.status, ro.err);
     }
     /* a kept-alive connection the server closes as the next request comes:
     ** that request goes again on a new connection, not counted */

@@ -377,8 +377,10 @@ static int sends_body(const lp_hreq *r) {
 
 /* The request head in l->wbuf, as libcurl 7.88 writes it (its order: Host,
 ** User-Agent, Accept, the user's lines, then Content-Length and
-** Content-Type for a body).  No Accept-Encoding: a native answer is never
-** decoded, so none is asked for.  -1: out of memory. */
+** Content-Type for a body), but with "Accept-Encoding: identity" where
+** libcurl lists its decoders: a native answer is never decoded, and a
+** request with no Accept-Encoding would accept any coding (RFC 9110
+** 12.5.3), so a server could compress it unasked.  -1: out of memory. */
 static int build_head(lp_hloop *l, const lp_hreq *r, size_t *out) {
   size_t n = 0;
   int rc = ADDS(r->method) | ADDS(" ") | ADDS(r->path) | ADDS(" HTTP/1.1\r\n");
@@ -392,6 +394,7 @@ static int build_head(lp_hloop *l, const lp_hreq *r, size_t *out) {
   }
   if (!user_has(r, "user-agent")) rc |= ADDS("User-Agent: " USER_AGENT "\r\n");
   if (!user_has(r, "accept")) rc |= ADDS("Accept: */*\r\n");
+  rc |= ADDS("Accept-Encoding: identity\r\n"); /* (a caller's own goes to libcurl) */
   for (const struct curl_slist *h = r->hdrs; h; h = h->next)
     if (h->data != uhost) rc |= ADDS(h->data) | ADDS("\r\n");
   if (sends_body(r)) {
@@ -719,22 +722,53 @@ static void te_scan(const char *v, size_t n, int *chunked, int *other) {
   }
 }
 
+static int is_digit(char ch) { return ch >= '0' && ch <= '9'; }
+
+/* The status line h[0..n) (its end of line not included), which starts
+** "HTTP/": 0 with c->http10 and c->status set, or -1 with the attempt
+** failed as libcurl fails that line (its checks in its order: the code
+** before the version). */
+static int status_line(lp_hloop *l, hconn *c, const char *h, size_t n) {
+  lp_hreq *r = c->r;
+  if (memchr(h, '\0', n) != NULL) {
+    failf(l, r, CURLE_WEIRD_SERVER_REPLY, "Nul byte in header");
+    return -1;
+  }
+  size_t k = 9;
+  int code = 0, digits = 0;
+  if (n > 9 && is_digit(h[5]) && h[6] == '.' && is_digit(h[7]) && h[8] == ' ')
+    for (; k < n && digits < 3 && is_digit(h[k]); k++, digits++)
+      code = code * 10 + (h[k] - '0');
+  if (digits == 0) { /* "HTTP/2 200", "HTTP/1.1 abc": no version and code libcurl reads */
+    failf(l, r, CURLE_UNSUPPORTED_PROTOCOL, "Unsupported HTTP version in response");
+    return -1;
+  }
+  /* "099", "20", "2000"; and "200x", which libcurl takes as 200 and RFC
+  ** 9112 does not (three digits, then a space) */
+  if (code < 100 || (k < n && h[k] != ' ')) {
+    failf(l, r, CURLE_UNSUPPORTED_PROTOCOL, "Unsupported response code in HTTP response");
+    return -1;
+  }
+  if (h[5] != '1' || (h[7] != '0' && h[7] != '1')) {
+    failf(l, r, CURLE_UNSUPPORTED_PROTOCOL, "Unsupported HTTP version (%c.%c) in response", h[5],
+          h[7]);
+    return -1;
+  }
+  c->http10 = h[7] == '0';
+  c->status = code;
+  return 0;
+}
+
 /* The header block r->hdr[0..hlen) is complete: status and framing.  0, or
 ** -1 when the attempt ended. */
 static int head_done(lp_hloop *l, hconn *c) {
   lp_hreq *r = c->r;
   const char *h = r->hdr;
   size_t n = r->hlen;
-  /* "HTTP/1.x NNN" */
-  if (n < 12 || memcmp(h, "HTTP/1.", 7) != 0 || (h[7] != '0' && h[7] != '1') || h[8] != ' ' ||
-      !(h[9] >= '1' && h[9] <= '9') || !(h[10] >= '0' && h[10] <= '9') ||
-      !(h[11] >= '0' && h[11] <= '9') ||
-      (n > 12 && h[12] != ' ' && h[12] != '\r' && h[12] != '\n')) {
-    failf(l, r, CURLE_UNSUPPORTED_PROTOCOL, "Unsupported HTTP version in response");
-    return -1;
-  }
-  c->http10 = h[7] == '0';
-  c->status = (h[9] - '0') * 100 + (h[10] - '0') * 10 + (h[11] - '0');
+  const char *nl1 = memchr(h, '\n', n);
+  size_t sl = nl1 ? (size_t)(nl1 - h) : n;
+  if (sl && h[sl - 1] == '\r') sl--;
+  if (status_line(l, c, h, sl) != 0) return -1;
   if (c->status >= 100 && c->status < 200 && c->status != 101) {
     r->hlen = 0; /* informational: the next block is the answer */
     c->line_start = 0;
@@ -742,14 +776,25 @@ static int head_done(lp_hloop *l, hconn *c) {
   }
   int chunked = 0, te_other = 0, close_ = c->http10, have_len = 0;
   uint64_t len = 0;
-  size_t i = 0;
+  size_t i = nl1 ? (size_t)(nl1 - h) + 1 : n; /* the header lines, after the status line */
   while (i < n) {
     const char *line = h + i, *nl = memchr(line, '\n', n - i);
     size_t ln = nl ? (size_t)(nl - line) : n - i;
     i += ln + 1;
     if (ln && line[ln - 1] == '\r') ln--;
+    if (ln == 0) continue; /* the block's end */
+    /* as libcurl: a NUL is refused (RFC 9110 5.5), and so is a line that
+    ** is no header, unless it continues one (obs-fold) */
+    if (memchr(line, '\0', ln) != NULL) {
+      failf(l, r, CURLE_WEIRD_SERVER_REPLY, "Nul byte in header");
+      return -1;
+    }
+    if (line[0] == ' ' || line[0] == '\t') continue;
     const char *colon = memchr(line, ':', ln);
-    if (colon == NULL) continue;
+    if (colon == NULL) {
+      failf(l, r, CURLE_WEIRD_SERVER_REPLY, "Header without colon");
+      return -1;
+    }
     size_t nn = (size_t)(colon - line);
     const char *v = colon + 1;
     size_t vn = ln - nn - 1;
@@ -828,6 +873,23 @@ static int counted_body(hconn *c, const char *p, size_t n, size_t *i, int then) 
 static void chunk_size_read(hconn *c) {
   c->ps = c->left ? P_CDATA : P_TRAILER;
   c->trailer_len = 0;
+  c->line_start = c->r->hlen; /* where the first trailer line goes */
+}
+
+/* A trailer line has ended (in r->hdr from c->line_start, its end of line
+** included): 0, or -1 with the attempt failed as libcurl fails a trailer
+** that is no header (which also ends a size line "0x5" read as 0 and an
+** extension: its data and the rest are then trailers). */
+static int trailer_line(lp_hloop *l, hconn *c) {
+  lp_hreq *r = c->r;
+  const char *line = r->hdr + c->line_start;
+  size_t ln = r->hlen - c->line_start;
+  while (ln && (line[ln - 1] == '\n' || line[ln - 1] == '\r'))
+    ln--;
+  c->line_start = r->hlen;
+  if (ln == 0 || (memchr(line, ':', ln) != NULL && memchr(line, '\0', ln) == NULL)) return 0;
+  failf(l, r, CURLE_BAD_FUNCTION_ARGUMENT, "Failed reading the chunked-encoded stream");
+  return -1;
 }
 
 /* Feeds n received bytes to the parser.  0: more wanted (or P_DONE with
@@ -859,6 +921,14 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
           size_t line_len = r->hlen + (pos - a) + 1 - c->line_start;
           i = pos + 1;
           if (line_len > MAX_HEADER_LINE) break;
+          /* counted line by line, as libcurl counts: the total at the
+          ** first line past the limit (not at the end of this read) */
+          size_t total = c->hbytes + (i - a);
+          if (total > MAX_HEADERS) {
+            failf(l, r, CURLE_RECV_ERROR, "Too large response headers: %zu > %zu", total,
+                  MAX_HEADERS);
+            return -1;
+          }
           /* an empty line ("\n" or "\r\n") ends the block */
           if (line_len == 1 ||
               (line_len == 2 && (pos > a ? p[pos - 1] == '\r' : r->hdr[r->hlen - 1] == '\r'))) {
@@ -874,11 +944,6 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
           return -1;
         }
         c->hbytes += take;
-        if (c->hbytes > MAX_HEADERS) {
-          failf(l, r, CURLE_RECV_ERROR, "Too large response headers: %zu > %zu", c->hbytes,
-                MAX_HEADERS);
-          return -1;
-        }
         if (luapool__hl_append(&r->hdr, &r->hlen, &r->hcap, p + a, take, 256) != 0) {
           r->oom = 1;
           end(l, r, CURLE_OUT_OF_MEMORY);
@@ -970,7 +1035,10 @@ static int parse(lp_hloop *l, hconn *c, const char *p, size_t n, size_t *used) {
           goto oom;
         i = e;
         if (nl) {
-          if (last) c->ps = P_DONE;
+          if (last)
+            c->ps = P_DONE;
+          else if (trailer_line(l, c) != 0)
+            return -1;
           c->trailer_len = 0;
         }
         break;
@@ -1011,21 +1079,39 @@ static char *location(const lp_hreq *r) {
 }
 
 /* loc resolved against base as libcurl resolves a redirect (its URL API),
-** or NULL. */
-static char *resolve(const char *base, const char *loc) {
+** or NULL with *uc the URL API's code (CURLUE_OUT_OF_MEMORY also when the
+** copy failed). */
+static char *resolve(const char *base, const char *loc, CURLUcode *uc) {
   CURLU *u = lc.url();
   char *out = NULL, *copy = NULL;
+  *uc = CURLUE_OUT_OF_MEMORY;
   if (u == NULL) return NULL;
-  if (lc.url_set(u, CURLUPART_URL, base, 0) == CURLUE_OK &&
-      lc.url_set(u, CURLUPART_URL, loc, 0) == CURLUE_OK &&
-      lc.url_get(u, CURLUPART_URL, &out, 0) == CURLUE_OK) {
+  if ((*uc = lc.url_set(u, CURLUPART_URL, base, 0)) == CURLUE_OK &&
+      (*uc = lc.url_set(u, CURLUPART_URL, loc, 0)) == CURLUE_OK &&
+      (*uc = lc.url_get(u, CURLUPART_URL, &out, 0)) == CURLUE_OK) {
     size_t n = strlen(out) + 1;
     copy = lp_malloc(n);
-    if (copy) memcpy(copy, out, n);
+    if (copy)
+      memcpy(copy, out, n);
+    else
+      *uc = CURLUE_OUT_OF_MEMORY;
   }
   if (out) lc.free(out);
   lc.url_cleanup(u);
   return copy;
+}
+
+/* A Location the URL API refused: libcurl's code and message for it (an
+** unsupported scheme, else a malformed URL), not "out of memory". */
+static void bad_location(lp_hloop *l, lp_hreq *r, CURLUcode uc) {
+  if (uc == CURLUE_OUT_OF_MEMORY) {
+    r->oom = 1;
+    end(l, r, CURLE_OUT_OF_MEMORY);
+    return;
+  }
+  const char *why = lc.url_strerror ? lc.url_strerror(uc) : NULL;
+  failf(l, r, uc == CURLUE_UNSUPPORTED_SCHEME ? CURLE_UNSUPPORTED_PROTOCOL : CURLE_URL_MALFORMAT,
+        "The redirect target URL could not be parsed%s%s", why ? ": " : "", why ? why : "");
 }
 
 /* r's answer is complete: the result, or a redirect to follow (natively
@@ -1043,9 +1129,14 @@ static void answered(lp_hloop *l, hconn *c) {
     failf(l, r, CURLE_TOO_MANY_REDIRECTS, "Maximum (%d) redirects followed", r->max_redirs);
     return;
   }
-  char *next = resolve(r->hop_url ? r->hop_url : r->url, loc);
+  CURLUcode uc;
+  char *next = resolve(r->hop_url ? r->hop_url : r->url, loc, &uc);
   lp_free(loc);
-  char *eff = next ? lp_malloc(strlen(next) + 1) : NULL;
+  if (next == NULL) {
+    bad_location(l, r, uc);
+    return;
+  }
+  char *eff = lp_malloc(strlen(next) + 1);
   if (eff == NULL) {
     lp_free(next);
     r->oom = 1;

@@ -132,6 +132,10 @@ static int load_libcurl(void) {
     }
     memcpy(lc_syms[i].slot, &f, sizeof f);
   }
+  /* optional: the texts of the URL API's codes (the native client's
+  ** redirect messages), since 7.80 */
+  void *f = dlsym(lib, "curl_url_strerror");
+  if (f) memcpy(&lc.url_strerror, &f, sizeof f);
   return 0;
 }
 

@@ -58,6 +58,7 @@ typedef struct lp_curl_api {
   CURLUcode (*url_get)(const CURLU *, CURLUPart, char **, unsigned int);
   void (*free)(void *);
   time_t (*getdate)(const char *, const time_t *);
+  const char *(*url_strerror)(CURLUcode); /* NULL before libcurl 7.80 */
 } lp_curl_api;
 extern lp_curl_api luapool__lc;
 

@@ -140,11 +140,16 @@ struct io_task {
   ioloop *lp;
   lp_cotask *co; /* a Lua task; NULL for a native one */
   int wait;      /* W_* (Lua tasks) */
-  lp_hreq *req;  /* W_REQ: the request it waits for (its caller's) */
-  io_timer tw;   /* W_TIMER: the sleep's end */
-  io_timer td;   /* the running call's deadline */
-  int kill;      /* K_*: end it at the next turn without resuming it */
-  int queued;    /* on the ready list */
+  /* intr_gen when it was taken: a Ctrl-C stops the tasks of earlier
+  ** generations only (against lp->intr_seen, which moves at the stops
+  ** pass, a task taken after a caught Ctrl-C but before that pass ended
+  ** interrupted: helper-51) */
+  unsigned gen;
+  lp_hreq *req; /* W_REQ: the request it waits for (its caller's) */
+  io_timer tw;  /* W_TIMER: the sleep's end */
+  io_timer td;  /* the running call's deadline */
+  int kill;     /* K_*: end it at the next turn without resuming it */
+  int queued;   /* on the ready list */
   io_task *rnext;
   io_task *prev, *next; /* the loop's tasks */
   /* native fetch_length calls */
@@ -468,7 +473,7 @@ static void run_co(ioloop *lp, io_task *t) {
     luapool__hloop_add(lp->hl, t->req, on_req_done, t);
     return;
   }
-  if (st == LP_CO_DONE && atomic_load(&lp->intr_gen) != lp->intr_seen)
+  if (st == LP_CO_DONE && atomic_load(&lp->intr_gen) != t->gen)
     t->kill = K_INTR; /* Ctrl-C raised in it where it could not yield */
   if (st == LP_CO_YIELD) {
     if (t->kill) { /* stopped by its hook */
@@ -706,7 +711,7 @@ static void io_hook(lua_State *L, lua_Debug *ar) {
     luaL_error(L, "interrupted: the task's deadline passed");
     return;
   }
-  if (atomic_load(&lp->intr_gen) != lp->intr_seen) {
+  if (atomic_load(&lp->intr_gen) != (t ? t->gen : lp->intr_seen)) {
     kill = K_INTR;
     why = "interrupted: Ctrl-C";
   } else if (atomic_load(&lp->closing_intr)) {
@@ -907,9 +912,11 @@ static int is_kernel_msg(const char *msg, size_t len) {
 }
 
 /* Begins f, just taken and started (its place counted): a task of the
-** loop, or an inline run settled here.  intr: Ctrl-C came since. */
-static void begin_task(ioloop *lp, lp_future *f, int intr) {
+** loop, or an inline run settled here.  gen: the intr_gen it was taken
+** in (a Ctrl-C came since when that has moved on). */
+static void begin_task(ioloop *lp, lp_future *f, unsigned gen) {
   lp_pool *p = lp->p;
+  int intr = atomic_load(&lp->intr_gen) != gen;
   char label[48];
   io_task *t = lp_calloc(1, sizeof *t);
   if (t == NULL) {
@@ -919,6 +926,7 @@ static void begin_task(ioloop *lp, lp_future *f, int intr) {
   }
   t->f = f;
   t->lp = lp;
+  t->gen = gen;
   t->tw = (io_timer){0, t, -1};
   t->td = (io_timer){0, t, -1};
   /* room for this task's two timers, so a timer never fails to start */
@@ -1051,7 +1059,7 @@ static void end_now(ioloop *lp, io_task *t) {
       luapool__future_unref(f);
       continue;
     }
-    begin_task(lp, f, atomic_load(&lp->intr_gen) != taken_gen);
+    begin_task(lp, f, taken_gen);
     break;
   }
   lp->ending = 0;
@@ -1102,13 +1110,13 @@ static void *loop_main(void *arg) {
       luapool__future_unref(take[63 - i]);
     if (done) break;
     for (int i = 0; i < ntake; i++)
-      begin_task(lp, take[i], atomic_load(&lp->intr_gen) != taken_gen);
+      begin_task(lp, take[i], taken_gen);
     /* stops */
     unsigned g = atomic_load(&lp->intr_gen);
     if (g != lp->intr_seen) {
       lp->intr_seen = g;
       for (io_task *t = lp->tasks; t; t = t->next)
-        task_kill(lp, t, K_INTR);
+        if (t->gen != g) task_kill(lp, t, K_INTR);
       /* Passed on: the stop in lp->intr, which the loop's tasks wait under
       ** (a future's result in a task), no longer matches.  Left set, every
       ** later task's wait failed "interrupted: Ctrl-C" (helper-50).  A

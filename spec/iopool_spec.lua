@@ -367,6 +367,34 @@ describe("iopool", function()
       end)
     end
 
+    -- f:cancel() of a task run on the loop thread itself: it returned true
+    -- and the kernel ran on, holding the loop and every later task for its
+    -- whole time (helper-51's suspicion: 102 s for sum_squares(1 << 36)).
+    -- An initializer the cancel stops runs again for the next task.
+    -- luacheck: globals RUNS
+    for _, case in ipairs {
+      { "a kernel", {}, luapool.kernels.sum_squares, 1 << 40 },
+      { "the initializer it waits for", { initializer = function()
+        RUNS = (RUNS or 0) + 1
+        if RUNS == 1 then local t = luapool.now() while luapool.now() - t < 60 do end end
+      end }, function() return "ran" end },
+    } do
+      it("f:cancel() stops " .. case[1] .. " running on the loop itself", function()
+        local p <close> = iopool.new(case[2])
+        local f = p:submit(case[3], case[4])
+        h.wait_until(function() return f:running() end, "the task to run")
+        assert.is_true(f:cancel())
+        assert.are.equal("cancelled\tthe task was cancelled", f:exception().kind .. "\t" .. f:exception().message)
+        -- the loop is free again: the next task runs at once (its limit is far
+        -- below the run's 60 s, hours for the kernel)
+        assert.are.equal(case[2].initializer and 2 or 7,
+          p:submit(function() return RUNS or 7 end):result(20))
+        assert.are.same({ running = 0, failed = 0, cancelled = 1, done = 1, broken = nil },
+          { running = p:stats().running, failed = p:stats().failed, cancelled = p:stats().cancelled,
+            done = p:stats().done, broken = p.broken })
+      end)
+    end
+
     it("cancel_running is refused by pools that cannot cancel a running task", function()
       for _, kind in ipairs { "threadpool", "processpool" } do
         local p <close> = luapool[kind].new { max_workers = 1 }

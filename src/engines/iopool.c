@@ -190,6 +190,9 @@ struct ioloop {
   ** initializer, a kernel), where no pass of the loop sees cancel_all: a
   ** cancelling stop stops that run itself, and says so in inline_cancel. */
   atomic_int inline_run, inline_cancel;
+  /* The future the inline run is for (a kernel's task, or the task the
+  ** initializer runs for), or NULL: f:cancel() of it stops the run too. */
+  _Atomic(lp_future *) inline_f;
   atomic_uint intr_gen;
   atomic_int closing_intr;
   /* the loop thread's own */
@@ -831,27 +834,47 @@ static void cancel_inline(ioloop *lp) {
   luapool__stop_task(&lp->intr);
 }
 
+/* f:cancel() of a running f: when the loop runs it inline (a kernel, or
+** the initializer for it), where no pass sees cancel_pending until the run
+** ends (before, the loop ran on for the kernel's whole time), the stop is
+** aimed at that run's number: read before inline_f, which the loop clears
+** before a new run takes a new number, so a run the loop has moved on to
+** is missed (seq_cst). */
+static void cancel_inline_of(ioloop *lp, lp_future *f) {
+  uint_fast64_t s = atomic_load(&lp->intr.seq);
+  if (!atomic_load(&lp->inline_run) || atomic_load(&lp->inline_f) != f) return;
+  atomic_store(&lp->inline_cancel, 1);
+  atomic_store(&lp->intr.reason, LP_STOP_SIGNAL);
+  atomic_store(&lp->intr.kill_seq, s);
+}
+
 /* Runs msg to its end on the loop thread itself (a kernel other than
 ** fetch_length, the initializer): 0 with the reply in lp->out, -1 no
 ** memory.  *stopped: 1 Ctrl-C stopped it, 2 a cancelling stop
 ** (shutdown{cancel_running = true}: before, the initializer ran on to
 ** its end, helper-49). */
-static int run_inline(ioloop *lp, const char *msg, size_t len, double timeout, uint64_t task_no,
-                      int64_t item_lo, int *stopped) {
+static int run_inline(ioloop *lp, lp_future *f, const char *msg, size_t len, int init,
+                      int *stopped) {
   lp_wstate *ws = &lp->ws;
   atomic_store(&lp->intr.seq, atomic_load(&lp->intr.seq) + 1); /* a stop aimed earlier misses */
   atomic_store(&lp->inline_cancel, 0);
-  atomic_store(&lp->inline_run, 1); /* then cancel_all: one of the two sees the other */
-  if (atomic_load(&lp->cancel_all)) cancel_inline(lp);
-  ws->call_timeout = timeout;
-  ws->task_no = task_no;
-  ws->item_lo = item_lo;
+  atomic_store(&lp->inline_f, f);
+  /* then cancel_all and cancel_pending: the owner sets those before it
+  ** reads inline_run, so one of the two sides sees the other (seq_cst) */
+  atomic_store(&lp->inline_run, 1);
+  if (atomic_load(&lp->cancel_all) ||
+      (atomic_load(&lp->cancel_pending) && luapool__future_state(f) == LP_CANCELLED))
+    cancel_inline(lp);
+  ws->call_timeout = f->timeout;
+  ws->task_no = init ? 0 : f->task_no; /* (the initializer's messages name no task) */
+  ws->item_lo = init ? 0 : f->item_lo;
   ws->deadline = 0;
   lp->out.len = 0;
   if (ws->L) luapool__set_task_state(ws->L);
   int st = luapool__run_message(ws, msg, len, &lp->out);
   luapool__set_task_state(NULL);
   atomic_store(&lp->inline_run, 0);
+  atomic_store(&lp->inline_f, NULL);
   ws->deadline = 0;
   *stopped = !luapool__signal_stopped(&lp->intr) ? 0 : atomic_load(&lp->inline_cancel) ? 2 : 1;
   if (*stopped) atomic_fetch_add(&lp->intr.seq, 1); /* (spent: see the loop's stops) */
@@ -867,8 +890,7 @@ static int loop_init(ioloop *lp, lp_future *f) {
   if (p->init_msg == NULL) return 0;
   char why[768], err[600];
   int stopped;
-  if (loop_lua(lp) == NULL ||
-      run_inline(lp, p->init_msg, p->init_len, f->timeout, 0, 0, &stopped) != 0)
+  if (loop_lua(lp) == NULL || run_inline(lp, f, p->init_msg, p->init_len, 1, &stopped) != 0)
     snprintf(err, sizeof err, "not enough memory");
   else if (luapool__reply_failed(lp->out.p, lp->out.len, err, sizeof err) == 0)
     return 0;
@@ -985,10 +1007,10 @@ static void begin_task(ioloop *lp, lp_future *f, unsigned gen) {
   }
   if (nat != 0 || is_kernel_msg(f->msg, f->msglen)) {
     int stopped;
-    if (run_inline(lp, f->msg, f->msglen, f->timeout, f->task_no, f->item_lo, &stopped) != 0)
+    if (run_inline(lp, f, f->msg, f->msglen, 0, &stopped) != 0)
       finish_reply(lp, t, NULL, 0);
-    else if (stopped == 2 && luapool__future_cancel_running(f))
-      ; /* (cancelled: nothing to settle) */
+    else if (stopped == 2)
+      (void)luapool__future_cancel_running(f); /* (or f:cancel() did: nothing to settle) */
     else if (stopped)
       luapool__future_fail(f, LP_EK_INTERRUPTED, "%s was interrupted in worker %s",
                            luapool__future_label(f, label, sizeof label), lp->name);
@@ -1231,6 +1253,7 @@ static int start_loop(lp_pool *p, iopool *io, char *err, size_t errsz) {
   atomic_init(&lp->intr.kill_seq, UINT64_MAX);
   atomic_init(&lp->intr.reason, 0);
   atomic_init(&lp->cancel_pending, 0);
+  atomic_init(&lp->inline_f, NULL);
   atomic_init(&lp->cancel_all, 0);
   atomic_init(&lp->intr_gen, 0);
   atomic_init(&lp->closing_intr, 0);
@@ -1288,6 +1311,7 @@ static int io_cancel(lp_pool *p, lp_future *f) {
     ioloop *lp = io->loops[i];
     if (lp->joined) continue;
     atomic_store(&lp->cancel_pending, 1);
+    cancel_inline_of(lp, f);
     loop_wake(lp);
     pthread_kill(lp->thread, LUAPOOL_STOP_SIGNAL);
   }

@@ -442,6 +442,9 @@ static void test_raw_answers(void) {
        "Unsupported protocol (Unsupported HTTP version (1.2) in response)"},
       {"many headers", headers400, LP_H_FAILED, 0, "",
        "Failure when receiving data from the peer (Too large response headers: 307957 > 307200)"},
+      {"identity and a length",
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 3\r\n\r\nhello", LP_H_OK,
+       200, "hello", ""},
       /* a trailer that is no header fails the body (before, "0x5" was
       ** read as the last chunk, and its data as trailers: an empty body) */
       {"trailer with no colon",

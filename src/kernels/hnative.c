@@ -709,12 +709,14 @@ static int has_token(const char *v, size_t n, const char *t) {
 
 /* The codings of a Transfer-Encoding value v[0..n): *chunked when one is
 ** "chunked", *other when one is neither that nor "identity" (libcurl would
-** decode it: gzip, deflate; this client decodes none). */
-static void te_scan(const char *v, size_t n, int *chunked, int *other) {
+** decode it: gzip, deflate; this client decodes none), *any when there is
+** one at all. */
+static void te_scan(const char *v, size_t n, int *chunked, int *other, int *any) {
   size_t i = 0, len;
   while (i < n) {
     const char *tok = next_token(v, n, &i, &len);
     if (len == 0) continue;
+    *any = 1;
     if (len == 7 && strncasecmp(tok, "chunked", 7) == 0)
       *chunked = 1;
     else if (!(len == 8 && strncasecmp(tok, "identity", 8) == 0))
@@ -774,7 +776,7 @@ static int head_done(lp_hloop *l, hconn *c) {
     c->line_start = 0;
     return 0;
   }
-  int chunked = 0, te_other = 0, close_ = c->http10, have_len = 0;
+  int chunked = 0, te_other = 0, te_any = 0, close_ = c->http10, have_len = 0;
   uint64_t len = 0;
   size_t i = nl1 ? (size_t)(nl1 - h) + 1 : n; /* the header lines, after the status line */
   while (i < n) {
@@ -818,7 +820,7 @@ static int head_done(lp_hloop *l, hconn *c) {
     } else if (nn == 17 && strncasecmp(line, "transfer-encoding", 17) == 0) {
       /* the codings of every such header are one list (as libcurl reads
       ** them: chunked framing when one is chunked, whatever its place) */
-      te_scan(v, vn, &chunked, &te_other);
+      te_scan(v, vn, &chunked, &te_other, &te_any);
     } else if (nn == 10 && strncasecmp(line, "connection", 10) == 0) {
       if (has_token(v, vn, "close")) close_ = 1;
       if (c->http10 && has_token(v, vn, "keep-alive")) close_ = 0;
@@ -837,7 +839,9 @@ static int head_done(lp_hloop *l, hconn *c) {
     c->ps = P_CSIZE;
     c->digits = 0;
     c->left = 0;
-  } else if (have_len) {
+  } else if (have_len && !te_any) {
+    /* (a Transfer-Encoding overrides it, RFC 9112 6.3: "identity" is read
+    ** to the close, as libcurl reads it) */
     c->size = (int64_t)len;
     c->left = len;
     c->ps = len ? P_LENGTH : P_DONE;

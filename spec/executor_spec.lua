@@ -85,6 +85,32 @@ for _, kind in ipairs(h.engines) do
         assert.are.same({ 12, 14, 16 }, got)
       end)
 
+      -- (the caller has no handle on them: before, they all ran on, and
+      -- shutdown() waited for them: helper-52)
+      it("map cancels what it queued when an item's __index or the progress output raises", function()
+        local slow = function(x) luapool.sleep(0.2) return x end
+        for _, case in ipairs {
+          { "boom at 8", function(pool)
+            return pool:map(slow, setmetatable({}, {
+              __len = function() return 10 end,
+              __index = function(_, i) if i == 8 then error("boom at 8", 0) end return i end,
+            }), { chunksize = 1 })
+          end },
+          { "output boom", function(pool)
+            return pool:map(slow, range(7), { chunksize = 1, progress = { tty = true, interval = 0,
+              output = function() error("output boom", 0) end } })
+          end },
+        } do
+          local pool <close> = new { max_workers = 1 }
+          local ok, err = pcall(case[2], pool)
+          assert.are.same({ false, case[1] }, { ok, err })
+          local st = pool:stats()
+          assert.are.equal(0, st.pending)
+          assert.is_true(st.cancelled >= 1, case[1])
+          assert.are.equal(7, st.cancelled + st.running + st.done)
+        end
+      end)
+
       it("refuses an item that cannot travel with the caller's item number", function()
         local pool <close> = new { max_workers = 1 }
         local items = setmetatable({}, {

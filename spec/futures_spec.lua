@@ -62,8 +62,9 @@ for _, kind in ipairs(h.engines) do
         pool:submit(sleeper(0, 0)):result()
         local fs = { pool:submit(sleeper(0, 1)), pool:submit(held(gate, 2)), pool:submit(held(gate, 3)) }
         local seen = 0
+        local it = luapool.as_completed(fs, 2)
         local ok, err = pcall(function()
-          for _ in luapool.as_completed(fs, 2) do seen = seen + 1 end
+          for _ in it do seen = seen + 1 end
         end)
         open_gate(gate)
         pool:shutdown()
@@ -72,6 +73,17 @@ for _, kind in ipairs(h.engines) do
         assert.are.equal("timeout", err.kind)
         assert.are.equal("2 (of 3) futures unfinished after 2 seconds", err.message)
         assert.are.equal(1, seen)
+        -- ended: nil again, as a Lua iterator (it raised "attempt to use a
+        -- closed completion queue" from luapool's own file: helper-52)
+        assert.are.same({ true }, { pcall(it) })
+      end)
+
+      it("returns nil again once it has ended", function()
+        local pool <close> = new { max_workers = 1 }
+        local it = luapool.as_completed({ pool:submit(sleeper(0, "x")) })
+        assert.are.equal("x", it():result())
+        assert.is_nil(it())
+        assert.are.same({ true }, { pcall(it) })
       end)
 
       it("yields each future once even when listed twice, and finished ones at once", function()

@@ -351,6 +351,14 @@ print(#r)
       "write pool:imap(...), with a colon)"), err)
     _, err = pcall(function() return open.starmap({}, print, { 1 }) end) line = here()
     assert.are.equal(at(line, "calling 'starmap' on bad self (luapool.pool expected, got table)"), err)
+    -- the caller's line, not its caller's (that was named: helper-52)
+    local function inner() local r = open.map(print, { 1 }) return r end line = here()
+    _, err = pcall(function()
+      local r = inner()
+      return r
+    end)
+    assert.are.equal(at(line, "calling 'map' on bad self (luapool.pool expected, got function: " ..
+      "write pool:map(...), with a colon)"), err)
   end)
 
   it("name the line of a bad progress setting, before anything is drawn or sent", function()

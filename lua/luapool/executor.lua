@@ -75,7 +75,7 @@ end
 local function check_pool(pool, fname)
   if typename(pool) ~= "luapool.pool" then
     raise(("calling '%s' on bad self (luapool.pool expected, got %s%s)"):format(fname, typename(pool),
-      type(pool) == "function" and (": write pool:%s(...), with a colon"):format(fname) or ""), 4)
+      type(pool) == "function" and (": write pool:%s(...), with a colon"):format(fname) or ""), 3)
   end
 end
 
@@ -247,6 +247,13 @@ local function cancel_from(futures, first)
   for c = first, #futures do cancel(futures[c]) end
 end
 
+-- map's guard, to be closed: left by an error of any kind, map cancels
+-- every chunk it queued (the caller has no handle on them), as imap's
+-- closing value does.  Before, an error of the items' own __index or
+-- __len, or of the progress bar's output or now, left them all to run,
+-- and shutdown() waited for them (helper-52).
+local CANCEL_UNLESS_ENDED = { __close = function(g) if not g.ended then cancel_from(g.futures, 1) end end }
+
 -- Names the item of an error from chunk future f, whose first item is
 -- number lo: err.item = lo + k - 1 for its k-th call.  k is chunk_into's
 -- third value: it gives one for a call's own failure (a task error, a
@@ -323,6 +330,7 @@ local function map_impl(pool, fn, items, opts, star, fname)
   chunk = chunk or (task_timeout or pool.task_timeout) and 1 or auto_chunksize(pool, n)
   local deadline = timeout and now() + timeout
   local futures = {}
+  local guard <close> = setmetatable({ futures = futures }, CANCEL_UNLESS_ENDED)
   for lo = 1, n, chunk do
     local hi = lo + chunk - 1
     if hi > n then hi = n end
@@ -330,7 +338,6 @@ local function map_impl(pool, fn, items, opts, star, fname)
     if proxy or star then t, a, b = plain_chunk(items, lo, hi, star, proxy) end
     local f, err = submit_chunk(pool, fn, t, a, b, star, task_timeout, lo)
     if not f then
-      cancel_from(futures, 1)
       raise((err:gsub("^bad item (#%d+) ", "bad item %1 to '" .. fname .. "' ")), 2)
     end
     futures[#futures + 1] = f
@@ -344,15 +351,14 @@ local function map_impl(pool, fn, items, opts, star, fname)
     local ok, err, k = wait_chunk(f, results, lo, deadline, bar)
     if ok == nil then
       local missing = not_ready(futures, c, chunk, n)
-      cancel_from(futures, c)
       error(new_error("timeout", ("%s: %d of %d results not ready after %g seconds")
         :format(fname, missing, n, timeout)))
     elseif not ok then
-      cancel_from(futures, c + 1)
       error(name_item(err, f, lo, k))
     end
     bar:update(lo + chunk_size(f) - 1)
   end
+  guard.ended = true
   return results
 end
 
@@ -621,12 +627,16 @@ function luapool.as_completed(futures, timeout)
   local q, total = collect(futures, "as_completed", false)
   local yielded = 0
   local deadline = timeout and now() + timeout
+  local ended = false -- (then nil again, as an ended Lua iterator: its queue is closed)
   local function iter()
+    if ended then return nil end
     local f = q:pop(deadline and math_max(0, deadline - now()))
     if f == false then
+      ended = true
       q:close()
       return nil
     elseif f == nil then
+      ended = true
       q:close()
       error(new_error("timeout", ("%d (of %d) futures unfinished after %g seconds")
         :format(total - yielded, total, timeout)))

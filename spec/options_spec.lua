@@ -52,6 +52,12 @@ describe("pool options", function()
       assert.are.equal("unknown option '1' to 'new'", error_of(function() return T { 5 } end))
       assert.are.equal("unknown option 'max_worker' to 'new'",
         error_of(function() return T { max_worker = 2 } end))
+      -- the colon slip: it said "unknown option 'new' to 'new'" (helper-52)
+      for _, kind in ipairs { "threadpool", "processpool", "iopool" } do
+        assert.are.equal(("bad argument #1 to 'new' (options table expected, got the %s module: " ..
+          "write %s.new{...}, with a dot)"):format(kind, kind),
+          error_of(function() return luapool[kind]:new { max_workers = 1 } end))
+      end
     end)
 
   it("says which options only a processpool has", function()

@@ -304,11 +304,28 @@ static void refuse_option(lua_State *L, const lp_engine *e, const char *name) {
              note ? ": " : "", note ? note : "");
 }
 
+/* Is the table at 1 a module (its "new" a function)?  No options table
+** has that key. */
+static int is_module(lua_State *L) {
+  lua_pushliteral(L, "new");
+  int fn = lua_rawget(L, 1) == LUA_TFUNCTION;
+  lua_pop(L, 1);
+  return fn;
+}
+
 /* Checks every key of the options table at 1 and fills c and config. */
 static void read_options(lua_State *L, const lp_engine *e, lp_pool_config *c, void *config) {
   /* (named: called through pcall, luaL_checktype would say '?') */
   if (!lua_istable(L, 1))
     luaL_error(L, "bad argument #1 to 'new' (table expected, got %s)", luaL_typename(L, 1));
+  /* threadpool:new{...}: the module itself came as the options (it said
+  ** "unknown option 'new' to 'new'": helper-52) */
+  if (is_module(L)) {
+    luaL_error(L,
+               "bad argument #1 to 'new' (options table expected, got the %s module: write "
+               "%s.new{...}, with a dot)",
+               e->kind, e->kind);
+  }
   lua_pushnil(L);
   while (lua_next(L, 1)) {
     const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;

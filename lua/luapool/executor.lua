@@ -243,16 +243,17 @@ local function auto_chunksize(pool, n)
   return per > 1024 and 1024 or per
 end
 
-local function cancel_from(futures, first)
-  for c = first, #futures do cancel(futures[c]) end
-end
 
 -- map's guard, to be closed: left by an error of any kind, map cancels
 -- every chunk it queued (the caller has no handle on them), as imap's
 -- closing value does.  Before, an error of the items' own __index or
 -- __len, or of the progress bar's output or now, left them all to run,
 -- and shutdown() waited for them (helper-52).
-local CANCEL_UNLESS_ENDED = { __close = function(g) if not g.ended then cancel_from(g.futures, 1) end end }
+local CANCEL_UNLESS_ENDED = { __close = function(g)
+  if not g.ended then
+    for _, f in ipairs(g.futures) do cancel(f) end
+  end
+end }
 
 -- Names the item of an error from chunk future f, whose first item is
 -- number lo: err.item = lo + k - 1 for its k-th call.  k is chunk_into's

@@ -322,13 +322,15 @@ int luapool__pool_submit(lp_pool *p, lp_future *f, char *err, size_t errsz) {
 /* How long a thread may take to end once a signal stopped its task. */
 #define SIGNAL_GRACE 0.5
 
-double luapool__stop_grace(void) {
+/* How long a stop that interrupted its tasks waits for its threads (see
+** luapool__join_begin). */
+static double stop_grace(void) {
   return atomic_load(&luapool__ending_on_signal) ? SIGNAL_GRACE : 5.0;
 }
 
 void luapool__join_begin(lp_join *j, int interrupt) {
   j->began = luapool__now();
-  j->give_up = interrupt ? j->began + luapool__stop_grace() : 0;
+  j->give_up = interrupt ? j->began + stop_grace() : 0;
   j->stopped = 0;
 }
 

@@ -103,19 +103,15 @@ void luapool__pool_break(lp_pool *p, const char *why);
 /* Stops the work of every live pool (Ctrl-C). */
 void luapool__interrupt_all(void);
 
-/* How long a closing pool whose tasks were told to stop waits for its
-** threads before it gives up on them: 5 seconds, but only half a second
-** once the host is ending on an uncaught Ctrl-C/SIGTERM, which must exit
-** within a second. */
-double luapool__stop_grace(void);
 /* The joins of one engine stop, shared by all of them. */
 typedef struct lp_join {
   double began;   /* luapool__now() at the stop */
   double give_up; /* when the joins give up; 0: no limit (yet) */
   int stopped;    /* a Ctrl-C during the joins interrupted the pool */
 } lp_join;
-/* Starts a stop's joins: with a limit of luapool__stop_grace() when the
-** stop interrupted its tasks, else none. */
+/* Starts a stop's joins: when the stop interrupted its tasks, with a
+** limit of 5 seconds, or half a second once the host is ending on an
+** uncaught Ctrl-C/SIGTERM (it must exit within a second); else none. */
 void luapool__join_begin(lp_join *j, int interrupt);
 /* Joins thread t of pool p for an engine's stop: with the host's signal
 ** handling, a Ctrl-C during the wait interrupts the pool (once) and

@@ -47,7 +47,11 @@
 --                       iopool of 2 loops: each task a coroutine)
 --   overhead-processes  100k no-op tasks, map on 2 processes
 --   tasks-20k           20k no-op tasks, submit + result, 2 threads (luv:
---                       uv.queue_work with UV_THREADPOOL_SIZE=2; iopool: 2 loops)
+--                       uv.queue_work with UV_THREADPOOL_SIZE=2; iopool: 2 loops);
+--                       "floor" is luapool-task-floor (--task-floor; built
+--                       beside luapool from scripts/bench/task_floor.c), a
+--                       pool of 2 Lua states in C that hands integers over
+--                       and nothing else: what this machine allows any pool
 --   big-string          200 tasks each returning a 1 MiB string made in the
 --                       worker from a 1 KiB piece, 2 threads (each result
 --                       checked and dropped); "floor" makes the 200 strings in
@@ -75,6 +79,8 @@ local suite = bench.suite {
     { "aio-python", "PATH", "string", "Python with aiohttp to run it (default: /usr/bin/python3)" },
     { "wrk", "PATH", "string", "wrk command, the server's limit (default: wrk)" },
     { "floor", "PATH", "string", "the bare epoll client (default: luapool-http-floor beside the luapool binary)" },
+    { "task-floor", "PATH", "string", "the bare pool of Lua states (default: luapool-task-floor beside the "
+      .. "luapool binary)" },
     { "before", "BIN", "string", "an earlier luapool binary: each iopool fetch case and the big-string and "
       .. "big-table jobs run with it too, interleaved (before and after in the same run)" },
     { "tasks", "N", "integer", "no-op tasks in the overhead jobs (default 100000; 2000 with --quick)" },
@@ -212,6 +218,12 @@ local floor_ok = succeeds(q(floor_bin) .. " 2>&1 | grep -q usage")
 if not floor_ok then
   skipped[#skipped + 1] = ("%s not found (--floor PATH; built by CMake with the specs): the floor cases skipped")
     :format(floor_bin)
+end
+local task_floor_bin = opts["task-floor"] or ((luapool_bin:match("^(.*)/[^/]*$") or ".") .. "/luapool-task-floor")
+local task_floor_ok = succeeds(q(task_floor_bin) .. " 2>&1 | grep -q usage")
+if not task_floor_ok then
+  skipped[#skipped + 1] = ("%s not found (--task-floor PATH; built by CMake with the specs): the tasks-20k floor "
+    .. "skipped"):format(task_floor_bin)
 end
 
 -- }======
@@ -508,6 +520,14 @@ if luv_version then
     unit = "task", body = command(luv("noop", LUV_TASKS)),
   }
 end
+-- the floor: a pool of 2 Lua states in C that only hands integers over
+-- (scripts/bench/task_floor.c: no function moved, no codec, no checks)
+if task_floor_ok then
+  suite:case {
+    group = "tasks-20k", name = "floor: bare pool of Lua states x2", params = { tasks = LUV_TASKS },
+    units = LUV_TASKS, unit = "task", body = command(q(task_floor_bin) .. " " .. LUV_TASKS .. " 2"),
+  }
+end
 suite:case {
   group = "big-string", name = "luapool threadpool 1 MiB strings x2", baseline = "luapool threadpool 1 MiB strings x2",
   params = { tasks = BIG_N, bytes = BIG_STRING }, units = BIG_N, unit = "task",
@@ -579,6 +599,14 @@ end
 if luv_table_answer and (not suite.filter or ("big-table"):find(suite.filter)) then
   print(("  %-20s %-46s %6s  (%s)"):format("big-table", "luv queue_work tables of 10,000 x2", "cannot",
     luv_table_answer:gsub("^cannot: ", "")))
+end
+-- per task against the floor (issue 14's target: threads <= 1.0 us a task)
+local task_floor = r("floor: bare pool of Lua states x2")
+local lp_tasks = r("luapool threadpool submit+result x2")
+if task_floor and lp_tasks then
+  print(("tasks-20k: luapool threadpool %s/task, %.2fx the floor's %s/task (whole commands; target <= 1.0 us)")
+    :format(bench.format_time(lp_tasks.median / LUV_TASKS), lp_tasks.median / task_floor.median,
+      bench.format_time(task_floor.median / LUV_TASKS)))
 end
 -- big values against the floor (issue 14: within 2.5x of it)
 local floor = r("floor: lua5.4 makes them in one state")

@@ -17,9 +17,16 @@ assert(nurls and nurls > 0 and delay and delay >= 0, "bad --urls or --delay")
 
 local srv <close> = assert(fixture.start())
 local here = (arg and arg[0] or "scripts/demo.lua"):match("^(.*)/[^/]*$") or "."
-local exe = arg and arg[-1] or "luapool"
+-- the interpreter is arg's lowest index (options such as -W come between)
+local exe = "luapool"
+if arg and arg[-1] then
+  local k = -1
+  while arg[k - 1] do k = k - 1 end
+  exe = arg[k]
+end
 
 local urlfile = os.tmpname()
+local _ <close> = setmetatable({}, { __close = function() os.remove(urlfile) end })
 do
   local f = assert(io.open(urlfile, "w"))
   for i = 1, nurls do
@@ -48,7 +55,6 @@ local t_seq = run(("I/O job, sequential: %d URLs x %g s"):format(nurls, delay),
   "io.lua", "--sequential", "--urls", urlfile)
 local t_pool = run(("I/O job, threadpool of 10: the same %d URLs"):format(nurls),
   "io.lua", "--workers", "10", "--urls", urlfile)
-os.remove(urlfile)
 print(("== I/O speedup: %.1fx (sequential %.3f s, threadpool %.3f s, ideal %.3f s)")
   :format(t_seq / t_pool, t_seq, t_pool, math.ceil(nurls / 10) * delay))
 run("CPU job, processpool of " .. luapool.cpu_count(), "cpu.lua")

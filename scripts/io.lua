@@ -52,11 +52,17 @@ while i <= #args do
     local path = args[i + 1] or usage("--urls needs a file")
     local f, err = io.open(path)
     if not f then usage(err) end
-    for line in f:lines() do
-      line = line:match("^%s*(.-)%s*$")
-      if line ~= "" and line:sub(1, 1) ~= "#" then urls[#urls + 1] = line end
-    end
+    local before = #urls
+    local ok, rerr = pcall(function()
+      for line in f:lines() do
+        line = line:match("^%s*(.-)%s*$")
+        if line ~= "" and line:sub(1, 1) ~= "#" then urls[#urls + 1] = line end
+      end
+    end)
     f:close()
+    if not ok then usage(path .. ": " .. tostring(rerr):gsub("^.*:%d+: ", "")) end
+    -- an empty list is a mistake, never a reason to fetch the public sites
+    if #urls == before then usage(path .. ": no URLs in it") end
     i = i + 1
   elseif a == "--sequential" then
     sequential = true

@@ -490,6 +490,54 @@ describe("bench command line, in detail", function()
     assert.equal("", err)
     assert.matches("^tiny: a title\nusage: luapool ", out)
   end)
+
+  it("exits 2 before any run for an output file it cannot write or a pattern that fails on a name", function()
+    local ran = os.tmpname()
+    local script = helper.tempfile(([[
+      local bench = require "luapool.bench"
+      local suite = bench.suite { name = "tiny", title = "a title", args = { ... } }
+      suite:case { name = "a%%d", body = function() io.open(%q, "a"):write("ran\n"):close() end }
+      suite:run()
+    ]]):format(ran))
+    local out, err, code = helper.run { script, "--json", "/nonexistent/dir/out.json" }
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.equal("tiny: cannot write --json: /nonexistent/dir/out.json: No such file or directory\n", err)
+    out, err, code = helper.run { script, "--csv", "/nonexistent/dir/out.csv" }
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.equal("tiny: cannot write --csv: /nonexistent/dir/out.csv: No such file or directory\n", err)
+    -- "%f" is a frontier without its set: "" gets past it, a name does not
+    out, err, code = helper.run { script, "--filter", "a%f" }
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("^tiny: bad pattern for %-%-filter: a%%f %(missing '%[' after '%%f' in pattern%)\n$", err)
+    local f = assert(io.open(ran))
+    local text = f:read("a")
+    f:close()
+    os.remove(ran)
+    os.remove(script)
+    assert.equal("", text)
+  end)
+
+  it("ends with the host's interrupted exit 130 when a case is interrupted, not a failed case", function()
+    local script = helper.tempfile([[
+      local bench = require "luapool.bench"
+      local suite = bench.suite { name = "tiny", title = "a title", args = { ... } }
+      suite:case { name = "a", body = function()
+        local pool <close> = threadpool.new { max_workers = 1 }
+        local p = io.popen("kill -INT " .. luapool.current_worker().pid)
+        p:close()
+        pool:submit(luapool.sleep, 30):result()
+      end }
+      suite:run()
+    ]])
+    local _, err, code = helper.run { script, "--runs", "1", "--warmup", "0" }
+    os.remove(script)
+    assert.equal(130, code)
+    assert.matches("luapool: interrupted", err)
+    assert.not_matches("bench: case 'a' failed", err)
+  end)
 end)
 
 describe("bench machine description", function()

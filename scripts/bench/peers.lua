@@ -296,6 +296,10 @@ end
 local function lp(script, ...) return lp_with(luapool_bin, script, ...) end
 -- --before BIN: the same iopool case with an earlier binary, named "... (before)"
 local before = opts.before
+if before and not succeeds(q(before) .. " -v") then -- said now, not when its first case runs
+  io.stderr:write("peers: --before ", before, ": not a luapool binary that runs (", q(before), " -v failed)\n")
+  os.exit(2)
+end
 local function before_case(c, rss_name)
   if not before then return end
   local cmd = lp_with(before, LP_IO, table.unpack(c.args))

@@ -20,14 +20,19 @@ while i <= #args do
   local a = args[i]
   if a == "--rounds" or a == "--hogs" then
     local n = math.tointeger(tonumber(args[i + 1]))
-    if not n or n < 0 then
-      io.stderr:write("soak: ", a, " needs a non-negative integer\n")
+    local lo = a == "--rounds" and 1 or 0 -- no rounds: nothing to report
+    if not n or n < lo then
+      io.stderr:write("soak: ", a, lo == 1 and " needs a positive integer\n" or " needs a non-negative integer\n")
       os.exit(2)
     end
     opts[a:sub(3)] = n
     i = i + 1
   elseif a == "--json" then
-    opts.json = args[i + 1] or error("soak: --json needs a file")
+    opts.json = args[i + 1]
+    if not opts.json then
+      io.stderr:write("soak: --json needs a file\n")
+      os.exit(2)
+    end
     i = i + 1
   elseif a == "--quick" then
     opts.quick = true
@@ -94,11 +99,14 @@ local function children_cpu()
   return ((tonumber(fields[14]) or 0) + (tonumber(fields[15]) or 0)) / TICKS
 end
 
--- The hogs: shell loops, each ended by `timeout` even if this script dies.
+-- The hogs: shell loops that end once this script's process is gone (they
+-- look every few thousand turns), even after a kill -9; `timeout` as well.
 local hog_pids = {}
 local function start_hogs()
+  local me = luapool.current_worker().pid
   for _ = 1, HOGS do
-    local p = io.popen("timeout 7200 sh -c 'while :; do :; done' >/dev/null 2>&1 & echo $!")
+    local p = io.popen(("timeout 7200 sh -c 'while kill -0 %d 2>/dev/null; do i=0; "
+      .. "while [ $i -lt 5000 ]; do i=$((i+1)); done; done' >/dev/null 2>&1 & echo $!"):format(me))
     local pid = p and tonumber(p:read("l"))
     if p then p:close() end
     if pid then hog_pids[#hog_pids + 1] = pid end

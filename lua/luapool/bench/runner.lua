@@ -87,6 +87,21 @@ function Suite:parse(args)
   self.quick = opts.quick or false
   self.json_file, self.csv_file, self.svg_file = opts.json, opts.csv, opts.svg
   self.filter = opts.filter
+  -- an output file that cannot be written is said now, not after the runs
+  for _, o in ipairs { "json", "csv" } do
+    local file = opts[o]
+    if file then
+      local existed = io.open(file, "rb")
+      if existed then existed:close() end
+      local f, why = io.open(file, "ab")
+      if not f then
+        io.stderr:write(self.name, ": cannot write --", o, ": ", tostring(why), "\n")
+        os.exit(2)
+      end
+      f:close()
+      if not existed then os.remove(file) end
+    end
+  end
   if self.filter and not pcall(string.find, "", self.filter) then
     io.stderr:write(self.name, ": bad pattern for --filter: ", self.filter, "\n", self:usage())
     os.exit(2)
@@ -212,6 +227,8 @@ local function run_once(case, clock)
   local t1, c1 = clock(), os.clock()
   if case.teardown then case.teardown(state, case.params) end
   if not ok then
+    -- Ctrl-C / SIGTERM stays the host's interruption (exit 130 / 143)
+    if type(err) == "table" and err.kind == "interrupted" then error(err, 0) end
     error(("bench: case '%s' failed: %s"):format(case.name, tostring(err)), 0)
   end
   return t1 - t0, c1 - c0, hwm_ok and host.read_hwm() or nil
@@ -241,8 +258,17 @@ function Suite:run(args)
   local keep
   if self.filter then
     keep = {}
+    local function matches(text)
+      -- a pattern can be malformed past what parse's check on "" reached
+      local ok, hit = pcall(string.find, text, self.filter)
+      if not ok then
+        io.stderr:write(self.name, ": bad pattern for --filter: ", self.filter, " (", tostring(hit), ")\n")
+        os.exit(2)
+      end
+      return hit
+    end
     for _, case in ipairs(self.cases) do
-      if case.group:find(self.filter) or case.name:find(self.filter) then
+      if matches(case.group) or matches(case.name) then
         keep[case] = true
         local g = self.groups[case.group]
         local b = self.by_name[case.baseline or g.baseline or ""]

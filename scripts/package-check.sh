@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The three ways luapool is installed, checked end to end (CI runs it):
+# The ways luapool is installed, checked end to end (CI runs it):
 #   1. the man page renders with no warning (man --warnings, groff -ww);
 #   2. LuaRocks: `luarocks make` of a copy of this tree into a temporary
 #      tree, offline; stock lua5.4 with that tree's paths runs a threadpool
 #      and a processpool task (its workers are the tree's binary), and the
 #      tree's bin/luapool runs scripts/cpu.lua (and, in a build with MPI,
 #      finds its MPI plugin under `mpiexec -n 1 ... --mpi`);
-#   3. Debian: a build dir configured for /usr, `cpack -G DEB`, the file
+#   3. CMake: `cmake --install --prefix` of the Debian build dir into a
+#      temporary prefix, which is then moved: stock lua5.4 with the moved
+#      prefix's paths runs both pools, its process workers the moved
+#      bin/luapool (the module finds the bindir relative to itself);
+#   4. Debian: a build dir configured for /usr, `cpack -G DEB`, the file
 #      list and the control fields checked, the package installed with
 #      dpkg -i, /usr/bin/luapool and stock lua5.4 (no LUA_PATH/LUA_CPATH)
 #      run the seed jobs (and --mpi its plugin), `dpkg -r` removes every
@@ -185,10 +189,29 @@ same "$tree/bin/luapool -v" "luapool $version" "$("$tree/bin/luapool" -v | cut -
 [[ -z $rock_mpi ]] || mpi_run "$tree/bin/luapool" "$tree/$rock_mpi"
 pass "luarocks make --tree: stock lua5.4 runs both pools, bin/luapool runs scripts/cpu.lua${rock_mpi:+ and --mpi}"
 
-# 3. The Debian package.
+# 3. and 4.: one build dir configured for /usr.
 build=$work/build-deb
 cmake -S . -B "$build" -DCMAKE_INSTALL_PREFIX=/usr -DCMAKE_BUILD_TYPE=Release -DLUAPOOL_TESTS=OFF >/dev/null
 cmake --build "$build" -j"$(nproc)" >/dev/null
+
+# 3. cmake --install into another prefix than configured, then moved (before
+# the package puts a /usr/bin/luapool that a wrong fallback would find).
+cmake --install "$build" --prefix "$work/prefix" >"$work/install.log" 2>&1 ||
+  { cat "$work/install.log" >&2; fail "cmake --install --prefix"; }
+mv "$work/prefix" "$work/moved"
+moved=$work/moved
+for f in bin/luapool "lib/$multiarch/lua/5.4/luapool.so" share/lua/5.4/luapool/fixture.lua; do
+  [[ -e $moved/$f ]] || fail "cmake --install --prefix: $f missing"
+done
+out=$(cd "$work" && LUA_PATH="$moved/share/lua/5.4/?.lua;$moved/share/lua/5.4/?/init.lua;;" \
+  LUA_CPATH="$moved/lib/$multiarch/lua/5.4/?.so;;" lua5.4 smoke.lua 2>&1) ||
+  fail "lua5.4 smoke.lua with the moved prefix's paths: $out"
+same "lua5.4 smoke.lua (cmake --install --prefix, moved)" \
+  "$(smoke_expected "$moved/lib/$multiarch/lua/5.4/luapool.so" "$moved/share/lua/5.4" "$moved/bin/luapool")" "$out"
+cpu_run "$moved/bin/luapool"
+pass "cmake --install --prefix, moved: stock lua5.4 runs both pools, workers from the moved bin/luapool"
+
+# 4. The Debian package.
 (cd "$build" && cpack -G DEB) >"$work/cpack.log" 2>&1 || { cat "$work/cpack.log" >&2; fail "cpack -G DEB"; }
 deb=$build/luapool_${version}-1_amd64.deb
 [[ -f $deb ]] || fail "cpack -G DEB made no $deb"

@@ -109,7 +109,8 @@ describe("worker lifetimes", function()
       local e = p:submit(print):exception()
       print(e.kind, e.message)]] }, nil, { LUAPOOL_WORKER_EXE = "/nonexistent/luapool" })
     assert.are.equal(0, code)
-    assert.are.equal("broken\tcannot start worker process /nonexistent/luapool: No such file or directory\n", out)
+    assert.are.equal("broken\tcannot start worker process /nonexistent/luapool: No such file or directory "
+      .. "(LUAPOOL_WORKER_EXE names the luapool binary workers run)\n", out)
   end)
 
   -- (LUAPOOL_TEST_HELLO_PAUSE: the other build refused at HELLO and exited

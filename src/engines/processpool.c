@@ -391,11 +391,16 @@ const char *luapool__worker_exe(void) {
     char *slash = strrchr(buf, '/');
     if (slash) {
       *slash = 0;
-      char cand[PATH_MAX + 16];
-      snprintf(cand, sizeof cand, "%s/luapool", buf);
-      size_t n = strlen(cand);
-      if (access(cand, X_OK) == 0 && n < sizeof found) {
-        memcpy(found, cand, n + 1);
+      char cand[2 * PATH_MAX + 16];
+      /* beside it (a build tree), then the bindir as installed relative to
+      ** it (an installed tree that moved keeps working) */
+      const char *rels[] = {"", "/" LUAPOOL_MODULE_TO_BINDIR};
+      for (size_t k = 0; k < sizeof rels / sizeof rels[0]; k++) {
+        snprintf(cand, sizeof cand, "%s%s/luapool", buf, rels[k]);
+        size_t n = strlen(cand);
+        if (access(cand, X_OK) != 0 || n >= sizeof found) continue;
+        /* (named without its "lib/.../../../bin" in messages and ps) */
+        if (realpath(cand, found) == NULL) memcpy(found, cand, n + 1);
         return found;
       }
     }
@@ -551,7 +556,10 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
   close(sv[1]);
   if (r != 0) {
     close(sv[0]);
-    snprintf(err, errsz, "cannot start worker process %s: %s", exe, strerror(r));
+    snprintf(err, errsz,
+             "cannot start worker process %s: %s (LUAPOOL_WORKER_EXE names the luapool binary "
+             "workers run)",
+             exe, strerror(r));
     return -1;
   }
   pw->fd = sv[0];

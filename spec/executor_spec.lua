@@ -246,6 +246,7 @@ describe("option and argument errors", function()
     local co = coroutine.create(print)
     local closed <close> = luapool.threadpool.new { max_workers = 1 }
     closed:shutdown()
+    local function text_clock() return "x" end
     assert.are.equal("", wrong_positions {
       { function() local _ = pool:map(nil, {}) end, "bad argument #1 to 'map' (function or kernel expected, got nil)" },
       { function() local _ = pool:map(ident, 5) end, "bad argument #2 to 'map' (table expected, got number)" },
@@ -267,6 +268,16 @@ describe("option and argument errors", function()
         "bad option 'task_timeout' to 'map' (positive number of seconds expected, got string)" },
       { function() local _ = pool:map(ident, {}, { progress = 1 }) end,
         "bad option 'progress' to 'map' (boolean or table of settings expected, got 1)" },
+      -- a misspelt setting was ignored, a clock returning a string failed in
+      -- progress.lua's arithmetic (helper-52)
+      { function() local _ = pool:map(ident, {}, { progress = { intervall = 1 } }) end,
+        "bad option 'progress' to 'map' (unknown setting 'intervall')" },
+      { function() local _ = pool:map(ident, {}, { progress = { true } }) end,
+        "bad option 'progress' to 'map' (unknown setting '1')" },
+      { function() local _ = pool:map(ident, { 1 }, { progress = { now = text_clock, output = ident } }) end,
+        "bad option 'progress' to 'map' (setting 'now' must return a number, got string)" },
+      { function() for _ in pool:imap(ident, { 1 }, { progress = { now = function() end, output = ident } }) do end end,
+        "bad option 'progress' to 'imap' (setting 'now' must return a number, got nil)" },
       { function() local _ = pool:map(ident, { co }) end, "cannot send item #1: a coroutine" },
       { function() local _ = pool:map(ident, setmetatable({}, { __len = function() return "3" end })) end,
         "bad argument #2 to 'map' (its length (__len) is not an integer: string)" },

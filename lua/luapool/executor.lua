@@ -174,6 +174,9 @@ local PROGRESS_SETTINGS = {
   { "now", "function", callable },
 }
 
+local KNOWN_SETTING = {}
+for _, rule in ipairs(PROGRESS_SETTINGS) do KNOWN_SETTING[rule[1]] = true end
+
 local function opt_progress(opts, fname)
   local v = opts.progress
   if v ~= nil and type(v) ~= "boolean" and type(v) ~= "table" then
@@ -188,6 +191,13 @@ local function opt_progress(opts, fname)
           :format(fname, key, what, got(x)), 3)
       end
     end
+    -- A misspelt setting (intervall, colour) was ignored in silence, as an
+    -- unknown option of map is not (helper-52).
+    for k in pairs(v) do
+      if not KNOWN_SETTING[k] then
+        raise(("bad option 'progress' to '%s' (unknown setting '%s')"):format(fname, tostring(k)), 3)
+      end
+    end
   end
   return v
 end
@@ -198,12 +208,28 @@ end
 -- while it is drawn (a task error, Ctrl-C) starts on a line of its own.
 local function noop() end
 local NO_BAR = setmetatable({ update = noop, finish = noop }, { __close = noop })
-local function bar_for(p, label, total)
+-- A clock setting is checked at each reading: what it returns is known
+-- only then, and a non-number failed inside the bar's arithmetic
+-- ("progress.lua:72: attempt to sub a 'string' with a 'string'": helper-52).
+-- The error names the caller's line (raise passes over luapool's frames).
+local function checked_clock(clock, fname)
+  return function()
+    local t = clock()
+    if type(t) ~= "number" then
+      raise(("bad option 'progress' to '%s' (setting 'now' must return a number, got %s)")
+        :format(fname, typename(t)), 2)
+    end
+    return t
+  end
+end
+
+local function bar_for(p, fname, total)
   if not p then return NO_BAR end
   local settings = type(p) == "table" and p or {}
   return progress.new {
-    label = settings.label or label, total = total, output = settings.output,
-    tty = settings.tty, interval = settings.interval, now = settings.now,
+    label = settings.label or fname, total = total, output = settings.output,
+    tty = settings.tty, interval = settings.interval,
+    now = settings.now and checked_clock(settings.now, fname),
   }
 end
 

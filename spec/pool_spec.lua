@@ -72,14 +72,35 @@ for _, kind in ipairs(helper.engines) do
         assert.are.equal(1, f:result(30)) -- the task was not disturbed
       end)
 
-      it("refuses a negative or NaN timeout", function()
+      -- as as_completed, wait and map refuse theirs, the value shown; it said
+      -- "(timeout must be a non-negative number)" and took "1" (helper-52)
+      it("refuses a negative, NaN or string timeout", function()
         local f = pool:submit(function() return 1 end)
-        assert.are.equal("bad argument #1 to 'result' (timeout must be a non-negative number)",
+        assert.are.equal("bad argument #1 to 'result' (non-negative number expected, got -1)",
           error_of(function() return f:result(-1) end))
-        assert.are.equal("bad argument #1 to 'result' (timeout must be a non-negative number)",
+        assert.are.equal("bad argument #1 to 'result' (non-negative number expected, got " .. tostring(0 / 0) .. ")",
           error_of(function() return f:result(0 / 0) end))
-        assert.are.equal("bad argument #1 to 'exception' (timeout must be a non-negative number)",
+        assert.are.equal("bad argument #1 to 'exception' (non-negative number expected, got -0.5)",
           error_of(function() return f:exception(-0.5) end))
+        assert.are.equal("bad argument #1 to 'exception' (non-negative number expected, got " ..
+          tostring(0 / 0) .. ")", error_of(function() return f:exception(0 / 0) end))
+        assert.are.equal("bad argument #1 to 'result' (non-negative number expected, got string)",
+          error_of(function() return f:result("1") end))
+        assert.are.equal(1, f:result(30))
+      end)
+
+      -- %g, as as_completed's and map's timeouts print: it said "no result
+      -- after 0.0 seconds" (%f) where they say "after 0 seconds" (helper-52)
+      it("prints its timeout as as_completed and map print theirs", function()
+        local f = pool:submit(function() luapool.sleep(0.5) return 1 end)
+        for _, t in ipairs { 0, 0.0, 1e-3, 0.05, 1 / 64 } do
+          assert.are.equal(("no result after %g seconds"):format(t), result_error(f, t).message)
+          local ok, e = pcall(function() for _ in luapool.as_completed({ f }, t) do end end)
+          assert.is_false(ok)
+          assert.are.equal(("1 (of 1) futures unfinished after %g seconds"):format(t), e.message)
+        end
+        assert.are.equal("no result after 0 seconds", result_error(f, 0).message)
+        assert.are.equal("no result after 0.001 seconds", result_error(f, 1e-3).message)
         assert.are.equal(1, f:result(30))
       end)
     end)
@@ -421,7 +442,7 @@ for _, kind in ipairs(helper.engines) do
           { function() local r = pool:map(ident, { 1 }, { chunksize = 0 }); return r end,
             "bad option 'chunksize' to 'map' (positive integer expected, got 0)" },
           { function() local r = pool:submit(ident):result(-1); return r end,
-            "bad argument #1 to 'result' (timeout must be a non-negative number)" },
+            "bad argument #1 to 'result' (non-negative number expected, got -1)" },
           { function() local r = luapool[kind].new { max_workers = 0 }; return r end,
             "bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got 0)" },
         }

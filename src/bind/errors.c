@@ -86,6 +86,11 @@ static int error_tostring(lua_State *L) {
   return 1;
 }
 
+const char *luapool__got(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TNUMBER) return luaL_tolstring(L, idx, NULL);
+  return luaL_typename(L, idx);
+}
+
 void luapool__error_open(lua_State *L) {
   if (luaL_newmetatable(L, LUAPOOL_ERROR_MT)) {
     lua_pushcfunction(L, error_tostring);

@@ -21,6 +21,11 @@ const char *luapool__ekind_name(lp_ekind k);
 ** "interrupted" that a callback re-raised. */
 void luapool__mark_signal_error(lua_State *L, int idx);
 int luapool__is_signal_error(lua_State *L, int idx);
+/* What a refused value was, for "X expected, got Y" in argument and option
+** errors, as the Lua layer's got() says it: a number as Lua prints it
+** (tostring: -1, 2.5, nan), anything else by its type (a string "1" is not
+** a number here).  May push a string (a number's text). */
+const char *luapool__got(lua_State *L, int idx);
 /* Registers the error objects' metatable. */
 void luapool__error_open(lua_State *L);
 

@@ -210,11 +210,16 @@ static int raise_stopped(lua_State *L) {
   return luaL_error(L, "interrupted: the task's deadline passed");
 }
 
-/* Reads an optional timeout argument: nil -> -1 (forever). */
+/* Reads an optional timeout argument: nil -> -1 (forever).  Refused as
+** as_completed, wait and map refuse theirs, value shown ("non-negative
+** number expected, got -1"), a string too: it said "timeout must be a
+** non-negative number", without the value (helper-52). */
 static double opt_timeout(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return -1;
-  lua_Number t = luaL_checknumber(L, idx);
-  luaL_argcheck(L, t >= 0 && t == t, idx, "timeout must be a non-negative number");
+  lua_Number t = lua_type(L, idx) == LUA_TNUMBER ? lua_tonumber(L, idx) : -1;
+  if (!(t >= 0)) /* also NaN */
+    luaL_argerror(L, idx,
+                  lua_pushfstring(L, "non-negative number expected, got %s", luapool__got(L, idx)));
   return t;
 }
 
@@ -326,7 +331,11 @@ static void wait_done(lua_State *L, lp_future *f, double *timeout) {
   if (r == -2) raise_stopped(L);
   if (r < 0) luapool__check_signal(L);
   if (r <= 0) {
-    lua_pushfstring(L, "no result after %f seconds", *timeout);
+    /* %g, as the Lua layer's timeouts print theirs ("after 0 seconds",
+    ** "0.5", "1e+300"): lua_pushfstring's %f said "0.0" (helper-52). */
+    char secs[32];
+    snprintf(secs, sizeof secs, "%g", *timeout);
+    lua_pushfstring(L, "no result after %s seconds", secs);
     luapool__push_error(L, LP_EK_TIMEOUT, lua_tostring(L, -1), NULL, NULL, 0);
     lua_error(L);
   }

@@ -189,13 +189,6 @@ static const lp_option common_options[] = {
     {.name = NULL},
 };
 
-/* What a bad value was, for "expected, got X": a number as Lua prints it,
-** anything else by its type (a string "1" is not a number here). */
-static const char *got(lua_State *L, int idx) {
-  if (lua_type(L, idx) == LUA_TNUMBER) return luaL_tolstring(L, idx, NULL);
-  return luaL_typename(L, idx);
-}
-
 /* "'a' or 'b'", "'a', 'b' or 'c'" */
 static void push_choices(lua_State *L, const char *const *c) {
   luaL_Buffer b;
@@ -218,14 +211,14 @@ static void read_option(lua_State *L, const lp_option *d, char *base) {
     case LP_OPT_INT:
       if (!isint || i < d->min || i > d->max)
         luaL_error(L, "bad option '%s' to 'new' (%s expected, got %s)", d->name, d->expect,
-                   got(L, -1));
+                   luapool__got(L, -1));
       memcpy(field, &(int){(int)i}, sizeof(int));
       break;
     case LP_OPT_SECONDS: {
       lua_Number n = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
       if (!(n > 0)) /* also NaN */
         luaL_error(L, "bad option '%s' to 'new' (positive number of seconds expected, got %s)",
-                   d->name, got(L, -1));
+                   d->name, luapool__got(L, -1));
       memcpy(field, &(double){(double)n}, sizeof(double));
       break;
     }
@@ -244,10 +237,10 @@ static void read_option(lua_State *L, const lp_option *d, char *base) {
       while (v && d->choices[k] && strcmp(d->choices[k], v) != 0)
         k++;
       if (v == NULL || d->choices[k] == NULL) {
-        /* (what it got first: got() may push, and the order in which a
+        /* (what it got first: luapool__got() may push, and the order in which a
         ** call's arguments are worked out is C's to choose: "(1 expected,
         ** got 1)" for on_crash = 1) */
-        const char *g = v ? v : got(L, -1);
+        const char *g = v ? v : luapool__got(L, -1);
         push_choices(L, d->choices);
         luaL_error(L, "bad option '%s' to 'new' (%s expected, got %s)", d->name,
                    lua_tostring(L, -1), g);
@@ -257,7 +250,8 @@ static void read_option(lua_State *L, const lp_option *d, char *base) {
     }
     case LP_OPT_BOOL:
       if (lua_type(L, -1) != LUA_TBOOLEAN)
-        luaL_error(L, "bad option '%s' to 'new' (boolean expected, got %s)", d->name, got(L, -1));
+        luaL_error(L, "bad option '%s' to 'new' (boolean expected, got %s)", d->name,
+                   luapool__got(L, -1));
       memcpy(field, &(int){lua_toboolean(L, -1)}, sizeof(int));
       break;
     case LP_OPT_FUNCTION:

@@ -480,6 +480,16 @@ for _, kind in ipairs(helper.engines) do
         assert.are.equal("unknown option 'foo' to 'shutdown'", error_of(function() return p:shutdown { foo = 1 } end))
         -- a key that is no string is named too (it read '?')
         assert.are.equal("unknown option '1' to 'shutdown'", error_of(function() return p:shutdown { true } end))
+        -- booleans only: read by truthiness, wait = "no" waited and
+        -- cancel_futures = 0 cancelled (helper-52)
+        assert.are.equal("bad option 'wait' to 'shutdown' (boolean expected, got string)",
+          error_of(function() return p:shutdown { wait = "no" } end))
+        assert.are.equal("bad option 'cancel_futures' to 'shutdown' (boolean expected, got 0)",
+          error_of(function() return p:shutdown { cancel_futures = 0 } end))
+        assert.are.equal("bad option 'cancel_running' to 'shutdown' (boolean expected, got string)",
+          error_of(function() return p:shutdown { cancel_running = "false" } end))
+        -- refused before anything is done: the pool still takes work
+        assert.are.equal(2, p:submit(function() return 2 end):result(30))
       end)
     end)
   end)

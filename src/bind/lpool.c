@@ -686,14 +686,18 @@ static int pool_shutdown(lua_State *L) {
         return luaL_error(L, "unknown option '%s' to 'shutdown'", luaL_tolstring(L, -1, NULL));
       }
       const char *k = lua_tostring(L, -2);
-      if (strcmp(k, "wait") == 0)
-        wait = lua_toboolean(L, -1);
-      else if (strcmp(k, "cancel_futures") == 0)
-        cancel = lua_toboolean(L, -1);
-      else if (strcmp(k, "cancel_running") == 0)
-        cancel_running = lua_toboolean(L, -1);
-      else
-        return luaL_error(L, "unknown option '%s' to 'shutdown'", k);
+      int *flag = strcmp(k, "wait") == 0             ? &wait
+                  : strcmp(k, "cancel_futures") == 0 ? &cancel
+                  : strcmp(k, "cancel_running") == 0 ? &cancel_running
+                                                     : NULL;
+      if (flag == NULL) return luaL_error(L, "unknown option '%s' to 'shutdown'", k);
+      /* Booleans only, as every other options table: read by truthiness,
+      ** wait = "no" (or "false") waited and cancel_futures = 0 cancelled
+      ** (helper-52). */
+      if (lua_type(L, -1) != LUA_TBOOLEAN)
+        return luaL_error(L, "bad option '%s' to 'shutdown' (boolean expected, got %s)", k,
+                          luapool__got(L, -1));
+      *flag = lua_toboolean(L, -1);
       lua_pop(L, 1);
     }
   }

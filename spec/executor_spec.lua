@@ -366,6 +366,32 @@ describe("option and argument errors", function()
         "bad argument #3 to 'map' (options table expected, got a table with integer keys)" },
     })
   end)
+
+  -- an iterator object read as a sequence: #t is 0, and the loop silently
+  -- yielded nothing (helper-52); with a __len it is a view, read as one
+  it("refuse a callable table with no __len, which would read as an empty sequence", function()
+    local calls = 0
+    local gen = setmetatable({}, { __call = function() calls = calls + 1 end })
+    assert.are.equal("", wrong_positions {
+      { function() for _ in pool:imap(ident, gen) do end end,
+        "bad argument #2 to 'imap' (table or iterator function expected, got a callable table with no __len: " ..
+        "imap reads a table as a sequence, #t and t[i]; to iterate it, write " ..
+        "pool:imap(fn, function() return t() end))" },
+      { function() local _ = pool:map(ident, gen) end,
+        "bad argument #2 to 'map' (table expected, got a callable table with no __len: map reads a table as " ..
+        "a sequence, #t and t[i], and takes no iterator)" },
+      { function() local _ = pool:starmap(ident, gen) end,
+        "bad argument #2 to 'starmap' (table expected, got a callable table with no __len: starmap reads a " ..
+        "table as a sequence, #t and t[i], and takes no iterator)" },
+    })
+    assert.are.equal(0, calls)
+    local callable_view = setmetatable({}, { __call = error, __len = function() return 2 end,
+      __index = function(_, i) return i * 10 end })
+    assert.are.same({ 10, 20 }, pool:map(ident, callable_view))
+    local got = {}
+    for i, r in pool:imap(ident, callable_view) do got[i] = r end
+    assert.are.same({ 10, 20 }, got)
+  end)
 end)
 
 describe("progress", function()

@@ -12,7 +12,7 @@ local submit_chunk, chunk_into, cancel = prim.submit_chunk, prim.chunk_into, pri
 local chunk_size = prim.chunk_size
 local new_error, is_future, cq = prim.error, prim.is_future, prim.cq
 local error, type, pairs, ipairs, tostring, next = error, type, pairs, ipairs, tostring, next
-local getmetatable, setmetatable, table_unpack = getmetatable, setmetatable, table.unpack
+local getmetatable, setmetatable, table_unpack, rawget = getmetatable, setmetatable, table.unpack, rawget
 local math_type, math_max, math_tointeger, math_floor = math.type, math.max, math.tointeger, math.floor
 -- A metatable even behind __metatable: any metatable may define __index
 -- or __len, and the C side reads tables raw.
@@ -96,6 +96,21 @@ local function iterator_slip(v, fname, expected)
     return ("%s expected, got next, the iterator of a pairs() call: write pool:%s(fn, t) " ..
       "(its sequence), not pool:%s(fn, pairs(t))"):format(expected, fname, fname)
   end
+end
+
+-- What an argument read as a sequence was, when it is a table with a
+-- __call metamethod and no __len: an iterator object, by every sign, that
+-- would read as an empty sequence (#t is 0) and so silently yield nothing
+-- (helper-52).  The contract reads a table as a sequence and takes only a
+-- function as an iterator; a callable table with a __len is a view, read
+-- as one.
+local function callable_slip(v, fname, expected)
+  local mt = type(v) == "table" and raw_getmetatable(v)
+  if type(mt) ~= "table" or rawget(mt, "__call") == nil or rawget(mt, "__len") ~= nil then return nil end
+  local how = fname == "imap" and "; to iterate it, write pool:imap(fn, function() return t() end)" or
+    ", and takes no iterator"
+  return ("%s expected, got a callable table with no __len: %s reads a table as a sequence, #t and t[i]%s")
+    :format(expected, fname, how)
 end
 
 -- Reads an options table (argument n) against the names allowed; returns
@@ -342,6 +357,8 @@ local function map_impl(pool, fn, items, opts, star, fname)
   if type(items) ~= "table" then
     argerror(2, fname, iterator_slip(items, fname, "table") or "table expected, got " .. typename(items))
   end
+  local slip = callable_slip(items, fname, "table")
+  if slip then argerror(2, fname, slip) end
   opts = options(opts, 3, fname, MAP_OPTS)
   local task_timeout = opt_positive(opts, "task_timeout", fname)
   local chunk = opt_int(opts, "chunksize", fname)
@@ -463,6 +480,8 @@ function methods.imap(pool, fn, iterable, opts)
     argerror(2, "imap", iterator_slip(iterable, "imap", expected) or
       expected .. " expected, got " .. typename(iterable))
   end
+  local slip = callable_slip(iterable, "imap", "table or iterator function")
+  if slip then argerror(2, "imap", slip) end
   opts = options(opts, 3, "imap", IMAP_OPTS)
   local chunk = opt_int(opts, "chunksize", "imap")
   local task_timeout = opt_positive(opts, "task_timeout", "imap")

@@ -222,6 +222,23 @@ for _, kind in ipairs(h.engines) do
       end)
     end)
 
+    -- an empty input submits nothing: map returned {} and imap's loop
+    -- ended at once after shutdown (helper-52)
+    it("map, starmap and imap raise after shutdown, of an empty input too", function()
+      local pool = new { max_workers = 1 }
+      pool:shutdown()
+      local msg = "cannot submit after shutdown"
+      for _, items in ipairs { {}, { 1 }, setmetatable({}, { __len = function() return 0 end }) } do
+        assert.are.equal(msg, h.error_of(pool.map, pool, double, items))
+        assert.are.equal(msg, h.error_of(pool.starmap, pool, double, items))
+        assert.are.equal(msg, h.error_of(function() for _ in pool:imap(double, items) do end end))
+        assert.are.equal(msg, h.error_of(function()
+          for _ in pool:imap(double, items, { ordered = false }) do end
+        end))
+      end
+      assert.are.equal(msg, h.error_of(function() for _ in pool:imap(double, function() end) do end end))
+    end)
+
     describe("options", function()
       it("take a float with an integral value", function()
         local pool <close> = new { max_workers = 2 }
@@ -318,6 +335,9 @@ describe("option and argument errors", function()
       { function() local _ = closed:map(ident, { 1 }) end, "cannot submit after shutdown" },
       { function() local _ = closed:starmap(ident, { { 1 } }) end, "cannot submit after shutdown" },
       { function() for _ in closed:imap(ident, { 1 }) do end end, "cannot submit after shutdown" },
+      { function() local _ = closed:map(ident, {}) end, "cannot submit after shutdown" },
+      { function() local _ = closed:starmap(ident, {}) end, "cannot submit after shutdown" },
+      { function() for _ in closed:imap(ident, {}) do end end, "cannot submit after shutdown" },
       { function() local _ = luapool.as_completed(5) end,
         "bad argument #1 to 'as_completed' (table of futures expected, got number)" },
       { function() local _ = luapool.as_completed({ f, 1 }) end,

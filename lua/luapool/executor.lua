@@ -9,7 +9,7 @@ local luapool, methods, prim, progress = ...
 
 local now = luapool.now
 local submit_chunk, chunk_into, cancel = prim.submit_chunk, prim.chunk_into, prim.cancel
-local chunk_size = prim.chunk_size
+local chunk_size, is_closing = prim.chunk_size, prim.closing
 local new_error, is_future, cq = prim.error, prim.is_future, prim.cq
 local error, type, pairs, ipairs, tostring, next = error, type, pairs, ipairs, tostring, next
 local getmetatable, setmetatable, table_unpack, rawget = getmetatable, setmetatable, table.unpack, rawget
@@ -364,6 +364,9 @@ local function map_impl(pool, fn, items, opts, star, fname)
   local chunk = opt_int(opts, "chunksize", fname)
   local timeout = opt_timeout(opts, "timeout", fname)
   local show = opt_progress(opts, fname)
+  -- Checked here, not only by submit_chunk: an empty input submits
+  -- nothing, and returned {} after shutdown (helper-52).
+  if is_closing(pool) then raise("cannot submit after shutdown", 2) end
   -- The sequence as Lua reads it: #items (its __len) and items[i].
   local len = #items
   local n = math_type(len) and math_tointeger(len)
@@ -605,6 +608,12 @@ function methods.imap(pool, fn, iterable, opts)
 
   local function iter()
     if closed then return nil end
+    -- (an empty input submits nothing: the loop ended at once after
+    -- shutdown, where a non-empty one raises from fill: helper-52)
+    if not started and is_closing(pool) then
+      close()
+      raise("cannot submit after shutdown", 2)
+    end
     if rpos > rlen then
       fill()
       if not started then

@@ -635,7 +635,16 @@ static int prim_chunk_size(lua_State *L) {
   return 1;
 }
 
+/* closing(pool) -> whether the pool takes no more work: map and imap of an
+** empty input submit nothing, and so did not raise "cannot submit after
+** shutdown" as a non-empty one does (helper-52). */
+static int prim_closing(lua_State *L) {
+  lua_pushboolean(L, luapool__check_pool(L, 1)->closing);
+  return 1;
+}
+
 static const luaL_Reg prims[] = {{"submit_chunk", prim_submit_chunk},
+                                 {"closing", prim_closing},
                                  {"chunk_into", prim_chunk_into},
                                  {"chunk_size", prim_chunk_size},
                                  {"cancel", prim_cancel},

@@ -28,9 +28,9 @@ describe("iopool", function()
       assert.are.equal("iopool", p.kind)
       assert.is_false(p.chunking)
       assert.are.equal("unknown option 'bogus' to 'new'", h.error_of(iopool.new, { bogus = 1 }))
-      assert.are.equal("bad option 'concurrency' to 'new' (positive integer expected, got 0)",
+      assert.are.equal("bad option 'concurrency' to 'new' (integer from 1 to 1000000 expected, got 0)",
         h.error_of(iopool.new, { concurrency = 0 }))
-      assert.are.equal("bad option 'per_host' to 'new' (non-negative integer expected, got -1)",
+      assert.are.equal("bad option 'per_host' to 'new' (integer from 0 to 1000000 expected, got -1)",
         h.error_of(iopool.new, { per_host = -1 }))
       assert.are.equal("bad option 'on_crash' to 'new' (a processpool/mpipool option: an event loop runs "
         .. "many tasks on one thread)", h.error_of(iopool.new, { on_crash = "break" }))

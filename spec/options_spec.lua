@@ -18,9 +18,9 @@ describe("pool options", function()
       error_of(function() return P { task_timeout = "x" } end))
     assert.are.equal("bad option 'on_crash' to 'new' ('replace' or 'break' expected, got stop)",
       error_of(function() return P { on_crash = "stop" } end))
-    assert.are.equal("bad option 'max_tasks_per_child' to 'new' (positive integer expected, got 0)",
+    assert.are.equal("bad option 'max_tasks_per_child' to 'new' (integer from 1 to 2147483647 expected, got 0)",
       error_of(function() return P { max_tasks_per_child = 0 } end))
-    assert.are.equal("bad option 'max_memory_mb' to 'new' (positive integer expected, got 1.5)",
+    assert.are.equal("bad option 'max_memory_mb' to 'new' (integer from 1 to 2147483647 expected, got 1.5)",
       error_of(function() return P { max_memory_mb = 1.5 } end))
   end)
 
@@ -41,7 +41,7 @@ describe("pool options", function()
         error_of(function() return T { task_timeout = "1" } end))
       assert.are.equal("bad option 'task_timeout' to 'new' (positive number of seconds expected, got nan)",
         error_of(function() return T { task_timeout = 0 / 0 } end):gsub("%-nan", "nan"))
-      assert.are.equal("bad option 'max_memory_mb' to 'new' (positive integer expected, got string)",
+      assert.are.equal("bad option 'max_memory_mb' to 'new' (integer from 1 to 2147483647 expected, got string)",
         error_of(function() return P { max_memory_mb = "64" } end))
       assert.are.equal("bad option 'on_crash' to 'new' ('replace' or 'break' expected, got boolean)",
         error_of(function() return P { on_crash = true } end))
@@ -75,6 +75,33 @@ describe("pool options", function()
       error_of(function() return luapool.threadpool.new { slots = 1 } end))
     assert.are.equal("bad option 'prefetch' to 'new' (an mpipool option)",
       error_of(function() return luapool.iopool.new { prefetch = 1 } end))
+  end)
+
+  -- An integer option names its range: "positive integer expected, got
+  -- 1000000000000.0" named no bound the value broke (helper-52).
+  it("names the range of every integer option", function()
+    local cases = {
+      { "threadpool", "max_workers", 1e12, "integer from 1 to 4096 expected, got 1000000000000.0" },
+      { "iopool", "concurrency", 1e12, "integer from 1 to 1000000 expected, got 1000000000000.0" },
+      { "iopool", "concurrency", 0, "integer from 1 to 1000000 expected, got 0" },
+      { "iopool", "per_host", 1000001, "integer from 0 to 1000000 expected, got 1000001" },
+      { "iopool", "max_connections", -1, "integer from 0 to 1000000 expected, got -1" },
+      { "iopool", "retries", 101, "integer from 0 to 100 expected, got 101" },
+      { "processpool", "max_tasks_per_child", 2 ^ 31, "integer from 1 to 2147483647 expected, got 2147483648.0" },
+      { "processpool", "max_memory_mb", 1e12, "integer from 1 to 2147483647 expected, got 1000000000000.0" },
+    }
+    for _, c in ipairs(cases) do
+      assert.are.equal(("bad option '%s' to 'new' (%s)"):format(c[2], c[4]),
+        error_of(function() return luapool[c[1]].new { [c[2]] = c[3] } end))
+    end
+  end)
+
+  -- (the C string stops at the NUL: "a\0b" was silently cut to "a": helper-52)
+  it("refuses a name with a NUL byte", function()
+    for _, kind in ipairs(h.engines) do
+      assert.are.equal("bad option 'name' to 'new' (string without NUL bytes expected)",
+        error_of(function() return luapool[kind].new { name = "a\0b" } end))
+    end
   end)
 
   it("reports its task_timeout", function()

@@ -178,7 +178,6 @@ static const lp_option common_options[] = {
      .type = LP_OPT_INT,
      .min = 1,
      .max = 4096,
-     .expect = "integer from 1 to 4096",
      .offset = offsetof(lp_pool_config, max_workers)},
     {.name = "name", .type = LP_OPT_NAME, .offset = offsetof(lp_pool_config, name)},
     {.name = "task_timeout",
@@ -209,9 +208,11 @@ static void read_option(lua_State *L, const lp_option *d, char *base) {
   lua_Integer i = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
   switch (d->type) {
     case LP_OPT_INT:
+      /* The range, always: "positive integer expected, got
+      ** 1000000000000.0" named no bound the value broke (helper-52). */
       if (!isint || i < d->min || i > d->max)
-        luaL_error(L, "bad option '%s' to 'new' (%s expected, got %s)", d->name, d->expect,
-                   luapool__got(L, -1));
+        luaL_error(L, "bad option '%s' to 'new' (integer from %I to %I expected, got %s)", d->name,
+                   (lua_Integer)d->min, (lua_Integer)d->max, luapool__got(L, -1));
       memcpy(field, &(int){(int)i}, sizeof(int));
       break;
     case LP_OPT_SECONDS: {
@@ -225,9 +226,14 @@ static void read_option(lua_State *L, const lp_option *d, char *base) {
     case LP_OPT_NAME: {
       size_t len = 0, cap = sizeof((lp_pool_config *)0)->name;
       const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+      /* A NUL is refused: the C string stops there ("a\0b" was silently cut
+      ** to "a").  ("else if": the analyzer does not know that luaL_error
+      ** never returns.) */
       if (s == NULL || len == 0 || len >= cap - 8)
         luaL_error(L, "bad option '%s' to 'new' (non-empty string of at most %d bytes expected)",
                    d->name, (int)cap - 9);
+      else if (memchr(s, '\0', len) != NULL)
+        luaL_error(L, "bad option '%s' to 'new' (string without NUL bytes expected)", d->name);
       snprintf(field, cap, "%s", s);
       break;
     }

@@ -75,8 +75,7 @@ typedef struct lp_option {
   /* A worker process's own (its crash, its tasks, its memory): refused
   ** by an engine with none, whose foreign_note says why. */
   int per_process;
-  lua_Integer min, max;       /* LP_OPT_INT */
-  const char *expect;         /* LP_OPT_INT: what the message says it takes */
+  lua_Integer min, max;       /* LP_OPT_INT: "integer from min to max expected" */
   const char *const *choices; /* LP_OPT_CHOICE: NULL-terminated */
   size_t offset;              /* into the config struct (not FUNCTION/TABLE) */
 } lp_option;

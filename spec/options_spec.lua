@@ -104,6 +104,17 @@ describe("pool options", function()
     end
   end)
 
+  it("says 1 worker, not 1 workers, in its tostring", function()
+    for _, kind in ipairs(h.engines) do
+      local one <close> = luapool[kind].new { max_workers = 1 }
+      assert.are.equal(("%s '%s' (1 worker max)"):format(kind, kind), tostring(one))
+      one:shutdown()
+      assert.are.equal(("%s '%s' (1 worker max) (shut down)"):format(kind, kind), tostring(one))
+    end
+    local two <close> = luapool.threadpool.new { max_workers = 2, name = "t" }
+    assert.are.equal("threadpool 't' (2 workers max)", tostring(two))
+  end)
+
   it("reports its task_timeout", function()
     local p <close> = luapool.threadpool.new { task_timeout = 2.5 }
     assert.are.equal(2.5, p.task_timeout)

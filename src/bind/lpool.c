@@ -787,7 +787,8 @@ static int pool_tostring(lua_State *L) {
   if (u->p == NULL)
     lua_pushliteral(L, "luapool.pool (closed)");
   else
-    lua_pushfstring(L, "%s '%s' (%d workers max)%s", u->p->eng->kind, u->p->name, u->p->max_workers,
+    lua_pushfstring(L, "%s '%s' (%d worker%s max)%s", u->p->eng->kind, u->p->name,
+                    u->p->max_workers, u->p->max_workers == 1 ? "" : "s",
                     u->p->closing ? " (shut down)" : "");
   return 1;
 }

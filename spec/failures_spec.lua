@@ -392,6 +392,25 @@ for _, kind in ipairs(h.engines) do
   end)
 end
 
+describe("processpool package paths", function()
+  it("are not sent ahead while the worker writes a big reply (a long package.path: no deadlock)", function()
+    -- (helper-55: the next task and its new paths went ahead in one frame of
+    -- any size; with the socket full both sides waited for the other)
+    local old_path = package.path
+    finally(function() package.path = old_path end)
+    local pool <close> = luapool.processpool.new { max_workers = 1 }
+    pool:submit(function() end):result(30)
+    local slow = pool:submit(function() luapool.sleep(0.2) return 1 end)
+    local big = pool:submit(function() luapool.sleep(0.3) return string.rep("r", 16 << 20) end)
+    luapool.sleep(0.1)
+    package.path = "./?.lua;" .. string.rep("/nonexistent/dir", 1 << 16) .. "/?.lua"
+    local after = pool:submit(function() return #package.path end)
+    assert.are.equal(1, slow:result(30))
+    assert.are.equal(16 << 20, #big:result(30))
+    assert.are.equal(#package.path, after:result(30))
+  end)
+end)
+
 describe("task_timeout and a slow fetch", function()
   local srv
   setup(function() srv = h.fixture() end)

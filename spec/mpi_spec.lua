@@ -583,6 +583,57 @@ describe("mpipool", function()
       err)
   end)
 
+  it("ends with the script's os.exit status, MPI finalized (no 'exiting improperly')", function()
+    -- (helper-55: os.exit skipped MPI_Finalize, and mpiexec made every
+    -- os.exit(0) a 1 with its banner)
+    for _, c in ipairs {
+      { "print('hi') os.exit(0)", 0 },
+      { "print('hi') os.exit(true)", 0 },
+      { "local mp <close> = mpipool.new {} print('hi', mp:submit(function() return 7 end):result()) "
+        .. "os.exit(0, true)", 0 },
+      { "local mp = mpipool.new {} print('hi', mp:submit(function() return 7 end):result()) os.exit(3)", 3 },
+      { "local mp = mpipool.new {} mp:submit(luapool.sleep, 30) luapool.sleep(0.5) print('hi') os.exit(0)", 0 },
+    } do
+      local t0 = luapool.now()
+      local out, err, code = mpirun(2, c[1])
+      assert.are.equal(c[2], code, c[1] .. "\n" .. err)
+      assert.matches("^hi", out)
+      assert.not_matches("improperly", err)
+      assert.not_matches("finalize", err)
+      assert.is_true(luapool.now() - t0 < 25, c[1])
+    end
+  end)
+
+  it("lets a rank's idle workers exit at the pool's close: their last output and finalizers stay", function()
+    -- (helper-55: the close killed them, and a task's output with no
+    -- newline yet, or a __gc at the worker's end, was lost)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. q(dir)))
+    local out = mpiok(3, [[
+      local dir = ...
+      do
+        local mp <close> = mpipool.new {}
+        mp:map(function(i)
+          io.write("p" .. i .. ";")
+          G = setmetatable({}, { __gc = function()
+            local f = io.open(dir .. "/gc_" .. luapool.current_worker().pid, "w") f:write("bye") f:close()
+          end })
+          return i
+        end, { 1, 2, 3, 4, 5, 6, 7, 8 }, { chunksize = 1 })
+      end
+      io.stdout:flush()]], { dir })
+    local seen = {}
+    for i in out:gmatch("p(%d+);") do seen[#seen + 1] = tonumber(i) end
+    table.sort(seen)
+    assert.are.same({ 1, 2, 3, 4, 5, 6, 7, 8 }, seen)
+    local p = io.popen("ls " .. q(dir) .. " | grep -c '^gc_'")
+    local n = tonumber(p:read("a"))
+    p:close()
+    os.execute("rm -rf " .. q(dir))
+    assert.is_true(n >= 1 and n <= 2, "gc files: " .. tostring(n))
+  end)
+
   -- (the conformance suite on mpipool: spec/mpi_conformance_a_spec.lua, _b_spec.lua)
 end)
 

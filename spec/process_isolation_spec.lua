@@ -79,6 +79,39 @@ describe("a process worker's descriptors", function()
   end)
 end)
 
+describe("a host started with a standard descriptor closed", function()
+  -- (helper-55: the worker's socket took fd 1, print wrote into the
+  -- worker's stream and the next task "crashed"; with fd 0 closed io.read
+  -- would have read its frames)
+  for _, how in ipairs { ">&-", "<&-", "2>&-" } do
+    it("keeps the worker's socket and the loop's off it, and the script's print goes nowhere (" .. how .. ")",
+      function()
+        local out = os.tmpname()
+        local script = h.tempfile([[
+          local out = assert(io.open(arg[1], "w"))
+          local p <close> = processpool.new { max_workers = 1 }
+          out:write(p:submit(function() return "first" end):result(20), "\n")
+          print("into fd 1")
+          io.stdout:flush()
+          io.stderr:write("into fd 2\n")
+          out:write(tostring(io.read("l")), "\n")
+          out:write(select(2, pcall(function() return p:submit(function() return "second" end):result(20) end)), "\n")
+          local io_ <close> = iopool.new {}
+          print("into fd 1 again")
+          io.stdout:flush()
+          out:write(io_:submit(function() return "third" end):result(20), "\n")
+          out:close()]])
+        local ok = os.execute(("exec %s %s %s </dev/null >/dev/null 2>/dev/null %s"):format(q(h.bin), q(script),
+          q(out), how))
+        local text = h.slurp(out)
+        os.remove(script)
+        os.remove(out)
+        assert.is_true(ok)
+        assert.are.equal("first\nnil\nsecond\nthird\n", text)
+      end)
+  end
+end)
+
 describe("a process worker's death", function()
   it("is noticed at once while a command it started with io.popen still runs", function()
     local noted = pidfile()

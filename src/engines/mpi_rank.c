@@ -776,7 +776,7 @@ int luapool__mpi_serve(void) {
       else if (type == M_INTERRUPT && s)
         luapool__pool_interrupt(s->lp);
       else if (type == M_CLOSE && s)
-        close_session(&sv, s, 1);
+        close_session(&sv, s, s->ntasks > 0); /* (all answered: idle workers leave on EOF) */
       else if (type == M_STOP)
         stop = 1;
       lp_free(m);

@@ -496,12 +496,31 @@ static void own_reaping(void) {
   }
 }
 
+/* fd moved above the standard descriptors (close-on-exec): a host started
+** with stdin, stdout or stderr closed (`luapool job.lua >&-`, a daemon)
+** would otherwise get the worker's socket as fd 0, 1 or 2, and the script's
+** print (or io.read) would write into (or read from) the worker's stream. */
+static int above_stdio(int fd) {
+  if (fd < 0 || fd > 2) return fd;
+  int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  close(fd);
+  return nfd;
+}
+
 static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t errsz) {
   own_reaping();
   lp_pool *p = pw->w.pool;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     snprintf(err, errsz, "socketpair: %s", strerror(errno));
+    return -1;
+  }
+  sv[0] = above_stdio(sv[0]);
+  sv[1] = above_stdio(sv[1]);
+  if (sv[0] < 0 || sv[1] < 0) {
+    if (sv[0] >= 0) close(sv[0]);
+    if (sv[1] >= 0) close(sv[1]);
+    snprintf(err, errsz, "cannot start a worker process: %s", strerror(errno));
     return -1;
   }
   posix_spawn_file_actions_t fa;
@@ -563,7 +582,7 @@ static int spawn_worker(pworker *pw, const lp_paths *paths, char *err, size_t er
     return -1;
   }
   pw->fd = sv[0];
-  pw->pidfd = open_pidfd(pid); /* a child not yet reaped: pid is still ours */
+  pw->pidfd = above_stdio(open_pidfd(pid)); /* a child not yet reaped: pid is still ours */
   /* The task is started before its process exists: a stop that came in
   ** between found no pid to kill (proc_interrupt), and the task ran on
   ** past the stop's grace ("left running", cli_spec under load).  Its
@@ -829,7 +848,11 @@ static int send_ahead(pworker *pw) {
   lp_wset *s = luapool__wset(p);
   pthread_mutex_lock(&p->mu);
   lp_future *f = p->head;
-  if (f == NULL || !all_busy(p, s) || f->msglen > AHEAD_MAX || pw->ahead[k] != NULL) {
+  /* Nor one that needs FR_PATHS first: the paths are of any size (a long
+  ** package.path), and a send that fills the socket while the worker writes
+  ** a big reply waits for a reader that waits for it (helper-55). */
+  int new_paths = f != NULL && f->paths != NULL && f->paths->gen != pw->paths_gen;
+  if (f == NULL || !all_busy(p, s) || f->msglen > AHEAD_MAX || new_paths || pw->ahead[k] != NULL) {
     pthread_mutex_unlock(&p->mu);
     return 0;
   }

@@ -19,6 +19,7 @@
 */
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -133,6 +134,17 @@ static int uncaught_interrupt;           /* the script ended on it: exit 128 + i
 static int in_repl;                      /* in the REPL, a SIGINT ends only the statement */
 #ifdef LUAPOOL_HAVE_MPI
 static const lp_mpi_plugin *mpi_plugin; /* --mpi: rank 0 of an MPI job */
+
+/* Ends MPI on rank 0 once: after the script's state closed, or from
+** exit() when the script called os.exit (the state then may still be
+** open: the pools' progress threads are made to leave their loops by
+** the plugin's end, which touches no Lua).  Without it an os.exit(0)
+** skipped MPI_Finalize and the job ended with status 1 and Open MPI's
+** "exiting improperly" banner. */
+static void mpi_end_once(void) {
+  static atomic_int ended;
+  if (mpi_plugin && !atomic_exchange(&ended, 1)) mpi_plugin->end();
+}
 #endif
 
 /* {====== SIGINT and SIGTERM
@@ -890,7 +902,7 @@ static void *run_host(void *arg) {
   luapool__http_thread_cleanup();
   free(luapool__host_exe);
 #ifdef LUAPOOL_HAVE_MPI
-  if (mpi_plugin) mpi_plugin->end(); /* every pool is gone with the state */
+  mpi_end_once(); /* every pool is gone with the state */
 #endif
   if (uncaught_interrupt) exit(128 + atomic_load(&exit_signal));
   exit((ok && status == LUA_OK) ? EXIT_SUCCESS : EXIT_FAILURE);
@@ -1021,6 +1033,7 @@ static void mpi_launch(int *argc, char ***argv) {
   if (rank > 0) exit(p->serve());
   luapool__mpi_owner = p->owner; /* (start sets it too) */
   mpi_plugin = p;
+  atexit(mpi_end_once); /* (os.exit in the script) */
 #endif
 }
 
@@ -1048,7 +1061,20 @@ static void malloc_policy(void) {
 #endif
 }
 
+/* A standard descriptor that came closed (`luapool job.lua >&-`, a daemon's
+** start) is opened on /dev/null: else the first socket made (a process
+** worker's, a fetch's) would take its number, and print would write into it,
+** io.read read from it. */
+static void sanitize_stdio(void) {
+  for (int fd = 0; fd <= 2; fd++) {
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    int nfd = open("/dev/null", O_RDWR);
+    if (nfd >= 0 && nfd != fd) close(nfd); /* (not the lowest free: leave it) */
+  }
+}
+
 int main(int argc, char **argv) {
+  sanitize_stdio();
   malloc_policy();
   if (argc >= 5 && strcmp(argv[1], "--worker") == 0) {
     if ((long)getppid() != atol(argv[4])) return 1;        /* orphaned before start */

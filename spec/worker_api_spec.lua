@@ -135,7 +135,11 @@ describe("luapool in the main state", function()
 
   it("refuses a negative sleep", function()
     assert.has_error(function() luapool.sleep(-1) end,
-      "bad argument #1 to 'sleep' (non-negative number expected)")
+      "bad argument #1 to 'sleep' (non-negative number expected, got -1)")
+    assert.has_error(function() luapool.sleep(-0.5) end,
+      "bad argument #1 to 'sleep' (non-negative number expected, got -0.5)")
+    assert.has_error(function() luapool.sleep("x") end,
+      "bad argument #1 to 'sleep' (number expected, got string)")
   end)
 
   it("has a monotonic clock finer than a microsecond", function()

@@ -65,7 +65,9 @@ static int sleep_done(lua_State *L, int status, lua_KContext ctx) {
 
 static int l_sleep(lua_State *L) {
   lua_Number s = luaL_checknumber(L, 1);
-  luaL_argcheck(L, s >= 0 && s == s, 1, "non-negative number expected");
+  if (!(s >= 0)) /* also NaN; the value shown, as every timeout's refusal shows it */
+    luaL_argerror(L, 1,
+                  lua_pushfstring(L, "non-negative number expected, got %s", luapool__got(L, 1)));
   if (s > 1e9) s = 1e9;
   /* In an iopool task: a timer of its loop, which runs other tasks
   ** meanwhile (its deadline and stops end the wait there). */

@@ -47,7 +47,7 @@ describe("pool options", function()
         error_of(function() return P { on_crash = true } end))
       assert.are.equal("bad option 'on_crash' to 'new' ('replace' or 'break' expected, got 1)",
         error_of(function() return P { on_crash = 1 } end))
-      assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected)",
+      assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected, got 5)",
         error_of(function() return T { name = 5 } end))
       assert.are.equal("unknown option '1' to 'new'", error_of(function() return T { 5 } end))
       assert.are.equal("unknown option 'max_worker' to 'new'",

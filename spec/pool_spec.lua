@@ -462,16 +462,18 @@ for _, kind in ipairs(helper.engines) do
         assert.are.equal("bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got string)",
           error_of(function() return new { max_workers = "2" } end))
         assert.are.equal("unknown option 'foo' to 'new'", error_of(function() return new { foo = 1 } end))
-        assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected)",
+        assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected, got 0 bytes)",
           error_of(function() return new { name = "" } end))
-        assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected)",
+        assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected, got 40 bytes)",
           error_of(function() return new { name = string.rep("n", 40) } end))
+        assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected, got boolean)",
+          error_of(function() return new { name = true } end))
         local p <close> = new { max_workers = helper.largest(kind), name = string.rep("n", 39) }
         assert.are.equal(helper.largest(kind), p.max_workers)
       end)
 
       it("refuses a name that is a number, not a string", function()
-        assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected)",
+        assert.are.equal("bad option 'name' to 'new' (non-empty string of at most 39 bytes expected, got 5)",
           error_of(function() return luapool[kind].new { name = 5 } end))
       end)
 

@@ -229,12 +229,20 @@ static void read_option(lua_State *L, const lp_option *d, char *base) {
       /* A NUL is refused: the C string stops there ("a\0b" was silently cut
       ** to "a").  ("else if": the analyzer does not know that luaL_error
       ** never returns.) */
-      if (s == NULL || len == 0 || len >= cap - 8)
-        luaL_error(L, "bad option '%s' to 'new' (non-empty string of at most %d bytes expected)",
-                   d->name, (int)cap - 9);
+      if (s == NULL) /* (what it got, as every other option says it) */
+        luaL_error(
+            L, "bad option '%s' to 'new' (non-empty string of at most %d bytes expected, got %s)",
+            d->name, (int)cap - 9, luapool__got(L, -1));
+      else if (len == 0 || len >= cap - 8)
+        luaL_error(
+            L,
+            "bad option '%s' to 'new' (non-empty string of at most %d bytes expected, got %I "
+            "bytes)",
+            d->name, (int)cap - 9, (lua_Integer)len);
       else if (memchr(s, '\0', len) != NULL)
         luaL_error(L, "bad option '%s' to 'new' (string without NUL bytes expected)", d->name);
-      snprintf(field, cap, "%s", s);
+      else
+        snprintf(field, cap, "%s", s);
       break;
     }
     case LP_OPT_CHOICE: {

@@ -12,7 +12,11 @@
 **
 ** Per task that is: a Lua call of a C function; a userdata with a __gc for the
 ** future; a malloc'd task on a queue under a mutex (a condition variable
-** wakes an idle thread); on a worker, a protected call of the state's own
+** wakes an idle thread; a thread that ran out of work watches the queue for
+** 30 us, yielding the CPU, before it sleeps, and the owner watches a future
+** as long before it sleeps on it: without that every task cost a futex
+** wake-up, 17 us a task here, as luapool's own queue learned in session
+** 23: src/core/workers.c); on a worker, a protected call of the state's own
 ** no-op with one integer; the result stored and the future marked done (the
 ** owner is woken only when it waits); then result(), and the future's
 ** collection.  What it leaves out is what makes luapool usable: the function
@@ -25,6 +29,7 @@
 #include <lua.h>
 #include <lualib.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,10 +39,34 @@
 typedef struct task {
   struct task *next;
   lua_Integer arg, result;
-  atomic_int done;
+  atomic_uint done;
 } task;
 
+#define SPIN_SECONDS 30e-6
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* Watches *v (no lock held) until it differs from seen or the spin is over. */
+static void spin_while(atomic_uint *v, unsigned seen) {
+  double end = now() + SPIN_SECONDS;
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (atomic_load_explicit(v, memory_order_acquire) != seen) return;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (now() >= end) return;
+    sched_yield();
+  }
+}
+
 typedef struct pool {
+  atomic_uint qseq; /* moves at each submit: what a spinning thread watches */
   pthread_mutex_t mu;
   pthread_cond_t work,
       finished; /* work: a task or the close; finished: a task the owner waits for */
@@ -59,6 +88,12 @@ static void *worker(void *arg) {
   if (luaL_dostring(L, "return function(x) return x end")) die(lua_tostring(L, -1));
   for (;;) {
     pthread_mutex_lock(&p->mu);
+    if (p->head == NULL && !p->closing) {
+      unsigned seq = atomic_load_explicit(&p->qseq, memory_order_relaxed);
+      pthread_mutex_unlock(&p->mu);
+      spin_while(&p->qseq, seq);
+      pthread_mutex_lock(&p->mu);
+    }
     while (p->head == NULL && !p->closing) {
       p->idle++;
       pthread_cond_wait(&p->work, &p->mu);
@@ -111,6 +146,7 @@ static int pool_submit(lua_State *L) {
   else
     p->head = t;
   p->tail = t;
+  atomic_fetch_add_explicit(&p->qseq, 1, memory_order_release);
   int wake = p->idle > 0;
   pthread_mutex_unlock(&p->mu);
   if (wake) pthread_cond_signal(&p->work);
@@ -123,6 +159,7 @@ static pool *the_pool;
 
 static int future_result(lua_State *L) {
   task *t = *(task **)lua_touserdata(L, 1);
+  if (!atomic_load_explicit(&t->done, memory_order_acquire)) spin_while(&t->done, 0);
   if (!atomic_load_explicit(&t->done, memory_order_acquire)) {
     pool *p = the_pool;
     pthread_mutex_lock(&p->mu);
@@ -182,12 +219,6 @@ static int pool_new(lua_State *L) {
   }
   *u = the_pool = p;
   return 1;
-}
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
 static const char SCRIPT[] = "local new, n, w = ...\n"

@@ -510,6 +510,37 @@ describe("progress", function()
     assert.is_nil(all:sub(1, -2):find("\n"))
   end)
 
+  it("refuses unknown settings and values of the wrong type, and a clock that is not one", function()
+    local function err_of(f)
+      local ok, e = pcall(f)
+      assert.is_false(ok)
+      return e
+    end
+    local here = debug.getinfo(1, "S").short_src
+    local function at(msg) return "^" .. here:gsub("%p", "%%%0") .. ":%d+: " .. msg:gsub("%p", "%%%0") .. "$" end
+    assert.matches(at("bad argument #1 to 'new' (unknown setting 'intervall')"),
+      err_of(function() local b = progress.new { intervall = 1 } return b end))
+    assert.matches(at("bad argument #1 to 'new' (unknown setting '1')"),
+      err_of(function() local b = progress.new { "x" } return b end))
+    assert.matches(at("bad argument #1 to 'new' (setting 'total': non-negative integer expected, got 2.5)"),
+      err_of(function() local b = progress.new { total = 2.5 } return b end))
+    assert.matches(at("bad argument #1 to 'new' (setting 'interval': non-negative number expected, got string)"),
+      err_of(function() local b = progress.new { interval = "5" } return b end))
+    assert.matches(at("bad argument #1 to 'new' (setting 'tty': boolean expected, got 1)"),
+      err_of(function() local b = progress.new { tty = 1 } return b end))
+    assert.matches(at("bad argument #1 to 'new' (setting 'output': function expected, got string)"),
+      err_of(function() local b = progress.new { output = "stderr" } return b end))
+    assert.matches(at("bad argument #1 to 'new' (table of settings expected, got string)"),
+      err_of(function() local b = progress.new "job" return b end))
+    local bar = progress.new { tty = false, output = function() end,
+      now = setmetatable({}, { __call = function() return 1 end }) }
+    assert.matches(at("bad argument #1 to 'update' (number expected, got string)"),
+      err_of(function() bar:update("3") end))
+    bar:update(3)
+    assert.matches(at("progress: setting 'now' must return a number, got string"),
+      err_of(function() local b = progress.new { now = function() return "x" end } return b end))
+  end)
+
   it("writes plain lines at an interval when not a terminal", function()
     local t, lines = 0, {}
     local bar = progress.new { label = "job", total = 100, tty = false, interval = 5,

@@ -12,9 +12,11 @@
 -- <close> = progress.new {...}` ends the bar's line on every way out of
 -- the scope, so an error (a task error, Ctrl-C) is not glued to the bar.
 --
--- Settings, for tests and special outputs: output (function receiving the
--- text), tty (boolean: redraw in place or not), interval (seconds between
--- plain lines), now (clock function).
+-- Settings, for tests and special outputs: label (string), total
+-- (non-negative integer, or none), output (function receiving the text),
+-- tty (boolean: redraw in place or not), interval (seconds between plain
+-- lines), now (clock function, returning seconds); any other key, or a
+-- value of another type, is refused.
 --
 -- Compiled into luapool; also available as require "luapool.progress".
 local luapool, prim = ...
@@ -54,11 +56,61 @@ end
 local Bar = {}
 Bar.__index = Bar
 
+-- What a setting takes: a check of its value and the words for it.  A
+-- function setting may be any callable (a table with __call).
+local function is_callable(v)
+  if type(v) == "function" then return true end
+  local mt = getmetatable(v)
+  return type(mt) == "table" and rawget(mt, "__call") ~= nil
+end
+local SETTINGS = {
+  label = { function(v) return type(v) == "string" end, "string" },
+  total = { function(v) return math.type(v) == "integer" and v >= 0 end, "non-negative integer" },
+  output = { is_callable, "function" },
+  tty = { function(v) return type(v) == "boolean" end, "boolean" },
+  interval = { function(v) return type(v) == "number" and v >= 0 end, "non-negative number" },
+  now = { is_callable, "function" },
+}
+
+local function what(v)
+  if type(v) == "number" then return tostring(v) end
+  return type(v)
+end
+
+-- Settings are checked here, as map's progress option checks them: a
+-- misspelt one (intervall) was ignored, and a wrong type failed later in
+-- the bar's arithmetic, inside this file.
+local function check_settings(s)
+  if type(s) ~= "table" then
+    error(("bad argument #1 to 'new' (table of settings expected, got %s)"):format(type(s)), 3)
+  end
+  for k, v in pairs(s) do
+    local rule = SETTINGS[k]
+    if not rule then error(("bad argument #1 to 'new' (unknown setting '%s')"):format(tostring(k)), 3) end
+    if not rule[1](v) then
+      error(("bad argument #1 to 'new' (setting '%s': %s expected, got %s)"):format(k, rule[2], what(v)), 3)
+    end
+  end
+end
+
+-- A clock the caller gave, checked at each reading: what it returns is
+-- known only then.
+local function checked(now)
+  return function()
+    local t = now()
+    if type(t) ~= "number" then
+      error(("progress: setting 'now' must return a number, got %s"):format(type(t)), 3)
+    end
+    return t
+  end
+end
+
 function M.new(settings)
   local s = settings or {}
+  check_settings(s)
   local tty = s.tty
   if tty == nil then tty = prim.isatty(2) end
-  local now = s.now or luapool.now
+  local now = s.now and checked(s.now) or luapool.now
   local self = setmetatable({
     label = s.label or "progress", total = s.total, tty = tty, now = now,
     output = s.output or function(text) io.stderr:write(text) io.stderr:flush() end,
@@ -83,6 +135,9 @@ function Bar:emit(final)
 end
 
 function Bar:update(done)
+  if type(done) ~= "number" then
+    error(("bad argument #1 to 'update' (number expected, got %s)"):format(type(done)), 2)
+  end
   if self.finished then return end
   self.done = done
   local t = self.now()

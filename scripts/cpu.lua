@@ -27,6 +27,8 @@ while i <= #args do
     sequential = true
   elseif a == "--progress" then
     show_progress = true
+  elseif a:sub(1, 2) == "--" then
+    usage("unknown option " .. a)
   else
     local n = math.tointeger(tonumber(a))
     if not n or n < 0 then usage("not a non-negative integer: " .. a) end
@@ -44,7 +46,11 @@ if sequential then
   for k, n in ipairs(numbers) do results[k] = sum_squares(n) end
 else
   label = "processpool"
-  local pool <close> = processpool.new { max_workers = workers, name = "cpu" }
+  -- (a --workers past the pool's range is a usage error, said by the pool
+  -- itself: its message names the range)
+  local made, pool = pcall(processpool.new, { max_workers = workers, name = "cpu" })
+  if not made then usage(tostring(pool)) end
+  local _ <close> = pool
   results = pool:map(sum_squares, numbers, { chunksize = 1, progress = show_progress })
 end
 print(("%s execution time: %.4f seconds"):format(label, luapool.now() - start))

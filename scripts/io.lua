@@ -116,9 +116,16 @@ if sequential then
   end
 else
   label = pool_kind
-  local pool <close> = pool_kind == "iopool"
-    and luapool.iopool.new { max_workers = workers or 1, concurrency = concurrency, name = "io" }
-    or threadpool.new { max_workers = workers or 5, name = "io" }
+  -- (a --workers or --concurrency past the pool's range is a usage error,
+  -- said by the pool itself: its message names the range)
+  local made, pool = pcall(function()
+    if pool_kind == "iopool" then
+      return luapool.iopool.new { max_workers = workers or 1, concurrency = concurrency, name = "io" }
+    end
+    return threadpool.new { max_workers = workers or 5, name = "io" }
+  end)
+  if not made then usage(tostring(pool):gsub("^.-:%d+: ", "")) end
+  local _ <close> = pool
   local task = pool_kind == "iopool" and fetch_url_io or fetch_url
   local futures, index = {}, {}
   for k, url in ipairs(urls) do

@@ -31,6 +31,14 @@ describe("scripts/cpu.lua", function()
     _, err, code = h.run({ script("cpu.lua"), "ten" })
     assert.are.equal(2, code)
     assert.matches("^cpu%.lua: not a non%-negative integer: ten\n", err)
+    _, err, code = h.run({ script("cpu.lua"), "--bogus" })
+    assert.are.equal(2, code)
+    assert.matches("^cpu%.lua: unknown option %-%-bogus\nusage: ", err)
+    -- past the pool's range: a usage error in the pool's words, no traceback
+    _, err, code = h.run({ script("cpu.lua"), "--workers", "100000", "10" })
+    assert.are.equal(2, code)
+    assert.are.equal("cpu.lua: bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got 100000)\n",
+      err:match("^[^\n]*\n"))
   end)
 end)
 
@@ -101,6 +109,19 @@ describe("scripts/io.lua", function()
     assert.are.equal("", out)
     assert.are.equal(2, code)
     assert.are.equal("io.lua: /tmp: Is a directory\n", err:match("^[^\n]*\n"))
+  end)
+
+  it("refuses --workers or --concurrency past the pool's range in the pool's words, exit 2", function()
+    local out, err, code = h.run({ script("io.lua"), "--workers", "5000", srv:url("/bytes?n=2") })
+    assert.are.equal(2, code)
+    assert.are.equal("", out)
+    assert.are.equal("io.lua: bad option 'max_workers' to 'new' (integer from 1 to 4096 expected, got 5000)\n",
+      err:match("^[^\n]*\n"))
+    out, err, code = h.run({ script("io.lua"), "--pool", "iopool", "--concurrency", "1e12", srv:url("/bytes?n=2") })
+    assert.are.equal(2, code)
+    assert.are.equal("", out)
+    assert.are.equal("io.lua: bad option 'concurrency' to 'new' (integer from 1 to 1000000 expected, got "
+      .. "1000000000000)\n", err:match("^[^\n]*\n"))
   end)
 
   it("refuses a bad option with usage, exit 2", function()

@@ -19,14 +19,16 @@ local OMPI_ENV = table.concat(h.mpi_env, " ")
 -- Runs `mpiexec -n N luapool --mpi SCRIPT ARGS...` (mpmd: more of the
 -- command line after the script's, such as ": -n 1 other --mpi"; bin: a
 -- binary other than luapool for those N; env: "NAME=value ..." for the
--- launch).  Returns stdout, stderr, exit status.
-local function mpirun(n, script, args, mpmd, bin, env)
+-- launch; limit: seconds before timeout(1) ends the job, 120 unless given).
+-- Returns stdout, stderr, exit status.
+local function mpirun(n, script, args, mpmd, bin, env, limit)
   local path = h.tempfile(script)
   local out, err = os.tmpname(), os.tmpname()
   local words = {}
   for _, a in ipairs(args or {}) do words[#words + 1] = q(a) end
-  local line = ("env %s %s timeout 120 %s -n %d %s --mpi %s %s %s >%s 2>%s </dev/null"):format(
-    OMPI_ENV, env or "", q(MPIEXEC), n, q(bin or BIN), q(path), table.concat(words, " "), mpmd or "", out, err)
+  local line = ("env %s %s timeout %d %s -n %d %s --mpi %s %s %s >%s 2>%s </dev/null"):format(
+    OMPI_ENV, env or "", limit or 120, q(MPIEXEC), n, q(bin or BIN), q(path), table.concat(words, " "), mpmd or "",
+    out, err)
   local ok, how, code = os.execute(line)
   local so, se = h.slurp(out), h.slurp(err)
   os.remove(out); os.remove(err); os.remove(path)
@@ -184,6 +186,64 @@ describe("mpipool", function()
     assert.are.equal("fine", lines[3])
     assert.are.equal(("false\ttimeout\trank 1 of 2 on %s: item #2 exceeded its deadline of 0.3 seconds "
       .. "in worker mpipool-1"):format(HOST), lines[4])
+  end)
+
+  it("gives up a rank that stops answering: its task with a deadline fails timeout, the rest go elsewhere, "
+    .. "<close> returns", function()
+    -- rank 1 is stopped (SIGSTOP, as a hung host) while it holds a task:
+    -- only rank 0 can end that task, by its own bound (the deadline, a
+    -- second for the worker's start, 5 s of grace); the rank then gets no
+    -- more tasks, and the pool closes without waiting for it.  It is
+    -- continued at the end, so that the job finalizes (and nothing is left).
+    local out, err, code = mpirun(3, [[
+      local t0 = luapool.now()
+      local rank1
+      do
+        local mp <close> = mpipool.new { task_timeout = 0.5 }
+        local function where() -- the task's rank, and that rank's pid
+          local w = luapool.current_worker()
+          return w.rank, tonumber(io.open("/proc/self/stat"):read("a"):match("^%d+ %b() %a (%d+)"))
+        end
+        repeat
+          local r, pid = mp:submit(where):result()
+          if r == 1 then rank1 = pid end
+        until rank1
+        local xs = {}
+        for i = 1, 2 do xs[i] = mp:submit(function() luapool.sleep(0.3) return luapool.current_worker().rank end) end
+        os.execute("kill -STOP " .. rank1)
+        local t1 = luapool.now()
+        for i = 1, 2 do
+          local ok, v = pcall(xs[i].result, xs[i], 60)
+          if ok then print("done", v) else print(v.kind, v.message) end
+        end
+        local took = luapool.now() - t1
+        print("bounded", took > 6 and took < 20)
+        print("workers", mp:stats().workers)
+        local rs = mp:map(function(x) return x * 10, luapool.current_worker().rank end, { 1, 2, 3 })
+        print("later", table.concat(rs, ","))
+        local ranks = {}
+        for i = 1, 3 do
+          ranks[i] = select(2, mp:submit(function() return 0, luapool.current_worker().rank end):result())
+        end
+        print("on", table.concat(ranks, ","))
+      end
+      print("closed", luapool.now() - t0 < 40)
+      os.execute("kill -CONT " .. rank1)]], nil, nil, nil, nil, 60)
+    assert.are.equal(0, code, err)
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    -- (either task may be the one rank 1 held)
+    if lines[2] and lines[2]:sub(1, 4) == "done" then lines[1], lines[2] = lines[2], lines[1] end
+    assert.are.same({
+      "done\t2",
+      ("timeout\ttask #%d exceeded its deadline of 0.5 seconds on rank 1 of 3 on %s, and the rank did not "
+        .. "answer within 5 seconds after it (stopped, or its host hung): it gets no more tasks of this pool")
+        :format(tonumber(out:match("task #(%d+) exceeded")), HOST),
+      "bounded\ttrue", "workers\t1", "later\t10,20,30", "on\t2,2,2", "closed\ttrue",
+    }, lines)
+    assert.matches(("^luapool: mpipool 'mpipool': rank 1 of 3 on %s did not answer %%(task #%%d+ was not "
+      .. "reported within 5 seconds of its deadline%%); its tasks were failed, and it was left as it is\n$")
+      :format(HOST:gsub("%p", "%%%0")), err)
   end)
 
   it("gives futures in completion order to as_completed and wait", function()

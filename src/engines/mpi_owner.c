@@ -76,6 +76,20 @@
 #define CHUNKS_AHEAD 2
 /* How long a cancel waits for the rank's answer. */
 #define CANCEL_TIMEOUT 5.0
+/* A task with a deadline (task_timeout) that its rank has not answered
+** this long after rank 0's bound for it (answer_bound) is given up, and
+** the rank with it (give_up_rank): a rank that stops answering (SIGSTOP,
+** a hung host) would otherwise leave it pending for good, and <close>
+** waiting for it (helper-55).  The serving rank enforces the deadline
+** itself (its local processpool kills the worker, which takes up to a
+** second, and answers): the grace lets that report win whenever the rank
+** runs at all. */
+#define ANSWER_GRACE 5.0
+/* What a task may take on its rank beyond its calls' deadlines: its
+** worker's start (a new process after a kill, a crash or a recycle). */
+#define TASK_SLACK 1.0
+/* How often the progress thread compares the tasks out with their bounds. */
+#define CHECK_EVERY 0.1
 
 typedef struct orank {
   int rank;
@@ -92,6 +106,12 @@ typedef struct orank {
   ** to a free slot is running, as on any pool (cancel() says false). */
   unsigned char *ahead;
   uint64_t paths_gen;
+  /* It did not answer a task by rank 0's bound (mutex: p->mu; set by the
+  ** progress thread only): given up for the pool's life, sent nothing
+  ** more.  lost_what names the task (progress thread, then the owner once
+  ** the thread is joined). */
+  int lost;
+  char lost_what[48];
   /* Its pace (progress thread only): the mean time from the later of a
   ** task's sending and the previous answer to the task's answer, that is,
   ** how often it can take a new task, for how far ahead to send. */
@@ -121,6 +141,9 @@ typedef struct ostate {
   int intr_req;         /* mutex: p->mu: send M_INTERRUPT */
   atomic_int ninflight; /* read by stats */
   atomic_int ended;     /* the thread is done: no workers */
+  atomic_int nlost;     /* ranks given up (orank.lost), read by stats */
+  lp_future **given;    /* [cap]: a lost rank's tasks, being failed (thread only) */
+  double next_check;    /* when to compare the tasks out with their bounds (thread only) */
   /* LUAPOOL_TEST_MPI_PACE: every rank's pace, fixed (seconds a task; 0:
   ** measured), so that a spec sees how far ahead the pace sends whatever
   ** the load of its machine makes of the measured one. */
@@ -143,6 +166,7 @@ typedef struct ostate {
 } ostate;
 
 static atomic_uint next_pool_id;
+atomic_int luapool__mpi_gave_up;
 
 /* The pools whose progress thread runs (each takes itself out as its last
 ** act), so that the host's exit can make every one leave its loop and wait
@@ -297,6 +321,119 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
 ** item): sent ahead on a short queue too (progress_main). */
 static int is_chunk(const lp_future *f) { return f->task_no == 0 && f->item_lo > 0; }
 
+/* {====== a rank that stops answering */
+
+/* What f may take on its rank, by its deadlines: each call's, its
+** worker's initializer's (run under the same deadline on a new worker)
+** and TASK_SLACK; 0 for a task without a deadline (no bound). */
+static double allowance(const lp_pool *p, const lp_future *f) {
+  if (f->timeout <= 0) return 0;
+  int calls = f->ncalls + (p->init_len > 0 ? 1 : 0);
+  return f->timeout * calls + TASK_SLACK;
+}
+
+/* When rank 0 gives up on the task in slot k of rk if no answer came: 0
+** for none.  A task sent to a free slot starts on the rank as it arrives:
+** its bound is from its sending.  One sent ahead starts when the rank's
+** slots free, which rank 0 does not see; a safe bound is the rank's last
+** answer (or its sending, if later) plus the allowance of every task sent
+** to the rank before it and not answered, as if they ran one after the
+** other (each of them ends by its own deadline on a rank that runs),
+** plus its own.  A task ahead of one without a deadline has no bound. */
+static double answer_bound(const lp_pool *p, const ostate *ms, const orank *rk, int k) {
+  double a = allowance(p, rk->run[k]);
+  if (a == 0) return 0;
+  double from = rk->sent[k];
+  if (rk->ahead[k]) {
+    if (rk->last_answer > from) from = rk->last_answer;
+    for (int j = 0; j < ms->cap; j++) {
+      if (rk->run[j] == NULL || rk->ids[j] >= rk->ids[k]) continue;
+      double b = allowance(p, rk->run[j]);
+      if (b == 0) return 0;
+      a += b;
+    }
+  }
+  return from + a + ANSWER_GRACE;
+}
+
+/* Rank rk did not answer the task in slot `late` by its bound (stopped,
+** or its host hung): every task out to it fails now, the late one as
+** `timeout`, the others as `crashed` (as a worker's death fails them), and
+** the rank gets no more tasks of this pool (it may wake and run what it
+** holds: its answers then find no task and are dropped, on_done).  With
+** no rank left, or on_crash = "break", the pool breaks, so that nothing
+** queued waits for ranks that cannot take it. */
+static void give_up_rank(lp_pool *p, ostate *ms, orank *rk, int late) {
+  lp_future *lf = rk->run[late];
+  char what[48], why[600];
+  luapool__future_label(lf, what, sizeof what);
+  snprintf(rk->lost_what, sizeof rk->lost_what, "%s", what);
+  int n = 0;
+  pthread_mutex_lock(&p->mu);
+  rk->lost = 1;
+  atomic_store(&luapool__mpi_gave_up, 1);
+  int all = atomic_fetch_add(&ms->nlost, 1) + 1 == ms->nranks;
+  for (int k = 0; k < ms->cap; k++)
+    if (rk->run[k] && k != late) {
+      ms->given[n++] = rk->run[k];
+      rk->run[k] = NULL;
+    }
+  rk->run[late] = NULL;
+  atomic_fetch_sub(&ms->ninflight, rk->inflight);
+  rk->inflight = 0;
+  /* A cancel of one of them, asked or sent, gets no answer from it. */
+  if (ms->c_rank == rk->rank && (ms->c_state == 1 || ms->c_state == 2)) {
+    ms->c_state = 3;
+    ms->c_ok = 0;
+    pthread_cond_broadcast(&ms->ccv);
+  }
+  pthread_mutex_unlock(&p->mu);
+  luapool__future_fail(lf, LP_EK_TIMEOUT,
+                       "%s exceeded its deadline of %g seconds on %s, and the rank did not answer "
+                       "within %g seconds after it (stopped, or its host hung): it gets no more "
+                       "tasks of this pool",
+                       what, lf->timeout, rk->name, ANSWER_GRACE);
+  luapool__future_unref(lf);
+  snprintf(why, sizeof why,
+           "%s did not answer (%s was not reported within %g seconds of its deadline): it gets no "
+           "more tasks of this pool",
+           rk->name, what, ANSWER_GRACE);
+  for (int i = 0; i < n; i++) {
+    char label[48];
+    luapool__future_fail(ms->given[i], LP_EK_CRASHED, "%s was given up: %s",
+                         luapool__future_label(ms->given[i], label, sizeof label), why);
+    luapool__future_unref(ms->given[i]);
+  }
+  if (all || config_of(p)->on_crash_break) {
+    char broke[700];
+    snprintf(broke, sizeof broke, "the pool is broken: %s%s", why,
+             all ? " (no rank of the pool is left)" : "");
+    luapool__pool_break(p, broke);
+  }
+}
+
+/* Gives up each rank with a task out past its bound (answer_bound):
+** every CHECK_EVERY seconds, after the loop took the answers that came. */
+static void check_answers(lp_pool *p, ostate *ms) {
+  double now = luapool__now();
+  if (now < ms->next_check) return;
+  ms->next_check = now + CHECK_EVERY;
+  for (int i = 0; i < ms->nranks; i++) {
+    orank *rk = &ms->ranks[i];
+    if (rk->lost || rk->inflight == 0) continue; /* (both the thread's own to change) */
+    for (int k = 0; k < ms->cap; k++) {
+      if (rk->run[k] == NULL) continue;
+      double b = answer_bound(p, ms, rk, k);
+      if (b > 0 && now > b) {
+        give_up_rank(p, ms, rk, k);
+        break;
+      }
+    }
+  }
+}
+
+/* }====== */
+
 /* The progress thread's pause between polls while tasks are out
 ** (luapool__mpi_pause): on its condition variable, so that an interrupt,
 ** a cancel and, when a rank has room (`room`), a submit wake it at once
@@ -371,6 +508,7 @@ static void *progress_main(void *arg) {
       orank *best = NULL;
       for (int i = 0; i < ms->nranks; i++) {
         orank *rk = &ms->ranks[(ms->next_rank + i) % ms->nranks];
+        if (rk->lost) continue; /* (it gets nothing more: give_up_rank) */
         int lim = ms->slots;
         if (ahead && rk->gap > 0) {
           double more = AHEAD_SECONDS / rk->gap;
@@ -471,12 +609,22 @@ static void *progress_main(void *arg) {
         lp_free(m);
     }
     luapool__mpi_sends_test(&ms->sends);
+    if (atomic_load(&ms->ninflight) > 0) check_answers(p, ms);
     if (did)
       last = luapool__now();
     else
       poll_pause(p, ms, luapool__now() - last, !full, queued);
   }
   atomic_store(&ms->ended, 1);
+  /* A rank given up is told to close as the others are (should it wake),
+  ** but nobody waits for it: said here, as a stop says what it left
+  ** running. */
+  for (int i = 0; i < ms->nranks; i++)
+    if (ms->ranks[i].lost)
+      fprintf(stderr,
+              "luapool: mpipool '%s': %s did not answer (%s was not reported within %g seconds "
+              "of its deadline); its tasks were failed, and it was left as it is\n",
+              p->name, ms->ranks[i].name, ms->ranks[i].lost_what, ANSWER_GRACE);
   if (atomic_load(&quit)) { /* (M_STOP follows: each rank closes every pool) */
     luapool__mpi_sends_wait(&ms->sends, luapool__now() + 0.1);
   } else {
@@ -530,6 +678,7 @@ static void free_state(ostate *ms) {
   }
   lp_free(ms->ranks);
   lp_free(ms->batch);
+  lp_free(ms->given);
   pthread_cond_destroy(&ms->cv);
   pthread_cond_destroy(&ms->ccv);
   lp_free(ms);
@@ -684,7 +833,8 @@ static int owner_open(lp_pool *p, char *err, size_t errsz) {
   ms->send_delay = luapool__test_seconds("LUAPOOL_TEST_MPI_SEND_DELAY", 60);
   ms->ranks = lp_calloc((size_t)ms->nranks, sizeof *ms->ranks);
   ms->batch = lp_malloc(BATCH * sizeof *ms->batch);
-  int ok = ms->ranks != NULL && ms->batch != NULL;
+  ms->given = lp_calloc((size_t)ms->cap, sizeof *ms->given); // NOLINT(bugprone-sizeof-expression)
+  int ok = ms->ranks != NULL && ms->batch != NULL && ms->given != NULL;
   for (int i = 0; ok && i < ms->nranks; i++) {
     orank *rk = &ms->ranks[i];
     rk->rank = i + 1;
@@ -800,7 +950,8 @@ static void owner_free(lp_pool *p) {
 
 static void owner_stats(lp_pool *p, int *workers, int *idle) {
   ostate *ms = state_of(p);
-  *workers = atomic_load(&ms->ended) ? 0 : ms->nranks * ms->slots;
+  /* (a rank given up has no slots for the pool: give_up_rank) */
+  *workers = atomic_load(&ms->ended) ? 0 : (ms->nranks - atomic_load(&ms->nlost)) * ms->slots;
   *idle = *workers - atomic_load(&ms->ninflight);
   if (*idle < 0) *idle = 0; /* (tasks sent ahead) */
 }

@@ -24,19 +24,22 @@
 **   M_CANCEL u32 pool, u64 id (cancel it if it has not started: the answer
 **           is its R_DONE, state cancelled, or R_KEPT)
 **   M_CLOSE u32 pool (its tasks are done: the local pool goes)
-**   M_STOP  (the job ends: the rank finalizes and exits 0)
+**   M_STOP  [u8 1: answer R_STOPPED first] (the job ends: the rank
+**           finalizes and exits 0)
 ** Messages to rank 0 (tag TAG_POOL(pool): each pool's thread takes its own):
 **   R_OPENED string host, u32 pid        R_REFUSE string (its build)
 **   R_FAILED string (it could not make the local pool)
 **   R_DONE   u64 id, u8 state (0 finished: the reply bytes follow; else
 **            1 + lp_ekind, then the message)
 **   R_KEPT   u64 id, u8 0 (a cancel found it started, or done)
+**   R_STOPPED (tag TAG_END: an M_STOP that asked was read)
 */
 #ifndef LUAPOOL_MPI_PROTO_H
 #define LUAPOOL_MPI_PROTO_H
 
 #include <mpi.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -46,9 +49,10 @@
 extern const lp_engine luapool__mpi_owner_engine;
 
 enum { M_OPEN = 1, M_TASK, M_PATHS, M_INTERRUPT, M_CLOSE, M_STOP, M_CANCEL };
-enum { R_OPENED = 1, R_REFUSE, R_FAILED, R_DONE, R_KEPT };
+enum { R_OPENED = 1, R_REFUSE, R_FAILED, R_DONE, R_KEPT, R_STOPPED };
 
 #define TAG_RANK       1
+#define TAG_END        2
 #define MPI_ORDER_MARK 0x01020304u
 /* 32767 is the least MPI_TAG_UB the standard allows. */
 #define TAG_POOL(id) (16 + (int)((id) % 32000u))
@@ -124,6 +128,10 @@ void luapool__mpi_idle(double quiet, unsigned cap_us);
 ** stop gave up on it, too).  Waits until none runs or `until`
 ** (luapool__now); returns how many still run.  mpi_owner.c. */
 int luapool__mpi_owner_quit(double until);
+/* A pool gave up a rank that did not answer (mpi_owner.c's give_up_rank):
+** the job's end then checks that every rank still answers before
+** MPI_Finalize, which would wait for good for one that does not. */
+extern atomic_int luapool__mpi_gave_up;
 
 /* "rank 2 of 3 on host" for rank r (buf of at least 300 bytes), host
 ** being r's (given) or this process's (NULL). */

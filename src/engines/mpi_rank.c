@@ -226,16 +226,43 @@ int luapool__mpi_start(int *argc, char ***argv) {
   return luapool__mpi_rank;
 }
 
-/* Tells every serving rank the job ends (rank 0). */
-static void stop_ranks(double grace) {
+/* Tells every serving rank the job ends (rank 0).  With `ask`, each is
+** asked to answer R_STOPPED, and the ranks that did not within the grace
+** are counted (the first one's number in *first): 0 when all did. */
+static int stop_ranks(double grace, int ask, int *first) {
   mpi_sends s = {NULL, 0};
   for (int r = 1; r < luapool__mpi_size; r++) {
-    char *b = lp_malloc(1);
+    char *b = lp_malloc(2);
     if (b == NULL) continue;
     b[0] = M_STOP;
-    luapool__mpi_send(&s, r, TAG_RANK, b, 1);
+    b[1] = (char)ask;
+    luapool__mpi_send(&s, r, TAG_RANK, b, 2);
   }
-  luapool__mpi_sends_wait(&s, luapool__now() + grace);
+  double start = luapool__now(), until = start + grace;
+  int missing = 0;
+  if (ask) {
+    char *got = lp_calloc((size_t)luapool__mpi_size, 1);
+    int n = 0;
+    while (got && n < luapool__mpi_size - 1 && luapool__now() < until) {
+      char *m;
+      size_t len;
+      int from;
+      luapool__mpi_sends_test(&s);
+      if (luapool__mpi_try_recv(MPI_ANY_SOURCE, TAG_END, &m, &len, &from) == 1) {
+        if (from > 0 && from < luapool__mpi_size && !got[from]) got[from] = 1, n++;
+        lp_free(m);
+      } else {
+        luapool__mpi_idle(luapool__now() - start, 1000);
+      }
+    }
+    for (int r = 1; r < luapool__mpi_size; r++)
+      if (got == NULL || !got[r]) {
+        if (!missing++) *first = r;
+      }
+    lp_free(got);
+  }
+  luapool__mpi_sends_wait(&s, until);
+  return missing;
 }
 
 /* How long the exit waits for pools' progress threads to leave MPI. */
@@ -268,10 +295,22 @@ void luapool__mpi_end(void) {
     ** or the user stopped rank 0 alone: the ranks are told, and rank 0
     ** leaves without MPI_Finalize, whose fence could wait for ranks that
     ** are gone; mpiexec reports rank 0's status (128 + the signal). */
-    stop_ranks(0.2);
+    stop_ranks(0.2, 0, NULL);
     return;
   }
-  stop_ranks(5.0);
+  /* A pool gave up a rank that stopped answering: MPI_Finalize would wait
+  ** for it for good (the job never ended, helper-57), so each rank is
+  ** asked to say it got the stop; one that does not is still stuck, and
+  ** the job is aborted (mpiexec kills every rank, a stopped one too). */
+  int gave_up = atomic_load(&luapool__mpi_gave_up), first = 0;
+  if (stop_ranks(5.0, gave_up, &first)) {
+    fprintf(stderr,
+            "luapool: rank %d of %d did not answer the job's end within %g seconds (a pool "
+            "gave it up): the MPI job is aborted, as MPI_Finalize would wait for it\n",
+            first, luapool__mpi_size, 5.0);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    _exit(1);
+  }
   MPI_Finalize();
 }
 
@@ -777,8 +816,14 @@ int luapool__mpi_serve(void) {
         luapool__pool_interrupt(s->lp);
       else if (type == M_CLOSE && s)
         close_session(&sv, s, s->ntasks > 0); /* (all answered: idle workers leave on EOF) */
-      else if (type == M_STOP)
+      else if (type == M_STOP) {
         stop = 1;
+        if (len > 1 && m[1]) { /* (rank 0 checks that every rank still answers) */
+          char *b = lp_malloc(1);
+          if (b) b[0] = (char)R_STOPPED;
+          if (b) luapool__mpi_send(&sv.sends, 0, TAG_END, b, 1);
+        }
+      }
       lp_free(m);
     }
     if (take_settled(&sv, 0)) did = 1;

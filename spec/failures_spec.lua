@@ -350,15 +350,29 @@ for _, kind in ipairs(h.engines) do
       assert.is_false(ok)
       assert.are.equal("timeout", e.kind)
       assert.matches("^" .. at .. "item #3 exceeded its deadline of 0%.3 seconds in worker ck%-1" .. tail, e.message)
+      -- err.item on every engine: a killed process fails the chunk as a whole, but at item 3's deadline
+      assert.are.equal(3, e.item)
       local s = pool:stats()
       if not h.traits[kind].kills then
         -- the thread (or the loop) stopped item 3 alone: items 4 and 5 of the chunk still ran
-        assert.are.equal(3, e.item)
         assert.are.same({ 4, 1 }, { s.done, s.failed })
       else
         -- the process was killed: the chunk failed as a whole
         assert.are.same({ 0, 5 }, { s.done, s.failed })
       end
+      -- imap, a chunk of 3 from item 4: item #5 is the one
+      local got = {}
+      local ok2, e2 = pcall(function()
+        for i, r in pool:imap(function(x) if x == 5 then while true do end end return x end,
+                              { 1, 2, 3, 4, 5, 6 }, { chunksize = 3, task_timeout = 0.3 }) do
+          got[i] = r
+        end
+      end)
+      assert.is_false(ok2)
+      assert.are.equal("timeout", e2.kind)
+      assert.are.equal(5, e2.item)
+      assert.matches("^" .. at .. "item #5 exceeded its deadline of 0%.3 seconds in worker ck%-1" .. tail, e2.message)
+      assert.are.same({ 1, 2, 3 }, got)
     end)
   end)
 end

@@ -581,9 +581,11 @@ static void collector_check(lua_State *L) {
 
 /* chunk_into(future, out, offset [, timeout]) -> true when every call's
 ** first value is stored at out[offset + k]; false + the error object of
-** the first call that failed + its number in the chunk (from 1; absent
-** when the chunk failed as a whole: a crash, a cancel...), the values
-** before it stored; nil when the timeout expired first. */
+** the first call that failed + its number in the chunk (from 1; also when
+** one call failed the chunk as a whole, a process worker killed at its
+** deadline: f->fail_call; absent when the chunk failed for no one call: a
+** crash, a cancel...), the values before it stored; nil when the timeout
+** expired first. */
 static int prim_chunk_into(lua_State *L) {
   lp_future *f = luapool__check_future(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -606,7 +608,11 @@ static int prim_chunk_into(lua_State *L) {
     if (luapool__future_outcome(L, f, &r, 1) < 0) {
       lua_pushboolean(L, 0);
       lua_insert(L, -2);
-      if (!finished) return 2; /* the whole chunk failed: no one call did */
+      if (!finished) { /* the whole chunk failed: one call may have made it */
+        if (luapool__future_state(f) != LP_FAILED || f->fail_call == 0) return 2;
+        lua_pushinteger(L, (lua_Integer)f->fail_call);
+        return 3;
+      }
       lua_pushinteger(L, k + 1);
       return 3;
     }

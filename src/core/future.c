@@ -487,12 +487,9 @@ int luapool__future_pinned(const lp_future *f) {
   return f->state == LP_FINISHED && (f->ekind & LP_RF_PINNED) != 0;
 }
 
-int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
+static int fail_with(lp_future *f, int call, lp_ekind k, const char *fmt, va_list ap) {
   char buf[1024];
-  va_list ap;
-  va_start(ap, fmt);
   vsnprintf(buf, sizeof buf, fmt, ap);
-  va_end(ap);
   char *m = lp_strdup(buf); /* NULL on no memory: the kind still tells */
   int moved = 0;
   lock(f);
@@ -501,12 +498,29 @@ int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
     f->state = LP_FAILED;
     f->ekind = (unsigned char)k;
     f->emsg = m;
+    f->fail_call = call > 0 ? (size_t)call : 0; /* (with the state: a loser writes nothing) */
     m = NULL;
     moved = 1;
     settle(f, from, 1);
   }
   unlock(f);
   lp_free(m);
+  return moved;
+}
+
+int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int moved = fail_with(f, 0, k, fmt, ap);
+  va_end(ap);
+  return moved;
+}
+
+int luapool__future_fail_call(lp_future *f, int call, lp_ekind k, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int moved = fail_with(f, call, k, fmt, ap);
+  va_end(ap);
   return moved;
 }
 

@@ -93,7 +93,15 @@ typedef struct lp_future {
     char *reply;
     char *emsg;
   };
-  size_t replylen;
+  union {
+    size_t replylen; /* LP_FINISHED */
+    /* LP_FAILED as a whole by one of its calls (a process worker killed
+    ** at that call's deadline): the call, from 1; 0 none.  Set with the
+    ** state (luapool__future_fail_call), read once it is seen settled.
+    ** (In replylen's place: a failure has no reply, and the struct keeps
+    ** its size class.) */
+    size_t fail_call;
+  };
   char inline_buf[LP_INLINE]; /* the message, then the reply */
   /* The task: message bytes (in inline_buf when small), dropped (msg
   ** NULL) once the task has run or will never run. */
@@ -213,6 +221,10 @@ void luapool__pace_kick(void);
 /* }====== */
 int luapool__future_fail(lp_future *f, lp_ekind k, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* The same, naming call `call` (from 1) of a chunk as the one that failed
+** it: map's err.item (bind/lpool.c's chunk_into). */
+int luapool__future_fail_call(lp_future *f, int call, lp_ekind k, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 /* Calls whose reply is an error (the reply's header count). */
 uint32_t luapool__future_nerr(lp_future *f);
 /* Does the reply carry values sent by name (or functions)?  Only those can

@@ -303,9 +303,11 @@ static void on_done(lp_pool *p, ostate *ms, int from, char *m, size_t len) {
     lp_reader r = {m + 10, m + len};
     const char *t = "malformed reply";
     size_t tl = strlen(t);
-    luapool__get_string(&r, &t, &tl);
+    uint32_t call = 0; /* (the call that failed a chunk as a whole: err.item) */
+    if (luapool__get_string(&r, &t, &tl) == 0) luapool__get_u32(&r, &call);
+    if (call > (uint32_t)f->ncalls) call = 0;
     lp_ekind kind = st - 1 <= LP_EK_INTERRUPTED ? (lp_ekind)(st - 1) : LP_EK_CRASHED;
-    luapool__future_fail(f, kind, "%.*s", (int)tl, t);
+    luapool__future_fail_call(f, (int)call, kind, "%.*s", (int)tl, t);
     if (kind == LP_EK_BROKEN || (kind == LP_EK_CRASHED && config_of(p)->on_crash_break)) {
       char why[1200];
       snprintf(why, sizeof why, "%s%.*s", kind == LP_EK_CRASHED ? "the pool is broken: " : "",

@@ -30,7 +30,8 @@
 **   R_OPENED string host, u32 pid        R_REFUSE string (its build)
 **   R_FAILED string (it could not make the local pool)
 **   R_DONE   u64 id, u8 state (0 finished: the reply bytes follow; else
-**            1 + lp_ekind, then the message)
+**            1 + lp_ekind, then the message, u32 the call that failed a
+**            chunk as a whole, from 1, or 0)
 **   R_KEPT   u64 id, u8 0 (a cancel found it started, or done)
 **   R_STOPPED (tag TAG_END: an M_STOP that asked was read)
 */

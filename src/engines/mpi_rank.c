@@ -435,8 +435,10 @@ static int answer_task(server *sv, int tag, uint64_t id, lp_future *f, int cance
     }
     lp_buf b = {0};
     int r = -1;
+    /* (then the call that failed the chunk, for rank 0's err.item) */
+    uint32_t call = st == LP_FAILED && f->fail_call > 0 ? (uint32_t)f->fail_call : 0;
     if (luapool__buf_add(&b, h, 8) == 0 && luapool__put_u8(&b, 1u + (unsigned)k) == 0 &&
-        luapool__put_string(&b, m, strlen(m)) == 0)
+        luapool__put_string(&b, m, strlen(m)) == 0 && luapool__put_u32(&b, call) == 0)
       r = answer(sv, tag, R_DONE, b.p, b.len, NULL, 0);
     luapool__buf_free(&b);
     return r;

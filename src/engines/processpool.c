@@ -1081,10 +1081,13 @@ static void proc_run(lp_worker *w, lp_future *f) {
         luapool__future_label(cur, label, sizeof label);
       else
         snprintf(label, sizeof label, "item #%lld", (long long)cur->item_lo + (long long)call);
-      luapool__future_fail(cur, LP_EK_TIMEOUT,
-                           "%s exceeded its deadline of %g seconds in worker %s; "
-                           "the worker (pid %d) was killed and will be replaced",
-                           label, cur->timeout, w->name, (int)pid);
+      /* The chunk fails as a whole (the kill took its other calls), but it
+      ** was this call's deadline: map names it as err.item, as a thread
+      ** worker's per-call timeout does (helper-55). */
+      luapool__future_fail_call(cur, cur->task_no ? 0 : (int)call + 1, LP_EK_TIMEOUT,
+                                "%s exceeded its deadline of %g seconds in worker %s; "
+                                "the worker (pid %d) was killed and will be replaced",
+                                label, cur->timeout, w->name, (int)pid);
       pop_first(pw);
       char why[160];
       snprintf(why, sizeof why, "worker %s (pid %d) was killed at the deadline of %s", w->name,
